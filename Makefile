@@ -1,0 +1,33 @@
+# Two entry points: `make demo` (the whole method on the embedded default) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+BIN := $(VENV)/bin
+
+.PHONY: venv demo test lint bench clean
+
+$(BIN)/lvlmlp: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/lvlmlp
+
+venv: $(BIN)/lvlmlp
+
+demo: venv
+	$(BIN)/lvlmlp demo --out demo_out
+
+test: venv
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/python -m pytest -q tests
+
+lint: venv
+	$(BIN)/ruff check src tests bench scripts
+
+bench: venv
+	$(BIN)/python bench/extract_throughput.py
+	$(BIN)/python bench/probe_speed.py
+
+clean:
+	rm -rf $(VENV) demo_out

@@ -1,0 +1,34 @@
+"""Shared test set-up: one torch thread (2 threads make tiny ops ~10x slower here) and cached tiny checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory):
+    """`tiny_ckpt("llava")` -> path of a tiny real checkpoint of that family, built once per test session."""
+    from lvlmlp.testing import tiny_model
+
+    cache: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("tiny_models")
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            cache[family] = tiny_model(family, root / family)
+        return cache[family]
+
+    return get
