@@ -1,0 +1,109 @@
+"""Data stage: the contract's JSON-lines manifest and image loading.
+
+A row is a plain dict: `id` (str), `image` (absolute path), `question` (str), optional `label` (int) and
+`split` (str); every other field is metadata kept as it is. Task adapters produce the same rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from lvlmlp.errors import LvlmlpError
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Read and validate a manifest; image paths become absolute (relative ones are taken from its folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LvlmlpError(f"{path}: manifest not found")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise LvlmlpError(f"{path}:{lineno}: line is not JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise LvlmlpError(f"{path}:{lineno}: line is not a JSON object")
+            if "image" in row and isinstance(row["image"], str) and row["image"]:
+                image = Path(row["image"]).expanduser()
+                row["image"] = str(image if image.is_absolute() else (path.parent / image).resolve())
+            rows.append(row)
+    validate_rows(rows, str(path))
+    return rows
+
+
+def validate_rows(rows: list[dict], source: str) -> None:
+    """Check ids, questions and labels up front, so no model time is spent on a manifest that will fail."""
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        rid = row.get("id")
+        if isinstance(rid, int) and not isinstance(rid, bool):
+            row["id"] = rid = str(rid)  # numeric ids are common in benchmark files; the contract wants strings
+        if not isinstance(rid, str) or not rid:
+            raise LvlmlpError(f"{source}: row {i + 1} has no string 'id'")
+        if rid in seen:
+            raise LvlmlpError(f"{source}: duplicate id {rid!r}")
+        seen.add(rid)
+        question = row.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise LvlmlpError(f"{source}: row {rid!r}: missing or empty 'question'")
+        if not isinstance(row.get("image"), str) or not row["image"]:
+            raise LvlmlpError(f"{source}: row {rid!r}: missing 'image'")
+        label = row.get("label")
+        if label is not None and (not isinstance(label, int) or isinstance(label, bool)):
+            raise LvlmlpError(f"{source}: row {rid!r}: 'label' must be an int, got {label!r}")
+
+
+def check_images_exist(rows: Iterable[dict], source: str) -> list[tuple[str, str]]:
+    """Return (id, message) for each row whose image file is missing (cheap: no decoding)."""
+    return [
+        (row["id"], f"{source}: row {row['id']!r}: image not found: {row['image']}")
+        for row in rows
+        if not Path(row["image"]).is_file()
+    ]
+
+
+def load_image(path: str | Path, row_id: str = "?") -> Image.Image:
+    """Open any PIL-readable image as RGB: EXIF rotation applied, 16-bit and float scaled, alpha dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise LvlmlpError(f"row {row_id!r}: image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: truncated files fail here rather than inside the processor
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except LvlmlpError:
+        raise
+    except Exception as err:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError)
+        raise LvlmlpError(f"row {row_id!r}: unreadable image {path}: {err}") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # PIL's convert("RGB") clips 16-bit values at 255 (a white image); scale to 8 bits instead.
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        im = Image.fromarray(arr)  # uint8 2-D -> mode "L"
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # avoids PIL's warning and keeps palette transparency meaningful
+    return im.convert("RGB")
+
+
+def rows_fingerprint(rows: Iterable[dict]) -> str:
+    """A hash of the rows as given (ids, images, questions, labels, metadata) to refuse mixing runs."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]

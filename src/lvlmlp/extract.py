@@ -1,0 +1,247 @@
+"""Extractor: rows -> backend -> run folder, in left-padded batches, resumable, memory flat in N.
+
+First-token logits come from ONE prefill forward (`logits_to_keep=1`); with `max_new_tokens=K` the backend runs
+greedy generation and we keep the raw logits of the first K tokens, how many of them are valid per row (rows whose
+answer ends early are kept and padded, never dropped), and the decoded response.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from lvlmlp.data import check_images_exist, load_image, read_manifest, rows_fingerprint, validate_rows
+from lvlmlp.errors import LvlmlpError
+from lvlmlp.store import Run, RunWriter, merge_runs
+
+log = logging.getLogger("lvlmlp")
+
+STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    if spec is None:
+        return None
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise LvlmlpError(f"--shard: expected I/N such as 0/4, got {spec!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise LvlmlpError(f"--shard: need 0 <= I < N, got {spec!r}")
+    return i, n
+
+
+def select_rows(rows: list[dict], limit: int | None = None, shard: tuple[int, int] | None = None) -> list[dict]:
+    """Apply --limit, then keep this shard's contiguous block; each row remembers its input position."""
+    rows = [dict(row, _row_index=i) for i, row in enumerate(rows[:limit] if limit else rows)]
+    if shard:
+        i, n = shard
+        rows = rows[len(rows) * i // n : len(rows) * (i + 1) // n]
+    return rows
+
+
+def extract(
+    backend,
+    rows: list[dict],
+    out: str | Path,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 0,
+    logits_tokens: int | None = None,
+    hidden: bool = False,
+    layers: Sequence[int] = (),
+    store_dtype: str = "float16",
+    on_error: str = "fail",
+    shard: tuple[int, int] | None = None,
+    source: str = "rows",
+    progress: bool = True,
+    shard_size: int = 256,
+) -> Run:
+    """Extract features for `rows` (already selected; see `select_rows`) into the run folder `out`."""
+    if store_dtype not in STORE_DTYPES:
+        raise LvlmlpError(f"--store-dtype: expected one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
+    if on_error not in ("fail", "skip"):
+        raise LvlmlpError(f"--on-error: expected fail or skip, got {on_error!r}")
+    if batch_size < 1 or max_new_tokens < 0:
+        raise LvlmlpError("--batch-size must be >= 1 and --max-new-tokens >= 0")
+    rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
+    validate_rows(rows, source)
+    missing = check_images_exist(rows, source)
+    if missing and on_error == "fail":
+        raise LvlmlpError(missing[0][1])  # before any model work or folder is written
+
+    n_keep = max(1, max_new_tokens if logits_tokens is None else min(logits_tokens, max(1, max_new_tokens)))
+    settings = {
+        "model": backend.model_id,
+        "model_revision": backend.revision,
+        "weights_hash": backend.weights_hash,
+        "family": backend.family,
+        "compute_dtype": str(backend.dtype).replace("torch.", ""),
+        "dtype": store_dtype,
+        "vocab_size": backend.vocab_size,
+        "prompt_template": backend.prompt("{question}"),
+        "max_new_tokens": max_new_tokens,
+        "logits_tokens": n_keep,
+        "hidden": hidden,
+        "layers": [int(x) for x in layers],
+        "data_hash": rows_fingerprint({k: v for k, v in r.items() if k != "_row_index"} for r in rows),
+        "n_input_rows": len(rows),
+        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+        "device": str(backend.device),
+        "batch_size": batch_size,
+    }
+    writer = RunWriter(out, settings, shard_size=shard_size)
+    pending = [r for r in rows if r["id"] not in writer.done_ids]
+    log.info(
+        "extract: %s (%s, %s) -> %s: %d rows, %d to do, batch %d, %s", backend.model_id, backend.family,
+        settings["compute_dtype"], out, len(rows), len(pending), batch_size,
+        f"generate {max_new_tokens} tokens" if max_new_tokens else "prefill only",
+    )
+    dtype = STORE_DTYPES[store_dtype]
+    bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="extract")
+    for start in range(0, len(pending), batch_size):
+        batch_rows, images = [], []
+        for row in pending[start : start + batch_size]:
+            try:
+                images.append(load_image(row["image"], row["id"]))
+                batch_rows.append(row)
+            except LvlmlpError as err:
+                if on_error == "fail":
+                    bar.close()
+                    raise LvlmlpError(f"{source}: {err}") from None
+                writer.fail(row["id"], str(err))
+        if batch_rows:
+            writer.append(*_run_batch(backend, batch_rows, images, max_new_tokens, n_keep, hidden, layers, dtype))
+        bar.update(len(pending[start : start + batch_size]))
+    bar.close()
+    run = writer.close()
+    if run.failures:
+        log.warning("extract: %d row(s) skipped, see %s", len(run.failures), Path(out) / "failures.jsonl")
+    return run
+
+
+def _run_batch(backend, rows, images, max_new_tokens, n_keep, hidden, layers, dtype):
+    batch = backend.encode(images, [r["question"] for r in rows])
+    if max_new_tokens:
+        res = backend.generate(batch, max_new_tokens=max_new_tokens, hidden=hidden, layers=layers)
+        logits = res["logits"][:, :n_keep].float().cpu().numpy()
+        if logits.shape[1] < n_keep:  # every row stopped early: pad to the fixed K of this run
+            pad = np.zeros((logits.shape[0], n_keep - logits.shape[1], logits.shape[2]), dtype=logits.dtype)
+            logits = np.concatenate([logits, pad], axis=1)
+        n_tokens = res["n_tokens"].cpu().numpy().astype(np.int32)
+        # Padding positions hold zeros: a stored row never mixes a real token with padding.
+        logits[np.arange(n_keep)[None, :] >= n_tokens[:, None]] = 0.0
+        responses = res["responses"]
+    else:
+        res = backend.prefill(batch, hidden=hidden, layers=layers)
+        logits = res["logits"].float().cpu().numpy()[:, None, :]
+        n_tokens = np.ones(len(rows), dtype=np.int32)
+        responses = None
+    arrays = {
+        "logits": logits.astype(dtype),
+        "n_tokens": n_tokens,
+        "row_index": np.array([r["_row_index"] for r in rows], dtype=np.int64),
+    }
+    if hidden:
+        arrays["hidden"] = res["hidden"].float().cpu().numpy()
+    if layers:
+        arrays["layers"] = res["layers"].float().cpu().numpy()
+    meta = []
+    for i, row in enumerate(rows):
+        m = {k: v for k, v in row.items() if k not in ("image", "_row_index")}
+        if responses is not None:
+            m["response"] = responses[i]
+        meta.append(m)
+    return meta, arrays
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def _layers(spec: str | None) -> list[int]:
+    if not spec:
+        return []
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise LvlmlpError(f"--layers: expected comma-separated integers such as 8,16,-1, got {spec!r}") from None
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="hub id or local folder of a vision-language checkpoint")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | float16 | bfloat16")
+    p.add_argument("--prompt-template", default=None, help='applied to the question first, e.g. "{question} Answer briefly."')
+    p.add_argument("--raw-prompt", action="store_true", help="skip the chat template; pass the text as it is")
+
+
+def _rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | None, str]:
+    if bool(args.data) == bool(getattr(args, "task", None)):
+        raise LvlmlpError("extract: give exactly one of --data MANIFEST.jsonl or --task NAME")
+    if args.data:
+        return read_manifest(args.data), None, str(args.data)
+    from lvlmlp.tasks import task_rows_from_args
+
+    rows, template = task_rows_from_args(args)
+    return rows, template, f"task {args.task}"
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from lvlmlp.backend import Backend
+
+    rows, task_template, source = _rows_from_args(args)
+    rows = select_rows(rows, args.limit, parse_shard(args.shard))
+    template = args.prompt_template or task_template
+    backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=template,
+                      raw_prompt=args.raw_prompt)
+    run = extract(
+        backend, rows, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        logits_tokens=args.logits_tokens, hidden=args.hidden, layers=_layers(args.layers),
+        store_dtype=args.store_dtype, on_error=args.on_error, shard=parse_shard(args.shard), source=source,
+        progress=not args.no_progress,
+    )
+    print(f"{run.path}: {len(run)} rows, logits {run.n_logit_tokens} x {run.manifest['vocab_size']}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    run = merge_runs(args.runs, args.out)
+    print(f"{run.path}: {len(run)} rows merged from {len(args.runs)} runs")
+    return 0
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("extract", help="first-token (and first K tokens') logits into a run folder")
+    p.add_argument("--data", help="JSON-lines manifest (contract section 1)")
+    try:
+        from lvlmlp.tasks import add_task_arguments
+    except ImportError:  # tasks are optional while the package is being assembled
+        pass
+    else:
+        add_task_arguments(p)
+    add_model_arguments(p)
+    p.add_argument("--out", required=True, help="run folder; re-running the same command resumes it")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=0,
+                   help="0: one prefill forward (first token only); K: greedy generation keeping K tokens' logits")
+    p.add_argument("--logits-tokens", type=int, default=None, help="keep only the first T tokens' logits")
+    p.add_argument("--hidden", action="store_true", help="also keep the final-norm hidden state at the first token")
+    p.add_argument("--layers", default=None, help="also keep these layers' hidden states, e.g. 8,16,-1")
+    p.add_argument("--store-dtype", default="float16", choices=sorted(STORE_DTYPES))
+    p.add_argument("--shard", default=None, help="I/N: process the I-th of N contiguous blocks (merge afterwards)")
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"])
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_extract)
+
+    m = sub.add_parser("merge", help="merge the run folders of `extract --shard I/N` in manifest order")
+    m.add_argument("runs", nargs="+")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=cmd_merge)
