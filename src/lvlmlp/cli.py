@@ -14,6 +14,10 @@ from lvlmlp.errors import LvlmlpError
 # Modules that define `register_cli(subparsers)`; the order is the order of `lvlmlp --help`.
 COMMAND_MODULES = [
     "lvlmlp.extract",
+    "lvlmlp.tasks",
+    "lvlmlp.evaluate",
+    "lvlmlp.steering",
+    "lvlmlp.testing",
 ]
 
 

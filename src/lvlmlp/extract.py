@@ -198,6 +198,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     rows, task_template, source = _rows_from_args(args)
     rows = select_rows(rows, args.limit, parse_shard(args.shard))
+    validate_rows(rows, source)
+    missing = check_images_exist(rows, source)
+    if missing and args.on_error == "fail":
+        raise LvlmlpError(missing[0][1])  # before the (possibly minutes-long) model load
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     template = args.prompt_template or task_template
     backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=template,
                       raw_prompt=args.raw_prompt)
@@ -205,7 +213,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         backend, rows, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         logits_tokens=args.logits_tokens, hidden=args.hidden, layers=_layers(args.layers),
         store_dtype=args.store_dtype, on_error=args.on_error, shard=parse_shard(args.shard), source=source,
-        progress=not args.no_progress,
+        progress=not args.no_progress, shard_size=args.shard_size,
     )
     print(f"{run.path}: {len(run)} rows, logits {run.n_logit_tokens} x {run.manifest['vocab_size']}")
     return 0
@@ -238,6 +246,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard", default=None, help="I/N: process the I-th of N contiguous blocks (merge afterwards)")
     p.add_argument("--on-error", default="fail", choices=["fail", "skip"])
     p.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    p.add_argument("--shard-size", type=int, default=256, help="rows per committed shard (resume granularity)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_extract)
 

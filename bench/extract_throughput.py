@@ -1,0 +1,105 @@
+"""Benchmark: rows/s of first-token extraction, three ways, measured in one run on the same rows.
+
+(a) the paper's way: one sample at a time through `generate(output_scores=True, max_new_tokens=20)`, the first
+    token's scores written as JSON text (one line per row, like LVLM-LP's output files);
+(b) `lvlmlp extract` end to end (image loading, prompts, batching, storage), model already loaded;
+(c) the bare model forward on pre-collated batches with `logits_to_keep=1` (the ceiling for (b)).
+Prints b/a (goal >= 20) and b/c (goal >= 0.6), and bytes on disk per row vs the paper's JSON text.
+
+    python bench/extract_throughput.py [--model DIR] [--rows 256] [--batch-size 16] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lvlmlp.backend import Backend
+from lvlmlp.data import load_image
+from lvlmlp.extract import extract
+from lvlmlp.testing import tiny_model
+
+
+def make_rows(root: Path, n: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        path = root / f"img{i}.png"
+        size = (int(rng.integers(48, 160)), int(rng.integers(48, 160)))
+        Image.fromarray(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)).save(path)
+        words = " ".join(["what", "colour", "is", "the", "shape", "here"][: 2 + i % 5])
+        rows.append({"id": f"r{i}", "image": str(path), "question": f"{words}?", "label": i % 2})
+    return rows
+
+
+def paper_way(backend: Backend, rows: list[dict], out: Path) -> float:
+    """One row at a time, generate 20 tokens with output_scores, dump the first step's scores as JSON."""
+    t0 = time.perf_counter()
+    with out.open("w") as f:
+        for row in rows:
+            inputs = backend.encode([load_image(row["image"], row["id"])], [row["question"]])
+            res = backend.model.generate(**inputs, max_new_tokens=20, do_sample=False, output_scores=True,
+                                         return_dict_in_generate=True)
+            f.write(json.dumps({"image": row["image"], "question": row["question"], "label": row["label"],
+                                "logits": res.scores[0][0].float().tolist()}) + "\n")
+    return time.perf_counter() - t0
+
+
+def bare_forward(backend: Backend, rows: list[dict], batch_size: int) -> float:
+    """The model's forward alone on batches collated beforehand (not timed)."""
+    batches = [
+        backend.encode([load_image(r["image"]) for r in rows[s : s + batch_size]],
+                       [r["question"] for r in rows[s : s + batch_size]])
+        for s in range(0, len(rows), batch_size)
+    ]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            backend.model(**batch, logits_to_keep=1).logits[:, -1].float().cpu()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint (default: a tiny LLaVA built here)")
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--paper-rows", type=int, default=64, help="rows timed the paper's way (it is slow)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="lvlmlp-bench-"))
+    try:
+        model = args.model or tiny_model("llava", tmp / "tiny-llava")
+        backend = Backend(model, device=args.device, dtype="float32" if args.device == "cpu" else "auto")
+        rows = make_rows(tmp, args.rows)
+        bare_forward(backend, rows[: args.batch_size], args.batch_size)  # warm-up
+        t_a = paper_way(backend, rows[: args.paper_rows], tmp / "paper.jsonl") * len(rows) / args.paper_rows
+        t0 = time.perf_counter()
+        run = extract(backend, rows, tmp / "run", batch_size=args.batch_size, progress=False)
+        t_b = time.perf_counter() - t0
+        t_c = bare_forward(backend, rows, args.batch_size)
+        n = len(rows)
+        ours_bytes = sum(p.stat().st_size for p in run.path.iterdir() if p.is_file()) / n
+        paper_bytes = (tmp / "paper.jsonl").stat().st_size / args.paper_rows
+        print(f"model: {model} ({backend.family}, vocab {backend.vocab_size}), device {backend.device}, rows {n}")
+        print(f"(a) paper's way      : {n / t_a:9.1f} rows/s (timed on {args.paper_rows} rows)")
+        print(f"(b) lvlmlp extract   : {n / t_b:9.1f} rows/s")
+        print(f"(c) bare forward     : {n / t_c:9.1f} rows/s")
+        print(f"b/a = {t_a / t_b:.1f}x (goal >= 20)   b/c = {t_c / t_b:.2f} (goal >= 0.6)")
+        print(f"bytes per row: ours {ours_bytes:,.0f} vs paper JSON {paper_bytes:,.0f} ({paper_bytes / ours_bytes:.1f}x)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

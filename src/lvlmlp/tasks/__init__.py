@@ -1,0 +1,168 @@
+"""Task registry: the paper's benchmarks as small adapters that turn their own files into rows.
+
+```python
+from lvlmlp.tasks import get_task, prompt_template
+rows = get_task("pope").rows("/data/pope", split="val", categories=["random"])
+template = prompt_template("vizwiz", "oeh")  # contains "{question}"
+```
+Each adapter module (vizwiz, mmsafety, mad, mathvista, pope, imagenet, jsonl) defines one `TASK`; this module
+collects them, loads `prompts.yaml`, and adds `lvlmlp tasks [NAME]` plus the `--task` flags of `lvlmlp extract`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lvlmlp.errors import LvlmlpError
+from lvlmlp.tasks import imagenet, jsonl, mad, mathvista, mmsafety, pope, vizwiz
+from lvlmlp.tasks.base import Request, Task
+
+__all__ = [
+    "Request",
+    "Task",
+    "add_task_arguments",
+    "get_task",
+    "list_tasks",
+    "prompt_styles",
+    "prompt_template",
+    "register_cli",
+    "task_rows_from_args",
+]
+
+_TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (vizwiz.TASK, mmsafety.TASK, mad.TASK, pope.TASK, mathvista.TASK, imagenet.TASK, jsonl.TASK)
+}
+PROMPTS_FILE = Path(__file__).with_name("prompts.yaml")
+
+
+def get_task(name: str) -> Task:
+    """The registered task called `name`; an unknown name lists the known ones."""
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise LvlmlpError(f"unknown task {name!r} (known: {', '.join(_TASKS)})") from None
+
+
+def list_tasks() -> list[Task]:
+    return list(_TASKS.values())
+
+
+@cache
+def _prompts() -> dict[str, dict[str, str]]:
+    with PROMPTS_FILE.open(encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def prompt_styles(task: str) -> tuple[str, ...]:
+    """The prompt styles `prompts.yaml` defines for a task (always at least "oe")."""
+    get_task(task)
+    return tuple(_prompts().get(task, {}))
+
+
+def prompt_template(task: str, style: str = "oe") -> str:
+    """The template of `style` for `task`, with "{question}" where the row's question goes."""
+    styles = prompt_styles(task)
+    if style not in styles:
+        raise LvlmlpError(f"task {task}: unknown prompt style {style!r} (styles: {', '.join(styles)})")
+    return _prompts()[task][style]
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def register_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser("tasks", help="list the registered tasks, or show one task's expected files")
+    p.add_argument("name", nargs="?", help="a task name: print its layout, splits, labels and prompt styles")
+    p.set_defaults(func=_cmd_tasks)
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    if args.name is None:
+        width = max(len(t.name) for t in list_tasks())
+        for t in list_tasks():
+            print(f"{t.name:<{width}}  {t.description}")
+        return 0
+    print(describe(get_task(args.name)))
+    return 0
+
+
+def describe(task: Task) -> str:
+    """The text of `lvlmlp tasks NAME`."""
+    labels = ", ".join(f"{i} = {n}" for i, n in enumerate(task.label_names)) or "as given (class index)"
+    if task.needs_generation:
+        labels += " (computed from the model's responses)"
+    lines = [
+        f"{task.name}: {task.description}",
+        f"kind: {task.kind}",
+        f"labels: {labels}",
+        f"splits: {', '.join(task.splits) or 'any'} (default {task.default_split})",
+        f"prompt styles: {', '.join(prompt_styles(task.name))}",
+        f"default image root: <data-root>{'' if task.default_image_root == '.' else '/' + task.default_image_root}",
+    ]
+    lines += [f"option {name}: {help_}" for name, help_ in task.options]
+    lines += ["layout:", *("  " + line for line in task.layout.splitlines())]
+    return "\n".join(lines)
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that select a registered task's rows (used by `lvlmlp extract --task NAME ...`)."""
+    g = parser.add_argument_group("task input (instead of --data)")
+    g.add_argument(
+        "--task", metavar="NAME", help=f"a registered task: {', '.join(_TASKS)} (see `lvlmlp tasks`)"
+    )
+    g.add_argument("--data-root", metavar="DIR", help="the task's annotation files (`lvlmlp tasks NAME`)")
+    g.add_argument(
+        "--image-root", metavar="DIR", help="the task's images (default: its usual place in --data-root)"
+    )
+    g.add_argument("--split", metavar="S", help="the split to read (default: the task's default split)")
+    g.add_argument("--per-class", type=int, metavar="K", help="K seeded-random rows per label")
+    g.add_argument("--seed", type=int, default=0, help="seed of every sampling step (default 0)")
+    g.add_argument(
+        "--prompt-style", metavar="STYLE", help="a template from tasks/prompts.yaml: oe, oeh or mq"
+    )
+    g.add_argument(
+        "--image-variant", choices=tuple(mmsafety.VARIANTS), help="mmsafety images (default SD_TYPO)"
+    )
+    g.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a task-specific option, repeatable (e.g. categories=adversarial,random for pope)",
+    )
+
+
+def task_rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | None]:
+    """Rows and prompt template (None without --prompt-style: the contract's default prompt) from the flags of
+    `add_task_arguments`. The caller's own `--limit` (the extractor's "first N rows") is left to the caller."""
+    if not args.task:
+        raise LvlmlpError("--task is required to read a task's rows")
+    task = get_task(args.task)
+    if not args.data_root:
+        raise LvlmlpError(f"--data-root is required with --task {task.name} (see `lvlmlp tasks {task.name}`)")
+    options: dict[str, Any] = {}
+    for item in args.task_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LvlmlpError(f"--task-option {item!r}: expected KEY=VALUE")
+        options[key.strip()] = value.strip()
+    if args.image_variant is not None:
+        if task.name != "mmsafety":
+            raise LvlmlpError(f"--image-variant applies to the mmsafety task, not {task.name}")
+        options["image_variant"] = args.image_variant
+    template = None if args.prompt_style is None else prompt_template(task.name, args.prompt_style)
+    rows = task.rows(
+        args.data_root,
+        args.image_root,
+        args.split,
+        per_class=args.per_class,
+        seed=args.seed,
+        **options,
+    )
+    return rows, template

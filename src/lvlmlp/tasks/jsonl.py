@@ -1,0 +1,40 @@
+"""The generic contract manifest (JSON lines) as a task, so `--task jsonl` works like any benchmark."""
+
+from __future__ import annotations
+
+from lvlmlp.data import read_manifest
+from lvlmlp.tasks.base import Request, Task
+
+ALL = "all"
+
+LAYOUT = """\
+--data-root FILE.jsonl    a manifest (CONTRACT.md section 1): {"id", "image", "question", "label"?, "split"?, ...};
+    --split S keeps the rows whose "split" is S (every row when no row has a "split" field);
+    the default split "all" keeps every row
+--data-root DIR           reads DIR/{split}.jsonl (rows get that split unless they name their own)
+image paths: relative to the manifest's folder, or absolute; --image-root is not used"""
+
+
+def load(req: Request) -> list[dict]:
+    if req.data_root.is_dir():
+        rows = read_manifest(req.annotation(f"{req.split}.jsonl"))
+        for row in rows:
+            row.setdefault("split", req.split)
+        return rows
+    rows = read_manifest(req.data_root)  # names the file when it is missing
+    if req.split == ALL or not any("split" in row for row in rows):
+        return rows
+    return [row for row in rows if row.get("split") == req.split]
+
+
+TASK = Task(
+    name="jsonl",
+    description="a JSON-lines manifest in the contract's format (ids, images, questions and labels as given)",
+    kind="binary",
+    splits=(),
+    label_names=(),
+    layout=LAYOUT,
+    default_image_root=".",
+    load=load,
+    default_split=ALL,
+)

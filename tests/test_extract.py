@@ -1,0 +1,203 @@
+"""Extraction end to end on a tiny real LLaVA: exactness vs per-sample generate, resume after SIGKILL, shards,
+and bad input (one-line errors, nothing half-written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from lvlmlp import open_run
+from lvlmlp.cli import main
+
+
+def make_manifest(root: Path, n: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        h, w = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(root / "img" / f"{i}.png")
+        question = " ".join(["what", "is", "the", "colour", "of", "this", "shape"][: 2 + i % 6]) + "?"
+        lines.append({"id": f"r{i}", "image": f"img/{i}.png", "question": question, "label": i % 2, "extra": i})
+    path = root / "data.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def reference(ckpt: Path, manifest: Path, k: int) -> tuple[list[np.ndarray], list[str]]:
+    """Independent per-sample greedy generate with raw logits, through the Auto classes."""
+    model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
+    proc = AutoProcessor.from_pretrained(ckpt)
+    logits, texts = [], []
+    for line in manifest.read_text().splitlines():
+        row = json.loads(line)
+        image = Image.open(manifest.parent / row["image"]).convert("RGB")
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}]
+        prompt = proc.apply_chat_template(conv, add_generation_prompt=True)
+        inputs = proc(images=[image], text=[prompt], return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=k, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        logits.append(torch.stack([x[0] for x in out.logits]).float().numpy())
+        new = out.sequences[0, inputs["input_ids"].shape[1]:]
+        texts.append(proc.tokenizer.decode(new, skip_special_tokens=True))
+    return logits, texts
+
+
+def test_batched_extract_equals_per_sample_generate(tiny_ckpt, tmp_path):
+    ckpt = tiny_ckpt("llava")
+    manifest = make_manifest(tmp_path, 6)
+    ref_logits, ref_texts = reference(ckpt, manifest, k=3)
+    base = ["extract", "--model", str(ckpt), "--data", str(manifest), "--batch-size", "4", "--device", "cpu",
+            "--store-dtype", "float32", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "first"), "--hidden", "--layers", "0,-1"]) == 0
+    run = open_run(tmp_path / "first")
+    assert run.ids == [f"r{i}" for i in range(6)]
+    assert run.meta[3] == {"id": "r3", "question": run.meta[3]["question"], "label": 1, "extra": 3}
+    for i in range(6):
+        np.testing.assert_allclose(run.logits(0)[i], ref_logits[i][0], atol=1e-4, rtol=0)
+    assert run.manifest["vocab_size"] == run.logits(0).shape[1]
+    # the head is a plain linear map: logits reconstruct from the stored final-norm hidden state
+    model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
+    with torch.inference_mode():
+        rebuilt = model.get_output_embeddings()(torch.from_numpy(np.array(run.hidden()))).numpy()
+    np.testing.assert_allclose(rebuilt, run.logits(0), atol=1e-4, rtol=0)
+    assert run.layer(-1).shape == run.hidden().shape
+
+    assert main([*base, "--out", str(tmp_path / "gen"), "--max-new-tokens", "3"]) == 0
+    gen = open_run(tmp_path / "gen")
+    assert gen.responses == ref_texts
+    for i in range(6):
+        n = int(gen.n_tokens[i])
+        assert n == len(ref_logits[i])
+        for t in range(3):
+            if t < n:
+                np.testing.assert_allclose(gen.logits(t)[i], ref_logits[i][t], atol=1e-4, rtol=0)
+            else:
+                assert not gen.logits(t)[i].any()  # padding, explicitly zero
+
+
+def _arrays(run_dir: Path) -> dict[str, np.ndarray]:
+    return {p.stem: np.load(p) for p in sorted(run_dir.glob("*.npy"))}
+
+
+def _kill_midway(cmd: list[str], shards: Path, after: int) -> int:
+    """Start `cmd`, SIGKILL it once `after` shards are committed; return the exit code."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if len(list(shards.glob("*.safetensors"))) >= after:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    return proc.wait()
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run_also_for_shards(tiny_ckpt, tmp_path):
+    ckpt = tiny_ckpt("llava")
+    manifest = make_manifest(tmp_path, 120, seed=1)
+    base = [sys.executable, "-m", "lvlmlp.cli", "extract", "--model", str(ckpt), "--data", str(manifest),
+            "--batch-size", "2", "--shard-size", "2", "--device", "cpu", "--no-progress"]
+    assert main([*base[3:], "--out", str(tmp_path / "clean")]) == 0
+    clean = open_run(tmp_path / "clean")
+
+    code = _kill_midway([*base, "--out", str(tmp_path / "killed")], tmp_path / "killed" / "shards", after=3)
+    assert code == -signal.SIGKILL, "extraction finished before it could be killed"
+    assert not (tmp_path / "killed" / "logits.npy").exists()
+    assert main([*base[3:], "--out", str(tmp_path / "killed")]) == 0
+    resumed = open_run(tmp_path / "killed")
+    assert resumed.ids == clean.ids and resumed.meta == clean.meta
+    for name, arr in _arrays(tmp_path / "clean").items():
+        np.testing.assert_array_equal(_arrays(tmp_path / "killed")[name], arr)
+
+    code = _kill_midway([*base, "--shard", "1/2", "--out", str(tmp_path / "s1")], tmp_path / "s1" / "shards", 2)
+    assert code == -signal.SIGKILL
+    for part in ("0/2", "1/2"):
+        assert main([*base[3:], "--shard", part, "--out", str(tmp_path / f"s{part[0]}")]) == 0
+    assert main(["merge", str(tmp_path / "s1"), str(tmp_path / "s0"), "--out", str(tmp_path / "merged")]) == 0
+    merged = open_run(tmp_path / "merged")
+    assert merged.ids == clean.ids and merged.meta == clean.meta
+    for name, arr in _arrays(tmp_path / "clean").items():
+        np.testing.assert_array_equal(_arrays(tmp_path / "merged")[name], arr)
+
+
+def test_rerun_with_other_settings_is_refused(tiny_ckpt, tmp_path, capsys):
+    ckpt = tiny_ckpt("llava")
+    manifest = make_manifest(tmp_path, 2)
+    base = ["extract", "--model", str(ckpt), "--data", str(manifest), "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main([*base, "--prompt-template", "{question} Answer briefly."]) == 2
+    assert "prompt_template" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("missing", "row 'r1': image not found"),
+        ("truncated", "row 'r1': unreadable image"),
+        ("empty", "row 'r1': missing or empty 'question'"),
+        ("duplicate", "duplicate id 'r0'"),
+        ("notjson", "data.jsonl:2: line is not JSON"),
+    ],
+)
+def test_bad_input_gives_one_line_error_and_no_partial_shard(tiny_ckpt, tmp_path, capsys, problem, message):
+    ckpt = tiny_ckpt("llava")
+    manifest = make_manifest(tmp_path, 3)
+    lines = manifest.read_text().splitlines()
+    row = json.loads(lines[1])
+    if problem == "missing":
+        (tmp_path / row["image"]).unlink()
+    elif problem == "truncated":
+        data = (tmp_path / row["image"]).read_bytes()
+        (tmp_path / row["image"]).write_bytes(data[: len(data) // 2])
+    elif problem == "empty":
+        row["question"] = ""
+    elif problem == "duplicate":
+        row["id"] = "r0"
+    lines[1] = "{oops" if problem == "notjson" else json.dumps(row)
+    manifest.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    capsys.readouterr()
+    code = main(["extract", "--model", str(ckpt), "--data", str(manifest), "--out", str(out), "--batch-size", "1",
+                 "--shard-size", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not list(out.glob("shards/*.tmp")) and not (out / "logits.npy").exists()
+    committed = list(out.glob("shards/*.safetensors"))
+    assert len(committed) == (1 if problem == "truncated" else 0)  # only whole shards of rows before the bad one
+
+
+def test_on_error_skip_records_failures(tiny_ckpt, tmp_path):
+    ckpt = tiny_ckpt("llava")
+    manifest = make_manifest(tmp_path, 4)
+    (tmp_path / "img" / "2.png").unlink()
+    out = tmp_path / "run"
+    assert main(["extract", "--model", str(ckpt), "--data", str(manifest), "--out", str(out), "--on-error", "skip",
+                 "--no-progress"]) == 0
+    run = open_run(out)
+    assert run.ids == ["r0", "r1", "r3"]
+    assert [f["id"] for f in run.failures] == ["r2"] and "image not found" in run.failures[0]["error"]
+
+
+def test_not_a_vision_language_checkpoint(tmp_path, capsys):
+    manifest = make_manifest(tmp_path, 1)
+    (tmp_path / "empty_model").mkdir()
+    capsys.readouterr()
+    code = main(["extract", "--model", str(tmp_path / "empty_model"), "--data", str(manifest), "--out",
+                 str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "empty_model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
