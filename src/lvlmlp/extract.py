@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -106,20 +107,25 @@ def extract(
     )
     dtype = STORE_DTYPES[store_dtype]
     bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="extract")
-    for start in range(0, len(pending), batch_size):
-        batch_rows, images = [], []
-        for row in pending[start : start + batch_size]:
-            try:
-                images.append(load_image(row["image"], row["id"]))
-                batch_rows.append(row)
-            except LvlmlpError as err:
+    chunks = [pending[s : s + batch_size] for s in range(0, len(pending), batch_size)]
+    # Images are decoded and collated in a background thread while the model runs the previous batch: PIL, the
+    # processors and torch release the GIL, so on a CPU the two overlap instead of adding up.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        futures = [pool.submit(_prepare, backend, chunk) for chunk in chunks[:2]]
+        for i, chunk in enumerate(chunks):
+            batch_rows, batch, failed = futures[i].result()
+            if i + 2 < len(chunks):
+                futures.append(pool.submit(_prepare, backend, chunks[i + 2]))
+            futures[i] = None  # free the batch once used
+            for err in failed:
                 if on_error == "fail":
                     bar.close()
-                    raise LvlmlpError(f"{source}: {err}") from None
-                writer.fail(row["id"], str(err))
-        if batch_rows:
-            writer.append(*_run_batch(backend, batch_rows, images, max_new_tokens, n_keep, hidden, layers, dtype))
-        bar.update(len(pending[start : start + batch_size]))
+                    pool.shutdown(cancel_futures=True)
+                    raise LvlmlpError(f"{source}: {err}")
+                writer.fail(err.row_id, str(err))
+            if batch_rows:
+                writer.append(*_run_batch(backend, batch_rows, batch, max_new_tokens, n_keep, hidden, layers, dtype))
+            bar.update(len(chunk))
     bar.close()
     run = writer.close()
     if run.failures:
@@ -127,8 +133,26 @@ def extract(
     return run
 
 
-def _run_batch(backend, rows, images, max_new_tokens, n_keep, hidden, layers, dtype):
-    batch = backend.encode(images, [r["question"] for r in rows])
+class _RowError(LvlmlpError):
+    def __init__(self, row_id: str, message: str) -> None:
+        super().__init__(message)
+        self.row_id = row_id
+
+
+def _prepare(backend, rows: list[dict]) -> tuple[list[dict], dict | None, list[_RowError]]:
+    """Load a batch's images (recording the rows that fail) and collate the rest into model inputs."""
+    ok, images, failed = [], [], []
+    for row in rows:
+        try:
+            images.append(load_image(row["image"], row["id"]))
+            ok.append(row)
+        except LvlmlpError as err:
+            failed.append(_RowError(row["id"], str(err)))
+    batch = backend.encode(images, [r["question"] for r in ok]) if ok else None
+    return ok, batch, failed
+
+
+def _run_batch(backend, rows, batch, max_new_tokens, n_keep, hidden, layers, dtype):
     if max_new_tokens:
         res = backend.generate(batch, max_new_tokens=max_new_tokens, hidden=hidden, layers=layers)
         logits = res["logits"][:, :n_keep].float().cpu().numpy()
@@ -197,7 +221,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from lvlmlp.backend import Backend
 
     rows, task_template, source = _rows_from_args(args)
-    rows = select_rows(rows, args.limit, parse_shard(args.shard))
+    # a task applies --limit itself (seeded subset); a manifest's --limit keeps its first N rows
+    rows = select_rows(rows, None if args.task else args.limit, parse_shard(args.shard))
     validate_rows(rows, source)
     missing = check_images_exist(rows, source)
     if missing and args.on_error == "fail":
@@ -245,7 +270,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store-dtype", default="float16", choices=sorted(STORE_DTYPES))
     p.add_argument("--shard", default=None, help="I/N: process the I-th of N contiguous blocks (merge afterwards)")
     p.add_argument("--on-error", default="fail", choices=["fail", "skip"])
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    p.add_argument("--limit", type=int, default=None,
+                   help="only N rows: the first N of a manifest, a seeded random N of a --task")
     p.add_argument("--shard-size", type=int, default=256, help="rows per committed shard (resume granularity)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_extract)

@@ -140,7 +140,8 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
 
 def task_rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | None]:
     """Rows and prompt template (None without --prompt-style: the contract's default prompt) from the flags of
-    `add_task_arguments`. The caller's own `--limit` (the extractor's "first N rows") is left to the caller."""
+    `add_task_arguments`. `--limit N` (when the caller defines it) takes a seeded random subset of the task's rows,
+    so that a small run still covers every category."""
     if not args.task:
         raise LvlmlpError("--task is required to read a task's rows")
     task = get_task(args.task)
@@ -161,6 +162,7 @@ def task_rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | Non
         args.data_root,
         args.image_root,
         args.split,
+        limit=getattr(args, "limit", None),
         per_class=args.per_class,
         seed=args.seed,
         **options,
