@@ -1,0 +1,384 @@
+"""The model backend: load any `AutoModelForImageTextToText` checkpoint and run it on (image, question) batches.
+
+Everything family-specific lives here, so the rest of lvlmlp sees one interface:
+
+* `prompt(question)` renders the contract's default prompt (chat template of one user turn: image, then text);
+* `encode(images, questions)` builds one left-padded batch that gives every row the same result as running it
+  alone (left padding; position ids counted over real tokens, as `generate` does; InstructBLIP's Q-Former text
+  right-padded);
+* `prefill(batch)` is a single forward pass returning the raw logits of the first generated token, and optionally the
+  hidden state(s) at that position;
+* `generate(batch, max_new_tokens=K)` is greedy decoding returning the raw logits of each generated token.
+
+Batched results equal single-row results to float rounding (the tests check < 1e-4 in float32 for every family).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from lvlmlp.errors import LvlmlpError
+
+log = logging.getLogger(__name__)
+
+# Families whose processors import optional packages: the package a user must install, per family.
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "qwen2_vl": ("torchvision",),
+    "qwen2_5_vl": ("torchvision",),
+    "qwen3_vl": ("torchvision",),
+    "smolvlm": ("torchvision", "num2words"),
+}
+
+# Text that stands for the image when the prompt is not built by a chat template (`raw_prompt`, or a processor
+# without one). InstructBLIP's processor inserts its query tokens itself, so it needs none.
+_RAW_IMAGE_PLACEHOLDER: dict[str, str] = {
+    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "instructblip": "",
+}
+
+# Families that in practice have no chat template: the question goes to the processor as it is.
+_NO_CHAT_TEMPLATE = {"instructblip", "instructblipvideo", "paligemma"}
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise LvlmlpError(f"--device: unknown device {device!r} ({err})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise LvlmlpError(f"--device: {device!r} asked for, but CUDA is not available here")
+    return resolved
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bfloat16 halves memory on GPUs at no accuracy cost for probing; CPUs are slow in it, so float32 there.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise LvlmlpError(f"--dtype: unknown dtype {dtype!r}; choose auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _load_config(model_id: str) -> Any:
+    """The checkpoint's config, or an LvlmlpError saying why `model_id` is not a loadable checkpoint."""
+    from transformers import AutoConfig
+
+    path = Path(model_id)
+    if path.exists() and not (path / "config.json").is_file():
+        raise LvlmlpError(f"{model_id}: no config.json there, not a transformers checkpoint folder")
+    looks_local = path.is_absolute() or model_id.startswith((".", "~")) or model_id.count("/") > 1
+    if not path.exists() and looks_local:
+        raise LvlmlpError(f"{model_id}: no such model folder")
+    try:
+        return AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LvlmlpError(f"{model_id}: cannot load the model config ({first})") from None
+
+
+def _check_dependencies(family: str, model_id: str) -> None:
+    missing = [pkg for pkg in _NEEDS.get(family, ()) if importlib.util.find_spec(pkg) is None]
+    if missing:
+        raise LvlmlpError(
+            f"{model_id}: the {family} processor needs {' and '.join(missing)}; "
+            f"install it with `pip install {' '.join(missing)}`"
+        )
+
+
+def _weights_hash(folder: Path) -> str:
+    """sha256 over the weight files' names, sizes and first/last MiB: cheap, and changes whenever weights do."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(folder).as_posix()}\0{size}\0".encode())
+        with file.open("rb") as fh:
+            digest.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                digest.update(fh.read(1 << 20))
+    return digest.hexdigest()
+
+
+class Backend:
+    """One loaded vision-language model with its processor; see the module docstring for the four operations."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        prompt_template: str | None = None,
+        raw_prompt: bool = False,
+    ) -> None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+        self.model_id = str(model)
+        if prompt_template is not None and "{question}" not in prompt_template:
+            raise LvlmlpError(f"--prompt-template: {prompt_template!r} has no {{question}} placeholder")
+        self.prompt_template = prompt_template
+        self.raw_prompt = raw_prompt
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+
+        config = _load_config(self.model_id)
+        self.family: str = config.model_type
+        if self.family not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+            raise LvlmlpError(
+                f"{self.model_id}: model type {self.family!r} is not a vision-language (image-text-to-text) model"
+            )
+        _check_dependencies(self.family, self.model_id)
+        try:
+            self.processor = AutoProcessor.from_pretrained(self.model_id)
+        except ImportError as err:
+            raise LvlmlpError(
+                f"{self.model_id}: cannot load the processor: {str(err).splitlines()[0]}"
+            ) from None
+        self.model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=self.dtype)
+        self.model.to(self.device).eval()
+
+        self.tokenizer = self.processor.tokenizer
+        # Left padding keeps every row's last prompt token in the last column, where generation continues.
+        self.tokenizer.padding_side = "left"
+        qformer_tokenizer = getattr(self.processor, "qformer_tokenizer", None)
+        if qformer_tokenizer is not None:
+            # InstructBLIP's Q-Former is a BERT with absolute positions: right padding (plus its attention mask)
+            # keeps each row's question at positions 0..n-1, exactly as in a single-row run.
+            qformer_tokenizer.padding_side = "right"
+        self.vocab_size: int = int(self.model.get_output_embeddings().weight.shape[0])
+
+        local = Path(self.model_id)
+        if local.is_dir():
+            self.revision: str | None = None
+            self.weights_hash = _weights_hash(local)
+        else:
+            # A hub id: its cached snapshot folder is named by the commit, which identifies the weights exactly.
+            self.revision = _hub_revision(self.model_id)
+            self.weights_hash = self.revision or "unknown"
+
+        gen = self.model.generation_config
+        self._eos_ids: set[int] = set(_as_list(gen.eos_token_id) or _as_list(self.tokenizer.eos_token_id))
+        self._pad_id: int = next(
+            (i for i in (gen.pad_token_id, self.tokenizer.pad_token_id, *self._eos_ids) if i is not None), 0
+        )
+
+    # ----------------------------------------------------------------------------------------------------- prompts
+    def prompt(self, question: str) -> str:
+        """The text passed to the processor for one row (the contract's default prompt, see module docstring)."""
+        text = self.prompt_template.replace("{question}", question) if self.prompt_template else question
+        template = getattr(self.processor, "chat_template", None)
+        if self.raw_prompt or not template or self.family in _NO_CHAT_TEMPLATE:
+            placeholder = _RAW_IMAGE_PLACEHOLDER.get(self.family, getattr(self.processor, "image_token", ""))
+            # PaliGemma's processor would add the image tokens itself, with a warning; giving them is the same.
+            if placeholder and getattr(self.processor, "image_token", placeholder) not in text:
+                text = placeholder + text
+            return text
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    # ------------------------------------------------------------------------------------------------------ encode
+    def encode(self, images: list[Image.Image], questions: list[str]) -> dict[str, torch.Tensor]:
+        """One left-padded batch on `device`; floating tensors (pixels) in the model's dtype."""
+        if len(images) != len(questions):
+            raise LvlmlpError(f"encode: {len(images)} images for {len(questions)} questions")
+        if not images:
+            raise LvlmlpError("encode: empty batch")
+        texts = [self.prompt(q) for q in questions]
+        # One image per row, given as a list per row: SmolVLM's processor only pairs images with prompts that way,
+        # and every other processor reads it the same.
+        rgb = [[im.convert("RGB")] for im in images]
+        batch = self.processor(images=rgb, text=texts, padding=True, return_tensors="pt")
+        # PaliGemma returns training labels whenever it returns token_type_ids; they would only add a loss.
+        batch.pop("labels", None)
+        return {
+            k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None)
+            for k, v in batch.items()
+            if isinstance(v, torch.Tensor)
+        }
+
+    # ----------------------------------------------------------------------------------------------------- prefill
+    def _position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The position ids `generate` would use: counted over real tokens only (so padding, even InstructBLIP's in
+        mid-sequence, shifts nothing), and Qwen's 3-D multimodal positions. `GenerationMixin` owns this logic,
+        including per-family overrides, so it is reused rather than copied."""
+        owner = self.model.language_model if self.family.startswith("instructblip") else self.model
+        kwargs = {k: v for k, v in batch.items() if k != "input_ids"}
+        return owner._prepare_position_ids_for_generation(batch["input_ids"], kwargs)
+
+    def _check_layers(self, layers: Sequence[int]) -> list[int]:
+        n = self.num_layers + 1  # output_hidden_states: embeddings, then each decoder layer's output
+        out = []
+        for layer in layers:
+            if not -n <= int(layer) < n:
+                raise LvlmlpError(f"--layers: layer {layer} out of range for a {self.num_layers}-layer model")
+            out.append(int(layer) % n)
+        return out
+
+    @property
+    def num_layers(self) -> int:
+        text_config = self.model.config.get_text_config()
+        return int(text_config.num_hidden_layers)
+
+    @torch.inference_mode()
+    def prefill(
+        self, batch: dict[str, torch.Tensor], *, hidden: bool = False, layers: Sequence[int] = ()
+    ) -> dict[str, torch.Tensor]:
+        """One forward pass. `logits`: (B, V) float32 raw logits of the first generated token; `hidden`: (B, H) the
+        final-norm hidden state there; `layers`: (B, len(layers), H), indices into `output_hidden_states`
+        (0 = embeddings, i = output of decoder layer i, the last one after the final norm)."""
+        layer_ids = self._check_layers(layers)
+        want_states = hidden or bool(layer_ids)
+        out = self.model(
+            **batch,
+            position_ids=self._position_ids(batch),
+            logits_to_keep=1,
+            use_cache=False,
+            output_hidden_states=want_states,
+            return_dict=True,
+        )
+        result = {"logits": out.logits[:, -1, :].float()}
+        if want_states:
+            result.update(self._states(_hidden_states(out), hidden, layer_ids))
+        return result
+
+    def _states(
+        self, states: Sequence[torch.Tensor], hidden: bool, layer_ids: list[int]
+    ) -> dict[str, torch.Tensor]:
+        """Hidden states at the last prompt position (the one that predicts the first generated token)."""
+        result = {}
+        if hidden:
+            result["hidden"] = states[-1][:, -1, :].float()
+        if layer_ids:
+            result["layers"] = torch.stack([states[i][:, -1, :].float() for i in layer_ids], dim=1)
+        return result
+
+    # ---------------------------------------------------------------------------------------------------- generate
+    @torch.inference_mode()
+    def generate(
+        self,
+        batch: dict[str, torch.Tensor],
+        *,
+        max_new_tokens: int,
+        hidden: bool = False,
+        layers: Sequence[int] = (),
+        logits_processor: Any = None,
+        **gen_kwargs: Any,
+    ) -> dict[str, Any]:
+        """Greedy decoding (unless `gen_kwargs` say otherwise). Returns `logits` (B, K, V) float32 RAW logits (before
+        any logits processor), `sequences` (B, K) generated ids, `n_tokens` (B,) valid tokens per row up to and
+        including EOS, `responses` (decoded, special tokens skipped), and `hidden`/`layers` at the first generated
+        position when asked. K = max_new_tokens always; positions at or after a row's `n_tokens` hold pad ids and
+        zero logits."""
+        if max_new_tokens < 1:
+            raise LvlmlpError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        layer_ids = self._check_layers(layers)
+        want_states = hidden or bool(layer_ids)
+        kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": self._pad_id}
+        kwargs.update(gen_kwargs)
+        out = self.model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            logits_processor=logits_processor,
+            output_logits=True,
+            output_hidden_states=want_states,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
+        steps = len(out.logits)
+        bsz = batch["input_ids"].shape[0]
+        # Decoder-only models return prompt + new tokens; the new ones are the last `steps` columns either way.
+        new = out.sequences[:, -steps:]
+        logits = torch.zeros(
+            bsz, max_new_tokens, out.logits[0].shape[-1], dtype=torch.float32, device=new.device
+        )
+        logits[:, :steps] = torch.stack(out.logits, dim=1).float()
+        sequences = torch.full((bsz, max_new_tokens), self._pad_id, dtype=new.dtype, device=new.device)
+        sequences[:, :steps] = new
+
+        eos_ids = (
+            set(_as_list(kwargs["eos_token_id"])) if kwargs.get("eos_token_id") is not None else self._eos_ids
+        )
+        is_eos = torch.zeros_like(sequences, dtype=torch.bool)
+        for eos in eos_ids:
+            is_eos |= sequences == eos
+        no_eos = torch.full((bsz,), steps, dtype=torch.long, device=new.device)
+        first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), no_eos)
+        n_tokens = torch.clamp(first_eos + 1, max=steps)
+        valid = torch.arange(max_new_tokens, device=new.device)[None, :] < n_tokens[:, None]
+        sequences = sequences.masked_fill(~valid, self._pad_id)
+        logits = logits.masked_fill(~valid[:, :, None], 0.0)
+
+        result: dict[str, Any] = {
+            "logits": logits,
+            "n_tokens": n_tokens.cpu(),
+            "sequences": sequences,
+            "responses": [
+                self.tokenizer.decode(row[: int(n)], skip_special_tokens=True).strip()
+                for row, n in zip(sequences.tolist(), n_tokens.tolist())
+            ],
+        }
+        if want_states:
+            result.update(self._states(out.hidden_states[0], hidden, layer_ids))
+        return result
+
+    # -------------------------------------------------------------------------------------------------------- head
+    def head_is_linear(self) -> bool:
+        """True when logits are exactly `lm_head(final hidden)`; False with Gemma 2/3-style soft-capping or a logit
+        scale, which squash or rescale them after the head."""
+        text_config = self.model.config.get_text_config()
+        if getattr(text_config, "final_logit_softcapping", None):
+            return False
+        return getattr(text_config, "logit_scale", 1.0) in (None, 1.0) and getattr(
+            text_config, "logits_scaling", 1.0
+        ) in (None, 1.0)
+
+    @torch.inference_mode()
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) of final-norm hidden states through the model's own output head."""
+        if not self.head_is_linear():
+            raise LvlmlpError(
+                f"{self.model_id}: the {self.family} output head is not linear (logit soft-capping)"
+            )
+        head = self.model.get_output_embeddings()
+        return head(hidden.to(head.weight.device, head.weight.dtype)).float()
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _hidden_states(out: Any) -> Sequence[torch.Tensor]:
+    states = getattr(out, "hidden_states", None)
+    if states is None:  # InstructBLIP keeps the language model's outputs nested
+        states = out.language_model_outputs.hidden_states
+    return states
+
+
+def _hub_revision(model_id: str) -> str | None:
+    """The commit of the cached snapshot of a hub model (`from_pretrained` has just downloaded it), if known."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, local_files_only=True)).name
+    except Exception as err:  # noqa: BLE001 - provenance is best effort; loading already succeeded
+        log.debug("no hub revision for %s: %s", model_id, err)
+        return None

@@ -1,0 +1,181 @@
+"""Backend: for every family, a padded batch gives each row exactly what the model's own `generate` gives that row
+alone (straight through the processor, no lvlmlp code in the reference path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lvlmlp.backend import Backend
+from lvlmlp.errors import LvlmlpError
+from lvlmlp.testing import FAMILIES
+
+TOL = 1e-4
+# Different image shapes (so LLaVA-NeXT, Qwen and Idefics3/SmolVLM rows get different numbers of image tokens) and
+# question lengths (so every row is padded differently).
+SIZES = [(40, 30), (20, 60), (64, 64), (33, 17)]
+QUESTIONS = [
+    "is there a cat ?",
+    "what color is the car in this picture ?",
+    "yes",
+    "how many people are there on the beach today ?",
+]
+
+
+def _images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
+
+
+def _reference_prompt(processor, question: str) -> str:
+    """The contract's default prompt, written out independently of the backend."""
+    if not getattr(processor, "chat_template", None):
+        return question  # InstructBLIP, PaliGemma: the question as it is
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+
+
+def _single(be: Backend, image: Image.Image, question: str, k: int):
+    """One sample alone: the processor, then the model's own greedy `generate` with raw logits."""
+    inputs = be.processor(
+        images=[[image]], text=[_reference_prompt(be.processor, question)], return_tensors="pt"
+    )
+    inputs.pop("labels", None)
+    return be.model.generate(
+        **inputs,
+        max_new_tokens=k,
+        do_sample=False,
+        output_logits=True,
+        output_hidden_states=True,
+        return_dict_in_generate=True,
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_equals_single_runs(tiny_ckpt, family: str) -> None:
+    be = Backend(tiny_ckpt(family), device="cpu")
+    images = _images()
+    batch = be.encode(images, QUESTIONS)
+    assert (batch["attention_mask"][:, -1] == 1).all()  # left padding: every row ends at the last column
+
+    layers = [0, 1, -1]
+    pre = be.prefill(batch, hidden=True, layers=layers)
+    gen = be.generate(batch, max_new_tokens=3, hidden=True, layers=layers)
+    hidden_size = be.model.config.get_text_config().hidden_size
+    assert pre["logits"].shape == (4, be.vocab_size) and pre["logits"].dtype == torch.float32
+    assert pre["hidden"].shape == (4, hidden_size)
+    assert pre["layers"].shape == (4, len(layers), hidden_size)
+    assert gen["logits"].shape == (4, 3, be.vocab_size) and gen["sequences"].shape == (4, 3)
+    assert (gen["hidden"] - pre["hidden"]).abs().max() < TOL and (
+        gen["layers"] - pre["layers"]
+    ).abs().max() < TOL
+
+    for i, (image, question) in enumerate(zip(images, QUESTIONS)):
+        ref = _single(be, image, question, 3)
+        ref_logits = torch.stack(ref.logits, dim=1)[0]
+        n = ref_logits.shape[0]
+        new_ids = ref.sequences[0, -n:]
+        assert (pre["logits"][i] - ref_logits[0]).abs().max() < TOL, f"{family} row {i}: prefill logits"
+        assert int(gen["n_tokens"][i]) == n
+        assert (gen["logits"][i, :n] - ref_logits).abs().max() < TOL, f"{family} row {i}: generate logits"
+        assert gen["sequences"][i, :n].tolist() == new_ids.tolist()
+        assert gen["responses"][i] == be.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+        # output_hidden_states of the single run, at its last prompt position (first step of generate)
+        states = ref.hidden_states[0]
+        for j, layer in enumerate(layers):
+            assert (pre["layers"][i, j] - states[layer][0, -1]).abs().max() < TOL, (
+                f"{family} row {i} layer {layer}"
+            )
+
+    if be.head_is_linear():
+        assert (be.logits_from_hidden(pre["hidden"]) - pre["logits"]).abs().max() < TOL
+    else:
+        assert family == "paligemma2"  # Gemma 2's logit soft-capping
+        with pytest.raises(LvlmlpError, match="not linear"):
+            be.logits_from_hidden(pre["hidden"])
+
+
+def test_generate_pads_rows_that_stop_early(tiny_ckpt) -> None:
+    be = Backend(tiny_ckpt("llava"), device="cpu")
+    batch = be.encode(_images(), QUESTIONS)
+    free = be.generate(batch, max_new_tokens=4)
+    # Declare row 0's second token the end of sequence: row 0 stops after it, the others go on unchanged.
+    eos = int(free["sequences"][0, 1])
+    stopped = be.generate(batch, max_new_tokens=4, eos_token_id=eos)
+    for i in range(4):
+        row = free["sequences"][i].tolist()
+        n = row.index(eos) + 1 if eos in row else 4
+        assert int(stopped["n_tokens"][i]) == n
+        assert stopped["sequences"][i, :n].tolist() == row[:n]
+        assert (stopped["logits"][i, :n] - free["logits"][i, :n]).abs().max() < TOL
+        assert (stopped["logits"][i, n:] == 0).all()
+        assert (stopped["sequences"][i, n:] == be.tokenizer.pad_token_id).all()
+    assert int(stopped["n_tokens"][0]) <= 2
+
+
+def test_prompt_template_and_raw_prompt(tiny_ckpt) -> None:
+    path = tiny_ckpt("llava")
+    templated = Backend(path, device="cpu", prompt_template="Q: {question} A:")
+    assert templated.prompt("is it red ?") == "USER: <image>\nQ: is it red ? A: ASSISTANT:"
+    raw = Backend(path, device="cpu", prompt_template="Q: {question} A:", raw_prompt=True)
+    assert raw.prompt("is it red ?") == "<image>Q: is it red ? A:"  # the image placeholder is still needed
+    assert Backend(path, device="cpu", raw_prompt=True).prompt("<image> first") == "<image> first"
+    with pytest.raises(LvlmlpError, match="prompt-template"):
+        Backend(path, device="cpu", prompt_template="no placeholder")
+
+
+def test_prompt_without_chat_template(tiny_ckpt) -> None:
+    assert Backend(tiny_ckpt("instructblip"), device="cpu").prompt("is it red ?") == "is it red ?"
+    # PaliGemma's processor would add the image token itself (with a warning); the backend gives it.
+    assert Backend(tiny_ckpt("paligemma"), device="cpu").prompt("is it red ?") == "<image>is it red ?"
+
+
+def test_metadata_and_dtype(tiny_ckpt) -> None:
+    path = tiny_ckpt("llava")
+    be = Backend(path, device="cpu", dtype="bfloat16")
+    assert be.family == "llava" and be.model_id == str(path) and be.revision is None
+    assert be.dtype == torch.bfloat16 and be.device == torch.device("cpu")
+    assert be.weights_hash == Backend(path, device="cpu").weights_hash and len(be.weights_hash) == 64
+    batch = be.encode(_images()[:2], QUESTIONS[:2])
+    assert batch["pixel_values"].dtype == torch.bfloat16
+    assert be.prefill(batch)["logits"].dtype == torch.float32
+    if not torch.cuda.is_available():
+        with pytest.raises(LvlmlpError, match="CUDA is not available"):
+            Backend(path, device="cuda")
+    with pytest.raises(LvlmlpError, match="--dtype"):
+        Backend(path, device="cpu", dtype="float64")
+    with pytest.raises(LvlmlpError, match="2 images for 1 questions"):
+        be.encode(_images()[:2], QUESTIONS[:1])
+    with pytest.raises(LvlmlpError, match="layer 5 out of range"):
+        be.prefill(batch, layers=[5])
+
+
+def test_loading_errors_name_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(LvlmlpError, match="no such model folder") as err:
+        Backend(missing)
+    assert str(missing) in str(err.value)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LvlmlpError, match="no config.json") as err:
+        Backend(empty)
+    assert str(empty) in str(err.value)
+
+    # A real text-only checkpoint.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text_only = tmp_path / "llama"
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(text_only)
+    with pytest.raises(LvlmlpError, match="'llama' is not a vision-language") as err:
+        Backend(text_only)
+    assert str(text_only) in str(err.value)
+
+    with pytest.raises(LvlmlpError, match="no-such-org/no-such-model"):
+        Backend("no-such-org/no-such-model")  # offline in tests, and not in the cache

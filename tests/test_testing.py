@@ -1,0 +1,54 @@
+"""Tiny checkpoints: real, offline-loadable through the Auto classes, deterministic for a seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from lvlmlp.cli import main
+from lvlmlp.errors import LvlmlpError
+from lvlmlp.testing import FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loads_through_auto_classes(tiny_ckpt, family: str) -> None:
+    path = tiny_ckpt(family)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    expected_type = "paligemma" if family == "paligemma2" else family
+    assert model.config.model_type == expected_type
+    assert sum(p.numel() for p in model.parameters()) < 500_000
+    # Every token the processor can emit has an embedding row.
+    assert len(processor.tokenizer) <= model.get_input_embeddings().weight.shape[0]
+    has_template = bool(getattr(processor, "chat_template", None))
+    assert has_template == (family not in {"instructblip", "paligemma", "paligemma2"})
+    ids = processor.tokenizer("is there a cat in the image ?", add_special_tokens=False)["input_ids"]
+    assert processor.tokenizer.decode(ids) == "is there a cat in the image ?"  # byte-level BPE round trip
+
+
+def test_deterministic_for_a_seed(tmp_path: Path) -> None:
+    state = torch.random.get_rng_state()
+    a = tiny_model("llava", tmp_path / "a", seed=0)
+    b = tiny_model("llava", tmp_path / "b", seed=0)
+    c = tiny_model("llava", tmp_path / "c", seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "processor_config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+    assert (a / "tokenizer.json").read_bytes() == (c / "tokenizer.json").read_bytes()
+
+
+def test_unknown_family_lists_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(LvlmlpError, match="unknown model family 'gpt2'.*llava, llava_next"):
+        tiny_model("gpt2", tmp_path)
+
+
+def test_cli_writes_a_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "ckpt"
+    assert main(["tiny-model", "--family", "llava", "--out", str(out), "--seed", "3"]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "processor_config.json").is_file()
+    with pytest.raises(SystemExit):
+        main(["tiny-model", "--family", "nope", "--out", str(out)])
