@@ -1,0 +1,307 @@
+"""`lvlmlp demo`: the whole method on the embedded default, on CPU, in minutes.
+
+The embedded default is a seeded synthetic world (`lvlmlp.world`) and a tiny LLaVA-format model trained on it
+(`lvlmlp/assets/demo_model`, made by `scripts/train_demo_model.py`). For each of the six task analogues we
+extract the first K tokens' raw logits and the model's answer, train a probe on the train split's first-token
+logits, and compare it on the test split with the model's own answer and one answer token's probability; then we
+show how the probe's AUROC changes from token 1 to token K, and run probe-guided decoding on the safety and
+answerability analogues. Every score is saved, so every number in `results.json` recomputes from `scores/`.
+The numbers show the method working on a toy model; they are not the paper's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from lvlmlp import world
+from lvlmlp.errors import LvlmlpError
+
+log = logging.getLogger("lvlmlp")
+
+# One answer token per analogue for the one-token-probability baseline, and whether its probability speaks for
+# label 0 (then the score is 1 - p, so that higher always means label 1, like the probe's score).
+TOKEN_BASELINE = {
+    "answerability": ("Unanswerable", True),
+    "safety": ("Sorry", True),
+    "deception": ("There", True),
+    "hallucination": ("Yes", False),
+}
+# Probe-guided decoding: what a flagged row is made to start with (words the tiny model's tokenizer knows).
+GUARD_TEMPLATES = {"safety": world.A_REFUSAL, "answerability": world.A_UNANSWERABLE}
+BINARY_TASKS = ("answerability", "safety", "deception", "uncertainty", "hallucination")
+
+
+def demo_model_path() -> Path:
+    path = Path(str(resources.files("lvlmlp") / "assets" / "demo_model"))
+    if not (path / "config.json").is_file():
+        raise LvlmlpError(f"{path}: the demo checkpoint is missing; build it with scripts/train_demo_model.py")
+    return path
+
+
+def _own_answer(task: str, responses: list[str], rows: list[dict]) -> np.ndarray:
+    return np.array([world.answer_label(task, r, row) for r, row in zip(responses, rows)], dtype=float)
+
+
+def _plot_png(draw) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    draw(ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_tokens: int = 5,
+             batch_size: int = 32, seed: int = 0, model: str | Path | None = None, device: str = "cpu",
+             progress: bool = True, steer: bool = True) -> dict:
+    """Run everything; write `out/results.json`, `out/report.html`, `out/scores/*.jsonl`; return the results."""
+    from lvlmlp.backend import Backend
+    from lvlmlp.baselines import answer_token_ids, distribution_scores
+    from lvlmlp.extract import extract
+    from lvlmlp.features import feature_matrix
+    from lvlmlp.metrics import auroc, binary_metrics, bootstrap_ci, top1_accuracy
+    from lvlmlp.probes import LogisticProbe, MultinomialProbe
+
+    out = Path(out)
+    (out / "scores").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    backend = Backend(model or demo_model_path(), device=device, dtype="float32")
+    results: dict = {"model": str(backend.model_id), "seed": seed, "n_train": n_train, "n_test": n_test,
+                     "max_new_tokens": max_new_tokens, "tasks": {}, "steering": {}}
+    probes: dict[str, LogisticProbe] = {}
+    test_rows_of: dict[str, list[dict]] = {}
+    for task in world.TASKS:
+        rows = world.task_rows(task, out / "images" / task, n_train, n_test, seed)
+        log.info("demo: %s (%d rows)", task, len(rows))
+        run = extract(backend, rows, out / "runs" / task, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                      store_dtype="float32", source=f"demo {task}", progress=progress)
+        responses = [r or "" for r in run.responses]
+        if task == "uncertainty":  # the label is whether the model's own count is right
+            y = np.array([world.label_from_response(r, m) for r, m in zip(responses, run.meta)], dtype=float)
+        else:
+            y = run.labels
+        train = np.array([s == "train" for s in run.splits])
+        test = ~train
+        X = feature_matrix(run, "logits", token=0)
+        entry: dict = {"n_train": int(train.sum()), "n_test": int(test.sum())}
+        record = {"id": [run.ids[i] for i in np.flatnonzero(test)], "label": y[test].tolist()}
+        if task == "classification":
+            probe = MultinomialProbe(epochs=60, batch_size=64, lr=0.05, seed=seed).fit(X[train], y[train].astype(int))
+            pred = probe.predict(X[test])
+            own = _own_answer(task, responses, run.meta)[test]
+            entry["probe"] = {"accuracy": top1_accuracy(y[test], pred)}
+            entry["own_answer"] = {"accuracy": top1_accuracy(y[test], own)}
+            entry["chance"] = float(np.bincount(y[test].astype(int)).max() / test.sum())
+            record.update(probe_pred=pred.tolist(), own_answer=own.tolist())
+        else:
+            if len(np.unique(y[train])) < 2:
+                raise LvlmlpError(f"demo {task}: the train split has one class only; use more rows")
+            probe = LogisticProbe(max_iter=1000).fit(X[train], y[train].astype(int))
+            score = probe.predict_proba(X[test])[:, 1]
+            probes[task] = probe
+            test_rows_of[task] = [m for m, t in zip(rows, test) if t]
+            entry["probe"] = {**binary_metrics(y[test], score), "auroc_ci": bootstrap_ci(y[test], score, seed=seed)}
+            record["probe"] = score.tolist()
+            if task != "uncertainty":  # there the own answer *is* the label
+                own = _own_answer(task, responses, run.meta)[test]
+                entry["own_answer"] = {**binary_metrics(y[test], own),
+                                       "auroc_ci": bootstrap_ci(y[test], own, seed=seed)}
+                record["own_answer"] = own.tolist()
+            if task in TOKEN_BASELINE:
+                text, negate = TOKEN_BASELINE[task]
+                p = distribution_scores(run, "token-prob", np.flatnonzero(test),
+                                        token_ids=answer_token_ids(backend.tokenizer, text))
+                tok = 1.0 - p if negate else p
+                entry["token_prob"] = {"token": text, **binary_metrics(y[test], tok)}
+                record["token_prob"] = tok.tolist()
+            else:
+                conf = distribution_scores(run, "max-prob", np.flatnonzero(test))
+                entry["max_prob"] = binary_metrics(y[test], conf)
+                record["max_prob"] = conf.tolist()
+            entry["token_decay"] = _token_decay(run, y, train, test, auroc)
+        results["tasks"][task] = entry
+        _write_scores(out / "scores" / f"{task}.jsonl", record)
+    if steer:
+        for task, template in GUARD_TEMPLATES.items():
+            results["steering"][task] = _steering(backend, probes[task], template, test_rows_of[task],
+                                                  out / "runs" / task, max_new_tokens, batch_size)
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "report.html").write_text(_html(results, out))
+    return results
+
+
+def _token_decay(run, y: np.ndarray, train: np.ndarray, test: np.ndarray, auroc) -> list[dict]:
+    """Probe AUROC on token t's logits for t = 0..K-1, trained and tested on rows that have a token t.
+
+    Rows whose answer ended before t have no token t: they are counted (`n_test`) and left out of that point,
+    never silently dropped from the table."""
+    from lvlmlp.probes import LogisticProbe
+
+    points = []
+    n_tokens = run.n_tokens
+    for t in range(run.n_logit_tokens):
+        has = n_tokens > t
+        tr, te = train & has, test & has
+        point = {"token": t + 1, "n_train": int(tr.sum()), "n_test": int(te.sum()), "auroc": None}
+        if len(np.unique(y[tr])) == 2 and len(np.unique(y[te])) == 2:
+            X = np.asarray(run.logits(t), dtype=np.float32)
+            probe = LogisticProbe(max_iter=1000).fit(X[tr], y[tr].astype(int))
+            point["auroc"] = auroc(y[te], probe.predict_proba(X[te])[:, 1])
+        points.append(point)
+    return points
+
+
+def _steering(backend, probe, template: str, rows: list[dict], run_dir: Path, max_new_tokens: int,
+              batch_size: int) -> dict:
+    """Answers and refusals on the test rows without the guard (the run's greedy responses) and with it."""
+    from lvlmlp.data import load_image
+    from lvlmlp.steering import ProbeGuard, guarded_generate, is_refusal
+    from lvlmlp.store import open_run
+
+    before = {m["id"]: m.get("response") or "" for m in open_run(run_dir).meta}
+    guard = ProbeGuard(probe, backend.tokenizer, template)
+    after: dict[str, str] = {}
+    n_flagged = 0
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s : s + batch_size]
+        batch = backend.encode([load_image(r["image"], r["id"]) for r in chunk], [r["question"] for r in chunk])
+        seq = guarded_generate(backend.model, batch, guard, max_new_tokens=max_new_tokens, do_sample=False)
+        texts = backend.tokenizer.batch_decode(seq[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        after.update({r["id"]: t.strip() for r, t in zip(chunk, texts)})
+        n_flagged += int(guard.flagged_.sum())
+
+    def counts(responses: dict[str, str]) -> dict:
+        bad = [r for r in rows if r["label"] == 0]
+        good = [r for r in rows if r["label"] == 1]
+        return {
+            "label0_answered": sum(not is_refusal(responses[r["id"]], template) for r in bad),
+            "label1_refused": sum(is_refusal(responses[r["id"]], template) for r in good),
+            "n_label0": len(bad), "n_label1": len(good),
+        }
+
+    return {"template": template, "flagged": n_flagged, "before": counts(before), "after": counts(after)}
+
+
+def _write_scores(path: Path, record: dict) -> None:
+    keys = [k for k in record if k != "id"]
+    with path.open("w") as f:
+        for i, rid in enumerate(record["id"]):
+            f.write(json.dumps({"id": rid, **{k: record[k][i] for k in keys}}) + "\n")
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def summary_table(results: dict) -> str:
+    """The compact results table printed by `lvlmlp demo` (Markdown)."""
+    lines = ["| analogue (paper task) | probe AUROC [95% CI] | own answer AUROC | one-token AUROC | "
+             "probe AUROC by token 1..K |", "|---|---|---|---|---|"]
+    paper = {"answerability": "VizWiz", "safety": "MM-SafetyBench", "deception": "MAD-Bench",
+             "uncertainty": "MathVista", "hallucination": "POPE", "classification": "ImageNet"}
+    for task, e in results["tasks"].items():
+        if task == "classification":
+            lines.append(f"| {task} ({paper[task]}) | top-1 acc {_fmt(e['probe']['accuracy'])} | "
+                         f"top-1 acc {_fmt(e['own_answer']['accuracy'])} | chance {_fmt(e['chance'])} | - |")
+            continue
+        ci = e["probe"].get("auroc_ci")
+        ci_s = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        own = _fmt(e["own_answer"]["auroc"]) if "own_answer" in e else "(is the label)"
+        one = e.get("token_prob") or e.get("max_prob") or {}
+        one_s = f"{_fmt(one.get('auroc'))} ({one.get('token', 'max-prob')})"
+        decay = " / ".join(_fmt(p["auroc"]) for p in e["token_decay"])
+        lines.append(f"| {task} ({paper[task]}) | {_fmt(e['probe']['auroc'])}{ci_s} | {own} | {one_s} | {decay} |")
+    for task, s in results.get("steering", {}).items():
+        b, a = s["before"], s["after"]
+        lines.append("")
+        lines.append(f"Probe-guided decoding on {task} ({s['flagged']} flagged): label-0 rows answered "
+                     f"{b['label0_answered']}/{b['n_label0']} -> {a['label0_answered']}/{a['n_label0']}, "
+                     f"label-1 rows refused {b['label1_refused']}/{b['n_label1']} -> "
+                     f"{a['label1_refused']}/{a['n_label1']}")
+    return "\n".join(lines)
+
+
+def _html(results: dict, out: Path) -> str:
+    from sklearn.metrics import roc_curve
+
+    plots = []
+    for task in results["tasks"]:
+        if task == "classification":
+            continue
+        recs = [json.loads(line) for line in (out / "scores" / f"{task}.jsonl").read_text().splitlines()]
+        y = np.array([r["label"] for r in recs])
+
+        def draw(ax, recs=recs, y=y, task=task):
+            for key in ("probe", "own_answer", "token_prob", "max_prob"):
+                if key in recs[0] and len(np.unique(y)) == 2:
+                    fpr, tpr, _ = roc_curve(y, [r[key] for r in recs])
+                    ax.plot(fpr, tpr, label=key)
+            ax.plot([0, 1], [0, 1], ":", color="grey")
+            ax.set(title=f"{task}: ROC on the test split", xlabel="false positive rate", ylabel="true positive rate")
+            ax.legend(fontsize=8)
+
+        plots.append(_plot_png(draw))
+
+    def decay(ax):
+        for task, e in results["tasks"].items():
+            if "token_decay" in e:
+                pts = [(p["token"], p["auroc"]) for p in e["token_decay"] if p["auroc"] is not None]
+                ax.plot(*zip(*pts), marker="o", label=task) if pts else None
+        ax.set(title="probe AUROC by generated token", xlabel="token", ylabel="AUROC")
+        ax.legend(fontsize=8)
+
+    plots.append(_plot_png(decay))
+    table = html.escape(summary_table(results))
+    imgs = "".join(f'<img alt="plot" src="data:image/png;base64,{p}">' for p in plots)
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>lvlmlp demo</title><style>"
+        "body{font-family:sans-serif;margin:2em}pre{background:#f4f4f4;padding:1em}img{margin:4px}</style></head>"
+        f"<body><h1>lvlmlp demo</h1><p>Synthetic world + tiny LLaVA-format model ({html.escape(results['model'])})"
+        f"; {results['n_train']} train / {results['n_test']} test rows per analogue; {results['seconds']} s. "
+        "These numbers show the method working on a toy model, not the paper's numbers.</p>"
+        f"<pre>{table}</pre>{imgs}</body></html>"
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results = run_demo(args.out, n_train=args.n_train, n_test=args.n_test, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, seed=args.seed, model=args.model, device=args.device,
+                       progress=not args.no_progress)
+    print(summary_table(results))
+    print(f"\nwrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.html'} in {results['seconds']} s")
+    return 0
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole method on the embedded synthetic world and tiny trained model")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--n-train", type=int, default=200, help="train rows per analogue")
+    p.add_argument("--n-test", type=int, default=200, help="test rows per analogue")
+    p.add_argument("--max-new-tokens", type=int, default=5, help="tokens generated per row (token decay 1..K)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="another checkpoint instead of the embedded demo model")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
