@@ -1,0 +1,153 @@
+"""Baselines computed from the same run as the probe, each a score oriented like the probe (higher = label 1).
+
+- `own-answer[:RULE]`: the model's generated response, read by a rule (`refusal`, `yes`, `keyword=W1,W2`):
+  1.0 when the answer says label 1 (answers / "yes" / no keyword), else 0.0.
+- `token-prob:STRING`: probability that the first generated token is the first token of STRING;
+  `token-prob:!STRING` is one minus it (for strings that signal label 0, such as "Unanswerable").
+- `max-prob`: the largest first-token probability (confidence).
+- `entropy`: minus the entropy of the first-token distribution (higher = more confident).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lvlmlp.errors import LvlmlpError
+from lvlmlp.features import FeatureView, as_index
+
+# Phrases by which instruction-tuned VLMs decline or say a question cannot be answered (matched lower-case).
+REFUSAL_PHRASES: tuple[str, ...] = (
+    "unanswerable", "cannot answer", "can't answer", "can not answer", "unable to", "not able to",
+    "i cannot", "i can't", "i can not", "i'm sorry", "i am sorry", "sorry", "i apologize", "as an ai",
+    "cannot be determined", "can't be determined", "not possible to determine", "cannot determine",
+    "not appropriate", "i won't", "i will not", "cannot provide", "can't provide", "cannot help", "can't help",
+)
+_SCORE_CHUNK = 1024
+BASELINE_HELP = "own-answer[:refusal|yes|keyword=W1,W2], token-prob:STRING, token-prob:!STRING, max-prob, entropy"
+
+
+@dataclass(frozen=True)
+class AnswerRule:
+    """How to read a response as a label. `refusal`/`keyword`: a listed phrase means label 0; `yes`: a leading
+    "yes" means label 1 (POPE)."""
+
+    kind: str = "refusal"
+    phrases: tuple[str, ...] = REFUSAL_PHRASES
+
+    def score(self, response: str) -> float:
+        text = response.strip().lower()
+        if self.kind == "yes":
+            return 1.0 if re.match(r"yes\b", text) else 0.0
+        return 0.0 if any(p in text for p in self.phrases) else 1.0
+
+
+def parse_answer_rule(text: str | None) -> AnswerRule:
+    """`refusal` (default), `yes`, or `keyword=W1,W2` (custom label-0 phrases)."""
+    if not text or text == "refusal":
+        return AnswerRule()
+    if text == "yes":
+        return AnswerRule(kind="yes", phrases=())
+    if text.startswith("keyword="):
+        words = tuple(w.strip().lower() for w in text[len("keyword=") :].split(",") if w.strip())
+        if words:
+            return AnswerRule(kind="keyword", phrases=words)
+    raise LvlmlpError(f"--baseline own-answer:{text}: unknown rule (use refusal, yes or keyword=W1,W2)")
+
+
+def own_answer_scores(responses: Sequence[str | None], rule: AnswerRule, ids: Sequence[str]) -> np.ndarray:
+    """1.0 / 0.0 per response as read by `rule`; a row without a response is an error naming it."""
+    out = np.empty(len(responses))
+    for i, response in enumerate(responses):
+        if response is None:
+            raise LvlmlpError(
+                f"row {ids[i]!r} has no response: the own-answer baseline needs a run extracted with generation"
+            )
+        out[i] = rule.score(response)
+    return out
+
+
+def answer_token_ids(tokenizer: Any, text: str) -> list[int]:
+    """Ids that may start `text` as the model's first generated token.
+
+    The answer follows the prompt, so it is encoded as a continuation (no special tokens, no BOS). Whether the
+    model's first token carries a leading space depends on the tokenizer and the template (SentencePiece adds
+    "▁", byte-level BPE distinguishes "Yes" from " Yes"), so both spellings are encoded and the distinct first
+    tokens of each are kept; the baseline sums their probabilities. Tokens that decode to whitespace only (a bare
+    "▁" some tokenizers emit before a word) are skipped in favour of the next token.
+    """
+    ids: list[int] = []
+    for variant in (text, " " + text.lstrip()):
+        encoded = tokenizer.encode(variant, add_special_tokens=False)
+        for tok in encoded:
+            if tokenizer.decode([tok]).strip():
+                if tok not in ids:
+                    ids.append(int(tok))
+                break
+    if not ids:
+        raise LvlmlpError(f"--baseline token-prob:{text}: the tokenizer encodes it to no token")
+    return ids
+
+
+def load_tokenizer(model: str) -> Any:
+    """The run's own tokenizer (`manifest["model"]` is the path or hub id the run was extracted with)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except Exception as err:  # noqa: BLE001 - any loading failure becomes one user-facing line
+        raise LvlmlpError(f"cannot load the tokenizer of model {model!r} for token-prob: {err}") from None
+
+
+def _log_probs_chunks(view: FeatureView, idx: np.ndarray):
+    for start in range(0, idx.size, _SCORE_CHUNK):
+        yield start, view[idx[start : start + _SCORE_CHUNK]]
+
+
+def distribution_scores(run: Any, kind: str, rows: Any = None, token: int = 0, token_ids: Sequence[int] = ()
+                        ) -> np.ndarray:
+    """`max-prob`, `entropy` (negated) or `token-prob` (summed over `token_ids`) of token `token`'s distribution."""
+    view = FeatureView(run, kind="log_softmax", token=token)
+    idx = as_index(rows, len(view))
+    out = np.empty(idx.size)
+    if kind == "token-prob":
+        bad = [t for t in token_ids if not 0 <= t < view.shape[1]]
+        if bad:
+            raise LvlmlpError(f"token id(s) {bad} outside the run's vocabulary of {view.shape[1]}")
+    for start, logp in _log_probs_chunks(view, idx):
+        stop = start + logp.shape[0]
+        if kind == "max-prob":
+            out[start:stop] = np.exp(logp.max(axis=1))
+        elif kind == "entropy":
+            p = np.exp(logp.astype(np.float64))
+            out[start:stop] = np.sum(p * logp, axis=1)  # = -entropy: confident rows score higher
+        elif kind == "token-prob":
+            out[start:stop] = np.exp(logp[:, list(token_ids)].astype(np.float64)).sum(axis=1)
+        else:
+            raise LvlmlpError(f"unknown distribution baseline {kind!r}")
+    return out
+
+
+def baseline_scores(run: Any, name: str, rows: Any = None, token: int = 0, tokenizer: Any = None) -> np.ndarray:
+    """Scores of baseline `name` (see module doc) for `rows` of `run`, higher = label 1."""
+    idx = as_index(rows, len(run))
+    if name == "own-answer" or name.startswith("own-answer:"):
+        rule = parse_answer_rule(name.partition(":")[2] or None)
+        responses = run.responses
+        return own_answer_scores([responses[i] for i in idx], rule, [run.ids[i] for i in idx])
+    if name in ("max-prob", "entropy"):
+        return distribution_scores(run, name, idx, token=token)
+    if name.startswith("token-prob:"):
+        text = name[len("token-prob:") :]
+        negate = text.startswith("!")
+        text = text[1:] if negate else text
+        if not text:
+            raise LvlmlpError(f"--baseline {name}: give the answer string, e.g. token-prob:Yes")
+        tok = tokenizer if tokenizer is not None else load_tokenizer(str(run.manifest.get("model")))
+        probs = distribution_scores(run, "token-prob", idx, token=token, token_ids=answer_token_ids(tok, text))
+        return 1.0 - probs if negate else probs
+    raise LvlmlpError(f"--baseline {name}: unknown baseline (choose from {BASELINE_HELP})")

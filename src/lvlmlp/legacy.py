@@ -1,0 +1,161 @@
+"""`lvlmlp import-legacy`: the paper's output JSON lines into a run folder, streamed line by line.
+
+The paper's `run_model.py` writes one JSON object per sample: `image`, `model_name`, `question`, `label`,
+`response`, `output_ids`, `logits` (the V raw logits of the first generated token, as text) and task keys such
+as `scenario` or `category`. Such files reach many gigabytes, so they are read one line at a time and written in
+shards by `RunWriter`; memory stays at one shard of rows. `logits` may also be a list of per-token lists (the
+first K generated tokens); a single list is stored as token 0 (the paper's default `--token_id 0`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lvlmlp.errors import LvlmlpError
+from lvlmlp.store import Run, RunWriter
+
+log = logging.getLogger(__name__)
+
+_LABEL_WORDS = {"yes": 1, "no": 0, "true": 1, "false": 0}
+
+
+def _label(value: Any, where: str) -> int | None:
+    """int labels as they are; "yes"/"no" (POPE) and "true"/"false" as 1/0; integral floats and strings."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _LABEL_WORDS:
+            return _LABEL_WORDS[text]
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    raise LvlmlpError(f"{where}: label {value!r} is not an integer, yes/no or true/false")
+
+
+def _token_rows(logits: Any, where: str) -> list[list[float]]:
+    if not isinstance(logits, list) or not logits:
+        raise LvlmlpError(f"{where}: 'logits' must be a non-empty list of numbers or of per-token lists")
+    return logits if isinstance(logits[0], list) else [logits]
+
+
+def import_legacy(
+    path: str | Path,
+    out: str | Path,
+    vocab_size: int | None = None,
+    max_tokens: int | None = None,
+    dtype: str = "float32",
+    model: str | None = None,
+    shard_size: int = 256,
+) -> Run:
+    """Convert `path` (the paper's JSON lines) into the run folder `out`; re-running resumes.
+
+    `vocab_size` checks every row's logits length (default: the first row's). `max_tokens` keeps at most that
+    many generated tokens per row (default: the first row's count; a row with more is an error, never cut
+    silently). `model` overrides the file's `model_name` (give a tokenizer path/id to use `token-prob`).
+    """
+    src = Path(path)
+    if not src.is_file():
+        raise LvlmlpError(f"{src}: no such file")
+    if dtype not in ("float16", "float32"):
+        raise LvlmlpError(f"--dtype {dtype}: choose float16 or float32")
+    writer: RunWriter | None = None
+    width = k_tokens = 0
+    seen: set[str] = set()
+    meta: list[dict] = []
+    rows: list[np.ndarray] = []
+    counts: list[int] = []
+    positions: list[int] = []
+    position = 0
+
+    def flush() -> None:
+        if meta:
+            assert writer is not None
+            writer.append(
+                list(meta),
+                {
+                    "logits": np.stack(rows),
+                    "n_tokens": np.asarray(counts, dtype=np.int64),
+                    "row_index": np.asarray(positions, dtype=np.int64),
+                },
+            )
+            meta.clear(), rows.clear(), counts.clear(), positions.clear()
+
+    with src.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{src}: line {line_no}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise LvlmlpError(f"{where}: invalid JSON ({err.msg})") from None
+            if not isinstance(obj, dict):
+                raise LvlmlpError(f"{where}: expected a JSON object")
+            if "logits" not in obj:
+                raise LvlmlpError(f"{where}: no 'logits' field (responses without logits cannot be probed)")
+            tokens = _token_rows(obj.pop("logits"), where)
+            if writer is None:
+                width = vocab_size or len(tokens[0])
+                k_tokens = max_tokens or len(tokens)
+                writer = RunWriter(
+                    out,
+                    {
+                        "model": model or obj.get("model_name"),
+                        "family": "legacy",
+                        "dtype": dtype,
+                        "vocab_size": width,
+                        "prompt_template": None,
+                        "max_new_tokens": k_tokens,
+                        "hidden": False,
+                        "layers": [],
+                        "source": "import-legacy",
+                        "source_file": str(src.resolve()),
+                    },
+                    shard_size=shard_size,
+                )
+            if len(tokens) > k_tokens:
+                if max_tokens is None:
+                    raise LvlmlpError(
+                        f"{where}: logits of {len(tokens)} tokens but the first row has {k_tokens}; "
+                        "pass --max-tokens N to keep the first N"
+                    )
+                tokens = tokens[:k_tokens]
+            raw_id = obj.get("question_id", obj.get("id"))
+            row_id = str(raw_id) if raw_id is not None else str(line_no)
+            if row_id in seen:
+                raise LvlmlpError(f"{where}: duplicate id {row_id!r}")
+            seen.add(row_id)
+            row_position, position = position, position + 1
+            if row_id in writer.done_ids:
+                continue  # committed by an earlier, interrupted import
+            block = np.zeros((k_tokens, width), dtype=dtype)
+            for t, values in enumerate(tokens):
+                if len(values) != width:
+                    raise LvlmlpError(f"{where}: token {t} has {len(values)} logits, expected {width}")
+                block[t] = values
+            obj["label"] = _label(obj.get("label"), where)
+            meta.append({**obj, "id": row_id})
+            rows.append(block)
+            counts.append(len(tokens))
+            positions.append(row_position)
+            if len(meta) >= shard_size:
+                flush()
+    if writer is None:
+        raise LvlmlpError(f"{src}: no rows")
+    flush()
+    run = writer.close()
+    log.info("imported %d rows (%d tokens x %d logits) into %s", len(run), k_tokens, width, run.path)
+    return run

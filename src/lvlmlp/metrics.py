@@ -1,0 +1,188 @@
+"""Metrics of the paper's six tasks, computed from saved scores so that every number can be recomputed.
+
+Conventions (contract): a binary score is the probability of label 1; a row is predicted label 1 when its score
+reaches the threshold (`score >= threshold`) and flagged ("refuse") below it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
+
+from lvlmlp.errors import LvlmlpError
+
+
+def _binary_arrays(y: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
+    y_arr, s_arr = np.asarray(y), np.asarray(score, dtype=np.float64)
+    if y_arr.shape != s_arr.shape or y_arr.ndim != 1:
+        raise LvlmlpError(f"labels {y_arr.shape} and scores {s_arr.shape} must be 1-D of the same length")
+    if y_arr.size and not np.isin(y_arr, (0, 1)).all():
+        raise LvlmlpError(f"binary metrics need labels 0/1, got {np.unique(y_arr).tolist()[:10]}")
+    return y_arr.astype(np.int64), s_arr
+
+
+def auroc(y: Any, score: Any) -> float | None:
+    """Area under the ROC curve; None when only one class is present (undefined)."""
+    y_arr, s_arr = _binary_arrays(y, score)
+    return float(roc_auc_score(y_arr, s_arr)) if np.unique(y_arr).size == 2 else None
+
+
+def auprc(y: Any, score: Any) -> float | None:
+    """Average precision of label 1 (the paper's "AP"); None without positives."""
+    y_arr, s_arr = _binary_arrays(y, score)
+    return float(average_precision_score(y_arr, s_arr)) if y_arr.any() else None
+
+
+def binary_metrics(y: Any, score: Any, threshold: float = 0.5) -> dict[str, Any]:
+    """AUROC, AUPRC, and accuracy / F1 of label 1 at `threshold`."""
+    y_arr, s_arr = _binary_arrays(y, score)
+    if y_arr.size == 0:
+        raise LvlmlpError("no labelled rows to evaluate")
+    pred = (s_arr >= threshold).astype(np.int64)
+    return {
+        "auroc": auroc(y_arr, s_arr),
+        "auprc": auprc(y_arr, s_arr),
+        "accuracy": float(accuracy_score(y_arr, pred)),
+        "f1": float(f1_score(y_arr, pred, zero_division=0.0)),
+        "threshold": float(threshold),
+        "n": int(y_arr.size),
+        "n_positive": int(y_arr.sum()),
+    }
+
+
+def attack_success_rate(
+    y: Any, score: Any, scenarios: Sequence[Any], threshold: float = 0.5
+) -> dict[str, Any]:
+    """Share of unsafe rows (label 0) predicted safe (score >= threshold), per scenario and on average.
+
+    The average is the mean of the per-scenario rates (each scenario weighs the same), as the paper reports it.
+    Scenarios without unsafe rows are left out.
+    """
+    y_arr, s_arr = _binary_arrays(y, score)
+    scen = np.asarray([str(s) for s in scenarios])
+    if scen.shape != y_arr.shape:
+        raise LvlmlpError(f"{scen.size} scenarios for {y_arr.size} rows")
+    per: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for name in sorted(set(scen.tolist())):
+        unsafe = (scen == name) & (y_arr == 0)
+        if unsafe.any():
+            per[name] = float(np.mean(s_arr[unsafe] >= threshold))
+            counts[name] = int(unsafe.sum())
+    return {
+        "per_scenario": per,
+        "n_unsafe": counts,
+        "average": float(np.mean(list(per.values()))) if per else None,
+    }
+
+
+def pope_metrics(y: Any, pred: Any) -> dict[str, Any]:
+    """POPE's metrics of "yes" (label 1) answers: accuracy, precision, recall, F1 and the share of "yes"."""
+    y_arr, p_arr = np.asarray(y).astype(np.int64), np.asarray(pred).astype(np.int64)
+    if y_arr.size == 0:
+        raise LvlmlpError("no rows for POPE metrics")
+    tp = int(np.sum((p_arr == 1) & (y_arr == 1)))
+    fp = int(np.sum((p_arr == 1) & (y_arr == 0)))
+    tn = int(np.sum((p_arr == 0) & (y_arr == 0)))
+    fn = int(np.sum((p_arr == 0) & (y_arr == 1)))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "accuracy": (tp + tn) / y_arr.size,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": float(np.mean(p_arr == 1)),
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+        "n": int(y_arr.size),
+    }
+
+
+def pope_metrics_by_category(y: Any, pred: Any, categories: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """`pope_metrics` for each category (e.g. random / popular / adversarial) and for all rows ("all")."""
+    y_arr, p_arr = np.asarray(y), np.asarray(pred)
+    cats = np.asarray([str(c) for c in categories])
+    out = {name: pope_metrics(y_arr[cats == name], p_arr[cats == name]) for name in sorted(set(cats.tolist()))}
+    out["all"] = pope_metrics(y_arr, p_arr)
+    return out
+
+
+def top1_accuracy(y: Any, pred: Any) -> float:
+    """Share of rows whose predicted class equals the label (multiclass tasks such as ImageNet)."""
+    y_arr, p_arr = np.asarray(y), np.asarray(pred)
+    if y_arr.size == 0:
+        raise LvlmlpError("no labelled rows to evaluate")
+    return float(np.mean(y_arr == p_arr))
+
+
+_CI_METRICS: dict[str, Callable[[np.ndarray, np.ndarray, float], float | None]] = {
+    "auroc": lambda y, s, t: auroc(y, s),
+    "auprc": lambda y, s, t: auprc(y, s),
+    "accuracy": lambda y, s, t: float(np.mean((s >= t) == (y == 1))),
+}
+
+
+def bootstrap_ci(
+    y: Any,
+    score: Any,
+    metric: str = "auroc",
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    threshold: float = 0.5,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of a binary metric (rows resampled with replacement; seeded).
+
+    Resamples where the metric is undefined (one class only, for AUROC) are dropped; None when all are.
+    """
+    if metric not in _CI_METRICS:
+        raise LvlmlpError(f"bootstrap: unknown metric {metric!r} (choose from {', '.join(_CI_METRICS)})")
+    y_arr, s_arr = _binary_arrays(y, score)
+    if y_arr.size == 0:
+        return None
+    fn = _CI_METRICS[metric]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, y_arr.size, y_arr.size)
+        value = fn(y_arr[idx], s_arr[idx], threshold)
+        if value is not None:
+            values.append(value)
+    if not values:
+        return None
+    tail = (1.0 - confidence) / 2 * 100
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def cross_val_scores(
+    make_probe: Callable[[], Any], X: Any, y: Any, n_splits: int = 10, seed: int = 0
+) -> np.ndarray:
+    """Out-of-fold scores of stratified k-fold cross-validation (the paper's MathVista protocol is 10-fold).
+
+    `make_probe()` returns a fresh unfitted probe (anything with fit / predict_proba). Binary labels give (n,)
+    probabilities of label 1; more classes give (n, n_classes) probabilities in sorted class order.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    y_arr = np.asarray(y)
+    classes = np.unique(y_arr)
+    counts = np.array([np.sum(y_arr == c) for c in classes])
+    if classes.size < 2 or counts.min() < n_splits:
+        raise LvlmlpError(
+            f"{n_splits}-fold cross-validation needs 2+ classes with at least {n_splits} rows each "
+            f"(class counts {dict(zip(classes.tolist(), counts.tolist()))})"
+        )
+    oof = np.zeros((y_arr.size, classes.size))
+    folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    for train, test in folds.split(np.zeros(y_arr.size), y_arr):
+        probe = make_probe().fit(X[train], y_arr[train])
+        proba = probe.predict_proba(X[test])
+        # A fold's probe knows the classes it saw; map its columns onto the full class list.
+        cols = np.searchsorted(classes, np.asarray(probe.classes_))
+        oof[np.ix_(test, cols)] = proba
+    return oof[:, 1] if classes.size == 2 else oof

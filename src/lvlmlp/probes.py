@@ -1,0 +1,437 @@
+"""Linear probes on first-token features, as scikit-learn-style estimators saved as safetensors + JSON.
+
+- `LogisticProbe`: binary; by default exactly the paper's `sklearn.linear_model.LogisticRegression()` on raw
+  first-token logits (fitted through scikit-learn, weights kept as numpy arrays).
+- `MultinomialProbe`: softmax regression in torch, trained in mini-batches read from a memory map (or a
+  `FeatureView`) so that 1,000-class tasks on large runs never load all features; CPU or GPU, seeded.
+- `LDAProbe`: the paper's ImageNet classifier, `LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")`,
+  whose shrinkage keeps it well-posed when features outnumber rows.
+
+All three score rows the same way, chunk by chunk: `(x - mean_) / scale_ @ coef_.T + intercept_`, then a sigmoid
+(binary, one weight row) or a softmax. A probe folder holds `probe.safetensors` (arrays) and `probe.json`
+(class, hyper-parameters, feature spec, classes, threshold); `load_probe` never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from scipy.special import expit, softmax
+
+from lvlmlp.errors import LvlmlpError
+from lvlmlp.features import FeatureSpec
+
+PROBE_FORMAT = "lvlmlp-probe"
+PROBE_FORMAT_VERSION = 1
+_SCORE_CHUNK = 2048  # rows scored per step: bounds float32 temporaries to ~ chunk * D * 4 bytes
+
+
+def _shape(X: Any) -> tuple[int, int]:
+    shape = tuple(getattr(X, "shape", np.shape(X)))
+    if len(shape) != 2:
+        raise LvlmlpError(f"features must be a 2-D matrix (rows, dims), got shape {shape}")
+    return int(shape[0]), int(shape[1])
+
+
+def _rows(X: Any, start: int, stop: int) -> np.ndarray:
+    return np.asarray(X[start:stop], dtype=np.float32)
+
+
+def _to_memory(X: Any) -> np.ndarray:
+    """float32 copy of X read chunk by chunk (scikit-learn solvers need the matrix in RAM)."""
+    n, d = _shape(X)
+    if isinstance(X, np.ndarray) and X.dtype == np.float32 and not isinstance(X, np.memmap):
+        out = X
+    else:
+        out = np.empty((n, d), dtype=np.float32)
+        for start in range(0, n, _SCORE_CHUNK):
+            out[start : start + _SCORE_CHUNK] = _rows(X, start, start + _SCORE_CHUNK)
+    if not np.isfinite(out).all():
+        row = int(np.argmax(~np.isfinite(out).all(axis=1)))
+        raise LvlmlpError(f"feature row {row} has NaN or infinite values")
+    return out
+
+
+def _check_labels(y: Any, n: int, min_classes: int = 2) -> np.ndarray:
+    y = np.asarray(y)
+    if y.shape != (n,):
+        raise LvlmlpError(f"labels have shape {y.shape} for {n} feature rows")
+    if y.dtype.kind == "f":
+        if np.isnan(y).any():
+            raise LvlmlpError("labels contain NaN: select labelled rows before fitting")
+        if not np.all(y == np.round(y)):
+            raise LvlmlpError("labels must be integers")
+        y = y.astype(np.int64)
+    classes = np.unique(y)
+    if n == 0:
+        raise LvlmlpError("no labelled rows to fit the probe on")
+    if classes.size < min_classes:
+        raise LvlmlpError(f"labels hold {classes.size} class(es) ({classes.tolist()}): a probe needs at least 2")
+    return y
+
+
+class Probe:
+    """Common scoring, saving and compatibility checks. Subclasses implement `fit` and list their arrays."""
+
+    # Learned arrays saved to probe.safetensors (None-valued ones are skipped).
+    _ARRAYS: ClassVar[tuple[str, ...]] = ("coef_", "intercept_", "mean_", "scale_")
+    registry: ClassVar[dict[str, type[Probe]]] = {}
+
+    threshold: float
+    coef_: np.ndarray
+    intercept_: np.ndarray
+    classes_: np.ndarray
+    mean_: np.ndarray | None = None
+    scale_: np.ndarray | None = None
+    spec_: FeatureSpec | None = None
+    label_names_: list[str] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        Probe.registry[cls.__name__] = cls
+
+    # ---- hyper-parameters (scikit-learn conventions) ----
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {name: getattr(self, name) for name in names}
+
+    def set_params(self, **params: Any) -> Probe:
+        valid = self.get_params()
+        for key, value in params.items():
+            if key not in valid:
+                raise ValueError(f"{type(self).__name__} has no parameter {key!r}")
+            setattr(self, key, value)
+        return self
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    # ---- fitting helpers ----
+    def _start_fit(self, n_features: int, spec: FeatureSpec | None, label_names: list[str] | None) -> None:
+        self.n_features_in_ = n_features
+        self.spec_ = spec if spec is not None else FeatureSpec(dim=n_features)
+        if self.spec_.dim is not None and self.spec_.dim != n_features:
+            raise LvlmlpError(f"feature spec says dim {self.spec_.dim} but features have {n_features} columns")
+        self.label_names_ = list(label_names) if label_names is not None else None
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "coef_"):
+            raise LvlmlpError(f"{type(self).__name__} is not fitted yet")
+
+    # ---- scoring ----
+    def check_compatible(self, spec: FeatureSpec) -> None:
+        """Refuse features of another model, kind, token, layer or dimension than the probe was trained on."""
+        self._check_fitted()
+        assert self.spec_ is not None
+        problems = self.spec_.mismatches(spec)
+        if problems:
+            raise LvlmlpError(
+                f"probe trained on {self.spec_.describe()} cannot score these features: " + "; ".join(problems)
+            )
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Linear scores: (n,) for a binary probe with one weight row, else (n, n_classes)."""
+        self._check_fitted()
+        n, d = _shape(X)
+        if d != self.n_features_in_:
+            raise LvlmlpError(f"features have {d} columns but the probe expects {self.n_features_in_}")
+        out = np.empty((n, self.coef_.shape[0]), dtype=np.float64)
+        coef_t = self.coef_.T
+        for start in range(0, n, _SCORE_CHUNK):
+            block = _rows(X, start, start + _SCORE_CHUNK)
+            if self.mean_ is not None and self.scale_ is not None:
+                block = (block - self.mean_) / self.scale_
+            out[start : start + block.shape[0]] = block @ coef_t + self.intercept_
+        if not np.isfinite(out).all():
+            raise LvlmlpError(f"feature row {int(np.argmax(~np.isfinite(out).all(axis=1)))} has NaN or infinite values")
+        return out[:, 0] if out.shape[1] == 1 else out
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """(n, n_classes) class probabilities (sigmoid for one weight row, as scikit-learn does, else softmax)."""
+        scores = self.decision_function(X)
+        if scores.ndim == 1:
+            p = expit(scores)
+            return np.column_stack([1.0 - p, p])
+        return softmax(scores, axis=1)
+
+    def positive_score(self, X: Any) -> np.ndarray:
+        """Binary probes: probability of the larger label (label 1), the score every binary metric uses."""
+        if len(self.classes_) != 2:
+            raise LvlmlpError(f"{type(self).__name__} has {len(self.classes_)} classes: no single positive score")
+        return self.predict_proba(X)[:, 1]
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Binary: label 1 when its probability reaches `threshold` (below it the row is flagged); else argmax."""
+        proba = self.predict_proba(X)
+        if len(self.classes_) == 2:
+            return np.where(proba[:, 1] >= self.threshold, self.classes_[1], self.classes_[0])
+        return self.classes_[np.argmax(proba, axis=1)]
+
+    def score(self, X: Any, y: Any) -> float:
+        """Accuracy of `predict` (scikit-learn's convention for classifiers)."""
+        return float(np.mean(self.predict(X) == np.asarray(y)))
+
+    # ---- persistence ----
+    def save(self, directory: str | Path) -> Path:
+        """Write `probe.safetensors` + `probe.json` into `directory` (created if needed)."""
+        from safetensors.numpy import save_file
+
+        from lvlmlp import __version__
+
+        self._check_fitted()
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            name.rstrip("_"): np.ascontiguousarray(getattr(self, name))
+            for name in self._ARRAYS
+            if getattr(self, name, None) is not None
+        }
+        save_file(arrays, str(out / "probe.safetensors"))
+        doc = {
+            "format": PROBE_FORMAT,
+            "format_version": PROBE_FORMAT_VERSION,
+            "lvlmlp_version": __version__,
+            "class": type(self).__name__,
+            "params": self.get_params(),
+            "threshold": self.threshold,
+            "classes": self.classes_.tolist(),
+            "label_names": self.label_names_,
+            "n_features_in": self.n_features_in_,
+            "feature_spec": self.spec_.to_dict() if self.spec_ else None,
+            "fit_info": getattr(self, "fit_info_", {}),
+        }
+        (out / "probe.json").write_text(json.dumps(doc, indent=2))
+        return out
+
+
+def load_probe(directory: str | Path) -> Probe:
+    """Read a probe folder written by `Probe.save` (JSON + safetensors only: no pickle, no code execution)."""
+    from safetensors.numpy import load_file
+
+    folder = Path(directory)
+    json_path, weights_path = folder / "probe.json", folder / "probe.safetensors"
+    for path in (json_path, weights_path):
+        if not path.is_file():
+            raise LvlmlpError(f"{folder}: not a probe folder (missing {path.name})")
+    try:
+        doc = json.loads(json_path.read_text())
+    except json.JSONDecodeError as err:
+        raise LvlmlpError(f"{json_path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    if doc.get("format") != PROBE_FORMAT:
+        raise LvlmlpError(f"{json_path}: not an lvlmlp probe (format {doc.get('format')!r})")
+    cls = Probe.registry.get(doc.get("class", ""))
+    if cls is None:
+        raise LvlmlpError(f"{json_path}: unknown probe class {doc.get('class')!r}")
+    probe = cls(**doc["params"])
+    arrays = load_file(str(weights_path))
+    for name in cls._ARRAYS:
+        setattr(probe, name, arrays.get(name.rstrip("_")))
+    probe.classes_ = np.asarray(doc["classes"])
+    probe.n_features_in_ = int(doc["n_features_in"])
+    probe.spec_ = FeatureSpec.from_dict(doc["feature_spec"]) if doc.get("feature_spec") else None
+    probe.label_names_ = doc.get("label_names")
+    probe.fit_info_ = doc.get("fit_info", {})
+    return probe
+
+
+def _standardize_stats(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = X.mean(axis=0, dtype=np.float64)
+    std = X.std(axis=0, dtype=np.float64)
+    return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
+
+
+class LogisticProbe(Probe):
+    """Binary logistic-regression probe; the defaults are the paper's `LogisticRegression()` on raw logits.
+
+    Features are fitted as float32 (half the memory of float64; the stored logits are float16/float32 anyway).
+    `threshold`: a row is predicted label 1 when P(label 1) >= threshold, and flagged ("refuse") below it.
+    """
+
+    def __init__(
+        self,
+        C: float = 1.0,
+        standardize: bool = False,
+        class_weight: str | None = None,
+        max_iter: int = 100,
+        tol: float = 1e-4,
+        solver: str = "lbfgs",
+        threshold: float = 0.5,
+    ) -> None:
+        self.C = C
+        self.standardize = standardize
+        self.class_weight = class_weight
+        self.max_iter = max_iter
+        self.tol = tol
+        self.solver = solver
+        self.threshold = threshold
+
+    def fit(
+        self, X: Any, y: Any, spec: FeatureSpec | None = None, label_names: list[str] | None = None
+    ) -> LogisticProbe:
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+
+        n, d = _shape(X)
+        y = _check_labels(y, n)
+        if np.unique(y).size != 2:
+            raise LvlmlpError(
+                f"LogisticProbe is binary but labels hold {np.unique(y).size} classes: use --probe multinomial or lda"
+            )
+        self._start_fit(d, spec, label_names)
+        data = _to_memory(X)
+        self.mean_ = self.scale_ = None
+        if self.standardize:
+            self.mean_, self.scale_ = _standardize_stats(data)
+            data = (data - self.mean_) / self.scale_
+        model = LogisticRegression(
+            C=self.C, class_weight=self.class_weight, max_iter=self.max_iter, tol=self.tol, solver=self.solver
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            # The paper's default (100 lbfgs steps on raw logits) often stops before convergence; record it.
+            warnings.simplefilter("always", ConvergenceWarning)
+            model.fit(data, y)
+        self.coef_ = np.asarray(model.coef_, dtype=np.float64)
+        self.intercept_ = np.asarray(model.intercept_, dtype=np.float64)
+        self.classes_ = np.asarray(model.classes_)
+        self.fit_info_ = {
+            "n_rows": n,
+            "n_iter": int(np.max(model.n_iter_)),
+            "converged": not any(issubclass(w.category, ConvergenceWarning) for w in caught),
+        }
+        return self
+
+
+class LDAProbe(Probe):
+    """Shrinkage linear discriminant analysis (the paper's ImageNet probe); binary or multiclass."""
+
+    def __init__(self, shrinkage: str | float | None = "auto", threshold: float = 0.5) -> None:
+        self.shrinkage = shrinkage
+        self.threshold = threshold
+
+    def fit(self, X: Any, y: Any, spec: FeatureSpec | None = None, label_names: list[str] | None = None) -> LDAProbe:
+        from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+        n, d = _shape(X)
+        y = _check_labels(y, n)
+        self._start_fit(d, spec, label_names)
+        model = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=self.shrinkage)
+        model.fit(_to_memory(X), y)
+        self.coef_ = np.atleast_2d(np.asarray(model.coef_, dtype=np.float64))
+        self.intercept_ = np.atleast_1d(np.asarray(model.intercept_, dtype=np.float64))
+        self.classes_ = np.asarray(model.classes_)
+        self.mean_ = self.scale_ = None
+        self.fit_info_ = {"n_rows": n}
+        return self
+
+
+class MultinomialProbe(Probe):
+    """Softmax regression trained with Adam in mini-batches streamed from a memory map; seeded.
+
+    `X` may be any (n, D) object indexable by row arrays: np.ndarray, np.memmap or `features.FeatureView`; each
+    batch reads only its rows (in sorted order, so the memory map is walked forwards). Standardisation statistics
+    are streamed chunk by chunk in float64. The loss is mean cross-entropy + weight_decay/2 * ||W||^2 (the bias is
+    not penalised). Training starts from zero weights, so a seed fixes the whole run on a given device.
+    """
+
+    def __init__(
+        self,
+        epochs: int = 20,
+        batch_size: int = 512,
+        lr: float = 1e-2,
+        weight_decay: float = 1e-4,
+        standardize: bool = True,
+        device: str = "cpu",
+        seed: int = 0,
+        threshold: float = 0.5,
+    ) -> None:
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.standardize = standardize
+        self.device = device
+        self.seed = seed
+        self.threshold = threshold
+
+    def _device(self) -> Any:
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            raise LvlmlpError(f"--device {self.device}: CUDA is not available on this machine")
+        return torch.device(self.device)
+
+    @staticmethod
+    def _streamed_stats(X: Any, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std of each column, merging chunk statistics (Chan et al.) in float64."""
+        count, mean, m2 = 0, np.zeros(d), np.zeros(d)
+        for start in range(0, n, _SCORE_CHUNK):
+            block = _rows(X, start, start + _SCORE_CHUNK).astype(np.float64)
+            b_n, b_mean = block.shape[0], block.mean(axis=0)
+            b_m2 = ((block - b_mean) ** 2).sum(axis=0)
+            delta = b_mean - mean
+            total = count + b_n
+            mean = mean + delta * b_n / total
+            m2 = m2 + b_m2 + delta**2 * count * b_n / total
+            count = total
+        std = np.sqrt(m2 / max(count, 1))
+        return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
+
+    def fit(
+        self, X: Any, y: Any, spec: FeatureSpec | None = None, label_names: list[str] | None = None
+    ) -> MultinomialProbe:
+        import torch
+
+        n, d = _shape(X)
+        y = _check_labels(y, n)
+        self._start_fit(d, spec, label_names)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        k = self.classes_.size
+        device = self._device()
+        if self.standardize:
+            self.mean_, self.scale_ = self._streamed_stats(X, n, d)
+            mean_t = torch.from_numpy(self.mean_).to(device)
+            scale_t = torch.from_numpy(self.scale_).to(device)
+        else:
+            self.mean_ = self.scale_ = None
+        torch.manual_seed(self.seed)
+        weight = torch.zeros(k, d, device=device, requires_grad=True)
+        bias = torch.zeros(k, device=device, requires_grad=True)
+        opt = torch.optim.Adam([weight, bias], lr=self.lr)
+        targets = torch.from_numpy(y_idx.astype(np.int64))
+        rng = np.random.default_rng(self.seed)
+        losses: list[float] = []
+        for _ in range(self.epochs):
+            perm = rng.permutation(n)
+            total = 0.0
+            for start in range(0, n, self.batch_size):
+                idx = np.sort(perm[start : start + self.batch_size])
+                xb = torch.from_numpy(np.asarray(X[idx], dtype=np.float32)).to(device, non_blocking=True)
+                if not torch.isfinite(xb).all():
+                    raise LvlmlpError(f"feature row {int(idx[int((~torch.isfinite(xb).all(1)).nonzero()[0])])} "
+                                      "has NaN or infinite values")
+                if self.standardize:
+                    xb = (xb - mean_t) / scale_t
+                logits = xb @ weight.T + bias
+                loss = torch.nn.functional.cross_entropy(logits, targets[idx].to(device))
+                loss = loss + 0.5 * self.weight_decay * (weight * weight).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * idx.size
+            losses.append(total / n)
+        self.coef_ = weight.detach().cpu().numpy().astype(np.float32)
+        self.intercept_ = bias.detach().cpu().numpy().astype(np.float32)
+        self.fit_info_ = {"n_rows": n, "epochs": self.epochs, "final_loss": losses[-1] if losses else None}
+        return self
+
+
+PROBES: dict[str, type[Probe]] = {"logistic": LogisticProbe, "multinomial": MultinomialProbe, "lda": LDAProbe}

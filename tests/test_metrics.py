@@ -1,0 +1,210 @@
+"""Metrics against scikit-learn and hand counts; baselines; `probe eval` output recomputes from its scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.special import softmax
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+
+from lvlmlp.baselines import AnswerRule, answer_token_ids, baseline_scores, parse_answer_rule
+from lvlmlp.cli import main
+from lvlmlp.errors import LvlmlpError
+from lvlmlp.metrics import (
+    attack_success_rate,
+    binary_metrics,
+    bootstrap_ci,
+    cross_val_scores,
+    pope_metrics,
+    pope_metrics_by_category,
+    top1_accuracy,
+)
+from lvlmlp.probes import LogisticProbe
+from lvlmlp.store import RunWriter
+
+
+def make_run(path: Path, logits: np.ndarray, meta: list[dict], model: str = "tiny/model"):
+    n, v = logits.shape
+    settings = {"model": model, "family": "test", "dtype": "float32", "vocab_size": v, "prompt_template": None,
+                "max_new_tokens": 1, "hidden": False, "layers": []}
+    writer = RunWriter(path, settings)
+    writer.append(meta, {"logits": logits[:, None, :].astype(np.float32), "n_tokens": np.ones(n, dtype=np.int64),
+                         "row_index": np.arange(n)})
+    return writer.close()
+
+
+def scores(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    return y, 1 / (1 + np.exp(-(y - 0.5) * 2 - rng.normal(size=n)))
+
+
+def test_binary_metrics_equal_sklearn():
+    y, s = scores()
+    m = binary_metrics(y, s, threshold=0.6)
+    assert m["auroc"] == roc_auc_score(y, s)
+    assert m["auprc"] == average_precision_score(y, s)
+    assert m["accuracy"] == accuracy_score(y, s >= 0.6)
+    assert m["f1"] == f1_score(y, s >= 0.6)
+    assert m["n"] == 400 and m["n_positive"] == int(y.sum())
+    assert binary_metrics(np.ones(5, int), np.linspace(0, 1, 5))["auroc"] is None
+    with pytest.raises(LvlmlpError, match="labels 0/1"):
+        binary_metrics([0, 2], [0.1, 0.2])
+
+
+def test_pope_metrics_equal_hand_confusion_matrix():
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 1, 0, 1])
+    p = np.array([1, 0, 1, 1, 0, 0, 1, 1, 0, 0])
+    # TP=3 (rows 0,2,7), FN=2 (1,9), FP=2 (3,6), TN=3 (4,5,8)
+    m = pope_metrics(y, p)
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (3, 2, 2, 3)
+    assert m["accuracy"] == 6 / 10 and m["precision"] == 3 / 5 and m["recall"] == 3 / 5
+    assert m["f1"] == pytest.approx(2 * 0.6 * 0.6 / 1.2) and m["yes_ratio"] == 5 / 10
+    by = pope_metrics_by_category(y, p, ["adv"] * 5 + ["rand"] * 5)
+    assert by["adv"]["accuracy"] == 3 / 5 and by["rand"]["yes_ratio"] == 2 / 5 and by["all"] == m
+
+
+def test_attack_success_rate_per_scenario_and_average():
+    y = np.array([0, 0, 0, 1, 0, 0, 1])
+    s = np.array([0.9, 0.1, 0.5, 0.9, 0.2, 0.3, 0.1])
+    scen = ["A", "A", "A", "A", "B", "B", "C"]
+    asr = attack_success_rate(y, s, scen)
+    assert asr["per_scenario"] == {"A": 2 / 3, "B": 0.0}  # C has no unsafe row
+    assert asr["average"] == pytest.approx(1 / 3) and asr["n_unsafe"] == {"A": 3, "B": 2}
+
+
+def test_top1_accuracy():
+    assert top1_accuracy([3, 1, 2, 2], [3, 1, 0, 2]) == 0.75
+
+
+def test_bootstrap_intervals_contain_estimate_shrink_with_n_and_are_seeded():
+    widths = []
+    for n in (100, 1600):
+        y, s = scores(n, seed=3)
+        lo, hi = bootstrap_ci(y, s, "auroc", n_boot=300)
+        assert lo <= roc_auc_score(y, s) <= hi
+        alo, ahi = bootstrap_ci(y, s, "accuracy", n_boot=300)
+        assert alo <= accuracy_score(y, s >= 0.5) <= ahi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2
+    assert bootstrap_ci(y, s, n_boot=50, seed=7) == bootstrap_ci(y, s, n_boot=50, seed=7)
+
+
+def test_cross_val_scores_are_out_of_fold_stratified_10_fold():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 6)).astype(np.float32)
+    y = (X[:, 0] + rng.normal(size=120) > 0).astype(int)
+    oof = cross_val_scores(LogisticProbe, X, y, n_splits=10, seed=1)
+    expected = np.zeros(120)
+    for train, test in StratifiedKFold(10, shuffle=True, random_state=1).split(X, y):
+        expected[test] = LogisticRegression().fit(X[train], y[train]).predict_proba(X[test])[:, 1]
+    assert np.abs(oof - expected).max() < 1e-6
+    with pytest.raises(LvlmlpError, match="at least 10 rows each"):
+        cross_val_scores(LogisticProbe, X[:15], y[:15])
+
+
+# ------------------------------------------------------------------ baselines
+def test_answer_rules():
+    assert AnswerRule().score("Unanswerable.") == 0 and AnswerRule().score("A red car.") == 1
+    assert AnswerRule().score("I'm sorry, I cannot help with that.") == 0
+    yes = parse_answer_rule("yes")
+    assert yes.score(" Yes, there is a dog.") == 1 and yes.score("No.") == 0 and yes.score("Yesterday") == 0
+    kw = parse_answer_rule("keyword=unknown,unclear")
+    assert kw.score("It is UNCLEAR") == 0 and kw.score("sorry") == 1
+    with pytest.raises(LvlmlpError, match="own-answer:maybe"):
+        parse_answer_rule("maybe")
+
+
+class SpaceTokenizer:
+    """Byte-level-BPE-like: 'Yes' and ' Yes' are different tokens; ' No' is a bare space token then 'No'."""
+
+    vocab = {"Yes": 3, " Yes": 4, "No": 5, " ": 6, "Un": 7, "answerable": 8}
+
+    def encode(self, text, add_special_tokens=False):
+        assert add_special_tokens is False  # a continuation: no BOS
+        if text == " No":
+            return [6, 5]
+        if text.strip() == "Unanswerable":
+            return [7, 8]
+        return [self.vocab[text]]
+
+    def decode(self, ids):
+        inv = {v: k for k, v in self.vocab.items()}
+        return "".join(inv[i] for i in ids)
+
+
+def test_answer_token_ids_try_both_spellings_and_skip_bare_spaces():
+    tok = SpaceTokenizer()
+    assert answer_token_ids(tok, "Yes") == [3, 4]
+    assert answer_token_ids(tok, "No") == [5]
+    assert answer_token_ids(tok, "Unanswerable") == [7]
+
+
+def test_distribution_and_answer_baselines(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 10)).astype(np.float32) * 3
+    meta = [{"id": f"r{i}", "response": r} for i, r in enumerate(["Yes", "No", "unanswerable", "Yes!", "no"])]
+    run = make_run(tmp_path / "run", logits, meta)
+    p = softmax(logits.astype(np.float64), axis=1)
+    np.testing.assert_allclose(baseline_scores(run, "max-prob"), p.max(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(baseline_scores(run, "entropy"), (p * np.log(p)).sum(axis=1), rtol=1e-4)
+    tok = SpaceTokenizer()
+    np.testing.assert_allclose(baseline_scores(run, "token-prob:Yes", tokenizer=tok), p[:, 3] + p[:, 4], rtol=1e-5)
+    np.testing.assert_allclose(baseline_scores(run, "token-prob:!No", tokenizer=tok), 1 - p[:, 5], rtol=1e-5)
+    assert baseline_scores(run, "own-answer:yes").tolist() == [1, 0, 0, 1, 0]
+    assert baseline_scores(run, "own-answer", rows=[2, 3]).tolist() == [0, 1]
+    with pytest.raises(LvlmlpError, match="unknown baseline"):
+        baseline_scores(run, "perplexity")
+
+
+def test_token_prob_uses_the_models_own_tokenizer(tmp_path: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "Yes": 1, "No": 2, "maybe": 3}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    logits = np.random.default_rng(1).normal(size=(4, 4)).astype(np.float32)
+    run = make_run(tmp_path / "run", logits, [{"id": str(i)} for i in range(4)], model=str(tmp_path / "tok"))
+    np.testing.assert_allclose(baseline_scores(run, "token-prob:No"), softmax(logits, axis=1)[:, 2], rtol=1e-5)
+
+
+# ------------------------------------------------------------------ probe eval CLI
+def test_probe_eval_writes_metrics_that_recompute_from_scores(tmp_path: Path, capsys):
+    rng = np.random.default_rng(0)
+    n, v = 160, 24
+    y = np.arange(n) % 2
+    logits = rng.normal(size=(n, v)).astype(np.float32)
+    logits[:, 0] += 1.5 * y
+    meta = [{"id": f"r{i}", "label": int(y[i]), "split": "train" if i < 100 else "val",
+             "scenario": f"S{i % 3}", "response": "Sorry, no." if i % 4 == 0 else "Sure."} for i in range(n)]
+    run = make_run(tmp_path / "run", logits, meta)
+    assert main(["probe", "train", "--run", str(run.path), "--split", "train", "--out", str(tmp_path / "p")]) == 0
+    assert main(["probe", "eval", "--probe", str(tmp_path / "p"), "--run", str(run.path), "--split", "val",
+                 "--out", str(tmp_path / "e"), "--baseline", "max-prob", "--baseline", "own-answer",
+                 "--n-boot", "200"]) == 0
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    recs = [json.loads(line) for line in (tmp_path / "e" / "scores.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in recs] == [f"r{i}" for i in range(100, 160)]
+    yy = np.array([r["label"] for r in recs])
+    ss = np.array([r["score"] for r in recs])
+    assert metrics["auroc"] == roc_auc_score(yy, ss) and metrics["auprc"] == average_precision_score(yy, ss)
+    assert metrics["accuracy"] == accuracy_score(yy, ss >= 0.5) and metrics["f1"] == f1_score(yy, ss >= 0.5)
+    assert metrics["n"] == 60 and metrics["auroc_ci"][0] <= metrics["auroc"] <= metrics["auroc_ci"][1]
+    mp = np.array([r["baselines"]["max-prob"] for r in recs])
+    assert metrics["baselines"]["max-prob"]["auroc"] == roc_auc_score(yy, mp)
+    own = np.array([r["baselines"]["own-answer"] for r in recs])
+    assert metrics["baselines"]["own-answer"]["accuracy"] == accuracy_score(yy, own)
+    assert metrics["per_scenario"] == attack_success_rate(yy, ss, [r["scenario"] for r in recs])
+    assert set(metrics["baselines"]["max-prob"]) == {"auroc", "auprc", "auroc_ci", "n"}
+
+    other = make_run(tmp_path / "other", logits[:, :20], meta)
+    assert main(["probe", "eval", "--probe", str(tmp_path / "p"), "--run", str(other.path),
+                 "--out", str(tmp_path / "e2")]) == 2
+    assert "dim 20 (probe expects 24)" in capsys.readouterr().err

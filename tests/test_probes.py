@@ -1,0 +1,227 @@
+"""Probes and feature views: parity with scikit-learn, streaming training, persistence without pickle, refusals."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.special import log_softmax
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+from sklearn.linear_model import LogisticRegression
+
+from lvlmlp.cli import main
+from lvlmlp.errors import LvlmlpError
+from lvlmlp.features import FeatureSpec, FeatureView, feature_matrix
+from lvlmlp.probes import LDAProbe, LogisticProbe, MultinomialProbe, load_probe
+from lvlmlp.store import RunWriter, open_run
+
+
+def make_run(path: Path, logits: np.ndarray, meta: list[dict], n_tokens=None, model: str = "tiny/model",
+             hidden: np.ndarray | None = None, dtype: str = "float32"):
+    """A run folder holding `logits` (N, K, V) and `meta` rows, written through the real RunWriter."""
+    n, k, v = logits.shape
+    settings = {"model": model, "family": "test", "dtype": dtype, "vocab_size": v, "prompt_template": None,
+                "max_new_tokens": k, "hidden": hidden is not None, "layers": []}
+    writer = RunWriter(path, settings, shard_size=64)
+    arrays = {"logits": logits.astype(dtype), "row_index": np.arange(n),
+              "n_tokens": np.full(n, k) if n_tokens is None else np.asarray(n_tokens)}
+    if hidden is not None:
+        arrays["hidden"] = hidden.astype(dtype)
+    writer.append(meta, arrays)
+    return writer.close()
+
+
+def binary_data(n: int = 240, d: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = (rng.normal(size=(n, d)) * 3).astype(np.float32)
+    y = (X @ rng.normal(size=d) + rng.normal(size=n) * 4 > 0).astype(np.int64)
+    return X, y
+
+
+def multiclass_data(n: int = 900, d: int = 30, k: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    X = rng.normal(size=(n, d)).astype(np.float32) + 4 * np.eye(k, d, dtype=np.float32)[y]
+    return X, y
+
+
+# ------------------------------------------------------------------ LogisticProbe
+def test_logistic_defaults_reproduce_sklearn_logistic_regression():
+    X, y = binary_data()
+    probe = LogisticProbe().fit(X, y)
+    ref = LogisticRegression().fit(X, y)
+    assert np.abs(probe.predict_proba(X) - ref.predict_proba(X)).max() < 1e-6
+    assert np.array_equal(probe.predict(X), ref.predict(X))
+    assert probe.score(X, y) == pytest.approx(ref.score(X, y))
+    assert probe.decision_function(X).shape == (len(X),)
+
+
+def test_logistic_threshold_flags_rows_below_it():
+    X, y = binary_data()
+    probe = LogisticProbe(threshold=0.8).fit(X, y)
+    p1 = probe.positive_score(X)
+    assert np.array_equal(probe.predict(X), (p1 >= 0.8).astype(int))
+    assert 0 < np.sum(p1 >= 0.8) < np.sum(p1 >= 0.5)
+
+
+def test_logistic_refuses_one_class_and_multiclass():
+    X, y = binary_data()
+    with pytest.raises(LvlmlpError, match="1 class"):
+        LogisticProbe().fit(X, np.zeros(len(X), dtype=int))
+    with pytest.raises(LvlmlpError, match="multinomial or lda"):
+        LogisticProbe().fit(X, np.arange(len(X)) % 3)
+
+
+def test_fit_rejects_nan_features():
+    X, y = binary_data()
+    X[7, 3] = np.nan
+    with pytest.raises(LvlmlpError, match="row 7"):
+        LogisticProbe().fit(X, y)
+
+
+# ------------------------------------------------------------------ LDA / multinomial
+def test_lda_matches_sklearn_shrinkage_lda_when_features_outnumber_rows():
+    X, y = multiclass_data(n=60, d=120, k=3)
+    probe = LDAProbe().fit(X, y)
+    ref = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(X, y)
+    assert np.abs(probe.predict_proba(X) - ref.predict_proba(X)).max() < 1e-6
+    assert np.array_equal(probe.predict(X), ref.predict(X))
+
+
+def test_multinomial_trains_from_memmap_in_batches(tmp_path: Path):
+    X, y = multiclass_data(n=3000, d=24, k=8)
+    mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float16, shape=X.shape)
+    mm[:] = X
+    mm.flush()
+    data = np.load(tmp_path / "x.npy", mmap_mode="r")
+
+    class Spy:
+        """Memory map wrapper recording how many rows each read touches."""
+
+        shape = data.shape
+        largest = 0
+
+        def __getitem__(self, rows):
+            out = data[rows]
+            Spy.largest = max(Spy.largest, len(out))
+            return out
+
+    probe = MultinomialProbe(epochs=8, batch_size=256).fit(Spy(), y)
+    assert probe.score(data, y) > 0.97
+    assert Spy.largest <= 2048 < len(y)  # batches and statistics chunks, never the whole matrix
+    again = MultinomialProbe(epochs=8, batch_size=256).fit(data, y)
+    assert np.array_equal(probe.coef_, again.coef_)  # seeded
+
+
+# ------------------------------------------------------------------ persistence
+@pytest.mark.parametrize("make", [
+    lambda: LogisticProbe(standardize=True, C=0.5),
+    lambda: MultinomialProbe(epochs=3),
+    lambda: LDAProbe(),
+])
+def test_save_load_round_trip_is_exact_and_pickle_free(tmp_path: Path, monkeypatch, make):
+    X, y = multiclass_data(n=300, d=20, k=2)
+    spec = FeatureSpec(kind="log_softmax", token=1, dim=20, model="m")
+    probe = make().fit(X, y, spec=spec, label_names=["no", "yes"])
+    probe.save(tmp_path / "p")
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["probe.json", "probe.safetensors"]
+
+    def forbidden(*a, **k):
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    loaded = load_probe(tmp_path / "p")
+    assert type(loaded) is type(probe)
+    assert np.array_equal(loaded.predict_proba(X), probe.predict_proba(X))
+    assert loaded.get_params() == probe.get_params()
+    assert loaded.spec_ == spec and loaded.label_names_ == ["no", "yes"]
+    doc = json.loads((tmp_path / "p" / "probe.json").read_text())
+    assert doc["feature_spec"]["token"] == 1 and doc["classes"] == [0, 1] and doc["threshold"] == 0.5
+
+
+def test_load_probe_errors_name_the_folder(tmp_path: Path):
+    with pytest.raises(LvlmlpError, match="missing probe.json"):
+        load_probe(tmp_path)
+
+
+def test_probe_refuses_other_model_kind_or_dimension():
+    X, y = binary_data(d=10)
+    probe = LogisticProbe().fit(X, y, spec=FeatureSpec(kind="logits", token=0, dim=10, model="a"))
+    probe.check_compatible(FeatureSpec(kind="logits", token=0, dim=10, model="a"))
+    with pytest.raises(LvlmlpError, match="model 'b'"):
+        probe.check_compatible(FeatureSpec(kind="logits", token=0, dim=10, model="b"))
+    with pytest.raises(LvlmlpError, match="kind 'softmax'"):
+        probe.check_compatible(FeatureSpec(kind="softmax", token=0, dim=10, model="a"))
+    with pytest.raises(LvlmlpError, match="dim 11"):
+        probe.check_compatible(FeatureSpec(kind="logits", token=0, dim=11, model="a"))
+    with pytest.raises(LvlmlpError, match="11 columns but the probe expects 10"):
+        probe.predict_proba(np.zeros((2, 11), dtype=np.float32))
+
+
+# ------------------------------------------------------------------ feature views
+def test_feature_views_match_independent_computation(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 2, 9)).astype(np.float32) * 5
+    hidden = rng.normal(size=(6, 4)).astype(np.float32)
+    run = make_run(tmp_path / "r", logits, [{"id": f"r{i}"} for i in range(6)], n_tokens=[2, 2, 1, 2, 2, 2],
+                   hidden=hidden)
+    assert np.array_equal(feature_matrix(run), logits[:, 0])
+    np.testing.assert_allclose(feature_matrix(run, "log_softmax"), log_softmax(logits[:, 0], axis=1), atol=1e-6)
+    np.testing.assert_allclose(feature_matrix(run, "softmax").sum(axis=1), 1.0, atol=1e-6)
+    assert np.array_equal(feature_matrix(run, "hidden", rows=[4, 1]), hidden[[4, 1]])
+    assert np.array_equal(feature_matrix(run, token=1, rows=[0, 3]), logits[[0, 3], 1])
+    with pytest.raises(LvlmlpError, match="row 'r2': has no generated token 1"):
+        feature_matrix(run, token=1)
+    view = FeatureView(run, "log_softmax", token=1)
+    assert view.spec == FeatureSpec(kind="log_softmax", token=1, layer=None, dim=9, model="tiny/model")
+    with pytest.raises(LvlmlpError, match="unknown feature kind"):
+        feature_matrix(run, "probs")
+
+
+def test_feature_matrix_rejects_nan_and_inf_naming_the_row(tmp_path: Path):
+    logits = np.zeros((3, 1, 5), dtype=np.float32)
+    logits[2, 0, 1] = np.inf
+    run = make_run(tmp_path / "r", logits, [{"id": x} for x in ("a", "b", "c")])
+    with pytest.raises(LvlmlpError, match="row 'c' has NaN or infinite logits"):
+        feature_matrix(run)
+
+
+# ------------------------------------------------------------------ probe train CLI
+def _labelled_run(tmp_path: Path, labels: list, splits: list):
+    rng = np.random.default_rng(0)
+    n = len(labels)
+    logits = rng.normal(size=(n, 1, 16)).astype(np.float32)
+    meta = [{"id": f"q{i}", "label": lab, "split": s} for i, (lab, s) in enumerate(zip(labels, splits))]
+    return make_run(tmp_path / "run", logits, meta)
+
+
+def test_probe_train_cli_fits_on_the_split_and_reports_bad_input(tmp_path: Path, capsys):
+    labels = [0, 1] * 20 + [1] * 10 + [None] * 4
+    splits = ["train"] * 40 + ["val"] * 10 + ["train"] * 4
+    run = _labelled_run(tmp_path, labels, splits)
+    out = tmp_path / "probe"
+    assert main(["probe", "train", "--run", str(run.path), "--split", "train", "--out", str(out)]) == 0
+    probe = load_probe(out)
+    X = feature_matrix(run, rows=np.arange(40))
+    ref = LogisticRegression().fit(X, np.array(labels[:40]))
+    assert np.abs(probe.predict_proba(X) - ref.predict_proba(X)).max() < 1e-6
+    assert probe.spec_.model == "tiny/model" and probe.fit_info_["n_rows"] == 40
+
+    capsys.readouterr()
+    assert main(["probe", "train", "--run", str(run.path), "--split", "test", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--split test: no such split" in err and "(splits present: train, val)" in err
+    assert main(["probe", "train", "--run", str(run.path), "--split", "val", "--out", str(out)]) == 2
+    assert "every labelled row has label 1" in capsys.readouterr().err
+
+
+def test_probe_train_cli_without_labels_is_an_error(tmp_path: Path, capsys):
+    run = _labelled_run(tmp_path, [None] * 5, [None] * 5)
+    assert main(["probe", "train", "--run", str(run.path), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no labelled rows" in err
+    assert open_run(run.path).labels.shape == (5,)
