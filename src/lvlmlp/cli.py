@@ -14,10 +14,12 @@ from lvlmlp.errors import LvlmlpError
 # Modules that define `register_cli(subparsers)`; the order is the order of `lvlmlp --help`.
 COMMAND_MODULES = [
     "lvlmlp.extract",
+    "lvlmlp.demo",
     "lvlmlp.tasks",
     "lvlmlp.evaluate",
     "lvlmlp.steering",
     "lvlmlp.testing",
+    "lvlmlp.experiment",
 ]
 
 

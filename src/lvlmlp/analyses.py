@@ -1,0 +1,454 @@
+"""The paper's analyses on finished runs: the main probe-vs-baselines evaluation, token-position decay, the layer
+sweep and the prompt comparison; each returns plain JSON-able results, a plot and a report section.
+
+Everything works under one of two protocols (`Protocol`): a probe fitted on a train run and scored on a test run,
+or stratified k-fold cross-validation on one run (MathVista's protocol), where every row gets an out-of-fold score.
+Binary tasks are summarised by AUROC (with a percentile-bootstrap 95% interval), multiclass ones by top-1 accuracy.
+
+A *feature* is a function `(run, idx) -> (keep, X)`: `keep` marks the rows of `idx` that have the feature (later
+tokens exist only for rows that generated them) and `X` holds the features of the kept rows. Rows without the
+feature are counted in every result (`n_*_short`), never dropped silently.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import inspect
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lvlmlp.errors import LvlmlpError
+from lvlmlp.features import feature_matrix
+from lvlmlp.store import Run
+
+Feature = Callable[[Run, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+# ------------------------------------------------------------------------------------------------ rows and probes
+@dataclass
+class Labelled:
+    """The labelled rows of a run that enter an analysis: positions `idx` in the run and their integer labels."""
+
+    run: Run
+    idx: np.ndarray
+    y: np.ndarray
+
+    @classmethod
+    def of(cls, run: Run, labels: Any = None) -> Labelled:
+        """Rows with a label; `labels` (one per run row, NaN = none) replaces the run's own (MathVista)."""
+        lab = run.labels if labels is None else np.asarray(labels, dtype=float)
+        keep = ~np.isnan(lab)
+        if not keep.any():
+            raise LvlmlpError(f"{run.path}: no labelled rows")
+        return cls(run, np.flatnonzero(keep), lab[keep].astype(np.int64))
+
+
+def make_probe_factory(cfg: dict[str, Any]) -> Callable[[], Any]:
+    """`cfg` = {"kind": logistic|lda|multinomial, "feature": ..., hyper-parameters...} -> a fresh-probe factory."""
+    from lvlmlp.probes import PROBES
+
+    params = {k: v for k, v in cfg.items() if k not in ("kind", "feature")}
+    kind = cfg.get("kind", "logistic")
+    if kind not in PROBES:
+        raise LvlmlpError(f"probe.kind {kind!r}: unknown (choose from {', '.join(PROBES)})")
+    cls = PROBES[kind]
+    known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise LvlmlpError(f"probe.{unknown[0]}: not a parameter of the {kind} probe (parameters: {', '.join(known)})")
+    return lambda: cls(**params)
+
+
+def logits_feature(token: int, kind: str = "logits") -> Feature:
+    """Logits-derived features of generated token `token`; rows that stopped before it are not kept."""
+
+    def get(run: Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keep = run.n_tokens[idx] > token
+        return keep, feature_matrix(run, kind, token=token, rows=idx[keep])
+
+    return get
+
+
+def last_token_feature(kind: str = "logits") -> Feature:
+    """The logits of each row's LAST stored generated token, index min(n_tokens, K) - 1 (K = stored tokens)."""
+
+    def get(run: Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        last = np.minimum(run.n_tokens[idx], run.n_logit_tokens) - 1
+        keep = last >= 0
+        X = np.empty((int(keep.sum()), run.logits(0).shape[1]), dtype=np.float32)
+        rows, where = idx[keep], last[keep]
+        for t in np.unique(where):
+            X[where == t] = feature_matrix(run, kind, token=int(t), rows=rows[where == t])
+        return keep, X
+
+    return get
+
+
+def state_feature(kind: str, layer: int | None = None) -> Feature:
+    """`hidden` (final-norm state) or `layer` L at the first generated position: every row has it."""
+
+    def get(run: Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.ones(idx.size, dtype=bool), feature_matrix(run, kind, layer=layer, rows=idx)
+
+    return get
+
+
+@dataclass
+class Scored:
+    """Scores of the evaluated rows: `rows` (positions in the evaluated run), labels, and the probe's score
+    (P(label 1), or (n, n_classes) probabilities with `classes`); counts of rows left out for lack of features."""
+
+    rows: np.ndarray
+    y: np.ndarray
+    score: np.ndarray
+    classes: np.ndarray
+    n_train: int
+    n_train_short: int
+    n_short: int
+    probe: Any = None
+
+
+@dataclass
+class Protocol:
+    """Train on `train`, score `test`; or, with `cv=k`, k-fold out-of-fold scores of `test` alone."""
+
+    test: Labelled
+    train: Labelled | None = None
+    cv: int | None = None
+    seed: int = 0
+    n_boot: int = 1000
+
+    def __post_init__(self) -> None:
+        if (self.train is None) == (self.cv is None):
+            raise LvlmlpError("splits: give either a train and a test split, or cv: K")
+
+    def score(self, feature: Feature, make_probe: Callable[[], Any]) -> Scored:
+        """Fit and score one feature; raises LvlmlpError when the kept rows cannot train a probe."""
+        from lvlmlp.metrics import cross_val_scores
+
+        keep, X = feature(self.test.run, self.test.idx)
+        y = self.test.y[keep]
+        classes = np.unique(self.test.y)
+        if self.cv is not None:
+            score = cross_val_scores(make_probe, X, y, n_splits=self.cv, seed=self.seed)
+            n = int(keep.sum())
+            return Scored(self.test.idx[keep], y, score, np.unique(y), n, int((~keep).sum()), int((~keep).sum()))
+        assert self.train is not None
+        keep_tr, X_tr = feature(self.train.run, self.train.idx)
+        y_tr = self.train.y[keep_tr]
+        if np.unique(y_tr).size < 2:
+            raise LvlmlpError(f"{int(keep_tr.sum())} train rows have this feature, with labels "
+                              f"{np.unique(y_tr).tolist()}: a probe needs 2 classes")
+        probe = make_probe().fit(X_tr, y_tr)
+        proba = probe.predict_proba(X)
+        classes = np.asarray(probe.classes_)
+        score = proba[:, 1] if classes.size == 2 else proba
+        return Scored(self.test.idx[keep], y, score, classes, int(keep_tr.sum()), int((~keep_tr).sum()),
+                      int((~keep).sum()), probe)
+
+
+# ------------------------------------------------------------------------------------------------ summaries
+def summarize(y: np.ndarray, score: np.ndarray, classes: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """Binary: AUROC and its bootstrap interval. Multiclass: top-1 accuracy and its bootstrap interval."""
+    from lvlmlp.metrics import auroc, bootstrap_ci
+
+    if score.ndim == 1:
+        return {"metric": "auroc", "value": auroc(y, score), "ci": _ci(bootstrap_ci(y, score, "auroc",
+                n_boot=n_boot, seed=seed)), "n": int(y.size), "n_positive": int(np.sum(y == 1))}
+    correct = (classes[np.argmax(score, axis=1)] == y).astype(float)
+    rng = np.random.default_rng(seed)
+    boots = [correct[rng.integers(0, y.size, y.size)].mean() for _ in range(n_boot)] if y.size else []
+    ci = [float(v) for v in np.percentile(boots, [2.5, 97.5])] if boots else None
+    return {"metric": "accuracy", "value": float(correct.mean()) if y.size else None, "ci": ci, "n": int(y.size)}
+
+
+def _ci(ci: tuple[float, float] | None) -> list[float] | None:
+    return None if ci is None else [float(ci[0]), float(ci[1])]
+
+
+def evaluate_feature(protocol: Protocol, feature: Feature, make_probe: Callable[[], Any]) -> tuple[dict, Scored | None]:
+    """Summary of one feature, with the row counts; a feature that cannot be probed gives value None + a note."""
+    try:
+        s = protocol.score(feature, make_probe)
+    except LvlmlpError as err:
+        return {"metric": None, "value": None, "ci": None, "n": 0, "note": str(err)}, None
+    out = summarize(s.y, s.score, s.classes, protocol.n_boot, protocol.seed)
+    out.update(n_train=s.n_train, n_train_short=s.n_train_short, n_short=s.n_short)
+    return out, s
+
+
+# ------------------------------------------------------------------------------------------------ main evaluation
+def _has_threshold(name: str) -> bool:
+    # The same rule as `probe eval`: only probability-like baselines get accuracy / F1 at 0.5.
+    return name.startswith("own-answer") or name.startswith("token-prob:")
+
+
+def _binary_block(y: np.ndarray, score: np.ndarray, threshold: float, n_boot: int, seed: int) -> dict[str, Any]:
+    from lvlmlp.metrics import binary_metrics, bootstrap_ci
+
+    out = binary_metrics(y, score, threshold)
+    out["auroc_ci"] = _ci(bootstrap_ci(y, score, "auroc", n_boot=n_boot, seed=seed))
+    out["accuracy_ci"] = _ci(bootstrap_ci(y, score, "accuracy", n_boot=n_boot, threshold=threshold, seed=seed))
+    return out
+
+
+def _group_metrics(meta: list[dict], y: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, Any]:
+    from lvlmlp.metrics import attack_success_rate, pope_metrics_by_category
+
+    out: dict[str, Any] = {}
+    if meta and all(m.get("scenario") is not None for m in meta):
+        out["per_scenario"] = attack_success_rate(y, score, [m["scenario"] for m in meta], threshold)
+    if meta and all(m.get("category") is not None for m in meta):
+        out["per_category"] = pope_metrics_by_category(y, score >= threshold, [m["category"] for m in meta])
+    return out
+
+
+def main_evaluation(
+    protocol: Protocol,
+    feature: Feature,
+    feature_spec: dict[str, Any],
+    probe_cfg: dict[str, Any],
+    baselines: list[str],
+    out: Path,
+    probe_dir: Path | None = None,
+    split: str | None = None,
+) -> dict[str, Any]:
+    """Probe + baselines on the evaluated rows, written as a `probe eval` folder (metrics.json, scores.jsonl) so
+    that `lvlmlp report` and `report.write_report` read it; the fitted probe is saved to `probe_dir`."""
+    from lvlmlp.baselines import baseline_scores
+    from lvlmlp.metrics import top1_accuracy
+
+    s = protocol.score(feature, make_probe_factory(probe_cfg))
+    run = protocol.test.run
+    threshold = float(probe_cfg.get("threshold", 0.5))
+    metrics: dict[str, Any] = {
+        "task": "binary" if s.score.ndim == 1 else "multiclass",
+        "run": str(run.path),
+        "split": split,
+        "protocol": f"{protocol.cv}-fold cross-validation" if protocol.cv else "train/test",
+        "probe": {"dir": str(probe_dir) if probe_dir and s.probe is not None else None,
+                  "class": type(make_probe_factory(probe_cfg)()).__name__, "feature_spec": feature_spec,
+                  "threshold": threshold},
+        "n_scored": int(s.rows.size), "n_skipped": s.n_short, "n_train": s.n_train,
+    }
+    records: list[dict[str, Any]] = [{"id": run.ids[i], "label": int(lab)} for i, lab in zip(s.rows, s.y)]
+    meta = [run.meta[i] for i in s.rows]
+    for rec, m in zip(records, meta):
+        rec.update({k: m[k] for k in ("scenario", "category") if m.get(k) is not None})
+    if s.score.ndim == 1:
+        y = (s.y == s.classes[-1]).astype(np.int64)
+        metrics.update(_binary_block(y, s.score, threshold, protocol.n_boot, protocol.seed))
+        metrics.update(_group_metrics(meta, y, s.score, threshold))
+        metrics["baselines"] = {}
+        for rec, v in zip(records, s.score):
+            rec["score"] = float(v)
+        for name in baselines:
+            b = baseline_scores(run, name, s.rows)
+            block = _binary_block(y, b, 0.5, protocol.n_boot, protocol.seed)
+            if _has_threshold(name):
+                block.update(_group_metrics(meta, y, b, 0.5))
+            else:
+                block = {k: block[k] for k in ("auroc", "auprc", "auroc_ci", "n")}
+            metrics["baselines"][name] = block
+            for rec, v in zip(records, b):
+                rec.setdefault("baselines", {})[name] = float(v)
+    else:
+        if baselines:
+            raise LvlmlpError("baselines: defined for binary tasks only; remove them for a multiclass task")
+        pred = s.classes[np.argmax(s.score, axis=1)]
+        for rec, p, row in zip(records, pred, s.score):
+            rec.update(pred=int(p), score=float(row.max()))
+        metrics.update(accuracy=top1_accuracy(s.y, pred), n=int(s.y.size))
+    out.mkdir(parents=True, exist_ok=True)
+    if probe_dir is not None and s.probe is not None:
+        s.probe.save(probe_dir)
+    with (out / "scores.jsonl").open("w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ analyses
+def token_decay(protocol: Protocol, probe_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Probe quality on generated tokens 1..K and on each row's last generated token.
+
+    Token k (1-based) is probed on the rows that generated at least k tokens (n_tokens >= k), in train and test
+    alike; `n_short` counts the evaluated rows left out because their answer ended earlier, and
+    `first_token_same_rows` gives the first-token probe's result on exactly the rows of token k, so that a drop
+    is not confused with a change of rows. "last" is token min(n_tokens, K) of every row: rows that hit the
+    K-token limit contribute their K-th token (`n_truncated` counts them).
+    """
+    make = make_probe_factory(probe_cfg)
+    kind = probe_cfg.get("feature", "logits")
+    runs = [protocol.test.run] + ([protocol.train.run] if protocol.train else [])
+    k_max = min(r.n_logit_tokens for r in runs)
+    first, first_scored = evaluate_feature(protocol, logits_feature(0, kind), make)
+    tokens = []
+    for k in range(k_max):
+        entry, _ = (first, first_scored) if k == 0 else evaluate_feature(protocol, logits_feature(k, kind), make)
+        entry = {"token": k + 1, **entry}
+        if first_scored is not None:
+            same = protocol.test.run.n_tokens[first_scored.rows] > k
+            entry["first_token_same_rows"] = summarize(first_scored.y[same], first_scored.score[same],
+                                                       first_scored.classes, protocol.n_boot, protocol.seed)
+        tokens.append(entry)
+    last, _ = evaluate_feature(protocol, last_token_feature(kind), make)
+    test = protocol.test
+    max_new = int(test.run.manifest.get("max_new_tokens") or 0)
+    last["n_truncated"] = int(np.sum(test.run.n_tokens[test.idx] >= max(max_new, 1))) if max_new else 0
+    counts = np.bincount(np.minimum(test.run.n_tokens[test.idx], k_max), minlength=k_max + 1)
+    return {"k_max": k_max, "feature": kind, "tokens": tokens, "last": {"token": "last", **last},
+            "n_tokens_histogram": {str(i): int(c) for i, c in enumerate(counts) if i},
+            "rule": "token k is probed on rows with n_tokens >= k (others counted in n_short / n_train_short)"}
+
+
+def layer_sweep(protocol: Protocol, probe_cfg: dict[str, Any]) -> dict[str, Any]:
+    """First-token logits against the final hidden state and every extracted layer, at the same position."""
+    make = make_probe_factory(probe_cfg)
+    run = protocol.test.run
+    entries = []
+    candidates: list[tuple[str, Feature, int | None]] = [("logits (token 1)", logits_feature(0), None)]
+    if run.manifest.get("hidden"):
+        candidates.append(("hidden (final norm)", state_feature("hidden"), None))
+    candidates += [(f"layer {L}", state_feature("layer", L), L) for L in run.manifest.get("layers") or []]
+    for name, feat, layer in candidates:
+        result, _ = evaluate_feature(protocol, feat, make)
+        dim = run.logits(0).shape[1] if name.startswith("logits") else (
+            run.hidden().shape[1] if layer is None else run.layer(layer).shape[1])
+        entries.append({"feature": name, "layer": layer, "dim": int(dim), **result})
+    return {"entries": entries}
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _errs(entries: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    vals = np.array([np.nan if e["value"] is None else e["value"] for e in entries], dtype=float)
+    lo = np.array([v - e["ci"][0] if e.get("ci") else 0.0 for v, e in zip(vals, entries)])
+    hi = np.array([e["ci"][1] - v if e.get("ci") else 0.0 for v, e in zip(vals, entries)])
+    return vals, np.vstack([np.nan_to_num(lo), np.nan_to_num(hi)])
+
+
+def plot_token_decay(result: dict[str, Any], path: Path, title: str) -> None:
+    plt = _plt()
+    entries = [*result["tokens"], result["last"]]
+    labels = [str(e["token"]) for e in entries]
+    vals, err = _errs(entries)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    x = np.arange(len(entries))
+    ax.errorbar(x, vals, yerr=err, marker="o", capsize=3, label="probe on token k")
+    same = [e.get("first_token_same_rows", {}).get("value") for e in result["tokens"]]
+    if any(v is not None for v in same):
+        ax.plot(x[:-1], [np.nan if v is None else v for v in same], ls="--", color="grey",
+                label="first-token probe, same rows")
+    for xi, e in zip(x, entries):
+        ax.annotate(f"n={e['n']}", (xi, 0.02), ha="center", fontsize=7, xycoords=("data", "axes fraction"))
+    ax.set_xticks(x, labels)
+    metric = next((e["metric"] for e in entries if e.get("metric")), "auroc")
+    ax.set(xlabel="generated token", ylabel=metric.upper() if metric == "auroc" else metric, title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_bars(names: list[str], entries: list[dict], path: Path, title: str, reference: float | None = None) -> None:
+    """One bar per feature/prompt with its 95% interval; `reference` draws the first-token logits level."""
+    plt = _plt()
+    vals, err = _errs(entries)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 2), 4), dpi=100)
+    x = np.arange(len(names))
+    ax.bar(x, np.nan_to_num(vals), yerr=err, capsize=3, color="tab:blue", alpha=0.8)
+    if reference is not None:
+        ax.axhline(reference, ls="--", color="tab:red", lw=1, label="first-token logits")
+        ax.legend(fontsize=8)
+    ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+    metric = next((e["metric"] for e in entries if e.get("metric")), "auroc")
+    ax.set(ylabel=metric.upper() if metric == "auroc" else metric, title=title, ylim=(0, 1.05))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ report sections
+def fmt_result(e: dict[str, Any]) -> str:
+    from lvlmlp.report import _fmt_ci
+
+    return _fmt_ci(e.get("value"), e.get("ci"))
+
+
+def token_decay_rows(result: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for e in [*result["tokens"], result["last"]]:
+        same = e.get("first_token_same_rows")
+        rows.append([str(e["token"]), fmt_result(e), "–" if not same else fmt_result(same), str(e["n"]),
+                     str(e.get("n_short", "–")), str(e.get("n_train", "–")), e.get("note", "")])
+    return rows
+
+
+TOKEN_DECAY_HEADER = ["token", "probe [95% CI]", "first-token probe, same rows", "n test", "n test short",
+                      "n train", "note"]
+LAYER_HEADER = ["feature", "dim", "probe [95% CI]", "n test", "note"]
+
+
+def layer_rows(result: dict[str, Any]) -> list[list[str]]:
+    return [[e["feature"], str(e["dim"]), fmt_result(e), str(e["n"]), e.get("note", "")] for e in result["entries"]]
+
+
+@dataclass
+class Section:
+    """A titled report section: a paragraph, one table and PNG plots (embedded as base64 in the HTML)."""
+
+    title: str
+    text: str
+    header: list[str]
+    rows: list[list[str]]
+    pngs: list[Path] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        from lvlmlp.report import _markdown_table
+
+        lines = [f"## {self.title}", "", self.text, "", _markdown_table(self.header, self.rows), ""]
+        lines += [f"![{p.stem}]({p.name})" for p in self.pngs]
+        return "\n".join(lines) + "\n"
+
+    def html(self) -> str:
+        from lvlmlp.report import _html_table
+
+        parts = [f"<h2>{html.escape(self.title)}</h2><p>{html.escape(self.text)}</p>",
+                 _html_table(self.header, self.rows)]
+        for p in self.pngs:
+            data = base64.b64encode(p.read_bytes()).decode("ascii")
+            parts.append(f"<img alt='{html.escape(p.stem)}' src='data:image/png;base64,{data}'>")
+        return "".join(parts)
+
+
+def write_experiment_report(out: Path, eval_dirs: list[Path], sections: list[Section],
+                            analyses: dict[str, Any]) -> dict[str, Any]:
+    """`report.write_report` of the evaluation folders, followed by the analysis sections; metrics.json holds
+    {"evaluations": {name: metrics}, **analyses}."""
+    from lvlmlp.report import write_report
+
+    combined = write_report(eval_dirs, out)
+    md = (out / "report.md").read_text()
+    (out / "report.md").write_text(md + "\n" + "\n".join(s.markdown() for s in sections))
+    page = (out / "report.html").read_text()
+    head, sep, tail = page.rpartition("</body>")
+    (out / "report.html").write_text(head + "".join(s.html() for s in sections) + sep + tail)
+    doc = {"evaluations": combined, **analyses}
+    (out / "metrics.json").write_text(json.dumps(doc, indent=2))
+    return doc
