@@ -5,4 +5,19 @@ __version__ = "0.1.0"
 from lvlmlp.errors import LvlmlpError  # noqa: E402
 from lvlmlp.store import Run, open_run  # noqa: E402
 
-__all__ = ["LvlmlpError", "Run", "open_run", "__version__"]
+
+def __getattr__(name: str):
+    # Probes and the guard import torch / scikit-learn: load them on first use, so `import lvlmlp` stays light.
+    if name in ("LogisticProbe", "MultinomialProbe", "LDAProbe", "load_probe"):
+        from lvlmlp import probes
+
+        return getattr(probes, name)
+    if name in ("ProbeGuard", "guarded_generate"):
+        from lvlmlp import steering
+
+        return getattr(steering, name)
+    raise AttributeError(f"module 'lvlmlp' has no attribute {name!r}")
+
+
+__all__ = ["LDAProbe", "LogisticProbe", "LvlmlpError", "MultinomialProbe", "ProbeGuard", "Run", "guarded_generate",
+           "load_probe", "open_run", "__version__"]

@@ -1,0 +1,373 @@
+"""Probe-guided decoding: read the first-token logits, score them with a probe, steer the answer.
+
+`ProbeGuard` is a `transformers.LogitsProcessor`. At the first generated position it scores every row of the batch
+with the probe on the raw first-token logits (the features the probe was trained on) and then
+
+* template mode (`template="I'm sorry, ..."`): rows the probe flags (P(label 1) < threshold) are forced to emit the
+  template's tokens one by one, after which the model continues freely; unflagged rows are left untouched;
+* answer mode (`answers={1: "Yes", 0: "No"}`): every row is forced to start with the answer the probe predicts.
+
+Raw logits: transformers runs custom processors after its built-in ones (repetition penalty, no-repeat n-grams,
+min-length, bad words, suppressed tokens, sequence bias) and before the sampling warpers (temperature, top-k/p).
+With a default generation config none of the built-in ones exist, so the step-0 `scores` are the raw logits. When a
+checkpoint's generation config enables one (Qwen2-VL ships `repetition_penalty=1.05`), use `guard.watching(model)`
+or `guarded_generate`, which read the raw logits from the model's forward output instead.
+
+`lvlmlp generate` runs this over a manifest and writes `{"id", "response", "flagged", "probe_score"}` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.special import log_softmax
+from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
+
+from lvlmlp.errors import LvlmlpError
+
+log = logging.getLogger("lvlmlp")
+
+_LOGIT_KINDS = ("logits", "log_softmax", "softmax")
+
+
+def _spell(tokenizer: Any, text: str, what: str) -> list[int]:
+    """Token ids of `text` as the start of the model's answer.
+
+    `add_special_tokens=False` keeps BOS/EOS out; the tokenizer's own convention then gives the leading space a
+    first answer token carries (SentencePiece's "▁" dummy prefix, none for byte-level BPE after a newline), so
+    "I'm sorry" becomes exactly the tokens the model would emit to start its answer with those words.
+    """
+    ids = [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if ids and bos is not None and ids[0] == bos:  # a few tokenizers add BOS whatever the flag says
+        ids = ids[1:]
+    if not ids:
+        raise LvlmlpError(f"{what} {text!r}: the tokenizer encodes it to no token")
+    return ids
+
+
+class ProbeGuard(LogitsProcessor):
+    """Score the first generated position with `probe`; force `template` (flagged rows) or the predicted answer.
+
+    `probe`: a fitted binary probe (`lvlmlp.probes.LogisticProbe` or anything with `predict_proba` (N, 2)) trained
+    on first-token logits (kind logits / log_softmax / softmax of token 0). `threshold`: defaults to the probe's own.
+    After each `generate` call, `scores_` (B,) holds P(label 1) and `flagged_` (B,) whether P(label 1) < threshold.
+    One guard serves many `generate` calls: a call is recognised as new when `input_ids` is not the previous step's
+    ids plus one token. Beam search is refused (its processors see log-probabilities of expanded beams).
+    """
+
+    def __init__(
+        self,
+        probe: Any,
+        tokenizer: Any,
+        template: str | None = None,
+        *,
+        answers: Mapping[int, str] | None = None,
+        threshold: float | None = None,
+    ) -> None:
+        if (template is None) == (answers is None):
+            raise LvlmlpError("ProbeGuard: give exactly one of a refusal template or answers={1: ..., 0: ...}")
+        classes = getattr(probe, "classes_", None)
+        if classes is not None and len(classes) != 2:
+            raise LvlmlpError(f"ProbeGuard needs a binary probe; this one has {len(classes)} classes")
+        spec = getattr(probe, "spec_", None)  # None for plain scikit-learn estimators: raw logits assumed
+        self.kind: str = spec.kind if spec is not None else "logits"
+        if spec is not None and (spec.kind not in _LOGIT_KINDS or spec.token != 0):
+            raise LvlmlpError(f"ProbeGuard scores the first token's logits; this probe was trained on {spec.describe()}")
+        self.probe = probe
+        self.threshold = float(threshold if threshold is not None else getattr(probe, "threshold", 0.5))
+        self.template = template
+        self.template_ids = _spell(tokenizer, template, "--template") if template is not None else None
+        self.answers: dict[int, str] | None = None
+        self.answer_ids: dict[int, list[int]] | None = None
+        if answers is not None:
+            if set(answers) != {0, 1}:
+                raise LvlmlpError(f"answers: need exactly the labels 0 and 1, got {sorted(answers)}")
+            self.answers = {int(k): str(v) for k, v in answers.items()}
+            self.answer_ids = {k: _spell(tokenizer, v, "--answers") for k, v in self.answers.items()}
+        self.scores_: np.ndarray | None = None
+        self.flagged_: np.ndarray | None = None
+        self.forced_: list[list[int]] = []
+        self.reset()
+
+    # ------------------------------------------------------------------------------------------------- state
+    def reset(self) -> None:
+        """Forget the current call; the next `__call__` starts a new one (done automatically as well)."""
+        self._prev_ids: torch.Tensor | None = None
+        self._start_len = 0
+        self._plan: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: (rows, tokens) to force
+        self._last_logits: torch.Tensor | None = None
+
+    def _is_new_call(self, input_ids: torch.Tensor) -> bool:
+        prev = self._prev_ids
+        return (
+            prev is None
+            or prev.shape[0] != input_ids.shape[0]
+            or input_ids.shape[1] != prev.shape[1] + 1
+            # Same shapes can also start a new call (a prompt one token longer than the last sequence).
+            or not torch.equal(input_ids[:, :-1], prev)
+        )
+
+    @contextmanager
+    def watching(self, model: torch.nn.Module) -> Iterator[ProbeGuard]:
+        """Within this block the guard scores the model's raw output logits, whatever built-in processors run.
+
+        Hooks every generating module (InstructBLIP generates through its inner language model) and keeps the last
+        forward's logits; step 0 reads the last position of them, exactly `generate`'s raw `next_token_logits`.
+        """
+
+        def keep(_module: Any, _args: Any, output: Any) -> None:
+            logits = getattr(output, "logits", None)
+            if isinstance(logits, torch.Tensor):
+                self._last_logits = logits
+
+        handles = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, GenerationMixin)]
+        self.reset()
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._last_logits = None
+
+    # ------------------------------------------------------------------------------------------------- scoring
+    def score(self, logits: torch.Tensor) -> np.ndarray:
+        """P(label 1) for (B, V) raw first-token logits, computed on a float32 numpy copy (as the probe was fitted)."""
+        feats = logits.detach().to("cpu", torch.float32).numpy().copy()
+        n_in = getattr(self.probe, "n_features_in_", feats.shape[1])
+        if feats.shape[1] != n_in:
+            raise LvlmlpError(f"the probe expects {n_in} logits but the model produces {feats.shape[1]}")
+        # The same transforms as lvlmlp.features.FeatureView, so the score equals probe.predict_proba on a run.
+        if self.kind == "log_softmax":
+            feats = log_softmax(feats, axis=1).astype(np.float32, copy=False)
+        elif self.kind == "softmax":
+            feats = np.exp(log_softmax(feats, axis=1)).astype(np.float32, copy=False)
+        return np.asarray(self.probe.predict_proba(feats))[:, 1]
+
+    def _start(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+        # Beam search hands processors log_softmax outputs: every row's logsumexp is 0, never the case for raw logits.
+        if bool((torch.logsumexp(scores.float(), -1).abs() < 1e-4).all()):
+            raise LvlmlpError("ProbeGuard does not support beam search (num_beams > 1): use greedy or sampling")
+        raw = scores
+        if self._last_logits is not None and self._last_logits.shape[0] == scores.shape[0]:
+            raw = self._last_logits[:, -1, :]
+        self._last_logits = None  # drop the reference: step 0's prefill logits can be large
+        self.scores_ = self.score(raw)
+        self.flagged_ = self.scores_ < self.threshold
+        if self.answer_ids is not None:
+            self.forced_ = [self.answer_ids[0 if flag else 1] for flag in self.flagged_]
+        else:
+            assert self.template_ids is not None
+            self.forced_ = [list(self.template_ids) if flag else [] for flag in self.flagged_]
+        self._start_len = input_ids.shape[1]
+        self._plan = []
+        for step in range(max((len(f) for f in self.forced_), default=0)):
+            rows = [r for r, f in enumerate(self.forced_) if step < len(f)]
+            self._plan.append((
+                torch.tensor(rows, device=scores.device),
+                torch.tensor([self.forced_[r][step] for r in rows], device=scores.device),
+            ))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._is_new_call(input_ids):
+            self._start(input_ids, scores)
+        self._prev_ids = input_ids
+        step = input_ids.shape[1] - self._start_len
+        if step >= len(self._plan):
+            return scores
+        rows, tokens = self._plan[step]
+        # Never in place: `generate` returns this very tensor as the raw logits when output_logits=True.
+        out = scores.clone()
+        out[rows] = -float("inf")
+        out[rows, tokens] = 0.0  # a finite value: the only choice left for greedy, sampling and any warper
+        return out  # type: ignore[return-value]
+
+
+def guarded_generate(model: Any, batch: Mapping[str, Any], guard: ProbeGuard, **kwargs: Any) -> Any:
+    """`model.generate(**batch, **kwargs)` steered by `guard` on raw logits; refuses beam search up front."""
+    config = kwargs.get("generation_config") or model.generation_config
+    num_beams = int(kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1)
+    if num_beams > 1:
+        raise LvlmlpError(f"ProbeGuard does not support beam search (num_beams={num_beams}): use greedy or sampling")
+    processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+    processors.append(guard)
+    with guard.watching(model):
+        return model.generate(**batch, logits_processor=processors, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def is_refusal(response: str, template: str | None) -> bool:
+    """A refusal: the response starts with the guard's template or contains a refusal phrase ("sorry", ...)."""
+    from lvlmlp.baselines import AnswerRule
+
+    if template and response.strip().startswith(template.strip()):
+        return True
+    return AnswerRule().score(response) == 0.0
+
+
+def answer_label(response: str, yes: str) -> int:
+    """1 when the response starts with the label-1 answer word (POPE: "yes"), case-insensitive; else 0."""
+    return int(re.match(re.escape(yes.strip().lower()) + r"\b", response.strip().lower()) is not None)
+
+
+def steering_metrics(
+    labels: list[int], guarded: list[str], plain: list[str], template: str | None, answers: dict[int, str] | None
+) -> dict[str, Any]:
+    """Metrics without and with the guard: ASR / false-refusal rate (template) or accuracy / F1 (answers)."""
+    y = np.asarray(labels)
+    out: dict[str, Any] = {"n": int(y.size), "mode": "answers" if answers else "safety"}
+    for name, responses in (("without_guard", plain), ("with_guard", guarded)):
+        if answers:
+            from lvlmlp.metrics import pope_metrics
+
+            pred = np.asarray([answer_label(r, answers[1]) for r in responses])
+            m = pope_metrics(y, pred)
+            out[name] = {"accuracy": m["accuracy"], "f1": m["f1"], "yes_ratio": m["yes_ratio"]}
+        else:
+            refused = np.asarray([is_refusal(r, template) for r in responses])
+            unsafe, safe = y == 0, y == 1
+            out[name] = {
+                # Unsafe rows (label 0) answered without a refusal, and safe rows (label 1) refused.
+                "attack_success_rate": float(np.mean(~refused[unsafe])) if unsafe.any() else None,
+                "false_refusal_rate": float(np.mean(refused[safe])) if safe.any() else None,
+                "n_unsafe": int(unsafe.sum()),
+                "n_safe": int(safe.sum()),
+            }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_answers(text: str | None) -> dict[int, str] | None:
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise LvlmlpError(f"--answers: expected LABEL1,LABEL0 such as Yes,No, got {text!r}")
+    return {1: parts[0], 0: parts[1]}
+
+
+def _metrics_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".metrics.json") if out.suffix == ".jsonl" else Path(f"{out}.metrics.json")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lvlmlp.backend import Backend
+    from lvlmlp.data import load_image, read_manifest
+    from lvlmlp.features import FeatureSpec
+    from lvlmlp.probes import load_probe
+
+    if (args.template is None) == (args.answers is None):
+        raise LvlmlpError("generate: give exactly one of --template TEXT or --answers YES,NO")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise LvlmlpError("--batch-size and --max-new-tokens must be >= 1")
+    answers = _parse_answers(args.answers)
+    if bool(args.data) == bool(getattr(args, "task", None)):
+        raise LvlmlpError("generate: give exactly one of --data MANIFEST.jsonl or --task NAME")
+    prompt_template = args.prompt_template
+    if args.data:
+        rows, source = read_manifest(args.data), str(args.data)
+    else:
+        from lvlmlp.tasks import task_rows_from_args
+
+        # The task's prompt template, as in `extract --task`: the probe only reads logits under the same prompt.
+        rows, task_template = task_rows_from_args(args)
+        prompt_template, source = prompt_template or task_template, f"task {args.task}"
+    if args.eval:
+        unlabelled = [r["id"] for r in rows if r.get("label") not in (0, 1)]
+        if unlabelled:
+            raise LvlmlpError(f"--eval: row {unlabelled[0]!r} has no 0/1 'label' in {source}")
+    probe = load_probe(args.probe)
+    backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=prompt_template,
+                      raw_prompt=args.raw_prompt)
+    spec = getattr(probe, "spec_", None)
+    kind = spec.kind if spec is not None else "logits"
+    # The model is compared by name only as a warning: the same weights are often reached by a path or a hub id.
+    probe.check_compatible(FeatureSpec(kind=kind, token=0, dim=backend.vocab_size, model=None))
+    if spec is not None and spec.model and spec.model != backend.model_id:
+        log.warning("generate: probe trained on features of %s, applied to %s", spec.model, backend.model_id)
+    guard = ProbeGuard(probe, backend.tokenizer, args.template, answers=answers, threshold=args.threshold)
+    gen: dict[str, Any] = {"do_sample": True, "temperature": args.temperature} if args.do_sample else {}
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    labels, guarded, plain = [], [], []
+    bar = tqdm(total=len(rows), unit="row", file=sys.stderr, disable=args.no_progress, desc="generate")
+    with out.open("w", encoding="utf-8") as f:
+        for start in range(0, len(rows), args.batch_size):
+            chunk = rows[start : start + args.batch_size]
+            batch = backend.encode([load_image(r["image"], r["id"]) for r in chunk], [r["question"] for r in chunk])
+            # Reseeding per batch gives the unguarded run the same random draws: unflagged rows then agree.
+            torch.manual_seed(args.seed + start)
+            with guard.watching(backend.model):
+                res = backend.generate(batch, max_new_tokens=args.max_new_tokens,
+                                       logits_processor=LogitsProcessorList([guard]), **gen)
+            assert guard.scores_ is not None and guard.flagged_ is not None
+            base = None
+            if args.eval:
+                torch.manual_seed(args.seed + start)
+                base = backend.generate(batch, max_new_tokens=args.max_new_tokens, **gen)["responses"]
+            for i, row in enumerate(chunk):
+                line = {"id": row["id"], "response": res["responses"][i], "flagged": bool(guard.flagged_[i]),
+                        "probe_score": float(guard.scores_[i])}
+                if base is not None:
+                    line["response_unguarded"] = base[i]
+                    labels.append(int(row["label"]))
+                    guarded.append(res["responses"][i])
+                    plain.append(base[i])
+                f.write(json.dumps(line) + "\n")
+            f.flush()
+            bar.update(len(chunk))
+    bar.close()
+    n_flagged = sum(1 for line in out.read_text().splitlines() if json.loads(line)["flagged"])
+    print(f"{out}: {len(rows)} rows, {n_flagged} flagged (threshold {guard.threshold:g})")
+    if args.eval:
+        metrics = steering_metrics(labels, guarded, plain, args.template, answers)
+        metrics.update(flagged_rate=n_flagged / max(len(rows), 1), threshold=guard.threshold)
+        _metrics_path(out).write_text(json.dumps(metrics, indent=2))
+        print(f"{_metrics_path(out)}: {json.dumps({k: metrics[k] for k in ('without_guard', 'with_guard')})}")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    from lvlmlp.extract import add_model_arguments
+
+    p = subparsers.add_parser("generate", help="probe-guided decoding: refuse (or answer) as the probe says")
+    add_model_arguments(p)
+    p.add_argument("--data", help="JSON-lines manifest (contract section 1)")
+    try:
+        from lvlmlp.tasks import add_task_arguments
+    except ImportError:  # tasks are optional while the package is being assembled
+        p.add_argument("--seed", type=int, default=0)
+    else:
+        add_task_arguments(p)  # --task ... as in `lvlmlp extract`; its --seed also seeds --do-sample
+    p.add_argument("--probe", required=True, help="probe folder from `lvlmlp probe train` (first-token logits)")
+    p.add_argument("--template", default=None, help="text forced at the start of flagged rows' answers")
+    p.add_argument("--answers", default=None,
+                   help="LABEL1,LABEL0 such as Yes,No: every answer starts with the probe's prediction")
+    p.add_argument("--out", required=True, help="OUT.jsonl: {id, response, flagged, probe_score} per row")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--threshold", type=float, default=None, help="flag rows with P(label 1) below this "
+                   "(default: the probe's threshold)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--eval", action="store_true",
+                   help="also generate without the guard; write OUT.metrics.json (labelled manifests)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_generate)
