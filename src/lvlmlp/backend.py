@@ -135,6 +135,7 @@ class Backend:
             raise LvlmlpError(f"--prompt-template: {prompt_template!r} has no {{question}} placeholder")
         self.prompt_template = prompt_template
         self.raw_prompt = raw_prompt
+        self._affixes: tuple[str, str] | tuple[()] | None = None  # chat template split around the question
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
 
@@ -190,12 +191,39 @@ class Backend:
             if placeholder and getattr(self.processor, "image_token", placeholder) not in text:
                 text = placeholder + text
             return text
+        if self._affixes is None:
+            self._affixes = self._template_affixes()
+        if self._affixes:
+            return self._affixes[0] + text + self._affixes[1]
+        return self._render(text)
+
+    def _render(self, text: str) -> str:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    def _template_affixes(self) -> tuple[str, str] | tuple[()]:
+        """(prefix, suffix) around the question when the chat template inserts it verbatim, else ().
+
+        Rendering the Jinja template costs as much per row as preprocessing the image; most templates paste the
+        text as it is, so we render once around a sentinel. Two probes with edge whitespace and braces check that
+        the template does not trim or rewrite the text; a template that does is rendered row by row."""
+        sentinel = "\x00lvlmlp-question\x00"
+        rendered = self._render(sentinel)
+        if rendered.count(sentinel) != 1:
+            return ()
+        prefix, suffix = rendered.split(sentinel)
+        for probe in (" a  {b}\n", "Is there a cat?"):
+            if self._render(probe) != prefix + probe + suffix:
+                return ()
+        return prefix, suffix
 
     # ------------------------------------------------------------------------------------------------------ encode
     def encode(self, images: list[Image.Image], questions: list[str]) -> dict[str, torch.Tensor]:
         """One left-padded batch on `device`; floating tensors (pixels) in the model's dtype."""
+        return self.to_device(self.collate(images, questions))
+
+    def collate(self, images: list[Image.Image], questions: list[str]) -> dict[str, torch.Tensor]:
+        """The processor's batch on the CPU (no device work, so data-loader processes can run it)."""
         if len(images) != len(questions):
             raise LvlmlpError(f"encode: {len(images)} images for {len(questions)} questions")
         if not images:
@@ -203,15 +231,14 @@ class Backend:
         texts = [self.prompt(q) for q in questions]
         # One image per row, given as a list per row: SmolVLM's processor only pairs images with prompts that way,
         # and every other processor reads it the same.
-        rgb = [[im.convert("RGB")] for im in images]
+        rgb = [[im if im.mode == "RGB" else im.convert("RGB")] for im in images]
         batch = self.processor(images=rgb, text=texts, padding=True, return_tensors="pt")
         # PaliGemma returns training labels whenever it returns token_type_ids; they would only add a loss.
         batch.pop("labels", None)
-        return {
-            k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None)
-            for k, v in batch.items()
-            if isinstance(v, torch.Tensor)
-        }
+        return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None) for k, v in batch.items()}
 
     # ----------------------------------------------------------------------------------------------------- prefill
     def _position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

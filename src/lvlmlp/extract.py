@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing as mp
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from lvlmlp.data import check_images_exist, load_image, read_manifest, rows_fingerprint, validate_rows
@@ -24,6 +26,7 @@ from lvlmlp.store import Run, RunWriter, merge_runs
 log = logging.getLogger("lvlmlp")
 
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
@@ -64,6 +67,7 @@ def extract(
     source: str = "rows",
     progress: bool = True,
     shard_size: int = 256,
+    workers: int = 1,
 ) -> Run:
     """Extract features for `rows` (already selected; see `select_rows`) into the run folder `out`."""
     if store_dtype not in STORE_DTYPES:
@@ -108,24 +112,16 @@ def extract(
     dtype = STORE_DTYPES[store_dtype]
     bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="extract")
     chunks = [pending[s : s + batch_size] for s in range(0, len(pending), batch_size)]
-    # Images are decoded and collated in a background thread while the model runs the previous batch: PIL, the
-    # processors and torch release the GIL, so on a CPU the two overlap instead of adding up.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        futures = [pool.submit(_prepare, backend, chunk) for chunk in chunks[:2]]
-        for i, chunk in enumerate(chunks):
-            batch_rows, batch, failed = futures[i].result()
-            if i + 2 < len(chunks):
-                futures.append(pool.submit(_prepare, backend, chunks[i + 2]))
-            futures[i] = None  # free the batch once used
-            for err in failed:
-                if on_error == "fail":
-                    bar.close()
-                    pool.shutdown(cancel_futures=True)
-                    raise LvlmlpError(f"{source}: {err}")
-                writer.fail(err.row_id, str(err))
-            if batch_rows:
-                writer.append(*_run_batch(backend, batch_rows, batch, max_new_tokens, n_keep, hidden, layers, dtype))
-            bar.update(len(chunk))
+    for chunk, (batch_rows, batch, failed) in zip(chunks, _prepared(backend, chunks, workers)):
+        for row_id, message in failed:
+            if on_error == "fail":
+                bar.close()
+                raise LvlmlpError(f"{source}: {message}")
+            writer.fail(row_id, message)
+        if batch_rows:
+            batch = backend.to_device(batch)
+            writer.append(*_run_batch(backend, batch_rows, batch, max_new_tokens, n_keep, hidden, layers, dtype))
+        bar.update(len(chunk))
     bar.close()
     run = writer.close()
     if run.failures:
@@ -133,23 +129,48 @@ def extract(
     return run
 
 
-class _RowError(LvlmlpError):
-    def __init__(self, row_id: str, message: str) -> None:
-        super().__init__(message)
-        self.row_id = row_id
-
-
-def _prepare(backend, rows: list[dict]) -> tuple[list[dict], dict | None, list[_RowError]]:
-    """Load a batch's images (recording the rows that fail) and collate the rest into model inputs."""
+def _prepare(backend, rows: list[dict]) -> tuple[list[dict], dict | None, list[tuple[str, str]]]:
+    """Load a batch's images (recording the rows that fail) and collate the rest into CPU tensors."""
     ok, images, failed = [], [], []
     for row in rows:
         try:
             images.append(load_image(row["image"], row["id"]))
             ok.append(row)
         except LvlmlpError as err:
-            failed.append(_RowError(row["id"], str(err)))
-    batch = backend.encode(images, [r["question"] for r in ok]) if ok else None
+            failed.append((row["id"], str(err)))
+    batch = backend.collate(images, [r["question"] for r in ok]) if ok else None
     return ok, batch, failed
+
+
+class _Batches(Dataset):
+    def __init__(self, backend, chunks: list[list[dict]]) -> None:
+        self.backend, self.chunks = backend, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int):
+        return _prepare(self.backend, self.chunks[i])
+
+
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _identity(item):
+    return item
+
+
+def _prepared(backend, chunks: list[list[dict]], workers: int):
+    """Prepared batches in order. With workers > 0, forked data-loader processes decode and collate upcoming
+    batches while the model runs: image decoding and the processors are mostly Python, so threads would queue
+    on the GIL behind the model's own Python overhead. Fork shares the loaded model copy-on-write instead of
+    pickling it; where fork is unavailable, batches are prepared inline."""
+    if workers <= 0 or "fork" not in mp.get_all_start_methods() or not chunks:
+        return (_prepare(backend, chunk) for chunk in chunks)
+    return DataLoader(_Batches(backend, chunks), batch_size=None, num_workers=min(workers, len(chunks)),
+                      collate_fn=_identity, multiprocessing_context="fork", worker_init_fn=_one_thread,
+                      prefetch_factor=2)
 
 
 def _run_batch(backend, rows, batch, max_new_tokens, n_keep, hidden, layers, dtype):
@@ -238,7 +259,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         backend, rows, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         logits_tokens=args.logits_tokens, hidden=args.hidden, layers=_layers(args.layers),
         store_dtype=args.store_dtype, on_error=args.on_error, shard=parse_shard(args.shard), source=source,
-        progress=not args.no_progress, shard_size=args.shard_size,
+        progress=not args.no_progress, shard_size=args.shard_size, workers=args.workers,
     )
     print(f"{run.path}: {len(run)} rows, logits {run.n_logit_tokens} x {run.manifest['vocab_size']}")
     return 0
@@ -273,6 +294,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None,
                    help="only N rows: the first N of a manifest, a seeded random N of a --task")
     p.add_argument("--shard-size", type=int, default=256, help="rows per committed shard (resume granularity)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="data-loader processes preparing batches while the model runs (0: inline)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_extract)
 
