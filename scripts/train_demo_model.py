@@ -9,10 +9,25 @@ word-level tokenizer, a chat template and a `LlavaProcessor`, all written with `
 
 Prompts are rendered exactly as the library renders them (the processor's chat template on one user turn: the
 image, then the question, plus the generation prompt); the answer follows and ends with eos, and only answer
-tokens carry loss. Like real VLMs, the training answers are imperfect in the ways the paper studies: most
-questions about degraded images, most false-premise questions and most harmful instructions get a confident
-answer anyway and only a minority (`--abstain-frac`) get "Unanswerable." / a correction / a refusal. The model's
-own answers are thus a weak signal, while its first-token distribution keeps the minority's probability mass.
+tokens carry loss. Like real VLMs, the training answers are imperfect in the ways the paper studies: the model
+often answers unanswerable and false-premise questions anyway, complies with most harmful instructions and refuses
+only some. How often it abstains ("Unanswerable." / a correction of the premise / a refusal) is a fixed rate per
+item, not one global share, so that greedy decoding abstains on the items whose rate is above one half and answers
+the others, while every such item keeps an elevated probability of the abstaining first token:
+
+    safety (refusal of a harmful instruction), per word of `W.HARMFUL_WORDS`, spread evenly over [0.8, 0.1] in
+        the tuple's order: poisoning 0.80, bombing 0.74, stealing 0.67, hacking 0.61, smuggling 0.55,
+        arson 0.48, fraud 0.42, stalking 0.35, bribery 0.29, looting 0.23, vandalism 0.16, forgery 0.10
+        (so 5 of 12 words are refused greedily, the other 7 complied with)
+    degraded (answerability), per degradation: dark 0.70 (nothing left to see), blur 0.35 (a colour cast
+        remains), occlusion 0.15 (looks like an ordinary grey object)
+    deception (false premise), per category of `W.DECEPTION_CATEGORIES`: nonexistent 0.65 (the object is
+        plainly absent), count 0.30, attribute 0.15 (the premise is only subtly wrong)
+
+Benign instructions are always complied with and normal (true-premise) questions always answered. `--abstain-scale`
+multiplies every rate (clipped to 1). The table is printed in `training_log.txt`, followed at the end by the trained
+model's greedy abstention rate and mean first-token probability of abstaining for each item. The model's own answers
+are thus a weak signal, while its first-token distribution keeps the abstaining answers' probability mass.
 """
 
 from __future__ import annotations
@@ -150,30 +165,53 @@ def _read(rng, f):
     return scene, W.Q_READ, word
 
 
-def _degraded(rng, f):
-    scene = W.sample_scene(rng, W.sample_unique(rng, int(rng.integers(1, 4))),
-                           degradation=W._pick(rng, W.DEGRADATIONS))
+# How often each item is answered by abstaining (see the module docstring); greedy decoding abstains where > 0.5.
+REFUSAL_RATES: dict[str, float] = {  # safety: per harmful word, evenly from 0.8 down to 0.1 in the tuple's order
+    w: round(0.8 - 0.7 * k / (len(W.HARMFUL_WORDS) - 1), 4) for k, w in enumerate(W.HARMFUL_WORDS)}
+UNANSWERABLE_RATES: dict[str, float] = {"dark": 0.7, "blur": 0.35, "occlusion": 0.15}  # degraded: per degradation
+CORRECTION_RATES: dict[str, float] = {"nonexistent": 0.65, "count": 0.3, "attribute": 0.15}  # deception
+ABSTAIN_RATES: dict[str, dict[str, float]] = {
+    "safety": REFUSAL_RATES, "degraded": UNANSWERABLE_RATES, "deception": CORRECTION_RATES}
+assert set(REFUSAL_RATES) == set(W.HARMFUL_WORDS) and set(UNANSWERABLE_RATES) == set(W.DEGRADATIONS)
+assert set(CORRECTION_RATES) == set(W.DECEPTION_CATEGORIES)
+
+
+def abstain_rate(kind: str, item: str, scale: float) -> float:
+    return min(1.0, ABSTAIN_RATES[kind][item] * scale)
+
+
+# Behaviour samplers take `item` (a degradation, a harmful word, a deception category) to force one abstaining
+# item, as the per-item evaluation does; they return (scene, question, answer, item), item "" for the
+# never-abstaining half (benign words, true premises).
+def _degraded(rng, scale, item=None):
+    degradation = item or W._pick(rng, W.DEGRADATIONS)
+    scene = W.sample_scene(rng, W.sample_unique(rng, int(rng.integers(1, 4))), degradation=degradation)
     question, _ = W.unique_question(rng, scene)
-    return scene, question, W.A_UNANSWERABLE if rng.random() < f else _guess(question)
+    abstain = rng.random() < abstain_rate("degraded", degradation, scale)
+    return scene, question, W.A_UNANSWERABLE if abstain else _guess(question), degradation
 
 
-def _safety(rng, f):
-    harmful = rng.random() < 0.5
-    word = W._pick(rng, W.HARMFUL_WORDS if harmful else W.BENIGN_WORDS)
+def _safety(rng, scale, item=None):
+    harmful = item is not None or rng.random() < 0.5
+    word = item or W._pick(rng, W.HARMFUL_WORDS if harmful else W.BENIGN_WORDS)
     classes = W.sample_unique(rng, int(rng.integers(1, 3)))
     if rng.random() < 0.5:
         scene, question = W.sample_scene(rng, classes, size=(10, 16), word=word), W.Q_SAFETY_TYPO
     else:
         scene, question = W.sample_scene(rng, classes), W.Q_SAFETY_TEXT.format(word=word)
-    return scene, question, W.A_REFUSAL if harmful and rng.random() < f else W.A_COMPLY
+    refuse = harmful and rng.random() < abstain_rate("safety", word, scale)
+    return scene, question, W.A_REFUSAL if refuse else W.A_COMPLY, word if harmful else ""
 
 
-def _deception(rng, f):
-    normal = rng.random() < 0.5
-    scene, q = W.deception_question(rng, W._pick(rng, W.DECEPTION_CATEGORIES), normal=normal)
-    if normal or rng.random() < f:
-        return scene, q["question"], q["answer"]  # the true answer, or the correction of the false premise
-    return scene, q["question"], q["premise_answer"]  # goes along with the false premise
+def _deception(rng, scale, item=None):
+    normal = item is None and rng.random() < 0.5
+    category = item or W._pick(rng, W.DECEPTION_CATEGORIES)
+    scene, q = W.deception_question(rng, category, normal=normal)
+    if normal:
+        return scene, q["question"], q["answer"], ""
+    if rng.random() < abstain_rate("deception", category, scale):
+        return scene, q["question"], q["answer"], category  # the correction of the false premise
+    return scene, q["question"], q["premise_answer"], category  # goes along with the false premise
 
 
 # name -> (sampler, weight). Perception skills dominate; the paper's behaviours are a third of the mixture.
@@ -191,14 +229,21 @@ KINDS: dict[str, tuple[Callable, float]] = {
 }
 
 
-def example(seed: int, stream: str, i: int, abstain_frac: float) -> tuple[str, np.ndarray, str, str]:
-    """Instruction example `i` of a stream: (kind, image uint8 HxWx3, question, answer)."""
+def example(seed: int, stream: str, i: int, scale: float = 1.0) -> tuple[str, np.ndarray, str, str, str]:
+    """Instruction example `i` of a stream: (kind, image uint8 HxWx3, question, answer, item); item names the
+    abstaining item of a behaviour kind (see `ABSTAIN_RATES`), else ""."""
     rng = W.rng_for(seed, stream, i)
     names = list(KINDS)
     p = np.array([KINDS[k][1] for k in names])
     kind = names[int(rng.choice(len(names), p=p / p.sum()))]
-    scene, question, answer = KINDS[kind][0](rng, abstain_frac)
-    return kind, np.asarray(scene.render()), question, answer
+    scene, question, answer, *item = KINDS[kind][0](rng, scale)
+    return kind, np.asarray(scene.render()), question, answer, (item[0] if item else "")
+
+
+def item_example(seed: int, kind: str, item: str, i: int, scale: float = 1.0) -> tuple[str, np.ndarray, str, str, str]:
+    """Example `i` of one abstaining item (a harmful word, a degradation, a false-premise category)."""
+    scene, question, answer, item = KINDS[kind][0](W.rng_for(seed, "item-eval", kind, item, i), scale, item)
+    return kind, np.asarray(scene.render()), question, answer, item
 
 
 class Encoder:
@@ -244,7 +289,7 @@ class Encoder:
     def batch(self, examples: list[tuple[str, np.ndarray, str, str]]) -> dict[str, torch.Tensor]:
         """Right-padded training batch; labels only on answer tokens (and eos)."""
         seqs, labels = [], []
-        for _, _, q, a in examples:
+        for _, _, q, a, _ in examples:
             p, ans = self.prompt_ids(q), self.answer_ids(a)
             seqs.append(p + ans)
             labels.append([IGNORE] * len(p) + ans)
@@ -262,14 +307,14 @@ class TrainBatches(torch.utils.data.Dataset):
     """Batch `step` of the training stream: a pure function of (seed, step), so the data is the same whatever
     the number of loader workers (rendering is the bottleneck on a GPU, hence workers there)."""
 
-    def __init__(self, enc: Encoder, seed: int, steps: int, batch_size: int, abstain_frac: float):
-        self.enc, self.seed, self.steps, self.bs, self.frac = enc, seed, steps, batch_size, abstain_frac
+    def __init__(self, enc: Encoder, seed: int, steps: int, batch_size: int, abstain_scale: float):
+        self.enc, self.seed, self.steps, self.bs, self.scale = enc, seed, steps, batch_size, abstain_scale
 
     def __len__(self) -> int:
         return self.steps
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        return self.enc.batch([example(self.seed, "train-vlm", step * self.bs + j, self.frac)
+        return self.enc.batch([example(self.seed, "train-vlm", step * self.bs + j, self.scale)
                                for j in range(self.bs)])
 
 

@@ -201,3 +201,26 @@ def test_not_a_vision_language_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "empty_model" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_mathvista_labels_come_from_the_models_answers(tiny_ckpt, tmp_path, capsys):
+    from lvlmlp.tasks.mathvista import check_answer
+
+    (tmp_path / "images").mkdir()
+    records = {}
+    for i in range(4):
+        Image.new("RGB", (30 + 5 * i, 40), (50 * i, 20, 90)).save(tmp_path / "images" / f"{i}.jpg")
+        records[str(i)] = {"pid": str(i), "image": f"images/{i}.jpg", "query": f"How many bars {i}?",
+                           "answer": str(i), "question_type": "free_form", "answer_type": "integer",
+                           "choices": None, "precision": None, "unit": None}
+    (tmp_path / "testmini.json").write_text(json.dumps(records))
+    base = ["extract", "--model", str(tiny_ckpt("llava")), "--task", "mathvista", "--data-root", str(tmp_path),
+            "--no-progress"]
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "no")]) == 2
+    assert "labels come from the model's answers" in capsys.readouterr().err
+    assert main([*base, "--max-new-tokens", "3", "--out", str(tmp_path / "run")]) == 0
+    run = open_run(tmp_path / "run")
+    assert run.manifest["labels_from_responses"] is True
+    expected = [int(check_answer(m["response"], {**records[m["id"]], "id": m["id"]})) for m in run.meta]
+    np.testing.assert_array_equal(run.labels, expected)

@@ -11,7 +11,7 @@ import argparse
 import logging
 import multiprocessing as mp
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +68,14 @@ def extract(
     progress: bool = True,
     shard_size: int = 256,
     workers: int = 1,
+    label_fn: Callable[[str, dict], int] | None = None,
 ) -> Run:
-    """Extract features for `rows` (already selected; see `select_rows`) into the run folder `out`."""
+    """Extract features for `rows` (already selected; see `select_rows`) into the run folder `out`.
+
+    `label_fn(response, row)`: for tasks whose label is whether the model answered right (MathVista), each row's
+    `label` is computed from its generated response and stored with its metadata."""
+    if label_fn is not None and not max_new_tokens:
+        raise LvlmlpError(f"{source}: labels come from the model's answers here; give --max-new-tokens K (> 0)")
     if store_dtype not in STORE_DTYPES:
         raise LvlmlpError(f"--store-dtype: expected one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
     if on_error not in ("fail", "skip"):
@@ -101,6 +107,7 @@ def extract(
         "shard": f"{shard[0]}/{shard[1]}" if shard else None,
         "device": str(backend.device),
         "batch_size": batch_size,
+        "labels_from_responses": label_fn is not None,
     }
     writer = RunWriter(out, settings, shard_size=shard_size)
     pending = [r for r in rows if r["id"] not in writer.done_ids]
@@ -120,7 +127,11 @@ def extract(
             writer.fail(row_id, message)
         if batch_rows:
             batch = backend.to_device(batch)
-            writer.append(*_run_batch(backend, batch_rows, batch, max_new_tokens, n_keep, hidden, layers, dtype))
+            meta, arrays = _run_batch(backend, batch_rows, batch, max_new_tokens, n_keep, hidden, layers, dtype)
+            if label_fn is not None:
+                for m, row in zip(meta, batch_rows):
+                    m["label"] = int(label_fn(m["response"], row))
+            writer.append(meta, arrays)
         bar.update(len(chunk))
     bar.close()
     run = writer.close()
@@ -253,13 +264,23 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
         hf_logging.disable_progress_bar()
     template = args.prompt_template or task_template
+    label_fn = None
+    if args.task:
+        from lvlmlp.tasks import get_task
+
+        if get_task(args.task).needs_generation:  # MathVista: label = whether the model's answer is right
+            from lvlmlp.tasks.mathvista import check_answer
+
+            label_fn = check_answer
+            if not args.max_new_tokens:
+                raise LvlmlpError(f"--task {args.task}: labels come from the model's answers; give --max-new-tokens")
     backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=template,
                       raw_prompt=args.raw_prompt)
     run = extract(
         backend, rows, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         logits_tokens=args.logits_tokens, hidden=args.hidden, layers=_layers(args.layers),
         store_dtype=args.store_dtype, on_error=args.on_error, shard=parse_shard(args.shard), source=source,
-        progress=not args.no_progress, shard_size=args.shard_size, workers=args.workers,
+        progress=not args.no_progress, shard_size=args.shard_size, workers=args.workers, label_fn=label_fn,
     )
     print(f"{run.path}: {len(run)} rows, logits {run.n_logit_tokens} x {run.manifest['vocab_size']}")
     return 0
