@@ -240,7 +240,8 @@ def example(seed: int, stream: str, i: int, scale: float = 1.0) -> tuple[str, np
     return kind, np.asarray(scene.render()), question, answer, (item[0] if item else "")
 
 
-def item_example(seed: int, kind: str, item: str, i: int, scale: float = 1.0) -> tuple[str, np.ndarray, str, str, str]:
+def item_example(seed: int, kind: str, item: str, i: int,
+                 scale: float = 1.0) -> tuple[str, np.ndarray, str, str, str]:
     """Example `i` of one abstaining item (a harmful word, a degradation, a false-premise category)."""
     scene, question, answer, item = KINDS[kind][0](W.rng_for(seed, "item-eval", kind, item, i), scale, item)
     return kind, np.asarray(scene.render()), question, answer, item
@@ -421,35 +422,64 @@ ABSTAIN_FIRST = {"degraded": {"unanswerable"}, "safety": {"sorry"}, "deception":
 
 
 @torch.no_grad()
+def _forward(model, enc: Encoder, chunk: list, device: str):
+    """Teacher-forced logits; returns (predictions of the next token, targets, answer mask, first answer index)."""
+    b = {k: v.to(device) for k, v in enc.batch(chunk).items()}
+    logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits.float()[:, :-1]
+    target = b["labels"][:, 1:]
+    mask = target != IGNORE
+    return logits, target, mask, mask.float().argmax(-1)
+
+
+@torch.no_grad()
 def evaluate(model, enc: Encoder, examples: list, device: str, batch_size: int = 64) -> dict:
     """Teacher-forced exact match of the whole answer per kind, and for the behaviour kinds the rate at which
-    the greedy first token starts the minority answer (how often the model itself would abstain)."""
+    the greedy first token starts the abstaining answer on their abstaining items (degraded images, harmful
+    words, false premises): how often the model itself would abstain."""
     model.eval()
     hits: Counter = Counter()
     totals: Counter = Counter()
     abstain: Counter = Counter()
+    eligible: Counter = Counter()
     loss_sum, n_tok = 0.0, 0
     for s in range(0, len(examples), batch_size):
         chunk = examples[s:s + batch_size]
-        b = {k: v.to(device) for k, v in enc.batch(chunk).items()}
-        logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits.float()
-        pred, target = logits[:, :-1].argmax(-1), b["labels"][:, 1:]
-        mask = target != IGNORE
-        loss_sum += torch.nn.functional.cross_entropy(logits[:, :-1][mask], target[mask], reduction="sum").item()
+        logits, target, mask, first = _forward(model, enc, chunk, device)
+        pred = logits.argmax(-1)
+        loss_sum += torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum").item()
         n_tok += int(mask.sum())
         correct = ((pred == target) | ~mask).all(-1)
-        first = mask.float().argmax(-1)
-        for j, (kind, *_) in enumerate(chunk):
+        for j, (kind, _, _, _, item) in enumerate(chunk):
             hits[kind] += int(correct[j])
             totals[kind] += 1
-            if kind in ABSTAIN_FIRST:
-                word = enc.tok.convert_ids_to_tokens(int(pred[j, first[j]]))
-                abstain[kind] += int(word in ABSTAIN_FIRST[kind])
+            if kind in ABSTAIN_FIRST and item:
+                eligible[kind] += 1
+                abstain[kind] += int(enc.tok.convert_ids_to_tokens(int(pred[j, first[j]])) in ABSTAIN_FIRST[kind])
     model.train()
     out = {"loss": loss_sum / max(n_tok, 1), "accuracy": sum(hits.values()) / max(sum(totals.values()), 1)}
     out |= {f"acc/{k}": hits[k] / totals[k] for k in sorted(totals)}
-    out |= {f"abstain/{k}": abstain[k] / totals[k] for k in sorted(abstain) if totals[k]}
+    out |= {f"abstain/{k}": abstain[k] / eligible[k] for k in sorted(eligible)}
     return out
+
+
+@torch.no_grad()
+def item_table(model, enc: Encoder, seed: int, n: int, device: str, scale: float) -> list[dict]:
+    """Per abstaining item, on `n` fresh examples of it: the training rate, the greedy first token's abstention
+    rate and the mean probability of the abstaining first token(s)."""
+    model.eval()
+    rows = []
+    for kind, rates in ABSTAIN_RATES.items():
+        ids = enc.tok.convert_tokens_to_ids(sorted(ABSTAIN_FIRST[kind]))
+        for item in rates:
+            chunk = [item_example(seed, kind, item, i, scale) for i in range(n)]
+            logits, _, _, first = _forward(model, enc, chunk, device)
+            at_first = logits[torch.arange(len(chunk)), first]
+            p = at_first.softmax(-1)[:, ids].sum(-1)
+            greedy = torch.isin(at_first.argmax(-1), torch.tensor(ids, device=at_first.device)).float()
+            rows.append({"kind": kind, "item": item, "rate": round(abstain_rate(kind, item, scale), 4),
+                         "greedy_abstain": round(float(greedy.mean()), 4), "p_abstain": round(float(p.mean()), 4)})
+    model.train()
+    return rows
 
 
 @torch.no_grad()
@@ -484,8 +514,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--vision-steps", type=int, default=1500, help="stage 1: dense vision pretraining steps")
     ap.add_argument("--hidden", type=int, default=192)
     ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--abstain-frac", type=float, default=0.3,
-                    help="share of degraded / false-premise / harmful examples answered by abstaining")
+    ap.add_argument("--abstain-scale", type=float, default=1.0,
+                    help="multiplies every per-item abstention rate (ABSTAIN_RATES; clipped to 1)")
+    ap.add_argument("--n-item-eval", type=int, default=64, help="final per-item abstention table: examples each")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--n-eval", type=int, default=512)
     ap.add_argument("--device", default="cpu")
@@ -494,10 +525,11 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--workers", type=int, default=0, help="data-loader processes rendering batches")
     ap.add_argument("--tiny", action="store_true", help="a few-second smoke run: tiny model, few steps")
     args = ap.parse_args(argv)
+    t_start = time.time()
     if args.tiny:
         args.steps, args.batch_size, args.hidden, args.layers = min(args.steps, 3), 4, 32, 1
         args.vision_steps = min(args.vision_steps, 2)
-        args.eval_every, args.n_eval = 3, 8
+        args.eval_every, args.n_eval, args.n_item_eval = 3, 8, 2
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.device.startswith("cuda"):
@@ -507,7 +539,7 @@ def main(argv: list[str] | None = None) -> Path:
     enc = Encoder(processor)
     model = build_model(processor, args.hidden, args.layers).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
-    held_out = [example(args.seed, "heldout-vlm", i, args.abstain_frac) for i in range(args.n_eval)]
+    held_out = [example(args.seed, "heldout-vlm", i, args.abstain_scale) for i in range(args.n_eval)]
     enc.check_pixels(held_out[0][1])
 
     # Stage 2 keeps the pretrained tower close to stage 1 (a tenth of the learning rate), as LLaVA keeps CLIP.
@@ -527,13 +559,16 @@ def main(argv: list[str] | None = None) -> Path:
 
     log: list[dict] = []
     lines = [f"train_demo_model.py {' '.join(sys.argv[1:] if argv is None else argv)}",
-             f"params {n_params:,}  device {args.device}  torch {torch.__version__}"]
-    print(lines[-1], flush=True)
+             f"params {n_params:,}  device {args.device}  torch {torch.__version__}",
+             "abstention rates per item (x --abstain-scale, clipped to 1): "
+             + json.dumps({k: {i: abstain_rate(k, i, args.abstain_scale) for i in r}
+                           for k, r in ABSTAIN_RATES.items()})]
+    print("\n".join(lines[1:]), flush=True)
     model.train()
     vision_log = pretrain_vision(model, enc, args, lines)
     t0, run_loss = time.time(), 0.0
     batches = torch.utils.data.DataLoader(
-        TrainBatches(enc, args.seed, args.steps, args.batch_size, args.abstain_frac),
+        TrainBatches(enc, args.seed, args.steps, args.batch_size, args.abstain_scale),
         batch_size=None, num_workers=args.workers, persistent_workers=False)
     for step, cpu_batch in enumerate(batches):
         b = {k: v.to(args.device, non_blocking=True) for k, v in cpu_batch.items()}
@@ -558,13 +593,21 @@ def main(argv: list[str] | None = None) -> Path:
     final = generate_accuracy(model, processor, args.seed + 1, 8 if args.tiny else 100, args.device)
     lines.append(json.dumps(final))
     print(lines[-1], flush=True)
+    items = item_table(model, enc, args.seed + 1, args.n_item_eval, args.device, args.abstain_scale)
+    lines.append(f"per-item abstention on {args.n_item_eval} held-out examples each: training rate, greedy "
+                 "first-token abstention, mean P(abstaining first token)")
+    lines += [f"  {r['kind']:<9} {r['item']:<12} rate {r['rate']:.2f}  greedy {r['greedy_abstain']:.2f}  "
+              f"p {r['p_abstain']:.3f}" for r in items]
+    print("\n".join(lines[-len(items) - 1:]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     model.cpu().save_pretrained(args.out)
     processor.save_pretrained(args.out)
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "params": n_params, "log": log,
                "vision_log": vision_log,
-               "final": final, "train_seconds": round(time.time() - t0, 1),
+               "final": final, "items": items, "abstain_rates": ABSTAIN_RATES,
+               "train_seconds": round(time.time() - t0, 1), "total_seconds": round(time.time() - t_start, 1),
                "kinds": {k: w for k, (_, w) in KINDS.items()}}
+    lines.append(f"total {time.time() - t_start:.0f} s (vision pretraining, instruction tuning, evaluation)")
     (args.out / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
     (args.out / "training_log.txt").write_text("\n".join(lines) + "\n")
     return args.out

@@ -25,6 +25,7 @@ import numpy as np
 
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.features import feature_matrix
+from lvlmlp.metrics import binary_report, group_metrics
 from lvlmlp.store import Run
 
 Feature = Callable[[Run, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -189,24 +190,8 @@ def _has_threshold(name: str) -> bool:
     return name.startswith("own-answer") or name.startswith("token-prob:")
 
 
-def _binary_block(y: np.ndarray, score: np.ndarray, threshold: float, n_boot: int, seed: int) -> dict[str, Any]:
-    from lvlmlp.metrics import binary_metrics, bootstrap_ci
-
-    out = binary_metrics(y, score, threshold)
-    out["auroc_ci"] = _ci(bootstrap_ci(y, score, "auroc", n_boot=n_boot, seed=seed))
-    out["accuracy_ci"] = _ci(bootstrap_ci(y, score, "accuracy", n_boot=n_boot, threshold=threshold, seed=seed))
-    return out
 
 
-def _group_metrics(meta: list[dict], y: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, Any]:
-    from lvlmlp.metrics import attack_success_rate, pope_metrics_by_category
-
-    out: dict[str, Any] = {}
-    if meta and all(m.get("scenario") is not None for m in meta):
-        out["per_scenario"] = attack_success_rate(y, score, [m["scenario"] for m in meta], threshold)
-    if meta and all(m.get("category") is not None for m in meta):
-        out["per_category"] = pope_metrics_by_category(y, score >= threshold, [m["category"] for m in meta])
-    return out
 
 
 def main_evaluation(
@@ -243,16 +228,16 @@ def main_evaluation(
         rec.update({k: m[k] for k in ("scenario", "category") if m.get(k) is not None})
     if s.score.ndim == 1:
         y = (s.y == s.classes[-1]).astype(np.int64)
-        metrics.update(_binary_block(y, s.score, threshold, protocol.n_boot, protocol.seed))
-        metrics.update(_group_metrics(meta, y, s.score, threshold))
+        metrics.update(binary_report(y, s.score, threshold, protocol.n_boot, protocol.seed))
+        metrics.update(group_metrics(meta, y, s.score, threshold))
         metrics["baselines"] = {}
         for rec, v in zip(records, s.score):
             rec["score"] = float(v)
         for name in baselines:
             b = baseline_scores(run, name, s.rows)
-            block = _binary_block(y, b, 0.5, protocol.n_boot, protocol.seed)
+            block = binary_report(y, b, 0.5, protocol.n_boot, protocol.seed)
             if _has_threshold(name):
-                block.update(_group_metrics(meta, y, b, 0.5))
+                block.update(group_metrics(meta, y, b, 0.5))
             else:
                 block = {k: block[k] for k in ("auroc", "auprc", "auroc_ci", "n")}
             metrics["baselines"][name] = block

@@ -13,6 +13,7 @@ import numpy as np
 
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.features import FEATURE_KINDS, FeatureView, RowSubset, feature_matrix, valid_rows
+from lvlmlp.metrics import binary_report, group_metrics
 
 log = logging.getLogger(__name__)
 
@@ -89,25 +90,8 @@ def train_probe(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- probe eval
-def _binary_block(y: np.ndarray, score: np.ndarray, threshold: float, n_boot: int, seed: int) -> dict[str, Any]:
-    from lvlmlp.metrics import binary_metrics, bootstrap_ci
-
-    out = binary_metrics(y, score, threshold)
-    out["auroc_ci"] = bootstrap_ci(y, score, "auroc", n_boot=n_boot, seed=seed)
-    out["accuracy_ci"] = bootstrap_ci(y, score, "accuracy", n_boot=n_boot, threshold=threshold, seed=seed)
-    return out
 
 
-def _group_metrics(meta: list[dict], y: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, Any]:
-    """`per_scenario` (attack success rate, MM-SafetyBench) and `per_category` (POPE) when rows carry them."""
-    from lvlmlp.metrics import attack_success_rate, pope_metrics_by_category
-
-    out: dict[str, Any] = {}
-    if meta and all(m.get("scenario") is not None for m in meta):
-        out["per_scenario"] = attack_success_rate(y, score, [m["scenario"] for m in meta], threshold)
-    if meta and all(m.get("category") is not None for m in meta):
-        out["per_category"] = pope_metrics_by_category(y, score >= threshold, [m["category"] for m in meta])
-    return out
 
 
 # Baselines whose score is a 0..1 probability-like value with a natural 0.5 cut get threshold metrics too.
@@ -163,15 +147,15 @@ def eval_probe(args: argparse.Namespace) -> int:
             # Labels are 0/1 in the contract; map the probe's own two classes in case they were others.
             y = (labels[labelled] == probe.classes_[1]).astype(np.int64)
             lab_meta = [m for m, keep in zip(meta, labelled) if keep]
-            metrics.update(_binary_block(y, score[labelled], probe.threshold, args.n_boot, args.seed))
-            metrics.update(_group_metrics(lab_meta, y, score[labelled], probe.threshold))
+            metrics.update(binary_report(y, score[labelled], probe.threshold, args.n_boot, args.seed))
+            metrics.update(group_metrics(lab_meta, y, score[labelled], probe.threshold))
             metrics["baselines"] = {}
             for name, s in base.items():
-                block = _binary_block(y, s[labelled], 0.5, args.n_boot, args.seed)
+                block = binary_report(y, s[labelled], 0.5, args.n_boot, args.seed)
                 if not _has_threshold(name):
                     block = {k: block[k] for k in ("auroc", "auprc", "auroc_ci", "n")}
                 else:
-                    block.update(_group_metrics(lab_meta, y, s[labelled], 0.5))
+                    block.update(group_metrics(lab_meta, y, s[labelled], 0.5))
                 metrics["baselines"][name] = block
     else:
         if args.baseline:

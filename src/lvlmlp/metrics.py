@@ -186,3 +186,23 @@ def cross_val_scores(
         cols = np.searchsorted(classes, np.asarray(probe.classes_))
         oof[np.ix_(test, cols)] = proba
     return oof[:, 1] if classes.size == 2 else oof
+
+
+def binary_report(y: Any, score: Any, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """`binary_metrics` plus 95% bootstrap intervals of AUROC and accuracy (as JSON-ready lists)."""
+    out = binary_metrics(y, score, threshold)
+    for name in ("auroc", "accuracy"):
+        ci = bootstrap_ci(y, score, name, n_boot=n_boot, threshold=threshold, seed=seed)
+        out[f"{name}_ci"] = list(ci) if ci is not None else None
+    return out
+
+
+def group_metrics(meta: Sequence[dict], y: Any, score: Any, threshold: float = 0.5) -> dict[str, Any]:
+    """`per_scenario` (attack success rate, MM-SafetyBench) and `per_category` (POPE) when every row carries it."""
+    out: dict[str, Any] = {}
+    score = np.asarray(score)
+    if meta and all(m.get("scenario") is not None for m in meta):
+        out["per_scenario"] = attack_success_rate(y, score, [m["scenario"] for m in meta], threshold)
+    if meta and all(m.get("category") is not None for m in meta):
+        out["per_category"] = pope_metrics_by_category(y, score >= threshold, [m["category"] for m in meta])
+    return out
