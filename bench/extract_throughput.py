@@ -6,7 +6,7 @@
 (c) the bare model forward on pre-collated batches with `logits_to_keep=1` (the ceiling for (b)).
 Prints b/a (goal >= 20) and b/c (goal >= 0.6), and bytes on disk per row vs the paper's JSON text.
 
-    python bench/extract_throughput.py [--model DIR] [--rows 256] [--batch-size 16] [--device cpu]
+    python bench/extract_throughput.py [--model DIR] [--rows 256] [--batch-size 16] [--device cpu] [--geometry llava15]
 """
 
 from __future__ import annotations
@@ -26,6 +26,23 @@ from lvlmlp.backend import Backend
 from lvlmlp.data import load_image
 from lvlmlp.extract import extract
 from lvlmlp.testing import tiny_model
+
+
+def llava15_geometry(src: Path, out: Path) -> Path:
+    """The tiny LLaVA with LLaVA-1.5's image geometry (336 px, patch 14: 576 image tokens per row), so the forward
+    sees as many tokens per row as the real model does while its layers stay tiny."""
+    from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig.from_pretrained(src)
+    config.vision_config.image_size, config.vision_config.patch_size = 336, 14
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(out)
+    proc = AutoProcessor.from_pretrained(src)
+    proc.image_processor.size = {"shortest_edge": 336}
+    proc.image_processor.crop_size = {"height": 336, "width": 336}
+    proc.patch_size = 14
+    proc.save_pretrained(out)
+    return out
 
 
 def make_rows(root: Path, n: int) -> list[dict]:
@@ -75,11 +92,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--geometry", choices=["tiny", "llava15"], default="tiny",
+                    help="tiny: the test checkpoint's 28 px images; llava15: 336 px, 576 image tokens per row")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="lvlmlp-bench-"))
     try:
         model = args.model or tiny_model("llava", tmp / "tiny-llava")
+        if args.geometry == "llava15" and not args.model:
+            model = llava15_geometry(model, tmp / "tiny-llava-336")
         backend = Backend(model, device=args.device, dtype="float32" if args.device == "cpu" else "auto")
         rows = make_rows(tmp, args.rows)
         bare_forward(backend, rows[: args.batch_size], args.batch_size)  # warm-up
@@ -91,7 +112,8 @@ def main() -> None:
         n = len(rows)
         ours_bytes = sum(p.stat().st_size for p in run.path.iterdir() if p.is_file()) / n
         paper_bytes = (tmp / "paper.jsonl").stat().st_size / args.paper_rows
-        print(f"model: {model} ({backend.family}, vocab {backend.vocab_size}), device {backend.device}, rows {n}")
+        print(f"model: {model} ({backend.family}, vocab {backend.vocab_size}, {args.geometry} geometry), "
+              f"device {backend.device}, rows {n}, batch {args.batch_size}")
         print(f"(a) paper's way      : {n / t_a:9.1f} rows/s (timed on {args.paper_rows} rows)")
         print(f"(b) lvlmlp extract   : {n / t_b:9.1f} rows/s")
         print(f"(c) bare forward     : {n / t_c:9.1f} rows/s")
