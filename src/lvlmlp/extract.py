@@ -11,8 +11,9 @@ import argparse
 import logging
 import multiprocessing as mp
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,10 +24,12 @@ from lvlmlp.data import check_images_exist, load_image, read_manifest, rows_fing
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.store import Run, RunWriter, merge_runs
 
+if TYPE_CHECKING:
+    from lvlmlp.backend import Backend
+
 log = logging.getLogger("lvlmlp")
 
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
-
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
@@ -51,8 +54,16 @@ def select_rows(rows: list[dict], limit: int | None = None, shard: tuple[int, in
     return rows
 
 
+def check_rows(rows: list[dict], source: str, on_error: str = "fail") -> None:
+    """Ids, questions and labels are valid and (unless rows may be skipped) every image file exists."""
+    validate_rows(rows, source)
+    missing = check_images_exist(rows, source)
+    if missing and on_error == "fail":
+        raise LvlmlpError(missing[0][1])
+
+
 def extract(
-    backend,
+    backend: Backend,
     rows: list[dict],
     out: str | Path,
     *,
@@ -83,10 +94,7 @@ def extract(
     if batch_size < 1 or max_new_tokens < 0:
         raise LvlmlpError("--batch-size must be >= 1 and --max-new-tokens >= 0")
     rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
-    validate_rows(rows, source)
-    missing = check_images_exist(rows, source)
-    if missing and on_error == "fail":
-        raise LvlmlpError(missing[0][1])  # before any model work or folder is written
+    check_rows(rows, source, on_error)  # before any model work or folder is written
 
     n_keep = max(1, max_new_tokens if logits_tokens is None else min(logits_tokens, max(1, max_new_tokens)))
     settings = {
@@ -140,7 +148,7 @@ def extract(
     return run
 
 
-def _prepare(backend, rows: list[dict]) -> tuple[list[dict], dict | None, list[tuple[str, str]]]:
+def _prepare(backend: Backend, rows: list[dict]) -> tuple[list[dict], dict | None, list[tuple[str, str]]]:
     """Load a batch's images (recording the rows that fail) and collate the rest into CPU tensors."""
     ok, images, failed = [], [], []
     for row in rows:
@@ -154,13 +162,13 @@ def _prepare(backend, rows: list[dict]) -> tuple[list[dict], dict | None, list[t
 
 
 class _Batches(Dataset):
-    def __init__(self, backend, chunks: list[list[dict]]) -> None:
+    def __init__(self, backend: Backend, chunks: list[list[dict]]) -> None:
         self.backend, self.chunks = backend, chunks
 
     def __len__(self) -> int:
         return len(self.chunks)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[list[dict], dict | None, list[tuple[str, str]]]:
         return _prepare(self.backend, self.chunks[i])
 
 
@@ -168,11 +176,11 @@ def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def _identity(item):
+def _identity(item: object) -> object:
     return item
 
 
-def _prepared(backend, chunks: list[list[dict]], workers: int):
+def _prepared(backend: Backend, chunks: list[list[dict]], workers: int) -> Iterable:
     """Prepared batches in order. With workers > 0, forked data-loader processes decode and collate upcoming
     batches while the model runs: image decoding and the processors are mostly Python, so threads would queue
     on the GIL behind the model's own Python overhead. Fork shares the loaded model copy-on-write instead of
@@ -184,7 +192,8 @@ def _prepared(backend, chunks: list[list[dict]], workers: int):
                       prefetch_factor=2)
 
 
-def _run_batch(backend, rows, batch, max_new_tokens, n_keep, hidden, layers, dtype):
+def _run_batch(backend: Backend, rows: list[dict], batch: dict, max_new_tokens: int, n_keep: int, hidden: bool,
+               layers: Sequence[int], dtype: type) -> tuple[list[dict], dict[str, np.ndarray]]:
     if max_new_tokens:
         res = backend.generate(batch, max_new_tokens=max_new_tokens, hidden=hidden, layers=layers)
         logits = res["logits"][:, :n_keep].float().cpu().numpy()
@@ -255,10 +264,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     rows, task_template, source = _rows_from_args(args)
     # a task applies --limit itself (seeded subset); a manifest's --limit keeps its first N rows
     rows = select_rows(rows, None if args.task else args.limit, parse_shard(args.shard))
-    validate_rows(rows, source)
-    missing = check_images_exist(rows, source)
-    if missing and args.on_error == "fail":
-        raise LvlmlpError(missing[0][1])  # before the (possibly minutes-long) model load
+    check_rows(rows, source, args.on_error)  # before the (possibly minutes-long) model load
     if args.no_progress:
         from transformers.utils import logging as hf_logging
 
