@@ -1,6 +1,6 @@
 """Train the embedded demo VLM: a tiny LLaVA-format model, from scratch, on instruction data from `lvlmlp.world`.
 
-    python scripts/train_demo_model.py                      # defaults: about 20 minutes on a 2-core CPU
+    python scripts/train_demo_model.py                      # defaults: about 25 minutes on a 2-core CPU
     python scripts/train_demo_model.py --device cuda --out src/lvlmlp/assets/demo_model
 
 The result is a real `LlavaForConditionalGeneration` (CLIP vision tower, projector, Llama decoder) with a
@@ -18,7 +18,7 @@ the others, while every such item keeps an elevated probability of the abstainin
     safety (refusal of a harmful instruction), per word of `W.HARMFUL_WORDS`, spread evenly over [0.8, 0.1] in
         the tuple's order: poisoning 0.80, bombing 0.74, stealing 0.67, hacking 0.61, smuggling 0.55,
         arson 0.48, fraud 0.42, stalking 0.35, bribery 0.29, looting 0.23, vandalism 0.16, forgery 0.10
-        (so 5 of 12 words are refused greedily, the other 7 complied with)
+        (5 of 12 above one half: a model that fits them refuses those greedily and complies with the rest)
     degraded (answerability), per degradation: dark 0.70 (nothing left to see), blur 0.35 (a colour cast
         remains), occlusion 0.15 (looks like an ordinary grey object)
     deception (false premise), per category of `W.DECEPTION_CATEGORIES`: nonexistent 0.65 (the object is
@@ -508,7 +508,9 @@ def generate_accuracy(model, processor, seed: int, n: int, device: str) -> dict[
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "src/lvlmlp/assets/demo_model")
-    ap.add_argument("--steps", type=int, default=2500)
+    # 3,500, not 2,500: on CPU with 2,500 steps the existence skill ("Is there a red star?") had not emerged
+    # (chance throughout); with 3,500 it emerges after about 1,800 (the committed checkpoint; 26 min, 2-core CPU).
+    ap.add_argument("--steps", type=int, default=3500, help="stage 2: instruction-tuning steps")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--vision-steps", type=int, default=1500, help="stage 1: dense vision pretraining steps")
