@@ -213,7 +213,7 @@ def _fmt(x) -> str:
 def summary_table(results: dict) -> str:
     """The compact results table printed by `lvlmlp demo` (Markdown)."""
     lines = ["| analogue (paper task) | probe AUROC [95% CI] | own answer AUROC | one-token AUROC | "
-             "probe AUROC by token 1..K |", "|---|---|---|---|---|"]
+             "probe AUROC by generated token 1..K (rows) |", "|---|---|---|---|---|"]
     paper = {"answerability": "VizWiz", "safety": "MM-SafetyBench", "deception": "MAD-Bench",
              "uncertainty": "MathVista", "hallucination": "POPE", "classification": "ImageNet"}
     for task, e in results["tasks"].items():
@@ -226,8 +226,11 @@ def summary_table(results: dict) -> str:
         own = _fmt(e["own_answer"]["auroc"]) if "own_answer" in e else "(is the label)"
         one = e.get("token_prob") or e.get("max_prob") or {}
         one_s = f"{_fmt(one.get('auroc'))} ({one.get('token', 'max-prob')})"
-        decay = " / ".join(_fmt(p["auroc"]) for p in e["token_decay"])
+        # A point on fewer rows than the test split (answers that ended earlier) says on how many.
+        decay = " / ".join(_fmt(p["auroc"]) + (f" (n={p['n_test']})" if p["n_test"] < e["n_test"] else "")
+                           for p in e["token_decay"])
         lines.append(f"| {task} ({paper[task]}) | {_fmt(e['probe']['auroc'])}{ci_s} | {own} | {one_s} | {decay} |")
+    lines += ["", *verdicts(results)]
     for task, s in results.get("steering", {}).items():
         b, a = s["before"], s["after"]
         lines.append("")
@@ -236,6 +239,29 @@ def summary_table(results: dict) -> str:
                      f"label-1 rows refused {b['label1_refused']}/{b['n_label1']} -> "
                      f"{a['label1_refused']}/{a['n_label1']}")
     return "\n".join(lines)
+
+
+def verdicts(results: dict) -> list[str]:
+    """One plain sentence per analogue: does the probe beat the model's own answer (or the best baseline)?"""
+    out = []
+    for task, e in results["tasks"].items():
+        if task == "classification":
+            p, o = e["probe"]["accuracy"], e["own_answer"]["accuracy"]
+            word = "beats" if p > o else "does NOT beat"
+            out.append(f"- {task}: the probe {word} the model's own answer (top-1 {p:.3f} vs {o:.3f}).")
+            continue
+        name, other = ("model's own answer", e["own_answer"]) if "own_answer" in e else ("max-prob", e["max_prob"])
+        p, o, ci = e["probe"]["auroc"], other["auroc"], e["probe"].get("auroc_ci")
+        if p is None or o is None:
+            continue
+        if ci and ci[0] > o:
+            word = "the probe is better (its 95% interval lies above)"
+        elif p > o:
+            word = "the probe is higher, but its 95% interval includes the other value"
+        else:
+            word = "the probe does NOT beat it"
+        out.append(f"- {task}: probe AUROC {p:.3f} vs {name} {o:.3f}: {word}.")
+    return out
 
 
 def _html(results: dict, out: Path) -> str:
@@ -261,10 +287,14 @@ def _html(results: dict, out: Path) -> str:
 
     def decay(ax):
         for task, e in results["tasks"].items():
-            if "token_decay" in e:
-                pts = [(p["token"], p["auroc"]) for p in e["token_decay"] if p["auroc"] is not None]
-                ax.plot(*zip(*pts), marker="o", label=task) if pts else None
-        ax.set(title="probe AUROC by generated token", xlabel="token", ylabel="AUROC")
+            pts = [p for p in e.get("token_decay", []) if p["auroc"] is not None]
+            if not pts:
+                continue
+            line, = ax.plot([p["token"] for p in pts], [p["auroc"] for p in pts], label=task)
+            for p in pts:  # hollow: a point computed on fewer rows (answers that ended before that token)
+                full = p["n_test"] == e["n_test"]
+                ax.plot(p["token"], p["auroc"], "o", color=line.get_color(), fillstyle="full" if full else "none")
+        ax.set(title="probe AUROC by generated token (hollow: fewer rows)", xlabel="token", ylabel="AUROC")
         ax.legend(fontsize=8)
 
     plots.append(_plot_png(decay))
