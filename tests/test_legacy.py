@@ -75,17 +75,17 @@ def test_import_errors_name_the_line(tmp_path: Path):
     bad = json.loads(text[1])
     bad["logits"] = bad["logits"][:-1]
     (tmp_path / "b.jsonl").write_text("\n".join([text[0], json.dumps(bad), text[2]]) + "\n")
-    with pytest.raises(LvlmlpError, match=r"b.jsonl: line 2: token 0 has 11 logits, expected 12"):
+    with pytest.raises(LvlmlpError, match=r"b.jsonl:2: token 0 has 11 logits, expected 12"):
         import_legacy(tmp_path / "b.jsonl", tmp_path / "r1")
     (tmp_path / "c.jsonl").write_text(text[0] + "\n{not json\n")
-    with pytest.raises(LvlmlpError, match=r"c.jsonl: line 2: invalid JSON"):
+    with pytest.raises(LvlmlpError, match=r"c.jsonl:2: line is not JSON"):
         import_legacy(tmp_path / "c.jsonl", tmp_path / "r2")
-    with pytest.raises(LvlmlpError, match="line 1: token 0 has 12 logits, expected 32000"):
+    with pytest.raises(LvlmlpError, match="a.jsonl:1: token 0 has 12 logits, expected 32000"):
         import_legacy(tmp_path / "a.jsonl", tmp_path / "r3", vocab_size=32000)
     no_logits = json.loads(text[0])
     del no_logits["logits"]
     (tmp_path / "d.jsonl").write_text(json.dumps(no_logits) + "\n")
-    with pytest.raises(LvlmlpError, match="line 1: no 'logits' field"):
+    with pytest.raises(LvlmlpError, match="d.jsonl:1: no 'logits' field"):
         import_legacy(tmp_path / "d.jsonl", tmp_path / "r4")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,22 +23,30 @@ def read_manifest(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise LvlmlpError(f"{path}: manifest not found")
     rows = []
+    for _, row in iter_json_lines(path):
+        if "image" in row and isinstance(row["image"], str) and row["image"]:
+            image = Path(row["image"]).expanduser()
+            row["image"] = str(image if image.is_absolute() else (path.parent / image).resolve())
+        rows.append(row)
+    validate_rows(rows, str(path))
+    return rows
+
+
+def iter_json_lines(path: str | Path, context: str = "") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line, streamed (files of many GB never load whole); a line that is
+    not a JSON object is a one-line error naming `context` (e.g. the task), the file and the line."""
+    path = Path(path)
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise LvlmlpError(f"{path}:{lineno}: line is not JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise LvlmlpError(f"{path}:{lineno}: line is not a JSON object")
-            if "image" in row and isinstance(row["image"], str) and row["image"]:
-                image = Path(row["image"]).expanduser()
-                row["image"] = str(image if image.is_absolute() else (path.parent / image).resolve())
-            rows.append(row)
-    validate_rows(rows, str(path))
-    return rows
+                raise LvlmlpError(f"{context}{path}:{lineno}: line is not JSON ({err.msg})") from None
+            if not isinstance(obj, dict):
+                raise LvlmlpError(f"{context}{path}:{lineno}: line is not a JSON object")
+            yield lineno, obj
 
 
 def validate_rows(rows: list[dict], source: str) -> None:

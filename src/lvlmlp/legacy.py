@@ -9,13 +9,13 @@ first K generated tokens); a single list is stored as token 0 (the paper's defau
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lvlmlp.data import iter_json_lines
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.store import Run, RunWriter
 
@@ -93,66 +93,57 @@ def import_legacy(
             )
             meta.clear(), rows.clear(), counts.clear(), positions.clear()
 
-    with src.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{src}: line {line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise LvlmlpError(f"{where}: invalid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise LvlmlpError(f"{where}: expected a JSON object")
-            if "logits" not in obj:
-                raise LvlmlpError(f"{where}: no 'logits' field (responses without logits cannot be probed)")
-            tokens = _token_rows(obj.pop("logits"), where)
-            if writer is None:
-                width = vocab_size or len(tokens[0])
-                k_tokens = max_tokens or len(tokens)
-                writer = RunWriter(
-                    out,
-                    {
-                        "model": model or obj.get("model_name"),
-                        "family": "legacy",
-                        "dtype": dtype,
-                        "vocab_size": width,
-                        "prompt_template": None,
-                        "max_new_tokens": k_tokens,
-                        "hidden": False,
-                        "layers": [],
-                        "source": "import-legacy",
-                        "source_file": str(src.resolve()),
-                    },
-                    shard_size=shard_size,
+    for line_no, obj in iter_json_lines(src):
+        where = f"{src}:{line_no}"
+        if "logits" not in obj:
+            raise LvlmlpError(f"{where}: no 'logits' field (responses without logits cannot be probed)")
+        tokens = _token_rows(obj.pop("logits"), where)
+        if writer is None:
+            width = vocab_size or len(tokens[0])
+            k_tokens = max_tokens or len(tokens)
+            writer = RunWriter(
+                out,
+                {
+                    "model": model or obj.get("model_name"),
+                    "family": "legacy",
+                    "dtype": dtype,
+                    "vocab_size": width,
+                    "prompt_template": None,
+                    "max_new_tokens": k_tokens,
+                    "hidden": False,
+                    "layers": [],
+                    "source": "import-legacy",
+                    "source_file": str(src.resolve()),
+                },
+                shard_size=shard_size,
+            )
+        if len(tokens) > k_tokens:
+            if max_tokens is None:
+                raise LvlmlpError(
+                    f"{where}: logits of {len(tokens)} tokens but the first row has {k_tokens}; "
+                    "pass --max-tokens N to keep the first N"
                 )
-            if len(tokens) > k_tokens:
-                if max_tokens is None:
-                    raise LvlmlpError(
-                        f"{where}: logits of {len(tokens)} tokens but the first row has {k_tokens}; "
-                        "pass --max-tokens N to keep the first N"
-                    )
-                tokens = tokens[:k_tokens]
-            raw_id = obj.get("question_id", obj.get("id"))
-            row_id = str(raw_id) if raw_id is not None else str(line_no)
-            if row_id in seen:
-                raise LvlmlpError(f"{where}: duplicate id {row_id!r}")
-            seen.add(row_id)
-            row_position, position = position, position + 1
-            if row_id in writer.done_ids:
-                continue  # committed by an earlier, interrupted import
-            block = np.zeros((k_tokens, width), dtype=dtype)
-            for t, values in enumerate(tokens):
-                if len(values) != width:
-                    raise LvlmlpError(f"{where}: token {t} has {len(values)} logits, expected {width}")
-                block[t] = values
-            obj["label"] = _label(obj.get("label"), where)
-            meta.append({**obj, "id": row_id})
-            rows.append(block)
-            counts.append(len(tokens))
-            positions.append(row_position)
-            if len(meta) >= shard_size:
-                flush()
+            tokens = tokens[:k_tokens]
+        raw_id = obj.get("question_id", obj.get("id"))
+        row_id = str(raw_id) if raw_id is not None else str(line_no)
+        if row_id in seen:
+            raise LvlmlpError(f"{where}: duplicate id {row_id!r}")
+        seen.add(row_id)
+        row_position, position = position, position + 1
+        if row_id in writer.done_ids:
+            continue  # committed by an earlier, interrupted import
+        block = np.zeros((k_tokens, width), dtype=dtype)
+        for t, values in enumerate(tokens):
+            if len(values) != width:
+                raise LvlmlpError(f"{where}: token {t} has {len(values)} logits, expected {width}")
+            block[t] = values
+        obj["label"] = _label(obj.get("label"), where)
+        meta.append({**obj, "id": row_id})
+        rows.append(block)
+        counts.append(len(tokens))
+        positions.append(row_position)
+        if len(meta) >= shard_size:
+            flush()
     if writer is None:
         raise LvlmlpError(f"{src}: no rows")
     flush()

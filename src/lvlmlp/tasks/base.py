@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lvlmlp.data import validate_rows
+from lvlmlp.data import iter_json_lines, validate_rows
 from lvlmlp.errors import LvlmlpError
 
 KINDS = ("binary", "multiclass", "binary-from-response")
@@ -176,19 +176,7 @@ def read_json(path: Path, task: str) -> Any:
 
 def read_json_lines(path: Path, task: str) -> list[dict]:
     """Parse a JSON-lines file (POPE's `.json` files are JSON lines, one object per line)."""
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise LvlmlpError(f"{task}: {path}:{lineno}: line is not JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise LvlmlpError(f"{task}: {path}:{lineno}: line is not a JSON object")
-            out.append(obj)
-    return out
+    return [obj for _, obj in iter_json_lines(path, f"{task}: ")]
 
 
 def require(record: dict, key: str, where: str) -> Any:
