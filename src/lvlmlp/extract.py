@@ -96,7 +96,7 @@ def extract(
     rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
     check_rows(rows, source, on_error)  # before any model work or folder is written
 
-    n_keep = max(1, max_new_tokens if logits_tokens is None else min(logits_tokens, max(1, max_new_tokens)))
+    n_keep = max(1, min(max_new_tokens, logits_tokens or max_new_tokens))  # stored tokens; 1 for prefill
     settings = {
         "model": backend.model_id,
         "model_revision": backend.revision,
@@ -196,13 +196,9 @@ def _run_batch(backend: Backend, rows: list[dict], batch: dict, max_new_tokens: 
                layers: Sequence[int], dtype: type) -> tuple[list[dict], dict[str, np.ndarray]]:
     if max_new_tokens:
         res = backend.generate(batch, max_new_tokens=max_new_tokens, hidden=hidden, layers=layers)
+        # The backend returns exactly K columns, with zeros after each row's last valid token.
         logits = res["logits"][:, :n_keep].float().cpu().numpy()
-        if logits.shape[1] < n_keep:  # every row stopped early: pad to the fixed K of this run
-            pad = np.zeros((logits.shape[0], n_keep - logits.shape[1], logits.shape[2]), dtype=logits.dtype)
-            logits = np.concatenate([logits, pad], axis=1)
         n_tokens = res["n_tokens"].cpu().numpy().astype(np.int32)
-        # Padding positions hold zeros: a stored row never mixes a real token with padding.
-        logits[np.arange(n_keep)[None, :] >= n_tokens[:, None]] = 0.0
         responses = res["responses"]
     else:
         res = backend.prefill(batch, hidden=hidden, layers=layers)

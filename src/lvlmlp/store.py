@@ -328,13 +328,14 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, chunk: int =
         raise LvlmlpError(f"merge: {out} already exists")
     writer = RunWriter(out, settings, shard_size=chunk)
     names = [p.stem for p in sorted(runs[0].path.glob("*.npy"))]
+    # Memory-map every source array once; chunks gather their rows from these maps.
+    sources = {name: [run._array(name) for run in runs] for name in names}
     for start in range(0, len(order), chunk):
         part = order[start : start + chunk]
         meta = [runs[r].meta[i] for _, r, i in part]
-        arrays = {}
-        for name in names:
-            rows = [_row_of(runs[r], name, i) for _, r, i in part]
-            arrays[name] = np.stack(rows)
+        arrays = {
+            name: np.stack([_row_of(name, maps[r], i) for _, r, i in part]) for name, maps in sources.items()
+        }
         writer.append(meta, arrays)
     for run in runs:
         for failure in run.failures:
@@ -342,6 +343,5 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, chunk: int =
     return writer.close()
 
 
-def _row_of(run: Run, name: str, i: int) -> np.ndarray:
-    arr = run._array(name)
+def _row_of(name: str, arr: np.ndarray, i: int) -> np.ndarray:
     return np.asarray(arr[:, i] if name in ("logits", "layers") else arr[i])
