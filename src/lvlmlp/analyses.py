@@ -25,7 +25,6 @@ import numpy as np
 
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.features import feature_matrix
-from lvlmlp.metrics import binary_report, group_metrics
 from lvlmlp.store import Run
 
 Feature = Callable[[Run, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -185,15 +184,6 @@ def evaluate_feature(protocol: Protocol, feature: Feature, make_probe: Callable[
 
 
 # ------------------------------------------------------------------------------------------------ main evaluation
-def _has_threshold(name: str) -> bool:
-    # The same rule as `probe eval`: only probability-like baselines get accuracy / F1 at 0.5.
-    return name.startswith("own-answer") or name.startswith("token-prob:")
-
-
-
-
-
-
 def main_evaluation(
     protocol: Protocol,
     feature: Feature,
@@ -206,15 +196,12 @@ def main_evaluation(
 ) -> dict[str, Any]:
     """Probe + baselines on the evaluated rows, written as a `probe eval` folder (metrics.json, scores.jsonl) so
     that `lvlmlp report` and `report.write_report` read it; the fitted probe is saved to `probe_dir`."""
-    from lvlmlp.baselines import baseline_scores
-    from lvlmlp.metrics import top1_accuracy
+    from lvlmlp.evaluate import write_eval
 
     s = protocol.score(feature, make_probe_factory(probe_cfg))
-    run = protocol.test.run
     threshold = float(probe_cfg.get("threshold", 0.5))
-    metrics: dict[str, Any] = {
-        "task": "binary" if s.score.ndim == 1 else "multiclass",
-        "run": str(run.path),
+    header = {
+        "run": str(protocol.test.run.path),
         "split": split,
         "protocol": f"{protocol.cv}-fold cross-validation" if protocol.cv else "train/test",
         "probe": {"dir": str(probe_dir) if probe_dir and s.probe is not None else None,
@@ -222,42 +209,10 @@ def main_evaluation(
                   "threshold": threshold},
         "n_scored": int(s.rows.size), "n_skipped": s.n_short, "n_train": s.n_train,
     }
-    records: list[dict[str, Any]] = [{"id": run.ids[i], "label": int(lab)} for i, lab in zip(s.rows, s.y)]
-    meta = [run.meta[i] for i in s.rows]
-    for rec, m in zip(records, meta):
-        rec.update({k: m[k] for k in ("scenario", "category") if m.get(k) is not None})
-    if s.score.ndim == 1:
-        y = (s.y == s.classes[-1]).astype(np.int64)
-        metrics.update(binary_report(y, s.score, threshold, protocol.n_boot, protocol.seed))
-        metrics.update(group_metrics(meta, y, s.score, threshold))
-        metrics["baselines"] = {}
-        for rec, v in zip(records, s.score):
-            rec["score"] = float(v)
-        for name in baselines:
-            b = baseline_scores(run, name, s.rows)
-            block = binary_report(y, b, 0.5, protocol.n_boot, protocol.seed)
-            if _has_threshold(name):
-                block.update(group_metrics(meta, y, b, 0.5))
-            else:
-                block = {k: block[k] for k in ("auroc", "auprc", "auroc_ci", "n")}
-            metrics["baselines"][name] = block
-            for rec, v in zip(records, b):
-                rec.setdefault("baselines", {})[name] = float(v)
-    else:
-        if baselines:
-            raise LvlmlpError("baselines: defined for binary tasks only; remove them for a multiclass task")
-        pred = s.classes[np.argmax(s.score, axis=1)]
-        for rec, p, row in zip(records, pred, s.score):
-            rec.update(pred=int(p), score=float(row.max()))
-        metrics.update(accuracy=top1_accuracy(s.y, pred), n=int(s.y.size))
-    out.mkdir(parents=True, exist_ok=True)
     if probe_dir is not None and s.probe is not None:
         s.probe.save(probe_dir)
-    with (out / "scores.jsonl").open("w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return write_eval(out, protocol.test.run, s.rows, s.y.astype(float), s.score, s.classes, threshold, baselines,
+                      header, protocol.n_boot, protocol.seed)
 
 
 # ------------------------------------------------------------------------------------------------ analyses

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -47,6 +48,20 @@ def iter_json_lines(path: str | Path, context: str = "") -> Iterator[tuple[int, 
             if not isinstance(obj, dict):
                 raise LvlmlpError(f"{context}{path}:{lineno}: line is not a JSON object")
             yield lineno, obj
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [obj for _, obj in iter_json_lines(path)]
+
+
+def write_jsonl(path: str | Path, items: Iterable[dict]) -> None:
+    """Write JSON lines atomically (a temporary file renamed into place): readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for item in items:
+            f.write(json.dumps(item, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def validate_rows(rows: list[dict], source: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.features import FEATURE_KINDS, FeatureView, RowSubset, feature_matrix, valid_rows
+from lvlmlp.features import FEATURE_KINDS, FeatureView, RowSubset, valid_rows
 from lvlmlp.metrics import binary_report, group_metrics
 
 log = logging.getLogger(__name__)
@@ -77,12 +77,8 @@ def train_probe(args: argparse.Namespace) -> int:
                           "use --probe multinomial or lda")
     probe = make_probe(args, classes.size)
     view = FeatureView(run, kind=args.feature, token=args.token, layer=args.layer)
-    # The mini-batch probe streams rows from the memory map; the scikit-learn ones need the matrix in RAM.
-    if type(probe).__name__ == "MultinomialProbe":
-        X: Any = RowSubset(view, idx)
-    else:
-        X = feature_matrix(run, kind=args.feature, token=args.token, layer=args.layer, rows=idx)
-    probe.fit(X, y.astype(np.int64), spec=view.spec, label_names=run.manifest.get("label_names"))
+    # Every probe reads the rows chunk by chunk (the scikit-learn ones copy them into RAM as they go).
+    probe.fit(RowSubset(view, idx), y.astype(np.int64), spec=view.spec, label_names=run.manifest.get("label_names"))
     probe.fit_info_.update(run=str(run.path), split=args.split)
     probe.save(args.out)
     print(f"{type(probe).__name__} trained on {idx.size} rows ({view.spec.describe()}) -> {args.out}")
@@ -99,9 +95,70 @@ def _has_threshold(name: str) -> bool:
     return name.startswith("own-answer") or name.startswith("token-prob:")
 
 
-def eval_probe(args: argparse.Namespace) -> int:
+def write_eval(
+    out: Path,
+    run: Any,
+    idx: np.ndarray,
+    labels: np.ndarray,
+    score: np.ndarray,
+    classes: np.ndarray,
+    threshold: float,
+    baselines: list[str],
+    header: dict[str, Any],
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+    token: int = 0,
+) -> dict[str, Any]:
+    """Write a `probe eval` folder: `scores.jsonl` (one record per scored row) and `metrics.json` (probe and
+    baselines on the labelled rows). `score` is P(classes[-1]) (n,) for a binary probe, (n, C) for multiclass;
+    `labels` has NaN for unlabelled rows (scored, not measured). `lvlmlp run` writes its evaluations here too."""
     from lvlmlp.baselines import baseline_scores
+    from lvlmlp.data import write_jsonl
     from lvlmlp.metrics import top1_accuracy
+
+    labelled = ~np.isnan(labels)
+    meta = [run.meta[i] for i in idx]
+    metrics: dict[str, Any] = {"task": "binary" if score.ndim == 1 else "multiclass", **header}
+    records = [{"id": run.ids[i], "label": None if np.isnan(lab) else int(lab)} for i, lab in zip(idx, labels)]
+    for rec, m in zip(records, meta):
+        rec.update({k: m[k] for k in ("scenario", "category") if m.get(k) is not None})
+    if score.ndim == 1:
+        for rec, v in zip(records, score):
+            rec["score"] = float(v)
+        base = {name: baseline_scores(run, name, idx, token=token) for name in baselines}
+        for name, b in base.items():
+            for rec, v in zip(records, b):
+                rec.setdefault("baselines", {})[name] = float(v)
+        if labelled.any():
+            # Labels are 0/1 in the contract; map the probe's own two classes in case they were others.
+            y = (labels[labelled] == classes[-1]).astype(np.int64)
+            lab_meta = [m for m, keep in zip(meta, labelled) if keep]
+            metrics.update(binary_report(y, score[labelled], threshold, n_boot, seed))
+            metrics.update(group_metrics(lab_meta, y, score[labelled], threshold))
+            metrics["baselines"] = {}
+            for name, b in base.items():
+                block = binary_report(y, b[labelled], 0.5, n_boot, seed)
+                if _has_threshold(name):
+                    block.update(group_metrics(lab_meta, y, b[labelled], 0.5))
+                else:
+                    block = {k: block[k] for k in ("auroc", "auprc", "auroc_ci", "n")}
+                metrics["baselines"][name] = block
+    else:
+        if baselines:
+            raise LvlmlpError("baselines are defined for binary probes only")
+        pred = classes[np.argmax(score, axis=1)]
+        for rec, p, row in zip(records, pred, score):
+            rec.update(pred=int(p), score=float(row.max()))
+        if labelled.any():
+            metrics.update(accuracy=top1_accuracy(labels[labelled].astype(np.int64), pred[labelled]),
+                           n=int(labelled.sum()))
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "scores.jsonl", records)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def eval_probe(args: argparse.Namespace) -> int:
     from lvlmlp.probes import load_probe
     from lvlmlp.store import open_run
 
@@ -116,14 +173,8 @@ def eval_probe(args: argparse.Namespace) -> int:
     if idx.size == 0:
         raise LvlmlpError(f"{_where(run, args.split)}: no rows to score")
     labels = run.labels[idx]
-    labelled = ~np.isnan(labels)
-    meta = [run.meta[i] for i in idx]
     proba = probe.predict_proba(RowSubset(view, idx))
-    binary = len(probe.classes_) == 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics: dict[str, Any] = {
-        "task": "binary" if binary else "multiclass",
+    header = {
         "run": str(run.path),
         "split": args.split,
         "probe": {"dir": str(args.probe), "class": type(probe).__name__, "feature_spec": spec.to_dict(),
@@ -131,47 +182,11 @@ def eval_probe(args: argparse.Namespace) -> int:
         "n_scored": int(idx.size),
         "n_skipped": skipped,
     }
-    records = [{"id": run.ids[i], "label": None if np.isnan(lab) else int(lab)} for i, lab in zip(idx, labels)]
-    for rec, m in zip(records, meta):
-        rec.update({k: m[k] for k in ("scenario", "category") if m.get(k) is not None})
-    if binary:
-        score = proba[:, 1]
-        for rec, s in zip(records, score):
-            rec["score"] = float(s)
-        base: dict[str, np.ndarray] = {}
-        for name in args.baseline or []:
-            base[name] = baseline_scores(run, name, idx, token=spec.token)
-            for rec, s in zip(records, base[name]):
-                rec.setdefault("baselines", {})[name] = float(s)
-        if labelled.any():
-            # Labels are 0/1 in the contract; map the probe's own two classes in case they were others.
-            y = (labels[labelled] == probe.classes_[1]).astype(np.int64)
-            lab_meta = [m for m, keep in zip(meta, labelled) if keep]
-            metrics.update(binary_report(y, score[labelled], probe.threshold, args.n_boot, args.seed))
-            metrics.update(group_metrics(lab_meta, y, score[labelled], probe.threshold))
-            metrics["baselines"] = {}
-            for name, s in base.items():
-                block = binary_report(y, s[labelled], 0.5, args.n_boot, args.seed)
-                if not _has_threshold(name):
-                    block = {k: block[k] for k in ("auroc", "auprc", "auroc_ci", "n")}
-                else:
-                    block.update(group_metrics(lab_meta, y, s[labelled], 0.5))
-                metrics["baselines"][name] = block
-    else:
-        if args.baseline:
-            raise LvlmlpError("--baseline: baselines are defined for binary probes only")
-        pred = probe.classes_[np.argmax(proba, axis=1)]
-        for rec, p, row in zip(records, pred, proba):
-            rec.update(pred=int(p), score=float(row.max()))
-        if labelled.any():
-            metrics["accuracy"] = top1_accuracy(labels[labelled].astype(np.int64), pred[labelled])
-            metrics["n"] = int(labelled.sum())
-    if not labelled.any():
+    metrics = write_eval(Path(args.out), run, idx, labels, proba[:, 1] if len(probe.classes_) == 2 else proba,
+                         probe.classes_, probe.threshold, args.baseline or [], header, args.n_boot, args.seed,
+                         token=spec.token)
+    if np.isnan(labels).all():
         log.warning("%s has no labelled rows: scores written, no metrics", _where(run, args.split))
-    with (out / "scores.jsonl").open("w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     summary = {k: metrics[k] for k in ("auroc", "auprc", "accuracy", "f1", "n") if k in metrics}
     print(json.dumps(summary))
     return 0

@@ -30,6 +30,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from lvlmlp.data import read_jsonl, write_jsonl
 from lvlmlp.errors import LvlmlpError
 
 # Settings that may differ between runs that are otherwise the same computation (not part of the identity).
@@ -185,8 +186,8 @@ def _consolidate(run_dir: Path, shards: Sequence[Path], settings: dict) -> None:
         out.flush()
         del out
         os.replace(run_dir / f"{name}.npy.tmp", run_dir / f"{name}.npy")
-    _write_jsonl(run_dir / "meta.jsonl", (m for meta in metas for m in meta))
-    _write_jsonl(run_dir / "failures.jsonl", failures)
+    write_jsonl(run_dir / "meta.jsonl", (m for meta in metas for m in meta))
+    write_jsonl(run_dir / "failures.jsonl", failures)
     settings.update(complete=True, n_rows=n, n_failed=len(failures))
     _atomic_write_text(run_dir / "manifest.json", json.dumps(settings, indent=2))
     shutil.rmtree(run_dir / "shards", ignore_errors=True)
@@ -211,20 +212,6 @@ def _put(name: str, out: np.ndarray, start: int, stop: int, block: np.ndarray) -
         out[start:stop] = block
 
 
-def _write_jsonl(path: Path, items) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for item in items:
-            f.write(json.dumps(item, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
 
 class Run:
     """A finished run folder, read lazily: arrays are memory-mapped, never loaded whole."""
@@ -237,7 +224,7 @@ class Run:
         self.manifest: dict = json.loads(manifest_path.read_text())
         if not self.manifest.get("complete"):
             raise LvlmlpError(f"{self.path}: run is incomplete; re-run the same extract command to finish it")
-        self.meta: list[dict] = _read_jsonl(self.path / "meta.jsonl")
+        self.meta: list[dict] = read_jsonl(self.path / "meta.jsonl")
         self.ids: list[str] = [m["id"] for m in self.meta]
 
     def __len__(self) -> int:
@@ -295,7 +282,8 @@ class Run:
 
     @property
     def failures(self) -> list[dict]:
-        return _read_jsonl(self.path / "failures.jsonl")
+        path = self.path / "failures.jsonl"
+        return read_jsonl(path) if path.exists() else []
 
 
 def open_run(path: str | Path) -> Run:
