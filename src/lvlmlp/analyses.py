@@ -326,9 +326,9 @@ def plot_bars(names: list[str], entries: list[dict], path: Path, title: str, ref
 
 # ------------------------------------------------------------------------------------------------ report sections
 def fmt_result(e: dict[str, Any]) -> str:
-    from lvlmlp.report import _fmt_ci
+    from lvlmlp.report import fmt_ci
 
-    return _fmt_ci(e.get("value"), e.get("ci"))
+    return fmt_ci(e.get("value"), e.get("ci"))
 
 
 def token_decay_rows(result: dict[str, Any]) -> list[list[str]]:
@@ -360,17 +360,17 @@ class Section:
     pngs: list[Path] = field(default_factory=list)
 
     def markdown(self) -> str:
-        from lvlmlp.report import _markdown_table
+        from lvlmlp.report import markdown_table
 
-        lines = [f"## {self.title}", "", self.text, "", _markdown_table(self.header, self.rows), ""]
+        lines = [f"## {self.title}", "", self.text, "", markdown_table(self.header, self.rows), ""]
         lines += [f"![{p.stem}]({p.name})" for p in self.pngs]
         return "\n".join(lines) + "\n"
 
     def html(self) -> str:
-        from lvlmlp.report import _html_table
+        from lvlmlp.report import html_table
 
         parts = [f"<h2>{html.escape(self.title)}</h2><p>{html.escape(self.text)}</p>",
-                 _html_table(self.header, self.rows)]
+                 html_table(self.header, self.rows)]
         for p in self.pngs:
             data = base64.b64encode(p.read_bytes()).decode("ascii")
             parts.append(f"<img alt='{html.escape(p.stem)}' src='data:image/png;base64,{data}'>")

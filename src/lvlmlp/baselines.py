@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ def answer_token_ids(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(model: str) -> Any:
     """The run's own tokenizer (`manifest["model"]` is the path or hub id the run was extracted with)."""
     from transformers import AutoTokenizer

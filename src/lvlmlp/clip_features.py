@@ -16,7 +16,6 @@ no logits array). Probes read them through the usual feature view: `feature_matr
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -27,9 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lvlmlp.data import check_images_exist, load_image, rows_fingerprint, validate_rows
+from lvlmlp.data import load_image, rows_fingerprint
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.store import Run, RunWriter, _identity, open_run
+from lvlmlp.extract import check_rows
+from lvlmlp.store import Run, RunWriter, is_complete_run, open_run
 
 log = logging.getLogger("lvlmlp")
 
@@ -93,16 +93,6 @@ def _settings(model: str, family: str | None, kind: str, rows: list[dict]) -> di
     }
 
 
-def _finished(out: Path, settings: dict[str, Any]) -> bool:
-    """The folder holds a complete run made with these settings (checked without loading any model)."""
-    path = out / "manifest.json"
-    if not path.is_file():
-        return False
-    old = json.loads(path.read_text())
-    mine = {k: v for k, v in _identity(settings).items() if k != "family"}
-    return bool(old.get("complete")) and all(old.get(k) == v for k, v in mine.items())
-
-
 def extract_clip(
     model: str | Path,
     rows: list[dict],
@@ -122,12 +112,9 @@ def extract_clip(
     if unknown:
         raise LvlmlpError(f"clip kind {unknown[0]!r}: unknown (choose from {', '.join(KINDS)})")
     rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
-    validate_rows(rows, "clip")
-    missing = check_images_exist(rows, "clip")
-    if missing and on_error == "fail":
-        raise LvlmlpError(missing[0][1])
+    check_rows(rows, "clip", on_error)
     model_id = str(model)
-    todo = {k: Path(p) for k, p in outs.items() if not _finished(Path(p), _settings(model_id, None, k, rows))}
+    todo = {k: Path(p) for k, p in outs.items() if not is_complete_run(p, _settings(model_id, None, k, rows), ignore=("family",))}
     if not todo:
         return {k: open_run(p) for k, p in outs.items()}
     enc = encoder or ClipEncoder(model_id, device=device)

@@ -381,12 +381,12 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def _prompt_section(main: dict[str, dict], report_dir: Path) -> Any:
     from lvlmlp import analyses as an
-    from lvlmlp.report import _fmt
+    from lvlmlp.report import fmt_pct
 
     names = list(main)
     heads = [_headline(main[n]) for n in names]
     baselines = sorted({b for h in heads for b in h["baselines"]})
-    rows = [[n, an.fmt_result(h), *[_fmt(h["baselines"].get(b)) for b in baselines], str(h["n"])]
+    rows = [[n, an.fmt_result(h), *[fmt_pct(h["baselines"].get(b)) for b in baselines], str(h["n"])]
             for n, h in zip(names, heads)]
     png = report_dir / "prompt_comparison.png"
     an.plot_bars(names, heads, png, "probe by prompt")

@@ -61,6 +61,16 @@ def _check_kind(kind: str, layer: int | None) -> None:
         raise LvlmlpError("--feature layer needs --layer L")
 
 
+def transform(block: np.ndarray, kind: str) -> np.ndarray:
+    """Raw float32 logits -> the feature `kind` (log_softmax / softmax; anything else unchanged). ProbeGuard
+    applies the same function inside `generate`, so its scores equal `predict_proba` on a run."""
+    if kind == "log_softmax":
+        return log_softmax(block, axis=1).astype(np.float32, copy=False)
+    if kind == "softmax":
+        return np.exp(log_softmax(block, axis=1)).astype(np.float32, copy=False)
+    return block
+
+
 class FeatureView:
     """A lazy (N, D) float32 matrix over a run: `view[rows]` reads, transforms and validates those rows only."""
 
@@ -118,11 +128,7 @@ class FeatureView:
         if bad.any():
             row = int(idx[np.argmax(bad)])
             raise LvlmlpError(f"{self.run.path}: row {self.run.ids[row]!r} has NaN or infinite {self.kind} features")
-        if self.kind == "log_softmax":
-            block = log_softmax(block, axis=1).astype(np.float32, copy=False)
-        elif self.kind == "softmax":
-            block = np.exp(log_softmax(block, axis=1)).astype(np.float32, copy=False)
-        return block
+        return transform(block, self.kind)
 
 
 class RowSubset:

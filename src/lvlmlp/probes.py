@@ -239,9 +239,19 @@ def load_probe(directory: str | Path) -> Probe:
     return probe
 
 
-def _standardize_stats(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = X.mean(axis=0, dtype=np.float64)
-    std = X.std(axis=0, dtype=np.float64)
+def _column_stats(X: Any, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of each column, merging chunk statistics (Chan et al.) in float64."""
+    count, mean, m2 = 0, np.zeros(d), np.zeros(d)
+    for start in range(0, n, _SCORE_CHUNK):
+        block = _rows(X, start, start + _SCORE_CHUNK).astype(np.float64)
+        b_n, b_mean = block.shape[0], block.mean(axis=0)
+        b_m2 = ((block - b_mean) ** 2).sum(axis=0)
+        delta = b_mean - mean
+        total = count + b_n
+        mean = mean + delta * b_n / total
+        m2 = m2 + b_m2 + delta**2 * count * b_n / total
+        count = total
+    std = np.sqrt(m2 / max(count, 1))
     return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
 
 
@@ -288,7 +298,7 @@ class LogisticProbe(Probe):
         data = _to_memory(X)
         self.mean_ = self.scale_ = None
         if self.standardize:
-            self.mean_, self.scale_ = _standardize_stats(data)
+            self.mean_, self.scale_ = _column_stats(data, n, d)
             data = (data - self.mean_) / self.scale_
         model = LogisticRegression(
             C=self.C, class_weight=self.class_weight, max_iter=self.max_iter, tol=self.tol, solver=self.solver
@@ -369,22 +379,6 @@ class MultinomialProbe(Probe):
             raise LvlmlpError(f"--device {self.device}: CUDA is not available on this machine")
         return torch.device(self.device)
 
-    @staticmethod
-    def _streamed_stats(X: Any, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and std of each column, merging chunk statistics (Chan et al.) in float64."""
-        count, mean, m2 = 0, np.zeros(d), np.zeros(d)
-        for start in range(0, n, _SCORE_CHUNK):
-            block = _rows(X, start, start + _SCORE_CHUNK).astype(np.float64)
-            b_n, b_mean = block.shape[0], block.mean(axis=0)
-            b_m2 = ((block - b_mean) ** 2).sum(axis=0)
-            delta = b_mean - mean
-            total = count + b_n
-            mean = mean + delta * b_n / total
-            m2 = m2 + b_m2 + delta**2 * count * b_n / total
-            count = total
-        std = np.sqrt(m2 / max(count, 1))
-        return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
-
     def fit(
         self, X: Any, y: Any, spec: FeatureSpec | None = None, label_names: list[str] | None = None
     ) -> MultinomialProbe:
@@ -397,7 +391,7 @@ class MultinomialProbe(Probe):
         k = self.classes_.size
         device = self._device()
         if self.standardize:
-            self.mean_, self.scale_ = self._streamed_stats(X, n, d)
+            self.mean_, self.scale_ = _column_stats(X, n, d)
             mean_t = torch.from_numpy(self.mean_).to(device)
             scale_t = torch.from_numpy(self.scale_).to(device)
         else:

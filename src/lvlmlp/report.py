@@ -42,14 +42,14 @@ def _unique_names(dirs: list[Path]) -> list[str]:
     return names
 
 
-def _fmt(value: Any) -> str:
+def fmt_pct(value: Any) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
-def _fmt_ci(value: Any, ci: Any) -> str:
+def fmt_ci(value: Any, ci: Any) -> str:
     if value is None:
         return "–"
-    return _fmt(value) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+    return fmt_pct(value) + (f" [{fmt_pct(ci[0])}, {fmt_pct(ci[1])}]" if ci else "")
 
 
 def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
@@ -60,10 +60,10 @@ def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
     for name, m in methods:
         rows.append([
             name,
-            _fmt_ci(m.get("auroc"), m.get("auroc_ci")),
-            _fmt(m.get("auprc")),
-            _fmt_ci(m.get("accuracy"), m.get("accuracy_ci")),
-            _fmt(m.get("f1")),
+            fmt_ci(m.get("auroc"), m.get("auroc_ci")),
+            fmt_pct(m.get("auprc")),
+            fmt_ci(m.get("accuracy"), m.get("accuracy_ci")),
+            fmt_pct(m.get("f1")),
             str(m.get("n", "–")),
         ])
     return rows
@@ -72,13 +72,13 @@ def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
 HEADER = ["method", "AUROC [95% CI]", "AUPRC", "accuracy [95% CI]", "F1", "n"]
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
+def html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -106,7 +106,7 @@ def plot_roc(metrics: dict[str, Any], records: list[dict[str, Any]], path: Path,
             continue
         fpr, tpr, _ = roc_curve(y, s)
         m = metrics if key is None else metrics["baselines"][key]
-        ax.plot(fpr, tpr, label=f"{label} (AUROC {_fmt(m.get('auroc'))})", lw=2 if key is None else 1)
+        ax.plot(fpr, tpr, label=f"{label} (AUROC {fmt_pct(m.get('auroc'))})", lw=2 if key is None else 1)
     ax.plot([0, 1], [0, 1], ls=":", color="grey")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="lower right", fontsize=8)
@@ -164,17 +164,17 @@ def write_report(eval_dirs: list[str | Path], out: str | Path) -> dict[str, Any]
         parts.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(heading)}</p>")
         if metrics.get("task") == "multiclass":
             rows = [["probe (" + metrics.get("probe", {}).get("class", "probe") + ")",
-                     _fmt(metrics.get("accuracy")), str(metrics.get("n", "–"))]]
-            md += [_markdown_table(["method", "top-1 accuracy", "n"], rows), ""]
-            parts.append(_html_table(["method", "top-1 accuracy", "n"], rows))
+                     fmt_pct(metrics.get("accuracy")), str(metrics.get("n", "–"))]]
+            md += [markdown_table(["method", "top-1 accuracy", "n"], rows), ""]
+            parts.append(html_table(["method", "top-1 accuracy", "n"], rows))
             continue
         rows = table_rows(metrics)
-        md += [_markdown_table(HEADER, rows), ""]
-        parts.append(_html_table(HEADER, rows))
+        md += [markdown_table(HEADER, rows), ""]
+        parts.append(html_table(HEADER, rows))
         asr = (metrics.get("per_scenario") or {}).get("average")
         if asr is not None:
-            md += [f"Average attack success rate (probe): {_fmt(asr)}%", ""]
-            parts.append(f"<p>Average attack success rate (probe): {_fmt(asr)}%</p>")
+            md += [f"Average attack success rate (probe): {fmt_pct(asr)}%", ""]
+            parts.append(f"<p>Average attack success rate (probe): {fmt_pct(asr)}%</p>")
         if any(r.get("label") is not None for r in records):
             threshold = float(metrics.get("probe", {}).get("threshold", 0.5))
             for kind in ("roc", "scores"):

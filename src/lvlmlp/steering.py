@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.special import log_softmax
 from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
 
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.features import transform
 
 log = logging.getLogger("lvlmlp")
 
@@ -147,12 +147,7 @@ class ProbeGuard(LogitsProcessor):
         n_in = getattr(self.probe, "n_features_in_", feats.shape[1])
         if feats.shape[1] != n_in:
             raise LvlmlpError(f"the probe expects {n_in} logits but the model produces {feats.shape[1]}")
-        # The same transforms as lvlmlp.features.FeatureView, so the score equals probe.predict_proba on a run.
-        if self.kind == "log_softmax":
-            feats = log_softmax(feats, axis=1).astype(np.float32, copy=False)
-        elif self.kind == "softmax":
-            feats = np.exp(log_softmax(feats, axis=1)).astype(np.float32, copy=False)
-        return np.asarray(self.probe.predict_proba(feats))[:, 1]
+        return np.asarray(self.probe.predict_proba(transform(feats, self.kind)))[:, 1]
 
     def _start(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
         # Beam search hands processors log_softmax outputs: every row's logsumexp is 0, never the case for raw logits.
@@ -307,6 +302,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     labels, guarded, plain = [], [], []
+    n_flagged = 0
     bar = tqdm(total=len(rows), unit="row", file=sys.stderr, disable=args.no_progress, desc="generate")
     with out.open("w", encoding="utf-8") as f:
         for start in range(0, len(rows), args.batch_size):
@@ -318,6 +314,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 res = backend.generate(batch, max_new_tokens=args.max_new_tokens,
                                        logits_processor=LogitsProcessorList([guard]), **gen)
             assert guard.scores_ is not None and guard.flagged_ is not None
+            n_flagged += int(guard.flagged_.sum())
             base = None
             if args.eval:
                 torch.manual_seed(args.seed + start)
@@ -334,7 +331,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f.flush()
             bar.update(len(chunk))
     bar.close()
-    n_flagged = sum(1 for line in out.read_text().splitlines() if json.loads(line)["flagged"])
     print(f"{out}: {len(rows)} rows, {n_flagged} flagged (threshold {guard.threshold:g})")
     if args.eval:
         metrics = steering_metrics(labels, guarded, plain, args.template, answers)

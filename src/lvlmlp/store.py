@@ -54,6 +54,17 @@ def _differences(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def is_complete_run(run_dir: str | Path, settings: dict, ignore: tuple[str, ...] = ()) -> bool:
+    """`run_dir` holds a finished run made with `settings` (keys in `ignore` not compared): callers use it to skip
+    loading a model for work that is already done."""
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        return False
+    old = json.loads(path.read_text())
+    mine = _identity(json.loads(json.dumps(settings, default=str)))
+    return bool(old.get("complete")) and all(old.get(k) == v for k, v in mine.items() if k not in ignore)
+
+
 class RunWriter:
     """Append rows batch by batch; `close()` consolidates the shards into the final arrays.
 

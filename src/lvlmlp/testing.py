@@ -18,18 +18,6 @@ from typing import Any
 
 from lvlmlp.errors import LvlmlpError
 
-FAMILIES: tuple[str, ...] = (
-    "llava",
-    "llava_next",
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "instructblip",
-    "idefics3",
-    "smolvlm",
-    "paligemma",
-    "paligemma2",
-)
-
 # Small but varied text so byte-level BPE learns a few hundred merges: whole common words become single tokens.
 _CORPUS = """
 the a an is are was were be of in on at to for with and or not no yes what which who where when how why
@@ -490,6 +478,7 @@ _BUILDERS: dict[str, Callable[[], tuple[Any, Any, Any]]] = {
     "paligemma": lambda: _build_paligemma("paligemma"),
     "paligemma2": lambda: _build_paligemma("paligemma2"),
 }
+FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def tiny_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:

@@ -23,6 +23,7 @@ index), so a row does not change when the number of rows asked for changes, and 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import zlib
@@ -197,8 +198,10 @@ class Scene:
 WORD_TOP = 50  # rows [WORD_TOP, 64) hold the word when there is one; shapes then stay above it
 
 
+@functools.cache
 def _font() -> ImageFont.ImageFont:
-    # PIL's built-in bitmap font: no FreeType hinting, so the same pixels everywhere.
+    # PIL's built-in bitmap font: no FreeType hinting, so the same pixels everywhere. Loaded once: it is on the
+    # rendering path of every word scene.
     return ImageFont.load_default_imagefont()
 
 
@@ -465,33 +468,6 @@ def task_rows(task: str, image_dir: str | Path, n_train: int = 200, n_test: int 
             rows.append({"id": row_id, "image": str(path), "split": split, **fields,
                          "objects": [o.meta() for o in scene.objects]})
     return rows
-
-
-def answerability_rows(image_dir: str | Path, n_train: int = 200, n_test: int = 200, seed: int = 0) -> list[dict]:
-    return task_rows("answerability", image_dir, n_train, n_test, seed)
-
-
-def safety_rows(image_dir: str | Path, n_train: int = 200, n_test: int = 200, seed: int = 0) -> list[dict]:
-    return task_rows("safety", image_dir, n_train, n_test, seed)
-
-
-def deception_rows(image_dir: str | Path, n_train: int = 200, n_test: int = 200, seed: int = 0) -> list[dict]:
-    return task_rows("deception", image_dir, n_train, n_test, seed)
-
-
-def uncertainty_rows(image_dir: str | Path, n_train: int = 200, n_test: int = 200, seed: int = 0) -> list[dict]:
-    """Counting questions with their true `answer` and no label: the label is whether the model's answer is
-    right, so it is computed from responses with `label_from_response`."""
-    return task_rows("uncertainty", image_dir, n_train, n_test, seed)
-
-
-def hallucination_rows(image_dir: str | Path, n_train: int = 200, n_test: int = 200, seed: int = 0) -> list[dict]:
-    return task_rows("hallucination", image_dir, n_train, n_test, seed)
-
-
-def classification_rows(image_dir: str | Path, n_train: int = 200, n_test: int = 200,
-                        seed: int = 0) -> list[dict]:
-    return task_rows("classification", image_dir, n_train, n_test, seed)
 
 
 def write_manifest(rows: Iterable[dict], path: str | Path) -> Path:
