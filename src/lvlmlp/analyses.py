@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.features import feature_matrix
+from lvlmlp.features import feature_matrix, valid_rows
 from lvlmlp.store import Run
 
 Feature = Callable[[Run, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -69,7 +69,7 @@ def logits_feature(token: int, kind: str = "logits") -> Feature:
     """Logits-derived features of generated token `token`; rows that stopped before it are not kept."""
 
     def get(run: Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        keep = run.n_tokens[idx] > token
+        keep = valid_rows(run, kind, token)[idx]
         return keep, feature_matrix(run, kind, token=token, rows=idx[keep])
 
     return get

@@ -75,7 +75,7 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
     from lvlmlp.baselines import answer_token_ids, distribution_scores
     from lvlmlp.extract import extract
     from lvlmlp.features import feature_matrix
-    from lvlmlp.metrics import auroc, binary_metrics, bootstrap_ci, top1_accuracy
+    from lvlmlp.metrics import binary_metrics, bootstrap_ci, top1_accuracy
     from lvlmlp.probes import LogisticProbe, MultinomialProbe
 
     out = Path(out)
@@ -86,12 +86,14 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
                      "max_new_tokens": max_new_tokens, "tasks": {}, "steering": {}}
     probes: dict[str, LogisticProbe] = {}
     test_rows_of: dict[str, list[dict]] = {}
+    responses_of: dict[str, dict[str, str]] = {}  # unguarded greedy responses, for the steering comparison
     for task in world.TASKS:
         rows = world.task_rows(task, out / "images" / task, n_train, n_test, seed)
         log.info("demo: %s (%d rows)", task, len(rows))
         run = extract(backend, rows, out / "runs" / task, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       store_dtype="float32", source=f"demo {task}", progress=progress)
         responses = [r or "" for r in run.responses]
+        responses_of[task] = dict(zip(run.ids, responses))
         if task == "uncertainty":  # the label is whether the model's own count is right
             y = np.array([world.label_from_response(r, m) for r, m in zip(responses, run.meta)], dtype=float)
         else:
@@ -134,48 +136,38 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
                 conf = distribution_scores(run, "max-prob", np.flatnonzero(test))
                 entry["max_prob"] = binary_metrics(y[test], conf)
                 record["max_prob"] = conf.tolist()
-            entry["token_decay"] = _token_decay(run, y, train, test, auroc)
+            entry["token_decay"] = _token_decay(run, y, train, test, n_boot=200, seed=seed)
         results["tasks"][task] = entry
         _write_scores(out / "scores" / f"{task}.jsonl", record)
     if steer:
         for task, template in GUARD_TEMPLATES.items():
             results["steering"][task] = _steering(backend, probes[task], template, test_rows_of[task],
-                                                  out / "runs" / task, max_new_tokens, batch_size)
+                                                  responses_of[task], max_new_tokens, batch_size)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "report.html").write_text(_html(results, out))
     return results
 
 
-def _token_decay(run, y: np.ndarray, train: np.ndarray, test: np.ndarray, auroc) -> list[dict]:
-    """Probe AUROC on token t's logits for t = 0..K-1, trained and tested on rows that have a token t.
+def _token_decay(run, y: np.ndarray, train: np.ndarray, test: np.ndarray, n_boot: int, seed: int) -> list[dict]:
+    """Probe AUROC on token t's logits for t = 1..K (`analyses.token_decay`, the paper's protocol): token t is
+    trained and tested on the rows that generated it; the others are counted (`n_test`), never silently dropped."""
+    from lvlmlp.analyses import Labelled, Protocol, token_decay
 
-    Rows whose answer ended before t have no token t: they are counted (`n_test`) and left out of that point,
-    never silently dropped from the table."""
-    from lvlmlp.probes import LogisticProbe
-
-    points = []
-    n_tokens = run.n_tokens
-    for t in range(run.n_logit_tokens):
-        has = n_tokens > t
-        tr, te = train & has, test & has
-        point = {"token": t + 1, "n_train": int(tr.sum()), "n_test": int(te.sum()), "auroc": None}
-        if len(np.unique(y[tr])) == 2 and len(np.unique(y[te])) == 2:
-            X = np.asarray(run.logits(t), dtype=np.float32)
-            probe = LogisticProbe(max_iter=1000).fit(X[tr], y[tr].astype(int))
-            point["auroc"] = auroc(y[te], probe.predict_proba(X[te])[:, 1])
-        points.append(point)
-    return points
+    tr, te = np.flatnonzero(train), np.flatnonzero(test)
+    protocol = Protocol(test=Labelled(run, te, y[te].astype(np.int64)),
+                        train=Labelled(run, tr, y[tr].astype(np.int64)), n_boot=n_boot, seed=seed)
+    result = token_decay(protocol, {"kind": "logistic", "max_iter": 1000})
+    return [{"token": e["token"], "auroc": e["value"], "auroc_ci": e["ci"], "n_train": e.get("n_train", 0),
+             "n_test": e["n"]} for e in result["tokens"]]
 
 
-def _steering(backend, probe, template: str, rows: list[dict], run_dir: Path, max_new_tokens: int,
+def _steering(backend, probe, template: str, rows: list[dict], before: dict[str, str], max_new_tokens: int,
               batch_size: int) -> dict:
     """Answers and refusals on the test rows without the guard (the run's greedy responses) and with it."""
     from lvlmlp.data import load_image
     from lvlmlp.steering import ProbeGuard, guarded_generate, is_refusal
-    from lvlmlp.store import open_run
 
-    before = {m["id"]: m.get("response") or "" for m in open_run(run_dir).meta}
     guard = ProbeGuard(probe, backend.tokenizer, template)
     after: dict[str, str] = {}
     n_flagged = 0

@@ -232,17 +232,15 @@ def task_rows(cfg: dict[str, Any], split: str) -> list[dict]:
                                       per_class=cfg["per_class"], seed=cfg["seed"], **options)
 
 
-def _labels(cfg: dict[str, Any], run: Any) -> np.ndarray | None:
-    """Labels computed from the model's responses for tasks that need them (MathVista); None: the rows' own."""
+def _label_fn(cfg: dict[str, Any]) -> Any:
+    """MathVista: each row's label is whether the model's answer is right, stored by `extract` with the row."""
     from lvlmlp.tasks import get_task
 
     if not get_task(cfg["task"]).needs_generation:
         return None
-    if not cfg["extract"]["max_new_tokens"]:
-        raise LvlmlpError(f"task {cfg['task']}: labels come from the answers; set extract.max_new_tokens > 0")
-    from lvlmlp.tasks.mathvista import label_from_responses
+    from lvlmlp.tasks.mathvista import check_answer
 
-    return np.asarray(label_from_responses(run.meta), dtype=float)
+    return check_answer
 
 
 def run_experiment(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
@@ -268,7 +266,8 @@ def run_experiment(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]
                 extract(lazy.get(template), rows[split], folder, batch_size=cfg["batch_size"],
                         max_new_tokens=ext["max_new_tokens"], hidden=bool(ext["hidden"]),
                         layers=[int(x) for x in ext["layers"] or []], store_dtype=ext["store_dtype"],
-                        on_error=ext["on_error"], source=f"task {cfg['task']} split {split}", progress=progress)
+                        on_error=ext["on_error"], source=f"task {cfg['task']} split {split}", progress=progress,
+                        label_fn=_label_fn(cfg))
                 steps.mark(step, key)
             runs[(name, split)] = open_run(folder)
     clip_runs = _clip_step(cfg, rows, out, progress) if cfg["clip"] else {}
@@ -289,13 +288,22 @@ def _clip_step(cfg: dict[str, Any], rows: dict[str, list[dict]], out: Path, prog
     return result
 
 
-def _protocol(cfg: dict[str, Any], train_run: Any, test_run: Any) -> Any:
+def _protocol(cfg: dict[str, Any], train_run: Any, test_run: Any, label_runs: tuple[Any, Any] | None = None) -> Any:
+    """Train/test (or k-fold) protocol on the runs' labelled rows. `label_runs`: (train, test) VLM runs whose labels
+    the feature runs take by row id (CLIP runs of a task labelled by the model's answers, MathVista)."""
     from lvlmlp.analyses import Labelled, Protocol
 
-    test = Labelled.of(test_run, _labels(cfg, test_run))
+    def labelled(run: Any, source: Any) -> Any:
+        if source is None:
+            return Labelled.of(run)
+        by_id = dict(zip(source.ids, source.labels))
+        return Labelled.of(run, [by_id.get(i, np.nan) for i in run.ids])
+
+    train_src, test_src = label_runs or (None, None)
+    test = labelled(test_run, test_src)
     if "cv" in cfg["splits"]:
         return Protocol(test=test, cv=cfg["splits"]["cv"], seed=cfg["seed"], n_boot=cfg["n_boot"])
-    train = Labelled.of(train_run, _labels(cfg, train_run))
+    train = labelled(train_run, train_src)
     return Protocol(test=test, train=train, seed=cfg["seed"], n_boot=cfg["n_boot"])
 
 
@@ -367,8 +375,10 @@ def _analyses(cfg: dict[str, Any], out: Path, steps: Steps, prompts: list, split
         sections.append(_prompt_section(main, report_dir))
         results["prompt_comparison"] = {n: _headline(m) for n, m in main.items()}
     if clip_runs:
+        # CLIP rows carry no answers: where labels come from the model's answers, take them from the first prompt's runs.
+        label_runs = (runs[(prompts[0][0], splits[0])], runs[(prompts[0][0], splits[-1])]) if _label_fn(cfg) else None
         sections.append(_clip_evals(cfg, out, steps, clip_runs, splits, main[prompts[0][0]], eval_dirs, results,
-                                    report_dir, stamp))
+                                    report_dir, stamp, label_runs))
     return an.write_experiment_report(report_dir, eval_dirs, sections, results)
 
 
@@ -394,7 +404,8 @@ def _prompt_section(main: dict[str, dict], report_dir: Path) -> Any:
                       "and the baselines' AUROC.", ["prompt", "probe [95% CI]", *baselines, "n"], rows, [png])
 
 
-def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, report_dir, stamp) -> Any:
+def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, report_dir, stamp,
+                label_runs=None) -> Any:
     from lvlmlp import analyses as an
 
     probe_cfg = {k: v for k, v in cfg["probe"].items() if k != "feature"}
@@ -404,7 +415,7 @@ def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, r
     results["clip"] = {}
     for kind in cfg["clip"]["kinds"]:
         train_run, test_run = clip_runs[(kind, splits[0])], clip_runs[(kind, splits[-1])]
-        protocol = _protocol(cfg, train_run, test_run)
+        protocol = _protocol(cfg, train_run, test_run, label_runs)
         eval_dir = out / "evals" / f"clip-{kind}"
         metrics = _cached(steps, f"eval-clip-{kind}", stamp(train_run, test_run), eval_dir / "metrics.json",
                           partial(an.main_evaluation,
