@@ -114,112 +114,66 @@ def _tokenizer(
     )
 
 
+# Every tower is this small: 2 layers of width 32 keep a whole family's checkpoint under 1 MB and a forward in ms.
+_TINY: dict[str, int] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def _text(tokenizer: Any, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of a tiny decoder config over `tokenizer`'s vocabulary and special tokens."""
+    return {
+        "vocab_size": len(tokenizer),
+        **_TINY,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 512,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        **overrides,
+    }
+
+
+def _vision(**overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of a tiny ViT: 28 px images in 7 px patches (16 patches) unless overridden."""
+    return {**_TINY, "image_size": 28, "patch_size": 7, **overrides}
+
+
 def _llama(tokenizer: Any, **overrides: Any) -> Any:
-    """A 2-layer Llama text config matching `tokenizer` (also the text tower of InstructBLIP and Idefics3)."""
     from transformers import LlamaConfig
 
-    kwargs: dict[str, Any] = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
+    return LlamaConfig(**_text(tokenizer, tie_word_embeddings=False, **overrides))
 
 
 def _clip_vision() -> Any:
     from transformers import CLIPVisionConfig
 
-    return CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=7,
-        projection_dim=32,
-    )
+    return CLIPVisionConfig(**_vision(projection_dim=32))
 
 
-def _build_llava() -> tuple[Any, Any, Any]:
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+def _build_llava(family: str) -> tuple[Any, Any, Any]:
+    import transformers as tf
 
-    tok = _tokenizer(
-        ["<unk>", "<s>", "</s>", "<pad>", "<image>"],
-        bos="<s>",
-        eos="</s>",
-        pad="<pad>",
-        unk="<unk>",
-        add_bos=True,
-        extra={"image_token": "<image>"},
-    )
-    config = LlavaConfig(
-        vision_config=_clip_vision(),
-        text_config=_llama(tok),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=7,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=_chat_template("llava"),
-    )
-    return LlavaForConditionalGeneration, config, processor
-
-
-def _build_llava_next() -> tuple[Any, Any, Any]:
-    from transformers import (
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
-    )
-
-    tok = _tokenizer(
-        ["<unk>", "<s>", "</s>", "<pad>", "<image>", "[INST]", "[/INST]"],
-        bos="<s>",
-        eos="</s>",
-        pad="<pad>",
-        unk="<unk>",
-        add_bos=True,
-        extra={"image_token": "<image>"},
-    )
-    # "anyres": an image is cut into 28 px tiles on the best-fitting grid, so wide, tall and square images give
-    # different numbers of image tokens (the reason LLaVA-NeXT batches need padding).
-    pinpoints = [[28, 56], [56, 28], [56, 56]]
-    config = LlavaNextConfig(
-        vision_config=_clip_vision(),
-        text_config=_llama(tok),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=7,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=_chat_template("llava_next"),
-    )
-    return LlavaNextForConditionalGeneration, config, processor
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"] + (["[INST]", "[/INST]"] if family == "llava_next" else [])
+    tok = _tokenizer(specials, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", add_bos=True,
+                     extra={"image_token": "<image>"})
+    common = dict(vision_config=_clip_vision(), text_config=_llama(tok),
+                  image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                  vision_feature_select_strategy="default")
+    size = dict(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    if family == "llava":
+        model_cls, config = tf.LlavaForConditionalGeneration, tf.LlavaConfig(**common)
+        image_processor, proc_cls = tf.CLIPImageProcessor(**size), tf.LlavaProcessor
+    else:
+        # "anyres": an image is cut into 28 px tiles on the best-fitting grid, so wide, tall and square images give
+        # different numbers of image tokens (the reason LLaVA-NeXT batches need padding).
+        pinpoints = [[28, 56], [56, 28], [56, 56]]
+        model_cls = tf.LlavaNextForConditionalGeneration
+        config = tf.LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
+        image_processor = tf.LlavaNextImageProcessor(**size, image_grid_pinpoints=pinpoints)
+        proc_cls = tf.LlavaNextProcessor
+    processor = proc_cls(image_processor=image_processor, tokenizer=tok, patch_size=7,
+                         vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                         chat_template=_chat_template(family))
+    return model_cls, config, processor
 
 
 def _build_qwen(version: str) -> tuple[Any, Any, Any]:
@@ -247,19 +201,7 @@ def _build_qwen(version: str) -> tuple[Any, Any, Any]:
         in_channels=3,
     )
     # mrope_section splits the 16-dim head's 8 rotary frequencies over (time, height, width).
-    text = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        bos_token_id=None,
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-    )
+    text = _text(tok, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     if version == "qwen2_vl":
         config_cls, model_cls, proc_cls = (
             tf.Qwen2VLConfig,
@@ -321,23 +263,8 @@ def _build_instructblip() -> tuple[Any, Any, Any]:
         add_eos=True,
         vocab_size=300,
     )
-    vision = InstructBlipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=7,
-    )
-    qformer = InstructBlipQFormerConfig(
-        vocab_size=len(qtok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        pad_token_id=0,
-        max_position_embeddings=128,
-    )
+    vision = InstructBlipVisionConfig(**_vision())
+    qformer = InstructBlipQFormerConfig(vocab_size=len(qtok), **_TINY, pad_token_id=0, max_position_embeddings=128)
     config = InstructBlipConfig(
         vision_config=vision,
         qformer_config=qformer,
@@ -370,14 +297,7 @@ def _build_idefics3(family: str) -> tuple[Any, Any, Any]:
     tok = _tokenizer(specials, bos=bos, eos=eos, pad=pad, extra=extra, vocab_size=400)
     # 32 px tiles of 8 px patches, pixel-shuffled 2x2: 4 tokens per tile; images up to 64 px are split into a
     # grid of up to 2x2 tiles plus a global view, so the token count depends on the image's shape.
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
+    vision = _vision(image_size=32, patch_size=8)
     if family == "idefics3":
         config_cls, model_cls, image_cls = (
             tf.Idefics3Config,
@@ -431,28 +351,8 @@ def _build_paligemma(family: str) -> tuple[Any, Any, Any]:
     image_processor = tf.SiglipImageProcessor(size={"height": 28, "width": 28})
     image_processor.image_seq_length = 16
     processor = tf.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
-    vision = tf.SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=7,
-        projection_dim=32,
-    )
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    vision = tf.SiglipVisionConfig(**_vision(projection_dim=32))
+    common = _text(tok, head_dim=16)
     if family == "paligemma":
         text = tf.GemmaConfig(**common)
     else:
@@ -468,8 +368,8 @@ def _build_paligemma(family: str) -> tuple[Any, Any, Any]:
 
 
 _BUILDERS: dict[str, Callable[[], tuple[Any, Any, Any]]] = {
-    "llava": _build_llava,
-    "llava_next": _build_llava_next,
+    "llava": lambda: _build_llava("llava"),
+    "llava_next": lambda: _build_llava("llava_next"),
     "qwen2_vl": lambda: _build_qwen("qwen2_vl"),
     "qwen2_5_vl": lambda: _build_qwen("qwen2_5_vl"),
     "instructblip": _build_instructblip,
