@@ -19,6 +19,7 @@ process leaves whole shards only; re-running the same command skips the rows the
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -261,9 +262,10 @@ class Run:
             raise LvlmlpError(f"{self.path}: token {t} not stored (this run keeps {arr.shape[0]} token(s))")
         return arr[t]
 
-    @property
+    @functools.cached_property
     def n_tokens(self) -> np.ndarray:
-        return np.asarray(self._array("n_tokens"))
+        """(N,) valid generated tokens per row; read once (analyses index it many times), read-only."""
+        return _read_only(np.array(self._array("n_tokens")))
 
     @property
     def row_index(self) -> np.ndarray:
@@ -282,10 +284,12 @@ class Run:
     def responses(self) -> list[str | None]:
         return [m.get("response") for m in self.meta]
 
-    @property
+    @functools.cached_property
     def labels(self) -> np.ndarray:
-        """(N,) float labels with NaN where a row has none."""
-        return np.array([m["label"] if m.get("label") is not None else math.nan for m in self.meta], dtype=float)
+        """(N,) float labels with NaN where a row has none (built once from `meta`, read-only)."""
+        return _read_only(
+            np.array([m["label"] if m.get("label") is not None else math.nan for m in self.meta], dtype=float)
+        )
 
     @property
     def splits(self) -> list[str | None]:
@@ -295,6 +299,11 @@ class Run:
     def failures(self) -> list[dict]:
         path = self.path / "failures.jsonl"
         return read_jsonl(path) if path.exists() else []
+
+
+def _read_only(arr: np.ndarray) -> np.ndarray:
+    arr.flags.writeable = False  # cached on the Run: a caller changing it would change every later reader's view
+    return arr
 
 
 def open_run(path: str | Path) -> Run:
