@@ -99,6 +99,14 @@ def state_feature(kind: str, layer: int | None = None) -> Feature:
     return get
 
 
+class Unprobeable(LvlmlpError):
+    """A feature whose kept train rows cannot fit a probe; `n_test` still says how many test rows have it."""
+
+    def __init__(self, message: str, n_test: int = 0) -> None:
+        super().__init__(message)
+        self.n_test = n_test
+
+
 @dataclass
 class Scored:
     """Scores of the evaluated rows: `rows` (positions in the evaluated run), labels, and the probe's score
@@ -143,8 +151,8 @@ class Protocol:
         keep_tr, X_tr = feature(self.train.run, self.train.idx)
         y_tr = self.train.y[keep_tr]
         if np.unique(y_tr).size < 2:
-            raise LvlmlpError(f"{int(keep_tr.sum())} train rows have this feature, with labels "
-                              f"{np.unique(y_tr).tolist()}: a probe needs 2 classes")
+            raise Unprobeable(f"{int(keep_tr.sum())} train rows have this feature, with labels "
+                              f"{np.unique(y_tr).tolist()}: a probe needs 2 classes", n_test=int(keep.sum()))
         probe = make_probe().fit(X_tr, y_tr)
         proba = probe.predict_proba(X)
         classes = np.asarray(probe.classes_)
@@ -177,7 +185,7 @@ def evaluate_feature(protocol: Protocol, feature: Feature, make_probe: Callable[
     try:
         s = protocol.score(feature, make_probe)
     except LvlmlpError as err:
-        return {"metric": None, "value": None, "ci": None, "n": 0, "note": str(err)}, None
+        return {"metric": None, "value": None, "ci": None, "n": getattr(err, "n_test", 0), "note": str(err)}, None
     out = summarize(s.y, s.score, s.classes, protocol.n_boot, protocol.seed)
     out.update(n_train=s.n_train, n_train_short=s.n_train_short, n_short=s.n_short)
     return out, s
