@@ -224,3 +224,82 @@ def test_mathvista_labels_come_from_the_models_answers(tiny_ckpt, tmp_path, caps
     assert run.manifest["labels_from_responses"] is True
     expected = [int(check_answer(m["response"], {**records[m["id"]], "id": m["id"]})) for m in run.meta]
     np.testing.assert_array_equal(run.labels, expected)
+
+
+def _run_contents(run_dir: Path) -> tuple[dict[str, np.ndarray], list[dict], list[dict]]:
+    run = open_run(run_dir)
+    return _arrays(run_dir), run.meta, run.failures
+
+
+def test_worker_processes_give_exactly_the_inline_result(tiny_ckpt, tmp_path):
+    """Batches prepared by forked workers (and by the main process when it would otherwise wait) come back in
+    manifest order, failures included, bit for bit as when everything is prepared inline."""
+    from lvlmlp.backend import Backend
+    from lvlmlp.data import read_manifest
+    from lvlmlp.extract import extract
+
+    manifest = make_manifest(tmp_path, 11)
+    (tmp_path / "img" / "4.png").unlink()
+    backend = Backend(tiny_ckpt("llava"), device="cpu", dtype="float32")
+    rows = read_manifest(manifest)
+    results = {
+        workers: _run_contents(
+            extract(backend, rows, tmp_path / f"w{workers}", batch_size=2, on_error="skip", progress=False,
+                    workers=workers).path
+        )
+        for workers in (0, 1, 3)
+    }
+    arrays0, meta0, failures0 = results[0]
+    assert [m["id"] for m in meta0] == [f"r{i}" for i in range(11) if i != 4]
+    assert [f["id"] for f in failures0] == ["r4"]
+    for workers in (1, 3):
+        arrays, meta, failures = results[workers]
+        assert meta == meta0 and failures == failures0
+        assert arrays.keys() == arrays0.keys()
+        for name in arrays0:
+            np.testing.assert_array_equal(arrays[name], arrays0[name])
+
+
+def test_worker_errors_surface_in_the_main_process(tiny_ckpt, tmp_path):
+    """A batch that fails in a worker is prepared again here (so a real error is raised with its own exception, and
+    a passing one does no harm); a worker that dies
+    (killed, out of memory) stops the run with a clear message instead of a hang."""
+    from lvlmlp.backend import Backend
+    from lvlmlp.data import read_manifest
+    from lvlmlp.errors import LvlmlpError
+    from lvlmlp.extract import extract
+
+    parent = os.getpid()
+
+    class FailsOnOneQuestion(Backend):
+        def collate(self, images, questions):
+            if "colour of this" in " ".join(questions):  # rows r4 and r5 only
+                raise ValueError("processor failed on r4/r5")
+            return super().collate(images, questions)
+
+    class FailsInWorkers(Backend):
+        def collate(self, images, questions):
+            if os.getpid() != parent:
+                raise RuntimeError("only in a worker")
+            return super().collate(images, questions)
+
+    class DiesInWorkers(Backend):
+        def collate(self, images, questions):
+            if os.getpid() != parent:
+                os._exit(3)
+            return super().collate(images, questions)
+
+    rows = read_manifest(make_manifest(tmp_path, 8))
+    ckpt = tiny_ckpt("llava")
+    run = extract(FailsInWorkers(ckpt, device="cpu", dtype="float32"), rows, tmp_path / "c", batch_size=1,
+                  progress=False, workers=2)  # every batch a worker failed on was prepared again here
+    assert run.ids == [f"r{i}" for i in range(8)] and not run.failures
+    with pytest.raises(ValueError, match="processor failed on r4/r5"):
+        extract(FailsOnOneQuestion(ckpt, device="cpu", dtype="float32"), rows, tmp_path / "a", batch_size=1,
+                progress=False, workers=2)
+    with pytest.raises(LvlmlpError, match=r"a data-loader process died \(exit code 3\).*--workers 0"):
+        extract(DiesInWorkers(ckpt, device="cpu", dtype="float32"), rows, tmp_path / "b", batch_size=1,
+                progress=False, workers=1)
+    run = extract(DiesInWorkers(ckpt, device="cpu", dtype="float32"), rows, tmp_path / "b", batch_size=1,
+                  progress=False, workers=0)  # the advised re-run resumes and finishes
+    assert run.ids == [f"r{i}" for i in range(8)]

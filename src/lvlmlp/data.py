@@ -7,6 +7,7 @@ A row is a plain dict: `id` (str), `image` (absolute path), `question` (str), op
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -101,10 +102,11 @@ def load_image(path: str | Path, row_id: str = "?") -> Image.Image:
     if not path.is_file():
         raise LvlmlpError(f"row {row_id!r}: image not found: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now: truncated files fail here rather than inside the processor
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+        # From bytes in memory: no file handle outlives this call, and the decoded image needs no copy to detach it.
+        im = Image.open(io.BytesIO(path.read_bytes()))
+        im.load()  # decode now: truncated files fail here rather than inside the processor
+        ImageOps.exif_transpose(im, in_place=True)
+        return _to_rgb(im)
     except LvlmlpError:
         raise
     except Exception as err:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError)
@@ -120,7 +122,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         im = Image.fromarray(arr)  # uint8 2-D -> mode "L"
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")  # avoids PIL's warning and keeps palette transparency meaningful
-    return im.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def rows_fingerprint(rows: Iterable[dict]) -> str:

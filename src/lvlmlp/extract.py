@@ -8,16 +8,20 @@ answer ends early are kept and padded, never dropped), and the decoded response.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import multiprocessing as mp
+import os
+import signal
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING
+from queue import Empty
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from lvlmlp.data import check_images_exist, load_image, read_manifest, rows_fingerprint, validate_rows
@@ -127,20 +131,21 @@ def extract(
     dtype = STORE_DTYPES[store_dtype]
     bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="extract")
     chunks = [pending[s : s + batch_size] for s in range(0, len(pending), batch_size)]
-    for chunk, (batch_rows, batch, failed) in zip(chunks, _prepared(backend, chunks, workers)):
-        for row_id, message in failed:
-            if on_error == "fail":
-                bar.close()
-                raise LvlmlpError(f"{source}: {message}")
-            writer.fail(row_id, message)
-        if batch_rows:
-            batch = backend.to_device(batch)
-            meta, arrays = _run_batch(backend, batch_rows, batch, max_new_tokens, n_keep, hidden, layers, dtype)
-            if label_fn is not None:
-                for m, row in zip(meta, batch_rows):
-                    m["label"] = int(label_fn(m["response"], row))
-            writer.append(meta, arrays)
-        bar.update(len(chunk))
+    with closing(_prepared(backend, chunks, workers)) as prepared:  # closing: stop the workers on errors too
+        for chunk, (batch_rows, batch, failed) in zip(chunks, prepared):
+            for row_id, message in failed:
+                if on_error == "fail":
+                    bar.close()
+                    raise LvlmlpError(f"{source}: {message}")
+                writer.fail(row_id, message)
+            if batch_rows:
+                batch = backend.to_device(batch)
+                meta, arrays = _run_batch(backend, batch_rows, batch, max_new_tokens, n_keep, hidden, layers, dtype)
+                if label_fn is not None:
+                    for m, row in zip(meta, batch_rows):
+                        m["label"] = int(label_fn(m["response"], row))
+                writer.append(meta, arrays)
+            bar.update(len(chunk))
     bar.close()
     run = writer.close()
     if run.failures:
@@ -148,7 +153,10 @@ def extract(
     return run
 
 
-def _prepare(backend: Backend, rows: list[dict]) -> tuple[list[dict], dict | None, list[tuple[str, str]]]:
+Prepared = tuple[list[dict], dict | None, list[tuple[str, str]]]  # rows that loaded, their batch, failures
+
+
+def _prepare(backend: Backend, rows: list[dict]) -> Prepared:
     """Load a batch's images (recording the rows that fail) and collate the rest into CPU tensors."""
     ok, images, failed = [], [], []
     for row in rows:
@@ -161,35 +169,87 @@ def _prepare(backend: Backend, rows: list[dict]) -> tuple[list[dict], dict | Non
     return ok, batch, failed
 
 
-class _Batches(Dataset):
-    def __init__(self, backend: Backend, chunks: list[list[dict]]) -> None:
-        self.backend, self.chunks = backend, chunks
+def _claim(claimed: Any, n: int, leave: int = 0) -> int | None:
+    """Take the next unprepared chunk index (shared by this process and the workers), or None when fewer than
+    `leave` + 1 are left."""
+    with claimed.get_lock():
+        k = claimed.value
+        if k >= n - leave:
+            return None
+        claimed.value = k + 1
+        return k
 
-    def __len__(self) -> int:
-        return len(self.chunks)
 
-    def __getitem__(self, i: int) -> tuple[list[dict], dict | None, list[tuple[str, str]]]:
-        return _prepare(self.backend, self.chunks[i])
-
-
-def _one_thread(_worker_id: int) -> None:
+def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any, queue: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; it stops us
     torch.set_num_threads(1)
+    while slots.acquire() and (k := _claim(claimed, len(chunks))) is not None:
+        try:
+            rows, batch, failed = _prepare(backend, chunks[k])
+            # numpy pickles by value through the pipe; torch tensors would go through one shared-memory file
+            # descriptor each, which costs more than preparing the batch.
+            item = rows, None if batch is None else {n: t.numpy() for n, t in batch.items()}, failed
+        except Exception:  # noqa: BLE001 - the main process prepares this chunk again and raises the error itself
+            item = None
+        queue.put((k, item))
+    queue.close()
+    queue.join_thread()
 
 
-def _identity(item: object) -> object:
-    return item
+def _prepared(backend: Backend, chunks: list[list[dict]], workers: int) -> Iterator[Prepared]:
+    """Prepared batches in chunk order.
 
-
-def _prepared(backend: Backend, chunks: list[list[dict]], workers: int) -> Iterable:
-    """Prepared batches in order. With workers > 0, forked data-loader processes decode and collate upcoming
-    batches while the model runs: image decoding and the processors are mostly Python, so threads would queue
-    on the GIL behind the model's own Python overhead. Fork shares the loaded model copy-on-write instead of
-    pickling it; where fork is unavailable, batches are prepared inline."""
-    if workers <= 0 or "fork" not in mp.get_all_start_methods() or not chunks:
-        return (_prepare(backend, chunk) for chunk in chunks)
-    return DataLoader(_Batches(backend, chunks), batch_size=None, num_workers=min(workers, len(chunks)),
-                      collate_fn=_identity, multiprocessing_context="fork", worker_init_fn=_one_thread,
-                      prefetch_factor=2)
+    Forked worker processes decode and collate upcoming batches while this process runs the model (image decoding
+    and processors are mostly Python, so threads would queue on the GIL). Chunks are claimed from a shared counter,
+    and when the next batch is not ready this process claims and prepares one itself rather than wait: every core
+    does useful work whichever side is slower, and the first batch does not wait for a worker to start. Fork shares
+    the loaded backend copy-on-write instead of pickling it; without fork, or with workers=0, all is done inline."""
+    if workers <= 0 or "fork" not in mp.get_all_start_methods() or len(chunks) < 2:
+        yield from (_prepare(backend, chunk) for chunk in chunks)
+        return
+    # The Rust tokenizer's thread pool would spin on the cores the workers need; processes are our parallelism.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ctx = mp.get_context("fork")
+    claimed = ctx.Value("q", 0)  # chunks [0, claimed) are taken, by a worker or by this process
+    slots = ctx.Semaphore(2 * workers)  # prepared batches not yet taken from the queue: memory stays flat
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(backend, chunks, claimed, slots, queue), daemon=True)
+             for _ in range(min(workers, len(chunks) - 1))]
+    gc.freeze()  # the workers' garbage collector then leaves the shared objects (and their pages) alone
+    for proc in procs:
+        proc.start()
+    gc.unfreeze()
+    ready: dict[int, Prepared | None] = {}
+    try:
+        for j in range(len(chunks)):
+            while j not in ready:
+                # The last chunks are left to the workers: taking one would leave them idle while we catch up.
+                k = _claim(claimed, len(chunks), leave=len(procs)) if queue.empty() else None
+                if k is not None:
+                    ready[k] = _prepare(backend, chunks[k])
+                    continue
+                try:
+                    k, item = queue.get(timeout=1.0)
+                except Empty:
+                    dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    if dead:
+                        raise LvlmlpError(
+                            f"extract: a data-loader process died (exit code {dead[0]}), perhaps out of memory; "
+                            "re-run to resume, with --workers 0 to prepare batches in this process"
+                        ) from None
+                    continue
+                slots.release()
+                if item is not None and item[1] is not None:
+                    item = item[0], {n: torch.from_numpy(a) for n, a in item[1].items()}, item[2]
+                ready[k] = item
+            item = ready.pop(j)
+            yield item if item is not None else _prepare(backend, chunks[j])
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+        queue.close()
 
 
 def _run_batch(backend: Backend, rows: list[dict], batch: dict, max_new_tokens: int, n_keep: int, hidden: bool,
