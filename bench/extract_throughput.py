@@ -6,7 +6,7 @@
 (c) the bare model forward on pre-collated batches with `logits_to_keep=1` (the ceiling for (b)).
 Prints b/a (goal >= 20) and b/c (goal >= 0.6), and bytes on disk per row vs the paper's JSON text.
 
-    python bench/extract_throughput.py [--model DIR] [--rows 256] [--batch-size 16] [--device cpu] [--geometry llava15]
+    python bench/extract_throughput.py [--model DIR] [--rows 256] [--batch-size 8] [--device cpu] [--geometry llava15]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from PIL import Image
 
 from lvlmlp.backend import Backend
 from lvlmlp.data import load_image
-from lvlmlp.extract import extract
+from lvlmlp.extract import BATCH_SIZE, extract
 from lvlmlp.testing import tiny_model
 
 
@@ -89,9 +89,10 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="checkpoint (default: a tiny LLaVA built here)")
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--paper-rows", type=int, default=64, help="rows timed the paper's way (it is slow)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="for (b) and (c); default: extract's")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1, help="extract's data-loader processes")
     ap.add_argument("--repeat", type=int, default=5, help="times (b) and (c) are each measured; medians are compared")
     ap.add_argument("--geometry", choices=["tiny", "llava15"], default="tiny",
                     help="tiny: the test checkpoint's 28 px images; llava15: 336 px, 576 image tokens per row")
@@ -111,7 +112,8 @@ def main() -> None:
         t_bs, t_cs = [], []
         for i in range(args.repeat):
             t0 = time.perf_counter()
-            run = extract(backend, rows, tmp / f"run{i}", batch_size=args.batch_size, progress=False)
+            run = extract(backend, rows, tmp / f"run{i}", batch_size=args.batch_size, progress=False,
+                          workers=args.workers)
             t_bs.append(time.perf_counter() - t0)
             t_cs.append(bare_forward(backend, rows, args.batch_size))
         t_b, t_c = float(np.median(t_bs)), float(np.median(t_cs))

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lvlmlp")
 
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+BATCH_SIZE = 8  # default rows per forward
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
@@ -71,7 +72,7 @@ def extract(
     rows: list[dict],
     out: str | Path,
     *,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     max_new_tokens: int = 0,
     logits_tokens: int | None = None,
     hidden: bool = False,
@@ -220,6 +221,7 @@ def _prepared(backend: Backend, chunks: list[list[dict]], workers: int) -> Itera
         proc.start()
     gc.unfreeze()
     ready: dict[int, Prepared | None] = {}
+    done = False
     try:
         for j in range(len(chunks)):
             while j not in ready:
@@ -243,12 +245,16 @@ def _prepared(backend: Backend, chunks: list[list[dict]], workers: int) -> Itera
                     item = item[0], {n: torch.from_numpy(a) for n, a in item[1].items()}, item[2]
                 ready[k] = item
             item = ready.pop(j)
+            # After the last one, every chunk is claimed and every worker result consumed: the workers are exiting.
+            done = j == len(chunks) - 1
             yield item if item is not None else _prepare(backend, chunks[j])
     finally:
         for proc in procs:
-            if proc.is_alive():
+            # Workers that ran out of chunks exit by themselves; tearing down a process that shares a large model
+            # takes milliseconds we need not wait for (multiprocessing reaps it later). Stopped early, we stop them.
+            if not done and proc.is_alive():
                 proc.terminate()
-            proc.join()
+                proc.join()
         queue.close()
 
 
@@ -365,7 +371,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         add_task_arguments(p)
     add_model_arguments(p)
     p.add_argument("--out", required=True, help="run folder; re-running the same command resumes it")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--max-new-tokens", type=int, default=0,
                    help="0: one prefill forward (first token only); K: greedy generation keeping K tokens' logits")
     p.add_argument("--logits-tokens", type=int, default=None, help="keep only the first T tokens' logits")
