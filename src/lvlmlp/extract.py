@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
@@ -170,12 +171,11 @@ def _prepare(backend: Backend, rows: list[dict]) -> Prepared:
     return ok, batch, failed
 
 
-def _claim(claimed: Any, n: int, leave: int = 0) -> int | None:
-    """Take the next unprepared chunk index (shared by this process and the workers), or None when fewer than
-    `leave` + 1 are left."""
+def _claim(claimed: Any, n: int) -> int | None:
+    """Take the next unprepared chunk index (shared by this process and the workers), or None when all are taken."""
     with claimed.get_lock():
         k = claimed.value
-        if k >= n - leave:
+        if k >= n:
             return None
         claimed.value = k + 1
         return k
@@ -185,6 +185,7 @@ def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; it stops us
     torch.set_num_threads(1)
     while slots.acquire() and (k := _claim(claimed, len(chunks))) is not None:
+        start = time.perf_counter()
         try:
             rows, batch, failed = _prepare(backend, chunks[k])
             # numpy pickles by value through the pipe; torch tensors would go through one shared-memory file
@@ -192,7 +193,7 @@ def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any
             item = rows, None if batch is None else {n: t.numpy() for n, t in batch.items()}, failed
         except Exception:  # noqa: BLE001 - the main process prepares this chunk again and raises the error itself
             item = None
-        queue.put((k, item))
+        queue.put((k, item, time.perf_counter() - start))
     queue.close()
     queue.join_thread()
 
@@ -201,10 +202,11 @@ def _prepared(backend: Backend, chunks: list[list[dict]], workers: int) -> Itera
     """Prepared batches in chunk order.
 
     Forked worker processes decode and collate upcoming batches while this process runs the model (image decoding
-    and processors are mostly Python, so threads would queue on the GIL). Chunks are claimed from a shared counter,
-    and when the next batch is not ready this process claims and prepares one itself rather than wait: every core
-    does useful work whichever side is slower, and the first batch does not wait for a worker to start. Fork shares
-    the loaded backend copy-on-write instead of pickling it; without fork, or with workers=0, all is done inline."""
+    and processors are mostly Python, so threads would queue on the GIL). Chunks are claimed from a shared counter;
+    when the next batch is not ready and the workers are the bottleneck, this process claims and prepares one
+    itself rather than wait, so on a small machine no core idles whichever side is slower, and the first batch
+    does not wait for a worker to start. Fork shares the loaded backend copy-on-write instead of pickling it;
+    without fork, or with workers=0, all is done inline."""
     if workers <= 0 or "fork" not in mp.get_all_start_methods() or len(chunks) < 2:
         yield from (_prepare(backend, chunk) for chunk in chunks)
         return
@@ -222,18 +224,24 @@ def _prepared(backend: Backend, chunks: list[list[dict]], workers: int) -> Itera
     gc.unfreeze()
     ready: dict[int, Prepared | None] = {}
     done = False
+    prep_s = step_s = 0.0  # running means: a worker's seconds per batch; ours between two requests (the model's)
     try:
         for j in range(len(chunks)):
             while j not in ready:
-                # The last chunks are left to the workers: taking one would leave them idle while we catch up.
-                k = _claim(claimed, len(chunks), leave=len(procs)) if queue.empty() else None
+                # We prepare a batch ourselves only while the workers are the bottleneck: when, at the measured
+                # rates, preparing the unclaimed batches would take them longer than running the rest takes us.
+                unclaimed = len(chunks) - claimed.value
+                workers_behind = not prep_s or unclaimed * prep_s / len(procs) > (len(chunks) - j) * step_s
+                steal = workers_behind and queue.empty()
+                k = _claim(claimed, len(chunks)) if steal else None
                 if k is not None:
                     ready[k] = _prepare(backend, chunks[k])
                     continue
                 try:
-                    k, item = queue.get(timeout=1.0)
-                except Empty:
-                    dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    k, item, seconds = queue.get(timeout=1.0)
+                except Empty:  # a worker that died (or all that exited) took its claimed batch with it
+                    codes = [p.exitcode for p in procs]
+                    dead = [c for c in codes if c not in (None, 0)] or ([] if None in codes else codes)
                     if dead:
                         raise LvlmlpError(
                             f"extract: a data-loader process died (exit code {dead[0]}), perhaps out of memory; "
@@ -241,13 +249,17 @@ def _prepared(backend: Backend, chunks: list[list[dict]], workers: int) -> Itera
                         ) from None
                     continue
                 slots.release()
+                prep_s = seconds if not prep_s else 0.7 * prep_s + 0.3 * seconds
                 if item is not None and item[1] is not None:
                     item = item[0], {n: torch.from_numpy(a) for n, a in item[1].items()}, item[2]
                 ready[k] = item
             item = ready.pop(j)
             # After the last one, every chunk is claimed and every worker result consumed: the workers are exiting.
             done = j == len(chunks) - 1
+            asked = time.perf_counter()
             yield item if item is not None else _prepare(backend, chunks[j])
+            seconds = time.perf_counter() - asked
+            step_s = seconds if not step_s else 0.7 * step_s + 0.3 * seconds
     finally:
         for proc in procs:
             # Workers that ran out of chunks exit by themselves; tearing down a process that shares a large model

@@ -123,9 +123,12 @@ class RunWriter:
         for name, arr in arrays.items():
             if arr.shape[0] != n:
                 raise ValueError(f"array {name!r} has {arr.shape[0]} rows for {n} metadata rows")
-        for i in range(n):
-            self._buf_meta.append(meta[i])
-            self._buf_arrays.append({k: np.asarray(v[i]) for k, v in arrays.items()})
+        start = 0
+        while start < n:  # whole batches are buffered; one is split only where a shard fills up
+            stop = min(n, start + self.shard_size - len(self._buf_meta))
+            self._buf_meta.extend(meta[start:stop])
+            self._buf_arrays.append({k: v[start:stop] for k, v in arrays.items()})
+            start = stop
             if len(self._buf_meta) >= self.shard_size:
                 self._flush()
 
@@ -139,7 +142,7 @@ class RunWriter:
         tensors: dict[str, np.ndarray] = {}
         if self._buf_arrays:
             for name in self._buf_arrays[0]:
-                tensors[name] = np.ascontiguousarray(np.stack([a[name] for a in self._buf_arrays]))
+                tensors[name] = np.ascontiguousarray(np.concatenate([a[name] for a in self._buf_arrays]))
         header = {"meta": json.dumps(self._buf_meta, default=str), "failures": json.dumps(self._buf_fail)}
         path = self.dir / "shards" / f"{len(self._shards):06d}.safetensors"
         tmp = path.with_name(path.name + ".tmp")
