@@ -4,9 +4,11 @@
     token's scores written as JSON text (one line per row, like LVLM-LP's output files);
 (b) `lvlmlp extract` end to end (image loading, prompts, batching, storage), model already loaded;
 (c) the bare model forward on pre-collated batches with `logits_to_keep=1` and no KV cache (the ceiling for (b)).
-Prints b/a (goal >= 20) and b/c (goal >= 0.6), and bytes on disk per row vs the paper's JSON text.
+(b) and (c) alternate `--repeat` times and their medians are compared. Prints b/a (goal >= 20) and b/c (goal >= 0.6),
+and bytes on disk per row vs the paper's JSON text.
 
-    python bench/extract_throughput.py [--model DIR] [--rows 256] [--batch-size 8] [--device cpu] [--geometry llava15]
+    python bench/extract_throughput.py [--model DIR] [--rows 256] [--batch-size 8] [--workers 1] [--repeat 5]
+                                       [--device cpu] [--geometry llava15]
 """
 
 from __future__ import annotations
