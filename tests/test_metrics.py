@@ -95,6 +95,24 @@ def test_bootstrap_intervals_contain_estimate_shrink_with_n_and_are_seeded():
     assert bootstrap_ci(y, s, n_boot=50, seed=7) == bootstrap_ci(y, s, n_boot=50, seed=7)
 
 
+def test_bootstrap_auroc_interval_equals_resampling_through_roc_auc_score():
+    """The fast per-resample AUROC (ranks computed once) against scikit-learn on every resample, ties included,
+    and resamples with one class dropped in both."""
+    rng = np.random.default_rng(5)
+    for n in (6, 40, 500):
+        y = rng.integers(0, 2, n)
+        s = np.round(rng.random(n), 1)  # many ties
+        draws = np.random.default_rng(11)
+        reference = []
+        for _ in range(200):
+            idx = draws.integers(0, n, n)
+            if np.unique(y[idx]).size == 2:
+                reference.append(roc_auc_score(y[idx], s[idx]))
+        lo, hi = bootstrap_ci(y, s, "auroc", n_boot=200, seed=11)
+        ref_lo, ref_hi = np.percentile(reference, [2.5, 97.5])
+        assert lo == pytest.approx(ref_lo, abs=1e-12) and hi == pytest.approx(ref_hi, abs=1e-12)
+
+
 def test_cross_val_scores_are_out_of_fold_stratified_10_fold():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(120, 6)).astype(np.float32)

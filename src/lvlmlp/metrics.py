@@ -144,12 +144,12 @@ def bootstrap_ci(
     y_arr, s_arr = _binary_arrays(y, score)
     if y_arr.size == 0:
         return None
-    fn = _CI_METRICS[metric]
+    fn = _resampled_auroc(y_arr, s_arr) if metric == "auroc" else None
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(n_boot):
         idx = rng.integers(0, y_arr.size, y_arr.size)
-        value = fn(y_arr[idx], s_arr[idx], threshold)
+        value = fn(idx) if fn else _CI_METRICS[metric](y_arr[idx], s_arr[idx], threshold)
         if value is not None:
             values.append(value)
     if not values:
@@ -157,6 +157,28 @@ def bootstrap_ci(
     tail = (1.0 - confidence) / 2 * 100
     lo, hi = np.percentile(values, [tail, 100 - tail])
     return float(lo), float(hi)
+
+
+def _resampled_auroc(y: np.ndarray, score: np.ndarray) -> Callable[[np.ndarray], float | None]:
+    """AUROC of the resample `y[idx], score[idx]`, for many resamples of the same rows.
+
+    The scores are ranked once; a resample then only counts positives and negatives per distinct score:
+    AUROC = sum over scores v of P(v) * (negatives below v + N(v) / 2) / (P * N), ties counting one half, which is
+    what `roc_auc_score` computes, in a fraction of its per-call time (the bootstrap's 1,000 calls dominated
+    every analysis)."""
+    distinct, group = np.unique(score, return_inverse=True)
+    positive = y == 1
+
+    def value(idx: np.ndarray) -> float | None:
+        g, pos = group[idx], positive[idx]
+        p = np.bincount(g[pos], minlength=distinct.size)
+        n = np.bincount(g[~pos], minlength=distinct.size)
+        n_pos, n_neg = int(p.sum()), int(n.sum())
+        if not n_pos or not n_neg:
+            return None
+        return float(np.dot(p, np.cumsum(n) - 0.5 * n) / (n_pos * n_neg))
+
+    return value
 
 
 def cross_val_scores(
