@@ -171,6 +171,37 @@ def test_token_decay_counts_rows_with_short_answers(tmp_path: Path):
     assert res["n_tokens_histogram"] == {str(t): int(np.sum(test.n_tokens == t)) for t in (1, 2, 3)}
 
 
+def test_protocol_fits_each_named_feature_and_probe_once(tmp_path: Path):
+    """The main evaluation, token decay and layer sweep all ask for the first-token probe; it is fitted once, while
+    another token, another probe setting or an unnamed feature is fitted anew."""
+    from lvlmlp.analyses import logits_feature, make_probe_factory
+
+    rng = np.random.default_rng(4)
+    _synthetic_run(tmp_path / "train", 40, rng.integers(1, 4, 40), seed=5)
+    _synthetic_run(tmp_path / "test", 30, rng.integers(1, 4, 30), seed=6)
+    protocol = Protocol(test=Labelled.of(open_run(tmp_path / "test")), train=Labelled.of(open_run(tmp_path / "train")))
+    fits: list[str] = []
+
+    def counted(cfg: dict):
+        make = make_probe_factory(cfg)
+
+        def factory():
+            fits.append(make.key)
+            return make()
+
+        factory.key = make.key
+        return factory
+
+    first = protocol.score(logits_feature(0), counted({"kind": "logistic"}))
+    assert protocol.score(logits_feature(0), counted({"kind": "logistic"})) is first and len(fits) == 1
+    protocol.score(logits_feature(1), counted({"kind": "logistic"}))
+    protocol.score(logits_feature(0), counted({"kind": "logistic", "C": 0.1}))
+    unnamed = logits_feature(0)
+    del unnamed.key
+    again = protocol.score(unnamed, counted({"kind": "logistic"}))
+    assert len(fits) == 4 and np.array_equal(again.score, first.score)
+
+
 def test_config_overrides_and_errors(tmp_path: Path):
     assert parse_set(["extract.layers=[8, 16]", "probe.C=0.5", "name=x"]) == {
         "extract": {"layers": [8, 16]}, "probe": {"C": 0.5}, "name": "x"}

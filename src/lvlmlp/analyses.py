@@ -62,7 +62,18 @@ def make_probe_factory(cfg: dict[str, Any]) -> Callable[[], Any]:
     unknown = sorted(set(params) - set(known))
     if unknown:
         raise LvlmlpError(f"probe.{unknown[0]}: not a parameter of the {kind} probe (parameters: {', '.join(known)})")
-    return lambda: cls(**params)
+
+    def make() -> Any:
+        return cls(**params)
+
+    make.key = json.dumps([kind, params], sort_keys=True, default=str)  # type: ignore[attr-defined]
+    return make
+
+
+def _keyed(feature: Feature, *key: Any) -> Feature:
+    """Name a feature, so that a protocol fits each (feature, probe) pair once however many analyses ask."""
+    feature.key = key  # type: ignore[attr-defined]
+    return feature
 
 
 def logits_feature(token: int, kind: str = "logits") -> Feature:
@@ -72,7 +83,7 @@ def logits_feature(token: int, kind: str = "logits") -> Feature:
         keep = valid_rows(run, kind, token)[idx]
         return keep, feature_matrix(run, kind, token=token, rows=idx[keep])
 
-    return get
+    return _keyed(get, "logits", kind, token)
 
 
 def last_token_feature(kind: str = "logits") -> Feature:
@@ -87,7 +98,7 @@ def last_token_feature(kind: str = "logits") -> Feature:
             X[where == t] = feature_matrix(run, kind, token=int(t), rows=rows[where == t])
         return keep, X
 
-    return get
+    return _keyed(get, "last", kind)
 
 
 def state_feature(kind: str, layer: int | None = None) -> Feature:
@@ -96,7 +107,7 @@ def state_feature(kind: str, layer: int | None = None) -> Feature:
     def get(run: Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.ones(idx.size, dtype=bool), feature_matrix(run, kind, layer=layer, rows=idx)
 
-    return get
+    return _keyed(get, "state", kind, layer)
 
 
 class Unprobeable(LvlmlpError):
@@ -131,13 +142,24 @@ class Protocol:
     cv: int | None = None
     seed: int = 0
     n_boot: int = 1000
+    _scored: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.train is None) == (self.cv is None):
             raise LvlmlpError("splits: give either a train and a test split, or cv: K")
 
     def score(self, feature: Feature, make_probe: Callable[[], Any]) -> Scored:
-        """Fit and score one feature; raises LvlmlpError when the kept rows cannot train a probe."""
+        """Fit and score one feature; raises LvlmlpError when the kept rows cannot train a probe. A named feature
+        and probe (`logits_feature`, ..., `make_probe_factory`) are fitted once: the main evaluation, the token
+        decay and the layer sweep all start from the first-token probe."""
+        key = (getattr(feature, "key", None), getattr(make_probe, "key", None))
+        if None in key:
+            return self._score(feature, make_probe)
+        if key not in self._scored:
+            self._scored[key] = self._score(feature, make_probe)
+        return self._scored[key]
+
+    def _score(self, feature: Feature, make_probe: Callable[[], Any]) -> Scored:
         from lvlmlp.metrics import cross_val_scores
 
         keep, X = feature(self.test.run, self.test.idx)
