@@ -12,8 +12,6 @@ feature are counted in every result (`n_*_short`), never dropped silently.
 
 from __future__ import annotations
 
-import base64
-import html
 import inspect
 import json
 from collections.abc import Callable
@@ -25,6 +23,7 @@ import numpy as np
 
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.features import feature_matrix, valid_rows
+from lvlmlp.report import Section
 from lvlmlp.store import Run
 
 Feature = Callable[[Run, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -379,46 +378,13 @@ def layer_rows(result: dict[str, Any]) -> list[list[str]]:
     return [[e["feature"], str(e["dim"]), fmt_result(e), str(e["n"]), e.get("note", "")] for e in result["entries"]]
 
 
-@dataclass
-class Section:
-    """A titled report section: a paragraph, one table and PNG plots (embedded as base64 in the HTML)."""
-
-    title: str
-    text: str
-    header: list[str]
-    rows: list[list[str]]
-    pngs: list[Path] = field(default_factory=list)
-
-    def markdown(self) -> str:
-        from lvlmlp.report import markdown_table
-
-        lines = [f"## {self.title}", "", self.text, "", markdown_table(self.header, self.rows), ""]
-        lines += [f"![{p.stem}]({p.name})" for p in self.pngs]
-        return "\n".join(lines) + "\n"
-
-    def html(self) -> str:
-        from lvlmlp.report import html_table
-
-        parts = [f"<h2>{html.escape(self.title)}</h2><p>{html.escape(self.text)}</p>",
-                 html_table(self.header, self.rows)]
-        for p in self.pngs:
-            data = base64.b64encode(p.read_bytes()).decode("ascii")
-            parts.append(f"<img alt='{html.escape(p.stem)}' src='data:image/png;base64,{data}'>")
-        return "".join(parts)
-
-
 def write_experiment_report(out: Path, eval_dirs: list[Path], sections: list[Section],
                             analyses: dict[str, Any]) -> dict[str, Any]:
-    """`report.write_report` of the evaluation folders, followed by the analysis sections; metrics.json holds
+    """`report.write_report` of the evaluation folders and the analysis sections; metrics.json then holds
     {"evaluations": {name: metrics}, **analyses}."""
     from lvlmlp.report import write_report
 
-    combined = write_report(eval_dirs, out)
-    md = (out / "report.md").read_text()
-    (out / "report.md").write_text(md + "\n" + "\n".join(s.markdown() for s in sections))
-    page = (out / "report.html").read_text()
-    head, sep, tail = page.rpartition("</body>")
-    (out / "report.html").write_text(head + "".join(s.html() for s in sections) + sep + tail)
+    combined = write_report(eval_dirs, out, sections)
     doc = {"evaluations": combined, **analyses}
     (out / "metrics.json").write_text(json.dumps(doc, indent=2))
     return doc

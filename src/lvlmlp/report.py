@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +145,33 @@ _CSS = (
 )
 
 
-def write_report(eval_dirs: list[str | Path], out: str | Path) -> dict[str, Any]:
-    """Write metrics.json, report.md, PNG plots and a self-contained report.html into `out`."""
+@dataclass
+class Section:
+    """A titled report section: a paragraph, one table and PNG plots (embedded as base64 in the HTML)."""
+
+    title: str
+    text: str
+    header: list[str]
+    rows: list[list[str]]
+    pngs: list[Path] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = [f"## {self.title}", "", self.text, "", markdown_table(self.header, self.rows), ""]
+        lines += [f"![{p.stem}]({p.name})" for p in self.pngs]
+        return "\n".join(lines) + "\n"
+
+    def html(self) -> str:
+        parts = [f"<h2>{html.escape(self.title)}</h2><p>{html.escape(self.text)}</p>",
+                 html_table(self.header, self.rows)]
+        for p in self.pngs:
+            data = base64.b64encode(p.read_bytes()).decode("ascii")
+            parts.append(f"<img alt='{html.escape(p.stem)}' src='data:image/png;base64,{data}'>")
+        return "".join(parts)
+
+
+def write_report(eval_dirs: list[str | Path], out: str | Path, sections: Sequence[Section] = ()) -> dict[str, Any]:
+    """Write metrics.json, report.md, PNG plots and a self-contained report.html into `out`; `sections` (analyses
+    of `lvlmlp run`) follow the evaluations."""
     if not eval_dirs:
         raise LvlmlpError("report: give at least one probe eval folder")
     out_dir = Path(out)
@@ -187,6 +214,8 @@ def write_report(eval_dirs: list[str | Path], out: str | Path) -> dict[str, Any]
                 data = base64.b64encode(png.read_bytes()).decode("ascii")
                 parts.append(f"<img alt='{kind} {html.escape(name)}' src='data:image/png;base64,{data}'>")
             md.append("")
+    md += [section.markdown() for section in sections]
+    parts += [section.html() for section in sections]
     parts.append("</body></html>")
     (out_dir / "metrics.json").write_text(json.dumps(combined, indent=2))
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
