@@ -260,7 +260,7 @@ def test_worker_processes_give_exactly_the_inline_result(tiny_ckpt, tmp_path):
             np.testing.assert_array_equal(arrays[name], arrays0[name])
 
 
-def test_worker_errors_surface_in_the_main_process(tiny_ckpt, tmp_path):
+def test_worker_errors_surface_in_the_main_process(tiny_ckpt, tmp_path, caplog):
     """A batch that fails in a worker is prepared again here (so a real error is raised with its own exception, and
     a passing one does no harm); a worker that dies
     (killed, out of memory) stops the run with a clear message instead of a hang."""
@@ -291,9 +291,12 @@ def test_worker_errors_surface_in_the_main_process(tiny_ckpt, tmp_path):
 
     rows = read_manifest(make_manifest(tmp_path, 8))
     ckpt = tiny_ckpt("llava")
-    run = extract(FailsInWorkers(ckpt, device="cpu", dtype="float32"), rows, tmp_path / "c", batch_size=1,
-                  progress=False, workers=2)  # every batch a worker failed on was prepared again here
+    with caplog.at_level("WARNING", logger="lvlmlp"):
+        run = extract(FailsInWorkers(ckpt, device="cpu", dtype="float32"), rows, tmp_path / "c", batch_size=1,
+                      progress=False, workers=2)  # every batch a worker failed on was prepared again here
     assert run.ids == [f"r{i}" for i in range(8)] and not run.failures
+    warned = [r.getMessage() for r in caplog.records if "data-loader process failed" in r.getMessage()]
+    assert len(warned) == 1 and "RuntimeError: only in a worker" in warned[0]  # said once, with the cause
     with pytest.raises(ValueError, match="processor failed on r4/r5"):
         extract(FailsOnOneQuestion(ckpt, device="cpu", dtype="float32"), rows, tmp_path / "a", batch_size=1,
                 progress=False, workers=2)

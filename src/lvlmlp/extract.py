@@ -191,8 +191,8 @@ def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any
             # numpy pickles by value through the pipe; torch tensors would go through one shared-memory file
             # descriptor each, which costs more than preparing the batch.
             item = rows, None if batch is None else {n: t.numpy() for n, t in batch.items()}, failed
-        except Exception:  # noqa: BLE001 - the main process prepares this chunk again and raises the error itself
-            item = None
+        except Exception as err:  # noqa: BLE001 - the main process prepares this chunk again, raising it itself
+            item = f"{type(err).__name__}: {err}"
         queue.put((k, item, time.perf_counter() - start))
     queue.close()
     queue.join_thread()
@@ -222,8 +222,8 @@ def _prepared(backend: Backend, chunks: list[list[dict]], workers: int) -> Itera
     for proc in procs:
         proc.start()
     gc.unfreeze()
-    ready: dict[int, Prepared | None] = {}
-    done = False
+    ready: dict[int, Prepared | None] = {}  # None: a worker failed on it
+    done = worker_failed = False
     prep_s = step_s = 0.0  # running means: a worker's seconds per batch; ours between two requests (the model's)
     try:
         for j in range(len(chunks)):
@@ -238,7 +238,7 @@ def _prepared(backend: Backend, chunks: list[list[dict]], workers: int) -> Itera
                     ready[k] = _prepare(backend, chunks[k])
                     continue
                 try:
-                    k, item, seconds = queue.get(timeout=1.0)
+                    k, item, seconds = queue.get(timeout=1.0)  # item: a prepared batch or the worker's error
                 except Empty:  # a worker that died (or all that exited) took its claimed batch with it
                     codes = [p.exitcode for p in procs]
                     dead = [c for c in codes if c not in (None, 0)] or ([] if None in codes else codes)
@@ -250,7 +250,11 @@ def _prepared(backend: Backend, chunks: list[list[dict]], workers: int) -> Itera
                     continue
                 slots.release()
                 prep_s = seconds if not prep_s else 0.7 * prep_s + 0.3 * seconds
-                if item is not None and item[1] is not None:
+                if isinstance(item, str):
+                    if not worker_failed:
+                        log.warning("extract: a data-loader process failed on a batch (%s); preparing it here", item)
+                    worker_failed, item = True, None
+                elif item[1] is not None:
                     item = item[0], {n: torch.from_numpy(a) for n, a in item[1].items()}, item[2]
                 ready[k] = item
             item = ready.pop(j)
