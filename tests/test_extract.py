@@ -306,3 +306,31 @@ def test_worker_errors_surface_in_the_main_process(tiny_ckpt, tmp_path, caplog):
     run = extract(DiesInWorkers(ckpt, device="cpu", dtype="float32"), rows, tmp_path / "b", batch_size=1,
                   progress=False, workers=0)  # the advised re-run resumes and finishes
     assert run.ids == [f"r{i}" for i in range(8)]
+
+
+def test_model_threads_leave_cores_to_the_workers_on_cpu(tiny_ckpt, tmp_path):
+    """With torch's default of a thread per core, the model and the data-loader workers would fight for the same
+    cores; extraction gives the model the cores the workers leave (at least one) and restores the setting."""
+    from lvlmlp.backend import Backend
+    from lvlmlp.data import read_manifest
+    from lvlmlp.extract import extract
+
+    seen: list[int] = []
+
+    class RecordsThreads(Backend):
+        def prefill(self, batch, **kwargs):
+            seen.append(torch.get_num_threads())
+            return super().prefill(batch, **kwargs)
+
+    rows = read_manifest(make_manifest(tmp_path, 4))
+    backend = RecordsThreads(tiny_ckpt("llava"), device="cpu", dtype="float32")
+    cpus = len(os.sched_getaffinity(0))
+    torch.set_num_threads(3)
+    try:
+        extract(backend, rows, tmp_path / "w1", batch_size=2, progress=False, workers=1)
+        assert seen == [max(1, min(3, cpus - 1))] * 2 and torch.get_num_threads() == 3
+        seen.clear()
+        extract(backend, rows, tmp_path / "w0", batch_size=2, progress=False, workers=0)
+        assert seen == [3, 3]  # inline preparation takes no core of its own
+    finally:
+        torch.set_num_threads(1)
