@@ -1,0 +1,162 @@
+"""Batches for the extractor: images loaded and run through the model's processor, inline or in worker processes.
+
+Preparing a batch (decoding images, rendering prompts, the processor) is mostly Python, so it runs in forked worker
+processes while the main process runs the model; threads would queue on the GIL. Batches come back in order, and
+the main process prepares one itself whenever the workers are the bottleneck (see `prepared_batches`).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from queue import Empty
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lvlmlp.data import load_image
+from lvlmlp.errors import LvlmlpError
+
+if TYPE_CHECKING:
+    from lvlmlp.backend import Backend
+
+log = logging.getLogger("lvlmlp")
+
+
+@contextmanager
+def cores_for_workers(backend: Backend, workers: int) -> Iterator[None]:
+    """On the CPU, the model's threads leave a core to each data-loader worker while extracting: oversubscribed,
+    both slow down (torch's default of one thread per core halved extraction speed on 2 cores)."""
+    before = torch.get_num_threads()
+    if backend.device.type == "cpu" and workers > 0:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, min(before, cpus - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+Prepared = tuple[list[dict], dict | None, list[tuple[str, str]]]  # rows that loaded, their batch, failures
+
+
+def _prepare(backend: Backend, rows: list[dict]) -> Prepared:
+    """Load a batch's images (recording the rows that fail) and collate the rest into CPU tensors."""
+    ok, images, failed = [], [], []
+    for row in rows:
+        try:
+            images.append(load_image(row["image"], row["id"]))
+            ok.append(row)
+        except LvlmlpError as err:
+            failed.append((row["id"], str(err)))
+    batch = backend.collate(images, [r["question"] for r in ok]) if ok else None
+    return ok, batch, failed
+
+
+def _claim(claimed: Any, n: int) -> int | None:
+    """Take the next unprepared chunk index (shared by this process and the workers), or None when all are taken."""
+    with claimed.get_lock():
+        k = claimed.value
+        if k >= n:
+            return None
+        claimed.value = k + 1
+        return k
+
+
+def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any, queue: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; it stops us
+    torch.set_num_threads(1)
+    while slots.acquire() and (k := _claim(claimed, len(chunks))) is not None:
+        start = time.perf_counter()
+        try:
+            rows, batch, failed = _prepare(backend, chunks[k])
+            # numpy pickles by value through the pipe; torch tensors would go through one shared-memory file
+            # descriptor each, which costs more than preparing the batch.
+            item = rows, None if batch is None else {n: t.numpy() for n, t in batch.items()}, failed
+        except Exception as err:  # noqa: BLE001 - the main process prepares this chunk again, raising it itself
+            item = f"{type(err).__name__}: {err}"
+        queue.put((k, item, time.perf_counter() - start))
+    queue.close()
+    queue.join_thread()
+
+
+def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int) -> Iterator[Prepared]:
+    """Prepared batches in chunk order.
+
+    Forked worker processes decode and collate upcoming batches while this process runs the model (image decoding
+    and processors are mostly Python, so threads would queue on the GIL). Chunks are claimed from a shared counter;
+    when the next batch is not ready and the workers are the bottleneck, this process claims and prepares one
+    itself rather than wait, so on a small machine no core idles whichever side is slower, and the first batch
+    does not wait for a worker to start. Fork shares the loaded backend copy-on-write instead of pickling it;
+    without fork, or with workers=0, all is done inline."""
+    if workers <= 0 or "fork" not in mp.get_all_start_methods() or len(chunks) < 2:
+        yield from (_prepare(backend, chunk) for chunk in chunks)
+        return
+    # The Rust tokenizer's thread pool would spin on the cores the workers need; processes are our parallelism.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ctx = mp.get_context("fork")
+    claimed = ctx.Value("q", 0)  # chunks [0, claimed) are taken, by a worker or by this process
+    slots = ctx.Semaphore(2 * workers)  # prepared batches not yet taken from the queue: memory stays flat
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(backend, chunks, claimed, slots, queue), daemon=True)
+             for _ in range(min(workers, len(chunks) - 1))]
+    gc.freeze()  # the workers' garbage collector then leaves the shared objects (and their pages) alone
+    for proc in procs:
+        proc.start()
+    gc.unfreeze()
+    ready: dict[int, Prepared | None] = {}  # None: a worker failed on it
+    done = worker_failed = False
+    prep_s = step_s = 0.0  # running means: a worker's seconds per batch; ours between two requests (the model's)
+    try:
+        for j in range(len(chunks)):
+            while j not in ready:
+                # We prepare a batch ourselves only while the workers are the bottleneck: when, at the measured
+                # rates, preparing the unclaimed batches would take them longer than running the rest takes us.
+                unclaimed = len(chunks) - claimed.value
+                workers_behind = not prep_s or unclaimed * prep_s / len(procs) > (len(chunks) - j) * step_s
+                steal = workers_behind and queue.empty()
+                k = _claim(claimed, len(chunks)) if steal else None
+                if k is not None:
+                    ready[k] = _prepare(backend, chunks[k])
+                    continue
+                try:
+                    k, item, seconds = queue.get(timeout=1.0)  # item: a prepared batch or the worker's error
+                except Empty:  # a worker that died (or all that exited) took its claimed batch with it
+                    codes = [p.exitcode for p in procs]
+                    dead = [c for c in codes if c not in (None, 0)] or ([] if None in codes else codes)
+                    if dead:
+                        raise LvlmlpError(
+                            f"extract: a data-loader process died (exit code {dead[0]}), perhaps out of memory; "
+                            "re-run to resume, with --workers 0 to prepare batches in this process"
+                        ) from None
+                    continue
+                slots.release()
+                prep_s = seconds if not prep_s else 0.7 * prep_s + 0.3 * seconds
+                if isinstance(item, str):
+                    if not worker_failed:
+                        log.warning("extract: a data-loader process failed on a batch (%s); preparing it here", item)
+                    worker_failed, item = True, None
+                elif item[1] is not None:
+                    item = item[0], {n: torch.from_numpy(a) for n, a in item[1].items()}, item[2]
+                ready[k] = item
+            item = ready.pop(j)
+            # After the last one, every chunk is claimed and every worker result consumed: the workers are exiting.
+            done = j == len(chunks) - 1
+            asked = time.perf_counter()
+            yield item if item is not None else _prepare(backend, chunks[j])
+            seconds = time.perf_counter() - asked
+            step_s = seconds if not step_s else 0.7 * step_s + 0.3 * seconds
+    finally:
+        for proc in procs:
+            # Workers that ran out of chunks exit by themselves; tearing down a process that shares a large model
+            # takes milliseconds we need not wait for (multiprocessing reaps it later). Stopped early, we stop them.
+            if not done and proc.is_alive():
+                proc.terminate()
+                proc.join()
+        queue.close()
