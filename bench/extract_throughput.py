@@ -7,7 +7,7 @@
 (b) and (c) alternate `--repeat` times and their medians are compared. Prints b/a (goal >= 20) and b/c (goal >= 0.6),
 and bytes on disk per row vs the paper's JSON text.
 
-    python bench/extract_throughput.py [--model DIR] [--rows 256] [--batch-size 8] [--workers 1] [--repeat 5]
+    python bench/extract_throughput.py [--model DIR] [--rows 256] [--batch-size 8] [--workers 1] [--repeat 9]
                                        [--device cpu] [--geometry llava15]
 """
 
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1, help="extract's data-loader processes")
-    ap.add_argument("--repeat", type=int, default=5, help="times (b) and (c) are each measured; medians are compared")
+    ap.add_argument("--repeat", type=int, default=9, help="times (b) and (c) are each measured; medians are compared")
     ap.add_argument("--geometry", choices=["tiny", "llava15"], default="tiny",
                     help="tiny: the test checkpoint's 28 px images; llava15: 336 px, 576 image tokens per row")
     args = ap.parse_args()
