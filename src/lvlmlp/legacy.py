@@ -74,24 +74,7 @@ def import_legacy(
     writer: RunWriter | None = None
     width = k_tokens = 0
     seen: set[str] = set()
-    meta: list[dict] = []
-    rows: list[np.ndarray] = []
-    counts: list[int] = []
-    positions: list[int] = []
     position = 0
-
-    def flush() -> None:
-        if meta:
-            assert writer is not None
-            writer.append(
-                list(meta),
-                {
-                    "logits": np.stack(rows),
-                    "n_tokens": np.asarray(counts, dtype=np.int64),
-                    "row_index": np.asarray(positions, dtype=np.int64),
-                },
-            )
-            meta.clear(), rows.clear(), counts.clear(), positions.clear()
 
     for line_no, obj in iter_json_lines(src):
         where = f"{src}:{line_no}"
@@ -138,15 +121,11 @@ def import_legacy(
                 raise LvlmlpError(f"{where}: token {t} has {len(values)} logits, expected {width}")
             block[t] = values
         obj["label"] = _label(obj.get("label"), where)
-        meta.append({**obj, "id": row_id})
-        rows.append(block)
-        counts.append(len(tokens))
-        positions.append(row_position)
-        if len(meta) >= shard_size:
-            flush()
+        # One row at a time: the writer buffers one shard and commits it (memory stays flat in the file's size).
+        writer.append([{**obj, "id": row_id}], {"logits": block[None], "n_tokens": np.array([len(tokens)]),
+                                                "row_index": np.array([row_position])})
     if writer is None:
         raise LvlmlpError(f"{src}: no rows")
-    flush()
     run = writer.close()
     log.info("imported %d rows (%d tokens x %d logits) into %s", len(run), k_tokens, width, run.path)
     return run
