@@ -30,7 +30,7 @@ class Request:
     image_root: Path | None  # None: the adapter's default place under the data root
     split: str
     options: dict[str, Any]
-    per_class: int | None = None  # a hint for adapters that can sample before building rows (ImageNet train)
+    per_class: int | None = None  # for adapters that sample per class themselves (`Task.samples_per_class`)
     seed: int | None = 0
 
     def annotation(self, relative: str | Path) -> Path:
@@ -78,6 +78,7 @@ class Task:
     load: Loader = field(repr=False, compare=False)
     default_split: str = "test"
     needs_generation: bool = False  # labels are a function of the model's response (MathVista)
+    samples_per_class: bool = False  # `load` applies `per_class` itself, before building rows (ImageNet's files)
     options: tuple[tuple[str, str], ...] = ()  # (name, help) of the task-specific keyword options
 
     def __post_init__(self) -> None:
@@ -126,7 +127,7 @@ class Task:
         if self.splits:  # fixed-split benchmarks tag their rows; a manifest's rows keep what they say
             for row in rows:
                 row.setdefault("split", split)
-        if per_class is not None:
+        if per_class is not None and not self.samples_per_class:
             rows = sample_per_class(rows, per_class, seed, source=f"{self.name} split {split}")
         if limit is not None:
             rows = sample_limit(rows, limit, seed)

@@ -136,6 +136,7 @@ TASK = ImageNetTask(
     name="imagenet",
     description="ImageNet-1k: which of the 1,000 classes is the main object? (multiclass, the class index)",
     kind="multiclass",
+    samples_per_class=True,
     splits=("train", "val"),
     label_names=(),
     layout=LAYOUT,
