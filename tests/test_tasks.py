@@ -586,8 +586,8 @@ def test_task_rows_from_args(tmp_path: Path) -> None:
     ]
     assert template == prompt_template("pope", "oeh")
     assert rows[0]["image"].startswith(str(tmp_path.resolve() / "images"))
-    args = parser.parse_args(["--task", "pope", "--data-root", str(tmp_path), "--image-variant", "SD"])
-    with pytest.raises(LvlmlpError, match=r"^--image-variant applies to the mmsafety task, not pope$"):
+    args = parser.parse_args(["--task", "pope", "--data-root", str(tmp_path), "--task-option", "image_variant=SD"])
+    with pytest.raises(LvlmlpError, match=r"^pope: unknown option 'image_variant' \(options: categories, max_per_category\)$"):
         task_rows_from_args(args)
     with pytest.raises(LvlmlpError, match=r"^--task-option 'categories': expected KEY=VALUE$"):
         task_rows_from_args(

@@ -127,14 +127,12 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompt-style", metavar="STYLE", help="a template from tasks/prompts.yaml: oe, oeh or mq"
     )
     g.add_argument(
-        "--image-variant", choices=tuple(mmsafety.VARIANTS), help="mmsafety images (default SD_TYPO)"
-    )
-    g.add_argument(
         "--task-option",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a task-specific option, repeatable (e.g. categories=adversarial,random for pope)",
+        help="a task-specific option, repeatable (e.g. categories=adversarial,random for pope, image_variant=SD "
+        "for mmsafety; `lvlmlp tasks NAME` lists them)",
     )
 
 
@@ -153,10 +151,6 @@ def task_rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | Non
         if not sep or not key.strip():
             raise LvlmlpError(f"--task-option {item!r}: expected KEY=VALUE")
         options[key.strip()] = value.strip()
-    if args.image_variant is not None:
-        if task.name != "mmsafety":
-            raise LvlmlpError(f"--image-variant applies to the mmsafety task, not {task.name}")
-        options["image_variant"] = args.image_variant
     template = None if args.prompt_style is None else prompt_template(task.name, args.prompt_style)
     rows = task.rows(
         args.data_root,
