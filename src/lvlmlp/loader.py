@@ -117,10 +117,11 @@ def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int) -
         for j in range(len(chunks)):
             while j not in ready:
                 # We prepare a batch ourselves only while the workers are the bottleneck: when, at the measured
-                # rates, preparing the unclaimed batches would take them longer than running the rest takes us.
+                # rates, preparing the unclaimed batches would take them longer than running the rest takes us;
+                # and never more than a few ahead of a batch a worker is slow on (memory stays flat).
                 unclaimed = len(chunks) - claimed.value
                 workers_behind = not prep_s or unclaimed * prep_s / len(procs) > (len(chunks) - j) * step_s
-                steal = workers_behind and queue.empty()
+                steal = workers_behind and queue.empty() and len(ready) < 2 * len(procs)
                 k = _claim(claimed, len(chunks)) if steal else None
                 if k is not None:
                     ready[k] = _prepare(backend, chunks[k])
