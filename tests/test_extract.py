@@ -92,17 +92,33 @@ def _arrays(run_dir: Path) -> dict[str, np.ndarray]:
     return {p.stem: np.load(p) for p in sorted(run_dir.glob("*.npy"))}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
 def _kill_midway(cmd: list[str], shards: Path, after: int) -> int:
-    """Start `cmd`, SIGKILL it once `after` shards are committed; return the exit code."""
+    """Start `cmd`, SIGKILL it once `after` shards are committed; return the exit code. Its data-loader workers,
+    orphaned, must exit by themselves within a few seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
+    workers: list[int] = []
     while proc.poll() is None and time.time() < deadline:
         if len(list(shards.glob("*.safetensors"))) >= after:
+            workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
-    return proc.wait()
+    code = proc.wait()
+    assert workers, "no data-loader worker was running"
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers), "orphaned data-loader workers kept running"
+    return code
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run_also_for_shards(tiny_ckpt, tmp_path):

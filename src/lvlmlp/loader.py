@@ -72,7 +72,15 @@ def _claim(claimed: Any, n: int) -> int | None:
 def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any, queue: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; it stops us
     torch.set_num_threads(1)
-    while slots.acquire() and (k := _claim(claimed, len(chunks))) is not None:
+    parent = os.getppid()
+    while True:
+        if not slots.acquire(timeout=1.0):
+            if os.getppid() != parent:  # the main process was killed (SIGKILL, out of memory): do not linger
+                queue.cancel_join_thread()
+                return
+            continue
+        if (k := _claim(claimed, len(chunks))) is None:
+            break
         start = time.perf_counter()
         try:
             rows, batch, failed = _prepare(backend, chunks[k])
