@@ -350,3 +350,23 @@ def test_model_threads_leave_cores_to_the_workers_on_cpu(tiny_ckpt, tmp_path):
         assert seen == [3, 3]  # inline preparation takes no core of its own
     finally:
         torch.set_num_threads(1)
+
+
+def test_hub_id_from_the_local_cache_records_its_revision(tiny_ckpt, tmp_path):
+    """A hub id (offline, from the Hugging Face cache) loads through the Auto classes and the run records the
+    snapshot's commit as the model revision."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llava"
+    shutil.copytree(tiny_ckpt("llava"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    manifest = make_manifest(tmp_path, 2)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lvlmlp.cli", "extract", "--model", "tiny-org/tiny-llava", "--data", str(manifest),
+           "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    info = open_run(tmp_path / "run").manifest
+    assert (info["model"], info["model_revision"], info["weights_hash"]) == ("tiny-org/tiny-llava", commit, commit)
