@@ -68,6 +68,32 @@ def test_clip_features_equal_independent_clipmodel(clip_setup, tmp_path: Path):
     np.testing.assert_array_equal(feature_matrix(run, "hidden"), run.hidden())
 
 
+def test_siglip_features_equal_independent_siglipmodel_with_fixed_length_text(clip_setup, tmp_path: Path):
+    """SigLIP's text tower was trained on texts padded to a fixed length: the stored text features equal
+    `get_text_features` on each question alone padded that way (and padding to the batch's longest would not)."""
+    from transformers import SiglipModel, SiglipProcessor
+
+    from lvlmlp.clip_features import tiny_siglip
+
+    _, rows = clip_setup
+    model_dir = tiny_siglip(tmp_path / "siglip")
+    runs = extract_clip(model_dir, rows, {k: tmp_path / k for k in ("image", "text")}, batch_size=3, device="cpu",
+                        progress=False)
+    model = SiglipModel.from_pretrained(model_dir).eval()
+    proc = SiglipProcessor.from_pretrained(model_dir)
+    with torch.inference_mode():
+        text = [model.get_text_features(**proc(text=[r["question"]], padding="max_length", return_tensors="pt"))
+                .pooler_output[0].numpy() for r in rows]
+        loose = model.get_text_features(**proc(text=[r["question"] for r in rows], padding=True,
+                                               return_tensors="pt")).pooler_output.numpy()
+        image = [model.get_image_features(**proc(images=Image.open(r["image"]).convert("RGB"), return_tensors="pt"))
+                 .pooler_output[0].numpy() for r in rows]
+    assert runs["text"].manifest["family"] == "siglip"
+    np.testing.assert_allclose(runs["text"].hidden(), np.stack(text), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(runs["image"].hidden(), np.stack(image), rtol=1e-5, atol=1e-5)
+    assert np.abs(loose - np.stack(text)).max() > 1e-3  # the padding matters, so the check above means something
+
+
 def test_clip_runs_resume_without_loading_the_model(clip_setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import lvlmlp.clip_features as cf
 

@@ -186,3 +186,40 @@ def tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def tiny_siglip(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random `SiglipModel` checkpoint (32-px images, texts padded to 32 tokens) with a SentencePiece tokenizer
+    trained here on a few sentences (needs the `sentencepiece` and `protobuf` packages, as real SigLIP does)."""
+    import tempfile
+
+    import sentencepiece as spm
+    from transformers import (
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
+        SiglipProcessor,
+        SiglipTextConfig,
+        SiglipTokenizer,
+        SiglipVisionConfig,
+    )
+
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text("\n".join(["is the image bright", "what is on the left", "is there a cat in the image",
+                                       "a photo of a dog", "the quick brown fox jumps over the lazy dog"] * 20))
+        spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=f"{tmp}/spiece", vocab_size=36,
+                                       model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+        tokenizer = SiglipTokenizer(vocab_file=f"{tmp}/spiece.model", model_max_length=32)
+        processor = SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": 32, "width": 32}),
+                                    tokenizer=tokenizer)
+        processor.save_pretrained(out)
+    text = SiglipTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+                            eos_token_id=1)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    torch.manual_seed(seed)
+    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval().save_pretrained(out)
+    return out
