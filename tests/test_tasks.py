@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -374,10 +374,33 @@ def test_mathvista_rows(tmp_path: Path) -> None:
         task.rows(tmp_path / "empty")
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("pyarrow") is not None, reason="pyarrow installed: no error to show"
-)
-def test_mathvista_parquet_needs_pyarrow(tmp_path: Path) -> None:
+def test_mathvista_parquet_release_gives_the_json_rows(tmp_path: Path) -> None:
+    """The Hugging Face release (data/testmini-*.parquet, with a decoded_image column and NaN precisions) gives the
+    same rows as the JSON annotations."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    _json(tmp_path / "json" / "testmini.json", MATHVISTA)
+    records = list(MATHVISTA.values())
+    table = pa.table({
+        **{k: [r[k] for r in records] for k in ("pid", "image", "query", "answer", "question_type", "answer_type",
+                                                "choices", "unit")},
+        "precision": [float("nan") if r["precision"] is None else r["precision"] for r in records],
+        "decoded_image": [b"\x89PNG..." for _ in records],  # left unread
+    })
+    (tmp_path / "hf" / "data").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "hf" / "data" / "testmini-00000-of-00001.parquet")
+    task = get_task("mathvista")
+    from_json, from_parquet = task.rows(tmp_path / "json"), task.rows(tmp_path / "hf")
+    for a, b in zip(from_json, from_parquet):
+        assert {**a, "image": None} == {**b, "image": None}
+        assert Path(a["image"]).relative_to(tmp_path / "json") == Path(b["image"]).relative_to(tmp_path / "hf")
+    json.dumps(from_parquet)  # plain JSON types for the run's metadata
+
+
+def test_mathvista_parquet_needs_pyarrow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "testmini-00000-of-00001.parquet").write_bytes(b"PAR1")
     with pytest.raises(
