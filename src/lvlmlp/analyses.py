@@ -141,7 +141,7 @@ class Protocol:
     cv: int | None = None
     seed: int = 0
     n_boot: int = 1000
-    _scored: dict = field(default_factory=dict, repr=False, compare=False)
+    _scored: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (feature, probe) -> Scored
 
     def __post_init__(self) -> None:
         if (self.train is None) == (self.cv is None):
