@@ -115,9 +115,11 @@ def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int) -
     procs = [ctx.Process(target=_worker, args=(backend, chunks, claimed, slots, queue), daemon=True)
              for _ in range(min(workers, len(chunks) - 1))]
     gc.freeze()  # the workers' garbage collector then leaves the shared objects (and their pages) alone
-    for proc in procs:
-        proc.start()
-    gc.unfreeze()
+    try:
+        for proc in procs:
+            proc.start()
+    finally:
+        gc.unfreeze()
     ready: dict[int, Prepared | None] = {}  # None: a worker failed on it
     done = worker_failed = False
     prep_s = step_s = 0.0  # running means: a worker's seconds per batch; ours between two requests (the model's)
