@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -99,17 +100,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _kill_midway(cmd: list[str], shards: Path, after: int) -> int:
-    """Start `cmd`, SIGKILL it once `after` shards are committed; return the exit code. Its data-loader workers,
-    orphaned, must exit by themselves within a few seconds."""
+def _kill_midway(cmd: list[str], shards: Path, after: int, sig: int = signal.SIGKILL, stderr: Any = None) -> int:
+    """Start `cmd`, send `sig` once `after` shards are committed; return the exit code. Its data-loader workers
+    (orphaned, after SIGKILL) must be gone within a few seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr or subprocess.DEVNULL)
     deadline = time.time() + 120
     workers: list[int] = []
     while proc.poll() is None and time.time() < deadline:
         if len(list(shards.glob("*.safetensors"))) >= after:
             workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             break
         time.sleep(0.01)
     code = proc.wait()
@@ -147,6 +148,19 @@ def test_sigkill_then_resume_equals_uninterrupted_run_also_for_shards(tiny_ckpt,
     assert merged.ids == clean.ids and merged.meta == clean.meta
     for name, arr in _arrays(tmp_path / "clean").items():
         np.testing.assert_array_equal(_arrays(tmp_path / "merged")[name], arr)
+
+
+def test_ctrl_c_stops_workers_says_one_line_and_resumes(tiny_ckpt, tmp_path):
+    ckpt = tiny_ckpt("llava")
+    manifest = make_manifest(tmp_path, 120, seed=1)
+    cmd = [sys.executable, "-m", "lvlmlp.cli", "extract", "--model", str(ckpt), "--data", str(manifest),
+           "--batch-size", "2", "--shard-size", "2", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "r")]
+    with (tmp_path / "stderr.txt").open("w") as err:
+        code = _kill_midway(cmd, tmp_path / "r" / "shards", after=2, sig=signal.SIGINT, stderr=err)
+    assert code == 130, "extraction finished before it could be interrupted"
+    last = (tmp_path / "stderr.txt").read_text().strip().splitlines()[-1]
+    assert last == "lvlmlp: interrupted; what was committed is kept, the same command resumes from there"
+    assert main(cmd[3:]) == 0 and open_run(tmp_path / "r").ids == [f"r{i}" for i in range(120)]
 
 
 def test_rerun_with_other_settings_is_refused(tiny_ckpt, tmp_path, capsys):

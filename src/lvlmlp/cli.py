@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One line on stderr, naming the file, row id or option at fault (contract section 3).
         print(f"lvlmlp: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lvlmlp: interrupted; what was committed is kept, the same command resumes from there", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
