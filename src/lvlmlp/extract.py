@@ -276,7 +276,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                    help="only N rows: the first N of a manifest, a seeded random N of a --task")
     p.add_argument("--shard-size", type=int, default=256, help="rows per committed shard (resume granularity)")
     p.add_argument("--workers", type=int, default=1,
-                   help="data-loader processes preparing batches while the model runs (0: inline)")
+                   help="data-loader processes preparing batches while the model runs (default 1; more on a "
+                        "many-core GPU machine; 0: in this process)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_extract)
 
