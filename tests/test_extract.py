@@ -303,7 +303,7 @@ def test_worker_errors_surface_in_the_main_process(tiny_ckpt, tmp_path, caplog):
 
     class FailsOnOneQuestion(Backend):
         def collate(self, images, questions):
-            if "colour of this" in " ".join(questions):  # rows r4 and r5 only
+            if "colour of this" in " ".join(questions):  # rows r4, r5, r10 and r11
                 raise ValueError("processor failed on r4/r5")
             return super().collate(images, questions)
 
@@ -319,12 +319,12 @@ def test_worker_errors_surface_in_the_main_process(tiny_ckpt, tmp_path, caplog):
                 os._exit(3)
             return super().collate(images, questions)
 
-    rows = read_manifest(make_manifest(tmp_path, 8))
+    rows = read_manifest(make_manifest(tmp_path, 16))  # enough batches that workers surely take some
     ckpt = tiny_ckpt("llava")
     with caplog.at_level("WARNING", logger="lvlmlp"):
         run = extract(FailsInWorkers(ckpt, device="cpu", dtype="float32"), rows, tmp_path / "c", batch_size=1,
                       progress=False, workers=2)  # every batch a worker failed on was prepared again here
-    assert run.ids == [f"r{i}" for i in range(8)] and not run.failures
+    assert run.ids == [f"r{i}" for i in range(16)] and not run.failures
     warned = [r.getMessage() for r in caplog.records if "data-loader process failed" in r.getMessage()]
     assert len(warned) == 1 and "RuntimeError: only in a worker" in warned[0]  # said once, with the cause
     with pytest.raises(ValueError, match="processor failed on r4/r5"):
@@ -335,7 +335,7 @@ def test_worker_errors_surface_in_the_main_process(tiny_ckpt, tmp_path, caplog):
                 progress=False, workers=1)
     run = extract(DiesInWorkers(ckpt, device="cpu", dtype="float32"), rows, tmp_path / "b", batch_size=1,
                   progress=False, workers=0)  # the advised re-run resumes and finishes
-    assert run.ids == [f"r{i}" for i in range(8)]
+    assert run.ids == [f"r{i}" for i in range(16)]
 
 
 def test_model_threads_leave_cores_to_the_workers_on_cpu(tiny_ckpt, tmp_path):
