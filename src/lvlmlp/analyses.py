@@ -23,7 +23,6 @@ import numpy as np
 
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.features import feature_matrix, valid_rows
-from lvlmlp.report import Section
 from lvlmlp.store import Run
 
 Feature = Callable[[Run, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -376,15 +375,3 @@ LAYER_HEADER = ["feature", "dim", "probe [95% CI]", "n test", "note"]
 
 def layer_rows(result: dict[str, Any]) -> list[list[str]]:
     return [[e["feature"], str(e["dim"]), fmt_result(e), str(e["n"]), e.get("note", "")] for e in result["entries"]]
-
-
-def write_experiment_report(out: Path, eval_dirs: list[Path], sections: list[Section],
-                            analyses: dict[str, Any]) -> dict[str, Any]:
-    """`report.write_report` of the evaluation folders and the analysis sections; metrics.json then holds
-    {"evaluations": {name: metrics}, **analyses}."""
-    from lvlmlp.report import write_report
-
-    combined = write_report(eval_dirs, out, sections)
-    doc = {"evaluations": combined, **analyses}
-    (out / "metrics.json").write_text(json.dumps(doc, indent=2))
-    return doc

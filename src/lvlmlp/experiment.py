@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.report import Section, write_report
 
 log = logging.getLogger("lvlmlp")
 
@@ -328,7 +329,7 @@ def _analyses(cfg: dict[str, Any], out: Path, steps: Steps, prompts: list, split
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     eval_dirs: list[Path] = []
-    sections: list[an.Section] = []
+    sections: list[Section] = []
     results: dict[str, Any] = {"config": cfg, "token_decay": {}, "layer_sweep": {}}
     main: dict[str, dict] = {}
 
@@ -354,7 +355,7 @@ def _analyses(cfg: dict[str, Any], out: Path, steps: Steps, prompts: list, split
             results["token_decay"][name] = res
             png = report_dir / f"token_decay_{name}.png"
             an.plot_token_decay(res, png, f"token-position decay: {name}")
-            sections.append(an.Section(
+            sections.append(Section(
                 f"Token-position decay: {name}",
                 f"Probe on the logits of generated token k (1 = first) and of each row's last generated token. "
                 f"{res['rule']}. Rows per answer length: {res['n_tokens_histogram']}.",
@@ -367,7 +368,7 @@ def _analyses(cfg: dict[str, Any], out: Path, steps: Steps, prompts: list, split
             png = report_dir / f"layer_sweep_{name}.png"
             ref = res["entries"][0]["value"]
             an.plot_bars([e["feature"] for e in res["entries"]], res["entries"], png, f"layer sweep: {name}", ref)
-            sections.append(an.Section(
+            sections.append(Section(
                 f"Layer sweep: {name}",
                 "Probes on hidden states at the first generated position (layer 0 = embeddings) against the "
                 "first-token logits, same rows and protocol.", an.LAYER_HEADER, an.layer_rows(res), [png]))
@@ -379,7 +380,7 @@ def _analyses(cfg: dict[str, Any], out: Path, steps: Steps, prompts: list, split
         label_runs = (runs[(prompts[0][0], splits[0])], runs[(prompts[0][0], splits[-1])]) if _label_fn(cfg) else None
         sections.append(_clip_evals(cfg, out, steps, clip_runs, splits, main[prompts[0][0]], eval_dirs, results,
                                     report_dir, stamp, label_runs))
-    return an.write_experiment_report(report_dir, eval_dirs, sections, results)
+    return write_report(eval_dirs, report_dir, sections, results)
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -400,7 +401,7 @@ def _prompt_section(main: dict[str, dict], report_dir: Path) -> Any:
             for n, h in zip(names, heads)]
     png = report_dir / "prompt_comparison.png"
     an.plot_bars(names, heads, png, "probe by prompt")
-    return an.Section("Prompt comparison", "The same task and rows under each prompt: the first-token probe "
+    return Section("Prompt comparison", "The same task and rows under each prompt: the first-token probe "
                       "and the baselines' AUROC.", ["prompt", "probe [95% CI]", *baselines, "n"], rows, [png])
 
 
@@ -430,7 +431,7 @@ def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, r
         rows.append([f"CLIP {kind} ({cfg['clip']['model']})", an.fmt_result(head), str(head["n"])])
     png = report_dir / "clip_baseline.png"
     an.plot_bars(names, entries, png, "first-token logits vs CLIP features", entries[0]["value"])
-    return an.Section("CLIP feature baseline", "Probes of the same kind on CLIP/SigLIP image, question-text and "
+    return Section("CLIP feature baseline", "Probes of the same kind on CLIP/SigLIP image, question-text and "
                       "concatenated embeddings, same rows and protocol.", ["features", "probe [95% CI]", "n"],
                       rows, [png])
 

@@ -109,11 +109,12 @@ def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int) -
     # The Rust tokenizer's thread pool would spin on the cores the workers need; processes are our parallelism.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ctx = mp.get_context("fork")
+    workers = min(workers, len(chunks) - 1)
     claimed = ctx.Value("q", 0)  # chunks [0, claimed) are taken, by a worker or by this process
     slots = ctx.Semaphore(2 * workers)  # prepared batches not yet taken from the queue: memory stays flat
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(backend, chunks, claimed, slots, queue), daemon=True)
-             for _ in range(min(workers, len(chunks) - 1))]
+             for _ in range(workers)]
     gc.freeze()  # the workers' garbage collector then leaves the shared objects (and their pages) alone
     try:
         for proc in procs:
@@ -130,8 +131,8 @@ def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int) -
                 # rates, preparing the unclaimed batches would take them longer than running the rest takes us;
                 # and never more than a few ahead of a batch a worker is slow on (memory stays flat).
                 unclaimed = len(chunks) - claimed.value
-                workers_behind = not prep_s or unclaimed * prep_s / len(procs) > (len(chunks) - j) * step_s
-                steal = workers_behind and queue.empty() and len(ready) < 2 * len(procs)
+                workers_behind = not prep_s or unclaimed * prep_s / workers > (len(chunks) - j) * step_s
+                steal = workers_behind and queue.empty() and len(ready) < 2 * workers
                 k = _claim(claimed, len(chunks)) if steal else None
                 if k is not None:
                     ready[k] = _prepare(backend, chunks[k])

@@ -119,10 +119,11 @@ def top1_accuracy(y: Any, pred: Any) -> float:
     return float(np.mean(y_arr == p_arr))
 
 
-_CI_METRICS: dict[str, Callable[[np.ndarray, np.ndarray, float], float | None]] = {
-    "auroc": lambda y, s, t: auroc(y, s),
-    "auprc": lambda y, s, t: auprc(y, s),
-    "accuracy": lambda y, s, t: float(np.mean((s >= t) == (y == 1))),
+# metric -> (labels, scores, threshold) -> the metric of the resample `idx` of those rows
+_CI_METRICS: dict[str, Callable[[np.ndarray, np.ndarray, float], Callable[[np.ndarray], float | None]]] = {
+    "auroc": lambda y, s, t: _resampled_auroc(y, s),
+    "auprc": lambda y, s, t: lambda idx: auprc(y[idx], s[idx]),
+    "accuracy": lambda y, s, t: lambda idx: float(np.mean((s[idx] >= t) == (y[idx] == 1))),
 }
 
 
@@ -144,12 +145,11 @@ def bootstrap_ci(
     y_arr, s_arr = _binary_arrays(y, score)
     if y_arr.size == 0:
         return None
-    fn = _resampled_auroc(y_arr, s_arr) if metric == "auroc" else None
+    resampled = _CI_METRICS[metric](y_arr, s_arr, threshold)
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(n_boot):
-        idx = rng.integers(0, y_arr.size, y_arr.size)
-        value = fn(idx) if fn else _CI_METRICS[metric](y_arr[idx], s_arr[idx], threshold)
+        value = resampled(rng.integers(0, y_arr.size, y_arr.size))
         if value is not None:
             values.append(value)
     if not values:

@@ -169,9 +169,13 @@ class Section:
         return "".join(parts)
 
 
-def write_report(eval_dirs: list[str | Path], out: str | Path, sections: Sequence[Section] = ()) -> dict[str, Any]:
-    """Write metrics.json, report.md, PNG plots and a self-contained report.html into `out`; `sections` (analyses
-    of `lvlmlp run`) follow the evaluations."""
+def write_report(
+    eval_dirs: list[str | Path], out: str | Path, sections: Sequence[Section] = (), analyses: dict | None = None
+) -> dict[str, Any]:
+    """Write metrics.json, report.md, PNG plots and a self-contained report.html into `out`; returns metrics.json.
+
+    It holds {eval name: metrics}; with `analyses` (`lvlmlp run`), {"evaluations": {name: metrics}, **analyses},
+    and `sections` follow the evaluations in the report."""
     if not eval_dirs:
         raise LvlmlpError("report: give at least one probe eval folder")
     out_dir = Path(out)
@@ -217,7 +221,8 @@ def write_report(eval_dirs: list[str | Path], out: str | Path, sections: Sequenc
     md += [section.markdown() for section in sections]
     parts += [section.html() for section in sections]
     parts.append("</body></html>")
-    (out_dir / "metrics.json").write_text(json.dumps(combined, indent=2))
+    doc = combined if analyses is None else {"evaluations": combined, **analyses}
+    (out_dir / "metrics.json").write_text(json.dumps(doc, indent=2))
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
     (out_dir / "report.html").write_text("".join(parts))
-    return combined
+    return doc
