@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from lvlmlp import __version__
+from lvlmlp.commands import COMMANDS
 from lvlmlp.errors import LvlmlpError
 
 # Modules that define `register_cli(subparsers)`; the order is the order of `lvlmlp --help`.
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register_cli(sub)
+    for name in COMMANDS:  # lvlmlp/commands/<name>.py: the new home of every command (issue 13)
+        importlib.import_module(f"lvlmlp.commands.{name}").register(sub)
     return parser
 
 

@@ -1,0 +1,10 @@
+"""The command line's commands, one small module per command (`lvlmlp COMMAND ...`).
+
+Each module defines `register(subparsers)`, which adds its parser and sets `func` to a function of the parsed
+arguments. Only these modules parse flags; no library module imports them. A command module imports nothing heavy
+(torch, transformers, scikit-learn) at module level: it imports the library inside its `func`, so that
+`lvlmlp --help` and commands that need no model answer at once.
+"""
+
+# The order is the order of `lvlmlp --help`.
+COMMANDS: list[str] = []
