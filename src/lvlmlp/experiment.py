@@ -246,13 +246,13 @@ def _label_fn(cfg: dict[str, Any]) -> Any:
 def run_experiment(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """Run every step of a validated config (see `load_config`); returns the report's metrics."""
     from lvlmlp.data import rows_fingerprint
-    from lvlmlp.extract import extract, select_rows
+    from lvlmlp.extract import extract, shard_rows
     from lvlmlp.store import open_run
 
     out = Path(cfg["out"])
     steps, lazy = Steps(out), LazyBackend(cfg)
     prompts, splits = prompts_of(cfg), split_names(cfg)
-    rows = {s: select_rows(task_rows(cfg, s)) for s in splits}
+    rows = {s: shard_rows(task_rows(cfg, s)) for s in splits}
     ext = cfg["extract"]
     runs: dict[tuple[str, str], Any] = {}
     for name, template in prompts:

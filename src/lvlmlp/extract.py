@@ -44,9 +44,9 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def select_rows(rows: list[dict], limit: int | None = None, shard: tuple[int, int] | None = None) -> list[dict]:
-    """Apply --limit, then keep this shard's contiguous block; each row remembers its input position."""
-    rows = [dict(row, _row_index=i) for i, row in enumerate(rows[:limit] if limit else rows)]
+def shard_rows(rows: list[dict], shard: tuple[int, int] | None = None) -> list[dict]:
+    """This shard's contiguous block of the (selected) rows; each row remembers its input position."""
+    rows = [dict(row, _row_index=i) for i, row in enumerate(rows)]
     if shard:
         i, n = shard
         rows = rows[len(rows) * i // n : len(rows) * (i + 1) // n]
@@ -71,8 +71,9 @@ def extract(
     shard_size: int = 256,
     workers: int = 1,
     label_fn: Callable[[str, dict], int] | None = None,
+    selection: dict | None = None,
 ) -> Run:
-    """Extract features for `rows` (already selected; see `select_rows`) into the run folder `out`.
+    """Extract features for `rows` (already selected; see `shard_rows`) into the run folder `out`.
 
     `label_fn(response, row)`: for tasks whose label is whether the model answered right (MathVista), each row's
     `label` is computed from its generated response and stored with its metadata."""
@@ -107,6 +108,7 @@ def extract(
         "device": str(backend.device),
         "batch_size": batch_size,
         "labels_from_responses": label_fn is not None,
+        "selection": selection,  # --split / --per-class / --limit / --seed that chose the rows
     }
     writer = RunWriter(out, settings, shard_size=shard_size)
     pending = [r for r in rows if r["id"] not in writer.done_ids]

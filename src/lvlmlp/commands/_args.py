@@ -18,19 +18,16 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw-prompt", action="store_true", help="skip the chat template; pass the text as it is")
 
 
-def add_task_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that select a registered task's rows (used by `lvlmlp extract --task NAME ...`)."""
+def add_task_arguments(parser: argparse.ArgumentParser, limit: bool = True) -> None:
+    """The flags that choose the rows: --data or a registered task (--task NAME ...), then which of them."""
     g = parser.add_argument_group("task input (instead of --data)")
     g.add_argument("--task", metavar="NAME", help="a registered task (`lvlmlp tasks` lists them)")
     g.add_argument("--data-root", metavar="DIR", help="the task's annotation files (`lvlmlp tasks NAME`)")
     g.add_argument(
         "--image-root", metavar="DIR", help="the task's images (default: its usual place in --data-root)"
     )
-    g.add_argument("--split", metavar="S", help="the split to read (default: the task's default split)")
-    g.add_argument("--per-class", type=int, metavar="K", help="K seeded-random rows per label")
-    g.add_argument("--seed", type=int, default=0, help="seed of every sampling step (default 0)")
     g.add_argument(
-        "--prompt-style", metavar="STYLE", help="a template from tasks/prompts.yaml: oe, oeh or mq"
+        "--prompt-style", metavar="STYLE", help="a template of the task in tasks/prompts.yaml, e.g. oe, oeh or mq"
     )
     g.add_argument(
         "--task-option",
@@ -40,6 +37,24 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
         help="a task-specific option, repeatable (e.g. categories=adversarial,random for pope, image_variant=SD "
         "for mmsafety; `lvlmlp tasks NAME` lists them)",
     )
+    s = parser.add_argument_group("row selection (--data or --task)")
+    s.add_argument("--split", metavar="S", help="rows of this split: a manifest's rows whose 'split' is S; a task's "
+                   "split (default: every row of a manifest, the task's default split)")
+    s.add_argument("--per-class", type=int, metavar="K", help="K seeded-random rows per label")
+    if limit:
+        s.add_argument("--limit", type=int, metavar="N", help="N seeded-random rows (after --per-class)")
+    s.add_argument("--seed", type=int, default=None, help="seed of the sampling (default 0)")
+
+
+# Flags that only a registered task reads: given with --data they would do nothing, so they are refused.
+_TASK_ONLY = (("data_root", "--data-root"), ("image_root", "--image-root"), ("prompt_style", "--prompt-style"),
+              ("task_option", "--task-option"))
+
+
+def selection(args: argparse.Namespace) -> dict[str, Any]:
+    """The row selection the flags ask for, as recorded in a run's manifest."""
+    return {"split": args.split, "per_class": args.per_class, "limit": getattr(args, "limit", None),
+            "seed": 0 if args.seed is None else args.seed}
 
 
 def task_rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | None]:
@@ -66,20 +81,33 @@ def task_rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | Non
         args.split,
         limit=getattr(args, "limit", None),
         per_class=args.per_class,
-        seed=args.seed,
+        seed=0 if args.seed is None else args.seed,
         **options,
     )
     return rows, template
 
 
 def rows_from_args(args: argparse.Namespace, command: str) -> tuple[list[dict], str | None, str]:
-    """Rows, the task's prompt template (None for a manifest) and a name of the source, from --data or --task."""
+    """Rows, the task's prompt template (None for a manifest) and a name of the source, from --data or --task,
+    selected by --split / --per-class / --limit the same way for both."""
     from lvlmlp.data import read_manifest
+    from lvlmlp.tasks.base import select_manifest_rows
 
     if bool(args.data) == bool(args.task):
         raise LvlmlpError(f"{command}: give exactly one of --data MANIFEST.jsonl or --task NAME")
+    if args.prompt_style is not None and getattr(args, "prompt_template", None) is not None:
+        raise LvlmlpError(f"{command}: give --prompt-style or --prompt-template, not both (the template would win)")
     if args.data:
-        return read_manifest(args.data), None, str(args.data)
+        for attr, flag in _TASK_ONLY:
+            if getattr(args, attr, None):
+                raise LvlmlpError(f"{flag} applies to --task NAME only; with --data it would do nothing")
+        sel = selection(args)
+        if args.seed is not None and sel["per_class"] is None and sel["limit"] is None \
+                and not getattr(args, "do_sample", False):
+            raise LvlmlpError("--seed: nothing to seed with --data unless --per-class, --limit (or --do-sample)")
+        rows = select_manifest_rows(read_manifest(args.data), str(args.data), split=sel["split"],
+                                    per_class=sel["per_class"], limit=sel["limit"], seed=sel["seed"])
+        return rows, None, str(args.data)
     rows, template = task_rows_from_args(args)
     return rows, template, f"task {args.task}"
 

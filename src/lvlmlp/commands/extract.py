@@ -8,6 +8,7 @@ from lvlmlp.commands._args import (
     add_model_arguments,
     add_task_arguments,
     rows_from_args,
+    selection,
     silence_progress_bars,
 )
 from lvlmlp.defaults import BATCH_SIZE, STORE_DTYPE_NAMES
@@ -29,8 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store-dtype", default="float16", choices=sorted(STORE_DTYPE_NAMES))
     p.add_argument("--shard", default=None, help="I/N: process the I-th of N contiguous blocks (merge afterwards)")
     p.add_argument("--on-error", default="fail", choices=["fail", "skip"])
-    p.add_argument("--limit", type=int, default=None,
-                   help="only N rows: the first N of a manifest, a seeded random N of a --task")
     p.add_argument("--shard-size", type=int, default=256, help="rows per committed shard (resume granularity)")
     p.add_argument("--workers", type=int, default=1,
                    help="data-loader processes preparing batches while the model runs (default 1; more on a "
@@ -50,14 +49,15 @@ def parse_layers(spec: str | None) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from lvlmlp.data import check_rows
-    from lvlmlp.extract import extract, parse_shard, select_rows
+    from lvlmlp.extract import extract, parse_shard, shard_rows
 
     rows, task_template, source = rows_from_args(args, "extract")
-    # a task applies --limit itself (seeded subset); a manifest's --limit keeps its first N rows
-    rows = select_rows(rows, None if args.task else args.limit, parse_shard(args.shard))
+    rows = shard_rows(rows, parse_shard(args.shard))
     check_rows(rows, source, args.on_error)  # before the (possibly minutes-long) model load
     if args.no_progress:
         silence_progress_bars()
+    if args.logits_tokens is not None and not args.max_new_tokens:
+        raise LvlmlpError("--logits-tokens applies to generated tokens: give --max-new-tokens K too")
     template = args.prompt_template or task_template
     label_fn = None
     if args.task:
@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         backend, rows, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         logits_tokens=args.logits_tokens, hidden=args.hidden, layers=parse_layers(args.layers),
         store_dtype=args.store_dtype, on_error=args.on_error, shard=parse_shard(args.shard), source=source,
+        selection=selection(args),
         progress=not args.no_progress, shard_size=args.shard_size, workers=args.workers, label_fn=label_fn,
     )
     print(f"{run_.path}: {len(run_)} rows, logits {run_.n_logit_tokens} x {run_.manifest['vocab_size']}")

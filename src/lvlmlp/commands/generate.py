@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(default: the probe's threshold)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None, help="with --do-sample (default 1.0)")
     p.add_argument("--eval", action="store_true",
                    help="also generate without the guard; write OUT.metrics.json (labelled manifests)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         raise LvlmlpError("generate: give exactly one of --template TEXT or --answers YES,NO")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise LvlmlpError("--batch-size and --max-new-tokens must be >= 1")
+    if args.temperature is not None and not args.do_sample:
+        raise LvlmlpError("--temperature applies to sampling only: add --do-sample (greedy decoding has none)")
     answers = parse_answers(args.answers)
     # The task's prompt template, as in `extract --task`: the probe only reads logits under the same prompt.
     rows, task_template, source = rows_from_args(args, "generate")
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if spec is not None and spec.model and spec.model != backend.model_id:
         log.warning("generate: probe trained on features of %s, applied to %s", spec.model, backend.model_id)
     guard = ProbeGuard(probe, backend.tokenizer, args.template, answers=answers, threshold=args.threshold)
-    gen: dict[str, Any] = {"do_sample": True, "temperature": args.temperature} if args.do_sample else {}
+    gen: dict[str, Any] = {"do_sample": True, "temperature": 1.0 if args.temperature is None else args.temperature} if args.do_sample else {}
+    seed = 0 if args.seed is None else args.seed
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             chunk = rows[start : start + args.batch_size]
             batch = backend.encode([load_image(r["image"], r["id"]) for r in chunk], [r["question"] for r in chunk])
             # Reseeding per batch gives the unguarded run the same random draws: unflagged rows then agree.
-            torch.manual_seed(args.seed + start)
+            torch.manual_seed(seed + start)
             with guard.watching(backend.model):
                 res = backend.generate(batch, max_new_tokens=args.max_new_tokens,
                                        logits_processor=LogitsProcessorList([guard]), **gen)
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             n_flagged += int(guard.flagged_.sum())
             base = None
             if args.eval:
-                torch.manual_seed(args.seed + start)
+                torch.manual_seed(seed + start)
                 base = backend.generate(batch, max_new_tokens=args.max_new_tokens, **gen)["responses"]
             for i, row in enumerate(chunk):
                 line = {"id": row["id"], "response": res["responses"][i], "flagged": bool(guard.flagged_[i]),

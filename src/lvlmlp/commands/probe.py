@@ -33,18 +33,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--layer", type=int, help="layer index for --feature layer")
     train.add_argument("--probe", choices=("logistic", "multinomial", "lda"),
                        help="default: logistic for 2 classes, multinomial for more")
-    train.add_argument("--C", type=float, default=1.0, help="logistic: inverse L2 strength (default 1.0)")
-    train.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
-                       help="standardise features (default: off for logistic, as in the paper; on for multinomial)")
-    train.add_argument("--class-weight", choices=("balanced",), help="logistic: reweight classes")
-    train.add_argument("--max-iter", type=int, default=100, help="logistic: solver iterations (default 100)")
-    train.add_argument("--threshold", type=float, default=0.5, help="flag rows with P(label 1) below this")
-    train.add_argument("--epochs", type=int, default=20, help="multinomial: passes over the data")
-    train.add_argument("--batch-size", type=int, default=512, help="multinomial: rows per step")
-    train.add_argument("--lr", type=float, default=1e-2, help="multinomial: Adam learning rate")
-    train.add_argument("--weight-decay", type=float, default=1e-4, help="multinomial: L2 strength")
-    train.add_argument("--device", default="cpu", help="multinomial: cpu, cuda, cuda:N or auto")
-    train.add_argument("--seed", type=int, default=0)
+    # Hyper-parameters default to None: the probe class's own defaults apply, and a flag the chosen probe does not
+    # have is refused instead of silently ignored.
+    hp = train.add_argument_group("probe hyper-parameters (each applies to the probes named)")
+    hp.add_argument("--C", type=float, help="logistic: inverse L2 strength (default 1.0)")
+    hp.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
+                    help="logistic, multinomial: standardise features (default: off for logistic, as in the paper; "
+                         "on for multinomial)")
+    hp.add_argument("--class-weight", choices=("balanced",), help="logistic: reweight classes")
+    hp.add_argument("--max-iter", type=int, help="logistic: solver iterations (default 100)")
+    hp.add_argument("--epochs", type=int, help="multinomial: passes over the data (default 20)")
+    hp.add_argument("--batch-size", type=int, help="multinomial: rows per step (default 512)")
+    hp.add_argument("--lr", type=float, help="multinomial: Adam learning rate (default 0.01)")
+    hp.add_argument("--weight-decay", type=float, help="multinomial: L2 strength (default 1e-4)")
+    hp.add_argument("--device", help="multinomial: cpu, cuda, cuda:N or auto (default cpu)")
+    hp.add_argument("--seed", type=int, help="multinomial: seed of the mini-batch order (default 0)")
+    hp.add_argument("--threshold", type=float, help="all: flag rows with P(label 1) below this (default 0.5)")
     train.add_argument("--out", required=True, help="probe folder to write")
     train.set_defaults(func=train_probe)
 
@@ -61,18 +65,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.set_defaults(func=eval_probe)
 
 
+# Flags of `probe train` that set a probe hyper-parameter of the same name.
+_HYPER_FLAGS = ("C", "standardize", "class_weight", "max_iter", "epochs", "batch_size", "lr", "weight_decay",
+                "device", "seed", "threshold")
+
+
 def make_probe(args: argparse.Namespace, n_classes: int) -> Any:
-    from lvlmlp.probes import LDAProbe, LogisticProbe, MultinomialProbe
+    """The probe of `--probe` (default: logistic for 2 classes, else multinomial) with the hyper-parameters given;
+    one that the chosen probe does not have is an error naming the flag."""
+    from lvlmlp.probes import PROBES
 
     kind = args.probe or ("logistic" if n_classes == 2 else "multinomial")
-    if kind == "logistic":
-        return LogisticProbe(C=args.C, standardize=bool(args.standardize), class_weight=args.class_weight,
-                             max_iter=args.max_iter, threshold=args.threshold)
-    if kind == "lda":
-        return LDAProbe(threshold=args.threshold)
-    return MultinomialProbe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                            weight_decay=args.weight_decay, standardize=True if args.standardize is None
-                            else args.standardize, device=args.device, seed=args.seed, threshold=args.threshold)
+    cls = PROBES[kind]
+    accepted = cls().get_params()
+    given = {name: getattr(args, name) for name in _HYPER_FLAGS if getattr(args, name, None) is not None}
+    for name in given:
+        if name not in accepted:
+            flag = "--" + name.replace("_", "-")
+            raise LvlmlpError(f"{flag} does not apply to --probe {kind} (its hyper-parameters: "
+                              f"{', '.join('--' + p.replace('_', '-') for p in accepted if p in _HYPER_FLAGS)})")
+    return cls(**given)
 
 
 def _where(run: Any, split: str | None) -> str:
@@ -100,6 +112,8 @@ def train_probe(args: argparse.Namespace) -> int:
     if args.probe == "logistic" and classes.size > 2:
         raise LvlmlpError(f"--probe logistic is binary but {_where(run, args.split)} has {classes.size} classes; "
                           "use --probe multinomial or lda")
+    if args.layer is not None and args.feature != "layer":
+        raise LvlmlpError(f"--layer applies to --feature layer only (not --feature {args.feature})")
     probe = make_probe(args, classes.size)
     view = FeatureView(run, kind=args.feature, token=args.token, layer=args.layer)
     # Every probe reads the rows chunk by chunk (the scikit-learn ones copy them into RAM as they go).
