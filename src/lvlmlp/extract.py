@@ -95,6 +95,8 @@ def extract(
         raise LvlmlpError("--batch-size must be >= 1 and --max-new-tokens >= 0")
     rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
     check_rows(rows, source, on_error)  # before any model work or folder is written
+    if not rows:
+        raise LvlmlpError(f"{source}: no rows to extract")
 
     n_keep = max(1, min(max_new_tokens, logits_tokens or max_new_tokens))  # stored tokens; 1 for prefill
     settings = {

@@ -259,6 +259,25 @@ def _metrics_path(out: Path) -> Path:
     return out.with_name(out.stem + ".metrics.json") if out.suffix == ".jsonl" else Path(f"{out}.metrics.json")
 
 
+def _same_model(a: str, b: str) -> bool:
+    """Two spellings of one checkpoint: equal ids, or paths to the same folder."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def check_probe_model(probe: Any, model_id: str, allow: bool = False) -> None:
+    """Refuse a probe trained on another model's features (as `probe eval` does), unless `allow`: then warn."""
+    spec = getattr(probe, "spec_", None)
+    if spec is None or not spec.model or _same_model(str(spec.model), model_id):
+        return
+    if not allow:
+        raise LvlmlpError(f"--probe: trained on features of {spec.model!r}, not of --model {model_id!r}; "
+                          "pass --allow-other-model if they are the same weights")
+    log.warning("generate: probe trained on features of %s, applied to %s", spec.model, model_id)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -294,8 +313,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kind = spec.kind if spec is not None else "logits"
     # The model is compared by name only as a warning: the same weights are often reached by a path or a hub id.
     probe.check_compatible(FeatureSpec(kind=kind, token=0, dim=backend.vocab_size, model=None))
-    if spec is not None and spec.model and spec.model != backend.model_id:
-        log.warning("generate: probe trained on features of %s, applied to %s", spec.model, backend.model_id)
+    check_probe_model(probe, backend.model_id, allow=args.allow_other_model)
     guard = ProbeGuard(probe, backend.tokenizer, args.template, answers=answers, threshold=args.threshold)
     gen: dict[str, Any] = {"do_sample": True, "temperature": args.temperature} if args.do_sample else {}
 
@@ -365,5 +383,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--eval", action="store_true",
                    help="also generate without the guard; write OUT.metrics.json (labelled manifests)")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="use a probe trained on another model's features (refused otherwise)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
