@@ -34,12 +34,19 @@ def read_manifest(path: str | Path) -> list[dict]:
     for _, row in iter_json_lines(path):
         if "image" in row and isinstance(row["image"], str) and row["image"]:
             image = Path(row["image"]).expanduser()
-            row["image"] = str(image if image.is_absolute() else (path.parent / image).resolve())
+            row["image"] = str(image if image.is_absolute() else _absolute(path.parent / image))
         rows.append(row)
     if not rows:
         raise LvlmlpError(f"{path}: the manifest has no rows")
     validate_rows(rows, str(path))
     return rows
+
+
+def _absolute(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # a symlink loop: the row fails (or is skipped) when its image is checked
+        return Path(os.path.abspath(path))
 
 
 def iter_json_lines(path: str | Path, context: str = "") -> Iterator[tuple[int, dict]]:

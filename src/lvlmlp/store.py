@@ -107,6 +107,7 @@ class FolderLock:
     process ends (the kernel drops fcntl locks of dead processes, so a killed run never leaves a stale lock)."""
 
     def __init__(self, folder: str | Path) -> None:
+        self._fd: int | None = None
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_NAME
@@ -123,7 +124,7 @@ class FolderLock:
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now} ({command})\n".encode(), 0)
-        self._fd: int | None = fd
+        self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
