@@ -87,6 +87,8 @@ def extract(
         raise LvlmlpError("--batch-size must be >= 1 and --max-new-tokens >= 0")
     rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
     check_rows(rows, source, on_error)  # before any model work or folder is written
+    if not rows:
+        raise LvlmlpError(f"{source}: no rows to extract")
 
     n_keep = max(1, min(max_new_tokens, logits_tokens or max_new_tokens))  # stored tokens; 1 for prefill
     settings = {
@@ -118,26 +120,31 @@ def extract(
         f"generate {max_new_tokens} tokens" if max_new_tokens else "prefill only",
     )
     dtype = STORE_DTYPES[store_dtype]
-    bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="extract")
-    chunks = [pending[s : s + batch_size] for s in range(0, len(pending), batch_size)]
-    # closing: the workers stop on errors too
-    with cores_for_workers(backend, workers), closing(prepared_batches(backend, chunks, workers)) as prepared:
-        for chunk, (batch_rows, batch, failed) in zip(chunks, prepared):
-            for row_id, message in failed:
-                if on_error == "fail":
-                    bar.close()
-                    raise LvlmlpError(f"{source}: {message}")
-                writer.fail(row_id, message)
-            if batch_rows:
-                batch = backend.to_device(batch)
-                meta, arrays = _run_batch(backend, batch_rows, batch, max_new_tokens, n_keep, hidden, layers, dtype)
-                if label_fn is not None:
-                    for m, row in zip(meta, batch_rows):
-                        m["label"] = int(label_fn(m["response"], row))
-                writer.append(meta, arrays)
-            bar.update(len(chunk))
-    bar.close()
-    run = writer.close()
+    try:
+        bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="extract")
+        chunks = [pending[s : s + batch_size] for s in range(0, len(pending), batch_size)]
+        # closing: the workers stop on errors too
+        with cores_for_workers(backend, workers), closing(prepared_batches(backend, chunks, workers)) as prepared:
+            for chunk, (batch_rows, batch, failed) in zip(chunks, prepared):
+                for row_id, message in failed:
+                    if on_error == "fail":
+                        bar.close()
+                        raise LvlmlpError(f"{source}: {message}")
+                    writer.fail(row_id, message)
+                if batch_rows:
+                    batch = backend.to_device(batch)
+                    meta, arrays = _run_batch(backend, batch_rows, batch, max_new_tokens, n_keep, hidden, layers,
+                                              dtype)
+                    if label_fn is not None:
+                        for m, row in zip(meta, batch_rows):
+                            m["label"] = int(label_fn(m["response"], row))
+                    writer.append(meta, arrays)
+                bar.update(len(chunk))
+        bar.close()
+    except BaseException:
+        writer.release()  # committed shards stay; the same command resumes from them
+        raise
+    run = writer.close([r["id"] for r in rows])
     if run.failures:
         log.warning("extract: %d row(s) skipped, see %s", len(run.failures), Path(out) / "failures.jsonl")
     return run
