@@ -227,8 +227,14 @@ def load_probe(directory: str | Path) -> Probe:
     cls = Probe.registry.get(doc.get("class", ""))
     if cls is None:
         raise LvlmlpError(f"{json_path}: unknown probe class {doc.get('class')!r}")
-    probe = cls(**doc["params"])
-    arrays = load_file(str(weights_path))
+    try:
+        probe = cls(**doc.get("params", {}))
+    except TypeError as err:
+        raise LvlmlpError(f"{json_path}: bad parameters for {cls.__name__} ({err})") from None
+    try:
+        arrays = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error type on truncated or garbled files
+        raise LvlmlpError(f"{weights_path}: unreadable probe weights ({err})") from None
     for name in cls._ARRAYS:
         setattr(probe, name, arrays.get(name.rstrip("_")))
     probe.classes_ = np.asarray(doc["classes"])
