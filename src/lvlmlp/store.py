@@ -325,6 +325,7 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, chunk: int =
         diff = _differences(base, other)
         if diff:
             raise LvlmlpError(f"merge: {run.path} was made with other settings ({', '.join(diff)} differ)")
+    _check_shard_set(runs)
     # (run, local position) of every row, ordered by its position in the full input.
     order = sorted(
         ((int(ri), r, i) for r, run in enumerate(runs) for i, ri in enumerate(run.row_index)),
@@ -352,6 +353,32 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, chunk: int =
         for failure in run.failures:
             writer.fail(failure["id"], failure["error"])
     return writer.close()
+
+
+def _check_shard_set(runs: Sequence[Run]) -> None:
+    """Runs of `extract --shard I/N` must be exactly the N shards 0..N-1 of one split: a missing one would leave
+    rows out of the merged run without a word."""
+    specs = [run.manifest.get("shard") for run in runs]
+    if all(spec is None for spec in specs):
+        return
+    parsed = []
+    for run, spec in zip(runs, specs):
+        try:
+            i, n = (int(x) for x in str(spec).split("/"))
+        except ValueError:
+            raise LvlmlpError(f"merge: {run.path} is not a shard run (shard {spec!r})") from None
+        parsed.append((i, n))
+    counts = {n for _, n in parsed}
+    if len(counts) != 1:
+        raise LvlmlpError(f"merge: the runs are shards of different splits ({', '.join(map(str, specs))})")
+    n = counts.pop()
+    seen = [i for i, _ in parsed]
+    twice = sorted({i for i in seen if seen.count(i) > 1})
+    if twice:
+        raise LvlmlpError(f"merge: shard {twice[0]}/{n} given twice")
+    missing = sorted(set(range(n)) - set(seen))
+    if missing:
+        raise LvlmlpError(f"merge: shard {', '.join(f'{i}/{n}' for i in missing)} is missing (give all {n} shard runs)")
 
 
 def _row_of(name: str, arr: np.ndarray, i: int) -> np.ndarray:
