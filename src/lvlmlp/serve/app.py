@@ -107,6 +107,11 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             headers["Retry-After"] = "1"
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        log.exception("serve: %s %s failed", request.method, request.url.path)
+        return await api_error(request, ApiError(500, f"internal error: {type(err).__name__}: {err}"))
+
     async def authorize(request: Request) -> None:
         if config.api_key is None:
             return

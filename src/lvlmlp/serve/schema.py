@@ -49,7 +49,7 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
-    image_url: ImageURL | None = None
+    image_url: ImageURL | str | None = None  # a few clients send the URL itself
 
 
 class Message(BaseModel):
@@ -68,7 +68,7 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
     stream: bool = False
-    n: Literal[1] = 1  # one choice per request: n > 1 is refused rather than silently answered once
+    n: Literal[1] | None = 1  # one choice per request: n > 1 is refused rather than silently answered once
     stop: None = None  # stop sequences are not implemented: refused rather than ignored
     logprobs: Literal[False] | None = None
 
@@ -100,7 +100,8 @@ def read_prompt(request: ChatRequest, limits: Limits) -> tuple[Image.Image, str]
         elif part.type == "image_url":
             if part.image_url is None:
                 raise ApiError(400, f"{where}: an image_url part needs image_url.url", param=where)
-            images.append((i, part.image_url.url))
+            url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
+            images.append((i, url))
         else:
             raise ApiError(400, f"{where}: unsupported content type {part.type!r} (use text and image_url)",
                            param=where)
