@@ -136,9 +136,15 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads here and in the server")
     args = parser.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by the server process's torch at start
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from lvlmlp.backend import Backend
     from lvlmlp.demo import demo_model_path
