@@ -165,6 +165,8 @@ def _decode_data_url(url: str, limits: Limits, where: str) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ApiError(400, f"{where}: the data is not a readable {media_type} image", param=where) from None
+    except Image.DecompressionBombError as err:
+        raise ApiError(413, f"{where}: {err}", param=where) from None
     if image.format not in PIL_FORMATS:
         raise ApiError(415, f"{where}: unsupported image format {image.format} "
                             f"(supported: {', '.join(sorted(PIL_FORMATS))})", param=where)
