@@ -1,4 +1,7 @@
-"""Shared test set-up: one torch thread (2 threads make tiny ops ~10x slower here) and cached tiny checkpoints."""
+"""Shared test set-up: one torch thread (2 threads make tiny ops ~10x slower here) and cached tiny checkpoints.
+
+LVLMLP_TEST_THREADS=2 runs the suite with 2 torch threads instead: other kernels, as another CPU would choose, so
+that a test comparing floats bit for bit across shapes or code paths shows up here."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ.get("LVLMLP_TEST_THREADS", "1")))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -179,3 +179,13 @@ def test_loading_errors_name_the_path(tmp_path: Path) -> None:
 
     with pytest.raises(LvlmlpError, match="no-such-org/no-such-model"):
         Backend("no-such-org/no-such-model")  # offline in tests, and not in the cache
+
+
+def test_quirk_rows_name_real_image_text_to_text_model_types():
+    # A misspelt model_type in the quirks table would silently give that family the defaults.
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from lvlmlp.families import QUIRKS, Quirks, quirks_of
+
+    assert sorted(set(QUIRKS) - set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)) == []
+    assert quirks_of("llava") == Quirks() and quirks_of("paligemma").drop_outputs == ("labels",)

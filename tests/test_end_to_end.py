@@ -52,5 +52,6 @@ def test_extract_train_eval_report(tiny_ckpt, tmp_path):
     run = open_run(run_dir)
     test = [i for i, s in enumerate(run.splits) if s == "test"]
     direct = load_probe(probe_dir).predict_proba(np.asarray(run.logits(0), dtype=np.float32)[test])[:, 1]
-    np.testing.assert_allclose([s["score"] for s in scores], direct, rtol=0, atol=1e-12)
+    # `probe eval` reads the rows in chunks (another matrix shape than these 40 rows at once): float rounding only
+    np.testing.assert_allclose([s["score"] for s in scores], direct, rtol=1e-6, atol=1e-12)
     assert metrics["auroc"] > 0.8  # the label is learnable from the first-token distribution

@@ -225,3 +225,27 @@ def test_probe_train_cli_without_labels_is_an_error(tmp_path: Path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no labelled rows" in err
     assert open_run(run.path).labels.shape == (5,)
+
+
+def test_probes_are_scikit_learn_estimators_clone_and_cross_val_predict():
+    # On scikit-learn's base: clone copies hyper-parameters only, and cross_val_predict drives a probe like any
+    # classifier, giving the same out-of-fold probabilities as fitting each fold by hand.
+    from sklearn.base import clone
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    from lvlmlp.probes import PROBES, LogisticProbe
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(60, 5)).astype(np.float32)
+    y = (X[:, 0] + 0.3 * rng.normal(size=60) > 0).astype(int)
+    probe = LogisticProbe(C=0.5, threshold=0.3).fit(X, y)
+    copy = clone(probe)
+    assert copy.get_params() == probe.get_params() and not hasattr(copy, "coef_")
+    cv = StratifiedKFold(n_splits=3)
+    oof = cross_val_predict(LogisticProbe(C=0.5), X, y, cv=cv, method="predict_proba")
+    by_hand = np.zeros_like(oof)
+    for tr, te in cv.split(X, y):
+        by_hand[te] = LogisticProbe(C=0.5).fit(X[tr], y[tr]).predict_proba(X[te])
+    np.testing.assert_allclose(oof, by_hand, rtol=0, atol=1e-12)
+    for cls in PROBES.values():
+        assert clone(cls()).get_params() == cls().get_params()

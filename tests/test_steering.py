@@ -25,6 +25,15 @@ from lvlmlp.steering import ProbeGuard, guarded_generate, is_refusal
 TEMPLATE = "I cannot answer."
 LABELS = [1, 0, 1, 0]
 K = 10  # new tokens: longer than the template (7 tokens in the tiny tokenizers), so the model continues after it
+# Logits computed with another batch shape or code path (generate vs prefill, 2 rows vs 4) differ in the last float32
+# bits, which BLAS orders differently on each CPU and thread count; through this weakly regularised probe (C=1e4)
+# that moves a score by ~1e-6 relative (seen: 8.79333375e-05 vs 8.79333598e-05). 1e-4 is far above that rounding
+# and far below a real change (the repetition penalty below moves scores by more than 1e-2 relative).
+SCORE_RTOL = 1e-4
+
+
+def assert_same_scores(actual: np.ndarray, expected: np.ndarray) -> None:
+    np.testing.assert_allclose(actual, expected, rtol=SCORE_RTOL, atol=0)
 
 
 def make_manifest(root: Path, n: int = 4) -> Path:
@@ -79,7 +88,7 @@ def test_flagged_rows_get_template_unflagged_rows_unchanged(setups, family):
         res = backend.generate(batch, max_new_tokens=K, logits_processor=LogitsProcessorList([guard]))
 
     assert guard.flagged_.tolist() == [False, True, False, True]
-    assert np.array_equal(guard.scores_, probe.predict_proba(X)[:, 1])
+    assert_same_scores(guard.scores_, probe.predict_proba(X)[:, 1])  # generate's logits vs prefill's
     n_tpl = len(guard.template_ids)
     for i in (1, 3):
         assert res["sequences"][i, :n_tpl].tolist() == guard.template_ids
@@ -105,7 +114,7 @@ def test_one_guard_many_calls_and_plain_model_generate(setups):
     sub = {k: v[2:] for k, v in batch.items() if k != "pixel_values"} | {"pixel_values": batch["pixel_values"][2:]}
     out2 = backend.model.generate(**sub, logits_processor=LogitsProcessorList([guard]), **kwargs)
     assert guard.flagged_.tolist() == [False, True]
-    assert np.array_equal(guard.scores_, probe.predict_proba(X[2:])[:, 1])
+    assert_same_scores(guard.scores_, probe.predict_proba(X[2:])[:, 1])  # 2 rows vs 4
     assert torch.equal(out2[:, sub["input_ids"].shape[1]:], first[2:])
 
 
@@ -115,12 +124,13 @@ def test_watching_scores_raw_logits_despite_builtin_processors(setups):
     guard = ProbeGuard(probe, backend.tokenizer, TEMPLATE)
     # A repetition penalty runs before custom processors and changes the step-0 scores of prompt tokens ...
     backend.generate(batch, max_new_tokens=2, repetition_penalty=3.0, logits_processor=LogitsProcessorList([guard]))
-    assert not np.array_equal(guard.scores_, expected)
+    changed = np.abs(guard.scores_ - expected) / expected
+    assert changed.max() > 100 * SCORE_RTOL, changed
     # ... which watching() avoids by reading the model's own output logits.
     with guard.watching(backend.model):
         backend.generate(batch, max_new_tokens=2, repetition_penalty=3.0,
                          logits_processor=LogitsProcessorList([guard]))
-    assert np.array_equal(guard.scores_, expected)
+    assert_same_scores(guard.scores_, expected)
 
 
 def test_new_call_detected_when_prompt_is_one_token_longer(setups):

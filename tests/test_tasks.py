@@ -13,8 +13,9 @@ from PIL import Image
 
 from conftest import SHARED
 from lvlmlp.cli import main
+from lvlmlp.commands._args import add_task_arguments, task_rows_from_args
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.tasks import add_task_arguments, get_task, list_tasks, prompt_template, task_rows_from_args
+from lvlmlp.tasks import get_task, list_tasks, prompt_template
 from lvlmlp.tasks.mad import DECEPTIVE
 from lvlmlp.tasks.mathvista import check_answer, label_from_responses
 from lvlmlp.tasks.mmsafety import UNSAFE_SCENARIOS

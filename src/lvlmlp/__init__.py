@@ -3,11 +3,15 @@
 __version__ = "0.1.0"
 
 from lvlmlp.errors import LvlmlpError  # noqa: E402
-from lvlmlp.store import Run, open_run  # noqa: E402
 
 
 def __getattr__(name: str):
-    # Probes and the guard import torch / scikit-learn: load them on first use, so `import lvlmlp` stays light.
+    # The store imports numpy, probes and the guard torch / scikit-learn: load them on first use, so that
+    # `import lvlmlp` (and the command line's parser) stays light.
+    if name in ("Run", "open_run"):
+        from lvlmlp import store
+
+        return getattr(store, name)
     if name in ("LogisticProbe", "MultinomialProbe", "LDAProbe", "load_probe"):
         from lvlmlp import probes
 

@@ -27,27 +27,9 @@ import torch
 from PIL import Image
 
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.families import quirks_of
 
 log = logging.getLogger(__name__)
-
-# Families whose processors import optional packages: the package a user must install, per family.
-_NEEDS: dict[str, tuple[str, ...]] = {
-    "qwen2_vl": ("torchvision",),
-    "qwen2_5_vl": ("torchvision",),
-    "qwen3_vl": ("torchvision",),
-    "smolvlm": ("torchvision", "num2words"),
-}
-
-# Text that stands for the image when the prompt is not built by a chat template (`raw_prompt`, or a processor
-# without one). InstructBLIP's processor inserts its query tokens itself, so it needs none.
-_RAW_IMAGE_PLACEHOLDER: dict[str, str] = {
-    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "instructblip": "",
-}
-
-# Families that in practice have no chat template: the question goes to the processor as it is.
-_NO_CHAT_TEMPLATE = {"instructblip", "instructblipvideo", "paligemma"}
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -93,7 +75,7 @@ def _load_config(model_id: str) -> Any:
 
 
 def _check_dependencies(family: str, model_id: str) -> None:
-    missing = [pkg for pkg in _NEEDS.get(family, ()) if importlib.util.find_spec(pkg) is None]
+    missing = [pkg for pkg in quirks_of(family).needs if importlib.util.find_spec(pkg) is None]
     if missing:
         raise LvlmlpError(
             f"{model_id}: the {family} processor needs {' and '.join(missing)}; "
@@ -142,6 +124,7 @@ class Backend:
 
         config = _load_config(self.model_id)
         self.family: str = config.model_type
+        self.quirks = quirks_of(self.family)
         if self.family not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
             raise LvlmlpError(
                 f"{self.model_id}: model type {self.family!r} is not a vision-language (image-text-to-text) model"
@@ -159,11 +142,10 @@ class Backend:
         self.tokenizer = self.processor.tokenizer
         # Left padding keeps every row's last prompt token in the last column, where generation continues.
         self.tokenizer.padding_side = "left"
-        qformer_tokenizer = getattr(self.processor, "qformer_tokenizer", None)
-        if qformer_tokenizer is not None:
+        if self.quirks.qformer_text:
             # InstructBLIP's Q-Former is a BERT with absolute positions: right padding (plus its attention mask)
             # keeps each row's question at positions 0..n-1, exactly as in a single-row run.
-            qformer_tokenizer.padding_side = "right"
+            self.processor.qformer_tokenizer.padding_side = "right"
         self.vocab_size: int = int(self.model.get_output_embeddings().weight.shape[0])
 
         local = Path(self.model_id)
@@ -186,8 +168,10 @@ class Backend:
         """The text passed to the processor for one row (the contract's default prompt, see module docstring)."""
         text = self.prompt_template.replace("{question}", question) if self.prompt_template else question
         template = getattr(self.processor, "chat_template", None)
-        if self.raw_prompt or not template or self.family in _NO_CHAT_TEMPLATE:
-            placeholder = _RAW_IMAGE_PLACEHOLDER.get(self.family, getattr(self.processor, "image_token", ""))
+        if self.raw_prompt or not template or not self.quirks.chat_template:
+            placeholder = self.quirks.image_placeholder
+            if placeholder is None:
+                placeholder = getattr(self.processor, "image_token", "")
             # PaliGemma's processor would add the image tokens itself, with a warning; giving them is the same.
             if placeholder and getattr(self.processor, "image_token", placeholder) not in text:
                 text = placeholder + text
@@ -235,8 +219,8 @@ class Backend:
         rgb = [[im if im.mode == "RGB" else im.convert("RGB")] for im in images]
         # NumPy arrays cost less to build than tensors (and wrapping them is free); the values are the same.
         batch = self.processor(images=rgb, text=texts, padding=True, return_tensors="np")
-        # PaliGemma returns training labels whenever it returns token_type_ids; they would only add a loss.
-        batch.pop("labels", None)
+        for key in self.quirks.drop_outputs:
+            batch.pop(key, None)
         return {k: torch.from_numpy(v) for k, v in batch.items() if isinstance(v, np.ndarray)}
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -247,7 +231,7 @@ class Backend:
         """The position ids `generate` would use: counted over real tokens only (so padding, even InstructBLIP's in
         mid-sequence, shifts nothing), and Qwen's 3-D multimodal positions. `GenerationMixin` owns this logic,
         including per-family overrides, so it is reused rather than copied."""
-        owner = self.model.language_model if self.family.startswith("instructblip") else self.model
+        owner = self.model.language_model if self.quirks.nested_language_model else self.model
         kwargs = {k: v for k, v in batch.items() if k != "input_ids"}
         return owner._prepare_position_ids_for_generation(batch["input_ids"], kwargs)
 

@@ -1,4 +1,5 @@
-"""Command line: `lvlmlp SUBCOMMAND ...`. Each stage module registers its own subcommands with `register_cli`."""
+"""Command line: `lvlmlp COMMAND ...`. Each command is a module of lvlmlp/commands/ listed in `COMMANDS`; building
+the parser imports only those light modules (the library is imported when a command runs)."""
 
 from __future__ import annotations
 
@@ -12,26 +13,13 @@ from lvlmlp import __version__
 from lvlmlp.commands import COMMANDS
 from lvlmlp.errors import LvlmlpError
 
-# Modules that define `register_cli(subparsers)`; the order is the order of `lvlmlp --help`.
-COMMAND_MODULES = [
-    "lvlmlp.extract",
-    "lvlmlp.demo",
-    "lvlmlp.tasks",
-    "lvlmlp.evaluate",
-    "lvlmlp.steering",
-    "lvlmlp.testing",
-    "lvlmlp.experiment",
-]
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lvlmlp", description="First-token probing of vision-language models.")
     parser.add_argument("--version", action="version", version=f"lvlmlp {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register_cli(sub)
-    for name in COMMANDS:  # lvlmlp/commands/<name>.py: the new home of every command (issue 13)
+    for name in COMMANDS:
         importlib.import_module(f"lvlmlp.commands.{name}").register(sub)
     return parser
 
@@ -45,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LvlmlpError as err:
-        # One line on stderr, naming the file, row id or option at fault (contract section 3).
+        # One line on stderr, naming the file, row id or option at fault.
         print(f"lvlmlp: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,9 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lvlmlp.data import load_image, rows_fingerprint
+from lvlmlp.data import check_rows, load_image, rows_fingerprint
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.extract import check_rows
 from lvlmlp.store import Run, RunWriter, is_complete_run, open_run
 
 log = logging.getLogger("lvlmlp")

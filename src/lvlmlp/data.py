@@ -132,3 +132,11 @@ def rows_fingerprint(rows: Iterable[dict]) -> str:
         h.update(json.dumps(row, sort_keys=True, default=str).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]
+
+
+def check_rows(rows: list[dict], source: str, on_error: str = "fail") -> None:
+    """Ids, questions and labels are valid and (unless rows may be skipped) every image file exists."""
+    validate_rows(rows, source)
+    missing = check_images_exist(rows, source)
+    if missing and on_error == "fail":
+        raise LvlmlpError(missing[0][1])

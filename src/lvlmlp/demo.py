@@ -11,7 +11,6 @@ The numbers show the method working on a toy model; they are not the paper's num
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -301,30 +300,3 @@ def _html(results: dict, out: Path) -> str:
         "These numbers show the method working on a toy model, not the paper's numbers.</p>"
         f"<pre>{table}</pre>{imgs}</body></html>"
     )
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    results = run_demo(args.out, n_train=args.n_train, n_test=args.n_test, max_new_tokens=args.max_new_tokens,
-                       batch_size=args.batch_size, seed=args.seed, model=args.model, device=args.device,
-                       progress=not args.no_progress)
-    print(summary_table(results))
-    print(f"\nwrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.html'} in {results['seconds']} s")
-    return 0
-
-
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole method on the embedded synthetic world and tiny trained model")
-    p.add_argument("--out", default="demo_out")
-    p.add_argument("--n-train", type=int, default=200, help="train rows per analogue")
-    p.add_argument("--n-test", type=int, default=200, help="test rows per analogue")
-    p.add_argument("--max-new-tokens", type=int, default=5, help="tokens generated per row (token decay 1..K)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default=None, help="another checkpoint instead of the embedded demo model")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_demo)

@@ -16,7 +16,6 @@ Command-line flags override the file: `--model`, `--out`, `--device`, `--limit`,
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -247,13 +246,13 @@ def _label_fn(cfg: dict[str, Any]) -> Any:
 def run_experiment(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """Run every step of a validated config (see `load_config`); returns the report's metrics."""
     from lvlmlp.data import rows_fingerprint
-    from lvlmlp.extract import extract, select_rows
+    from lvlmlp.extract import extract, shard_rows
     from lvlmlp.store import open_run
 
     out = Path(cfg["out"])
     steps, lazy = Steps(out), LazyBackend(cfg)
     prompts, splits = prompts_of(cfg), split_names(cfg)
-    rows = {s: select_rows(task_rows(cfg, s)) for s in splits}
+    rows = {s: shard_rows(task_rows(cfg, s)) for s in splits}
     ext = cfg["extract"]
     runs: dict[tuple[str, str], Any] = {}
     for name, template in prompts:
@@ -434,35 +433,3 @@ def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, r
     return Section("CLIP feature baseline", "Probes of the same kind on CLIP/SigLIP image, question-text and "
                       "concatenated embeddings, same rows and protocol.", ["features", "probe [95% CI]", "n"],
                       rows, [png])
-
-
-# ------------------------------------------------------------------------------------------------ command line
-def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set or [], model=args.model, out=args.out, device=args.device,
-                      limit=args.limit, batch_size=args.batch_size, n_boot=args.n_boot)
-    if args.no_progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    doc = run_experiment(cfg, progress=not args.no_progress)
-    for name, metrics in doc["evaluations"].items():
-        head = _headline(metrics)
-        value = "–" if head["value"] is None else f"{head['value']:.3f}"
-        print(f"{name}: {head['metric']} {value} (n={head['n']})")
-    print(f"report -> {Path(cfg['out']) / 'report' / 'report.html'}")
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    p = subparsers.add_parser("run", help="run a whole experiment from a YAML config (extract, probes, report)")
-    p.add_argument("config", help="experiment YAML (see configs/)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override any config key, repeatable: --set extract.max_new_tokens=5")
-    p.add_argument("--model", help="override `model`")
-    p.add_argument("--out", help="override `out`")
-    p.add_argument("--device", help="override `device` (auto, cpu, cuda, cuda:N)")
-    p.add_argument("--limit", type=int, help="override `limit` (seeded random N rows per split)")
-    p.add_argument("--batch-size", type=int, help="override `batch_size`")
-    p.add_argument("--n-boot", type=int, help="override `n_boot` (bootstrap resamples)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_run)

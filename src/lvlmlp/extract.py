@@ -7,7 +7,6 @@ answer ends early are kept and padded, never dropped), and the decoded response.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -18,18 +17,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from lvlmlp.data import check_images_exist, read_manifest, rows_fingerprint, validate_rows
+from lvlmlp.data import check_rows, rows_fingerprint
+from lvlmlp.defaults import BATCH_SIZE, STORE_DTYPE_NAMES
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.loader import cores_for_workers, prepared_batches
-from lvlmlp.store import Run, RunWriter, merge_runs
+from lvlmlp.store import Run, RunWriter
 
 if TYPE_CHECKING:
     from lvlmlp.backend import Backend
 
 log = logging.getLogger("lvlmlp")
 
-STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
-BATCH_SIZE = 8  # default rows per forward
+STORE_DTYPES = {name: np.dtype(name).type for name in STORE_DTYPE_NAMES}
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
@@ -45,21 +44,13 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def select_rows(rows: list[dict], limit: int | None = None, shard: tuple[int, int] | None = None) -> list[dict]:
-    """Apply --limit, then keep this shard's contiguous block; each row remembers its input position."""
-    rows = [dict(row, _row_index=i) for i, row in enumerate(rows[:limit] if limit else rows)]
+def shard_rows(rows: list[dict], shard: tuple[int, int] | None = None) -> list[dict]:
+    """This shard's contiguous block of the (selected) rows; each row remembers its input position."""
+    rows = [dict(row, _row_index=i) for i, row in enumerate(rows)]
     if shard:
         i, n = shard
         rows = rows[len(rows) * i // n : len(rows) * (i + 1) // n]
     return rows
-
-
-def check_rows(rows: list[dict], source: str, on_error: str = "fail") -> None:
-    """Ids, questions and labels are valid and (unless rows may be skipped) every image file exists."""
-    validate_rows(rows, source)
-    missing = check_images_exist(rows, source)
-    if missing and on_error == "fail":
-        raise LvlmlpError(missing[0][1])
 
 
 def extract(
@@ -80,8 +71,9 @@ def extract(
     shard_size: int = 256,
     workers: int = 1,
     label_fn: Callable[[str, dict], int] | None = None,
+    selection: dict | None = None,
 ) -> Run:
-    """Extract features for `rows` (already selected; see `select_rows`) into the run folder `out`.
+    """Extract features for `rows` (already selected; see `shard_rows`) into the run folder `out`.
 
     `label_fn(response, row)`: for tasks whose label is whether the model answered right (MathVista), each row's
     `label` is computed from its generated response and stored with its metadata."""
@@ -116,6 +108,7 @@ def extract(
         "device": str(backend.device),
         "batch_size": batch_size,
         "labels_from_responses": label_fn is not None,
+        "selection": selection,  # --split / --per-class / --limit / --seed that chose the rows
     }
     writer = RunWriter(out, settings, shard_size=shard_size)
     pending = [r for r in rows if r["id"] not in writer.done_ids]
@@ -179,109 +172,3 @@ def _run_batch(backend: Backend, rows: list[dict], batch: dict, max_new_tokens: 
             m["response"] = responses[i]
         meta.append(m)
     return meta, arrays
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-
-
-def _layers(spec: str | None) -> list[int]:
-    if not spec:
-        return []
-    try:
-        return [int(x) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise LvlmlpError(f"--layers: expected comma-separated integers such as 8,16,-1, got {spec!r}") from None
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="hub id or local folder of a vision-language checkpoint")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | float16 | bfloat16")
-    p.add_argument("--prompt-template", default=None, help='applied to the question first, e.g. "{question} Answer briefly."')
-    p.add_argument("--raw-prompt", action="store_true", help="skip the chat template; pass the text as it is")
-
-
-def _rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | None, str]:
-    if bool(args.data) == bool(getattr(args, "task", None)):
-        raise LvlmlpError("extract: give exactly one of --data MANIFEST.jsonl or --task NAME")
-    if args.data:
-        return read_manifest(args.data), None, str(args.data)
-    from lvlmlp.tasks import task_rows_from_args
-
-    rows, template = task_rows_from_args(args)
-    return rows, template, f"task {args.task}"
-
-
-def cmd_extract(args: argparse.Namespace) -> int:
-    from lvlmlp.backend import Backend
-
-    rows, task_template, source = _rows_from_args(args)
-    # a task applies --limit itself (seeded subset); a manifest's --limit keeps its first N rows
-    rows = select_rows(rows, None if args.task else args.limit, parse_shard(args.shard))
-    check_rows(rows, source, args.on_error)  # before the (possibly minutes-long) model load
-    if args.no_progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    template = args.prompt_template or task_template
-    label_fn = None
-    if args.task:
-        from lvlmlp.tasks import get_task
-
-        if get_task(args.task).needs_generation:  # MathVista: label = whether the model's answer is right
-            from lvlmlp.tasks.mathvista import check_answer
-
-            label_fn = check_answer
-            if not args.max_new_tokens:
-                raise LvlmlpError(f"--task {args.task}: labels come from the model's answers; give --max-new-tokens")
-    backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=template,
-                      raw_prompt=args.raw_prompt)
-    run = extract(
-        backend, rows, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        logits_tokens=args.logits_tokens, hidden=args.hidden, layers=_layers(args.layers),
-        store_dtype=args.store_dtype, on_error=args.on_error, shard=parse_shard(args.shard), source=source,
-        progress=not args.no_progress, shard_size=args.shard_size, workers=args.workers, label_fn=label_fn,
-    )
-    print(f"{run.path}: {len(run)} rows, logits {run.n_logit_tokens} x {run.manifest['vocab_size']}")
-    return 0
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    run = merge_runs(args.runs, args.out)
-    print(f"{run.path}: {len(run)} rows merged from {len(args.runs)} runs")
-    return 0
-
-
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("extract", help="first-token (and first K tokens') logits into a run folder")
-    p.add_argument("--data", help="JSON-lines manifest (contract section 1)")
-    try:
-        from lvlmlp.tasks import add_task_arguments
-    except ImportError:  # tasks are optional while the package is being assembled
-        pass
-    else:
-        add_task_arguments(p)
-    add_model_arguments(p)
-    p.add_argument("--out", required=True, help="run folder; re-running the same command resumes it")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--max-new-tokens", type=int, default=0,
-                   help="0: one prefill forward (first token only); K: greedy generation keeping K tokens' logits")
-    p.add_argument("--logits-tokens", type=int, default=None, help="keep only the first T tokens' logits")
-    p.add_argument("--hidden", action="store_true", help="also keep the final-norm hidden state at the first token")
-    p.add_argument("--layers", default=None, help="also keep these layers' hidden states, e.g. 8,16,-1")
-    p.add_argument("--store-dtype", default="float16", choices=sorted(STORE_DTYPES))
-    p.add_argument("--shard", default=None, help="I/N: process the I-th of N contiguous blocks (merge afterwards)")
-    p.add_argument("--on-error", default="fail", choices=["fail", "skip"])
-    p.add_argument("--limit", type=int, default=None,
-                   help="only N rows: the first N of a manifest, a seeded random N of a --task")
-    p.add_argument("--shard-size", type=int, default=256, help="rows per committed shard (resume granularity)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="data-loader processes preparing batches while the model runs (default 1; more on a "
-                        "many-core GPU machine; 0: in this process)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_extract)
-
-    m = sub.add_parser("merge", help="merge the run folders of `extract --shard I/N` in manifest order")
-    m.add_argument("runs", nargs="+")
-    m.add_argument("--out", required=True)
-    m.set_defaults(func=cmd_merge)

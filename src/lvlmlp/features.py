@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 from scipy.special import log_softmax
 
+from lvlmlp.defaults import FEATURE_KINDS
 from lvlmlp.errors import LvlmlpError
 
-FEATURE_KINDS = ("logits", "log_softmax", "softmax", "hidden", "layer")
 # Rows converted per step by `feature_matrix`: bounds the float32 temporaries of one step to ~ chunk * V * 4 bytes.
 _CHUNK = 2048
 

@@ -14,13 +14,13 @@ All three score rows the same way, chunk by chunk: `(x - mean_) / scale_ @ coef_
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 from scipy.special import expit, softmax
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.features import FeatureSpec
@@ -74,12 +74,13 @@ def _check_labels(y: Any, n: int, min_classes: int = 2) -> np.ndarray:
     return y
 
 
-class Probe:
-    """Common scoring, saving and compatibility checks. Subclasses implement `fit` and list their arrays."""
+class Probe(ClassifierMixin, BaseEstimator):
+    """Common scoring, saving and compatibility checks on scikit-learn's estimator base (`get_params`,
+    `set_params`, `clone`, `cross_val_predict` and `score` = accuracy come from there). Subclasses store their
+    hyper-parameters in `__init__` unchanged, implement `fit` and list their learned arrays."""
 
     # Learned arrays saved to probe.safetensors (None-valued ones are skipped).
     _ARRAYS: ClassVar[tuple[str, ...]] = ("coef_", "intercept_", "mean_", "scale_")
-    registry: ClassVar[dict[str, type[Probe]]] = {}
 
     threshold: float
     coef_: np.ndarray
@@ -89,27 +90,6 @@ class Probe:
     scale_: np.ndarray | None = None
     spec_: FeatureSpec | None = None
     label_names_: list[str] | None = None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        Probe.registry[cls.__name__] = cls
-
-    # ---- hyper-parameters (scikit-learn conventions) ----
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-        return {name: getattr(self, name) for name in names}
-
-    def set_params(self, **params: Any) -> Probe:
-        valid = self.get_params()
-        for key, value in params.items():
-            if key not in valid:
-                raise ValueError(f"{type(self).__name__} has no parameter {key!r}")
-            setattr(self, key, value)
-        return self
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
 
     # ---- fitting helpers ----
     def _start_fit(self, n_features: int, spec: FeatureSpec | None, label_names: list[str] | None) -> None:
@@ -172,10 +152,6 @@ class Probe:
             return np.where(proba[:, 1] >= self.threshold, self.classes_[1], self.classes_[0])
         return self.classes_[np.argmax(proba, axis=1)]
 
-    def score(self, X: Any, y: Any) -> float:
-        """Accuracy of `predict` (scikit-learn's convention for classifiers)."""
-        return float(np.mean(self.predict(X) == np.asarray(y)))
-
     # ---- persistence ----
     def save(self, directory: str | Path) -> Path:
         """Write `probe.safetensors` + `probe.json` into `directory` (created if needed)."""
@@ -224,7 +200,7 @@ def load_probe(directory: str | Path) -> Probe:
         raise LvlmlpError(f"{json_path}: invalid JSON ({err.msg} at line {err.lineno})") from None
     if doc.get("format") != PROBE_FORMAT:
         raise LvlmlpError(f"{json_path}: not an lvlmlp probe (format {doc.get('format')!r})")
-    cls = Probe.registry.get(doc.get("class", ""))
+    cls = {c.__name__: c for c in PROBES.values()}.get(doc.get("class", ""))
     if cls is None:
         raise LvlmlpError(f"{json_path}: unknown probe class {doc.get('class')!r}")
     probe = cls(**doc["params"])
@@ -428,4 +404,5 @@ class MultinomialProbe(Probe):
         return self
 
 
+# The one registry of probe kinds: CLI choices, configs, `load_probe` and cross-validation all read it.
 PROBES: dict[str, type[Probe]] = {"logistic": LogisticProbe, "multinomial": MultinomialProbe, "lda": LDAProbe}

@@ -10,7 +10,6 @@ backend's batching quirks exactly; their answers are of course noise.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -413,20 +412,3 @@ def tiny_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """`lvlmlp tiny-model --family F --out DIR`."""
-    parser = subparsers.add_parser(
-        "tiny-model", help="write a tiny random checkpoint of a VLM family (for tests)"
-    )
-    parser.add_argument("--family", required=True, choices=FAMILIES)
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    path = tiny_model(args.family, args.out, seed=args.seed)
-    print(path)
-    return 0

@@ -6,5 +6,17 @@ arguments. Only these modules parse flags; no library module imports them. A com
 `lvlmlp --help` and commands that need no model answer at once.
 """
 
-# The order is the order of `lvlmlp --help`.
-COMMANDS: list[str] = ["serve"]
+# Module names under lvlmlp/commands/; the order is the order of `lvlmlp --help`.
+COMMANDS: list[str] = [
+    "extract",
+    "merge",
+    "demo",
+    "tasks",
+    "probe",
+    "report",
+    "import_legacy",
+    "generate",
+    "tiny_model",
+    "run",
+    "serve",
+]

@@ -5,21 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 
+from lvlmlp.commands._args import add_model_arguments
 from lvlmlp.errors import LvlmlpError
-
-
-def _answers(text: str | None) -> dict[int, str] | None:
-    if text is None:
-        return None
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 2 or not all(parts):
-        raise LvlmlpError(f"--answers: expected LABEL1,LABEL0 such as Yes,No, got {text!r}")
-    return {1: parts[0], 0: parts[1]}
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from lvlmlp.commands.generate import parse_answers
     from lvlmlp.serve import Limits, ServeConfig, create_app, load_engine
 
     if (args.template is None) == (args.answers is None):
@@ -32,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         raise LvlmlpError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
     if args.max_tokens > args.max_tokens_limit:
         raise LvlmlpError(f"--max-tokens {args.max_tokens} is above --max-tokens-limit {args.max_tokens_limit}")
-    engine = load_engine(args.model, args.probe, template=args.template, answers=_answers(args.answers),
+    engine = load_engine(args.model, args.probe, template=args.template, answers=parse_answers(args.answers),
                          threshold=args.threshold, device=args.device, dtype=args.dtype,
                          prompt_template=args.prompt_template, raw_prompt=args.raw_prompt)
     model = str(args.model).rstrip("/")
@@ -54,12 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible chat endpoint guarded by a first-token probe")
-    p.add_argument("--model", required=True, help="hub id or local folder of a vision-language checkpoint")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | float16 | bfloat16")
-    p.add_argument("--prompt-template", default=None, help='applied to the question first, as the probe was '
-                   'trained with, e.g. "{question} Answer briefly."')
-    p.add_argument("--raw-prompt", action="store_true", help="skip the chat template; pass the text as it is")
+    add_model_arguments(p)  # --prompt-template / --raw-prompt: as the probe's training rows were prompted
     p.add_argument("--probe", required=True, help="probe folder from `lvlmlp probe train` (first-token logits)")
     p.add_argument("--template", default=None, help="text forced at the start of flagged requests' answers")
     p.add_argument("--answers", default=None,

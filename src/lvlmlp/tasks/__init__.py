@@ -6,15 +6,13 @@ rows = get_task("pope").rows("/data/pope", split="val", categories=["random"])
 template = prompt_template("vizwiz", "oeh")  # contains "{question}"
 ```
 Each adapter module (vizwiz, mmsafety, mad, mathvista, pope, imagenet, jsonl) defines one `TASK`; this module
-collects them, loads `prompts.yaml`, and adds `lvlmlp tasks [NAME]` plus the `--task` flags of `lvlmlp extract`.
+collects them and loads `prompts.yaml` (the command `lvlmlp tasks [NAME]` lives in lvlmlp/commands/tasks.py).
 """
 
 from __future__ import annotations
 
-import argparse
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -25,13 +23,10 @@ from lvlmlp.tasks.base import Request, Task
 __all__ = [
     "Request",
     "Task",
-    "add_task_arguments",
     "get_task",
     "list_tasks",
     "prompt_styles",
     "prompt_template",
-    "register_cli",
-    "task_rows_from_args",
 ]
 
 _TASKS: dict[str, Task] = {
@@ -73,25 +68,6 @@ def prompt_template(task: str, style: str = "oe") -> str:
     return _prompts()[task][style]
 
 
-# ------------------------------------------------------------------------------------------------ command line
-
-
-def register_cli(subparsers: Any) -> None:
-    p = subparsers.add_parser("tasks", help="list the registered tasks, or show one task's expected files")
-    p.add_argument("name", nargs="?", help="a task name: print its layout, splits, labels and prompt styles")
-    p.set_defaults(func=_cmd_tasks)
-
-
-def _cmd_tasks(args: argparse.Namespace) -> int:
-    if args.name is None:
-        width = max(len(t.name) for t in list_tasks())
-        for t in list_tasks():
-            print(f"{t.name:<{width}}  {t.description}")
-        return 0
-    print(describe(get_task(args.name)))
-    return 0
-
-
 def describe(task: Task) -> str:
     """The text of `lvlmlp tasks NAME`."""
     labels = ", ".join(f"{i} = {n}" for i, n in enumerate(task.label_names)) or "as given (class index)"
@@ -108,57 +84,3 @@ def describe(task: Task) -> str:
     lines += [f"option {name}: {help_}" for name, help_ in task.options]
     lines += ["layout:", *("  " + line for line in task.layout.splitlines())]
     return "\n".join(lines)
-
-
-def add_task_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that select a registered task's rows (used by `lvlmlp extract --task NAME ...`)."""
-    g = parser.add_argument_group("task input (instead of --data)")
-    g.add_argument(
-        "--task", metavar="NAME", help=f"a registered task: {', '.join(_TASKS)} (see `lvlmlp tasks`)"
-    )
-    g.add_argument("--data-root", metavar="DIR", help="the task's annotation files (`lvlmlp tasks NAME`)")
-    g.add_argument(
-        "--image-root", metavar="DIR", help="the task's images (default: its usual place in --data-root)"
-    )
-    g.add_argument("--split", metavar="S", help="the split to read (default: the task's default split)")
-    g.add_argument("--per-class", type=int, metavar="K", help="K seeded-random rows per label")
-    g.add_argument("--seed", type=int, default=0, help="seed of every sampling step (default 0)")
-    g.add_argument(
-        "--prompt-style", metavar="STYLE", help="a template from tasks/prompts.yaml: oe, oeh or mq"
-    )
-    g.add_argument(
-        "--task-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a task-specific option, repeatable (e.g. categories=adversarial,random for pope, image_variant=SD "
-        "for mmsafety; `lvlmlp tasks NAME` lists them)",
-    )
-
-
-def task_rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | None]:
-    """Rows and prompt template (None without --prompt-style: the contract's default prompt) from the flags of
-    `add_task_arguments`. `--limit N` (when the caller defines it) takes a seeded random subset of the task's rows,
-    so that a small run still covers every category."""
-    if not args.task:
-        raise LvlmlpError("--task is required to read a task's rows")
-    task = get_task(args.task)
-    if not args.data_root:
-        raise LvlmlpError(f"--data-root is required with --task {task.name} (see `lvlmlp tasks {task.name}`)")
-    options: dict[str, Any] = {}
-    for item in args.task_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise LvlmlpError(f"--task-option {item!r}: expected KEY=VALUE")
-        options[key.strip()] = value.strip()
-    template = None if args.prompt_style is None else prompt_template(task.name, args.prompt_style)
-    rows = task.rows(
-        args.data_root,
-        args.image_root,
-        args.split,
-        limit=getattr(args, "limit", None),
-        per_class=args.per_class,
-        seed=args.seed,
-        **options,
-    )
-    return rows, template

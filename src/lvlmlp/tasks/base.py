@@ -111,9 +111,7 @@ class Task:
             raise LvlmlpError(
                 f"{self.name}: unknown option {unknown[0]!r} (options: {', '.join(sorted(known)) or 'none'})"
             )
-        for name, value in (("limit", limit), ("per_class", per_class)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise LvlmlpError(f"{self.name}: {name} must be a positive integer, got {value!r}")
+        check_sample_sizes(self.name, limit=limit, per_class=per_class)
         request = Request(
             task=self.name,
             data_root=Path(data_root).expanduser().resolve(),
@@ -127,10 +125,8 @@ class Task:
         if self.splits:  # fixed-split benchmarks tag their rows; a manifest's rows keep what they say
             for row in rows:
                 row.setdefault("split", split)
-        if per_class is not None and not self.samples_per_class:
-            rows = sample_per_class(rows, per_class, seed, source=f"{self.name} split {split}")
-        if limit is not None:
-            rows = sample_limit(rows, limit, seed)
+        rows = sample_rows(rows, None if self.samples_per_class else per_class, limit, seed,
+                           source=f"{self.name} split {split}")
         if not rows:
             raise LvlmlpError(f"{self.name}: no rows in split {split!r} under {request.data_root}")
         validate_rows(rows, f"{self.name} split {split}")
@@ -140,6 +136,48 @@ class Task:
         """Class names, read from the data root for tasks whose names live there (ImageNet)."""
         del data_root  # only ImageNet overrides this, see `imagenet.ImageNetTask`
         return self.label_names
+
+
+def check_sample_sizes(source: str, **sizes: int | None) -> None:
+    """`limit`/`per_class` are positive integers when given."""
+    for name, value in sizes.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise LvlmlpError(f"{source}: {name} must be a positive integer, got {value!r}")
+
+
+def sample_rows(rows: list[dict], per_class: int | None, limit: int | None, seed: int | None, source: str) -> list[dict]:
+    """`per_class` then `limit` sampling (each seeded, original order kept): the one way rows are sampled, for a
+    task's rows and a manifest's alike."""
+    if per_class is not None:
+        rows = sample_per_class(rows, per_class, seed, source=source)
+    if limit is not None:
+        rows = sample_limit(rows, limit, seed)
+    return rows
+
+
+def select_manifest_rows(
+    rows: list[dict],
+    source: str,
+    *,
+    split: str | None = None,
+    per_class: int | None = None,
+    limit: int | None = None,
+    seed: int | None = 0,
+) -> list[dict]:
+    """A manifest's rows for `--split S --per-class K --limit N`: the rows whose "split" is S (an error naming the
+    splits present when none is), then sampled exactly as a task's rows are (`sample_rows`)."""
+    check_sample_sizes(source, limit=limit, per_class=per_class)
+    if split is not None:
+        kept = [row for row in rows if row.get("split") == split]
+        if not kept:
+            present = sorted({str(row["split"]) for row in rows if row.get("split") is not None})
+            have = f"splits present: {', '.join(present)}" if present else "no row has a 'split' field"
+            raise LvlmlpError(f"{source}: no row has split {split!r} ({have})")
+        rows = kept
+    rows = sample_rows(rows, per_class, limit, seed, source)
+    if not rows:
+        raise LvlmlpError(f"{source}: no rows")
+    return rows
 
 
 def sample_per_class(rows: list[dict], k: int, seed: int | None, source: str) -> list[dict]:

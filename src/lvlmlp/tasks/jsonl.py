@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from lvlmlp.data import read_manifest
-from lvlmlp.tasks.base import Request, Task
+from lvlmlp.tasks.base import Request, Task, select_manifest_rows
 
 ALL = "all"
 
 LAYOUT = """\
 --data-root FILE.jsonl    a manifest (CONTRACT.md section 1): {"id", "image", "question", "label"?, "split"?, ...};
-    --split S keeps the rows whose "split" is S (every row when no row has a "split" field);
-    the default split "all" keeps every row
+    --split S keeps the rows whose "split" is S (an error naming the splits present when none is);
+    the default split "all" keeps every row (the same selection as `--data FILE.jsonl --split S`)
 --data-root DIR           reads DIR/{split}.jsonl (rows get that split unless they name their own)
 image paths: relative to the manifest's folder, or absolute; --image-root is not used"""
 
@@ -22,9 +22,7 @@ def load(req: Request) -> list[dict]:
             row.setdefault("split", req.split)
         return rows
     rows = read_manifest(req.data_root)  # names the file when it is missing
-    if req.split == ALL or not any("split" in row for row in rows):
-        return rows
-    return [row for row in rows if row.get("split") == req.split]
+    return rows if req.split == ALL else select_manifest_rows(rows, str(req.data_root), split=req.split)
 
 
 TASK = Task(

@@ -1,0 +1,119 @@
+"""Flags that several commands share (model selection, a registered task's rows) and their parsing.
+
+Light at import: the library is imported inside the functions that read parsed arguments."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lvlmlp.errors import LvlmlpError
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="hub id or local folder of a vision-language checkpoint")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | float16 | bfloat16")
+    p.add_argument("--prompt-template", default=None, help='applied to the question first, e.g. "{question} Answer briefly."')
+    p.add_argument("--raw-prompt", action="store_true", help="skip the chat template; pass the text as it is")
+
+
+def add_task_arguments(parser: argparse.ArgumentParser, limit: bool = True) -> None:
+    """The flags that choose the rows: --data or a registered task (--task NAME ...), then which of them."""
+    g = parser.add_argument_group("task input (instead of --data)")
+    g.add_argument("--task", metavar="NAME", help="a registered task (`lvlmlp tasks` lists them)")
+    g.add_argument("--data-root", metavar="DIR", help="the task's annotation files (`lvlmlp tasks NAME`)")
+    g.add_argument(
+        "--image-root", metavar="DIR", help="the task's images (default: its usual place in --data-root)"
+    )
+    g.add_argument(
+        "--prompt-style", metavar="STYLE", help="a template of the task in tasks/prompts.yaml, e.g. oe, oeh or mq"
+    )
+    g.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a task-specific option, repeatable (e.g. categories=adversarial,random for pope, image_variant=SD "
+        "for mmsafety; `lvlmlp tasks NAME` lists them)",
+    )
+    s = parser.add_argument_group("row selection (--data or --task)")
+    s.add_argument("--split", metavar="S", help="rows of this split: a manifest's rows whose 'split' is S; a task's "
+                   "split (default: every row of a manifest, the task's default split)")
+    s.add_argument("--per-class", type=int, metavar="K", help="K seeded-random rows per label")
+    if limit:
+        s.add_argument("--limit", type=int, metavar="N", help="N seeded-random rows (after --per-class)")
+    s.add_argument("--seed", type=int, default=None, help="seed of the sampling (default 0)")
+
+
+# Flags that only a registered task reads: given with --data they would do nothing, so they are refused.
+_TASK_ONLY = (("data_root", "--data-root"), ("image_root", "--image-root"), ("prompt_style", "--prompt-style"),
+              ("task_option", "--task-option"))
+
+
+def selection(args: argparse.Namespace) -> dict[str, Any]:
+    """The row selection the flags ask for, as recorded in a run's manifest."""
+    return {"split": args.split, "per_class": args.per_class, "limit": getattr(args, "limit", None),
+            "seed": 0 if args.seed is None else args.seed}
+
+
+def task_rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | None]:
+    """Rows and prompt template (None without --prompt-style: the default prompt) from the flags of
+    `add_task_arguments`. `--limit N` (when the caller defines it) takes a seeded random subset of the task's rows,
+    so that a small run still covers every category."""
+    from lvlmlp.tasks import get_task, prompt_template
+
+    if not args.task:
+        raise LvlmlpError("--task is required to read a task's rows")
+    task = get_task(args.task)
+    if not args.data_root:
+        raise LvlmlpError(f"--data-root is required with --task {task.name} (see `lvlmlp tasks {task.name}`)")
+    options: dict[str, Any] = {}
+    for item in args.task_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LvlmlpError(f"--task-option {item!r}: expected KEY=VALUE")
+        options[key.strip()] = value.strip()
+    template = None if args.prompt_style is None else prompt_template(task.name, args.prompt_style)
+    rows = task.rows(
+        args.data_root,
+        args.image_root,
+        args.split,
+        limit=getattr(args, "limit", None),
+        per_class=args.per_class,
+        seed=0 if args.seed is None else args.seed,
+        **options,
+    )
+    return rows, template
+
+
+def rows_from_args(args: argparse.Namespace, command: str) -> tuple[list[dict], str | None, str]:
+    """Rows, the task's prompt template (None for a manifest) and a name of the source, from --data or --task,
+    selected by --split / --per-class / --limit the same way for both."""
+    from lvlmlp.data import read_manifest
+    from lvlmlp.tasks.base import select_manifest_rows
+
+    if bool(args.data) == bool(args.task):
+        raise LvlmlpError(f"{command}: give exactly one of --data MANIFEST.jsonl or --task NAME")
+    if args.prompt_style is not None and getattr(args, "prompt_template", None) is not None:
+        raise LvlmlpError(f"{command}: give --prompt-style or --prompt-template, not both (the template would win)")
+    if args.data:
+        for attr, flag in _TASK_ONLY:
+            if getattr(args, attr, None):
+                raise LvlmlpError(f"{flag} applies to --task NAME only; with --data it would do nothing")
+        sel = selection(args)
+        if args.seed is not None and sel["per_class"] is None and sel["limit"] is None \
+                and not getattr(args, "do_sample", False):
+            raise LvlmlpError("--seed: nothing to seed with --data unless --per-class, --limit (or --do-sample)")
+        rows = select_manifest_rows(read_manifest(args.data), str(args.data), split=sel["split"],
+                                    per_class=sel["per_class"], limit=sel["limit"], seed=sel["seed"])
+        return rows, None, str(args.data)
+    rows, template = task_rows_from_args(args)
+    return rows, template, f"task {args.task}"
+
+
+def silence_progress_bars() -> None:
+    """--no-progress: also hide transformers' own bars (weights loading)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -1,0 +1,84 @@
+"""`lvlmlp extract`: first-token (and first K tokens') logits of a model on a manifest or a task into a run folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from lvlmlp.commands._args import (
+    add_model_arguments,
+    add_task_arguments,
+    rows_from_args,
+    selection,
+    silence_progress_bars,
+)
+from lvlmlp.defaults import BATCH_SIZE, STORE_DTYPE_NAMES
+from lvlmlp.errors import LvlmlpError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("extract", help="first-token (and first K tokens') logits into a run folder")
+    p.add_argument("--data", help="JSON-lines manifest (one row per line: id, image, question, label)")
+    add_task_arguments(p)
+    add_model_arguments(p)
+    p.add_argument("--out", required=True, help="run folder; re-running the same command resumes it")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--max-new-tokens", type=int, default=0,
+                   help="0: one prefill forward (first token only); K: greedy generation keeping K tokens' logits")
+    p.add_argument("--logits-tokens", type=int, default=None, help="keep only the first T tokens' logits")
+    p.add_argument("--hidden", action="store_true", help="also keep the final-norm hidden state at the first token")
+    p.add_argument("--layers", default=None, help="also keep these layers' hidden states, e.g. 8,16,-1")
+    p.add_argument("--store-dtype", default="float16", choices=sorted(STORE_DTYPE_NAMES))
+    p.add_argument("--shard", default=None, help="I/N: process the I-th of N contiguous blocks (merge afterwards)")
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"])
+    p.add_argument("--shard-size", type=int, default=256, help="rows per committed shard (resume granularity)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="data-loader processes preparing batches while the model runs (default 1; more on a "
+                        "many-core GPU machine; 0: in this process)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
+    p.set_defaults(func=run)
+
+
+def parse_layers(spec: str | None) -> list[int]:
+    if not spec:
+        return []
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise LvlmlpError(f"--layers: expected comma-separated integers such as 8,16,-1, got {spec!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from lvlmlp.data import check_rows
+    from lvlmlp.extract import extract, parse_shard, shard_rows
+
+    rows, task_template, source = rows_from_args(args, "extract")
+    rows = shard_rows(rows, parse_shard(args.shard))
+    check_rows(rows, source, args.on_error)  # before the (possibly minutes-long) model load
+    if args.no_progress:
+        silence_progress_bars()
+    if args.logits_tokens is not None and not args.max_new_tokens:
+        raise LvlmlpError("--logits-tokens applies to generated tokens: give --max-new-tokens K too")
+    template = args.prompt_template or task_template
+    label_fn = None
+    if args.task:
+        from lvlmlp.tasks import get_task
+
+        if get_task(args.task).needs_generation:  # MathVista: label = whether the model's answer is right
+            from lvlmlp.tasks.mathvista import check_answer
+
+            label_fn = check_answer
+            if not args.max_new_tokens:
+                raise LvlmlpError(f"--task {args.task}: labels come from the model's answers; give --max-new-tokens")
+    from lvlmlp.backend import Backend
+
+    backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=template,
+                      raw_prompt=args.raw_prompt)
+    run_ = extract(
+        backend, rows, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        logits_tokens=args.logits_tokens, hidden=args.hidden, layers=parse_layers(args.layers),
+        store_dtype=args.store_dtype, on_error=args.on_error, shard=parse_shard(args.shard), source=source,
+        selection=selection(args),
+        progress=not args.no_progress, shard_size=args.shard_size, workers=args.workers, label_fn=label_fn,
+    )
+    print(f"{run_.path}: {len(run_)} rows, logits {run_.n_logit_tokens} x {run_.manifest['vocab_size']}")
+    return 0

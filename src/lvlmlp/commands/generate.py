@@ -1,0 +1,138 @@
+"""`lvlmlp generate`: probe-guided decoding; flagged rows start their answer with a template (or the probe's
+answer), then the model goes on."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from lvlmlp.commands._args import (
+    add_model_arguments,
+    add_task_arguments,
+    rows_from_args,
+    silence_progress_bars,
+)
+from lvlmlp.errors import LvlmlpError
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="probe-guided decoding: refuse (or answer) as the probe says")
+    add_model_arguments(p)
+    p.add_argument("--data", help="JSON-lines manifest (one row per line: id, image, question, label)")
+    add_task_arguments(p)  # --task ... as in `lvlmlp extract`; its --seed also seeds --do-sample
+    p.add_argument("--probe", required=True, help="probe folder from `lvlmlp probe train` (first-token logits)")
+    p.add_argument("--template", default=None, help="text forced at the start of flagged rows' answers")
+    p.add_argument("--answers", default=None,
+                   help="LABEL1,LABEL0 such as Yes,No: every answer starts with the probe's prediction")
+    p.add_argument("--out", required=True, help="OUT.jsonl: {id, response, flagged, probe_score} per row")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--threshold", type=float, default=None, help="flag rows with P(label 1) below this "
+                   "(default: the probe's threshold)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None, help="with --do-sample (default 1.0)")
+    p.add_argument("--eval", action="store_true",
+                   help="also generate without the guard; write OUT.metrics.json (labelled manifests)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
+    p.set_defaults(func=run)
+
+
+def parse_answers(text: str | None) -> dict[int, str] | None:
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise LvlmlpError(f"--answers: expected LABEL1,LABEL0 such as Yes,No, got {text!r}")
+    return {1: parts[0], 0: parts[1]}
+
+
+def metrics_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".metrics.json") if out.suffix == ".jsonl" else Path(f"{out}.metrics.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.template is None) == (args.answers is None):
+        raise LvlmlpError("generate: give exactly one of --template TEXT or --answers YES,NO")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise LvlmlpError("--batch-size and --max-new-tokens must be >= 1")
+    if args.temperature is not None and not args.do_sample:
+        raise LvlmlpError("--temperature applies to sampling only: add --do-sample (greedy decoding has none)")
+    answers = parse_answers(args.answers)
+    # The task's prompt template, as in `extract --task`: the probe only reads logits under the same prompt.
+    rows, task_template, source = rows_from_args(args, "generate")
+    prompt_template = args.prompt_template or task_template
+    if args.eval:
+        unlabelled = [r["id"] for r in rows if r.get("label") not in (0, 1)]
+        if unlabelled:
+            raise LvlmlpError(f"--eval: row {unlabelled[0]!r} has no 0/1 'label' in {source}")
+    if args.no_progress:
+        silence_progress_bars()
+
+    import torch
+    from tqdm import tqdm
+    from transformers import LogitsProcessorList
+
+    from lvlmlp.backend import Backend
+    from lvlmlp.data import load_image
+    from lvlmlp.features import FeatureSpec
+    from lvlmlp.probes import load_probe
+    from lvlmlp.steering import ProbeGuard, steering_metrics
+
+    probe = load_probe(args.probe)
+    backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=prompt_template,
+                      raw_prompt=args.raw_prompt)
+    spec = getattr(probe, "spec_", None)
+    kind = spec.kind if spec is not None else "logits"
+    # The model is compared by name only as a warning: the same weights are often reached by a path or a hub id.
+    probe.check_compatible(FeatureSpec(kind=kind, token=0, dim=backend.vocab_size, model=None))
+    if spec is not None and spec.model and spec.model != backend.model_id:
+        log.warning("generate: probe trained on features of %s, applied to %s", spec.model, backend.model_id)
+    guard = ProbeGuard(probe, backend.tokenizer, args.template, answers=answers, threshold=args.threshold)
+    gen: dict[str, Any] = {"do_sample": True, "temperature": 1.0 if args.temperature is None else args.temperature} if args.do_sample else {}
+    seed = 0 if args.seed is None else args.seed
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    labels, guarded, plain = [], [], []
+    n_flagged = 0
+    bar = tqdm(total=len(rows), unit="row", file=sys.stderr, disable=args.no_progress, desc="generate")
+    with out.open("w", encoding="utf-8") as f:
+        for start in range(0, len(rows), args.batch_size):
+            chunk = rows[start : start + args.batch_size]
+            batch = backend.encode([load_image(r["image"], r["id"]) for r in chunk], [r["question"] for r in chunk])
+            # Reseeding per batch gives the unguarded run the same random draws: unflagged rows then agree.
+            torch.manual_seed(seed + start)
+            with guard.watching(backend.model):
+                res = backend.generate(batch, max_new_tokens=args.max_new_tokens,
+                                       logits_processor=LogitsProcessorList([guard]), **gen)
+            assert guard.scores_ is not None and guard.flagged_ is not None
+            n_flagged += int(guard.flagged_.sum())
+            base = None
+            if args.eval:
+                torch.manual_seed(seed + start)
+                base = backend.generate(batch, max_new_tokens=args.max_new_tokens, **gen)["responses"]
+            for i, row in enumerate(chunk):
+                line = {"id": row["id"], "response": res["responses"][i], "flagged": bool(guard.flagged_[i]),
+                        "probe_score": float(guard.scores_[i])}
+                if base is not None:
+                    line["response_unguarded"] = base[i]
+                    labels.append(int(row["label"]))
+                    guarded.append(res["responses"][i])
+                    plain.append(base[i])
+                f.write(json.dumps(line) + "\n")
+            f.flush()
+            bar.update(len(chunk))
+    bar.close()
+    print(f"{out}: {len(rows)} rows, {n_flagged} flagged (threshold {guard.threshold:g})")
+    if args.eval:
+        metrics = steering_metrics(labels, guarded, plain, args.template, answers)
+        metrics.update(flagged_rate=n_flagged / max(len(rows), 1), threshold=guard.threshold)
+        metrics_path(out).write_text(json.dumps(metrics, indent=2))
+        print(f"{metrics_path(out)}: {json.dumps({k: metrics[k] for k in ('without_guard', 'with_guard')})}")
+    return 0

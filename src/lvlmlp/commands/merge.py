@@ -1,0 +1,20 @@
+"""`lvlmlp merge`: join the run folders of `extract --shard I/N` in manifest order."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("merge", help="merge the run folders of `extract --shard I/N` in manifest order")
+    m.add_argument("runs", nargs="+")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lvlmlp.store import merge_runs
+
+    merged = merge_runs(args.runs, args.out)
+    print(f"{merged.path}: {len(merged)} rows merged from {len(args.runs)} runs")
+    return 0

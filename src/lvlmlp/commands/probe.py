@@ -1,0 +1,162 @@
+"""`lvlmlp probe train` and `lvlmlp probe eval`: fit a linear probe on a run's features; score a run with it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from lvlmlp.defaults import FEATURE_KINDS, N_BOOT
+from lvlmlp.errors import LvlmlpError
+
+log = logging.getLogger(__name__)
+
+
+def _nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    probe = subparsers.add_parser("probe", help="train or evaluate a linear probe on a run")
+    probe_sub = probe.add_subparsers(dest="probe_command", required=True, metavar="ACTION")
+
+    train = probe_sub.add_parser("train", help="fit a probe on the labelled rows of a run")
+    train.add_argument("--run", required=True, help="run folder (from extract or import-legacy)")
+    train.add_argument("--split", help="train on rows whose 'split' is this (default: all rows)")
+    train.add_argument("--token", type=_nonneg_int, default=0, help="generated token index (default 0: the first)")
+    train.add_argument("--feature", choices=FEATURE_KINDS, default="logits", help="feature view (default logits)")
+    train.add_argument("--layer", type=int, help="layer index for --feature layer")
+    train.add_argument("--probe", choices=("logistic", "multinomial", "lda"),
+                       help="default: logistic for 2 classes, multinomial for more")
+    # Hyper-parameters default to None: the probe class's own defaults apply, and a flag the chosen probe does not
+    # have is refused instead of silently ignored.
+    hp = train.add_argument_group("probe hyper-parameters (each applies to the probes named)")
+    hp.add_argument("--C", type=float, help="logistic: inverse L2 strength (default 1.0)")
+    hp.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
+                    help="logistic, multinomial: standardise features (default: off for logistic, as in the paper; "
+                         "on for multinomial)")
+    hp.add_argument("--class-weight", choices=("balanced",), help="logistic: reweight classes")
+    hp.add_argument("--max-iter", type=int, help="logistic: solver iterations (default 100)")
+    hp.add_argument("--epochs", type=int, help="multinomial: passes over the data (default 20)")
+    hp.add_argument("--batch-size", type=int, help="multinomial: rows per step (default 512)")
+    hp.add_argument("--lr", type=float, help="multinomial: Adam learning rate (default 0.01)")
+    hp.add_argument("--weight-decay", type=float, help="multinomial: L2 strength (default 1e-4)")
+    hp.add_argument("--device", help="multinomial: cpu, cuda, cuda:N or auto (default cpu)")
+    hp.add_argument("--seed", type=int, help="multinomial: seed of the mini-batch order (default 0)")
+    hp.add_argument("--threshold", type=float, help="all: flag rows with P(label 1) below this (default 0.5)")
+    train.add_argument("--out", required=True, help="probe folder to write")
+    train.set_defaults(func=train_probe)
+
+    ev = probe_sub.add_parser("eval", help="score a run with a probe and compute metrics")
+    ev.add_argument("--probe", required=True, help="probe folder")
+    ev.add_argument("--run", required=True, help="run folder")
+    ev.add_argument("--split", help="evaluate rows whose 'split' is this (default: all rows)")
+    ev.add_argument("--baseline", action="append", metavar="NAME",
+                    help="add a baseline (repeatable): own-answer[:refusal|yes|keyword=W], token-prob:STRING, "
+                         "token-prob:!STRING, max-prob, entropy")
+    ev.add_argument("--n-boot", type=int, default=N_BOOT, help="bootstrap resamples for the 95%% intervals")
+    ev.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ev.add_argument("--out", required=True, help="folder for metrics.json and scores.jsonl")
+    ev.set_defaults(func=eval_probe)
+
+
+# Flags of `probe train` that set a probe hyper-parameter of the same name.
+_HYPER_FLAGS = ("C", "standardize", "class_weight", "max_iter", "epochs", "batch_size", "lr", "weight_decay",
+                "device", "seed", "threshold")
+
+
+def make_probe(args: argparse.Namespace, n_classes: int) -> Any:
+    """The probe of `--probe` (default: logistic for 2 classes, else multinomial) with the hyper-parameters given;
+    one that the chosen probe does not have is an error naming the flag."""
+    from lvlmlp.probes import PROBES
+
+    kind = args.probe or ("logistic" if n_classes == 2 else "multinomial")
+    cls = PROBES[kind]
+    accepted = cls().get_params()
+    given = {name: getattr(args, name) for name in _HYPER_FLAGS if getattr(args, name, None) is not None}
+    for name in given:
+        if name not in accepted:
+            flag = "--" + name.replace("_", "-")
+            raise LvlmlpError(f"{flag} does not apply to --probe {kind} (its hyper-parameters: "
+                              f"{', '.join('--' + p.replace('_', '-') for p in accepted if p in _HYPER_FLAGS)})")
+    return cls(**given)
+
+
+def _where(run: Any, split: str | None) -> str:
+    return f"{run.path}" + (f" split {split!r}" if split else "")
+
+
+def train_probe(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from lvlmlp.evaluate import select_rows
+    from lvlmlp.features import FeatureView, RowSubset
+    from lvlmlp.store import open_run
+
+    run = open_run(args.run)
+    idx, _ = select_rows(run, args.split, args.feature, args.token)
+    labels = run.labels[idx]
+    idx, y = idx[~np.isnan(labels)], labels[~np.isnan(labels)]
+    if idx.size == 0:
+        raise LvlmlpError(f"{_where(run, args.split)}: no labelled rows to train on")
+    classes = np.unique(y)
+    if classes.size < 2:
+        raise LvlmlpError(
+            f"{_where(run, args.split)}: every labelled row has label {int(classes[0])}; a probe needs 2+ classes"
+        )
+    if args.probe == "logistic" and classes.size > 2:
+        raise LvlmlpError(f"--probe logistic is binary but {_where(run, args.split)} has {classes.size} classes; "
+                          "use --probe multinomial or lda")
+    if args.layer is not None and args.feature != "layer":
+        raise LvlmlpError(f"--layer applies to --feature layer only (not --feature {args.feature})")
+    probe = make_probe(args, classes.size)
+    view = FeatureView(run, kind=args.feature, token=args.token, layer=args.layer)
+    # Every probe reads the rows chunk by chunk (the scikit-learn ones copy them into RAM as they go).
+    probe.fit(RowSubset(view, idx), y.astype(np.int64), spec=view.spec, label_names=run.manifest.get("label_names"))
+    probe.fit_info_.update(run=str(run.path), split=args.split)
+    probe.save(args.out)
+    print(f"{type(probe).__name__} trained on {idx.size} rows ({view.spec.describe()}) -> {args.out}")
+    return 0
+
+
+def eval_probe(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from lvlmlp.evaluate import select_rows, write_eval
+    from lvlmlp.features import FeatureView, RowSubset
+    from lvlmlp.probes import load_probe
+    from lvlmlp.store import open_run
+
+    probe = load_probe(args.probe)
+    run = open_run(args.run)
+    spec = probe.spec_
+    if spec is None:
+        raise LvlmlpError(f"{args.probe}: probe.json has no feature spec")
+    view = FeatureView(run, kind=spec.kind, token=spec.token, layer=spec.layer)
+    probe.check_compatible(view.spec)
+    idx, skipped = select_rows(run, args.split, spec.kind, spec.token)
+    if idx.size == 0:
+        raise LvlmlpError(f"{_where(run, args.split)}: no rows to score")
+    labels = run.labels[idx]
+    proba = probe.predict_proba(RowSubset(view, idx))
+    header = {
+        "run": str(run.path),
+        "split": args.split,
+        "probe": {"dir": str(args.probe), "class": type(probe).__name__, "feature_spec": spec.to_dict(),
+                  "threshold": probe.threshold},
+        "n_scored": int(idx.size),
+        "n_skipped": skipped,
+    }
+    metrics = write_eval(Path(args.out), run, idx, labels, proba[:, 1] if len(probe.classes_) == 2 else proba,
+                         probe.classes_, probe.threshold, args.baseline or [], header, args.n_boot, args.seed,
+                         token=spec.token)
+    if np.isnan(labels).all():
+        log.warning("%s has no labelled rows: scores written, no metrics", _where(run, args.split))
+    summary = {k: metrics[k] for k in ("auroc", "auprc", "accuracy", "f1", "n") if k in metrics}
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,39 @@
+"""`lvlmlp run CONFIG.yaml`: a whole experiment (extract, probes, analyses, report) from a YAML config."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("run", help="run a whole experiment from a YAML config (extract, probes, report)")
+    p.add_argument("config", help="experiment YAML (see configs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any config key, repeatable: --set extract.max_new_tokens=5")
+    p.add_argument("--model", help="override `model`")
+    p.add_argument("--out", help="override `out`")
+    p.add_argument("--device", help="override `device` (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--limit", type=int, help="override `limit` (seeded random N rows per split)")
+    p.add_argument("--batch-size", type=int, help="override `batch_size`")
+    p.add_argument("--n-boot", type=int, help="override `n_boot` (bootstrap resamples)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lvlmlp.commands._args import silence_progress_bars
+    from lvlmlp.experiment import _headline as headline
+    from lvlmlp.experiment import load_config, run_experiment
+
+    cfg = load_config(args.config, args.set or [], model=args.model, out=args.out, device=args.device,
+                      limit=args.limit, batch_size=args.batch_size, n_boot=args.n_boot)
+    if args.no_progress:
+        silence_progress_bars()
+    doc = run_experiment(cfg, progress=not args.no_progress)
+    for name, metrics in doc["evaluations"].items():
+        head = headline(metrics)
+        value = "–" if head["value"] is None else f"{head['value']:.3f}"
+        print(f"{name}: {head['metric']} {value} (n={head['n']})")
+    print(f"report -> {Path(cfg['out']) / 'report' / 'report.html'}")
+    return 0

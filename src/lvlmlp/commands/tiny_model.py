@@ -1,0 +1,23 @@
+"""`lvlmlp tiny-model --family F --out DIR`: a tiny random checkpoint of a VLM family (for tests)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lvlmlp.testing import FAMILIES
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("tiny-model", help="write a tiny random checkpoint of a VLM family (for tests)")
+    parser.add_argument("--family", required=True, choices=FAMILIES)
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lvlmlp.testing import tiny_model
+
+    print(tiny_model(args.family, args.out, seed=args.seed))
+    return 0

@@ -1,0 +1,43 @@
+"""What each model family needs beyond transformers' Auto classes, as data: one `Quirks` row per `model_type`.
+
+The backend reads these flags and names no family itself, so adding a family is one row here plus one tiny-checkpoint
+builder in `lvlmlp.testing` (its tests then run the family through every exactness check). Families without a row
+get the defaults, which are what a standard chat-templated VLM needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+@dataclass(frozen=True)
+class Quirks:
+    """Family-specific behaviour the backend must know; every field's default is the common case."""
+
+    needs: tuple[str, ...] = ()  # packages the processor imports that transformers does not require
+    chat_template: bool = True  # False: the question goes to the processor as it is (no usable chat template)
+    # Text that stands for the image when no chat template builds the prompt; None: the processor's `image_token`.
+    image_placeholder: str | None = None
+    nested_language_model: bool = False  # positions are prepared by `model.language_model` (InstructBLIP)
+    qformer_text: bool = False  # a Q-Former tokenizer with absolute positions: right-pad its text
+    drop_outputs: tuple[str, ...] = ()  # processor outputs that are not model inputs for inference
+
+
+QUIRKS: dict[str, Quirks] = {
+    "qwen2_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
+    "qwen2_5_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
+    "qwen3_vl": Quirks(needs=("torchvision",)),
+    "smolvlm": Quirks(needs=("torchvision", "num2words")),
+    # InstructBLIP's processor inserts its query tokens itself, so its raw prompt needs no image text.
+    "instructblip": Quirks(chat_template=False, image_placeholder="", nested_language_model=True, qformer_text=True),
+    "instructblipvideo": Quirks(chat_template=False, nested_language_model=True, qformer_text=True),
+    # PaliGemma returns training labels whenever it returns token_type_ids; they would only add a loss.
+    "paligemma": Quirks(chat_template=False, drop_outputs=("labels",)),
+}
+
+
+def quirks_of(model_type: str) -> Quirks:
+    """The quirks of a `config.model_type` (the defaults for a family without a row)."""
+    return QUIRKS.get(model_type, Quirks())

@@ -1,0 +1,88 @@
+"""The command line's shape: commands live in lvlmlp/commands/, the parser is built without the heavy libraries,
+and no library module imports a command module."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lvlmlp
+from lvlmlp.commands import COMMANDS
+
+SRC = Path(lvlmlp.__file__).resolve().parent
+HEAVY = ("torch", "transformers", "sklearn", "scipy", "matplotlib")
+
+
+def _python(code: str, *flags: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(SRC.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_help_of_every_command_leaves_heavy_libraries_unloaded() -> None:
+    # `lvlmlp --help` and each `lvlmlp COMMAND --help` (and `probe train/eval --help`) in one fresh interpreter.
+    code = f"""
+import contextlib, io, json, sys
+from lvlmlp.cli import main
+out = {{}}
+for argv in [["--help"]] + [[c, "--help"] for c in {[c.replace("_", "-") for c in COMMANDS]!r}] + [
+        ["probe", "train", "--help"], ["probe", "eval", "--help"]]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            main(argv)
+        except SystemExit as e:
+            assert e.code == 0, (argv, e.code)
+    out[" ".join(argv)] = buf.getvalue()
+out["loaded"] = sorted({{m.split(".")[0] for m in sys.modules}})
+print(json.dumps(out))
+"""
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert not set(HEAVY) & set(out["loaded"]), set(HEAVY) & set(out["loaded"])
+    for name in COMMANDS:  # every registered command is listed by `lvlmlp --help` and answers its own --help
+        command = name.replace("_", "-")
+        assert command in out["--help"]
+        assert out[f"{command} --help"].startswith(f"usage: lvlmlp {command}")
+    assert "--feature" in out["probe train --help"] and "--baseline" in out["probe eval --help"]
+
+
+def test_import_cli_loads_neither_torch_nor_transformers() -> None:
+    proc = _python("import lvlmlp.cli", "-X", "importtime")
+    assert proc.returncode == 0, proc.stderr
+    # -X importtime writes one line per imported module: "import time: self | cumulative | [indent]name".
+    loaded = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "lvlmlp.commands" in loaded and "lvlmlp.cli" in loaded  # the parse is right: our own modules show up
+    assert not {m for m in loaded if m.split(".")[0] in ("torch", "transformers")}
+
+
+def _library_modules() -> list[str]:
+    names = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC.parent).with_suffix("")
+        if rel.parts[1] == "commands" or rel.parts[1:] == ("cli",):  # the command line itself
+            continue
+        names.append(".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts))
+    return names
+
+
+def test_no_library_module_imports_the_commands() -> None:
+    modules = _library_modules()
+    assert {"lvlmlp", "lvlmlp.extract", "lvlmlp.tasks", "lvlmlp.tasks.pope", "lvlmlp.steering"} <= set(modules)
+    # Statically: no import of lvlmlp.commands anywhere in a library module, lazy (inside a function) ones included.
+    for name in modules:
+        path = SRC.parent.joinpath(*name.split("."))
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(t.startswith("lvlmlp.commands") for t in targets), f"{name} imports {targets}"
+    # And at run time: importing every library module leaves lvlmlp.commands unloaded.
+    proc = _python(f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+                   "print(sorted(m for m in sys.modules if m.startswith('lvlmlp.commands')))")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
