@@ -10,10 +10,14 @@ from lvlmlp.errors import LvlmlpError
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
+    try:
+        import uvicorn
 
+        from lvlmlp.serve import Limits, ServeConfig, create_app, load_engine
+    except ImportError as err:
+        raise LvlmlpError(f"lvlmlp serve needs FastAPI, uvicorn and prometheus-client ({err}); "
+                          "install them with `pip install 'lvlmlp[serve]'`") from None
     from lvlmlp.commands.generate import parse_answers
-    from lvlmlp.serve import Limits, ServeConfig, create_app, load_engine
 
     if (args.template is None) == (args.answers is None):
         raise LvlmlpError("serve: give exactly one of --template TEXT or --answers YES,NO")
