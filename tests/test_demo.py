@@ -8,6 +8,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from lvlmlp.cli import main
+from lvlmlp.probes import load_probe
 
 
 def test_demo_reduced_results_recompute_from_scores(tmp_path, capsys):
@@ -33,6 +34,7 @@ def test_demo_reduced_results_recompute_from_scores(tmp_path, capsys):
             if name in entry and entry[name]["auroc"] is not None:
                 assert entry[name]["auroc"] == roc_auc_score(y, [r[key] for r in recs]), (task, key)
         assert [p["token"] for p in entry["token_decay"]] == [1, 2, 3]
+    assert load_probe(out / "probes" / "safety").spec_.kind == "logits"  # what `lvlmlp serve --probe` reads
     for task, s in results["steering"].items():
         assert s["before"]["n_label0"] + s["before"]["n_label1"] == 40, task
         assert 0 <= s["after"]["label0_answered"] <= s["after"]["n_label0"]

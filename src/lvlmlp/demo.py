@@ -116,6 +116,7 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
             probe = LogisticProbe(max_iter=1000).fit(X[train], y[train].astype(int))
             score = probe.predict_proba(X[test])[:, 1]
             probes[task] = probe
+            probe.save(out / "probes" / task)  # e.g. demo_out/probes/safety: `lvlmlp generate/serve --probe`
             test_rows_of[task] = [m for m, t in zip(rows, test) if t]
             entry["probe"] = {**binary_metrics(y[test], score), "auroc_ci": bootstrap_ci(y[test], score, seed=seed)}
             record["probe"] = score.tolist()

@@ -18,4 +18,5 @@ COMMANDS: list[str] = [
     "generate",
     "tiny_model",
     "run",
+    "serve",
 ]

@@ -1,0 +1,80 @@
+"""`lvlmlp serve`: an OpenAI-compatible chat-completions endpoint guarded by a first-token probe."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from lvlmlp.commands._args import add_model_arguments
+from lvlmlp.errors import LvlmlpError
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from lvlmlp.serve import Limits, ServeConfig, create_app, load_engine
+    except ImportError as err:
+        raise LvlmlpError(f"lvlmlp serve needs FastAPI, uvicorn and prometheus-client ({err}); "
+                          "install them with `pip install 'lvlmlp[serve]'`") from None
+    from lvlmlp.commands.generate import parse_answers
+
+    if (args.template is None) == (args.answers is None):
+        raise LvlmlpError("serve: give exactly one of --template TEXT or --answers YES,NO")
+    for name in ("max_batch", "max_queue", "max_tokens", "max_tokens_limit", "max_body_bytes", "max_image_bytes",
+                 "max_image_pixels", "max_prompt_chars"):
+        if getattr(args, name) < 1:
+            raise LvlmlpError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_wait_ms < 0:
+        raise LvlmlpError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
+    if args.max_tokens > args.max_tokens_limit:
+        raise LvlmlpError(f"--max-tokens {args.max_tokens} is above --max-tokens-limit {args.max_tokens_limit}")
+    engine = load_engine(args.model, args.probe, template=args.template, answers=parse_answers(args.answers),
+                         threshold=args.threshold, device=args.device, dtype=args.dtype,
+                         prompt_template=args.prompt_template, raw_prompt=args.raw_prompt)
+    model = str(args.model).rstrip("/")
+    config = ServeConfig(
+        model_id=args.served_model_name or os.path.basename(model) or model,
+        aliases={model, str(args.model), os.path.abspath(model)},
+        limits=Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                      max_prompt_chars=args.max_prompt_chars, allow_local_images=args.allow_local_images),
+        max_body_bytes=args.max_body_bytes, default_max_tokens=args.max_tokens,
+        max_tokens_limit=args.max_tokens_limit, api_key=args.api_key or os.environ.get("LVLMLP_API_KEY") or None,
+        max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
+        print(f"lvlmlp: warning: serving on {args.host} without --api-key: anyone who reaches it can use it")
+    print(f"lvlmlp serve: {config.model_id} guarded by {args.probe} on http://{args.host}:{args.port}/v1")
+    uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible chat endpoint guarded by a first-token probe")
+    add_model_arguments(p)  # --prompt-template / --raw-prompt: as the probe's training rows were prompted
+    p.add_argument("--probe", required=True, help="probe folder from `lvlmlp probe train` (first-token logits)")
+    p.add_argument("--template", default=None, help="text forced at the start of flagged requests' answers")
+    p.add_argument("--answers", default=None,
+                   help="LABEL1,LABEL0 such as Yes,No: every answer starts with the probe's prediction")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="flag requests with P(label 1) below this (default: the probe's threshold)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients use (default: the model folder's name); the path given works too")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $LVLMLP_API_KEY, else none)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long the first waiting request waits for others to join its batch")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests at most; more get HTTP 503")
+    p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of requests that do not say")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask")
+    p.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger request bodies get HTTP 413")
+    p.add_argument("--max-image-bytes", type=int, default=10 << 20, help="larger images get HTTP 413")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="larger images get HTTP 413")
+    p.add_argument("--max-prompt-chars", type=int, default=8000, help="longer questions get HTTP 400")
+    p.add_argument("--allow-local-images", action="store_true",
+                   help="accept image_url paths (or file:// URLs) on this machine; remote URLs are never fetched")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)

@@ -1,0 +1,347 @@
+"""`lvlmlp serve` on a tiny real LLaVA checkpoint and a probe fitted on its first-token logits, through HTTP.
+
+The server runs on 127.0.0.1 on a free port (uvicorn in a thread) and is stopped after the module. Answers are
+checked against independent computations: `lvlmlp generate` on the same manifest, each request sent alone, the
+probe applied to `Backend.prefill` logits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+import lvlmlp
+from lvlmlp.backend import Backend
+from lvlmlp.cli import main
+from lvlmlp.data import load_image
+from lvlmlp.probes import LogisticProbe, load_probe
+from lvlmlp.serve import Engine, Limits, ServeConfig, create_app, load_engine
+from lvlmlp.steering import ProbeGuard
+
+TEMPLATE = "I cannot answer."
+KEY = "sk-test-key"
+K = 10  # tokens per answer: more than the template's 7, so flagged answers continue after it
+LABELS = [1, 0, 1, 0]  # the probe reproduces them: rows 1 and 3 are flagged
+
+
+def _png(seed: int, size: tuple[int, int]) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+
+
+def data_url(image: Image.Image, fmt: str = "PNG", media_type: str = "image/png") -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return f"data:{media_type};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def message(url: str, question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": question}]}]
+
+
+@pytest.fixture(scope="module")
+def world(tiny_ckpt, tmp_path_factory):
+    """The checkpoint, 4 manifest rows (images on disk), the probe folder and the probe's scores of the rows."""
+    root = tmp_path_factory.mktemp("serve")
+    ckpt = tiny_ckpt("llava")
+    words = ["what", "is", "the", "color", "of", "this", "shape", "in", "the", "image"]
+    rows = []
+    for i in range(4):
+        _png(i, (20 + 9 * i, 50 - 7 * i)).save(root / f"{i}.png")
+        rows.append({"id": f"r{i}", "image": str(root / f"{i}.png"), "question": " ".join(words[: 2 + 3 * i]) + " ?",
+                     "label": LABELS[i]})
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    backend = Backend(ckpt, device="cpu")
+    X = backend.prefill(backend.encode([load_image(r["image"]) for r in rows], [r["question"] for r in rows]))
+    X = X["logits"].numpy()
+    probe = LogisticProbe(C=1e4, standardize=True, max_iter=2000).fit(X, np.array(LABELS))
+    scores = probe.predict_proba(X)[:, 1]
+    assert (scores < 0.5).tolist() == [False, True, False, True]
+    probe.save(root / "probe")
+    return {"root": root, "ckpt": ckpt, "rows": rows, "probe": root / "probe", "scores": scores, "backend": backend}
+
+
+@contextmanager
+def running(app) -> Iterator[str]:
+    """uvicorn on 127.0.0.1, on a port the OS picks (bound here: no race for it), stopped on exit."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+LIMITS = Limits(max_image_bytes=40_000, max_image_pixels=300 * 300, max_prompt_chars=500)
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    engine = load_engine(world["ckpt"], world["probe"], template=TEMPLATE, device="cpu")
+    config = ServeConfig(model_id="tiny-llava", aliases={str(world["ckpt"])}, limits=LIMITS, max_body_bytes=100_000,
+                         default_max_tokens=K, max_tokens_limit=64, api_key=KEY, max_batch=8, batch_wait_ms=30,
+                         max_queue=64)
+    app = create_app(engine, config)
+    with running(app) as url:
+        yield {"url": url, "app": app}
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def ask(client, row: dict, **kwargs):
+    return client.chat.completions.create(model="tiny-llava", messages=message(data_url(load_image(row["image"])),
+                                                                                 row["question"]), **kwargs)
+
+
+def test_openai_client_flagged_and_unflagged_equal_lvlmlp_generate(world, client, server, tmp_path):
+    out = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model", str(world["ckpt"]), "--data", str(world["root"] / "data.jsonl"),
+                 "--probe", str(world["probe"]), "--template", TEMPLATE, "--out", str(out), "--device", "cpu",
+                 "--max-new-tokens", str(K), "--no-progress"]) == 0
+    generated = [json.loads(line) for line in out.read_text().splitlines()]
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny-llava"]
+    for i in (0, 1):  # unflagged, flagged
+        response = ask(client, world["rows"][i], temperature=0, max_tokens=K)
+        choice = response.choices[0]
+        assert choice.flagged is (i == 1) and choice.flagged == generated[i]["flagged"]
+        assert choice.probe_score == pytest.approx(world["scores"][i], abs=1e-5)
+        assert choice.message.content == generated[i]["response"]
+        assert response.model == "tiny-llava" and response.usage.completion_tokens >= 1
+    assert choice.message.content.startswith(TEMPLATE)
+    # The checkpoint's path names the same model.
+    again = client.chat.completions.create(model=str(world["ckpt"]), temperature=0, max_tokens=K,
+                                           messages=message(data_url(load_image(world["rows"][1]["image"])),
+                                                            world["rows"][1]["question"]))
+    assert again.choices[0].message.content == generated[1]["response"]
+
+
+def test_streaming_gives_the_non_streaming_text(world, client):
+    for i in (0, 1):
+        plain = ask(client, world["rows"][i], temperature=0, max_tokens=K).choices[0]
+        chunks = list(ask(client, world["rows"][i], temperature=0, max_tokens=K, stream=True))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        assert text == plain.message.content
+        assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason == plain.finish_reason
+        assert all(c.choices[0].flagged is plain.flagged for c in chunks)
+        assert all(c.choices[0].probe_score == pytest.approx(plain.probe_score, abs=1e-6) for c in chunks)
+
+
+def _requests(world) -> list[dict]:
+    """32 requests: 8 images x 4 settings (greedy with varied max_tokens, seeded sampling with varied settings)."""
+    out = []
+    for i in range(32):
+        image = _png(100 + i % 8, (24 + 3 * (i % 8), 40 - 2 * (i % 8)))
+        question = " ".join(["what", "is", "in", "the", "image", "?"][: 2 + i % 5])
+        kind = i // 8
+        settings = [{"temperature": 0, "max_tokens": K}, {"temperature": 0, "max_tokens": 3 + i % 4},
+                    {"temperature": 0.8, "seed": i}, {"temperature": 1.3, "top_p": 0.7, "seed": 1000 + i}][kind]
+        out.append({"messages": message(data_url(image), question), **settings})
+    return out
+
+
+def _metric(url: str, name: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics").text
+    return {(s.name + json.dumps(s.labels, sort_keys=True)): s.value
+            for family in text_string_to_metric_families(text) if family.name == name for s in family.samples}
+
+
+def test_32_concurrent_requests_each_equal_their_answer_alone(world, client, server):
+    requests = _requests(world)
+    start = _metric(server["url"], "lvlmlp_serve_batch_size")
+    alone = [client.chat.completions.create(model="tiny-llava", **r).choices[0] for r in requests]
+    before = _metric(server["url"], "lvlmlp_serve_batch_size")
+
+    async def together():
+        async with openai.AsyncOpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0,
+                                      timeout=120) as aclient:
+            return await asyncio.gather(*(aclient.chat.completions.create(model="tiny-llava", **r)
+                                          for r in requests))
+
+    batched = [r.choices[0] for r in asyncio.run(together())]
+    for i, (a, b) in enumerate(zip(alone, batched)):
+        assert b.message.content == a.message.content, i
+        assert (b.flagged, b.finish_reason) == (a.flagged, a.finish_reason), i
+        assert b.probe_score == pytest.approx(a.probe_score, abs=1e-5), i
+    assert {a.flagged for a in alone} == {True, False}  # both verdicts are among them
+    # Sampling really sampled (the greedy answer of the same image differs), and max_tokens cut answers short.
+    assert any(alone[16 + j].message.content != alone[j].message.content for j in range(8))
+    assert any(a.finish_reason == "length" and len(a.message.content) < len(alone[j].message.content)
+               for j, a in enumerate(alone[8:16]))
+    after = _metric(server["url"], "lvlmlp_serve_batch_size")
+    count = 'lvlmlp_serve_batch_size_count{}'
+    ones = 'lvlmlp_serve_batch_size_bucket{"le": "1.0"}'
+    assert before[count] - start[count] == before[ones] - start[ones] == 32  # alone: 32 batches of one ...
+    assert after[count] - before[count] < 32  # ... together: fewer batches, so some larger than one
+    assert after["lvlmlp_serve_batch_size_sum{}"] - before["lvlmlp_serve_batch_size_sum{}"] == 32
+    n_requests = _metric(server["url"], "lvlmlp_serve_requests")['lvlmlp_serve_requests_total{"code": "200"}']
+    assert n_requests >= 64
+
+
+def _post(url: str, body: object, key: str | None = KEY, raw: bytes | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    if raw is not None:
+        return httpx.post(url + "/v1/chat/completions", content=raw,
+                          headers={**headers, "Content-Type": "application/json"}, timeout=60)
+    return httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+
+def test_bad_requests_get_their_status_and_message(world, server, client):
+    url = server["url"]
+    good = data_url(load_image(world["rows"][0]["image"]))
+    q = "what is the image ?"
+
+    def body(**kw):
+        return {"model": "tiny-llava", "messages": message(good, q), **kw}
+
+    svg = "data:image/svg+xml;base64," + base64.b64encode(b"<svg xmlns='http://www.w3.org/2000/svg'/>").decode()
+    huge = Image.new("RGB", (400, 400), "red")  # a few hundred bytes, but more pixels than --max-image-pixels
+    cases = [
+        (body(messages=[{"role": "user", "content": q}]), 400, "no image"),
+        (body(messages=message("data:image/png;base64,iVBORw0K$$$not-base64", q)), 400, "broken base64"),
+        (body(messages=message(svg, q)), 415, "unsupported image type 'image/svg+xml'"),
+        (body(messages=message("data:image/png;base64," + base64.b64encode(b"GIF89a? no").decode(), q)), 400,
+         "not a readable image/png image"),
+        (body(messages=message("https://example.com/cat.png", q)), 400, "remote image URLs are never fetched"),
+        (body(messages=message(world["rows"][0]["image"], q)), 400, "--allow-local-images"),
+        (body(messages=message(data_url(huge, "JPEG", "image/jpeg"), q)), 413, "400x400 pixels"),
+        (body(messages=message(good, "why " * 200)), 400, "at most 500 (--max-prompt-chars)"),
+        (body(max_tokens=65), 400, "max_tokens 65 is above this server's limit 64"),
+        (body(n=2), 400, "n: this server returns one choice per request"),
+        (body(temperature=3), 400, "temperature: Input should be less than or equal to 2"),
+        (body(model="gpt-4o"), 404, "model 'gpt-4o' is not served here"),
+        (body(messages=[{"role": "system", "content": "be nice"}, *message(good, q)]), 400, "one user message"),
+        (body(messages=message(good, q) + message(good, q)), 400, "one user message"),
+    ]
+    for payload, status, text in cases:
+        response = _post(url, payload)
+        assert response.status_code == status, (text, response.text)
+        assert text in response.json()["error"]["message"], (text, response.text)
+    # An image over --max-image-bytes inside a body under --max-body-bytes, and a body over it.
+    noise = data_url(_png(8, (140, 140)))
+    assert len(noise) * 3 // 4 > 40_000 and len(noise) < 99_000
+    response = _post(url, body(messages=message(noise, q)))
+    assert response.status_code == 413 and "--max-image-bytes" in response.json()["error"]["message"]
+    response = _post(url, None, raw=json.dumps(body(messages=message(noise + noise[30:], q))).encode())
+    assert response.status_code == 413 and "--max-body-bytes" in response.json()["error"]["message"]
+    response = _post(url, None, raw=b'{"model": "tiny-llava", "messages": [')
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    # API key: none, wrong (through the official client too), and /v1/models guarded as well.
+    for key in (None, "sk-wrong"):
+        response = _post(url, body(), key=key)
+        assert response.status_code == 401 and "API key" in response.json()["error"]["message"]
+    with pytest.raises(openai.AuthenticationError, match="wrong API key"):
+        openai.OpenAI(base_url=url + "/v1", api_key="sk-wrong", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError, match="broken base64"):
+        client.chat.completions.create(model="tiny-llava", messages=message("data:image/png;base64,@@", q))
+    # The server is still up and answers.
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    assert ask(client, world["rows"][0], temperature=0, max_tokens=2).choices[0].message.content
+    codes = _metric(url, "lvlmlp_serve_requests")
+    for code in ("400", "401", "404", "413", "415"):
+        assert codes[f'lvlmlp_serve_requests_total{{"code": "{code}"}}'] >= 1, code
+
+
+class GatedEngine(Engine):
+    """The real engine, made to wait for the test before each batch: the queue fills deterministically."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def run(self, jobs):
+        self.entered.set()
+        assert self.gate.wait(60)
+        return super().run(jobs)
+
+
+def test_full_queue_answers_503_and_recovers(world):
+    backend = world["backend"]
+    engine = GatedEngine(backend, ProbeGuard(load_probe(world["probe"]), backend.tokenizer, TEMPLATE))
+    app = create_app(engine, ServeConfig(model_id="m", max_batch=1, max_queue=1, batch_wait_ms=0, default_max_tokens=3))
+    payload = {"model": "m", "messages": message(data_url(load_image(world["rows"][0]["image"])), "what ?")}
+    with running(app) as url, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_post, url, payload, None)
+        assert engine.entered.wait(60)  # the worker holds the first request ...
+        second = pool.submit(_post, url, payload, None)
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/health").json()["queue"] < 1:  # ... and the second one fills the queue
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        third = _post(url, payload, None)
+        assert third.status_code == 503 and third.headers["Retry-After"] == "1"
+        assert "the request queue is full (1 waiting)" in third.json()["error"]["message"]
+        engine.gate.set()
+        assert first.result().status_code == second.result().status_code == 200
+        assert first.result().json()["choices"][0]["message"] == second.result().json()["choices"][0]["message"]
+        assert _post(url, payload, None).status_code == 200
+
+
+def test_cli_serve_in_a_process(world, server, tmp_path):
+    """The command itself: flags, the model's path as an alias, LVLMLP_API_KEY; same answer as the fixture's."""
+    assert main(["serve", "--model", str(world["ckpt"]), "--probe", str(world["probe"])]) == 2  # no template
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(lvlmlp.__file__).parents[1]), "LVLMLP_API_KEY": "sk-env"}
+    proc = subprocess.Popen([sys.executable, "-m", "lvlmlp.cli", "serve", "--model", str(world["ckpt"]), "--probe",
+                             str(world["probe"]), "--template", TEMPLATE, "--port", str(port), "--device", "cpu",
+                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "lvlmlp serve did not start"
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sk-env", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == [world["ckpt"].name]
+        row = world["rows"][1]
+        mine = client.chat.completions.create(model=str(world["ckpt"]), temperature=0, max_tokens=K,
+                                              messages=message(data_url(load_image(row["image"])), row["question"]))
+        theirs = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0)
+        assert mine.choices[0].message.content == ask(theirs, row, temperature=0, max_tokens=K).choices[0].message.content
+        assert mine.choices[0].flagged is True
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
