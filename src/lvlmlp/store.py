@@ -304,10 +304,30 @@ def _shard_number(path: Path) -> int:
         raise LvlmlpError(f"{path}: not a shard lvlmlp wrote (unexpected name); move it out of the folder") from None
 
 
+_REMEDY = "delete this file and re-run the same command: its rows will be done again"
+
+
+def _shard_header(path: Path) -> tuple[list[dict], list[dict], dict[str, tuple[tuple[int, ...], np.dtype]],
+                                        np.ndarray | None]:
+    """(meta, failures, {name: (row shape, dtype)}, row_index) of a shard, reading its header and row_index only."""
+    try:
+        with safe_open(str(path), framework="np") as f:
+            header = f.metadata() or {}
+            shapes = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                shapes[name] = (tuple(sl.get_shape()[1:]), sl[0:0].dtype)
+            index = f.get_tensor("row_index") if "row_index" in f.keys() else None
+        meta, failures = json.loads(header.get("meta", "[]")), json.loads(header.get("failures", "[]"))
+    except (SafetensorError, OSError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LvlmlpError(f"{path}: corrupt shard ({first}); {_REMEDY}") from None
+    return meta, failures, shapes, index
+
+
 def _verified_shard(path: Path) -> tuple[list[dict], list[dict], dict[str, np.ndarray]]:
     """(meta, failures, tensors) of a committed shard whose checksum matches; a one-line error naming the file
     and the remedy otherwise (its rows are redone once the file is removed)."""
-    remedy = "delete this file and re-run the same command: its rows will be done again"
     try:
         with safe_open(str(path), framework="np") as f:
             header = f.metadata() or {}
@@ -315,32 +335,30 @@ def _verified_shard(path: Path) -> tuple[list[dict], list[dict], dict[str, np.nd
         meta, failures = json.loads(header.get("meta", "[]")), json.loads(header.get("failures", "[]"))
     except (SafetensorError, OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise LvlmlpError(f"{path}: corrupt shard ({first}); {remedy}") from None
+        raise LvlmlpError(f"{path}: corrupt shard ({first}); {_REMEDY}") from None
     if "sha256" in header and _checksum(tensors, header) != header["sha256"]:
-        raise LvlmlpError(f"{path}: shard contents do not match its checksum (corrupted on disk); {remedy}")
+        raise LvlmlpError(f"{path}: shard contents do not match its checksum (corrupted on disk); {_REMEDY}")
     return meta, failures, tensors
 
 
 def _consolidate(run_dir: Path, shards: Sequence[Path], settings: dict, expected_ids: Sequence[str] | None) -> None:
     """Copy shard rows, shard by shard, into memory-mapped final arrays in input order; then mark the run complete.
-    Every shard is verified against its checksum, and the rows against `expected_ids`, before anything is written."""
+    The rows are checked against `expected_ids` before the copy, every shard against its checksum as it is copied,
+    and only then is anything but temporary files written."""
     for stale in run_dir.glob("*.npy.tmp"):
         stale.unlink()  # left by a consolidation that was killed: ours, and never read
     metas: list[list[dict]] = []
     positions: list[np.ndarray] = []
     failures: list[dict] = []
     shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-    for path in shards:
-        meta, fails, tensors = _verified_shard(path)
+    for path in shards:  # headers only here; each shard's data is read (and verified) once, when copied
+        meta, fails, shard_shapes, index = _shard_header(path)
         metas.append(meta)
         failures.extend(fails)
+        positions.append(np.asarray(index) if meta and index is not None else np.empty(0, dtype=np.int64))
         if meta:
-            positions.append(np.asarray(tensors["row_index"]) if "row_index" in tensors else np.empty(0))
-            for name, arr in tensors.items():
-                shapes.setdefault(name, (tuple(arr.shape[1:]), arr.dtype))
-        else:
-            positions.append(np.empty(0, dtype=np.int64))
-        del tensors
+            for name, shape in shard_shapes.items():
+                shapes.setdefault(name, shape)
     slots = _row_slots(run_dir, shards, metas, positions, failures, expected_ids)
     n = sum(len(m) for m in metas)
     with _disk_errors(run_dir):
