@@ -53,6 +53,18 @@ _SHARD_KEYS = {"shard", "data_hash", "n_input_rows"}
 
 
 LOCK_NAME = ".lvlmlp.lock"
+_HELD_LOCKS: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _forget_inherited_locks() -> None:
+    # A forked child (a data-loader worker) shares the parent's lock descriptors, and an flock lives as long as any
+    # of them: the child closes its copies (without unlocking), so that a SIGKILLed parent frees the run at once.
+    for fd in _HELD_LOCKS:
+        os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_locks)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -125,12 +137,14 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now} ({command})\n".encode(), 0)
         self._fd = fd
+        _HELD_LOCKS.add(fd)
 
     def release(self) -> None:
-        if self._fd is not None:
+        if self._fd is not None and self._fd in _HELD_LOCKS:  # not in a forked child: its copy is closed
+            _HELD_LOCKS.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
-            self._fd = None
+        self._fd = None
 
     def __del__(self) -> None:
         self.release()
@@ -189,8 +203,6 @@ class RunWriter:
     """
 
     def __init__(self, out_dir: str | Path, settings: dict, shard_size: int = 256) -> None:
-        from lvlmlp import __version__
-
         self.dir = Path(out_dir)
         self.settings = json.loads(json.dumps(settings, default=str))  # plain JSON types, as it will be re-read
         self.shard_size = int(shard_size)
@@ -200,21 +212,31 @@ class RunWriter:
         self._buf_meta: list[dict] = []
         self._buf_arrays: list[dict[str, np.ndarray]] = []
         self._buf_fail: list[dict] = []
+        self.complete = False
         check_output_folder(self.dir)
         self._lock = FolderLock(self.dir)
+        try:
+            self._open()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self) -> None:
+        """Under the lock: resume the run in the folder (its shards verified), or start one."""
+        from lvlmlp import __version__
+
         check_output_folder(self.dir)  # again under the lock: another process may have written meanwhile
         manifest_path = self.dir / "manifest.json"
         if manifest_path.exists():
             old = read_manifest_json(manifest_path)
             diff = _differences(_identity(old), _identity(self.settings))
             if diff:
-                self._lock.release()
                 raise LvlmlpError(
                     f"{self.dir}: holds a run with other settings ({', '.join(diff)} differ); "
                     "use another --out or delete the folder"
                 )
             self.settings = {**old, **{k: v for k, v in self.settings.items() if k in _VOLATILE}}
-            self.shard_size = int(old.get("shard_size", shard_size))
+            self.shard_size = int(old.get("shard_size", self.shard_size))
             self.complete = bool(old.get("complete"))
             if self.complete:
                 run = Run(self.dir)
@@ -227,7 +249,6 @@ class RunWriter:
                 self._shards.append(path)
                 self._next = max(self._next, _shard_number(path) + 1)
         else:
-            self.complete = False
             self.settings.update(
                 lvlmlp_version=__version__,
                 created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
