@@ -298,6 +298,11 @@ def _uncached_hub_id(tmp: Path, ctx: dict) -> list[str]:
     return extract_argv("nobody-here/not-a-cached-model", make_manifest(tmp), tmp / "out")
 
 
+def _hub_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+
+
 def _damaged_run(damage: str) -> Callable[[Path, dict], list[str]]:
     def setup(tmp: Path, ctx: dict) -> list[str]:
         run = write_run(tmp / "run")
@@ -420,7 +425,9 @@ CASES: dict[str, Case] = {
     # model folders
     "model-weights-truncated": Case(_corrupt_weights, ("model.safetensors", "corrupt or truncated"), model=True),
     "hub-id-not-cached-offline": Case(_uncached_hub_id, ("nobody-here/not-a-cached-model", "not in the local",
-                                                         "HF_HUB_OFFLINE"), model=True),
+                                                         "HF_HUB_OFFLINE")),
+    "hub-id-not-cached-no-network": Case(_uncached_hub_id, ("not in the local", "127.0.0.1 is unreachable",
+                                                            "HF_HUB_OFFLINE=1"), patch=_hub_unreachable),
     # run folders
     "run-logits-truncated": Case(_damaged_run("truncated-logits"), ("logits.npy",)),
     "run-logits-too-few-rows": Case(_damaged_run("short-logits"), ("logits.npy", "3 rows", "meta.jsonl has 4")),

@@ -24,71 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from lvlmlp import config
-from lvlmlp.config import ExperimentConfig
+from lvlmlp.config import ExperimentConfig, load_config, parse_set  # noqa: F401 - the command's entry points
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.report import Section, write_report
 
 log = logging.getLogger("lvlmlp")
 
 # ------------------------------------------------------------------------------------------------ configuration
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """`["a.b=1", "c=[x, y]"]` -> {"a": {"b": 1}, "c": ["x", "y"]}; values are read as YAML."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise LvlmlpError(f"--set {item!r}: expected KEY=VALUE, e.g. extract.max_new_tokens=5")
-        value = _yaml(text, f"--set {item!r}") if text.strip() else None
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise LvlmlpError(f"--set {item!r}: {part!r} is set to a value and a section at once")
-        node[parts[-1]] = value
-    return out
-
-
-def _yaml(text: str, where: str) -> Any:
-    """Plain YAML only: a tag such as !!python/object is refused with a message, never constructed."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.constructor.ConstructorError as err:
-        mark = err.problem_mark
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise LvlmlpError(f"{where}: YAML tags are not allowed{at} ({err.problem}); write plain values") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise LvlmlpError(f"{where}: not valid YAML{at}") from None
-
-
-def load_config(path: str | Path, sets: list[str] = (), **flags: Any) -> ExperimentConfig:
-    """The file, then `--set` overrides, then the named flags (those not None): merged, built into the typed
-    `ExperimentConfig` (its defaults fill the rest) and validated, all before any work."""
-    path = Path(path)
-    if not path.is_file():
-        raise LvlmlpError(f"{path}: config file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise LvlmlpError(f"{path}: not UTF-8 text") from None
-    raw = _yaml(text, str(path))
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise LvlmlpError(f"{path}: the config must be a mapping of keys to values")
-    merged = config.merge(raw, parse_set(list(sets)), {k: v for k, v in flags.items() if v is not None})
-    cfg = config.build(ExperimentConfig, merged)
-    assert isinstance(cfg, ExperimentConfig)
-    cfg.name = cfg.name or path.stem
-    config.validate(cfg)
-    return cfg
-
-
 def prompts_of(cfg: ExperimentConfig) -> list[tuple[str, str | None]]:
     """(name, template) of every prompt: a style name of the task, a template with {question}, or None."""
     from lvlmlp.tasks import prompt_template

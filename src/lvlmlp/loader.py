@@ -46,10 +46,11 @@ def cores_for_workers(backend: Backend, workers: int) -> Iterator[None]:
 Prepared = tuple[list[dict], dict | None, list[tuple[str, str]]]  # rows that loaded, their batch, failures
 
 
-def _prepare(backend: Backend, rows: list[dict]) -> Prepared:
+def _prepare(backend: Backend, rows: list[dict], isolate: bool = True) -> Prepared:
     """Load a batch's images (recording the rows that fail) and collate the rest into CPU tensors. A row the
     processor rejects (Qwen2-VL: an extreme aspect ratio) or that is longer than the model's context is recorded
-    as failed, naming it, and the batch is collated without it."""
+    as failed, naming it, and the batch is collated without it. Workers pass `isolate=False`: a processor error
+    there goes back to the main process, which prepares the batch again (and isolates the row) itself."""
     ok, images, failed = [], [], []
     for row in rows:
         try:
@@ -62,6 +63,8 @@ def _prepare(backend: Backend, rows: list[dict]) -> Prepared:
     try:
         batch = backend.collate(images, [r["question"] for r in ok])
     except Exception:  # noqa: BLE001 - the processor's own exception types; each row is tried alone below
+        if not isolate:
+            raise
         keep = []
         for row, image in zip(ok, images):
             try:
@@ -120,7 +123,7 @@ def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any
             break
         start = time.perf_counter()
         try:
-            rows, batch, failed = _prepare(backend, chunks[k])
+            rows, batch, failed = _prepare(backend, chunks[k], isolate=False)
             # numpy pickles by value through the pipe; torch tensors would go through one shared-memory file
             # descriptor each, which costs more than preparing the batch.
             item = rows, None if batch is None else {n: t.numpy() for n, t in batch.items()}, failed

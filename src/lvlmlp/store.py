@@ -53,6 +53,18 @@ _SHARD_KEYS = {"shard", "data_hash", "n_input_rows"}
 
 
 LOCK_NAME = ".lvlmlp.lock"
+_HELD_LOCKS: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _forget_inherited_locks() -> None:
+    # A forked child (a data-loader worker) shares the parent's lock descriptors, and an flock lives as long as any
+    # of them: the child closes its copies (without unlocking), so that a SIGKILLed parent frees the run at once.
+    for fd in _HELD_LOCKS:
+        os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_locks)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -125,12 +137,14 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now} ({command})\n".encode(), 0)
         self._fd = fd
+        _HELD_LOCKS.add(fd)
 
     def release(self) -> None:
-        if self._fd is not None:
+        if self._fd is not None and self._fd in _HELD_LOCKS:  # not in a forked child: its copy is closed
+            _HELD_LOCKS.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
-            self._fd = None
+        self._fd = None
 
     def __del__(self) -> None:
         self.release()
@@ -189,8 +203,6 @@ class RunWriter:
     """
 
     def __init__(self, out_dir: str | Path, settings: dict, shard_size: int = 256) -> None:
-        from lvlmlp import __version__
-
         self.dir = Path(out_dir)
         self.settings = json.loads(json.dumps(settings, default=str))  # plain JSON types, as it will be re-read
         self.shard_size = int(shard_size)
@@ -200,21 +212,31 @@ class RunWriter:
         self._buf_meta: list[dict] = []
         self._buf_arrays: list[dict[str, np.ndarray]] = []
         self._buf_fail: list[dict] = []
+        self.complete = False
         check_output_folder(self.dir)
         self._lock = FolderLock(self.dir)
+        try:
+            self._open()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self) -> None:
+        """Under the lock: resume the run in the folder (its shards verified), or start one."""
+        from lvlmlp import __version__
+
         check_output_folder(self.dir)  # again under the lock: another process may have written meanwhile
         manifest_path = self.dir / "manifest.json"
         if manifest_path.exists():
             old = read_manifest_json(manifest_path)
             diff = _differences(_identity(old), _identity(self.settings))
             if diff:
-                self._lock.release()
                 raise LvlmlpError(
                     f"{self.dir}: holds a run with other settings ({', '.join(diff)} differ); "
                     "use another --out or delete the folder"
                 )
             self.settings = {**old, **{k: v for k, v in self.settings.items() if k in _VOLATILE}}
-            self.shard_size = int(old.get("shard_size", shard_size))
+            self.shard_size = int(old.get("shard_size", self.shard_size))
             self.complete = bool(old.get("complete"))
             if self.complete:
                 run = Run(self.dir)
@@ -227,7 +249,6 @@ class RunWriter:
                 self._shards.append(path)
                 self._next = max(self._next, _shard_number(path) + 1)
         else:
-            self.complete = False
             self.settings.update(
                 lvlmlp_version=__version__,
                 created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -304,10 +325,30 @@ def _shard_number(path: Path) -> int:
         raise LvlmlpError(f"{path}: not a shard lvlmlp wrote (unexpected name); move it out of the folder") from None
 
 
+_REMEDY = "delete this file and re-run the same command: its rows will be done again"
+
+
+def _shard_header(path: Path) -> tuple[list[dict], list[dict], dict[str, tuple[tuple[int, ...], np.dtype]],
+                                        np.ndarray | None]:
+    """(meta, failures, {name: (row shape, dtype)}, row_index) of a shard, reading its header and row_index only."""
+    try:
+        with safe_open(str(path), framework="np") as f:
+            header = f.metadata() or {}
+            shapes = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                shapes[name] = (tuple(sl.get_shape()[1:]), sl[0:0].dtype)
+            index = f.get_tensor("row_index") if "row_index" in f.keys() else None
+        meta, failures = json.loads(header.get("meta", "[]")), json.loads(header.get("failures", "[]"))
+    except (SafetensorError, OSError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LvlmlpError(f"{path}: corrupt shard ({first}); {_REMEDY}") from None
+    return meta, failures, shapes, index
+
+
 def _verified_shard(path: Path) -> tuple[list[dict], list[dict], dict[str, np.ndarray]]:
     """(meta, failures, tensors) of a committed shard whose checksum matches; a one-line error naming the file
     and the remedy otherwise (its rows are redone once the file is removed)."""
-    remedy = "delete this file and re-run the same command: its rows will be done again"
     try:
         with safe_open(str(path), framework="np") as f:
             header = f.metadata() or {}
@@ -315,32 +356,30 @@ def _verified_shard(path: Path) -> tuple[list[dict], list[dict], dict[str, np.nd
         meta, failures = json.loads(header.get("meta", "[]")), json.loads(header.get("failures", "[]"))
     except (SafetensorError, OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise LvlmlpError(f"{path}: corrupt shard ({first}); {remedy}") from None
+        raise LvlmlpError(f"{path}: corrupt shard ({first}); {_REMEDY}") from None
     if "sha256" in header and _checksum(tensors, header) != header["sha256"]:
-        raise LvlmlpError(f"{path}: shard contents do not match its checksum (corrupted on disk); {remedy}")
+        raise LvlmlpError(f"{path}: shard contents do not match its checksum (corrupted on disk); {_REMEDY}")
     return meta, failures, tensors
 
 
 def _consolidate(run_dir: Path, shards: Sequence[Path], settings: dict, expected_ids: Sequence[str] | None) -> None:
     """Copy shard rows, shard by shard, into memory-mapped final arrays in input order; then mark the run complete.
-    Every shard is verified against its checksum, and the rows against `expected_ids`, before anything is written."""
+    The rows are checked against `expected_ids` before the copy, every shard against its checksum as it is copied,
+    and only then is anything but temporary files written."""
     for stale in run_dir.glob("*.npy.tmp"):
         stale.unlink()  # left by a consolidation that was killed: ours, and never read
     metas: list[list[dict]] = []
     positions: list[np.ndarray] = []
     failures: list[dict] = []
     shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-    for path in shards:
-        meta, fails, tensors = _verified_shard(path)
+    for path in shards:  # headers only here; each shard's data is read (and verified) once, when copied
+        meta, fails, shard_shapes, index = _shard_header(path)
         metas.append(meta)
         failures.extend(fails)
+        positions.append(np.asarray(index) if meta and index is not None else np.empty(0, dtype=np.int64))
         if meta:
-            positions.append(np.asarray(tensors["row_index"]) if "row_index" in tensors else np.empty(0))
-            for name, arr in tensors.items():
-                shapes.setdefault(name, (tuple(arr.shape[1:]), arr.dtype))
-        else:
-            positions.append(np.empty(0, dtype=np.int64))
-        del tensors
+            for name, shape in shard_shapes.items():
+                shapes.setdefault(name, shape)
     slots = _row_slots(run_dir, shards, metas, positions, failures, expected_ids)
     n = sum(len(m) for m in metas)
     with _disk_errors(run_dir):
