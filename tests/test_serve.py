@@ -294,7 +294,8 @@ class GatedEngine(Engine):
 def test_full_queue_answers_503_and_recovers(world):
     backend = world["backend"]
     engine = GatedEngine(backend, ProbeGuard(load_probe(world["probe"]), backend.tokenizer, TEMPLATE))
-    app = create_app(engine, ServeConfig(model_id="m", max_batch=1, max_queue=1, batch_wait_ms=0, default_max_tokens=3))
+    app = create_app(engine, ServeConfig(model_id="m", max_batch=1, max_queue=1, batch_wait_ms=0, default_max_tokens=3,
+                                         limits=Limits(allow_local_images=True)))
     payload = {"model": "m", "messages": message(data_url(load_image(world["rows"][0]["image"])), "what ?")}
     with running(app) as url, ThreadPoolExecutor(2) as pool:
         first = pool.submit(_post, url, payload, None)
@@ -310,7 +311,12 @@ def test_full_queue_answers_503_and_recovers(world):
         engine.gate.set()
         assert first.result().status_code == second.result().status_code == 200
         assert first.result().json()["choices"][0]["message"] == second.result().json()["choices"][0]["message"]
-        assert _post(url, payload, None).status_code == 200
+        # --allow-local-images: a path or a file:// URL reads the same image as the data URL.
+        for local in (world["rows"][0]["image"], "file://" + world["rows"][0]["image"]):
+            response = _post(url, {"model": "m", "messages": message(local, "what ?")}, None)
+            assert response.json()["choices"][0]["message"] == first.result().json()["choices"][0]["message"]
+        response = _post(url, {"model": "m", "messages": message("/no/such.png", "what ?")}, None)
+        assert response.status_code == 400 and "image not found: /no/such.png" in response.json()["error"]["message"]
 
 
 def test_cli_serve_in_a_process(world, server, tmp_path):

@@ -175,7 +175,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             return result
 
         if not req.stream:
-            kind, result = await events.get()
+            _, result = await events.get()  # no text events: only "done"
             result = finished(result)
             choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
                       "finish_reason": result.finish_reason, "flagged": result.flagged,
@@ -204,7 +204,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                     continue
                 try:
                     result = finished(value)
-                except ApiError as err:
+                except ApiError as err:  # the status line (200) is sent already: the error goes in the stream
+                    metrics.requests.labels(code=str(err.status)).inc()
                     yield _event(err.body())
                     break
                 yield chunk({}, result.flagged, result.probe_score, result.finish_reason)
