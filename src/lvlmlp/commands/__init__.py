@@ -17,5 +17,6 @@ COMMANDS: list[str] = [
     "import_legacy",
     "generate",
     "tiny_model",
+    "tiny_data",
     "run",
 ]

@@ -92,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
     if spec is not None and spec.model and spec.model != backend.model_id:
         log.warning("generate: probe trained on features of %s, applied to %s", spec.model, backend.model_id)
     guard = ProbeGuard(probe, backend.tokenizer, args.template, answers=answers, threshold=args.threshold)
+    forced = guard.template_ids if guard.answer_ids is None else max(guard.answer_ids.values(), key=len)
+    if len(forced) > args.max_new_tokens:  # the answers would stop inside the forced text
+        what = "--template" if args.template is not None else "an --answers label"
+        raise LvlmlpError(f"{what} is {len(forced)} tokens long but --max-new-tokens is {args.max_new_tokens}: "
+                          f"give --max-new-tokens {len(forced)} or more (more lets the model go on after it)")
     gen: dict[str, Any] = {"do_sample": True, "temperature": args.temperature} if args.do_sample else {}
 
     out = Path(args.out)
