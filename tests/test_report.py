@@ -48,7 +48,7 @@ def test_report_writes_tables_plots_and_self_contained_html(eval_dir: Path, tmp_
     md = (out / "report.md").read_text()
     auroc = metrics["vizwiz"]["auroc"]
     lo, hi = metrics["vizwiz"]["auroc_ci"]
-    assert f"| probe (LogisticProbe) | {100 * auroc:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] |" in md
+    assert f"| probe (LogisticProbe) | {auroc:.3f} [{lo:.3f}, {hi:.3f}] |" in md  # fractions, as every report
     assert "| own-answer |" in md and "| entropy |" in md and "![roc vizwiz](roc_vizwiz.png)" in md
     for png in ("roc_vizwiz.png", "scores_vizwiz.png"):
         with Image.open(out / png) as img:

@@ -149,7 +149,10 @@ class Backend:
         dtype: str = "auto",
         prompt_template: str | None = None,
         raw_prompt: bool = False,
+        load_model: bool = True,
     ) -> None:
+        """`load_model=False`: config, processor, prompt and weights hash only (enough to recognise a finished run
+        without loading the weights); `model` is then None and `vocab_size` unknown (None)."""
         from safetensors import SafetensorError
         from transformers import AutoModelForImageTextToText, AutoProcessor
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -177,11 +180,13 @@ class Backend:
             raise LvlmlpError(
                 f"{self.model_id}: cannot load the processor: {str(err).splitlines()[0]}"
             ) from None
-        try:
-            self.model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=self.dtype)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated, corrupt, missing files
-            raise _weight_error(self.model_id, err) from None
-        self.model.to(self.device).eval()
+        self.model: Any = None
+        if load_model:
+            try:
+                self.model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=self.dtype)
+            except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated, corrupt, missing files
+                raise _weight_error(self.model_id, err) from None
+            self.model.to(self.device).eval()
 
         self.tokenizer = self.processor.tokenizer
         # Left padding keeps every row's last prompt token in the last column, where generation continues.
@@ -190,7 +195,7 @@ class Backend:
             # InstructBLIP's Q-Former is a BERT with absolute positions: right padding (plus its attention mask)
             # keeps each row's question at positions 0..n-1, exactly as in a single-row run.
             self.processor.qformer_tokenizer.padding_side = "right"
-        self.vocab_size: int = int(self.model.get_output_embeddings().weight.shape[0])
+        self.vocab_size: int = int(self.model.get_output_embeddings().weight.shape[0]) if load_model else None
 
         local = Path(self.model_id)
         if local.is_dir():
@@ -201,6 +206,8 @@ class Backend:
             self.revision = _hub_revision(self.model_id)
             self.weights_hash = self.revision or "unknown"
 
+        if not load_model:
+            return
         gen = self.model.generation_config
         self._eos_ids: set[int] = set(_as_list(gen.eos_token_id) or _as_list(self.tokenizer.eos_token_id))
         self._pad_id: int = next(

@@ -260,7 +260,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
             sections.append(Section(
                 f"Token-position decay: {name}",
                 f"Probe on the logits of generated token k (1 = first) and of each row's last generated token. "
-                f"{res['rule']}. Rows per answer length: {res['n_tokens_histogram']}.",
+                f"{res['rule']}. Test rows per answer length: {_histogram_text(res['n_tokens_histogram'])}.",
                 an.TOKEN_DECAY_HEADER, an.token_decay_rows(res), [png]))
         has_states = test_run.manifest.get("hidden") or test_run.manifest.get("layers")
         if cfg["analyses"].get("layer_sweep") and has_states:
@@ -292,14 +292,19 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
             "baselines": {b: m.get("auroc") for b, m in (metrics.get("baselines") or {}).items()}}
 
 
+def _histogram_text(histogram: dict[str, int]) -> str:
+    """{"1": 5, "3": 11} -> "1 token: 5, 3 tokens: 11" (no Python reprs in a report)."""
+    return ", ".join(f"{k} token{'' if k == '1' else 's'}: {n}" for k, n in histogram.items())
+
+
 def _prompt_section(main: dict[str, dict], report_dir: Path) -> Any:
     from lvlmlp import analyses as an
-    from lvlmlp.report import fmt_pct
+    from lvlmlp.report import fmt_value
 
     names = list(main)
     heads = [_headline(main[n]) for n in names]
     baselines = sorted({b for h in heads for b in h["baselines"]})
-    rows = [[n, an.fmt_result(h), *[fmt_pct(h["baselines"].get(b)) for b in baselines], str(h["n"])]
+    rows = [[n, an.fmt_result(h), *[fmt_value(h["baselines"].get(b)) for b in baselines], str(h["n"])]
             for n, h in zip(names, heads)]
     png = report_dir / "prompt_comparison.png"
     an.plot_bars(names, heads, png, "probe by prompt")
@@ -312,7 +317,8 @@ def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, r
     from lvlmlp import analyses as an
 
     probe_cfg = {k: v for k, v in cfg["probe"].items() if k != "feature"}
-    rows = [["first-token logits (" + str(first.get("probe", {}).get("class")) + ")", an.fmt_result(_headline(first)),
+    probe_class = first.get("probe", {}).get("class") or "probe"
+    rows = [[f"first-token logits ({probe_class})", an.fmt_result(_headline(first)),
              str(_headline(first)["n"])]]
     entries, names = [_headline(first)], ["first-token logits"]
     results["clip"] = {}

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -21,7 +21,7 @@ from lvlmlp.data import check_rows, rows_fingerprint
 from lvlmlp.defaults import BATCH_SIZE, STORE_DTYPE_NAMES
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.loader import cores_for_workers, prepared_batches
-from lvlmlp.store import Run, RunWriter
+from lvlmlp.store import Run, RunWriter, is_complete_run, open_run
 
 if TYPE_CHECKING:
     from lvlmlp.backend import Backend
@@ -51,6 +51,56 @@ def shard_rows(rows: list[dict], shard: tuple[int, int] | None = None) -> list[d
         i, n = shard
         rows = rows[len(rows) * i // n : len(rows) * (i + 1) // n]
     return rows
+
+
+def run_settings(
+    backend: Backend,
+    rows: list[dict],
+    *,
+    max_new_tokens: int = 0,
+    logits_tokens: int | None = None,
+    hidden: bool = False,
+    layers: Sequence[int] = (),
+    store_dtype: str = "float16",
+    shard: tuple[int, int] | None = None,
+    batch_size: int = BATCH_SIZE,
+    labels_from_responses: bool = False,
+    selection: dict | None = None,
+) -> dict:
+    """The manifest settings of a run of `extract` (rows as `extract` numbers them: with `_row_index`)."""
+    n_keep = max(1, min(max_new_tokens, logits_tokens or max_new_tokens))  # stored tokens; 1 for prefill
+    return {
+        "model": backend.model_id,
+        "model_revision": backend.revision,
+        "weights_hash": backend.weights_hash,
+        "family": backend.family,
+        "compute_dtype": str(backend.dtype).replace("torch.", ""),
+        "dtype": store_dtype,
+        "vocab_size": backend.vocab_size,
+        "prompt_template": backend.prompt("{question}"),
+        "max_new_tokens": max_new_tokens,
+        "logits_tokens": n_keep,
+        "hidden": hidden,
+        "layers": [int(x) for x in layers],
+        "data_hash": rows_fingerprint({k: v for k, v in r.items() if k != "_row_index"} for r in rows),
+        "n_input_rows": len(rows),
+        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+        "device": str(backend.device),
+        "batch_size": batch_size,
+        "labels_from_responses": labels_from_responses,
+        "selection": selection,  # --split / --per-class / --limit / --seed that chose the rows
+    }
+
+
+def finished_run(backend: Backend, rows: list[dict], out: str | Path, **settings: Any) -> Run | None:
+    """The run in `out` when it is complete and was made with these settings (`run_settings`' arguments), else None.
+
+    `backend` may be a `Backend(..., load_model=False)`: a finished run is then recognised without loading the
+    weights (the vocabulary size, known only from the loaded model, is not compared; the weights hash is)."""
+    rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
+    if not is_complete_run(out, run_settings(backend, rows, **settings), ignore=("vocab_size",)):
+        return None
+    return open_run(out)
 
 
 def extract(
@@ -90,28 +140,10 @@ def extract(
     if not rows:
         raise LvlmlpError(f"{source}: no rows to extract")
 
-    n_keep = max(1, min(max_new_tokens, logits_tokens or max_new_tokens))  # stored tokens; 1 for prefill
-    settings = {
-        "model": backend.model_id,
-        "model_revision": backend.revision,
-        "weights_hash": backend.weights_hash,
-        "family": backend.family,
-        "compute_dtype": str(backend.dtype).replace("torch.", ""),
-        "dtype": store_dtype,
-        "vocab_size": backend.vocab_size,
-        "prompt_template": backend.prompt("{question}"),
-        "max_new_tokens": max_new_tokens,
-        "logits_tokens": n_keep,
-        "hidden": hidden,
-        "layers": [int(x) for x in layers],
-        "data_hash": rows_fingerprint({k: v for k, v in r.items() if k != "_row_index"} for r in rows),
-        "n_input_rows": len(rows),
-        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
-        "device": str(backend.device),
-        "batch_size": batch_size,
-        "labels_from_responses": label_fn is not None,
-        "selection": selection,  # --split / --per-class / --limit / --seed that chose the rows
-    }
+    settings = run_settings(backend, rows, max_new_tokens=max_new_tokens, logits_tokens=logits_tokens, hidden=hidden,
+                            layers=layers, store_dtype=store_dtype, shard=shard, batch_size=batch_size,
+                            labels_from_responses=label_fn is not None, selection=selection)
+    n_keep = settings["logits_tokens"]  # stored tokens; 1 for prefill
     writer = RunWriter(out, settings, shard_size=shard_size)
     pending = [r for r in rows if r["id"] not in writer.done_ids]
     log.info(

@@ -94,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
     probe.check_compatible(FeatureSpec(kind=kind, token=0, dim=backend.vocab_size, model=None))
     check_probe_model(probe, backend.model_id, allow=args.allow_other_model)
     guard = ProbeGuard(probe, backend.tokenizer, args.template, answers=answers, threshold=args.threshold)
+    forced = guard.template_ids if guard.answer_ids is None else max(guard.answer_ids.values(), key=len)
+    if len(forced) > args.max_new_tokens:  # the answers would stop inside the forced text
+        what = "--template" if args.template is not None else "an --answers label"
+        raise LvlmlpError(f"{what} is {len(forced)} tokens long but --max-new-tokens is {args.max_new_tokens}: "
+                          f"give --max-new-tokens {len(forced)} or more (more lets the model go on after it)")
     gen: dict[str, Any] = {"do_sample": True, "temperature": 1.0 if args.temperature is None else args.temperature} if args.do_sample else {}
     seed = 0 if args.seed is None else args.seed
 
