@@ -62,6 +62,54 @@ def check_rows(rows: list[dict], source: str, on_error: str = "fail") -> None:
         raise LvlmlpError(missing[0][1])
 
 
+def check_options(store_dtype: str, on_error: str, batch_size: int, max_new_tokens: int,
+                  label_fn: Callable | None, source: str) -> None:
+    """One-line errors for bad extraction options, before any model is loaded."""
+    if label_fn is not None and not max_new_tokens:
+        raise LvlmlpError(f"{source}: labels come from the model's answers here; give --max-new-tokens K (> 0)")
+    if store_dtype not in STORE_DTYPES:
+        raise LvlmlpError(f"--store-dtype: expected one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
+    if on_error not in ("fail", "skip"):
+        raise LvlmlpError(f"--on-error: expected fail or skip, got {on_error!r}")
+    if batch_size < 1 or max_new_tokens < 0:
+        raise LvlmlpError("--batch-size must be >= 1 and --max-new-tokens >= 0")
+
+
+def backend_settings(backend: Backend) -> dict:
+    """What a run's manifest records of the loaded model (computed where the model is: here, or in a Ray actor)."""
+    return {
+        "model": backend.model_id,
+        "model_revision": backend.revision,
+        "weights_hash": backend.weights_hash,
+        "family": backend.family,
+        "compute_dtype": str(backend.dtype).replace("torch.", ""),
+        "vocab_size": backend.vocab_size,
+        "prompt_template": backend.prompt("{question}"),
+        "device": str(backend.device),
+    }
+
+
+def run_settings(model: dict, rows: list[dict], *, batch_size: int, max_new_tokens: int, logits_tokens: int | None,
+                 hidden: bool, layers: Sequence[int], store_dtype: str, shard: tuple[int, int] | None,
+                 labels_from_responses: bool) -> dict:
+    """A run's manifest settings: `model` (see `backend_settings`) and the extraction options; rows carry
+    `_row_index`."""
+    n_keep = max(1, min(max_new_tokens, logits_tokens or max_new_tokens))  # stored tokens; 1 for prefill
+    return {
+        **model,
+        "dtype": store_dtype,
+        "max_new_tokens": max_new_tokens,
+        "logits_tokens": n_keep,
+        "hidden": hidden,
+        "layers": [int(x) for x in layers],
+        "data_hash": rows_fingerprint({k: v for k, v in r.items() if k != "_row_index"} for r in rows),
+        "n_input_rows": len(rows),
+        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+        "batch_size": batch_size,
+        "labels_from_responses": labels_from_responses,
+    }
+
+
 def extract(
     backend: Backend,
     rows: list[dict],
@@ -85,38 +133,15 @@ def extract(
 
     `label_fn(response, row)`: for tasks whose label is whether the model answered right (MathVista), each row's
     `label` is computed from its generated response and stored with its metadata."""
-    if label_fn is not None and not max_new_tokens:
-        raise LvlmlpError(f"{source}: labels come from the model's answers here; give --max-new-tokens K (> 0)")
-    if store_dtype not in STORE_DTYPES:
-        raise LvlmlpError(f"--store-dtype: expected one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
-    if on_error not in ("fail", "skip"):
-        raise LvlmlpError(f"--on-error: expected fail or skip, got {on_error!r}")
-    if batch_size < 1 or max_new_tokens < 0:
-        raise LvlmlpError("--batch-size must be >= 1 and --max-new-tokens >= 0")
+    check_options(store_dtype, on_error, batch_size, max_new_tokens, label_fn, source)
     rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
     check_rows(rows, source, on_error)  # before any model work or folder is written
-
-    n_keep = max(1, min(max_new_tokens, logits_tokens or max_new_tokens))  # stored tokens; 1 for prefill
-    settings = {
-        "model": backend.model_id,
-        "model_revision": backend.revision,
-        "weights_hash": backend.weights_hash,
-        "family": backend.family,
-        "compute_dtype": str(backend.dtype).replace("torch.", ""),
-        "dtype": store_dtype,
-        "vocab_size": backend.vocab_size,
-        "prompt_template": backend.prompt("{question}"),
-        "max_new_tokens": max_new_tokens,
-        "logits_tokens": n_keep,
-        "hidden": hidden,
-        "layers": [int(x) for x in layers],
-        "data_hash": rows_fingerprint({k: v for k, v in r.items() if k != "_row_index"} for r in rows),
-        "n_input_rows": len(rows),
-        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
-        "device": str(backend.device),
-        "batch_size": batch_size,
-        "labels_from_responses": label_fn is not None,
-    }
+    settings = run_settings(
+        backend_settings(backend), rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        logits_tokens=logits_tokens, hidden=hidden, layers=layers, store_dtype=store_dtype, shard=shard,
+        labels_from_responses=label_fn is not None,
+    )
+    n_keep = settings["logits_tokens"]
     writer = RunWriter(out, settings, shard_size=shard_size)
     pending = [r for r in rows if r["id"] not in writer.done_ids]
     log.info(
@@ -234,14 +259,20 @@ def cmd_extract(args: argparse.Namespace) -> int:
             label_fn = check_answer
             if not args.max_new_tokens:
                 raise LvlmlpError(f"--task {args.task}: labels come from the model's answers; give --max-new-tokens")
-    backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=template,
-                      raw_prompt=args.raw_prompt)
-    run = extract(
-        backend, rows, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+    model = {"model": args.model, "device": args.device, "dtype": args.dtype, "prompt_template": template,
+             "raw_prompt": args.raw_prompt}
+    options = dict(
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         logits_tokens=args.logits_tokens, hidden=args.hidden, layers=_layers(args.layers),
         store_dtype=args.store_dtype, on_error=args.on_error, shard=parse_shard(args.shard), source=source,
-        progress=not args.no_progress, shard_size=args.shard_size, workers=args.workers, label_fn=label_fn,
+        progress=not args.no_progress, shard_size=args.shard_size, label_fn=label_fn,
     )
+    if args.ray is not None or args.ray_replicas is not None:  # the model loads in the Ray replicas, not here
+        from lvlmlp.ray_extract import ray_extract_from_args
+
+        run = ray_extract_from_args(args, model, rows, options)
+    else:
+        run = extract(Backend(**model), rows, args.out, workers=args.workers, **options)
     print(f"{run.path}: {len(run)} rows, logits {run.n_logit_tokens} x {run.manifest['vocab_size']}")
     return 0
 
@@ -279,6 +310,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                    help="data-loader processes preparing batches while the model runs (default 1; more on a "
                         "many-core GPU machine; 0: in this process)")
     p.add_argument("--no-progress", action="store_true")
+    from lvlmlp.ray_extract import add_ray_arguments
+
+    add_ray_arguments(p)
     p.set_defaults(func=cmd_extract)
 
     m = sub.add_parser("merge", help="merge the run folders of `extract --shard I/N` in manifest order")
