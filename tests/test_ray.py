@@ -84,7 +84,7 @@ def test_qwen2_vl_on_ray_equals_single_process(tiny_ckpt, tmp_path, ray_address)
 
 def test_driver_killed_mid_run_then_rerun_completes(tiny_ckpt, tmp_path, ray_address):
     manifest = make_manifest(tmp_path, 16)
-    args = _extract_args(tiny_ckpt("llava"), manifest, "--batch-size", "2", "--shard-size", "2")
+    args = _extract_args(tiny_ckpt("llava"), manifest, "--batch-size", "2", "--shard-size", "2", "--ray-replicas", "1")
     out = tmp_path / "ray"
     # A separate driver joins this module's Ray instance; it is SIGKILLed once its first shard is committed.
     proc = subprocess.Popen([sys.executable, "-m", "lvlmlp.cli", *args, "--out", str(out), "--ray", ray_address],
@@ -123,3 +123,16 @@ def test_options_and_errors(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "lvlmlp: error: --ray needs Ray Data: pip install 'lvlmlp[ray]' (or pip install 'ray[data]')"
     assert not (tmp_path / "o").exists()
+
+
+def test_run_config_ray_section_reaches_the_ray_extractor(tmp_path, capsys):
+    """`ray:` in a `lvlmlp run` config is read by the Ray extractor (a bad value fails before any model work)."""
+    from test_experiment import CONFIG
+    from test_experiment import make_manifest as experiment_manifest
+
+    manifest = experiment_manifest(tmp_path / "data", n_train=2, n_test=2)
+    argv = ["run", str(CONFIG), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"),
+            "--no-progress", "--set", f"data_root={manifest}", "--set", "ray={replicas: 0}"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == "lvlmlp: error: ray.replicas: expected an integer >= 1, got 0"
+    assert not (tmp_path / "out" / "runs").exists() or not any((tmp_path / "out" / "runs").iterdir())

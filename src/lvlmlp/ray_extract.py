@@ -155,13 +155,16 @@ def _plan(ray: Any, opts: RayOptions, device: str, n_batches: int) -> tuple[int,
 class _Replica:
     """One model replica in a Ray actor: loads the backend once, then extracts one batch per call."""
 
-    def __init__(self, model: dict, options: dict, threads: int, fail_once: str | None) -> None:
+    def __init__(self, model: dict, options: dict, threads: int, progress: bool, fail_once: str | None) -> None:
         import torch
+        from transformers.utils import logging as hf_logging
 
         from lvlmlp.backend import Backend
         from lvlmlp.extract import backend_settings
 
         torch.set_num_threads(threads)
+        if not progress:  # --no-progress: no weight-loading bars from the replicas either
+            hf_logging.disable_progress_bar()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the replicas are the parallelism
         self.backend = Backend(**model)
         self.model_json = json.dumps(backend_settings(self.backend))
@@ -270,7 +273,8 @@ def ray_extract(
                 num_cpus=cpus,
                 num_gpus=gpus,
                 fn_constructor_kwargs={"model": replica_model, "options": batch_options,
-                                       "threads": max(1, int(cpus)), "fail_once": os.environ.get(FAIL_ONCE_ENV)},
+                                       "threads": max(1, int(cpus)), "progress": progress,
+                                       "fail_once": os.environ.get(FAIL_ONCE_ENV)},
             )
             writer: RunWriter | None = None
             first: dict = {}
