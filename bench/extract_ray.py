@@ -1,15 +1,16 @@
 """Benchmark: `extract --ray` with 1 and 2 replicas vs the single-process extractor, measured in one run.
 
-Each engine extracts the same rows twice, a short and a long run (fresh run folders), end to end with the model load
-(in-process for the single-process extractor; in every replica for Ray). From the two wall times:
-    rows/s (steady) = (long - short rows) / (long - short seconds)   the start-up costs cancel out
-    start-up s      = wall time of the short run - its rows / steady rate   (Ray: actors start, import, load model)
-    overhead/batch  = Ray-1-replica seconds per batch - single-process seconds per batch (steady state): what Ray Data
-                      adds per batch (scheduling, object store, moving the results to the driver)
-On a GPU cluster, pass --device cuda and --replicas 1,N to compare 1 and N GPUs.
+Each engine extracts the same rows into a fresh run folder. The driver's writer is timed at every batch it receives
+(`RunWriter.append`, wrapped here), so the steady rate excludes the start-up (Ray: starting the actors, importing,
+loading the model in each replica), which is reported apart:
+    rows/s (steady)  rows after the first batch / time from the first batch to the last
+    start-up s       time to the first batch
+    overhead/batch   Ray-1-replica seconds per batch - single-process seconds per batch (steady): what Ray Data adds
+                     per batch (scheduling, the object store, moving the results to the driver)
+On a GPU cluster, pass --device cuda --replicas 1,N to compare 1 and N GPUs (and --address auto to join it).
 
-    python bench/extract_ray.py [--model DIR] [--rows 16,80] [--batch-size 8] [--replicas 1,2] [--device cpu]
-                                [--geometry llava15] [--cpus N]
+    python bench/extract_ray.py [--model DIR] [--rows 64] [--batch-size 8] [--replicas 1,2] [--device cpu]
+                                [--geometry llava15] [--cpus N] [--address ADDR]
 """
 
 from __future__ import annotations
@@ -29,27 +30,41 @@ from extract_throughput import llava15_geometry, make_rows  # same directory: th
 from lvlmlp.backend import Backend
 from lvlmlp.extract import BATCH_SIZE, extract
 from lvlmlp.ray_extract import ray_extract
+from lvlmlp.store import RunWriter
 from lvlmlp.testing import tiny_model
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def timed_run(fn) -> tuple[float, float, float]:
+    """(start-up s, steady rows/s, steady s per batch) of one extraction, from the writer's batch arrival times."""
+    arrivals: list[tuple[float, int]] = []
+    append = RunWriter.append
+
+    def timed_append(self, meta, arrays):
+        arrivals.append((time.perf_counter(), len(meta)))
+        return append(self, meta, arrays)
+
+    RunWriter.append = timed_append
+    try:
+        t0 = time.perf_counter()
+        fn()
+    finally:
+        RunWriter.append = append
+    (t_first, _), (t_last, _) = arrivals[0], arrivals[-1]
+    return t_first - t0, sum(n for _, n in arrivals[1:]) / (t_last - t_first), (t_last - t_first) / (len(arrivals) - 1)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint (default: a tiny LLaVA built here)")
-    ap.add_argument("--rows", default="16,80", help="the short and the long run's rows")
+    ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     ap.add_argument("--replicas", default="1,2")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    ap.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local instance")
     ap.add_argument("--geometry", choices=["tiny", "llava15"], default="llava15",
                     help="tiny: 28 px images; llava15: 336 px, 576 image tokens per row (tiny layers)")
     args = ap.parse_args()
-    short, long = (int(x) for x in args.rows.split(","))
     replicas = [int(x) for x in args.replicas.split(",")]
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -59,43 +74,34 @@ def main() -> None:
         model = args.model or tiny_model("llava", tmp / "tiny-llava")
         if args.geometry == "llava15" and not args.model:
             model = llava15_geometry(model, tmp / "tiny-llava-336")
-        rows = make_rows(tmp, long)
-        dtype = "float32" if args.device == "cpu" else "auto"
-        spec = {"model": str(model), "device": args.device, "dtype": dtype}
+        rows = make_rows(tmp, args.rows)
+        spec = {"model": str(model), "device": args.device, "dtype": "float32" if args.device == "cpu" else "auto"}
         common = {"batch_size": args.batch_size, "progress": False}
-
-        def single(n: int, tag: str) -> float:
-            return timed(lambda: extract(Backend(**spec), rows[:n], tmp / tag, workers=0, **common))
-
+        results = {"single process": timed_run(lambda: extract(Backend(**spec), rows, tmp / "single", workers=0,
+                                                                **common))}
         t0 = time.perf_counter()
-        ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level=logging.WARNING)
+        if args.address:
+            ray.init(address=args.address, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level=logging.WARNING)
         t_init = time.perf_counter() - t0
-        resources = ray.cluster_resources()
-
-        def on_ray(n: int, tag: str, k: int) -> float:
-            return timed(lambda: ray_extract(spec, rows[:n], tmp / tag, ray={"replicas": k}, **common))
-
-        results = {"single process": (single(short, "s1"), single(long, "s2"))}
+        resources = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         for k in replicas:
-            results[f"ray, {k} replica(s)"] = (on_ray(short, f"r{k}a", k), on_ray(long, f"r{k}b", k))
+            results[f"ray, {k} replica(s)"] = timed_run(
+                lambda k=k: ray_extract(spec, rows, tmp / f"ray{k}", ray={"replicas": k}, **common))
         ray.shutdown()
 
-        batches = (long - short) / args.batch_size
-        print(f"model {model} ({args.geometry}), device {args.device}, batch {args.batch_size}, rows {short} and "
-              f"{long}; local Ray instance {dict(resources)} started in {t_init:.1f} s")
+        print(f"model {model} ({args.geometry}), device {args.device}, {args.rows} rows, batch {args.batch_size}; "
+              f"Ray {ray.__version__} with {resources}, connected in {t_init:.1f} s")
         print(f"{'engine':<22}{'rows/s (steady)':>16}{'start-up s':>12}{'s/batch':>10}")
-        per_batch = {}
-        for name, (t_short, t_long) in results.items():
-            rate = (long - short) / (t_long - t_short)
-            per_batch[name] = (t_long - t_short) / batches
-            print(f"{name:<22}{rate:>16.2f}{t_short - short / rate:>12.1f}{per_batch[name]:>10.3f}")
-        base = results["single process"]
-        for name, (t_short, t_long) in results.items():
+        for name, (startup, rate, per_batch) in results.items():
+            print(f"{name:<22}{rate:>16.2f}{startup:>12.1f}{per_batch:>10.3f}")
+        _, _, base = results["single process"]
+        for name, (_, _, per_batch) in results.items():
             if name.startswith("ray"):
-                ratio = (base[1] - base[0]) / (t_long - t_short)
-                print(f"{name}: steady rows/s x{ratio:.2f} of single process; overhead per batch "
-                      f"{1000 * (per_batch[name] - per_batch['single process']):+.0f} ms"
-                      + (" (with 1 replica: what Ray adds)" if name.startswith("ray, 1 ") else ""))
+                print(f"{name}: steady rows/s x{base / per_batch:.2f} of the single process"
+                      + (f"; overhead per batch {1000 * (per_batch - base):+.0f} ms" if name.startswith("ray, 1 ")
+                         else ""))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -265,7 +265,10 @@ def ray_extract(
             replica_model = {**model, "device": "cuda" if gpus else "cpu"}  # Ray gives each replica its GPU(s)
             log.info("extract: %s -> %s on Ray: %d rows, %d to do, %d replica(s) x (%g CPU, %g GPU), batch %d",
                      model["model"], out, len(rows), len(pending), n, cpus, gpus, batch_size)
-            items = [{"batch": i, "rows": json.dumps(c, default=str)} for i, c in enumerate(chunks)]
+            # absolute image paths: a replica's working directory is not ours (on a cluster, paths must be the same
+            # on every node: a shared filesystem)
+            items = [{"batch": i, "rows": json.dumps([{**r, "image": os.path.abspath(r["image"])} for r in c],
+                                                     default=str)} for i, c in enumerate(chunks)]
             ds = ray_mod.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 _Replica,
                 batch_size=1,
