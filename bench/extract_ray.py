@@ -1,6 +1,7 @@
 """Benchmark: `extract --ray` with 1 and 2 replicas vs the single-process extractor, measured in one run.
 
-Each engine extracts the same rows into a fresh run folder. The driver's writer is timed at every batch it receives
+Each engine extracts the same rows into a fresh run folder, the engines taking turns `--repeat` times (medians are
+reported: on a shared machine the speed drifts by tens of percent from one minute to the next). The driver's writer is timed at every batch it receives
 (`RunWriter.append`, wrapped here), so the steady rate excludes the start-up (Ray: starting the actors, importing,
 loading the model in each replica), which is reported apart:
     rows/s (steady)  rows after the first batch / time from the first batch to the last
@@ -9,20 +10,26 @@ loading the model in each replica), which is reported apart:
                      per batch (scheduling, the object store, moving the results to the driver)
 On a GPU cluster, pass --device cuda --replicas 1,N to compare 1 and N GPUs (and --address auto to join it).
 
-    python bench/extract_ray.py [--model DIR] [--rows 64] [--batch-size 8] [--replicas 1,2] [--device cpu]
-                                [--geometry llava15] [--cpus N] [--address ADDR]
+    python bench/extract_ray.py [--model DIR] [--rows 96] [--batch-size 8] [--replicas 1,2] [--repeat 3]
+                                [--device cpu] [--geometry llava15] [--cpus N] [--address ADDR]
 """
 
 from __future__ import annotations
 
+import os
+
+# Ray runs its workers with OMP_NUM_THREADS = their CPUs (1 here); the single-process extractor gets the same, or
+# the comparison measures thread oversubscription on a small machine (it ran 20% slower without it here).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import argparse
 import logging
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 from extract_throughput import llava15_geometry, make_rows  # same directory: the same rows and geometry
@@ -56,7 +63,8 @@ def timed_run(fn) -> tuple[float, float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint (default: a tiny LLaVA built here)")
-    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--rows", type=int, default=96)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     ap.add_argument("--replicas", default="1,2")
     ap.add_argument("--device", default="cpu")
@@ -77,8 +85,6 @@ def main() -> None:
         rows = make_rows(tmp, args.rows)
         spec = {"model": str(model), "device": args.device, "dtype": "float32" if args.device == "cpu" else "auto"}
         common = {"batch_size": args.batch_size, "progress": False}
-        results = {"single process": timed_run(lambda: extract(Backend(**spec), rows, tmp / "single", workers=0,
-                                                                **common))}
         t0 = time.perf_counter()
         if args.address:
             ray.init(address=args.address, logging_level=logging.WARNING)
@@ -86,12 +92,18 @@ def main() -> None:
             ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level=logging.WARNING)
         t_init = time.perf_counter() - t0
         resources = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-        for k in replicas:
-            results[f"ray, {k} replica(s)"] = timed_run(
-                lambda k=k: ray_extract(spec, rows, tmp / f"ray{k}", ray={"replicas": k}, **common))
+        runs: dict[str, list[tuple[float, float, float]]] = {}
+        for i in range(args.repeat):
+            runs.setdefault("single process", []).append(timed_run(
+                lambda i=i: extract(Backend(**spec), rows, tmp / f"single{i}", workers=0, **common)))
+            for k in replicas:
+                runs.setdefault(f"ray, {k} replica(s)", []).append(timed_run(
+                    lambda i=i, k=k: ray_extract(spec, rows, tmp / f"ray{k}-{i}", ray={"replicas": k}, **common)))
         ray.shutdown()
+        results = {name: tuple(float(np.median(col)) for col in zip(*values)) for name, values in runs.items()}
 
-        print(f"model {model} ({args.geometry}), device {args.device}, {args.rows} rows, batch {args.batch_size}; "
+        print(f"model {model} ({args.geometry}), device {args.device}, {args.rows} rows, batch {args.batch_size}, "
+              f"medians of {args.repeat}; "
               f"Ray {ray.__version__} with {resources}, connected in {t_init:.1f} s")
         print(f"{'engine':<22}{'rows/s (steady)':>16}{'start-up s':>12}{'s/batch':>10}")
         for name, (startup, rate, per_batch) in results.items():

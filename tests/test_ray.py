@@ -84,10 +84,11 @@ def test_qwen2_vl_on_ray_equals_single_process(tiny_ckpt, tmp_path, ray_address)
 
 def test_driver_killed_mid_run_then_rerun_completes(tiny_ckpt, tmp_path, ray_address):
     manifest = make_manifest(tmp_path, 16)
-    args = _extract_args(tiny_ckpt("llava"), manifest, "--batch-size", "2", "--shard-size", "2", "--ray-replicas", "1")
+    args = _extract_args(tiny_ckpt("llava"), manifest, "--batch-size", "2", "--shard-size", "2")
+    on_ray = ["--ray-replicas", "1", "--ray"]  # one replica: fewer processes competing for the 2 CPUs
     out = tmp_path / "ray"
     # A separate driver joins this module's Ray instance; it is SIGKILLed once its first shard is committed.
-    proc = subprocess.Popen([sys.executable, "-m", "lvlmlp.cli", *args, "--out", str(out), "--ray", ray_address],
+    proc = subprocess.Popen([sys.executable, "-m", "lvlmlp.cli", *args, "--out", str(out), *on_ray, ray_address],
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.time() + 150
@@ -100,7 +101,7 @@ def test_driver_killed_mid_run_then_rerun_completes(tiny_ckpt, tmp_path, ray_add
     assert not json.loads((out / "manifest.json").read_text())["complete"]
     committed = len(list((out / "shards").glob("*.safetensors")))
     assert 1 <= committed < 8
-    assert main([*args, "--out", str(out), "--ray"]) == 0  # resumes: the committed rows are skipped
+    assert main([*args, "--out", str(out), *on_ray]) == 0  # resumes: the committed rows are skipped
     assert main([*args, "--out", str(tmp_path / "single"), "--workers", "0"]) == 0
     assert_same_run(out, tmp_path / "single")
     assert open_run(out).ids == [f"r{i}" for i in range(16)]

@@ -240,18 +240,17 @@ def ray_extract(
                "hidden": hidden, "layers": layers, "store_dtype": store_dtype, "shard": shard,
                "labels_from_responses": label_fn is not None}
     out = Path(out)
-    done: set[str] = set()
+    previous = None
     if (out / "manifest.json").is_file():
         # The settings known without the model are checked now; the model's own when the first batch is back.
         old = json.loads((out / "manifest.json").read_text())
         known = run_settings({"model": str(model["model"])}, rows, **options)
         previous = RunWriter(out, {**old, **known}, shard_size=shard_size)
-        if previous.complete:
-            return previous.close()
-        done = previous.done_ids
-        if all(r["id"] in done for r in rows):  # every row committed; only the consolidation was left
-            return previous.close()
-    pending = [r for r in rows if r["id"] not in done]
+    pending = [r for r in rows if previous is None or r["id"] not in previous.done_ids]
+    if previous is not None and not pending:  # finished, or every row committed and only the consolidation left
+        return previous.close()
+    if not rows:
+        raise LvlmlpError(f"{source}: no rows to extract")
     chunks = [pending[s : s + batch_size] for s in range(0, len(pending), batch_size)]
     n_keep = run_settings({}, [], **options)["logits_tokens"]
     batch_options = {"max_new_tokens": max_new_tokens, "n_keep": n_keep, "hidden": hidden,
