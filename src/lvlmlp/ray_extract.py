@@ -9,8 +9,7 @@ the extractor's own code. The driver streams the results back in batch order (`i
 Why the driver writes (rather than each actor writing shards): it needs no filesystem shared by the nodes, the shards
 stay in manifest order, and Ray Data's streaming executor keeps only a few batches in flight (backpressure), so the
 driver holds a handful of batches at a time whatever the number of rows. A batch of logits is a few MB (8 rows x
-152k vocabulary in float16 = 2.4 MB); on the measurements of bench/extract_ray.py the transfer is small next to the
-model's time.
+152k vocabulary in float16 = 2.4 MB); bench/extract_ray.py measures Ray's per-batch overhead, transfer included.
 
 Faults: an actor that dies is restarted by Ray and its batch run again (Ray Data's actor pool defaults:
 max_restarts=-1, max_task_retries=-1); results are committed in batch order, so no row is lost or written twice.
@@ -313,10 +312,11 @@ def _results(ds: Any, ray: Any) -> Iterator[dict]:
             while expected in ready:  # preserve_order keeps them in order; this keeps it true regardless
                 yield ready.pop(expected)
                 expected += 1
-    except ray.exceptions.RayError as err:  # an actor that cannot start, a batch out of retries, a replica's error
-        cause = str(err).strip().splitlines()
-        raise LvlmlpError(f"--ray: a replica failed ({cause[-1] if cause else type(err).__name__}); the committed "
-                          "rows are kept: re-run the same command to resume") from err
+    except ray.exceptions.RayError as err:  # a replica that cannot start (model not found), or raised
+        lines = str(err).strip().splitlines()
+        cause = lines[-1].removeprefix(f"{LvlmlpError.__module__}.{LvlmlpError.__name__}: ") if lines else repr(err)
+        raise LvlmlpError(f"--ray: a replica failed: {cause} (rows committed so far are kept; the same command "
+                          "resumes)") from err
 
 
 def _commit(writer: RunWriter, result: dict, chunk: list[dict], on_error: str, source: str,
