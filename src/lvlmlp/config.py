@@ -110,6 +110,16 @@ class AnalysesConfig(Section):
 
 
 @dataclass
+class RayConfig(Section):
+    """`ray:` as a mapping (`lvlmlp.ray_extract.RayOptions`); `ray: true` / `local` / `auto` / an address also work."""
+
+    address: str | None = None  # None: a local Ray instance for this run; "auto" or an address: join that cluster
+    replicas: int | None = field(default=None, metadata=_min(1))  # default: one per GPU, else one per CPU slot
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float | None = None
+
+
+@dataclass
 class ExperimentConfig(Section):
     name: str | None = None  # report title; default: the config file's name
     model: str | None = None  # hub id or local folder of the VLM (required)
@@ -134,6 +144,8 @@ class ExperimentConfig(Section):
     analyses: AnalysesConfig = field(default_factory=AnalysesConfig)
     n_boot: int = field(default=1000, metadata=_min(0))  # bootstrap resamples for the intervals (0: none)
     out: str | None = None  # required
+    # extract on Ray (README, "Scaling out"): true (a local instance), auto or an address (join), or a mapping
+    ray: RayConfig | bool | str | None = None
 
 
 REQUIRED = ("model", "data_root", "out")

@@ -16,6 +16,7 @@ Command-line flags override the file: `--model`, `--out`, `--device`, `--limit`,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -166,11 +167,17 @@ def _run_steps(cfg: ExperimentConfig, progress: bool) -> dict[str, Any]:
             step = f"extract-{name}-{split}"
             if not (steps.done(step, key) and (folder / "manifest.json").is_file()):
                 log.info("run: extracting %s (%d rows)", folder, len(rows[split]))
-                extract(lazy.get(template), rows[split], folder, batch_size=cfg["batch_size"],
-                        max_new_tokens=ext["max_new_tokens"], hidden=bool(ext["hidden"]),
-                        layers=[int(x) for x in ext["layers"] or []], store_dtype=ext["store_dtype"],
-                        on_error=ext["on_error"], source=f"task {cfg['task']} split {split}", progress=progress,
-                        label_fn=_label_fn(cfg))
+                if cfg["ray"]:  # the model loads in the Ray replicas, not in this process
+                    from lvlmlp.ray_extract import ray_extract_for_run
+
+                    run_extract = functools.partial(ray_extract_for_run, cfg, template)
+                else:
+                    run_extract = functools.partial(extract, lazy.get(template))
+                run_extract(rows[split], folder, batch_size=cfg["batch_size"],
+                            max_new_tokens=ext["max_new_tokens"], hidden=bool(ext["hidden"]),
+                            layers=[int(x) for x in ext["layers"] or []], store_dtype=ext["store_dtype"],
+                            on_error=ext["on_error"], source=f"task {cfg['task']} split {split}", progress=progress,
+                            label_fn=_label_fn(cfg))
                 steps.mark(step, key)
             runs[(name, split)] = open_run(folder)
     clip_runs = _clip_step(cfg, rows, out, progress) if cfg["clip"] else {}

@@ -53,31 +53,53 @@ def shard_rows(rows: list[dict], shard: tuple[int, int] | None = None) -> list[d
     return rows
 
 
-def run_settings(
-    backend: Backend,
-    rows: list[dict],
-    *,
-    max_new_tokens: int = 0,
-    logits_tokens: int | None = None,
-    hidden: bool = False,
-    layers: Sequence[int] = (),
-    store_dtype: str = "float16",
-    shard: tuple[int, int] | None = None,
-    batch_size: int = BATCH_SIZE,
-    labels_from_responses: bool = False,
-    selection: dict | None = None,
-) -> dict:
-    """The manifest settings of a run of `extract` (rows as `extract` numbers them: with `_row_index`)."""
-    n_keep = max(1, min(max_new_tokens, logits_tokens or max_new_tokens))  # stored tokens; 1 for prefill
+def finished_run(backend: Backend, rows: list[dict], out: str | Path, **settings: Any) -> Run | None:
+    """The run in `out` when it is complete and was made with these settings (`run_settings`' arguments), else None.
+
+    `backend` may be a `Backend(..., load_model=False)`: a finished run is then recognised without loading the
+    weights (the vocabulary size, known only from the loaded model, is not compared; the weights hash is)."""
+    rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
+    if not is_complete_run(out, run_settings(backend_settings(backend), rows, **settings), ignore=("vocab_size",)):
+        return None
+    return open_run(out)
+
+
+def check_options(store_dtype: str, on_error: str, batch_size: int, max_new_tokens: int,
+                  label_fn: Callable | None, source: str) -> None:
+    """One-line errors for bad extraction options, before any model is loaded."""
+    if label_fn is not None and not max_new_tokens:
+        raise LvlmlpError(f"{source}: labels come from the model's answers here; give --max-new-tokens K (> 0)")
+    if store_dtype not in STORE_DTYPES:
+        raise LvlmlpError(f"--store-dtype: expected one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
+    if on_error not in ("fail", "skip"):
+        raise LvlmlpError(f"--on-error: expected fail or skip, got {on_error!r}")
+    if batch_size < 1 or max_new_tokens < 0:
+        raise LvlmlpError("--batch-size must be >= 1 and --max-new-tokens >= 0")
+
+
+def backend_settings(backend: Backend) -> dict:
+    """What a run's manifest records of the loaded model (computed where the model is: here, or in a Ray actor)."""
     return {
         "model": backend.model_id,
         "model_revision": backend.revision,
         "weights_hash": backend.weights_hash,
         "family": backend.family,
         "compute_dtype": str(backend.dtype).replace("torch.", ""),
-        "dtype": store_dtype,
         "vocab_size": backend.vocab_size,
         "prompt_template": backend.prompt("{question}"),
+        "device": str(backend.device),
+    }
+
+
+def run_settings(model: dict, rows: list[dict], *, batch_size: int, max_new_tokens: int, logits_tokens: int | None,
+                 hidden: bool, layers: Sequence[int], store_dtype: str, shard: tuple[int, int] | None,
+                 labels_from_responses: bool, selection: dict | None = None) -> dict:
+    """A run's manifest settings: `model` (see `backend_settings`) and the extraction options; rows carry
+    `_row_index`."""
+    n_keep = max(1, min(max_new_tokens, logits_tokens or max_new_tokens))  # stored tokens; 1 for prefill
+    return {
+        **model,
+        "dtype": store_dtype,
         "max_new_tokens": max_new_tokens,
         "logits_tokens": n_keep,
         "hidden": hidden,
@@ -85,22 +107,10 @@ def run_settings(
         "data_hash": rows_fingerprint({k: v for k, v in r.items() if k != "_row_index"} for r in rows),
         "n_input_rows": len(rows),
         "shard": f"{shard[0]}/{shard[1]}" if shard else None,
-        "device": str(backend.device),
         "batch_size": batch_size,
         "labels_from_responses": labels_from_responses,
         "selection": selection,  # --split / --per-class / --limit / --seed that chose the rows
     }
-
-
-def finished_run(backend: Backend, rows: list[dict], out: str | Path, **settings: Any) -> Run | None:
-    """The run in `out` when it is complete and was made with these settings (`run_settings`' arguments), else None.
-
-    `backend` may be a `Backend(..., load_model=False)`: a finished run is then recognised without loading the
-    weights (the vocabulary size, known only from the loaded model, is not compared; the weights hash is)."""
-    rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
-    if not is_complete_run(out, run_settings(backend, rows, **settings), ignore=("vocab_size",)):
-        return None
-    return open_run(out)
 
 
 def extract(
@@ -127,22 +137,16 @@ def extract(
 
     `label_fn(response, row)`: for tasks whose label is whether the model answered right (MathVista), each row's
     `label` is computed from its generated response and stored with its metadata."""
-    if label_fn is not None and not max_new_tokens:
-        raise LvlmlpError(f"{source}: labels come from the model's answers here; give --max-new-tokens K (> 0)")
-    if store_dtype not in STORE_DTYPES:
-        raise LvlmlpError(f"--store-dtype: expected one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
-    if on_error not in ("fail", "skip"):
-        raise LvlmlpError(f"--on-error: expected fail or skip, got {on_error!r}")
-    if batch_size < 1 or max_new_tokens < 0:
-        raise LvlmlpError("--batch-size must be >= 1 and --max-new-tokens >= 0")
+    check_options(store_dtype, on_error, batch_size, max_new_tokens, label_fn, source)
     rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
     check_rows(rows, source, on_error)  # before any model work or folder is written
     if not rows:
         raise LvlmlpError(f"{source}: no rows to extract")
-
-    settings = run_settings(backend, rows, max_new_tokens=max_new_tokens, logits_tokens=logits_tokens, hidden=hidden,
-                            layers=layers, store_dtype=store_dtype, shard=shard, batch_size=batch_size,
-                            labels_from_responses=label_fn is not None, selection=selection)
+    settings = run_settings(
+        backend_settings(backend), rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        logits_tokens=logits_tokens, hidden=hidden, layers=layers, store_dtype=store_dtype, shard=shard,
+        labels_from_responses=label_fn is not None, selection=selection,
+    )
     n_keep = settings["logits_tokens"]  # stored tokens; 1 for prefill
     writer = RunWriter(out, settings, shard_size=shard_size)
     pending = [r for r in rows if r["id"] not in writer.done_ids]

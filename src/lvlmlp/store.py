@@ -47,7 +47,7 @@ from lvlmlp.errors import LvlmlpError
 
 # Settings that may differ between runs that are otherwise the same computation (not part of the identity).
 _VOLATILE = {"created_at", "lvlmlp_version", "complete", "n_rows", "n_failed", "shard_size", "device",
-             "batch_size"}
+             "batch_size", "engine", "replicas"}
 # Keys of a manifest that the shards of one run legitimately differ in (merge ignores them).
 _SHARD_KEYS = {"shard", "data_hash", "n_input_rows"}
 

@@ -39,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="data-loader processes preparing batches while the model runs (default 1; more on a "
                         "many-core GPU machine; 0: in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray (Ray Data, one model replica per GPU or CPU slot): alone, a local Ray instance "
+                        "for this run; auto or ADDRESS: join that cluster (pip install 'lvlmlp[ray]')")
+    p.add_argument("--ray-replicas", type=int, default=None, metavar="N",
+                   help="with --ray: model replicas (default: one per GPU of the cluster, else one per CPU)")
     p.set_defaults(func=run)
 
 
@@ -73,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
             label_fn = check_answer
             if not args.max_new_tokens:
                 raise LvlmlpError(f"--task {args.task}: labels come from the model's answers; give --max-new-tokens")
+    if args.ray_replicas is not None and args.ray is None:
+        raise LvlmlpError("--ray-replicas applies to --ray [ADDRESS] only")
+    if args.ray is not None and args.workers != 1:
+        raise LvlmlpError("--workers does not apply with --ray (each Ray replica prepares its own batches)")
     from lvlmlp.backend import Backend
 
     backend_args = dict(device=args.device, dtype=args.dtype, prompt_template=template, raw_prompt=args.raw_prompt)
@@ -80,13 +89,19 @@ def run(args: argparse.Namespace) -> int:
                     layers=parse_layers(args.layers), store_dtype=args.store_dtype, shard=parse_shard(args.shard),
                     batch_size=args.batch_size, selection=selection(args))
     run_ = None
-    if (Path(args.out) / "manifest.json").is_file():
+    if args.ray is not None:  # the model loads in the Ray replicas, not here; a finished run is recognised there
+        from lvlmlp.ray_extract import ray_extract, ray_options
+
+        run_ = ray_extract({"model": args.model, **backend_args}, rows, args.out,
+                           ray=ray_options(args.ray, args.ray_replicas), on_error=args.on_error, source=source,
+                           progress=not args.no_progress, shard_size=args.shard_size, label_fn=label_fn, **settings)
+    elif (Path(args.out) / "manifest.json").is_file():
         # A finished run is recognised from the config, processor and weights hash, without loading the weights.
         light = Backend(args.model, load_model=False, **backend_args)
         run_ = finished_run(light, rows, args.out, labels_from_responses=label_fn is not None, **settings)
         if run_ is not None:
             log.info("%s: finished already with these settings; nothing to do", run_.path)
-    if run_ is None:
+    if run_ is None:  # not finished: load the model and extract (resuming what is committed)
         backend = Backend(args.model, **backend_args)
         run_ = extract(backend, rows, args.out, on_error=args.on_error, source=source, progress=not args.no_progress,
                        shard_size=args.shard_size, workers=args.workers, label_fn=label_fn, **settings)
