@@ -118,7 +118,7 @@ def test_options_and_errors(tmp_path, monkeypatch, capsys):
     manifest = make_manifest(tmp_path, 2)
     args = _extract_args(tmp_path / "no-model", manifest, "--out", str(tmp_path / "o"))
     assert main([*args, "--ray-replicas", "2"]) == 2
-    assert capsys.readouterr().err.strip() == "lvlmlp: error: --ray-replicas: only with --ray [ADDRESS]"
+    assert capsys.readouterr().err.strip() == "lvlmlp: error: --ray-replicas applies to --ray [ADDRESS] only"
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the optional extra were not installed
     assert main([*args, "--ray"]) == 2
     err = capsys.readouterr().err.strip()
@@ -129,11 +129,12 @@ def test_options_and_errors(tmp_path, monkeypatch, capsys):
 def test_run_config_ray_section_reaches_the_ray_extractor(tmp_path, capsys):
     """`ray:` in a `lvlmlp run` config is read by the Ray extractor (a bad value fails before any model work)."""
     from test_experiment import CONFIG
-    from test_experiment import make_manifest as experiment_manifest
 
-    manifest = experiment_manifest(tmp_path / "data", n_train=2, n_test=2)
+    from lvlmlp.testing import tiny_manifest
+
+    manifest = tiny_manifest(tmp_path / "data")
     argv = ["run", str(CONFIG), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"),
             "--no-progress", "--set", f"data_root={manifest}", "--set", "ray={replicas: 0}"]
     assert main(argv) == 2
-    assert capsys.readouterr().err.strip() == "lvlmlp: error: ray.replicas: expected an integer >= 1, got 0"
+    assert capsys.readouterr().err.strip() == "lvlmlp: error: config: ray.replicas: must be >= 1, got 0"
     assert not (tmp_path / "out" / "runs").exists() or not any((tmp_path / "out" / "runs").iterdir())

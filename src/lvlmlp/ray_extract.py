@@ -248,6 +248,8 @@ def ray_extract(
     pending = [r for r in rows if previous is None or r["id"] not in previous.done_ids]
     if previous is not None and not pending:  # finished, or every row committed and only the consolidation left
         return previous.close()
+    if previous is not None:  # the writer of the full identity check below takes the folder's lock again
+        previous.release()
     if not rows:
         raise LvlmlpError(f"{source}: no rows to extract")
     chunks = [pending[s : s + batch_size] for s in range(0, len(pending), batch_size)]
