@@ -263,6 +263,18 @@ def _long_question(tmp: Path, ctx: dict) -> list[str]:
     return extract_argv(ctx["ckpt"], data, tmp / "out")
 
 
+def _long_with_generation(tmp: Path, ctx: dict) -> list[str]:
+    """A prompt that fits the context alone but not with the tokens to generate."""
+    from lvlmlp.backend import Backend
+
+    question = " ".join(["word"] * 150)
+    data = make_manifest(tmp, 2, questions={1: question})
+    backend = Backend(ctx["ckpt"], device="cpu", dtype="float32")
+    n = int(backend.collate([Image.new("RGB", (16, 16))], [question])["attention_mask"].sum())
+    assert n < 512
+    return extract_argv(ctx["ckpt"], data, tmp / "out", "--max-new-tokens", str(512 - n + 1))
+
+
 def _image_problem(kind: str) -> Callable[[Path, dict], list[str]]:
     def setup(tmp: Path, ctx: dict) -> list[str]:
         data = make_manifest(tmp, 3)
@@ -417,6 +429,8 @@ CASES: dict[str, Case] = {
                               ("data.jsonl:2", "not UTF-8"), model=True),
     "manifest-empty": Case(_bad_manifest(b"\n"), ("data.jsonl", "no rows"), model=True),
     "question-too-long": Case(_long_question, ("row 'r1'", "maximum of 512"), model=True),
+    "prompt-plus-generation-too-long": Case(_long_with_generation, ("row 'r1'", "to generate", "maximum of 512"),
+                                            model=True),
     # images
     "image-symlink-loop": Case(_image_problem("loop"), ("row 'r1'", "symbolic link"), model=True),
     "image-garbage-no-address": Case(_image_problem("garbage"), ("row 'r1'", "1.png"), model=True),

@@ -83,8 +83,11 @@ def _check_hub_reachable(model_id: str) -> None:
 
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
-        return  # cached: from_pretrained reads it (offline too)
+    try:
+        if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+            return  # cached: from_pretrained reads it (offline too)
+    except ValueError:  # not a valid repo id: from_pretrained says so below
+        return
     advice = (f"download it where the hub is reachable (`hf download {model_id}`) and copy the cache "
               "(HF_HOME), or give a local checkpoint folder; set HF_HUB_OFFLINE=1 to work from the cache only")
     if constants.HF_HUB_OFFLINE:

@@ -160,7 +160,8 @@ def extract(
         bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="extract")
         chunks = [pending[s : s + batch_size] for s in range(0, len(pending), batch_size)]
         # closing: the workers stop on errors too
-        with cores_for_workers(backend, workers), closing(prepared_batches(backend, chunks, workers)) as prepared:
+        with cores_for_workers(backend, workers), closing(
+                prepared_batches(backend, chunks, workers, max_new_tokens)) as prepared:
             for chunk, (batch_rows, batch, failed) in zip(chunks, prepared):
                 for row_id, message in failed:
                     if on_error == "fail":

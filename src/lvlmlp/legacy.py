@@ -60,10 +60,11 @@ def _numbers(values: Any, t: int, width: int, where: str) -> np.ndarray:
         raise LvlmlpError(f"{where}: token {t}'s logits are not a list of numbers")
     if len(values) != width:
         raise LvlmlpError(f"{where}: token {t} has {len(values)} logits, expected {width}")
-    bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))), None)
-    if bad is not None or any(v is None for v in values):
+    arr = np.asarray(values)  # dtype inferred in C: numbers only give an int or float array (files hold 32k per row)
+    if arr.dtype.kind not in "iuf":
+        bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))), None)
         raise LvlmlpError(f"{where}: token {t}'s logits hold {bad!r}, not a number")
-    arr = np.asarray(values, dtype=np.float64)
+    arr = arr.astype(np.float64, copy=False)
     if not np.isfinite(arr).all():
         raise LvlmlpError(f"{where}: token {t}'s logits hold {arr[~np.isfinite(arr)][0]!r} (NaN or infinite)")
     return arr

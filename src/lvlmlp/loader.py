@@ -46,7 +46,7 @@ def cores_for_workers(backend: Backend, workers: int) -> Iterator[None]:
 Prepared = tuple[list[dict], dict | None, list[tuple[str, str]]]  # rows that loaded, their batch, failures
 
 
-def _prepare(backend: Backend, rows: list[dict], isolate: bool = True) -> Prepared:
+def _prepare(backend: Backend, rows: list[dict], isolate: bool = True, new_tokens: int = 0) -> Prepared:
     """Load a batch's images (recording the rows that fail) and collate the rest into CPU tensors. A row the
     processor rejects (Qwen2-VL: an extreme aspect ratio) or that is longer than the model's context is recorded
     as failed, naming it, and the batch is collated without it. Workers pass `isolate=False`: a processor error
@@ -77,7 +77,7 @@ def _prepare(backend: Backend, rows: list[dict], isolate: bool = True) -> Prepar
             return [], None, failed
         ok, images = [r for r, _ in keep], [im for _, im in keep]
         batch = backend.collate(images, [r["question"] for r in ok])
-    too_long = _too_long(backend, ok, batch)
+    too_long = _too_long(backend, ok, batch, new_tokens)
     if too_long:
         failed.extend(too_long)
         bad = {row_id for row_id, _ in too_long}
@@ -87,16 +87,17 @@ def _prepare(backend: Backend, rows: list[dict], isolate: bool = True) -> Prepar
     return ok, batch, failed
 
 
-def _too_long(backend: Backend, rows: list[dict], batch: dict) -> list[tuple[str, str]]:
-    """Rows whose prompt (with image tokens) exceeds the model's context: refused before the forward, which
-    would otherwise take memory quadratic in the length."""
+def _too_long(backend: Backend, rows: list[dict], batch: dict, new_tokens: int = 0) -> list[tuple[str, str]]:
+    """Rows whose prompt (with image tokens) plus the `new_tokens` to generate exceeds the model's context: refused
+    before the forward, which would otherwise take memory quadratic in the length (or run past its positions)."""
     limit = backend.max_length
     if limit is None or "attention_mask" not in batch:
         return []
     lengths = batch["attention_mask"].sum(dim=1).tolist()
-    return [(r["id"], f"row {r['id']!r}: the prompt is {n} tokens long, more than the model's maximum of {limit} "
-                      "(shorten the question)")
-            for r, n in zip(rows, lengths) if n > limit]
+    plus = f" + {new_tokens} to generate" if new_tokens else ""
+    return [(r["id"], f"row {r['id']!r}: the prompt is {n} tokens long{plus}, more than the model's maximum of "
+                      f"{limit} (shorten the question)")
+            for r, n in zip(rows, lengths) if n + new_tokens > limit]
 
 
 def _claim(claimed: Any, n: int) -> int | None:
@@ -109,7 +110,8 @@ def _claim(claimed: Any, n: int) -> int | None:
         return k
 
 
-def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any, queue: Any) -> None:
+def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any, queue: Any,
+            new_tokens: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; it stops us
     torch.set_num_threads(1)
     parent = os.getppid()
@@ -123,7 +125,7 @@ def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any
             break
         start = time.perf_counter()
         try:
-            rows, batch, failed = _prepare(backend, chunks[k], isolate=False)
+            rows, batch, failed = _prepare(backend, chunks[k], isolate=False, new_tokens=new_tokens)
             # numpy pickles by value through the pipe; torch tensors would go through one shared-memory file
             # descriptor each, which costs more than preparing the batch.
             item = rows, None if batch is None else {n: t.numpy() for n, t in batch.items()}, failed
@@ -134,7 +136,8 @@ def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any
     queue.join_thread()
 
 
-def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int) -> Iterator[Prepared]:
+def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int, new_tokens: int = 0
+                     ) -> Iterator[Prepared]:
     """Prepared batches in chunk order.
 
     Forked worker processes decode and collate upcoming batches while this process runs the model (image decoding
@@ -144,7 +147,7 @@ def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int) -
     does not wait for a worker to start. Fork shares the loaded backend copy-on-write instead of pickling it;
     without fork, or with workers=0, all is done inline."""
     if workers <= 0 or "fork" not in mp.get_all_start_methods() or len(chunks) < 2:
-        yield from (_prepare(backend, chunk) for chunk in chunks)
+        yield from (_prepare(backend, chunk, new_tokens=new_tokens) for chunk in chunks)
         return
     # The Rust tokenizer's thread pool would spin on the cores the workers need; processes are our parallelism.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -153,7 +156,8 @@ def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int) -
     claimed = ctx.Value("q", 0)  # chunks [0, claimed) are taken, by a worker or by this process
     slots = ctx.Semaphore(2 * workers)  # prepared batches not yet taken from the queue: memory stays flat
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(backend, chunks, claimed, slots, queue), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(backend, chunks, claimed, slots, queue, new_tokens),
+                         daemon=True)
              for _ in range(workers)]
     gc.freeze()  # the workers' garbage collector then leaves the shared objects (and their pages) alone
     try:
@@ -175,7 +179,7 @@ def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int) -
                 steal = workers_behind and queue.empty() and len(ready) < 2 * workers
                 k = _claim(claimed, len(chunks)) if steal else None
                 if k is not None:
-                    ready[k] = _prepare(backend, chunks[k])
+                    ready[k] = _prepare(backend, chunks[k], new_tokens=new_tokens)
                     continue
                 try:
                     k, item, seconds = queue.get(timeout=1.0)  # item: a prepared batch or the worker's error
@@ -201,7 +205,7 @@ def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int) -
             # After the last one, every chunk is claimed and every worker result consumed: the workers are exiting.
             done = j == len(chunks) - 1
             asked = time.perf_counter()
-            yield item if item is not None else _prepare(backend, chunks[j])
+            yield item if item is not None else _prepare(backend, chunks[j], new_tokens=new_tokens)
             seconds = time.perf_counter() - asked
             step_s = seconds if not step_s else 0.7 * step_s + 0.3 * seconds
     finally:
