@@ -128,9 +128,8 @@ def test_options_and_errors(tmp_path, monkeypatch, capsys):
 
 def test_run_config_ray_section_reaches_the_ray_extractor(tmp_path, capsys):
     """`ray:` in a `lvlmlp run` config is read by the Ray extractor (a bad value fails before any model work)."""
-    from test_experiment import CONFIG
-
     from lvlmlp.testing import tiny_manifest
+    from test_experiment import CONFIG
 
     manifest = tiny_manifest(tmp_path / "data")
     argv = ["run", str(CONFIG), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"),
