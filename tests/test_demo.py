@@ -27,6 +27,7 @@ def test_demo_reduced_results_recompute_from_scores(tmp_path, capsys):
                  "--threads", "1", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "| answerability (VizWiz) |" in printed and "Probe-guided decoding on safety" in printed
+    assert printed.startswith((out / "summary.md").read_text())  # the README's table comes from this file
     results = json.loads((out / "results.json").read_text())
     assert set(results["tasks"]) == {"answerability", "safety", "deception", "uncertainty", "hallucination",
                                      "classification"}
