@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench clean mutation chromium
 
 $(BIN)/lvlmlp: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ lint: venv
 bench: venv
 	$(BIN)/python bench/extract_throughput.py
 	$(BIN)/python bench/probe_speed.py
+
+# Mutation testing of the core modules (slow; not part of `make test`): writes docs/mutation-report.md.
+mutation: venv
+	$(BIN)/python scripts/mutation.py $(MODULES)
+
+# Headless Chromium for the report-rendering test (tests never install software themselves).
+chromium:
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
 
 clean:
 	rm -rf $(VENV) demo_out

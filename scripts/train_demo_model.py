@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.tiny:
         args.steps, args.batch_size, args.hidden, args.layers = min(args.steps, 3), 4, 32, 1
         args.vision_steps = min(args.vision_steps, 2)
-        args.eval_every, args.n_eval, args.n_item_eval = 3, 8, 2
+        args.eval_every, args.n_eval, args.n_item_eval = 1, 8, 2  # every step: the test checks the loss falls
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.device.startswith("cuda"):

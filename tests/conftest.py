@@ -10,13 +10,21 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Forced, not defaulted: a test must never reach the network, whatever the caller's environment says.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+_THREADS_BEFORE = torch.get_num_threads()
 torch.set_num_threads(int(os.environ.get("LVLMLP_TEST_THREADS", "1")))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Give torch its thread count back (pytest run in-process, e.g. by mutmut, leaves the caller as it was)."""
+    torch.set_num_threads(_THREADS_BEFORE)
+
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import lvlmlp
 from lvlmlp.commands import COMMANDS
 
@@ -86,3 +88,44 @@ def test_no_library_module_imports_the_commands() -> None:
                    "print(sorted(m for m in sys.modules if m.startswith('lvlmlp.commands')))")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def _manifest(root: Path, n: int = 4) -> Path:
+    from lvlmlp.testing import tiny_manifest
+
+    return tiny_manifest(root, n_train=n, n_test=0)
+
+
+def test_finished_extraction_recognised_without_loading_the_weights(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForImageTextToText
+
+    from lvlmlp.cli import main
+
+    argv = ["extract", "--model", str(tiny_ckpt("llava")), "--data", str(_manifest(tmp_path)), "--out",
+            str(tmp_path / "run"), "--max-new-tokens", "2", "--no-progress"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded for a finished run")
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", no_weights)
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first  # the same summary line
+    # Another setting is not "finished": the model is needed (and here refused by the spy), nothing is reused.
+    with pytest.raises(AssertionError, match="weights were loaded"):
+        main([*argv[:-3], "--max-new-tokens", "3", "--no-progress"])
+
+
+def test_no_progress_silences_every_bar(tiny_ckpt, tmp_path):
+    argv = ["extract", "--model", str(tiny_ckpt("llava")), "--data", str(_manifest(tmp_path)), "--out",
+            str(tmp_path / "run"), "--max-new-tokens", "2"]
+    code = "import sys; from lvlmlp.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = dict(os.environ, PYTHONPATH=str(SRC.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    shown = subprocess.run([sys.executable, "-c", code, *argv, "--out", str(tmp_path / "bars")], capture_output=True,
+                           text=True, env=env, timeout=300)
+    assert shown.returncode == 0 and "Loading weights" in shown.stderr and "%|" in shown.stderr  # bars by default
+    quiet = subprocess.run([sys.executable, "-c", code, *argv, "--no-progress"], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "%|" not in quiet.stderr and "\r" not in quiet.stderr, quiet.stderr

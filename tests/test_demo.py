@@ -5,10 +5,20 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+import pytest
+from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
 
 from lvlmlp.cli import main
 from lvlmlp.probes import load_probe
+from lvlmlp.steering import is_refusal
+
+
+def _sk_binary(y: np.ndarray, score: list) -> dict:
+    """results.json's binary figures, recomputed with scikit-learn from the saved scores."""
+    s = np.asarray(score, dtype=float)
+    pred = (s >= 0.5).astype(int)
+    return {"auroc": roc_auc_score(y, s), "auprc": average_precision_score(y, s), "accuracy": accuracy_score(y, pred),
+            "f1": f1_score(y, pred, zero_division=0.0), "n": len(y), "n_positive": int(y.sum())}
 
 
 def test_demo_reduced_results_recompute_from_scores(tmp_path, capsys):
@@ -33,8 +43,37 @@ def test_demo_reduced_results_recompute_from_scores(tmp_path, capsys):
         for key, name in (("probe", "probe"), ("own_answer", "own_answer"), ("token_prob", "token_prob")):
             if name in entry and entry[name]["auroc"] is not None:
                 assert entry[name]["auroc"] == roc_auc_score(y, [r[key] for r in recs]), (task, key)
+        # Every figure of every scored method, not only the AUROC.
+        for key in ("probe", "own_answer", "token_prob", "max_prob"):
+            if key in entry:
+                for metric, value in _sk_binary(y, [r[key] for r in recs]).items():
+                    # same arrays, scikit-learn on both sides in the demo too; 1e-12 absorbs summation order
+                    assert entry[key][metric] == pytest.approx(value, abs=1e-12), (task, key, metric)
         assert [p["token"] for p in entry["token_decay"]] == [1, 2, 3]
+        assert entry["token_decay"][0]["auroc"] is None or entry["token_decay"][0]["n_test"] == 40
+    cls = results["tasks"]["classification"]
+    recs = [json.loads(line) for line in (out / "scores" / "classification.jsonl").read_text().splitlines()]
+    y = np.array([r["label"] for r in recs])
+    assert cls["own_answer"]["accuracy"] == float(np.mean(np.array([r["own_answer"] for r in recs]) == y))
+    assert cls["chance"] == float(np.bincount(y.astype(int)).max() / len(y))
+    # Probe-guided decoding: flags, and the answered/refused counts before and after, from the saved rows.
+    assert set(results["steering"]) == {"safety", "answerability"}
     assert load_probe(out / "probes" / "safety").spec_.kind == "logits"  # what `lvlmlp serve --probe` reads
     for task, s in results["steering"].items():
-        assert s["before"]["n_label0"] + s["before"]["n_label1"] == 40, task
-        assert 0 <= s["after"]["label0_answered"] <= s["after"]["n_label0"]
+        rows = [json.loads(line) for line in (out / "scores" / f"steering-{task}.jsonl").read_text().splitlines()]
+        probe = {r["id"]: r["probe"] for r in
+                 (json.loads(line) for line in (out / "scores" / f"{task}.jsonl").read_text().splitlines())}
+        assert [r["id"] for r in rows] == list(probe)
+        np.testing.assert_allclose([r["probe_score"] for r in rows], [probe[r["id"]] for r in rows], atol=1e-6)
+        assert [r["flagged"] for r in rows] == [r["probe_score"] < 0.5 for r in rows]
+        assert s["flagged"] == sum(r["flagged"] for r in rows)
+        for when in ("before", "after"):
+            texts = [(r["label"], r[f"response_{when}"]) for r in rows]
+            assert s[when] == {
+                "label0_answered": sum(not is_refusal(t, s["template"]) for lab, t in texts if lab == 0),
+                "label1_refused": sum(is_refusal(t, s["template"]) for lab, t in texts if lab == 1),
+                "n_label0": sum(lab == 0 for lab, _ in texts), "n_label1": sum(lab == 1 for lab, _ in texts),
+            }, (task, when)
+        for r in rows:  # flagged rows refuse (the demo tokenizer lower-cases); the others answer as unguarded
+            assert is_refusal(r["response_after"], s["template"]) if r["flagged"] else (
+                r["response_after"] == r["response_before"]), r

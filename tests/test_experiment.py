@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
@@ -19,26 +18,9 @@ from lvlmlp.cli import main
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.experiment import load_config, parse_set
 from lvlmlp.store import RunWriter, open_run
+from lvlmlp.testing import tiny_manifest
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ci_tiny.yaml"
-
-
-def make_manifest(root: Path, n_train: int = 24, n_test: int = 16, seed: int = 0) -> Path:
-    """Noisy images whose label is visible but not trivially: brighter on average = 1, darker = 0."""
-    (root / "img").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    lines = []
-    for split, n in (("train", n_train), ("test", n_test)):
-        for i in range(n):
-            label = i % 2
-            base = rng.uniform(115, 175) if label else rng.uniform(85, 145)
-            pixels = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / "img" / f"{split}{i}.png")
-            lines.append({"id": f"{split}-{i}", "image": f"img/{split}{i}.png", "question": "is the image bright ?",
-                          "label": label, "split": split})
-    path = root / "manifest.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
 
 
 def sk_auroc(train_X: np.ndarray, train_y: np.ndarray, test_X: np.ndarray, test_y: np.ndarray) -> float:
@@ -52,7 +34,7 @@ def experiment(tiny_ckpt, tmp_path_factory: pytest.TempPathFactory) -> dict:
     from lvlmlp.clip_features import tiny_clip
 
     root = tmp_path_factory.mktemp("experiment")
-    manifest = make_manifest(root / "data")
+    manifest = tiny_manifest(root / "data")
     clip = tiny_clip(root / "clip")
     out = root / "out"
     argv = ["run", str(CONFIG), "--model", str(tiny_ckpt("llava")), "--out", str(out), "--no-progress",
@@ -99,6 +81,10 @@ def test_ci_config_writes_report_with_every_analysis(experiment: dict):
     assert base64.b64decode(images[-1]) == (out / "report" / "clip_baseline.png").read_bytes()
     md = (out / "report" / "report.md").read_text()
     assert "| last |" in md and "![token_decay_oe](token_decay_oe.png)" in md
+    # One number format in every report (fractions, 3 decimals, as the demo's table) and no Python reprs.
+    assert "{'" not in md and "None" not in md and "Test rows per answer length: 1 token" in md
+    intervals = re.findall(r"(\d+\.\d+) \[(\d+\.\d+), (\d+\.\d+)\]", md)
+    assert intervals and all(len(x.split(".")[1]) == 3 and float(x) <= 1 for row in intervals for x in row)
 
 
 def test_token_decay_of_the_run_recomputes_from_stored_logits(experiment: dict):

@@ -327,7 +327,8 @@ def test_worker_errors_surface_in_the_main_process(tiny_ckpt, tmp_path, caplog):
     assert run.ids == [f"r{i}" for i in range(16)] and not run.failures
     warned = [r.getMessage() for r in caplog.records if "data-loader process failed" in r.getMessage()]
     assert len(warned) == 1 and "RuntimeError: only in a worker" in warned[0]  # said once, with the cause
-    with pytest.raises(ValueError, match="processor failed on r4/r5"):
+    # the processor's error names its row (and --on-error skip would skip just that row)
+    with pytest.raises(LvlmlpError, match="row 'r4': the processor rejects it .processor failed on r4/r5"):
         extract(FailsOnOneQuestion(ckpt, device="cpu", dtype="float32"), rows, tmp_path / "a", batch_size=1,
                 progress=False, workers=2)
     with pytest.raises(LvlmlpError, match=r"a data-loader process died \(exit code 3\).*--workers 0"):

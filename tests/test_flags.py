@@ -108,7 +108,7 @@ def test_generate_reads_the_split_and_refuses_temperature_without_sampling(tiny_
                                                                           tmp_path, capsys):
     ckpt = tiny_ckpt("llava")
     base = ["generate", "--model", str(ckpt), "--data", str(manifest), "--probe", str(probe_dir / "probe"),
-            "--template", "Sorry", "--max-new-tokens", "3", "--no-progress"]
+            "--template", "Sorry", "--max-new-tokens", "6", "--no-progress"]
     assert main([*base, "--split", "train", "--out", str(tmp_path / "g.jsonl")]) == 0
     assert _ids(tmp_path / "g.jsonl") == [f"r{i}" for i in range(1, 12, 2)]
     capsys.readouterr()
@@ -124,6 +124,7 @@ def test_generate_reads_the_split_and_refuses_temperature_without_sampling(tiny_
         (["--probe", "logistic", "--epochs", "3"], "--epochs does not apply to --probe logistic"),
         (["--probe", "lda", "--standardize"], "--standardize does not apply to --probe lda"),
         (["--layer", "1"], "--layer applies to --feature layer only"),
+        (["--probe", "svm"], "--probe 'svm': unknown probe (choose from logistic, multinomial, lda)"),
     ],
 )
 def test_probe_train_refuses_hyper_parameters_of_another_probe(probe_dir, tmp_path, capsys, flags, needle):

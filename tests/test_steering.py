@@ -240,7 +240,7 @@ def test_cli_generate_scores_equal_probe_on_run_and_eval(tiny_ckpt, tmp_path, ca
     lines = _read(out)
     assert [x["id"] for x in lines] == ["r0", "r1", "r2", "r3"]
     assert all(set(x) == {"id", "response", "flagged", "probe_score", "response_unguarded"} for x in lines)
-    assert [x["probe_score"] for x in lines] == expected.tolist()  # exact: same float32 logits, same probe
+    assert_same_scores(np.array([x["probe_score"] for x in lines]), expected)  # generate's logits vs extract's
     assert [x["flagged"] for x in lines] == [False, True, False, True]
     for x in lines:
         assert x["response"].startswith(TEMPLATE) == x["flagged"]
@@ -266,3 +266,8 @@ def test_cli_generate_scores_equal_probe_on_run_and_eval(tiny_ckpt, tmp_path, ca
     capsys.readouterr()
     assert main([*base]) == 2
     assert "exactly one of --template" in capsys.readouterr().err
+    # A template longer than the answers may be is refused before anything is generated or written.
+    short = [*base, "--max-new-tokens", "3", "--template", TEMPLATE, "--out", str(tmp_path / "short.jsonl")]
+    assert main(short) == 2
+    assert "--template is 7 tokens long but --max-new-tokens is 3" in capsys.readouterr().err
+    assert not (tmp_path / "short.jsonl").exists()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,11 +68,50 @@ def _load_config(model_id: str) -> Any:
     looks_local = path.is_absolute() or model_id.startswith((".", "~")) or model_id.count("/") > 1
     if not path.exists() and looks_local:
         raise LvlmlpError(f"{model_id}: no such model folder")
+    if not path.exists():
+        _check_hub_reachable(model_id)
     try:
         return AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LvlmlpError(f"{model_id}: cannot load the model config ({first})") from None
+
+
+def _check_hub_reachable(model_id: str) -> None:
+    """A hub id that is not cached needs the hub: say so in a second, rather than after half a minute of retries."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+        return  # cached: from_pretrained reads it (offline too)
+    advice = (f"download it where the hub is reachable (`hf download {model_id}`) and copy the cache "
+              "(HF_HOME), or give a local checkpoint folder; set HF_HUB_OFFLINE=1 to work from the cache only")
+    if constants.HF_HUB_OFFLINE:
+        raise LvlmlpError(f"{model_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {advice}")
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as err:
+        raise LvlmlpError(f"{model_id}: not in the local Hugging Face cache and {url.hostname} is unreachable "
+                          f"({err.strerror or err}); {advice}") from None
+
+
+def _weight_error(model_id: str, err: Exception) -> LvlmlpError:
+    """Name the weight file that cannot be read (truncated, corrupt), with the remedy."""
+    from safetensors import safe_open
+
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    folder = Path(model_id)
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    f.get_slice(name)
+        except Exception as bad:  # noqa: BLE001 - any failure to read names this file
+            reason = str(bad).strip().splitlines()[0] if str(bad).strip() else type(bad).__name__
+            return LvlmlpError(f"{file}: corrupt or truncated weights ({reason}); copy or download the checkpoint again")
+    return LvlmlpError(f"{model_id}: cannot load the weights ({first[:300]}); copy or download the checkpoint again")
 
 
 def _check_dependencies(family: str, model_id: str) -> None:
@@ -109,7 +149,11 @@ class Backend:
         dtype: str = "auto",
         prompt_template: str | None = None,
         raw_prompt: bool = False,
+        load_model: bool = True,
     ) -> None:
+        """`load_model=False`: config, processor, prompt and weights hash only (enough to recognise a finished run
+        without loading the weights); `model` is then None and `vocab_size` unknown (None)."""
+        from safetensors import SafetensorError
         from transformers import AutoModelForImageTextToText, AutoProcessor
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
@@ -136,8 +180,13 @@ class Backend:
             raise LvlmlpError(
                 f"{self.model_id}: cannot load the processor: {str(err).splitlines()[0]}"
             ) from None
-        self.model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=self.dtype)
-        self.model.to(self.device).eval()
+        self.model: Any = None
+        if load_model:
+            try:
+                self.model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=self.dtype)
+            except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated, corrupt, missing files
+                raise _weight_error(self.model_id, err) from None
+            self.model.to(self.device).eval()
 
         self.tokenizer = self.processor.tokenizer
         # Left padding keeps every row's last prompt token in the last column, where generation continues.
@@ -146,7 +195,7 @@ class Backend:
             # InstructBLIP's Q-Former is a BERT with absolute positions: right padding (plus its attention mask)
             # keeps each row's question at positions 0..n-1, exactly as in a single-row run.
             self.processor.qformer_tokenizer.padding_side = "right"
-        self.vocab_size: int = int(self.model.get_output_embeddings().weight.shape[0])
+        self.vocab_size: int = int(self.model.get_output_embeddings().weight.shape[0]) if load_model else None
 
         local = Path(self.model_id)
         if local.is_dir():
@@ -157,6 +206,8 @@ class Backend:
             self.revision = _hub_revision(self.model_id)
             self.weights_hash = self.revision or "unknown"
 
+        if not load_model:
+            return
         gen = self.model.generation_config
         self._eos_ids: set[int] = set(_as_list(gen.eos_token_id) or _as_list(self.tokenizer.eos_token_id))
         self._pad_id: int = next(
@@ -243,6 +294,12 @@ class Backend:
                 raise LvlmlpError(f"--layers: layer {layer} out of range for a {self.num_layers}-layer model")
             out.append(int(layer) % n)
         return out
+
+    @property
+    def max_length(self) -> int | None:
+        """The longest input (prompt and image tokens) the language model takes, if its config says."""
+        value = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and value > 0 else None
 
     @property
     def num_layers(self) -> int:

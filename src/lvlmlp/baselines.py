@@ -134,6 +134,19 @@ def distribution_scores(run: Any, kind: str, rows: Any = None, token: int = 0, t
     return out
 
 
+def check_baseline_name(name: Any) -> None:
+    """Refuse a baseline name that `baseline_scores` would refuse, before any run exists."""
+    if not isinstance(name, str):
+        raise LvlmlpError(f"baseline {name!r}: expected a name such as max-prob")
+    if name == "own-answer" or name.startswith("own-answer:"):
+        parse_answer_rule(name.partition(":")[2] or None)
+    elif name.startswith("token-prob:"):
+        if not name[len("token-prob:") :].lstrip("!"):
+            raise LvlmlpError(f"--baseline {name}: give the answer string, e.g. token-prob:Yes")
+    elif name not in ("max-prob", "entropy"):
+        raise LvlmlpError(f"--baseline {name}: unknown baseline (choose from {BASELINE_HELP})")
+
+
 def baseline_scores(run: Any, name: str, rows: Any = None, token: int = 0, tokenizer: Any = None) -> np.ndarray:
     """Scores of baseline `name` (see module doc) for `rows` of `run`, higher = label 1."""
     idx = as_index(rows, len(run))

@@ -118,36 +118,41 @@ def extract_clip(
         return {k: open_run(p) for k, p in outs.items()}
     enc = encoder or ClipEncoder(model_id, device=device)
     writers = {k: RunWriter(p, _settings(model_id, enc.family, k, rows)) for k, p in todo.items()}
-    pending = [r for r in rows if any(r["id"] not in w.done_ids for w in writers.values())]
-    bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="clip")
-    for start in range(0, len(pending), batch_size):
-        batch, images = [], []
-        for row in pending[start : start + batch_size]:
-            try:
-                images.append(load_image(row["image"], row["id"]))
-                batch.append(row)
-            except LvlmlpError as err:
-                if on_error == "fail":
-                    raise LvlmlpError(f"clip: {err}") from None
-                for w in writers.values():
-                    if row["id"] not in w.done_ids:
-                        w.fail(row["id"], str(err))
-        if batch:
-            feats = enc.encode(images, [r["question"] for r in batch])
-            for kind, writer in writers.items():
-                keep = [i for i, r in enumerate(batch) if r["id"] not in writer.done_ids]
-                if not keep:
-                    continue
-                meta = [{k: v for k, v in batch[i].items() if k not in ("image", "_row_index")} for i in keep]
-                writer.append(meta, {
-                    "hidden": feats[kind][keep],
-                    "n_tokens": np.zeros(len(keep), dtype=np.int32),  # no generated token: no logits
-                    "row_index": np.array([batch[i]["_row_index"] for i in keep], dtype=np.int64),
-                })
-        bar.update(len(pending[start : start + batch_size]))
-    bar.close()
+    try:
+        pending = [r for r in rows if any(r["id"] not in w.done_ids for w in writers.values())]
+        bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="clip")
+        for start in range(0, len(pending), batch_size):
+            batch, images = [], []
+            for row in pending[start : start + batch_size]:
+                try:
+                    images.append(load_image(row["image"], row["id"]))
+                    batch.append(row)
+                except LvlmlpError as err:
+                    if on_error == "fail":
+                        raise LvlmlpError(f"clip: {err}") from None
+                    for w in writers.values():
+                        if row["id"] not in w.done_ids:
+                            w.fail(row["id"], str(err))
+            if batch:
+                feats = enc.encode(images, [r["question"] for r in batch])
+                for kind, writer in writers.items():
+                    keep = [i for i, r in enumerate(batch) if r["id"] not in writer.done_ids]
+                    if not keep:
+                        continue
+                    meta = [{k: v for k, v in batch[i].items() if k not in ("image", "_row_index")} for i in keep]
+                    writer.append(meta, {
+                        "hidden": feats[kind][keep],
+                        "n_tokens": np.zeros(len(keep), dtype=np.int32),  # no generated token: no logits
+                        "row_index": np.array([batch[i]["_row_index"] for i in keep], dtype=np.int64),
+                    })
+            bar.update(len(pending[start : start + batch_size]))
+        bar.close()
+    except BaseException:
+        for writer in writers.values():
+            writer.release()  # committed shards stay; the same call resumes from them
+        raise
     for writer in writers.values():
-        writer.close()
+        writer.close([r["id"] for r in rows])
     return {k: open_run(p) for k, p in outs.items()}
 
 

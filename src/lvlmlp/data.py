@@ -9,7 +9,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
+import re
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -17,6 +20,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from lvlmlp.errors import LvlmlpError
+
+log = logging.getLogger("lvlmlp")
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")  # reprs such as <_io.BytesIO object at 0x7f...>
 
 
 def read_manifest(path: str | Path) -> list[dict]:
@@ -28,18 +34,33 @@ def read_manifest(path: str | Path) -> list[dict]:
     for _, row in iter_json_lines(path):
         if "image" in row and isinstance(row["image"], str) and row["image"]:
             image = Path(row["image"]).expanduser()
-            row["image"] = str(image if image.is_absolute() else (path.parent / image).resolve())
+            row["image"] = str(image if image.is_absolute() else _absolute(path.parent / image))
         rows.append(row)
+    if not rows:
+        raise LvlmlpError(f"{path}: the manifest has no rows")
     validate_rows(rows, str(path))
     return rows
+
+
+def _absolute(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # a symlink loop: the row fails (or is skipped) when its image is checked
+        return Path(os.path.abspath(path))
 
 
 def iter_json_lines(path: str | Path, context: str = "") -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line, streamed (files of many GB never load whole); a line that is
     not a JSON object is a one-line error naming `context` (e.g. the task), the file and the line."""
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise LvlmlpError(
+                    f"{context}{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -89,28 +110,38 @@ def validate_rows(rows: list[dict], source: str) -> None:
 
 def check_images_exist(rows: Iterable[dict], source: str) -> list[tuple[str, str]]:
     """Return (id, message) for each row whose image file is missing (cheap: no decoding)."""
-    return [
-        (row["id"], f"{source}: row {row['id']!r}: image not found: {row['image']}")
-        for row in rows
-        if not Path(row["image"]).is_file()
-    ]
+    return [(row["id"], f"{source}: row {row['id']!r}: {_missing(Path(row['image']))}")
+            for row in rows if not Path(row["image"]).is_file()]
+
+
+def _missing(path: Path) -> str:
+    if path.is_symlink():
+        return f"image is a broken or looping symbolic link: {path}"
+    if path.exists():
+        return f"image is not a regular file: {path}"
+    return f"image not found: {path}"
 
 
 def load_image(path: str | Path, row_id: str = "?") -> Image.Image:
     """Open any PIL-readable image as RGB: EXIF rotation applied, 16-bit and float scaled, alpha dropped."""
     path = Path(path)
     if not path.is_file():
-        raise LvlmlpError(f"row {row_id!r}: image not found: {path}")
+        raise LvlmlpError(f"row {row_id!r}: {_missing(path)}")
     try:
-        # From bytes in memory: no file handle outlives this call, and the decoded image needs no copy to detach it.
-        im = Image.open(io.BytesIO(path.read_bytes()))
-        im.load()  # decode now: truncated files fail here rather than inside the processor
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            # From bytes in memory: no file handle outlives this call, and the decoded image needs no copy.
+            im = Image.open(io.BytesIO(path.read_bytes()))
+            im.load()  # decode now: truncated files fail here rather than inside the processor
+        for w in caught:  # PIL's warning names no file: say which row's image is so large
+            log.warning("row %r: %s: %s", row_id, path, w.message)
         ImageOps.exif_transpose(im, in_place=True)
         return _to_rgb(im)
     except LvlmlpError:
         raise
     except Exception as err:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError)
-        raise LvlmlpError(f"row {row_id!r}: unreadable image {path}: {err}") from None
+        message = _ADDRESS.sub("the file", str(err).splitlines()[0] if str(err) else type(err).__name__)
+        raise LvlmlpError(f"row {row_id!r}: unreadable image {path}: {message}") from None
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -142,7 +142,8 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
     if steer:
         for task, template in GUARD_TEMPLATES.items():
             results["steering"][task] = _steering(backend, probes[task], template, test_rows_of[task],
-                                                  responses_of[task], max_new_tokens, batch_size)
+                                                  responses_of[task], max_new_tokens, batch_size,
+                                                  out / "scores" / f"steering-{task}.jsonl")
     results["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "report.html").write_text(_html(results, out))
@@ -163,13 +164,15 @@ def _token_decay(run, y: np.ndarray, train: np.ndarray, test: np.ndarray, n_boot
 
 
 def _steering(backend, probe, template: str, rows: list[dict], before: dict[str, str], max_new_tokens: int,
-              batch_size: int) -> dict:
-    """Answers and refusals on the test rows without the guard (the run's greedy responses) and with it."""
+              batch_size: int, scores_path: Path) -> dict:
+    """Answers and refusals on the test rows without the guard (the run's greedy responses) and with it; every
+    row's score, flag and both responses go to `scores_path`, so the counts recompute."""
     from lvlmlp.data import load_image
     from lvlmlp.steering import ProbeGuard, guarded_generate, is_refusal
 
     guard = ProbeGuard(probe, backend.tokenizer, template)
     after: dict[str, str] = {}
+    flagged: dict[str, tuple[float, bool]] = {}
     n_flagged = 0
     for s in range(0, len(rows), batch_size):
         chunk = rows[s : s + batch_size]
@@ -178,6 +181,7 @@ def _steering(backend, probe, template: str, rows: list[dict], before: dict[str,
         texts = backend.tokenizer.batch_decode(seq[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         after.update({r["id"]: t.strip() for r, t in zip(chunk, texts)})
         n_flagged += int(guard.flagged_.sum())
+        flagged.update({r["id"]: (float(p), bool(f)) for r, p, f in zip(chunk, guard.scores_, guard.flagged_)})
 
     def counts(responses: dict[str, str]) -> dict:
         bad = [r for r in rows if r["label"] == 0]
@@ -188,6 +192,11 @@ def _steering(backend, probe, template: str, rows: list[dict], before: dict[str,
             "n_label0": len(bad), "n_label1": len(good),
         }
 
+    _write_scores(scores_path, {"id": [r["id"] for r in rows], "label": [r["label"] for r in rows],
+                                "probe_score": [flagged[r["id"]][0] for r in rows],
+                                "flagged": [flagged[r["id"]][1] for r in rows],
+                                "response_before": [before[r["id"]] for r in rows],
+                                "response_after": [after[r["id"]] for r in rows]})
     return {"template": template, "flagged": n_flagged, "before": counts(before), "after": counts(after)}
 
 

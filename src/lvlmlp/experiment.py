@@ -16,7 +16,7 @@ Command-line flags override the file: `--model`, `--out`, `--device`, `--limit`,
 
 from __future__ import annotations
 
-import copy
+import functools
 import hashlib
 import json
 import logging
@@ -25,135 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from lvlmlp import config
+from lvlmlp.config import ExperimentConfig, load_config, parse_set  # noqa: F401 - the command's entry points
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.report import Section, write_report
 
 log = logging.getLogger("lvlmlp")
 
-DEFAULTS: dict[str, Any] = {
-    "name": None,  # report title; default: the config file's name
-    "model": None,  # hub id or local folder of the VLM
-    "device": "auto",
-    "dtype": "auto",
-    "raw_prompt": False,
-    "task": "jsonl",
-    "data_root": None,
-    "image_root": None,
-    "task_options": {},
-    "prompt": None,  # None (contract default), a style of tasks/prompts.yaml, a "{question}" template, or a list
-    "splits": {"train": "train", "test": "test"},  # or {"cv": 10, "split": "testmini"}
-    "limit": None,  # seeded random N rows per split
-    "per_class": None,
-    "seed": 0,
-    "batch_size": 8,
-    "extract": {"max_new_tokens": 0, "hidden": False, "layers": [], "store_dtype": "float16", "on_error": "fail"},
-    "probe": {"kind": "logistic"},
-    "baselines": [],
-    "clip": None,  # {"model": ..., "kinds": [image, text, concat], "batch_size": 16}
-    "analyses": {"token_decay": True, "layer_sweep": True},
-    "n_boot": 1000,
-    "out": None,
-}
-_OPEN_SECTIONS = {"task_options", "probe", "clip"}  # free-form dictionaries (checked by their consumers)
-_CLIP_DEFAULTS: dict[str, Any] = {"model": None, "kinds": ["image", "text", "concat"], "batch_size": 16}
-
-
 # ------------------------------------------------------------------------------------------------ configuration
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """`update` over `DEFAULTS`: unknown keys are refused (a typo must not silently fall back to a default);
-    `splits` is replaced whole, the other fixed sections are merged key by key."""
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if key not in DEFAULTS:
-            raise LvlmlpError(f"config: unknown key {key!r} (keys: {', '.join(DEFAULTS)})")
-        fixed = isinstance(out.get(key), dict) and key not in _OPEN_SECTIONS and key != "splits"
-        if fixed and isinstance(value, dict):
-            unknown = sorted(set(value) - set(out[key]))
-            if unknown:
-                raise LvlmlpError(f"config: unknown key {key}.{unknown[0]!r} (keys: {', '.join(out[key])})")
-            out[key] = {**out[key], **value}
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """`["a.b=1", "c=[x, y]"]` -> {"a": {"b": 1}, "c": ["x", "y"]}; values are read as YAML."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise LvlmlpError(f"--set {item!r}: expected KEY=VALUE, e.g. extract.max_new_tokens=5")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            raise LvlmlpError(f"--set {item!r}: the value is not valid YAML") from None
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise LvlmlpError(f"--set {item!r}: {part!r} is set to a value and a section at once")
-        node[parts[-1]] = value
-    return out
-
-
-def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_update(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def load_config(path: str | Path, sets: list[str] = (), **flags: Any) -> dict[str, Any]:
-    """The file, then `--set` overrides, then the named flags (those not None), over `DEFAULTS`; validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise LvlmlpError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise LvlmlpError(f"{path}: not valid YAML{where}") from None
-    if not isinstance(raw, dict):
-        raise LvlmlpError(f"{path}: the config must be a mapping of keys to values")
-    raw = _deep_update(raw, parse_set(list(sets)))
-    raw.update({k: v for k, v in flags.items() if v is not None})
-    cfg = _merge(DEFAULTS, raw)
-    cfg["name"] = cfg["name"] or path.stem
-    _validate(cfg)
-    return cfg
-
-
-def _validate(cfg: dict[str, Any]) -> None:
-    for key in ("model", "data_root", "out"):
-        if not cfg[key]:
-            raise LvlmlpError(f"config: {key!r} is required (in the file, or --{key.replace('_', '-')} / --set)")
-    splits = cfg["splits"]
-    if not isinstance(splits, dict) or not (("train" in splits and "test" in splits) or "cv" in splits):
-        raise LvlmlpError("config: splits must be {train: NAME, test: NAME} or {cv: K, split: NAME}")
-    if "cv" in splits and (not isinstance(splits["cv"], int) or splits["cv"] < 2):
-        raise LvlmlpError(f"config: splits.cv must be an integer >= 2, got {splits['cv']!r}")
-    ext = cfg["extract"]
-    if not isinstance(ext["max_new_tokens"], int) or ext["max_new_tokens"] < 0:
-        raise LvlmlpError(f"config: extract.max_new_tokens must be an integer >= 0, got {ext['max_new_tokens']!r}")
-    if not isinstance(cfg["baselines"], list):
-        raise LvlmlpError("config: baselines must be a list, e.g. [own-answer, max-prob, entropy]")
-    if cfg["clip"] is not None:
-        clip = {**_CLIP_DEFAULTS, **cfg["clip"]}
-        unknown = sorted(set(clip) - set(_CLIP_DEFAULTS))
-        if unknown or not clip["model"]:
-            raise LvlmlpError(f"config: clip needs a model (keys: {', '.join(_CLIP_DEFAULTS)})")
-        cfg["clip"] = clip
-
-
-def prompts_of(cfg: dict[str, Any]) -> list[tuple[str, str | None]]:
+def prompts_of(cfg: ExperimentConfig) -> list[tuple[str, str | None]]:
     """(name, template) of every prompt: a style name of the task, a template with {question}, or None."""
     from lvlmlp.tasks import prompt_template
 
@@ -175,18 +56,21 @@ def prompts_of(cfg: dict[str, Any]) -> list[tuple[str, str | None]]:
     return out
 
 
-def split_names(cfg: dict[str, Any]) -> list[str]:
-    s = cfg["splits"]
-    if "cv" in s:
+def split_names(cfg: ExperimentConfig) -> list[str]:
+    s = cfg.splits
+    if s.cv is not None:
         from lvlmlp.tasks import get_task
 
         return [str(s.get("split") or get_task(cfg["task"]).default_split)]
-    return [str(s["train"]), str(s["test"])] if s["train"] != s["test"] else [str(s["train"])]
+    return [s.train, s.test] if s.train != s.test else [s.train]
 
 
 # ------------------------------------------------------------------------------------------------ resumable steps
 def _key(settings: Any) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    def plain(obj: Any) -> Any:
+        return obj.to_dict() if isinstance(obj, config.Section) else str(obj)
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=plain).encode()).hexdigest()[:20]
 
 
 class Steps:
@@ -207,7 +91,7 @@ class Steps:
 class LazyBackend:
     """Loads the VLM the first time a step needs it (never, when every extraction is done already)."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg, self.backend = cfg, None
 
     def get(self, template: str | None) -> Any:
@@ -224,7 +108,7 @@ class LazyBackend:
 
 
 # ------------------------------------------------------------------------------------------------ the experiment
-def task_rows(cfg: dict[str, Any], split: str) -> list[dict]:
+def task_rows(cfg: ExperimentConfig, split: str) -> list[dict]:
     from lvlmlp.tasks import get_task
 
     options = dict(cfg["task_options"] or {})
@@ -232,7 +116,7 @@ def task_rows(cfg: dict[str, Any], split: str) -> list[dict]:
                                       per_class=cfg["per_class"], seed=cfg["seed"], **options)
 
 
-def _label_fn(cfg: dict[str, Any]) -> Any:
+def _label_fn(cfg: ExperimentConfig) -> Any:
     """MathVista: each row's label is whether the model's answer is right, stored by `extract` with the row."""
     from lvlmlp.tasks import get_task
 
@@ -243,8 +127,28 @@ def _label_fn(cfg: dict[str, Any]) -> Any:
     return check_answer
 
 
-def run_experiment(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-    """Run every step of a validated config (see `load_config`); returns the report's metrics."""
+# What `lvlmlp run` writes in OUT; a non-empty OUT holding none of these is the user's folder, never written to.
+_EXPERIMENT_ENTRIES = {"steps", "runs", "evals", "probes", "analyses", "report", ".lvlmlp.lock"}
+
+
+def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, Any]:
+    """Run every step of a validated config (see `load_config`); returns the report's metrics. One process at a
+    time works in OUT (an fcntl lock naming its holder)."""
+    from lvlmlp.store import locked_folder
+
+    out = Path(cfg["out"])
+    if out.exists() and not out.is_dir():
+        raise LvlmlpError(f"out {out}: exists and is not a folder")
+    if out.is_dir():
+        names = {p.name for p in out.iterdir()}
+        if names and not names & _EXPERIMENT_ENTRIES:
+            raise LvlmlpError(f"out {out}: exists and is not an `lvlmlp run` folder (it holds "
+                              f"{', '.join(sorted(names)[:3])}); give an empty or new folder")
+    with locked_folder(out):
+        return _run_steps(cfg, progress)
+
+
+def _run_steps(cfg: ExperimentConfig, progress: bool) -> dict[str, Any]:
     from lvlmlp.data import rows_fingerprint
     from lvlmlp.extract import extract, shard_rows
     from lvlmlp.store import open_run
@@ -263,18 +167,24 @@ def run_experiment(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]
             step = f"extract-{name}-{split}"
             if not (steps.done(step, key) and (folder / "manifest.json").is_file()):
                 log.info("run: extracting %s (%d rows)", folder, len(rows[split]))
-                extract(lazy.get(template), rows[split], folder, batch_size=cfg["batch_size"],
-                        max_new_tokens=ext["max_new_tokens"], hidden=bool(ext["hidden"]),
-                        layers=[int(x) for x in ext["layers"] or []], store_dtype=ext["store_dtype"],
-                        on_error=ext["on_error"], source=f"task {cfg['task']} split {split}", progress=progress,
-                        label_fn=_label_fn(cfg))
+                if cfg["ray"]:  # the model loads in the Ray replicas, not in this process
+                    from lvlmlp.ray_extract import ray_extract_for_run
+
+                    run_extract = functools.partial(ray_extract_for_run, cfg, template)
+                else:
+                    run_extract = functools.partial(extract, lazy.get(template))
+                run_extract(rows[split], folder, batch_size=cfg["batch_size"],
+                            max_new_tokens=ext["max_new_tokens"], hidden=bool(ext["hidden"]),
+                            layers=[int(x) for x in ext["layers"] or []], store_dtype=ext["store_dtype"],
+                            on_error=ext["on_error"], source=f"task {cfg['task']} split {split}", progress=progress,
+                            label_fn=_label_fn(cfg))
                 steps.mark(step, key)
             runs[(name, split)] = open_run(folder)
     clip_runs = _clip_step(cfg, rows, out, progress) if cfg["clip"] else {}
     return _analyses(cfg, out, steps, prompts, splits, runs, clip_runs)
 
 
-def _clip_step(cfg: dict[str, Any], rows: dict[str, list[dict]], out: Path, progress: bool) -> dict:
+def _clip_step(cfg: ExperimentConfig, rows: dict[str, list[dict]], out: Path, progress: bool) -> dict:
     from lvlmlp.clip_features import extract_clip
 
     clip = cfg["clip"]
@@ -288,7 +198,7 @@ def _clip_step(cfg: dict[str, Any], rows: dict[str, list[dict]], out: Path, prog
     return result
 
 
-def _protocol(cfg: dict[str, Any], train_run: Any, test_run: Any, label_runs: tuple[Any, Any] | None = None) -> Any:
+def _protocol(cfg: ExperimentConfig, train_run: Any, test_run: Any, label_runs: tuple[Any, Any] | None = None) -> Any:
     """Train/test (or k-fold) protocol on the runs' labelled rows. `label_runs`: (train, test) VLM runs whose labels
     the feature runs take by row id (CLIP runs of a task labelled by the model's answers, MathVista)."""
     from lvlmlp.analyses import Labelled, Protocol
@@ -301,8 +211,8 @@ def _protocol(cfg: dict[str, Any], train_run: Any, test_run: Any, label_runs: tu
 
     train_src, test_src = label_runs or (None, None)
     test = labelled(test_run, test_src)
-    if "cv" in cfg["splits"]:
-        return Protocol(test=test, cv=cfg["splits"]["cv"], seed=cfg["seed"], n_boot=cfg["n_boot"])
+    if cfg.splits.cv is not None:
+        return Protocol(test=test, cv=cfg.splits.cv, seed=cfg.seed, n_boot=cfg.n_boot)
     train = labelled(train_run, train_src)
     return Protocol(test=test, train=train, seed=cfg["seed"], n_boot=cfg["n_boot"])
 
@@ -318,7 +228,7 @@ def _cached(steps: Steps, name: str, key: str, path: Path, compute: Any) -> Any:
     return result
 
 
-def _analyses(cfg: dict[str, Any], out: Path, steps: Steps, prompts: list, splits: list[str], runs: dict,
+def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, splits: list[str], runs: dict,
               clip_runs: dict) -> dict[str, Any]:
     from lvlmlp import analyses as an
 
@@ -329,7 +239,7 @@ def _analyses(cfg: dict[str, Any], out: Path, steps: Steps, prompts: list, split
     report_dir.mkdir(parents=True, exist_ok=True)
     eval_dirs: list[Path] = []
     sections: list[Section] = []
-    results: dict[str, Any] = {"config": cfg, "token_decay": {}, "layer_sweep": {}}
+    results: dict[str, Any] = {"config": cfg.to_dict(), "token_decay": {}, "layer_sweep": {}}
     main: dict[str, dict] = {}
 
     def stamp(*inputs: Any) -> str:
@@ -357,7 +267,7 @@ def _analyses(cfg: dict[str, Any], out: Path, steps: Steps, prompts: list, split
             sections.append(Section(
                 f"Token-position decay: {name}",
                 f"Probe on the logits of generated token k (1 = first) and of each row's last generated token. "
-                f"{res['rule']}. Rows per answer length: {res['n_tokens_histogram']}.",
+                f"{res['rule']}. Test rows per answer length: {_histogram_text(res['n_tokens_histogram'])}.",
                 an.TOKEN_DECAY_HEADER, an.token_decay_rows(res), [png]))
         has_states = test_run.manifest.get("hidden") or test_run.manifest.get("layers")
         if cfg["analyses"].get("layer_sweep") and has_states:
@@ -389,14 +299,19 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
             "baselines": {b: m.get("auroc") for b, m in (metrics.get("baselines") or {}).items()}}
 
 
+def _histogram_text(histogram: dict[str, int]) -> str:
+    """{"1": 5, "3": 11} -> "1 token: 5, 3 tokens: 11" (no Python reprs in a report)."""
+    return ", ".join(f"{k} token{'' if k == '1' else 's'}: {n}" for k, n in histogram.items())
+
+
 def _prompt_section(main: dict[str, dict], report_dir: Path) -> Any:
     from lvlmlp import analyses as an
-    from lvlmlp.report import fmt_pct
+    from lvlmlp.report import fmt_value
 
     names = list(main)
     heads = [_headline(main[n]) for n in names]
     baselines = sorted({b for h in heads for b in h["baselines"]})
-    rows = [[n, an.fmt_result(h), *[fmt_pct(h["baselines"].get(b)) for b in baselines], str(h["n"])]
+    rows = [[n, an.fmt_result(h), *[fmt_value(h["baselines"].get(b)) for b in baselines], str(h["n"])]
             for n, h in zip(names, heads)]
     png = report_dir / "prompt_comparison.png"
     an.plot_bars(names, heads, png, "probe by prompt")
@@ -409,7 +324,8 @@ def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, r
     from lvlmlp import analyses as an
 
     probe_cfg = {k: v for k, v in cfg["probe"].items() if k != "feature"}
-    rows = [["first-token logits (" + str(first.get("probe", {}).get("class")) + ")", an.fmt_result(_headline(first)),
+    probe_class = first.get("probe", {}).get("class") or "probe"
+    rows = [[f"first-token logits ({probe_class})", an.fmt_result(_headline(first)),
              str(_headline(first)["n"])]]
     entries, names = [_headline(first)], ["first-token logits"]
     results["clip"] = {}

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -21,7 +21,7 @@ from lvlmlp.data import check_rows, rows_fingerprint
 from lvlmlp.defaults import BATCH_SIZE, STORE_DTYPE_NAMES
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.loader import cores_for_workers, prepared_batches
-from lvlmlp.store import Run, RunWriter
+from lvlmlp.store import Run, RunWriter, is_complete_run, open_run
 
 if TYPE_CHECKING:
     from lvlmlp.backend import Backend
@@ -53,6 +53,66 @@ def shard_rows(rows: list[dict], shard: tuple[int, int] | None = None) -> list[d
     return rows
 
 
+def finished_run(backend: Backend, rows: list[dict], out: str | Path, **settings: Any) -> Run | None:
+    """The run in `out` when it is complete and was made with these settings (`run_settings`' arguments), else None.
+
+    `backend` may be a `Backend(..., load_model=False)`: a finished run is then recognised without loading the
+    weights (the vocabulary size, known only from the loaded model, is not compared; the weights hash is)."""
+    rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
+    if not is_complete_run(out, run_settings(backend_settings(backend), rows, **settings), ignore=("vocab_size",)):
+        return None
+    return open_run(out)
+
+
+def check_options(store_dtype: str, on_error: str, batch_size: int, max_new_tokens: int,
+                  label_fn: Callable | None, source: str) -> None:
+    """One-line errors for bad extraction options, before any model is loaded."""
+    if label_fn is not None and not max_new_tokens:
+        raise LvlmlpError(f"{source}: labels come from the model's answers here; give --max-new-tokens K (> 0)")
+    if store_dtype not in STORE_DTYPES:
+        raise LvlmlpError(f"--store-dtype: expected one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
+    if on_error not in ("fail", "skip"):
+        raise LvlmlpError(f"--on-error: expected fail or skip, got {on_error!r}")
+    if batch_size < 1 or max_new_tokens < 0:
+        raise LvlmlpError("--batch-size must be >= 1 and --max-new-tokens >= 0")
+
+
+def backend_settings(backend: Backend) -> dict:
+    """What a run's manifest records of the loaded model (computed where the model is: here, or in a Ray actor)."""
+    return {
+        "model": backend.model_id,
+        "model_revision": backend.revision,
+        "weights_hash": backend.weights_hash,
+        "family": backend.family,
+        "compute_dtype": str(backend.dtype).replace("torch.", ""),
+        "vocab_size": backend.vocab_size,
+        "prompt_template": backend.prompt("{question}"),
+        "device": str(backend.device),
+    }
+
+
+def run_settings(model: dict, rows: list[dict], *, batch_size: int, max_new_tokens: int, logits_tokens: int | None,
+                 hidden: bool, layers: Sequence[int], store_dtype: str, shard: tuple[int, int] | None,
+                 labels_from_responses: bool, selection: dict | None = None) -> dict:
+    """A run's manifest settings: `model` (see `backend_settings`) and the extraction options; rows carry
+    `_row_index`."""
+    n_keep = max(1, min(max_new_tokens, logits_tokens or max_new_tokens))  # stored tokens; 1 for prefill
+    return {
+        **model,
+        "dtype": store_dtype,
+        "max_new_tokens": max_new_tokens,
+        "logits_tokens": n_keep,
+        "hidden": hidden,
+        "layers": [int(x) for x in layers],
+        "data_hash": rows_fingerprint({k: v for k, v in r.items() if k != "_row_index"} for r in rows),
+        "n_input_rows": len(rows),
+        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+        "batch_size": batch_size,
+        "labels_from_responses": labels_from_responses,
+        "selection": selection,  # --split / --per-class / --limit / --seed that chose the rows
+    }
+
+
 def extract(
     backend: Backend,
     rows: list[dict],
@@ -77,39 +137,17 @@ def extract(
 
     `label_fn(response, row)`: for tasks whose label is whether the model answered right (MathVista), each row's
     `label` is computed from its generated response and stored with its metadata."""
-    if label_fn is not None and not max_new_tokens:
-        raise LvlmlpError(f"{source}: labels come from the model's answers here; give --max-new-tokens K (> 0)")
-    if store_dtype not in STORE_DTYPES:
-        raise LvlmlpError(f"--store-dtype: expected one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
-    if on_error not in ("fail", "skip"):
-        raise LvlmlpError(f"--on-error: expected fail or skip, got {on_error!r}")
-    if batch_size < 1 or max_new_tokens < 0:
-        raise LvlmlpError("--batch-size must be >= 1 and --max-new-tokens >= 0")
+    check_options(store_dtype, on_error, batch_size, max_new_tokens, label_fn, source)
     rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
     check_rows(rows, source, on_error)  # before any model work or folder is written
-
-    n_keep = max(1, min(max_new_tokens, logits_tokens or max_new_tokens))  # stored tokens; 1 for prefill
-    settings = {
-        "model": backend.model_id,
-        "model_revision": backend.revision,
-        "weights_hash": backend.weights_hash,
-        "family": backend.family,
-        "compute_dtype": str(backend.dtype).replace("torch.", ""),
-        "dtype": store_dtype,
-        "vocab_size": backend.vocab_size,
-        "prompt_template": backend.prompt("{question}"),
-        "max_new_tokens": max_new_tokens,
-        "logits_tokens": n_keep,
-        "hidden": hidden,
-        "layers": [int(x) for x in layers],
-        "data_hash": rows_fingerprint({k: v for k, v in r.items() if k != "_row_index"} for r in rows),
-        "n_input_rows": len(rows),
-        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
-        "device": str(backend.device),
-        "batch_size": batch_size,
-        "labels_from_responses": label_fn is not None,
-        "selection": selection,  # --split / --per-class / --limit / --seed that chose the rows
-    }
+    if not rows:
+        raise LvlmlpError(f"{source}: no rows to extract")
+    settings = run_settings(
+        backend_settings(backend), rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        logits_tokens=logits_tokens, hidden=hidden, layers=layers, store_dtype=store_dtype, shard=shard,
+        labels_from_responses=label_fn is not None, selection=selection,
+    )
+    n_keep = settings["logits_tokens"]  # stored tokens; 1 for prefill
     writer = RunWriter(out, settings, shard_size=shard_size)
     pending = [r for r in rows if r["id"] not in writer.done_ids]
     log.info(
@@ -118,26 +156,31 @@ def extract(
         f"generate {max_new_tokens} tokens" if max_new_tokens else "prefill only",
     )
     dtype = STORE_DTYPES[store_dtype]
-    bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="extract")
-    chunks = [pending[s : s + batch_size] for s in range(0, len(pending), batch_size)]
-    # closing: the workers stop on errors too
-    with cores_for_workers(backend, workers), closing(prepared_batches(backend, chunks, workers)) as prepared:
-        for chunk, (batch_rows, batch, failed) in zip(chunks, prepared):
-            for row_id, message in failed:
-                if on_error == "fail":
-                    bar.close()
-                    raise LvlmlpError(f"{source}: {message}")
-                writer.fail(row_id, message)
-            if batch_rows:
-                batch = backend.to_device(batch)
-                meta, arrays = _run_batch(backend, batch_rows, batch, max_new_tokens, n_keep, hidden, layers, dtype)
-                if label_fn is not None:
-                    for m, row in zip(meta, batch_rows):
-                        m["label"] = int(label_fn(m["response"], row))
-                writer.append(meta, arrays)
-            bar.update(len(chunk))
-    bar.close()
-    run = writer.close()
+    try:
+        bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="extract")
+        chunks = [pending[s : s + batch_size] for s in range(0, len(pending), batch_size)]
+        # closing: the workers stop on errors too
+        with cores_for_workers(backend, workers), closing(prepared_batches(backend, chunks, workers)) as prepared:
+            for chunk, (batch_rows, batch, failed) in zip(chunks, prepared):
+                for row_id, message in failed:
+                    if on_error == "fail":
+                        bar.close()
+                        raise LvlmlpError(f"{source}: {message}")
+                    writer.fail(row_id, message)
+                if batch_rows:
+                    batch = backend.to_device(batch)
+                    meta, arrays = _run_batch(backend, batch_rows, batch, max_new_tokens, n_keep, hidden, layers,
+                                              dtype)
+                    if label_fn is not None:
+                        for m, row in zip(meta, batch_rows):
+                            m["label"] = int(label_fn(m["response"], row))
+                    writer.append(meta, arrays)
+                bar.update(len(chunk))
+        bar.close()
+    except BaseException:
+        writer.release()  # committed shards stay; the same command resumes from them
+        raise
+    run = writer.close([r["id"] for r in rows])
     if run.failures:
         log.warning("extract: %d row(s) skipped, see %s", len(run.failures), Path(out) / "failures.jsonl")
     return run

@@ -46,8 +46,11 @@ def cores_for_workers(backend: Backend, workers: int) -> Iterator[None]:
 Prepared = tuple[list[dict], dict | None, list[tuple[str, str]]]  # rows that loaded, their batch, failures
 
 
-def _prepare(backend: Backend, rows: list[dict]) -> Prepared:
-    """Load a batch's images (recording the rows that fail) and collate the rest into CPU tensors."""
+def _prepare(backend: Backend, rows: list[dict], isolate: bool = True) -> Prepared:
+    """Load a batch's images (recording the rows that fail) and collate the rest into CPU tensors. A row the
+    processor rejects (Qwen2-VL: an extreme aspect ratio) or that is longer than the model's context is recorded
+    as failed, naming it, and the batch is collated without it. Workers pass `isolate=False`: a processor error
+    there goes back to the main process, which prepares the batch again (and isolates the row) itself."""
     ok, images, failed = [], [], []
     for row in rows:
         try:
@@ -55,8 +58,45 @@ def _prepare(backend: Backend, rows: list[dict]) -> Prepared:
             ok.append(row)
         except LvlmlpError as err:
             failed.append((row["id"], str(err)))
-    batch = backend.collate(images, [r["question"] for r in ok]) if ok else None
+    if not ok:
+        return ok, None, failed
+    try:
+        batch = backend.collate(images, [r["question"] for r in ok])
+    except Exception:  # noqa: BLE001 - the processor's own exception types; each row is tried alone below
+        if not isolate:
+            raise
+        keep = []
+        for row, image in zip(ok, images):
+            try:
+                backend.collate([image], [row["question"]])
+                keep.append((row, image))
+            except Exception as err:  # noqa: BLE001
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                failed.append((row["id"], f"row {row['id']!r}: the processor rejects it ({first[:300]})"))
+        if not keep:
+            return [], None, failed
+        ok, images = [r for r, _ in keep], [im for _, im in keep]
+        batch = backend.collate(images, [r["question"] for r in ok])
+    too_long = _too_long(backend, ok, batch)
+    if too_long:
+        failed.extend(too_long)
+        bad = {row_id for row_id, _ in too_long}
+        pairs = [(r, im) for r, im in zip(ok, images) if r["id"] not in bad]
+        ok = [r for r, _ in pairs]
+        batch = backend.collate([im for _, im in pairs], [r["question"] for r in ok]) if ok else None
     return ok, batch, failed
+
+
+def _too_long(backend: Backend, rows: list[dict], batch: dict) -> list[tuple[str, str]]:
+    """Rows whose prompt (with image tokens) exceeds the model's context: refused before the forward, which
+    would otherwise take memory quadratic in the length."""
+    limit = backend.max_length
+    if limit is None or "attention_mask" not in batch:
+        return []
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    return [(r["id"], f"row {r['id']!r}: the prompt is {n} tokens long, more than the model's maximum of {limit} "
+                      "(shorten the question)")
+            for r, n in zip(rows, lengths) if n > limit]
 
 
 def _claim(claimed: Any, n: int) -> int | None:
@@ -83,7 +123,7 @@ def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any
             break
         start = time.perf_counter()
         try:
-            rows, batch, failed = _prepare(backend, chunks[k])
+            rows, batch, failed = _prepare(backend, chunks[k], isolate=False)
             # numpy pickles by value through the pipe; torch tensors would go through one shared-memory file
             # descriptor each, which costs more than preparing the batch.
             item = rows, None if batch is None else {n: t.numpy() for n, t in batch.items()}, failed

@@ -186,7 +186,11 @@ class Probe(ClassifierMixin, BaseEstimator):
 
 
 def load_probe(directory: str | Path) -> Probe:
-    """Read a probe folder written by `Probe.save` (JSON + safetensors only: no pickle, no code execution)."""
+    """Read a probe folder written by `Probe.save` (JSON + safetensors only: no pickle, no code execution).
+
+    Everything is checked against everything else (params, arrays, class list, feature count), so a damaged or
+    hand-edited probe is refused here, naming the file and the key, rather than producing wrong scores later."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     folder = Path(directory)
@@ -195,24 +199,73 @@ def load_probe(directory: str | Path) -> Probe:
         if not path.is_file():
             raise LvlmlpError(f"{folder}: not a probe folder (missing {path.name})")
     try:
-        doc = json.loads(json_path.read_text())
+        doc = json.loads(json_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise LvlmlpError(f"{json_path}: invalid JSON ({err.msg} at line {err.lineno})") from None
-    if doc.get("format") != PROBE_FORMAT:
-        raise LvlmlpError(f"{json_path}: not an lvlmlp probe (format {doc.get('format')!r})")
+    except UnicodeDecodeError:
+        raise LvlmlpError(f"{json_path}: not UTF-8 text") from None
+    if not isinstance(doc, dict) or doc.get("format") != PROBE_FORMAT:
+        raise LvlmlpError(f"{json_path}: not an lvlmlp probe (format {doc.get('format') if isinstance(doc, dict) else None!r})")
     cls = {c.__name__: c for c in PROBES.values()}.get(doc.get("class", ""))
     if cls is None:
         raise LvlmlpError(f"{json_path}: unknown probe class {doc.get('class')!r}")
-    probe = cls(**doc["params"])
-    arrays = load_file(str(weights_path))
+    params = doc.get("params")
+    if not isinstance(params, dict):
+        raise LvlmlpError(f"{json_path}: 'params' is missing or not an object")
+    allowed = set(cls().get_params())
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise LvlmlpError(f"{json_path}: params.{unknown[0]} is not a parameter of {cls.__name__} "
+                          f"(parameters: {', '.join(sorted(allowed))})")
+    try:
+        arrays = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise LvlmlpError(f"{weights_path}: unreadable ({str(err).splitlines()[0]}); train the probe again") from None
+    probe = cls(**params)
     for name in cls._ARRAYS:
         setattr(probe, name, arrays.get(name.rstrip("_")))
-    probe.classes_ = np.asarray(doc["classes"])
-    probe.n_features_in_ = int(doc["n_features_in"])
-    probe.spec_ = FeatureSpec.from_dict(doc["feature_spec"]) if doc.get("feature_spec") else None
+    classes, n_in = doc.get("classes"), doc.get("n_features_in")
+    if not isinstance(classes, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in classes):
+        raise LvlmlpError(f"{json_path}: 'classes' must be a list of integer labels, got {classes!r}")
+    if not isinstance(n_in, int) or n_in < 1:
+        raise LvlmlpError(f"{json_path}: 'n_features_in' must be a positive integer, got {n_in!r}")
+    probe.classes_ = np.asarray(classes)
+    probe.n_features_in_ = n_in
+    _check_loaded(probe, json_path, weights_path)
+    try:
+        probe.spec_ = FeatureSpec.from_dict(doc["feature_spec"]) if doc.get("feature_spec") else None
+    except (TypeError, ValueError, KeyError) as err:
+        raise LvlmlpError(f"{json_path}: invalid 'feature_spec' ({err})") from None
     probe.label_names_ = doc.get("label_names")
     probe.fit_info_ = doc.get("fit_info", {})
     return probe
+
+
+def _check_loaded(probe: Probe, json_path: Path, weights_path: Path) -> None:
+    classes, d = probe.classes_.tolist(), probe.n_features_in_
+    if len(classes) < 2 or classes != sorted(set(classes)):
+        raise LvlmlpError(f"{json_path}: 'classes' must be 2 or more distinct labels in increasing order, got {classes}")
+    if len(classes) == 2 and classes != [0, 1]:
+        raise LvlmlpError(f"{json_path}: a binary probe's classes must be [0, 1] (label 1 is the positive class), "
+                          f"got {classes}")
+    coef, intercept = getattr(probe, "coef_", None), getattr(probe, "intercept_", None)
+    if coef is None or intercept is None:
+        raise LvlmlpError(f"{weights_path}: missing {'coef' if coef is None else 'intercept'} weights")
+    rows_ok = (1, 2) if len(classes) == 2 else (len(classes),)
+    if coef.ndim != 2 or coef.shape[0] not in rows_ok or coef.shape[1] != d:
+        raise LvlmlpError(f"{weights_path}: coef has shape {coef.shape}, but probe.json says {len(classes)} classes "
+                          f"({classes}) on {d} features")
+    if intercept.shape != (coef.shape[0],):
+        raise LvlmlpError(f"{weights_path}: intercept has shape {intercept.shape}, expected ({coef.shape[0]},)")
+    for name in type(probe)._ARRAYS:
+        arr = getattr(probe, name, None)
+        if arr is None:
+            continue
+        if name in ("mean_", "scale_") and arr.shape != (d,):
+            raise LvlmlpError(f"{weights_path}: {name.rstrip('_')} has shape {arr.shape}, expected ({d},)")
+        if not np.isfinite(arr).all():
+            raise LvlmlpError(f"{weights_path}: the probe's {name.rstrip('_')} weights hold NaN or infinite values "
+                              "(a damaged probe; train it again)")
 
 
 def _column_stats(X: Any, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:

@@ -44,18 +44,19 @@ def _unique_names(dirs: list[Path]) -> list[str]:
     return names
 
 
-def fmt_pct(value: Any) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
+def fmt_value(value: Any) -> str:
+    """Every number of every report (demo, report, run): a fraction with 3 decimals, as the paper's AUROCs."""
+    return "–" if value is None else f"{value:.3f}"
 
 
 def fmt_ci(value: Any, ci: Any) -> str:
     if value is None:
         return "–"
-    return fmt_pct(value) + (f" [{fmt_pct(ci[0])}, {fmt_pct(ci[1])}]" if ci else "")
+    return fmt_value(value) + (f" [{fmt_value(ci[0])}, {fmt_value(ci[1])}]" if ci else "")
 
 
 def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
-    """Rows (method, AUROC [CI], AUPRC, accuracy [CI], F1, n) of one binary evaluation, probe first; in %."""
+    """Rows (method, AUROC [CI], AUPRC, accuracy [CI], F1, n) of one binary evaluation, probe first."""
     rows = []
     methods = [("probe (" + metrics.get("probe", {}).get("class", "probe") + ")", metrics)]
     methods += list((metrics.get("baselines") or {}).items())
@@ -63,9 +64,9 @@ def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
         rows.append([
             name,
             fmt_ci(m.get("auroc"), m.get("auroc_ci")),
-            fmt_pct(m.get("auprc")),
+            fmt_value(m.get("auprc")),
             fmt_ci(m.get("accuracy"), m.get("accuracy_ci")),
-            fmt_pct(m.get("f1")),
+            fmt_value(m.get("f1")),
             str(m.get("n", "–")),
         ])
     return rows
@@ -108,7 +109,7 @@ def plot_roc(metrics: dict[str, Any], records: list[dict[str, Any]], path: Path,
             continue
         fpr, tpr, _ = roc_curve(y, s)
         m = metrics if key is None else metrics["baselines"][key]
-        ax.plot(fpr, tpr, label=f"{label} (AUROC {fmt_pct(m.get('auroc'))})", lw=2 if key is None else 1)
+        ax.plot(fpr, tpr, label=f"{label} (AUROC {fmt_value(m.get('auroc'))})", lw=2 if key is None else 1)
     ax.plot([0, 1], [0, 1], ls=":", color="grey")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="lower right", fontsize=8)
@@ -195,7 +196,7 @@ def write_report(
         parts.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(heading)}</p>")
         if metrics.get("task") == "multiclass":
             rows = [["probe (" + metrics.get("probe", {}).get("class", "probe") + ")",
-                     fmt_pct(metrics.get("accuracy")), str(metrics.get("n", "–"))]]
+                     fmt_value(metrics.get("accuracy")), str(metrics.get("n", "–"))]]
             md += [markdown_table(["method", "top-1 accuracy", "n"], rows), ""]
             parts.append(html_table(["method", "top-1 accuracy", "n"], rows))
             continue
@@ -204,8 +205,8 @@ def write_report(
         parts.append(html_table(HEADER, rows))
         asr = (metrics.get("per_scenario") or {}).get("average")
         if asr is not None:
-            md += [f"Average attack success rate (probe): {fmt_pct(asr)}%", ""]
-            parts.append(f"<p>Average attack success rate (probe): {fmt_pct(asr)}%</p>")
+            md += [f"Average attack success rate (probe): {fmt_value(asr)}", ""]
+            parts.append(f"<p>Average attack success rate (probe): {fmt_value(asr)}</p>")
         if any(r.get("label") is not None for r in records):
             threshold = float(metrics.get("probe", {}).get("threshold", 0.5))
             for kind in ("roc", "scores"):

@@ -22,6 +22,7 @@ import logging
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -237,3 +238,22 @@ def steering_metrics(
                 "n_safe": int(safe.sum()),
             }
     return out
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Two spellings of one checkpoint: equal ids, or paths to the same folder."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def check_probe_model(probe: Any, model_id: str, allow: bool = False) -> None:
+    """Refuse a probe trained on another model's features (as `probe eval` does), unless `allow`: then warn."""
+    spec = getattr(probe, "spec_", None)
+    if spec is None or not spec.model or _same_model(str(spec.model), model_id):
+        return
+    if not allow:
+        raise LvlmlpError(f"--probe: trained on features of {spec.model!r}, not of --model {model_id!r}; "
+                          "pass --allow-other-model if they are the same weights")
+    log.warning("generate: probe trained on features of %s, applied to %s", spec.model, model_id)

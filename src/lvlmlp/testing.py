@@ -411,4 +411,31 @@ def tiny_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    # Some files are written through temporary files (mode 0600): make every file readable like any other.
+    for path in out.rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)
     return out
+
+
+def tiny_manifest(root: str | Path, n_train: int = 24, n_test: int = 16, seed: int = 0) -> Path:
+    """Write `root/manifest.jsonl` and its images: "train" and "test" rows of noisy 32 px images whose 0/1 label
+    is visible but not trivially (brighter on average = 1, darker = 0). The data of `configs/ci_tiny.yaml`."""
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            label = i % 2
+            base = rng.uniform(115, 175) if label else rng.uniform(85, 145)
+            pixels = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "img" / f"{split}{i}.png")
+            lines.append({"id": f"{split}-{i}", "image": f"img/{split}{i}.png", "question": "is the image bright ?",
+                          "label": label, "split": split})
+    path = root / "manifest.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path

@@ -17,6 +17,7 @@ COMMANDS: list[str] = [
     "import_legacy",
     "generate",
     "tiny_model",
+    "tiny_data",
     "run",
     "serve",
 ]

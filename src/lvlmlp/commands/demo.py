@@ -17,19 +17,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="another checkpoint instead of the embedded demo model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from lvlmlp.commands._args import silence_progress_bars
     from lvlmlp.demo import run_demo, summary_table
 
     torch.set_num_threads(args.threads)
+    if args.no_progress:
+        silence_progress_bars()
     results = run_demo(args.out, n_train=args.n_train, n_test=args.n_test, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, seed=args.seed, model=args.model, device=args.device,
                        progress=not args.no_progress)
-    print(summary_table(results))
-    print(f"\nwrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.html'} in {results['seconds']} s")
+    summary = summary_table(results)
+    out = Path(args.out)
+    # The README's demo table is this file's content (tests/test_readme.py checks it against a fresh run).
+    (out / "summary.md").write_text(summary + "\n")
+    print(summary)
+    print(f"\nwrote {out / 'summary.md'}, {out / 'results.json'} and {out / 'report.html'} in {results['seconds']} s")
     return 0

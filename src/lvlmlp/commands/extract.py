@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
 
 from lvlmlp.commands._args import (
     add_model_arguments,
@@ -13,6 +15,8 @@ from lvlmlp.commands._args import (
 )
 from lvlmlp.defaults import BATCH_SIZE, STORE_DTYPE_NAMES
 from lvlmlp.errors import LvlmlpError
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="data-loader processes preparing batches while the model runs (default 1; more on a "
                         "many-core GPU machine; 0: in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray (Ray Data, one model replica per GPU or CPU slot): alone, a local Ray instance "
+                        "for this run; auto or ADDRESS: join that cluster (pip install 'lvlmlp[ray]')")
+    p.add_argument("--ray-replicas", type=int, default=None, metavar="N",
+                   help="with --ray: model replicas (default: one per GPU of the cluster, else one per CPU)")
     p.set_defaults(func=run)
 
 
@@ -49,7 +58,7 @@ def parse_layers(spec: str | None) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from lvlmlp.data import check_rows
-    from lvlmlp.extract import extract, parse_shard, shard_rows
+    from lvlmlp.extract import extract, finished_run, parse_shard, shard_rows
 
     rows, task_template, source = rows_from_args(args, "extract")
     rows = shard_rows(rows, parse_shard(args.shard))
@@ -69,16 +78,32 @@ def run(args: argparse.Namespace) -> int:
             label_fn = check_answer
             if not args.max_new_tokens:
                 raise LvlmlpError(f"--task {args.task}: labels come from the model's answers; give --max-new-tokens")
+    if args.ray_replicas is not None and args.ray is None:
+        raise LvlmlpError("--ray-replicas applies to --ray [ADDRESS] only")
+    if args.ray is not None and args.workers != 1:
+        raise LvlmlpError("--workers does not apply with --ray (each Ray replica prepares its own batches)")
     from lvlmlp.backend import Backend
 
-    backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=template,
-                      raw_prompt=args.raw_prompt)
-    run_ = extract(
-        backend, rows, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        logits_tokens=args.logits_tokens, hidden=args.hidden, layers=parse_layers(args.layers),
-        store_dtype=args.store_dtype, on_error=args.on_error, shard=parse_shard(args.shard), source=source,
-        selection=selection(args),
-        progress=not args.no_progress, shard_size=args.shard_size, workers=args.workers, label_fn=label_fn,
-    )
+    backend_args = dict(device=args.device, dtype=args.dtype, prompt_template=template, raw_prompt=args.raw_prompt)
+    settings = dict(max_new_tokens=args.max_new_tokens, logits_tokens=args.logits_tokens, hidden=args.hidden,
+                    layers=parse_layers(args.layers), store_dtype=args.store_dtype, shard=parse_shard(args.shard),
+                    batch_size=args.batch_size, selection=selection(args))
+    run_ = None
+    if args.ray is not None:  # the model loads in the Ray replicas, not here; a finished run is recognised there
+        from lvlmlp.ray_extract import ray_extract, ray_options
+
+        run_ = ray_extract({"model": args.model, **backend_args}, rows, args.out,
+                           ray=ray_options(args.ray, args.ray_replicas), on_error=args.on_error, source=source,
+                           progress=not args.no_progress, shard_size=args.shard_size, label_fn=label_fn, **settings)
+    elif (Path(args.out) / "manifest.json").is_file():
+        # A finished run is recognised from the config, processor and weights hash, without loading the weights.
+        light = Backend(args.model, load_model=False, **backend_args)
+        run_ = finished_run(light, rows, args.out, labels_from_responses=label_fn is not None, **settings)
+        if run_ is not None:
+            log.info("%s: finished already with these settings; nothing to do", run_.path)
+    if run_ is None:  # not finished: load the model and extract (resuming what is committed)
+        backend = Backend(args.model, **backend_args)
+        run_ = extract(backend, rows, args.out, on_error=args.on_error, source=source, progress=not args.no_progress,
+                       shard_size=args.shard_size, workers=args.workers, label_fn=label_fn, **settings)
     print(f"{run_.path}: {len(run_)} rows, logits {run_.n_logit_tokens} x {run_.manifest['vocab_size']}")
     return 0

@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="JSON-lines manifest (one row per line: id, image, question, label)")
     add_task_arguments(p)  # --task ... as in `lvlmlp extract`; its --seed also seeds --do-sample
     p.add_argument("--probe", required=True, help="probe folder from `lvlmlp probe train` (first-token logits)")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="apply a probe trained on another --model's features (e.g. the same weights by another path)")
     p.add_argument("--template", default=None, help="text forced at the start of flagged rows' answers")
     p.add_argument("--answers", default=None,
                    help="LABEL1,LABEL0 such as Yes,No: every answer starts with the probe's prediction")
@@ -82,18 +84,21 @@ def run(args: argparse.Namespace) -> int:
     from lvlmlp.data import load_image
     from lvlmlp.features import FeatureSpec
     from lvlmlp.probes import load_probe
-    from lvlmlp.steering import ProbeGuard, steering_metrics
+    from lvlmlp.steering import ProbeGuard, check_probe_model, steering_metrics
 
     probe = load_probe(args.probe)
     backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=prompt_template,
                       raw_prompt=args.raw_prompt)
     spec = getattr(probe, "spec_", None)
     kind = spec.kind if spec is not None else "logits"
-    # The model is compared by name only as a warning: the same weights are often reached by a path or a hub id.
     probe.check_compatible(FeatureSpec(kind=kind, token=0, dim=backend.vocab_size, model=None))
-    if spec is not None and spec.model and spec.model != backend.model_id:
-        log.warning("generate: probe trained on features of %s, applied to %s", spec.model, backend.model_id)
+    check_probe_model(probe, backend.model_id, allow=args.allow_other_model)
     guard = ProbeGuard(probe, backend.tokenizer, args.template, answers=answers, threshold=args.threshold)
+    forced = guard.template_ids if guard.answer_ids is None else max(guard.answer_ids.values(), key=len)
+    if len(forced) > args.max_new_tokens:  # the answers would stop inside the forced text
+        what = "--template" if args.template is not None else "an --answers label"
+        raise LvlmlpError(f"{what} is {len(forced)} tokens long but --max-new-tokens is {args.max_new_tokens}: "
+                          f"give --max-new-tokens {len(forced)} or more (more lets the model go on after it)")
     gen: dict[str, Any] = {"do_sample": True, "temperature": 1.0 if args.temperature is None else args.temperature} if args.do_sample else {}
     seed = 0 if args.seed is None else args.seed
 

@@ -31,8 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--token", type=_nonneg_int, default=0, help="generated token index (default 0: the first)")
     train.add_argument("--feature", choices=FEATURE_KINDS, default="logits", help="feature view (default logits)")
     train.add_argument("--layer", type=int, help="layer index for --feature layer")
-    train.add_argument("--probe", choices=("logistic", "multinomial", "lda"),
-                       help="default: logistic for 2 classes, multinomial for more")
+    train.add_argument("--probe", metavar="KIND", help="logistic, multinomial or lda (lvlmlp.probes.PROBES; "
+                       "default: logistic for 2 classes, multinomial for more)")
     # Hyper-parameters default to None: the probe class's own defaults apply, and a flag the chosen probe does not
     # have is refused instead of silently ignored.
     hp = train.add_argument_group("probe hyper-parameters (each applies to the probes named)")
@@ -76,6 +76,8 @@ def make_probe(args: argparse.Namespace, n_classes: int) -> Any:
     from lvlmlp.probes import PROBES
 
     kind = args.probe or ("logistic" if n_classes == 2 else "multinomial")
+    if kind not in PROBES:
+        raise LvlmlpError(f"--probe {kind!r}: unknown probe (choose from {', '.join(PROBES)})")
     cls = PROBES[kind]
     accepted = cls().get_params()
     given = {name: getattr(args, name) for name in _HYPER_FLAGS if getattr(args, name, None) is not None}

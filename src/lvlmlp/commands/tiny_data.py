@@ -1,0 +1,22 @@
+"""`lvlmlp tiny-data --out DIR`: a small labelled manifest with train/test splits (the data of configs/ci_tiny.yaml)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("tiny-data", help="write a tiny labelled train/test manifest (for tests and CI)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for manifest.jsonl and img/")
+    parser.add_argument("--n-train", type=int, default=24)
+    parser.add_argument("--n-test", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lvlmlp.testing import tiny_manifest
+
+    print(tiny_manifest(args.out, args.n_train, args.n_test, args.seed))
+    return 0

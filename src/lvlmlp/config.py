@@ -1,0 +1,346 @@
+"""The experiment config of `lvlmlp run`: a typed tree of dataclasses whose defaults are the only defaults.
+
+The YAML file, `--set key=value` overrides and the command's flags are three ways to fill the same tree: they are
+merged into one nested dict (file, then `--set`, then flags), which `build` turns into an `ExperimentConfig`,
+checking every key's type and range and naming the key at fault (`config: batch_size: expected an integer, got
+'eight'`). `validate` then checks what needs the registries (task, prompt styles, probe kind, baselines), all before
+any model is loaded.
+
+Adding a section is one small dataclass and one line in `ExperimentConfig`:
+
+    @dataclass
+    class FinetuneConfig(Section):
+        epochs: int = field(default=1, metadata={"min": 1})
+
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)   # in ExperimentConfig
+
+A `Section` reads like a read-only mapping too (`cfg["extract"]["layers"]`), for code that reads sections by key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+
+from lvlmlp.errors import LvlmlpError
+
+
+@dataclass
+class Section(Mapping):
+    """Base of every config section: type-checked construction from a dict, a mapping view, `to_dict`.
+
+    A subclass with `OPEN = "params"` keeps keys it does not declare in that dict field (hyper-parameters checked
+    by their consumer, e.g. the probe's), instead of refusing them as typos."""
+
+    OPEN: ClassVar[str | None] = None
+
+    def __getitem__(self, key: str) -> Any:
+        names = [f.name for f in dataclasses.fields(self) if f.name != self.OPEN]
+        if key in names:
+            return getattr(self, key)
+        if self.OPEN is not None and key in getattr(self, self.OPEN):
+            return getattr(self, self.OPEN)[key]
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        for f in dataclasses.fields(self):
+            if f.name == self.OPEN:
+                yield from getattr(self, f.name)
+            else:
+                yield f.name
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (open keys flattened in, as they were written)."""
+        return {k: (v.to_dict() if isinstance(v, Section) else v) for k, v in self.items()}
+
+
+def _min(value: float) -> dict[str, Any]:
+    return {"min": value}
+
+
+@dataclass
+class ExtractConfig(Section):
+    max_new_tokens: int = field(default=0, metadata=_min(0))  # 0: one prefill forward (first token only)
+    hidden: bool = False
+    layers: list[int] = field(default_factory=list)
+    store_dtype: Literal["float16", "float32"] = "float16"
+    on_error: Literal["fail", "skip"] = "fail"
+
+
+@dataclass
+class SplitsConfig(Section):
+    """Train on `train`, test on `test`; or, with `cv: K`, K-fold cross-validation on the one split `split`
+    (default: the task's default split), `train`/`test` then unused."""
+
+    train: str = "train"
+    test: str = "test"
+    cv: int | None = field(default=None, metadata=_min(2))
+    split: str | None = None
+
+
+@dataclass
+class ProbeConfig(Section):
+    OPEN: ClassVar[str | None] = "params"
+    kind: str = "logistic"  # a name of lvlmlp.probes.PROBES
+    feature: Literal["logits", "log_softmax", "softmax"] = "logits"
+    params: dict[str, Any] = field(default_factory=dict)  # the probe's hyper-parameters, e.g. C: 0.5
+
+
+@dataclass
+class ClipConfig(Section):
+    model: str | None = None  # required when the section is given
+    kinds: list[Literal["image", "text", "concat"]] = field(default_factory=lambda: ["image", "text", "concat"])
+    batch_size: int = field(default=16, metadata=_min(1))
+
+
+@dataclass
+class AnalysesConfig(Section):
+    token_decay: bool = True
+    layer_sweep: bool = True
+
+
+@dataclass
+class RayConfig(Section):
+    """`ray:` as a mapping (`lvlmlp.ray_extract.RayOptions`); `ray: true` / `local` / `auto` / an address also work."""
+
+    address: str | None = None  # None: a local Ray instance for this run; "auto" or an address: join that cluster
+    replicas: int | None = field(default=None, metadata=_min(1))  # default: one per GPU, else one per CPU slot
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float | None = None
+
+
+@dataclass
+class ExperimentConfig(Section):
+    name: str | None = None  # report title; default: the config file's name
+    model: str | None = None  # hub id or local folder of the VLM (required)
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    raw_prompt: bool = False
+    task: str = "jsonl"
+    data_root: str | None = None  # required
+    image_root: str | None = None
+    task_options: dict[str, Any] = field(default_factory=dict)
+    # None (the task's default), a style of tasks/prompts.yaml, a "{question}" template, or a list of these
+    prompt: str | list[str | None] | None = None
+    splits: SplitsConfig = field(default_factory=SplitsConfig)
+    limit: int | None = field(default=None, metadata=_min(1))  # seeded random N rows per split
+    per_class: int | None = field(default=None, metadata=_min(1))
+    seed: int = 0
+    batch_size: int = field(default=8, metadata=_min(1))  # rows per forward; may change the last float digits
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    baselines: list[str] = field(default_factory=list)
+    clip: ClipConfig | None = None
+    analyses: AnalysesConfig = field(default_factory=AnalysesConfig)
+    n_boot: int = field(default=1000, metadata=_min(0))  # bootstrap resamples for the intervals (0: none)
+    out: str | None = None  # required
+    # extract on Ray (README, "Scaling out"): true (a local instance), auto or an address (join), or a mapping
+    ray: RayConfig | bool | str | None = None
+
+
+REQUIRED = ("model", "data_root", "out")
+
+
+# ------------------------------------------------------------------------------------------------ filling
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`["a.b=1", "c=[x, y]"]` -> {"a": {"b": 1}, "c": ["x", "y"]}; values are read as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise LvlmlpError(f"--set {item!r}: expected KEY=VALUE, e.g. extract.max_new_tokens=5")
+        value = _yaml(text, f"--set {item!r}") if text.strip() else None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise LvlmlpError(f"--set {item!r}: {part!r} is set to a value and a section at once")
+        node[parts[-1]] = value
+    return out
+
+
+def _yaml(text: str, where: str) -> Any:
+    """Plain YAML only: a tag such as !!python/object is refused with a message, never constructed."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as err:
+        mark = err.problem_mark
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise LvlmlpError(f"{where}: YAML tags are not allowed{at} ({err.problem}); write plain values") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise LvlmlpError(f"{where}: not valid YAML{at}") from None
+
+
+def load_config(path: str | Path, sets: list[str] = (), **flags: Any) -> ExperimentConfig:
+    """The file, then `--set` overrides, then the named flags (those not None): merged, built into the typed
+    `ExperimentConfig` (its defaults fill the rest) and validated, all before any work."""
+    path = Path(path)
+    if not path.is_file():
+        raise LvlmlpError(f"{path}: config file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LvlmlpError(f"{path}: not UTF-8 text") from None
+    raw = _yaml(text, str(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise LvlmlpError(f"{path}: the config must be a mapping of keys to values")
+    merged = merge(raw, parse_set(list(sets)), {k: v for k, v in flags.items() if v is not None})
+    cfg = build(ExperimentConfig, merged)
+    assert isinstance(cfg, ExperimentConfig)
+    cfg.name = cfg.name or path.stem
+    validate(cfg)
+    return cfg
+
+
+def build(cls: type[Section], data: Any, prefix: str = "") -> Section:
+    """`data` (a dict from YAML/--set/flags) -> an instance of `cls`; every key type-checked, unknown keys refused."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(data, Mapping):
+        raise LvlmlpError(f"config: {where} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != cls.OPEN}
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            if cls.OPEN is not None:
+                extra[str(key)] = value
+                continue
+            section = f"{prefix}{key!r}" if prefix else repr(key)
+            raise LvlmlpError(f"config: unknown key {section} (keys: {', '.join(fields)})")
+        f = fields[key]
+        values[key] = _check(value, hints[key], f"{prefix}{key}", f.metadata)
+    if cls.OPEN is not None:
+        values[cls.OPEN] = extra
+    return cls(**values)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if hint is int:
+        return "an integer"
+    if hint is float:
+        return "a number"
+    if hint is bool:
+        return "true or false"
+    if hint is str:
+        return "a string"
+    if hint is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return "a mapping"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if isinstance(hint, type) and issubclass(hint, Section):
+        return "a mapping"
+    return str(hint)
+
+
+def _check(value: Any, hint: Any, key: str, meta: Mapping[str, Any] = types.MappingProxyType({})) -> Any:
+    """`value` if it is of type `hint` (a section is built; an int is accepted for a float), else an error."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    fail = LvlmlpError(f"config: {key}: expected {_describe(hint)}, got {value!r}")
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(value, arg, key, meta)
+            except LvlmlpError as err:
+                # the member of the container's own shape (a list for a list) has the precise message
+                same = isinstance(value, list) == (typing.get_origin(arg) is list)
+                inner = err if same and (inner is None or typing.get_origin(arg) is list) else inner
+        raise inner or fail
+    if isinstance(hint, type) and issubclass(hint, Section):
+        return build(hint, value, f"{key}.")
+    if origin is Literal:
+        if value not in args or isinstance(value, bool):
+            raise fail
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise fail
+        return [_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise fail
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise fail
+        return value
+    if hint in (int, float):
+        ok = isinstance(value, int) or (hint is float and isinstance(value, float))
+        if isinstance(value, bool) or not ok:
+            raise fail
+        if "min" in meta and value < meta["min"]:
+            raise LvlmlpError(f"config: {key}: must be >= {meta['min']}, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise fail
+        return value
+    raise TypeError(f"config: no checker for {hint!r} ({key})")  # a programming error in a section's hints
+
+
+def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Later layers over earlier ones, sections merged key by key (the one merge path of file, --set, flags)."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+                out[key] = merge(out[key], value)
+            else:
+                out[key] = value
+    return out
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Checks that need the registries (tasks, prompt styles, probes, baselines): before any model work."""
+    from lvlmlp.baselines import check_baseline_name
+    from lvlmlp.tasks import get_task
+
+    for key in REQUIRED:
+        if not cfg[key]:
+            raise LvlmlpError(f"config: {key!r} is required (in the file, or --{key.replace('_', '-')} / --set)")
+    try:
+        get_task(cfg.task)
+    except LvlmlpError as err:
+        raise LvlmlpError(f"config: task: {err}") from None
+    if cfg.clip is not None and not cfg.clip.model:
+        raise LvlmlpError("config: clip.model is required when the clip section is given")
+    for i, name in enumerate(cfg.baselines):
+        try:
+            check_baseline_name(name)
+        except LvlmlpError as err:
+            raise LvlmlpError(f"config: baselines[{i}]: {err}") from None
+    from lvlmlp.analyses import make_probe_factory
+
+    try:
+        make_probe_factory(dict(cfg.probe))
+    except LvlmlpError as err:
+        raise LvlmlpError(f"config: {err}") from None

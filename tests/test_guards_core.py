@@ -1,0 +1,257 @@
+"""Guards of the core promises (features, probes, persistence), each against an independent computation; the
+breakage each one catches is named in its docstring (checked by hand once, see docs/mutation-report.md)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import special
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+
+from lvlmlp.errors import LvlmlpError
+from lvlmlp.features import FeatureSpec, FeatureView, RowSubset, as_index, feature_matrix, valid_rows
+from lvlmlp.probes import LogisticProbe, MultinomialProbe, load_probe
+from lvlmlp.store import RunWriter
+
+
+def _run(path: Path, n: int = 7, k: int = 3, v: int = 11, h: int = 4, layers=(1, -1), seed: int = 0):
+    rng = np.random.default_rng(seed)
+    logits = (rng.normal(size=(n, k, v)) * 4).astype(np.float32)
+    n_tokens = rng.integers(1, k + 1, size=n)
+    n_tokens[0] = k
+    for i, t in enumerate(n_tokens):
+        logits[i, t:] = 0.0  # padding past a row's last token, as the extractor writes it
+    hidden = rng.normal(size=(n, h)).astype(np.float32)
+    lay = rng.normal(size=(n, len(layers), h)).astype(np.float32)
+    w = RunWriter(path, {"model": "m", "dtype": "float32", "vocab_size": v, "prompt_template": None,
+                         "max_new_tokens": k, "hidden": True, "layers": list(layers)}, shard_size=4)
+    w.append([{"id": f"r{i}", "label": i % 2} for i in range(n)],
+             {"logits": logits, "n_tokens": n_tokens, "row_index": np.arange(n), "hidden": hidden, "layers": lay})
+    return w.close(), logits, n_tokens, hidden, lay
+
+
+# ------------------------------------------------------------------------------------------------ features
+def test_softmax_and_log_softmax_equal_scipy_special_for_every_token(tmp_path: Path):
+    """Catches: softmax/log-softmax computed at another temperature, over the wrong axis, or on other rows."""
+    run, logits, n_tokens, _, _ = _run(tmp_path / "r")
+    for t in range(3):
+        rows = np.flatnonzero(n_tokens > t)
+        np.testing.assert_allclose(feature_matrix(run, "softmax", token=t, rows=rows),
+                                   special.softmax(logits[rows, t].astype(np.float64), axis=1), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(feature_matrix(run, "log_softmax", token=t, rows=rows),
+                                   special.log_softmax(logits[rows, t].astype(np.float64), axis=1), atol=1e-5)
+        np.testing.assert_array_equal(feature_matrix(run, "logits", token=t, rows=rows), logits[rows, t])
+        np.testing.assert_array_equal(valid_rows(run, "softmax", t), n_tokens > t)
+
+
+def test_hidden_and_layer_features_and_row_orders(tmp_path: Path):
+    """Catches: a layer view reading another layer, rows returned in sorted instead of the caller's order."""
+    run, logits, _, hidden, lay = _run(tmp_path / "r")
+    np.testing.assert_array_equal(feature_matrix(run, "layer", layer=-1), lay[:, 1])
+    np.testing.assert_array_equal(feature_matrix(run, "layer", layer=1, rows=[5, 0, 3]), lay[[5, 0, 3], 0])
+    np.testing.assert_array_equal(feature_matrix(run, "hidden", rows=np.array([6, 2, 2])), hidden[[6, 2, 2]])
+    mask = np.zeros(7, dtype=bool)
+    mask[[1, 4]] = True
+    np.testing.assert_array_equal(feature_matrix(run, "hidden", rows=mask), hidden[[1, 4]])
+    np.testing.assert_array_equal(feature_matrix(run, "hidden", rows=slice(2, 5)), hidden[2:5])
+    np.testing.assert_array_equal(valid_rows(run, "hidden"), np.ones(7, dtype=bool))
+    view = FeatureView(run, "layer", layer=1)
+    assert view.shape == (7, 4) and len(view) == 7 and view.ndim == 2 and view.dtype == np.float32
+    assert view.spec == FeatureSpec(kind="layer", token=0, layer=1, dim=4, model="m")
+    assert FeatureView(run, "hidden").spec.layer is None
+    sub = RowSubset(view, np.array([6, 1, 3]))
+    assert sub.shape == (3, 4) and len(sub) == 3
+    np.testing.assert_array_equal(sub[[2, 0]], lay[[3, 6], 0])
+    with pytest.raises(LvlmlpError, match="--feature layer needs --layer L"):
+        FeatureView(run, "layer")
+    with pytest.raises(ValueError, match=r"boolean row mask of shape \(3,\) for 7 rows"):
+        as_index(np.array([True, False, True]), 7)
+    np.testing.assert_array_equal(as_index(None, 3), [0, 1, 2])
+    np.testing.assert_array_equal(as_index(4, 9), [4])
+
+
+def test_feature_matrix_chunks_equal_one_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Catches: an off-by-one in the chunk loop of feature_matrix (rows lost or duplicated between chunks)."""
+    import lvlmlp.features as features
+
+    run, logits, _, hidden, _ = _run(tmp_path / "r", n=11)
+    monkeypatch.setattr(features, "_CHUNK", 3)
+    np.testing.assert_array_equal(feature_matrix(run, "hidden"), hidden)
+    np.testing.assert_array_equal(feature_matrix(run, rows=[10, 0, 5, 3, 9]), logits[[10, 0, 5, 3, 9], 0])
+
+
+def test_padding_row_error_names_row_and_token(tmp_path: Path):
+    """Catches: the n_tokens check using `<` instead of `<=` (a padding row of zeros read as features)."""
+    run, _, n_tokens, _, _ = _run(tmp_path / "r")
+    row = int(np.flatnonzero(n_tokens == 1)[0])
+    with pytest.raises(LvlmlpError, match=rf"row 'r{row}': has no generated token 1 \(it stopped after 1\)"):
+        feature_matrix(run, token=1, rows=[0, row])
+
+
+def test_probe_refuses_features_of_another_token_or_layer():
+    """Catches: check_compatible / FeatureSpec.mismatches ignoring the token or the layer."""
+    X = np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32)
+    y = np.arange(40) % 2
+    probe = LogisticProbe().fit(X, y, spec=FeatureSpec(kind="layer", token=0, layer=8, dim=5, model="a"))
+    probe.check_compatible(FeatureSpec(kind="layer", token=0, layer=8, dim=5, model="a"))
+    probe.check_compatible(FeatureSpec(kind="layer", token=0, layer=8, dim=None, model=None))  # unknown: no clash
+    with pytest.raises(LvlmlpError, match=r"layer 16 \(probe expects 8\)"):
+        probe.check_compatible(FeatureSpec(kind="layer", token=0, layer=16, dim=5, model="a"))
+    with pytest.raises(LvlmlpError, match=r"token 1 \(probe expects 0\)"):
+        probe.check_compatible(FeatureSpec(kind="layer", token=1, layer=8, dim=5, model="a"))
+    tok = LogisticProbe().fit(X, y, spec=FeatureSpec(kind="logits", token=2, dim=5))
+    with pytest.raises(LvlmlpError, match=r"probe trained on logits of token 2, dim 5.*token 0 \(probe expects 2\)"):
+        tok.check_compatible(FeatureSpec(kind="logits", token=0, dim=5))
+    assert FeatureSpec.from_dict({"kind": "hidden", "unknown_key": 1}) == FeatureSpec(kind="hidden")
+    assert FeatureSpec(kind="layer", layer=3, dim=2, model="x").describe() == "layer of layer 3, dim 2, model 'x'"
+
+
+# ------------------------------------------------------------------------------------------------ probes
+def test_logistic_decision_function_values_equal_sklearn_and_the_linear_map():
+    """Catches: decision_function returning the wrong sign, dropping the intercept or the standardisation."""
+    rng = np.random.default_rng(3)
+    X = (rng.normal(size=(120, 6)) * [1, 5, 0.2, 3, 1, 8] + 2).astype(np.float32)
+    y = (X[:, 0] + 0.1 * X[:, 1] + rng.normal(size=120) > 2).astype(int)
+    plain = LogisticProbe().fit(X, y)
+    ref = LogisticRegression().fit(X, y)
+    np.testing.assert_allclose(plain.decision_function(X), ref.decision_function(X), rtol=1e-5, atol=1e-5)
+    std = LogisticProbe(standardize=True, C=0.3).fit(X, y)
+    Z = (X - X.mean(0)) / X.std(0)
+    ref_std = LogisticRegression(C=0.3).fit(Z, y)
+    np.testing.assert_allclose(std.mean_, X.astype(np.float64).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(std.scale_, X.astype(np.float64).std(0), rtol=1e-5)
+    np.testing.assert_allclose(std.decision_function(X), ref_std.decision_function(Z), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(std.predict_proba(X)[:, 1], special.expit(std.decision_function(X)), rtol=1e-12)
+    assert std.fit_info_["n_rows"] == 120 and std.fit_info_["converged"] is True
+    assert LogisticProbe(max_iter=1).fit(X, y).fit_info_["converged"] is False  # the paper's default may stop early
+
+
+def test_multinomial_probe_equals_sklearn_multinomial_at_matched_regularisation():
+    """Catches: MultinomialProbe without (or with a wrong) weight decay, a penalised bias, a wrong loss.
+
+    scikit-learn minimises C * sum(CE) + ||W||^2 / 2, i.e. mean(CE) + ||W||^2 / (2 C n): weight_decay = 1 / (C n).
+    Full-batch Adam to convergence reaches the same optimum: coefficients within 2e-3, log-loss within 1e-4
+    (intercepts of a softmax are only defined up to a common shift, so they are compared centred)."""
+    rng = np.random.default_rng(0)
+    n, d, k, C = 150, 6, 3, 0.05
+    y = rng.integers(0, k, n)
+    X = (rng.normal(size=(n, d)) + 1.5 * np.eye(k, d)[y]).astype(np.float32)
+    ref = LogisticRegression(C=C, max_iter=5000, tol=1e-10).fit(X, y)
+    probe = MultinomialProbe(epochs=250, batch_size=n, lr=0.1, weight_decay=1 / (C * n), standardize=False).fit(X, y)
+    np.testing.assert_allclose(probe.coef_, ref.coef_, atol=2e-3)
+    centred = probe.intercept_ - probe.intercept_.mean()
+    np.testing.assert_allclose(centred, ref.intercept_ - ref.intercept_.mean(), atol=2e-3)
+    assert abs(log_loss(y, probe.predict_proba(X)) - log_loss(y, ref.predict_proba(X))) < 1e-4
+    # The recorded final loss is the penalised objective of the last epoch.
+    penalty = 0.5 / (C * n) * float((probe.coef_.astype(np.float64) ** 2).sum())
+    assert probe.fit_info_["final_loss"] == pytest.approx(log_loss(y, probe.predict_proba(X)) + penalty, abs=1e-4)
+
+
+def test_multinomial_standardises_with_streamed_column_statistics():
+    """Catches: standardisation statistics merged wrongly across chunks (Chan et al. update)."""
+    import lvlmlp.probes as probes
+
+    rng = np.random.default_rng(1)
+    X = (rng.normal(size=(50, 4)) * [1, 10, 0.1, 3] + [5, -2, 0, 1]).astype(np.float32)
+    X[:, 2] = 7.0  # a constant column gets scale 1, not a division by zero
+    mean, scale = probes._column_stats(X, 50, 4)
+    old = probes._SCORE_CHUNK
+    try:
+        probes._SCORE_CHUNK = 7
+        mean7, scale7 = probes._column_stats(X, 50, 4)
+    finally:
+        probes._SCORE_CHUNK = old
+    ref_std = X.astype(np.float64).std(0)
+    for m, s in ((mean, scale), (mean7, scale7)):
+        np.testing.assert_allclose(m, X.astype(np.float64).mean(0), rtol=1e-5)
+        np.testing.assert_allclose(s, np.where(ref_std > 0, ref_std, 1.0), rtol=1e-5)
+    y = np.arange(50) % 2
+    probe = MultinomialProbe(epochs=2).fit(X, y)
+    np.testing.assert_allclose(probe.mean_, mean) and np.testing.assert_allclose(probe.scale_, scale)
+    Z = (X - mean) / scale
+    np.testing.assert_allclose(probe.decision_function(X), Z @ probe.coef_.T.astype(np.float64) + probe.intercept_,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_multiclass_predict_and_binary_only_positive_score():
+    """Catches: multiclass predict not mapping argmax back to the labels; positive_score on many classes."""
+    rng = np.random.default_rng(2)
+    y = np.repeat([3, 5, 9], 30)
+    X = (rng.normal(size=(90, 5)) + 4 * np.eye(3, 5)[np.searchsorted([3, 5, 9], y)]).astype(np.float32)
+    probe = MultinomialProbe(epochs=40, batch_size=32).fit(X, y)
+    p = probe.predict_proba(X)
+    np.testing.assert_array_equal(probe.predict(X), np.array([3, 5, 9])[p.argmax(1)])
+    assert probe.score(X, y) == np.mean(probe.predict(X) == y) > 0.9
+    with pytest.raises(LvlmlpError, match="MultinomialProbe has 3 classes: no single positive score"):
+        probe.positive_score(X)
+    with pytest.raises(LvlmlpError, match="is not fitted yet"):
+        MultinomialProbe().predict_proba(X)
+    with pytest.raises(LvlmlpError, match="features must be a 2-D matrix"):
+        probe.predict_proba(X[0])
+    with pytest.raises(LvlmlpError, match="labels have shape"):
+        MultinomialProbe().fit(X, y[:-1])
+    with pytest.raises(LvlmlpError, match="labels must be integers"):
+        MultinomialProbe().fit(X, y + 0.5)
+    with pytest.raises(LvlmlpError, match="labels contain NaN"):
+        MultinomialProbe().fit(X, np.where(y == 3, np.nan, y))
+    with pytest.raises(ValueError, match="Invalid parameter 'Cee'"):
+        LogisticProbe().set_params(Cee=1)
+    assert LogisticProbe().set_params(C=2.0).C == 2.0
+    assert repr(LogisticProbe(C=2.0)) == "LogisticProbe(C=2.0)"  # scikit-learn shows the non-default ones
+
+
+# ------------------------------------------------------------------------------------------------ persistence
+def _saved(tmp_path: Path) -> Path:
+    X = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
+    return LogisticProbe().fit(X, np.arange(30) % 2).save(tmp_path / "p")
+
+
+def test_load_probe_refuses_unknown_class_and_corrupt_files(tmp_path: Path):
+    """Catches: load_probe instantiating whatever class the JSON names, or a traceback on corrupt files."""
+    folder = _saved(tmp_path)
+    doc = json.loads((folder / "probe.json").read_text())
+    (folder / "probe.json").write_text(json.dumps({**doc, "class": "os.system"}))
+    with pytest.raises(LvlmlpError, match=r"probe.json: unknown probe class 'os.system'"):
+        load_probe(folder)
+    (folder / "probe.json").write_text(json.dumps({**doc, "format": "other"}))
+    with pytest.raises(LvlmlpError, match=r"not an lvlmlp probe \(format 'other'\)"):
+        load_probe(folder)
+    (folder / "probe.json").write_text('{"format": ')
+    with pytest.raises(LvlmlpError, match=r"probe.json: invalid JSON \(Expecting value at line 1\)"):
+        load_probe(folder)
+    (folder / "probe.json").write_text(json.dumps(doc))
+    (folder / "probe.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(LvlmlpError, match=r"probe.safetensors"):
+        load_probe(folder)
+    (folder / "probe.safetensors").unlink()
+    with pytest.raises(LvlmlpError, match=r"not a probe folder \(missing probe.safetensors\)"):
+        load_probe(folder)
+
+
+def test_loading_never_unpickles_even_through_unpickler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Catches: any pickle use on load (numpy.load(allow_pickle), torch.load), blocked at pickle.Unpickler itself."""
+    folder = _saved(tmp_path)
+
+    class Forbidden:
+        def __init__(self, *a, **k):
+            raise AssertionError("pickle.Unpickler used while loading a probe")
+
+    def forbidden(*a, **k):
+        raise AssertionError("pickle used while loading a probe")
+
+    import _pickle
+
+    for mod in (pickle, _pickle):
+        monkeypatch.setattr(mod, "Unpickler", Forbidden)
+        monkeypatch.setattr(mod, "load", forbidden)
+        monkeypatch.setattr(mod, "loads", forbidden)
+    probe = load_probe(folder)
+    X = np.ones((2, 4), dtype=np.float32)
+    assert probe.predict_proba(X).shape == (2, 2)
+    with pytest.raises(AssertionError, match="pickle"):  # the block itself works
+        pickle.loads(pickle.dumps(1))
