@@ -11,17 +11,12 @@ import asyncio
 import base64
 import io
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -31,9 +26,9 @@ import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-import lvlmlp
 from lvlmlp.backend import Backend
-from lvlmlp.cli import main
+from lvlmlp.cli import build_parser, main
+from lvlmlp.commands.serve import build_app
 from lvlmlp.data import load_image
 from lvlmlp.probes import LogisticProbe, load_probe
 from lvlmlp.serve import Engine, Limits, ServeConfig, create_app, load_engine
@@ -164,11 +159,14 @@ def test_streaming_gives_the_non_streaming_text(world, client):
 
 
 def _requests(world) -> list[dict]:
-    """32 requests: 8 images x 4 settings (greedy with varied max_tokens, seeded sampling with varied settings)."""
+    """32 requests: 8 images x 4 settings (greedy with varied max_tokens, seeded sampling with varied settings);
+    images 0 and 1 are the probe's rows 0 (not flagged) and 1 (flagged)."""
     out = []
     for i in range(32):
         image = _png(100 + i % 8, (24 + 3 * (i % 8), 40 - 2 * (i % 8)))
         question = " ".join(["what", "is", "in", "the", "image", "?"][: 2 + i % 5])
+        if i % 8 < 2:
+            image, question = load_image(world["rows"][i % 8]["image"]), world["rows"][i % 8]["question"]
         kind = i // 8
         settings = [{"temperature": 0, "max_tokens": K}, {"temperature": 0, "max_tokens": 3 + i % 4},
                     {"temperature": 0.8, "seed": i}, {"temperature": 1.3, "top_p": 0.7, "seed": 1000 + i}][kind]
@@ -319,35 +317,27 @@ def test_full_queue_answers_503_and_recovers(world):
         assert response.status_code == 400 and "image not found: /no/such.png" in response.json()["error"]["message"]
 
 
-def test_cli_serve_in_a_process(world, server, tmp_path):
-    """The command itself: flags, the model's path as an alias, LVLMLP_API_KEY; same answer as the fixture's."""
+def test_cli_serve_flags_build_the_app(world, server, monkeypatch):
+    """The command's flags: the served id and the model's path as an alias, LVLMLP_API_KEY, the limits; the app
+    it builds (served here as uvicorn.run would) gives the fixture server's answer."""
     assert main(["serve", "--model", str(world["ckpt"]), "--probe", str(world["probe"])]) == 2  # no template
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(lvlmlp.__file__).parents[1]), "LVLMLP_API_KEY": "sk-env"}
-    proc = subprocess.Popen([sys.executable, "-m", "lvlmlp.cli", "serve", "--model", str(world["ckpt"]), "--probe",
-                             str(world["probe"]), "--template", TEMPLATE, "--port", str(port), "--device", "cpu",
-                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "lvlmlp serve did not start"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    assert main(["serve", "--model", str(world["ckpt"]), "--probe", str(world["probe"]), "--template", "x",
+                 "--max-batch", "0"]) == 2
+    monkeypatch.setenv("LVLMLP_API_KEY", "sk-env")
+    args = build_parser().parse_args(["serve", "--model", str(world["ckpt"]), "--probe", str(world["probe"]),
+                                      "--template", TEMPLATE, "--device", "cpu", "--max-image-bytes", "1000"])
+    app = build_app(args)
+    assert app.state.config.limits.max_image_bytes == 1000
+    with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="sk-env", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == [world["ckpt"].name]
         row = world["rows"][1]
-        mine = client.chat.completions.create(model=str(world["ckpt"]), temperature=0, max_tokens=K,
-                                              messages=message(data_url(load_image(row["image"])), row["question"]))
+        small = Image.open(row["image"]).resize((8, 8))  # under --max-image-bytes
+        kwargs = dict(temperature=0, max_tokens=K, messages=message(data_url(small), row["question"]))
+        mine = client.chat.completions.create(model=str(world["ckpt"]), **kwargs).choices[0]
         theirs = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0)
-        assert mine.choices[0].message.content == ask(theirs, row, temperature=0, max_tokens=K).choices[0].message.content
-        assert mine.choices[0].flagged is True
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        expected = theirs.chat.completions.create(model="tiny-llava", **kwargs).choices[0]
+        assert (mine.message.content, mine.flagged) == (expected.message.content, expected.flagged)
+        with pytest.raises(openai.APIStatusError, match="--max-image-bytes"):
+            client.chat.completions.create(model=world["ckpt"].name, messages=message(
+                data_url(load_image(row["image"])), row["question"]))

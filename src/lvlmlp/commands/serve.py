@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from lvlmlp.commands._args import add_model_arguments
 from lvlmlp.errors import LvlmlpError
@@ -12,10 +13,22 @@ from lvlmlp.errors import LvlmlpError
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
+    except ImportError as err:
+        raise LvlmlpError(f"lvlmlp serve needs uvicorn ({err}); install it with `pip install 'lvlmlp[serve]'`") from None
+    app = build_app(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and app.state.config.api_key is None:
+        print(f"lvlmlp: warning: serving on {args.host} without --api-key: anyone who reaches it can use it")
+    print(f"lvlmlp serve: {app.state.config.model_id} guarded by {args.probe} on http://{args.host}:{args.port}/v1")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
 
+
+def build_app(args: argparse.Namespace) -> Any:
+    """The FastAPI application the flags describe (model and probe loaded), not yet served."""
+    try:
         from lvlmlp.serve import Limits, ServeConfig, create_app, load_engine
     except ImportError as err:
-        raise LvlmlpError(f"lvlmlp serve needs FastAPI, uvicorn and prometheus-client ({err}); "
+        raise LvlmlpError(f"lvlmlp serve needs FastAPI and prometheus-client ({err}); "
                           "install them with `pip install 'lvlmlp[serve]'`") from None
     from lvlmlp.commands.generate import parse_answers
 
@@ -42,11 +55,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens_limit=args.max_tokens_limit, api_key=args.api_key or os.environ.get("LVLMLP_API_KEY") or None,
         max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
     )
-    if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
-        print(f"lvlmlp: warning: serving on {args.host} without --api-key: anyone who reaches it can use it")
-    print(f"lvlmlp serve: {config.model_id} guarded by {args.probe} on http://{args.host}:{args.port}/v1")
-    uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    return create_app(engine, config)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
