@@ -88,7 +88,8 @@ def run_module(name: str, max_children: int) -> dict:
             diff = subprocess.run([mutmut, "show", m.group(1)], cwd=work, env=env, capture_output=True, text=True,
                                   check=False).stdout
             survivors.append({"name": m.group(1), "status": m.group(2), "diff": diff.strip()})
-    result = {"module": name, "path": MODULES[name]["path"], "tests": MODULES[name]["tests"], "counts": counts,
+    tests = [t for t in MODULES[name]["tests"] if (ROOT / t).exists()]
+    result = {"module": name, "path": MODULES[name]["path"], "tests": tests, "counts": counts,
               "survivors": survivors}
     (work / "result.json").write_text(json.dumps(result, indent=1))
     return result
