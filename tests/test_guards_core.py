@@ -255,3 +255,28 @@ def test_loading_never_unpickles_even_through_unpickler(tmp_path: Path, monkeypa
     assert probe.predict_proba(X).shape == (2, 2)
     with pytest.raises(AssertionError, match="pickle"):  # the block itself works
         pickle.loads(pickle.dumps(1))
+
+
+def test_feature_dtypes_messages_and_unknown_values(tmp_path: Path):
+    """Catches (mutation survivors): float64 leaking out of a view, valid_rows ignoring logits kinds, error texts,
+    a dim-less spec that stops comparing before the model, padding checks on hidden-state views."""
+    run, logits, n_tokens, hidden, lay = _run(tmp_path / "r")
+    for kind in ("logits", "log_softmax", "softmax", "hidden"):
+        assert FeatureView(run, kind)[[0, 1]].dtype == np.float32, kind
+    assert RowSubset(np.arange(12, dtype=np.int64).reshape(4, 3), [3, 1])[[0]].dtype == np.float32
+    assert RowSubset(np.zeros((4, 3)), [3, 1]).idx.dtype == np.int64
+    for kind in ("logits", "log_softmax", "softmax"):
+        np.testing.assert_array_equal(valid_rows(run, kind, 1), n_tokens > 1)
+    assert valid_rows(run, "layer", 2).dtype == bool and valid_rows(run, "layer", 2).all()
+    # Hidden states exist once per row whatever `token` says: no padding check for them.
+    short = int(np.flatnonzero(n_tokens == 1)[0])
+    np.testing.assert_array_equal(FeatureView(run, "hidden", token=2)[[short]], hidden[[short]])
+    with pytest.raises(LvlmlpError) as err:
+        feature_matrix(run, "probs")
+    assert str(err.value) == "--feature 'probs': unknown feature kind (choose from logits, log_softmax, softmax, " \
+                             "hidden, layer)"
+    with pytest.raises(LvlmlpError) as err:
+        feature_matrix(run, "layer")
+    assert str(err.value) == "--feature layer needs --layer L"
+    spec = FeatureSpec(kind="logits", token=0, dim=None, model="a")
+    assert spec.mismatches(FeatureSpec(kind="logits", token=0, dim=9, model="b")) == ["model 'b' (probe expects 'a')"]
