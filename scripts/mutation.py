@@ -67,13 +67,18 @@ def _prepare(name: str) -> Path:
     return work
 
 
-def run_module(name: str, max_children: int) -> dict:
+def run_module(name: str, max_children: int, retest_survivors: bool = False) -> dict:
+    previous = WORK / name / "result.json"
+    names = []
+    if retest_survivors and previous.exists():
+        # Only the last run's survivors, against the current tests (written to kill them).
+        names = [s["name"] for s in json.loads(previous.read_text())["survivors"]]
     work = _prepare(name)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mutmut puts mutants/src first itself
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     mutmut = str(Path(sys.executable).with_name("mutmut"))
-    with open(work / "run.log", "w") as log:
-        subprocess.run([mutmut, "run", "--max-children", str(max_children)], cwd=work, env=env, stdout=log,
+    with open(work / "run.log", "a" if names else "w") as log:
+        subprocess.run([mutmut, "run", "--max-children", str(max_children), *names], cwd=work, env=env, stdout=log,
                        stderr=subprocess.STDOUT, check=False)
     res = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, env=env, capture_output=True, text=True,
                          check=False)
@@ -132,13 +137,15 @@ def main() -> int:
     ap.add_argument("modules", nargs="*", help=f"modules to mutate: {', '.join(MODULES)} (default: all)")
     ap.add_argument("--report", action="store_true", help="only rewrite docs/mutation-report.md")
     ap.add_argument("--max-children", type=int, default=1)
+    ap.add_argument("--retest-survivors", action="store_true",
+                    help="re-run only the last run's surviving mutants (after adding tests that kill them)")
     args = ap.parse_args()
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         ap.error(f"unknown module(s) {unknown}: choose from {', '.join(MODULES)}")
     if not args.report:
         for name in args.modules or list(MODULES):
-            r = run_module(name, args.max_children)
+            r = run_module(name, args.max_children, args.retest_survivors)
             print(name, r["counts"], flush=True)
     write_report()
     print(f"wrote {REPORT}")
