@@ -268,6 +268,8 @@ def test_feature_dtypes_messages_and_unknown_values(tmp_path: Path):
     for kind in ("logits", "log_softmax", "softmax"):
         np.testing.assert_array_equal(valid_rows(run, kind, 1), n_tokens > 1)
     assert valid_rows(run, "layer", 2).dtype == bool and valid_rows(run, "layer", 2).all()
+    np.testing.assert_array_equal(valid_rows(run), n_tokens > 0)  # defaults: logits of token 0
+    np.testing.assert_array_equal(FeatureView(run)[[2, 0]], logits[[2, 0], 0])
     # Hidden states exist once per row whatever `token` says: no padding check for them.
     short = int(np.flatnonzero(n_tokens == 1)[0])
     np.testing.assert_array_equal(FeatureView(run, "hidden", token=2)[[short]], hidden[[short]])
