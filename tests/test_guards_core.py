@@ -270,6 +270,12 @@ def test_feature_dtypes_messages_and_unknown_values(tmp_path: Path):
     assert valid_rows(run, "layer", 2).dtype == bool and valid_rows(run, "layer", 2).all()
     np.testing.assert_array_equal(valid_rows(run), n_tokens > 0)  # defaults: logits of token 0
     np.testing.assert_array_equal(FeatureView(run)[[2, 0]], logits[[2, 0], 0])
+    np.testing.assert_array_equal(FeatureView(run, "hidden")[1:3], hidden[1:3])
+    assert feature_matrix(run).dtype == np.float32 and feature_matrix(run, "hidden").dtype == np.float32
+    first_short = int(np.flatnonzero(n_tokens == 1)[0])
+    for kind in ("log_softmax", "softmax"):  # padding rows are refused for every logits kind
+        with pytest.raises(LvlmlpError, match=f"row 'r{first_short}': has no generated token 1"):
+            feature_matrix(run, kind, token=1)
     # Hidden states exist once per row whatever `token` says: no padding check for them.
     short = int(np.flatnonzero(n_tokens == 1)[0])
     np.testing.assert_array_equal(FeatureView(run, "hidden", token=2)[[short]], hidden[[short]])
