@@ -31,6 +31,7 @@ bench: venv
 
 # Mutation testing of the core modules (slow; not part of `make test`): writes docs/mutation-report.md.
 mutation: venv
+	$(BIN)/pip install -q -e '.[mutation]'
 	$(BIN)/python scripts/mutation.py $(MODULES)
 
 # Headless Chromium for the report-rendering test (tests never install software themselves).

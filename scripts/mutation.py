@@ -67,16 +67,54 @@ def _prepare(name: str) -> Path:
     return work
 
 
-def run_module(name: str, max_children: int) -> dict:
+def run_module(name: str, max_children: int, retest_survivors: bool = False) -> dict:
+    previous = WORK / name / "result.json"
+    names = []
+    if retest_survivors and previous.exists():
+        # Only the last run's survivors, against the current tests (written to kill them).
+        names = [s["name"] for s in json.loads(previous.read_text())["survivors"]]
     work = _prepare(name)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mutmut puts mutants/src first itself
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     mutmut = str(Path(sys.executable).with_name("mutmut"))
-    with open(work / "run.log", "w") as log:
-        subprocess.run([mutmut, "run", "--max-children", str(max_children)], cwd=work, env=env, stdout=log,
+    with open(work / "run.log", "a" if names else "w") as log:
+        subprocess.run([mutmut, "run", "--max-children", str(max_children), *names], cwd=work, env=env, stdout=log,
                        stderr=subprocess.STDOUT, check=False)
+    return collect(name, work, env, mutmut)
+
+
+def _function_sources(path: Path) -> dict[str, list[str]]:
+    """Every function of mutmut's trampolined copy of a module, by name (the mutants and `..._orig`)."""
+    import ast
+
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    out = {}
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "__mutmut_" in node.name:
+            out[node.name] = [ln.strip() for ln in lines[node.lineno - 1 : node.end_lineno]]
+    return out
+
+
+def _diff(functions: dict[str, list[str]], mutant: str) -> str:
+    """The changed lines of one mutant against the original function (what `mutmut show` prints, but without
+    starting mutmut once per mutant)."""
+    import difflib
+
+    local = mutant.rsplit(".", 1)[-1]
+    orig = functions.get(local.rsplit("__mutmut_", 1)[0] + "__mutmut_orig")
+    mut = functions.get(local)
+    if orig is None or mut is None:
+        return "(source not found)"
+    body = list(difflib.unified_diff(orig[1:], mut[1:], lineterm="", n=0))[2:]
+    return "\n".join(line for line in body if not line.startswith("@@")) or "(signature: " + mut[0] + ")"
+
+
+def collect(name: str, work: Path, env: dict, mutmut: str) -> dict:
+    """Counts and survivors of the last `mutmut run` in `work` into result.json."""
     res = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, env=env, capture_output=True, text=True,
                          check=False)
+    functions = _function_sources(work / "mutants" / MODULES[name]["path"])
     counts: dict[str, int] = {}
     survivors = []
     for line in res.stdout.splitlines():
@@ -85,10 +123,9 @@ def run_module(name: str, max_children: int) -> dict:
             continue
         counts[m.group(2)] = counts.get(m.group(2), 0) + 1
         if m.group(2) in ("survived", "no tests"):
-            diff = subprocess.run([mutmut, "show", m.group(1)], cwd=work, env=env, capture_output=True, text=True,
-                                  check=False).stdout
-            survivors.append({"name": m.group(1), "status": m.group(2), "diff": diff.strip()})
-    result = {"module": name, "path": MODULES[name]["path"], "tests": MODULES[name]["tests"], "counts": counts,
+            survivors.append({"name": m.group(1), "status": m.group(2), "diff": _diff(functions, m.group(1))})
+    tests = [t for t in MODULES[name]["tests"] if (ROOT / t).exists()]
+    result = {"module": name, "path": MODULES[name]["path"], "tests": tests, "counts": counts,
               "survivors": survivors}
     (work / "result.json").write_text(json.dumps(result, indent=1))
     return result
@@ -131,13 +168,21 @@ def main() -> int:
     ap.add_argument("modules", nargs="*", help=f"modules to mutate: {', '.join(MODULES)} (default: all)")
     ap.add_argument("--report", action="store_true", help="only rewrite docs/mutation-report.md")
     ap.add_argument("--max-children", type=int, default=1)
+    ap.add_argument("--collect", action="store_true",
+                    help="only read the results of mutmut runs already made (e.g. one stopped early)")
+    ap.add_argument("--retest-survivors", action="store_true",
+                    help="re-run only the last run's surviving mutants (after adding tests that kill them)")
     args = ap.parse_args()
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         ap.error(f"unknown module(s) {unknown}: choose from {', '.join(MODULES)}")
     if not args.report:
         for name in args.modules or list(MODULES):
-            r = run_module(name, args.max_children)
+            if args.collect:
+                env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+                r = collect(name, WORK / name, env, str(Path(sys.executable).with_name("mutmut")))
+            else:
+                r = run_module(name, args.max_children, args.retest_survivors)
             print(name, r["counts"], flush=True)
     write_report()
     print(f"wrote {REPORT}")

@@ -124,7 +124,7 @@ def _kill_midway(cmd: list[str], shards: Path, after: int, sig: int = signal.SIG
 
 def test_sigkill_then_resume_equals_uninterrupted_run_also_for_shards(tiny_ckpt, tmp_path):
     ckpt = tiny_ckpt("llava")
-    manifest = make_manifest(tmp_path, 120, seed=1)
+    manifest = make_manifest(tmp_path, 40, seed=1)  # killed after 3 of 20 shards: most rows are left to resume
     base = [sys.executable, "-m", "lvlmlp.cli", "extract", "--model", str(ckpt), "--data", str(manifest),
             "--batch-size", "2", "--shard-size", "2", "--device", "cpu", "--no-progress"]
     assert main([*base[3:], "--out", str(tmp_path / "clean")]) == 0
@@ -152,7 +152,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run_also_for_shards(tiny_ckpt,
 
 def test_ctrl_c_stops_workers_says_one_line_and_resumes(tiny_ckpt, tmp_path):
     ckpt = tiny_ckpt("llava")
-    manifest = make_manifest(tmp_path, 120, seed=1)
+    manifest = make_manifest(tmp_path, 40, seed=1)
     cmd = [sys.executable, "-m", "lvlmlp.cli", "extract", "--model", str(ckpt), "--data", str(manifest),
            "--batch-size", "2", "--shard-size", "2", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "r")]
     with (tmp_path / "stderr.txt").open("w") as err:
@@ -160,7 +160,7 @@ def test_ctrl_c_stops_workers_says_one_line_and_resumes(tiny_ckpt, tmp_path):
     assert code == 130, "extraction finished before it could be interrupted"
     last = (tmp_path / "stderr.txt").read_text().strip().splitlines()[-1]
     assert last == "lvlmlp: interrupted; what was committed is kept, the same command resumes from there"
-    assert main(cmd[3:]) == 0 and open_run(tmp_path / "r").ids == [f"r{i}" for i in range(120)]
+    assert main(cmd[3:]) == 0 and open_run(tmp_path / "r").ids == [f"r{i}" for i in range(40)]
 
 
 def test_rerun_with_other_settings_is_refused(tiny_ckpt, tmp_path, capsys):

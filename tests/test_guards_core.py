@@ -255,3 +255,92 @@ def test_loading_never_unpickles_even_through_unpickler(tmp_path: Path, monkeypa
     assert probe.predict_proba(X).shape == (2, 2)
     with pytest.raises(AssertionError, match="pickle"):  # the block itself works
         pickle.loads(pickle.dumps(1))
+
+
+def test_feature_dtypes_messages_and_unknown_values(tmp_path: Path):
+    """Catches (mutation survivors): float64 leaking out of a view, valid_rows ignoring logits kinds, error texts,
+    a dim-less spec that stops comparing before the model, padding checks on hidden-state views."""
+    run, logits, n_tokens, hidden, lay = _run(tmp_path / "r")
+    for kind in ("logits", "log_softmax", "softmax", "hidden"):
+        assert FeatureView(run, kind)[[0, 1]].dtype == np.float32, kind
+    assert RowSubset(np.arange(12, dtype=np.int64).reshape(4, 3), [3, 1])[[0]].dtype == np.float32
+    assert RowSubset(np.zeros((4, 3)), [3, 1]).idx.dtype == np.int64
+    for kind in ("logits", "log_softmax", "softmax"):
+        np.testing.assert_array_equal(valid_rows(run, kind, 1), n_tokens > 1)
+    assert valid_rows(run, "layer", 2).dtype == bool and valid_rows(run, "layer", 2).all()
+    np.testing.assert_array_equal(valid_rows(run), n_tokens > 0)  # defaults: logits of token 0
+    np.testing.assert_array_equal(FeatureView(run)[[2, 0]], logits[[2, 0], 0])
+    np.testing.assert_array_equal(FeatureView(run, "hidden")[1:3], hidden[1:3])
+    assert feature_matrix(run).dtype == np.float32 and feature_matrix(run, "hidden").dtype == np.float32
+    first_short = int(np.flatnonzero(n_tokens == 1)[0])
+    for kind in ("log_softmax", "softmax"):  # padding rows are refused for every logits kind
+        with pytest.raises(LvlmlpError, match=f"row 'r{first_short}': has no generated token 1"):
+            feature_matrix(run, kind, token=1)
+    # Hidden states exist once per row whatever `token` says: no padding check for them.
+    short = int(np.flatnonzero(n_tokens == 1)[0])
+    np.testing.assert_array_equal(FeatureView(run, "hidden", token=2)[[short]], hidden[[short]])
+    with pytest.raises(LvlmlpError) as err:
+        feature_matrix(run, "probs")
+    assert str(err.value) == "--feature 'probs': unknown feature kind (choose from logits, log_softmax, softmax, " \
+                             "hidden, layer)"
+    with pytest.raises(LvlmlpError) as err:
+        feature_matrix(run, "layer")
+    assert str(err.value) == "--feature layer needs --layer L"
+    spec = FeatureSpec(kind="logits", token=0, dim=None, model="a")
+    assert spec.mismatches(FeatureSpec(kind="logits", token=0, dim=9, model="b")) == ["model 'b' (probe expects 'a')"]
+
+
+def test_probe_mutation_survivors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Catches (mutation survivors of probes.py): hyper-parameters not passed to scikit-learn, wrong defaults,
+    chunked float32 conversion, predict at exactly the threshold, probe.json fields and tolerant loading."""
+    import lvlmlp
+    import lvlmlp.probes as probes
+    from lvlmlp.probes import LDAProbe, Probe
+
+    rng = np.random.default_rng(9)
+    X = rng.normal(size=(60, 5))
+    y = (X[:, 0] + rng.normal(size=60) > 0.8).astype(int)  # imbalanced
+    defaults = LogisticRegression().get_params()
+    assert {k: LogisticProbe().get_params()[k] for k in ("C", "class_weight", "max_iter", "tol", "solver")} == \
+        {k: defaults[k] for k in ("C", "class_weight", "max_iter", "tol", "solver")}
+    for params in ({"class_weight": "balanced"}, {"tol": 0.5}, {"solver": "liblinear"}):
+        ours = LogisticProbe(**params).fit(X, y)
+        ref = LogisticRegression(**params).fit(X.astype(np.float32), y)
+        np.testing.assert_allclose(ours.coef_, ref.coef_, rtol=1e-5, atol=1e-6, err_msg=str(params))
+        assert ours.fit_info_["n_iter"] == int(np.max(ref.n_iter_))
+    # float64 input, a memory map and several conversion chunks give the float32 in-memory result.
+    monkeypatch.setattr(probes, "_SCORE_CHUNK", 7)
+    np.save(tmp_path / "x.npy", X)
+    ref = LogisticProbe().fit(X.astype(np.float32), y)
+    for data in (X, np.load(tmp_path / "x.npy", mmap_mode="r")):
+        np.testing.assert_array_equal(LogisticProbe().fit(data, y).coef_, ref.coef_)
+    assert Probe.registry["LogisticProbe"] is LogisticProbe and Probe.registry["LDAProbe"] is LDAProbe
+    assert LDAProbe().fit(X, y).fit_info_ == {"n_rows": 60}
+    with pytest.raises(LvlmlpError, match=r"^LogisticProbe is binary but labels hold 3 classes: use --probe"):
+        LogisticProbe().fit(X, np.arange(60) % 3)
+    with pytest.raises(ValueError) as err:
+        LogisticProbe().set_params(gamma=1)
+    assert str(err.value) == "LogisticProbe has no parameter 'gamma'"
+    spec = FeatureSpec(kind="logits", token=0, dim=5, model="a")
+    probe = LogisticProbe().fit(X, y, spec=spec)
+    with pytest.raises(LvlmlpError) as err:
+        probe.check_compatible(FeatureSpec(kind="softmax", token=1, dim=5, model="a"))
+    assert str(err.value).endswith("kind 'softmax' (probe expects 'logits'); token 1 (probe expects 0)")
+    p1 = probe.predict_proba(X)[:, 1]
+    probe.threshold = float(p1[0])  # a score exactly at the threshold is label 1 (flagged means strictly below)
+    assert probe.predict(X)[0] == 1
+    # probe.json fields, nested output folders, saving twice, and files written by older/other writers.
+    folder = probe.save(tmp_path / "a" / "b" / "p")
+    probe.save(folder)
+    doc = json.loads((folder / "probe.json").read_text())
+    assert doc["format_version"] == 1 and doc["lvlmlp_version"] == lvlmlp.__version__
+    loaded = load_probe(folder)
+    np.testing.assert_array_equal(loaded.predict(X), probe.predict(X))
+    assert loaded.classes_.tolist() == [0, 1]
+    lean = {k: v for k, v in doc.items() if k not in ("params", "fit_info")}
+    (folder / "probe.json").write_text(json.dumps({**lean, "feature_spec": None}))
+    loaded = load_probe(folder)
+    assert loaded.get_params() == LogisticProbe().get_params() and loaded.fit_info_ == {} and loaded.spec_ is None
+    (folder / "probe.json").write_text(json.dumps({**doc, "params": {"gamma": 1}}))
+    with pytest.raises(LvlmlpError, match=r"probe.json: bad parameters for LogisticProbe \(.*gamma"):
+        load_probe(folder)
