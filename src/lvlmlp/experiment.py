@@ -39,11 +39,12 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "dtype": "auto",
     "raw_prompt": False,
+    "system_prompt": None,  # a system turn before the user's (the llava_v1 line for the paper's LLaVA-1.5 runs)
     "task": "jsonl",
     "data_root": None,
     "image_root": None,
     "task_options": {},
-    "prompt": None,  # None (contract default), a style of tasks/prompts.yaml, a "{question}" template, or a list
+    "prompt": None,  # None (the task's default style), a style of tasks/prompts.yaml, a "{question}" template, or a list
     "splits": {"train": "train", "test": "test"},  # or {"cv": 10, "split": "testmini"}
     "limit": None,  # seeded random N rows per split
     "per_class": None,
@@ -162,8 +163,9 @@ def prompts_of(cfg: dict[str, Any]) -> list[tuple[str, str | None]]:
     items = spec if isinstance(spec, list) else [spec]
     out: list[tuple[str, str | None]] = []
     for i, item in enumerate(items):
-        if item is None:
-            out.append(("default", None))
+        if item is None:  # the task's default style (mathvista: oeh, as the original's scripts ran it)
+            default = prompt_template(cfg["task"])
+            out.append(("default", None if default == "{question}" else default))
         elif not isinstance(item, str):
             raise LvlmlpError(f"config: prompt entries must be strings, got {item!r}")
         elif "{question}" in item:
@@ -216,7 +218,8 @@ class LazyBackend:
             from lvlmlp import backend as backend_module
 
             self.backend = backend_module.Backend(self.cfg["model"], device=self.cfg["device"],
-                                                  dtype=self.cfg["dtype"], raw_prompt=bool(self.cfg["raw_prompt"]))
+                                                  dtype=self.cfg["dtype"], raw_prompt=bool(self.cfg["raw_prompt"]),
+                                                  system_prompt=self.cfg["system_prompt"])
         if template is not None and "{question}" not in template:
             raise LvlmlpError(f"prompt {template!r} has no {{question}} placeholder")
         # The template is read at each prompt() call, so one loaded model serves every prompt of the config.
@@ -239,9 +242,9 @@ def _label_fn(cfg: dict[str, Any]) -> Any:
 
     if not get_task(cfg["task"]).needs_generation:
         return None
-    from lvlmlp.tasks.mathvista import check_answer
+    from lvlmlp.tasks.mathvista import response_label
 
-    return check_answer
+    return response_label
 
 
 def run_experiment(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
@@ -260,6 +263,7 @@ def run_experiment(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]
         for split in splits:
             folder = out / "runs" / f"{name}-{split}"
             key = _key({"model": cfg["model"], "dtype": cfg["dtype"], "raw_prompt": cfg["raw_prompt"],
+                        **({"system_prompt": cfg["system_prompt"]} if cfg["system_prompt"] else {}),
                         "template": template, "data": rows_fingerprint(rows[split]), **ext})
             step = f"extract-{name}-{split}"
             if not (steps.done(step, key) and (folder / "manifest.json").is_file()):

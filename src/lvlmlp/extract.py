@@ -199,6 +199,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | float16 | bfloat16")
     p.add_argument("--prompt-template", default=None, help='applied to the question first, e.g. "{question} Answer briefly."')
     p.add_argument("--raw-prompt", action="store_true", help="skip the chat template; pass the text as it is")
+    p.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="a system turn before the user's (e.g. the llava_v1 line of the original LLaVA-1.5 runs, "
+                   "docs/paper-protocol.md); default: the chat template's own")
 
 
 def _rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | None, str]:
@@ -229,13 +232,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
         from lvlmlp.tasks import get_task
 
         if get_task(args.task).needs_generation:  # MathVista: label = whether the model's answer is right
-            from lvlmlp.tasks.mathvista import check_answer
+            from lvlmlp.tasks.mathvista import response_label
 
-            label_fn = check_answer
+            label_fn = response_label
             if not args.max_new_tokens:
                 raise LvlmlpError(f"--task {args.task}: labels come from the model's answers; give --max-new-tokens")
     backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=template,
-                      raw_prompt=args.raw_prompt)
+                      raw_prompt=args.raw_prompt, system_prompt=args.system_prompt)
     run = extract(
         backend, rows, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         logits_tokens=args.logits_tokens, hidden=args.hidden, layers=_layers(args.layers),

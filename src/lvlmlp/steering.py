@@ -289,7 +289,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise LvlmlpError(f"--eval: row {unlabelled[0]!r} has no 0/1 'label' in {source}")
     probe = load_probe(args.probe)
     backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=prompt_template,
-                      raw_prompt=args.raw_prompt)
+                      raw_prompt=args.raw_prompt, system_prompt=args.system_prompt)
     spec = getattr(probe, "spec_", None)
     kind = spec.kind if spec is not None else "logits"
     # The model is compared by name only as a warning: the same weights are often reached by a path or a hub id.

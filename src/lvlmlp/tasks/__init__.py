@@ -1,9 +1,10 @@
 """Task registry: the paper's benchmarks as small adapters that turn their own files into rows.
 
 ```python
-from lvlmlp.tasks import get_task, prompt_template
+from lvlmlp.tasks import dump_rows, get_task, prompt_template
 rows = get_task("pope").rows("/data/pope", split="val", categories=["random"])
-template = prompt_template("vizwiz", "oeh")  # contains "{question}"
+template = prompt_template("vizwiz", "oeh")  # contains "{question}"; no style: the task's default style
+dump_rows("mad", "/data/madbench", "dump.jsonl", image_root="/data/coco/val2017", split="train", style="mq")
 ```
 Each adapter module (vizwiz, mmsafety, mad, mathvista, pope, imagenet, jsonl) defines one `TASK`; this module
 collects them, loads `prompts.yaml`, and adds `lvlmlp tasks [NAME]` plus the `--task` flags of `lvlmlp extract`.
@@ -12,6 +13,7 @@ collects them, loads `prompts.yaml`, and adds `lvlmlp tasks [NAME]` plus the `--
 from __future__ import annotations
 
 import argparse
+import json
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ __all__ = [
     "Request",
     "Task",
     "add_task_arguments",
+    "apply_template",
+    "dump_rows",
     "get_task",
     "list_tasks",
     "prompt_styles",
@@ -65,12 +69,51 @@ def prompt_styles(task: str) -> tuple[str, ...]:
     return tuple(_prompts().get(task, {}))
 
 
-def prompt_template(task: str, style: str = "oe") -> str:
-    """The template of `style` for `task`, with "{question}" where the row's question goes."""
+def prompt_template(task: str, style: str | None = None) -> str:
+    """The template of `style` (default: the task's `default_prompt_style`) for `task`, with "{question}" where
+    the row's question goes."""
     styles = prompt_styles(task)
+    style = get_task(task).default_prompt_style if style is None else style
     if style not in styles:
         raise LvlmlpError(f"task {task}: unknown prompt style {style!r} (styles: {', '.join(styles)})")
     return _prompts()[task][style]
+
+
+def apply_template(template: str | None, question: str) -> str:
+    """The text the model is asked: the template with the question substituted (the original's `template % q`)."""
+    return template.replace("{question}", question) if template else question
+
+
+def prompted_rows(rows: list[dict], template: str | None) -> list[dict]:
+    """Rows as `--dump` writes them: `id`, `image`, `question`, `prompt`, `label`, `split`, then the metadata."""
+    out = []
+    for row in rows:
+        head = {k: row.get(k) for k in ("id", "image", "question")}
+        head["prompt"] = apply_template(template, row["question"])
+        head["label"], head["split"] = row.get("label"), row.get("split")
+        out.append({**head, **{k: v for k, v in row.items() if k not in head}})
+    return out
+
+
+def dump_rows(
+    task: str,
+    data_root: str | Path,
+    out: str | Path,
+    *,
+    image_root: str | Path | None = None,
+    split: str | None = None,
+    style: str | None = None,
+    **options: Any,
+) -> int:
+    """Write the rows extraction would use (with their prompt text) to `out` as JSON lines; returns the count.
+    `options` go to `Task.rows` (limit, per_class, seed and the task's own options)."""
+    rows = get_task(task).rows(data_root, image_root, split, **options)
+    lines = [json.dumps(r, ensure_ascii=False) for r in prompted_rows(rows, prompt_template(task, style))]
+    path = Path(out)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    tmp.replace(path)  # a crash mid-write leaves the previous dump intact
+    return len(lines)
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -79,6 +122,15 @@ def prompt_template(task: str, style: str = "oe") -> str:
 def register_cli(subparsers: Any) -> None:
     p = subparsers.add_parser("tasks", help="list the registered tasks, or show one task's expected files")
     p.add_argument("name", nargs="?", help="a task name: print its layout, splits, labels and prompt styles")
+    p.add_argument("--data-root", metavar="DIR", help="with --dump: the task's annotation files")
+    p.add_argument("--image-root", metavar="DIR", help="with --dump: the task's images")
+    p.add_argument("--split", metavar="S", help="with --dump: the split (default: the task's default split)")
+    p.add_argument("--prompt-style", metavar="STYLE", help="with --dump: a style of tasks/prompts.yaml")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE", help="with --dump: repeatable")
+    p.add_argument("--per-class", type=int, metavar="K", help="with --dump: K seeded-random rows per label")
+    p.add_argument("--seed", type=int, default=0, help="with --dump: seed of every sampling step (default 0)")
+    p.add_argument("--dump", metavar="FILE", help="write the rows extraction would use, with their prompt, as "
+                   "JSON lines (id, image, question, prompt, label, split, metadata)")
     p.set_defaults(func=_cmd_tasks)
 
 
@@ -87,6 +139,14 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
         width = max(len(t.name) for t in list_tasks())
         for t in list_tasks():
             print(f"{t.name:<{width}}  {t.description}")
+        return 0
+    if args.dump:
+        if not args.data_root:
+            raise LvlmlpError(f"tasks --dump needs --data-root (see `lvlmlp tasks {args.name}`)")
+        n = dump_rows(args.name, args.data_root, args.dump, image_root=args.image_root, split=args.split,
+                      style=args.prompt_style, per_class=args.per_class, seed=args.seed,
+                      **parse_task_options(args.task_option))
+        print(f"{args.dump}: {n} rows")
         return 0
     print(describe(get_task(args.name)))
     return 0
@@ -102,7 +162,7 @@ def describe(task: Task) -> str:
         f"kind: {task.kind}",
         f"labels: {labels}",
         f"splits: {', '.join(task.splits) or 'any'} (default {task.default_split})",
-        f"prompt styles: {', '.join(prompt_styles(task.name))}",
+        f"prompt styles: {', '.join(prompt_styles(task.name))} (default {task.default_prompt_style})",
         f"default image root: <data-root>{'' if task.default_image_root == '.' else '/' + task.default_image_root}",
     ]
     lines += [f"option {name}: {help_}" for name, help_ in task.options]
@@ -124,7 +184,7 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--per-class", type=int, metavar="K", help="K seeded-random rows per label")
     g.add_argument("--seed", type=int, default=0, help="seed of every sampling step (default 0)")
     g.add_argument(
-        "--prompt-style", metavar="STYLE", help="a template from tasks/prompts.yaml: oe, oeh or mq"
+        "--prompt-style", metavar="STYLE", help="a template of tasks/prompts.yaml (default: the task's default style)"
     )
     g.add_argument(
         "--task-option",
@@ -136,8 +196,19 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_task_options(items: list[str]) -> dict[str, Any]:
+    """`--task-option KEY=VALUE` items as a dict."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LvlmlpError(f"--task-option {item!r}: expected KEY=VALUE")
+        options[key.strip()] = value.strip()
+    return options
+
+
 def task_rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | None]:
-    """Rows and prompt template (None without --prompt-style: the contract's default prompt) from the flags of
+    """Rows and prompt template (without --prompt-style: the task's default style) from the flags of
     `add_task_arguments`. `--limit N` (when the caller defines it) takes a seeded random subset of the task's rows,
     so that a small run still covers every category."""
     if not args.task:
@@ -145,13 +216,8 @@ def task_rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | Non
     task = get_task(args.task)
     if not args.data_root:
         raise LvlmlpError(f"--data-root is required with --task {task.name} (see `lvlmlp tasks {task.name}`)")
-    options: dict[str, Any] = {}
-    for item in args.task_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise LvlmlpError(f"--task-option {item!r}: expected KEY=VALUE")
-        options[key.strip()] = value.strip()
-    template = None if args.prompt_style is None else prompt_template(task.name, args.prompt_style)
+    options = parse_task_options(args.task_option)
+    template = prompt_template(task.name, args.prompt_style)
     rows = task.rows(
         args.data_root,
         args.image_root,

@@ -1,6 +1,6 @@
 """ImageNet-1k classification through one fixed question; the probe predicts the class index (multiclass).
 
-The paper trains on 16 images per class (`per_class=16`); sampling happens on file names before rows are built,
+The original trains on 16 random images per class (`per_class=16`, seeded here); sampling happens on file names before rows are built,
 so a 1.28M-image train folder costs one directory listing, not a million dicts.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lvlmlp.tasks.base import Request, Task, read_json
 
-QUESTION = "What is the main object in this image? Answer with one word."
+QUESTION = "Give me a one-word label for the foreground object in this image."  # dataset/ImageNet.py
 WNID_MAP = "ImageNet2012_wnid_to_idx.json"
 NAMES = "imagenet-simple-labels.json"
 VAL_LABEL_FILES = ("LOC_val_solution.csv", "val_labels.txt")
@@ -29,7 +29,7 @@ LAYOUT = f"""\
     val_labels.txt        lines "FILENAME WNID" or "FILENAME INDEX"
 default <image-root>: the data root
 question: "{QUESTION}"
-per_class: K seeded images per class (the paper: 16 for train); labels: the class index; row id: file stem"""
+per_class: K seeded images per class (the original: 16 random, unseeded, for train); labels: the class index; row id: file stem"""
 
 
 def load(req: Request) -> list[dict]:
