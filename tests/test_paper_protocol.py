@@ -389,3 +389,50 @@ def test_imagenet_equals_the_original(tmp_path: Path) -> None:
     train = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["label"]: sum(t["label"] == r["label"] for t in train) for r in train} == {i: 16 for i in range(5)}
     assert {(r["image"], r["prompt"], r["label"]) for r in train} <= {(p["img_path"], p["question"], p["label"]) for p in port}
+
+
+# ------------------------------------------------------------------------------------- conversation (LLaVA-1.5)
+
+# The chat template of the llava-hf LLaVA-1.5 checkpoints (their chat_template.json).
+LLAVA_15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content in "
+    "message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
+    "{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                   "helpful, detailed, and polite answers to the human's questions.")
+
+
+def llava_v1_prompt(question: str) -> str:
+    """The original's model/LLaVA.py: conv_templates["llava_v1"] (llava/conversation.py: SeparatorStyle.TWO,
+    sep " ", sep2 "</s>", roles USER / ASSISTANT), DEFAULT_IMAGE_TOKEN + "\\n" + prompt, then get_prompt()."""
+    system, roles, seps = LLAVA_V1_SYSTEM, ("USER", "ASSISTANT"), (" ", "</s>")
+    messages = [(roles[0], "<image>" + "\n" + question), (roles[1], None)]
+    ret = system + seps[0]
+    for i, (role, message) in enumerate(messages):
+        ret += role + ": " + message + seps[i % 2] if message else role + ":"
+    return ret
+
+
+def test_system_prompt_renders_the_original_llava_v1_conversation(tmp_path: Path, tiny_ckpt) -> None:
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from lvlmlp.backend import Backend
+
+    ckpt = tmp_path / "llava-1.5-tiny"
+    shutil.copytree(tiny_ckpt("llava"), ckpt)
+    processor = AutoProcessor.from_pretrained(ckpt)
+    processor.chat_template = LLAVA_15_CHAT_TEMPLATE
+    processor.save_pretrained(ckpt)
+    question = Prompter("oeh", "unanswerable").build_prompt("What is {this}?")
+    backend = Backend(ckpt, device="cpu", dtype="float32", system_prompt=LLAVA_V1_SYSTEM)
+    assert backend.prompt(question) == llava_v1_prompt(question)
+    assert backend.prompt(question).startswith("A chat between a curious human")
+    # Without it, the hub template's prompt has no system line.
+    assert Backend(ckpt, device="cpu", dtype="float32").prompt(question) == f"USER: <image>\n{question} ASSISTANT:"
