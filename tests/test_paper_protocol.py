@@ -436,3 +436,31 @@ def test_system_prompt_renders_the_original_llava_v1_conversation(tmp_path: Path
     assert backend.prompt(question).startswith("A chat between a curious human")
     # Without it, the hub template's prompt has no system line.
     assert Backend(ckpt, device="cpu", dtype="float32").prompt(question) == f"USER: <image>\n{question} ASSISTANT:"
+
+
+# ------------------------------------------------------------------------------------------- MathVista: 10-fold CV
+
+
+def test_mathvista_cv_mean_of_folds_equals_sklearn_cross_validate() -> None:
+    """Task4_Unc_eval.ipynb: cross_validate(LogisticRegression(), X, y, cv=10, scoring=("roc_auc", "accuracy",
+    "f1")), then the mean of each metric over the folds."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_validate
+
+    from lvlmlp.metrics import binary_metrics, cross_val_folds, fold_metrics
+    from lvlmlp.probes import LogisticProbe
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(240) < 0.35).astype(int)  # unbalanced, in no particular order
+    X = rng.normal(size=(240, 30)) + 0.6 * y[:, None] * (np.arange(30) < 4)
+    ref = cross_validate(LogisticRegression(), X, y, cv=10, scoring=("roc_auc", "accuracy", "f1"))
+    score, fold_of = cross_val_folds(LogisticProbe, X, y, n_splits=10)
+    got = fold_metrics(y, score, fold_of)
+    for ours, theirs in (("auroc", "test_roc_auc"), ("accuracy", "test_accuracy"), ("f1", "test_f1")):
+        assert np.allclose(got["per_fold"][ours], ref[theirs], atol=1e-9)
+        assert abs(got["mean_of_folds"][ours] - float(np.mean(ref[theirs]))) < 1e-9
+    pooled = binary_metrics(y, score)["auroc"]
+    assert pooled != got["mean_of_folds"]["auroc"]  # the pooled figure is a different number, reported beside it
+    shuffled, _ = cross_val_folds(LogisticProbe, X, y, n_splits=10, shuffle=True, seed=1)
+    assert not np.allclose(shuffled, score)  # shuffling is an option, not the default

@@ -307,7 +307,8 @@ def _protocol(cfg: dict[str, Any], train_run: Any, test_run: Any, label_runs: tu
     train_src, test_src = label_runs or (None, None)
     test = labelled(test_run, test_src)
     if "cv" in cfg["splits"]:
-        return Protocol(test=test, cv=cfg["splits"]["cv"], seed=cfg["seed"], n_boot=cfg["n_boot"])
+        return Protocol(test=test, cv=cfg["splits"]["cv"], cv_shuffle=bool(cfg["splits"].get("shuffle", False)),
+                        seed=cfg["seed"], n_boot=cfg["n_boot"])
     train = labelled(train_run, train_src)
     return Protocol(test=test, train=train, seed=cfg["seed"], n_boot=cfg["n_boot"])
 
