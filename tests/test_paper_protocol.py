@@ -464,3 +464,46 @@ def test_mathvista_cv_mean_of_folds_equals_sklearn_cross_validate() -> None:
     assert pooled != got["mean_of_folds"]["auroc"]  # the pooled figure is a different number, reported beside it
     shuffled, _ = cross_val_folds(LogisticProbe, X, y, n_splits=10, shuffle=True, seed=1)
     assert not np.allclose(shuffled, score)  # shuffling is an option, not the default
+
+
+# ------------------------------------------------------------------------------- import-legacy: original outputs
+
+
+def _run_model_line(i: int, label: object, **extra: object) -> dict:
+    """One line of the original's run_model.py output (its `out` dict plus the dataset's extra keys)."""
+    return {"image": f"img_{i}.jpg", "model_name": "LLaVA-7B", "question": f"q {i}", "label": label,
+            "response": f"r {i}", "output_ids": [1, i], "logits": [float(i), 0.5, -1.0, 2.0], **extra}
+
+
+def test_import_legacy_reads_the_original_pope_and_mathvista_outputs(tmp_path: Path) -> None:
+    from lvlmlp.store import open_run
+    from lvlmlp.tasks.mathvista import label_from_responses
+
+    # POPE_val_oe.jsonl: extra keys question_id and category; question ids restart in every category.
+    pope = [_run_model_line(i, i % 2, question_id=i % 3 + 1, category=c)
+            for i, c in enumerate(["adversarial"] * 3 + ["popular"] * 3 + ["random"] * 3)]
+    _json_lines(tmp_path / "POPE_val_oe.jsonl", pope)
+    assert main(["import-legacy", str(tmp_path / "POPE_val_oe.jsonl"), "--out", str(tmp_path / "pope")]) == 0
+    run = open_run(tmp_path / "pope")
+    assert run.ids == [f"{c}/{q}" for c in ("adversarial", "popular", "random") for q in (1, 2, 3)]
+    assert run.labels.tolist() == [i % 2 for i in range(9)]
+
+    # MathV.jsonl: extra key pid; `label` is the GOLD ANSWER (dataset/MathV.py), not whether the model was right.
+    answers = ["5", "(B)", "3.14", "text"]
+    _json_lines(tmp_path / "MathV.jsonl", [_run_model_line(i, a, pid=str(i + 1)) for i, a in enumerate(answers)])
+    judged = {str(i + 1): {"pid": str(i + 1), "answer": a, "response": f"r {i}", "true_false": i % 2 == 0}
+              for i, a in enumerate(answers)}
+    _json(tmp_path / "MathV_output.json", judged)
+    assert main(["import-legacy", str(tmp_path / "MathV.jsonl"), "--out", str(tmp_path / "mv"),
+                 "--judged", str(tmp_path / "MathV_output.json")]) == 0
+    run = open_run(tmp_path / "mv")
+    assert run.ids == ["1", "2", "3", "4"]
+    assert [m["answer"] for m in run.meta] == answers
+    assert run.labels.tolist() == [1, 0, 1, 0] == label_from_responses(run.meta)
+    assert main(["import-legacy", str(tmp_path / "MathV.jsonl"), "--out", str(tmp_path / "mv-unjudged")]) == 0
+    assert [m["label"] for m in open_run(tmp_path / "mv-unjudged").meta] == [None] * 4
+
+    # MathV_self_eval.jsonl: pid and a 0/1 label (true_false), kept as it is.
+    _json_lines(tmp_path / "MathV_self_eval.jsonl", [_run_model_line(i, i % 2, pid=str(i + 1)) for i in range(4)])
+    assert main(["import-legacy", str(tmp_path / "MathV_self_eval.jsonl"), "--out", str(tmp_path / "se")]) == 0
+    assert open_run(tmp_path / "se").labels.tolist() == [0, 1, 0, 1]

@@ -204,7 +204,7 @@ def report_cmd(args: argparse.Namespace) -> int:
 def import_legacy_cmd(args: argparse.Namespace) -> int:
     from lvlmlp.legacy import import_legacy
 
-    run = import_legacy(args.file, args.out, vocab_size=args.vocab_size, max_tokens=args.max_tokens,
+    run = import_legacy(args.file, args.out, vocab_size=args.vocab_size, max_tokens=args.max_tokens, judged=args.judged,
                         dtype=args.dtype, model=args.model)
     print(f"imported {len(run)} rows -> {run.path}")
     return 0
@@ -268,4 +268,6 @@ def register_cli(subparsers: Any) -> None:
     imp.add_argument("--max-tokens", type=int, help="keep at most this many tokens' logits per row")
     imp.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored logits dtype")
     imp.add_argument("--model", help="model path or hub id to record (default: the file's model_name)")
+    imp.add_argument("--judged", metavar="MathV_output.json",
+                     help="MathVista: the scored output file whose true_false labels a MathV.jsonl import")
     imp.set_defaults(func=import_legacy_cmd)
