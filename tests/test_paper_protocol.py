@@ -389,6 +389,9 @@ def test_imagenet_equals_the_original(tmp_path: Path) -> None:
     train = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["label"]: sum(t["label"] == r["label"] for t in train) for r in train} == {i: 16 for i in range(5)}
     assert {(r["image"], r["prompt"], r["label"]) for r in train} <= {(p["img_path"], p["question"], p["label"]) for p in port}
+    # The configs' task option: 16 per class in train only; val stays whole.
+    assert dump(tmp_path, "imagenet", root, "train", options=("train_per_class=16",)) == train
+    same_rows(dump(tmp_path, "imagenet", root, "val", options=("train_per_class=16",)), port_imagenet("val", str(root), wnid_to_idx))
 
 
 # ------------------------------------------------------------------------------------- conversation (LLaVA-1.5)
