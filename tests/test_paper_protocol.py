@@ -111,6 +111,9 @@ def test_vizwiz_equals_the_original(tmp_path: Path) -> None:
                    for i in range(7)]
         _json(root / f"{split}.json", records)
     assert set(prompt_styles("vizwiz")) == set(ANS_TEMP)
+    assert main(["tasks", "vizwiz", "--dump", str(tmp_path / "x.jsonl")]) == 2  # --data-root missing: one line
+    assert main(["tasks", "--dump", str(tmp_path / "x.jsonl")]) == 2
+    assert not (tmp_path / "x.jsonl").exists()
     for style in ANS_TEMP:
         for split in ("train", "val"):
             same_rows(dump(tmp_path, "vizwiz", root, split, style), port_vizwiz(Prompter(style, "unanswerable"), split, str(root)))

@@ -135,6 +135,8 @@ def register_cli(subparsers: Any) -> None:
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
+    if args.name is None and args.dump:
+        raise LvlmlpError("tasks --dump needs a task name: lvlmlp tasks NAME --data-root DIR --dump FILE")
     if args.name is None:
         width = max(len(t.name) for t in list_tasks())
         for t in list_tasks():
