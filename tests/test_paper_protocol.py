@@ -513,3 +513,34 @@ def test_import_legacy_reads_the_original_pope_and_mathvista_outputs(tmp_path: P
     _json_lines(tmp_path / "MathV_self_eval.jsonl", [_run_model_line(i, i % 2, pid=str(i + 1)) for i in range(4)])
     assert main(["import-legacy", str(tmp_path / "MathV_self_eval.jsonl"), "--out", str(tmp_path / "se")]) == 0
     assert open_run(tmp_path / "se").labels.tolist() == [0, 1, 0, 1]
+
+
+# ------------------------------------------------------------------------------------- token position "last"
+
+
+def test_last_token_is_the_last_generated_one_up_to_max_new_tokens(tmp_path: Path, tiny_ckpt) -> None:
+    """The original's --token_id -1: the last generated token of an answer of up to 100 tokens, even when only
+    the first tokens' logits are kept (logits_tokens < max_new_tokens)."""
+    import numpy as np
+    from PIL import Image
+
+    from lvlmlp.analyses import last_token_feature
+    from lvlmlp.backend import Backend
+    from lvlmlp.extract import extract
+
+    rows = []
+    for i in range(6):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (28, 28), (40 * i, 255 - 30 * i, 90)).save(path)
+        rows.append({"id": str(i), "image": str(path), "question": ["what is it ?", "is it red ?", "two birds ."][i % 3]})
+    backend = Backend(tiny_ckpt("llava"), device="cpu", dtype="float32")
+    full = extract(backend, rows, tmp_path / "full", max_new_tokens=7, progress=False)
+    kept = extract(backend, rows, tmp_path / "kept", max_new_tokens=7, logits_tokens=2, progress=False)
+    assert kept.n_logit_tokens == 2 and full.n_logit_tokens == 7 and not full.has_last_logits
+    assert np.array_equal(kept.n_tokens, full.n_tokens) and (full.n_tokens > 2).any()  # last lies beyond kept
+    expected = np.stack([full.logits(int(n) - 1)[i] for i, n in enumerate(full.n_tokens)])
+    assert np.abs(np.asarray(kept.last_logits(), np.float32) - expected).max() < 1e-2  # float16 store
+    idx = np.arange(6)
+    keep_k, X_kept = last_token_feature()(kept, idx)
+    keep_f, X_full = last_token_feature()(full, idx)
+    assert keep_k.all() and keep_f.all() and np.abs(X_kept - X_full).max() < 1e-2

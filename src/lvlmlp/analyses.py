@@ -85,9 +85,16 @@ def logits_feature(token: int, kind: str = "logits") -> Feature:
 
 
 def last_token_feature(kind: str = "logits") -> Feature:
-    """The logits of each row's LAST stored generated token, index min(n_tokens, K) - 1 (K = stored tokens)."""
+    """The logits of each row's LAST generated token: the run's `last_logits` when it kept them (the original's
+    `--token_id -1`, the last token of an answer of up to `max_new_tokens`), else the last STORED token, index
+    min(n_tokens, K) - 1 (K = stored tokens)."""
 
     def get(run: Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if run.has_last_logits:
+            from lvlmlp.features import transform
+
+            keep = run.n_tokens[idx] >= 1
+            return keep, transform(np.asarray(run.last_logits()[idx[keep]], dtype=np.float32), kind)
         last = np.minimum(run.n_tokens[idx], run.n_logit_tokens) - 1
         keep = last >= 0
         X = np.empty((int(keep.sum()), run.logits(0).shape[1]), dtype=np.float32)
@@ -263,8 +270,9 @@ def token_decay(protocol: Protocol, probe_cfg: dict[str, Any]) -> dict[str, Any]
     Token k (1-based) is probed on the rows that generated at least k tokens (n_tokens >= k), in train and test
     alike; `n_short` counts the evaluated rows left out because their answer ended earlier, and
     `first_token_same_rows` gives the first-token probe's result on exactly the rows of token k, so that a drop
-    is not confused with a change of rows. "last" is token min(n_tokens, K) of every row: rows that hit the
-    K-token limit contribute their K-th token (`n_truncated` counts them).
+    is not confused with a change of rows. "last" is each row's last generated token (up to max_new_tokens) when the
+    run kept it (`logits_tokens` < `max_new_tokens`), else token min(n_tokens, K): rows that hit the K-token limit
+    contribute their K-th token (`n_truncated` counts rows that hit max_new_tokens).
     """
     make = make_probe_factory(probe_cfg)
     kind = probe_cfg.get("feature", "logits")

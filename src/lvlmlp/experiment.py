@@ -50,7 +50,8 @@ DEFAULTS: dict[str, Any] = {
     "per_class": None,
     "seed": 0,
     "batch_size": 8,
-    "extract": {"max_new_tokens": 0, "hidden": False, "layers": [], "store_dtype": "float16", "on_error": "fail"},
+    "extract": {"max_new_tokens": 0, "logits_tokens": None, "hidden": False, "layers": [], "store_dtype": "float16",
+                "on_error": "fail"},  # logits_tokens < max_new_tokens: store those + each row's last token
     "probe": {"kind": "logistic"},
     "baselines": [],
     "clip": None,  # {"model": ..., "kinds": [image, text, concat], "batch_size": 16}
@@ -264,12 +265,13 @@ def run_experiment(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]
             folder = out / "runs" / f"{name}-{split}"
             key = _key({"model": cfg["model"], "dtype": cfg["dtype"], "raw_prompt": cfg["raw_prompt"],
                         **({"system_prompt": cfg["system_prompt"]} if cfg["system_prompt"] else {}),
-                        "template": template, "data": rows_fingerprint(rows[split]), **ext})
+                        "template": template, "data": rows_fingerprint(rows[split]),
+                        **{k: v for k, v in ext.items() if v is not None or k != "logits_tokens"}})
             step = f"extract-{name}-{split}"
             if not (steps.done(step, key) and (folder / "manifest.json").is_file()):
                 log.info("run: extracting %s (%d rows)", folder, len(rows[split]))
                 extract(lazy.get(template), rows[split], folder, batch_size=cfg["batch_size"],
-                        max_new_tokens=ext["max_new_tokens"], hidden=bool(ext["hidden"]),
+                        max_new_tokens=ext["max_new_tokens"], logits_tokens=ext["logits_tokens"], hidden=bool(ext["hidden"]),
                         layers=[int(x) for x in ext["layers"] or []], store_dtype=ext["store_dtype"],
                         on_error=ext["on_error"], source=f"task {cfg['task']} split {split}", progress=progress,
                         label_fn=_label_fn(cfg))
