@@ -52,7 +52,7 @@ def make_probe(args: argparse.Namespace, n_classes: int) -> Any:
         return LogisticProbe(C=args.C, standardize=bool(args.standardize), class_weight=args.class_weight,
                              max_iter=args.max_iter, threshold=args.threshold)
     if kind == "lda":
-        return LDAProbe(threshold=args.threshold)
+        return LDAProbe(device=args.device, threshold=args.threshold)
     return MultinomialProbe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             weight_decay=args.weight_decay, standardize=True if args.standardize is None
                             else args.standardize, device=args.device, seed=args.seed, threshold=args.threshold)
@@ -239,7 +239,7 @@ def register_cli(subparsers: Any) -> None:
     train.add_argument("--batch-size", type=int, default=512, help="multinomial: rows per step")
     train.add_argument("--lr", type=float, default=1e-2, help="multinomial: Adam learning rate")
     train.add_argument("--weight-decay", type=float, default=1e-4, help="multinomial: L2 strength")
-    train.add_argument("--device", default="cpu", help="multinomial: cpu, cuda, cuda:N or auto")
+    train.add_argument("--device", default="cpu", help="multinomial and lda: cpu, cuda, cuda:N or auto")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", required=True, help="probe folder to write")
     train.set_defaults(func=train_probe)
