@@ -7,6 +7,11 @@ Multiclass task (default 50,000 rows x 4,096 dims, 1,000 classes):
   ours   - float16 memory map -> MultinomialProbe (mini-batches) -> top-1 accuracy
   paper  - the same features in RAM -> LinearDiscriminantAnalysis() (the paper's ImageNet notebook) -> accuracy
 
+ImageNet protocol (--lda-classes 1000 --lda-dim 32000: 16 training rows per class, 16,000 x 32,000):
+  ours   - LDAProbe() (the same svd LDA in torch, float64 Gram eigendecomposition; --device cuda on a GPU)
+  paper  - LinearDiscriminantAnalysis() on float32 features, as the ImageNet notebook
+  and whether both predict the same class for every test row.
+
 Each side runs in its own subprocess so its wall time and peak memory (ru_maxrss) are its own. Data generation is
 not timed. Full sizes need tens of GB of disk and RAM for the paper's side; try small flags first, e.g.
 `python bench/probe_speed.py --n 1000 --vocab 4000 --mc-n 4000 --mc-dim 256 --mc-classes 50`.
@@ -22,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -129,8 +135,43 @@ def worker_mc_paper(data: Path, args: argparse.Namespace) -> dict:
     return {"accuracy": float(np.mean(clf.predict(x[cut:]) == y[cut:]))}
 
 
+def write_lda(data: Path, classes: int, dim: int, seed: int) -> None:
+    """16 training rows and 4 test rows per class, float32 (the notebook's torch.Tensor features)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(classes, dim)).astype(np.float32) * 0.3
+    for name, per in (("train", 16), ("test", 4)):
+        y = np.repeat(np.arange(classes), per)
+        x = np.lib.format.open_memmap(data / f"lda_{name}_x.npy", mode="w+", dtype=np.float32, shape=(y.size, dim))
+        for start in range(0, y.size, CHUNK):
+            stop = min(y.size, start + CHUNK)
+            x[start:stop] = means[y[start:stop]] + rng.normal(size=(stop - start, dim)).astype(np.float32)
+        x.flush()
+        np.save(data / f"lda_{name}_y.npy", y)
+
+
+def _lda_worker(data: Path, make: Any, tag: str) -> dict:
+    x, y = np.load(data / "lda_train_x.npy"), np.load(data / "lda_train_y.npy")
+    clf = make().fit(x, y)
+    pred = clf.predict(np.load(data / "lda_test_x.npy"))
+    np.save(data / f"lda_pred_{tag}.npy", pred)
+    return {"accuracy": float(np.mean(pred == np.load(data / "lda_test_y.npy")))}
+
+
+def worker_lda_ours(data: Path, args: argparse.Namespace) -> dict:
+    from lvlmlp.probes import LDAProbe
+
+    return _lda_worker(data, lambda: LDAProbe(device=args.device), "ours")
+
+
+def worker_lda_paper(data: Path, args: argparse.Namespace) -> dict:
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    return _lda_worker(data, LinearDiscriminantAnalysis, "paper")
+
+
 WORKERS = {"binary-ours": worker_binary_ours, "binary-paper": worker_binary_paper,
-           "mc-ours": worker_mc_ours, "mc-paper": worker_mc_paper}
+           "mc-ours": worker_mc_ours, "mc-paper": worker_mc_paper,
+           "lda-ours": worker_lda_ours, "lda-paper": worker_lda_paper}
 
 
 def run_worker(name: str, data: Path, argv: list[str]) -> dict:
@@ -151,7 +192,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="MultinomialProbe epochs")
     parser.add_argument("--device", default="cpu", help="MultinomialProbe device (cpu, cuda)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip", choices=("binary", "multiclass"), action="append", default=[])
+    parser.add_argument("--lda-classes", type=int, default=1_000, help="LDA (ImageNet protocol) classes, 16 rows each")
+    parser.add_argument("--lda-dim", type=int, default=32_000, help="LDA feature dim")
+    parser.add_argument("--skip", choices=("binary", "multiclass", "lda"), action="append", default=[])
     parser.add_argument("--data", type=Path, help="data folder (default: a temporary one)")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args()
@@ -187,6 +230,18 @@ def main() -> None:
             print(f"  ours : MultinomialProbe ({args.device}): {ours['seconds']:.2f} s, "
                   f"peak {ours['peak_rss_mb']:.0f} MiB, accuracy {ours['accuracy']:.4f}")
             print(f"  speed-up {paper['seconds'] / ours['seconds']:.1f}x")
+        if "lda" not in args.skip:
+            n = 16 * args.lda_classes
+            print(f"lda: generating {n} x {args.lda_dim} (16 per class, {args.lda_classes} classes) ...", flush=True)
+            write_lda(data, args.lda_classes, args.lda_dim, args.seed)
+            ours, paper = (run_worker(w, data, passthrough) for w in ("lda-ours", "lda-paper"))
+            same = np.array_equal(np.load(data / "lda_pred_ours.npy"), np.load(data / "lda_pred_paper.npy"))
+            print(f"  paper: LinearDiscriminantAnalysis() (svd): {paper['seconds']:.2f} s, "
+                  f"peak {paper['peak_rss_mb']:.0f} MiB, accuracy {paper['accuracy']:.4f}")
+            print(f"  ours : LDAProbe() ({args.device}):          {ours['seconds']:.2f} s, "
+                  f"peak {ours['peak_rss_mb']:.0f} MiB, accuracy {ours['accuracy']:.4f}")
+            print(f"  speed-up {paper['seconds'] / ours['seconds']:.1f}x (goal >= 10x); "
+                  f"identical predictions: {'yes' if same else 'NO'}")
 
 
 if __name__ == "__main__":

@@ -204,6 +204,7 @@ def test_config_overrides_and_errors(tmp_path: Path):
 
 
 def test_cross_validation_protocol_matches_sklearn_out_of_fold(tmp_path: Path):
+    """The default is the original's unshuffled StratifiedKFold (cross_validate(cv=K))."""
     from sklearn.model_selection import StratifiedKFold
 
     from lvlmlp.analyses import evaluate_feature, logits_feature, make_probe_factory
@@ -212,10 +213,22 @@ def test_cross_validation_protocol_matches_sklearn_out_of_fold(tmp_path: Path):
     run = open_run(tmp_path / "run")
     y, X = run.labels.astype(int), run.logits(1)
     oof = np.zeros(50)
-    for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(X, y):
+    for train, test in StratifiedKFold(5).split(X, y):
         oof[test] = LogisticRegression().fit(X[train], y[train]).predict_proba(X[test])[:, 1]
     result, _ = evaluate_feature(Protocol(test=Labelled.of(run), cv=5, n_boot=20), logits_feature(1),
                                  make_probe_factory({"kind": "logistic"}))
     assert result["value"] == pytest.approx(roc_auc_score(y, oof), abs=1e-12) and result["n"] == 50
     with pytest.raises(LvlmlpError, match="not a parameter"):
         make_probe_factory({"kind": "logistic", "alpha": 1})
+    # The written evaluation reports the original's figure (mean of the per-fold metrics) beside the pooled one.
+    from sklearn.model_selection import cross_validate
+
+    from lvlmlp.analyses import main_evaluation
+
+    metrics = main_evaluation(Protocol(test=Labelled.of(run), cv=5, n_boot=20), logits_feature(1), {},
+                              {"kind": "logistic"}, [], tmp_path / "eval")
+    cv = json.loads((tmp_path / "eval" / "metrics.json").read_text())["cv"]
+    ref = cross_validate(LogisticRegression(), X, y, cv=5, scoring=("roc_auc", "accuracy", "f1"))
+    assert cv["mean_of_folds"]["auroc"] == pytest.approx(np.mean(ref["test_roc_auc"]), abs=1e-9)
+    assert cv["mean_of_folds"]["f1"] == pytest.approx(np.mean(ref["test_f1"]), abs=1e-9)
+    assert metrics is not None and "pooled" in cv

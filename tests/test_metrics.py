@@ -117,7 +117,7 @@ def test_cross_val_scores_are_out_of_fold_stratified_10_fold():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(120, 6)).astype(np.float32)
     y = (X[:, 0] + rng.normal(size=120) > 0).astype(int)
-    oof = cross_val_scores(LogisticProbe, X, y, n_splits=10, seed=1)
+    oof = cross_val_scores(LogisticProbe, X, y, n_splits=10, seed=1, shuffle=True)
     expected = np.zeros(120)
     for train, test in StratifiedKFold(10, shuffle=True, random_state=1).split(X, y):
         expected[test] = LogisticRegression().fit(X[train], y[train]).predict_proba(X[test])[:, 1]

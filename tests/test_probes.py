@@ -83,12 +83,30 @@ def test_fit_rejects_nan_features():
 
 
 # ------------------------------------------------------------------ LDA / multinomial
-def test_lda_matches_sklearn_shrinkage_lda_when_features_outnumber_rows():
+def test_lda_shrinkage_option_matches_sklearn_shrinkage_lda():
     X, y = multiclass_data(n=60, d=120, k=3)
-    probe = LDAProbe().fit(X, y)
+    probe = LDAProbe(shrinkage="auto").fit(X, y)
     ref = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(X, y)
     assert np.abs(probe.predict_proba(X) - ref.predict_proba(X)).max() < 1e-6
     assert np.array_equal(probe.predict(X), ref.predict(X))
+
+
+@pytest.mark.parametrize("k", [20, 2])
+def test_lda_default_is_the_papers_svd_lda(k):
+    """The paper's ImageNet classifier: LinearDiscriminantAnalysis() on float32 features, with more features than
+    rows per class (20 classes x 16 rows x 2,000 features); LDAProbe() must predict the same classes."""
+    rng = np.random.default_rng(k)
+    centres = rng.normal(size=(k, 2000)) * 0.3
+    y = np.repeat(np.arange(k), 16)
+    X = (centres[y] + rng.normal(size=(y.size, 2000))).astype(np.float32)
+    X_test = (centres[np.tile(np.arange(k), 10)] + rng.normal(size=(10 * k, 2000))).astype(np.float32)
+    probe = LDAProbe().fit(X, y)
+    ref = LinearDiscriminantAnalysis().fit(X, y)
+    assert np.array_equal(probe.predict(X_test), ref.predict(X_test))
+    assert np.array_equal(probe.predict(X), ref.predict(X))
+    # Float32 arithmetic in both, in different orders: probabilities agree to a stated tolerance.
+    assert np.abs(probe.predict_proba(X_test) - ref.predict_proba(X_test)).max() < 1e-3
+    assert 0.2 < ref.score(X_test, np.tile(np.arange(k), 10)) < 1.0  # neither trivial nor perfect
 
 
 def test_multinomial_trains_from_memmap_in_batches(tmp_path: Path):

@@ -15,7 +15,7 @@ from conftest import SHARED
 from lvlmlp.cli import main
 from lvlmlp.commands._args import add_task_arguments, task_rows_from_args
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.tasks import get_task, list_tasks, prompt_template
+from lvlmlp.tasks import get_task, list_tasks, prompt_styles, prompt_template
 from lvlmlp.tasks.mad import DECEPTIVE
 from lvlmlp.tasks.mathvista import check_answer, label_from_responses
 from lvlmlp.tasks.mmsafety import UNSAFE_SCENARIOS
@@ -64,13 +64,16 @@ def test_registry_names_and_unknown_task() -> None:
 
 def test_prompt_templates() -> None:
     for task in list_tasks():
-        assert prompt_template(task.name) == "{question}"
-    for name in ("vizwiz", "mmsafety", "mad", "pope", "mathvista", "jsonl"):
-        for style in ("oeh", "mq"):
-            template = prompt_template(name, style)
-            assert template.count("{question}") == 1 and template != "{question}"
-            assert template.replace("{question}", "").count("{") == 0  # plain substitution stays safe
-    assert "unanswerable" in prompt_template("vizwiz", "oeh")
+        assert prompt_template(task.name, "oe").startswith("{question}")
+        assert prompt_template(task.name) == prompt_template(task.name, task.default_prompt_style)
+        for style in ("oe", "oeh", "mq", "conf", "hard", "cot"):
+            if style in prompt_styles(task.name):
+                template = prompt_template(task.name, style)
+                assert template.count("{question}") == 1
+                assert template.replace("{question}", "").count("{") == 0  # plain substitution stays safe
+    assert prompt_template("mathvista") == prompt_template("vizwiz", "oeh")  # what the original's scripts sent
+    assert prompt_template("pope") == "{question}\nAnswer the question using a single word or phrase."
+    assert prompt_styles("mad") == ("oe", "mq", "oeh") and prompt_styles("pope") == ("oe",)
     with pytest.raises(LvlmlpError, match=r"^task imagenet: unknown prompt style 'mq' \(styles: oe\)$"):
         prompt_template("imagenet", "mq")
 
@@ -140,89 +143,21 @@ def test_vizwiz_missing_files_name_the_expected_path(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- mmsafety
+# The split protocol is compared with a port of the original code in tests/test_paper_protocol.py.
 
 
-def _mmsafety_tree(root: Path) -> None:
-    """Two unsafe scenarios of 13 items and a safe one of 12. Phrases of items 10-12 repeat training phrases
-    in a controlled way: 'drugs 0' (scenario 1's item 0) reappears as scenario 2's item 11, and scenario 1's
-    item 12 repeats its own item 3 with different case and spacing."""
-    scenarios = {UNSAFE_SCENARIOS[0]: 13, UNSAFE_SCENARIOS[5]: 13, "14-Daily_Activities": 12}
-    for s_index, (scenario, n) in enumerate(scenarios.items()):
-        items = {}
-        for i in range(n):
-            phrase = f"phrase {s_index}-{i}"
-            if scenario == UNSAFE_SCENARIOS[0] and i == 12:
-                phrase = "  PHRASE 0-3 "
-            if scenario == UNSAFE_SCENARIOS[5] and i == 11:
-                phrase = "phrase 0-0"
-            rec = {
-                "Question": f"q {scenario} {i}",
-                "Rephrased Question": f"The bottom of the image shows {phrase}. How? ({i})",
-                "Rephrased Question(SD)": f"The image shows {phrase}. How? ({i})",
-                "Key Phrase": phrase,
-            }
-            if scenario.startswith("14") and i == 11:
-                del rec["Key Phrase"]  # optional for safe scenarios
-            items[str(i)] = rec
-        _json(root / "data" / "processed_questions" / f"{scenario}.json", items)
-    (root / "data" / "imgs").mkdir(parents=True)
-
-
-def test_mmsafety_split_protocol(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    _mmsafety_tree(tmp_path)
-    task = get_task("mmsafety")
-    with caplog.at_level("INFO", logger="lvlmlp.tasks.mmsafety"):
-        train = task.rows(tmp_path, split="train")
-    assert "mmsafety: safe (label 1) scenarios: 14-Daily_Activities" in caplog.messages
-    test = task.rows(tmp_path, split="test")
-    assert Counter(r["scenario"] for r in train) == {
-        "01-Illegal_Activitiy": 10,
-        "06-Fraud": 10,
-        "14-Daily_Activities": 10,
-    }
-    # 3 + 3 + 2 test candidates; '  PHRASE 0-3 ' and 'phrase 0-0' occur in train, so those two are dropped.
-    assert [r["id"] for r in test] == [
-        "01-Illegal_Activitiy/10",
-        "01-Illegal_Activitiy/11",
-        "06-Fraud/10",
-        "06-Fraud/12",
-        "14-Daily_Activities/10",
-        "14-Daily_Activities/11",
-    ]
-    train_phrases = {" ".join(r["key_phrase"].lower().split()) for r in train if r["key_phrase"]}
-    assert not any(
-        r["key_phrase"] and " ".join(r["key_phrase"].lower().split()) in train_phrases for r in test
-    )
-    assert [r["label"] for r in test] == [0, 0, 0, 0, 1, 1]
-    assert test[5]["key_phrase"] is None
-    row = test[0]
-    assert row["image"] == str(tmp_path.resolve() / "data/imgs/01-Illegal_Activitiy/SD_TYPO/10.jpg")
-    assert row["question"] == "The bottom of the image shows phrase 0-10. How? (10)"
-    assert (row["scenario"], row["key_phrase"], row["image_variant"]) == (
-        "01-Illegal_Activitiy",
-        "phrase 0-10",
-        "SD_TYPO",
-    )
-
-    sd = task.rows(tmp_path, split="test", image_variant="SD")
-    assert sd[0]["question"] == "The image shows phrase 0-10. How? (10)"
-    assert sd[0]["image"].endswith("01-Illegal_Activitiy/SD/10.jpg")
-    with pytest.raises(
-        LvlmlpError, match=r"^mmsafety: unknown image_variant 'SDXL' \(choose from SD, SD_TYPO, TYPO\)$"
-    ):
-        task.rows(tmp_path, image_variant="SDXL")
-
-
-def test_mmsafety_missing_folder_and_field(tmp_path: Path) -> None:
+def test_mmsafety_missing_file_and_field(tmp_path: Path) -> None:
     task = get_task("mmsafety")
     with pytest.raises(
-        LvlmlpError, match=r"annotations not found: .*data/processed_questions \(expected layout"
+        LvlmlpError, match=r"annotations not found: .*data/processed_questions/01-Illegal_Activitiy.json \(expected"
     ):
         task.rows(tmp_path)
-    _json(tmp_path / "processed_questions" / "02-HateSpeech.json", {"0": {"Rephrased Question": "q"}})
-    (tmp_path / "imgs").mkdir()
-    with pytest.raises(LvlmlpError, match=r"02-HateSpeech.json: item '0': missing field 'Key Phrase'$"):
+    for scenario in UNSAFE_SCENARIOS:
+        _json(tmp_path / "data" / "processed_questions" / f"{scenario}.json", {"0": {"Rephrased Question": "q"}})
+    with pytest.raises(LvlmlpError, match=r"01-Illegal_Activitiy.json: item '0': missing field 'Key Phrase'$"):
         task.rows(tmp_path, split="train")
+    with pytest.raises(LvlmlpError, match=r"^mmsafety: unknown image_variant 'SDXL' \(choose from SD_TYPO, SD, TYPO\)$"):
+        task.rows(tmp_path, image_variant="SDXL")
 
 
 # ------------------------------------------------------------------------------------------------- mad
@@ -306,15 +241,18 @@ def test_pope_rows_and_options(tmp_path: Path) -> None:
         "question": "Is there a thing 1?",
         "label": 0,
         "category": "popular",
+        "question_id": 2,
         "split": "test",
     }
     assert [r["id"] for r in task.rows(tmp_path, split="val", categories="random,adversarial")][::4] == [
         "random/1",
         "adversarial/1",
     ]
-    capped = task.rows(tmp_path, split="train", categories=["random"], max_per_category=4, seed=3)
-    assert len(capped) == 4 and capped == task.rows(
-        tmp_path, split="train", categories=["random"], max_per_category=4, seed=3
+    first = task.rows(tmp_path, split="train", categories=["random"], max_per_category=4)
+    assert [r["id"] for r in first] == ["random/1", "random/2", "random/3", "random/4"]  # the original: first N
+    capped = task.rows(tmp_path, split="train", categories=["random"], max_per_category=4, seed=3, sample="random")
+    assert len(capped) == 4 and capped != first and capped == task.rows(
+        tmp_path, split="train", categories=["random"], max_per_category=4, seed=3, sample="random"
     )
     assert capped[0]["image"].startswith(str(tmp_path.resolve() / "train2014"))
     ids = [int(r["id"].split("/")[1]) for r in capped]
@@ -502,7 +440,7 @@ def test_imagenet_train_per_class(tmp_path: Path) -> None:
         r["id"] for r in task.rows(tmp_path, split="train", per_class=2, seed=1)
     }
     row = rows[0]
-    assert row["question"] == "What is the main object in this image? Answer with one word."
+    assert row["question"] == "Give me a one-word label for the foreground object in this image."
     assert (row["wnid"], row["class_name"], row["split"]) == ("n01440764", "tench", "train")
     assert row["image"].startswith(str(tmp_path.resolve() / "train" / "n01440764" / "n01440764_"))
     assert len(task.rows(tmp_path, split="train")) == 15
@@ -588,7 +526,7 @@ def test_cli_tasks(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["tasks", "pope"]) == 0
     out = capsys.readouterr().out
     assert "labels: 0 = no, 1 = yes" in out and "splits: train, val, test (default test)" in out
-    assert "prompt styles: oe, oeh, mq" in out and "coco_{split}_pope_{category}.json" in out
+    assert "prompt styles: oe (default oe)" in out and "coco_{split}/coco_{split}_pope_{category}.json" in out
     assert main(["tasks", "nope"]) == 2
     assert "lvlmlp: error: unknown task 'nope'" in capsys.readouterr().err
 
@@ -601,17 +539,17 @@ def test_task_rows_from_args(tmp_path: Path) -> None:
     add_task_arguments(parser)
     args = parser.parse_args(
         ["--task", "pope", "--data-root", str(tmp_path), "--image-root", str(tmp_path / "images"), "--split", "val",
-         "--task-option", "categories=popular", "--prompt-style", "oeh", "--per-class", "1", "--seed", "2"]
+         "--task-option", "categories=popular", "--prompt-style", "oe", "--per-class", "1", "--seed", "2"]
     )  # fmt: skip
     rows, template = task_rows_from_args(args)
     assert [r["category"] for r in rows] == ["popular", "popular"] and sorted(r["label"] for r in rows) == [
         0,
         1,
     ]
-    assert template == prompt_template("pope", "oeh")
+    assert template == prompt_template("pope", "oe")
     assert rows[0]["image"].startswith(str(tmp_path.resolve() / "images"))
     args = parser.parse_args(["--task", "pope", "--data-root", str(tmp_path), "--task-option", "image_variant=SD"])
-    with pytest.raises(LvlmlpError, match=r"^pope: unknown option 'image_variant' \(options: categories, max_per_category\)$"):
+    with pytest.raises(LvlmlpError, match=r"^pope: unknown option 'image_variant' \(options: categories, max_per_category, sample\)$"):
         task_rows_from_args(args)
     with pytest.raises(LvlmlpError, match=r"^--task-option 'categories': expected KEY=VALUE$"):
         task_rows_from_args(

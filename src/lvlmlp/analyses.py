@@ -85,9 +85,16 @@ def logits_feature(token: int, kind: str = "logits") -> Feature:
 
 
 def last_token_feature(kind: str = "logits") -> Feature:
-    """The logits of each row's LAST stored generated token, index min(n_tokens, K) - 1 (K = stored tokens)."""
+    """The logits of each row's LAST generated token: the run's `last_logits` when it kept them (the original's
+    `--token_id -1`, the last token of an answer of up to `max_new_tokens`), else the last STORED token, index
+    min(n_tokens, K) - 1 (K = stored tokens)."""
 
     def get(run: Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if run.has_last_logits:
+            from lvlmlp.features import transform
+
+            keep = run.n_tokens[idx] >= 1
+            return keep, transform(np.asarray(run.last_logits()[idx[keep]], dtype=np.float32), kind)
         last = np.minimum(run.n_tokens[idx], run.n_logit_tokens) - 1
         keep = last >= 0
         X = np.empty((int(keep.sum()), run.logits(0).shape[1]), dtype=np.float32)
@@ -129,15 +136,18 @@ class Scored:
     n_train_short: int
     n_short: int
     probe: Any = None
+    fold_of: np.ndarray | None = None  # cross-validation: each scored row's fold
 
 
 @dataclass
 class Protocol:
-    """Train on `train`, score `test`; or, with `cv=k`, k-fold out-of-fold scores of `test` alone."""
+    """Train on `train`, score `test`; or, with `cv=k`, k-fold out-of-fold scores of `test` alone (unshuffled
+    StratifiedKFold as the original's MathVista notebook; `cv_shuffle=True` shuffles with `seed`)."""
 
     test: Labelled
     train: Labelled | None = None
     cv: int | None = None
+    cv_shuffle: bool = False
     seed: int = 0
     n_boot: int = 1000
     _scored: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (feature, probe) -> Scored
@@ -158,15 +168,17 @@ class Protocol:
         return self._scored[key]
 
     def _score(self, feature: Feature, make_probe: Callable[[], Any]) -> Scored:
-        from lvlmlp.metrics import cross_val_scores
+        from lvlmlp.metrics import cross_val_folds
 
         keep, X = feature(self.test.run, self.test.idx)
         y = self.test.y[keep]
         classes = np.unique(self.test.y)
         if self.cv is not None:
-            score = cross_val_scores(make_probe, X, y, n_splits=self.cv, seed=self.seed)
+            score, fold_of = cross_val_folds(make_probe, X, y, n_splits=self.cv, seed=self.seed,
+                                             shuffle=self.cv_shuffle)
             n = int(keep.sum())
-            return Scored(self.test.idx[keep], y, score, np.unique(y), n, int((~keep).sum()), int((~keep).sum()))
+            return Scored(self.test.idx[keep], y, score, np.unique(y), n, int((~keep).sum()), int((~keep).sum()),
+                          fold_of=fold_of)
         assert self.train is not None
         keep_tr, X_tr = feature(self.train.run, self.train.idx)
         y_tr = self.train.y[keep_tr]
@@ -237,6 +249,14 @@ def main_evaluation(
                   "threshold": threshold},
         "n_scored": int(s.rows.size), "n_skipped": s.n_short, "n_train": s.n_train,
     }
+    if s.fold_of is not None and s.score.ndim == 1:
+        from lvlmlp.metrics import fold_metrics
+
+        # The original reports the mean of the per-fold metrics; the file's other metrics pool the out-of-fold
+        # scores of all folds (one AUROC over every row), reported beside it and labelled as such.
+        header["cv"] = {"folds": f"StratifiedKFold({protocol.cv}, shuffle={protocol.cv_shuffle})",
+                        **fold_metrics(s.y, s.score, s.fold_of, 0.5),
+                        "pooled": "the probe metrics of this file are pooled over the out-of-fold scores"}
     if probe_dir is not None and s.probe is not None:
         s.probe.save(probe_dir)
     return write_eval(out, protocol.test.run, s.rows, s.y.astype(float), s.score, s.classes, threshold, baselines,
@@ -250,8 +270,9 @@ def token_decay(protocol: Protocol, probe_cfg: dict[str, Any]) -> dict[str, Any]
     Token k (1-based) is probed on the rows that generated at least k tokens (n_tokens >= k), in train and test
     alike; `n_short` counts the evaluated rows left out because their answer ended earlier, and
     `first_token_same_rows` gives the first-token probe's result on exactly the rows of token k, so that a drop
-    is not confused with a change of rows. "last" is token min(n_tokens, K) of every row: rows that hit the
-    K-token limit contribute their K-th token (`n_truncated` counts them).
+    is not confused with a change of rows. "last" is each row's last generated token (up to max_new_tokens) when the
+    run kept it (`logits_tokens` < `max_new_tokens`), else token min(n_tokens, K): rows that hit the K-token limit
+    contribute their K-th token (`n_truncated` counts rows that hit max_new_tokens).
     """
     make = make_probe_factory(probe_cfg)
     kind = probe_cfg.get("feature", "logits")

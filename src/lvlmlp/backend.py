@@ -2,7 +2,8 @@
 
 Everything family-specific lives here, so the rest of lvlmlp sees one interface:
 
-* `prompt(question)` renders the contract's default prompt (chat template of one user turn: image, then text);
+* `prompt(question)` renders the contract's default prompt (chat template of one user turn: image, then text;
+  preceded by a system turn when `system_prompt` is given);
 * `encode(images, questions)` builds one left-padded batch that gives every row the same result as running it
   alone (left padding; position ids counted over real tokens, as `generate` does; InstructBLIP's Q-Former text
   right-padded);
@@ -153,6 +154,7 @@ class Backend:
         prompt_template: str | None = None,
         raw_prompt: bool = False,
         load_model: bool = True,
+        system_prompt: str | None = None,
     ) -> None:
         """`load_model=False`: config, processor, prompt and weights hash only (enough to recognise a finished run
         without loading the weights); `model` is then None and `vocab_size` unknown (None)."""
@@ -165,6 +167,9 @@ class Backend:
             raise LvlmlpError(f"--prompt-template: {prompt_template!r} has no {{question}} placeholder")
         self.prompt_template = prompt_template
         self.raw_prompt = raw_prompt
+        # A system turn before the user's (e.g. the llava_v1 line the original LLaVA-1.5 runs used); None: the
+        # chat template's own default.
+        self.system_prompt = system_prompt
         self._affixes: tuple[str, str] | tuple[()] | None = None  # chat template split around the question
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
@@ -229,7 +234,8 @@ class Backend:
             # PaliGemma's processor would add the image tokens itself, with a warning; giving them is the same.
             if placeholder and getattr(self.processor, "image_token", placeholder) not in text:
                 text = placeholder + text
-            return text
+            # Without a chat template the system text leads, separated by a space (llava_v1's separator).
+            return f"{self.system_prompt} {text}" if self.system_prompt else text
         if self._affixes is None:
             self._affixes = self._template_affixes()
         if self._affixes:
@@ -238,6 +244,8 @@ class Backend:
 
     def _render(self, text: str) -> str:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        if self.system_prompt:
+            conversation.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
     def _template_affixes(self) -> tuple[str, str] | tuple[()]:

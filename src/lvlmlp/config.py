@@ -71,6 +71,8 @@ def _min(value: float) -> dict[str, Any]:
 @dataclass
 class ExtractConfig(Section):
     max_new_tokens: int = field(default=0, metadata=_min(0))  # 0: one prefill forward (first token only)
+    # store the first T tokens' logits (and each row's last generated token) when T < max_new_tokens
+    logits_tokens: int | None = field(default=None, metadata=_min(1))
     hidden: bool = False
     layers: list[int] = field(default_factory=list)
     store_dtype: Literal["float16", "float32"] = "float16"
@@ -86,6 +88,7 @@ class SplitsConfig(Section):
     test: str = "test"
     cv: int | None = field(default=None, metadata=_min(2))
     split: str | None = None
+    shuffle: bool = False  # shuffled folds (the original's cross_validate(cv=10) does not shuffle)
 
 
 @dataclass
@@ -126,6 +129,7 @@ class ExperimentConfig(Section):
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     raw_prompt: bool = False
+    system_prompt: str | None = None  # a system turn before the user's (the llava_v1 line of the LLaVA-1.5 configs)
     task: str = "jsonl"
     data_root: str | None = None  # required
     image_root: str | None = None

@@ -42,8 +42,9 @@ def prompts_of(cfg: ExperimentConfig) -> list[tuple[str, str | None]]:
     items = spec if isinstance(spec, list) else [spec]
     out: list[tuple[str, str | None]] = []
     for i, item in enumerate(items):
-        if item is None:
-            out.append(("default", None))
+        if item is None:  # the task's default style (mathvista: oeh, as the original's scripts ran it)
+            default = prompt_template(cfg["task"])
+            out.append(("default", None if default == "{question}" else default))
         elif not isinstance(item, str):
             raise LvlmlpError(f"config: prompt entries must be strings, got {item!r}")
         elif "{question}" in item:
@@ -99,7 +100,8 @@ class LazyBackend:
             from lvlmlp import backend as backend_module
 
             self.backend = backend_module.Backend(self.cfg["model"], device=self.cfg["device"],
-                                                  dtype=self.cfg["dtype"], raw_prompt=bool(self.cfg["raw_prompt"]))
+                                                  dtype=self.cfg["dtype"], raw_prompt=bool(self.cfg["raw_prompt"]),
+                                                  system_prompt=self.cfg["system_prompt"])
         if template is not None and "{question}" not in template:
             raise LvlmlpError(f"prompt {template!r} has no {{question}} placeholder")
         # The template is read at each prompt() call, so one loaded model serves every prompt of the config.
@@ -122,9 +124,9 @@ def _label_fn(cfg: ExperimentConfig) -> Any:
 
     if not get_task(cfg["task"]).needs_generation:
         return None
-    from lvlmlp.tasks.mathvista import check_answer
+    from lvlmlp.tasks.mathvista import response_label
 
-    return check_answer
+    return response_label
 
 
 # What `lvlmlp run` writes in OUT; a non-empty OUT holding none of these is the user's folder, never written to.
@@ -163,7 +165,9 @@ def _run_steps(cfg: ExperimentConfig, progress: bool) -> dict[str, Any]:
         for split in splits:
             folder = out / "runs" / f"{name}-{split}"
             key = _key({"model": cfg["model"], "dtype": cfg["dtype"], "raw_prompt": cfg["raw_prompt"],
-                        "template": template, "data": rows_fingerprint(rows[split]), **ext})
+                        **({"system_prompt": cfg["system_prompt"]} if cfg["system_prompt"] else {}),
+                        "template": template, "data": rows_fingerprint(rows[split]),
+                        **{k: v for k, v in ext.items() if v is not None or k != "logits_tokens"}})
             step = f"extract-{name}-{split}"
             if not (steps.done(step, key) and (folder / "manifest.json").is_file()):
                 log.info("run: extracting %s (%d rows)", folder, len(rows[split]))
@@ -174,7 +178,8 @@ def _run_steps(cfg: ExperimentConfig, progress: bool) -> dict[str, Any]:
                 else:
                     run_extract = functools.partial(extract, lazy.get(template))
                 run_extract(rows[split], folder, batch_size=cfg["batch_size"],
-                            max_new_tokens=ext["max_new_tokens"], hidden=bool(ext["hidden"]),
+                            max_new_tokens=ext["max_new_tokens"], logits_tokens=ext["logits_tokens"],
+                            hidden=bool(ext["hidden"]),
                             layers=[int(x) for x in ext["layers"] or []], store_dtype=ext["store_dtype"],
                             on_error=ext["on_error"], source=f"task {cfg['task']} split {split}", progress=progress,
                             label_fn=_label_fn(cfg))
@@ -212,7 +217,7 @@ def _protocol(cfg: ExperimentConfig, train_run: Any, test_run: Any, label_runs: 
     train_src, test_src = label_runs or (None, None)
     test = labelled(test_run, test_src)
     if cfg.splits.cv is not None:
-        return Protocol(test=test, cv=cfg.splits.cv, seed=cfg.seed, n_boot=cfg.n_boot)
+        return Protocol(test=test, cv=cfg.splits.cv, cv_shuffle=cfg.splits.shuffle, seed=cfg.seed, n_boot=cfg.n_boot)
     train = labelled(train_run, train_src)
     return Protocol(test=test, train=train, seed=cfg["seed"], n_boot=cfg["n_boot"])
 

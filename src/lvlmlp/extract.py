@@ -194,6 +194,9 @@ def _run_batch(backend: Backend, rows: list[dict], batch: dict, max_new_tokens: 
         # The backend returns exactly K columns, with zeros after each row's last valid token.
         logits = res["logits"][:, :n_keep].float().cpu().numpy()
         n_tokens = res["n_tokens"].cpu().numpy().astype(np.int32)
+        if n_keep < max_new_tokens:  # the original's "last" token (--token_id -1): each row's last generated one
+            last = (np.maximum(n_tokens, 1) - 1).tolist()
+            last_logits = res["logits"][list(range(len(rows))), last].float().cpu().numpy()
         responses = res["responses"]
     else:
         res = backend.prefill(batch, hidden=hidden, layers=layers)
@@ -205,6 +208,8 @@ def _run_batch(backend: Backend, rows: list[dict], batch: dict, max_new_tokens: 
         "n_tokens": n_tokens,
         "row_index": np.array([r["_row_index"] for r in rows], dtype=np.int64),
     }
+    if max_new_tokens and n_keep < max_new_tokens:
+        arrays["last_logits"] = last_logits.astype(dtype)
     if hidden:
         arrays["hidden"] = res["hidden"].float().cpu().numpy()
     if layers:

@@ -182,10 +182,19 @@ def _resampled_auroc(y: np.ndarray, score: np.ndarray) -> Callable[[np.ndarray],
 
 
 def cross_val_scores(
-    make_probe: Callable[[], Any], X: Any, y: Any, n_splits: int = 10, seed: int = 0
+    make_probe: Callable[[], Any], X: Any, y: Any, n_splits: int = 10, seed: int = 0, shuffle: bool = False
 ) -> np.ndarray:
-    """Out-of-fold scores of stratified k-fold cross-validation (the paper's MathVista protocol is 10-fold).
+    """Out-of-fold scores of stratified k-fold cross-validation; see `cross_val_folds`."""
+    return cross_val_folds(make_probe, X, y, n_splits, seed, shuffle)[0]
 
+
+def cross_val_folds(
+    make_probe: Callable[[], Any], X: Any, y: Any, n_splits: int = 10, seed: int = 0, shuffle: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(out-of-fold scores, each row's fold) of stratified k-fold cross-validation.
+
+    The default is the original's MathVista protocol: scikit-learn's `cross_validate(model, X, y, cv=10)`, i.e.
+    `StratifiedKFold(10)` without shuffling (folds follow the row order); `shuffle=True` shuffles with `seed`.
     `make_probe()` returns a fresh unfitted probe (anything with fit / predict_proba). Binary labels give (n,)
     probabilities of label 1; more classes give (n, n_classes) probabilities in sorted class order.
     """
@@ -200,14 +209,34 @@ def cross_val_scores(
             f"(class counts {dict(zip(classes.tolist(), counts.tolist()))})"
         )
     oof = np.zeros((y_arr.size, classes.size))
-    folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    for train, test in folds.split(np.zeros(y_arr.size), y_arr):
+    fold_of = np.zeros(y_arr.size, dtype=np.int64)
+    folds = StratifiedKFold(n_splits=n_splits, shuffle=shuffle, random_state=seed if shuffle else None)
+    for fold, (train, test) in enumerate(folds.split(np.zeros(y_arr.size), y_arr)):
         probe = make_probe().fit(X[train], y_arr[train])
         proba = probe.predict_proba(X[test])
         # A fold's probe knows the classes it saw; map its columns onto the full class list.
         cols = np.searchsorted(classes, np.asarray(probe.classes_))
         oof[np.ix_(test, cols)] = proba
-    return oof[:, 1] if classes.size == 2 else oof
+        fold_of[test] = fold
+    return (oof[:, 1] if classes.size == 2 else oof), fold_of
+
+
+def fold_metrics(y: Any, score: Any, fold_of: Any, threshold: float = 0.5) -> dict[str, Any]:
+    """Per-fold AUROC, accuracy and F1 of label 1, and their means: what the original's MathVista notebook prints
+    (`cross_validate(..., scoring=("roc_auc", "accuracy", "f1"))`, then `np.mean` of each). A fold predicts 1 when
+    the score exceeds `threshold` (LogisticRegression.predict: decision > 0)."""
+    y_arr, s_arr = _binary_arrays(y, score)
+    fold_arr = np.asarray(fold_of)
+    per: dict[str, list[float | None]] = {"auroc": [], "accuracy": [], "f1": []}
+    for fold in np.unique(fold_arr):
+        m = fold_arr == fold
+        pred = (s_arr[m] > threshold).astype(np.int64)
+        per["auroc"].append(auroc(y_arr[m], s_arr[m]))
+        per["accuracy"].append(float(accuracy_score(y_arr[m], pred)))
+        per["f1"].append(float(f1_score(y_arr[m], pred, zero_division=0.0)))
+    mean = {k: (float(np.mean([v for v in vs if v is not None])) if any(v is not None for v in vs) else None)
+            for k, vs in per.items()}
+    return {"mean_of_folds": mean, "per_fold": per, "n_folds": int(np.unique(fold_arr).size)}
 
 
 def binary_report(y: Any, score: Any, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:

@@ -4,8 +4,8 @@
   first-token logits (fitted through scikit-learn, weights kept as numpy arrays).
 - `MultinomialProbe`: softmax regression in torch, trained in mini-batches read from a memory map (or a
   `FeatureView`) so that 1,000-class tasks on large runs never load all features; CPU or GPU, seeded.
-- `LDAProbe`: the paper's ImageNet classifier, `LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")`,
-  whose shrinkage keeps it well-posed when features outnumber rows.
+- `LDAProbe`: the paper's ImageNet classifier, `LinearDiscriminantAnalysis()` (solver "svd"), computed by the
+  same algorithm in torch (CPU or GPU); shrinkage LDA (`shrinkage="auto"`) is an option.
 
 All three score rows the same way, chunk by chunk: `(x - mean_) / scale_ @ coef_.T + intercept_`, then a sigmoid
 (binary, one weight row) or a softmax. A probe folder holds `probe.safetensors` (arrays) and `probe.json`
@@ -348,26 +348,100 @@ class LogisticProbe(Probe):
 
 
 class LDAProbe(Probe):
-    """Shrinkage linear discriminant analysis (the paper's ImageNet probe); binary or multiclass."""
+    """Linear discriminant analysis; binary or multiclass.
 
-    def __init__(self, shrinkage: str | float | None = "auto", threshold: float = 0.5) -> None:
+    Default (`shrinkage=None`): the paper's ImageNet classifier, scikit-learn's `LinearDiscriminantAnalysis()`
+    (solver "svd", tol 1e-4), computed by the same algorithm in torch (`_lda_svd`), on `device` (cpu, cuda or
+    auto): the same predictions, faster (bench/probe_speed.py --lda).
+    `shrinkage="auto"` or a float: scikit-learn's `LinearDiscriminantAnalysis(solver="lsqr", shrinkage=...)`, an
+    option that keeps the covariance well-posed when features outnumber rows (not the paper's).
+    """
+
+    def __init__(
+        self, shrinkage: str | float | None = None, tol: float = 1e-4, device: str = "cpu", threshold: float = 0.5
+    ) -> None:
         self.shrinkage = shrinkage
+        self.tol = tol
+        self.device = device
         self.threshold = threshold
 
     def fit(self, X: Any, y: Any, spec: FeatureSpec | None = None, label_names: list[str] | None = None) -> LDAProbe:
-        from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-
         n, d = _shape(X)
         y = _check_labels(y, n)
         self._start_fit(d, spec, label_names)
-        model = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=self.shrinkage)
-        model.fit(_to_memory(X), y)
-        self.coef_ = np.atleast_2d(np.asarray(model.coef_, dtype=np.float64))
-        self.intercept_ = np.atleast_1d(np.asarray(model.intercept_, dtype=np.float64))
-        self.classes_ = np.asarray(model.classes_)
+        if self.shrinkage is None:
+            coef, intercept, self.classes_ = _lda_svd(_to_memory(X), y, self.tol, _torch_device(self.device))
+        else:
+            from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+            model = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=self.shrinkage).fit(_to_memory(X), y)
+            coef, intercept, self.classes_ = model.coef_, model.intercept_, np.asarray(model.classes_)
+        self.coef_ = np.atleast_2d(np.asarray(coef, dtype=np.float64))
+        self.intercept_ = np.atleast_1d(np.asarray(intercept, dtype=np.float64))
         self.mean_ = self.scale_ = None
-        self.fit_info_ = {"n_rows": n}
+        self.fit_info_ = {"n_rows": n, "solver": "svd" if self.shrinkage is None else "lsqr"}
         return self
+
+
+def _torch_device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise LvlmlpError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _lda_svd(X: np.ndarray, y: np.ndarray, tol: float, device: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's `LinearDiscriminantAnalysis._solve_svd` (1.9) step by step, in torch: (coef_, intercept_,
+    classes_) as its fitted model holds them (binary: one row, class 1 minus class 0).
+
+    One step is computed differently, for speed: the singular values and right singular vectors of the scaled
+    within-class matrix (n x d) come from the eigen-decomposition of its Gram matrix (the smaller of n x n and
+    d x d) in float64, instead of an SVD of the float32 matrix. A float64 Gram matrix keeps the singular values
+    above the 1e-4 rank threshold to better than float32 SVD accuracy, so the rank and the predictions are the
+    same; the tests compare predictions with scikit-learn's."""
+    import torch
+
+    classes, y_idx, counts = np.unique(y, return_inverse=True, return_counts=True)
+    n, k = y.size, classes.size
+    f64 = torch.float64
+    x = torch.from_numpy(X).to(device)
+    idx = torch.from_numpy(y_idx).to(device)
+    priors = torch.from_numpy(counts / n).to(device, f64)
+    means = torch.zeros(k, x.shape[1], dtype=f64, device=device).index_add_(0, idx, x.to(f64))
+    means /= torch.from_numpy(counts).to(device, f64)[:, None]
+    xs = x.to(f64) - means[idx]  # within-class centred rows (their order does not change S or Vt)
+    del x
+    std = xs.std(dim=0, correction=0)
+    std[std == 0] = 1.0
+    xs /= std
+    xs *= (1.0 / n) ** 0.5
+    if n <= xs.shape[1]:
+        lam, u = torch.linalg.eigh(xs @ xs.T)
+        s = lam.flip(0).clamp_min(0).sqrt()
+        rank = int((s > tol).sum())
+        vt = (u.flip(1)[:, :rank].T @ xs) / s[:rank, None]
+    else:
+        lam, v = torch.linalg.eigh(xs.T @ xs)
+        s = lam.flip(0).clamp_min(0).sqrt()
+        rank = int((s > tol).sum())
+        vt = v.flip(1)[:, :rank].T
+    del xs
+    scalings = (vt / std).T / s[:rank]
+    xbar = priors @ means
+    between = (torch.sqrt(n * priors * (1.0 if k == 1 else 1.0 / (k - 1)))[:, None] * (means - xbar)) @ scalings
+    _, s2, vt2 = torch.linalg.svd(between, full_matrices=False)
+    rank2 = int((s2 > tol * s2[0]).sum())
+    scalings = scalings @ vt2.T[:, :rank2]
+    coef = (means - xbar) @ scalings
+    intercept = -0.5 * (coef**2).sum(dim=1) + torch.log(priors)
+    coef = coef @ scalings.T
+    intercept -= xbar @ coef.T
+    if k == 2:
+        coef, intercept = coef[1:] - coef[:1], intercept[1:] - intercept[:1]
+    return coef.cpu().numpy(), intercept.cpu().numpy(), classes
 
 
 class MultinomialProbe(Probe):

@@ -344,5 +344,5 @@ def _commit(writer: RunWriter, result: dict, chunk: list[dict], on_error: str, s
 def ray_extract_for_run(cfg: dict, template: str | None, rows: list[dict], out: str | Path, **options: Any) -> Run:
     """`lvlmlp run` with `ray:` in its config: the extraction step of prompt `template`."""
     model = {"model": cfg["model"], "device": cfg["device"], "dtype": cfg["dtype"], "prompt_template": template,
-             "raw_prompt": bool(cfg["raw_prompt"])}
+             "raw_prompt": bool(cfg["raw_prompt"]), "system_prompt": cfg["system_prompt"]}
     return ray_extract(model, rows, out, ray=ray_options(cfg["ray"]), **options)

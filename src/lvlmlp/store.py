@@ -7,6 +7,7 @@ Layout of a finished run (see README):
     RUN/logits.npy        (K, N, V) raw logits of generated tokens 0..K-1 (padding rows are zeros)
     RUN/n_tokens.npy      (N,) valid generated tokens per row (1 for a prefill-only run)
     RUN/row_index.npy     (N,) position of each row in the full input, so shard runs merge in manifest order
+    RUN/last_logits.npy   (N, V) raw logits of each row's last generated token  [when fewer than all tokens are kept]
     RUN/hidden.npy        (N, H) final-norm hidden state at the first generated position   [--hidden]
     RUN/layers.npy        (L, N, H) hidden states of the chosen layers at that position      [--layers]
     RUN/failures.jsonl    rows skipped with --on-error skip
@@ -545,6 +546,14 @@ class Run:
 
     def hidden(self) -> np.ndarray:
         return self._array("hidden")
+
+    @property
+    def has_last_logits(self) -> bool:
+        return (self.path / "last_logits.npy").exists()
+
+    def last_logits(self) -> np.ndarray:
+        """(N, V) raw logits of each row's last generated token (kept when `logits_tokens` < `max_new_tokens`)."""
+        return self._array("last_logits")
 
     def layer(self, layer: int) -> np.ndarray:
         layers = list(self.manifest.get("layers") or [])

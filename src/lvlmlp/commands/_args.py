@@ -16,6 +16,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | float16 | bfloat16")
     p.add_argument("--prompt-template", default=None, help='applied to the question first, e.g. "{question} Answer briefly."')
     p.add_argument("--raw-prompt", action="store_true", help="skip the chat template; pass the text as it is")
+    p.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="a system turn before the user's (e.g. the llava_v1 line of the original LLaVA-1.5 runs, "
+                   "docs/paper-protocol.md); default: the chat template's own")
 
 
 def add_task_arguments(parser: argparse.ArgumentParser, limit: bool = True) -> None:
@@ -58,23 +61,19 @@ def selection(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def task_rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | None]:
-    """Rows and prompt template (None without --prompt-style: the default prompt) from the flags of
+    """Rows and prompt template (without --prompt-style: the task's default style) from the flags of
     `add_task_arguments`. `--limit N` (when the caller defines it) takes a seeded random subset of the task's rows,
     so that a small run still covers every category."""
-    from lvlmlp.tasks import get_task, prompt_template
+    from lvlmlp.tasks import get_task, parse_task_options, prompt_template
 
     if not args.task:
         raise LvlmlpError("--task is required to read a task's rows")
     task = get_task(args.task)
     if not args.data_root:
         raise LvlmlpError(f"--data-root is required with --task {task.name} (see `lvlmlp tasks {task.name}`)")
-    options: dict[str, Any] = {}
-    for item in args.task_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise LvlmlpError(f"--task-option {item!r}: expected KEY=VALUE")
-        options[key.strip()] = value.strip()
-    template = None if args.prompt_style is None else prompt_template(task.name, args.prompt_style)
+    options = parse_task_options(args.task_option)
+    # Without --prompt-style, the task's default style (the original's: `oeh` for MathVista, the question for most).
+    template = prompt_template(task.name, args.prompt_style)
     rows = task.rows(
         args.data_root,
         args.image_root,

@@ -73,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
         from lvlmlp.tasks import get_task
 
         if get_task(args.task).needs_generation:  # MathVista: label = whether the model's answer is right
-            from lvlmlp.tasks.mathvista import check_answer
+            from lvlmlp.tasks.mathvista import response_label
 
-            label_fn = check_answer
+            label_fn = response_label
             if not args.max_new_tokens:
                 raise LvlmlpError(f"--task {args.task}: labels come from the model's answers; give --max-new-tokens")
     if args.ray_replicas is not None and args.ray is None:
@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         raise LvlmlpError("--workers does not apply with --ray (each Ray replica prepares its own batches)")
     from lvlmlp.backend import Backend
 
-    backend_args = dict(device=args.device, dtype=args.dtype, prompt_template=template, raw_prompt=args.raw_prompt)
+    backend_args = dict(device=args.device, dtype=args.dtype, prompt_template=template, raw_prompt=args.raw_prompt,
+                        system_prompt=args.system_prompt)
     settings = dict(max_new_tokens=args.max_new_tokens, logits_tokens=args.logits_tokens, hidden=args.hidden,
                     layers=parse_layers(args.layers), store_dtype=args.store_dtype, shard=parse_shard(args.shard),
                     batch_size=args.batch_size, selection=selection(args))

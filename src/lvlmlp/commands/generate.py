@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     probe = load_probe(args.probe)
     backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=prompt_template,
-                      raw_prompt=args.raw_prompt)
+                      raw_prompt=args.raw_prompt, system_prompt=args.system_prompt)
     spec = getattr(probe, "spec_", None)
     kind = spec.kind if spec is not None else "logits"
     probe.check_compatible(FeatureSpec(kind=kind, token=0, dim=backend.vocab_size, model=None))

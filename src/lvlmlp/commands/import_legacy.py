@@ -13,6 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imp.add_argument("--max-tokens", type=int, help="keep at most this many tokens' logits per row")
     imp.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored logits dtype")
     imp.add_argument("--model", help="model path or hub id to record (default: the file's model_name)")
+    imp.add_argument("--judged", metavar="MathV_output.json",
+                     help="MathVista: the scored output file whose true_false labels a MathV.jsonl import")
     imp.set_defaults(func=run)
 
 
@@ -20,6 +22,6 @@ def run(args: argparse.Namespace) -> int:
     from lvlmlp.legacy import import_legacy
 
     imported = import_legacy(args.file, args.out, vocab_size=args.vocab_size, max_tokens=args.max_tokens,
-                             dtype=args.dtype, model=args.model)
+                             dtype=args.dtype, model=args.model, judged=args.judged)
     print(f"imported {len(imported)} rows -> {imported.path}")
     return 0

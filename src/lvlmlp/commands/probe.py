@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     hp.add_argument("--batch-size", type=int, help="multinomial: rows per step (default 512)")
     hp.add_argument("--lr", type=float, help="multinomial: Adam learning rate (default 0.01)")
     hp.add_argument("--weight-decay", type=float, help="multinomial: L2 strength (default 1e-4)")
-    hp.add_argument("--device", help="multinomial: cpu, cuda, cuda:N or auto (default cpu)")
+    hp.add_argument("--device", help="multinomial, lda: cpu, cuda, cuda:N or auto (default cpu)")
     hp.add_argument("--seed", type=int, help="multinomial: seed of the mini-batch order (default 0)")
     hp.add_argument("--threshold", type=float, help="all: flag rows with P(label 1) below this (default 0.5)")
     train.add_argument("--out", required=True, help="probe folder to write")

@@ -1,9 +1,10 @@
 """Task registry: the paper's benchmarks as small adapters that turn their own files into rows.
 
 ```python
-from lvlmlp.tasks import get_task, prompt_template
+from lvlmlp.tasks import dump_rows, get_task, prompt_template
 rows = get_task("pope").rows("/data/pope", split="val", categories=["random"])
-template = prompt_template("vizwiz", "oeh")  # contains "{question}"
+template = prompt_template("vizwiz", "oeh")  # contains "{question}"; no style: the task's default style
+dump_rows("mad", "/data/madbench", "dump.jsonl", image_root="/data/coco/val2017", split="train", style="mq")
 ```
 Each adapter module (vizwiz, mmsafety, mad, mathvista, pope, imagenet, jsonl) defines one `TASK`; this module
 collects them and loads `prompts.yaml` (the command `lvlmlp tasks [NAME]` lives in lvlmlp/commands/tasks.py).
@@ -11,8 +12,10 @@ collects them and loads `prompts.yaml` (the command `lvlmlp tasks [NAME]` lives 
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -23,6 +26,10 @@ from lvlmlp.tasks.base import Request, Task
 __all__ = [
     "Request",
     "Task",
+    "apply_template",
+    "dump_rows",
+    "parse_task_options",
+    "prompted_rows",
     "get_task",
     "list_tasks",
     "prompt_styles",
@@ -60,12 +67,51 @@ def prompt_styles(task: str) -> tuple[str, ...]:
     return tuple(_prompts().get(task, {}))
 
 
-def prompt_template(task: str, style: str = "oe") -> str:
-    """The template of `style` for `task`, with "{question}" where the row's question goes."""
+def prompt_template(task: str, style: str | None = None) -> str:
+    """The template of `style` (default: the task's `default_prompt_style`) for `task`, with "{question}" where
+    the row's question goes."""
     styles = prompt_styles(task)
+    style = get_task(task).default_prompt_style if style is None else style
     if style not in styles:
         raise LvlmlpError(f"task {task}: unknown prompt style {style!r} (styles: {', '.join(styles)})")
     return _prompts()[task][style]
+
+
+def apply_template(template: str | None, question: str) -> str:
+    """The text the model is asked: the template with the question substituted (the original's `template % q`)."""
+    return template.replace("{question}", question) if template else question
+
+
+def prompted_rows(rows: list[dict], template: str | None) -> list[dict]:
+    """Rows as `--dump` writes them: `id`, `image`, `question`, `prompt`, `label`, `split`, then the metadata."""
+    out = []
+    for row in rows:
+        head = {k: row.get(k) for k in ("id", "image", "question")}
+        head["prompt"] = apply_template(template, row["question"])
+        head["label"], head["split"] = row.get("label"), row.get("split")
+        out.append({**head, **{k: v for k, v in row.items() if k not in head}})
+    return out
+
+
+def dump_rows(
+    task: str,
+    data_root: str | Path,
+    out: str | Path,
+    *,
+    image_root: str | Path | None = None,
+    split: str | None = None,
+    style: str | None = None,
+    **options: Any,
+) -> int:
+    """Write the rows extraction would use (with their prompt text) to `out` as JSON lines; returns the count.
+    `options` go to `Task.rows` (limit, per_class, seed and the task's own options)."""
+    rows = get_task(task).rows(data_root, image_root, split, **options)
+    lines = [json.dumps(r, ensure_ascii=False) for r in prompted_rows(rows, prompt_template(task, style))]
+    path = Path(out)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    tmp.replace(path)  # a crash mid-write leaves the previous dump intact
+    return len(lines)
 
 
 def describe(task: Task) -> str:
@@ -78,9 +124,20 @@ def describe(task: Task) -> str:
         f"kind: {task.kind}",
         f"labels: {labels}",
         f"splits: {', '.join(task.splits) or 'any'} (default {task.default_split})",
-        f"prompt styles: {', '.join(prompt_styles(task.name))}",
+        f"prompt styles: {', '.join(prompt_styles(task.name))} (default {task.default_prompt_style})",
         f"default image root: <data-root>{'' if task.default_image_root == '.' else '/' + task.default_image_root}",
     ]
     lines += [f"option {name}: {help_}" for name, help_ in task.options]
     lines += ["layout:", *("  " + line for line in task.layout.splitlines())]
     return "\n".join(lines)
+
+
+def parse_task_options(items: list[str]) -> dict[str, Any]:
+    """`--task-option KEY=VALUE` items as a dict."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LvlmlpError(f"--task-option {item!r}: expected KEY=VALUE")
+        options[key.strip()] = value.strip()
+    return options

@@ -80,6 +80,7 @@ class Task:
     needs_generation: bool = False  # labels are a function of the model's response (MathVista)
     samples_per_class: bool = False  # `load` applies `per_class` itself, before building rows (ImageNet's files)
     options: tuple[tuple[str, str], ...] = ()  # (name, help) of the task-specific keyword options
+    default_prompt_style: str = "oe"  # the style of tasks/prompts.yaml used when none is chosen
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -1,6 +1,6 @@
 """ImageNet-1k classification through one fixed question; the probe predicts the class index (multiclass).
 
-The paper trains on 16 images per class (`per_class=16`); sampling happens on file names before rows are built,
+The original trains on 16 random images per class (`per_class=16`, seeded here); sampling happens on file names before rows are built,
 so a 1.28M-image train folder costs one directory listing, not a million dicts.
 """
 
@@ -12,9 +12,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from lvlmlp.tasks.base import Request, Task, read_json
+from lvlmlp.tasks.base import Request, Task, as_int, read_json
 
-QUESTION = "What is the main object in this image? Answer with one word."
+QUESTION = "Give me a one-word label for the foreground object in this image."  # dataset/ImageNet.py
 WNID_MAP = "ImageNet2012_wnid_to_idx.json"
 NAMES = "imagenet-simple-labels.json"
 VAL_LABEL_FILES = ("LOC_val_solution.csv", "val_labels.txt")
@@ -29,7 +29,8 @@ LAYOUT = f"""\
     val_labels.txt        lines "FILENAME WNID" or "FILENAME INDEX"
 default <image-root>: the data root
 question: "{QUESTION}"
-per_class: K seeded images per class (the paper: 16 for train); labels: the class index; row id: file stem"""
+per_class: K seeded images per class; option train_per_class=K: only in the train split (the original: 16
+    random, unseeded, for train and the whole val set for test); labels: the class index; row id: file stem"""
 
 
 def load(req: Request) -> list[dict]:
@@ -47,8 +48,11 @@ def load(req: Request) -> list[dict]:
                 raise req.error(f"{split_dir / wnid}: WNID folder not in {req.data_root / WNID_MAP}")
     else:
         files = _flat_by_wnid(req, split_dir, wnid_to_idx)
-    if req.per_class is not None:
-        k, rng = req.per_class, random.Random(req.seed)  # seed None: the first K files, like Task.rows
+    per_class = req.per_class
+    if req.split == "train" and req.options.get("train_per_class") is not None:
+        per_class = as_int(req.options["train_per_class"], "train_per_class", req.task)
+    if per_class is not None:
+        k, rng = per_class, random.Random(req.seed)  # seed None: the first K files, like Task.rows
         files = {
             w: fs if len(fs) <= k else (fs[:k] if req.seed is None else sorted(rng.sample(fs, k)))
             for w, fs in files.items()
@@ -143,4 +147,5 @@ TASK = ImageNetTask(
     default_image_root=".",
     load=load,
     default_split="val",
+    options=(("train_per_class", "K seeded images per class in the train split only (the original: 16)"),),
 )

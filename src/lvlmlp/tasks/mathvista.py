@@ -2,7 +2,12 @@
 
 Labels come later from the run's responses: `label_from_responses(run.meta)`. The checker is deterministic
 (no LLM answer extraction): it reads the final answer span of the response and compares it by the question's
-type, so the same responses always give the same labels.
+type, so the same responses always give the same labels. Records that carry an externally judged `true_false`
+(the original's MathV_output.json after MathVista's GPT-4 answer extraction) keep that judgement instead.
+
+`self_eval=true` is the original's second pass (dataset/MathV.py with a model name as split): every record of a
+file with responses (MathV_output.json) becomes the question "Given the image, the query ..., and an answer ...
+Is the answer correct?" and its label is `true_false` (or the checker's verdict).
 """
 
 from __future__ import annotations
@@ -28,9 +33,20 @@ LAYOUT = """\
 --data-root may also be the JSON or parquet file itself
 <image-root>/images/1.jpg ...        "image" paths are relative to it; default the data root (the file's folder
     when --data-root is a file)
-split: testmini only; evaluate with 10-fold cross-validation on it (the paper's protocol)
+--data-root may also be the original's MathV_output.json: a JSON object "1".."1000" -> the testmini record plus
+    "response" and the judged "true_false" (used as the label instead of the checker's)
+split: testmini only; the original evaluates with 10-fold StratifiedKFold (no shuffling) on it
+prompt: default style oeh (the query + the VizWiz hint: what the original's MathVista scripts sent), or oe, cot
 labels: none in the rows; after extraction, label_from_responses(run.meta) gives correct (1) / wrong (0)
+option self_eval = true: the self-evaluation pass on a file with "response" (MathV_output.json); the row's
+    question is the self-evaluation text (use prompt style oe, its template is the question itself) and its
+    label is true_false, or the checker's verdict when absent
 row id: pid"""
+
+SELF_EVAL = (
+    "Given the image,\nthe query '{query}',\nand an answer '{response}.\n"
+    "Is the answer correct? Please respond with 'Yes' or 'No'."
+)  # sic: the original leaves the answer's quote open (dataset/MathV.py)
 
 
 def load(req: Request) -> list[dict]:
@@ -43,22 +59,31 @@ def load(req: Request) -> list[dict]:
     if not isinstance(records, list):
         raise req.error(f"{path}: expected a JSON object pid -> record, or a list of records")
     images = req.images(".")
+    self_eval = str(req.options.get("self_eval", "false")).strip().lower()
+    if self_eval not in ("true", "false"):
+        raise req.error(f"option self_eval must be true or false, got {req.options['self_eval']!r}")
     rows = []
     for i, rec in enumerate(records):
         where = f"{req.task}: {path}: record {rec.get('pid', i)!r}"
-        rows.append(
-            {
-                "id": str(require(rec, "pid", where)),
-                "image": str(images / require(rec, "image", where)),
-                "question": require(rec, "query", where),
-                "answer": str(require(rec, "answer", where)),
-                "question_type": require(rec, "question_type", where),
-                "answer_type": require(rec, "answer_type", where),
-                "choices": _plain_list(rec.get("choices")),
-                "precision": _plain_number(rec.get("precision")),
-                "unit": rec.get("unit") or None,
-            }
-        )
+        row = {
+            "id": str(require(rec, "pid", where)),
+            "image": str(images / require(rec, "image", where)),
+            "question": require(rec, "query", where),
+            "answer": str(require(rec, "answer", where)),
+            "question_type": require(rec, "question_type", where),
+            "answer_type": require(rec, "answer_type", where),
+            "choices": _plain_list(rec.get("choices")),
+            "precision": _plain_number(rec.get("precision")),
+            "unit": rec.get("unit") or None,
+        }
+        if rec.get("true_false") is not None:
+            row["true_false"] = bool(rec["true_false"])
+        if self_eval == "true":
+            response = str(require(rec, "response", where))
+            row["query"], row["solution"] = row["question"], response  # not "response": the run writes its own
+            row["question"] = SELF_EVAL.format(query=row["query"], response=response)
+            row["label"] = int(row["true_false"]) if "true_false" in row else int(check_answer(response, row))
+        rows.append(row)
     return rows
 
 
@@ -137,6 +162,16 @@ def check_answer(response: str, row: dict) -> bool:
     return _norm_text(span) == _norm_text(answer)
 
 
+def response_label(response: str, row: dict) -> int:
+    """A row's label from the model's response: the row's own label when it has one (the self-evaluation pass),
+    else its externally judged `true_false`, else the deterministic checker's verdict."""
+    if row.get("label") is not None:
+        return int(row["label"])
+    if row.get("true_false") is not None:  # judged outside (the original: GPT-4 answer extraction)
+        return int(bool(row["true_false"]))
+    return int(check_answer(response, row))
+
+
 def label_from_responses(rows_meta: list[dict]) -> list[int]:
     """Labels (correct = 1) for a run's rows: `open_run(dir).meta`, each with the record fields and `response`."""
     labels = []
@@ -149,7 +184,7 @@ def label_from_responses(rows_meta: list[dict]) -> list[int]:
             raise LvlmlpError(
                 f"mathvista: row {meta.get('id')!r} has no 'answer' field; is this a MathVista run?"
             )
-        labels.append(int(check_answer(meta["response"], meta)))
+        labels.append(response_label(meta["response"], {**meta, "label": None}))
     return labels
 
 
@@ -208,4 +243,6 @@ TASK = Task(
     load=load,
     default_split="testmini",
     needs_generation=True,
+    default_prompt_style="oeh",
+    options=(("self_eval", "true: the self-evaluation pass on a file with responses (default false)"),),
 )

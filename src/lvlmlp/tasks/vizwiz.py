@@ -7,15 +7,17 @@ from pathlib import Path
 from lvlmlp.tasks.base import Request, Task, read_json, require
 
 LAYOUT = """\
-<data-root>/Annotations/train.json   JSON array of {"image", "question", "answers", "answer_type", "answerable"}
-<data-root>/Annotations/val.json
-<data-root>/Annotations/test.json    (no "answerable": rows come without a label, fine for extraction)
+<data-root>/{split}.json              the original code's layout (train.json, val.json, test.json), or
+<data-root>/Annotations/{split}.json  the official release's; either a JSON array of
+    {"image", "question", "answers", "answer_type", "answerable"}; test has no "answerable" (rows without label)
 <image-root>/VizWiz_val_00000000.jpg ...  default <data-root>/{split}/ (train/, val/, test/)
 label: answerable (1) / unanswerable (0); row id: the image file's stem"""
 
 
 def load(req: Request) -> list[dict]:
-    path = req.annotation(Path("Annotations") / f"{req.split}.json")
+    # The original code reads ROOT/{split}.json; the official download keeps the files in Annotations/.
+    flat = req.data_root / f"{req.split}.json"
+    path = flat if flat.is_file() else req.annotation(Path("Annotations") / f"{req.split}.json")
     records = read_json(path, req.task)
     if not isinstance(records, list):
         raise req.error(f"{path}: expected a JSON array of questions")
