@@ -7,4 +7,4 @@ arguments. Only these modules parse flags; no library module imports them. A com
 """
 
 # The order is the order of `lvlmlp --help`.
-COMMANDS: list[str] = []
+COMMANDS: list[str] = ["finetune"]
