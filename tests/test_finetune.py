@@ -194,3 +194,36 @@ def test_compare_reports_finetuned_and_probes_per_epoch(tiny_ckpt, tmp_path):
                     Settings(epochs=2, lr=5e-3, batch_size=4), readout_for({1: "yes", 0: "no"}),
                     np.array([0.9, 0.2, 0.6, 0.4]), device="cpu", dtype="float32", n_boot=50, progress=False)
     assert again == result  # resumed: nothing retrained, the same numbers
+
+
+def test_run_config_finetune_section_adds_table_and_epoch_plot(tiny_ckpt, tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from lvlmlp.store import open_run
+
+    rows = make_rows(tmp_path, 16)
+    for i, r in enumerate(rows):
+        r["split"] = "train" if i < 10 else "test"
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {tiny_ckpt('llava')}\ntask: jsonl\ndata_root: {manifest}\nprompt: mq\ndevice: cpu\n"
+                      "dtype: float32\nanalyses: {token_decay: false, layer_sweep: false}\nn_boot: 50\n"
+                      f"out: {tmp_path / 'out'}\nfinetune: {{epochs: 2, lr: 0.005, batch_size: 8, max_new_tokens: 2}}\n")
+    assert main(["run", str(config), "--no-progress"]) == 0
+    doc = json.loads((tmp_path / "out" / "report" / "metrics.json").read_text())
+    res = doc["finetune"]
+    assert [e["epoch"] for e in res["per_epoch"]] == [1, 2] and len(res["epoch_loss"]) == 2
+    # the base-model probe of the comparison, recomputed independently from the run's stored logits
+    train, test = (open_run(tmp_path / "out" / "runs" / f"mq-{s}") for s in ("train", "test"))
+    x = [np.asarray(r.logits(0), dtype=np.float32) for r in (train, test)]
+    want = roc_auc_score(test.labels, LogisticRegression(max_iter=1000).fit(x[0], train.labels).predict_proba(x[1])[:, 1])
+    assert res["methods"]["probe (base model)"]["auroc"] == pytest.approx(want, abs=1e-6)
+    report = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "## Finetuning vs probing" in report and "finetuned: own answer" in report
+    assert (tmp_path / "out" / "report" / "finetune_epochs.png").stat().st_size > 1000
+    with pytest.raises(LvlmlpError, match="unknown key finetune.'epoch'"):
+        from lvlmlp.experiment import load_config, run_experiment
+
+        run_experiment(load_config(config, ["finetune.epoch=3"]), progress=False)

@@ -23,6 +23,7 @@ import logging
 import re
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -257,7 +258,9 @@ def finetune(backend: Backend, rows: Sequence[dict], targets: Sequence[str], out
     torch.manual_seed(settings.seed)  # LoRA's A matrices are drawn at random
     config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                         target_modules=regex, bias="none")
-    model = get_peft_model(backend.model, config)  # injects the adapters into backend.model itself
+    with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5 (a FutureWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(backend.model, config)  # injects the adapters into backend.model itself
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
 
@@ -409,6 +412,14 @@ def probe_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, s
     return LogisticProbe(max_iter=1000).fit(x_train, y_train.astype(int)).predict_proba(x_test)[:, 1]
 
 
+def first_token_logits(run: Any, rows: Sequence[dict]) -> np.ndarray:
+    """(len(rows), V) first-token logits of `rows` (by id) from a run."""
+    from lvlmlp.features import feature_matrix
+
+    pos = {rid: i for i, rid in enumerate(run.ids)}
+    return feature_matrix(run, "logits", token=0, rows=np.array([pos[r["id"]] for r in rows]))
+
+
 def scored(y: np.ndarray, score: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
     """The binary metrics and AUROC interval every lvlmlp comparison reports."""
     from lvlmlp.metrics import binary_metrics, bootstrap_ci
@@ -445,7 +456,6 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
     Every run is resumable; returns (and writes to `out/comparison.json`) the metrics with 95% intervals."""
     from lvlmlp.backend import Backend
     from lvlmlp.extract import extract
-    from lvlmlp.features import feature_matrix
 
     out = Path(out)
     y = np.array([r.get("label") for r in test_rows], dtype=float)
@@ -484,9 +494,7 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
     train_run = extract(tuned, probe_rows, out / "eval" / "final-train", batch_size=batch_size,
                         store_dtype="float32", progress=progress, source="finetuned model, train rows")
     scores = _readout_scores(test_run, test_rows, readout, tuned.tokenizer)
-    x_test = feature_matrix(test_run, "logits", token=0, rows=np.array([test_run.ids.index(r["id"]) for r in test_rows]))
-    x_train = feature_matrix(train_run, "logits", token=0,
-                             rows=np.array([train_run.ids.index(r["id"]) for r in probe_rows]))
+    x_test, x_train = first_token_logits(test_run, test_rows), first_token_logits(train_run, probe_rows)
     y_train = np.array([r.get("label") for r in probe_rows], dtype=float)
     tuned_probe = probe_scores(x_train, y_train, x_test, settings.seed)
     result = {
