@@ -33,6 +33,10 @@ def test_demo_reduced_results_recompute_from_scores(tmp_path, capsys):
             if name in entry and entry[name]["auroc"] is not None:
                 assert entry[name]["auroc"] == roc_auc_score(y, [r[key] for r in recs]), (task, key)
         assert [p["token"] for p in entry["token_decay"]] == [1, 2, 3]
+    for task, ft in results["finetune"].items():  # finetuned vs probe: the same probe scores, the same test rows
+        assert ft["methods"]["probe (base model)"]["auroc"] == results["tasks"][task]["probe"]["auroc"], task
+        assert ft["n_test"] == 40 and ft["n_finetune_rows"] == 32
+    assert "Finetuning (LoRA, 32 train rows, 2 epochs) vs probing" in printed
     for task, s in results["steering"].items():
         assert s["before"]["n_label0"] + s["before"]["n_label1"] == 40, task
         assert 0 <= s["after"]["label0_answered"] <= s["after"]["n_label0"]

@@ -153,6 +153,8 @@ def _validate(cfg: dict[str, Any]) -> None:
         if unknown or not clip["model"]:
             raise LvlmlpError(f"config: clip needs a model (keys: {', '.join(_CLIP_DEFAULTS)})")
         cfg["clip"] = clip
+    if cfg["finetune"] is not None:
+        _finetune_options(cfg)
 
 
 def prompts_of(cfg: dict[str, Any]) -> list[tuple[str, str | None]]:
@@ -386,18 +388,15 @@ def _analyses(cfg: dict[str, Any], out: Path, steps: Steps, prompts: list, split
     return write_report(eval_dirs, report_dir, sections, results)
 
 
-def _finetune_section(cfg: dict[str, Any], out: Path, steps: Steps, prompt: tuple[str, str | None],
-                      splits: list[str], runs: dict, report_dir: Path, results: dict[str, Any]) -> Any:
-    """`finetune:` LoRA-finetune the model on the train split (first prompt) and compare it with the probe on the
-    base model's first-token logits, on the test split: table + AUROC per epoch (`lvlmlp.finetune.compare`)."""
+def _finetune_options(cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The `finetune:` section as (`lvlmlp.finetune.Settings`, comparison options), checked (also at load time)."""
     from dataclasses import fields
 
-    from lvlmlp import finetune as ft
-    from lvlmlp.extract import select_rows
+    from lvlmlp.finetune import Settings
 
     spec = dict(cfg["finetune"] or {})
     extra = {"answers": None, "max_new_tokens": 3, "every_epoch": True}
-    known = [f.name for f in fields(ft.Settings)] + list(extra)
+    known = [f.name for f in fields(Settings)] + list(extra)
     unknown = sorted(set(spec) - set(known))
     if unknown:
         raise LvlmlpError(f"config: unknown key finetune.{unknown[0]!r} (keys: {', '.join(known)})")
@@ -405,10 +404,23 @@ def _finetune_section(cfg: dict[str, Any], out: Path, steps: Steps, prompt: tupl
         raise LvlmlpError("config: finetune needs splits {train, test} and labels that do not come from answers")
     opts = {**extra, **{k: spec.pop(k) for k in list(spec) if k in extra}}
     spec.setdefault("seed", cfg["seed"])
-    if "target_modules" in spec:
-        spec["target_modules"] = tuple([spec["target_modules"]] if isinstance(spec["target_modules"], str)
-                                       else spec["target_modules"])
-    settings = ft.Settings(**spec)
+    targets = spec.get("target_modules")
+    if isinstance(targets, str | list):  # "q_proj,v_proj" or [q_proj, v_proj]
+        spec["target_modules"] = tuple(t.strip() for t in (targets.split(",") if isinstance(targets, str)
+                                                           else map(str, targets)) if t.strip())
+    settings = Settings(**spec)
+    settings.check()
+    return settings, opts
+
+
+def _finetune_section(cfg: dict[str, Any], out: Path, steps: Steps, prompt: tuple[str, str | None],
+                      splits: list[str], runs: dict, report_dir: Path, results: dict[str, Any]) -> Any:
+    """`finetune:` LoRA-finetune the model on the train split (first prompt) and compare it with the probe on the
+    base model's first-token logits, on the test split: table + AUROC per epoch (`lvlmlp.finetune.compare`)."""
+    from lvlmlp import finetune as ft
+    from lvlmlp.extract import select_rows
+
+    settings, opts = _finetune_options(cfg)
     name, template = prompt
     answers = ft.parse_answers(opts["answers"]) or ft.default_answers(cfg["task"], name)
     train_rows, test_rows = (select_rows(task_rows(cfg, s)) for s in (splits[0], splits[-1]))
