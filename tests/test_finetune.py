@@ -120,8 +120,8 @@ def test_answer_loss_reads_only_the_answer_tokens(family, tiny_ckpt, tmp_path):
     targets = [target_ids(tok, t, tok.eos_token_id, "test") for t in ["yes", "two birds sit on a wire", "no", "red"]]
     batch = encode_examples(backend, [Image.open(r["image"]) for r in rows], [r["question"] for r in rows], targets)
     prompt = backend.collate([Image.open(r["image"]) for r in rows], [r["question"] for r in rows])["input_ids"]
-    width = int(batch["answer_len"])
-    assert batch["input_ids"].shape[1] == prompt.shape[1] + width
+    assert batch["input_ids"].shape[1] == prompt.shape[1] + int(batch["answer_len"])
+    assert torch.equal(batch["input_ids"][:, : prompt.shape[1]], prompt)  # the extraction prompt, unchanged
     for i, t in enumerate(targets):
         labels = batch["labels"][i]
         assert (labels[: prompt.shape[1]] == IGNORE).all()  # image, prompt and left padding: masked
@@ -168,6 +168,15 @@ def test_cli_finetunes_a_manifest_and_extract_loads_the_result(tiny_ckpt, tmp_pa
     assert "model" in capsys.readouterr().out
     assert main(["extract", "--model", str(out / "model"), "--data", str(manifest), "--out", str(tmp_path / "run"),
                  "--no-progress", "--device", "cpu"]) == 0
+    # --task: the prompt style's template and answer words (mq: Yes/No), rows of --split train
+    for r in rows:
+        r.pop("target", None)
+        r["split"] = "train"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["finetune", "--model", str(tiny_ckpt("llava")), "--task", "jsonl", "--data-root", str(manifest),
+                 "--prompt-style", "mq", "--epochs", "1", "--device", "cpu", "--no-progress",
+                 "--out", str(tmp_path / "ft_task")]) == 0
+    assert "Reply yes or no" in (tmp_path / "ft_task" / "finetune.json").read_text()
     bad = tmp_path / "nolabels.jsonl"
     bad.write_text(json.dumps({"id": "a", "image": rows[1]["image"], "question": "q ?"}) + "\n")
     assert main([*args[:4], str(bad), *args[5:]]) == 2
@@ -193,6 +202,7 @@ def test_compare_reports_finetuned_and_probes_per_epoch(tiny_ckpt, tmp_path):
     again = compare(tiny_ckpt("llava"), train, test, row_targets(train, {1: "yes", 0: "no"}, "t"), tmp_path / "cmp",
                     Settings(epochs=2, lr=5e-3, batch_size=4), readout_for({1: "yes", 0: "no"}),
                     np.array([0.9, 0.2, 0.6, 0.4]), device="cpu", dtype="float32", n_boot=50, progress=False)
+    again.pop("seconds"), result.pop("seconds")
     assert again == result  # resumed: nothing retrained, the same numbers
 
 

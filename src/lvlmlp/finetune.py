@@ -23,6 +23,7 @@ import logging
 import re
 import shutil
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -241,8 +242,8 @@ def finetune(backend: Backend, rows: Sequence[dict], targets: Sequence[str], out
     source = f"finetune {out}"
     if len(targets) != len(rows):
         raise LvlmlpError(f"{source}: {len(targets)} targets for {len(rows)} rows")
-    eos = next(iter(sorted(backend._eos_ids)), None) if backend.tokenizer.eos_token_id is None \
-        else int(backend.tokenizer.eos_token_id)
+    eos = backend.tokenizer.eos_token_id
+    eos = min(backend._eos_ids, default=None) if eos is None else int(eos)  # else the generation config's
     ids = [target_ids(backend.tokenizer, t, eos, f"{source}: row {r['id']!r}") for r, t in zip(rows, targets)]
     regex = lora_targets(backend.model, settings.target_modules)  # all checks before any training
     missing = [r["id"] for r in rows if not Path(r["image"]).is_file()]
@@ -254,9 +255,6 @@ def finetune(backend: Backend, rows: Sequence[dict], targets: Sequence[str], out
     if summary_path.is_file() and json.loads(summary_path.read_text()).get("key") != key:
         raise LvlmlpError(f"{out}: holds a finetuning with other settings, rows or model; use another --out")
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"key": key, "model": backend.model_id, "settings": asdict(settings), "n_rows": len(rows),
-               "target_modules_regex": regex, "epochs_done": 0, "epoch_loss": []}
-    _write_json(summary_path, summary)
 
     torch.manual_seed(settings.seed)  # LoRA's A matrices are drawn at random
     config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
@@ -268,11 +266,13 @@ def finetune(backend: Backend, rows: Sequence[dict], targets: Sequence[str], out
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
 
     done, log_rows = _resume(out, model, optimizer, set_peft_model_state_dict, load_file)
-    summary.update(epochs_done=done, epoch_loss=_epoch_losses(log_rows))
+    summary = {"key": key, "model": backend.model_id, "prompt": backend.prompt("{question}"),
+               "settings": asdict(settings), "n_rows": len(rows), "target_modules_regex": regex,
+               "epochs_done": done, "epoch_loss": _epoch_losses(log_rows)}
+    _write_json(summary_path, summary)
     if done and on_epoch is not None:  # the resumed epoch's adapter is loaded: finish an evaluation cut short
         model.eval()
         on_epoch(done, backend)
-    images = {}
     step = log_rows[-1]["step"] if log_rows else 0
     for epoch in range(done + 1, settings.epochs + 1):
         # Each epoch's order and dropout come from (seed, epoch): a resumed run trains exactly like an unbroken one.
@@ -285,11 +285,8 @@ def finetune(backend: Backend, rows: Sequence[dict], targets: Sequence[str], out
         pending: list[float] = []
         for i, chunk in enumerate(bar):
             rows_ = [rows[j] for j in chunk]
-            for r in rows_:
-                if r["id"] not in images:
-                    images[r["id"]] = load_image(r["image"], r["id"])
-            batch = encode_examples(backend, [images[r["id"]] for r in rows_], [r["question"] for r in rows_],
-                                    [ids[j] for j in chunk])
+            batch = encode_examples(backend, [load_image(r["image"], r["id"]) for r in rows_],
+                                    [r["question"] for r in rows_], [ids[j] for j in chunk])
             loss = answer_loss(backend, backend.to_device(batch))
             if not torch.isfinite(loss):
                 raise LvlmlpError(f"{source}: loss is {loss.item()} at epoch {epoch}; lower --lr")
@@ -461,38 +458,38 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
     from lvlmlp.backend import Backend
     from lvlmlp.extract import extract
 
+    t0 = time.perf_counter()
     out = Path(out)
     y = np.array([r.get("label") for r in test_rows], dtype=float)
     if np.isnan(y).any() or set(np.unique(y)) - {0.0, 1.0}:
         raise LvlmlpError(f"finetune comparison {out}: every test row needs a 0/1 label")
     kwargs = {"device": device, "dtype": dtype, "prompt_template": prompt_template, "raw_prompt": raw_prompt}
     backend = Backend(model, **kwargs)
-    per_epoch: list[dict[str, Any]] = []
 
     def evaluate(epoch: int, tuned: Backend) -> None:
         path = out / "eval" / f"epoch-{epoch:03d}.json"
-        if not path.is_file():
-            # The run's manifest names the adapter's epoch, not the base weights it was loaded from.
-            saved = tuned.model_id, tuned.weights_hash
-            tuned.model_id, tuned.weights_hash = f"{model} + LoRA epoch {epoch}", f"{saved[1]}+{out}:{epoch}"
-            try:
-                run = extract(tuned, list(test_rows), out / "eval" / f"run-epoch-{epoch:03d}", batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, store_dtype="float32", progress=progress,
-                              source=f"finetune epoch {epoch}")
-            finally:
-                tuned.model_id, tuned.weights_hash = saved
-            scores = _readout_scores(run, test_rows, readout, tuned.tokenizer)
-            _write_json(path, {"epoch": epoch, **{k: scored(y, s, n_boot, settings.seed) for k, s in scores.items()}})
-        per_epoch.append(json.loads(path.read_text()))
+        if path.is_file():
+            return
+        # The run's manifest names the adapter's epoch, not the base weights it was loaded from.
+        saved = tuned.model_id, tuned.weights_hash
+        tuned.model_id, tuned.weights_hash = f"{model} + LoRA epoch {epoch}", f"{saved[1]}+{out}:{epoch}"
+        try:
+            run = extract(tuned, list(test_rows), out / "eval" / f"run-epoch-{epoch:03d}", batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, logits_tokens=1, store_dtype="float32",
+                          progress=progress, source=f"finetune epoch {epoch}")
+        finally:
+            tuned.model_id, tuned.weights_hash = saved
+        scores = _readout_scores(run, test_rows, readout, tuned.tokenizer)
+        _write_json(path, {"epoch": epoch, **{k: scored(y, s, n_boot, settings.seed) for k, s in scores.items()}})
 
     summary = finetune(backend, train_rows, targets, out / "finetune", settings, progress=progress,
                        on_epoch=evaluate if every_epoch else None)
-    if every_epoch:  # epochs evaluated by an earlier, interrupted run
-        per_epoch = [json.loads(p.read_text()) for p in sorted((out / "eval").glob("epoch-*.json"))]
+    per_epoch = [json.loads((out / "eval" / f"epoch-{e:03d}.json").read_text())
+                 for e in range(1, settings.epochs + 1) if every_epoch]
     del backend
     tuned = Backend(out / "finetune" / "model", **kwargs)
     test_run = extract(tuned, list(test_rows), out / "eval" / "final-test", batch_size=batch_size,
-                       max_new_tokens=max_new_tokens, store_dtype="float32", progress=progress,
+                       max_new_tokens=max_new_tokens, logits_tokens=1, store_dtype="float32", progress=progress,
                        source="finetuned model, test rows")
     methods = {"probe (base model)": scored(y, np.asarray(base_probe, float), n_boot, settings.seed)}
     for key, score in _readout_scores(test_run, test_rows, readout, tuned.tokenizer).items():
@@ -508,7 +505,7 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
     result = {
         "n_test": len(test_rows), "n_finetune_rows": len(train_rows), "epochs": settings.epochs,
         "readout_token": readout.token, "epoch_loss": summary["epoch_loss"],
-        "methods": methods, "per_epoch": per_epoch,
+        "methods": methods, "per_epoch": per_epoch, "seconds": round(time.perf_counter() - t0, 1),
     }
     _write_json(out / "comparison.json", result)
     return result
