@@ -203,8 +203,10 @@ def lora_targets(model: Any, names: Sequence[str]) -> str:
     `q_proj` etc. stay frozen, as in LLaVA's LoRA recipe); an unknown name is an error listing the known ones."""
     import torch
 
-    decoder = model.get_decoder()
-    prefix = next(n for n, m in model.named_modules() if m is decoder)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    prefix = next((n for n, m in model.named_modules() if m is decoder and n), None)
+    if prefix is None:
+        raise LvlmlpError(f"finetune: cannot find the language model inside {type(model).__name__}")
     linear = {n.rsplit(".", 1)[-1] for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear) and n}
     wanted = sorted(linear) if list(names) == ["all-linear"] else list(names)
     unknown = [n for n in wanted if n not in linear]

@@ -11,7 +11,9 @@ from typing import Any
 def register(subparsers: Any) -> None:
     from lvlmlp.tasks import add_task_arguments
 
-    p = subparsers.add_parser("finetune", help="LoRA-finetune a VLM on a task's train split (finetuning vs probing)")
+    p = subparsers.add_parser("finetune", help="LoRA-finetune a VLM on a task's train split (finetuning vs probing)",
+                              description="LoRA-finetune a VLM on the rows of --split (default: train) with the "
+                                          "prompt extraction uses; the loss reads the answer tokens only.")
     p.add_argument("--data", help="JSON-lines manifest (rows of --split when rows name a split)")
     add_task_arguments(p)  # --task, --data-root, --split, --prompt-style, --seed (also the training seed), ...
     p.add_argument("--model", required=True, help="hub id or local folder of a vision-language checkpoint")
