@@ -430,7 +430,7 @@ def _finetune_section(cfg: dict[str, Any], out: Path, steps: Steps, prompt: tupl
     def compute() -> dict[str, Any]:
         y_train = np.array([r["label"] for r in train_rows], dtype=float)
         base = ft.probe_scores(ft.first_token_logits(base_train, train_rows), y_train,
-                               ft.first_token_logits(base_test, test_rows), cfg["seed"])
+                               ft.first_token_logits(base_test, test_rows))
         return ft.compare(cfg["model"], train_rows, test_rows, targets, out / "finetune", settings,
                           ft.readout_for(answers), base, device=cfg["device"], dtype=cfg["dtype"],
                           prompt_template=template, raw_prompt=bool(cfg["raw_prompt"]),

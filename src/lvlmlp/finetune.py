@@ -343,7 +343,9 @@ def _checkpoint(out: Path, epoch: int, model: Any, optimizer: Any, log_rows: lis
     (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
     shutil.rmtree(final, ignore_errors=True)
     tmp.replace(final)
-    (out / "train_log.jsonl").write_text((final / "train_log.jsonl").read_text())
+    log_tmp = out / "train_log.jsonl.tmp"
+    shutil.copyfile(final / "train_log.jsonl", log_tmp)
+    log_tmp.replace(out / "train_log.jsonl")
 
 
 def _resume(out: Path, model: Any, optimizer: Any, set_state: Any, load_file: Any) -> tuple[int, list[dict]]:
@@ -405,8 +407,8 @@ def readout_for(answers: dict[int, str]) -> Readout:
     raise LvlmlpError("finetune: the comparison needs answer words for label 1 or 0 (--answers / finetune.answers)")
 
 
-def probe_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int = 0) -> np.ndarray:
-    """P(label 1) of the paper's linear probe (logistic regression) on first-token logits."""
+def probe_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
+    """P(label 1) of a linear probe (`LogisticProbe`, logistic regression) on first-token logits."""
     from lvlmlp.probes import LogisticProbe
 
     if len(np.unique(y_train)) < 2:
@@ -502,7 +504,7 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
                             store_dtype="float32", progress=progress, source="finetuned model, train rows")
         y_train = np.array([r.get("label") for r in probe_rows], dtype=float)
         score = probe_scores(first_token_logits(train_run, probe_rows), y_train,
-                             first_token_logits(test_run, test_rows), settings.seed)
+                             first_token_logits(test_run, test_rows))
         methods["probe (finetuned model)"] = scored(y, score, n_boot, settings.seed)
     result = {
         "n_test": len(test_rows), "n_finetune_rows": len(train_rows), "epochs": settings.epochs,
