@@ -394,16 +394,15 @@ class Readout:
     own: Callable[[str, dict], int]
 
 
-def _starts_with(response: str, word: str) -> bool:
-    return re.match(re.escape(word.strip().lower()) + r"\b", response.strip().lower()) is not None
-
-
 def readout_for(answers: dict[int, str]) -> Readout:
-    """The readout of answer words: label 1's word when fixed (Yes/No), else label 0's (a refusal phrase)."""
+    """The readout of answer words: label 1's word when fixed (Yes/No), else label 0's (a refusal phrase); the
+    own answer is whether the response starts with it, as `lvlmlp generate --answers` reads responses."""
+    from lvlmlp.steering import answer_label
+
     if 1 in answers:
-        return Readout(answers[1], False, lambda response, row: int(_starts_with(response, answers[1])))
+        return Readout(answers[1], False, lambda response, row: answer_label(response, answers[1]))
     if 0 in answers:
-        return Readout(answers[0], True, lambda response, row: int(not _starts_with(response, answers[0])))
+        return Readout(answers[0], True, lambda response, row: 1 - answer_label(response, answers[0]))
     raise LvlmlpError("finetune: the comparison needs answer words for label 1 or 0 (--answers / finetune.answers)")
 
 
