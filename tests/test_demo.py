@@ -60,6 +60,10 @@ def test_demo_reduced_results_recompute_from_scores(tmp_path, capsys):
     # Probe-guided decoding: flags, and the answered/refused counts before and after, from the saved rows.
     assert set(results["steering"]) == {"safety", "answerability"}
     assert load_probe(out / "probes" / "safety").spec_.kind == "logits"  # what `lvlmlp serve --probe` reads
+    for task, ft in results["finetune"].items():  # finetuned vs probe: the same probe scores, the same test rows
+        assert ft["methods"]["probe (base model)"]["auroc"] == results["tasks"][task]["probe"]["auroc"], task
+        assert ft["n_test"] == 40 and ft["n_finetune_rows"] == 32
+    assert "Finetuning (LoRA, 32 train rows, 2 epochs) vs probing" in printed
     for task, s in results["steering"].items():
         rows = [json.loads(line) for line in (out / "scores" / f"steering-{task}.jsonl").read_text().splitlines()]
         probe = {r["id"]: r["probe"] for r in

@@ -77,7 +77,7 @@ def test_a_resume_with_another_selection_is_refused(tiny_ckpt, manifest, tmp_pat
         (["--image-root", "x"], "--image-root applies to --task NAME only"),
         (["--task-option", "a=b"], "--task-option applies to --task NAME only"),
         (["--prompt-style", "oe"], "--prompt-style applies to --task NAME only"),
-        (["--seed", "3"], "--seed: nothing to seed"),
+        (["--seed", "3"], "--seed: extract has nothing to seed"),
         (["--per-class", "0"], "per_class must be a positive integer"),
         (["--logits-tokens", "2"], "--logits-tokens applies to generated tokens"),
     ],

@@ -150,6 +150,8 @@ class ExperimentConfig(Section):
     out: str | None = None  # required
     # extract on Ray (README, "Scaling out"): true (a local instance), auto or an address (join), or a mapping
     ray: RayConfig | bool | str | None = None
+    # finetuning vs probing (README): {epochs, lr, lora_rank, answers, ...}, checked by `experiment.finetune_options`
+    finetune: dict[str, Any] | None = None
 
 
 REQUIRED = ("model", "data_root", "out")
@@ -342,6 +344,10 @@ def validate(cfg: ExperimentConfig) -> None:
             check_baseline_name(name)
         except LvlmlpError as err:
             raise LvlmlpError(f"config: baselines[{i}]: {err}") from None
+    if cfg.finetune is not None:
+        from lvlmlp.experiment import finetune_options
+
+        finetune_options(cfg)
     from lvlmlp.analyses import make_probe_factory
 
     try:

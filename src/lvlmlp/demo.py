@@ -38,6 +38,9 @@ TOKEN_BASELINE = {
 # Probe-guided decoding: what a flagged row is made to start with (words the tiny model's tokenizer knows).
 GUARD_TEMPLATES = {"safety": world.A_REFUSAL, "answerability": world.A_UNANSWERABLE}
 BINARY_TASKS = ("answerability", "safety", "deception", "uncertainty", "hallucination")
+# Finetuning vs probing (the paper's last comparison): LoRA on this many of each analogue's train rows, for a few
+# epochs, so that it fits the demo's CPU budget; the probe it is compared with uses the whole train split.
+FINETUNE_ROWS, FINETUNE_EPOCHS = 32, 2
 
 
 def demo_model_path() -> Path:
@@ -68,7 +71,7 @@ def _plot_png(draw) -> str:
 
 def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_tokens: int = 5,
              batch_size: int = 32, seed: int = 0, model: str | Path | None = None, device: str = "cpu",
-             progress: bool = True, steer: bool = True) -> dict:
+             progress: bool = True, steer: bool = True, finetune_rows: int = FINETUNE_ROWS) -> dict:
     """Run everything; write `out/results.json`, `out/report.html`, `out/scores/*.jsonl`; return the results."""
     from lvlmlp.backend import Backend
     from lvlmlp.baselines import answer_token_ids, distribution_scores
@@ -144,6 +147,8 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
             results["steering"][task] = _steering(backend, probes[task], template, test_rows_of[task],
                                                   responses_of[task], max_new_tokens, batch_size,
                                                   out / "scores" / f"steering-{task}.jsonl")
+    if finetune_rows:
+        results["finetune"] = finetune_vs_probe(out, backend.model_id, finetune_rows, batch_size, seed, progress)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "report.html").write_text(_html(results, out))
@@ -200,6 +205,53 @@ def _steering(backend, probe, template: str, rows: list[dict], before: dict[str,
     return {"template": template, "flagged": n_flagged, "before": counts(before), "after": counts(after)}
 
 
+def finetune_vs_probe(out: Path, model: str, n_rows: int, batch_size: int, seed: int, progress: bool) -> dict:
+    """LoRA-finetune the demo model on each analogue's first `n_rows` train rows (targets: the answers the demo
+    model was trained to give) and compare its own answer and answer-token probability with the probe, on the same
+    test rows (`lvlmlp.finetune.compare`; the probe on the finetuned model's logits is left out for time)."""
+    from functools import partial
+
+    from lvlmlp.finetune import Readout, Settings, compare
+    from lvlmlp.store import open_run
+
+    def target(task: str, row: dict) -> str:
+        if task == "safety":
+            return world.A_COMPLY if row["label"] else world.A_REFUSAL
+        if task == "answerability" and row["label"] == 0:
+            return world.A_UNANSWERABLE
+        return str(row["answer"])  # hallucination: yes/no; deception: the answer, or the premise's correction
+
+    result = {}
+    for task, (token, negate) in TOKEN_BASELINE.items():
+        run = open_run(out / "runs" / task)
+        rows = [{**m, "image": str(out / "images" / task / f"{m['id']}.png")} for m in run.meta]
+        probe = {r["id"]: r["probe"] for r in map(json.loads, (out / "scores" / f"{task}.jsonl").open())}
+        train = [r for r in rows if r["split"] == "train"]
+        test = [r for r in rows if r["id"] in probe]
+        tuned = [{**r, "target": target(task, r)} for r in train[:n_rows]]
+        log.info("demo: finetuning on %d %s rows", len(tuned), task)
+        result[task] = compare(
+            model, tuned, test, [r["target"] for r in tuned], out / "finetune" / task,
+            Settings(epochs=FINETUNE_EPOCHS, lr=3e-3, batch_size=16, seed=seed),
+            Readout(token, negate, partial(world.answer_label, task)), np.array([probe[r["id"]] for r in test]),
+            device="cpu", dtype="float32", max_new_tokens=3, batch_size=batch_size, every_epoch=False,
+            tuned_probe=False, n_boot=200, progress=progress)
+    return result
+
+
+def finetune_table(results: dict) -> list[str]:
+    """The demo's finetuned-vs-probe table (Markdown lines; none when the demo ran without finetuning)."""
+    if not results.get("finetune"):
+        return []
+    first = next(iter(results["finetune"].values()))
+    names = list(first["methods"])
+    lines = ["", f"Finetuning (LoRA, {first['n_finetune_rows']} train rows, {first['epochs']} epochs) vs probing, "
+             "test AUROC:", "", "| analogue | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for task, r in results["finetune"].items():
+        lines.append(f"| {task} | " + " | ".join(_fmt(r["methods"][n]["auroc"]) for n in names) + " |")
+    return lines
+
+
 def _write_scores(path: Path, record: dict) -> None:
     keys = [k for k in record if k != "id"]
     with path.open("w") as f:
@@ -231,7 +283,7 @@ def summary_table(results: dict) -> str:
         decay = " / ".join(_fmt(p["auroc"]) + (f" (n={p['n_test']})" if p["n_test"] < e["n_test"] else "")
                            for p in e["token_decay"])
         lines.append(f"| {task} ({paper[task]}) | {_fmt(e['probe']['auroc'])}{ci_s} | {own} | {one_s} | {decay} |")
-    lines += ["", *verdicts(results)]
+    lines += ["", *verdicts(results), *finetune_table(results)]
     for task, s in results.get("steering", {}).items():
         b, a = s["before"], s["after"]
         lines.append("")

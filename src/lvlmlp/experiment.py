@@ -294,7 +294,72 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
         label_runs = (runs[(prompts[0][0], splits[0])], runs[(prompts[0][0], splits[-1])]) if _label_fn(cfg) else None
         sections.append(_clip_evals(cfg, out, steps, clip_runs, splits, main[prompts[0][0]], eval_dirs, results,
                                     report_dir, stamp, label_runs))
+    if cfg["finetune"] is not None:
+        sections.append(_finetune_section(cfg, out, steps, prompts[0], splits, runs, report_dir, results))
     return write_report(eval_dirs, report_dir, sections, results)
+
+
+def finetune_options(cfg: ExperimentConfig) -> tuple[Any, dict[str, Any]]:
+    """The `finetune:` section as (`lvlmlp.finetune.Settings`, comparison options), checked (also at load time)."""
+    from dataclasses import fields
+
+    from lvlmlp.finetune import Settings
+
+    spec = dict(cfg["finetune"] or {})
+    extra = {"answers": None, "max_new_tokens": 3, "every_epoch": True}
+    known = [f.name for f in fields(Settings)] + list(extra)
+    unknown = sorted(set(spec) - set(known))
+    if unknown:
+        raise LvlmlpError(f"config: unknown key finetune.{unknown[0]!r} (keys: {', '.join(known)})")
+    if cfg.splits.cv is not None or _label_fn(cfg):
+        raise LvlmlpError("config: finetune needs splits {train, test} and labels that do not come from answers")
+    opts = {**extra, **{k: spec.pop(k) for k in list(spec) if k in extra}}
+    spec.setdefault("seed", cfg["seed"])
+    targets = spec.get("target_modules")
+    if isinstance(targets, str | list):  # "q_proj,v_proj" or [q_proj, v_proj]
+        spec["target_modules"] = tuple(t.strip() for t in (targets.split(",") if isinstance(targets, str)
+                                                           else map(str, targets)) if t.strip())
+    settings = Settings(**spec)
+    settings.check()
+    return settings, opts
+
+
+def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tuple[str, str | None],
+                      splits: list[str], runs: dict, report_dir: Path, results: dict[str, Any]) -> Any:
+    """`finetune:` LoRA-finetune the model on the train split (first prompt) and compare it with the probe on the
+    base model's first-token logits, on the test split: table + AUROC per epoch (`lvlmlp.finetune.compare`)."""
+    from lvlmlp import finetune as ft
+    from lvlmlp.extract import shard_rows
+
+    settings, opts = finetune_options(cfg)
+    name, template = prompt
+    answers = ft.parse_answers(opts["answers"]) or ft.default_answers(cfg["task"], name)
+    train_rows, test_rows = (shard_rows(task_rows(cfg, s)) for s in (splits[0], splits[-1]))
+    targets = ft.row_targets(train_rows, answers, f"task {cfg['task']} split {splits[0]}")
+    base_train, base_test = runs[(name, splits[0])], runs[(name, splits[-1])]
+
+    def compute() -> dict[str, Any]:
+        y_train = np.array([r["label"] for r in train_rows], dtype=float)
+        base = ft.probe_scores(ft.first_token_logits(base_train, train_rows), y_train,
+                               ft.first_token_logits(base_test, test_rows))
+        return ft.compare(cfg["model"], train_rows, test_rows, targets, out / "finetune", settings,
+                          ft.readout_for(answers), base, device=cfg["device"], dtype=cfg["dtype"],
+                          prompt_template=template, raw_prompt=bool(cfg["raw_prompt"]),
+                          max_new_tokens=int(opts["max_new_tokens"]), batch_size=cfg["batch_size"],
+                          every_epoch=bool(opts["every_epoch"]), n_boot=cfg["n_boot"])
+
+    key = _key([settings, opts, template, cfg["n_boot"], [(str(r.path), r.manifest.get("created_at"))
+                                                          for r in (base_train, base_test)]])
+    res = _cached(steps, "finetune", key, out / "finetune" / "comparison.json", compute)
+    results["finetune"] = res
+    png = report_dir / "finetune_epochs.png"
+    ft.plot_epochs(res, png, f"finetuned vs probe: {name}")
+    return Section("Finetuning vs probing",
+                   f"LoRA on the language model ({settings.epochs} epochs, rank {settings.lora_rank}, lr "
+                   f"{settings.lr}) on the {len(train_rows)} train rows, targets {answers or 'per row'}, prompt "
+                   f"{name}; test split: the finetuned model's own answer and answer-token probability "
+                   f"('{res['readout_token']}') against the probe on the base and on the finetuned model's "
+                   "first-token logits. Plot: AUROC per epoch.", ft.COMPARISON_HEADER, ft.comparison_rows(res), [png])
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ COMMANDS: list[str] = [
     "report",
     "import_legacy",
     "generate",
+    "finetune",
     "tiny_model",
     "tiny_data",
     "run",

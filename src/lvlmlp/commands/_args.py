@@ -86,9 +86,10 @@ def task_rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | Non
     return rows, template
 
 
-def rows_from_args(args: argparse.Namespace, command: str) -> tuple[list[dict], str | None, str]:
+def rows_from_args(args: argparse.Namespace, command: str, seed_used: bool = False) -> tuple[list[dict], str | None, str]:
     """Rows, the task's prompt template (None for a manifest) and a name of the source, from --data or --task,
-    selected by --split / --per-class / --limit the same way for both."""
+    selected by --split / --per-class / --limit the same way for both. `seed_used`: the command itself uses --seed
+    (sampling in generation, a training seed), so a --seed with nothing to sample is not refused."""
     from lvlmlp.data import read_manifest
     from lvlmlp.tasks.base import select_manifest_rows
 
@@ -101,9 +102,8 @@ def rows_from_args(args: argparse.Namespace, command: str) -> tuple[list[dict], 
             if getattr(args, attr, None):
                 raise LvlmlpError(f"{flag} applies to --task NAME only; with --data it would do nothing")
         sel = selection(args)
-        if args.seed is not None and sel["per_class"] is None and sel["limit"] is None \
-                and not getattr(args, "do_sample", False):
-            raise LvlmlpError("--seed: nothing to seed with --data unless --per-class, --limit (or --do-sample)")
+        if args.seed is not None and sel["per_class"] is None and sel["limit"] is None and not seed_used:
+            raise LvlmlpError(f"--seed: {command} has nothing to seed with --data unless --per-class or --limit")
         rows = select_manifest_rows(read_manifest(args.data), str(args.data), split=sel["split"],
                                     per_class=sel["per_class"], limit=sel["limit"], seed=sel["seed"])
         return rows, None, str(args.data)

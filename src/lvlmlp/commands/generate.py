@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         raise LvlmlpError("--temperature applies to sampling only: add --do-sample (greedy decoding has none)")
     answers = parse_answers(args.answers)
     # The task's prompt template, as in `extract --task`: the probe only reads logits under the same prompt.
-    rows, task_template, source = rows_from_args(args, "generate")
+    rows, task_template, source = rows_from_args(args, "generate", seed_used=args.do_sample)
     prompt_template = args.prompt_template or task_template
     if args.eval:
         unlabelled = [r["id"] for r in rows if r.get("label") not in (0, 1)]
