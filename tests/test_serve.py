@@ -323,6 +323,8 @@ def test_cli_serve_flags_build_the_app(world, server, monkeypatch):
     assert main(["serve", "--model", str(world["ckpt"]), "--probe", str(world["probe"])]) == 2  # no template
     assert main(["serve", "--model", str(world["ckpt"]), "--probe", str(world["probe"]), "--template", "x",
                  "--max-batch", "0"]) == 2
+    assert main(["serve", "--model", str(world["ckpt"]), "--probe", str(world["probe"]), "--template", TEMPLATE,
+                 "--device", "cpu", "--max-tokens", "2"]) == 2  # the template would be cut by the default
     monkeypatch.setenv("LVLMLP_API_KEY", "sk-env")
     args = build_parser().parse_args(["serve", "--model", str(world["ckpt"]), "--probe", str(world["probe"]),
                                       "--template", TEMPLATE, "--device", "cpu", "--max-image-bytes", "1000"])

@@ -44,7 +44,13 @@ def build_app(args: argparse.Namespace) -> Any:
         raise LvlmlpError(f"--max-tokens {args.max_tokens} is above --max-tokens-limit {args.max_tokens_limit}")
     engine = load_engine(args.model, args.probe, template=args.template, answers=parse_answers(args.answers),
                          threshold=args.threshold, device=args.device, dtype=args.dtype,
-                         prompt_template=args.prompt_template, raw_prompt=args.raw_prompt)
+                         prompt_template=args.prompt_template, raw_prompt=args.raw_prompt,
+                         system_prompt=args.system_prompt, allow_other_model=args.allow_other_model)
+    guard = engine.guard
+    forced = guard.template_ids if guard.answer_ids is None else max(guard.answer_ids.values(), key=len)
+    if len(forced) > args.max_tokens:  # as `lvlmlp generate`: default answers would stop inside the forced text
+        raise LvlmlpError(f"the forced text is {len(forced)} tokens long but --max-tokens is {args.max_tokens}: "
+                          f"give --max-tokens {len(forced)} or more")
     model = str(args.model).rstrip("/")
     config = ServeConfig(
         model_id=args.served_model_name or os.path.basename(model) or model,
@@ -62,6 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible chat endpoint guarded by a first-token probe")
     add_model_arguments(p)  # --prompt-template / --raw-prompt: as the probe's training rows were prompted
     p.add_argument("--probe", required=True, help="probe folder from `lvlmlp probe train` (first-token logits)")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="apply a probe trained on another --model's features (e.g. the same weights by another path)")
     p.add_argument("--template", default=None, help="text forced at the start of flagged requests' answers")
     p.add_argument("--answers", default=None,
                    help="LABEL1,LABEL0 such as Yes,No: every answer starts with the probe's prediction")

@@ -7,7 +7,6 @@ them; `create_app(engine, ServeConfig(...))` is the FastAPI application (run it 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,24 +16,22 @@ from lvlmlp.serve.schema import ApiError, Limits
 
 __all__ = ["ApiError", "Engine", "Job", "Limits", "Result", "ServeConfig", "create_app", "load_engine"]
 
-log = logging.getLogger("lvlmlp")
-
 
 def load_engine(model: str | Path, probe: str | Path, *, template: str | None = None,
                 answers: Mapping[int, str] | None = None, threshold: float | None = None, device: str = "auto",
-                dtype: str = "auto", prompt_template: str | None = None, raw_prompt: bool = False) -> Engine:
+                dtype: str = "auto", prompt_template: str | None = None, raw_prompt: bool = False,
+                system_prompt: str | None = None, allow_other_model: bool = False) -> Engine:
     """The backend and the guard, refused at start-up (not at the first request) when the probe does not fit."""
     from lvlmlp.backend import Backend
     from lvlmlp.features import FeatureSpec
     from lvlmlp.probes import load_probe
-    from lvlmlp.steering import ProbeGuard
+    from lvlmlp.steering import ProbeGuard, check_probe_model
 
     fitted = load_probe(probe)
-    backend = Backend(model, device=device, dtype=dtype, prompt_template=prompt_template, raw_prompt=raw_prompt)
+    backend = Backend(model, device=device, dtype=dtype, prompt_template=prompt_template, raw_prompt=raw_prompt,
+                      system_prompt=system_prompt)
     spec = getattr(fitted, "spec_", None)
-    # As `lvlmlp generate`: the vocabulary must match; a different model name is only a warning (the same weights
-    # are often reached by a path or a hub id).
+    # As `lvlmlp generate`: the vocabulary must match, and the probe's model unless allow_other_model.
     fitted.check_compatible(FeatureSpec(kind=spec.kind if spec else "logits", token=0, dim=backend.vocab_size))
-    if spec is not None and spec.model and spec.model != backend.model_id:
-        log.warning("serve: probe trained on features of %s, applied to %s", spec.model, backend.model_id)
+    check_probe_model(fitted, backend.model_id, allow=allow_other_model)
     return Engine(backend, ProbeGuard(fitted, backend.tokenizer, template, answers=answers, threshold=threshold))
