@@ -370,7 +370,7 @@ def _other_model_probe(tmp: Path, ctx: dict) -> list[str]:
     vocab = AutoConfig.from_pretrained(ctx["ckpt"]).get_text_config().vocab_size
     probe = write_probe(tmp / "probe", dim=vocab, model="someone/another-model")
     ctx["generate"] = ["generate", "--model", ctx["ckpt"], "--data", make_manifest(tmp, 2), "--probe", probe,
-                       "--template", "Sorry,", "--out", tmp / "gen.jsonl", "--max-new-tokens", "2", "--device", "cpu",
+                       "--template", "Sorry,", "--out", tmp / "gen.jsonl", "--max-new-tokens", "6", "--device", "cpu",
                        "--dtype", "float32", "--no-progress"]
     return ctx["generate"]
 
