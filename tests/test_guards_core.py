@@ -344,3 +344,29 @@ def test_probe_mutation_survivors(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     (folder / "probe.json").write_text(json.dumps({**doc, "params": {"gamma": 1}}))
     with pytest.raises(LvlmlpError, match=r"probe.json: bad parameters for LogisticProbe \(.*gamma"):
         load_probe(folder)
+
+
+def test_multinomial_devices_defaults_and_bad_rows():
+    """Catches (mutation survivors of MultinomialProbe): changed defaults, `--device auto/cuda` handling, float64
+    input not converted, a NaN row reported without its index."""
+    import torch
+
+    assert {k: v for k, v in MultinomialProbe().get_params().items()} == {
+        "epochs": 20, "batch_size": 512, "lr": 1e-2, "weight_decay": 1e-4, "standardize": True, "device": "cpu",
+        "seed": 0, "threshold": 0.5}
+    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert MultinomialProbe(device="auto")._device() == auto
+    assert MultinomialProbe(device="cpu")._device() == torch.device("cpu")
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(40, 3))
+    y = np.arange(40) % 2
+    if not torch.cuda.is_available():
+        with pytest.raises(LvlmlpError) as err:
+            MultinomialProbe(device="cuda:0").fit(X, y)
+        assert str(err.value) == "--device cuda:0: CUDA is not available on this machine"
+    np.testing.assert_array_equal(MultinomialProbe(epochs=3).fit(X, y).coef_,
+                                  MultinomialProbe(epochs=3).fit(X.astype(np.float32), y).coef_)
+    X[13, 1] = np.inf
+    with pytest.raises(LvlmlpError) as err:
+        MultinomialProbe(epochs=1, batch_size=8).fit(X, y)
+    assert str(err.value) == "feature row 13 has NaN or infinite values"
