@@ -269,6 +269,7 @@ def test_feature_dtypes_messages_and_unknown_values(tmp_path: Path):
         np.testing.assert_array_equal(valid_rows(run, kind, 1), n_tokens > 1)
     assert valid_rows(run, "layer", 2).dtype == bool and valid_rows(run, "layer", 2).all()
     np.testing.assert_array_equal(valid_rows(run), n_tokens > 0)  # defaults: logits of token 0
+    np.testing.assert_array_equal(valid_rows(run, token=1), n_tokens > 1)  # the default kind is a logits kind
     np.testing.assert_array_equal(FeatureView(run)[[2, 0]], logits[[2, 0], 0])
     np.testing.assert_array_equal(FeatureView(run, "hidden")[1:3], hidden[1:3])
     assert feature_matrix(run).dtype == np.float32 and feature_matrix(run, "hidden").dtype == np.float32
