@@ -371,3 +371,42 @@ def test_multinomial_devices_defaults_and_bad_rows():
     with pytest.raises(LvlmlpError) as err:
         MultinomialProbe(epochs=1, batch_size=8).fit(X, y)
     assert str(err.value) == "feature row 13 has NaN or infinite values"
+
+
+def test_probe_inputs_exact_messages_and_standardisation():
+    """Catches (mutation survivors): float labels 0.0/1.0 not converted, messages changed (checked whole, not by
+    substring), MultinomialProbe standardising with the wrong sign or operation, fit_info keys."""
+    rng = np.random.default_rng(6)
+    X = (rng.normal(size=(48, 4)) * [1, 4, 0.5, 2] + [3, -1, 0, 5]).astype(np.float32)
+    y = np.arange(48) % 2
+    as_int = LogisticProbe().fit(X, y)
+    as_float = LogisticProbe().fit(X, y.astype(float))
+    np.testing.assert_array_equal(as_float.coef_, as_int.coef_)
+    for labels, message in ((np.where(y == 1, np.nan, 0.0), "labels contain NaN: select labelled rows before fitting"),
+                            (y + 0.5, "labels must be integers"),
+                            (np.zeros(0), "no labelled rows to fit the probe on")):
+        data = X[: len(labels)]
+        with pytest.raises(LvlmlpError) as err:
+            LogisticProbe().fit(data, labels)
+        assert str(err.value) == message
+    with pytest.raises(LvlmlpError) as err:
+        LogisticProbe().fit(X, y, spec=FeatureSpec(dim=5))
+    assert str(err.value) == "feature spec says dim 5 but features have 4 columns"
+    assert LogisticProbe().fit(X, y).spec_ == FeatureSpec(dim=4)
+    with pytest.raises(LvlmlpError) as err:
+        MultinomialProbe().predict_proba(X)
+    assert str(err.value) == "MultinomialProbe is not fitted yet"
+    bad = X.copy()
+    bad[5, 2] = np.inf
+    with pytest.raises(LvlmlpError) as err:
+        as_int.decision_function(bad)
+    assert str(err.value) == "feature row 5 has NaN or infinite values"
+    # Standardised training = plain training on (X - mean) / scale.
+    std = MultinomialProbe(epochs=5, batch_size=16).fit(X, y)
+    Z = (X - std.mean_) / std.scale_
+    plain = MultinomialProbe(epochs=5, batch_size=16, standardize=False).fit(Z, y)
+    np.testing.assert_allclose(std.coef_, plain.coef_, atol=1e-5)
+    np.testing.assert_allclose(std.decision_function(X), plain.decision_function(Z), atol=1e-4)
+    assert std.coef_.dtype == np.float32 and std.intercept_.dtype == np.float32
+    assert set(std.fit_info_) == {"n_rows", "epochs", "final_loss"} and std.fit_info_["n_rows"] == 48
+    assert std.fit_info_["epochs"] == 5
