@@ -269,6 +269,7 @@ def test_feature_dtypes_messages_and_unknown_values(tmp_path: Path):
         np.testing.assert_array_equal(valid_rows(run, kind, 1), n_tokens > 1)
     assert valid_rows(run, "layer", 2).dtype == bool and valid_rows(run, "layer", 2).all()
     np.testing.assert_array_equal(valid_rows(run), n_tokens > 0)  # defaults: logits of token 0
+    np.testing.assert_array_equal(valid_rows(run, token=1), n_tokens > 1)  # the default kind is a logits kind
     np.testing.assert_array_equal(FeatureView(run)[[2, 0]], logits[[2, 0], 0])
     np.testing.assert_array_equal(FeatureView(run, "hidden")[1:3], hidden[1:3])
     assert feature_matrix(run).dtype == np.float32 and feature_matrix(run, "hidden").dtype == np.float32
@@ -343,3 +344,68 @@ def test_probe_mutation_survivors(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     (folder / "probe.json").write_text(json.dumps({**doc, "params": {"gamma": 1}}))
     with pytest.raises(LvlmlpError, match=r"probe.json: params.gamma is not a parameter of LogisticProbe"):
         load_probe(folder)
+
+
+def test_multinomial_devices_defaults_and_bad_rows():
+    """Catches (mutation survivors of MultinomialProbe): changed defaults, `--device auto/cuda` handling, float64
+    input not converted, a NaN row reported without its index."""
+    import torch
+
+    assert {k: v for k, v in MultinomialProbe().get_params().items()} == {
+        "epochs": 20, "batch_size": 512, "lr": 1e-2, "weight_decay": 1e-4, "standardize": True, "device": "cpu",
+        "seed": 0, "threshold": 0.5}
+    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert MultinomialProbe(device="auto")._device() == auto
+    assert MultinomialProbe(device="cpu")._device() == torch.device("cpu")
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(40, 3))
+    y = np.arange(40) % 2
+    if not torch.cuda.is_available():
+        with pytest.raises(LvlmlpError) as err:
+            MultinomialProbe(device="cuda:0").fit(X, y)
+        assert str(err.value) == "--device cuda:0: CUDA is not available on this machine"
+    np.testing.assert_array_equal(MultinomialProbe(epochs=3).fit(X, y).coef_,
+                                  MultinomialProbe(epochs=3).fit(X.astype(np.float32), y).coef_)
+    X[13, 1] = np.inf
+    with pytest.raises(LvlmlpError) as err:
+        MultinomialProbe(epochs=1, batch_size=8).fit(X, y)
+    assert str(err.value) == "feature row 13 has NaN or infinite values"
+
+
+def test_probe_inputs_exact_messages_and_standardisation():
+    """Catches (mutation survivors): float labels 0.0/1.0 not converted, messages changed (checked whole, not by
+    substring), MultinomialProbe standardising with the wrong sign or operation, fit_info keys."""
+    rng = np.random.default_rng(6)
+    X = (rng.normal(size=(48, 4)) * [1, 4, 0.5, 2] + [3, -1, 0, 5]).astype(np.float32)
+    y = np.arange(48) % 2
+    as_int = LogisticProbe().fit(X, y)
+    as_float = LogisticProbe().fit(X, y.astype(float))
+    np.testing.assert_array_equal(as_float.coef_, as_int.coef_)
+    for labels, message in ((np.where(y == 1, np.nan, 0.0), "labels contain NaN: select labelled rows before fitting"),
+                            (y + 0.5, "labels must be integers"),
+                            (np.zeros(0), "no labelled rows to fit the probe on")):
+        data = X[: len(labels)]
+        with pytest.raises(LvlmlpError) as err:
+            LogisticProbe().fit(data, labels)
+        assert str(err.value) == message
+    with pytest.raises(LvlmlpError) as err:
+        LogisticProbe().fit(X, y, spec=FeatureSpec(dim=5))
+    assert str(err.value) == "feature spec says dim 5 but features have 4 columns"
+    assert LogisticProbe().fit(X, y).spec_ == FeatureSpec(dim=4)
+    with pytest.raises(LvlmlpError) as err:
+        MultinomialProbe().predict_proba(X)
+    assert str(err.value) == "MultinomialProbe is not fitted yet"
+    bad = X.copy()
+    bad[5, 2] = np.inf
+    with pytest.raises(LvlmlpError) as err:
+        as_int.decision_function(bad)
+    assert str(err.value) == "feature row 5 has NaN or infinite values"
+    # Standardised training = plain training on (X - mean) / scale.
+    std = MultinomialProbe(epochs=5, batch_size=16).fit(X, y)
+    Z = (X - std.mean_) / std.scale_
+    plain = MultinomialProbe(epochs=5, batch_size=16, standardize=False).fit(Z, y)
+    np.testing.assert_allclose(std.coef_, plain.coef_, atol=1e-5)
+    np.testing.assert_allclose(std.decision_function(X), plain.decision_function(Z), atol=1e-4)
+    assert std.coef_.dtype == np.float32 and std.intercept_.dtype == np.float32
+    assert set(std.fit_info_) == {"n_rows", "epochs", "final_loss"} and std.fit_info_["n_rows"] == 48
+    assert std.fit_info_["epochs"] == 5
