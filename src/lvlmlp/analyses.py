@@ -233,11 +233,11 @@ def main_evaluation(
     out: Path,
     probe_dir: Path | None = None,
     split: str | None = None,
-    groups: dict[str, str] | None = None,
+    task: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Probe + baselines on the evaluated rows, written as a `probe eval` folder (metrics.json, scores.jsonl) so
-    that `lvlmlp report` and `report.write_report` read it; the fitted probe is saved to `probe_dir`. `groups`:
-    the task's per-group metrics (`Task.groups`)."""
+    that `lvlmlp report` and `report.write_report` read it; the fitted probe is saved to `probe_dir`. `task`:
+    what the header records of the task (`groups`: its per-group metrics, `label_names`)."""
     from lvlmlp.evaluate import write_eval
 
     s = protocol.score(feature, make_probe_factory(probe_cfg))
@@ -249,7 +249,7 @@ def main_evaluation(
         "probe": {"dir": str(probe_dir) if probe_dir and s.probe is not None else None,
                   "class": type(make_probe_factory(probe_cfg)()).__name__, "feature_spec": feature_spec,
                   "threshold": threshold},
-        "n_scored": int(s.rows.size), "n_skipped": s.n_short, "n_train": s.n_train, "groups": dict(groups or {}),
+        "n_scored": int(s.rows.size), "n_skipped": s.n_short, "n_train": s.n_train, **(task or {}),
     }
     if s.fold_of is not None and s.score.ndim == 1:
         from lvlmlp.metrics import fold_metrics

@@ -126,11 +126,13 @@ def _label_fn(cfg: ExperimentConfig) -> Any:
     return get_task(cfg["task"]).label_fn
 
 
-def _groups(cfg: ExperimentConfig) -> dict[str, str]:
-    """The task's per-group metrics (row field -> metric), recorded in each evaluation's header."""
+def _task_header(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What each evaluation's header records of the task: its per-group metrics (row field -> metric) and its
+    label names (the report says what label 1 means)."""
     from lvlmlp.tasks import get_task
 
-    return dict(get_task(cfg["task"]).groups)
+    task = get_task(cfg["task"])
+    return {"groups": dict(task.groups), "label_names": list(task.label_names) or None}
 
 
 # What `lvlmlp run` writes in OUT; a non-empty OUT holding none of these is the user's folder, never written to.
@@ -265,7 +267,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
             an.main_evaluation, protocol, an.logits_feature(0, feature_kind),
             {"kind": feature_kind, "token": 0, "model": test_run.manifest.get("model")}, probe_cfg,
             list(cfg["baselines"]), eval_dir, probe_dir=out / "probes" / name, split=test_split,
-            groups=_groups(cfg)))
+            task=_task_header(cfg)))
         eval_dirs.append(eval_dir)
         n_tok = min(train_run.n_logit_tokens, test_run.n_logit_tokens)
         if cfg["analyses"].get("token_decay") and n_tok > 1:
@@ -413,7 +415,7 @@ def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, r
                                   protocol, an.state_feature("hidden"),
                                   {"kind": "hidden", "token": 0, "model": cfg["clip"]["model"]}, probe_cfg, [],
                                   eval_dir, probe_dir=out / "probes" / f"clip-{kind}", split=splits[-1],
-                                  groups=_groups(cfg)))
+                                  task=_task_header(cfg)))
         eval_dirs.append(eval_dir)
         head = _headline(metrics)
         results["clip"][kind] = head

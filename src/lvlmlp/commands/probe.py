@@ -176,6 +176,7 @@ def eval_probe(args: argparse.Namespace) -> int:
         "n_scored": int(idx.size),
         "n_skipped": skipped,
         "groups": eval_groups(args),
+        "label_names": probe.label_names_,
     }
     metrics = write_eval(Path(args.out), run, idx, labels, proba[:, 1] if len(probe.classes_) == 2 else proba,
                          probe.classes_, probe.threshold, args.baseline or [], header, args.n_boot, args.seed,
