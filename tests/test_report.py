@@ -114,6 +114,7 @@ def test_report_starts_with_a_summary_and_says_what_each_method_means(eval_dir: 
     assert "- **own-answer**: the model's own generated answer, read as a label: 1 unless it refuses" in md
     assert "- **entropy**: minus the entropy of the first generated token's distribution" in md
     assert m["label_names"] is None and "- **vizwiz: labels**: 1 and 0 as the rows give them" in md
+    assert "- **probe (LogisticProbe, logits)**: a linear probe on the logits of generated token 1" in md
 
 
 def test_roc_legend_names_each_method_with_its_auroc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

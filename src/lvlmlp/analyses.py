@@ -318,15 +318,6 @@ def layer_sweep(protocol: Protocol, probe_cfg: dict[str, Any]) -> dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _errs(entries: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     vals = np.array([np.nan if e["value"] is None else e["value"] for e in entries], dtype=float)
     lo = np.array([v - e["ci"][0] if e.get("ci") else 0.0 for v, e in zip(vals, entries)])
@@ -335,7 +326,9 @@ def _errs(entries: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_token_decay(result: dict[str, Any], path: Path, title: str) -> None:
-    plt = _plt()
+    from lvlmlp.report import pyplot, save_figure
+
+    plt = pyplot()
     entries = [*result["tokens"], result["last"]]
     labels = [str(e["token"]) for e in entries]
     vals, err = _errs(entries)
@@ -352,14 +345,14 @@ def plot_token_decay(result: dict[str, Any], path: Path, title: str) -> None:
     metric = next((e["metric"] for e in entries if e.get("metric")), "auroc")
     ax.set(xlabel="generated token", ylabel=metric.upper() if metric == "auroc" else metric, title=title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_bars(names: list[str], entries: list[dict], path: Path, title: str, reference: float | None = None) -> None:
     """One bar per feature/prompt with its 95% interval; `reference` draws the first-token logits level."""
-    plt = _plt()
+    from lvlmlp.report import pyplot, save_figure
+
+    plt = pyplot()
     vals, err = _errs(entries)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 2), 4), dpi=100)
     x = np.arange(len(names))
@@ -370,9 +363,7 @@ def plot_bars(names: list[str], entries: list[dict], path: Path, title: str, ref
     ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
     metric = next((e["metric"] for e in entries if e.get("metric")), "auroc")
     ax.set(ylabel=metric.upper() if metric == "auroc" else metric, title=title, ylim=(0, 1.05))
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ report sections

@@ -193,12 +193,16 @@ class Section:
     rows: list[list[str]]
     pngs: list[Path] = field(default_factory=list)
     anchor: str = ""
+    alts: list[str] = field(default_factory=list)  # the images' alternative texts (default: the file stems)
+
+    def _alts(self) -> list[str]:
+        return self.alts or [p.stem for p in self.pngs]
 
     def markdown(self) -> str:
         lines = [f"## {self.title}", "", self.text, ""]
         if self.header:
             lines += [markdown_table(self.header, self.rows), ""]
-        lines += [f"![{p.stem.replace('_', ' ', 1)}]({p.name})" for p in self.pngs]
+        lines += [f"![{alt}]({p.name})" for alt, p in zip(self._alts(), self.pngs)]
         return "\n".join(lines) + "\n"
 
     def html(self) -> str:
@@ -206,8 +210,8 @@ class Section:
         parts = [f"<h2{anchor}>{html.escape(self.title)}</h2><p>{html.escape(self.text)}</p>"]
         if self.header:
             parts.append(f"<div class='wide'>{html_table(self.header, self.rows)}</div>")
-        parts += [f"<img class='plot' alt='{html.escape(p.stem)}' src='{data_uri(p.read_bytes())}'>"
-                  for p in self.pngs]
+        parts += [f"<img class='plot' alt='{html.escape(alt)}' src='{data_uri(p.read_bytes())}'>"
+                  for alt, p in zip(self._alts(), self.pngs)]
         return "".join(parts)
 
 
@@ -291,18 +295,24 @@ def glossary(evals: dict[str, dict[str, Any]]) -> Glossary:
     """The labels of each evaluation and every method named in the report, in words."""
     from lvlmlp.baselines import describe_baseline
 
-    items: list[tuple[str, str]] = []
+    labels: dict[str, list[str]] = {}  # meaning -> the evaluations it applies to (said once)
     for name, m in evals.items():
         names = m.get("label_names")
         if m.get("task") == "multiclass":
-            items.append((f"{name}: labels", "class indices; the probe predicts the most probable class"))
+            text = "class indices; the probe predicts the most probable class"
         elif names and len(names) == 2:
-            items.append((f"{name}: labels", f"1 = {names[1]}, 0 = {names[0]}; scores are P(label 1 = {names[1]})"))
+            text = f"1 = {names[1]}, 0 = {names[0]}; scores are P(label 1 = {names[1]})"
         else:
-            items.append((f"{name}: labels", "1 and 0 as the rows give them; scores are P(label 1)"))
-    probe_classes = sorted({m.get("probe", {}).get("class", "probe") for m in evals.values()})
-    items.append(("probe (" + ", ".join(probe_classes) + ")",
-                  "a linear probe on the first generated token's logits, trained on the train rows"))
+            text = "1 and 0 as the rows give them; scores are P(label 1)"
+        labels.setdefault(text, []).append(name)
+    items = [(", ".join(names) + ": labels", text) for text, names in labels.items()]
+    for cls, kind, token in dict.fromkeys(
+            (m.get("probe", {}).get("class", "probe"), (m.get("probe", {}).get("feature_spec") or {}).get("kind"),
+             (m.get("probe", {}).get("feature_spec") or {}).get("token", 0)) for m in evals.values()):
+        what = (f"{kind} of generated token {int(token or 0) + 1}" if kind in ("logits", "logprobs")
+                else f"{kind} features" if kind else "features")
+        items.append((f"probe ({cls}, {kind or 'features'})", f"a linear probe on the {what}, trained on the train "
+                      "rows; its score is P(label 1)"))
     for b in dict.fromkeys(b for m in evals.values() for b in (m.get("baselines") or {})):
         items.append((b, describe_baseline(b)))
     for key in dict.fromkeys(k for m in evals.values() for k in (m.get("groups") or {})):
@@ -328,7 +338,7 @@ def eval_section(name: str, metrics: dict[str, Any], records: list[dict[str, Any
         pngs = [out_dir / f"roc_{name}.png", out_dir / f"scores_{name}.png"]
         plot_roc(metrics, records, pngs[0], f"ROC: {name}")
         plot_scores(records, pngs[1], f"probe scores: {name}", threshold)
-    return Section(name, text, HEADER, table_rows(metrics), pngs)
+    return Section(name, text, HEADER, table_rows(metrics), pngs, alts=[f"{k} {name}" for k in ("roc", "scores")])
 
 
 def write_report(
