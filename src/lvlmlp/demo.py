@@ -61,6 +61,7 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
     from lvlmlp.features import feature_matrix
     from lvlmlp.metrics import binary_metrics, bootstrap_ci, top1_accuracy
     from lvlmlp.probes import LogisticProbe, MultinomialProbe
+    from lvlmlp.tasks import get_task
 
     out = Path(out)
     (out / "scores").mkdir(parents=True, exist_ok=True)
@@ -72,14 +73,16 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
     test_rows_of: dict[str, list[dict]] = {}
     responses_of: dict[str, dict[str, str]] = {}  # unguarded greedy responses, for the steering comparison
     for task in world.TASKS:
-        rows = world.task_rows(task, out / "images" / task, n_train, n_test, seed)
+        registered = get_task(f"world-{task}")  # the analogue as a registered task: rows, labels, rules
+        rows = [row for split, n in (("train", n_train), ("test", n_test))
+                for row in registered.rows(out, split=split, n=n, world_seed=seed)]
         log.info("demo: %s (%d rows)", task, len(rows))
         run = extract(backend, rows, out / "runs" / task, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       store_dtype="float32", source=f"demo {task}", progress=progress)
         responses = [r or "" for r in run.responses]
         responses_of[task] = dict(zip(run.ids, responses))
-        if task == "uncertainty":  # the label is whether the model's own count is right
-            y = np.array([world.label_from_response(r, m) for r, m in zip(responses, run.meta)], dtype=float)
+        if registered.label_fn is not None:  # uncertainty: the label is whether the model's own count is right
+            y = np.array([registered.label_fn(r, m) for r, m in zip(responses, run.meta)], dtype=float)
         else:
             y = run.labels
         train = np.array([s == "train" for s in run.splits])
@@ -295,14 +298,6 @@ def verdicts(results: dict) -> list[str]:
     return out
 
 
-# What label 0 and label 1 mean in each analogue (the report's glossary).
-LABEL_NAMES = {
-    "answerability": ("unanswerable (degraded image)", "answerable"),
-    "safety": ("unsafe (harmful word in the image)", "safe (benign word)"),
-    "deception": ("deceptive (false premise)", "normal question"),
-    "uncertainty": ("the model's count is wrong", "the model's count is right"),
-    "hallucination": ('the truthful answer is "no"', 'the truthful answer is "yes"'),
-}
 GALLERY_ROWS = 4  # example test rows per analogue in the report (two of each label when there are)
 
 
@@ -351,6 +346,7 @@ def _verdict_words(e: dict) -> str:
 
 def _glossary(results: dict) -> list[tuple[str, str]]:
     from lvlmlp.baselines import describe_baseline
+    from lvlmlp.tasks import get_task
 
     items = []
     for task in results["tasks"]:
@@ -358,7 +354,7 @@ def _glossary(results: dict) -> list[tuple[str, str]]:
             items.append(("classification: labels", "the index of the object's class (shape and colour) among "
                           f"{len(world.CLASS_NAMES)}; the probe is multinomial, its prediction the most probable class"))
             continue
-        zero, one = LABEL_NAMES[task]
+        zero, one = get_task(f"world-{task}").label_names
         items.append((f"{task}: labels", f"1 = {one}, 0 = {zero}; the probe's score is P(label 1)"))
     items.append(("probe", "logistic regression on the first generated token's logits (all vocabulary entries), "
                   "trained on the train split"))
