@@ -43,3 +43,28 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory):
         return cache[family]
 
     return get
+
+
+@pytest.fixture
+def screenshot(tmp_path: Path):
+    """`screenshot(html_path, width, height)` -> PNG path of the page rendered by headless Chromium. Skips when
+    Chromium is not installed (`make chromium` installs it; tests never install software); installed but writing
+    nothing is a failure, not a skip: the page must render where Chromium exists."""
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("headless Chromium is not installed (`make chromium` installs it)")
+
+    def shoot(page: Path, width: int, height: int) -> Path:
+        shot = tmp_path / f"shot-{page.stem}.png"
+        cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", f"--window-size={width},{height}",
+               page.resolve().as_uri()]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert shot.is_file(), f"Chromium wrote no screenshot (exit {proc.returncode}): {proc.stderr[-2000:]}"
+        return shot
+
+    return shoot

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,18 +25,27 @@ def _sk_binary(y: np.ndarray, score: list) -> dict:
             "f1": f1_score(y, pred, zero_division=0.0), "n": len(y), "n_positive": int(y.sum())}
 
 
-def test_demo_reduced_results_recompute_from_scores(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n-train", "40", "--n-test", "40", "--max-new-tokens", "3",
-                 "--threads", "1", "--no-progress"]) == 0
-    printed = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A reduced `lvlmlp demo` (run once for this module's tests): its folder and what it printed."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--out", str(out), "--n-train", "40", "--n-test", "40", "--max-new-tokens", "3",
+                     "--threads", "1", "--no-progress"]) == 0
+    return out, printed.getvalue()
+
+
+def test_demo_reduced_results_recompute_from_scores(demo: tuple[Path, str]):
+    out, printed = demo
     assert "| answerability (VizWiz) |" in printed and "Probe-guided decoding on safety" in printed
     assert printed.startswith((out / "summary.md").read_text())  # the README's table comes from this file
     results = json.loads((out / "results.json").read_text())
     assert set(results["tasks"]) == {"answerability", "safety", "deception", "uncertainty", "hallucination",
                                      "classification"}
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 6  # five ROC plots and the token-decay plot
+    assert html.count("<img class='plot'") == 6  # five ROC plots and the token-decay plot
+    assert html.count("<img alt='example row'") == 4 * 6  # the gallery: four test rows of each analogue
     for task, entry in results["tasks"].items():
         recs = [json.loads(line) for line in (out / "scores" / f"{task}.jsonl").read_text().splitlines()]
         assert len(recs) == entry["n_test"] == 40
@@ -82,3 +95,53 @@ def test_demo_reduced_results_recompute_from_scores(tmp_path, capsys):
         for r in rows:  # flagged rows refuse (the demo tokenizer lower-cases); the others answer as unguarded
             assert is_refusal(r["response_after"], s["template"]) if r["flagged"] else (
                 r["response_after"] == r["response_before"]), r
+
+
+def test_demo_report_renders_its_tables_and_images_in_headless_chromium(demo: tuple[Path, str], screenshot):
+    """The demo's report.html comes from lvlmlp.report: summary first, every image a decodable embedded PNG, and
+    the page renders (plots and gallery images drawn below the summary table)."""
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    out, _ = demo
+    page = (out / "report.html").read_text()
+
+    class Page(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tags: list[str] = []
+            self.srcs: list[str] = []
+            self.headings: list[str] = []
+            self._in_h2 = False
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            self.srcs += [v or "" for k, v in attrs if k in ("src", "href")]
+            self._in_h2 = tag == "h2"
+
+        def handle_data(self, data):
+            if self._in_h2:
+                self.headings.append(data)
+                self._in_h2 = False
+
+    parsed = Page()
+    parsed.feed(page)
+    results = json.loads((out / "results.json").read_text())
+    assert parsed.headings[:2] == ["Summary", "What the labels and methods mean"]
+    assert {"Probe-guided decoding", "Finetuning vs probing", "ROC curves"} <= set(parsed.headings)
+    assert [h for h in parsed.headings if h.startswith("Examples: ")] == [f"Examples: {t}" for t in results["tasks"]]
+    assert parsed.tags.count("table") == 4 + 6  # summary, token decay, guided decoding, finetuning + 6 galleries
+    assert len(parsed.srcs) == 6 + 24 and all(src.startswith("data:image/png;base64,") for src in parsed.srcs)
+    for src in parsed.srcs:  # each embedded image decodes
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as img:
+            assert min(img.size) >= 32
+    for task, e in results["tasks"].items():  # the summary row of each analogue holds its probe figure
+        figure = e["probe"]["auroc"] if task != "classification" else e["probe"]["accuracy"]
+        assert f"<td class='text'>{task}</td>" in page and f"{figure:.3f}" in page
+    shot = np.asarray(Image.open(screenshot(out / "report.html", 1300, 9000)).convert("RGB")).astype(int)
+    saturation = shot.max(axis=2) - shot.min(axis=2)
+    coloured = np.flatnonzero((saturation > 80).sum(axis=1) > 5)
+    assert coloured.size > 1500  # ROC curves, the token-decay plot and gallery images were decoded and drawn
+    dark = (shot.max(axis=2) < 100).sum(axis=1)
+    assert dark[: coloured.min()].sum() > 2000  # the summary table and glossary come first, as text

@@ -206,7 +206,7 @@ def test_probe_eval_writes_metrics_that_recompute_from_scores(tmp_path: Path, ca
     assert main(["probe", "train", "--run", str(run.path), "--split", "train", "--out", str(tmp_path / "p")]) == 0
     assert main(["probe", "eval", "--probe", str(tmp_path / "p"), "--run", str(run.path), "--split", "val",
                  "--out", str(tmp_path / "e"), "--baseline", "max-prob", "--baseline", "own-answer",
-                 "--n-boot", "200"]) == 0
+                 "--n-boot", "200", "--group-by", "scenario=attack-success-rate"]) == 0
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     recs = [json.loads(line) for line in (tmp_path / "e" / "scores.jsonl").read_text().splitlines()]
     assert [r["id"] for r in recs] == [f"r{i}" for i in range(100, 160)]
@@ -226,3 +226,51 @@ def test_probe_eval_writes_metrics_that_recompute_from_scores(tmp_path: Path, ca
     assert main(["probe", "eval", "--probe", str(tmp_path / "p"), "--run", str(other.path),
                  "--out", str(tmp_path / "e2")]) == 2
     assert "dim 20 (probe expects 24)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ tasks own their per-group rules
+def test_group_metrics_follow_the_groups_asked_for_not_the_field_names():
+    from lvlmlp.metrics import group_metrics
+
+    y = np.array([0, 0, 1, 0, 1, 1])
+    s = np.array([0.9, 0.2, 0.8, 0.6, 0.1, 0.7])
+    meta = [{"scenario": f"S{i % 2}", "category": f"C{i % 3}"} for i in range(6)]
+    assert group_metrics(meta, y, s, {}) == {}  # fields present, nothing asked: no per-group metrics
+    out = group_metrics(meta, y, s, {"scenario": "attack-success-rate", "category": "pope"})
+    assert out["per_scenario"] == attack_success_rate(y, s, [m["scenario"] for m in meta])
+    assert out["per_category"] == pope_metrics_by_category(y, s >= 0.5, [m["category"] for m in meta])
+    assert group_metrics(meta[:5] + [{}], y, s, {"scenario": "attack-success-rate"}) == {}  # a row lacks the field
+
+
+def test_tasks_declare_their_label_function_and_groups():
+    from lvlmlp.tasks import get_task
+    from lvlmlp.tasks.mathvista import response_label
+
+    assert get_task("mathvista").label_fn is response_label and get_task("mathvista").needs_generation
+    assert get_task("mmsafety").groups == (("scenario", "attack-success-rate"),)
+    assert get_task("pope").groups == (("category", "pope"),)
+    assert get_task("vizwiz").label_fn is None and get_task("vizwiz").groups == ()
+
+
+def test_probe_eval_takes_the_groups_of_a_task_and_refuses_unknown_metrics(tmp_path: Path, capsys):
+    rng = np.random.default_rng(2)
+    n = 80
+    y = np.arange(n) % 2
+    logits = rng.normal(size=(n, 8)).astype(np.float32)
+    logits[:, 0] += 2.0 * y
+    cats = ("adversarial", "popular", "random")
+    meta = [{"id": f"r{i}", "label": int(y[i]), "category": cats[i % 3]} for i in range(n)]
+    run = make_run(tmp_path / "run", logits, meta)
+    assert main(["probe", "train", "--run", str(run.path), "--out", str(tmp_path / "p")]) == 0
+    base = ["probe", "eval", "--probe", str(tmp_path / "p"), "--run", str(run.path), "--n-boot", "20"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert "per_category" not in json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert main([*base, "--out", str(tmp_path / "e"), "--task", "pope"]) == 0
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    recs = [json.loads(line) for line in (tmp_path / "e" / "scores.jsonl").read_text().splitlines()]
+    assert metrics["groups"] == {"category": "pope"} and [r["category"] for r in recs] == [m["category"] for m in meta]
+    yy, ss = np.array([r["label"] for r in recs]), np.array([r["score"] for r in recs])
+    assert metrics["per_category"] == pope_metrics_by_category(yy, ss >= 0.5, [r["category"] for r in recs])
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "bad"), "--group-by", "category=median"]) == 2
+    assert "unknown group metric 'median' for 'category' (known: attack-success-rate, pope)" in capsys.readouterr().err

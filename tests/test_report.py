@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -59,27 +57,11 @@ def test_report_writes_tables_plots_and_self_contained_html(eval_dir: Path, tmp_
     assert "src='http" not in html and "<table>" in html
 
 
-def _chromium() -> str:
-    """Headless Chromium when installed (`make chromium` installs it); tests never install software."""
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        pytest.skip("headless Chromium is not installed (`make chromium` installs it)")
-    return found
-
-
-def test_report_html_renders_in_headless_chromium(eval_dir: Path, tmp_path: Path):
-    chromium = _chromium()
+def test_report_html_renders_in_headless_chromium(eval_dir: Path, tmp_path: Path, screenshot):
     out = tmp_path / "rep"
     assert main(["report", str(eval_dir), str(eval_dir), "--out", str(out)]) == 0  # the same eval twice
     assert (out / "roc_vizwiz-2.png").is_file()
-    shot = tmp_path / "shot.png"
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
-           (out / "report.html").resolve().as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    # Installed but writing nothing is a failure, not a skip: the page must render where Chromium exists.
-    assert shot.is_file(), f"Chromium wrote no screenshot (exit {proc.returncode}): {proc.stderr[-2000:]}"
+    shot = screenshot(out / "report.html", 1200, 1600)
     img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert img.shape[:2] == (1600, 1200)
     # Plot lines/bars are saturated colours (tab:blue, tab:red, ...); text and table borders are grey.
@@ -113,3 +95,45 @@ def test_report_html_references_only_data_uris_and_in_page_anchors(eval_dir: Pat
     for tag, name, value in parser.refs:
         assert value.startswith("data:") or (value.startswith("#") and value[1:] in parser.ids), (tag, name, value)
     assert "url(http" not in (out / "report.html").read_text() and "@import" not in (out / "report.html").read_text()
+
+
+def test_report_starts_with_a_summary_and_says_what_each_method_means(eval_dir: Path, tmp_path: Path):
+    out = tmp_path / "rep"
+    assert main(["report", str(eval_dir), "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())["vizwiz"]
+    md = (out / "report.md").read_text()
+    assert md.index("## Summary") < md.index("## What the labels and methods mean") < md.index("## vizwiz")
+    base = m["baselines"]
+    best = max(base, key=lambda b: base[b]["auroc"])
+    lo, hi = m["auroc_ci"]
+    words = ("the probe is better (its 95% interval lies above)" if lo > base[best]["auroc"] else
+             "the probe is higher, but its 95% interval includes the other value" if m["auroc"] > base[best]["auroc"]
+             else "the probe does NOT beat it")
+    cells = "; ".join(f"{b} {v['auroc']:.3f} [{v['auroc_ci'][0]:.3f}, {v['auroc_ci'][1]:.3f}]" for b, v in base.items())
+    assert f"| vizwiz | {m['n']} | {m['auroc']:.3f} [{lo:.3f}, {hi:.3f}] | {cells} | vs {best}: {words} |" in md
+    assert "- **own-answer**: the model's own generated answer, read as a label: 1 unless it refuses" in md
+    assert "- **entropy**: minus the entropy of the first generated token's distribution" in md
+    assert m["label_names"] is None and "- **vizwiz: labels**: 1 and 0 as the rows give them" in md
+    assert "- **probe (LogisticProbe, logits)**: a linear probe on the logits of generated token 1" in md
+
+
+def test_roc_legend_names_each_method_with_its_auroc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from matplotlib import pyplot as plt
+    from sklearn.metrics import roc_auc_score
+
+    from lvlmlp import report
+
+    y = np.array([0, 0, 1, 1, 0, 1])
+    s = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9])
+    legends: list[list[str]] = []
+    save = report.save_figure
+
+    def keep_legend(fig, path):
+        legends.append([t.get_text() for t in fig.axes[0].get_legend().get_texts()])
+        save(fig, path)
+
+    monkeypatch.setattr(report, "save_figure", keep_legend)
+    report.plot_roc_curves([("probe", y, s), ("one token", y, 1 - s)], tmp_path / "roc.png", "ROC")
+    assert legends == [[f"probe (AUROC {roc_auc_score(y, s):.3f})", f"one token (AUROC {roc_auc_score(y, 1 - s):.3f})",
+                        "chance (AUROC 0.500)"]]
+    assert (tmp_path / "roc.png").is_file() and not plt.get_fignums()  # saved and closed

@@ -53,12 +53,19 @@ def test_registry_names_and_unknown_task() -> None:
         "mathvista",
         "imagenet",
         "jsonl",
+        "world-answerability",
+        "world-safety",
+        "world-deception",
+        "world-uncertainty",
+        "world-hallucination",
+        "world-classification",
     ]
     with pytest.raises(LvlmlpError) as err:
         get_task("vqa")
     assert (
         str(err.value)
-        == "unknown task 'vqa' (known: vizwiz, mmsafety, mad, pope, mathvista, imagenet, jsonl)"
+        == "unknown task 'vqa' (known: vizwiz, mmsafety, mad, pope, mathvista, imagenet, jsonl, world-answerability, "
+        "world-safety, world-deception, world-uncertainty, world-hallucination, world-classification)"
     )
 
 
@@ -522,7 +529,7 @@ def test_sampling_limit_and_per_class(tmp_path: Path) -> None:
 def test_cli_tasks(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 7 and out[3].startswith("pope ") and "(yes = 1)" in out[3]
+    assert len(out) == 13 and out[3].startswith("pope ") and "(yes = 1)" in out[3]  # 7 benchmarks, 6 world analogues
     assert main(["tasks", "pope"]) == 0
     out = capsys.readouterr().out
     assert "labels: 0 = no, 1 = yes" in out and "splits: train, val, test (default test)" in out

@@ -225,3 +225,22 @@ def test_answer_label_reads_responses() -> None:
     assert W.answer_label("uncertainty", "three", row) == 1
     assert W.answer_label("classification", "a green star.", row) == W.CLASS_NAMES.index("green star")
     assert W.answer_label("classification", "no idea", row) == -1
+
+
+def test_the_six_analogues_are_registered_tasks_with_their_rules(tmp_path: Path):
+    from lvlmlp.errors import LvlmlpError
+    from lvlmlp.tasks import get_task, prompt_template
+
+    for analogue in W.TASKS:
+        task = get_task(f"world-{analogue}")
+        rows = [r for split, n in (("train", 3), ("test", 2))
+                for r in task.rows(tmp_path / "a", split=split, n=n, world_seed=1)]
+        assert rows == W.task_rows(analogue, tmp_path / "a" / "images" / analogue, 3, 2, seed=1)
+        assert prompt_template(task.name) == "{question}"
+    assert get_task("world-uncertainty").label_fn("There are 3.", {"answer": "3"}) == 1
+    assert get_task("world-uncertainty").needs_generation and not get_task("world-safety").needs_generation
+    assert get_task("world-safety").groups == (("scenario", "attack-success-rate"),)
+    assert get_task("world-hallucination").groups == (("category", "pope"),)
+    assert get_task("world-classification").kind == "multiclass"
+    with pytest.raises(LvlmlpError, match=r"^world-safety: option n must be a positive integer, got '0'$"):
+        get_task("world-safety").rows(tmp_path, n="0")

@@ -233,9 +233,11 @@ def main_evaluation(
     out: Path,
     probe_dir: Path | None = None,
     split: str | None = None,
+    task: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Probe + baselines on the evaluated rows, written as a `probe eval` folder (metrics.json, scores.jsonl) so
-    that `lvlmlp report` and `report.write_report` read it; the fitted probe is saved to `probe_dir`."""
+    that `lvlmlp report` and `report.write_report` read it; the fitted probe is saved to `probe_dir`. `task`:
+    what the header records of the task (`groups`: its per-group metrics, `label_names`)."""
     from lvlmlp.evaluate import write_eval
 
     s = protocol.score(feature, make_probe_factory(probe_cfg))
@@ -247,7 +249,7 @@ def main_evaluation(
         "probe": {"dir": str(probe_dir) if probe_dir and s.probe is not None else None,
                   "class": type(make_probe_factory(probe_cfg)()).__name__, "feature_spec": feature_spec,
                   "threshold": threshold},
-        "n_scored": int(s.rows.size), "n_skipped": s.n_short, "n_train": s.n_train,
+        "n_scored": int(s.rows.size), "n_skipped": s.n_short, "n_train": s.n_train, **(task or {}),
     }
     if s.fold_of is not None and s.score.ndim == 1:
         from lvlmlp.metrics import fold_metrics
@@ -316,15 +318,6 @@ def layer_sweep(protocol: Protocol, probe_cfg: dict[str, Any]) -> dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _errs(entries: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     vals = np.array([np.nan if e["value"] is None else e["value"] for e in entries], dtype=float)
     lo = np.array([v - e["ci"][0] if e.get("ci") else 0.0 for v, e in zip(vals, entries)])
@@ -333,7 +326,9 @@ def _errs(entries: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_token_decay(result: dict[str, Any], path: Path, title: str) -> None:
-    plt = _plt()
+    from lvlmlp.report import pyplot, save_figure
+
+    plt = pyplot()
     entries = [*result["tokens"], result["last"]]
     labels = [str(e["token"]) for e in entries]
     vals, err = _errs(entries)
@@ -350,14 +345,14 @@ def plot_token_decay(result: dict[str, Any], path: Path, title: str) -> None:
     metric = next((e["metric"] for e in entries if e.get("metric")), "auroc")
     ax.set(xlabel="generated token", ylabel=metric.upper() if metric == "auroc" else metric, title=title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_bars(names: list[str], entries: list[dict], path: Path, title: str, reference: float | None = None) -> None:
     """One bar per feature/prompt with its 95% interval; `reference` draws the first-token logits level."""
-    plt = _plt()
+    from lvlmlp.report import pyplot, save_figure
+
+    plt = pyplot()
     vals, err = _errs(entries)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 2), 4), dpi=100)
     x = np.arange(len(names))
@@ -368,9 +363,7 @@ def plot_bars(names: list[str], entries: list[dict], path: Path, title: str, ref
     ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
     metric = next((e["metric"] for e in entries if e.get("metric")), "auroc")
     ax.set(ylabel=metric.upper() if metric == "auroc" else metric, title=title, ylim=(0, 1.05))
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ report sections

@@ -147,6 +147,25 @@ def check_baseline_name(name: Any) -> None:
         raise LvlmlpError(f"--baseline {name}: unknown baseline (choose from {BASELINE_HELP})")
 
 
+def describe_baseline(name: str) -> str:
+    """What baseline `name` scores, in words, for the reports (which token a one-token baseline reads)."""
+    if name == "own-answer" or name.startswith("own-answer:"):
+        rule = name.partition(":")[2] or "refusal"
+        how = {"refusal": "1 unless it refuses or calls the question unanswerable",
+               "yes": '1 when it starts with "yes"'}.get(rule, f"1 unless it contains one of {rule.partition('=')[2]}")
+        return f"the model's own generated answer, read as a label: {how}"
+    if name.startswith("token-prob:"):
+        text = name[len("token-prob:") :]
+        if text.startswith("!"):
+            return (f'1 minus the probability that the first generated token is the first token of "{text[1:]}" '
+                    "(with or without a leading space)")
+        return (f'the probability that the first generated token is the first token of "{text}" '
+                "(with or without a leading space)")
+    return {"max-prob": "the largest probability of the first generated token (the model's confidence)",
+            "entropy": "minus the entropy of the first generated token's distribution (higher = more confident)"
+            }.get(name, name)
+
+
 def baseline_scores(run: Any, name: str, rows: Any = None, token: int = 0, tokenizer: Any = None) -> np.ndarray:
     """Scores of baseline `name` (see module doc) for `rows` of `run`, higher = label 1."""
     idx = as_index(rows, len(run))

@@ -11,9 +11,6 @@ The numbers show the method working on a toy model; they are not the paper's num
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import logging
 import time
@@ -54,21 +51,6 @@ def _own_answer(task: str, responses: list[str], rows: list[dict]) -> np.ndarray
     return np.array([world.answer_label(task, r, row) for r, row in zip(responses, rows)], dtype=float)
 
 
-def _plot_png(draw) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    draw(ax)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_tokens: int = 5,
              batch_size: int = 32, seed: int = 0, model: str | Path | None = None, device: str = "cpu",
              progress: bool = True, steer: bool = True, finetune_rows: int = FINETUNE_ROWS) -> dict:
@@ -79,6 +61,7 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
     from lvlmlp.features import feature_matrix
     from lvlmlp.metrics import binary_metrics, bootstrap_ci, top1_accuracy
     from lvlmlp.probes import LogisticProbe, MultinomialProbe
+    from lvlmlp.tasks import get_task
 
     out = Path(out)
     (out / "scores").mkdir(parents=True, exist_ok=True)
@@ -90,14 +73,16 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
     test_rows_of: dict[str, list[dict]] = {}
     responses_of: dict[str, dict[str, str]] = {}  # unguarded greedy responses, for the steering comparison
     for task in world.TASKS:
-        rows = world.task_rows(task, out / "images" / task, n_train, n_test, seed)
+        registered = get_task(f"world-{task}")  # the analogue as a registered task: rows, labels, rules
+        rows = [row for split, n in (("train", n_train), ("test", n_test))
+                for row in registered.rows(out, split=split, n=n, world_seed=seed)]
         log.info("demo: %s (%d rows)", task, len(rows))
         run = extract(backend, rows, out / "runs" / task, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       store_dtype="float32", source=f"demo {task}", progress=progress)
         responses = [r or "" for r in run.responses]
         responses_of[task] = dict(zip(run.ids, responses))
-        if task == "uncertainty":  # the label is whether the model's own count is right
-            y = np.array([world.label_from_response(r, m) for r, m in zip(responses, run.meta)], dtype=float)
+        if registered.label_fn is not None:  # uncertainty: the label is whether the model's own count is right
+            y = np.array([registered.label_fn(r, m) for r, m in zip(responses, run.meta)], dtype=float)
         else:
             y = run.labels
         train = np.array([s == "train" for s in run.splits])
@@ -151,7 +136,7 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
         results["finetune"] = finetune_vs_probe(out, backend.model_id, finetune_rows, batch_size, seed, progress)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "report.html").write_text(_html(results, out))
+    write_report(results, out)
     return results
 
 
@@ -296,6 +281,8 @@ def summary_table(results: dict) -> str:
 
 def verdicts(results: dict) -> list[str]:
     """One plain sentence per analogue: does the probe beat the model's own answer (or the best baseline)?"""
+    from lvlmlp.report import verdict
+
     out = []
     for task, e in results["tasks"].items():
         if task == "classification":
@@ -307,57 +294,187 @@ def verdicts(results: dict) -> list[str]:
         p, o, ci = e["probe"]["auroc"], other["auroc"], e["probe"].get("auroc_ci")
         if p is None or o is None:
             continue
-        if ci and ci[0] > o:
-            word = "the probe is better (its 95% interval lies above)"
-        elif p > o:
-            word = "the probe is higher, but its 95% interval includes the other value"
-        else:
-            word = "the probe does NOT beat it"
-        out.append(f"- {task}: probe AUROC {p:.3f} vs {name} {o:.3f}: {word}.")
+        out.append(f"- {task}: probe AUROC {p:.3f} vs {name} {o:.3f}: {verdict(p, ci, o)}.")
     return out
 
 
-def _html(results: dict, out: Path) -> str:
-    from sklearn.metrics import roc_curve
+GALLERY_ROWS = 4  # example test rows per analogue in the report (two of each label when there are)
 
-    plots = []
+
+def _one_token_name(task: str) -> str:
+    """The one-token baseline of an analogue as a `--baseline` name (token-prob:!W reads 1 - P(W))."""
+    text, negate = TOKEN_BASELINE[task]
+    return f"token-prob:{'!' if negate else ''}{text}"
+
+
+def report_blocks(results: dict, out: Path) -> list:
+    """The demo's report, in the blocks of `lvlmlp.report` (the renderer of every report)."""
+    from lvlmlp.report import Glossary, Section, fmt_ci
+
+    tasks = results["tasks"]
+    rows = []
+    for task, e in tasks.items():
+        if task == "classification":
+            rows.append([task, f"top-1 accuracy {_fmt(e['probe']['accuracy'])}",
+                         f"top-1 accuracy {_fmt(e['own_answer']['accuracy'])}", f"chance {_fmt(e['chance'])}", "–"])
+            continue
+        own = fmt_ci(e["own_answer"]["auroc"], e["own_answer"].get("auroc_ci")) if "own_answer" in e else "(is the label)"
+        one = e.get("token_prob") or e.get("max_prob") or {}
+        rows.append([task, fmt_ci(e["probe"]["auroc"], e["probe"].get("auroc_ci")), own,
+                     f"{_fmt(one.get('auroc'))} ({one.get('token', 'max-prob')})", _verdict_words(e)])
+    blocks: list = [Section(
+        "Summary", "Test AUROC of the first-token probe, the model's own answer and one token's probability "
+        "(95% bootstrap intervals); the verdict compares the probe with the model's own answer (max-prob where the "
+        "own answer is the label).", ["analogue", "probe AUROC [95% CI]", "own answer AUROC [95% CI]",
+                                      "one-token AUROC (token)", "verdict"], rows, anchor="summary")]
+    blocks.append(Glossary(_glossary(results)))
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    blocks.append(_roc_section(results, out, plots))
+    blocks.append(_decay_section(results, plots))
+    blocks += _steering_sections(results)
+    blocks += _galleries(results, out)
+    return blocks
+
+
+def _verdict_words(e: dict) -> str:
+    from lvlmlp.report import verdict
+
+    name, other = ("own answer", e["own_answer"]) if "own_answer" in e else ("max-prob", e["max_prob"])
+    return f"vs {name}: " + verdict(e["probe"]["auroc"], e["probe"].get("auroc_ci"), other["auroc"])
+
+
+def _glossary(results: dict) -> list[tuple[str, str]]:
+    from lvlmlp.baselines import describe_baseline
+    from lvlmlp.tasks import get_task
+
+    items = []
     for task in results["tasks"]:
         if task == "classification":
+            items.append(("classification: labels", "the index of the object's class (shape and colour) among "
+                          f"{len(world.CLASS_NAMES)}; the probe is multinomial, its prediction the most probable class"))
             continue
+        zero, one = get_task(f"world-{task}").label_names
+        items.append((f"{task}: labels", f"1 = {one}, 0 = {zero}; the probe's score is P(label 1)"))
+    items.append(("probe", "logistic regression on the first generated token's logits (all vocabulary entries), "
+                  "trained on the train split"))
+    items.append(("own answer", "the model's generated answer read as a label (e.g. a refusal or "
+                  '"Unanswerable." reads as 0)'))
+    items += [(f"one token ({task})", describe_baseline(_one_token_name(task))) for task in TOKEN_BASELINE]
+    items.append(("max-prob (uncertainty)", describe_baseline("max-prob")))
+    return items
+
+
+def _roc_section(results: dict, out: Path, plots: Path):
+    """One ROC plot per binary analogue: probe and baselines, each named in the legend with its AUROC."""
+    from lvlmlp.report import Section, plot_roc_curves
+
+    pngs = []
+    for task in (t for t in results["tasks"] if t != "classification"):
         recs = [json.loads(line) for line in (out / "scores" / f"{task}.jsonl").read_text().splitlines()]
-        y = np.array([r["label"] for r in recs])
+        names = {"probe": "probe", "own_answer": "own answer", "max_prob": "max-prob"}
+        if task in TOKEN_BASELINE:
+            names["token_prob"] = f"one token ({TOKEN_BASELINE[task][0]})"
+        curves = [(name, [r["label"] for r in recs], [r[key] for r in recs]) for key, name in names.items()
+                  if key in recs[0]]
+        pngs.append(plots / f"roc_{task}.png")
+        plot_roc_curves(curves, pngs[-1], f"{task}: ROC on the test split")
+    return Section("ROC curves", f"{results['n_test']} test rows per analogue; the legend gives each method's AUROC.",
+                   [], [], pngs)
 
-        def draw(ax, recs=recs, y=y, task=task):
-            for key in ("probe", "own_answer", "token_prob", "max_prob"):
-                if key in recs[0] and len(np.unique(y)) == 2:
-                    fpr, tpr, _ = roc_curve(y, [r[key] for r in recs])
-                    ax.plot(fpr, tpr, label=key)
-            ax.plot([0, 1], [0, 1], ":", color="grey")
-            ax.set(title=f"{task}: ROC on the test split", xlabel="false positive rate", ylabel="true positive rate")
-            ax.legend(fontsize=8)
 
-        plots.append(_plot_png(draw))
+def _decay_section(results: dict, plots: Path):
+    from matplotlib.ticker import MaxNLocator
 
-    def decay(ax):
-        for task, e in results["tasks"].items():
-            pts = [p for p in e.get("token_decay", []) if p["auroc"] is not None]
-            if not pts:
-                continue
-            line, = ax.plot([p["token"] for p in pts], [p["auroc"] for p in pts], label=task)
-            for p in pts:  # hollow: a point computed on fewer rows (answers that ended before that token)
-                full = p["n_test"] == e["n_test"]
-                ax.plot(p["token"], p["auroc"], "o", color=line.get_color(), fillstyle="full" if full else "none")
-        ax.set(title="probe AUROC by generated token (hollow: fewer rows)", xlabel="token", ylabel="AUROC")
-        ax.legend(fontsize=8)
+    from lvlmlp.report import Section, pyplot, save_figure
 
-    plots.append(_plot_png(decay))
-    table = html.escape(summary_table(results))
-    imgs = "".join(f'<img alt="plot" src="data:image/png;base64,{p}">' for p in plots)
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>lvlmlp demo</title><style>"
-        "body{font-family:sans-serif;margin:2em}pre{background:#f4f4f4;padding:1em}img{margin:4px}</style></head>"
-        f"<body><h1>lvlmlp demo</h1><p>Synthetic world + tiny LLaVA-format model ({html.escape(results['model'])})"
-        f"; {results['n_train']} train / {results['n_test']} test rows per analogue; {results['seconds']} s. "
-        "These numbers show the method working on a toy model, not the paper's numbers.</p>"
-        f"<pre>{table}</pre>{imgs}</body></html>"
-    )
+    fig, ax = pyplot().subplots(figsize=(6, 4), dpi=100)
+    rows = []
+    for task, e in results["tasks"].items():
+        pts = [p for p in e.get("token_decay", []) if p["auroc"] is not None]
+        if not pts:
+            continue
+        line, = ax.plot([p["token"] for p in pts], [p["auroc"] for p in pts], label=task)
+        for p in pts:  # hollow: a point computed on fewer rows (answers that ended before that token)
+            full = p["n_test"] == e["n_test"]
+            ax.plot(p["token"], p["auroc"], "o", color=line.get_color(), fillstyle="full" if full else "none")
+        rows.append([task, *(_fmt(p["auroc"]) + (f" (n={p['n_test']})" if p["n_test"] < e["n_test"] else "")
+                             for p in e["token_decay"])])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(title="probe AUROC by generated token (hollow: fewer rows)", xlabel="generated token", ylabel="AUROC")
+    ax.legend(fontsize=8, loc="best")
+    png = plots / "token_decay.png"
+    save_figure(fig, png)
+    k = max((len(e.get("token_decay", [])) for e in results["tasks"].values()), default=0)
+    return Section("Probe AUROC by generated token", "A probe trained and tested on token t's logits, for t = 1.."
+                   f"{k}; a point on fewer rows than the test split says on how many.",
+                   ["analogue", *(f"token {t}" for t in range(1, k + 1))],
+                   [r + ["–"] * (k + 1 - len(r)) for r in rows], [png])
+
+
+def _steering_sections(results: dict) -> list:
+    from lvlmlp.report import Section
+
+    out = []
+    if results.get("steering"):
+        rows = []
+        for task, s in results["steering"].items():
+            b, a = s["before"], s["after"]
+            rows.append([task, s["template"], str(s["flagged"]),
+                         f"{b['label0_answered']}/{b['n_label0']} -> {a['label0_answered']}/{a['n_label0']}",
+                         f"{b['label1_refused']}/{b['n_label1']} -> {a['label1_refused']}/{a['n_label1']}"])
+        out.append(Section("Probe-guided decoding", "At the first decoding step, a row the probe flags (score < 0.5) "
+                           "is made to start with the template; counts without the guard -> with it.",
+                           ["analogue", "template", "flagged", "label-0 rows answered", "label-1 rows refused"],
+                           rows))
+    if results.get("finetune"):
+        first = next(iter(results["finetune"].values()))
+        names = list(first["methods"])
+        out.append(Section("Finetuning vs probing", f"LoRA on {first['n_finetune_rows']} train rows, "
+                           f"{first['epochs']} epochs, against the probe; test AUROC.", ["analogue", *names],
+                           [[task, *(_fmt(r["methods"][n]["auroc"]) for n in names)]
+                            for task, r in results["finetune"].items()]))
+    return out
+
+
+def _galleries(results: dict, out: Path) -> list:
+    """A few test rows of each analogue: image, question, the model's answer, label, probe score, flagged."""
+    from lvlmlp.report import Gallery
+    from lvlmlp.store import open_run
+
+    galleries = []
+    for task in results["tasks"]:
+        run = open_run(out / "runs" / task)
+        meta = {m["id"]: (m, r) for m, r in zip(run.meta, run.responses)}
+        recs = [json.loads(line) for line in (out / "scores" / f"{task}.jsonl").read_text().splitlines()]
+        by_label: dict = {}
+        for r in recs:
+            by_label.setdefault(r["label"], []).append(r)
+        per = max(1, GALLERY_ROWS // max(1, min(2, len(by_label))))
+        picked = [r for lab in sorted(by_label)[:2] for r in by_label[lab][:per]][:GALLERY_ROWS]
+        rows = []
+        for r in picked:
+            m, response = meta[r["id"]]
+            png = (out / "images" / task / f"{r['id']}.png").read_bytes()
+            if task == "classification":
+                got = f"class {r['probe_pred']:.0f} ({world.CLASS_NAMES[int(r['probe_pred'])]})"
+                rows.append((png, [m["question"], response or "", f"{r['label']:.0f} "
+                                   f"({world.CLASS_NAMES[int(r['label'])]})", got, "–"]))
+            else:
+                rows.append((png, [m["question"], response or "", f"{r['label']:.0f}", _fmt(r["probe"]),
+                                   "flagged" if r["probe"] < 0.5 else "not flagged"]))
+        galleries.append(Gallery(f"Examples: {task}", "Test rows; a row is flagged when the probe's score "
+                                 "P(label 1) is below 0.5.", ["question", "model answer", "label",
+                                                               "probe score" if task != "classification"
+                                                               else "probe prediction", "flagged"], rows))
+    return galleries
+
+
+def write_report(results: dict, out: Path) -> None:
+    """`out/report.html`: the demo's report through the renderer of every report (`lvlmlp.report`)."""
+    from lvlmlp.report import render_html
+
+    intro = (f"Synthetic world + tiny LLaVA-format model ({results['model']}); {results['n_train']} train / "
+             f"{results['n_test']} test rows per analogue; {results['seconds']} s. These numbers show the method "
+             "working on a toy model, not the paper's numbers.")
+    (out / "report.html").write_text(render_html("lvlmlp demo", intro, report_blocks(results, out)))

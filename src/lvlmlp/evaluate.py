@@ -13,7 +13,7 @@ import numpy as np
 from lvlmlp.defaults import N_BOOT
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.features import valid_rows
-from lvlmlp.metrics import binary_report, group_metrics
+from lvlmlp.metrics import binary_report, check_groups, group_metrics
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ def write_eval(
 ) -> dict[str, Any]:
     """Write a `probe eval` folder: `scores.jsonl` (one record per scored row) and `metrics.json` (probe and
     baselines on the labelled rows). `score` is P(classes[-1]) (n,) for a binary probe, (n, C) for multiclass;
-    `labels` has NaN for unlabelled rows (scored, not measured). `lvlmlp run` writes its evaluations here too."""
+    `labels` has NaN for unlabelled rows (scored, not measured). `header["groups"]` (row field -> metric of
+    `metrics.GROUP_METRICS`, from the task) adds per-group metrics and keeps those fields in `scores.jsonl`.
+    `lvlmlp run` writes its evaluations here too."""
     from lvlmlp.baselines import baseline_scores
     from lvlmlp.data import write_jsonl
     from lvlmlp.metrics import top1_accuracy
@@ -66,9 +68,10 @@ def write_eval(
     labelled = ~np.isnan(labels)
     meta = [run.meta[i] for i in idx]
     metrics: dict[str, Any] = {"task": "binary" if score.ndim == 1 else "multiclass", **header}
+    groups = check_groups(header.get("groups") or {}, "evaluation")
     records = [{"id": run.ids[i], "label": None if np.isnan(lab) else int(lab)} for i, lab in zip(idx, labels)]
     for rec, m in zip(records, meta):
-        rec.update({k: m[k] for k in ("scenario", "category") if m.get(k) is not None})
+        rec.update({k: m[k] for k in groups if m.get(k) is not None})
     if score.ndim == 1:
         for rec, v in zip(records, score):
             rec["score"] = float(v)
@@ -81,12 +84,12 @@ def write_eval(
             y = (labels[labelled] == classes[-1]).astype(np.int64)
             lab_meta = [m for m, keep in zip(meta, labelled) if keep]
             metrics.update(binary_report(y, score[labelled], threshold, n_boot, seed))
-            metrics.update(group_metrics(lab_meta, y, score[labelled], threshold))
+            metrics.update(group_metrics(lab_meta, y, score[labelled], groups, threshold))
             metrics["baselines"] = {}
             for name, b in base.items():
                 block = binary_report(y, b[labelled], 0.5, n_boot, seed)
                 if _has_threshold(name):
-                    block.update(group_metrics(lab_meta, y, b[labelled], 0.5))
+                    block.update(group_metrics(lab_meta, y, b[labelled], groups, 0.5))
                 else:
                     block = {k: block[k] for k in ("auroc", "auprc", "auroc_ci", "n")}
                 metrics["baselines"][name] = block

@@ -119,14 +119,20 @@ def task_rows(cfg: ExperimentConfig, split: str) -> list[dict]:
 
 
 def _label_fn(cfg: ExperimentConfig) -> Any:
-    """MathVista: each row's label is whether the model's answer is right, stored by `extract` with the row."""
+    """The task's label from the model's response (MathVista: whether the answer is right), stored by `extract`
+    with each row; None for tasks whose rows carry their labels."""
     from lvlmlp.tasks import get_task
 
-    if not get_task(cfg["task"]).needs_generation:
-        return None
-    from lvlmlp.tasks.mathvista import response_label
+    return get_task(cfg["task"]).label_fn
 
-    return response_label
+
+def _task_header(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What each evaluation's header records of the task: its per-group metrics (row field -> metric) and its
+    label names (the report says what label 1 means)."""
+    from lvlmlp.tasks import get_task
+
+    task = get_task(cfg["task"])
+    return {"groups": dict(task.groups), "label_names": list(task.label_names) or None}
 
 
 # What `lvlmlp run` writes in OUT; a non-empty OUT holding none of these is the user's folder, never written to.
@@ -260,7 +266,8 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
         main[name] = _cached(steps, f"eval-{name}", key, eval_dir / "metrics.json", partial(
             an.main_evaluation, protocol, an.logits_feature(0, feature_kind),
             {"kind": feature_kind, "token": 0, "model": test_run.manifest.get("model")}, probe_cfg,
-            list(cfg["baselines"]), eval_dir, probe_dir=out / "probes" / name, split=test_split))
+            list(cfg["baselines"]), eval_dir, probe_dir=out / "probes" / name, split=test_split,
+            task=_task_header(cfg)))
         eval_dirs.append(eval_dir)
         n_tok = min(train_run.n_logit_tokens, test_run.n_logit_tokens)
         if cfg["analyses"].get("token_decay") and n_tok > 1:
@@ -407,7 +414,8 @@ def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, r
                           partial(an.main_evaluation,
                                   protocol, an.state_feature("hidden"),
                                   {"kind": "hidden", "token": 0, "model": cfg["clip"]["model"]}, probe_cfg, [],
-                                  eval_dir, probe_dir=out / "probes" / f"clip-{kind}", split=splits[-1]))
+                                  eval_dir, probe_dir=out / "probes" / f"clip-{kind}", split=splits[-1],
+                                  task=_task_header(cfg)))
         eval_dirs.append(eval_dir)
         head = _headline(metrics)
         results["clip"][kind] = head

@@ -6,7 +6,7 @@ reaches the threshold (`score >= threshold`) and flagged ("refuse") below it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -248,12 +248,30 @@ def binary_report(y: Any, score: Any, threshold: float = 0.5, n_boot: int = 1000
     return out
 
 
-def group_metrics(meta: Sequence[dict], y: Any, score: Any, threshold: float = 0.5) -> dict[str, Any]:
-    """`per_scenario` (attack success rate, MM-SafetyBench) and `per_category` (POPE) when every row carries it."""
+# Per-group metrics a task names in its `groups` (row field, metric): each takes (y, score, the rows' group values,
+# threshold) and is written as `per_<field>` of an evaluation's metrics.
+GROUP_METRICS: dict[str, Callable[[Any, np.ndarray, list, float], Any]] = {
+    "attack-success-rate": lambda y, score, keys, threshold: attack_success_rate(y, score, keys, threshold),
+    "pope": lambda y, score, keys, threshold: pope_metrics_by_category(y, score >= threshold, keys),
+}
+
+
+def check_groups(groups: Mapping[str, str], where: str) -> dict[str, str]:
+    """`groups` (row field -> metric name) as a plain dict; an unknown metric is a one-line error naming it."""
+    for key, metric in groups.items():
+        if metric not in GROUP_METRICS:
+            raise LvlmlpError(f"{where}: unknown group metric {metric!r} for {key!r} "
+                              f"(known: {', '.join(GROUP_METRICS)})")
+    return dict(groups)
+
+
+def group_metrics(meta: Sequence[dict], y: Any, score: Any, groups: Mapping[str, str],
+                  threshold: float = 0.5) -> dict[str, Any]:
+    """`per_<field>` for each (row field, metric) of `groups` (see `GROUP_METRICS`) when every row carries the
+    field, e.g. `per_scenario` (MM-SafetyBench's attack success rate) or `per_category` (POPE)."""
     out: dict[str, Any] = {}
     score = np.asarray(score)
-    if meta and all(m.get("scenario") is not None for m in meta):
-        out["per_scenario"] = attack_success_rate(y, score, [m["scenario"] for m in meta], threshold)
-    if meta and all(m.get("category") is not None for m in meta):
-        out["per_category"] = pope_metrics_by_category(y, score >= threshold, [m["category"] for m in meta])
+    for key, metric in groups.items():
+        if meta and all(m.get(key) is not None for m in meta):
+            out[f"per_{key}"] = GROUP_METRICS[metric](y, score, [m[key] for m in meta], threshold)
     return out

@@ -81,9 +81,15 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _cell(value: str) -> str:
+    # Figures align right (decimals line up); words (names, verdicts, answers) align left and wrap.
+    numeric = value[:1].isdigit() or value[:1] in ("–", "-")
+    return f"<td>{html.escape(value)}</td>" if numeric else f"<td class='text'>{html.escape(value)}</td>"
+
+
 def html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -94,37 +100,50 @@ def _labelled(records: list[dict[str, Any]], key: str | None) -> tuple[np.ndarra
     return y, s
 
 
-def plot_roc(metrics: dict[str, Any], records: list[dict[str, Any]], path: Path, title: str) -> None:
-    """ROC curves of the probe and every baseline, recomputed from the saved scores."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend: the one plotting set-up of every report."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
 
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save with every label, title and legend inside the image (nothing clipped), then free the figure."""
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.1)
+    pyplot().close(fig)
+
+
+def plot_roc_curves(curves: Sequence[tuple[str, Any, Any]], path: Path, title: str) -> None:
+    """ROC curves of (name, labels, scores), each named in the legend with its AUROC; the first drawn thicker."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-    for key, label in [(None, "probe"), *[(b, b) for b in metrics.get("baselines") or {}]]:
-        y, s = _labelled(records, key)
+    for i, (name, y, s) in enumerate(curves):
+        y, s = np.asarray(y), np.asarray(s, dtype=np.float64)
         if np.unique(y).size < 2:
             continue
         fpr, tpr, _ = roc_curve(y, s)
-        m = metrics if key is None else metrics["baselines"][key]
-        ax.plot(fpr, tpr, label=f"{label} (AUROC {fmt_value(m.get('auroc'))})", lw=2 if key is None else 1)
-    ax.plot([0, 1], [0, 1], ls=":", color="grey")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1))
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {fmt_value(float(roc_auc_score(y, s)))})", lw=2 if i == 0 else 1)
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", label="chance (AUROC 0.500)")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def plot_roc(metrics: dict[str, Any], records: list[dict[str, Any]], path: Path, title: str) -> None:
+    """ROC curves of the probe and every baseline of an evaluation, recomputed from the saved scores."""
+    curves = [("probe", *_labelled(records, None))]
+    curves += [(b, *_labelled(records, b)) for b in metrics.get("baselines") or {}]
+    plot_roc_curves(curves, path, title)
 
 
 def plot_scores(records: list[dict[str, Any]], path: Path, title: str, threshold: float) -> None:
     """Histogram of the probe's score for each label, with the decision threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     y, s = _labelled(records, None)
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     bins = np.linspace(0, 1, 41)
@@ -134,40 +153,192 @@ def plot_scores(records: list[dict[str, Any]], path: Path, title: str, threshold
     ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:g}")
     ax.set(xlabel="probe score P(label 1)", ylabel="rows", title=title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 _CSS = (
-    "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
-    "th,td{border:1px solid #999;padding:4px 10px;text-align:right}th:first-child,td:first-child{text-align:left}"
-    "th{background:#eee}img{margin:0.5em;border:1px solid #ddd;vertical-align:top}"
+    "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+    "th,td{border:1px solid #999;padding:4px 10px;text-align:right;vertical-align:top}th{text-align:left}"
+    "th:first-child,td:first-child{text-align:left}th{background:#eee}.wide{overflow-x:auto}"
+    "img{margin:0.5em;border:1px solid #ddd;vertical-align:top;max-width:100%;height:auto}"
+    "td.text{text-align:left;max-width:32em}figure{display:inline-block;margin:0.5em}"
+    "dt{font-weight:bold}dd{margin:0 0 0.5em 1.5em}.gallery img{width:96px;image-rendering:pixelated}"
 )
+
+
+def data_uri(png: bytes) -> str:
+    """A PNG as a data URI: every image of a report lives in the page itself."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def verdict(probe: float | None, ci: Sequence[float] | None, other: float | None) -> str:
+    """The probe against another method's AUROC, in words (every report uses these words)."""
+    if probe is None or other is None:
+        return "not measured (one class only)"
+    if ci and ci[0] > other:
+        return "the probe is better (its 95% interval lies above)"
+    if probe > other:
+        return "the probe is higher, but its 95% interval includes the other value"
+    return "the probe does NOT beat it"
 
 
 @dataclass
 class Section:
-    """A titled report section: a paragraph, one table and PNG plots (embedded as base64 in the HTML)."""
+    """A titled report section: a paragraph, one table (none when `header` is empty) and PNG plots (embedded as
+    data URIs in the HTML)."""
 
     title: str
     text: str
     header: list[str]
     rows: list[list[str]]
     pngs: list[Path] = field(default_factory=list)
+    anchor: str = ""
+    alts: list[str] = field(default_factory=list)  # the images' alternative texts (default: the file stems)
+
+    def _alts(self) -> list[str]:
+        return self.alts or [p.stem for p in self.pngs]
 
     def markdown(self) -> str:
-        lines = [f"## {self.title}", "", self.text, "", markdown_table(self.header, self.rows), ""]
-        lines += [f"![{p.stem}]({p.name})" for p in self.pngs]
+        lines = [f"## {self.title}", "", self.text, ""]
+        if self.header:
+            lines += [markdown_table(self.header, self.rows), ""]
+        lines += [f"![{alt}]({p.name})" for alt, p in zip(self._alts(), self.pngs)]
         return "\n".join(lines) + "\n"
 
     def html(self) -> str:
-        parts = [f"<h2>{html.escape(self.title)}</h2><p>{html.escape(self.text)}</p>",
-                 html_table(self.header, self.rows)]
-        for p in self.pngs:
-            data = base64.b64encode(p.read_bytes()).decode("ascii")
-            parts.append(f"<img alt='{html.escape(p.stem)}' src='data:image/png;base64,{data}'>")
+        anchor = f" id='{html.escape(self.anchor)}'" if self.anchor else ""
+        parts = [f"<h2{anchor}>{html.escape(self.title)}</h2><p>{html.escape(self.text)}</p>"]
+        if self.header:
+            parts.append(f"<div class='wide'>{html_table(self.header, self.rows)}</div>")
+        parts += [f"<img class='plot' alt='{html.escape(alt)}' src='{data_uri(p.read_bytes())}'>"
+                  for alt, p in zip(self._alts(), self.pngs)]
         return "".join(parts)
+
+
+@dataclass
+class Glossary:
+    """What each label and method of the report means (term, meaning)."""
+
+    items: list[tuple[str, str]]
+    title: str = "What the labels and methods mean"
+
+    def markdown(self) -> str:
+        return "\n".join([f"## {self.title}", "", *(f"- **{t}**: {m}" for t, m in self.items)]) + "\n"
+
+    def html(self) -> str:
+        body = "".join(f"<dt>{html.escape(t)}</dt><dd>{html.escape(m)}</dd>" for t, m in self.items)
+        return f"<h2>{html.escape(self.title)}</h2><dl>{body}</dl>"
+
+
+@dataclass
+class Gallery:
+    """Example rows: each an image (PNG bytes, embedded) with its fields (question, answer, score, ...)."""
+
+    title: str
+    text: str
+    header: list[str]
+    rows: list[tuple[bytes, list[str]]]
+
+    def markdown(self) -> str:
+        rows = [["(image)", *cells] for _, cells in self.rows]
+        return "\n".join([f"## {self.title}", "", self.text, "", markdown_table(["image", *self.header], rows)]) + "\n"
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in ["image", *self.header])
+        body = "".join(
+            f"<tr><td><img alt='example row' src='{data_uri(png)}'></td>"
+            + "".join(f"<td class='text'>{html.escape(c)}</td>" for c in cells) + "</tr>"
+            for png, cells in self.rows)
+        return (f"<h2>{html.escape(self.title)}</h2><p>{html.escape(self.text)}</p>"
+                f"<div class='wide gallery'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+
+
+Block = Section | Glossary | Gallery
+
+
+def render_html(title: str, intro: str, blocks: Sequence[Block]) -> str:
+    """The one HTML page of every report (demo, `lvlmlp report`, `lvlmlp run`): self-contained, no external
+    reference (images are data URIs)."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>"]
+    parts += [b.html() for b in blocks]
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def render_markdown(title: str, intro: str, blocks: Sequence[Block]) -> str:
+    return "\n".join([f"# {title}", "", intro, "", *(b.markdown() for b in blocks)])
+
+
+def summary_section(evals: dict[str, dict[str, Any]]) -> Section:
+    """The table at the top of `lvlmlp report`/`run`: every evaluation, the probe against its baselines with
+    intervals, and the verdict against the best baseline in words."""
+    rows = []
+    for name, m in evals.items():
+        if m.get("task") == "multiclass":
+            rows.append([name, str(m.get("n", "–")), "top-1 accuracy " + fmt_value(m.get("accuracy")), "–", "–"])
+            continue
+        base = m.get("baselines") or {}
+        best = max((b for b in base if base[b].get("auroc") is not None), key=lambda b: base[b]["auroc"], default=None)
+        words = "no baseline" if best is None else (
+            f"vs {best}: " + verdict(m.get("auroc"), m.get("auroc_ci"), base[best]["auroc"]))
+        rows.append([name, str(m.get("n", "–")), fmt_ci(m.get("auroc"), m.get("auroc_ci")),
+                     "; ".join(f"{b} {fmt_ci(v.get('auroc'), v.get('auroc_ci'))}" for b, v in base.items()) or "–",
+                     words])
+    return Section("Summary", "Test AUROC of the probe and of each baseline (95% bootstrap intervals); the verdict "
+                   "compares the probe with the best baseline.",
+                   ["evaluation", "n", "probe AUROC [95% CI]", "baselines: AUROC [95% CI]", "verdict"], rows,
+                   anchor="summary")
+
+
+def glossary(evals: dict[str, dict[str, Any]]) -> Glossary:
+    """The labels of each evaluation and every method named in the report, in words."""
+    from lvlmlp.baselines import describe_baseline
+
+    labels: dict[str, list[str]] = {}  # meaning -> the evaluations it applies to (said once)
+    for name, m in evals.items():
+        names = m.get("label_names")
+        if m.get("task") == "multiclass":
+            text = "class indices; the probe predicts the most probable class"
+        elif names and len(names) == 2:
+            text = f"1 = {names[1]}, 0 = {names[0]}; scores are P(label 1 = {names[1]})"
+        else:
+            text = "1 and 0 as the rows give them; scores are P(label 1)"
+        labels.setdefault(text, []).append(name)
+    items = [(", ".join(names) + ": labels", text) for text, names in labels.items()]
+    for cls, kind, token in dict.fromkeys(
+            (m.get("probe", {}).get("class", "probe"), (m.get("probe", {}).get("feature_spec") or {}).get("kind"),
+             (m.get("probe", {}).get("feature_spec") or {}).get("token", 0)) for m in evals.values()):
+        what = (f"{kind} of generated token {int(token or 0) + 1}" if kind in ("logits", "logprobs")
+                else f"{kind} features" if kind else "features")
+        items.append((f"probe ({cls}, {kind or 'features'})", f"a linear probe on the {what}, trained on the train "
+                      "rows; its score is P(label 1)"))
+    for b in dict.fromkeys(b for m in evals.values() for b in (m.get("baselines") or {})):
+        items.append((b, describe_baseline(b)))
+    for key in dict.fromkeys(k for m in evals.values() for k in (m.get("groups") or {})):
+        items.append((f"per {key}", f"metrics computed separately on the rows of each {key}"))
+    return Glossary(items)
+
+
+def eval_section(name: str, metrics: dict[str, Any], records: list[dict[str, Any]], out_dir: Path) -> Section:
+    """One evaluation: its table (probe and baselines), the attack success rate when the task groups by it,
+    its ROC curves and the probe's score histogram."""
+    text = (f"Run {metrics.get('run')}, split {metrics.get('split')}, probe {metrics.get('probe', {}).get('dir')}.")
+    if metrics.get("task") == "multiclass":
+        rows = [["probe (" + metrics.get("probe", {}).get("class", "probe") + ")",
+                 fmt_value(metrics.get("accuracy")), str(metrics.get("n", "–"))]]
+        return Section(name, text, ["method", "top-1 accuracy", "n"], rows)
+    for key, metric in (metrics.get("groups") or {}).items():
+        asr = (metrics.get(f"per_{key}") or {}).get("average") if metric == "attack-success-rate" else None
+        if asr is not None:
+            text += f" Average attack success rate (probe): {fmt_value(asr)}"
+    pngs = []
+    if any(r.get("label") is not None for r in records):
+        threshold = float(metrics.get("probe", {}).get("threshold", 0.5))
+        pngs = [out_dir / f"roc_{name}.png", out_dir / f"scores_{name}.png"]
+        plot_roc(metrics, records, pngs[0], f"ROC: {name}")
+        plot_scores(records, pngs[1], f"probe scores: {name}", threshold)
+    return Section(name, text, HEADER, table_rows(metrics), pngs, alts=[f"{k} {name}" for k in ("roc", "scores")])
 
 
 def write_report(
@@ -182,48 +353,16 @@ def write_report(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     dirs = [Path(d) for d in eval_dirs]
-    names = _unique_names(dirs)
     combined: dict[str, Any] = {}
-    md = ["# lvlmlp report", ""]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>lvlmlp report</title>"
-             f"<style>{_CSS}</style></head><body><h1>lvlmlp report</h1>"]
-    for name, folder in zip(names, dirs):
+    blocks: list[Block] = []
+    for name, folder in zip(_unique_names(dirs), dirs):
         metrics, records = load_eval(folder)
         combined[name] = metrics
-        heading = f"{name}: {metrics.get('task', 'binary')}, run {metrics.get('run')}"
-        md += [f"## {name}", "", f"Run `{metrics.get('run')}`, split `{metrics.get('split')}`, "
-               f"probe `{metrics.get('probe', {}).get('dir')}`.", ""]
-        parts.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(heading)}</p>")
-        if metrics.get("task") == "multiclass":
-            rows = [["probe (" + metrics.get("probe", {}).get("class", "probe") + ")",
-                     fmt_value(metrics.get("accuracy")), str(metrics.get("n", "–"))]]
-            md += [markdown_table(["method", "top-1 accuracy", "n"], rows), ""]
-            parts.append(html_table(["method", "top-1 accuracy", "n"], rows))
-            continue
-        rows = table_rows(metrics)
-        md += [markdown_table(HEADER, rows), ""]
-        parts.append(html_table(HEADER, rows))
-        asr = (metrics.get("per_scenario") or {}).get("average")
-        if asr is not None:
-            md += [f"Average attack success rate (probe): {fmt_value(asr)}", ""]
-            parts.append(f"<p>Average attack success rate (probe): {fmt_value(asr)}</p>")
-        if any(r.get("label") is not None for r in records):
-            threshold = float(metrics.get("probe", {}).get("threshold", 0.5))
-            for kind in ("roc", "scores"):
-                png = out_dir / f"{kind}_{name}.png"
-                if kind == "roc":
-                    plot_roc(metrics, records, png, f"ROC: {name}")
-                else:
-                    plot_scores(records, png, f"probe scores: {name}", threshold)
-                md.append(f"![{kind} {name}]({png.name})")
-                data = base64.b64encode(png.read_bytes()).decode("ascii")
-                parts.append(f"<img alt='{kind} {html.escape(name)}' src='data:image/png;base64,{data}'>")
-            md.append("")
-    md += [section.markdown() for section in sections]
-    parts += [section.html() for section in sections]
-    parts.append("</body></html>")
+        blocks.append(eval_section(name, metrics, records, out_dir))
+    blocks = [summary_section(combined), glossary(combined), *blocks, *sections]
+    intro = "Probe versus baselines on each evaluation; every figure recomputes from the saved scores."
     doc = combined if analyses is None else {"evaluations": combined, **analyses}
     (out_dir / "metrics.json").write_text(json.dumps(doc, indent=2))
-    (out_dir / "report.md").write_text("\n".join(md) + "\n")
-    (out_dir / "report.html").write_text("".join(parts))
+    (out_dir / "report.md").write_text(render_markdown("lvlmlp report", intro, blocks) + "\n")
+    (out_dir / "report.html").write_text(render_html("lvlmlp report", intro, blocks))
     return doc

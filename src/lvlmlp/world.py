@@ -456,17 +456,21 @@ def task_scene(task: str, split: str, i: int, seed: int = 0) -> tuple[Scene, dic
 def task_rows(task: str, image_dir: str | Path, n_train: int = 200, n_test: int = 200,
               seed: int = 0) -> list[dict]:
     """Rows of one task analogue (train then test); writes each image as `image_dir/{id}.png`."""
+    return split_rows(task, "train", image_dir, n_train, seed) + split_rows(task, "test", image_dir, n_test, seed)
+
+
+def split_rows(task: str, split: str, image_dir: str | Path, n: int, seed: int = 0) -> list[dict]:
+    """The first `n` rows of one split of a task analogue; writes each image as `image_dir/{id}.png`."""
     image_dir = Path(image_dir).resolve()
     image_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for split, n in (("train", n_train), ("test", n_test)):
-        for i in range(n):
-            scene, fields = task_scene(task, split, i, seed)
-            row_id = f"{task}-{split}-{i:05d}"
-            path = image_dir / f"{row_id}.png"
-            scene.render().save(path, format="PNG")
-            rows.append({"id": row_id, "image": str(path), "split": split, **fields,
-                         "objects": [o.meta() for o in scene.objects]})
+    for i in range(n):
+        scene, fields = task_scene(task, split, i, seed)
+        row_id = f"{task}-{split}-{i:05d}"
+        path = image_dir / f"{row_id}.png"
+        scene.render().save(path, format="PNG")
+        rows.append({"id": row_id, "image": str(path), "split": split, **fields,
+                     "objects": [o.meta() for o in scene.objects]})
     return rows
 
 

@@ -72,12 +72,9 @@ def run(args: argparse.Namespace) -> int:
     if args.task:
         from lvlmlp.tasks import get_task
 
-        if get_task(args.task).needs_generation:  # MathVista: label = whether the model's answer is right
-            from lvlmlp.tasks.mathvista import response_label
-
-            label_fn = response_label
-            if not args.max_new_tokens:
-                raise LvlmlpError(f"--task {args.task}: labels come from the model's answers; give --max-new-tokens")
+        label_fn = get_task(args.task).label_fn  # MathVista: label = whether the model's answer is right
+        if label_fn is not None and not args.max_new_tokens:
+            raise LvlmlpError(f"--task {args.task}: labels come from the model's answers; give --max-new-tokens")
     if args.ray_replicas is not None and args.ray is None:
         raise LvlmlpError("--ray-replicas applies to --ray [ADDRESS] only")
     if args.ray is not None and args.workers != 1:

@@ -59,6 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--baseline", action="append", metavar="NAME",
                     help="add a baseline (repeatable): own-answer[:refusal|yes|keyword=W], token-prob:STRING, "
                          "token-prob:!STRING, max-prob, entropy")
+    ev.add_argument("--task", metavar="NAME", help="add the per-group metrics of this registered task (e.g. "
+                    "mmsafety: attack success rate per scenario; pope: POPE metrics per category)")
+    ev.add_argument("--group-by", action="append", metavar="FIELD=METRIC",
+                    help="add per-group metrics (repeatable): group rows by their metadata FIELD and compute METRIC "
+                         "on each group (attack-success-rate or pope)")
     ev.add_argument("--n-boot", type=int, default=N_BOOT, help="bootstrap resamples for the 95%% intervals")
     ev.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ev.add_argument("--out", required=True, help="folder for metrics.json and scores.jsonl")
@@ -126,6 +131,23 @@ def train_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_groups(args: argparse.Namespace) -> dict[str, str]:
+    """Per-group metrics asked for: the task's `groups` (--task), then each --group-by FIELD=METRIC."""
+    from lvlmlp.metrics import check_groups
+
+    groups: dict[str, str] = {}
+    if args.task:
+        from lvlmlp.tasks import get_task
+
+        groups.update(get_task(args.task).groups)
+    for item in args.group_by or []:
+        key, sep, metric = item.partition("=")
+        if not sep or not key.strip():
+            raise LvlmlpError(f"--group-by {item!r}: expected FIELD=METRIC, e.g. scenario=attack-success-rate")
+        groups[key.strip()] = metric.strip()
+    return check_groups(groups, "--group-by")
+
+
 def eval_probe(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -153,6 +175,8 @@ def eval_probe(args: argparse.Namespace) -> int:
                   "threshold": probe.threshold},
         "n_scored": int(idx.size),
         "n_skipped": skipped,
+        "groups": eval_groups(args),
+        "label_names": probe.label_names_,
     }
     metrics = write_eval(Path(args.out), run, idx, labels, proba[:, 1] if len(probe.classes_) == 2 else proba,
                          probe.classes_, probe.threshold, args.baseline or [], header, args.n_boot, args.seed,

@@ -6,7 +6,8 @@ rows = get_task("pope").rows("/data/pope", split="val", categories=["random"])
 template = prompt_template("vizwiz", "oeh")  # contains "{question}"; no style: the task's default style
 dump_rows("mad", "/data/madbench", "dump.jsonl", image_root="/data/coco/val2017", split="train", style="mq")
 ```
-Each adapter module (vizwiz, mmsafety, mad, mathvista, pope, imagenet, jsonl) defines one `TASK`; this module
+Each adapter module (vizwiz, mmsafety, mad, mathvista, pope, imagenet, jsonl) defines one `TASK` (world: the
+demo world's six analogues, `world-answerability` ...); this module
 collects them and loads `prompts.yaml` (the command `lvlmlp tasks [NAME]` lives in lvlmlp/commands/tasks.py).
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 import yaml
 
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.tasks import imagenet, jsonl, mad, mathvista, mmsafety, pope, vizwiz
+from lvlmlp.tasks import imagenet, jsonl, mad, mathvista, mmsafety, pope, vizwiz, world
 from lvlmlp.tasks.base import Request, Task
 
 __all__ = [
@@ -38,7 +39,7 @@ __all__ = [
 
 _TASKS: dict[str, Task] = {
     t.name: t
-    for t in (vizwiz.TASK, mmsafety.TASK, mad.TASK, pope.TASK, mathvista.TASK, imagenet.TASK, jsonl.TASK)
+    for t in (vizwiz.TASK, mmsafety.TASK, mad.TASK, pope.TASK, mathvista.TASK, imagenet.TASK, jsonl.TASK, *world.TASKS)
 }
 PROMPTS_FILE = Path(__file__).with_name("prompts.yaml")
 

@@ -58,14 +58,20 @@ class Request:
 
 
 Loader = Callable[[Request], list[dict]]
+LabelFn = Callable[[str, dict], int]  # (the model's response, the row) -> the row's label
 
 
 @dataclass(frozen=True)
 class Task:
     """A registered benchmark. `rows()` is the one entry point; the other fields document it.
 
-    Binary labels follow the contract: 1 is the "good" class whose probability the probe scores
-    (`label_names[1]`), e.g. answerable, safe, normal, "yes", correct.
+    Binary labels: 1 is the "good" class whose probability the probe scores (`label_names[1]`), e.g. answerable,
+    safe, normal, "yes", correct.
+
+    A task also owns its rules, which general modules ask it for instead of naming a task: `label_fn` (the label
+    of a row from the model's response, for tasks whose labels need generation, e.g. MathVista's answer checker)
+    and `groups` (per-group metrics: the row field to group by and a metric of `lvlmlp.metrics.GROUP_METRICS`,
+    e.g. MM-SafetyBench's attack success rate per `scenario`).
     """
 
     name: str
@@ -77,10 +83,16 @@ class Task:
     default_image_root: str  # relative to the data root; documentation, adapters resolve it in `load`
     load: Loader = field(repr=False, compare=False)
     default_split: str = "test"
-    needs_generation: bool = False  # labels are a function of the model's response (MathVista)
+    label_fn: LabelFn | None = field(default=None, repr=False, compare=False)  # label from the response
     samples_per_class: bool = False  # `load` applies `per_class` itself, before building rows (ImageNet's files)
     options: tuple[tuple[str, str], ...] = ()  # (name, help) of the task-specific keyword options
     default_prompt_style: str = "oe"  # the style of tasks/prompts.yaml used when none is chosen
+    groups: tuple[tuple[str, str], ...] = ()  # (row field, group metric) pairs for per-group metrics
+
+    @property
+    def needs_generation(self) -> bool:
+        """Labels are a function of the model's response (MathVista): extraction must generate."""
+        return self.label_fn is not None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

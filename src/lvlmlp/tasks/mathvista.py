@@ -242,7 +242,7 @@ TASK = Task(
     default_image_root=".",
     load=load,
     default_split="testmini",
-    needs_generation=True,
+    label_fn=response_label,
     default_prompt_style="oeh",
     options=(("self_eval", "true: the self-evaluation pass on a file with responses (default false)"),),
 )

@@ -133,6 +133,7 @@ TASK = Task(
     layout=LAYOUT,
     default_image_root=".",
     load=load,
+    groups=(("scenario", "attack-success-rate"),),  # the paper's ASR per scenario, averaged over scenarios
     options=(
         ("image_variant", "SD_TYPO (default), SD or TYPO: the image folder"),
         ("question_field", 'the question field (default "Rephrased Question")'),

@@ -93,6 +93,7 @@ TASK = Task(
     layout=LAYOUT,
     default_image_root="{split}2014 (train2014 or val2014)",
     load=load,
+    groups=(("category", "pope"),),  # POPE's accuracy / precision / recall / F1 / yes-ratio per category
     options=(
         ("categories", "comma-separated subset of adversarial,popular,random (default: all)"),
         ("max_per_category", f"rows kept per category file (default {FIRST_N}; none = all)"),
