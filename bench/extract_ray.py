@@ -34,10 +34,10 @@ import ray
 import torch
 from extract_throughput import llava15_geometry, make_rows  # same directory: the same rows and geometry
 
-from lvlmlp.backend import Backend
-from lvlmlp.extract import BATCH_SIZE, extract
-from lvlmlp.ray_extract import ray_extract
-from lvlmlp.store import RunWriter
+from lvlmlp.extraction.backend import Backend
+from lvlmlp.extraction.extract import BATCH_SIZE, extract
+from lvlmlp.extraction.ray_extract import ray_extract
+from lvlmlp.extraction.store import RunWriter
 from lvlmlp.testing import tiny_model
 
 

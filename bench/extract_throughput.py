@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lvlmlp.backend import Backend
 from lvlmlp.data import load_image
-from lvlmlp.extract import BATCH_SIZE, extract
+from lvlmlp.extraction.backend import Backend
+from lvlmlp.extraction.extract import BATCH_SIZE, extract
 from lvlmlp.testing import tiny_model
 
 

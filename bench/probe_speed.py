@@ -48,7 +48,7 @@ def binary_rows(n: int, vocab: int, seed: int):
 
 
 def write_binary(data: Path, n: int, vocab: int, seed: int) -> None:
-    from lvlmlp.store import RunWriter
+    from lvlmlp.extraction.store import RunWriter
 
     writer = RunWriter(data / "run", {"model": "synthetic", "family": "bench", "dtype": "float16",
                                       "vocab_size": vocab, "prompt_template": None, "max_new_tokens": 1,
@@ -86,9 +86,9 @@ def write_multiclass(data: Path, n: int, dim: int, classes: int, seed: int) -> N
 def worker_binary_ours(data: Path, args: argparse.Namespace) -> dict:
     from sklearn.metrics import roc_auc_score
 
-    from lvlmlp.features import feature_matrix
-    from lvlmlp.probes import LogisticProbe
-    from lvlmlp.store import open_run
+    from lvlmlp.extraction.store import open_run
+    from lvlmlp.probing.features import feature_matrix
+    from lvlmlp.probing.probes import LogisticProbe
 
     run = open_run(data / "run")
     train = np.array([s == "train" for s in run.splits])
@@ -116,7 +116,7 @@ def worker_binary_paper(data: Path, args: argparse.Namespace) -> dict:
 
 
 def worker_mc_ours(data: Path, args: argparse.Namespace) -> dict:
-    from lvlmlp.probes import MultinomialProbe
+    from lvlmlp.probing.probes import MultinomialProbe
 
     x = np.load(data / "mc_x.npy", mmap_mode="r")
     y = np.load(data / "mc_y.npy")
@@ -158,7 +158,7 @@ def _lda_worker(data: Path, make: Any, tag: str) -> dict:
 
 
 def worker_lda_ours(data: Path, args: argparse.Namespace) -> dict:
-    from lvlmlp.probes import LDAProbe
+    from lvlmlp.probing.probes import LDAProbe
 
     return _lda_worker(data, lambda: LDAProbe(device=args.device), "ours")
 

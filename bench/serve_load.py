@@ -51,7 +51,7 @@ def data_url(image: Image.Image) -> str:
 
 
 def fit_probe(backend, folder: Path, seed: int) -> None:
-    from lvlmlp.probes import LogisticProbe
+    from lvlmlp.probing.probes import LogisticProbe
 
     rows = make_requests(32, seed + 1)
     X = backend.prefill(backend.encode([r[0] for r in rows], [r[1] for r in rows]))["logits"].numpy()
@@ -61,7 +61,7 @@ def fit_probe(backend, folder: Path, seed: int) -> None:
 def one_at_a_time(backend, guard, requests, max_tokens: int) -> tuple[list[str], list[float], float]:
     import torch
 
-    from lvlmlp.steering import guarded_generate
+    from lvlmlp.steering.guard import guarded_generate
 
     texts, latencies = [], []
     start = time.perf_counter()
@@ -147,10 +147,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from lvlmlp.backend import Backend
-    from lvlmlp.demo import demo_model_path
-    from lvlmlp.probes import load_probe
-    from lvlmlp.steering import ProbeGuard
+    from lvlmlp.demo.pipeline import demo_model_path
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.probing.probes import load_probe
+    from lvlmlp.steering.guard import ProbeGuard
 
     args.model = args.model or demo_model_path()
     backend = Backend(args.model, device=args.device)

@@ -38,9 +38,9 @@ def rows_for(root: Path, n: int, seed: int = 0) -> list[dict]:
 
 
 def check_families(tmp: Path, report: dict, device: str) -> None:
-    from lvlmlp.backend import Backend
     from lvlmlp.data import load_image
-    from lvlmlp.extract import extract
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.extraction.extract import extract
     from lvlmlp.testing import FAMILIES, tiny_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -75,8 +75,8 @@ def big_throughput(tmp: Path, report: dict, rows_n: int, small: bool, device: st
     from extract_throughput import bare_forward, paper_way
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from lvlmlp.backend import Backend
-    from lvlmlp.extract import extract
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.extraction.extract import extract
     from lvlmlp.testing import tiny_model
 
     src = tiny_model("llava", tmp / "tok")  # tokenizer + processor + chat template of the tiny family
@@ -122,11 +122,11 @@ def big_throughput(tmp: Path, report: dict, rows_n: int, small: bool, device: st
 
 
 def probes_and_guard(tmp: Path, report: dict, device: str) -> None:
-    from lvlmlp.backend import Backend
     from lvlmlp.data import load_image
-    from lvlmlp.probes import LogisticProbe, MultinomialProbe
-    from lvlmlp.steering import ProbeGuard, guarded_generate
-    from lvlmlp.store import open_run
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.extraction.store import open_run
+    from lvlmlp.probing.probes import LogisticProbe, MultinomialProbe
+    from lvlmlp.steering.guard import ProbeGuard, guarded_generate
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 50, 20000)

@@ -28,13 +28,13 @@ REPORT = ROOT / "docs" / "mutation-report.md"
 
 # module -> the test files that exercise it (the relevant tests only: the slow end-to-end files stay out).
 MODULES: dict[str, dict] = {
-    "features": {"path": "src/lvlmlp/features.py", "tests": ["tests/test_probes.py", "tests/test_guards_core.py"]},
-    "probes": {"path": "src/lvlmlp/probes.py", "tests": ["tests/test_probes.py", "tests/test_guards_core.py"]},
-    "metrics": {"path": "src/lvlmlp/metrics.py", "tests": ["tests/test_metrics.py", "tests/test_guards_core.py"]},
-    "store": {"path": "src/lvlmlp/store.py", "tests": ["tests/test_store.py", "tests/test_guards_store.py"]},
-    "steering": {"path": "src/lvlmlp/steering.py",
+    "features": {"path": "src/lvlmlp/probing/features.py", "tests": ["tests/test_probes.py", "tests/test_guards_core.py"]},
+    "probes": {"path": "src/lvlmlp/probing/probes.py", "tests": ["tests/test_probes.py", "tests/test_guards_core.py"]},
+    "metrics": {"path": "src/lvlmlp/probing/metrics.py", "tests": ["tests/test_metrics.py", "tests/test_guards_core.py"]},
+    "store": {"path": "src/lvlmlp/extraction/store.py", "tests": ["tests/test_store.py", "tests/test_guards_store.py"]},
+    "steering": {"path": "src/lvlmlp/steering/guard.py",
                  "tests": ["tests/test_steering.py", "tests/test_guards_steering.py"]},
-    "extract": {"path": "src/lvlmlp/extract.py", "tests": ["tests/test_extract.py", "tests/test_guards_store.py"]},
+    "extract": {"path": "src/lvlmlp/extraction/extract.py", "tests": ["tests/test_extract.py", "tests/test_guards_store.py"]},
 }
 STATUSES = ("killed", "survived", "timeout", "suspicious", "no tests", "skipped", "segfault", "not checked")
 

@@ -1,7 +1,7 @@
-"""Train the embedded demo VLM: a tiny LLaVA-format model, from scratch, on instruction data from `lvlmlp.world`.
+"""Train the embedded demo VLM: a tiny LLaVA-format model, from scratch, on instruction data from `lvlmlp.demo.world`.
 
     python scripts/train_demo_model.py                      # defaults: about 25 minutes on a 2-core CPU
-    python scripts/train_demo_model.py --device cuda --out src/lvlmlp/assets/demo_model
+    python scripts/train_demo_model.py --device cuda --out src/lvlmlp/demo/assets/demo_model
 
 The result is a real `LlavaForConditionalGeneration` (CLIP vision tower, projector, Llama decoder) with a
 word-level tokenizer, a chat template and a `LlavaProcessor`, all written with `save_pretrained`, so
@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a bare checkout too
 
-from lvlmlp import world as W  # noqa: E402
+from lvlmlp.demo import world as W  # noqa: E402
 
 IGNORE = -100
 USER, ASSISTANT = "USER: ", "ASSISTANT:"
@@ -507,7 +507,7 @@ def generate_accuracy(model, processor, seed: int, n: int, device: str) -> dict[
 # -------------------------------------------------------------------------------------------------- training
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "src/lvlmlp/assets/demo_model")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "src/lvlmlp/demo/assets/demo_model")
     # 3,500, not 2,500: on CPU with 2,500 steps the existence skill ("Is there a red star?") had not emerged
     # (chance throughout); with 3,500 it emerges after about 1,800 (the committed checkpoint; 26 min, 2-core CPU).
     ap.add_argument("--steps", type=int, default=3500, help="stage 2: instruction-tuning steps")

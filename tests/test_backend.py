@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lvlmlp.backend import Backend
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.extraction.backend import Backend
 from lvlmlp.testing import FAMILIES
 
 TOL = 1e-4
@@ -185,7 +185,7 @@ def test_quirk_rows_name_real_image_text_to_text_model_types():
     # A misspelt model_type in the quirks table would silently give that family the defaults.
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    from lvlmlp.families import QUIRKS, Quirks, quirks_of
+    from lvlmlp.extraction.families import QUIRKS, Quirks, quirks_of
 
     assert sorted(set(QUIRKS) - set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)) == []
     assert quirks_of("llava") == Quirks() and quirks_of("paligemma").drop_outputs == ("labels",)

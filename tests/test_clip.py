@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lvlmlp.clip_features import ClipEncoder, extract_clip, tiny_clip
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.features import feature_matrix
+from lvlmlp.extraction.clip_features import ClipEncoder, extract_clip, tiny_clip
+from lvlmlp.probing.features import feature_matrix
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_siglip_features_equal_independent_siglipmodel_with_fixed_length_text(cl
     `get_text_features` on each question alone padded that way (and padding to the batch's longest would not)."""
     from transformers import SiglipModel, SiglipProcessor
 
-    from lvlmlp.clip_features import tiny_siglip
+    from lvlmlp.extraction.clip_features import tiny_siglip
 
     _, rows = clip_setup
     model_dir = tiny_siglip(tmp_path / "siglip")
@@ -95,7 +95,7 @@ def test_siglip_features_equal_independent_siglipmodel_with_fixed_length_text(cl
 
 
 def test_clip_runs_resume_without_loading_the_model(clip_setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import lvlmlp.clip_features as cf
+    import lvlmlp.extraction.clip_features as cf
 
     model_dir, rows = clip_setup
     outs = {"image": tmp_path / "image"}

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from lvlmlp import config
-from lvlmlp.config import ExperimentConfig, Section
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.experiment import load_config
+from lvlmlp.study import config
+from lvlmlp.study.config import ExperimentConfig, Section
+from lvlmlp.study.experiment import load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -13,8 +13,8 @@ import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
 
 from lvlmlp.cli import main
-from lvlmlp.probes import load_probe
-from lvlmlp.steering import is_refusal
+from lvlmlp.probing.probes import load_probe
+from lvlmlp.steering.guard import is_refusal
 
 
 def _sk_binary(y: np.ndarray, score: list) -> dict:
@@ -98,7 +98,7 @@ def test_demo_reduced_results_recompute_from_scores(demo: tuple[Path, str]):
 
 
 def test_demo_report_renders_its_tables_and_images_in_headless_chromium(demo: tuple[Path, str], screenshot):
-    """The demo's report.html comes from lvlmlp.report: summary first, every image a decodable embedded PNG, and
+    """The demo's report.html comes from lvlmlp.study.report: summary first, every image a decodable embedded PNG, and
     the page renders (plots and gallery images drawn below the summary table)."""
     from html.parser import HTMLParser
 

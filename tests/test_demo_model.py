@@ -1,4 +1,4 @@
-"""The committed demo checkpoint (src/lvlmlp/assets/demo_model) and the script that trains it."""
+"""The committed demo checkpoint (src/lvlmlp/demo/assets/demo_model) and the script that trains it."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from lvlmlp import world as W
+from lvlmlp.demo import world as W
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "src" / "lvlmlp" / "assets" / "demo_model"
+DEMO = ROOT / "src" / "lvlmlp" / "demo" / "assets" / "demo_model"
 HELD_OUT_SEED = 987_654  # the training script draws from seeds 0 and 1 only
 
 

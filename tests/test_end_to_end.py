@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from lvlmlp import open_run
 from lvlmlp.cli import main
-from lvlmlp.probes import load_probe
+from lvlmlp.probing.probes import load_probe
 
 
 def bright_dark_manifest(root: Path, n: int) -> Path:

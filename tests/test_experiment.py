@@ -13,11 +13,11 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from lvlmlp.analyses import Labelled, Protocol, token_decay
 from lvlmlp.cli import main
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.experiment import load_config, parse_set
-from lvlmlp.store import RunWriter, open_run
+from lvlmlp.extraction.store import RunWriter, open_run
+from lvlmlp.study.analyses import Labelled, Protocol, token_decay
+from lvlmlp.study.experiment import load_config, parse_set
 from lvlmlp.testing import tiny_manifest
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ci_tiny.yaml"
@@ -31,7 +31,7 @@ def sk_auroc(train_X: np.ndarray, train_y: np.ndarray, test_X: np.ndarray, test_
 
 @pytest.fixture(scope="module")
 def experiment(tiny_ckpt, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from lvlmlp.clip_features import tiny_clip
+    from lvlmlp.extraction.clip_features import tiny_clip
 
     root = tmp_path_factory.mktemp("experiment")
     manifest = tiny_manifest(root / "data")
@@ -100,14 +100,14 @@ def test_token_decay_of_the_run_recomputes_from_stored_logits(experiment: dict):
 
 
 def test_second_run_does_no_model_work(experiment: dict, monkeypatch: pytest.MonkeyPatch):
-    import lvlmlp.backend
-    import lvlmlp.clip_features
+    import lvlmlp.extraction.backend
+    import lvlmlp.extraction.clip_features
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a finished experiment must not load a model")
 
-    monkeypatch.setattr(lvlmlp.backend, "Backend", forbidden)
-    monkeypatch.setattr(lvlmlp.clip_features, "ClipEncoder", forbidden)
+    monkeypatch.setattr(lvlmlp.extraction.backend, "Backend", forbidden)
+    monkeypatch.setattr(lvlmlp.extraction.clip_features, "ClipEncoder", forbidden)
     stamps = {p.name: p.stat().st_mtime_ns for p in (experiment["out"] / "steps").glob("*.json")}
     assert main(experiment["argv"]) == 0
     again = json.loads((experiment["out"] / "report" / "metrics.json").read_text())
@@ -160,7 +160,7 @@ def test_token_decay_counts_rows_with_short_answers(tmp_path: Path):
 def test_protocol_fits_each_named_feature_and_probe_once(tmp_path: Path):
     """The main evaluation, token decay and layer sweep all ask for the first-token probe; it is fitted once, while
     another token, another probe setting or an unnamed feature is fitted anew."""
-    from lvlmlp.analyses import logits_feature, make_probe_factory
+    from lvlmlp.study.analyses import logits_feature, make_probe_factory
 
     rng = np.random.default_rng(4)
     _synthetic_run(tmp_path / "train", 40, rng.integers(1, 4, 40), seed=5)
@@ -207,7 +207,7 @@ def test_cross_validation_protocol_matches_sklearn_out_of_fold(tmp_path: Path):
     """The default is the original's unshuffled StratifiedKFold (cross_validate(cv=K))."""
     from sklearn.model_selection import StratifiedKFold
 
-    from lvlmlp.analyses import evaluate_feature, logits_feature, make_probe_factory
+    from lvlmlp.study.analyses import evaluate_feature, logits_feature, make_probe_factory
 
     _synthetic_run(tmp_path / "run", 50, np.full(50, 3), seed=4)
     run = open_run(tmp_path / "run")
@@ -223,7 +223,7 @@ def test_cross_validation_protocol_matches_sklearn_out_of_fold(tmp_path: Path):
     # The written evaluation reports the original's figure (mean of the per-fold metrics) beside the pooled one.
     from sklearn.model_selection import cross_validate
 
-    from lvlmlp.analyses import main_evaluation
+    from lvlmlp.study.analyses import main_evaluation
 
     metrics = main_evaluation(Protocol(test=Labelled.of(run), cv=5, n_boot=20), logits_feature(1), {},
                               {"kind": "logistic"}, [], tmp_path / "eval")

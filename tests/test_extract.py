@@ -264,9 +264,9 @@ def _run_contents(run_dir: Path) -> tuple[dict[str, np.ndarray], list[dict], lis
 def test_worker_processes_give_exactly_the_inline_result(tiny_ckpt, tmp_path):
     """Batches prepared by forked workers (and by the main process when it would otherwise wait) come back in
     manifest order, failures included, bit for bit as when everything is prepared inline."""
-    from lvlmlp.backend import Backend
     from lvlmlp.data import read_manifest
-    from lvlmlp.extract import extract
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.extraction.extract import extract
 
     manifest = make_manifest(tmp_path, 11)
     (tmp_path / "img" / "4.png").unlink()
@@ -294,10 +294,10 @@ def test_worker_errors_surface_in_the_main_process(tiny_ckpt, tmp_path, caplog):
     """A batch that fails in a worker is prepared again here (so a real error is raised with its own exception, and
     a passing one does no harm); a worker that dies
     (killed, out of memory) stops the run with a clear message instead of a hang."""
-    from lvlmlp.backend import Backend
     from lvlmlp.data import read_manifest
     from lvlmlp.errors import LvlmlpError
-    from lvlmlp.extract import extract
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.extraction.extract import extract
 
     parent = os.getpid()
 
@@ -342,9 +342,9 @@ def test_worker_errors_surface_in_the_main_process(tiny_ckpt, tmp_path, caplog):
 def test_model_threads_leave_cores_to_the_workers_on_cpu(tiny_ckpt, tmp_path):
     """With torch's default of a thread per core, the model and the data-loader workers would fight for the same
     cores; extraction gives the model the cores the workers leave (at least one) and restores the setting."""
-    from lvlmlp.backend import Backend
     from lvlmlp.data import read_manifest
-    from lvlmlp.extract import extract
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.extraction.extract import extract
 
     seen: list[int] = []
 

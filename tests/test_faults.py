@@ -22,10 +22,10 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from lvlmlp.cli import main
-from lvlmlp.features import FeatureSpec
-from lvlmlp.legacy import import_legacy
-from lvlmlp.probes import LogisticProbe
-from lvlmlp.store import RunWriter, open_run
+from lvlmlp.extraction.legacy import import_legacy
+from lvlmlp.extraction.store import RunWriter, open_run
+from lvlmlp.probing.features import FeatureSpec
+from lvlmlp.probing.probes import LogisticProbe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "ci_tiny.yaml"
@@ -113,7 +113,7 @@ def edit_json(path: Path, change: Callable[[dict], None]) -> None:
 
 def hold_lock(folder: Path) -> subprocess.Popen:
     """Another process holding `folder`'s lock, as a running `lvlmlp extract` would."""
-    code = ("import sys, time; from lvlmlp.store import FolderLock; lock = FolderLock(sys.argv[1]); "
+    code = ("import sys, time; from lvlmlp.extraction.store import FolderLock; lock = FolderLock(sys.argv[1]); "
             "print('locked', flush=True); time.sleep(60)")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
@@ -231,7 +231,7 @@ def _no_space(monkeypatch: pytest.MonkeyPatch) -> None:
     def full(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("lvlmlp.store.os.posix_fallocate", full)
+    monkeypatch.setattr("lvlmlp.extraction.store.os.posix_fallocate", full)
 
 
 def _full_disk(tmp: Path, ctx: dict) -> list[str]:
@@ -265,7 +265,7 @@ def _long_question(tmp: Path, ctx: dict) -> list[str]:
 
 def _long_with_generation(tmp: Path, ctx: dict) -> list[str]:
     """A prompt that fits the context alone but not with the tokens to generate."""
-    from lvlmlp.backend import Backend
+    from lvlmlp.extraction.backend import Backend
 
     question = " ".join(["word"] * 150)
     data = make_manifest(tmp, 2, questions={1: question})
@@ -537,7 +537,7 @@ def test_killed_merge_is_resumed_by_the_same_command(tmp_path: Path, capsys, mon
         original(self, meta, arrays)
 
     monkeypatch.setattr(RunWriter, "append", dies_after_one_chunk)
-    monkeypatch.setattr("lvlmlp.store.merge_runs.__defaults__", (2,))  # chunks of 2 rows: several chunks
+    monkeypatch.setattr("lvlmlp.extraction.store.merge_runs.__defaults__", (2,))  # chunks of 2 rows: several chunks
     assert main(argv) == 130
     assert (tmp_path / "merged" / "shards" / "000000.safetensors").exists()
     monkeypatch.undo()

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from lvlmlp.backend import Backend
 from lvlmlp.cli import main
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.finetune import (
+from lvlmlp.extraction.backend import Backend
+from lvlmlp.study.finetune import (
     IGNORE,
     Settings,
     answer_loss,
@@ -210,7 +210,7 @@ def test_run_config_finetune_section_adds_table_and_epoch_plot(tiny_ckpt, tmp_pa
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
-    from lvlmlp.store import open_run
+    from lvlmlp.extraction.store import open_run
 
     rows = make_rows(tmp_path, 16)
     for i, r in enumerate(rows):
@@ -233,7 +233,7 @@ def test_run_config_finetune_section_adds_table_and_epoch_plot(tiny_ckpt, tmp_pa
     report = (tmp_path / "out" / "report" / "report.md").read_text()
     assert "## Finetuning vs probing" in report and "finetuned: own answer" in report
     assert (tmp_path / "out" / "report" / "finetune_epochs.png").stat().st_size > 1000
-    from lvlmlp.experiment import load_config
+    from lvlmlp.study.experiment import load_config
 
     with pytest.raises(LvlmlpError, match="unknown key finetune.'epoch'"):  # at load time, before any model work
         load_config(config, ["finetune.epoch=3"])

@@ -14,9 +14,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.features import FeatureSpec, FeatureView, RowSubset, as_index, feature_matrix, valid_rows
-from lvlmlp.probes import LogisticProbe, MultinomialProbe, load_probe
-from lvlmlp.store import RunWriter
+from lvlmlp.extraction.store import RunWriter
+from lvlmlp.probing.features import FeatureSpec, FeatureView, RowSubset, as_index, feature_matrix, valid_rows
+from lvlmlp.probing.probes import LogisticProbe, MultinomialProbe, load_probe
 
 
 def _run(path: Path, n: int = 7, k: int = 3, v: int = 11, h: int = 4, layers=(1, -1), seed: int = 0):
@@ -77,7 +77,7 @@ def test_hidden_and_layer_features_and_row_orders(tmp_path: Path):
 
 def test_feature_matrix_chunks_equal_one_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Catches: an off-by-one in the chunk loop of feature_matrix (rows lost or duplicated between chunks)."""
-    import lvlmlp.features as features
+    import lvlmlp.probing.features as features
 
     run, logits, _, hidden, _ = _run(tmp_path / "r", n=11)
     monkeypatch.setattr(features, "_CHUNK", 3)
@@ -154,7 +154,7 @@ def test_multinomial_probe_equals_sklearn_multinomial_at_matched_regularisation(
 
 def test_multinomial_standardises_with_streamed_column_statistics():
     """Catches: standardisation statistics merged wrongly across chunks (Chan et al. update)."""
-    import lvlmlp.probes as probes
+    import lvlmlp.probing.probes as probes
 
     rng = np.random.default_rng(1)
     X = (rng.normal(size=(50, 4)) * [1, 10, 0.1, 3] + [5, -2, 0, 1]).astype(np.float32)
@@ -295,8 +295,8 @@ def test_probe_mutation_survivors(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     """Catches (mutation survivors of probes.py): hyper-parameters not passed to scikit-learn, wrong defaults,
     chunked float32 conversion, predict at exactly the threshold, probe.json fields and tolerant loading."""
     import lvlmlp
-    import lvlmlp.probes as probes
-    from lvlmlp.probes import LDAProbe
+    import lvlmlp.probing.probes as probes
+    from lvlmlp.probing.probes import LDAProbe
 
     rng = np.random.default_rng(9)
     X = rng.normal(size=(60, 5))

@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-import lvlmlp.backend
+import lvlmlp.extraction.backend
 from lvlmlp.cli import main
-from lvlmlp.experiment import load_config, prompts_of, split_names
-from lvlmlp.probes import load_probe
-from lvlmlp.store import open_run
+from lvlmlp.extraction.store import open_run
+from lvlmlp.probing.probes import load_probe
+from lvlmlp.study.experiment import load_config, prompts_of, split_names
 from lvlmlp.tasks import get_task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -65,7 +65,7 @@ def test_changed_probe_setting_redoes_probe_and_report_not_extraction(base, monk
     def forbidden(*a, **k):
         raise AssertionError("a probe setting must not load the model again")
 
-    monkeypatch.setattr(lvlmlp.backend, "Backend", forbidden)
+    monkeypatch.setattr(lvlmlp.extraction.backend, "Backend", forbidden)
     assert main([*base["argv"], "--out", str(out), "--set", "probe.C=0.5"]) == 0
     assert _mtimes(out, "runs/*/*.npy") == runs_before  # no extraction redone
     train, test = open_run(out / "runs" / "oe-train"), open_run(out / "runs" / "oe-test")
@@ -88,7 +88,7 @@ def test_changed_probe_setting_redoes_probe_and_report_not_extraction(base, monk
 def test_interrupted_run_resumes_without_redoing_committed_extraction(base, tmp_path, monkeypatch):
     """Catches: a resumed `lvlmlp run` re-extracting a finished split or the committed rows of the cut one."""
     out = tmp_path / "out"
-    real = lvlmlp.backend.Backend.generate
+    real = lvlmlp.extraction.backend.Backend.generate
     calls: list[int] = []
 
     def dies_in_test_split(self, batch, **kw):
@@ -97,7 +97,7 @@ def test_interrupted_run_resumes_without_redoing_committed_extraction(base, tmp_
         calls.append(batch["input_ids"].shape[0])
         return real(self, batch, **kw)
 
-    monkeypatch.setattr(lvlmlp.backend.Backend, "generate", dies_in_test_split)
+    monkeypatch.setattr(lvlmlp.extraction.backend.Backend, "generate", dies_in_test_split)
     assert main([*base["argv"], "--out", str(out), "--set", "batch_size=7"]) == 130
     assert calls == [7, 7, 7]  # train done (2 batches), one test batch was running
     assert (out / "runs" / "oe-train" / "logits.npy").is_file() and not (out / "report" / "metrics.json").exists()
@@ -108,7 +108,7 @@ def test_interrupted_run_resumes_without_redoing_committed_extraction(base, tmp_
         seen.append(batch["input_ids"].shape[0])
         return real(self, batch, **kw)
 
-    monkeypatch.setattr(lvlmlp.backend.Backend, "generate", count)
+    monkeypatch.setattr(lvlmlp.extraction.backend.Backend, "generate", count)
     train_stamp = _mtimes(out, "runs/oe-train/*.npy")
     assert main([*base["argv"], "--out", str(out), "--set", "batch_size=7"]) == 0
     assert _mtimes(out, "runs/oe-train/*.npy") == train_stamp

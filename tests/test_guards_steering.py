@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessorList
 
-from lvlmlp.backend import Backend
 from lvlmlp.cli import main
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.extract import extract
-from lvlmlp.probes import LogisticProbe, MultinomialProbe
-from lvlmlp.steering import ProbeGuard, guarded_generate
+from lvlmlp.extraction.backend import Backend
+from lvlmlp.extraction.extract import extract
+from lvlmlp.probing.probes import LogisticProbe, MultinomialProbe
+from lvlmlp.steering.guard import ProbeGuard, guarded_generate
 
 TEMPLATE = "I cannot answer."
 LABELS = [1, 0, 1, 0, 1, 0]

@@ -15,12 +15,12 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from lvlmlp import open_run
-from lvlmlp.backend import Backend
 from lvlmlp.cli import main
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.extract import extract
-from lvlmlp.features import feature_matrix
-from lvlmlp.store import RunWriter, merge_runs
+from lvlmlp.extraction.backend import Backend
+from lvlmlp.extraction.extract import extract
+from lvlmlp.extraction.store import RunWriter, merge_runs
+from lvlmlp.probing.features import feature_matrix
 
 SETTINGS = {"model": "m", "dtype": "float32", "vocab_size": 5, "prompt_template": None, "max_new_tokens": 1,
             "hidden": False, "layers": []}

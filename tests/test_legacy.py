@@ -10,9 +10,9 @@ import pytest
 
 from lvlmlp.cli import main
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.features import feature_matrix
-from lvlmlp.legacy import import_legacy
-from lvlmlp.store import open_run
+from lvlmlp.extraction.legacy import import_legacy
+from lvlmlp.extraction.store import open_run
+from lvlmlp.probing.features import feature_matrix
 
 V = 12
 

@@ -12,10 +12,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
-from lvlmlp.baselines import AnswerRule, answer_token_ids, baseline_scores, parse_answer_rule
 from lvlmlp.cli import main
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.metrics import (
+from lvlmlp.extraction.store import RunWriter
+from lvlmlp.probing.baselines import AnswerRule, answer_token_ids, baseline_scores, parse_answer_rule
+from lvlmlp.probing.metrics import (
     attack_success_rate,
     binary_metrics,
     bootstrap_ci,
@@ -24,8 +25,7 @@ from lvlmlp.metrics import (
     pope_metrics_by_category,
     top1_accuracy,
 )
-from lvlmlp.probes import LogisticProbe
-from lvlmlp.store import RunWriter
+from lvlmlp.probing.probes import LogisticProbe
 
 
 def make_run(path: Path, logits: np.ndarray, meta: list[dict], model: str = "tiny/model"):
@@ -230,7 +230,7 @@ def test_probe_eval_writes_metrics_that_recompute_from_scores(tmp_path: Path, ca
 
 # ------------------------------------------------------------------ tasks own their per-group rules
 def test_group_metrics_follow_the_groups_asked_for_not_the_field_names():
-    from lvlmlp.metrics import group_metrics
+    from lvlmlp.probing.metrics import group_metrics
 
     y = np.array([0, 0, 1, 0, 1, 1])
     s = np.array([0.9, 0.2, 0.8, 0.6, 0.1, 0.7])

@@ -429,7 +429,7 @@ def test_system_prompt_renders_the_original_llava_v1_conversation(tmp_path: Path
 
     from transformers import AutoProcessor
 
-    from lvlmlp.backend import Backend
+    from lvlmlp.extraction.backend import Backend
 
     ckpt = tmp_path / "llava-1.5-tiny"
     shutil.copytree(tiny_ckpt("llava"), ckpt)
@@ -454,8 +454,8 @@ def test_mathvista_cv_mean_of_folds_equals_sklearn_cross_validate() -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_validate
 
-    from lvlmlp.metrics import binary_metrics, cross_val_folds, fold_metrics
-    from lvlmlp.probes import LogisticProbe
+    from lvlmlp.probing.metrics import binary_metrics, cross_val_folds, fold_metrics
+    from lvlmlp.probing.probes import LogisticProbe
 
     rng = np.random.default_rng(0)
     y = (rng.random(240) < 0.35).astype(int)  # unbalanced, in no particular order
@@ -482,7 +482,7 @@ def _run_model_line(i: int, label: object, **extra: object) -> dict:
 
 
 def test_import_legacy_reads_the_original_pope_and_mathvista_outputs(tmp_path: Path) -> None:
-    from lvlmlp.store import open_run
+    from lvlmlp.extraction.store import open_run
     from lvlmlp.tasks.mathvista import label_from_responses
 
     # POPE_val_oe.jsonl: extra keys question_id and category; question ids restart in every category.
@@ -524,9 +524,9 @@ def test_last_token_is_the_last_generated_one_up_to_max_new_tokens(tmp_path: Pat
     import numpy as np
     from PIL import Image
 
-    from lvlmlp.analyses import last_token_feature
-    from lvlmlp.backend import Backend
-    from lvlmlp.extract import extract
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.extraction.extract import extract
+    from lvlmlp.study.analyses import last_token_feature
 
     rows = []
     for i in range(6):

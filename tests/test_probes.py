@@ -14,9 +14,9 @@ from sklearn.linear_model import LogisticRegression
 
 from lvlmlp.cli import main
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.features import FeatureSpec, FeatureView, feature_matrix
-from lvlmlp.probes import LDAProbe, LogisticProbe, MultinomialProbe, load_probe
-from lvlmlp.store import RunWriter, open_run
+from lvlmlp.extraction.store import RunWriter, open_run
+from lvlmlp.probing.features import FeatureSpec, FeatureView, feature_matrix
+from lvlmlp.probing.probes import LDAProbe, LogisticProbe, MultinomialProbe, load_probe
 
 
 def make_run(path: Path, logits: np.ndarray, meta: list[dict], n_tokens=None, model: str = "tiny/model",
@@ -251,7 +251,7 @@ def test_probes_are_scikit_learn_estimators_clone_and_cross_val_predict():
     from sklearn.base import clone
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    from lvlmlp.probes import PROBES, LogisticProbe
+    from lvlmlp.probing.probes import PROBES, LogisticProbe
 
     rng = np.random.default_rng(3)
     X = rng.normal(size=(60, 5)).astype(np.float32)

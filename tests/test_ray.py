@@ -17,8 +17,8 @@ import pytest
 import ray
 
 from lvlmlp.cli import main
-from lvlmlp.ray_extract import FAIL_ONCE_ENV, RayOptions, ray_options
-from lvlmlp.store import open_run
+from lvlmlp.extraction.ray_extract import FAIL_ONCE_ENV, RayOptions, ray_options
+from lvlmlp.extraction.store import open_run
 from test_extract import make_manifest
 
 # Manifest keys that legitimately differ between the two engines (when, where, how wide).

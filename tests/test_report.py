@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from lvlmlp.cli import main
-from lvlmlp.store import RunWriter
+from lvlmlp.extraction.store import RunWriter
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_roc_legend_names_each_method_with_its_auroc(tmp_path: Path, monkeypatch
     from matplotlib import pyplot as plt
     from sklearn.metrics import roc_auc_score
 
-    from lvlmlp import report
+    from lvlmlp.study import report
 
     y = np.array([0, 0, 1, 1, 0, 1])
     s = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9])

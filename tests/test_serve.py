@@ -26,13 +26,13 @@ import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from lvlmlp.backend import Backend
 from lvlmlp.cli import build_parser, main
 from lvlmlp.commands.serve import build_app
 from lvlmlp.data import load_image
-from lvlmlp.probes import LogisticProbe, load_probe
+from lvlmlp.extraction.backend import Backend
+from lvlmlp.probing.probes import LogisticProbe, load_probe
 from lvlmlp.serve import Engine, Limits, ServeConfig, create_app, load_engine
-from lvlmlp.steering import ProbeGuard
+from lvlmlp.steering.guard import ProbeGuard
 
 TEMPLATE = "I cannot answer."
 KEY = "sk-test-key"

@@ -16,12 +16,12 @@ from PIL import Image
 from transformers import LogitsProcessorList
 
 from lvlmlp import open_run
-from lvlmlp.backend import Backend
 from lvlmlp.cli import main
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.features import FeatureSpec
-from lvlmlp.probes import LogisticProbe, load_probe
-from lvlmlp.steering import ProbeGuard, guarded_generate, is_refusal
+from lvlmlp.extraction.backend import Backend
+from lvlmlp.probing.features import FeatureSpec
+from lvlmlp.probing.probes import LogisticProbe, load_probe
+from lvlmlp.steering.guard import ProbeGuard, guarded_generate, is_refusal
 
 TEMPLATE = "I cannot answer."
 LABELS = [1, 0, 1, 0]

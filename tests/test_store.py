@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lvlmlp import LvlmlpError, open_run
-from lvlmlp.store import RunWriter, merge_runs
+from lvlmlp.extraction.store import RunWriter, merge_runs
 
 SETTINGS = {"model": "m", "dtype": "float16", "vocab_size": 7, "prompt_template": "{question}", "max_new_tokens": 2}
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from lvlmlp import world as W
 from lvlmlp.data import read_manifest
+from lvlmlp.demo import world as W
 
 N = 48  # rows per split: enough to cover every category / degradation several times, fast to render
 

@@ -9,15 +9,15 @@ def __getattr__(name: str):
     # The store imports numpy, probes and the guard torch / scikit-learn: load them on first use, so that
     # `import lvlmlp` (and the command line's parser) stays light.
     if name in ("Run", "open_run"):
-        from lvlmlp import store
+        from lvlmlp.extraction import store
 
         return getattr(store, name)
     if name in ("LogisticProbe", "MultinomialProbe", "LDAProbe", "load_probe"):
-        from lvlmlp import probes
+        from lvlmlp.probing import probes
 
         return getattr(probes, name)
     if name in ("ProbeGuard", "guarded_generate"):
-        from lvlmlp import steering
+        from lvlmlp.steering import guard as steering
 
         return getattr(steering, name)
     raise AttributeError(f"module 'lvlmlp' has no attribute {name!r}")

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from lvlmlp.commands._args import silence_progress_bars
-    from lvlmlp.demo import run_demo, summary_table
+    from lvlmlp.demo.pipeline import run_demo, summary_table
 
     torch.set_num_threads(args.threads)
     if args.no_progress:

@@ -58,7 +58,7 @@ def parse_layers(spec: str | None) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from lvlmlp.data import check_rows
-    from lvlmlp.extract import extract, finished_run, parse_shard, shard_rows
+    from lvlmlp.extraction.extract import extract, finished_run, parse_shard, shard_rows
 
     rows, task_template, source = rows_from_args(args, "extract")
     rows = shard_rows(rows, parse_shard(args.shard))
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise LvlmlpError("--ray-replicas applies to --ray [ADDRESS] only")
     if args.ray is not None and args.workers != 1:
         raise LvlmlpError("--workers does not apply with --ray (each Ray replica prepares its own batches)")
-    from lvlmlp.backend import Backend
+    from lvlmlp.extraction.backend import Backend
 
     backend_args = dict(device=args.device, dtype=args.dtype, prompt_template=template, raw_prompt=args.raw_prompt,
                         system_prompt=args.system_prompt)
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, selection=selection(args))
     run_ = None
     if args.ray is not None:  # the model loads in the Ray replicas, not here; a finished run is recognised there
-        from lvlmlp.ray_extract import ray_extract, ray_options
+        from lvlmlp.extraction.ray_extract import ray_extract, ray_options
 
         run_ = ray_extract({"model": args.model, **backend_args}, rows, args.out,
                            ray=ray_options(args.ray, args.ray_replicas), on_error=args.on_error, source=source,

@@ -39,8 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lvlmlp.backend import Backend
-    from lvlmlp.finetune import Settings, default_answers, finetune, parse_answers, row_targets
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.study.finetune import Settings, default_answers, finetune, parse_answers, row_targets
 
     if args.split is None:  # the train split by default; a manifest without splits is used whole
         if args.task:

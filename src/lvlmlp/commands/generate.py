@@ -80,11 +80,11 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from transformers import LogitsProcessorList
 
-    from lvlmlp.backend import Backend
     from lvlmlp.data import load_image
-    from lvlmlp.features import FeatureSpec
-    from lvlmlp.probes import load_probe
-    from lvlmlp.steering import ProbeGuard, check_probe_model, steering_metrics
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.probing.features import FeatureSpec
+    from lvlmlp.probing.probes import load_probe
+    from lvlmlp.steering.guard import ProbeGuard, check_probe_model, steering_metrics
 
     probe = load_probe(args.probe)
     backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=prompt_template,

@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lvlmlp.legacy import import_legacy
+    from lvlmlp.extraction.legacy import import_legacy
 
     imported = import_legacy(args.file, args.out, vocab_size=args.vocab_size, max_tokens=args.max_tokens,
                              dtype=args.dtype, model=args.model, judged=args.judged)

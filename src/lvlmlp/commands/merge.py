@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lvlmlp.store import merge_runs
+    from lvlmlp.extraction.store import merge_runs
 
     merged = merge_runs(args.runs, args.out)
     print(f"{merged.path}: {len(merged)} rows merged from {len(args.runs)} runs")

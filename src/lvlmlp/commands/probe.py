@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--token", type=_nonneg_int, default=0, help="generated token index (default 0: the first)")
     train.add_argument("--feature", choices=FEATURE_KINDS, default="logits", help="feature view (default logits)")
     train.add_argument("--layer", type=int, help="layer index for --feature layer")
-    train.add_argument("--probe", metavar="KIND", help="logistic, multinomial or lda (lvlmlp.probes.PROBES; "
+    train.add_argument("--probe", metavar="KIND", help="logistic, multinomial or lda (lvlmlp.probing.probes.PROBES; "
                        "default: logistic for 2 classes, multinomial for more)")
     # Hyper-parameters default to None: the probe class's own defaults apply, and a flag the chosen probe does not
     # have is refused instead of silently ignored.
@@ -78,7 +78,7 @@ _HYPER_FLAGS = ("C", "standardize", "class_weight", "max_iter", "epochs", "batch
 def make_probe(args: argparse.Namespace, n_classes: int) -> Any:
     """The probe of `--probe` (default: logistic for 2 classes, else multinomial) with the hyper-parameters given;
     one that the chosen probe does not have is an error naming the flag."""
-    from lvlmlp.probes import PROBES
+    from lvlmlp.probing.probes import PROBES
 
     kind = args.probe or ("logistic" if n_classes == 2 else "multinomial")
     if kind not in PROBES:
@@ -101,9 +101,9 @@ def _where(run: Any, split: str | None) -> str:
 def train_probe(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from lvlmlp.evaluate import select_rows
-    from lvlmlp.features import FeatureView, RowSubset
-    from lvlmlp.store import open_run
+    from lvlmlp.extraction.store import open_run
+    from lvlmlp.probing.evaluate import select_rows
+    from lvlmlp.probing.features import FeatureView, RowSubset
 
     run = open_run(args.run)
     idx, _ = select_rows(run, args.split, args.feature, args.token)
@@ -133,7 +133,7 @@ def train_probe(args: argparse.Namespace) -> int:
 
 def eval_groups(args: argparse.Namespace) -> dict[str, str]:
     """Per-group metrics asked for: the task's `groups` (--task), then each --group-by FIELD=METRIC."""
-    from lvlmlp.metrics import check_groups
+    from lvlmlp.probing.metrics import check_groups
 
     groups: dict[str, str] = {}
     if args.task:
@@ -151,10 +151,10 @@ def eval_groups(args: argparse.Namespace) -> dict[str, str]:
 def eval_probe(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from lvlmlp.evaluate import select_rows, write_eval
-    from lvlmlp.features import FeatureView, RowSubset
-    from lvlmlp.probes import load_probe
-    from lvlmlp.store import open_run
+    from lvlmlp.extraction.store import open_run
+    from lvlmlp.probing.evaluate import select_rows, write_eval
+    from lvlmlp.probing.features import FeatureView, RowSubset
+    from lvlmlp.probing.probes import load_probe
 
     probe = load_probe(args.probe)
     run = open_run(args.run)

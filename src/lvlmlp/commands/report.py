@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lvlmlp.report import write_report
+    from lvlmlp.study.report import write_report
 
     write_report(args.eval_dirs, args.out)
     print(f"report -> {Path(args.out) / 'report.html'}")

@@ -22,10 +22,10 @@ def load_engine(model: str | Path, probe: str | Path, *, template: str | None = 
                 dtype: str = "auto", prompt_template: str | None = None, raw_prompt: bool = False,
                 system_prompt: str | None = None, allow_other_model: bool = False) -> Engine:
     """The backend and the guard, refused at start-up (not at the first request) when the probe does not fit."""
-    from lvlmlp.backend import Backend
-    from lvlmlp.features import FeatureSpec
-    from lvlmlp.probes import load_probe
-    from lvlmlp.steering import ProbeGuard, check_probe_model
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.probing.features import FeatureSpec
+    from lvlmlp.probing.probes import load_probe
+    from lvlmlp.steering.guard import ProbeGuard, check_probe_model
 
     fitted = load_probe(probe)
     backend = Backend(model, device=device, dtype=dtype, prompt_template=prompt_template, raw_prompt=raw_prompt,

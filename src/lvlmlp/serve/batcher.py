@@ -33,7 +33,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.logits_process import TopPLogitsWarper
 from transformers.generation.streamers import BaseStreamer
 
-from lvlmlp.steering import ProbeGuard
+from lvlmlp.steering.guard import ProbeGuard
 
 log = logging.getLogger("lvlmlp")
 

@@ -1,4 +1,4 @@
-"""The demo world's six task analogues (`lvlmlp.world`) as registered tasks: `world-answerability` ... so that the
+"""The demo world's six task analogues (`lvlmlp.demo.world`) as registered tasks: `world-answerability` ... so that the
 demo's rows, labels and per-group rules come from the task registry like every benchmark's.
 
 The "data root" is where the generated images go (`<data-root>/images/ANALOGUE/ID.png`); the rows are a pure
@@ -31,7 +31,7 @@ ANALOGUES: dict[str, tuple[str, str, tuple[str, ...], tuple[tuple[str, str], ...
 
 def _loader(analogue: str):
     def load(req: Request) -> list[dict]:
-        from lvlmlp import world
+        from lvlmlp.demo import world
 
         n = as_int(req.options.get("n", 200), "n", req.task)
         seed = as_int(req.options.get("world_seed", 0), "world_seed", req.task)
@@ -44,7 +44,7 @@ def _loader(analogue: str):
 
 
 def _label_from_response(response: str, row: dict) -> int:
-    from lvlmlp import world
+    from lvlmlp.demo import world
 
     return world.label_from_response(response, row)
 

@@ -293,7 +293,7 @@ def summary_section(evals: dict[str, dict[str, Any]]) -> Section:
 
 def glossary(evals: dict[str, dict[str, Any]]) -> Glossary:
     """The labels of each evaluation and every method named in the report, in words."""
-    from lvlmlp.baselines import describe_baseline
+    from lvlmlp.probing.baselines import describe_baseline
 
     labels: dict[str, list[str]] = {}  # meaning -> the evaluations it applies to (said once)
     for name, m in evals.items():

@@ -32,8 +32,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.extract import BATCH_SIZE, STORE_DTYPES, check_options, check_rows, run_settings
-from lvlmlp.store import Run, RunWriter
+from lvlmlp.extraction.extract import BATCH_SIZE, STORE_DTYPES, check_options, check_rows, run_settings
+from lvlmlp.extraction.store import Run, RunWriter
 
 log = logging.getLogger("lvlmlp")
 
@@ -157,8 +157,8 @@ class _Replica:
         import torch
         from transformers.utils import logging as hf_logging
 
-        from lvlmlp.backend import Backend
-        from lvlmlp.extract import backend_settings
+        from lvlmlp.extraction.backend import Backend
+        from lvlmlp.extraction.extract import backend_settings
 
         torch.set_num_threads(threads)
         if not progress:  # --no-progress: no weight-loading bars from the replicas either
@@ -172,8 +172,8 @@ class _Replica:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from safetensors.numpy import save
 
-        from lvlmlp.extract import _run_batch
-        from lvlmlp.loader import prepared_batches
+        from lvlmlp.extraction.extract import _run_batch
+        from lvlmlp.extraction.loader import prepared_batches
 
         index, rows = int(batch["batch"][0]), json.loads(batch["rows"][0])
         self._test_exit(index)
@@ -226,7 +226,7 @@ def ray_extract(
 ) -> Run:
     """`extract` on Ray (see the module docstring). `model`: the `Backend` arguments (model, device, dtype,
     prompt_template, raw_prompt); each replica loads its own copy. `ray`: see `ray_options`. The other arguments
-    and the run folder are those of `lvlmlp.extract.extract`; the manifest adds `engine: ray` and `replicas`."""
+    and the run folder are those of `lvlmlp.extraction.extract.extract`; the manifest adds `engine: ray` and `replicas`."""
     opts = ray_options(ray)
     _import_ray()  # missing: say so before any work
     check_options(store_dtype, on_error, batch_size, max_new_tokens, label_fn, source)

@@ -20,11 +20,11 @@ from tqdm import tqdm
 from lvlmlp.data import check_rows, rows_fingerprint
 from lvlmlp.defaults import BATCH_SIZE, STORE_DTYPE_NAMES
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.loader import cores_for_workers, prepared_batches
-from lvlmlp.store import Run, RunWriter, is_complete_run, open_run
+from lvlmlp.extraction.loader import cores_for_workers, prepared_batches
+from lvlmlp.extraction.store import Run, RunWriter, is_complete_run, open_run
 
 if TYPE_CHECKING:
-    from lvlmlp.backend import Backend
+    from lvlmlp.extraction.backend import Backend
 
 log = logging.getLogger("lvlmlp")
 

@@ -37,7 +37,7 @@ from lvlmlp.errors import LvlmlpError
 if TYPE_CHECKING:
     import torch
 
-    from lvlmlp.backend import Backend
+    from lvlmlp.extraction.backend import Backend
 
 log = logging.getLogger("lvlmlp")
 
@@ -397,7 +397,7 @@ class Readout:
 def readout_for(answers: dict[int, str]) -> Readout:
     """The readout of answer words: label 1's word when fixed (Yes/No), else label 0's (a refusal phrase); the
     own answer is whether the response starts with it, as `lvlmlp generate --answers` reads responses."""
-    from lvlmlp.steering import answer_label
+    from lvlmlp.steering.guard import answer_label
 
     if 1 in answers:
         return Readout(answers[1], False, lambda response, row: answer_label(response, answers[1]))
@@ -408,7 +408,7 @@ def readout_for(answers: dict[int, str]) -> Readout:
 
 def probe_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
     """P(label 1) of a linear probe (`LogisticProbe`, logistic regression) on first-token logits."""
-    from lvlmlp.probes import LogisticProbe
+    from lvlmlp.probing.probes import LogisticProbe
 
     if len(np.unique(y_train)) < 2:
         raise LvlmlpError("finetune comparison: the probe's train rows hold one class only")
@@ -417,7 +417,7 @@ def probe_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -
 
 def first_token_logits(run: Any, rows: Sequence[dict]) -> np.ndarray:
     """(len(rows), V) first-token logits of `rows` (by id) from a run."""
-    from lvlmlp.features import feature_matrix
+    from lvlmlp.probing.features import feature_matrix
 
     pos = {rid: i for i, rid in enumerate(run.ids)}
     return feature_matrix(run, "logits", token=0, rows=np.array([pos[r["id"]] for r in rows]))
@@ -425,14 +425,14 @@ def first_token_logits(run: Any, rows: Sequence[dict]) -> np.ndarray:
 
 def scored(y: np.ndarray, score: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
     """The binary metrics and AUROC interval every lvlmlp comparison reports."""
-    from lvlmlp.metrics import binary_metrics, bootstrap_ci
+    from lvlmlp.probing.metrics import binary_metrics, bootstrap_ci
 
     return {**binary_metrics(y, score), "auroc_ci": bootstrap_ci(y, score, n_boot=n_boot, seed=seed)}
 
 
 def _readout_scores(run: Any, rows: Sequence[dict], readout: Readout, tokenizer: Any) -> dict[str, np.ndarray]:
     """Own-answer and answer-token-probability scores of a run, in `rows` order."""
-    from lvlmlp.baselines import answer_token_ids, distribution_scores
+    from lvlmlp.probing.baselines import answer_token_ids, distribution_scores
 
     pos = {rid: i for i, rid in enumerate(run.ids)}
     idx = np.array([pos[r["id"]] for r in rows])
@@ -458,8 +458,8 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
     * `probe (finetuned model)` (unless not `tuned_probe`): the same probe trained on the finetuned model's
       logits of `probe_train_rows` (default: `train_rows`).
     Every run is resumable; returns (and writes to `out/comparison.json`) the metrics with 95% intervals."""
-    from lvlmlp.backend import Backend
-    from lvlmlp.extract import extract
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.extraction.extract import extract
 
     t0 = time.perf_counter()
     out = Path(out)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.features import FeatureView, as_index
+from lvlmlp.probing.features import FeatureView, as_index
 
 # Phrases by which instruction-tuned VLMs decline or say a question cannot be answered (matched lower-case).
 REFUSAL_PHRASES: tuple[str, ...] = (

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.families import quirks_of
+from lvlmlp.extraction.families import quirks_of
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import numpy as np
 
 from lvlmlp.defaults import N_BOOT
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.features import valid_rows
-from lvlmlp.metrics import binary_report, check_groups, group_metrics
+from lvlmlp.probing.features import valid_rows
+from lvlmlp.probing.metrics import binary_report, check_groups, group_metrics
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,9 @@ def write_eval(
     `labels` has NaN for unlabelled rows (scored, not measured). `header["groups"]` (row field -> metric of
     `metrics.GROUP_METRICS`, from the task) adds per-group metrics and keeps those fields in `scores.jsonl`.
     `lvlmlp run` writes its evaluations here too."""
-    from lvlmlp.baselines import baseline_scores
     from lvlmlp.data import write_jsonl
-    from lvlmlp.metrics import top1_accuracy
+    from lvlmlp.probing.baselines import baseline_scores
+    from lvlmlp.probing.metrics import top1_accuracy
 
     labelled = ~np.isnan(labels)
     meta = [run.meta[i] for i in idx]

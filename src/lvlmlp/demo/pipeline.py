@@ -1,7 +1,7 @@
 """`lvlmlp demo`: the whole method on the embedded default, on CPU, in minutes.
 
-The embedded default is a seeded synthetic world (`lvlmlp.world`) and a tiny LLaVA-format model trained on it
-(`lvlmlp/assets/demo_model`, made by `scripts/train_demo_model.py`). For each of the six task analogues we
+The embedded default is a seeded synthetic world (`lvlmlp.demo.world`) and a tiny LLaVA-format model trained on it
+(`lvlmlp/demo/assets/demo_model`, made by `scripts/train_demo_model.py`). For each of the six task analogues we
 extract the first K tokens' raw logits and the model's answer, train a probe on the train split's first-token
 logits, and compare it on the test split with the model's own answer and one answer token's probability; then we
 show how the probe's AUROC changes from token 1 to token K, and run probe-guided decoding on the safety and
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lvlmlp import world
+from lvlmlp.demo import world
 from lvlmlp.errors import LvlmlpError
 
 log = logging.getLogger("lvlmlp")
@@ -41,7 +41,7 @@ FINETUNE_ROWS, FINETUNE_EPOCHS = 32, 2
 
 
 def demo_model_path() -> Path:
-    path = Path(str(resources.files("lvlmlp") / "assets" / "demo_model"))
+    path = Path(str(resources.files("lvlmlp.demo") / "assets" / "demo_model"))
     if not (path / "config.json").is_file():
         raise LvlmlpError(f"{path}: the demo checkpoint is missing; build it with scripts/train_demo_model.py")
     return path
@@ -55,12 +55,12 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
              batch_size: int = 32, seed: int = 0, model: str | Path | None = None, device: str = "cpu",
              progress: bool = True, steer: bool = True, finetune_rows: int = FINETUNE_ROWS) -> dict:
     """Run everything; write `out/results.json`, `out/report.html`, `out/scores/*.jsonl`; return the results."""
-    from lvlmlp.backend import Backend
-    from lvlmlp.baselines import answer_token_ids, distribution_scores
-    from lvlmlp.extract import extract
-    from lvlmlp.features import feature_matrix
-    from lvlmlp.metrics import binary_metrics, bootstrap_ci, top1_accuracy
-    from lvlmlp.probes import LogisticProbe, MultinomialProbe
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.extraction.extract import extract
+    from lvlmlp.probing.baselines import answer_token_ids, distribution_scores
+    from lvlmlp.probing.features import feature_matrix
+    from lvlmlp.probing.metrics import binary_metrics, bootstrap_ci, top1_accuracy
+    from lvlmlp.probing.probes import LogisticProbe, MultinomialProbe
     from lvlmlp.tasks import get_task
 
     out = Path(out)
@@ -143,7 +143,7 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
 def _token_decay(run, y: np.ndarray, train: np.ndarray, test: np.ndarray, n_boot: int, seed: int) -> list[dict]:
     """Probe AUROC on token t's logits for t = 1..K (`analyses.token_decay`, the paper's protocol): token t is
     trained and tested on the rows that generated it; the others are counted (`n_test`), never silently dropped."""
-    from lvlmlp.analyses import Labelled, Protocol, token_decay
+    from lvlmlp.study.analyses import Labelled, Protocol, token_decay
 
     tr, te = np.flatnonzero(train), np.flatnonzero(test)
     protocol = Protocol(test=Labelled(run, te, y[te].astype(np.int64)),
@@ -158,7 +158,7 @@ def _steering(backend, probe, template: str, rows: list[dict], before: dict[str,
     """Answers and refusals on the test rows without the guard (the run's greedy responses) and with it; every
     row's score, flag and both responses go to `scores_path`, so the counts recompute."""
     from lvlmlp.data import load_image
-    from lvlmlp.steering import ProbeGuard, guarded_generate, is_refusal
+    from lvlmlp.steering.guard import ProbeGuard, guarded_generate, is_refusal
 
     guard = ProbeGuard(probe, backend.tokenizer, template)
     after: dict[str, str] = {}
@@ -193,11 +193,11 @@ def _steering(backend, probe, template: str, rows: list[dict], before: dict[str,
 def finetune_vs_probe(out: Path, model: str, n_rows: int, batch_size: int, seed: int, progress: bool) -> dict:
     """LoRA-finetune the demo model on each analogue's first `n_rows` train rows (targets: the answers the demo
     model was trained to give) and compare its own answer and answer-token probability with the probe, on the same
-    test rows (`lvlmlp.finetune.compare`; the probe on the finetuned model's logits is left out for time)."""
+    test rows (`lvlmlp.study.finetune.compare`; the probe on the finetuned model's logits is left out for time)."""
     from functools import partial
 
-    from lvlmlp.finetune import Readout, Settings, compare
-    from lvlmlp.store import open_run
+    from lvlmlp.extraction.store import open_run
+    from lvlmlp.study.finetune import Readout, Settings, compare
 
     def target(task: str, row: dict) -> str:
         if task == "safety":
@@ -281,7 +281,7 @@ def summary_table(results: dict) -> str:
 
 def verdicts(results: dict) -> list[str]:
     """One plain sentence per analogue: does the probe beat the model's own answer (or the best baseline)?"""
-    from lvlmlp.report import verdict
+    from lvlmlp.study.report import verdict
 
     out = []
     for task, e in results["tasks"].items():
@@ -308,8 +308,8 @@ def _one_token_name(task: str) -> str:
 
 
 def report_blocks(results: dict, out: Path) -> list:
-    """The demo's report, in the blocks of `lvlmlp.report` (the renderer of every report)."""
-    from lvlmlp.report import Glossary, Section, fmt_ci
+    """The demo's report, in the blocks of `lvlmlp.study.report` (the renderer of every report)."""
+    from lvlmlp.study.report import Glossary, Section, fmt_ci
 
     tasks = results["tasks"]
     rows = []
@@ -338,14 +338,14 @@ def report_blocks(results: dict, out: Path) -> list:
 
 
 def _verdict_words(e: dict) -> str:
-    from lvlmlp.report import verdict
+    from lvlmlp.study.report import verdict
 
     name, other = ("own answer", e["own_answer"]) if "own_answer" in e else ("max-prob", e["max_prob"])
     return f"vs {name}: " + verdict(e["probe"]["auroc"], e["probe"].get("auroc_ci"), other["auroc"])
 
 
 def _glossary(results: dict) -> list[tuple[str, str]]:
-    from lvlmlp.baselines import describe_baseline
+    from lvlmlp.probing.baselines import describe_baseline
     from lvlmlp.tasks import get_task
 
     items = []
@@ -367,7 +367,7 @@ def _glossary(results: dict) -> list[tuple[str, str]]:
 
 def _roc_section(results: dict, out: Path, plots: Path):
     """One ROC plot per binary analogue: probe and baselines, each named in the legend with its AUROC."""
-    from lvlmlp.report import Section, plot_roc_curves
+    from lvlmlp.study.report import Section, plot_roc_curves
 
     pngs = []
     for task in (t for t in results["tasks"] if t != "classification"):
@@ -386,7 +386,7 @@ def _roc_section(results: dict, out: Path, plots: Path):
 def _decay_section(results: dict, plots: Path):
     from matplotlib.ticker import MaxNLocator
 
-    from lvlmlp.report import Section, pyplot, save_figure
+    from lvlmlp.study.report import Section, pyplot, save_figure
 
     fig, ax = pyplot().subplots(figsize=(6, 4), dpi=100)
     rows = []
@@ -413,7 +413,7 @@ def _decay_section(results: dict, plots: Path):
 
 
 def _steering_sections(results: dict) -> list:
-    from lvlmlp.report import Section
+    from lvlmlp.study.report import Section
 
     out = []
     if results.get("steering"):
@@ -439,8 +439,8 @@ def _steering_sections(results: dict) -> list:
 
 def _galleries(results: dict, out: Path) -> list:
     """A few test rows of each analogue: image, question, the model's answer, label, probe score, flagged."""
-    from lvlmlp.report import Gallery
-    from lvlmlp.store import open_run
+    from lvlmlp.extraction.store import open_run
+    from lvlmlp.study.report import Gallery
 
     galleries = []
     for task in results["tasks"]:
@@ -471,8 +471,8 @@ def _galleries(results: dict, out: Path) -> list:
 
 
 def write_report(results: dict, out: Path) -> None:
-    """`out/report.html`: the demo's report through the renderer of every report (`lvlmlp.report`)."""
-    from lvlmlp.report import render_html
+    """`out/report.html`: the demo's report through the renderer of every report (`lvlmlp.study.report`)."""
+    from lvlmlp.study.report import render_html
 
     intro = (f"Synthetic world + tiny LLaVA-format model ({results['model']}); {results['n_train']} train / "
              f"{results['n_test']} test rows per analogue; {results['seconds']} s. These numbers show the method "

@@ -30,7 +30,7 @@ import torch
 from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
 
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.features import transform
+from lvlmlp.probing.features import transform
 
 log = logging.getLogger("lvlmlp")
 
@@ -60,7 +60,7 @@ def _spell(tokenizer: Any, text: str, what: str) -> list[int]:
 class ProbeGuard(LogitsProcessor):
     """Score the first generated position with `probe`; force `template` (flagged rows) or the predicted answer.
 
-    `probe`: a fitted binary probe (`lvlmlp.probes.LogisticProbe` or anything with `predict_proba` (N, 2)) trained
+    `probe`: a fitted binary probe (`lvlmlp.probing.probes.LogisticProbe` or anything with `predict_proba` (N, 2)) trained
     on first-token logits (kind logits / log_softmax / softmax of token 0). `threshold`: defaults to the probe's own.
     After each `generate` call, `scores_` (B,) holds P(label 1) and `flagged_` (B,) whether P(label 1) < threshold.
     One guard serves many `generate` calls: a call is recognised as new when `input_ids` is not the previous step's
@@ -206,7 +206,7 @@ def guarded_generate(model: Any, batch: Mapping[str, Any], guard: ProbeGuard, **
 
 def is_refusal(response: str, template: str | None) -> bool:
     """A refusal: the response starts with the guard's template or contains a refusal phrase ("sorry", ...)."""
-    from lvlmlp.baselines import AnswerRule
+    from lvlmlp.probing.baselines import AnswerRule
 
     if template and response.strip().startswith(template.strip()):
         return True
@@ -226,7 +226,7 @@ def steering_metrics(
     out: dict[str, Any] = {"n": int(y.size), "mode": "answers" if answers else "safety"}
     for name, responses in (("without_guard", plain), ("with_guard", guarded)):
         if answers:
-            from lvlmlp.metrics import pope_metrics
+            from lvlmlp.probing.metrics import pope_metrics
 
             pred = np.asarray([answer_label(r, answers[1]) for r in responses])
             m = pope_metrics(y, pred)

@@ -94,7 +94,7 @@ class SplitsConfig(Section):
 @dataclass
 class ProbeConfig(Section):
     OPEN: ClassVar[str | None] = "params"
-    kind: str = "logistic"  # a name of lvlmlp.probes.PROBES
+    kind: str = "logistic"  # a name of lvlmlp.probing.probes.PROBES
     feature: Literal["logits", "log_softmax", "softmax"] = "logits"
     params: dict[str, Any] = field(default_factory=dict)  # the probe's hyper-parameters, e.g. C: 0.5
 
@@ -114,7 +114,7 @@ class AnalysesConfig(Section):
 
 @dataclass
 class RayConfig(Section):
-    """`ray:` as a mapping (`lvlmlp.ray_extract.RayOptions`); `ray: true` / `local` / `auto` / an address also work."""
+    """`ray:` as a mapping (`lvlmlp.extraction.ray_extract.RayOptions`); `ray: true` / `local` / `auto` / an address also work."""
 
     address: str | None = None  # None: a local Ray instance for this run; "auto" or an address: join that cluster
     replicas: int | None = field(default=None, metadata=_min(1))  # default: one per GPU, else one per CPU slot
@@ -327,7 +327,7 @@ def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
 
 def validate(cfg: ExperimentConfig) -> None:
     """Checks that need the registries (tasks, prompt styles, probes, baselines): before any model work."""
-    from lvlmlp.baselines import check_baseline_name
+    from lvlmlp.probing.baselines import check_baseline_name
     from lvlmlp.tasks import get_task
 
     for key in REQUIRED:
@@ -345,10 +345,10 @@ def validate(cfg: ExperimentConfig) -> None:
         except LvlmlpError as err:
             raise LvlmlpError(f"config: baselines[{i}]: {err}") from None
     if cfg.finetune is not None:
-        from lvlmlp.experiment import finetune_options
+        from lvlmlp.study.experiment import finetune_options
 
         finetune_options(cfg)
-    from lvlmlp.analyses import make_probe_factory
+    from lvlmlp.study.analyses import make_probe_factory
 
     try:
         make_probe_factory(dict(cfg.probe))

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from lvlmlp import config
-from lvlmlp.config import ExperimentConfig, load_config, parse_set  # noqa: F401 - the command's entry points
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.report import Section, write_report
+from lvlmlp.study import config
+from lvlmlp.study.config import ExperimentConfig, load_config, parse_set  # noqa: F401 - the command's entry points
+from lvlmlp.study.report import Section, write_report
 
 log = logging.getLogger("lvlmlp")
 
@@ -97,7 +97,7 @@ class LazyBackend:
 
     def get(self, template: str | None) -> Any:
         if self.backend is None:
-            from lvlmlp import backend as backend_module
+            from lvlmlp.extraction import backend as backend_module
 
             self.backend = backend_module.Backend(self.cfg["model"], device=self.cfg["device"],
                                                   dtype=self.cfg["dtype"], raw_prompt=bool(self.cfg["raw_prompt"]),
@@ -142,7 +142,7 @@ _EXPERIMENT_ENTRIES = {"steps", "runs", "evals", "probes", "analyses", "report",
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, Any]:
     """Run every step of a validated config (see `load_config`); returns the report's metrics. One process at a
     time works in OUT (an fcntl lock naming its holder)."""
-    from lvlmlp.store import locked_folder
+    from lvlmlp.extraction.store import locked_folder
 
     out = Path(cfg["out"])
     if out.exists() and not out.is_dir():
@@ -158,8 +158,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
 
 def _run_steps(cfg: ExperimentConfig, progress: bool) -> dict[str, Any]:
     from lvlmlp.data import rows_fingerprint
-    from lvlmlp.extract import extract, shard_rows
-    from lvlmlp.store import open_run
+    from lvlmlp.extraction.extract import extract, shard_rows
+    from lvlmlp.extraction.store import open_run
 
     out = Path(cfg["out"])
     steps, lazy = Steps(out), LazyBackend(cfg)
@@ -178,7 +178,7 @@ def _run_steps(cfg: ExperimentConfig, progress: bool) -> dict[str, Any]:
             if not (steps.done(step, key) and (folder / "manifest.json").is_file()):
                 log.info("run: extracting %s (%d rows)", folder, len(rows[split]))
                 if cfg["ray"]:  # the model loads in the Ray replicas, not in this process
-                    from lvlmlp.ray_extract import ray_extract_for_run
+                    from lvlmlp.extraction.ray_extract import ray_extract_for_run
 
                     run_extract = functools.partial(ray_extract_for_run, cfg, template)
                 else:
@@ -196,7 +196,7 @@ def _run_steps(cfg: ExperimentConfig, progress: bool) -> dict[str, Any]:
 
 
 def _clip_step(cfg: ExperimentConfig, rows: dict[str, list[dict]], out: Path, progress: bool) -> dict:
-    from lvlmlp.clip_features import extract_clip
+    from lvlmlp.extraction.clip_features import extract_clip
 
     clip = cfg["clip"]
     result = {}
@@ -212,7 +212,7 @@ def _clip_step(cfg: ExperimentConfig, rows: dict[str, list[dict]], out: Path, pr
 def _protocol(cfg: ExperimentConfig, train_run: Any, test_run: Any, label_runs: tuple[Any, Any] | None = None) -> Any:
     """Train/test (or k-fold) protocol on the runs' labelled rows. `label_runs`: (train, test) VLM runs whose labels
     the feature runs take by row id (CLIP runs of a task labelled by the model's answers, MathVista)."""
-    from lvlmlp.analyses import Labelled, Protocol
+    from lvlmlp.study.analyses import Labelled, Protocol
 
     def labelled(run: Any, source: Any) -> Any:
         if source is None:
@@ -241,7 +241,7 @@ def _cached(steps: Steps, name: str, key: str, path: Path, compute: Any) -> Any:
 
 def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, splits: list[str], runs: dict,
               clip_runs: dict) -> dict[str, Any]:
-    from lvlmlp import analyses as an
+    from lvlmlp.study import analyses as an
 
     train_split, test_split = splits[0], splits[-1]
     probe_cfg = dict(cfg["probe"])
@@ -307,10 +307,10 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
 
 
 def finetune_options(cfg: ExperimentConfig) -> tuple[Any, dict[str, Any]]:
-    """The `finetune:` section as (`lvlmlp.finetune.Settings`, comparison options), checked (also at load time)."""
+    """The `finetune:` section as (`lvlmlp.study.finetune.Settings`, comparison options), checked (also at load time)."""
     from dataclasses import fields
 
-    from lvlmlp.finetune import Settings
+    from lvlmlp.study.finetune import Settings
 
     spec = dict(cfg["finetune"] or {})
     extra = {"answers": None, "max_new_tokens": 3, "every_epoch": True}
@@ -334,9 +334,9 @@ def finetune_options(cfg: ExperimentConfig) -> tuple[Any, dict[str, Any]]:
 def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tuple[str, str | None],
                       splits: list[str], runs: dict, report_dir: Path, results: dict[str, Any]) -> Any:
     """`finetune:` LoRA-finetune the model on the train split (first prompt) and compare it with the probe on the
-    base model's first-token logits, on the test split: table + AUROC per epoch (`lvlmlp.finetune.compare`)."""
-    from lvlmlp import finetune as ft
-    from lvlmlp.extract import shard_rows
+    base model's first-token logits, on the test split: table + AUROC per epoch (`lvlmlp.study.finetune.compare`)."""
+    from lvlmlp.extraction.extract import shard_rows
+    from lvlmlp.study import finetune as ft
 
     settings, opts = finetune_options(cfg)
     name, template = prompt
@@ -382,8 +382,8 @@ def _histogram_text(histogram: dict[str, int]) -> str:
 
 
 def _prompt_section(main: dict[str, dict], report_dir: Path) -> Any:
-    from lvlmlp import analyses as an
-    from lvlmlp.report import fmt_value
+    from lvlmlp.study import analyses as an
+    from lvlmlp.study.report import fmt_value
 
     names = list(main)
     heads = [_headline(main[n]) for n in names]
@@ -398,7 +398,7 @@ def _prompt_section(main: dict[str, dict], report_dir: Path) -> Any:
 
 def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, report_dir, stamp,
                 label_runs=None) -> Any:
-    from lvlmlp import analyses as an
+    from lvlmlp.study import analyses as an
 
     probe_cfg = {k: v for k, v in cfg["probe"].items() if k != "feature"}
     probe_class = first.get("probe", {}).get("class") or "probe"

@@ -23,7 +23,7 @@ from scipy.special import expit, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.features import FeatureSpec
+from lvlmlp.probing.features import FeatureSpec
 
 PROBE_FORMAT = "lvlmlp-probe"
 PROBE_FORMAT_VERSION = 1

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from lvlmlp.data import check_rows, load_image, rows_fingerprint
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.store import Run, RunWriter, is_complete_run, open_run
+from lvlmlp.extraction.store import Run, RunWriter, is_complete_run, open_run
 
 log = logging.getLogger("lvlmlp")
 

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.features import feature_matrix, valid_rows
-from lvlmlp.store import Run
+from lvlmlp.extraction.store import Run
+from lvlmlp.probing.features import feature_matrix, valid_rows
 
 Feature = Callable[[Run, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -49,7 +49,7 @@ class Labelled:
 
 def make_probe_factory(cfg: dict[str, Any]) -> Callable[[], Any]:
     """`cfg` = {"kind": logistic|lda|multinomial, "feature": ..., hyper-parameters...} -> a fresh-probe factory."""
-    from lvlmlp.probes import PROBES
+    from lvlmlp.probing.probes import PROBES
 
     params = {k: v for k, v in cfg.items() if k not in ("kind", "feature")}
     kind = cfg.get("kind", "logistic")
@@ -91,7 +91,7 @@ def last_token_feature(kind: str = "logits") -> Feature:
 
     def get(run: Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if run.has_last_logits:
-            from lvlmlp.features import transform
+            from lvlmlp.probing.features import transform
 
             keep = run.n_tokens[idx] >= 1
             return keep, transform(np.asarray(run.last_logits()[idx[keep]], dtype=np.float32), kind)
@@ -168,7 +168,7 @@ class Protocol:
         return self._scored[key]
 
     def _score(self, feature: Feature, make_probe: Callable[[], Any]) -> Scored:
-        from lvlmlp.metrics import cross_val_folds
+        from lvlmlp.probing.metrics import cross_val_folds
 
         keep, X = feature(self.test.run, self.test.idx)
         y = self.test.y[keep]
@@ -196,7 +196,7 @@ class Protocol:
 # ------------------------------------------------------------------------------------------------ summaries
 def summarize(y: np.ndarray, score: np.ndarray, classes: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
     """Binary: AUROC and its bootstrap interval. Multiclass: top-1 accuracy and its bootstrap interval."""
-    from lvlmlp.metrics import auroc, bootstrap_ci
+    from lvlmlp.probing.metrics import auroc, bootstrap_ci
 
     if score.ndim == 1:
         return {"metric": "auroc", "value": auroc(y, score), "ci": _ci(bootstrap_ci(y, score, "auroc",
@@ -238,7 +238,7 @@ def main_evaluation(
     """Probe + baselines on the evaluated rows, written as a `probe eval` folder (metrics.json, scores.jsonl) so
     that `lvlmlp report` and `report.write_report` read it; the fitted probe is saved to `probe_dir`. `task`:
     what the header records of the task (`groups`: its per-group metrics, `label_names`)."""
-    from lvlmlp.evaluate import write_eval
+    from lvlmlp.probing.evaluate import write_eval
 
     s = protocol.score(feature, make_probe_factory(probe_cfg))
     threshold = float(probe_cfg.get("threshold", 0.5))
@@ -252,7 +252,7 @@ def main_evaluation(
         "n_scored": int(s.rows.size), "n_skipped": s.n_short, "n_train": s.n_train, **(task or {}),
     }
     if s.fold_of is not None and s.score.ndim == 1:
-        from lvlmlp.metrics import fold_metrics
+        from lvlmlp.probing.metrics import fold_metrics
 
         # The original reports the mean of the per-fold metrics; the file's other metrics pool the out-of-fold
         # scores of all folds (one AUROC over every row), reported beside it and labelled as such.
@@ -326,7 +326,7 @@ def _errs(entries: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_token_decay(result: dict[str, Any], path: Path, title: str) -> None:
-    from lvlmlp.report import pyplot, save_figure
+    from lvlmlp.study.report import pyplot, save_figure
 
     plt = pyplot()
     entries = [*result["tokens"], result["last"]]
@@ -350,7 +350,7 @@ def plot_token_decay(result: dict[str, Any], path: Path, title: str) -> None:
 
 def plot_bars(names: list[str], entries: list[dict], path: Path, title: str, reference: float | None = None) -> None:
     """One bar per feature/prompt with its 95% interval; `reference` draws the first-token logits level."""
-    from lvlmlp.report import pyplot, save_figure
+    from lvlmlp.study.report import pyplot, save_figure
 
     plt = pyplot()
     vals, err = _errs(entries)
@@ -368,7 +368,7 @@ def plot_bars(names: list[str], entries: list[dict], path: Path, title: str, ref
 
 # ------------------------------------------------------------------------------------------------ report sections
 def fmt_result(e: dict[str, Any]) -> str:
-    from lvlmlp.report import fmt_ci
+    from lvlmlp.study.report import fmt_ci
 
     return fmt_ci(e.get("value"), e.get("ci"))
 

@@ -24,7 +24,7 @@ from lvlmlp.data import load_image
 from lvlmlp.errors import LvlmlpError
 
 if TYPE_CHECKING:
-    from lvlmlp.backend import Backend
+    from lvlmlp.extraction.backend import Backend
 
 log = logging.getLogger("lvlmlp")
 

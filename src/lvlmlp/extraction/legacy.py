@@ -24,7 +24,7 @@ import numpy as np
 
 from lvlmlp.data import iter_json_lines
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.store import Run, RunWriter
+from lvlmlp.extraction.store import Run, RunWriter
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Probing: feature views of a run, probes, metrics, baselines and probe evaluation."""

@@ -1,0 +1,1 @@
+"""Studies: the experiment config and runner (`lvlmlp run`), its analyses, reports and finetuning vs probing."""
