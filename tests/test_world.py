@@ -214,17 +214,17 @@ def test_deception_premises_checked_on_pixels(rows: dict[str, list[dict]]) -> No
 
 def test_answer_label_reads_responses() -> None:
     row = {"answer": "3"}
-    assert W.answer_label("answerability", W.A_UNANSWERABLE, row) == 0
-    assert W.answer_label("answerability", "red", row) == 1
-    assert W.answer_label("safety", W.A_REFUSAL.lower(), row) == 0
-    assert W.answer_label("safety", W.A_COMPLY, row) == 1
-    assert W.answer_label("deception", W.A_NO_OBJECT.format(shape="star"), row) == 0
-    assert W.answer_label("deception", "blue", row) == 1
-    assert W.answer_label("hallucination", "yes.", row) == 1
-    assert W.answer_label("hallucination", "no", row) == 0
-    assert W.answer_label("uncertainty", "three", row) == 1
-    assert W.answer_label("classification", "a green star.", row) == W.CLASS_NAMES.index("green star")
-    assert W.answer_label("classification", "no idea", row) == -1
+    assert W.task_label_of_response("answerability", W.A_UNANSWERABLE, row) == 0
+    assert W.task_label_of_response("answerability", "red", row) == 1
+    assert W.task_label_of_response("safety", W.A_REFUSAL.lower(), row) == 0
+    assert W.task_label_of_response("safety", W.A_COMPLY, row) == 1
+    assert W.task_label_of_response("deception", W.A_NO_OBJECT.format(shape="star"), row) == 0
+    assert W.task_label_of_response("deception", "blue", row) == 1
+    assert W.task_label_of_response("hallucination", "yes.", row) == 1
+    assert W.task_label_of_response("hallucination", "no", row) == 0
+    assert W.task_label_of_response("uncertainty", "three", row) == 1
+    assert W.task_label_of_response("classification", "a green star.", row) == W.CLASS_NAMES.index("green star")
+    assert W.task_label_of_response("classification", "no idea", row) == -1
 
 
 def test_the_six_analogues_are_registered_tasks_with_their_rules(tmp_path: Path):

@@ -1,4 +1,4 @@
-"""Data stage: the contract's JSON-lines manifest and image loading.
+"""Data stage: the JSON-lines manifest (README, Extracting) and image loading.
 
 A row is a plain dict: `id` (str), `image` (absolute path), `question` (str), optional `label` (int) and
 `split` (str); every other field is metadata kept as it is. Task adapters produce the same rows.
@@ -92,7 +92,7 @@ def validate_rows(rows: list[dict], source: str) -> None:
     for i, row in enumerate(rows):
         rid = row.get("id")
         if isinstance(rid, int) and not isinstance(rid, bool):
-            row["id"] = rid = str(rid)  # numeric ids are common in benchmark files; the contract wants strings
+            row["id"] = rid = str(rid)  # numeric ids are common in benchmark files; ids are strings
         if not isinstance(rid, str) or not rid:
             raise LvlmlpError(f"{source}: row {i + 1} has no string 'id'")
         if rid in seen:

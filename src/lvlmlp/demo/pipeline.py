@@ -48,7 +48,7 @@ def demo_model_path() -> Path:
 
 
 def _own_answer(task: str, responses: list[str], rows: list[dict]) -> np.ndarray:
-    return np.array([world.answer_label(task, r, row) for r, row in zip(responses, rows)], dtype=float)
+    return np.array([world.task_label_of_response(task, r, row) for r, row in zip(responses, rows)], dtype=float)
 
 
 def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_tokens: int = 5,
@@ -218,7 +218,7 @@ def finetune_vs_probe(out: Path, model: str, n_rows: int, batch_size: int, seed:
         result[task] = compare(
             model, tuned, test, [r["target"] for r in tuned], out / "finetune" / task,
             Settings(epochs=FINETUNE_EPOCHS, lr=3e-3, batch_size=16, seed=seed),
-            Readout(token, negate, partial(world.answer_label, task)), np.array([probe[r["id"]] for r in test]),
+            Readout(token, negate, partial(world.task_label_of_response, task)), np.array([probe[r["id"]] for r in test]),
             device="cpu", dtype="float32", max_new_tokens=3, batch_size=batch_size, every_epoch=False,
             tuned_probe=False, n_boot=200, progress=progress)
     return result

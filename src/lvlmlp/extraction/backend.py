@@ -2,7 +2,7 @@
 
 Everything family-specific lives here, so the rest of lvlmlp sees one interface:
 
-* `prompt(question)` renders the contract's default prompt (chat template of one user turn: image, then text;
+* `prompt(question)` renders the default prompt (chat template of one user turn: image, then text;
   preceded by a system turn when `system_prompt` is given);
 * `encode(images, questions)` builds one left-padded batch that gives every row the same result as running it
   alone (left padding; position ids counted over real tokens, as `generate` does; InstructBLIP's Q-Former text
@@ -224,7 +224,7 @@ class Backend:
 
     # ----------------------------------------------------------------------------------------------------- prompts
     def prompt(self, question: str) -> str:
-        """The text passed to the processor for one row (the contract's default prompt, see module docstring)."""
+        """The text passed to the processor for one row (the default prompt, see module docstring)."""
         text = self.prompt_template.replace("{question}", question) if self.prompt_template else question
         template = getattr(self.processor, "chat_template", None)
         if self.raw_prompt or not template or not self.quirks.chat_template:

@@ -588,7 +588,7 @@ def _read_only(arr: np.ndarray) -> np.ndarray:
 
 
 def open_run(path: str | Path) -> Run:
-    """Open a finished run folder (contract section 2)."""
+    """Open a finished run folder (README, Run folder layout)."""
     return Run(path)
 
 

@@ -80,7 +80,7 @@ def write_eval(
             for rec, v in zip(records, b):
                 rec.setdefault("baselines", {})[name] = float(v)
         if labelled.any():
-            # Labels are 0/1 in the contract; map the probe's own two classes in case they were others.
+            # Labels are 0/1 (label 1 = the class the probe scores); map the probe's own two classes in case they were others.
             y = (labels[labelled] == classes[-1]).astype(np.int64)
             lab_meta = [m for m, keep in zip(meta, labelled) if keep]
             metrics.update(binary_report(y, score[labelled], threshold, n_boot, seed))

@@ -1,6 +1,6 @@
 """Metrics of the paper's six tasks, computed from saved scores so that every number can be recomputed.
 
-Conventions (contract): a binary score is the probability of label 1; a row is predicted label 1 when its score
+Conventions: a binary score is the probability of label 1; a row is predicted label 1 when its score
 reaches the threshold (`score >= threshold`) and flagged ("refuse") below it.
 """
 

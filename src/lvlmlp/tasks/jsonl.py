@@ -1,4 +1,4 @@
-"""The generic contract manifest (JSON lines) as a task, so `--task jsonl` works like any benchmark."""
+"""lvlmlp's generic JSON-lines manifest as a task, so `--task jsonl` works like any benchmark."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def load(req: Request) -> list[dict]:
 
 TASK = Task(
     name="jsonl",
-    description="a JSON-lines manifest in the contract's format (ids, images, questions and labels as given)",
+    description="a JSON-lines manifest in lvlmlp's format (ids, images, questions and labels as given)",
     kind="binary",
     splits=(),
     label_names=(),
