@@ -21,6 +21,18 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "docs/paper-protocol.md); default: the chat template's own")
 
 
+def add_guard_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """The probe guard's flags, shared by `generate` and `serve` (`what`: "rows" or "requests")."""
+    p.add_argument("--probe", required=True, help="probe folder from `lvlmlp probe train` (first-token logits)")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="apply a probe trained on another --model's features (e.g. the same weights by another path)")
+    p.add_argument("--template", default=None, help=f"text forced at the start of flagged {what}' answers")
+    p.add_argument("--answers", default=None,
+                   help="LABEL1,LABEL0 such as Yes,No: every answer starts with the probe's prediction")
+    p.add_argument("--threshold", type=float, default=None,
+                   help=f"flag {what} with P(label 1) below this (default: the probe's threshold)")
+
+
 def add_task_arguments(parser: argparse.ArgumentParser, limit: bool = True) -> None:
     """The flags that choose the rows: --data or a registered task (--task NAME ...), then which of them."""
     g = parser.add_argument_group("task input (instead of --data)")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lvlmlp.commands._args import (
+    add_guard_arguments,
     add_model_arguments,
     add_task_arguments,
     rows_from_args,
@@ -26,16 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.add_argument("--data", help="JSON-lines manifest (one row per line: id, image, question, label)")
     add_task_arguments(p)  # --task ... as in `lvlmlp extract`; its --seed also seeds --do-sample
-    p.add_argument("--probe", required=True, help="probe folder from `lvlmlp probe train` (first-token logits)")
-    p.add_argument("--allow-other-model", action="store_true",
-                   help="apply a probe trained on another --model's features (e.g. the same weights by another path)")
-    p.add_argument("--template", default=None, help="text forced at the start of flagged rows' answers")
-    p.add_argument("--answers", default=None,
-                   help="LABEL1,LABEL0 such as Yes,No: every answer starts with the probe's prediction")
+    add_guard_arguments(p, "rows")
     p.add_argument("--out", required=True, help="OUT.jsonl: {id, response, flagged, probe_score} per row")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--threshold", type=float, default=None, help="flag rows with P(label 1) below this "
-                   "(default: the probe's threshold)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=None, help="with --do-sample (default 1.0)")

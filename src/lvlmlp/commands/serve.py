@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from lvlmlp.commands._args import add_model_arguments
+from lvlmlp.commands._args import add_guard_arguments, add_model_arguments
 from lvlmlp.errors import LvlmlpError
 
 
@@ -67,14 +67,7 @@ def build_app(args: argparse.Namespace) -> Any:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible chat endpoint guarded by a first-token probe")
     add_model_arguments(p)  # --prompt-template / --raw-prompt: as the probe's training rows were prompted
-    p.add_argument("--probe", required=True, help="probe folder from `lvlmlp probe train` (first-token logits)")
-    p.add_argument("--allow-other-model", action="store_true",
-                   help="apply a probe trained on another --model's features (e.g. the same weights by another path)")
-    p.add_argument("--template", default=None, help="text forced at the start of flagged requests' answers")
-    p.add_argument("--answers", default=None,
-                   help="LABEL1,LABEL0 such as Yes,No: every answer starts with the probe's prediction")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="flag requests with P(label 1) below this (default: the probe's threshold)")
+    add_guard_arguments(p, "requests")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None,
