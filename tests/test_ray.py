@@ -137,3 +137,24 @@ def test_run_config_ray_section_reaches_the_ray_extractor(tmp_path, capsys):
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == "lvlmlp: error: config: ray.replicas: must be >= 1, got 0"
     assert not (tmp_path / "out" / "runs").exists() or not any((tmp_path / "out" / "runs").iterdir())
+
+
+def test_lvlmlp_run_on_ray_equals_the_run_in_process(tiny_ckpt, tmp_path, ray_address):
+    """A whole `lvlmlp run` with `ray:` in its config: every extraction step runs on Ray, its run folders equal those
+    of the same config run in this process, and the report's metrics are the same."""
+    from lvlmlp.testing import tiny_manifest
+    from test_experiment import CONFIG
+
+    manifest = tiny_manifest(tmp_path / "data", n_train=8, n_test=8)
+    base = ["run", str(CONFIG), "--model", str(tiny_ckpt("llava")), "--no-progress", "--set", f"data_root={manifest}",
+            "--set", "prompt=oe", "--set", "n_boot=0", "--set", "extract.max_new_tokens=2"]
+    assert main([*base, "--out", str(tmp_path / "ray"), "--set", f"ray={{address: '{ray_address}', replicas: 1}}"]) == 0
+    assert main([*base, "--out", str(tmp_path / "here")]) == 0
+    runs = sorted(p.name for p in (tmp_path / "here" / "runs").iterdir())
+    assert runs and sorted(p.name for p in (tmp_path / "ray" / "runs").iterdir()) == runs
+    for name in runs:
+        assert_same_run(tmp_path / "ray" / "runs" / name, tmp_path / "here" / "runs" / name)
+    metrics = [json.loads((tmp_path / out / "report" / "metrics.json").read_text()) for out in ("ray", "here")]
+    assert metrics[1]["evaluations"] and metrics[0]["evaluations"].keys() == metrics[1]["evaluations"].keys()
+    for name, ev in metrics[1]["evaluations"].items():
+        assert metrics[0]["evaluations"][name]["auroc"] == pytest.approx(ev["auroc"], abs=1e-6), name
