@@ -139,3 +139,11 @@ def test_probe_train_hyper_parameters_take_effect(probe_dir, tmp_path):
     doc = json.loads((tmp_path / "m" / "probe.json").read_text())
     assert doc["params"]["epochs"] == 3 and doc["params"]["lr"] == 0.5 and doc["threshold"] == 0.3
     assert doc["params"]["weight_decay"] == 1e-4  # not given: the probe class's own default
+
+
+@pytest.mark.parametrize("flag", [["--data-root", "x"], ["--image-root", "x"], ["--split", "train"],
+                                  ["--prompt-style", "oe"], ["--task-option", "a=b"], ["--per-class", "2"],
+                                  ["--seed", "1"]])
+def test_tasks_refuses_dump_only_flags_without_dump(flag, capsys):
+    assert main(["tasks", "vizwiz", *flag]) == 2
+    assert f"tasks: {flag[0]} applies to --dump only" in capsys.readouterr().err

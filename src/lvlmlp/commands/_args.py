@@ -98,10 +98,12 @@ def task_rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | Non
     return rows, template
 
 
-def rows_from_args(args: argparse.Namespace, command: str, seed_used: bool = False) -> tuple[list[dict], str | None, str]:
+def rows_from_args(args: argparse.Namespace, command: str, seed_used: bool = False,
+                   default_split: str | None = None) -> tuple[list[dict], str | None, str]:
     """Rows, the task's prompt template (None for a manifest) and a name of the source, from --data or --task,
     selected by --split / --per-class / --limit the same way for both. `seed_used`: the command itself uses --seed
-    (sampling in generation, a training seed), so a --seed with nothing to sample is not refused."""
+    (sampling in generation, a training seed), so a --seed with nothing to sample is not refused. `default_split`:
+    the split without --split (a task's; a manifest's when its rows name splits, else every row)."""
     from lvlmlp.data import read_manifest
     from lvlmlp.tasks.base import select_manifest_rows
 
@@ -116,9 +118,15 @@ def rows_from_args(args: argparse.Namespace, command: str, seed_used: bool = Fal
         sel = selection(args)
         if args.seed is not None and sel["per_class"] is None and sel["limit"] is None and not seed_used:
             raise LvlmlpError(f"--seed: {command} has nothing to seed with --data unless --per-class or --limit")
-        rows = select_manifest_rows(read_manifest(args.data), str(args.data), split=sel["split"],
-                                    per_class=sel["per_class"], limit=sel["limit"], seed=sel["seed"])
+        rows = read_manifest(args.data)
+        split = sel["split"]
+        if split is None and default_split is not None and any("split" in r for r in rows):
+            split = args.split = default_split  # recorded as the selection
+        rows = select_manifest_rows(rows, str(args.data), split=split, per_class=sel["per_class"],
+                                    limit=sel["limit"], seed=sel["seed"])
         return rows, None, str(args.data)
+    if args.split is None:
+        args.split = default_split
     rows, template = task_rows_from_args(args)
     return rows, template, f"task {args.task}"
 

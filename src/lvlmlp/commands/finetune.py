@@ -40,16 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lvlmlp.extraction.backend import Backend
-    from lvlmlp.study.finetune import Settings, default_answers, finetune, parse_answers, row_targets
+    from lvlmlp.steering.guard import parse_answers
+    from lvlmlp.study.finetune import Settings, default_answers, finetune, row_targets
 
-    if args.split is None:  # the train split by default; a manifest without splits is used whole
-        if args.task:
-            args.split = "train"
-        elif args.data:
-            from lvlmlp.data import read_manifest
-
-            args.split = "train" if any("split" in r for r in read_manifest(args.data)) else None
-    rows, task_template, source = rows_from_args(args, "finetune", seed_used=True)
+    # the train split by default (a manifest without splits is used whole)
+    rows, task_template, source = rows_from_args(args, "finetune", seed_used=True, default_split="train")
     template = args.prompt_template or task_template
     answers = parse_answers(args.answers) or default_answers(args.task, args.prompt_style)
     targets = row_targets(rows, answers, source)  # every row's target before the model loads

@@ -39,15 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_answers(text: str | None) -> dict[int, str] | None:
-    if text is None:
-        return None
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 2 or not all(parts):
-        raise LvlmlpError(f"--answers: expected LABEL1,LABEL0 such as Yes,No, got {text!r}")
-    return {1: parts[0], 0: parts[1]}
-
-
 def metrics_path(out: Path) -> Path:
     return out.with_name(out.stem + ".metrics.json") if out.suffix == ".jsonl" else Path(f"{out}.metrics.json")
 
@@ -59,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         raise LvlmlpError("--batch-size and --max-new-tokens must be >= 1")
     if args.temperature is not None and not args.do_sample:
         raise LvlmlpError("--temperature applies to sampling only: add --do-sample (greedy decoding has none)")
+    from lvlmlp.steering.guard import parse_answers
+
     answers = parse_answers(args.answers)
     # The task's prompt template, as in `extract --task`: the probe only reads logits under the same prompt.
     rows, task_template, source = rows_from_args(args, "generate", seed_used=args.do_sample)

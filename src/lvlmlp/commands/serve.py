@@ -30,7 +30,7 @@ def build_app(args: argparse.Namespace) -> Any:
     except ImportError as err:
         raise LvlmlpError(f"lvlmlp serve needs FastAPI and prometheus-client ({err}); "
                           "install them with `pip install 'lvlmlp[serve]'`") from None
-    from lvlmlp.commands.generate import parse_answers
+    from lvlmlp.steering.guard import parse_answers
 
     if (args.template is None) == (args.answers is None):
         raise LvlmlpError("serve: give exactly one of --template TEXT or --answers YES,NO")

@@ -217,9 +217,9 @@ class Backend:
         if not load_model:
             return
         gen = self.model.generation_config
-        self._eos_ids: set[int] = set(_as_list(gen.eos_token_id) or _as_list(self.tokenizer.eos_token_id))
-        self._pad_id: int = next(
-            (i for i in (gen.pad_token_id, self.tokenizer.pad_token_id, *self._eos_ids) if i is not None), 0
+        self.eos_ids: set[int] = set(_as_list(gen.eos_token_id) or _as_list(self.tokenizer.eos_token_id))
+        self.pad_id: int = next(
+            (i for i in (gen.pad_token_id, self.tokenizer.pad_token_id, *self.eos_ids) if i is not None), 0
         )
 
     # ----------------------------------------------------------------------------------------------------- prompts
@@ -371,7 +371,7 @@ class Backend:
             raise LvlmlpError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         layer_ids = self._check_layers(layers)
         want_states = hidden or bool(layer_ids)
-        kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": self._pad_id}
+        kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": self.pad_id}
         kwargs.update(gen_kwargs)
         out = self.model.generate(
             **batch,
@@ -390,11 +390,11 @@ class Backend:
             bsz, max_new_tokens, out.logits[0].shape[-1], dtype=torch.float32, device=new.device
         )
         logits[:, :steps] = torch.stack(out.logits, dim=1).float()
-        sequences = torch.full((bsz, max_new_tokens), self._pad_id, dtype=new.dtype, device=new.device)
+        sequences = torch.full((bsz, max_new_tokens), self.pad_id, dtype=new.dtype, device=new.device)
         sequences[:, :steps] = new
 
         eos_ids = (
-            set(_as_list(kwargs["eos_token_id"])) if kwargs.get("eos_token_id") is not None else self._eos_ids
+            set(_as_list(kwargs["eos_token_id"])) if kwargs.get("eos_token_id") is not None else self.eos_ids
         )
         is_eos = torch.zeros_like(sequences, dtype=torch.bool)
         for eos in eos_ids:
@@ -403,7 +403,7 @@ class Backend:
         first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), no_eos)
         n_tokens = torch.clamp(first_eos + 1, max=steps)
         valid = torch.arange(max_new_tokens, device=new.device)[None, :] < n_tokens[:, None]
-        sequences = sequences.masked_fill(~valid, self._pad_id)
+        sequences = sequences.masked_fill(~valid, self.pad_id)
         logits = logits.masked_fill(~valid[:, :, None], 0.0)
 
         result: dict[str, Any] = {

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.extract import BATCH_SIZE, STORE_DTYPES, check_options, check_rows, run_settings
-from lvlmlp.extraction.store import Run, RunWriter
+from lvlmlp.extraction.store import Run, RunWriter, identity
 
 log = logging.getLogger("lvlmlp")
 
@@ -177,7 +177,9 @@ class _Replica:
 
         index, rows = int(batch["batch"][0]), json.loads(batch["rows"][0])
         self._test_exit(index)
-        ok, prepared, failed = next(prepared_batches(self.backend, [rows], workers=0))
+        # new_tokens: prompts longer than the context minus the tokens to generate fail here, as in `extract`
+        ok, prepared, failed = next(prepared_batches(self.backend, [rows], workers=0,
+                                                     new_tokens=self.options["max_new_tokens"]))
         meta, blob = [], b""
         if ok:
             meta, arrays = _run_batch(self.backend, ok, self.backend.to_device(prepared), **self.options)
@@ -198,10 +200,6 @@ class _Replica:
             if int(at) == index and not os.path.exists(marker):
                 Path(marker).touch()
                 os._exit(1)
-
-
-def _model_identity(settings: dict) -> dict:
-    return {k: v for k, v in settings.items() if k != "device"}
 
 
 def ray_extract(
@@ -235,6 +233,9 @@ def ray_extract(
         raise LvlmlpError(f"--prompt-template: {template!r} has no {{question}} placeholder")
     rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
     check_rows(rows, source, on_error)
+    if not rows:
+        raise LvlmlpError(f"{source}: no rows to extract")
+    ids = [r["id"] for r in rows]  # closing checks that each is committed exactly once, in order
     options = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "logits_tokens": logits_tokens,
                "hidden": hidden, "layers": layers, "store_dtype": store_dtype, "shard": shard,
                "labels_from_responses": label_fn is not None, "selection": selection}
@@ -247,17 +248,16 @@ def ray_extract(
         previous = RunWriter(out, {**old, **known}, shard_size=shard_size)
     pending = [r for r in rows if previous is None or r["id"] not in previous.done_ids]
     if previous is not None and not pending:  # finished, or every row committed and only the consolidation left
-        return previous.close()
+        return previous.close(ids)
     if previous is not None:  # the writer of the full identity check below takes the folder's lock again
         previous.release()
-    if not rows:
-        raise LvlmlpError(f"{source}: no rows to extract")
     chunks = [pending[s : s + batch_size] for s in range(0, len(pending), batch_size)]
     n_keep = run_settings({}, [], **options)["logits_tokens"]
     batch_options = {"max_new_tokens": max_new_tokens, "n_keep": n_keep, "hidden": hidden,
                      "layers": [int(x) for x in layers], "dtype": STORE_DTYPES[store_dtype]}
 
     bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="extract (ray)")
+    writer: RunWriter | None = None
     try:
         with ray_session(opts.address) as ray_mod, _data_context(ray_mod):
             device = str(model.get("device") or "auto")
@@ -279,23 +279,26 @@ def ray_extract(
                                        "threads": max(1, int(cpus)), "progress": progress,
                                        "fail_once": os.environ.get(FAIL_ONCE_ENV)},
             )
-            writer: RunWriter | None = None
             first: dict = {}
             for result in _results(ds, ray_mod):
                 if writer is None:
                     first = json.loads(result["model"])
                     settings = {**run_settings(first, rows, **options), "engine": "ray", "replicas": n}
                     writer = RunWriter(out, settings, shard_size=shard_size)  # the full identity check
-                elif _model_identity(json.loads(result["model"])) != _model_identity(first):
+                elif identity(json.loads(result["model"])) != identity(first):
                     raise LvlmlpError(f"--ray: the replicas loaded different models from {model['model']} "
                                       "(different files on different nodes?)")
                 chunk = chunks[result["batch"]]
                 _commit(writer, result, chunk, on_error, source, label_fn)
                 bar.update(len(chunk))
+    except BaseException:
+        if writer is not None:
+            writer.release()  # committed shards stay; the same command resumes from them
+        raise
     finally:
         bar.close()
     assert writer is not None  # there was at least one batch
-    run = writer.close()
+    run = writer.close(ids)
     if run.failures:
         log.warning("extract: %d row(s) skipped, see %s", len(run.failures), out / "failures.jsonl")
     return run

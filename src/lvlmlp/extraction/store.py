@@ -74,7 +74,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _identity(settings: dict) -> dict:
+def identity(settings: dict) -> dict:
+    """The settings that make a run what it is (without when, where and how it ran)."""
     return {k: v for k, v in settings.items() if k not in _VOLATILE}
 
 
@@ -181,7 +182,7 @@ def is_complete_run(run_dir: str | Path, settings: dict, ignore: tuple[str, ...]
     if not path.is_file():
         return False
     old = read_manifest_json(path)
-    mine = _identity(json.loads(json.dumps(settings, default=str)))
+    mine = identity(json.loads(json.dumps(settings, default=str)))
     return bool(old.get("complete")) and all(old.get(k) == v for k, v in mine.items() if k not in ignore)
 
 
@@ -230,7 +231,7 @@ class RunWriter:
         manifest_path = self.dir / "manifest.json"
         if manifest_path.exists():
             old = read_manifest_json(manifest_path)
-            diff = _differences(_identity(old), _identity(self.settings))
+            diff = _differences(identity(old), identity(self.settings))
             if diff:
                 raise LvlmlpError(
                     f"{self.dir}: holds a run with other settings ({', '.join(diff)} differ); "
@@ -599,9 +600,9 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, chunk: int =
     runs = [open_run(d) for d in run_dirs]
     if not runs:
         raise LvlmlpError("merge: no run folders given")
-    base = {k: v for k, v in _identity(runs[0].manifest).items() if k not in _SHARD_KEYS}
+    base = {k: v for k, v in identity(runs[0].manifest).items() if k not in _SHARD_KEYS}
     for run in runs[1:]:
-        other = {k: v for k, v in _identity(run.manifest).items() if k not in _SHARD_KEYS}
+        other = {k: v for k, v in identity(run.manifest).items() if k not in _SHARD_KEYS}
         diff = _differences(base, other)
         if diff:
             raise LvlmlpError(f"merge: {run.path} was made with other settings ({', '.join(diff)} differ)")

@@ -55,8 +55,6 @@ class ServeConfig:
     max_body_bytes: int = 16 << 20
     default_max_tokens: int = 64
     max_tokens_limit: int = 1024
-    default_temperature: float = 0.0
-    default_top_p: float = 1.0
     api_key: str | None = None
     max_batch: int = 8
     batch_wait_ms: float = 10.0
@@ -152,8 +150,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         job = Job(
             image=image, question=question, max_tokens=max_tokens,
-            temperature=config.default_temperature if req.temperature is None else req.temperature,
-            top_p=config.default_top_p if req.top_p is None else req.top_p, seed=req.seed,
+            temperature=0.0 if req.temperature is None else req.temperature,  # greedy unless asked
+            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
             on_text=(lambda piece, flagged, score: loop.call_soon_threadsafe(
                 events.put_nowait, ("text", (piece, flagged, score)))) if req.stream else None,
             done=lambda result: loop.call_soon_threadsafe(events.put_nowait, ("done", result)),

@@ -170,8 +170,8 @@ class Engine:
     def __init__(self, backend: Any, guard: ProbeGuard) -> None:
         self.backend, self.guard = backend, guard
         # The ids Backend.generate pads with and stops at, so that answers equal `lvlmlp generate`'s.
-        self.pad_id: int = backend._pad_id
-        self.eos_ids: set[int] = set(backend._eos_ids)
+        self.pad_id: int = backend.pad_id
+        self.eos_ids: set[int] = set(backend.eos_ids)
 
     @torch.inference_mode()
     def run(self, jobs: list[Job]) -> list[Result]:

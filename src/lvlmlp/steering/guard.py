@@ -57,6 +57,17 @@ def _spell(tokenizer: Any, text: str, what: str) -> list[int]:
     return ids
 
 
+
+def parse_answers(text: str | None) -> dict[int, str] | None:
+    """`"Yes,No"` -> {1: "Yes", 0: "No"}: LABEL1,LABEL0, the `answers` of `ProbeGuard` (`--answers` of generate and
+    serve) and the finetuning targets (`--answers` of finetune, `finetune.answers` in a run config)."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise LvlmlpError(f"--answers: expected LABEL1,LABEL0 such as Yes,No, got {text!r}")
+    return {1: parts[0], 0: parts[1]}
+
 class ProbeGuard(LogitsProcessor):
     """Score the first generated position with `probe`; force `template` (flagged rows) or the predicted answer.
 

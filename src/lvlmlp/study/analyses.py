@@ -240,14 +240,15 @@ def main_evaluation(
     what the header records of the task (`groups`: its per-group metrics, `label_names`)."""
     from lvlmlp.probing.evaluate import write_eval
 
-    s = protocol.score(feature, make_probe_factory(probe_cfg))
+    make = make_probe_factory(probe_cfg)
+    s = protocol.score(feature, make)
     threshold = float(probe_cfg.get("threshold", 0.5))
     header = {
         "run": str(protocol.test.run.path),
         "split": split,
         "protocol": f"{protocol.cv}-fold cross-validation" if protocol.cv else "train/test",
         "probe": {"dir": str(probe_dir) if probe_dir and s.probe is not None else None,
-                  "class": type(make_probe_factory(probe_cfg)()).__name__, "feature_spec": feature_spec,
+                  "class": type(s.probe or make()).__name__, "feature_spec": feature_spec,
                   "threshold": threshold},
         "n_scored": int(s.rows.size), "n_skipped": s.n_short, "n_train": s.n_train, **(task or {}),
     }

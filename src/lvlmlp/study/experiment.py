@@ -192,7 +192,7 @@ def _run_steps(cfg: ExperimentConfig, progress: bool) -> dict[str, Any]:
                 steps.mark(step, key)
             runs[(name, split)] = open_run(folder)
     clip_runs = _clip_step(cfg, rows, out, progress) if cfg["clip"] else {}
-    return _analyses(cfg, out, steps, prompts, splits, runs, clip_runs)
+    return _analyses(cfg, out, steps, prompts, splits, runs, clip_runs, rows)
 
 
 def _clip_step(cfg: ExperimentConfig, rows: dict[str, list[dict]], out: Path, progress: bool) -> dict:
@@ -240,7 +240,7 @@ def _cached(steps: Steps, name: str, key: str, path: Path, compute: Any) -> Any:
 
 
 def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, splits: list[str], runs: dict,
-              clip_runs: dict) -> dict[str, Any]:
+              clip_runs: dict, rows: dict[str, list[dict]]) -> dict[str, Any]:
     from lvlmlp.study import analyses as an
 
     train_split, test_split = splits[0], splits[-1]
@@ -295,14 +295,14 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
                 "first-token logits, same rows and protocol.", an.LAYER_HEADER, an.layer_rows(res), [png]))
     if len(prompts) > 1:
         sections.append(_prompt_section(main, report_dir))
-        results["prompt_comparison"] = {n: _headline(m) for n, m in main.items()}
+        results["prompt_comparison"] = {n: headline(m) for n, m in main.items()}
     if clip_runs:
         # CLIP rows carry no answers: where labels come from the model's answers, take them from the first prompt's runs.
         label_runs = (runs[(prompts[0][0], splits[0])], runs[(prompts[0][0], splits[-1])]) if _label_fn(cfg) else None
         sections.append(_clip_evals(cfg, out, steps, clip_runs, splits, main[prompts[0][0]], eval_dirs, results,
                                     report_dir, stamp, label_runs))
     if cfg["finetune"] is not None:
-        sections.append(_finetune_section(cfg, out, steps, prompts[0], splits, runs, report_dir, results))
+        sections.append(_finetune_section(cfg, out, steps, prompts[0], splits, rows, runs, report_dir, results))
     return write_report(eval_dirs, report_dir, sections, results)
 
 
@@ -332,31 +332,36 @@ def finetune_options(cfg: ExperimentConfig) -> tuple[Any, dict[str, Any]]:
 
 
 def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tuple[str, str | None],
-                      splits: list[str], runs: dict, report_dir: Path, results: dict[str, Any]) -> Any:
+                      splits: list[str], rows: dict[str, list[dict]], runs: dict, report_dir: Path,
+                      results: dict[str, Any]) -> Any:
     """`finetune:` LoRA-finetune the model on the train split (first prompt) and compare it with the probe on the
     base model's first-token logits, on the test split: table + AUROC per epoch (`lvlmlp.study.finetune.compare`)."""
-    from lvlmlp.extraction.extract import shard_rows
+    from lvlmlp.steering.guard import parse_answers
+    from lvlmlp.study import analyses as an
     from lvlmlp.study import finetune as ft
 
     settings, opts = finetune_options(cfg)
     name, template = prompt
-    answers = ft.parse_answers(opts["answers"]) or ft.default_answers(cfg["task"], name)
-    train_rows, test_rows = (shard_rows(task_rows(cfg, s)) for s in (splits[0], splits[-1]))
+    answers = parse_answers(opts["answers"]) or ft.default_answers(cfg["task"], name)
+    train_rows, test_rows = rows[splits[0]], rows[splits[-1]]  # the rows the extraction steps ran
     targets = ft.row_targets(train_rows, answers, f"task {cfg['task']} split {splits[0]}")
     base_train, base_test = runs[(name, splits[0])], runs[(name, splits[-1])]
 
     def compute() -> dict[str, Any]:
-        y_train = np.array([r["label"] for r in train_rows], dtype=float)
-        base = ft.probe_scores(ft.first_token_logits(base_train, train_rows), y_train,
-                               ft.first_token_logits(base_test, test_rows))
+        # The configured probe (kind, feature, hyper-parameters), as in the main evaluation.
+        kind = cfg.probe.feature
+        y_train = np.array([r["label"] for r in train_rows], dtype=int)
+        probe = an.make_probe_factory(dict(cfg.probe))().fit(ft.first_token_logits(base_train, train_rows, kind),
+                                                              y_train)
+        base = probe.predict_proba(ft.first_token_logits(base_test, test_rows, kind))[:, 1]
         return ft.compare(cfg["model"], train_rows, test_rows, targets, out / "finetune", settings,
                           ft.readout_for(answers), base, device=cfg["device"], dtype=cfg["dtype"],
                           prompt_template=template, raw_prompt=bool(cfg["raw_prompt"]),
-                          max_new_tokens=int(opts["max_new_tokens"]), batch_size=cfg["batch_size"],
-                          every_epoch=bool(opts["every_epoch"]), n_boot=cfg["n_boot"])
+                          system_prompt=cfg["system_prompt"], max_new_tokens=int(opts["max_new_tokens"]),
+                          batch_size=cfg["batch_size"], every_epoch=bool(opts["every_epoch"]), n_boot=cfg["n_boot"])
 
-    key = _key([settings, opts, template, cfg["n_boot"], [(str(r.path), r.manifest.get("created_at"))
-                                                          for r in (base_train, base_test)]])
+    key = _key([settings, opts, template, cfg["n_boot"], dict(cfg.probe),
+                [(str(r.path), r.manifest.get("created_at")) for r in (base_train, base_test)]])
     res = _cached(steps, "finetune", key, out / "finetune" / "comparison.json", compute)
     results["finetune"] = res
     png = report_dir / "finetune_epochs.png"
@@ -369,7 +374,7 @@ def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tu
                    "first-token logits. Plot: AUROC per epoch.", ft.COMPARISON_HEADER, ft.comparison_rows(res), [png])
 
 
-def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     metric = "auroc" if metrics.get("task") == "binary" else "accuracy"
     return {"metric": metric, "value": metrics.get(metric), "ci": metrics.get(f"{metric}_ci"),
             "n": metrics.get("n", metrics.get("n_scored")),
@@ -386,7 +391,7 @@ def _prompt_section(main: dict[str, dict], report_dir: Path) -> Any:
     from lvlmlp.study.report import fmt_value
 
     names = list(main)
-    heads = [_headline(main[n]) for n in names]
+    heads = [headline(main[n]) for n in names]
     baselines = sorted({b for h in heads for b in h["baselines"]})
     rows = [[n, an.fmt_result(h), *[fmt_value(h["baselines"].get(b)) for b in baselines], str(h["n"])]
             for n, h in zip(names, heads)]
@@ -402,9 +407,9 @@ def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, r
 
     probe_cfg = {k: v for k, v in cfg["probe"].items() if k != "feature"}
     probe_class = first.get("probe", {}).get("class") or "probe"
-    rows = [[f"first-token logits ({probe_class})", an.fmt_result(_headline(first)),
-             str(_headline(first)["n"])]]
-    entries, names = [_headline(first)], ["first-token logits"]
+    rows = [[f"first-token logits ({probe_class})", an.fmt_result(headline(first)),
+             str(headline(first)["n"])]]
+    entries, names = [headline(first)], ["first-token logits"]
     results["clip"] = {}
     for kind in cfg["clip"]["kinds"]:
         train_run, test_run = clip_runs[(kind, splits[0])], clip_runs[(kind, splits[-1])]
@@ -417,7 +422,7 @@ def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, r
                                   eval_dir, probe_dir=out / "probes" / f"clip-{kind}", split=splits[-1],
                                   task=_task_header(cfg)))
         eval_dirs.append(eval_dir)
-        head = _headline(metrics)
+        head = headline(metrics)
         results["clip"][kind] = head
         entries.append(head)
         names.append(f"CLIP {kind}")

@@ -84,16 +84,6 @@ class Settings:
 
 
 # ------------------------------------------------------------------------------------------------------ targets
-def parse_answers(text: str | None) -> dict[int, str] | None:
-    """`"Yes,No"` -> {1: "Yes", 0: "No"} (LABEL1,LABEL0, as `lvlmlp generate --answers`)."""
-    if text is None:
-        return None
-    parts = [p.strip() for p in str(text).split(",")]
-    if len(parts) != 2 or not all(parts):
-        raise LvlmlpError(f"--answers: expected LABEL1,LABEL0 such as Yes,No, got {text!r}")
-    return {1: parts[0], 0: parts[1]}
-
-
 def default_answers(task: str | None, style: str | None) -> dict[int, str]:
     """The answer words a task's prompt style asks for: `mq` Yes/No, `oeh` its refusal phrase for label 0 (POPE's
     `oeh` asks for yes/no); otherwise none (then each row needs --answers or a `target` field)."""
@@ -159,7 +149,7 @@ def encode_examples(backend: Backend, images: list, questions: list[str], target
     batch = backend.collate(images, questions)
     ids = batch["input_ids"]
     bsz, width = ids.shape[0], max(len(t) for t in targets)
-    answer = torch.full((bsz, width), backend._pad_id, dtype=ids.dtype)
+    answer = torch.full((bsz, width), backend.pad_id, dtype=ids.dtype)
     mask = torch.zeros((bsz, width), dtype=ids.dtype)
     labels = torch.full((bsz, ids.shape[1] + width), IGNORE, dtype=torch.long)
     for i, t in enumerate(targets):
@@ -245,7 +235,7 @@ def finetune(backend: Backend, rows: Sequence[dict], targets: Sequence[str], out
     if len(targets) != len(rows):
         raise LvlmlpError(f"{source}: {len(targets)} targets for {len(rows)} rows")
     eos = backend.tokenizer.eos_token_id
-    eos = min(backend._eos_ids, default=None) if eos is None else int(eos)  # else the generation config's
+    eos = min(backend.eos_ids, default=None) if eos is None else int(eos)  # else the generation config's
     ids = [target_ids(backend.tokenizer, t, eos, f"{source}: row {r['id']!r}") for r, t in zip(rows, targets)]
     regex = lora_targets(backend.model, settings.target_modules)  # all checks before any training
     missing = [r["id"] for r in rows if not Path(r["image"]).is_file()]
@@ -415,12 +405,12 @@ def probe_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -
     return LogisticProbe(max_iter=1000).fit(x_train, y_train.astype(int)).predict_proba(x_test)[:, 1]
 
 
-def first_token_logits(run: Any, rows: Sequence[dict]) -> np.ndarray:
-    """(len(rows), V) first-token logits of `rows` (by id) from a run."""
+def first_token_logits(run: Any, rows: Sequence[dict], kind: str = "logits") -> np.ndarray:
+    """(len(rows), V) first-token features of `rows` (by id) from a run: raw logits, or `kind` of them."""
     from lvlmlp.probing.features import feature_matrix
 
     pos = {rid: i for i, rid in enumerate(run.ids)}
-    return feature_matrix(run, "logits", token=0, rows=np.array([pos[r["id"]] for r in rows]))
+    return feature_matrix(run, kind, token=0, rows=np.array([pos[r["id"]] for r in rows]))
 
 
 def scored(y: np.ndarray, score: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
@@ -446,8 +436,8 @@ def _readout_scores(run: Any, rows: Sequence[dict], readout: Readout, tokenizer:
 
 def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[dict], targets: Sequence[str],
             out: str | Path, settings: Settings, readout: Readout, base_probe: np.ndarray, *,
-            probe_train_rows: Sequence[dict] | None = None, device: str = "auto", dtype: str = "auto",
-            prompt_template: str | None = None, raw_prompt: bool = False, max_new_tokens: int = 3,
+            device: str = "auto", dtype: str = "auto", prompt_template: str | None = None, raw_prompt: bool = False,
+            system_prompt: str | None = None, max_new_tokens: int = 3,
             batch_size: int = 8, every_epoch: bool = True, tuned_probe: bool = True, n_boot: int = 1000,
             progress: bool = True) -> dict[str, Any]:
     """Finetune `model` on (train_rows, targets) into `out` and compare on `test_rows` (labels 0/1):
@@ -456,7 +446,7 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
     * `finetuned: own answer` / `finetuned: answer-token prob`: the merged model's greedy answer and first-token
       probability of the readout word (and, with `every_epoch`, the same per epoch with the adapter active);
     * `probe (finetuned model)` (unless not `tuned_probe`): the same probe trained on the finetuned model's
-      logits of `probe_train_rows` (default: `train_rows`).
+      logits of `train_rows`.
     Every run is resumable; returns (and writes to `out/comparison.json`) the metrics with 95% intervals."""
     from lvlmlp.extraction.backend import Backend
     from lvlmlp.extraction.extract import extract
@@ -466,7 +456,9 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
     y = np.array([r.get("label") for r in test_rows], dtype=float)
     if np.isnan(y).any() or set(np.unique(y)) - {0.0, 1.0}:
         raise LvlmlpError(f"finetune comparison {out}: every test row needs a 0/1 label")
-    kwargs = {"device": device, "dtype": dtype, "prompt_template": prompt_template, "raw_prompt": raw_prompt}
+    # the prompt extraction used (the base model's probe read its logits under it)
+    kwargs = {"device": device, "dtype": dtype, "prompt_template": prompt_template, "raw_prompt": raw_prompt,
+              "system_prompt": system_prompt}
     backend = Backend(model, **kwargs)
 
     def evaluate(epoch: int, tuned: Backend) -> None:
@@ -498,7 +490,7 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
     for key, score in _readout_scores(test_run, test_rows, readout, tuned.tokenizer).items():
         methods[f"finetuned: {key.replace('_', ' ')}"] = scored(y, score, n_boot, settings.seed)
     if tuned_probe:
-        probe_rows = list(probe_train_rows or train_rows)
+        probe_rows = list(train_rows)
         train_run = extract(tuned, probe_rows, out / "eval" / "final-train", batch_size=batch_size,
                             store_dtype="float32", progress=progress, source="finetuned model, train rows")
         y_train = np.array([r.get("label") for r in probe_rows], dtype=float)
@@ -518,26 +510,18 @@ COMPARISON_HEADER = ["method", "AUROC [95% CI]", "accuracy", "F1", "n"]
 
 
 def comparison_rows(result: dict[str, Any]) -> list[list[str]]:
-    """The comparison table's rows (methods x metrics), as text."""
-    def fmt(x: Any) -> str:
-        return "-" if x is None else f"{x:.3f}"
+    """The comparison table's rows (methods x metrics), as text, in the number format of every report."""
+    from lvlmlp.study.report import fmt_ci, fmt_value
 
-    rows = []
-    for name, m in result["methods"].items():
-        ci = m.get("auroc_ci")
-        rows.append([name, fmt(m["auroc"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""), fmt(m["accuracy"]),
-                     fmt(m["f1"]), str(m["n"])])
-    return rows
+    return [[name, fmt_ci(m["auroc"], m.get("auroc_ci")), fmt_value(m["accuracy"]), fmt_value(m["f1"]), str(m["n"])]
+            for name, m in result["methods"].items()]
 
 
 def plot_epochs(result: dict[str, Any], path: str | Path, title: str) -> None:
     """AUROC per epoch of the finetuned model's own answer and answer-token probability, with the probe's as a line."""
-    import matplotlib
+    from lvlmlp.study.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = pyplot().subplots(figsize=(5, 3.6))
     epochs = [e["epoch"] for e in result["per_epoch"]]
     for key, label in (("own_answer", "finetuned: own answer"), ("answer_prob", "finetuned: answer-token prob")):
         values = [e.get(key, {}).get("auroc") for e in result["per_epoch"]]
@@ -549,6 +533,4 @@ def plot_epochs(result: dict[str, Any], path: str | Path, title: str) -> None:
             ax.axhline(value, linestyle=style, color="grey" if style == "--" else "black", label=name)
     ax.set(title=title, xlabel="epoch", ylabel="AUROC")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, Path(path))

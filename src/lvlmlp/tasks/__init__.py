@@ -13,13 +13,13 @@ collects them and loads `prompts.yaml` (the command `lvlmlp tasks [NAME]` lives 
 
 from __future__ import annotations
 
-import json
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lvlmlp.data import write_jsonl
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.tasks import imagenet, jsonl, mad, mathvista, mmsafety, pope, vizwiz, world
 from lvlmlp.tasks.base import Request, Task
@@ -106,13 +106,9 @@ def dump_rows(
 ) -> int:
     """Write the rows extraction would use (with their prompt text) to `out` as JSON lines; returns the count.
     `options` go to `Task.rows` (limit, per_class, seed and the task's own options)."""
-    rows = get_task(task).rows(data_root, image_root, split, **options)
-    lines = [json.dumps(r, ensure_ascii=False) for r in prompted_rows(rows, prompt_template(task, style))]
-    path = Path(out)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    tmp.replace(path)  # a crash mid-write leaves the previous dump intact
-    return len(lines)
+    rows = prompted_rows(get_task(task).rows(data_root, image_root, split, **options), prompt_template(task, style))
+    write_jsonl(out, rows)  # atomic: a crash mid-write leaves the previous dump intact
+    return len(rows)
 
 
 def describe(task: Task) -> str:
