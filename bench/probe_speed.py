@@ -8,7 +8,7 @@ Multiclass task (default 50,000 rows x 4,096 dims, 1,000 classes):
   paper  - the same features in RAM -> LinearDiscriminantAnalysis() (the paper's ImageNet notebook) -> accuracy
 
 ImageNet protocol (--lda-classes 1000 --lda-dim 32000: 16 training rows per class, 16,000 x 32,000):
-  ours   - LDAProbe() (the same svd LDA in torch, float64 Gram eigendecomposition; --device cuda on a GPU)
+  ours   - LDAProbe() (the svd LDA's coefficients in torch: a Gram matrix and Cholesky solves; --device cuda)
   paper  - LinearDiscriminantAnalysis() on float32 features, as the ImageNet notebook
   and whether both predict the same class for every test row.
 

@@ -267,3 +267,30 @@ def test_probes_are_scikit_learn_estimators_clone_and_cross_val_predict():
     np.testing.assert_allclose(oof, by_hand, rtol=0, atol=1e-12)
     for cls in PROBES.values():
         assert clone(cls()).get_params() == cls().get_params()
+
+
+@pytest.mark.parametrize("case", ["full-rank", "duplicate-rows", "more-rows-than-features"])
+def test_lda_within_class_pseudo_inverse_against_numpy_svd(case):
+    """`_centres_times_pinv` (the Cholesky fast path on reduced rows, or the eigen-decomposition when a singular
+    value is under tol or rows outnumber features) equals centres @ V_r diag(1/S_r^2) V_r^T from numpy's SVD of the
+    within-class matrix, r = the singular values above tol, as scikit-learn's svd solver thresholds them."""
+    import torch
+
+    from lvlmlp.probing.probes import _centres_times_pinv
+
+    rng = np.random.default_rng(3)
+    k, per, d = (6, 40, 30) if case == "more-rows-than-features" else (6, 5, 60)
+    y = np.repeat(np.arange(k), per)
+    X = rng.normal(size=(y.size, d))
+    if case == "duplicate-rows":
+        X[1] = X[0]  # a rank lost within class 0: one singular value at 0, under tol
+    means = np.stack([X[y == c].mean(0) for c in range(k)])
+    xw = (X - means[y]) / np.sqrt(y.size)
+    centres = rng.normal(size=(k, d))
+    _, s, vt = np.linalg.svd(xw, full_matrices=False)
+    r = int((s > 1e-4).sum())
+    assert r == y.size - k - (case == "duplicate-rows") or case == "more-rows-than-features"
+    expected = centres @ vt[:r].T @ np.diag(1 / s[:r] ** 2) @ vt[:r]
+    got = _centres_times_pinv(torch.from_numpy(xw), torch.from_numpy(y), torch.from_numpy(np.bincount(y)),
+                              torch.from_numpy(centres), 1e-4).numpy()
+    assert np.allclose(got, expected, rtol=1e-8, atol=1e-8 * np.abs(expected).max())

@@ -351,8 +351,8 @@ class LDAProbe(Probe):
     """Linear discriminant analysis; binary or multiclass.
 
     Default (`shrinkage=None`): the paper's ImageNet classifier, scikit-learn's `LinearDiscriminantAnalysis()`
-    (solver "svd", tol 1e-4), computed by the same algorithm in torch (`_lda_svd`), on `device` (cpu, cuda or
-    auto): the same predictions, faster (bench/probe_speed.py --lda).
+    (solver "svd", tol 1e-4): the same fitted coefficients, computed in torch without its SVDs (`_lda_svd`), on
+    `device` (cpu, cuda or auto): the same predictions, faster (bench/probe_speed.py --lda).
     `shrinkage="auto"` or a float: scikit-learn's `LinearDiscriminantAnalysis(solver="lsqr", shrinkage=...)`, an
     option that keeps the covariance well-posed when features outnumber rows (not the paper's).
     """
@@ -394,14 +394,18 @@ def _torch_device(name: str) -> Any:
 
 
 def _lda_svd(X: np.ndarray, y: np.ndarray, tol: float, device: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """scikit-learn's `LinearDiscriminantAnalysis._solve_svd` (1.9) step by step, in torch: (coef_, intercept_,
-    classes_) as its fitted model holds them (binary: one row, class 1 minus class 0).
+    """scikit-learn's `LinearDiscriminantAnalysis._solve_svd` (1.9) in torch: (coef_, intercept_, classes_) as its
+    fitted model holds them (binary: one row, class 1 minus class 0).
 
-    One step is computed differently, for speed: the singular values and right singular vectors of the scaled
-    within-class matrix (n x d) come from the eigen-decomposition of its Gram matrix (the smaller of n x n and
-    d x d) in float64, instead of an SVD of the float32 matrix. A float64 Gram matrix keeps the singular values
-    above the 1e-4 rank threshold to better than float32 SVD accuracy, so the rank and the predictions are the
-    same; the tests compare predictions with scikit-learn's."""
+    scikit-learn takes two SVDs: of the scaled within-class matrix Xw (n x d), giving the whitening
+    W = V_r / std / S_r over the r singular values above `tol`, and of the between-class centres projected by W
+    (k x r), whose leading right singular vectors V2 (relative threshold `tol`) give scalings_ = W V2. Its coef_
+    and intercept_ depend on these only through the products computed here, which need no SVD of Xw:
+      P = (means - xbar) W W^T = (means - xbar) / std @ pinv_tol(Xw^T Xw) / std    (`_centres_times_pinv`)
+      H = P (means - xbar)^T,  D = sqrt(n priors / (k - 1)),  D H D = U2 S2^2 U2^T  (k x k eigenproblem)
+      (means - xbar) scalings_ = H D U2 / S2,   coef_ = that / S2 @ U2^T D P.
+    The same rank rules apply (S > tol; S2 > tol * S2[0]); float64 throughout. Tests compare predictions and
+    probabilities with scikit-learn's."""
     import torch
 
     classes, y_idx, counts = np.unique(y, return_inverse=True, return_counts=True)
@@ -412,36 +416,72 @@ def _lda_svd(X: np.ndarray, y: np.ndarray, tol: float, device: Any) -> tuple[np.
     priors = torch.from_numpy(counts / n).to(device, f64)
     means = torch.zeros(k, x.shape[1], dtype=f64, device=device).index_add_(0, idx, x.to(f64))
     means /= torch.from_numpy(counts).to(device, f64)[:, None]
-    xs = x.to(f64) - means[idx]  # within-class centred rows (their order does not change S or Vt)
+    xw = x.to(f64) - means[idx]  # within-class centred rows (their order does not change S or Vt)
     del x
-    std = xs.std(dim=0, correction=0)
+    std = xw.std(dim=0, correction=0)
     std[std == 0] = 1.0
-    xs /= std
-    xs *= (1.0 / n) ** 0.5
-    if n <= xs.shape[1]:
-        lam, u = torch.linalg.eigh(xs @ xs.T)
-        s = lam.flip(0).clamp_min(0).sqrt()
-        rank = int((s > tol).sum())
-        vt = (u.flip(1)[:, :rank].T @ xs) / s[:rank, None]
-    else:
-        lam, v = torch.linalg.eigh(xs.T @ xs)
-        s = lam.flip(0).clamp_min(0).sqrt()
-        rank = int((s > tol).sum())
-        vt = v.flip(1)[:, :rank].T
-    del xs
-    scalings = (vt / std).T / s[:rank]
+    xw /= std
+    xw *= (1.0 / n) ** 0.5
     xbar = priors @ means
-    between = (torch.sqrt(n * priors * (1.0 if k == 1 else 1.0 / (k - 1)))[:, None] * (means - xbar)) @ scalings
-    _, s2, vt2 = torch.linalg.svd(between, full_matrices=False)
+    p = _centres_times_pinv(xw, idx, torch.from_numpy(counts).to(device), (means - xbar) / std, tol) / std
+    del xw
+    h = p @ (means - xbar).T
+    d = torch.sqrt(n * priors * (1.0 if k == 1 else 1.0 / (k - 1)))
+    lam2, u2 = torch.linalg.eigh(d[:, None] * h * d[None, :])
+    s2, u2 = lam2.flip(0).clamp_min(0).sqrt(), u2.flip(1)
     rank2 = int((s2 > tol * s2[0]).sum())
-    scalings = scalings @ vt2.T[:, :rank2]
-    coef = (means - xbar) @ scalings
+    s2, u2 = s2[:rank2], u2[:, :rank2]
+    coef = (h @ (d[:, None] * u2)) / s2  # scikit-learn's (means - xbar) @ scalings_
     intercept = -0.5 * (coef**2).sum(dim=1) + torch.log(priors)
-    coef = coef @ scalings.T
+    coef = (coef / s2) @ (u2.T * d) @ p  # scikit-learn's coef @ scalings_.T
     intercept -= xbar @ coef.T
     if k == 2:
         coef, intercept = coef[1:] - coef[:1], intercept[1:] - intercept[:1]
     return coef.cpu().numpy(), intercept.cpu().numpy(), classes
+
+
+def _centres_times_pinv(xw: Any, idx: Any, counts: Any, centres: Any, tol: float) -> Any:
+    """centres @ pinv_tol(xw^T xw): the pseudo-inverse over xw's singular values above `tol` (scikit-learn's rank).
+
+    Fast path (more features than rows, ImageNet's 16 rows per class): each class's centred rows span only m - 1
+    directions, so they are replaced by m - 1 rows with the same Gram matrix xw^T xw (a Householder reflection
+    that maps the class's all-ones vector to its first axis: row i becomes x_i + x_first / (sqrt(m) - 1)). When
+    the reduced rows z have full rank with every singular value above `tol` (proved by a Cholesky factor L of
+    z z^T and the bound lambda_min >= 1 / trace((z z^T)^-1) = 1 / ||L^-1||_F^2), pinv(xw^T xw) = z^T (z z^T)^-2 z:
+    one matrix product and triangular solves, several times faster than the eigen-decomposition or SVD of an
+    n x n matrix. Otherwise: the eigen-decomposition of the smaller Gram matrix, thresholded at `tol`."""
+    import torch
+
+    n, d = xw.shape
+    if n <= d:
+        order = torch.argsort(idx, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        first = order[starts]  # each class's first row
+        keep = torch.ones(n, dtype=torch.bool, device=xw.device)
+        keep[starts] = False
+        rest = order[keep]
+        cls = idx[rest]
+        z = xw[rest]
+        z.addcmul_(xw[first[cls]], 1.0 / (counts[cls].to(xw.dtype).sqrt() - 1.0)[:, None])
+        chol, info = torch.linalg.cholesky_ex(z @ z.T)
+        if int(info) == 0:
+            eye = torch.eye(chol.shape[0], dtype=chol.dtype, device=chol.device)
+            inv_trace = float((torch.linalg.solve_triangular(chol, eye, upper=False) ** 2).sum())
+            if inv_trace * (2.0 * tol) ** 2 < 1.0:  # smallest singular value > 2 tol: nothing under the threshold
+                t = torch.cholesky_solve(torch.cholesky_solve((centres @ z.T).T, chol), chol)
+                return t.T @ z
+        del z
+    if n <= d:
+        lam, u = torch.linalg.eigh(xw @ xw.T)
+        s = lam.flip(0).clamp_min(0).sqrt()
+        rank = int((s > tol).sum())
+        vt = (u.flip(1)[:, :rank].T @ xw) / s[:rank, None]
+    else:
+        lam, v = torch.linalg.eigh(xw.T @ xw)
+        s = lam.flip(0).clamp_min(0).sqrt()
+        rank = int((s > tol).sum())
+        vt = v.flip(1)[:, :rank].T
+    return ((centres @ vt.T) / s[:rank] ** 2) @ vt
 
 
 class MultinomialProbe(Probe):
