@@ -37,6 +37,20 @@ def assert_same_scores(actual: np.ndarray, expected: np.ndarray) -> None:
     np.testing.assert_allclose(actual, expected, rtol=SCORE_RTOL, atol=0)
 
 
+def assert_same_greedy(actual: torch.Tensor, expected: torch.Tensor, expected_logits: torch.Tensor,
+                       tie: float = 1e-4) -> None:
+    """Greedy tokens of two code paths (other batch shapes, prefill vs cached decoding) agree, except that a row
+    may part at a near tie of the expected path (its top two logits within `tie`, last-bit float differences);
+    after parting, a row's later tokens follow other context and are not compared."""
+    for row in range(expected.shape[0]):
+        for t in range(expected.shape[1]):
+            a, e = int(actual[row, t]), int(expected[row, t])
+            if a != e:
+                gap = float(expected_logits[row, t, e] - expected_logits[row, t, a])
+                assert gap <= tie, f"row {row} token {t}: {a} != {e} with a logit gap of {gap}"
+                break
+
+
 def make_manifest(root: Path, n: int = 4) -> Path:
     """Random images of varied sizes and questions of varied lengths: the batch is left-padded."""
     rng = np.random.default_rng(1)
@@ -116,7 +130,8 @@ def test_one_guard_many_calls_and_plain_model_generate(setups):
     out2 = backend.model.generate(**sub, logits_processor=LogitsProcessorList([guard]), **kwargs)
     assert guard.flagged_.tolist() == [False, True]
     assert_same_scores(guard.scores_, probe.predict_proba(X[2:])[:, 1])  # 2 rows vs 4
-    assert torch.equal(out2[:, sub["input_ids"].shape[1]:], first[2:])
+    first_logits = backend.generate(batch, max_new_tokens=K, logits_processor=LogitsProcessorList([guard]))["logits"]
+    assert_same_greedy(out2[:, sub["input_ids"].shape[1]:], first[2:], first_logits[2:])
 
 
 def test_watching_scores_raw_logits_despite_builtin_processors(setups):
@@ -184,7 +199,7 @@ def test_answer_forcing_then_free_greedy_continuation(setups, family):
     if "mm_token_type_ids" in batch:  # Qwen2-VL marks image tokens per position; the answer is text (0)
         ext["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros(len(forced), n).long()], 1)
     ref = backend.generate(ext, max_new_tokens=K - n)
-    assert torch.equal(res["sequences"][:, n:], ref["sequences"])
+    assert_same_greedy(res["sequences"][:, n:], ref["sequences"], ref["logits"])
 
 
 def test_beam_search_refused(setups):
