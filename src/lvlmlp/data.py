@@ -136,7 +136,7 @@ def load_image(path: str | Path, row_id: str = "?") -> Image.Image:
         for w in caught:  # PIL's warning names no file: say which row's image is so large
             log.warning("row %r: %s: %s", row_id, path, w.message)
         ImageOps.exif_transpose(im, in_place=True)
-        return _to_rgb(im)
+        return to_rgb(im)
     except LvlmlpError:
         raise
     except Exception as err:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError)
@@ -144,7 +144,8 @@ def load_image(path: str | Path, row_id: str = "?") -> Image.Image:
         raise LvlmlpError(f"row {row_id!r}: unreadable image {path}: {message}") from None
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
+    """A decoded image as 8-bit RGB (`load_image`'s conversion; `lvlmlp serve` applies it to uploaded images)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # PIL's convert("RGB") clips 16-bit values at 255 (a white image); scale to 8 bits instead.
         arr = np.asarray(im, dtype=np.float64)

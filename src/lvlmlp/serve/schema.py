@@ -20,7 +20,7 @@ from typing import Any, Literal
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from lvlmlp.data import _to_rgb, load_image  # _to_rgb: the same conversion as an image read from a manifest
+from lvlmlp.data import load_image, to_rgb  # to_rgb: the same conversion as an image read from a manifest
 from lvlmlp.errors import LvlmlpError
 
 # Media types a data URL may carry, and the PIL formats that may be inside (a PNG sent as image/jpeg is fine).
@@ -176,7 +176,7 @@ def _decode_data_url(url: str, limits: Limits, where: str) -> Image.Image:
         ImageOps.exif_transpose(image, in_place=True)
     except Exception as err:  # noqa: BLE001 - PIL raises several types for truncated or corrupt data
         raise ApiError(400, f"{where}: the image cannot be decoded ({err})", param=where) from None
-    return _to_rgb(image)
+    return to_rgb(image)
 
 
 def _check_pixels(image: Image.Image, limits: Limits, where: str) -> None:
