@@ -252,6 +252,10 @@ def test_mad_equals_the_original(tmp_path: Path) -> None:
     coco = (tmp_path / "coco" / "val2017").resolve()
     coco.mkdir(parents=True)
     _check_mad(tmp_path, ann_root, coco)
+    # The original's scripts call the test part `val` (run_model --split val): the same rows, named `test`.
+    test = dump(tmp_path, "mad", ann_root, "test", "mq", image_root=coco)
+    assert dump(tmp_path, "mad", ann_root, "val", "mq", image_root=coco) == test
+    assert {r["split"] for r in test} == {"test"} and len(test) == 4 + 5 * 3
 
 
 @pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"paper annotation fixtures absent: {FIXTURES}")
