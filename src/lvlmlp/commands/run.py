@@ -33,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
     for name, metrics in doc["evaluations"].items():
         head = headline(metrics)
         value = "–" if head["value"] is None else f"{head['value']:.3f}"
-        print(f"{name}: {head['metric']} {value} (n={head['n']})")
+        label = ""
+        if "pooled" in head:  # k-fold: the mean of the folds, then the pooled out-of-fold figure
+            pooled = "–" if head["pooled"]["value"] is None else f"{head['pooled']['value']:.3f}"
+            label = f" ({head['label']}; pooled out-of-fold {pooled})"
+        print(f"{name}: {head['metric']} {value}{label} (n={head['n']})")
     print(f"report -> {Path(cfg['out']) / 'report' / 'report.html'}")
     return 0
