@@ -45,7 +45,7 @@ def _unique_names(dirs: list[Path]) -> list[str]:
 
 
 def fmt_value(value: Any) -> str:
-    """Every number of every report (demo, report, run): a fraction with 3 decimals, as the paper's AUROCs."""
+    """Every number of every report (demo, report, run): a fraction with 3 decimals."""
     return "–" if value is None else f"{value:.3f}"
 
 
