@@ -255,7 +255,8 @@ def test_cross_validated_run_leads_with_the_mean_of_folds(experiment: dict, tmp_
     ref = cross_validate(LogisticRegression(), test.logits(0).astype(np.float32), y, cv=4, scoring="roc_auc")
     mean = m["cv"]["mean_of_folds"]["auroc"]
     assert mean == pytest.approx(float(np.mean(ref["test_score"])), abs=1e-9)
-    assert f"oe: auroc {mean:.3f} (mean of 4 folds; pooled out-of-fold {m['auroc']:.3f}) (n=16)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"oe: auroc {mean:.3f} (mean of 4 folds; pooled out-of-fold {m['auroc']:.3f}) (n=16)" in printed
     summary = f"{fmt_value(mean)} (mean of 4 folds); pooled out-of-fold {fmt_ci(m['auroc'], m['auroc_ci'])}"
     md = (out / "report" / "report.md").read_text()
     assert f"| oe | 16 | {summary} |" in md

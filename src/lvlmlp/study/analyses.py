@@ -373,7 +373,8 @@ def fmt_result(e: dict[str, Any]) -> str:
     from lvlmlp.study.report import POOLED, fmt_ci
 
     if e.get("pooled"):
-        return f"{fmt_ci(e.get('value'), None)} ({e['label']}); {POOLED} {fmt_ci(e['pooled']['value'], e['pooled']['ci'])}"
+        pooled = fmt_ci(e["pooled"]["value"], e["pooled"]["ci"])
+        return f"{fmt_ci(e.get('value'), None)} ({e['label']}); {POOLED} {pooled}"
     return fmt_ci(e.get("value"), e.get("ci"))
 
 
