@@ -232,3 +232,33 @@ def test_cross_validation_protocol_matches_sklearn_out_of_fold(tmp_path: Path):
     assert cv["mean_of_folds"]["auroc"] == pytest.approx(np.mean(ref["test_roc_auc"]), abs=1e-9)
     assert cv["mean_of_folds"]["f1"] == pytest.approx(np.mean(ref["test_f1"]), abs=1e-9)
     assert metrics is not None and "pooled" in cv
+
+
+def test_cross_validated_run_leads_with_the_mean_of_folds(experiment: dict, tmp_path: Path, capsys):
+    """`splits: {cv: K}` (MathVista's protocol): the run's report, its CLIP table and its printed summary lead with the
+    mean of the K folds (the original's figure, equal to cross_validate's), labelled, with the pooled out-of-fold
+    AUROC beside it; the extraction of the train/test experiment is reused."""
+    import shutil
+
+    from sklearn.model_selection import cross_validate
+
+    from lvlmlp.study.report import fmt_ci, fmt_value
+
+    out = tmp_path / "out"
+    shutil.copytree(experiment["out"], out)
+    capsys.readouterr()
+    assert main([*experiment["argv"], "--out", str(out), "--set", "prompt=[oe]",
+                 "--set", "splits={cv: 4, split: test}"]) == 0
+    doc = json.loads((out / "report" / "metrics.json").read_text())
+    m = doc["evaluations"]["oe"]
+    _, test, _, y = _split(out, "oe")
+    ref = cross_validate(LogisticRegression(), test.logits(0).astype(np.float32), y, cv=4, scoring="roc_auc")
+    mean = m["cv"]["mean_of_folds"]["auroc"]
+    assert mean == pytest.approx(float(np.mean(ref["test_score"])), abs=1e-9)
+    printed = capsys.readouterr().out
+    assert f"oe: auroc {mean:.3f} (mean of 4 folds; pooled out-of-fold {m['auroc']:.3f}) (n=16)" in printed
+    summary = f"{fmt_value(mean)} (mean of 4 folds); pooled out-of-fold {fmt_ci(m['auroc'], m['auroc_ci'])}"
+    md = (out / "report" / "report.md").read_text()
+    assert f"| oe | 16 | {summary} |" in md
+    assert f"| first-token logits (LogisticProbe) | {summary} | 16 |" in md  # the CLIP section's headline
+    assert "With 4-fold cross-validation the figures are pooled out-of-fold AUROCs" in md  # token decay, layers

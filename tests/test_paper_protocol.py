@@ -252,6 +252,10 @@ def test_mad_equals_the_original(tmp_path: Path) -> None:
     coco = (tmp_path / "coco" / "val2017").resolve()
     coco.mkdir(parents=True)
     _check_mad(tmp_path, ann_root, coco)
+    # The original's scripts call the test part `val` (run_model --split val): the same rows, named `test`.
+    test = dump(tmp_path, "mad", ann_root, "test", "mq", image_root=coco)
+    assert dump(tmp_path, "mad", ann_root, "val", "mq", image_root=coco) == test
+    assert {r["split"] for r in test} == {"test"} and len(test) == 4 + 5 * 3
 
 
 @pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"paper annotation fixtures absent: {FIXTURES}")
@@ -544,3 +548,53 @@ def test_last_token_is_the_last_generated_one_up_to_max_new_tokens(tmp_path: Pat
     keep_k, X_kept = last_token_feature()(kept, idx)
     keep_f, X_full = last_token_feature()(full, idx)
     assert keep_k.all() and keep_f.all() and np.abs(X_kept - X_full).max() < 1e-2
+
+
+def test_report_headline_of_a_k_fold_evaluation_is_the_mean_of_folds(tmp_path: Path) -> None:
+    """`lvlmlp report` (and `lvlmlp run`'s report) on a 10-fold evaluation: the headline is the mean of the folds
+    (cross_validate's figure), labelled "mean of 10 folds", with the pooled out-of-fold figure beside it."""
+    import html
+
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_validate
+
+    from lvlmlp.extraction.store import RunWriter, open_run
+    from lvlmlp.study.analyses import Labelled, Protocol, fmt_result, logits_feature, main_evaluation
+    from lvlmlp.study.experiment import headline
+    from lvlmlp.study.report import fmt_ci, fmt_value
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(120) < 0.4).astype(int)
+    logits = rng.normal(size=(120, 1, 16)).astype(np.float32)
+    logits[:, 0, :3] += 0.8 * y[:, None]
+    writer = RunWriter(tmp_path / "run", {"model": "synthetic", "dtype": "float32", "vocab_size": 16,
+                                          "max_new_tokens": 1, "prompt_template": None, "hidden": False, "layers": []})
+    writer.append([{"id": f"r{i}", "label": int(y[i]), "response": "x"} for i in range(120)],
+                  {"logits": logits, "n_tokens": np.ones(120, np.int32), "row_index": np.arange(120)})
+    writer.close()
+    run = open_run(tmp_path / "run")
+    main_evaluation(Protocol(test=Labelled.of(run), cv=10, n_boot=20), logits_feature(0), {}, {"kind": "logistic"},
+                    ["max-prob"], tmp_path / "eval")
+    assert main(["report", str(tmp_path / "eval"), "--out", str(tmp_path / "report")]) == 0
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())["eval"]
+    folds = metrics["cv"]["mean_of_folds"]
+    ref = cross_validate(LogisticRegression(), logits[:, 0], y, cv=10, scoring=("roc_auc", "accuracy", "f1"))
+    assert abs(folds["auroc"] - float(np.mean(ref["test_roc_auc"]))) < 1e-9
+    assert abs(folds["f1"] - float(np.mean(ref["test_f1"]))) < 1e-9
+    pooled = fmt_ci(metrics["auroc"], metrics["auroc_ci"])
+    assert fmt_value(folds["auroc"]) != fmt_value(metrics["auroc"])  # two different figures, both shown
+    summary = f"{fmt_value(folds['auroc'])} (mean of 10 folds); pooled out-of-fold {pooled}"
+    mean_row = (f"| probe (LogisticProbe), mean of 10 folds | {fmt_value(folds['auroc'])} | – | "
+                f"{fmt_value(folds['accuracy'])} | {fmt_value(folds['f1'])} | 120 |")
+    pooled_row = f"| probe (LogisticProbe), pooled out-of-fold | {pooled} | {fmt_value(metrics['auprc'])} |"
+    md = (tmp_path / "report" / "report.md").read_text()
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert f"| eval | 120 | {summary} |" in md and html.escape(summary) in page
+    assert mean_row in md and pooled_row in md and md.index(mean_row) < md.index(pooled_row)
+    assert "<td class='text'>probe (LogisticProbe), mean of 10 folds</td>" in page
+    # `lvlmlp run`'s headline (printed, prompt comparison, CLIP table): the same figures, labelled the same way.
+    head = headline(metrics)
+    assert (head["value"], head["label"], head["pooled"]["value"]) == (folds["auroc"], "mean of 10 folds",
+                                                                       metrics["auroc"])
+    assert fmt_result(head) == summary

@@ -29,10 +29,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from lvlmlp.cli import build_parser, main
 from lvlmlp.commands.serve import build_app
 from lvlmlp.data import load_image
+from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.backend import Backend
 from lvlmlp.probing.probes import LogisticProbe, load_probe
 from lvlmlp.serve import Engine, Limits, ServeConfig, create_app, load_engine
-from lvlmlp.steering.guard import ProbeGuard
+from lvlmlp.steering.guard import SAFETY_TEMPLATE, ProbeGuard
 
 TEMPLATE = "I cannot answer."
 KEY = "sk-test-key"
@@ -320,7 +321,8 @@ def test_full_queue_answers_503_and_recovers(world):
 def test_cli_serve_flags_build_the_app(world, server, monkeypatch):
     """The command's flags: the served id and the model's path as an alias, LVLMLP_API_KEY, the limits; the app
     it builds (served here as uvicorn.run would) gives the fixture server's answer."""
-    assert main(["serve", "--model", str(world["ckpt"]), "--probe", str(world["probe"])]) == 2  # no template
+    assert main(["serve", "--model", str(world["ckpt"]), "--probe", str(world["probe"]), "--template", "x",
+                 "--answers", "yes,no"]) == 2  # both modes
     assert main(["serve", "--model", str(world["ckpt"]), "--probe", str(world["probe"]), "--template", "x",
                  "--max-batch", "0"]) == 2
     assert main(["serve", "--model", str(world["ckpt"]), "--probe", str(world["probe"]), "--template", TEMPLATE,
@@ -343,3 +345,22 @@ def test_cli_serve_flags_build_the_app(world, server, monkeypatch):
         with pytest.raises(openai.APIStatusError, match="--max-image-bytes"):
             client.chat.completions.create(model=world["ckpt"].name, messages=message(
                 data_url(load_image(row["image"])), row["question"]))
+
+
+def test_serve_defaults_to_the_original_safety_template(world):
+    """Without --template or --answers the guard forces the original's MM-SafetyBench text; an explicit --template
+    wins; the default --max-tokens (64) grows to a longer forced text instead of refusing to start."""
+    base = ["serve", "--model", str(world["ckpt"]), "--probe", str(world["probe"]), "--device", "cpu"]
+
+    def built(*flags: str) -> tuple[ProbeGuard, int]:
+        app = build_app(build_parser().parse_args([*base, *flags]))
+        return app.state.batcher.engine.guard, app.state.config.default_max_tokens
+
+    guard, max_tokens = built()
+    assert guard.template == SAFETY_TEMPLATE and guard.answer_ids is None and max_tokens == 64
+    assert world["backend"].tokenizer.decode(guard.template_ids) == SAFETY_TEMPLATE
+    long = " ".join(["I cannot answer."] * 12)  # over 64 tokens in the tiny tokenizer
+    guard, max_tokens = built("--template", long)
+    assert guard.template == long and max_tokens == len(guard.template_ids) > 64
+    with pytest.raises(LvlmlpError, match=r"--template is \d+ tokens long but --max-tokens is 64"):
+        built("--template", long, "--max-tokens", "64")

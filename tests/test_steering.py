@@ -21,7 +21,7 @@ from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.backend import Backend
 from lvlmlp.probing.features import FeatureSpec
 from lvlmlp.probing.probes import LogisticProbe, load_probe
-from lvlmlp.steering.guard import ProbeGuard, guarded_generate, is_refusal
+from lvlmlp.steering.guard import SAFETY_TEMPLATE, ProbeGuard, guarded_generate, is_refusal
 
 TEMPLATE = "I cannot answer."
 LABELS = [1, 0, 1, 0]
@@ -280,8 +280,8 @@ def test_cli_generate_scores_equal_probe_on_run_and_eval(tiny_ckpt, tmp_path, ca
     assert main([*base, "--template", TEMPLATE]) == 0
     assert all(set(x) == {"id", "response", "flagged", "probe_score"} for x in _read(out))
     capsys.readouterr()
-    assert main([*base]) == 2
-    assert "exactly one of --template" in capsys.readouterr().err
+    assert main([*base, "--template", TEMPLATE, "--answers", "yes,no"]) == 2
+    assert "give --template TEXT or --answers YES,NO, not both" in capsys.readouterr().err
     # A template longer than the answers may be is refused before anything is generated or written.
     short = [*base, "--max-new-tokens", "3", "--template", TEMPLATE, "--out", str(tmp_path / "short.jsonl")]
     assert main(short) == 2
@@ -289,3 +289,28 @@ def test_cli_generate_scores_equal_probe_on_run_and_eval(tiny_ckpt, tmp_path, ca
     assert re.search(r"--template is (\d+) tokens long but --max-new-tokens is 3: give --max-new-tokens \1 or more",
                      err), err
     assert not (tmp_path / "short.jsonl").exists()
+
+
+def test_cli_generate_defaults_to_the_original_safety_template(setups, tiny_ckpt, tmp_path, capsys):
+    """Without --template or --answers, flagged rows start with the text the original forced on MM-SafetyBench (its
+    README's token ids, BOS left out: docs/paper-protocol.md); an explicit --template wins."""
+    assert SAFETY_TEMPLATE == "Sorry, answering this question will generate harmful content, because"
+    backend, _, probe, _ = setups("llava")
+    ids = ProbeGuard(probe, backend.tokenizer, SAFETY_TEMPLATE).template_ids
+    assert backend.tokenizer.decode(ids) == SAFETY_TEMPLATE and backend.tokenizer.bos_token_id not in ids
+    probe.save(tmp_path / "probe")
+    base = ["generate", "--model", str(tiny_ckpt("llava")), "--data", str(make_manifest(tmp_path)), "--probe",
+            str(tmp_path / "probe"), "--device", "cpu", "--batch-size", "4", "--no-progress"]
+    # The default --max-new-tokens (64) holds the template (48 tokens in this tokenizer) and the model goes on.
+    assert main([*base, "--out", str(tmp_path / "default.jsonl")]) == 0
+    default = _read(tmp_path / "default.jsonl")
+    assert [x["flagged"] for x in default] == [False, True, False, True]
+    for x in default:
+        assert x["response"].startswith(SAFETY_TEMPLATE) == x["flagged"]
+    assert main([*base, "--template", TEMPLATE, "--max-new-tokens", str(K), "--out", str(tmp_path / "own.jsonl")]) == 0
+    own = _read(tmp_path / "own.jsonl")
+    assert [x["response"].startswith(TEMPLATE) for x in own] == [False, True, False, True]
+    capsys.readouterr()
+    assert main([*base, "--max-new-tokens", str(K), "--out", str(tmp_path / "short.jsonl")]) == 2
+    assert (f"the default template (SAFETY_TEMPLATE) is {len(ids)} tokens long but --max-new-tokens is {K}"
+            in capsys.readouterr().err)

@@ -87,8 +87,8 @@ def test_prompt_templates() -> None:
 
 def test_generic_checks(tmp_path: Path) -> None:
     task = get_task("mad")
-    with pytest.raises(LvlmlpError, match=r"^mad: unknown split 'val' \(splits: train, test\)$"):
-        task.rows(tmp_path, split="val")
+    with pytest.raises(LvlmlpError, match=r"^mad: unknown split 'dev' \(splits: train, test; val = test\)$"):
+        task.rows(tmp_path, split="dev")
     with pytest.raises(LvlmlpError, match=r"^mad: unknown option 'categories' \(options: none\)$"):
         task.rows(tmp_path, split="test", categories="x")
     with pytest.raises(LvlmlpError, match=r"^pope: per_class must be a positive integer, got 0$"):

@@ -1,5 +1,5 @@
-"""`lvlmlp generate`: probe-guided decoding; flagged rows start their answer with a template (or the probe's
-answer), then the model goes on."""
+"""`lvlmlp generate`: probe-guided decoding; flagged rows start their answer with a template (default: the text the
+original forced on MM-SafetyBench) or every row with the probe's answer, then the model goes on."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from lvlmlp.commands._args import (
     add_guard_arguments,
     add_model_arguments,
     add_task_arguments,
+    guard_mode,
     rows_from_args,
     silence_progress_bars,
+    token_budget,
 )
 from lvlmlp.errors import LvlmlpError
 
@@ -29,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_task_arguments(p)  # --task ... as in `lvlmlp extract`; its --seed also seeds --do-sample
     add_guard_arguments(p, "rows")
     p.add_argument("--out", required=True, help="OUT.jsonl: {id, response, flagged, probe_score} per row")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="new tokens per answer (default 64, or the forced text's length when longer)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=None, help="with --do-sample (default 1.0)")
@@ -44,15 +47,11 @@ def metrics_path(out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    if (args.template is None) == (args.answers is None):
-        raise LvlmlpError("generate: give exactly one of --template TEXT or --answers YES,NO")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
+    template, answers = guard_mode(args, "generate")
+    if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
         raise LvlmlpError("--batch-size and --max-new-tokens must be >= 1")
     if args.temperature is not None and not args.do_sample:
         raise LvlmlpError("--temperature applies to sampling only: add --do-sample (greedy decoding has none)")
-    from lvlmlp.steering.guard import parse_answers
-
-    answers = parse_answers(args.answers)
     # The task's prompt template, as in `extract --task`: the probe only reads logits under the same prompt.
     rows, task_template, source = rows_from_args(args, "generate", seed_used=args.do_sample)
     prompt_template = args.prompt_template or task_template
@@ -80,12 +79,8 @@ def run(args: argparse.Namespace) -> int:
     kind = spec.kind if spec is not None else "logits"
     probe.check_compatible(FeatureSpec(kind=kind, token=0, dim=backend.vocab_size, model=None))
     check_probe_model(probe, backend.model_id, allow=args.allow_other_model)
-    guard = ProbeGuard(probe, backend.tokenizer, args.template, answers=answers, threshold=args.threshold)
-    forced = guard.template_ids if guard.answer_ids is None else max(guard.answer_ids.values(), key=len)
-    if len(forced) > args.max_new_tokens:  # the answers would stop inside the forced text
-        what = "--template" if args.template is not None else "an --answers label"
-        raise LvlmlpError(f"{what} is {len(forced)} tokens long but --max-new-tokens is {args.max_new_tokens}: "
-                          f"give --max-new-tokens {len(forced)} or more (more lets the model go on after it)")
+    guard = ProbeGuard(probe, backend.tokenizer, template, answers=answers, threshold=args.threshold)
+    max_new_tokens = token_budget(args, guard, "--max-new-tokens")
     gen: dict[str, Any] = {"do_sample": True, "temperature": 1.0 if args.temperature is None else args.temperature} if args.do_sample else {}
     seed = 0 if args.seed is None else args.seed
 
@@ -101,14 +96,14 @@ def run(args: argparse.Namespace) -> int:
             # Reseeding per batch gives the unguarded run the same random draws: unflagged rows then agree.
             torch.manual_seed(seed + start)
             with guard.watching(backend.model):
-                res = backend.generate(batch, max_new_tokens=args.max_new_tokens,
+                res = backend.generate(batch, max_new_tokens=max_new_tokens,
                                        logits_processor=LogitsProcessorList([guard]), **gen)
             assert guard.scores_ is not None and guard.flagged_ is not None
             n_flagged += int(guard.flagged_.sum())
             base = None
             if args.eval:
                 torch.manual_seed(seed + start)
-                base = backend.generate(batch, max_new_tokens=args.max_new_tokens, **gen)["responses"]
+                base = backend.generate(batch, max_new_tokens=max_new_tokens, **gen)["responses"]
             for i, row in enumerate(chunk):
                 line = {"id": row["id"], "response": res["responses"][i], "flagged": bool(guard.flagged_[i]),
                         "probe_score": float(guard.scores_[i])}
@@ -123,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     print(f"{out}: {len(rows)} rows, {n_flagged} flagged (threshold {guard.threshold:g})")
     if args.eval:
-        metrics = steering_metrics(labels, guarded, plain, args.template, answers)
+        metrics = steering_metrics(labels, guarded, plain, template, answers)
         metrics.update(flagged_rate=n_flagged / max(len(rows), 1), threshold=guard.threshold)
         metrics_path(out).write_text(json.dumps(metrics, indent=2))
         print(f"{metrics_path(out)}: {json.dumps({k: metrics[k] for k in ('without_guard', 'with_guard')})}")

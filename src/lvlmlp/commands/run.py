@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lvlmlp.commands._args import silence_progress_bars
     from lvlmlp.study.experiment import headline, load_config, run_experiment
+    from lvlmlp.study.report import POOLED, fmt_value
 
     cfg = load_config(args.config, args.set or [], model=args.model, out=args.out, device=args.device,
                       limit=args.limit, batch_size=args.batch_size, n_boot=args.n_boot)
@@ -32,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     doc = run_experiment(cfg, progress=not args.no_progress)
     for name, metrics in doc["evaluations"].items():
         head = headline(metrics)
-        value = "–" if head["value"] is None else f"{head['value']:.3f}"
-        print(f"{name}: {head['metric']} {value} (n={head['n']})")
+        # k-fold: the mean of the folds, then the pooled out-of-fold figure
+        label = f" ({head['label']}; {POOLED} {fmt_value(head['pooled']['value'])})" if "pooled" in head else ""
+        print(f"{name}: {head['metric']} {fmt_value(head['value'])}{label} (n={head['n']})")
     print(f"report -> {Path(cfg['out']) / 'report' / 'report.html'}")
     return 0

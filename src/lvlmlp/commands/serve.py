@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from lvlmlp.commands._args import add_guard_arguments, add_model_arguments
+from lvlmlp.commands._args import add_guard_arguments, add_model_arguments, guard_mode, token_budget
 from lvlmlp.errors import LvlmlpError
 
 
@@ -30,34 +30,31 @@ def build_app(args: argparse.Namespace) -> Any:
     except ImportError as err:
         raise LvlmlpError(f"lvlmlp serve needs FastAPI and prometheus-client ({err}); "
                           "install them with `pip install 'lvlmlp[serve]'`") from None
-    from lvlmlp.steering.guard import parse_answers
-
-    if (args.template is None) == (args.answers is None):
-        raise LvlmlpError("serve: give exactly one of --template TEXT or --answers YES,NO")
+    template, answers = guard_mode(args, "serve")
     for name in ("max_batch", "max_queue", "max_tokens", "max_tokens_limit", "max_body_bytes", "max_image_bytes",
                  "max_image_pixels", "max_prompt_chars"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:  # --max-tokens: None is its default
             raise LvlmlpError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.batch_wait_ms < 0:
         raise LvlmlpError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
-    if args.max_tokens > args.max_tokens_limit:
+    if args.max_tokens is not None and args.max_tokens > args.max_tokens_limit:
         raise LvlmlpError(f"--max-tokens {args.max_tokens} is above --max-tokens-limit {args.max_tokens_limit}")
-    engine = load_engine(args.model, args.probe, template=args.template, answers=parse_answers(args.answers),
+    engine = load_engine(args.model, args.probe, template=template, answers=answers,
                          threshold=args.threshold, device=args.device, dtype=args.dtype,
                          prompt_template=args.prompt_template, raw_prompt=args.raw_prompt,
                          system_prompt=args.system_prompt, allow_other_model=args.allow_other_model)
-    guard = engine.guard
-    forced = guard.template_ids if guard.answer_ids is None else max(guard.answer_ids.values(), key=len)
-    if len(forced) > args.max_tokens:  # as `lvlmlp generate`: default answers would stop inside the forced text
-        raise LvlmlpError(f"the forced text is {len(forced)} tokens long but --max-tokens is {args.max_tokens}: "
-                          f"give --max-tokens {len(forced)} or more")
+    # As `lvlmlp generate`: requests that do not say would otherwise stop inside the forced text.
+    max_tokens = token_budget(args, engine.guard, "--max-tokens")
+    if max_tokens > args.max_tokens_limit:
+        raise LvlmlpError(f"the forced text is {max_tokens} tokens long, above --max-tokens-limit "
+                          f"{args.max_tokens_limit}: give --max-tokens-limit {max_tokens} or more")
     model = str(args.model).rstrip("/")
     config = ServeConfig(
         model_id=args.served_model_name or os.path.basename(model) or model,
         aliases={model, str(args.model), os.path.abspath(model)},
         limits=Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                       max_prompt_chars=args.max_prompt_chars, allow_local_images=args.allow_local_images),
-        max_body_bytes=args.max_body_bytes, default_max_tokens=args.max_tokens,
+        max_body_bytes=args.max_body_bytes, default_max_tokens=max_tokens,
         max_tokens_limit=args.max_tokens_limit, api_key=args.api_key or os.environ.get("LVLMLP_API_KEY") or None,
         max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
     )
@@ -78,7 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=10.0,
                    help="how long the first waiting request waits for others to join its batch")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests at most; more get HTTP 503")
-    p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of requests that do not say")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="max_tokens of requests that do not say (default 64, or the forced text's length when longer)")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask")
     p.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger request bodies get HTTP 413")
     p.add_argument("--max-image-bytes", type=int, default=10 << 20, help="larger images get HTTP 413")

@@ -369,8 +369,12 @@ def plot_bars(names: list[str], entries: list[dict], path: Path, title: str, ref
 
 # ------------------------------------------------------------------------------------------------ report sections
 def fmt_result(e: dict[str, Any]) -> str:
-    from lvlmlp.study.report import fmt_ci
+    """"0.812 [0.774, 0.850]"; a k-fold headline: "0.815 (mean of 10 folds); pooled out-of-fold 0.812 [...]"."""
+    from lvlmlp.study.report import POOLED, fmt_ci
 
+    if e.get("pooled"):
+        pooled = fmt_ci(e["pooled"]["value"], e["pooled"]["ci"])
+        return f"{fmt_ci(e.get('value'), None)} ({e['label']}); {POOLED} {pooled}"
     return fmt_ci(e.get("value"), e.get("ci"))
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.study import config
 from lvlmlp.study.config import ExperimentConfig, load_config, parse_set  # noqa: F401 - the command's entry points
-from lvlmlp.study.report import Section, write_report
+from lvlmlp.study.report import POOLED, Section, fold_headline, write_report
 
 log = logging.getLogger("lvlmlp")
 
@@ -270,6 +270,8 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
             task=_task_header(cfg)))
         eval_dirs.append(eval_dir)
         n_tok = min(train_run.n_logit_tokens, test_run.n_logit_tokens)
+        pooled = (f" With {cfg.splits.cv}-fold cross-validation the figures are {POOLED} AUROCs (the summary's "
+                  "headline is the mean of the folds)." if cfg.splits.cv is not None else "")
         if cfg["analyses"].get("token_decay") and n_tok > 1:
             res = _cached(steps, f"token-decay-{name}", key, out / "analyses" / f"token_decay-{name}.json",
                           partial(an.token_decay, protocol, probe_cfg))
@@ -279,7 +281,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
             sections.append(Section(
                 f"Token-position decay: {name}",
                 f"Probe on the logits of generated token k (1 = first) and of each row's last generated token. "
-                f"{res['rule']}. Test rows per answer length: {_histogram_text(res['n_tokens_histogram'])}.",
+                f"{res['rule']}. Test rows per answer length: {_histogram_text(res['n_tokens_histogram'])}.{pooled}",
                 an.TOKEN_DECAY_HEADER, an.token_decay_rows(res), [png]))
         has_states = test_run.manifest.get("hidden") or test_run.manifest.get("layers")
         if cfg["analyses"].get("layer_sweep") and has_states:
@@ -292,7 +294,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
             sections.append(Section(
                 f"Layer sweep: {name}",
                 "Probes on hidden states at the first generated position (layer 0 = embeddings) against the "
-                "first-token logits, same rows and protocol.", an.LAYER_HEADER, an.layer_rows(res), [png]))
+                "first-token logits, same rows and protocol." + pooled, an.LAYER_HEADER, an.layer_rows(res), [png]))
     if len(prompts) > 1:
         sections.append(_prompt_section(main, report_dir))
         results["prompt_comparison"] = {n: headline(m) for n, m in main.items()}
@@ -376,9 +378,14 @@ def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tu
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     metric = "auroc" if metrics.get("task") == "binary" else "accuracy"
-    return {"metric": metric, "value": metrics.get(metric), "ci": metrics.get(f"{metric}_ci"),
+    head = {"metric": metric, "value": metrics.get(metric), "ci": metrics.get(f"{metric}_ci"),
             "n": metrics.get("n", metrics.get("n_scored")),
             "baselines": {b: m.get("auroc") for b, m in (metrics.get("baselines") or {}).items()}}
+    folds = fold_headline(metrics)
+    if folds is not None:  # k-fold: the original's figure (mean of the folds) leads, the pooled one stays beside it
+        head.update(value=folds["auroc"], ci=None, label=folds["label"], pooled={"value": head["value"],
+                                                                                "ci": head["ci"]})
+    return head
 
 
 def _histogram_text(histogram: dict[str, int]) -> str:

@@ -45,7 +45,7 @@ def _unique_names(dirs: list[Path]) -> list[str]:
 
 
 def fmt_value(value: Any) -> str:
-    """Every number of every report (demo, report, run): a fraction with 3 decimals, as the paper's AUROCs."""
+    """Every number of every report (demo, report, run): a fraction with 3 decimals."""
     return "–" if value is None else f"{value:.3f}"
 
 
@@ -55,10 +55,30 @@ def fmt_ci(value: Any, ci: Any) -> str:
     return fmt_value(value) + (f" [{fmt_value(ci[0])}, {fmt_value(ci[1])}]" if ci else "")
 
 
+POOLED = "pooled out-of-fold"
+
+
+def fold_headline(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """A k-fold evaluation's headline: the mean of its per-fold AUROC, accuracy and F1 (`cv.mean_of_folds` of
+    metrics.json, the figure the original reports for MathVista) with its label "mean of K folds"; None for a
+    train/test evaluation. Its other metrics pool all out-of-fold scores (`POOLED`) and are shown beside it."""
+    cv = metrics.get("cv") or {}
+    if not cv.get("mean_of_folds"):
+        return None
+    return {"label": f"mean of {cv.get('n_folds')} folds", **cv["mean_of_folds"]}
+
+
 def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
-    """Rows (method, AUROC [CI], AUPRC, accuracy [CI], F1, n) of one binary evaluation, probe first."""
+    """Rows (method, AUROC [CI], AUPRC, accuracy [CI], F1, n) of one binary evaluation, probe first (k-fold: the
+    mean of the folds first, then the pooled out-of-fold figures)."""
     rows = []
-    methods = [("probe (" + metrics.get("probe", {}).get("class", "probe") + ")", metrics)]
+    probe = "probe (" + metrics.get("probe", {}).get("class", "probe") + ")"
+    folds = fold_headline(metrics)
+    if folds is not None:
+        rows.append([f"{probe}, {folds['label']}", fmt_value(folds.get("auroc")), "–",
+                     fmt_value(folds.get("accuracy")), fmt_value(folds.get("f1")), str(metrics.get("n", "–"))])
+        probe += f", {POOLED}"
+    methods = [(probe, metrics)]
     methods += list((metrics.get("baselines") or {}).items())
     for name, m in methods:
         rows.append([
@@ -280,13 +300,19 @@ def summary_section(evals: dict[str, dict[str, Any]]) -> Section:
             continue
         base = m.get("baselines") or {}
         best = max((b for b in base if base[b].get("auroc") is not None), key=lambda b: base[b]["auroc"], default=None)
+        probe = fmt_ci(m.get("auroc"), m.get("auroc_ci"))
+        folds = fold_headline(m)
+        if folds is not None:  # the original's figure first; the verdict uses the pooled one and its interval
+            probe = f"{fmt_value(folds.get('auroc'))} ({folds['label']}); {POOLED} {probe}"
+        on = f", on the {POOLED} AUROC" if folds is not None else ""
         words = "no baseline" if best is None else (
-            f"vs {best}: " + verdict(m.get("auroc"), m.get("auroc_ci"), base[best]["auroc"]))
-        rows.append([name, str(m.get("n", "–")), fmt_ci(m.get("auroc"), m.get("auroc_ci")),
+            f"vs {best}{on}: " + verdict(m.get("auroc"), m.get("auroc_ci"), base[best]["auroc"]))
+        rows.append([name, str(m.get("n", "–")), probe,
                      "; ".join(f"{b} {fmt_ci(v.get('auroc'), v.get('auroc_ci'))}" for b, v in base.items()) or "–",
                      words])
     return Section("Summary", "Test AUROC of the probe and of each baseline (95% bootstrap intervals); the verdict "
-                   "compares the probe with the best baseline.",
+                   "compares the probe with the best baseline. A k-fold evaluation shows the mean of its per-fold "
+                   f"AUROCs first (the original's figure), then the {POOLED} AUROC.",
                    ["evaluation", "n", "probe AUROC [95% CI]", "baselines: AUROC [95% CI]", "verdict"], rows,
                    anchor="summary")
 
@@ -315,6 +341,12 @@ def glossary(evals: dict[str, dict[str, Any]]) -> Glossary:
                       "rows; its score is P(label 1)"))
     for b in dict.fromkeys(b for m in evals.values() for b in (m.get("baselines") or {})):
         items.append((b, describe_baseline(b)))
+    if any(fold_headline(m) is not None for m in evals.values()):
+        items.append(("mean of K folds", "k-fold cross-validation on the test rows: the probe is trained on K-1 "
+                      "folds and scored on the remaining one, and each fold's AUROC, accuracy and F1 are averaged "
+                      "over the K folds (what the original reports)"))
+        items.append((POOLED, "the same out-of-fold scores of all K folds taken together as one test set "
+                      "(one AUROC over every row, with a bootstrap interval)"))
     for key in dict.fromkeys(k for m in evals.values() for k in (m.get("groups") or {})):
         items.append((f"per {key}", f"metrics computed separately on the rows of each {key}"))
     return Glossary(items)
@@ -332,6 +364,10 @@ def eval_section(name: str, metrics: dict[str, Any], records: list[dict[str, Any
         asr = (metrics.get(f"per_{key}") or {}).get("average") if metric == "attack-success-rate" else None
         if asr is not None:
             text += f" Average attack success rate (probe): {fmt_value(asr)}"
+    folds = fold_headline(metrics)
+    if folds is not None:
+        text += (f" {(metrics.get('cv') or {}).get('folds')}: the headline is the {folds['label']} (each fold's "
+                 f"AUROC, accuracy and F1, averaged), the {POOLED} row scores all out-of-fold scores together.")
     pngs = []
     if any(r.get("label") is not None for r in records):
         threshold = float(metrics.get("probe", {}).get("threshold", 0.5))

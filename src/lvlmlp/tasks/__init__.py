@@ -120,7 +120,7 @@ def describe(task: Task) -> str:
         f"{task.name}: {task.description}",
         f"kind: {task.kind}",
         f"labels: {labels}",
-        f"splits: {', '.join(task.splits) or 'any'} (default {task.default_split})",
+        f"splits: {task.split_names or 'any'} (default {task.default_split})",
         f"prompt styles: {', '.join(prompt_styles(task.name))} (default {task.default_prompt_style})",
         f"default image root: <data-root>{'' if task.default_image_root == '.' else '/' + task.default_image_root}",
     ]

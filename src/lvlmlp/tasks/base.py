@@ -83,6 +83,8 @@ class Task:
     default_image_root: str  # relative to the data root; documentation, adapters resolve it in `load`
     load: Loader = field(repr=False, compare=False)
     default_split: str = "test"
+    # (alias, split) pairs: another name of a split, e.g. MAD-Bench's "val" (the original's name of its test part)
+    split_aliases: tuple[tuple[str, str], ...] = ()
     label_fn: LabelFn | None = field(default=None, repr=False, compare=False)  # label from the response
     samples_per_class: bool = False  # `load` applies `per_class` itself, before building rows (ImageNet's files)
     options: tuple[tuple[str, str], ...] = ()  # (name, help) of the task-specific keyword options
@@ -113,11 +115,12 @@ class Task:
 
         `per_class=K` keeps K seeded-random rows of each label (all of a smaller class); `limit=N` then keeps N
         seeded-random rows, or the first N when `seed` is None. Sampled rows keep their original order.
-        `split=None` means the task's `default_split`.
+        `split=None` means the task's `default_split`; an alias (`split_aliases`) means its split, whose name the
+        rows carry.
         """
-        split = self.default_split if split is None else split
+        split = self.default_split if split is None else dict(self.split_aliases).get(split, split)
         if self.splits and split not in self.splits:
-            raise LvlmlpError(f"{self.name}: unknown split {split!r} (splits: {', '.join(self.splits)})")
+            raise LvlmlpError(f"{self.name}: unknown split {split!r} (splits: {self.split_names})")
         known = {name for name, _ in self.options}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -144,6 +147,11 @@ class Task:
             raise LvlmlpError(f"{self.name}: no rows in split {split!r} under {request.data_root}")
         validate_rows(rows, f"{self.name} split {split}")
         return rows
+
+    @property
+    def split_names(self) -> str:
+        """The splits and their aliases in words: "train, test; val = test"."""
+        return "; ".join([", ".join(self.splits), *(f"{alias} = {split}" for alias, split in self.split_aliases)])
 
     def label_names_at(self, data_root: str | Path) -> tuple[str, ...]:
         """Class names, read from the data root for tasks whose names live there (ImageNet)."""

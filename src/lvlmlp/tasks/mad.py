@@ -28,7 +28,7 @@ LAYOUT = """\
 <image-root>/000000547816.jpg ...        COCO val2017, matched by the file NAME of "file";
     default <data-root>/val2017
 splits: train = the first 100 Normal and first 20 of each deceptive category (200 rows with the real files);
-    test = the rest (1,800); row id: CATEGORY/INDEX"""
+    test = the rest (1,800), also called val (the original's scripts: --split val); row id: CATEGORY/INDEX"""
 
 
 def load(req: Request) -> list[dict]:
@@ -66,6 +66,7 @@ TASK = Task(
     description="MAD-Bench deceptive questions: does the question fit the image? (normal = 1, deceptive = 0)",
     kind="binary",
     splits=("train", "test"),
+    split_aliases=(("val", "test"),),  # the original's name of the test part (dataset/MADBench.py, scripts/MAD)
     label_names=("deceptive", "normal"),
     layout=LAYOUT,
     default_image_root="val2017",
