@@ -269,7 +269,7 @@ def test_probes_are_scikit_learn_estimators_clone_and_cross_val_predict():
         assert clone(cls()).get_params() == cls().get_params()
 
 
-@pytest.mark.parametrize("case", ["full-rank", "duplicate-rows", "more-rows-than-features"])
+@pytest.mark.parametrize("case", ["full-rank", "duplicate-rows", "near-duplicate-rows", "more-rows-than-features"])
 def test_lda_within_class_pseudo_inverse_against_numpy_svd(case):
     """`_centres_times_pinv` (the Cholesky fast path on reduced rows, or the eigen-decomposition when a singular
     value is under tol or rows outnumber features) equals centres @ V_r diag(1/S_r^2) V_r^T from numpy's SVD of the
@@ -284,12 +284,16 @@ def test_lda_within_class_pseudo_inverse_against_numpy_svd(case):
     X = rng.normal(size=(y.size, d))
     if case == "duplicate-rows":
         X[1] = X[0]  # a rank lost within class 0: one singular value at 0, under tol
+    if case == "near-duplicate-rows":  # one singular value above 0 but under tol: dropped, as scikit-learn drops it
+        X[1] = X[0] + 1e-6 * rng.normal(size=d)
     means = np.stack([X[y == c].mean(0) for c in range(k)])
     xw = (X - means[y]) / np.sqrt(y.size)
     centres = rng.normal(size=(k, d))
     _, s, vt = np.linalg.svd(xw, full_matrices=False)
     r = int((s > 1e-4).sum())
-    assert r == y.size - k - (case == "duplicate-rows") or case == "more-rows-than-features"
+    assert r == y.size - k - (case != "full-rank") or case == "more-rows-than-features"
+    if case == "near-duplicate-rows":
+        assert 0 < s[r] < 1e-4
     expected = centres @ vt[:r].T @ np.diag(1 / s[:r] ** 2) @ vt[:r]
     got = _centres_times_pinv(torch.from_numpy(xw), torch.from_numpy(y), torch.from_numpy(np.bincount(y)),
                               torch.from_numpy(centres), 1e-4).numpy()

@@ -68,18 +68,13 @@ def run(args: argparse.Namespace) -> int:
 
     from lvlmlp.data import load_image
     from lvlmlp.extraction.backend import Backend
-    from lvlmlp.probing.features import FeatureSpec
     from lvlmlp.probing.probes import load_probe
-    from lvlmlp.steering.guard import ProbeGuard, check_probe_model, steering_metrics
+    from lvlmlp.steering.guard import make_guard, steering_metrics
 
     probe = load_probe(args.probe)
     backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=prompt_template,
                       raw_prompt=args.raw_prompt, system_prompt=args.system_prompt)
-    spec = getattr(probe, "spec_", None)
-    kind = spec.kind if spec is not None else "logits"
-    probe.check_compatible(FeatureSpec(kind=kind, token=0, dim=backend.vocab_size, model=None))
-    check_probe_model(probe, backend.model_id, allow=args.allow_other_model)
-    guard = ProbeGuard(probe, backend.tokenizer, template, answers=answers, threshold=args.threshold)
+    guard = make_guard(probe, backend, template, answers, args.threshold, args.allow_other_model)
     max_new_tokens = token_budget(args, guard, "--max-new-tokens")
     gen: dict[str, Any] = {"do_sample": True, "temperature": 1.0 if args.temperature is None else args.temperature} if args.do_sample else {}
     seed = 0 if args.seed is None else args.seed

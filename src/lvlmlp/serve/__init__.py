@@ -23,15 +23,10 @@ def load_engine(model: str | Path, probe: str | Path, *, template: str | None = 
                 system_prompt: str | None = None, allow_other_model: bool = False) -> Engine:
     """The backend and the guard, refused at start-up (not at the first request) when the probe does not fit."""
     from lvlmlp.extraction.backend import Backend
-    from lvlmlp.probing.features import FeatureSpec
     from lvlmlp.probing.probes import load_probe
-    from lvlmlp.steering.guard import ProbeGuard, check_probe_model
+    from lvlmlp.steering.guard import make_guard
 
     fitted = load_probe(probe)
     backend = Backend(model, device=device, dtype=dtype, prompt_template=prompt_template, raw_prompt=raw_prompt,
                       system_prompt=system_prompt)
-    spec = getattr(fitted, "spec_", None)
-    # As `lvlmlp generate`: the vocabulary must match, and the probe's model unless allow_other_model.
-    fitted.check_compatible(FeatureSpec(kind=spec.kind if spec else "logits", token=0, dim=backend.vocab_size))
-    check_probe_model(fitted, backend.model_id, allow=allow_other_model)
-    return Engine(backend, ProbeGuard(fitted, backend.tokenizer, template, answers=answers, threshold=threshold))
+    return Engine(backend, make_guard(fitted, backend, template, answers, threshold, allow_other_model))

@@ -272,3 +272,17 @@ def check_probe_model(probe: Any, model_id: str, allow: bool = False) -> None:
         raise LvlmlpError(f"--probe: trained on features of {spec.model!r}, not of --model {model_id!r}; "
                           "pass --allow-other-model if they are the same weights")
     log.warning("generate: probe trained on features of %s, applied to %s", spec.model, model_id)
+
+
+def make_guard(probe: Any, backend: Any, template: str | None = None, answers: Mapping[int, str] | None = None,
+               threshold: float | None = None, allow_other_model: bool = False) -> ProbeGuard:
+    """The guard of `lvlmlp generate` and `lvlmlp serve`: a fitted probe checked against the loaded model (its
+    vocabulary, and its model unless `allow_other_model`) before any decoding, around `backend`'s tokenizer."""
+    from lvlmlp.probing.features import FeatureSpec
+
+    spec = getattr(probe, "spec_", None)
+    probe.check_compatible(FeatureSpec(kind=spec.kind if spec is not None else "logits", token=0,
+                                       dim=backend.vocab_size, model=None))
+    check_probe_model(probe, backend.model_id, allow=allow_other_model)
+    return ProbeGuard(probe, backend.tokenizer, template, answers=answers, threshold=threshold)
+
