@@ -411,19 +411,21 @@ def _lda_svd(X: np.ndarray, y: np.ndarray, tol: float, device: Any) -> tuple[np.
     classes, y_idx, counts = np.unique(y, return_inverse=True, return_counts=True)
     n, k = y.size, classes.size
     f64 = torch.float64
-    x = torch.from_numpy(X).to(device)
+    xw = torch.from_numpy(X).to(device, f64)
     idx = torch.from_numpy(y_idx).to(device)
+    counts_t = torch.from_numpy(counts).to(device)
     priors = torch.from_numpy(counts / n).to(device, f64)
-    means = torch.zeros(k, x.shape[1], dtype=f64, device=device).index_add_(0, idx, x.to(f64))
-    means /= torch.from_numpy(counts).to(device, f64)[:, None]
-    xw = x.to(f64) - means[idx]  # within-class centred rows (their order does not change S or Vt)
-    del x
+    means = torch.zeros(k, xw.shape[1], dtype=f64, device=device).index_add_(0, idx, xw) / counts_t[:, None]
+    for start in range(0, n, _ROWS):  # within-class centred rows, in blocks: no second n x d matrix
+        xw[start : start + _ROWS] -= means[idx[start : start + _ROWS]]
     std = xw.std(dim=0, correction=0)
     std[std == 0] = 1.0
     xw /= std
     xw *= (1.0 / n) ** 0.5
+    if n <= xw.shape[1]:
+        xw = _reduced_rows(xw, idx, counts_t)
     xbar = priors @ means
-    p = _centres_times_pinv(xw, idx, torch.from_numpy(counts).to(device), (means - xbar) / std, tol) / std
+    p = _centres_times_pinv(xw, (means - xbar) / std, tol) / std
     del xw
     h = p @ (means - xbar).T
     d = torch.sqrt(n * priors * (1.0 if k == 1 else 1.0 / (k - 1)))
@@ -440,46 +442,60 @@ def _lda_svd(X: np.ndarray, y: np.ndarray, tol: float, device: Any) -> tuple[np.
     return coef.cpu().numpy(), intercept.cpu().numpy(), classes
 
 
-def _centres_times_pinv(xw: Any, idx: Any, counts: Any, centres: Any, tol: float) -> Any:
-    """centres @ pinv_tol(xw^T xw): the pseudo-inverse over xw's singular values above `tol` (scikit-learn's rank).
+_ROWS = 4096  # row block of the in-place steps of `_lda_svd`
 
-    Fast path (more features than rows, ImageNet's 16 rows per class): each class's centred rows span only m - 1
-    directions, so they are replaced by m - 1 rows with the same Gram matrix xw^T xw (a Householder reflection
-    that maps the class's all-ones vector to its first axis: row i becomes x_i + x_first / (sqrt(m) - 1)). When
-    every singular value of the reduced rows z is above `tol` (proved by a Cholesky factorisation of
-    z z^T - (2 tol)^2 I succeeding: its smallest eigenvalue is then above (2 tol)^2, far beyond rounding),
-    pinv(xw^T xw) = z^T (z z^T)^-2 z: a symmetric product and Cholesky solves, several times faster than the
-    eigen-decomposition or SVD of an n x n matrix. Otherwise: the eigen-decomposition of the smaller Gram matrix,
-    thresholded at `tol`."""
+
+def _reduced_rows(xw: Any, idx: Any, counts: Any) -> Any:
+    """Rows with the same Gram matrix xw^T xw as the within-class centred rows `xw`, one fewer per class.
+
+    A class's m centred rows span only m - 1 directions: the Householder reflection that maps the class's
+    all-ones vector to its first axis turns them into m - 1 rows x_i + x_first / (sqrt(m) - 1) (i = the class's
+    other rows) and a zero row, dropped. Fewer rows than features then usually means full row rank, which the
+    fast path of `_centres_times_pinv` needs."""
     import torch
 
-    n, d = xw.shape
+    order = torch.argsort(idx, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    first = xw[order[starts]]  # each class's first row
+    keep = torch.ones(len(idx), dtype=torch.bool, device=xw.device)
+    keep[starts] = False
+    rest = order[keep]
+    cls = idx[rest]
+    scale = 1.0 / (counts[cls].to(xw.dtype).sqrt() - 1.0)
+    z = xw[rest]
+    for start in range(0, len(rest), _ROWS):
+        block = slice(start, start + _ROWS)
+        z[block].addcmul_(first[cls[block]], scale[block, None])
+    return z
+
+
+def _centres_times_pinv(z: Any, centres: Any, tol: float) -> Any:
+    """centres @ pinv_tol(z^T z): the pseudo-inverse over z's singular values above `tol` (scikit-learn's rank).
+
+    Fast path (fewer rows than features, ImageNet's 16 rows per class): when every singular value of z is above
+    `tol` (proved by a Cholesky factorisation of z z^T - (2 tol)^2 I succeeding: its smallest eigenvalue is then
+    above (2 tol)^2, far beyond rounding), pinv(z^T z) = z^T (z z^T)^-2 z: a symmetric product and Cholesky
+    solves, several times faster than an SVD or eigen-decomposition of the same size. Otherwise: the
+    eigen-decomposition of the smaller Gram matrix, thresholded at `tol`."""
+    import torch
+
+    n, d = z.shape
     if n <= d:
-        order = torch.argsort(idx, stable=True)
-        starts = torch.cumsum(counts, 0) - counts
-        first = order[starts]  # each class's first row
-        keep = torch.ones(n, dtype=torch.bool, device=xw.device)
-        keep[starts] = False
-        rest = order[keep]
-        cls = idx[rest]
-        z = xw[rest]
-        z.addcmul_(xw[first[cls]], 1.0 / (counts[cls].to(xw.dtype).sqrt() - 1.0)[:, None])
-        gram = _lower_gram(z)
+        gram = _lower_gram(z)  # eigh and the factorisations read its lower triangle only
         shifted = gram.clone()
         shifted.diagonal().sub_((2.0 * tol) ** 2)
-        if int(torch.linalg.cholesky_ex(shifted)[1]) == 0:
-            del shifted
+        full_rank = int(torch.linalg.cholesky_ex(shifted)[1]) == 0
+        del shifted
+        if full_rank:
             chol = torch.linalg.cholesky(gram)
             t = torch.cholesky_solve(torch.cholesky_solve((centres @ z.T).T, chol), chol)
             return t.T @ z
-        del z, gram, shifted
-    if n <= d:
-        lam, u = torch.linalg.eigh(xw @ xw.T)
+        lam, u = torch.linalg.eigh(gram)
         s = lam.flip(0).clamp_min(0).sqrt()
         rank = int((s > tol).sum())
-        vt = (u.flip(1)[:, :rank].T @ xw) / s[:rank, None]
+        vt = (u.flip(1)[:, :rank].T @ z) / s[:rank, None]
     else:
-        lam, v = torch.linalg.eigh(xw.T @ xw)
+        lam, v = torch.linalg.eigh(z.T @ z)
         s = lam.flip(0).clamp_min(0).sqrt()
         rank = int((s > tol).sum())
         vt = v.flip(1)[:, :rank].T
