@@ -33,10 +33,12 @@ def _loader(analogue: str):
     def load(req: Request) -> list[dict]:
         from lvlmlp.demo import world
 
-        n = as_int(req.options.get(f"n_{req.split}", req.options.get("n", 200)), f"n_{req.split}", req.task)
+        key = f"n_{req.split}" if f"n_{req.split}" in req.options else "n"  # this split's own count, else n
+        raw = req.options.get(key, 200)
+        n = as_int(raw, key, req.task)
         seed = as_int(req.options.get("world_seed", 0), "world_seed", req.task)
         if n is None or n < 1:
-            raise req.error(f"option n / n_{req.split} must be a positive integer, got {n!r}")
+            raise req.error(f"option {key} must be a positive integer, got {raw!r}")
         images = req.image_root if req.image_root is not None else req.data_root / "images" / analogue
         return world.split_rows(analogue, req.split, images, n, seed or 0)
 
