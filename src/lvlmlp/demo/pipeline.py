@@ -38,7 +38,6 @@ TOKEN_BASELINE = {
 OWN_ANSWER = "own-answer:task"  # the model's answer read by the analogue's own rule (`world.task_label_of_response`)
 # Probe-guided decoding: what a flagged row is made to start with (words the tiny model's tokenizer knows).
 GUARD_TEMPLATES = {"safety": world.A_REFUSAL, "answerability": world.A_UNANSWERABLE}
-BINARY_TASKS = ("answerability", "safety", "deception", "uncertainty", "hallucination")
 # Finetuning vs probing (the paper's last comparison): LoRA on this many of each analogue's train rows, for a few
 # epochs, so that it fits the demo's CPU budget; the probe it is compared with uses the whole train split.
 FINETUNE_ROWS, FINETUNE_EPOCHS = 32, 2

@@ -260,7 +260,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
     report_dir.mkdir(parents=True, exist_ok=True)
     eval_dirs: list[Path] = []
     sections: list[Section] = []
-    results: dict[str, Any] = {"config": cfg.to_dict(), "token_decay": {}, "layer_sweep": {}, "steering": {}}
+    results: dict[str, Any] = {"config": cfg.to_dict(), "token_decay": {}, "layer_sweep": {}}
     main: dict[str, dict] = {}
 
     def stamp(*inputs: Any) -> str:
@@ -286,7 +286,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
         analysis_key = key if n_boot is None else _key([key, n_boot])
         if cfg["analyses"].get("token_decay") and n_tok > 1:
             res = cached(steps, f"token-decay-{name}", analysis_key, out / "analyses" / f"token_decay-{name}.json",
-                          partial(an.token_decay, analysis_protocol, probe_cfg))
+                         partial(an.token_decay, analysis_protocol, probe_cfg))
             results["token_decay"][name] = res
             png = report_dir / f"token_decay_{name}.png"
             an.plot_token_decay(res, png, f"token-position decay: {name}")
@@ -298,7 +298,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
         has_states = test_run.manifest.get("hidden") or test_run.manifest.get("layers")
         if cfg["analyses"].get("layer_sweep") and has_states:
             res = cached(steps, f"layer-sweep-{name}", analysis_key, out / "analyses" / f"layer_sweep-{name}.json",
-                          partial(an.layer_sweep, analysis_protocol, probe_cfg))
+                         partial(an.layer_sweep, analysis_protocol, probe_cfg))
             results["layer_sweep"][name] = res
             png = report_dir / f"layer_sweep_{name}.png"
             ref = res["entries"][0]["value"]
@@ -312,7 +312,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
                                                            cfg.batch_size]),
                          out / "analyses" / f"steering-{name}.json",
                          partial(_steering, cfg, out, lazy, (name, template), rows[test_split], test_run, progress))
-            results["steering"][name] = res
+            results.setdefault("steering", {})[name] = res
             sections.append(steering_section(name, res))
     if len(prompts) > 1:
         sections.append(_prompt_section(main, report_dir))
@@ -482,11 +482,11 @@ def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, r
         protocol = _protocol(cfg, train_run, test_run, label_runs)
         eval_dir = out / "evals" / f"clip-{kind}"
         metrics = cached(steps, f"eval-clip-{kind}", stamp(train_run, test_run), eval_dir / "metrics.json",
-                          partial(an.main_evaluation,
-                                  protocol, an.state_feature("hidden"),
-                                  {"kind": "hidden", "token": 0, "model": cfg["clip"]["model"]}, probe_cfg, [],
-                                  eval_dir, probe_dir=out / "probes" / f"clip-{kind}", split=splits[-1],
-                                  task=_task_header(cfg)))
+                         partial(an.main_evaluation,
+                                 protocol, an.state_feature("hidden"),
+                                 {"kind": "hidden", "token": 0, "model": cfg["clip"]["model"]}, probe_cfg, [],
+                                 eval_dir, probe_dir=out / "probes" / f"clip-{kind}", split=splits[-1],
+                                 task=_task_header(cfg)))
         eval_dirs.append(eval_dir)
         head = headline(metrics)
         results["clip"][kind] = head
