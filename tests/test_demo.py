@@ -209,3 +209,4 @@ def test_demo_is_lvlmlp_run_on_demo_configs_and_a_second_demo_does_no_model_work
         assert main(["run", str(out / "safety" / "config.yaml"), "--no-progress"]) == 0
     assert json.loads((out / "safety" / "report" / "metrics.json").read_text())["steering"]["default"] == (
         before["steering"]["safety"])
+    assert "<h2>Probe-guided decoding: default</h2>" in (out / "safety" / "report" / "report.html").read_text()
