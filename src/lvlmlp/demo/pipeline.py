@@ -176,6 +176,7 @@ def finetune_vs_probe(out: Path, model: str, n_rows: int, batch_size: int, seed:
     from lvlmlp.extraction.store import open_run
     from lvlmlp.study.experiment import Steps, cached
     from lvlmlp.study.finetune import Readout, Settings, compare
+    from lvlmlp.tasks import get_task
 
     def target(task: str, row: dict) -> str:
         if task == "safety":
@@ -199,7 +200,7 @@ def finetune_vs_probe(out: Path, model: str, n_rows: int, batch_size: int, seed:
         key = hashlib.sha256(json.dumps([model, n_rows, str(settings), batch_size, base.tolist(),
                                          [r.manifest.get("created_at") for r in runs.values()]]).encode())
         compute = partial(compare, model, tuned, test, [r["target"] for r in tuned], folder, settings,
-                          Readout(token, negate, partial(world.task_label_of_response, task)), base, device="cpu",
+                          Readout(token, negate, get_task(f"world-{task}").answer_fn), base, device="cpu",
                           dtype="float32", max_new_tokens=3, batch_size=batch_size, every_epoch=False,
                           tuned_probe=False, n_boot=200, progress=progress)
         log.info("demo: finetuning vs probing on %s (%d train rows)", task, len(tuned))
