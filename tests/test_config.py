@@ -75,3 +75,24 @@ def test_a_new_section_is_one_dataclass():
         config.build(Extended, {"finetune": {"lr": "fast"}})
     with pytest.raises(LvlmlpError, match=r"unknown key finetune.'epoch'"):
         config.build(Extended, {"finetune": {"epoch": 2}})
+
+
+def test_steering_section_and_analyses_n_boot(tmp_path: Path):
+    """`steering:` (probe-guided decoding) needs a template, generated answers and a train/test split;
+    `analyses.n_boot` sets the analyses' resamples apart from the main intervals'."""
+    (tmp_path / "s.yaml").write_text("model: m\ndata_root: d\nout: o\nextract: {max_new_tokens: 4}\n"
+                                     "steering: {template: 'Sorry.'}\nanalyses: {n_boot: 200}\n")
+    cfg = load_config(tmp_path / "s.yaml")
+    assert (cfg.steering.template, cfg.steering.threshold, cfg.analyses.n_boot, cfg.n_boot) == ("Sorry.", 0.5, 200, 1000)
+    assert config.build(ExperimentConfig, cfg.to_dict()) == cfg
+    assert load_config(tmp_path / "s.yaml", ["steering=null"]).steering is None
+    with pytest.raises(LvlmlpError, match="config: steering.template is required"):
+        load_config(tmp_path / "s.yaml", ["steering.template=null"])
+    with pytest.raises(LvlmlpError, match=r"config: steering needs extract.max_new_tokens >= 1"):
+        load_config(tmp_path / "s.yaml", ["extract.max_new_tokens=0"])
+    with pytest.raises(LvlmlpError, match=r"config: steering needs .* splits \{train, test\}"):
+        load_config(tmp_path / "s.yaml", ["splits.cv=5"])
+    with pytest.raises(LvlmlpError, match=r"config: steering.threshold: expected a number, got 'high'"):
+        load_config(tmp_path / "s.yaml", ["steering.threshold=high"])
+    with pytest.raises(LvlmlpError, match=r"config: analyses.n_boot: must be >= 0, got -1"):
+        load_config(tmp_path / "s.yaml", ["analyses.n_boot=-1"])

@@ -25,6 +25,11 @@ def _sk_binary(y: np.ndarray, score: list) -> dict:
             "f1": f1_score(y, pred, zero_division=0.0), "n": len(y), "n_positive": int(y.sum())}
 
 
+def _eval_records(out: Path, task: str) -> list[dict]:
+    """The scores of an analogue's main evaluation (its `lvlmlp run` folder's evals/default)."""
+    return [json.loads(line) for line in (out / task / "evals" / "default" / "scores.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A reduced `lvlmlp demo` (run once for this module's tests): its folder and what it printed."""
@@ -46,41 +51,52 @@ def test_demo_reduced_results_recompute_from_scores(demo: tuple[Path, str]):
     html = (out / "report.html").read_text()
     assert html.count("<img class='plot'") == 6  # five ROC plots and the token-decay plot
     assert html.count("<img alt='example row'") == 4 * 6  # the gallery: four test rows of each analogue
+    # The figures come from each analogue's `lvlmlp run` folder: its main evaluation's saved scores.
+    method_of = {"probe": lambda r: r["score"], "own_answer": lambda r: r["baselines"]["own-answer:task"],
+                 "max_prob": lambda r: r["baselines"]["max-prob"]}
     for task, entry in results["tasks"].items():
-        recs = [json.loads(line) for line in (out / "scores" / f"{task}.jsonl").read_text().splitlines()]
+        recs = _eval_records(out, task)
         assert len(recs) == entry["n_test"] == 40
         y = np.array([r["label"] for r in recs])
         if task == "classification":
-            acc = float(np.mean(np.array([r["probe_pred"] for r in recs]) == y))
+            acc = float(np.mean(np.array([r["pred"] for r in recs]) == y))
             assert entry["probe"]["accuracy"] == acc
             continue
-        for key, name in (("probe", "probe"), ("own_answer", "own_answer"), ("token_prob", "token_prob")):
-            if name in entry and entry[name]["auroc"] is not None:
-                assert entry[name]["auroc"] == roc_auc_score(y, [r[key] for r in recs]), (task, key)
-        # Every figure of every scored method, not only the AUROC.
+        token = {"token_prob": lambda r: next(v for k, v in r["baselines"].items() if k.startswith("token-prob:"))}
+        methods = {**method_of, **token}
+        for key in ("probe", "own_answer", "token_prob"):
+            if key in entry and entry[key]["auroc"] is not None:
+                assert entry[key]["auroc"] == roc_auc_score(y, [methods[key](r) for r in recs]), (task, key)
+        # Every figure of every scored method, not only the AUROC (max-prob, a confidence without a natural cut,
+        # has no threshold figures: AUROC, AUPRC and n).
         for key in ("probe", "own_answer", "token_prob", "max_prob"):
             if key in entry:
-                for metric, value in _sk_binary(y, [r[key] for r in recs]).items():
-                    # same arrays, scikit-learn on both sides in the demo too; 1e-12 absorbs summation order
+                sk = _sk_binary(y, [methods[key](r) for r in recs])
+                if key == "max_prob":
+                    sk = {k: sk[k] for k in ("auroc", "auprc", "n")}
+                assert set(sk) <= set(entry[key]), (task, key)
+                for metric, value in sk.items():
+                    # same arrays, scikit-learn on both sides; 1e-12 absorbs summation order
                     assert entry[key][metric] == pytest.approx(value, abs=1e-12), (task, key, metric)
         assert [p["token"] for p in entry["token_decay"]] == [1, 2, 3]
         assert entry["token_decay"][0]["auroc"] is None or entry["token_decay"][0]["n_test"] == 40
     cls = results["tasks"]["classification"]
-    recs = [json.loads(line) for line in (out / "scores" / "classification.jsonl").read_text().splitlines()]
+    recs = _eval_records(out, "classification")
     y = np.array([r["label"] for r in recs])
-    assert cls["own_answer"]["accuracy"] == float(np.mean(np.array([r["own_answer"] for r in recs]) == y))
+    assert cls["own_answer"]["accuracy"] == float(np.mean(np.array([r["baselines"]["own-answer:task"]
+                                                                    for r in recs]) == y))
     assert cls["chance"] == float(np.bincount(y.astype(int)).max() / len(y))
     # Probe-guided decoding: flags, and the answered/refused counts before and after, from the saved rows.
     assert set(results["steering"]) == {"safety", "answerability"}
-    assert load_probe(out / "probes" / "safety").spec_.kind == "logits"  # what `lvlmlp serve --probe` reads
+    assert load_probe(out / "safety" / "probes" / "default").spec_.kind == "logits"  # what `serve --probe` reads
     for task, ft in results["finetune"].items():  # finetuned vs probe: the same probe scores, the same test rows
         assert ft["methods"]["probe (base model)"]["auroc"] == results["tasks"][task]["probe"]["auroc"], task
         assert ft["n_test"] == 40 and ft["n_finetune_rows"] == 32
     assert "Finetuning (LoRA, 32 train rows, 2 epochs) vs probing" in printed
     for task, s in results["steering"].items():
-        rows = [json.loads(line) for line in (out / "scores" / f"steering-{task}.jsonl").read_text().splitlines()]
-        probe = {r["id"]: r["probe"] for r in
-                 (json.loads(line) for line in (out / "scores" / f"{task}.jsonl").read_text().splitlines())}
+        path = out / task / "analyses" / "steering-default.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        probe = {r["id"]: r["score"] for r in _eval_records(out, task)}
         assert [r["id"] for r in rows] == list(probe)
         np.testing.assert_allclose([r["probe_score"] for r in rows], [probe[r["id"]] for r in rows], atol=1e-6)
         assert [r["flagged"] for r in rows] == [r["probe_score"] < 0.5 for r in rows]
@@ -145,3 +161,52 @@ def test_demo_report_renders_its_tables_and_images_in_headless_chromium(demo: tu
     assert coloured.size > 1500  # ROC curves, the token-decay plot and gallery images were decoded and drawn
     dark = (shot.max(axis=2) < 100).sum(axis=1)
     assert dark[: coloured.min()].sum() > 2000  # the summary table and glossary come first, as text
+
+
+def test_demo_is_lvlmlp_run_on_demo_configs_and_a_second_demo_does_no_model_work(
+        demo: tuple[Path, str], monkeypatch: pytest.MonkeyPatch):
+    """Each analogue's folder is an `lvlmlp run` folder of its demo config (the config validates, the run's
+    report holds it); a second `lvlmlp demo` into the same folder, and `lvlmlp run` on an analogue's config,
+    reuse every step: no model is loaded, and the figures are the same."""
+    import yaml
+
+    from lvlmlp.demo import world
+    from lvlmlp.extraction import backend
+    from lvlmlp.extraction.store import open_run
+    from lvlmlp.study.config import load_config
+
+    out, printed = demo
+    before = json.loads((out / "results.json").read_text())
+    for task in before["tasks"]:
+        cfg = load_config(out / task / "config.yaml")
+        assert cfg.task == f"world-{task}" and Path(cfg.out) == (out / task).resolve()
+        assert json.loads((out / task / "report" / "metrics.json").read_text())["config"] == cfg.to_dict()
+        assert yaml.safe_load((out / task / "config.yaml").read_text()) == cfg.to_dict()
+        if task in ("uncertainty", "classification"):
+            continue
+        # own-answer:task is the analogue's own reading of the model's answer (`world.task_label_of_response`)
+        run = open_run(out / task / "runs" / "default-test")
+        own = {i: world.task_label_of_response(task, r, m) for i, r, m in zip(run.ids, run.responses, run.meta)}
+        assert [r["baselines"]["own-answer:task"] for r in _eval_records(out, task)] == [
+            own[r["id"]] for r in _eval_records(out, task)]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a finished demo loaded the model again")
+
+    monkeypatch.setattr(backend.Backend, "__init__", no_model)
+    again = io.StringIO()
+    with contextlib.redirect_stdout(again):
+        assert main(["demo", "--out", str(out), "--n-train", "40", "--n-test", "40", "--max-new-tokens", "3",
+                     "--threads", "1", "--no-progress"]) == 0
+    assert again.getvalue().split("\n\nwrote ")[0] == printed.split("\n\nwrote ")[0]
+    after = json.loads((out / "results.json").read_text())
+    for doc in (before, after):
+        doc.pop("seconds")
+        for ft in doc.get("finetune", {}).values():
+            ft.pop("seconds")
+    assert after == before
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["run", str(out / "safety" / "config.yaml"), "--no-progress"]) == 0
+    assert json.loads((out / "safety" / "report" / "metrics.json").read_text())["steering"]["default"] == (
+        before["steering"]["safety"])
+    assert "<h2>Probe-guided decoding: default</h2>" in (out / "safety" / "report" / "report.html").read_text()

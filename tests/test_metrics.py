@@ -180,6 +180,41 @@ def test_distribution_and_answer_baselines(tmp_path: Path):
         baseline_scores(run, "perplexity")
 
 
+def test_own_answer_task_reads_answers_by_the_tasks_rule_binary_and_multiclass(tmp_path: Path):
+    """`own-answer:task`: each response read by the task's `answer_fn`; in a multiclass evaluation it is the class
+    the answer names, measured by top-1 accuracy against the labels."""
+    from lvlmlp.demo import world
+    from lvlmlp.probing.baselines import check_baseline_name
+    from lvlmlp.probing.evaluate import write_eval
+
+    responses = ["yes", "No, there is none.", "Yes.", "a red circle", "green star", "maybe"]
+    meta = [{"id": f"r{i}", "response": r, "label": i % 2} for i, r in enumerate(responses)]
+    run = make_run(tmp_path / "run", np.zeros((6, 4), np.float32), meta)
+    check_baseline_name("own-answer:task")
+    got = baseline_scores(run, "own-answer:task", task="world-hallucination")
+    assert got.tolist() == [world.task_label_of_response("hallucination", r, m) for r, m in zip(responses, meta)]
+    assert got.tolist() == [1, 0, 1, 0, 0, 0]
+    with pytest.raises(LvlmlpError, match="own-answer:task: needs the run's task"):
+        baseline_scores(run, "own-answer:task")
+    with pytest.raises(LvlmlpError, match="task world-uncertainty has no answer rule"):
+        baseline_scores(run, "own-answer:task", task="world-uncertainty")
+    # multiclass: the named class is the baseline's prediction
+    y = np.array([0, 1, world.CLASS_NAMES.index("red circle"), world.CLASS_NAMES.index("red circle"),
+                  world.CLASS_NAMES.index("green star"), 2], dtype=float)
+    classes = np.arange(len(world.CLASS_NAMES))
+    score = np.eye(len(classes))[[0, 0, 0, 0, 0, 0]]
+    idx = np.arange(6)
+    metrics = write_eval(tmp_path / "eval", run, idx, y, score, classes, 0.5, ["own-answer:task"], {}, 10, 0,
+                         task="world-classification")
+    named = [world.task_label_of_response("classification", r, m) for r, m in zip(responses, meta)]
+    recs = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
+    assert [r["baselines"]["own-answer:task"] for r in recs] == named
+    assert metrics["baselines"]["own-answer:task"] == {"accuracy": float(np.mean(np.array(named) == y)), "n": 6}
+    assert metrics["accuracy"] == float(np.mean(y == 0))
+    with pytest.raises(LvlmlpError, match="baselines are defined for binary probes only"):
+        write_eval(tmp_path / "eval2", run, idx, y, score, classes, 0.5, ["max-prob"], {}, 10, 0)
+
+
 def test_token_prob_uses_the_models_own_tokenizer(tmp_path: Path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

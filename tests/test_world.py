@@ -244,3 +244,24 @@ def test_the_six_analogues_are_registered_tasks_with_their_rules(tmp_path: Path)
     assert get_task("world-classification").kind == "multiclass"
     with pytest.raises(LvlmlpError, match=r"^world-safety: option n must be a positive integer, got '0'$"):
         get_task("world-safety").rows(tmp_path, n="0")
+
+
+def test_world_tasks_take_per_split_row_counts_and_read_answers_by_their_rule(tmp_path: Path):
+    """`n_train`/`n_test` override `n` for their split (the demo's --n-train/--n-test); `answer_fn` is the analogue's
+    own reading of an answer (the `own-answer:task` baseline), none where the answer is the label."""
+    from lvlmlp.errors import LvlmlpError
+    from lvlmlp.tasks import get_task
+
+    task = get_task("world-safety")
+    train = task.rows(tmp_path, split="train", n=5, n_train=3)
+    test = task.rows(tmp_path, split="test", n=5, n_train=3)
+    assert [r["id"] for r in train] == [f"safety-train-{i:05d}" for i in range(3)] and len(test) == 5
+    assert train == task.rows(tmp_path, split="train", n=3)
+    with pytest.raises(LvlmlpError, match=r"^world-safety: option n_test must be a positive integer, got 0$"):
+        task.rows(tmp_path, split="test", n_test=0)
+    row = train[0]
+    for analogue in ("answerability", "safety", "deception", "hallucination", "classification"):
+        read = get_task(f"world-{analogue}").answer_fn
+        for answer in (W.A_REFUSAL, W.A_UNANSWERABLE, "yes", "There is no cube in the image.", "red circle"):
+            assert read(answer, row) == W.task_label_of_response(analogue, answer, row), (analogue, answer)
+    assert get_task("world-uncertainty").answer_fn is None

@@ -1,21 +1,24 @@
 """`lvlmlp demo`: the whole method on the embedded default, on CPU, in minutes.
 
 The embedded default is a seeded synthetic world (`lvlmlp.demo.world`) and a tiny LLaVA-format model trained on it
-(`lvlmlp/demo/assets/demo_model`, made by `scripts/train_demo_model.py`). For each of the six task analogues we
-extract the first K tokens' raw logits and the model's answer, train a probe on the train split's first-token
-logits, and compare it on the test split with the model's own answer and one answer token's probability; then we
-show how the probe's AUROC changes from token 1 to token K, and run probe-guided decoding on the safety and
-answerability analogues. Every score is saved, so every number in `results.json` recomputes from `scores/`.
-The numbers show the method working on a toy model; they are not the paper's numbers.
+(`lvlmlp/demo/assets/demo_model`, made by `scripts/train_demo_model.py`). The demo is `lvlmlp run` on one demo
+config per task analogue (`demo_config`: the registered task `world-ANALOGUE`, the probe, the baselines, token
+decay and, on safety and answerability, probe-guided decoding), each in its own run folder `OUT/ANALOGUE/` (with
+its `config.yaml`: `lvlmlp run OUT/safety/config.yaml` reuses every step), all served by one loaded model. Its
+figures (`results.json`, the summary table, `report.html`) are read from those folders' evaluations and analyses,
+so every number recomputes from `OUT/ANALOGUE/evals/default/scores.jsonl`. Then it compares LoRA finetuning with the
+probe on four analogues. The numbers show the method working on a toy model; they are not the paper's numbers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,12 +35,14 @@ TOKEN_BASELINE = {
     "deception": ("There", True),
     "hallucination": ("Yes", False),
 }
+OWN_ANSWER = "own-answer:task"  # the model's answer read by the analogue's own rule (`world.task_label_of_response`)
 # Probe-guided decoding: what a flagged row is made to start with (words the tiny model's tokenizer knows).
 GUARD_TEMPLATES = {"safety": world.A_REFUSAL, "answerability": world.A_UNANSWERABLE}
-BINARY_TASKS = ("answerability", "safety", "deception", "uncertainty", "hallucination")
 # Finetuning vs probing (the paper's last comparison): LoRA on this many of each analogue's train rows, for a few
 # epochs, so that it fits the demo's CPU budget; the probe it is compared with uses the whole train split.
 FINETUNE_ROWS, FINETUNE_EPOCHS = 32, 2
+DECAY_N_BOOT = 200  # bootstrap resamples of the token-decay intervals (the main intervals take the default 1000)
+PROMPT = "default"  # the prompt name of every demo config (the world tasks' own question wording)
 
 
 def demo_model_path() -> Path:
@@ -47,157 +52,131 @@ def demo_model_path() -> Path:
     return path
 
 
-def _own_answer(task: str, responses: list[str], rows: list[dict]) -> np.ndarray:
-    return np.array([world.task_label_of_response(task, r, row) for r, row in zip(responses, rows)], dtype=float)
+def one_token_baseline(task: str) -> str:
+    """The one-token baseline of an analogue as a baseline name (token-prob:!W reads 1 - P(W))."""
+    text, negate = TOKEN_BASELINE[task]
+    return f"token-prob:{'!' if negate else ''}{text}"
+
+
+def demo_config(task: str, out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_tokens: int = 5,
+                batch_size: int = 32, seed: int = 0, model: str | Path | None = None, device: str = "cpu",
+                steer: bool = True) -> Any:
+    """The `lvlmlp run` config of one analogue: run folder `out/TASK`, images under `out/images/TASK`."""
+    from lvlmlp.study.config import ExperimentConfig, build, validate
+
+    out = Path(out).resolve()
+    if task == "classification":  # the paper's many-class probe; the own answer is the class it names
+        probe: dict[str, Any] = {"kind": "multinomial", "epochs": 60, "batch_size": 64, "lr": 0.05, "seed": seed}
+        baselines = [OWN_ANSWER]
+    else:
+        probe = {"kind": "logistic", "max_iter": 1000}
+        baselines = [OWN_ANSWER] if task != "uncertainty" else []  # uncertainty: the own answer *is* the label
+        baselines.append(one_token_baseline(task) if task in TOKEN_BASELINE else "max-prob")
+    cfg = build(ExperimentConfig, {
+        "name": f"lvlmlp demo: {task}", "model": str(model or demo_model_path()), "device": device,
+        "dtype": "float32", "task": f"world-{task}", "data_root": str(out),
+        "task_options": {"n_train": n_train, "n_test": n_test, "world_seed": seed}, "seed": seed,
+        "batch_size": batch_size, "extract": {"max_new_tokens": max_new_tokens, "store_dtype": "float32"},
+        "probe": probe, "baselines": baselines,
+        "analyses": {"token_decay": task != "classification", "layer_sweep": False, "n_boot": DECAY_N_BOOT},
+        "steering": {"template": GUARD_TEMPLATES[task]} if steer and task in GUARD_TEMPLATES else None,
+        "out": str(out / task)})
+    validate(cfg)
+    return cfg
 
 
 def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_tokens: int = 5,
              batch_size: int = 32, seed: int = 0, model: str | Path | None = None, device: str = "cpu",
              progress: bool = True, steer: bool = True, finetune_rows: int = FINETUNE_ROWS) -> dict:
-    """Run everything; write `out/results.json`, `out/report.html`, `out/scores/*.jsonl`; return the results."""
-    from lvlmlp.extraction.backend import Backend
-    from lvlmlp.extraction.extract import extract
-    from lvlmlp.probing.baselines import answer_token_ids, distribution_scores
-    from lvlmlp.probing.features import feature_matrix
-    from lvlmlp.probing.metrics import binary_metrics, bootstrap_ci, top1_accuracy
-    from lvlmlp.probing.probes import LogisticProbe, MultinomialProbe
-    from lvlmlp.tasks import get_task
+    """Run every analogue's config (`run_experiment`, one model for all); write `out/results.json` and
+    `out/report.html` from their outputs; return the results."""
+    import yaml
+
+    from lvlmlp.study.experiment import LazyBackend, run_experiment
 
     out = Path(out)
-    (out / "scores").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    backend = Backend(model or demo_model_path(), device=device, dtype="float32")
-    results: dict = {"model": str(backend.model_id), "seed": seed, "n_train": n_train, "n_test": n_test,
-                     "max_new_tokens": max_new_tokens, "tasks": {}, "steering": {}}
-    probes: dict[str, LogisticProbe] = {}
-    test_rows_of: dict[str, list[dict]] = {}
-    responses_of: dict[str, dict[str, str]] = {}  # unguarded greedy responses, for the steering comparison
-    for task in world.TASKS:
-        registered = get_task(f"world-{task}")  # the analogue as a registered task: rows, labels, rules
-        rows = [row for split, n in (("train", n_train), ("test", n_test))
-                for row in registered.rows(out, split=split, n=n, world_seed=seed)]
-        log.info("demo: %s (%d rows)", task, len(rows))
-        run = extract(backend, rows, out / "runs" / task, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                      store_dtype="float32", source=f"demo {task}", progress=progress)
-        responses = [r or "" for r in run.responses]
-        responses_of[task] = dict(zip(run.ids, responses))
-        if registered.label_fn is not None:  # uncertainty: the label is whether the model's own count is right
-            y = np.array([registered.label_fn(r, m) for r, m in zip(responses, run.meta)], dtype=float)
-        else:
-            y = run.labels
-        train = np.array([s == "train" for s in run.splits])
-        test = ~train
-        X = feature_matrix(run, "logits", token=0)
-        entry: dict = {"n_train": int(train.sum()), "n_test": int(test.sum())}
-        record = {"id": [run.ids[i] for i in np.flatnonzero(test)], "label": y[test].tolist()}
-        if task == "classification":
-            probe = MultinomialProbe(epochs=60, batch_size=64, lr=0.05, seed=seed).fit(X[train], y[train].astype(int))
-            pred = probe.predict(X[test])
-            own = _own_answer(task, responses, run.meta)[test]
-            entry["probe"] = {"accuracy": top1_accuracy(y[test], pred)}
-            entry["own_answer"] = {"accuracy": top1_accuracy(y[test], own)}
-            entry["chance"] = float(np.bincount(y[test].astype(int)).max() / test.sum())
-            record.update(probe_pred=pred.tolist(), own_answer=own.tolist())
-        else:
-            if len(np.unique(y[train])) < 2:
-                raise LvlmlpError(f"demo {task}: the train split has one class only; use more rows")
-            probe = LogisticProbe(max_iter=1000).fit(X[train], y[train].astype(int))
-            score = probe.predict_proba(X[test])[:, 1]
-            probes[task] = probe
-            probe.save(out / "probes" / task)  # e.g. demo_out/probes/safety: `lvlmlp generate/serve --probe`
-            test_rows_of[task] = [m for m, t in zip(rows, test) if t]
-            entry["probe"] = {**binary_metrics(y[test], score), "auroc_ci": bootstrap_ci(y[test], score, seed=seed)}
-            record["probe"] = score.tolist()
-            if task != "uncertainty":  # there the own answer *is* the label
-                own = _own_answer(task, responses, run.meta)[test]
-                entry["own_answer"] = {**binary_metrics(y[test], own),
-                                       "auroc_ci": bootstrap_ci(y[test], own, seed=seed)}
-                record["own_answer"] = own.tolist()
-            if task in TOKEN_BASELINE:
-                text, negate = TOKEN_BASELINE[task]
-                p = distribution_scores(run, "token-prob", np.flatnonzero(test),
-                                        token_ids=answer_token_ids(backend.tokenizer, text))
-                tok = 1.0 - p if negate else p
-                entry["token_prob"] = {"token": text, **binary_metrics(y[test], tok)}
-                record["token_prob"] = tok.tolist()
-            else:
-                conf = distribution_scores(run, "max-prob", np.flatnonzero(test))
-                entry["max_prob"] = binary_metrics(y[test], conf)
-                record["max_prob"] = conf.tolist()
-            entry["token_decay"] = _token_decay(run, y, train, test, n_boot=200, seed=seed)
-        results["tasks"][task] = entry
-        _write_scores(out / "scores" / f"{task}.jsonl", record)
-    if steer:
-        for task, template in GUARD_TEMPLATES.items():
-            results["steering"][task] = _steering(backend, probes[task], template, test_rows_of[task],
-                                                  responses_of[task], max_new_tokens, batch_size,
-                                                  out / "scores" / f"steering-{task}.jsonl")
+    configs = {task: demo_config(task, out, n_train=n_train, n_test=n_test, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, seed=seed, model=model, device=device, steer=steer)
+               for task in world.TASKS}
+    shared = LazyBackend(configs[world.TASKS[0]])  # loaded by the first step that needs the model, if any
+    for task, cfg in configs.items():
+        log.info("demo: %s (%d + %d rows)", task, n_train, n_test)
+        run_experiment(cfg, progress=progress, backend=shared)
+        (out / task / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    results = collect_results(out, configs)
     if finetune_rows:
-        results["finetune"] = finetune_vs_probe(out, backend.model_id, finetune_rows, batch_size, seed, progress)
+        results["finetune"] = finetune_vs_probe(out, results["model"], finetune_rows, batch_size, seed, progress)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, out)
     return results
 
 
-def _token_decay(run, y: np.ndarray, train: np.ndarray, test: np.ndarray, n_boot: int, seed: int) -> list[dict]:
-    """Probe AUROC on token t's logits for t = 1..K (`analyses.token_decay`, the paper's protocol): token t is
-    trained and tested on the rows that generated it; the others are counted (`n_test`), never silently dropped."""
-    from lvlmlp.study.analyses import Labelled, Protocol, token_decay
+# ------------------------------------------------------------------------------------------------ results
+def _eval(out: Path, task: str) -> tuple[dict, list[dict]]:
+    """An analogue's main evaluation: metrics.json and scores.jsonl of `OUT/TASK/evals/default`."""
+    from lvlmlp.study.report import load_eval
 
-    tr, te = np.flatnonzero(train), np.flatnonzero(test)
-    protocol = Protocol(test=Labelled(run, te, y[te].astype(np.int64)),
-                        train=Labelled(run, tr, y[tr].astype(np.int64)), n_boot=n_boot, seed=seed)
-    result = token_decay(protocol, {"kind": "logistic", "max_iter": 1000})
-    return [{"token": e["token"], "auroc": e["value"], "auroc_ci": e["ci"], "n_train": e.get("n_train", 0),
-             "n_test": e["n"]} for e in result["tokens"]]
+    return load_eval(out / task / "evals" / PROMPT)
 
 
-def _steering(backend, probe, template: str, rows: list[dict], before: dict[str, str], max_new_tokens: int,
-              batch_size: int, scores_path: Path) -> dict:
-    """Answers and refusals on the test rows without the guard (the run's greedy responses) and with it; every
-    row's score, flag and both responses go to `scores_path`, so the counts recompute."""
-    from lvlmlp.data import load_image
-    from lvlmlp.steering.guard import ProbeGuard, guarded_generate, is_refusal
+_FIGURES = ("auroc", "auprc", "accuracy", "f1", "threshold", "n", "n_positive", "auroc_ci", "accuracy_ci")
 
-    guard = ProbeGuard(probe, backend.tokenizer, template)
-    after: dict[str, str] = {}
-    flagged: dict[str, tuple[float, bool]] = {}
-    n_flagged = 0
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s : s + batch_size]
-        batch = backend.encode([load_image(r["image"], r["id"]) for r in chunk], [r["question"] for r in chunk])
-        seq = guarded_generate(backend.model, batch, guard, max_new_tokens=max_new_tokens, do_sample=False)
-        texts = backend.tokenizer.batch_decode(seq[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        after.update({r["id"]: t.strip() for r, t in zip(chunk, texts)})
-        n_flagged += int(guard.flagged_.sum())
-        flagged.update({r["id"]: (float(p), bool(f)) for r, p, f in zip(chunk, guard.scores_, guard.flagged_)})
 
-    def counts(responses: dict[str, str]) -> dict:
-        bad = [r for r in rows if r["label"] == 0]
-        good = [r for r in rows if r["label"] == 1]
-        return {
-            "label0_answered": sum(not is_refusal(responses[r["id"]], template) for r in bad),
-            "label1_refused": sum(is_refusal(responses[r["id"]], template) for r in good),
-            "n_label0": len(bad), "n_label1": len(good),
-        }
+def _figures(metrics: dict) -> dict:
+    return {k: metrics[k] for k in _FIGURES if k in metrics}
 
-    _write_scores(scores_path, {"id": [r["id"] for r in rows], "label": [r["label"] for r in rows],
-                                "probe_score": [flagged[r["id"]][0] for r in rows],
-                                "flagged": [flagged[r["id"]][1] for r in rows],
-                                "response_before": [before[r["id"]] for r in rows],
-                                "response_after": [after[r["id"]] for r in rows]})
-    return {"template": template, "flagged": n_flagged, "before": counts(before), "after": counts(after)}
+
+def collect_results(out: Path, configs: dict[str, Any]) -> dict:
+    """results.json's figures, read from each analogue's run folder (evaluation metrics and analyses)."""
+    first = next(iter(configs.values()))
+    opts = first.task_options
+    results: dict = {"model": str(first.model), "seed": first.seed, "n_train": opts["n_train"],
+                     "n_test": opts["n_test"], "max_new_tokens": first.extract.max_new_tokens, "tasks": {},
+                     "steering": {}}
+    for task in configs:
+        metrics, records = _eval(out, task)
+        base = metrics.get("baselines") or {}
+        entry: dict = {"n_train": metrics["n_train"], "n_test": metrics["n"]}
+        if task == "classification":
+            y = np.array([r["label"] for r in records])
+            entry["probe"] = {"accuracy": metrics["accuracy"]}
+            entry["own_answer"] = {"accuracy": base[OWN_ANSWER]["accuracy"]}
+            entry["chance"] = float(np.bincount(y).max() / y.size)
+            results["tasks"][task] = entry
+            continue
+        entry["probe"] = _figures(metrics)
+        if OWN_ANSWER in base:
+            entry["own_answer"] = _figures(base[OWN_ANSWER])
+        if task in TOKEN_BASELINE:
+            entry["token_prob"] = {"token": TOKEN_BASELINE[task][0], **_figures(base[one_token_baseline(task)])}
+        else:
+            entry["max_prob"] = _figures(base["max-prob"])
+        decay = json.loads((out / task / "analyses" / f"token_decay-{PROMPT}.json").read_text())
+        entry["token_decay"] = [{"token": e["token"], "auroc": e["value"], "auroc_ci": e["ci"],
+                                 "n_train": e.get("n_train", 0), "n_test": e["n"]} for e in decay["tokens"]]
+        results["tasks"][task] = entry
+    for task in GUARD_TEMPLATES:  # in the order the summary has always printed them
+        path = out / task / "analyses" / f"steering-{PROMPT}.json"
+        if configs[task].steering is not None and path.is_file():
+            results["steering"][task] = json.loads(path.read_text())
+    return results
 
 
 def finetune_vs_probe(out: Path, model: str, n_rows: int, batch_size: int, seed: int, progress: bool) -> dict:
     """LoRA-finetune the demo model on each analogue's first `n_rows` train rows (targets: the answers the demo
     model was trained to give) and compare its own answer and answer-token probability with the probe, on the same
-    test rows (`lvlmlp.study.finetune.compare`; the probe on the finetuned model's logits is left out for time)."""
+    test rows (`lvlmlp.study.finetune.compare`; the probe on the finetuned model's logits is left out for time).
+    `lvlmlp run`'s `finetune:` section finetunes on the whole train split with fixed answer words, so the demo calls
+    `compare` itself; like a run's step, a comparison whose settings and inputs are unchanged is reused."""
     from functools import partial
 
     from lvlmlp.extraction.store import open_run
+    from lvlmlp.study.experiment import Steps, cached
     from lvlmlp.study.finetune import Readout, Settings, compare
+    from lvlmlp.tasks import get_task
 
     def target(task: str, row: dict) -> str:
         if task == "safety":
@@ -207,20 +186,25 @@ def finetune_vs_probe(out: Path, model: str, n_rows: int, batch_size: int, seed:
         return str(row["answer"])  # hallucination: yes/no; deception: the answer, or the premise's correction
 
     result = {}
+    settings = Settings(epochs=FINETUNE_EPOCHS, lr=3e-3, batch_size=16, seed=seed)
     for task, (token, negate) in TOKEN_BASELINE.items():
-        run = open_run(out / "runs" / task)
-        rows = [{**m, "image": str(out / "images" / task / f"{m['id']}.png")} for m in run.meta]
-        probe = {r["id"]: r["probe"] for r in map(json.loads, (out / "scores" / f"{task}.jsonl").open())}
-        train = [r for r in rows if r["split"] == "train"]
-        test = [r for r in rows if r["id"] in probe]
-        tuned = [{**r, "target": target(task, r)} for r in train[:n_rows]]
-        log.info("demo: finetuning on %d %s rows", len(tuned), task)
-        result[task] = compare(
-            model, tuned, test, [r["target"] for r in tuned], out / "finetune" / task,
-            Settings(epochs=FINETUNE_EPOCHS, lr=3e-3, batch_size=16, seed=seed),
-            Readout(token, negate, partial(world.task_label_of_response, task)), np.array([probe[r["id"]] for r in test]),
-            device="cpu", dtype="float32", max_new_tokens=3, batch_size=batch_size, every_epoch=False,
-            tuned_probe=False, n_boot=200, progress=progress)
+        runs = {s: open_run(out / task / "runs" / f"{PROMPT}-{s}") for s in ("train", "test")}
+        images = out / "images" / task
+        _, records = _eval(out, task)
+        probe = {r["id"]: r["score"] for r in records}
+        tuned = [{**m, "image": str(images / f"{m['id']}.png")} for m in runs["train"].meta[:n_rows]]
+        tuned = [{**r, "target": target(task, r)} for r in tuned]
+        test = [{**m, "image": str(images / f"{m['id']}.png")} for m in runs["test"].meta if m["id"] in probe]
+        folder = out / "finetune" / task
+        base = np.array([probe[r["id"]] for r in test])
+        key = hashlib.sha256(json.dumps([model, n_rows, str(settings), batch_size, base.tolist(),
+                                         [r.manifest.get("created_at") for r in runs.values()]]).encode())
+        compute = partial(compare, model, tuned, test, [r["target"] for r in tuned], folder, settings,
+                          Readout(token, negate, get_task(f"world-{task}").answer_fn), base, device="cpu",
+                          dtype="float32", max_new_tokens=3, batch_size=batch_size, every_epoch=False,
+                          tuned_probe=False, n_boot=200, progress=progress)
+        log.info("demo: finetuning vs probing on %s (%d train rows)", task, len(tuned))
+        result[task] = cached(Steps(folder), "comparison", key.hexdigest()[:20], folder / "comparison.json", compute)
     return result
 
 
@@ -235,13 +219,6 @@ def finetune_table(results: dict) -> list[str]:
     for task, r in results["finetune"].items():
         lines.append(f"| {task} | " + " | ".join(_fmt(r["methods"][n]["auroc"]) for n in names) + " |")
     return lines
-
-
-def _write_scores(path: Path, record: dict) -> None:
-    keys = [k for k in record if k != "id"]
-    with path.open("w") as f:
-        for i, rid in enumerate(record["id"]):
-            f.write(json.dumps({"id": rid, **{k: record[k][i] for k in keys}}) + "\n")
 
 
 def _fmt(x) -> str:
@@ -301,12 +278,6 @@ def verdicts(results: dict) -> list[str]:
 GALLERY_ROWS = 4  # example test rows per analogue in the report (two of each label when there are)
 
 
-def _one_token_name(task: str) -> str:
-    """The one-token baseline of an analogue as a `--baseline` name (token-prob:!W reads 1 - P(W))."""
-    text, negate = TOKEN_BASELINE[task]
-    return f"token-prob:{'!' if negate else ''}{text}"
-
-
 def report_blocks(results: dict, out: Path) -> list:
     """The demo's report, in the blocks of `lvlmlp.study.report` (the renderer of every report)."""
     from lvlmlp.study.report import Glossary, Section, fmt_ci
@@ -360,7 +331,7 @@ def _glossary(results: dict) -> list[tuple[str, str]]:
                   "trained on the train split"))
     items.append(("own answer", "the model's generated answer read as a label (e.g. a refusal or "
                   '"Unanswerable." reads as 0)'))
-    items += [(f"one token ({task})", describe_baseline(_one_token_name(task))) for task in TOKEN_BASELINE]
+    items += [(f"one token ({task})", describe_baseline(one_token_baseline(task))) for task in TOKEN_BASELINE]
     items.append(("max-prob (uncertainty)", describe_baseline("max-prob")))
     return items
 
@@ -371,12 +342,14 @@ def _roc_section(results: dict, out: Path, plots: Path):
 
     pngs = []
     for task in (t for t in results["tasks"] if t != "classification"):
-        recs = [json.loads(line) for line in (out / "scores" / f"{task}.jsonl").read_text().splitlines()]
-        names = {"probe": "probe", "own_answer": "own answer", "max_prob": "max-prob"}
+        _, recs = _eval(out, task)
+        names = {OWN_ANSWER: "own answer", "max-prob": "max-prob"}
         if task in TOKEN_BASELINE:
-            names["token_prob"] = f"one token ({TOKEN_BASELINE[task][0]})"
-        curves = [(name, [r["label"] for r in recs], [r[key] for r in recs]) for key, name in names.items()
-                  if key in recs[0]]
+            names[one_token_baseline(task)] = f"one token ({TOKEN_BASELINE[task][0]})"
+        labels = [r["label"] for r in recs]
+        curves = [("probe", labels, [r["score"] for r in recs])]
+        curves += [(name, labels, [r["baselines"][key] for r in recs]) for key, name in names.items()
+                   if key in recs[0].get("baselines", {})]
         pngs.append(plots / f"roc_{task}.png")
         plot_roc_curves(curves, pngs[-1], f"{task}: ROC on the test split")
     return Section("ROC curves", f"{results['n_test']} test rows per analogue; the legend gives each method's AUROC.",
@@ -413,20 +386,15 @@ def _decay_section(results: dict, plots: Path):
 
 
 def _steering_sections(results: dict) -> list:
+    from lvlmlp.study.experiment import STEERING_HEADER, steering_row
     from lvlmlp.study.report import Section
 
     out = []
     if results.get("steering"):
-        rows = []
-        for task, s in results["steering"].items():
-            b, a = s["before"], s["after"]
-            rows.append([task, s["template"], str(s["flagged"]),
-                         f"{b['label0_answered']}/{b['n_label0']} -> {a['label0_answered']}/{a['n_label0']}",
-                         f"{b['label1_refused']}/{b['n_label1']} -> {a['label1_refused']}/{a['n_label1']}"])
         out.append(Section("Probe-guided decoding", "At the first decoding step, a row the probe flags (score < 0.5) "
                            "is made to start with the template; counts without the guard -> with it.",
-                           ["analogue", "template", "flagged", "label-0 rows answered", "label-1 rows refused"],
-                           rows))
+                           ["analogue", *STEERING_HEADER[1:]],
+                           [steering_row(task, s) for task, s in results["steering"].items()]))
     if results.get("finetune"):
         first = next(iter(results["finetune"].values()))
         names = list(first["methods"])
@@ -444,9 +412,9 @@ def _galleries(results: dict, out: Path) -> list:
 
     galleries = []
     for task in results["tasks"]:
-        run = open_run(out / "runs" / task)
+        run = open_run(out / task / "runs" / f"{PROMPT}-test")
         meta = {m["id"]: (m, r) for m, r in zip(run.meta, run.responses)}
-        recs = [json.loads(line) for line in (out / "scores" / f"{task}.jsonl").read_text().splitlines()]
+        _, recs = _eval(out, task)
         by_label: dict = {}
         for r in recs:
             by_label.setdefault(r["label"], []).append(r)
@@ -457,12 +425,12 @@ def _galleries(results: dict, out: Path) -> list:
             m, response = meta[r["id"]]
             png = (out / "images" / task / f"{r['id']}.png").read_bytes()
             if task == "classification":
-                got = f"class {r['probe_pred']:.0f} ({world.CLASS_NAMES[int(r['probe_pred'])]})"
-                rows.append((png, [m["question"], response or "", f"{r['label']:.0f} "
-                                   f"({world.CLASS_NAMES[int(r['label'])]})", got, "–"]))
+                got = f"class {r['pred']} ({world.CLASS_NAMES[r['pred']]})"
+                rows.append((png, [m["question"], response or "", f"{r['label']} "
+                                   f"({world.CLASS_NAMES[r['label']]})", got, "–"]))
             else:
-                rows.append((png, [m["question"], response or "", f"{r['label']:.0f}", _fmt(r["probe"]),
-                                   "flagged" if r["probe"] < 0.5 else "not flagged"]))
+                rows.append((png, [m["question"], response or "", f"{r['label']}", _fmt(r["score"]),
+                                   "flagged" if r["score"] < 0.5 else "not flagged"]))
         galleries.append(Gallery(f"Examples: {task}", "Test rows; a row is flagged when the probe's score "
                                  "P(label 1) is below 0.5.", ["question", "model answer", "label",
                                                                "probe score" if task != "classification"

@@ -1,7 +1,8 @@
 """Baselines computed from the same run as the probe, each a score oriented like the probe (higher = label 1).
 
 - `own-answer[:RULE]`: the model's generated response, read by a rule (`refusal`, `yes`, `keyword=W1,W2`):
-  1.0 when the answer says label 1 (answers / "yes" / no keyword), else 0.0.
+  1.0 when the answer says label 1 (answers / "yes" / no keyword), else 0.0. `own-answer:task` reads it with the
+  task's own rule (`Task.answer_fn`, e.g. the demo world's); for a multiclass task it is the class the answer names.
 - `token-prob:STRING`: probability that the first generated token is the first token of STRING;
   `token-prob:!STRING` is one minus it (for strings that signal label 0, such as "Unanswerable").
 - `max-prob`: the largest first-token probability (confidence).
@@ -29,7 +30,9 @@ REFUSAL_PHRASES: tuple[str, ...] = (
     "not appropriate", "i won't", "i will not", "cannot provide", "can't provide", "cannot help", "can't help",
 )
 _SCORE_CHUNK = 1024
-BASELINE_HELP = "own-answer[:refusal|yes|keyword=W1,W2], token-prob:STRING, token-prob:!STRING, max-prob, entropy"
+BASELINE_HELP = ("own-answer[:refusal|yes|keyword=W1,W2|task], token-prob:STRING, token-prob:!STRING, max-prob, "
+                 "entropy")
+TASK_ANSWER = "own-answer:task"  # the model's answer read by the task's own rule
 
 
 @dataclass(frozen=True)
@@ -48,16 +51,17 @@ class AnswerRule:
 
 
 def parse_answer_rule(text: str | None) -> AnswerRule:
-    """`refusal` (default), `yes`, or `keyword=W1,W2` (custom label-0 phrases)."""
+    """`refusal` (default), `yes`, `keyword=W1,W2` (custom label-0 phrases), or `task` (the task's rule, read by
+    `task_answer_scores`)."""
     if not text or text == "refusal":
         return AnswerRule()
-    if text == "yes":
-        return AnswerRule(kind="yes", phrases=())
+    if text in ("yes", "task"):
+        return AnswerRule(kind=text, phrases=())
     if text.startswith("keyword="):
         words = tuple(w.strip().lower() for w in text[len("keyword=") :].split(",") if w.strip())
         if words:
             return AnswerRule(kind="keyword", phrases=words)
-    raise LvlmlpError(f"--baseline own-answer:{text}: unknown rule (use refusal, yes or keyword=W1,W2)")
+    raise LvlmlpError(f"--baseline own-answer:{text}: unknown rule (use refusal, yes, keyword=W1,W2 or task)")
 
 
 def own_answer_scores(responses: Sequence[str | None], rule: AnswerRule, ids: Sequence[str]) -> np.ndarray:
@@ -69,6 +73,25 @@ def own_answer_scores(responses: Sequence[str | None], rule: AnswerRule, ids: Se
                 f"row {ids[i]!r} has no response: the own-answer baseline needs a run extracted with generation"
             )
         out[i] = rule.score(response)
+    return out
+
+
+def task_answer_scores(run: Any, idx: np.ndarray, task: str | None) -> np.ndarray:
+    """`own-answer:task`: each response read as a label by `task`'s `answer_fn` (a class index for multiclass)."""
+    from lvlmlp.tasks import get_task
+
+    if task is None:
+        raise LvlmlpError(f"--baseline {TASK_ANSWER}: needs the run's task (a `lvlmlp run` config names it)")
+    read = get_task(task).answer_fn
+    if read is None:
+        raise LvlmlpError(f"--baseline {TASK_ANSWER}: task {task} has no answer rule (use own-answer[:RULE])")
+    responses, meta = run.responses, run.meta
+    out = np.empty(idx.size)
+    for j, i in enumerate(idx):
+        if responses[i] is None:
+            raise LvlmlpError(f"row {run.ids[i]!r} has no response: the own-answer baseline needs a run extracted "
+                              "with generation")
+        out[j] = read(responses[i], meta[i])
     return out
 
 
@@ -151,6 +174,8 @@ def describe_baseline(name: str) -> str:
     """What baseline `name` scores, in words, for the reports (which token a one-token baseline reads)."""
     if name == "own-answer" or name.startswith("own-answer:"):
         rule = name.partition(":")[2] or "refusal"
+        if rule == "task":
+            return "the model's own generated answer, read as a label by the task's own rule"
         how = {"refusal": "1 unless it refuses or calls the question unanswerable",
                "yes": '1 when it starts with "yes"'}.get(rule, f"1 unless it contains one of {rule.partition('=')[2]}")
         return f"the model's own generated answer, read as a label: {how}"
@@ -166,9 +191,13 @@ def describe_baseline(name: str) -> str:
             }.get(name, name)
 
 
-def baseline_scores(run: Any, name: str, rows: Any = None, token: int = 0, tokenizer: Any = None) -> np.ndarray:
-    """Scores of baseline `name` (see module doc) for `rows` of `run`, higher = label 1."""
+def baseline_scores(run: Any, name: str, rows: Any = None, token: int = 0, tokenizer: Any = None,
+                    task: str | None = None) -> np.ndarray:
+    """Scores of baseline `name` (see module doc) for `rows` of `run`, higher = label 1; `task`: the registered
+    task of the run's rows (for `own-answer:task`)."""
     idx = as_index(rows, len(run))
+    if name == TASK_ANSWER:
+        return task_answer_scores(run, idx, task)
     if name == "own-answer" or name.startswith("own-answer:"):
         rule = parse_answer_rule(name.partition(":")[2] or None)
         responses = run.responses

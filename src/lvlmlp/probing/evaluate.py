@@ -55,14 +55,17 @@ def write_eval(
     n_boot: int = N_BOOT,
     seed: int = 0,
     token: int = 0,
+    task: str | None = None,
 ) -> dict[str, Any]:
     """Write a `probe eval` folder: `scores.jsonl` (one record per scored row) and `metrics.json` (probe and
     baselines on the labelled rows). `score` is P(classes[-1]) (n,) for a binary probe, (n, C) for multiclass;
     `labels` has NaN for unlabelled rows (scored, not measured). `header["groups"]` (row field -> metric of
     `metrics.GROUP_METRICS`, from the task) adds per-group metrics and keeps those fields in `scores.jsonl`.
+    `task`: the registered task of the rows (the `own-answer:task` baseline reads answers with its rule; for a
+    multiclass probe it is the one baseline, the class the answer names, measured by top-1 accuracy).
     `lvlmlp run` writes its evaluations here too."""
     from lvlmlp.data import write_jsonl
-    from lvlmlp.probing.baselines import baseline_scores
+    from lvlmlp.probing.baselines import TASK_ANSWER, baseline_scores
     from lvlmlp.probing.metrics import top1_accuracy
 
     labelled = ~np.isnan(labels)
@@ -75,7 +78,7 @@ def write_eval(
     if score.ndim == 1:
         for rec, v in zip(records, score):
             rec["score"] = float(v)
-        base = {name: baseline_scores(run, name, idx, token=token) for name in baselines}
+        base = {name: baseline_scores(run, name, idx, token=token, task=task) for name in baselines}
         for name, b in base.items():
             for rec, v in zip(records, b):
                 rec.setdefault("baselines", {})[name] = float(v)
@@ -94,14 +97,21 @@ def write_eval(
                     block = {k: block[k] for k in ("auroc", "auprc", "auroc_ci", "n")}
                 metrics["baselines"][name] = block
     else:
-        if baselines:
-            raise LvlmlpError("baselines are defined for binary probes only")
+        if set(baselines) - {TASK_ANSWER}:
+            raise LvlmlpError(f"baselines are defined for binary probes only ({TASK_ANSWER} also for multiclass)")
         pred = classes[np.argmax(score, axis=1)]
         for rec, p, row in zip(records, pred, score):
             rec.update(pred=int(p), score=float(row.max()))
+        named = {name: baseline_scores(run, name, idx, task=task) for name in baselines}  # the class each names
+        for name, b in named.items():
+            for rec, v in zip(records, b):
+                rec.setdefault("baselines", {})[name] = int(v)
         if labelled.any():
-            metrics.update(accuracy=top1_accuracy(labels[labelled].astype(np.int64), pred[labelled]),
-                           n=int(labelled.sum()))
+            y = labels[labelled].astype(np.int64)
+            metrics.update(accuracy=top1_accuracy(y, pred[labelled]), n=int(labelled.sum()))
+            if named:
+                metrics["baselines"] = {name: {"accuracy": top1_accuracy(y, b[labelled]), "n": int(labelled.sum())}
+                                        for name, b in named.items()}
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "scores.jsonl", records)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

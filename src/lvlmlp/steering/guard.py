@@ -213,6 +213,40 @@ def guarded_generate(model: Any, batch: Mapping[str, Any], guard: ProbeGuard, **
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
+def guided_decoding(backend: Any, probe: Any, rows: list[dict], before: Mapping[str, str | None],
+                    labels: Mapping[str, int], template: str, threshold: float = 0.5, *, max_new_tokens: int,
+                    batch_size: int = 8, progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Greedy answers of `rows` with the probe guard in template mode, against the unguarded answers `before`
+    (row id -> response, e.g. an extraction's): the counts of label-0 rows answered and label-1 rows refused
+    without -> with the guard, and one record per row (score, flag, both answers) from which they recompute."""
+    from tqdm import tqdm
+
+    from lvlmlp.data import load_image
+
+    guard = ProbeGuard(probe, backend.tokenizer, template, threshold=threshold)
+    after: dict[str, str] = {}
+    scored: dict[str, tuple[float, bool]] = {}
+    for s in tqdm(range(0, len(rows), batch_size), desc="guided decoding", disable=not progress):
+        chunk = rows[s : s + batch_size]
+        batch = backend.encode([load_image(r["image"], r["id"]) for r in chunk], [r["question"] for r in chunk])
+        seq = guarded_generate(backend.model, batch, guard, max_new_tokens=max_new_tokens, do_sample=False)
+        texts = backend.tokenizer.batch_decode(seq[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        after.update({r["id"]: t.strip() for r, t in zip(chunk, texts)})
+        scored.update({r["id"]: (float(p), bool(f)) for r, p, f in zip(chunk, guard.scores_, guard.flagged_)})
+    records = [{"id": r["id"], "label": labels[r["id"]], "probe_score": scored[r["id"]][0],
+                "flagged": scored[r["id"]][1], "response_before": before[r["id"]] or "",
+                "response_after": after[r["id"]]} for r in rows]
+
+    def counts(key: str) -> dict[str, int]:
+        return {"label0_answered": sum(not is_refusal(r[key], template) for r in records if r["label"] == 0),
+                "label1_refused": sum(is_refusal(r[key], template) for r in records if r["label"] == 1),
+                "n_label0": sum(r["label"] == 0 for r in records), "n_label1": sum(r["label"] == 1 for r in records)}
+
+    summary = {"template": template, "threshold": float(threshold), "flagged": sum(r["flagged"] for r in records),
+               "before": counts("response_before"), "after": counts("response_after")}
+    return summary, records
+
+
 
 
 def is_refusal(response: str, template: str | None) -> bool:

@@ -234,10 +234,12 @@ def main_evaluation(
     probe_dir: Path | None = None,
     split: str | None = None,
     task: dict[str, Any] | None = None,
+    task_name: str | None = None,
 ) -> dict[str, Any]:
     """Probe + baselines on the evaluated rows, written as a `probe eval` folder (metrics.json, scores.jsonl) so
     that `lvlmlp report` and `report.write_report` read it; the fitted probe is saved to `probe_dir`. `task`:
-    what the header records of the task (`groups`: its per-group metrics, `label_names`)."""
+    what the header records of the task (`groups`: its per-group metrics, `label_names`); `task_name`: the
+    registered task (its answer rule for the `own-answer:task` baseline)."""
     from lvlmlp.probing.evaluate import write_eval
 
     make = make_probe_factory(probe_cfg)
@@ -263,7 +265,7 @@ def main_evaluation(
     if probe_dir is not None and s.probe is not None:
         s.probe.save(probe_dir)
     return write_eval(out, protocol.test.run, s.rows, s.y.astype(float), s.score, s.classes, threshold, baselines,
-                      header, protocol.n_boot, protocol.seed)
+                      header, protocol.n_boot, protocol.seed, task=task_name)
 
 
 # ------------------------------------------------------------------------------------------------ analyses

@@ -110,6 +110,18 @@ class ClipConfig(Section):
 class AnalysesConfig(Section):
     token_decay: bool = True
     layer_sweep: bool = True
+    # bootstrap resamples of the token-decay and layer-sweep intervals (None: the experiment's n_boot)
+    n_boot: int | None = field(default=None, metadata=_min(0))
+
+
+@dataclass
+class SteeringConfig(Section):
+    """Probe-guided decoding on the test split (`lvlmlp.steering.guard`): rows whose first-token probe score
+    P(label 1) is below `threshold` are made to start with `template`; the greedy answers of the extraction
+    (`extract.max_new_tokens` tokens) are the unguarded ones."""
+
+    template: str | None = None  # required when the section is given
+    threshold: float = 0.5
 
 
 @dataclass
@@ -150,6 +162,7 @@ class ExperimentConfig(Section):
     out: str | None = None  # required
     # extract on Ray (README, "Scaling out"): true (a local instance), auto or an address (join), or a mapping
     ray: RayConfig | bool | str | None = None
+    steering: SteeringConfig | None = None  # probe-guided decoding (docs/experiments.md)
     # finetuning vs probing (README): {epochs, lr, lora_rank, answers, ...}, checked by `experiment.finetune_options`
     finetune: dict[str, Any] | None = None
 
@@ -339,6 +352,12 @@ def validate(cfg: ExperimentConfig) -> None:
         raise LvlmlpError(f"config: task: {err}") from None
     if cfg.clip is not None and not cfg.clip.model:
         raise LvlmlpError("config: clip.model is required when the clip section is given")
+    if cfg.steering is not None:
+        if not cfg.steering.template:
+            raise LvlmlpError("config: steering.template is required when the steering section is given")
+        if cfg.extract.max_new_tokens < 1 or cfg.splits.cv is not None:
+            raise LvlmlpError("config: steering needs extract.max_new_tokens >= 1 (the unguarded answers) and "
+                              "splits {train, test}")
     for i, name in enumerate(cfg.baselines):
         try:
             check_baseline_name(name)

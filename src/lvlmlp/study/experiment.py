@@ -8,6 +8,7 @@ them), so that re-running a finished config does no model work and an interrupte
 2. the CLIP/SigLIP baseline (`clip:`): `OUT/runs/clip-{kind}-{split}`;
 3. per prompt: the probe on first-token logits against the baselines (`OUT/evals/{prompt}`, a `probe eval`
    folder, probe in `OUT/probes/{prompt}`), token-position decay and the layer sweep (`OUT/analyses/`);
+   and, with `steering:`, probe-guided decoding of the test split (`OUT/analyses/steering-{prompt}.json/.jsonl`);
 4. the report `OUT/report/` (metrics.json, report.md, report.html with every table and plot), always rewritten.
 
 Command-line flags override the file: `--model`, `--out`, `--device`, `--limit`, `--batch-size`, and any key with
@@ -90,10 +91,15 @@ class Steps:
 
 
 class LazyBackend:
-    """Loads the VLM the first time a step needs it (never, when every extraction is done already)."""
+    """Loads the VLM the first time a step needs it (never, when every extraction is done already). One instance
+    may serve several configs of the same model (`run_experiment(..., backend=)`: the demo's six analogues)."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg, self.backend = cfg, None
+
+    def serves(self, cfg: ExperimentConfig) -> bool:
+        keys = ("model", "device", "dtype", "raw_prompt", "system_prompt")
+        return all(self.cfg[k] == cfg[k] for k in keys)
 
     def get(self, template: str | None) -> Any:
         if self.backend is None:
@@ -139,9 +145,12 @@ def _task_header(cfg: ExperimentConfig) -> dict[str, Any]:
 _EXPERIMENT_ENTRIES = {"steps", "runs", "evals", "probes", "analyses", "report", ".lvlmlp.lock"}
 
 
-def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, Any]:
+def run_experiment(cfg: ExperimentConfig, progress: bool = True, backend: LazyBackend | None = None) -> dict[str, Any]:
     """Run every step of a validated config (see `load_config`); returns the report's metrics. One process at a
-    time works in OUT (an fcntl lock naming its holder)."""
+    time works in OUT (an fcntl lock naming its holder). `backend`: a `LazyBackend` shared with other configs of
+    the same model, so that it loads once (and only if some step needs it)."""
+    if backend is not None and not backend.serves(cfg):
+        raise LvlmlpError("run_experiment: the shared backend was made for another model or device")
     from lvlmlp.extraction.store import locked_folder
 
     out = Path(cfg["out"])
@@ -153,16 +162,16 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
             raise LvlmlpError(f"out {out}: exists and is not an `lvlmlp run` folder (it holds "
                               f"{', '.join(sorted(names)[:3])}); give an empty or new folder")
     with locked_folder(out):
-        return _run_steps(cfg, progress)
+        return _run_steps(cfg, progress, backend or LazyBackend(cfg))
 
 
-def _run_steps(cfg: ExperimentConfig, progress: bool) -> dict[str, Any]:
+def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict[str, Any]:
     from lvlmlp.data import rows_fingerprint
     from lvlmlp.extraction.extract import extract, shard_rows
     from lvlmlp.extraction.store import open_run
 
     out = Path(cfg["out"])
-    steps, lazy = Steps(out), LazyBackend(cfg)
+    steps = Steps(out)
     prompts, splits = prompts_of(cfg), split_names(cfg)
     rows = {s: shard_rows(task_rows(cfg, s)) for s in splits}
     ext = cfg["extract"]
@@ -192,7 +201,7 @@ def _run_steps(cfg: ExperimentConfig, progress: bool) -> dict[str, Any]:
                 steps.mark(step, key)
             runs[(name, split)] = open_run(folder)
     clip_runs = _clip_step(cfg, rows, out, progress) if cfg["clip"] else {}
-    return _analyses(cfg, out, steps, prompts, splits, runs, clip_runs, rows)
+    return _analyses(cfg, out, steps, prompts, splits, runs, clip_runs, rows, lazy, progress)
 
 
 def _clip_step(cfg: ExperimentConfig, rows: dict[str, list[dict]], out: Path, progress: bool) -> dict:
@@ -228,7 +237,7 @@ def _protocol(cfg: ExperimentConfig, train_run: Any, test_run: Any, label_runs: 
     return Protocol(test=test, train=train, seed=cfg["seed"], n_boot=cfg["n_boot"])
 
 
-def _cached(steps: Steps, name: str, key: str, path: Path, compute: Any) -> Any:
+def cached(steps: Steps, name: str, key: str, path: Path, compute: Any) -> Any:
     """The JSON result of an analysis step, recomputed only when its settings or input runs changed."""
     if steps.done(name, key) and path.is_file():
         return json.loads(path.read_text())
@@ -240,7 +249,8 @@ def _cached(steps: Steps, name: str, key: str, path: Path, compute: Any) -> Any:
 
 
 def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, splits: list[str], runs: dict,
-              clip_runs: dict, rows: dict[str, list[dict]]) -> dict[str, Any]:
+              clip_runs: dict, rows: dict[str, list[dict]], lazy: LazyBackend, progress: bool = True
+              ) -> dict[str, Any]:
     from lvlmlp.study import analyses as an
 
     train_split, test_split = splits[0], splits[-1]
@@ -258,23 +268,27 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
         return _key([probe_cfg, cfg["baselines"], cfg["splits"], cfg["n_boot"], cfg["seed"],
                      [(str(r.path), r.manifest.get("created_at")) for r in inputs]])
 
-    for name, _ in prompts:
+    for name, template in prompts:
         train_run, test_run = runs[(name, train_split)], runs[(name, test_split)]
         protocol = _protocol(cfg, train_run, test_run)
         key = stamp(train_run, test_run)
         eval_dir = out / "evals" / name
-        main[name] = _cached(steps, f"eval-{name}", key, eval_dir / "metrics.json", partial(
+        main[name] = cached(steps, f"eval-{name}", key, eval_dir / "metrics.json", partial(
             an.main_evaluation, protocol, an.logits_feature(0, feature_kind),
             {"kind": feature_kind, "token": 0, "model": test_run.manifest.get("model")}, probe_cfg,
             list(cfg["baselines"]), eval_dir, probe_dir=out / "probes" / name, split=test_split,
-            task=_task_header(cfg)))
+            task=_task_header(cfg), task_name=cfg["task"]))
         eval_dirs.append(eval_dir)
         n_tok = min(train_run.n_logit_tokens, test_run.n_logit_tokens)
         pooled = (f" With {cfg.splits.cv}-fold cross-validation the figures are {POOLED} AUROCs (the summary's "
                   "headline is the mean of the folds)." if cfg.splits.cv is not None else "")
+        n_boot = cfg.analyses.n_boot
+        # The analyses' intervals may take fewer resamples; the first-token probe is still fitted once.
+        analysis_protocol = protocol if n_boot is None else _with_n_boot(protocol, n_boot)
+        analysis_key = key if n_boot is None else _key([key, n_boot])
         if cfg["analyses"].get("token_decay") and n_tok > 1:
-            res = _cached(steps, f"token-decay-{name}", key, out / "analyses" / f"token_decay-{name}.json",
-                          partial(an.token_decay, protocol, probe_cfg))
+            res = cached(steps, f"token-decay-{name}", analysis_key, out / "analyses" / f"token_decay-{name}.json",
+                         partial(an.token_decay, analysis_protocol, probe_cfg))
             results["token_decay"][name] = res
             png = report_dir / f"token_decay_{name}.png"
             an.plot_token_decay(res, png, f"token-position decay: {name}")
@@ -285,8 +299,8 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
                 an.TOKEN_DECAY_HEADER, an.token_decay_rows(res), [png]))
         has_states = test_run.manifest.get("hidden") or test_run.manifest.get("layers")
         if cfg["analyses"].get("layer_sweep") and has_states:
-            res = _cached(steps, f"layer-sweep-{name}", key, out / "analyses" / f"layer_sweep-{name}.json",
-                          partial(an.layer_sweep, protocol, probe_cfg))
+            res = cached(steps, f"layer-sweep-{name}", analysis_key, out / "analyses" / f"layer_sweep-{name}.json",
+                         partial(an.layer_sweep, analysis_protocol, probe_cfg))
             results["layer_sweep"][name] = res
             png = report_dir / f"layer_sweep_{name}.png"
             ref = res["entries"][0]["value"]
@@ -295,6 +309,13 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
                 f"Layer sweep: {name}",
                 "Probes on hidden states at the first generated position (layer 0 = embeddings) against the "
                 "first-token logits, same rows and protocol." + pooled, an.LAYER_HEADER, an.layer_rows(res), [png]))
+        if cfg.steering is not None:
+            res = cached(steps, f"steering-{name}", _key([key, cfg.steering, cfg.extract.max_new_tokens,
+                                                           cfg.batch_size]),
+                         out / "analyses" / f"steering-{name}.json",
+                         partial(_steering, cfg, out, lazy, (name, template), rows[test_split], test_run, progress))
+            results.setdefault("steering", {})[name] = res
+            sections.append(steering_section(name, res))
     if len(prompts) > 1:
         sections.append(_prompt_section(main, report_dir))
         results["prompt_comparison"] = {n: headline(m) for n, m in main.items()}
@@ -306,6 +327,51 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
     if cfg["finetune"] is not None:
         sections.append(_finetune_section(cfg, out, steps, prompts[0], splits, rows, runs, report_dir, results))
     return write_report(eval_dirs, report_dir, sections, results)
+
+
+def _with_n_boot(protocol: Any, n_boot: int) -> Any:
+    import dataclasses
+
+    other = dataclasses.replace(protocol, n_boot=n_boot)
+    other._scored = protocol._scored  # fits do not depend on n_boot: share them
+    return other
+
+
+def _steering(cfg: ExperimentConfig, out: Path, lazy: LazyBackend, prompt: tuple[str, str | None],
+              test_rows: list[dict], test_run: Any, progress: bool) -> dict[str, Any]:
+    """`steering:` probe-guided decoding of the labelled test rows with the main evaluation's probe; every row's
+    score, flag and both answers go to `OUT/analyses/steering-{prompt}.jsonl`, so the counts recompute."""
+    from lvlmlp.data import write_jsonl
+    from lvlmlp.probing.probes import load_probe
+    from lvlmlp.steering.guard import guided_decoding
+
+    name, template = prompt
+    labels = {i: lab for i, lab in zip(test_run.ids, test_run.labels) if not np.isnan(lab)}
+    rows = [r for r in test_rows if r["id"] in labels]
+    log.info("run: probe-guided decoding of %d %s rows", len(rows), name)
+    summary, records = guided_decoding(
+        lazy.get(template), load_probe(out / "probes" / name), rows, dict(zip(test_run.ids, test_run.responses)),
+        {i: int(lab) for i, lab in labels.items()}, cfg.steering.template, cfg.steering.threshold,
+        max_new_tokens=cfg.extract.max_new_tokens, batch_size=cfg.batch_size, progress=progress)
+    write_jsonl(out / "analyses" / f"steering-{name}.jsonl", records)
+    return summary
+
+
+STEERING_HEADER = ["prompt", "template", "flagged", "label-0 rows answered", "label-1 rows refused"]
+
+
+def steering_row(name: str, s: dict[str, Any]) -> list[str]:
+    """One row of guided-decoding counts: without the guard -> with it."""
+    b, a = s["before"], s["after"]
+    return [name, s["template"], str(s["flagged"]),
+            f"{b['label0_answered']}/{b['n_label0']} -> {a['label0_answered']}/{a['n_label0']}",
+            f"{b['label1_refused']}/{b['n_label1']} -> {a['label1_refused']}/{a['n_label1']}"]
+
+
+def steering_section(name: str, s: dict[str, Any]) -> Any:
+    return Section(f"Probe-guided decoding: {name}", f"At the first decoding step, a test row the probe flags (score "
+                   f"< {s['threshold']}) is made to start with the template; counts without the guard -> with it.",
+                   STEERING_HEADER, [steering_row(name, s)])
 
 
 def finetune_options(cfg: ExperimentConfig) -> tuple[Any, dict[str, Any]]:
@@ -364,7 +430,7 @@ def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tu
 
     key = _key([settings, opts, template, cfg["n_boot"], dict(cfg.probe),
                 [(str(r.path), r.manifest.get("created_at")) for r in (base_train, base_test)]])
-    res = _cached(steps, "finetune", key, out / "finetune" / "comparison.json", compute)
+    res = cached(steps, "finetune", key, out / "finetune" / "comparison.json", compute)
     results["finetune"] = res
     png = report_dir / "finetune_epochs.png"
     ft.plot_epochs(res, png, f"finetuned vs probe: {name}")
@@ -422,12 +488,12 @@ def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, r
         train_run, test_run = clip_runs[(kind, splits[0])], clip_runs[(kind, splits[-1])]
         protocol = _protocol(cfg, train_run, test_run, label_runs)
         eval_dir = out / "evals" / f"clip-{kind}"
-        metrics = _cached(steps, f"eval-clip-{kind}", stamp(train_run, test_run), eval_dir / "metrics.json",
-                          partial(an.main_evaluation,
-                                  protocol, an.state_feature("hidden"),
-                                  {"kind": "hidden", "token": 0, "model": cfg["clip"]["model"]}, probe_cfg, [],
-                                  eval_dir, probe_dir=out / "probes" / f"clip-{kind}", split=splits[-1],
-                                  task=_task_header(cfg)))
+        metrics = cached(steps, f"eval-clip-{kind}", stamp(train_run, test_run), eval_dir / "metrics.json",
+                         partial(an.main_evaluation,
+                                 protocol, an.state_feature("hidden"),
+                                 {"kind": "hidden", "token": 0, "model": cfg["clip"]["model"]}, probe_cfg, [],
+                                 eval_dir, probe_dir=out / "probes" / f"clip-{kind}", split=splits[-1],
+                                 task=_task_header(cfg)))
         eval_dirs.append(eval_dir)
         head = headline(metrics)
         results["clip"][kind] = head

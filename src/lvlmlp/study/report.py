@@ -296,7 +296,10 @@ def summary_section(evals: dict[str, dict[str, Any]]) -> Section:
     rows = []
     for name, m in evals.items():
         if m.get("task") == "multiclass":
-            rows.append([name, str(m.get("n", "–")), "top-1 accuracy " + fmt_value(m.get("accuracy")), "–", "–"])
+            base = m.get("baselines") or {}
+            rows.append([name, str(m.get("n", "–")), "top-1 accuracy " + fmt_value(m.get("accuracy")),
+                         "; ".join(f"{b} top-1 accuracy {fmt_value(v.get('accuracy'))}" for b, v in base.items())
+                         or "–", "–"])
             continue
         base = m.get("baselines") or {}
         best = max((b for b in base if base[b].get("auroc") is not None), key=lambda b: base[b]["auroc"], default=None)
@@ -359,6 +362,7 @@ def eval_section(name: str, metrics: dict[str, Any], records: list[dict[str, Any
     if metrics.get("task") == "multiclass":
         rows = [["probe (" + metrics.get("probe", {}).get("class", "probe") + ")",
                  fmt_value(metrics.get("accuracy")), str(metrics.get("n", "–"))]]
+        rows += [[b, fmt_value(m.get("accuracy")), str(m.get("n", "–"))] for b, m in (metrics.get("baselines") or {}).items()]
         return Section(name, text, ["method", "top-1 accuracy", "n"], rows)
     for key, metric in (metrics.get("groups") or {}).items():
         asr = (metrics.get(f"per_{key}") or {}).get("average") if metric == "attack-success-rate" else None

@@ -69,8 +69,9 @@ class Task:
     safe, normal, "yes", correct.
 
     A task also owns its rules, which general modules ask it for instead of naming a task: `label_fn` (the label
-    of a row from the model's response, for tasks whose labels need generation, e.g. MathVista's answer checker)
-    and `groups` (per-group metrics: the row field to group by and a metric of `lvlmlp.probing.metrics.GROUP_METRICS`,
+    of a row from the model's response, for tasks whose labels need generation, e.g. MathVista's answer checker),
+    `answer_fn` (the label the model's answer states on its own, the `own-answer:task` baseline; for a multiclass
+    task the class it names, -1 for none) and `groups` (per-group metrics: the row field to group by and a metric of `lvlmlp.probing.metrics.GROUP_METRICS`,
     e.g. MM-SafetyBench's attack success rate per `scenario`).
     """
 
@@ -86,6 +87,7 @@ class Task:
     # (alias, split) pairs: another name of a split, e.g. MAD-Bench's "val" (the original's name of its test part)
     split_aliases: tuple[tuple[str, str], ...] = ()
     label_fn: LabelFn | None = field(default=None, repr=False, compare=False)  # label from the response
+    answer_fn: LabelFn | None = field(default=None, repr=False, compare=False)  # the answer read as a label
     samples_per_class: bool = False  # `load` applies `per_class` itself, before building rows (ImageNet's files)
     options: tuple[tuple[str, str], ...] = ()  # (name, help) of the task-specific keyword options
     default_prompt_style: str = "oe"  # the style of tasks/prompts.yaml used when none is chosen

@@ -13,7 +13,7 @@ LAYOUT = """\
 nothing to download: rows are generated (seeded) and their images written to
 <image-root>/ANALOGUE-SPLIT-NNNNN.png, default <data-root>/images/ANALOGUE
 splits: train, test; rows i = 0..n-1 of each split are the same whatever n is
-options: n (rows per split, default 200), world_seed (default 0)"""
+options: n (rows per split, default 200), n_train / n_test (that split's rows, default n), world_seed (default 0)"""
 
 # analogue -> (paper benchmark, kind, label names, per-group metrics)
 ANALOGUES: dict[str, tuple[str, str, tuple[str, ...], tuple[tuple[str, str], ...]]] = {
@@ -33,10 +33,12 @@ def _loader(analogue: str):
     def load(req: Request) -> list[dict]:
         from lvlmlp.demo import world
 
-        n = as_int(req.options.get("n", 200), "n", req.task)
+        key = f"n_{req.split}" if f"n_{req.split}" in req.options else "n"  # this split's own count, else n
+        raw = req.options.get(key, 200)
+        n = as_int(raw, key, req.task)
         seed = as_int(req.options.get("world_seed", 0), "world_seed", req.task)
         if n is None or n < 1:
-            raise req.error(f"option n must be a positive integer, got {req.options.get('n')!r}")
+            raise req.error(f"option {key} must be a positive integer, got {raw!r}")
         images = req.image_root if req.image_root is not None else req.data_root / "images" / analogue
         return world.split_rows(analogue, req.split, images, n, seed or 0)
 
@@ -47,6 +49,15 @@ def _label_from_response(response: str, row: dict) -> int:
     from lvlmlp.demo import world
 
     return world.label_from_response(response, row)
+
+
+def _answer_fn(analogue: str):
+    def read(response: str, row: dict) -> int:
+        from lvlmlp.demo import world
+
+        return world.task_label_of_response(analogue, response, row)
+
+    return read
 
 
 def _task(analogue: str) -> Task:
@@ -61,8 +72,10 @@ def _task(analogue: str) -> Task:
         default_image_root=f"images/{analogue}",
         load=_loader(analogue),
         label_fn=_label_from_response if kind == "binary-from-response" else None,
+        answer_fn=None if kind == "binary-from-response" else _answer_fn(analogue),  # uncertainty: it is the label
         groups=groups,
-        options=(("n", "rows per split (default 200)"), ("world_seed", "the world's seed (default 0)")),
+        options=(("n", "rows per split (default 200)"), ("n_train", "train rows (default n)"),
+                 ("n_test", "test rows (default n)"), ("world_seed", "the world's seed (default 0)")),
     )
 
 
