@@ -577,8 +577,9 @@ class Run:
     def splits(self) -> list[str | None]:
         return [m.get("split") for m in self.meta]
 
-    @property
+    @functools.cached_property
     def failures(self) -> list[dict]:
+        """Rows skipped with --on-error skip ({"id", "error"}), read once."""
         path = self.path / "failures.jsonl"
         return read_jsonl(path) if path.exists() else []
 
