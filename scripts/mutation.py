@@ -33,7 +33,7 @@ RESULTS = ROOT / "docs" / "mutation-results.json"
 MODULES: dict[str, dict] = {
     "features": {"path": "src/lvlmlp/probing/features.py", "tests": ["tests/test_probes.py", "tests/test_guards_core.py"]},
     "probes": {"path": "src/lvlmlp/probing/probes.py", "tests": ["tests/test_probes.py", "tests/test_guards_core.py"]},
-    "metrics": {"path": "src/lvlmlp/probing/metrics.py", "tests": ["tests/test_metrics.py", "tests/test_guards_core.py"]},
+    "metrics": {"path": "src/lvlmlp/probing/metrics.py", "tests": ["tests/test_metrics.py", "tests/test_guards_metrics.py"]},
     "store": {"path": "src/lvlmlp/extraction/store.py", "tests": ["tests/test_store.py", "tests/test_guards_store.py"]},
     "steering": {"path": "src/lvlmlp/steering/guard.py",
                  "tests": ["tests/test_steering.py", "tests/test_guards_steering.py"]},
@@ -75,7 +75,8 @@ def run_module(name: str, max_children: int, retest_survivors: bool = False) -> 
     names = []
     if retest_survivors and previous.exists():
         # Only the last run's survivors, against the current tests (written to kill them).
-        names = [s["name"] for s in json.loads(previous.read_text())["survivors"]]
+        last = json.loads(previous.read_text())
+        names = [s["name"] for s in last["survivors"]] + last.get("not_checked", [])
     work = _prepare(name)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mutmut puts mutants/src first itself
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -119,7 +120,7 @@ def collect(name: str, work: Path, env: dict, mutmut: str) -> dict:
                          check=False)
     functions = _function_sources(work / "mutants" / MODULES[name]["path"])
     counts: dict[str, int] = {}
-    survivors = []
+    survivors, not_checked = [], []
     for line in res.stdout.splitlines():
         m = re.match(r"\s*(\S+): (.+)$", line)
         if not m or m.group(2) not in STATUSES:
@@ -127,9 +128,11 @@ def collect(name: str, work: Path, env: dict, mutmut: str) -> dict:
         counts[m.group(2)] = counts.get(m.group(2), 0) + 1
         if m.group(2) in ("survived", "no tests"):
             survivors.append({"name": m.group(1), "status": m.group(2), "diff": _diff(functions, m.group(1))})
+        elif m.group(2) == "not checked":  # a run stopped early: retested with the survivors
+            not_checked.append(m.group(1))
     tests = [t for t in MODULES[name]["tests"] if (ROOT / t).exists()]
     result = {"module": name, "path": MODULES[name]["path"], "tests": tests, "counts": counts,
-              "survivors": survivors}
+              "survivors": survivors, "not_checked": not_checked}
     (work / "result.json").write_text(json.dumps(result, indent=1))
     stored = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.exists() else {}
     stored[name] = result
