@@ -72,11 +72,14 @@ def _prepare(name: str) -> Path:
 
 def run_module(name: str, max_children: int, retest_survivors: bool = False) -> dict:
     previous = WORK / name / "result.json"
-    names = []
+    names, earlier = [], {}
     if retest_survivors and previous.exists():
-        # Only the last run's survivors, against the current tests (written to kill them).
+        # Only the last run's survivors, against the current tests (written to kill them); the other mutants keep
+        # their earlier status (mutmut reports them "not checked" after a run by name).
         last = json.loads(previous.read_text())
-        names = [s["name"] for s in last["survivors"]] + last.get("not_checked", [])
+        earlier = last.get("statuses", {})
+        names = [n for n, status in earlier.items() if status in ("survived", "no tests", "not checked")] or [
+            s["name"] for s in last["survivors"]]
     work = _prepare(name)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mutmut puts mutants/src first itself
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -84,7 +87,7 @@ def run_module(name: str, max_children: int, retest_survivors: bool = False) -> 
     with open(work / "run.log", "a" if names else "w") as log:
         subprocess.run([mutmut, "run", "--max-children", str(max_children), *names], cwd=work, env=env, stdout=log,
                        stderr=subprocess.STDOUT, check=False)
-    return collect(name, work, env, mutmut)
+    return collect(name, work, env, mutmut, earlier)
 
 
 def _function_sources(path: Path) -> dict[str, list[str]]:
@@ -114,26 +117,27 @@ def _diff(functions: dict[str, list[str]], mutant: str) -> str:
     return "\n".join(line for line in body if not line.startswith("@@")) or "(signature: " + mut[0] + ")"
 
 
-def collect(name: str, work: Path, env: dict, mutmut: str) -> dict:
-    """Counts and survivors of the last `mutmut run` in `work` into result.json."""
+def collect(name: str, work: Path, env: dict, mutmut: str, earlier: dict[str, str] | None = None) -> dict:
+    """Counts and survivors of the last `mutmut run` in `work` into result.json; a mutant not checked by that run
+    keeps its status in `earlier` (the run before a retest)."""
     res = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, env=env, capture_output=True, text=True,
                          check=False)
     functions = _function_sources(work / "mutants" / MODULES[name]["path"])
-    counts: dict[str, int] = {}
-    survivors, not_checked = [], []
+    statuses: dict[str, str] = {}
     for line in res.stdout.splitlines():
         m = re.match(r"\s*(\S+): (.+)$", line)
-        if not m or m.group(2) not in STATUSES:
-            continue
-        counts[m.group(2)] = counts.get(m.group(2), 0) + 1
-        if m.group(2) in ("survived", "no tests"):
-            survivors.append({"name": m.group(1), "status": m.group(2), "diff": _diff(functions, m.group(1))})
-        elif m.group(2) == "not checked":  # a run stopped early: retested with the survivors
-            not_checked.append(m.group(1))
+        if m and m.group(2) in STATUSES:
+            status = m.group(2)
+            statuses[m.group(1)] = (earlier or {}).get(m.group(1), status) if status == "not checked" else status
+    counts: dict[str, int] = {}
+    for status in statuses.values():
+        counts[status] = counts.get(status, 0) + 1
+    survivors = [{"name": n, "status": status, "diff": _diff(functions, n)} for n, status in statuses.items()
+                 if status in ("survived", "no tests")]
     tests = [t for t in MODULES[name]["tests"] if (ROOT / t).exists()]
     result = {"module": name, "path": MODULES[name]["path"], "tests": tests, "counts": counts,
-              "survivors": survivors, "not_checked": not_checked}
-    (work / "result.json").write_text(json.dumps(result, indent=1))
+              "survivors": survivors}
+    (work / "result.json").write_text(json.dumps({**result, "statuses": statuses}, indent=1))
     stored = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.exists() else {}
     stored[name] = result
     RESULTS.write_text(json.dumps({k: stored[k] for k in MODULES if k in stored}, indent=1, ensure_ascii=False) + "\n",
@@ -190,7 +194,9 @@ def main() -> int:
         for name in args.modules or list(MODULES):
             if args.collect:
                 env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-                r = collect(name, WORK / name, env, str(Path(sys.executable).with_name("mutmut")))
+                previous = WORK / name / "result.json"
+                earlier = json.loads(previous.read_text()).get("statuses", {}) if previous.exists() else {}
+                r = collect(name, WORK / name, env, str(Path(sys.executable).with_name("mutmut")), earlier)
             else:
                 r = run_module(name, args.max_children, args.retest_survivors)
             print(name, r["counts"], flush=True)

@@ -69,6 +69,10 @@ def test_binary_metrics_default_threshold_ties_edges_and_messages():
     with pytest.raises(LvlmlpError, match=re.escape("labels (2, 2) and scores (2, 2) must be 1-D")):
         binary_metrics([[0, 1], [1, 0]], [[0.1, 0.9], [0.8, 0.2]])
     assert auprc([0, 0], [0.2, 0.7]) is None
+    with pytest.raises(LvlmlpError, match=re.escape("binary metrics need labels 0/1, got [0, 2]")):
+        binary_metrics([0, 2, 2], [0.1, 0.2, 0.3])
+    with pytest.raises(LvlmlpError, match=re.escape("got [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]") + "$"):  # the first ten
+        binary_metrics(np.arange(12), np.zeros(12))
 
 
 def test_attack_success_rate_without_unsafe_rows_and_its_message():
@@ -117,6 +121,10 @@ def test_bootstrap_defaults_one_row_and_unknown_metric():
     """Catches: another default number of resamples or seed, one row giving None, the unknown-metric message."""
     y, s = _scores(30, seed=2)
     assert bootstrap_ci(y, s, "accuracy") == pytest.approx(_accuracy_ci_by_hand(y, s, 0.5, 1000, 0), abs=1e-12)
+    # AUROC (the default metric) is continuous enough to tell 1000 resamples with seed 0 from any other; its
+    # resampling is checked against roc_auc_score in test_metrics.
+    assert bootstrap_ci(y, s) == bootstrap_ci(y, s, "auroc", n_boot=1000, seed=0)
+    assert bootstrap_ci(y, s) not in (bootstrap_ci(y, s, n_boot=1001), bootstrap_ci(y, s, seed=1))
     assert bootstrap_ci([1], [0.9], "accuracy") == (1.0, 1.0)
     assert bootstrap_ci([], [], "accuracy") is None
     with pytest.raises(LvlmlpError, match=re.escape("bootstrap: unknown metric 'f1' (choose from auroc, auprc, "
@@ -161,6 +169,16 @@ def test_cross_val_defaults_are_unshuffled_stratified_10_fold():
     np.testing.assert_array_equal(fold_of, expected_fold)
     assert fold_of.dtype.kind == "i"
     np.testing.assert_allclose(cross_val_scores(LogisticProbe, X, y), expected, atol=1e-6)
+    # shuffle=True without a seed shuffles with seed 0
+    shuffled = [test for _, test in StratifiedKFold(5, shuffle=True, random_state=0).split(X, y)]
+    _, fold_of = cross_val_folds(LDAProbe, X, y, n_splits=5, shuffle=True)
+    assert all((fold_of[test] == fold).all() for fold, test in enumerate(shuffled))
+    lda = [LDAProbe().fit(X[np.setdiff1d(np.arange(y.size), test)], y[np.setdiff1d(np.arange(y.size), test)])
+           for test in shuffled]
+    expected = np.zeros(y.size)
+    for probe, test in zip(lda, shuffled):
+        expected[test] = probe.predict_proba(X[test])[:, 1]
+    np.testing.assert_allclose(cross_val_scores(LDAProbe, X, y, n_splits=5, shuffle=True), expected, atol=1e-6)
 
 
 def test_cross_val_multiclass_columns_and_class_count_message():
@@ -201,3 +219,7 @@ def test_fold_metrics_equal_per_fold_sklearn_and_skip_undefined_aurocs():
     one_class = fold_metrics([1, 1, 1, 1], [0.2, 0.6, 0.7, 0.9], [0, 0, 1, 1])
     assert one_class["mean_of_folds"]["auroc"] is None and one_class["per_fold"]["auroc"] == [None, None]
     assert one_class["mean_of_folds"]["accuracy"] == 0.75
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fold without positives, none predicted: F1 0, without a warning
+        no_positive = fold_metrics([0, 0, 1, 0], [0.2, 0.4, 0.7, 0.1], [0, 0, 1, 1])
+    assert no_positive["per_fold"]["f1"] == [0.0, 1.0]
