@@ -1,0 +1,133 @@
+"""Guards of the feature store (extraction/store.py) written against its surviving mutants (docs/mutation-report.md):
+merge of failures and of one whole run, the exact one-line errors of a damaged folder, manifest or shard set, and
+the defaults of `Run.logits` and `merge_runs`. No model: every run here is written by `RunWriter` itself."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lvlmlp import open_run
+from lvlmlp.errors import LvlmlpError
+from lvlmlp.extraction.store import RunWriter, check_output_folder, merge_runs
+
+SETTINGS = {"model": "m", "dtype": "float32", "vocab_size": 3, "prompt_template": None, "max_new_tokens": 2}
+
+
+def _arrays(rows: list[int]) -> dict[str, np.ndarray]:
+    # each row's values depend on its input position only, so a merged run can be compared with `_arrays(all rows)`
+    logits = np.arange(6, dtype=np.float32).reshape(1, 2, 3) + 100 * np.array(rows, dtype=np.float32)[:, None, None]
+    return {"logits": logits, "n_tokens": np.full(len(rows), 2, dtype=np.int32), "row_index": np.array(rows)}
+
+
+def _run(path: Path, rows: list[int], failed: tuple[int, ...] = (), shard: str | None = None, **extra) -> Path:
+    settings = {**SETTINGS, **extra, **({"shard": shard, "data_hash": "h"} if shard else {})}
+    w = RunWriter(path, settings, shard_size=2)
+    w.append([{"id": f"r{i}"} for i in rows], _arrays(rows))
+    for i in failed:
+        w.fail(f"r{i}", f"row {i}: unreadable image")
+    return w.close().path
+
+
+def test_merge_keeps_every_shards_failures_and_copies_one_whole_run(tmp_path: Path):
+    """Catches: failures dropped, mis-keyed or doubled by merge, one whole (unsharded) run refused or read as two,
+    the output's shard size not the chunk asked for (default 256)."""
+    s0 = _run(tmp_path / "s0", [0, 3], failed=(1,), shard="0/2")
+    s1 = _run(tmp_path / "s1", [2, 5], failed=(4,), shard="1/2")
+    merged = merge_runs([s1, s0], tmp_path / "m", chunk=3)
+    assert merged.ids == ["r0", "r2", "r3", "r5"]
+    assert sorted(merged.failures, key=lambda f: f["id"]) == [{"id": "r1", "error": "row 1: unreadable image"},
+                                                              {"id": "r4", "error": "row 4: unreadable image"}]
+    assert merged.manifest["n_failed"] == 2 and merged.manifest["shard_size"] == 3
+    np.testing.assert_array_equal(merged.logits(1), _arrays([0, 2, 3, 5])["logits"][:, 1])
+    assert merge_runs([s1, s0], tmp_path / "m", chunk=3).failures == merged.failures  # finished: nothing added
+    whole = _run(tmp_path / "whole", [0, 1, 2], failed=(3,))
+    copy = merge_runs([whole], tmp_path / "copy")
+    assert copy.ids == ["r0", "r1", "r2"] and copy.failures == [{"id": "r3", "error": "row 3: unreadable image"}]
+    assert copy.manifest["shard_size"] == 256
+    for name in ("logits", "n_tokens", "row_index"):
+        np.testing.assert_array_equal(np.load(copy.path / f"{name}.npy"), np.load(whole / f"{name}.npy"))
+
+
+def test_merge_messages_name_the_run_and_the_shard(tmp_path: Path):
+    """Catches: the merge errors losing what they name (the run, the shard spec, the settings that differ)."""
+    with pytest.raises(LvlmlpError, match="^merge: no run folders given$"):
+        merge_runs([], tmp_path / "m")
+    a = _run(tmp_path / "a", [0], shard="0/2")
+    b = _run(tmp_path / "b", [1], shard="1/2", model="other", vocab_size=3, dtype="float16")
+    with pytest.raises(LvlmlpError, match=re.escape(f"merge: {b} was made with other settings (dtype, model differ)")):
+        merge_runs([a, b], tmp_path / "m")
+    whole = _run(tmp_path / "whole", [1])
+    with pytest.raises(LvlmlpError, match=re.escape(f"merge: {whole} is not a shard of `extract --shard I/N` "
+                                                    "(shard: None)")):
+        merge_runs([a, whole], tmp_path / "m")
+    third = _run(tmp_path / "third", [1], shard="1/3")
+    with pytest.raises(LvlmlpError, match=re.escape(f"merge: {third} is shard 1/3 but another run is of 2 shards")):
+        merge_runs([a, third], tmp_path / "m")
+    again = _run(tmp_path / "again", [2], shard="0/2")
+    with pytest.raises(LvlmlpError, match=re.escape(f"merge: shard 0/2 given twice ({a} and {again})")):
+        merge_runs([a, again], tmp_path / "m")
+    b_same = _run(tmp_path / "b2", [0], shard="1/2")
+    with pytest.raises(LvlmlpError, match="^merge: the same input row appears in more than one run "
+                                          r"\(overlapping shards\?\)$"):
+        merge_runs([a, b_same], tmp_path / "m")
+
+
+def test_reopening_a_folder_compares_keys_present_on_one_side_only(tmp_path: Path):
+    """Catches: settings compared on the keys both runs have only (a new setting would silently reuse rows)."""
+    _run(tmp_path / "r", [0, 1])
+    with pytest.raises(LvlmlpError, match=re.escape(f"{tmp_path / 'r'}: holds a run with other settings (hidden "
+                                                    "differ)")):
+        RunWriter(tmp_path / "r", {**SETTINGS, "hidden": True})
+
+
+def test_damaged_manifests_and_foreign_folders_are_named(tmp_path: Path):
+    """Catches: the one-line errors of a non-JSON or non-object manifest, a file given as --out, a foreign folder
+    (the first three names it holds, then '...') losing their text."""
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{not json")
+    with pytest.raises(LvlmlpError, match=re.escape(f"{tmp_path / 'bad' / 'manifest.json'}: not valid JSON (")):
+        open_run(tmp_path / "bad")
+    (tmp_path / "bad" / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(LvlmlpError, match=re.escape(f"{tmp_path / 'bad' / 'manifest.json'}: not a run manifest "
+                                                    "(a JSON object is expected)") + "$"):
+        open_run(tmp_path / "bad")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LvlmlpError, match=re.escape(f"--out {tmp_path / 'file'}: exists and is not a folder") + "$"):
+        check_output_folder(tmp_path / "file")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("d.txt", "b.txt", "a.txt", "c.txt"):
+        (mine / name).write_text("keep me")
+    with pytest.raises(LvlmlpError, match=re.escape(f"--out {mine}: exists and is not an lvlmlp run folder (it holds "
+                                                    "a.txt, b.txt, c.txt, ...); give an empty or new folder") + "$"):
+        RunWriter(mine, SETTINGS)
+    with pytest.raises(LvlmlpError, match=re.escape(f"--run-dir {mine}: exists and is not an lvlmlp run folder")):
+        check_output_folder(mine, what="--run-dir")
+    assert sorted(p.name for p in mine.iterdir()) == ["a.txt", "b.txt", "c.txt", "d.txt"]
+
+
+def test_a_shard_with_a_foreign_name_is_named(tmp_path: Path):
+    """Catches: the error for a file in shards/ that lvlmlp did not name losing its text."""
+    w = RunWriter(tmp_path / "r", SETTINGS, shard_size=2)
+    w.append([{"id": "r0"}, {"id": "r1"}], _arrays([0, 1]))
+    w.release()
+    shard = next((tmp_path / "r" / "shards").glob("*.safetensors"))
+    shutil.copy(shard, shard.with_name("copy.safetensors"))  # a valid shard under a name lvlmlp never writes
+    with pytest.raises(LvlmlpError, match=re.escape(f"{shard.with_name('copy.safetensors')}: not a shard lvlmlp "
+                                                    "wrote (unexpected name); move it out of the folder") + "$"):
+        RunWriter(tmp_path / "r", SETTINGS, shard_size=2)
+
+
+def test_run_logits_default_to_the_first_token_and_layer_message_without_layers(tmp_path: Path):
+    """Catches: `Run.logits()` defaulting to another token, the layer error without its 'none'."""
+    run = open_run(_run(tmp_path / "r", [0, 1]))
+    np.testing.assert_array_equal(run.logits(), _arrays([0, 1])["logits"][:, 0])
+    with pytest.raises(LvlmlpError, match=re.escape(f"{run.path}: layer 0 not extracted (have none)") + "$"):
+        run.layer(0)
+    assert json.loads((run.path / "manifest.json").read_text())["n_rows"] == 2
