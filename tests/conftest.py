@@ -27,9 +27,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 # `make test` runs the files on 2 workers (pytest-xdist, --dist loadfile --no-loadscope-reorder): the README test
-# alone (the whole demo, then every README command) takes ~40% of the suite's time, so its file is handed out first
-# and the other files fill the second worker meanwhile; started last, it would add its whole time to the wall time.
-SLOWEST_FIRST = ("test_readme.py", "test_ray.py", "test_demo.py")
+# alone (the whole demo, then every README command) takes ~40-60% of the suite's time, so its file is handed out
+# first and the other files fill the second worker meanwhile; started last, it would add its whole time to the wall
+# time. xdist hands each worker two files at the start and the second waits behind the first: the README's companion
+# is a file of a few seconds (test_config.py), and the next slowest go to the other worker.
+SLOWEST_FIRST = ("test_readme.py", "test_config.py", "test_ray.py", "test_demo.py", "test_extract.py")
 
 
 @pytest.hookimpl(trylast=True)

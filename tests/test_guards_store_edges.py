@@ -131,3 +131,175 @@ def test_run_logits_default_to_the_first_token_and_layer_message_without_layers(
     with pytest.raises(LvlmlpError, match=re.escape(f"{run.path}: layer 0 not extracted (have none)") + "$"):
         run.layer(0)
     assert json.loads((run.path / "manifest.json").read_text())["n_rows"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ writer, lock
+def _open_shards(path: Path) -> list[Path]:
+    return sorted((path / "shards").glob("*.safetensors"))
+
+
+def test_new_manifest_fields_shard_sizes_and_a_second_close(tmp_path: Path):
+    """Catches: the manifest of a run in progress without `complete: false`, a version or a UTC creation time;
+    the default shard size; a batch that crosses a half-filled shard making a shard larger than `shard_size`;
+    settings or meta that JSON cannot hold natively (a Path) refused; a second close() consolidating again."""
+    import lvlmlp
+
+    w = RunWriter(tmp_path / "r", {**SETTINGS, "model": tmp_path / "ckpt"}, shard_size=2)
+    doc = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert doc["complete"] is False and doc["lvlmlp_version"] == lvlmlp.__version__ and doc["shard_size"] == 2
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", doc["created_at"]) and doc["model"] == str(
+        tmp_path / "ckpt")
+    w.append([{"id": "r0", "source": tmp_path / "a.png"}], _arrays([0]))
+    w.append([{"id": f"r{i}"} for i in (1, 2, 3)], _arrays([1, 2, 3]))  # fills the half shard, then one more
+    assert len(_open_shards(tmp_path / "r")) == 2 and len(w._buf_meta) == 0
+    run = w.close()
+    assert run.meta[0]["source"] == str(tmp_path / "a.png") and run.ids == ["r0", "r1", "r2", "r3"]
+    assert w.close().ids == run.ids  # already complete: nothing redone
+    w = RunWriter(tmp_path / "default", SETTINGS)
+    assert json.loads((tmp_path / "default" / "manifest.json").read_text())["shard_size"] == 256
+    w.release()
+
+
+def test_rows_go_in_input_order_by_row_index_or_in_append_order_without_it(tmp_path: Path):
+    """Catches: the committed row_index ignored (rows in arrival order) or required."""
+    w = RunWriter(tmp_path / "r", SETTINGS, shard_size=2)
+    for rows in ([3, 1], [2, 0]):  # batches arriving out of order, as from parallel workers
+        w.append([{"id": f"r{i}"} for i in rows], _arrays(rows))
+    run = w.close()
+    assert run.ids == ["r0", "r1", "r2", "r3"]
+    np.testing.assert_array_equal(run.logits(0), _arrays([0, 1, 2, 3])["logits"][:, 0])
+    w = RunWriter(tmp_path / "plain", SETTINGS, shard_size=2)
+    w.append([{"id": "b"}, {"id": "a"}, {"id": "c"}], {"logits": np.zeros((3, 2, 3), dtype=np.float32),
+                                                      "last_logits": np.eye(3, dtype=np.float32)})
+    run = w.close()
+    assert run.ids == ["b", "a", "c"]
+    np.testing.assert_array_equal(run.last_logits(), np.eye(3))
+
+
+def test_failures_alone_are_committed_and_resumed(tmp_path: Path):
+    """Catches: failures buffered after the last full shard lost at close, failed rows redone on resume, the
+    check of expected ids skipped, a resumed run keeping the old device instead of the new one."""
+    w = RunWriter(tmp_path / "r", {**SETTINGS, "device": "cpu"}, shard_size=2)
+    w.append([{"id": "r0"}, {"id": "r1"}], _arrays([0, 1]))
+    w.fail("r2", "bad image")
+    w._flush()
+    w.release()
+    w = RunWriter(tmp_path / "r", {**SETTINGS, "device": "cuda:1"}, shard_size=2)
+    assert w.done_ids == {"r0", "r1", "r2"}
+    w.fail("r3", "bad question")
+    with pytest.raises(LvlmlpError, match=re.escape("row 'r4' is missing (1 missing, 0 unexpected)")):
+        w.close(["r0", "r1", "r2", "r3", "r4"])
+    w = RunWriter(tmp_path / "r", {**SETTINGS, "device": "cuda:1"}, shard_size=2)
+    run = w.close(["r0", "r1", "r2", "r3"])
+    assert run.failures == [{"id": "r2", "error": "bad image"}, {"id": "r3", "error": "bad question"}]
+    assert run.manifest["device"] == "cuda:1"
+
+
+def test_append_message_and_settings_message(tmp_path: Path):
+    """Catches: the row-count and other-settings messages losing what they name."""
+    w = RunWriter(tmp_path / "r", SETTINGS, shard_size=2)
+    with pytest.raises(ValueError, match=re.escape("array 'logits' has 3 rows for 2 metadata rows")):
+        w.append([{"id": "a"}, {"id": "b"}], {"logits": np.zeros((3, 2, 3), dtype=np.float32)})
+    w.release()
+    with pytest.raises(LvlmlpError, match=re.escape(f"{tmp_path / 'r'}: holds a run with other settings (dtype, model "
+                                                    "differ); use another --out or delete the folder") + "$"):
+        RunWriter(tmp_path / "r", {**SETTINGS, "model": "x", "dtype": "bfloat16"})
+
+
+def test_tampered_shard_meta_or_data_fails_its_checksum(tmp_path: Path):
+    """Catches: the checksum leaving out the rows' meta, the failures or the arrays, or not being stored."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    for part in ("meta", "failures", "data"):
+        w = RunWriter(tmp_path / part, SETTINGS, shard_size=2)
+        w.append([{"id": "r0"}, {"id": "r1"}], _arrays([0, 1]))
+        w.fail("r9", "bad")
+        w._flush()
+        w.release()
+        shard = _open_shards(tmp_path / part)[-1 if part == "failures" else 0]  # the failure has a shard of its own
+        with safe_open(str(shard), framework="np") as f:
+            header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        assert "sha256" in header
+        if part == "data":
+            tensors["logits"][0, 0, 0] += 1
+        else:
+            header[part] = header[part].replace("r", "x")
+        save_file(tensors, str(shard), metadata=header)
+        with pytest.raises(LvlmlpError, match=re.escape(f"{shard}: shard contents do not match its checksum")):
+            RunWriter(tmp_path / part, SETTINGS, shard_size=2)
+
+
+def test_full_disk_names_the_run_folder_and_leaves_no_temporary_shard(tmp_path: Path, monkeypatch):
+    """Catches: the full-disk error naming no folder, or hidden by the clean-up of a shard never written."""
+    import errno
+
+    from lvlmlp.extraction import store
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    w = RunWriter(tmp_path / "r", SETTINGS, shard_size=2)
+    monkeypatch.setattr(store, "save_file", full)
+    with pytest.raises(LvlmlpError, match=re.escape(f"{tmp_path / 'r'}: no space left on device")):
+        w.append([{"id": "r0"}, {"id": "r1"}], _arrays([0, 1]))
+    w.release()
+    assert list((tmp_path / "r" / "shards").iterdir()) == []
+
+
+def test_lock_names_its_holder_is_private_and_is_dropped_by_a_forked_child(tmp_path: Path):
+    """Catches: the in-use message without its holder (pid, host, UTC time, command), the lock file's mode, a
+    nested folder not created, a released or child-forgotten descriptor still tracked or unlocked twice."""
+    import os
+    import socket
+    import sys
+
+    from lvlmlp.extraction import store
+
+    folder = tmp_path / "a" / "b"
+    lock = store.FolderLock(folder)
+    assert (folder / store.LOCK_NAME).stat().st_mode & 0o777 == 0o644 & ~_umask()
+    command = " ".join(["lvlmlp", *sys.argv[1:]])
+    with pytest.raises(LvlmlpError) as err:
+        store.FolderLock(folder)
+    assert re.fullmatch(re.escape(f"{folder}: in use by pid {os.getpid()} on {socket.gethostname()} since ")
+                        + r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00"
+                        + re.escape(f" ({command}); wait for it to finish (or stop it) and re-run"), str(err.value))
+    fd = lock._fd
+    lock.release()
+    assert fd not in store._HELD_LOCKS
+    lock.release()  # twice is harmless
+    (folder / store.LOCK_NAME).write_text("")  # a lock file whose holder wrote nothing
+    held = store.FolderLock(folder)
+    with open(folder / store.LOCK_NAME, "r+") as fh:
+        fh.truncate(0)
+    with pytest.raises(LvlmlpError, match=re.escape(f"{folder}: in use by another process;")):
+        store.FolderLock(folder)
+    store._forget_inherited_locks()  # what a forked child does: its copy closed, not unlocked
+    assert store._HELD_LOCKS == set()
+    held.release()  # the child's lock object must not unlock or close a descriptor it no longer has
+    store.FolderLock(folder).release()  # the lock is free: its only descriptor was closed
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_is_complete_run_compares_the_identity_and_honours_ignore(tmp_path: Path):
+    """Catches: is_complete_run true for a missing, unfinished or differently-made run, or blind to `ignore`."""
+    from lvlmlp.extraction.store import is_complete_run
+
+    assert not is_complete_run(tmp_path / "none", SETTINGS)
+    w = RunWriter(tmp_path / "r", {**SETTINGS, "model": tmp_path / "ckpt"}, shard_size=2)
+    w.append([{"id": "r0"}], _arrays([0]))
+    w._flush()
+    assert not is_complete_run(tmp_path / "r", {**SETTINGS, "model": tmp_path / "ckpt"})  # not finished
+    w.close()
+    assert is_complete_run(tmp_path / "r", {**SETTINGS, "model": tmp_path / "ckpt", "device": "cuda"})
+    assert not is_complete_run(tmp_path / "r", {**SETTINGS, "model": tmp_path / "ckpt", "max_new_tokens": 3})
+    assert is_complete_run(tmp_path / "r", {**SETTINGS, "model": tmp_path / "ckpt", "max_new_tokens": 3},
+                           ignore=("max_new_tokens",))
