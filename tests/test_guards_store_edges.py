@@ -303,3 +303,90 @@ def test_is_complete_run_compares_the_identity_and_honours_ignore(tmp_path: Path
     assert not is_complete_run(tmp_path / "r", {**SETTINGS, "model": tmp_path / "ckpt", "max_new_tokens": 3})
     assert is_complete_run(tmp_path / "r", {**SETTINGS, "model": tmp_path / "ckpt", "max_new_tokens": 3},
                            ignore=("max_new_tokens",))
+
+
+# ------------------------------------------------------------------------------------------------ damaged folders
+DAMAGED = "the run folder is damaged (extract it again)"
+
+
+def test_damaged_run_folders_are_named_with_their_remedy(tmp_path: Path):
+    """Catches: the one-line errors of a damaged run folder (meta missing or short, a row without an id, an array
+    truncated, unreadable or of another vocabulary) losing what they name, or an array's rows read on another
+    axis (logits are token-major)."""
+    def fresh(name: str) -> Path:
+        return _run(tmp_path / name, [0, 1, 2])
+
+    r = fresh("meta")
+    (r / "meta.jsonl").unlink()
+    with pytest.raises(LvlmlpError, match=re.escape(f"{r / 'meta.jsonl'}: missing; {DAMAGED}") + "$"):
+        open_run(r)
+    r = fresh("short")
+    (r / "meta.jsonl").write_text('{"id": "r0"}\n{"id": "r1"}\n')
+    with pytest.raises(LvlmlpError, match=re.escape(f"{r / 'meta.jsonl'}: 2 rows, the manifest says 3; {DAMAGED}")
+                       + "$"):
+        open_run(r)
+    r = fresh("noid")
+    (r / "meta.jsonl").write_text('{"id": "r0"}\n{"id": 1}\n{"id": "r2"}\n')
+    with pytest.raises(LvlmlpError, match=re.escape(f"{r / 'meta.jsonl'}: row 2 has no string 'id'") + "$"):
+        open_run(r)
+    r = fresh("rows")
+    np.save(r / "n_tokens.npy", np.ones(2, dtype=np.int32))
+    with pytest.raises(LvlmlpError, match=re.escape(f"{r / 'n_tokens.npy'}: holds 2 rows but meta.jsonl has 3; "
+                                                    f"{DAMAGED}") + "$"):
+        open_run(r)
+    r = fresh("scalar")
+    np.save(r / "row_index.npy", np.int64(3))
+    with pytest.raises(LvlmlpError, match=re.escape(f"{r / 'row_index.npy'}: holds -1 rows but meta.jsonl has 3")):
+        open_run(r)
+    r = fresh("unreadable")
+    (r / "logits.npy").write_bytes(b"\x93NUMPY garbage\nsecond line")
+    with pytest.raises(LvlmlpError, match=re.escape(f"{r / 'logits.npy'}: unreadable array (") + r"[^\n]+"
+                       + re.escape(f"); {DAMAGED}") + "$"):
+        open_run(r)
+    r = fresh("vocab")
+    np.save(r / "logits.npy", np.zeros((2, 3, 4), dtype=np.float32))
+    with pytest.raises(LvlmlpError, match=re.escape(f"{r / 'logits.npy'}: 4 logits per row, the manifest says "
+                                                    "vocab_size 3") + "$"):
+        open_run(r)
+    run = open_run(fresh("ok"))  # logits (K=2, N=3, V=3): rows on axis 1, and K != N so the axis matters
+    assert np.load(run.path / "logits.npy", mmap_mode="r").shape == (2, 3, 3)
+
+
+def test_corrupt_and_doubled_shards_are_named(tmp_path: Path):
+    """Catches: a corrupt shard's message without the file, the reason's first line or the remedy; a row in two
+    shards named without the row or the two files; the ids check reporting the wrong row or count."""
+    w = RunWriter(tmp_path / "r", SETTINGS, shard_size=2)
+    w.append([{"id": "r0"}, {"id": "r1"}], _arrays([0, 1]))
+    w.release()
+    shard = _open_shards(tmp_path / "r")[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LvlmlpError, match=re.escape(f"{shard}: corrupt shard (") + r"[^\n]+"
+                       + re.escape("); delete this file and re-run the same command: its rows will be done again")
+                       + "$"):
+        RunWriter(tmp_path / "r", SETTINGS, shard_size=2)
+    shard.write_bytes(data)
+    shutil.copy(shard, shard.with_name("000007.safetensors"))  # the same rows committed twice
+    w = RunWriter(tmp_path / "r", SETTINGS, shard_size=2)
+    with pytest.raises(LvlmlpError, match=re.escape(f"{tmp_path / 'r'}: row 'r0' is in two shards (000000.safetensors "
+                                                    "and 000007.safetensors); remove one of them and re-run the same "
+                                                    "command") + "$"):
+        w.close()
+    shard.with_name("000007.safetensors").unlink()
+    w = RunWriter(tmp_path / "r", SETTINGS, shard_size=2)
+    w.append([{"id": "x1"}, {"id": "x2"}, {"id": "r2"}], _arrays([5, 6, 2]))
+    with pytest.raises(LvlmlpError, match=re.escape(f"{tmp_path / 'r'}: row 'r3' is missing (2 missing, 2 unexpected);"
+                                                    " the run is not marked complete; re-run the same command") + "$"):
+        w.close(["r0", "r1", "r2", "r3", "r4"])
+    w = RunWriter(tmp_path / "r", SETTINGS, shard_size=2)
+    with pytest.raises(LvlmlpError, match=re.escape(f"{tmp_path / 'r'}: row 'x1' is not in the input (0 missing, 2 "
+                                                    "unexpected)")):
+        w.close(["r0", "r1", "r2"])
+    w = RunWriter(tmp_path / "r", SETTINGS, shard_size=2)
+    w.fail("r9", "bad image")  # a failed row counts as done
+    assert w.close(["r0", "r1", "r2", "x1", "x2", "r9"]).failures == [{"id": "r9", "error": "bad image"}]
+    w = RunWriter(tmp_path / "pos", SETTINGS, shard_size=2)
+    w.append([{"id": "a"}, {"id": "b"}], _arrays([0, 0]))  # two rows claiming one input position
+    with pytest.raises(LvlmlpError, match=re.escape(f"{tmp_path / 'pos'}: two shards hold rows of the same input "
+                                                    "position; the run is not complete") + "$"):
+        w.close()
