@@ -247,7 +247,7 @@ def test_full_disk_names_the_run_folder_and_leaves_no_temporary_shard(tmp_path: 
     assert list((tmp_path / "r" / "shards").iterdir()) == []
 
 
-def test_lock_names_its_holder_is_private_and_is_dropped_by_a_forked_child(tmp_path: Path):
+def test_lock_names_its_holder_is_private_and_is_dropped_by_a_forked_child(tmp_path: Path, monkeypatch):
     """Catches: the in-use message without its holder (pid, host, UTC time, command), the lock file's mode, a
     nested folder not created, a released or child-forgotten descriptor still tracked or unlocked twice."""
     import os
@@ -256,10 +256,11 @@ def test_lock_names_its_holder_is_private_and_is_dropped_by_a_forked_child(tmp_p
 
     from lvlmlp.extraction import store
 
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/lvlmlp", "extract", "--out", "b"])  # the holder's command line
     folder = tmp_path / "a" / "b"
     lock = store.FolderLock(folder)
     assert (folder / store.LOCK_NAME).stat().st_mode & 0o777 == 0o644 & ~_umask()
-    command = " ".join(["lvlmlp", *sys.argv[1:]])
+    command = "lvlmlp extract --out b"
     with pytest.raises(LvlmlpError) as err:
         store.FolderLock(folder)
     assert re.fullmatch(re.escape(f"{folder}: in use by pid {os.getpid()} on {socket.gethostname()} since ")
