@@ -165,9 +165,12 @@ def test_rows_go_in_input_order_by_row_index_or_in_append_order_without_it(tmp_p
     w = RunWriter(tmp_path / "r", SETTINGS, shard_size=2)
     for rows in ([3, 1], [2, 0]):  # batches arriving out of order, as from parallel workers
         w.append([{"id": f"r{i}"} for i in rows], _arrays(rows))
+        w.fail(f"x{rows[0]}", "bad image")
+        w._flush()  # a shard holding a failure only, between the row shards
     run = w.close()
-    assert run.ids == ["r0", "r1", "r2", "r3"]
+    assert run.ids == ["r0", "r1", "r2", "r3"] and len(run.failures) == 2
     np.testing.assert_array_equal(run.logits(0), _arrays([0, 1, 2, 3])["logits"][:, 0])
+    assert run.logits(0).dtype == np.float32 and run.n_tokens.dtype == np.int32 and run.row_index.dtype == np.int64
     w = RunWriter(tmp_path / "plain", SETTINGS, shard_size=2)
     w.append([{"id": "b"}, {"id": "a"}, {"id": "c"}], {"logits": np.zeros((3, 2, 3), dtype=np.float32),
                                                       "last_logits": np.eye(3, dtype=np.float32)})
