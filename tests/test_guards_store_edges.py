@@ -107,6 +107,11 @@ def test_damaged_manifests_and_foreign_folders_are_named(tmp_path: Path):
     with pytest.raises(LvlmlpError, match=re.escape(f"--out {mine}: exists and is not an lvlmlp run folder (it holds "
                                                     "a.txt, b.txt, c.txt, ...); give an empty or new folder") + "$"):
         RunWriter(mine, SETTINGS)
+    (mine / "d.txt").unlink()
+    with pytest.raises(LvlmlpError, match=re.escape(f"--out {mine}: exists and is not an lvlmlp run folder (it holds "
+                                                    "a.txt, b.txt, c.txt); give an empty or new folder") + "$"):
+        check_output_folder(mine)
+    (mine / "d.txt").write_text("keep me")
     with pytest.raises(LvlmlpError, match=re.escape(f"--run-dir {mine}: exists and is not an lvlmlp run folder")):
         check_output_folder(mine, what="--run-dir")
     assert sorted(p.name for p in mine.iterdir()) == ["a.txt", "b.txt", "c.txt", "d.txt"]
@@ -311,6 +316,17 @@ def test_is_complete_run_compares_the_identity_and_honours_ignore(tmp_path: Path
 
 # ------------------------------------------------------------------------------------------------ damaged folders
 DAMAGED = "the run folder is damaged (extract it again)"
+REMEDY = "delete this file and re-run the same command: its rows will be done again"
+
+
+def _safetensors_error(path: Path) -> str:
+    """The first line of what safetensors itself says about a damaged file."""
+    from safetensors import safe_open
+
+    with pytest.raises(Exception) as err:
+        with safe_open(str(path), framework="np") as f:
+            [f.get_tensor(k) for k in f.keys()]
+    return str(err.value).splitlines()[0]
 
 
 def test_damaged_run_folders_are_named_with_their_remedy(tmp_path: Path):
@@ -344,8 +360,11 @@ def test_damaged_run_folders_are_named_with_their_remedy(tmp_path: Path):
         open_run(r)
     r = fresh("unreadable")
     (r / "logits.npy").write_bytes(b"\x93NUMPY garbage\nsecond line")
-    with pytest.raises(LvlmlpError, match=re.escape(f"{r / 'logits.npy'}: unreadable array (") + r"[^\n]+"
-                       + re.escape(f"); {DAMAGED}") + "$"):
+    with pytest.raises(ValueError) as numpy_says:
+        np.load(r / "logits.npy", mmap_mode="r")
+    first = str(numpy_says.value).splitlines()[0]
+    with pytest.raises(LvlmlpError, match=re.escape(f"{r / 'logits.npy'}: unreadable array ({first}); {DAMAGED}")
+                       + "$"):
         open_run(r)
     r = fresh("vocab")
     np.save(r / "logits.npy", np.zeros((2, 3, 4), dtype=np.float32))
@@ -365,8 +384,7 @@ def test_corrupt_and_doubled_shards_are_named(tmp_path: Path):
     shard = _open_shards(tmp_path / "r")[0]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    with pytest.raises(LvlmlpError, match=re.escape(f"{shard}: corrupt shard (") + r"[^\n]+"
-                       + re.escape("); delete this file and re-run the same command: its rows will be done again")
+    with pytest.raises(LvlmlpError, match=re.escape(f"{shard}: corrupt shard ({_safetensors_error(shard)}); {REMEDY}")
                        + "$"):
         RunWriter(tmp_path / "r", SETTINGS, shard_size=2)
     shard.write_bytes(data)
@@ -394,3 +412,56 @@ def test_corrupt_and_doubled_shards_are_named(tmp_path: Path):
     with pytest.raises(LvlmlpError, match=re.escape(f"{tmp_path / 'pos'}: two shards hold rows of the same input "
                                                     "position; the run is not complete") + "$"):
         w.close()
+
+
+def test_a_shard_damaged_before_close_stale_temporaries_and_exact_array_files(tmp_path: Path, monkeypatch):
+    """Catches: a shard damaged between commit and close() named without safetensors' own reason; stale or
+    half-written `*.npy.tmp` files left behind; a full disk during consolidation naming no folder; final arrays
+    with bytes beyond their data."""
+    import errno
+    import os
+
+    w = RunWriter(tmp_path / "r", SETTINGS, shard_size=2)
+    w.append([{"id": "r0"}, {"id": "r1"}], _arrays([0, 1]))
+    shard = _open_shards(tmp_path / "r")[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:40])
+    with pytest.raises(LvlmlpError, match=re.escape(f"{shard}: corrupt shard ({_safetensors_error(shard)}); {REMEDY}")
+                       + "$"):
+        w.close()
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    shard.write_bytes(data)
+    with safe_open(str(shard), framework="np") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["logits"][1, 1, 1] = -1  # header and row_index intact: only the copy's checksum sees it
+    save_file(tensors, str(shard), metadata=header)
+    w = RunWriter(tmp_path / "r2", SETTINGS, shard_size=2)
+    w.append([{"id": "r0"}, {"id": "r1"}], _arrays([0, 1]))
+    shutil.copy(shard, _open_shards(tmp_path / "r2")[0])
+    with pytest.raises(LvlmlpError, match="shard contents do not match its checksum"):
+        w.close()
+    assert list((tmp_path / "r2").glob("*.npy.tmp")) == [] and list((tmp_path / "r2").glob("*.npy")) == []
+
+    w = RunWriter(tmp_path / "r3", SETTINGS, shard_size=2)
+    w.append([{"id": "r0"}, {"id": "r1"}], _arrays([0, 1]))
+    (tmp_path / "r3" / "logits.npy.tmp").write_bytes(b"left by a killed consolidation")
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "posix_fallocate", full)
+        with pytest.raises(LvlmlpError, match=re.escape(f"{tmp_path / 'r3'}: no space left on device")):
+            w.close()
+    w = RunWriter(tmp_path / "r3", SETTINGS, shard_size=2)
+    (tmp_path / "r3" / "logits.npy.tmp").write_bytes(b"left by a killed consolidation")
+    run = w.close()
+    assert list(run.path.glob("*.tmp")) == [] and not (run.path / "shards").exists()
+    for path in run.path.glob("*.npy"):
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                               np.lib.format.read_array_header_2_0)(fh)
+            assert path.stat().st_size == fh.tell() + int(np.prod(shape)) * dtype.itemsize, path.name
