@@ -456,7 +456,8 @@ def test_a_shard_damaged_before_close_stale_temporaries_and_exact_array_files(tm
         with pytest.raises(LvlmlpError, match=re.escape(f"{tmp_path / 'r3'}: no space left on device")):
             w.close()
     w = RunWriter(tmp_path / "r3", SETTINGS, shard_size=2)
-    (tmp_path / "r3" / "logits.npy.tmp").write_bytes(b"left by a killed consolidation")
+    # left by a killed consolidation of an array this run does not write (so not overwritten by this one)
+    (tmp_path / "r3" / "hidden.npy.tmp").write_bytes(b"left by a killed consolidation")
     run = w.close()
     assert list(run.path.glob("*.tmp")) == [] and not (run.path / "shards").exists()
     for path in run.path.glob("*.npy"):
