@@ -174,6 +174,9 @@ def write_report() -> None:
         total = sum(v for k, v in c.items() if k not in ("skipped", "not checked"))
         killed = c.get("killed", 0) + c.get("timeout", 0)
         score = f"{100 * killed / total:.1f}%" if total else "-"
+        if c.get("not checked"):
+            notes_below.append(f"`{name}`: partial run, stopped after {total} of {total + c['not checked']} mutants "
+                               "(the score is over the mutants checked; the others are not counted).")
         tests = ", ".join(Path(t).name for t in r["tests"])
         if r.get("deselected"):
             tests += f" (without {len(r['deselected'])} model-backed tests, see below)"
