@@ -42,7 +42,8 @@ MODULES: dict[str, dict] = {
                            "tests/test_guards_store.py::test_short_answers_are_zero_padded_and_counted",
                            "tests/test_guards_store.py::test_layer_minus_one_and_hidden_equal_transformers_hidden_states"]},
     "steering": {"path": "src/lvlmlp/steering/guard.py",
-                 "tests": ["tests/test_steering.py", "tests/test_guards_steering.py"]},
+                 "tests": ["tests/test_steering.py", "tests/test_guards_steering.py",
+                           "tests/test_guards_steering_edges.py"]},
     "extract": {"path": "src/lvlmlp/extraction/extract.py", "tests": ["tests/test_extract.py", "tests/test_guards_store.py"]},
 }
 STATUSES = ("killed", "survived", "timeout", "suspicious", "no tests", "skipped", "segfault", "not checked")
