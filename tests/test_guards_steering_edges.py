@@ -138,3 +138,68 @@ def test_probe_of_another_model_is_refused_or_warned_and_paths_are_compared_reso
         check_probe_model(missing, "org/model-b")  # neither exists as a path: different ids are different models
     check_probe_model(missing, "org/model-a")
     check_probe_model(LogisticProbe().fit(X, np.arange(8) % 2), "anything")  # no model recorded: nothing to check
+
+
+def test_guard_state_thresholds_and_feature_kinds(llava):
+    """Catches: a guard's documented state before any call not None/empty, the threshold not the probe's own (or
+    0.5 for a plain scikit-learn classifier), a softmax probe scored on raw logits, a plain scikit-learn
+    classifier refused, the messages of a guard with both or neither mode, or with an empty template/answer."""
+    from sklearn.linear_model import LogisticRegression
+
+    _, backend, batch, probe = llava
+    tok = backend.tokenizer
+    logits = backend.prefill(batch)["logits"]
+    X = logits.numpy()
+    guard = ProbeGuard(probe, tok, "No.")
+    assert guard.scores_ is None and guard.flagged_ is None and guard.forced_ == [] and guard.answers is None
+    assert guard.template == "No." and guard.kind == "logits" and guard.threshold == probe.threshold == 0.5
+    own = LogisticProbe(C=1e4, standardize=True, threshold=0.3).fit(X, np.array([1, 0, 1, 0]))
+    assert ProbeGuard(own, tok, "No.").threshold == 0.3 and ProbeGuard(own, tok, "No.", threshold=0.7).threshold == 0.7
+    plain = LogisticRegression(C=1e4, max_iter=2000).fit(X, [1, 0, 1, 0])
+    g = ProbeGuard(plain, tok, "No.")
+    assert g.kind == "logits" and g.threshold == 0.5
+    np.testing.assert_allclose(g.score(logits), plain.predict_proba(X)[:, 1], atol=1e-6)
+    soft = LogisticProbe(C=1e4, standardize=True).fit(
+        np.exp(X - X.max(1, keepdims=True)) / np.exp(X - X.max(1, keepdims=True)).sum(1, keepdims=True),
+        np.array([1, 0, 1, 0]), spec=FeatureSpec(kind="softmax"))
+    g = ProbeGuard(soft, tok, "No.")
+    softmax = torch.softmax(logits.double(), -1).float().numpy()
+    assert g.kind == "softmax"
+    np.testing.assert_allclose(g.score(logits), soft.predict_proba(softmax)[:, 1], atol=1e-5)
+    for kwargs in ({}, {"template": "No.", "answers": {1: "Yes", 0: "No"}}):
+        with pytest.raises(LvlmlpError, match=re.escape("ProbeGuard: give exactly one of a refusal template or "
+                                                        "answers={1: ..., 0: ...}") + "$"):
+            ProbeGuard(probe, tok, **kwargs)
+    with pytest.raises(LvlmlpError, match=re.escape("--template '': the tokenizer encodes it to no token") + "$"):
+        ProbeGuard(probe, tok, "")
+    with pytest.raises(LvlmlpError, match=re.escape("--answers '': the tokenizer encodes it to no token") + "$"):
+        ProbeGuard(probe, tok, answers={1: "", 0: "No"})
+
+
+def test_a_leading_bos_is_dropped_from_the_template(llava):
+    """Catches: the template's ids taken with special tokens, or a leading BOS kept (or one token too many
+    dropped): forced answers must be exactly the tokens that continue the prompt."""
+    _, backend, _, probe = llava
+    tok = backend.tokenizer
+    with_bos = tok.encode(f"{tok.bos_token}Sorry, no.", add_special_tokens=False)
+    assert tok.bos_token_id is not None and with_bos[0] == tok.bos_token_id  # the tokenizer reads the BOS text
+    assert ProbeGuard(probe, tok, f"{tok.bos_token}Sorry, no.").template_ids == with_bos[1:]
+    assert ProbeGuard(probe, tok, "Sorry, no.").template_ids == tok.encode("Sorry, no.", add_special_tokens=False)
+
+
+def test_forced_rows_get_zero_at_the_token_and_shifted_raw_logits_are_not_beams(llava):
+    """Catches: the forced token given another finite value than 0 (visible in output_scores), raw logits whose
+    logsumexp is merely small taken for beam search, the beam-search message changed."""
+    _, backend, batch, probe = llava
+    logits = backend.prefill(batch)["logits"]
+    guard = ProbeGuard(probe, backend.tokenizer, "No.", threshold=1.0)  # every row flagged
+    ids = batch["input_ids"]
+    shifted = torch.log_softmax(logits, -1) + 0.5  # logsumexp 0.5: raw logits, not beam log-probabilities
+    out = guard(ids, shifted)
+    first = guard.template_ids[0]
+    assert guard.flagged_.all() and (out[:, first] == 0.0).all()
+    assert torch.isinf(out).sum() == out.numel() - out.shape[0]
+    guard.reset()
+    with pytest.raises(LvlmlpError, match=re.escape("ProbeGuard does not support beam search (num_beams > 1): use "
+                                                    "greedy or sampling") + "$"):
+        guard(ids, torch.log_softmax(logits, -1))
