@@ -138,6 +138,9 @@ def test_probe_of_another_model_is_refused_or_warned_and_paths_are_compared_reso
         check_probe_model(missing, "org/model-b")  # neither exists as a path: different ids are different models
     check_probe_model(missing, "org/model-a")
     check_probe_model(LogisticProbe().fit(X, np.arange(8) % 2), "anything")  # no model recorded: nothing to check
+    from sklearn.linear_model import LogisticRegression
+
+    check_probe_model(LogisticRegression().fit(X, np.arange(8) % 2), "anything")  # no spec_ at all
 
 
 def test_guard_state_thresholds_and_feature_kinds(llava):
@@ -159,13 +162,14 @@ def test_guard_state_thresholds_and_feature_kinds(llava):
     g = ProbeGuard(plain, tok, "No.")
     assert g.kind == "logits" and g.threshold == 0.5
     np.testing.assert_allclose(g.score(logits), plain.predict_proba(X)[:, 1], atol=1e-6)
-    soft = LogisticProbe(C=1e4, standardize=True).fit(
+    soft = LogisticProbe(C=0.05, standardize=True).fit(  # weak regularisation would saturate every probability
         np.exp(X - X.max(1, keepdims=True)) / np.exp(X - X.max(1, keepdims=True)).sum(1, keepdims=True),
         np.array([1, 0, 1, 0]), spec=FeatureSpec(kind="softmax"))
     g = ProbeGuard(soft, tok, "No.")
     softmax = torch.softmax(logits.double(), -1).float().numpy()
     assert g.kind == "softmax"
     np.testing.assert_allclose(g.score(logits), soft.predict_proba(softmax)[:, 1], atol=1e-5)
+    assert np.abs(soft.predict_proba(X)[:, 1] - soft.predict_proba(softmax)[:, 1]).max() > 1e-3  # raw logits differ
     for kwargs in ({}, {"template": "No.", "answers": {1: "Yes", 0: "No"}}):
         with pytest.raises(LvlmlpError, match=re.escape("ProbeGuard: give exactly one of a refusal template or "
                                                         "answers={1: ..., 0: ...}") + "$"):
