@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.linear_model import LogisticRegression
 from transformers import GenerationConfig, LogitsProcessorList, MinNewTokensLengthLogitsProcessor
 
 from lvlmlp.errors import LvlmlpError
@@ -138,8 +139,6 @@ def test_probe_of_another_model_is_refused_or_warned_and_paths_are_compared_reso
         check_probe_model(missing, "org/model-b")  # neither exists as a path: different ids are different models
     check_probe_model(missing, "org/model-a")
     check_probe_model(LogisticProbe().fit(X, np.arange(8) % 2), "anything")  # no model recorded: nothing to check
-    from sklearn.linear_model import LogisticRegression
-
     check_probe_model(LogisticRegression().fit(X, np.arange(8) % 2), "anything")  # no spec_ at all
 
 
@@ -147,8 +146,6 @@ def test_guard_state_thresholds_and_feature_kinds(llava):
     """Catches: a guard's documented state before any call not None/empty, the threshold not the probe's own (or
     0.5 for a plain scikit-learn classifier), a softmax probe scored on raw logits, a plain scikit-learn
     classifier refused, the messages of a guard with both or neither mode, or with an empty template/answer."""
-    from sklearn.linear_model import LogisticRegression
-
     _, backend, batch, probe = llava
     tok = backend.tokenizer
     logits = backend.prefill(batch)["logits"]

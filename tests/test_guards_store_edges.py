@@ -4,17 +4,25 @@ the defaults of `Run.logits` and `merge_runs`. No model: every run here is writt
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
+import lvlmlp
 from lvlmlp import open_run
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.extraction.store import RunWriter, check_output_folder, merge_runs
+from lvlmlp.extraction import store
+from lvlmlp.extraction.store import RunWriter, check_output_folder, is_complete_run, merge_runs
 
 SETTINGS = {"model": "m", "dtype": "float32", "vocab_size": 3, "prompt_template": None, "max_new_tokens": 2}
 
@@ -147,8 +155,6 @@ def test_new_manifest_fields_shard_sizes_and_a_second_close(tmp_path: Path):
     """Catches: the manifest of a run in progress without `complete: false`, a version or a UTC creation time;
     the default shard size; a batch that crosses a half-filled shard making a shard larger than `shard_size`;
     settings or meta that JSON cannot hold natively (a Path) refused; a second close() consolidating again."""
-    import lvlmlp
-
     w = RunWriter(tmp_path / "r", {**SETTINGS, "model": tmp_path / "ckpt"}, shard_size=2)
     doc = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert doc["complete"] is False and doc["lvlmlp_version"] == lvlmlp.__version__ and doc["shard_size"] == 2
@@ -216,9 +222,6 @@ def test_append_message_and_settings_message(tmp_path: Path):
 
 def test_tampered_shard_meta_or_data_fails_its_checksum(tmp_path: Path):
     """Catches: the checksum leaving out the rows' meta, the failures or the arrays, or not being stored."""
-    from safetensors import safe_open
-    from safetensors.numpy import save_file
-
     for part in ("meta", "failures", "data"):
         w = RunWriter(tmp_path / part, SETTINGS, shard_size=2)
         w.append([{"id": "r0"}, {"id": "r1"}], _arrays([0, 1]))
@@ -240,10 +243,6 @@ def test_tampered_shard_meta_or_data_fails_its_checksum(tmp_path: Path):
 
 def test_full_disk_names_the_run_folder_and_leaves_no_temporary_shard(tmp_path: Path, monkeypatch):
     """Catches: the full-disk error naming no folder, or hidden by the clean-up of a shard never written."""
-    import errno
-
-    from lvlmlp.extraction import store
-
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -258,12 +257,6 @@ def test_full_disk_names_the_run_folder_and_leaves_no_temporary_shard(tmp_path: 
 def test_lock_names_its_holder_is_private_and_is_dropped_by_a_forked_child(tmp_path: Path, monkeypatch):
     """Catches: the in-use message without its holder (pid, host, UTC time, command), the lock file's mode, a
     nested folder not created, a released or child-forgotten descriptor still tracked or unlocked twice."""
-    import os
-    import socket
-    import sys
-
-    from lvlmlp.extraction import store
-
     monkeypatch.setattr(sys, "argv", ["/usr/bin/lvlmlp", "extract", "--out", "b"])  # the holder's command line
     folder = tmp_path / "a" / "b"
     lock = store.FolderLock(folder)
@@ -291,8 +284,6 @@ def test_lock_names_its_holder_is_private_and_is_dropped_by_a_forked_child(tmp_p
 
 
 def _umask() -> int:
-    import os
-
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -300,8 +291,6 @@ def _umask() -> int:
 
 def test_is_complete_run_compares_the_identity_and_honours_ignore(tmp_path: Path):
     """Catches: is_complete_run true for a missing, unfinished or differently-made run, or blind to `ignore`."""
-    from lvlmlp.extraction.store import is_complete_run
-
     assert not is_complete_run(tmp_path / "none", SETTINGS)
     w = RunWriter(tmp_path / "r", {**SETTINGS, "model": tmp_path / "ckpt"}, shard_size=2)
     w.append([{"id": "r0"}], _arrays([0]))
@@ -321,8 +310,6 @@ REMEDY = "delete this file and re-run the same command: its rows will be done ag
 
 def _safetensors_error(path: Path) -> str:
     """The first line of what safetensors itself says about a damaged file."""
-    from safetensors import safe_open
-
     with pytest.raises(Exception) as err:
         with safe_open(str(path), framework="np") as f:
             [f.get_tensor(k) for k in f.keys()]
@@ -418,9 +405,6 @@ def test_a_shard_damaged_before_close_stale_temporaries_and_exact_array_files(tm
     """Catches: a shard damaged between commit and close() named without safetensors' own reason; stale or
     half-written `*.npy.tmp` files left behind; a full disk during consolidation naming no folder; final arrays
     with bytes beyond their data."""
-    import errno
-    import os
-
     w = RunWriter(tmp_path / "r", SETTINGS, shard_size=2)
     w.append([{"id": "r0"}, {"id": "r1"}], _arrays([0, 1]))
     shard = _open_shards(tmp_path / "r")[0]
@@ -429,8 +413,6 @@ def test_a_shard_damaged_before_close_stale_temporaries_and_exact_array_files(tm
     with pytest.raises(LvlmlpError, match=re.escape(f"{shard}: corrupt shard ({_safetensors_error(shard)}); {REMEDY}")
                        + "$"):
         w.close()
-    from safetensors import safe_open
-    from safetensors.numpy import save_file
 
     shard.write_bytes(data)
     with safe_open(str(shard), framework="np") as f:
