@@ -20,7 +20,7 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check src tests bench scripts
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests  # 2 workers, see tests/conftest.py
 
 lint: venv
 	$(BIN)/ruff check src tests bench scripts

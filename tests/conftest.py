@@ -26,6 +26,24 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     torch.set_num_threads(_THREADS_BEFORE)
 
 
+# `make test` runs the files on 2 workers (pytest-xdist, --dist loadfile --no-loadscope-reorder): the README test
+# alone (the whole demo, then every README command) takes ~40-60% of the suite's time, so its file is handed out
+# first and the other files fill the second worker meanwhile; started last, it would add its whole time to the wall
+# time. xdist hands each worker two files at the start and the second waits behind the first: the README's companion
+# is a file of a few seconds (test_config.py), and the next slowest go to the other worker.
+SLOWEST_FIRST = ("test_readme.py", "test_config.py", "test_ray.py", "test_demo.py", "test_extract.py")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slowest files first (after pytest-randomly's shuffle, which stays in force for the others)."""
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+    items.sort(key=rank)  # stable: the shuffled order is kept within each rank
+
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
