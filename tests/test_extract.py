@@ -104,7 +104,13 @@ def _kill_midway(cmd: list[str], shards: Path, after: int, sig: int = signal.SIG
     """Start `cmd`, send `sig` once `after` shards are committed; return the exit code. Its data-loader workers
     (orphaned, after SIGKILL) must be gone within a few seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr or subprocess.DEVNULL)
+    # An ignored SIGINT survives exec: if anything earlier in this test process left it ignored, the child would
+    # never see Ctrl-C. A Python handler is reset to the default at exec, so the child starts as from a terminal.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr or subprocess.DEVNULL)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.time() + 120
     workers: list[int] = []
     while proc.poll() is None and time.time() < deadline:
