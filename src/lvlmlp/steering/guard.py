@@ -247,8 +247,6 @@ def guided_decoding(backend: Any, probe: Any, rows: list[dict], before: Mapping[
     return summary, records
 
 
-
-
 def is_refusal(response: str, template: str | None) -> bool:
     """A refusal: the response starts with the guard's template or contains a refusal phrase ("sorry", ...)."""
     from lvlmlp.probing.baselines import AnswerRule
@@ -319,4 +317,3 @@ def make_guard(probe: Any, backend: Any, template: str | None = None, answers: M
                                        dim=backend.vocab_size, model=None))
     check_probe_model(probe, backend.model_id, allow=allow_other_model)
     return ProbeGuard(probe, backend.tokenizer, template, answers=answers, threshold=threshold)
-

@@ -71,7 +71,8 @@ class Task:
     A task also owns its rules, which general modules ask it for instead of naming a task: `label_fn` (the label
     of a row from the model's response, for tasks whose labels need generation, e.g. MathVista's answer checker),
     `answer_fn` (the label the model's answer states on its own, the `own-answer:task` baseline; for a multiclass
-    task the class it names, -1 for none) and `groups` (per-group metrics: the row field to group by and a metric of `lvlmlp.probing.metrics.GROUP_METRICS`,
+    task the class it names, -1 for none) and `groups` (per-group metrics: the row field to group by and a metric
+    of `lvlmlp.probing.metrics.GROUP_METRICS`,
     e.g. MM-SafetyBench's attack success rate per `scenario`).
     """
 
