@@ -364,3 +364,22 @@ def test_serve_defaults_to_the_original_safety_template(world):
     assert guard.template == long and max_tokens == len(guard.template_ids) > 64
     with pytest.raises(LvlmlpError, match=r"--template is \d+ tokens long but --max-tokens is 64"):
         built("--template", long, "--max-tokens", "64")
+
+
+def test_serve_refuses_at_start_a_probe_of_another_model(world, tmp_path):
+    """The probe/model check runs when the engine loads (not at the first request): a copy of the checkpoint at
+    another path is another model to it, refused naming both; --allow-other-model serves it."""
+    import shutil
+
+    from lvlmlp.probing.features import FeatureSpec
+
+    probe = load_probe(world["probe"])  # the same probe, saved with the model whose features it was trained on
+    probe.spec_ = FeatureSpec(kind="logits", token=0, dim=world["backend"].vocab_size, model=str(world["ckpt"]))
+    probe.save(tmp_path / "probe")
+    other = tmp_path / "other-ckpt"
+    shutil.copytree(world["ckpt"], other)
+    with pytest.raises(LvlmlpError, match=r"--probe: trained on features of .*, not of --model .*other-ckpt"):
+        load_engine(other, tmp_path / "probe", template=TEMPLATE, device="cpu")
+    assert load_engine(world["ckpt"], tmp_path / "probe", template=TEMPLATE, device="cpu").guard.template == TEMPLATE
+    engine = load_engine(other, tmp_path / "probe", template=TEMPLATE, device="cpu", allow_other_model=True)
+    assert engine.guard.template == TEMPLATE

@@ -314,3 +314,27 @@ def test_cli_generate_defaults_to_the_original_safety_template(setups, tiny_ckpt
     assert main([*base, "--max-new-tokens", str(K), "--out", str(tmp_path / "short.jsonl")]) == 2
     assert (f"the default template (SAFETY_TEMPLATE) is {len(ids)} tokens long but --max-new-tokens is {K}"
             in capsys.readouterr().err)
+
+
+def test_guided_decoding_passes_its_threshold_and_counts_recompute_from_records(setups, tmp_path):
+    """`guided_decoding` (the `steering:` analysis): the guard flags by the given threshold (0.5: rows 1 and 3;
+    0: none), flagged rows start with the template, and the before/after counts are those of its records."""
+    from lvlmlp.steering.guard import guided_decoding
+
+    backend, _, probe, _ = setups("llava")
+    rows = [json.loads(x) for x in make_manifest(tmp_path).read_text().splitlines()]
+    rows = [{**r, "image": str(tmp_path / r["image"])} for r in rows]
+    before = {r["id"]: TEMPLATE if r["id"] == "r0" else "a plain answer" for r in rows}
+    labels = {r["id"]: r["label"] for r in rows}
+    for threshold, flagged in ((0.5, [False, True, False, True]), (0.0, [False] * 4)):
+        summary, records = guided_decoding(backend, probe, rows, before, labels, TEMPLATE, threshold,
+                                           max_new_tokens=K, batch_size=3)
+        assert [r["flagged"] for r in records] == flagged and summary["flagged"] == sum(flagged)
+        assert summary["threshold"] == threshold and summary["template"] == TEMPLATE
+        assert all(r["response_after"].startswith(TEMPLATE) for r, f in zip(records, flagged) if f)
+        for key, side in (("response_before", "before"), ("response_after", "after")):
+            assert summary[side] == {
+                "label0_answered": sum(not is_refusal(r[key], TEMPLATE) for r in records if r["label"] == 0),
+                "label1_refused": sum(is_refusal(r[key], TEMPLATE) for r in records if r["label"] == 1),
+                "n_label0": sum(r["label"] == 0 for r in records), "n_label1": sum(r["label"] == 1 for r in records)}
+    assert [r["response_before"] for r in records] == [before[r["id"]] for r in rows]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,13 @@ class Protocol:
     def __post_init__(self) -> None:
         if (self.train is None) == (self.cv is None):
             raise LvlmlpError("splits: give either a train and a test split, or cv: K")
+
+    def with_n_boot(self, n_boot: int) -> Protocol:
+        """The same protocol with another number of bootstrap resamples, sharing the fitted probes (a fit does not
+        depend on n_boot): the analyses may take fewer resamples than the main evaluation."""
+        other = replace(self, n_boot=n_boot)
+        other._scored = self._scored
+        return other
 
     def score(self, feature: Feature, make_probe: Callable[[], Any]) -> Scored:
         """Fit and score one feature; raises LvlmlpError when the kept rows cannot train a probe. A named feature

@@ -284,7 +284,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
                   "headline is the mean of the folds)." if cfg.splits.cv is not None else "")
         n_boot = cfg.analyses.n_boot
         # The analyses' intervals may take fewer resamples; the first-token probe is still fitted once.
-        analysis_protocol = protocol if n_boot is None else _with_n_boot(protocol, n_boot)
+        analysis_protocol = protocol if n_boot is None else protocol.with_n_boot(n_boot)
         analysis_key = key if n_boot is None else _key([key, n_boot])
         if cfg["analyses"].get("token_decay") and n_tok > 1:
             res = cached(steps, f"token-decay-{name}", analysis_key, out / "analyses" / f"token_decay-{name}.json",
@@ -327,14 +327,6 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
     if cfg["finetune"] is not None:
         sections.append(_finetune_section(cfg, out, steps, prompts[0], splits, rows, runs, report_dir, results))
     return write_report(eval_dirs, report_dir, sections, results)
-
-
-def _with_n_boot(protocol: Any, n_boot: int) -> Any:
-    import dataclasses
-
-    other = dataclasses.replace(protocol, n_boot=n_boot)
-    other._scored = protocol._scored  # fits do not depend on n_boot: share them
-    return other
 
 
 def _steering(cfg: ExperimentConfig, out: Path, lazy: LazyBackend, prompt: tuple[str, str | None],
