@@ -267,6 +267,11 @@ def _run_contents(run_dir: Path) -> tuple[dict[str, np.ndarray], list[dict], lis
     return _arrays(run_dir), run.meta, run.failures
 
 
+def _children() -> set[int]:
+    """Child processes of this process, zombies included (Linux /proc)."""
+    return {int(pid) for path in Path("/proc/self/task").glob("*/children") for pid in path.read_text().split()}
+
+
 def test_worker_processes_give_exactly_the_inline_result(tiny_ckpt, tmp_path):
     """Batches prepared by forked workers (and by the main process when it would otherwise wait) come back in
     manifest order, failures included, bit for bit as when everything is prepared inline."""
@@ -278,6 +283,7 @@ def test_worker_processes_give_exactly_the_inline_result(tiny_ckpt, tmp_path):
     (tmp_path / "img" / "4.png").unlink()
     backend = Backend(tiny_ckpt("llava"), device="cpu", dtype="float32")
     rows = read_manifest(manifest)
+    children_before = _children()
     results = {
         workers: _run_contents(
             extract(backend, rows, tmp_path / f"w{workers}", batch_size=2, on_error="skip", progress=False,
@@ -285,6 +291,8 @@ def test_worker_processes_give_exactly_the_inline_result(tiny_ckpt, tmp_path):
         )
         for workers in (0, 1, 3)
     }
+    # Every worker is reaped before extract returns: no finished (zombie) child is left for the caller's os.wait().
+    assert _children() == children_before
     arrays0, meta0, failures0 = results[0]
     assert [m["id"] for m in meta0] == [f"r{i}" for i in range(11) if i != 4]
     assert [f["id"] for f in failures0] == ["r4"]

@@ -210,9 +210,10 @@ def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int, n
             step_s = seconds if not step_s else 0.7 * step_s + 0.3 * seconds
     finally:
         for proc in procs:
-            # Workers that ran out of chunks exit by themselves; tearing down a process that shares a large model
-            # takes milliseconds we need not wait for (multiprocessing reaps it later). Stopped early, we stop them.
+            # Workers that ran out of chunks exit by themselves (stopped early, we stop them); we reap them here,
+            # a few milliseconds, so that no finished child is left for the host process to find: a job runner
+            # or test harness that waits for its own children (os.wait) would otherwise be handed ours.
             if not done and proc.is_alive():
                 proc.terminate()
-                proc.join()
+            proc.join()
         queue.close()
