@@ -409,3 +409,40 @@ def test_probe_inputs_exact_messages_and_standardisation():
     assert std.coef_.dtype == np.float32 and std.intercept_.dtype == np.float32
     assert set(std.fit_info_) == {"n_rows", "epochs", "final_loss"} and std.fit_info_["n_rows"] == 48
     assert std.fit_info_["epochs"] == 5
+
+
+def test_decision_function_scores_every_chunk(monkeypatch: pytest.MonkeyPatch):
+    """Catches: scoring only the first _SCORE_CHUNK rows, or each chunk read to the end (same values, but memory no
+    longer bounded by the chunk), in decision_function. The chunk is shrunk to 3 rows: 10 rows take four reads."""
+    import lvlmlp.probing.probes as probes
+
+    rng = np.random.default_rng(5)
+    X, y = rng.normal(size=(40, 6)).astype(np.float32), np.arange(40) % 3
+    probe = MultinomialProbe(epochs=2, batch_size=16, standardize=True).fit(X, y)
+    monkeypatch.setattr(probes, "_SCORE_CHUNK", 3)
+
+    class Reads(np.ndarray):
+        """An array that records the row slices read from it (memory stays bounded by the chunk)."""
+        slices: list[tuple[int, int]] = []
+
+        def __getitem__(self, key):
+            if isinstance(key, slice):
+                Reads.slices.append(key.indices(len(self))[:2])
+            return np.asarray(self).__getitem__(key)
+
+    want = ((X[:10] - probe.mean_) / probe.scale_) @ probe.coef_.T.astype(np.float64) + probe.intercept_
+    np.testing.assert_allclose(probe.decision_function(X[:10].view(Reads)), want, rtol=1e-5, atol=1e-6)  # f32/f64
+    assert Reads.slices == [(0, 3), (3, 6), (6, 9), (9, 10)]
+
+
+def test_multinomial_final_loss_is_the_last_epochs_mean_over_all_batches():
+    """Catches: final_loss taken from the last batch only, from the epoch before the last, or recorded for a fit of
+    zero epochs. With lr=0 the weights stay zero, so every batch's loss is log(3) (uniform softmax, no penalty):
+    the epoch's row-weighted mean is log(3) whatever the batch sizes (40 rows in batches of 16, 16, 8)."""
+    rng = np.random.default_rng(6)
+    X, y = rng.normal(size=(40, 5)).astype(np.float32), np.arange(40) % 3
+    still = MultinomialProbe(epochs=2, batch_size=16, lr=0.0).fit(X, y)
+    assert still.fit_info_["final_loss"] == pytest.approx(np.log(3), rel=1e-6)
+    one, two = (MultinomialProbe(epochs=e, batch_size=16, lr=0.05).fit(X, y).fit_info_["final_loss"] for e in (1, 2))
+    assert two < one  # the second epoch's loss, not the first's again (same seed: epoch 1 is the same in both)
+    assert MultinomialProbe(epochs=0).fit(X, y).fit_info_["final_loss"] is None
