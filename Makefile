@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test lint bench clean mutation chromium
+.PHONY: venv demo test test-readme lint bench clean mutation chromium
 
 $(BIN)/lvlmlp: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check src tests bench scripts
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests  # 2 workers, see tests/conftest.py
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not readme" tests  # see tests/conftest.py
+
+# The README's commands as written, the whole demo first (tests/test_readme.py; ~2.5 min): CI runs it after `make test`.
+test-readme: venv
+	$(BIN)/python -m pytest -q -m readme tests/test_readme.py
 
 lint: venv
 	$(BIN)/ruff check src tests bench scripts

@@ -78,6 +78,7 @@ def test_ci_config_header_is_the_readme_block() -> None:
     assert header and header == ci_block.strip().splitlines()
 
 
+@pytest.mark.readme  # ~2.5 minutes: `make test-readme` (and CI) run it, `make test` leaves it out
 def test_readme_commands_run_as_written_and_its_demo_table_is_the_demos(tmp_path: Path) -> None:
     venv = Path(sys.prefix)
     if not (venv / "bin" / "activate").is_file():
