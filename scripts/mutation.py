@@ -57,6 +57,19 @@ MODULES: dict[str, dict] = {
                              # parent, deadlocks in the forked mutant process (a hang, not a kill)
                              "tests/test_extract.py::test_model_threads_leave_cores_to_the_workers_on_cpu"]},
 }
+# Appended to the scratch copy's conftest.py. mutmut runs each mutant in a process forked from its own, and tqdm's
+# write lock holds a multiprocessing lock (a semaphore every later fork inherits): a mutant killed at its timeout
+# while printing a bar left it held, and every later mutant that printed one hung until its own timeout.
+FORKED_CHILD_HOOK = """
+
+
+def pytest_configure(config):
+    import threading
+
+    import tqdm
+
+    tqdm.tqdm.set_lock(threading.RLock())  # this process's own lock (added by scripts/mutation.py)
+"""
 STATUSES = ("killed", "survived", "timeout", "suspicious", "no tests", "skipped", "segfault", "not checked")
 
 
@@ -76,6 +89,8 @@ def _prepare(name: str) -> Path:
             shutil.copytree(src, work / extra)
         elif src.exists():
             shutil.copy2(src, work / extra)
+    with open(work / "tests" / "conftest.py", "a", encoding="utf-8") as conftest:
+        conftest.write(FORKED_CHILD_HOOK)
     # mutmut reads [tool.mutmut] from pyproject.toml, else [mutmut] from setup.cfg: this copy has only the latter.
     selection = "\n    ".join(t for t in spec["tests"] if (ROOT / t).exists())
     (work / "setup.cfg").write_text(

@@ -26,11 +26,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     torch.set_num_threads(_THREADS_BEFORE)
 
 
-# `make test` runs the files on 2 workers (pytest-xdist, --dist loadfile --no-loadscope-reorder): the README test
-# alone (the whole demo, then every README command) takes ~40-60% of the suite's time, so its file is handed out
-# first and the other files fill the second worker meanwhile; started last, it would add its whole time to the wall
-# time. xdist hands each worker two files at the start and the second waits behind the first: the README's companion
-# is a file of a few seconds (test_config.py), and the next slowest go to the other worker.
+# `make test` runs the files on 2 workers (pytest-xdist, --dist loadfile --no-loadscope-reorder), without the README
+# test (`make test-readme`). The slowest files are handed out first so that the short ones fill the gaps at the end;
+# started last, a long file would add its whole time to the wall time.
 SLOWEST_FIRST = ("test_readme.py", "test_config.py", "test_ray.py", "test_demo.py", "test_extract.py")
 
 

@@ -4,6 +4,7 @@ the breakage it catches (written against the survivors of `make mutation MODULES
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -144,17 +145,17 @@ def test_finished_run_is_recognised_without_weights_and_only_with_the_same_setti
 
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory) -> dict:
-    """Runs of the tiny LLaVA on 4 rows, through weights whose end-of-sequence token is row 0's second generated
-    token (so rows stop after different numbers of tokens): all 3 tokens kept (float32, hidden and layers), only
-    the first (float16: + each row's last token), and a prefill (hidden and layers)."""
-    import json
+    """Runs of the tiny LLaVA on 4 rows, through weights whose end-of-sequence tokens are row 0's first and row 1's
+    second generated token (so rows stop after 1, 2 or 3 tokens): all 3 tokens kept (float32, hidden and layers),
+    only the first (float16: + each row's last token), and a prefill (hidden and layers)."""
     import shutil
 
     ckpt, rows = tiny
     root = tmp_path_factory.mktemp("runs")
     backend = Backend(ckpt, device="cpu")
     batch = backend.encode([Image.open(r["image"]).convert("RGB") for r in rows], [r["question"] for r in rows])
-    eos = int(backend.generate(batch, max_new_tokens=3)["sequences"][0, 1])
+    seq = backend.generate(batch, max_new_tokens=3)["sequences"].tolist()
+    eos = [seq[0][0], seq[1][1]]
     stop = root / "stop_ckpt"
     shutil.copytree(ckpt, stop)
     gen = json.loads((stop / "generation_config.json").read_text())
@@ -162,6 +163,7 @@ def runs(tiny, tmp_path_factory) -> dict:
     stopping = Backend(stop, device="cpu")
     common = dict(batch_size=2, workers=0, progress=False)
     return {
+        "expected_n": [next((t + 1 for t, tok in enumerate(row) if tok in eos), 3) for row in seq],
         "all": extract(stopping, rows, root / "all", max_new_tokens=3, store_dtype="float32", hidden=True,
                        layers=(0, -1), **common),
         "first": extract(stopping, rows, root / "first", max_new_tokens=3, logits_tokens=1, store_dtype="float16",
@@ -177,14 +179,14 @@ def test_last_token_logits_dtypes_and_generation_hidden_states(runs):
     layers dropped or asked wrongly on the generation path (they are the prefill's: the first generated position)."""
     full, first, prefill = runs["all"], runs["first"], runs["prefill"]
     n = full.n_tokens
-    assert sorted(set(n.tolist()))[0] <= 2 and n.max() == 3  # rows stop after different numbers of tokens
+    assert n.tolist() == runs["expected_n"] and {1, 2, 3} <= set(n.tolist())  # rows stop after 1, 2 or 3 tokens
     assert first.has_last_logits and not full.has_last_logits and not prefill.has_last_logits
     want = np.stack([full.logits(int(k) - 1)[i] for i, k in enumerate(n)])
     np.testing.assert_allclose(first.last_logits().astype(np.float32), want, rtol=1e-2, atol=1e-2)  # float16
     np.testing.assert_allclose(first.logits(0).astype(np.float32), full.logits(0), rtol=1e-2, atol=1e-2)
     assert (first.logits(0).dtype, full.logits(0).dtype, first.last_logits().dtype) == (
         np.float16, np.float32, np.float16)
-    for run in runs.values():
+    for run in (full, first, prefill):
         assert run.n_tokens.dtype == np.int32 and run.row_index.dtype == np.int64
         assert run.row_index.tolist() == [0, 1, 2, 3]
     assert prefill.n_tokens.tolist() == [1, 1, 1, 1]
@@ -216,7 +218,8 @@ def test_extract_logs_its_plan_shows_its_bar_and_names_skipped_rows(tiny, tmp_pa
 def test_extract_defaults_manifest_and_messages(tiny, tmp_path):
     """Catches: other defaults (hidden, shard size, the rows' name in messages), an option not reaching the run's
     manifest (batch size, kept tokens, hidden, store dtype, shard, selection), a shard's rows renumbered from 0,
-    the label rule checked or applied without the model's answer, and on_error not reaching the row checks."""
+    the label rule checked or applied without the model's answer, and on_error not reaching the row checks (which
+refuse a missing image before any folder is written)."""
     ckpt, rows = tiny
     backend = Backend(ckpt, device="cpu")
     run = extract(backend, rows[:2], tmp_path / "d", workers=0, progress=False)
@@ -227,6 +230,7 @@ def test_extract_defaults_manifest_and_messages(tiny, tmp_path):
         extract(backend, rows, tmp_path / "f", label_fn=lambda response, row: 1, source="src", progress=False)
     with pytest.raises(LvlmlpError, match=r"^src: row 'r1': image not found"):
         extract(backend, [rows[0], dict(rows[1], image="nope.png")], tmp_path / "g", source="src", progress=False)
+    assert not (tmp_path / "g").exists()  # refused by the row check, before any folder is written
     skipped = extract(backend, [rows[0], dict(rows[1], image="nope.png")], tmp_path / "h", on_error="skip",
                       progress=False, workers=0)
     assert skipped.ids == ["r0"] and [f["id"] for f in skipped.failures] == ["r1"]
@@ -255,3 +259,22 @@ def test_rows_too_long_for_prompt_plus_new_tokens_are_refused(tiny, tmp_path, mo
     assert run.ids == [] and run.failures[0]["error"] == (
         f"row 'r0': the prompt is {length} tokens long + 2 to generate, more than the model's maximum of "
         f"{length + 1} (shorten the question)")
+
+
+def test_a_row_lost_between_the_model_and_the_store_fails_the_run(tiny, tmp_path, monkeypatch):
+    """Catches: the run closed without checking that every input row was committed exactly once (a row lost by a
+    bug between the model and the store would otherwise leave a complete-looking run one row short)."""
+    import lvlmlp.extraction.extract as extract_module
+
+    ckpt, rows = tiny
+    run_batch = extract_module._run_batch
+
+    def drop_last(*args, **kwargs):
+        meta, arrays = run_batch(*args, **kwargs)
+        return meta[:-1], {name: a[:-1] for name, a in arrays.items()}
+
+    monkeypatch.setattr(extract_module, "_run_batch", drop_last)
+    with pytest.raises(LvlmlpError, match=r"missing"):
+        extract(Backend(ckpt, device="cpu"), rows[:2], tmp_path / "lost", workers=0, progress=False)
+    manifest = tmp_path / "lost" / "manifest.json"
+    assert not manifest.is_file() or not json.loads(manifest.read_text()).get("complete")

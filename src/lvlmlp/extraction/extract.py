@@ -58,7 +58,6 @@ def finished_run(backend: Backend, rows: list[dict], out: str | Path, **settings
 
     `backend` may be a `Backend(..., load_model=False)`: a finished run is then recognised without loading the
     weights (the vocabulary size, known only from the loaded model, is not compared; the weights hash is)."""
-    rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
     if not is_complete_run(out, run_settings(backend_settings(backend), rows, **settings), ignore=("vocab_size",)):
         return None
     return open_run(out)
@@ -94,8 +93,8 @@ def backend_settings(backend: Backend) -> dict:
 def run_settings(model: dict, rows: list[dict], *, batch_size: int, max_new_tokens: int, logits_tokens: int | None,
                  hidden: bool, layers: Sequence[int], store_dtype: str, shard: tuple[int, int] | None,
                  labels_from_responses: bool, selection: dict | None = None) -> dict:
-    """A run's manifest settings: `model` (see `backend_settings`) and the extraction options; rows carry
-    `_row_index`."""
+    """A run's manifest settings: `model` (see `backend_settings`) and the extraction options. The rows' hash
+    leaves out `_row_index` (their position), so a finished run is recognised from rows numbered or not."""
     n_keep = max(1, min(max_new_tokens, logits_tokens or max_new_tokens))  # stored tokens; 1 for prefill
     return {
         **model,
