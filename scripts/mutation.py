@@ -32,7 +32,8 @@ RESULTS = ROOT / "docs" / "mutation-results.json"
 # module -> the test files that exercise it (the relevant tests only: the slow end-to-end files stay out).
 MODULES: dict[str, dict] = {
     "features": {"path": "src/lvlmlp/probing/features.py", "tests": ["tests/test_probes.py", "tests/test_guards_core.py"]},
-    "probes": {"path": "src/lvlmlp/probing/probes.py", "tests": ["tests/test_probes.py", "tests/test_guards_core.py"]},
+    "probes": {"path": "src/lvlmlp/probing/probes.py",
+               "tests": ["tests/test_probes.py", "tests/test_guards_core.py", "tests/test_faults.py"]},
     "metrics": {"path": "src/lvlmlp/probing/metrics.py", "tests": ["tests/test_metrics.py", "tests/test_guards_metrics.py"]},
     # store: the tests that run the tiny LLaVA (extraction through the store) are left out: with them a mutant of
     # RunWriter cost ~30 s here and the module ~7 hours; store.py alone is covered by the model-free ones.
@@ -83,7 +84,7 @@ def _prepare(name: str) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (work / "tests").mkdir()
-    for extra in ["tests/conftest.py", "tests/fixtures", *spec["tests"]]:
+    for extra in ["tests/conftest.py", "tests/fixtures", "configs", *spec["tests"]]:
         src = ROOT / extra
         if src.is_dir():
             shutil.copytree(src, work / extra)
@@ -96,6 +97,7 @@ def _prepare(name: str) -> Path:
     (work / "setup.cfg").write_text(
         "[mutmut]\n"
         "source_paths = src\n"
+        "also_copy =\n    configs\n"  # test_faults.py runs a shipped config
         f"only_mutate = {spec['path']}\n"
         f"pytest_add_cli_args_test_selection =\n    {selection}\n"
         "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n"

@@ -446,3 +446,84 @@ def test_multinomial_final_loss_is_the_last_epochs_mean_over_all_batches():
     one, two = (MultinomialProbe(epochs=e, batch_size=16, lr=0.05).fit(X, y).fit_info_["final_loss"] for e in (1, 2))
     assert two < one  # the second epoch's loss, not the first's again (same seed: epoch 1 is the same in both)
     assert MultinomialProbe(epochs=0).fit(X, y).fit_info_["final_loss"] is None
+
+
+def test_every_damaged_probe_file_gets_its_own_message(tmp_path: Path):
+    """Catches: a load check dropped, inverted or off by one (a 1-feature probe refused, bool classes accepted), or a
+    message that names the wrong key, array, shape or expected value (a feature_spec that is not an object was a
+    traceback: AttributeError). Each case damages one thing of a saved
+    standardised multinomial probe (weights and statistics) and expects the exact message."""
+    from safetensors.numpy import load_file, save_file
+
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(30, 4)).astype(np.float32), np.arange(30) % 3
+    folder = MultinomialProbe(epochs=1, standardize=True).fit(X, y).save(tmp_path / "p")
+    json_path, weights_path = folder / "probe.json", folder / "probe.safetensors"
+    doc, arrays = json.loads(json_path.read_text()), load_file(str(weights_path))
+
+    def expect(message: str, new_doc: object = None, new_arrays: dict | None = None, raw: bytes | None = None):
+        json_path.write_bytes(raw if raw is not None else json.dumps(doc if new_doc is None else new_doc).encode())
+        save_file(arrays if new_arrays is None else new_arrays, str(weights_path))
+        with pytest.raises(LvlmlpError) as err:
+            load_probe(folder)
+        assert str(err.value) == message.format(j=json_path, w=weights_path)
+
+    params = ", ".join(sorted(MultinomialProbe().get_params()))
+    expect("{j}: not UTF-8 text", raw=b'{"format": "\xff"}')
+    expect("{j}: not an lvlmlp probe (format None)", new_doc=[1, 2])
+    expect("{j}: unknown probe class None", new_doc={k: v for k, v in doc.items() if k != "class"})
+    expect(f"{{j}}: params.alpha is not a parameter of MultinomialProbe (parameters: {params})",
+           new_doc={**doc, "params": {**doc["params"], "alpha": 1}})
+    expect("{j}: 'classes' must be a list of integer labels, got [True, False, True]",
+           new_doc={**doc, "classes": [True, False, True]})
+    expect("{j}: 'classes' must be a list of integer labels, got 3", new_doc={**doc, "classes": 3})
+    expect("{j}: 'n_features_in' must be a positive integer, got 0", new_doc={**doc, "n_features_in": 0})
+    expect("{j}: 'classes' must be 2 or more distinct labels in increasing order, got [2, 1, 0]",
+           new_doc={**doc, "classes": [2, 1, 0]})
+    expect("{w}: missing coef weights", new_arrays={k: v for k, v in arrays.items() if k != "coef"})
+    expect("{w}: missing intercept weights", new_arrays={k: v for k, v in arrays.items() if k != "intercept"})
+    expect("{w}: intercept has shape (2,), expected (3,)", new_arrays={**arrays, "intercept": arrays["intercept"][:2]})
+    expect("{w}: mean has shape (3,), expected (4,)", new_arrays={**arrays, "mean": arrays["mean"][:3]})
+    expect("{w}: scale has shape (5,), expected (4,)", new_arrays={**arrays, "scale": np.ones(5, np.float32)})
+    bad_scale = arrays["scale"].copy()
+    bad_scale[0] = np.nan
+    expect("{w}: the probe's scale weights hold NaN or infinite values (a damaged probe; train it again)",
+           new_arrays={**arrays, "scale": bad_scale})
+    expect("{j}: 'feature_spec' must be an object or null, got 'logits'", new_doc={**doc, "feature_spec": "logits"})
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "probe.json").write_text(json.dumps(doc))
+    (tmp_path / "bad" / "probe.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(LvlmlpError, match=r"probe.safetensors: unreadable \(.+\); train the probe again$"):
+        load_probe(tmp_path / "bad")
+    # A probe on one feature is valid (n_features_in == 1).
+    one = LogisticProbe().fit(X[:, :1], np.arange(30) % 2).save(tmp_path / "one")
+    assert load_probe(one).n_features_in_ == 1
+
+
+def test_lda_device_names_fit_info_and_more_rows_than_features():
+    """Catches: --device auto/cpu/cuda resolved wrongly (or CUDA accepted where there is none), the solver not
+    recorded, and the path for more rows than features (eigen-decomposition of the d x d matrix) or the binary
+    difference of class rows differing from scikit-learn's LinearDiscriminantAnalysis()."""
+    import torch
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    from lvlmlp.probing.probes import LDAProbe, _torch_device
+
+    assert _torch_device("cpu") == torch.device("cpu")
+    assert _torch_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        for name in ("cuda", "cuda:1"):
+            with pytest.raises(LvlmlpError) as err:
+                _torch_device(name)
+            assert str(err.value) == f"--device {name}: CUDA is not available on this machine"
+    rng = np.random.default_rng(2)
+    for k in (2, 3):
+        y = np.arange(90) % k
+        X = (rng.normal(size=(90, 6)) + y[:, None] * 0.8).astype(np.float32)
+        ours, ref = LDAProbe(device="auto").fit(X, y), LinearDiscriminantAnalysis().fit(X, y)
+        assert ours.fit_info_ == {"n_rows": 90, "solver": "svd"}
+        assert ours.coef_.dtype == np.float64 and ours.intercept_.dtype == np.float64
+        np.testing.assert_allclose(ours.coef_, ref.coef_, rtol=1e-4, atol=1e-5)  # float64 here, float32 there
+        np.testing.assert_allclose(ours.intercept_, ref.intercept_, rtol=1e-4, atol=1e-5)
+        assert (ours.predict(X) == ref.predict(X)).all()
+    assert LDAProbe(shrinkage="auto").fit(X, y).fit_info_ == {"n_rows": 90, "solver": "lsqr"}

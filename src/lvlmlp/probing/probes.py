@@ -232,10 +232,10 @@ def load_probe(directory: str | Path) -> Probe:
     probe.classes_ = np.asarray(classes)
     probe.n_features_in_ = n_in
     _check_loaded(probe, json_path, weights_path)
-    try:
-        probe.spec_ = FeatureSpec.from_dict(doc["feature_spec"]) if doc.get("feature_spec") else None
-    except (TypeError, ValueError, KeyError) as err:
-        raise LvlmlpError(f"{json_path}: invalid 'feature_spec' ({err})") from None
+    spec = doc.get("feature_spec")
+    if spec is not None and not isinstance(spec, dict):
+        raise LvlmlpError(f"{json_path}: 'feature_spec' must be an object or null, got {spec!r}")
+    probe.spec_ = FeatureSpec.from_dict(spec) if spec else None  # unknown keys are ignored, missing ones defaulted
     probe.label_names_ = doc.get("label_names")
     probe.fit_info_ = doc.get("fit_info", {})
     return probe
