@@ -79,7 +79,7 @@ def _prepare(name: str) -> Path:
     work = WORK / name
     if work.exists():
         # Keep mutmut's cache (mutants/) so an interrupted run resumes; refresh the sources and tests.
-        for sub in ("src", "tests"):
+        for sub in ("src", "tests", "configs"):
             shutil.rmtree(work / sub, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
