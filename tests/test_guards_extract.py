@@ -1,6 +1,7 @@
-"""Guards of the extractor's small parts, in-process: --shard parsing and row blocks, recognising a finished run
-without loading the weights, the option checks and what a run's manifest records of the model. Each test names
-the breakage it catches (written against the survivors of `make mutation MODULES=extract`)."""
+"""Guards of the extractor, in-process on a tiny LLaVA: --shard parsing and row blocks, the option checks, what a
+run's manifest records, recognising a finished run without its weights, last-token logits and store dtypes, the
+start line and progress bar, defaults, the context check and a row lost before the store. Each test names the
+breakage it catches (written against the survivors of `make mutation MODULES=extract`)."""
 
 from __future__ import annotations
 
