@@ -162,7 +162,7 @@ def runs(tiny, tmp_path_factory) -> dict:
     gen = json.loads((stop / "generation_config.json").read_text())
     (stop / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": eos}))
     stopping = Backend(stop, device="cpu")
-    common = dict(batch_size=2, workers=0, progress=False)
+    common = dict(batch_size=4, workers=0, progress=False)  # the reference generate's batch (same shapes)
     return {
         "expected_n": [next((t + 1 for t, tok in enumerate(row) if tok in eos), 3) for row in seq],
         "all": extract(stopping, rows, root / "all", max_new_tokens=3, store_dtype="float32", hidden=True,

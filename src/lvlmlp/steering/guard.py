@@ -229,9 +229,10 @@ def guided_decoding(backend: Any, probe: Any, rows: list[dict], before: Mapping[
     for s in tqdm(range(0, len(rows), batch_size), desc="guided decoding", disable=not progress):
         chunk = rows[s : s + batch_size]
         batch = backend.encode([load_image(r["image"], r["id"]) for r in chunk], [r["question"] for r in chunk])
-        seq = guarded_generate(backend.model, batch, guard, max_new_tokens=max_new_tokens, do_sample=False)
-        texts = backend.tokenizer.batch_decode(seq[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        after.update({r["id"]: t.strip() for r, t in zip(chunk, texts)})
+        with guard.watching(backend.model):  # as `lvlmlp generate`: the backend decodes each answer up to its EOS
+            texts = backend.generate(batch, max_new_tokens=max_new_tokens,
+                                     logits_processor=LogitsProcessorList([guard]))["responses"]
+        after.update({r["id"]: t for r, t in zip(chunk, texts)})
         scored.update({r["id"]: (float(p), bool(f)) for r, p, f in zip(chunk, guard.scores_, guard.flagged_)})
     records = [{"id": r["id"], "label": labels[r["id"]], "probe_score": scored[r["id"]][0],
                 "flagged": scored[r["id"]][1], "response_before": before[r["id"]] or "",
