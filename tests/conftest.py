@@ -28,9 +28,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 # `make test` runs the files on 2 workers (pytest-xdist, --dist loadfile --no-loadscope-reorder), without the README
 # test (`make test-readme`). The slowest files are handed out first so that the short ones fill the gaps at the end;
-# started last, a long file would add its whole time to the wall time. xdist hands each worker two consecutive files
-# at the start (the second waits behind the first): test_ray.py (about a third of the suite's time) is paired with a
-# short file (test_config.py), and the next slowest two go to the other worker.
+# started last, a long file would add its whole time to the wall time. Seen in a timed run (-v, 2026-12-02):
+# test_ray.py (about a third of the suite's time) ran alone on one worker while test_config.py, test_demo.py,
+# test_extract.py and test_cli.py ran on the other, and the short files then filled both to the end.
 SLOWEST_FIRST = ("test_ray.py", "test_config.py", "test_demo.py", "test_extract.py", "test_cli.py",
                  "test_experiment.py", "test_demo_model.py", "test_serve.py")
 
