@@ -551,3 +551,60 @@ def test_lda_row_blocks_give_the_same_coefficients(monkeypatch: pytest.MonkeyPat
     ours, ref = probes.LDAProbe().fit(X, y), LinearDiscriminantAnalysis().fit(X, y)
     np.testing.assert_allclose(ours.coef_, ref.coef_, rtol=1e-3, atol=1e-4)  # float64 here, float32 there
     np.testing.assert_allclose(ours.intercept_, ref.intercept_, rtol=1e-3, atol=1e-4)
+
+
+def test_lda_rank_thresholds_and_constant_features_match_sklearn():
+    """Catches, in the LDA solver's numerical guards (each reached only by data built for it, then compared with
+    scikit-learn's LinearDiscriminantAnalysis at the same tol):
+    - the within-class std taken with another correction (n - 1): the scaled singular values shrink by
+      sqrt((n - 1) / n), so one just above tol falls under it (tol is set 1% under that singular value);
+    - a constant feature's zero std not replaced (0 / 0), and every singular value kept where rows outnumber
+      features (a near-duplicate feature's tiny one, at tol 1% above it: its 1 / S^2 is then huge);
+    - the between-class eigenvalues clamped at 1 instead of 0 (a second discriminant direction weaker than 1), and
+      the relative rank threshold tol * S2[0] replaced by tol / S2[0] or tol * S2[1] (tol set between S2[1] / S2[0]
+      and 1: scikit-learn keeps one direction there)."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    from lvlmlp.probing.probes import LDAProbe
+
+    rng = np.random.default_rng(5)
+    n = 40
+    y = np.arange(n) % 2
+    X = rng.normal(size=(n, 4)) + y[:, None]
+    X[:, 0] = 0.5  # constant: zero within-class std
+    X[:, 3] = X[:, 2] + 1e-3 * rng.normal(size=n)  # near-duplicate of feature 2: one small singular value
+    means = np.stack([X[y == c].mean(0) for c in (0, 1)])
+    std = (X - means[y]).std(0)
+    std[std == 0] = 1.0
+    s = np.linalg.svd((X - means[y]) / std / np.sqrt(n), compute_uv=False)  # scikit-learn's scaled within-class
+    assert s[-1] == 0 and 1e-4 < s[-2] < 1e-2 < s[-3]
+    for tol in (0.99 * s[-2], 1.01 * s[-2]):
+        ours, ref = LDAProbe(tol=tol).fit(X, y), LinearDiscriminantAnalysis(tol=tol).fit(X, y)
+        np.testing.assert_allclose(ours.coef_, ref.coef_, rtol=1e-3, atol=1e-6)  # 1/S^2 ~ 1e6 amplifies rounding
+        np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), rtol=0, atol=1e-3)
+    assert np.abs(LinearDiscriminantAnalysis(tol=0.99 * s[-2]).fit(X, y).coef_).max() > 100  # kept: huge weights
+
+    m = 100  # three classes sharing one centred noise pattern: exact class means, a weak second direction
+    noise = rng.normal(size=(m, 2))
+    y = np.repeat(np.arange(3), m)
+    X = np.array([[0.0, 0.0], [3.0, 0.08], [6.0, 0.0]])[y] + np.tile(noise - noise.mean(0), (3, 1))
+    ratio = np.sqrt(np.divide(*LinearDiscriminantAnalysis().fit(X, y).explained_variance_ratio_[::-1]))
+    assert ratio < 0.05
+    for tol, rank in ((1e-4, 2), (2 * ratio, 1)):
+        ours, ref = LDAProbe(tol=tol).fit(X, y), LinearDiscriminantAnalysis(tol=tol).fit(X, y)
+        assert ref.scalings_.shape[1] == rank
+        np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(ours.coef_, ref.coef_, rtol=1e-6, atol=1e-9)
+
+
+def test_standardisation_statistics_accumulate_in_float64():
+    """Catches: the column means and stds of `standardize=True` accumulated in float32 (numpy sums the rows of a
+    float32 block in float32: at a mean of 1000 over 2,048 rows its error reaches several units in the last place);
+    accumulated in float64 they are the exact statistics rounded once to float32 (within one unit)."""
+    rng = np.random.default_rng(0)
+    X = (1000 + rng.normal(size=(3000, 8)) * 0.5).astype(np.float32)  # two chunks of _SCORE_CHUNK rows
+    y = np.arange(3000) % 2
+    probe = LogisticProbe(standardize=True, max_iter=5).fit(X, y)
+    exact = X.astype(np.float64)
+    assert np.abs(probe.mean_ - exact.mean(0)).max() <= np.spacing(np.float32(1000))
+    np.testing.assert_allclose(probe.scale_, exact.std(0), rtol=1e-6, atol=0)
