@@ -45,15 +45,14 @@ MODULES: dict[str, dict] = {
     "steering": {"path": "src/lvlmlp/steering/guard.py",
                  "tests": ["tests/test_steering.py", "tests/test_guards_steering.py",
                            "tests/test_guards_steering_edges.py"]},
-    # extract: the tests that run extraction in a subprocess (kill, Ctrl-C, hub cache) are left out: mutmut maps a
-    # mutant to the tests that call it in-process only, so they would only slow down its first pass. (mutmut 3.8.1
+    # extract: the test that runs extraction in a subprocess (kill, Ctrl-C) is left out: mutmut maps a
+    # mutant to the tests that call it in-process only, so it would only slow down its first pass. (mutmut 3.8.1
     # once crashed here reaping a process it had not started: extract left its finished loader workers unreaped,
     # which loader.py now joins.)
     "extract": {"path": "src/lvlmlp/extraction/extract.py",
                 "tests": ["tests/test_extract.py", "tests/test_guards_store.py", "tests/test_guards_extract.py"],
-                "deselect": ["tests/test_extract.py::test_sigkill_then_resume_equals_uninterrupted_run_also_for_shards",
-                             "tests/test_extract.py::test_ctrl_c_stops_workers_says_one_line_and_resumes",
-                             "tests/test_extract.py::test_hub_id_from_the_local_cache_records_its_revision",
+                "deselect": ["tests/test_extract.py::"
+                             "test_sigkill_and_ctrl_c_then_resume_equal_the_uninterrupted_run_also_for_shards",
                              # it runs the model on 2 torch threads: OpenMP's pool, already started in mutmut's
                              # parent, deadlocks in the forked mutant process (a hang, not a kill)
                              "tests/test_extract.py::test_model_threads_leave_cores_to_the_workers_on_cpu"]},

@@ -57,40 +57,21 @@ def assert_same_run(ray_dir: Path, single_dir: Path) -> None:
     assert "engine" not in single.manifest
 
 
-def test_llava_on_ray_equals_single_process_even_with_a_replica_killed(tiny_ckpt, tmp_path, ray_address,
-                                                                       monkeypatch):
-    manifest = make_manifest(tmp_path, 8)
+def test_driver_killed_then_rerun_with_a_replica_killed_equals_single_process(tiny_ckpt, tmp_path, ray_address,
+                                                                              monkeypatch, caplog):
+    """The two faults of a Ray run, one after the other (one test: each Ray extraction starts model replicas, ~10 s
+    here): the driver SIGKILLed once its first shard is committed, then the same command re-run, during which a
+    replica dies (os._exit) and Ray restarts it and runs its batch again. The run folder equals the single-process
+    run's: every row once, in manifest order, the committed rows not redone."""
+    manifest = make_manifest(tmp_path, 16)
     args = _extract_args(tiny_ckpt("llava"), manifest, "--batch-size", "2", "--shard-size", "2",
                          "--max-new-tokens", "2", "--hidden", "--layers", "0,-1")
-    assert main([*args, "--out", str(tmp_path / "single"), "--workers", "0"]) == 0
-    marker = tmp_path / "exited"
-    monkeypatch.setenv(FAIL_ONCE_ENV, f"1:{marker}")  # the replica running batch 1 exits (os._exit), once
-    assert main([*args, "--out", str(tmp_path / "ray"), "--ray"]) == 0
-    assert marker.exists()  # a replica did die mid-run; Ray restarted it and ran its batch again
-    run = open_run(tmp_path / "ray")
-    assert run.ids == [f"r{i}" for i in range(8)]  # every row once, in manifest order
-    assert run.manifest["replicas"] == 2  # one per CPU of the 2-CPU instance
-    assert_same_run(tmp_path / "ray", tmp_path / "single")
-
-
-def test_qwen2_vl_on_ray_equals_single_process(tiny_ckpt, tmp_path, ray_address):
-    manifest = make_manifest(tmp_path, 5)
-    args = _extract_args(tiny_ckpt("qwen2_vl"), manifest, "--batch-size", "2", "--hidden")
-    assert main([*args, "--out", str(tmp_path / "single"), "--workers", "0"]) == 0
-    assert main([*args, "--out", str(tmp_path / "ray"), "--ray", "--ray-replicas", "1"]) == 0
-    assert_same_run(tmp_path / "ray", tmp_path / "single")
-    assert open_run(tmp_path / "ray").manifest["replicas"] == 1
-
-
-def test_driver_killed_mid_run_then_rerun_completes(tiny_ckpt, tmp_path, ray_address):
-    manifest = make_manifest(tmp_path, 16)
-    args = _extract_args(tiny_ckpt("llava"), manifest, "--batch-size", "2", "--shard-size", "2")
-    on_ray = ["--ray-replicas", "1", "--ray"]  # one replica: fewer processes competing for the 2 CPUs
     out = tmp_path / "ray"
-    # A separate driver joins this module's Ray instance; it is SIGKILLed once its first shard is committed.
+    on_ray = ["--ray-replicas", "1", "--ray"]  # one replica: fewer processes competing for the 2 CPUs
+    # A separate driver joins this module's Ray instance.
     proc = subprocess.Popen([sys.executable, "-m", "lvlmlp.cli", *args, "--out", str(out), *on_ray, ray_address],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 150
     while proc.poll() is None and time.time() < deadline and not list((out / "shards").glob("*.safetensors")):
         time.sleep(0.05)
@@ -99,12 +80,30 @@ def test_driver_killed_mid_run_then_rerun_completes(tiny_ckpt, tmp_path, ray_add
     proc.wait()
     proc.stderr.close()
     assert not json.loads((out / "manifest.json").read_text())["complete"]
-    committed = len(list((out / "shards").glob("*.safetensors")))
+    committed = len(list((out / "shards").glob("*.safetensors")))  # 2 rows each
     assert 1 <= committed < 8
-    assert main([*args, "--out", str(out), *on_ray]) == 0  # resumes: the committed rows are skipped
+    marker = tmp_path / "exited"
+    monkeypatch.setenv(FAIL_ONCE_ENV, f"0:{marker}")  # the replica running the re-run's first batch exits, once
+    with caplog.at_level(logging.INFO, logger="lvlmlp"):
+        assert main([*args, "--out", str(out), *on_ray]) == 0
+    assert f"on Ray: 16 rows, {16 - 2 * committed} to do," in caplog.text  # the committed rows are not redone
+    assert marker.exists()  # a replica did die mid-run; Ray restarted it and ran its batch again
+    run = open_run(out)
+    assert run.ids == [f"r{i}" for i in range(16)]  # every row once, in manifest order
     assert main([*args, "--out", str(tmp_path / "single"), "--workers", "0"]) == 0
     assert_same_run(out, tmp_path / "single")
-    assert open_run(out).ids == [f"r{i}" for i in range(16)]
+
+
+def test_replicas_default_to_one_per_cpu_or_gpu_capped_at_the_batches(ray_address):
+    """The plan of a run on this module's 2-CPU instance, without starting replicas: (replicas, CPUs, GPUs each)."""
+    from lvlmlp.extraction.ray_extract import _plan
+
+    assert _plan(ray, RayOptions(), "cpu", 8) == (2, 1.0, 0.0)  # one per CPU
+    assert _plan(ray, RayOptions(), "auto", 1) == (1, 1.0, 0.0)  # no more replicas than batches
+    assert _plan(ray, RayOptions(cpus_per_replica=2), "cpu", 8) == (1, 2.0, 0.0)
+    assert _plan(ray, RayOptions(replicas=3), "cpu", 2) == (2, 1.0, 0.0)  # as asked, at most one per batch
+    with pytest.raises(Exception, match=r"--device cuda: the Ray cluster has no GPU \(resources: "):
+        _plan(ray, RayOptions(), "cuda", 8)
 
 
 def test_options_and_errors(tmp_path, monkeypatch, capsys):
@@ -140,20 +139,22 @@ def test_run_config_ray_section_reaches_the_ray_extractor(tmp_path, capsys):
 
 
 def test_lvlmlp_run_on_ray_equals_the_run_in_process(tiny_ckpt, tmp_path, ray_address):
-    """A whole `lvlmlp run` with `ray:` in its config: every extraction step runs on Ray, its run folders equal those
-    of the same config run in this process, and the report's metrics are the same."""
+    """A whole `lvlmlp run` with `ray:` in its config, on tiny Qwen2-VL (LLaVA is the other test's): its extraction
+    step runs on Ray, its run folder equals that of the same config run in this process, and the report's metrics
+    are the same (one cross-validated split: one extraction, each of which starts a model replica)."""
     from lvlmlp.testing import tiny_manifest
     from test_experiment import CONFIG
 
-    manifest = tiny_manifest(tmp_path / "data", n_train=8, n_test=8)
-    base = ["run", str(CONFIG), "--model", str(tiny_ckpt("llava")), "--no-progress", "--set", f"data_root={manifest}",
-            "--set", "prompt=oe", "--set", "n_boot=0", "--set", "extract.max_new_tokens=2"]
+    manifest = tiny_manifest(tmp_path / "data", n_train=0, n_test=8)
+    base = ["run", str(CONFIG), "--model", str(tiny_ckpt("qwen2_vl")), "--no-progress", "--set",
+            f"data_root={manifest}", "--set", "prompt=oe", "--set", "n_boot=0", "--set", "extract.max_new_tokens=2",
+            "--set", "splits={cv: 2, split: test}"]
     assert main([*base, "--out", str(tmp_path / "ray"), "--set", f"ray={{address: '{ray_address}', replicas: 1}}"]) == 0
     assert main([*base, "--out", str(tmp_path / "here")]) == 0
     runs = sorted(p.name for p in (tmp_path / "here" / "runs").iterdir())
-    assert runs and sorted(p.name for p in (tmp_path / "ray" / "runs").iterdir()) == runs
-    for name in runs:
-        assert_same_run(tmp_path / "ray" / "runs" / name, tmp_path / "here" / "runs" / name)
+    assert len(runs) == 1 and sorted(p.name for p in (tmp_path / "ray" / "runs").iterdir()) == runs
+    assert_same_run(tmp_path / "ray" / "runs" / runs[0], tmp_path / "here" / "runs" / runs[0])
+    assert open_run(tmp_path / "ray" / "runs" / runs[0]).manifest["replicas"] == 1
     metrics = [json.loads((tmp_path / out / "report" / "metrics.json").read_text()) for out in ("ray", "here")]
     assert metrics[1]["evaluations"] and metrics[0]["evaluations"].keys() == metrics[1]["evaluations"].keys()
     for name, ev in metrics[1]["evaluations"].items():

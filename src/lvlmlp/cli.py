@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from lvlmlp import __version__
-from lvlmlp.commands import COMMANDS
+from lvlmlp.commands import COMMANDS, _args
 from lvlmlp.errors import LvlmlpError
 
 
@@ -31,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="lvlmlp: %(message)s", stream=sys.stderr
     )
     try:
-        return int(args.func(args) or 0)
+        with _args.progress_bars_restored():  # --no-progress silences transformers' bars for this command only
+            return int(args.func(args) or 0)
     except LvlmlpError as err:
         # One line on stderr, naming the file, row id or option at fault.
         print(f"lvlmlp: error: {err}", file=sys.stderr)

@@ -5,6 +5,8 @@ Light at import: the library is imported inside the functions that read parsed a
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lvlmlp.errors import LvlmlpError
@@ -161,8 +163,29 @@ def rows_from_args(args: argparse.Namespace, command: str, seed_used: bool = Fal
     return rows, template, f"task {args.task}"
 
 
+# transformers' bar setting before each --no-progress silenced it: `lvlmlp.cli.main` gives it back when the command
+# returns, so that a Python caller (a notebook, a test) keeps its own setting after `main([..., "--no-progress"])`.
+_BARS_BEFORE: list[bool] = []
+
+
 def silence_progress_bars() -> None:
-    """--no-progress: also hide transformers' own bars (weights loading)."""
+    """--no-progress: also hide transformers' own bars (weights loading), until the command returns."""
     from transformers.utils import logging as hf_logging
 
+    _BARS_BEFORE.append(hf_logging.is_progress_bar_enabled())
     hf_logging.disable_progress_bar()
+
+
+@contextmanager
+def progress_bars_restored() -> Iterator[None]:
+    """Around a command: transformers' bar setting afterwards is the one it had before (however the command ends)."""
+    depth = len(_BARS_BEFORE)
+    try:
+        yield
+    finally:
+        if len(_BARS_BEFORE) > depth:
+            from transformers.utils import logging as hf_logging
+
+            enabled = _BARS_BEFORE[depth]
+            del _BARS_BEFORE[depth:]
+            (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
