@@ -137,18 +137,19 @@ def test_no_progress_silences_every_bar_for_that_command_only(tiny_ckpt, tmp_pat
 
     argv = ["extract", "--model", str(tiny_ckpt("llava")), "--data", str(_manifest(tmp_path)), "--max-new-tokens",
             "2", "--workers", "1"]
-    assert hf_logging.is_progress_bar_enabled()
-    capfd.readouterr()
-    assert main([*argv, "--out", str(tmp_path / "bars")]) == 0
-    shown = capfd.readouterr().err
-    assert "Loading weights" in shown and "%|" in shown  # bars by default
-    assert main([*argv, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
-    quiet = capfd.readouterr().err
-    assert "%|" not in quiet and "\r" not in quiet, quiet
-    assert hf_logging.is_progress_bar_enabled()  # given back
-    hf_logging.disable_progress_bar()  # a caller's own choice is kept too
+    before = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # whatever the environment says (HF_HUB_DISABLE_PROGRESS_BARS)
     try:
+        capfd.readouterr()
+        assert main([*argv, "--out", str(tmp_path / "bars")]) == 0
+        shown = capfd.readouterr().err
+        assert "Loading weights" in shown and "%|" in shown  # bars by default
+        assert main([*argv, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+        quiet = capfd.readouterr().err
+        assert "%|" not in quiet and "\r" not in quiet, quiet
+        assert hf_logging.is_progress_bar_enabled()  # given back
+        hf_logging.disable_progress_bar()  # a caller's own choice is kept too
         assert main([*argv, "--out", str(tmp_path / "again"), "--no-progress"]) == 0
         assert not hf_logging.is_progress_bar_enabled()
     finally:
-        hf_logging.enable_progress_bar()
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()

@@ -70,8 +70,8 @@ def test_driver_killed_then_rerun_with_a_replica_killed_equals_single_process(ti
     on_ray = ["--ray-replicas", "1", "--ray"]  # one replica: fewer processes competing for the 2 CPUs
     # A separate driver joins this module's Ray instance.
     proc = subprocess.Popen([sys.executable, "-m", "lvlmlp.cli", *args, "--out", str(out), *on_ray, ray_address],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     deadline = time.time() + 150
     while proc.poll() is None and time.time() < deadline and not list((out / "shards").glob("*.safetensors")):
         time.sleep(0.05)
@@ -141,7 +141,7 @@ def test_run_config_ray_section_reaches_the_ray_extractor(tmp_path, capsys):
 def test_lvlmlp_run_on_ray_equals_the_run_in_process(tiny_ckpt, tmp_path, ray_address):
     """A whole `lvlmlp run` with `ray:` in its config, on tiny Qwen2-VL (LLaVA is the other test's): its extraction
     step runs on Ray, its run folder equals that of the same config run in this process, and the report's metrics
-    are the same (one cross-validated split: one extraction, each of which starts a model replica)."""
+    are the same (one cross-validated split, so one extraction: each starts a model replica, ~10 s here)."""
     from lvlmlp.testing import tiny_manifest
     from test_experiment import CONFIG
 
