@@ -36,7 +36,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("demo") / "demo"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(["demo", "--out", str(out), "--n-train", "40", "--n-test", "40", "--max-new-tokens", "3",
+        assert main(["demo", "--out", str(out), "--n-train", "32", "--n-test", "32", "--max-new-tokens", "3",
                      "--threads", "1", "--no-progress"]) == 0
     return out, printed.getvalue()
 
@@ -56,7 +56,7 @@ def test_demo_reduced_results_recompute_from_scores(demo: tuple[Path, str]):
                  "max_prob": lambda r: r["baselines"]["max-prob"]}
     for task, entry in results["tasks"].items():
         recs = _eval_records(out, task)
-        assert len(recs) == entry["n_test"] == 40
+        assert len(recs) == entry["n_test"] == 32
         y = np.array([r["label"] for r in recs])
         if task == "classification":
             acc = float(np.mean(np.array([r["pred"] for r in recs]) == y))
@@ -79,7 +79,7 @@ def test_demo_reduced_results_recompute_from_scores(demo: tuple[Path, str]):
                     # same arrays, scikit-learn on both sides; 1e-12 absorbs summation order
                     assert entry[key][metric] == pytest.approx(value, abs=1e-12), (task, key, metric)
         assert [p["token"] for p in entry["token_decay"]] == [1, 2, 3]
-        assert entry["token_decay"][0]["auroc"] is None or entry["token_decay"][0]["n_test"] == 40
+        assert entry["token_decay"][0]["auroc"] is None or entry["token_decay"][0]["n_test"] == 32
     cls = results["tasks"]["classification"]
     recs = _eval_records(out, "classification")
     y = np.array([r["label"] for r in recs])
@@ -91,7 +91,7 @@ def test_demo_reduced_results_recompute_from_scores(demo: tuple[Path, str]):
     assert load_probe(out / "safety" / "probes" / "default").spec_.kind == "logits"  # what `serve --probe` reads
     for task, ft in results["finetune"].items():  # finetuned vs probe: the same probe scores, the same test rows
         assert ft["methods"]["probe (base model)"]["auroc"] == results["tasks"][task]["probe"]["auroc"], task
-        assert ft["n_test"] == 40 and ft["n_finetune_rows"] == 32
+        assert ft["n_test"] == 32 and ft["n_finetune_rows"] == 32
     assert "Finetuning (LoRA, 32 train rows, 2 epochs) vs probing" in printed
     for task, s in results["steering"].items():
         path = out / task / "analyses" / "steering-default.jsonl"
@@ -196,7 +196,7 @@ def test_demo_is_lvlmlp_run_on_demo_configs_and_a_second_demo_does_no_model_work
     monkeypatch.setattr(backend.Backend, "__init__", no_model)
     again = io.StringIO()
     with contextlib.redirect_stdout(again):
-        assert main(["demo", "--out", str(out), "--n-train", "40", "--n-test", "40", "--max-new-tokens", "3",
+        assert main(["demo", "--out", str(out), "--n-train", "32", "--n-test", "32", "--max-new-tokens", "3",
                      "--threads", "1", "--no-progress"]) == 0
     assert again.getvalue().split("\n\nwrote ")[0] == printed.split("\n\nwrote ")[0]
     after = json.loads((out / "results.json").read_text())
