@@ -45,8 +45,8 @@ MODULES: dict[str, dict] = {
     "steering": {"path": "src/lvlmlp/steering/guard.py",
                  "tests": ["tests/test_steering.py", "tests/test_guards_steering.py",
                            "tests/test_guards_steering_edges.py"]},
-    # extract: the test that runs extraction in a subprocess (kill, Ctrl-C) is left out: mutmut maps a
-    # mutant to the tests that call it in-process only, so it would only slow down its first pass. (mutmut 3.8.1
+    # extract: the test that kills forked runs mid-way (SIGKILL, Ctrl-C) and resumes them is left out: a kill inside
+    # mutmut's own forked mutant process would only slow its passes (test_guards_store covers resume). (mutmut 3.8.1
     # once crashed here reaping a process it had not started: extract left its finished loader workers unreaped,
     # which loader.py now joins.)
     "extract": {"path": "src/lvlmlp/extraction/extract.py",

@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -100,62 +98,78 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _kill_midway(cmd: list[str], shards: Path, after: int, sig: int = signal.SIGKILL, stderr: Any = None) -> int:
-    """Start `cmd`, send `sig` once `after` shards are committed; return the exit code. Its data-loader workers
-    (orphaned, after SIGKILL) must be gone within a few seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # An ignored SIGINT survives exec: if anything earlier in this test process left it ignored, the child would
-    # never see Ctrl-C. A Python handler is reset to the default at exec, so the child starts as from a terminal.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr or subprocess.DEVNULL)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def _kill_midway(argv: list[str], shards: Path, after: int, sig: int = signal.SIGKILL, stderr: Path | None = None) -> int:
+    """Run `lvlmlp ARGV` in a forked copy of this process (torch and the model code already imported, where a fresh
+    interpreter spent ~6 s of CPU importing them), send `sig` once `after` shards are committed, and return its exit
+    code (minus the signal's number when the signal ended it). Its data-loader workers (orphaned, after SIGKILL) must
+    be gone within a few seconds. `stderr`: a file for what the command prints there."""
+    pid = os.fork()
+    if pid == 0:  # the child: the command as a user runs it, its output kept away from pytest's (and xdist's pipes)
+        code = 1
+        try:
+            # a Python handler (pytest's) would catch Ctrl-C before the command does: the default, as in a terminal
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            null = os.open(os.devnull, os.O_RDWR)
+            err = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if stderr else null
+            for fd, target in ((0, null), (1, null), (2, err)):
+                os.dup2(target, fd)
+            sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+            code = main(argv)
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()  # os._exit (no pytest teardown in the copy) does not flush
+            os._exit(code)
     deadline = time.time() + 120
     workers: list[int] = []
-    while proc.poll() is None and time.time() < deadline:
-        if len(list(shards.glob("*.safetensors"))) >= after:
-            workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-            proc.send_signal(sig)
+    status = None
+    while status is None and time.time() < deadline:
+        done, st = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = st
+        elif len(list(shards.glob("*.safetensors"))) >= after:
+            workers = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+            os.kill(pid, sig)
             break
-        time.sleep(0.01)
-    code = proc.wait()
+        else:
+            time.sleep(0.01)
+    code = os.waitstatus_to_exitcode(status if status is not None else os.waitpid(pid, 0)[1])
     assert workers, "no data-loader worker was running"
     deadline = time.time() + 10
     while any(_alive(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(pid) for pid in workers), "orphaned data-loader workers kept running"
+    lingering = [pid for pid in workers if _alive(pid)]
+    for pid in lingering:  # so that a failure here does not leave them running (holding pytest's pipes)
+        os.kill(pid, signal.SIGKILL)
+    assert not lingering, "orphaned data-loader workers kept running"
     return code
 
 
 def test_sigkill_and_ctrl_c_then_resume_equal_the_uninterrupted_run_also_for_shards(tiny_ckpt, tmp_path):
     """A run SIGKILLed after 3 of its 20 shards resumes to the uninterrupted run's arrays; a `--shard 1/2` part
     interrupted by Ctrl-C (SIGINT) stops its workers, says one line, exit 130, and resumes too; its parts merge to
-    the same arrays. (One test: each interrupted run is a subprocess that loads torch and the model, ~5 s here.)"""
+    the same arrays."""
     ckpt = tiny_ckpt("llava")
     manifest = make_manifest(tmp_path, 40, seed=1)  # killed after 3 of 20 shards: most rows are left to resume
-    base = [sys.executable, "-m", "lvlmlp.cli", "extract", "--model", str(ckpt), "--data", str(manifest),
-            "--batch-size", "2", "--shard-size", "2", "--device", "cpu", "--no-progress"]
-    assert main([*base[3:], "--out", str(tmp_path / "clean")]) == 0
+    base = ["extract", "--model", str(ckpt), "--data", str(manifest), "--batch-size", "2", "--shard-size", "2",
+            "--device", "cpu", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "clean")]) == 0
     clean = open_run(tmp_path / "clean")
 
     code = _kill_midway([*base, "--out", str(tmp_path / "killed")], tmp_path / "killed" / "shards", after=3)
     assert code == -signal.SIGKILL, "extraction finished before it could be killed"
     assert not (tmp_path / "killed" / "logits.npy").exists()
-    assert main([*base[3:], "--out", str(tmp_path / "killed")]) == 0
+    assert main([*base, "--out", str(tmp_path / "killed")]) == 0
     resumed = open_run(tmp_path / "killed")
     assert resumed.ids == clean.ids and resumed.meta == clean.meta
     for name, arr in _arrays(tmp_path / "clean").items():
         np.testing.assert_array_equal(_arrays(tmp_path / "killed")[name], arr)
 
-    with (tmp_path / "stderr.txt").open("w") as err:
-        code = _kill_midway([*base, "--shard", "1/2", "--out", str(tmp_path / "s1")], tmp_path / "s1" / "shards", 2,
-                            sig=signal.SIGINT, stderr=err)
+    code = _kill_midway([*base, "--shard", "1/2", "--out", str(tmp_path / "s1")], tmp_path / "s1" / "shards", 2,
+                        sig=signal.SIGINT, stderr=tmp_path / "stderr.txt")
     assert code == 130, "extraction finished before it could be interrupted"
     last = (tmp_path / "stderr.txt").read_text().strip().splitlines()[-1]
     assert last == "lvlmlp: interrupted; what was committed is kept, the same command resumes from there"
     for part in ("0/2", "1/2"):
-        assert main([*base[3:], "--shard", part, "--out", str(tmp_path / f"s{part[0]}")]) == 0
+        assert main([*base, "--shard", part, "--out", str(tmp_path / f"s{part[0]}")]) == 0
     assert main(["merge", str(tmp_path / "s1"), str(tmp_path / "s0"), "--out", str(tmp_path / "merged")]) == 0
     merged = open_run(tmp_path / "merged")
     assert merged.ids == clean.ids and merged.meta == clean.meta
