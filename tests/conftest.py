@@ -30,9 +30,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # test (`make test-readme`). The slowest files are handed out first so that the short ones fill the gaps at the end;
 # started last, a long file would add its whole time to the wall time (test_finetune.py, left unranked, once ran alone
 # for the last 9 s). Ranked by the CPU time of their tests in a timed run (2026-12-02; Ray's replicas counted for
-# test_ray.py): about 55, 35, 20, 13, 8, 7, 6, 5, 4, 4, 4, 3 and 2 s; every other file takes under 2 s.
-SLOWEST_FIRST = ("test_ray.py", "test_demo.py", "test_extract.py", "test_experiment.py", "test_demo_model.py",
-                 "test_finetune.py", "test_guards_run.py", "test_paper_protocol.py", "test_faults.py", "test_serve.py",
+# test_ray.py): about 55 s for test_ray.py, 30 for test_demo.py, 13 for test_experiment.py, 8 to 2 for the others
+# listed; every other file takes under 2 s.
+SLOWEST_FIRST = ("test_ray.py", "test_demo.py", "test_experiment.py", "test_demo_model.py", "test_finetune.py",
+                 "test_guards_run.py", "test_extract.py", "test_paper_protocol.py", "test_faults.py", "test_serve.py",
                  "test_backend.py", "test_report.py", "test_steering.py")
 
 
