@@ -64,12 +64,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
     from tqdm import tqdm
-    from transformers import LogitsProcessorList
 
     from lvlmlp.data import load_image
     from lvlmlp.extraction.backend import Backend
     from lvlmlp.probing.probes import load_probe
-    from lvlmlp.steering.guard import make_guard, steering_metrics
+    from lvlmlp.steering.guard import guarded_responses, make_guard, steering_metrics
 
     probe = load_probe(args.probe)
     backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=prompt_template,
@@ -90,9 +89,7 @@ def run(args: argparse.Namespace) -> int:
             batch = backend.encode([load_image(r["image"], r["id"]) for r in chunk], [r["question"] for r in chunk])
             # Reseeding per batch gives the unguarded run the same random draws: unflagged rows then agree.
             torch.manual_seed(seed + start)
-            with guard.watching(backend.model):
-                res = backend.generate(batch, max_new_tokens=max_new_tokens,
-                                       logits_processor=LogitsProcessorList([guard]), **gen)
+            res = guarded_responses(backend, batch, guard, max_new_tokens=max_new_tokens, **gen)
             assert guard.scores_ is not None and guard.flagged_ is not None
             n_flagged += int(guard.flagged_.sum())
             base = None

@@ -212,6 +212,13 @@ def guarded_generate(model: Any, batch: Mapping[str, Any], guard: ProbeGuard, **
         return model.generate(**batch, logits_processor=processors, **kwargs)
 
 
+def guarded_responses(backend: Any, batch: Mapping[str, Any], guard: ProbeGuard, **kwargs: Any) -> dict:
+    """`backend.generate(batch, **kwargs)` steered by `guard`: each answer decoded up to its end of sequence, as
+    `lvlmlp generate` writes it (`guarded_generate` is the same on a bare model, returning its token ids)."""
+    with guard.watching(backend.model):
+        return backend.generate(batch, logits_processor=LogitsProcessorList([guard]), **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 def guided_decoding(backend: Any, probe: Any, rows: list[dict], before: Mapping[str, str | None],
                     labels: Mapping[str, int], template: str, threshold: float = 0.5, *, max_new_tokens: int,
@@ -229,9 +236,7 @@ def guided_decoding(backend: Any, probe: Any, rows: list[dict], before: Mapping[
     for s in tqdm(range(0, len(rows), batch_size), desc="guided decoding", disable=not progress):
         chunk = rows[s : s + batch_size]
         batch = backend.encode([load_image(r["image"], r["id"]) for r in chunk], [r["question"] for r in chunk])
-        with guard.watching(backend.model):  # as `lvlmlp generate`: the backend decodes each answer up to its EOS
-            texts = backend.generate(batch, max_new_tokens=max_new_tokens,
-                                     logits_processor=LogitsProcessorList([guard]))["responses"]
+        texts = guarded_responses(backend, batch, guard, max_new_tokens=max_new_tokens)["responses"]
         after.update({r["id"]: t for r, t in zip(chunk, texts)})
         scored.update({r["id"]: (float(p), bool(f)) for r, p, f in zip(chunk, guard.scores_, guard.flagged_)})
     records = [{"id": r["id"], "label": labels[r["id"]], "probe_score": scored[r["id"]][0],
