@@ -78,7 +78,7 @@ def test_demo_reduced_results_recompute_from_scores(demo: tuple[Path, str]):
                 for metric, value in sk.items():
                     # same arrays, scikit-learn on both sides; 1e-12 absorbs summation order
                     assert entry[key][metric] == pytest.approx(value, abs=1e-12), (task, key, metric)
-        assert [p["token"] for p in entry["token_decay"]] == [1, 2, 3]
+        assert [p["token"] for p in entry["token_decay"]] == [0, 1, 2]
         assert entry["token_decay"][0]["auroc"] is None or entry["token_decay"][0]["n_test"] == 32
     cls = results["tasks"]["classification"]
     recs = _eval_records(out, "classification")

@@ -60,7 +60,7 @@ def test_ci_config_writes_report_with_every_analysis(experiment: dict):
         assert doc["prompt_comparison"][name]["value"] == m["auroc"]
         # Layer sweep: each layer's probe recomputed from the stored hidden states.
         sweep = {e["feature"]: e for e in doc["layer_sweep"][name]["entries"]}
-        assert list(sweep) == ["logits (token 1)", "hidden (final norm)", "layer 0", "layer 1", "layer 2"]
+        assert list(sweep) == ["logits (token 0)", "hidden (final norm)", "layer 0", "layer 1", "layer 2"]
         for layer in (0, 1, 2):
             expected = sk_auroc(train.layer(layer), y_tr, test.layer(layer), y_te)
             assert sweep[f"layer {layer}"]["value"] == pytest.approx(expected, abs=1e-12)
@@ -91,7 +91,7 @@ def test_token_decay_of_the_run_recomputes_from_stored_logits(experiment: dict):
     out, doc = experiment["out"], experiment["doc"]
     train, test, y_tr, y_te = _split(out, "oe")
     res = doc["token_decay"]["oe"]
-    assert res["k_max"] == 3 and [e["token"] for e in res["tokens"]] == [1, 2, 3]
+    assert res["k_max"] == 3 and [e["token"] for e in res["tokens"]] == [0, 1, 2]
     for k, entry in enumerate(res["tokens"]):
         tr, te = train.n_tokens > k, test.n_tokens > k
         expected = sk_auroc(train.logits(k)[tr], y_tr[tr], test.logits(k)[te], y_te[te])

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="another checkpoint instead of the embedded demo model")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's own choice, the cores or $OMP_NUM_THREADS)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
     p.set_defaults(func=run)
 
@@ -27,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from lvlmlp.commands._args import silence_progress_bars
     from lvlmlp.demo.pipeline import run_demo, summary_table
 
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.no_progress:
         silence_progress_bars()
     results = run_demo(args.out, n_train=args.n_train, n_test=args.n_test, max_new_tokens=args.max_new_tokens,

@@ -228,7 +228,7 @@ def _fmt(x) -> str:
 def summary_table(results: dict) -> str:
     """The compact results table printed by `lvlmlp demo` (Markdown)."""
     lines = ["| analogue (paper task) | probe AUROC [95% CI] | own answer AUROC | one-token AUROC | "
-             "probe AUROC by generated token 1..K (rows) |", "|---|---|---|---|---|"]
+             "probe AUROC by token 0..K-1 (rows) |", "|---|---|---|---|---|"]
     paper = {"answerability": "VizWiz", "safety": "MM-SafetyBench", "deception": "MAD-Bench",
              "uncertainty": "MathVista", "hallucination": "POPE", "classification": "ImageNet"}
     for task, e in results["tasks"].items():
@@ -374,14 +374,19 @@ def _decay_section(results: dict, plots: Path):
         rows.append([task, *(_fmt(p["auroc"]) + (f" (n={p['n_test']})" if p["n_test"] < e["n_test"] else "")
                              for p in e["token_decay"])])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(title="probe AUROC by generated token (hollow: fewer rows)", xlabel="generated token", ylabel="AUROC")
+    # The y-axis spans chance to 1, so that a drop looks as large as it is (an autoscaled axis from 0.78 did not).
+    low = min([0.5] + [p["auroc"] for e in results["tasks"].values() for p in e.get("token_decay", [])
+                       if p["auroc"] is not None])
+    ax.set(title="probe AUROC by generated token (hollow: fewer rows)", xlabel="generated token (0 = the first)",
+           ylabel="AUROC", ylim=(max(0.0, low - 0.05), 1.02))
     ax.legend(fontsize=8, loc="best")
     png = plots / "token_decay.png"
     save_figure(fig, png)
     k = max((len(e.get("token_decay", [])) for e in results["tasks"].values()), default=0)
-    return Section("Probe AUROC by generated token", "A probe trained and tested on token t's logits, for t = 1.."
-                   f"{k}; a point on fewer rows than the test split says on how many.",
-                   ["analogue", *(f"token {t}" for t in range(1, k + 1))],
+    return Section("Probe AUROC by generated token", "A probe trained and tested on token t's logits, for t = 0.."
+                   f"{k - 1} (0 = the first generated token); a point on fewer rows than the test split says on "
+                   "how many, and - means no AUROC: those rows hold one class only, or no train row reached the token.",
+                   ["analogue", *(f"token {t}" for t in range(k))],
                    [r + ["–"] * (k + 1 - len(r)) for r in rows], [png])
 
 

@@ -277,9 +277,9 @@ def main_evaluation(
 
 # ------------------------------------------------------------------------------------------------ analyses
 def token_decay(protocol: Protocol, probe_cfg: dict[str, Any]) -> dict[str, Any]:
-    """Probe quality on generated tokens 1..K and on each row's last generated token.
+    """Probe quality on generated tokens 0..K-1 (0 = the first, as everywhere in lvlmlp) and on each row's last one.
 
-    Token k (1-based) is probed on the rows that generated at least k tokens (n_tokens >= k), in train and test
+    Token k is probed on the rows that generated more than k tokens (n_tokens > k), in train and test
     alike; `n_short` counts the evaluated rows left out because their answer ended earlier, and
     `first_token_same_rows` gives the first-token probe's result on exactly the rows of token k, so that a drop
     is not confused with a change of rows. "last" is each row's last generated token (up to max_new_tokens) when the
@@ -294,7 +294,7 @@ def token_decay(protocol: Protocol, probe_cfg: dict[str, Any]) -> dict[str, Any]
     tokens = []
     for k in range(k_max):
         entry, _ = (first, first_scored) if k == 0 else evaluate_feature(protocol, logits_feature(k, kind), make)
-        entry = {"token": k + 1, **entry}
+        entry = {"token": k, **entry}
         if first_scored is not None:
             same = protocol.test.run.n_tokens[first_scored.rows] > k
             entry["first_token_same_rows"] = summarize(first_scored.y[same], first_scored.score[same],
@@ -307,7 +307,7 @@ def token_decay(protocol: Protocol, probe_cfg: dict[str, Any]) -> dict[str, Any]
     counts = np.bincount(np.minimum(test.run.n_tokens[test.idx], k_max), minlength=k_max + 1)
     return {"k_max": k_max, "feature": kind, "tokens": tokens, "last": {"token": "last", **last},
             "n_tokens_histogram": {str(i): int(c) for i, c in enumerate(counts) if i},
-            "rule": "token k is probed on rows with n_tokens >= k (others counted in n_short / n_train_short)"}
+            "rule": "token k (0 = the first generated) is probed on rows with n_tokens > k (others counted in n_short / n_train_short)"}
 
 
 def layer_sweep(protocol: Protocol, probe_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -315,7 +315,7 @@ def layer_sweep(protocol: Protocol, probe_cfg: dict[str, Any]) -> dict[str, Any]
     make = make_probe_factory(probe_cfg)
     run = protocol.test.run
     entries = []
-    candidates: list[tuple[str, Feature, int | None]] = [("logits (token 1)", logits_feature(0), None)]
+    candidates: list[tuple[str, Feature, int | None]] = [("logits (token 0)", logits_feature(0), None)]
     if run.manifest.get("hidden"):
         candidates.append(("hidden (final norm)", state_feature("hidden"), None))
     candidates += [(f"layer {L}", state_feature("layer", L), L) for L in run.manifest.get("layers") or []]
@@ -353,7 +353,7 @@ def plot_token_decay(result: dict[str, Any], path: Path, title: str) -> None:
         ax.annotate(f"n={e['n']}", (xi, 0.02), ha="center", fontsize=7, xycoords=("data", "axes fraction"))
     ax.set_xticks(x, labels)
     metric = next((e["metric"] for e in entries if e.get("metric")), "auroc")
-    ax.set(xlabel="generated token", ylabel=metric.upper() if metric == "auroc" else metric, title=title)
+    ax.set(xlabel="generated token (0 = the first)", ylabel=metric.upper() if metric == "auroc" else metric, title=title)
     ax.legend(fontsize=8)
     save_figure(fig, path)
 

@@ -338,7 +338,7 @@ def glossary(evals: dict[str, dict[str, Any]]) -> Glossary:
     for cls, kind, token in dict.fromkeys(
             (m.get("probe", {}).get("class", "probe"), (m.get("probe", {}).get("feature_spec") or {}).get("kind"),
              (m.get("probe", {}).get("feature_spec") or {}).get("token", 0)) for m in evals.values()):
-        what = (f"{kind} of generated token {int(token or 0) + 1}" if kind in ("logits", "logprobs")
+        what = (f"{kind} of generated token {int(token or 0)} (0 = the first)" if kind in ("logits", "logprobs")
                 else f"{kind} features" if kind else "features")
         items.append((f"probe ({cls}, {kind or 'features'})", f"a linear probe on the {what}, trained on the train "
                       "rows; its score is P(label 1)"))
