@@ -30,8 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.no_progress:
-        silence_progress_bars()
+    silence_progress_bars()  # transformers' weight-loading bars (one per model load); the demo shows its own bar
     results = run_demo(args.out, n_train=args.n_train, n_test=args.n_test, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, seed=args.seed, model=args.model, device=args.device,
                        progress=not args.no_progress)

@@ -90,9 +90,9 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
              progress: bool = True, steer: bool = True, finetune_rows: int = FINETUNE_ROWS) -> dict:
     """Run every analogue's config (`run_experiment`, one model for all); write `out/results.json` and
     `out/report.html` from their outputs; return the results."""
-    import yaml
+    from tqdm.auto import tqdm
 
-    from lvlmlp.study.experiment import LazyBackend, run_experiment
+    from lvlmlp.study.experiment import LazyBackend
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,16 +101,39 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
                                  batch_size=batch_size, seed=seed, model=model, device=device, steer=steer)
                for task in world.TASKS}
     shared = LazyBackend(configs[world.TASKS[0]])  # loaded by the first step that needs the model, if any
-    for task, cfg in configs.items():
-        log.info("demo: %s (%d + %d rows)", task, n_train, n_test)
-        run_experiment(cfg, progress=progress, backend=shared)
-        (out / task / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    results = collect_results(out, configs)
-    if finetune_rows:
-        results["finetune"] = finetune_vs_probe(out, results["model"], finetune_rows, batch_size, seed, progress)
+    # One bar for the whole demo (a step per analogue and per finetuned analogue), not one per extraction.
+    bar = tqdm(total=len(configs) + (len(TOKEN_BASELINE) if finetune_rows else 0), desc="lvlmlp demo",
+               unit="step", disable=not progress, dynamic_ncols=True)
+    # With the bar, the steps' own log lines (a dozen per analogue) stay quiet; warnings still show.
+    level = log.level
+    if progress:
+        log.setLevel(max(logging.WARNING, level))
+    try:
+        results = _run_analogues(out, configs, shared, bar, finetune_rows, batch_size, seed)
+    finally:
+        log.setLevel(level)
+        bar.close()
     results["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, out)
+    return results
+
+
+def _run_analogues(out: Path, configs: dict[str, Any], shared: Any, bar: Any, finetune_rows: int,
+                   batch_size: int, seed: int) -> dict:
+    import yaml
+
+    from lvlmlp.study.experiment import run_experiment
+
+    for task, cfg in configs.items():
+        bar.set_postfix_str(f"{task}: extract, probe, analyses")
+        log.info("demo: %s (%d + %d rows)", task, cfg.task_options["n_train"], cfg.task_options["n_test"])
+        run_experiment(cfg, progress=False, backend=shared)
+        (out / task / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        bar.update()
+    results = collect_results(out, configs)
+    if finetune_rows:
+        results["finetune"] = finetune_vs_probe(out, results["model"], finetune_rows, batch_size, seed, bar)
     return results
 
 
@@ -165,12 +188,13 @@ def collect_results(out: Path, configs: dict[str, Any]) -> dict:
     return results
 
 
-def finetune_vs_probe(out: Path, model: str, n_rows: int, batch_size: int, seed: int, progress: bool) -> dict:
+def finetune_vs_probe(out: Path, model: str, n_rows: int, batch_size: int, seed: int, bar: Any = None) -> dict:
     """LoRA-finetune the demo model on each analogue's first `n_rows` train rows (targets: the answers the demo
     model was trained to give) and compare its own answer and answer-token probability with the probe, on the same
     test rows (`lvlmlp.study.finetune.compare`; the probe on the finetuned model's logits is left out for time).
     `lvlmlp run`'s `finetune:` section finetunes on the whole train split with fixed answer words, so the demo calls
-    `compare` itself; like a run's step, a comparison whose settings and inputs are unchanged is reused."""
+    `compare` itself; like a run's step, a comparison whose settings and inputs are unchanged is reused. `bar`: the
+    demo's tqdm bar, advanced once per analogue."""
     from functools import partial
 
     from lvlmlp.extraction.store import open_run
@@ -202,9 +226,13 @@ def finetune_vs_probe(out: Path, model: str, n_rows: int, batch_size: int, seed:
         compute = partial(compare, model, tuned, test, [r["target"] for r in tuned], folder, settings,
                           Readout(token, negate, get_task(f"world-{task}").answer_fn), base, device="cpu",
                           dtype="float32", max_new_tokens=3, batch_size=batch_size, every_epoch=False,
-                          tuned_probe=False, n_boot=200, progress=progress)
+                          tuned_probe=False, n_boot=200, progress=False)
         log.info("demo: finetuning vs probing on %s (%d train rows)", task, len(tuned))
+        if bar is not None:
+            bar.set_postfix_str(f"{task}: LoRA finetuning")
         result[task] = cached(Steps(folder), "comparison", key.hexdigest()[:20], folder / "comparison.json", compute)
+        if bar is not None:
+            bar.update()
     return result
 
 
