@@ -256,6 +256,16 @@ def test_probe_eval_writes_metrics_that_recompute_from_scores(tmp_path: Path, ca
     assert metrics["baselines"]["own-answer"]["accuracy"] == accuracy_score(yy, own)
     assert metrics["per_scenario"] == attack_success_rate(yy, ss, [r["scenario"] for r in recs])
     assert set(metrics["baselines"]["max-prob"]) == {"auroc", "auprc", "auroc_ci", "n"}
+    # What it prints: the probe and each baseline, AUROC [95% CI], read from metrics.json's numbers.
+    printed = capsys.readouterr().out.strip().splitlines()[-4:]
+
+    def cell(m: dict) -> str:
+        return f"{m['auroc']:.3f} [{m['auroc_ci'][0]:.3f}, {m['auroc_ci'][1]:.3f}]"
+
+    assert [line.split()[0] for line in printed] == ["AUROC", "probe", "max-prob", "own-answer"]
+    assert printed[0].endswith("(n=60 rows)") and printed[1].endswith(cell(metrics))
+    assert printed[2].endswith(cell(metrics["baselines"]["max-prob"]))
+    assert printed[3].endswith(cell(metrics["baselines"]["own-answer"]))
 
     other = make_run(tmp_path / "other", logits[:, :20], meta)
     assert main(["probe", "eval", "--probe", str(tmp_path / "p"), "--run", str(other.path),

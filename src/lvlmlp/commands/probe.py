@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -183,6 +182,20 @@ def eval_probe(args: argparse.Namespace) -> int:
                          token=spec.token)
     if np.isnan(labels).all():
         log.warning("%s has no labelled rows: scores written, no metrics", _where(run, args.split))
-    summary = {k: metrics[k] for k in ("auroc", "auprc", "accuracy", "f1", "n") if k in metrics}
-    print(json.dumps(summary))
+    print(eval_table(metrics, type(probe).__name__))
     return 0
+
+
+def eval_table(metrics: dict, probe_name: str) -> str:
+    """What `probe eval` prints: the probe and each baseline, AUROC [95% CI] (accuracy for many classes), and n."""
+    from lvlmlp.study.report import fmt_ci
+
+    if "auroc" not in metrics:  # many classes, or no labelled rows
+        acc = metrics.get("accuracy")
+        return f"{probe_name}: " + ("no labelled rows" if acc is None else f"accuracy {fmt_ci(acc, None)}") + \
+            f" (n={metrics.get('n', 0)}); metrics.json has the rest"
+    rows = [(f"probe ({probe_name})", fmt_ci(metrics["auroc"], metrics.get("auroc_ci")))]
+    rows += [(name, fmt_ci(b.get("auroc"), b.get("auroc_ci"))) for name, b in (metrics.get("baselines") or {}).items()]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'':<{width}}  AUROC [95% CI]  (n={metrics['n']} rows)"]
+    return "\n".join(lines + [f"{name:<{width}}  {value}" for name, value in rows])
