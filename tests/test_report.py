@@ -114,7 +114,7 @@ def test_report_starts_with_a_summary_and_says_what_each_method_means(eval_dir: 
     assert "- **own-answer**: the model's own generated answer, read as a label: 1 unless it refuses" in md
     assert "- **entropy**: minus the entropy of the first generated token's distribution" in md
     assert m["label_names"] is None and "- **vizwiz: labels**: 1 and 0 as the rows give them" in md
-    assert "- **probe (LogisticProbe, logits)**: a linear probe on the logits of generated token 1" in md
+    assert "- **probe (LogisticProbe, logits)**: a linear probe on the logits of generated token 0 (0 = the first)" in md
 
 
 def test_roc_legend_names_each_method_with_its_auroc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -137,3 +137,30 @@ def test_roc_legend_names_each_method_with_its_auroc(tmp_path: Path, monkeypatch
     assert legends == [[f"probe (AUROC {roc_auc_score(y, s):.3f})", f"one token (AUROC {roc_auc_score(y, 1 - s):.3f})",
                         "chance (AUROC 0.500)"]]
     assert (tmp_path / "roc.png").is_file() and not plt.get_fignums()  # saved and closed
+
+
+def test_verdicts_name_the_own_answer_then_the_best_baseline():
+    from lvlmlp.study.report import comparisons
+
+    base = {"own-answer:refusal": 0.70, "token-prob:No": 0.95, "max-prob": None}
+    assert comparisons(0.90, [0.85, 0.94], base, "own-answer:refusal") == (
+        "vs own-answer:refusal: the probe is better (its 95% interval lies above); "
+        "vs the best baseline, token-prob:No: the probe does NOT beat it")
+    # The own answer is the best: one verdict; no own answer: the best alone; nothing measured: said so.
+    assert comparisons(0.9, [0.8, 0.95], {"own-answer": 0.85, "entropy": 0.6}, "own-answer") == (
+        "vs own-answer: the probe is higher, but its 95% interval includes the other value")
+    assert comparisons(0.9, None, {"entropy": 0.6}, None) == (
+        "vs the best baseline, entropy: the probe is higher, but its 95% interval includes the other value")
+    assert comparisons(0.9, None, {"entropy": None}, None) == "no baseline"
+
+
+def test_per_group_figures_are_written_where_the_glossary_promises_them():
+    from lvlmlp.study.report import group_text
+
+    asr = {"per_scenario": {"text": 0.0, "typo": 0.06}, "n_unsafe": {"text": 50, "typo": 50}, "average": 0.03}
+    assert group_text("scenario", "attack-success-rate", asr) == (
+        " Attack success rate of the probe per scenario (unsafe rows it lets through, of n unsafe): "
+        "text 0.000 (n=50), typo 0.060 (n=50); average 0.030.")
+    pope = {"random": {"accuracy": 0.75, "f1": 0.8, "n": 66}}
+    assert group_text("category", "pope", pope) == " Per category (pope): random: accuracy 0.750, f1 0.800, n 66."
+    assert group_text("scenario", "attack-success-rate", None) == ""

@@ -273,7 +273,9 @@ def summary_table(results: dict) -> str:
         decay = " / ".join(_fmt(p["auroc"]) + (f" (n={p['n_test']})" if p["n_test"] < e["n_test"] else "")
                            for p in e["token_decay"])
         lines.append(f"| {task} ({paper[task]}) | {_fmt(e['probe']['auroc'])}{ci_s} | {own} | {one_s} | {decay} |")
-    lines += ["", *verdicts(results), *finetune_table(results)]
+    lines += ["", "Token 0 is the first generated token. A decay cell on fewer rows than the test split gives their count "
+              "(n=K: answers that ended earlier); - means no AUROC (those rows hold one class only, or none).",
+              "", *verdicts(results), *finetune_table(results)]
     for task, s in results.get("steering", {}).items():
         b, a = s["before"], s["after"]
         lines.append("")
@@ -285,8 +287,7 @@ def summary_table(results: dict) -> str:
 
 
 def verdicts(results: dict) -> list[str]:
-    """One plain sentence per analogue: does the probe beat the model's own answer (or the best baseline)?"""
-    from lvlmlp.study.report import verdict
+    """One plain sentence per analogue: the probe against the model's own answer and the best baseline."""
 
     out = []
     for task, e in results["tasks"].items():
@@ -295,11 +296,17 @@ def verdicts(results: dict) -> list[str]:
             word = "beats" if p > o else "does NOT beat"
             out.append(f"- {task}: the probe {word} the model's own answer (top-1 {p:.3f} vs {o:.3f}).")
             continue
-        name, other = ("model's own answer", e["own_answer"]) if "own_answer" in e else ("max-prob", e["max_prob"])
-        p, o, ci = e["probe"]["auroc"], other["auroc"], e["probe"].get("auroc_ci")
-        if p is None or o is None:
-            continue
-        out.append(f"- {task}: probe AUROC {p:.3f} vs {name} {o:.3f}: {verdict(p, ci, o)}.")
+        if e["probe"]["auroc"] is not None:
+            out.append(f"- {task}: probe AUROC {e['probe']['auroc']:.3f} {_verdict_words(e)}.")
+    return out
+
+
+def _baselines(e: dict) -> dict[str, float | None]:
+    """An analogue's baselines by the names the summary uses (the own answer first, as the paper compares)."""
+    names = {"own_answer": "model's own answer", "max_prob": "max-prob"}
+    out = {names[k]: e[k]["auroc"] for k in names if k in e}
+    if "token_prob" in e:
+        out[f"one-token ({e['token_prob']['token']})"] = e["token_prob"]["auroc"]
     return out
 
 
@@ -323,8 +330,8 @@ def report_blocks(results: dict, out: Path) -> list:
                      f"{_fmt(one.get('auroc'))} ({one.get('token', 'max-prob')})", _verdict_words(e)])
     blocks: list = [Section(
         "Summary", "Test AUROC of the first-token probe, the model's own answer and one token's probability "
-        "(95% bootstrap intervals); the verdict compares the probe with the model's own answer (max-prob where the "
-        "own answer is the label).", ["analogue", "probe AUROC [95% CI]", "own answer AUROC [95% CI]",
+        "(95% bootstrap intervals); the verdict compares the probe with the model's own answer (the paper's "
+        "comparison; none where the own answer is the label) and with the best baseline.", ["analogue", "probe AUROC [95% CI]", "own answer AUROC [95% CI]",
                                       "one-token AUROC (token)", "verdict"], rows, anchor="summary")]
     blocks.append(Glossary(_glossary(results)))
     plots = out / "plots"
@@ -337,10 +344,13 @@ def report_blocks(results: dict, out: Path) -> list:
 
 
 def _verdict_words(e: dict) -> str:
-    from lvlmlp.study.report import verdict
+    """The words of `study.report.comparisons`, with each baseline's AUROC (the report's and the summary's verdict)."""
+    from lvlmlp.study.report import comparisons
 
-    name, other = ("own answer", e["own_answer"]) if "own_answer" in e else ("max-prob", e["max_prob"])
-    return f"vs {name}: " + verdict(e["probe"]["auroc"], e["probe"].get("auroc_ci"), other["auroc"])
+    base = _baselines(e)
+    named = {f"{b} {_fmt(v)}": v for b, v in base.items()}
+    own = next((k for k in named if k.startswith("model's own answer")), None)
+    return comparisons(e["probe"]["auroc"], e["probe"].get("auroc_ci"), named, own)
 
 
 def _glossary(results: dict) -> list[tuple[str, str]]:

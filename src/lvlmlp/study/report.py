@@ -147,9 +147,12 @@ def plot_roc_curves(curves: Sequence[tuple[str, Any, Any]], path: Path, title: s
         if np.unique(y).size < 2:
             continue
         fpr, tpr, _ = roc_curve(y, s)
-        ax.plot(fpr, tpr, label=f"{name} (AUROC {fmt_value(float(roc_auc_score(y, s)))})", lw=2 if i == 0 else 1)
+        # Above the spines (clip_on off): a perfect curve runs along the axes and was hidden by them.
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {fmt_value(float(roc_auc_score(y, s)))})", lw=2.5 if i == 0 else 1.5,
+                zorder=3 + (i == 0), clip_on=False)
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="chance (AUROC 0.500)")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(-0.02, 1.02),
+           ylim=(-0.02, 1.03))
     ax.legend(loc="lower right", fontsize=8)
     save_figure(fig, path)
 
@@ -172,7 +175,7 @@ def plot_scores(records: list[dict[str, Any]], path: Path, title: str, threshold
             ax.hist(s[y == label], bins=bins, alpha=0.6, color=color, label=f"label {label} (n={np.sum(y == label)})")
     ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:g}")
     ax.set(xlabel="probe score P(label 1)", ylabel="rows", title=title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the plot: it covered a bar inside
     save_figure(fig, path)
 
 
@@ -200,6 +203,20 @@ def verdict(probe: float | None, ci: Sequence[float] | None, other: float | None
     if probe > other:
         return "the probe is higher, but its 95% interval includes the other value"
     return "the probe does NOT beat it"
+
+
+def comparisons(probe: float | None, ci: Sequence[float] | None, baselines: dict[str, float | None],
+                own: str | None, on: str = "") -> str:
+    """The verdicts every report gives (`report`, `run`, the demo): the probe against the model's own answer `own`
+    (the paper's headline), then against the best baseline when that is another one."""
+    known = {b: v for b, v in baselines.items() if v is not None}
+    if not known:
+        return "no baseline"
+    parts = [f"vs {own}{on}: {verdict(probe, ci, known[own])}"] if own in known else []
+    best = max(known, key=lambda b: known[b])
+    if best != own:
+        parts.append(f"vs the best baseline, {best}{on}: {verdict(probe, ci, known[best])}")
+    return "; ".join(parts)
 
 
 @dataclass
@@ -302,19 +319,19 @@ def summary_section(evals: dict[str, dict[str, Any]]) -> Section:
                          or "–", "–"])
             continue
         base = m.get("baselines") or {}
-        best = max((b for b in base if base[b].get("auroc") is not None), key=lambda b: base[b]["auroc"], default=None)
         probe = fmt_ci(m.get("auroc"), m.get("auroc_ci"))
         folds = fold_headline(m)
         if folds is not None:  # the original's figure first; the verdict uses the pooled one and its interval
             probe = f"{fmt_value(folds.get('auroc'))} ({folds['label']}); {POOLED} {probe}"
         on = f", on the {POOLED} AUROC" if folds is not None else ""
-        words = "no baseline" if best is None else (
-            f"vs {best}{on}: " + verdict(m.get("auroc"), m.get("auroc_ci"), base[best]["auroc"]))
+        own = next((b for b in base if b.startswith("own-answer")), None)
+        words = comparisons(m.get("auroc"), m.get("auroc_ci"), {b: v.get("auroc") for b, v in base.items()}, own, on)
         rows.append([name, str(m.get("n", "–")), probe,
                      "; ".join(f"{b} {fmt_ci(v.get('auroc'), v.get('auroc_ci'))}" for b, v in base.items()) or "–",
                      words])
     return Section("Summary", "Test AUROC of the probe and of each baseline (95% bootstrap intervals); the verdict "
-                   "compares the probe with the best baseline. A k-fold evaluation shows the mean of its per-fold "
+                   "compares the probe with the model's own answer (the paper's comparison) and with the best "
+                   "baseline. A k-fold evaluation shows the mean of its per-fold "
                    f"AUROCs first (the original's figure), then the {POOLED} AUROC.",
                    ["evaluation", "n", "probe AUROC [95% CI]", "baselines: AUROC [95% CI]", "verdict"], rows,
                    anchor="summary")
@@ -355,6 +372,21 @@ def glossary(evals: dict[str, dict[str, Any]]) -> Glossary:
     return Glossary(items)
 
 
+def group_text(key: str, metric: str, per: Any) -> str:
+    """The per-group figures of an evaluation in words (the glossary's "per KEY" entry promises them)."""
+    if not isinstance(per, dict) or not per:
+        return ""
+    if metric == "attack-success-rate":
+        rates, n_unsafe = per.get("per_scenario") or {}, per.get("n_unsafe") or {}
+        parts = ", ".join(f"{g} {fmt_value(v)} (n={n_unsafe.get(g, '–')})" for g, v in rates.items())
+        return (f" Attack success rate of the probe per {key} (unsafe rows it lets through, of n unsafe): {parts}; "
+                f"average {fmt_value(per.get('average'))}.")
+    parts = "; ".join(f"{g}: " + ", ".join(f"{k} {v if isinstance(v, int) else fmt_value(v)}" for k, v in m.items()
+                                          if isinstance(v, (int, float)))
+                      for g, m in per.items() if isinstance(m, dict))
+    return f" Per {key} ({metric}): {parts}." if parts else ""
+
+
 def eval_section(name: str, metrics: dict[str, Any], records: list[dict[str, Any]], out_dir: Path) -> Section:
     """One evaluation: its table (probe and baselines), the attack success rate when the task groups by it,
     its ROC curves and the probe's score histogram."""
@@ -365,9 +397,7 @@ def eval_section(name: str, metrics: dict[str, Any], records: list[dict[str, Any
         rows += [[b, fmt_value(m.get("accuracy")), str(m.get("n", "–"))] for b, m in (metrics.get("baselines") or {}).items()]
         return Section(name, text, ["method", "top-1 accuracy", "n"], rows)
     for key, metric in (metrics.get("groups") or {}).items():
-        asr = (metrics.get(f"per_{key}") or {}).get("average") if metric == "attack-success-rate" else None
-        if asr is not None:
-            text += f" Average attack success rate (probe): {fmt_value(asr)}"
+        text += group_text(key, metric, metrics.get(f"per_{key}"))
     folds = fold_headline(metrics)
     if folds is not None:
         text += (f" {(metrics.get('cv') or {}).get('folds')}: the headline is the {folds['label']} (each fold's "
