@@ -259,6 +259,6 @@ def test_cross_validated_run_leads_with_the_mean_of_folds(experiment: dict, tmp_
     assert f"oe: auroc {mean:.3f} (mean of 4 folds; pooled out-of-fold {m['auroc']:.3f}) (n=16)" in printed
     summary = f"{fmt_value(mean)} (mean of 4 folds); pooled out-of-fold {fmt_ci(m['auroc'], m['auroc_ci'])}"
     md = (out / "report" / "report.md").read_text()
-    assert f"| oe | 16 | {summary} |" in md
+    assert f"| jsonl, prompt oe | 16 | {summary} |" in md  # the run's evaluations are named with its task
     assert f"| first-token logits (LogisticProbe) | {summary} | 16 |" in md  # the CLIP section's headline
     assert "With 4-fold cross-validation the figures are pooled out-of-fold AUROCs" in md  # token decay, layers

@@ -326,7 +326,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
                                     report_dir, stamp, label_runs))
     if cfg["finetune"] is not None:
         sections.append(_finetune_section(cfg, out, steps, prompts[0], splits, rows, runs, report_dir, results))
-    return write_report(eval_dirs, report_dir, sections, results)
+    return write_report(eval_dirs, report_dir, sections, results, task=cfg.task)
 
 
 def _steering(cfg: ExperimentConfig, out: Path, lazy: LazyBackend, prompt: tuple[str, str | None],

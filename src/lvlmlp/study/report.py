@@ -307,14 +307,18 @@ def render_markdown(title: str, intro: str, blocks: Sequence[Block]) -> str:
     return "\n".join([f"# {title}", "", intro, "", *(b.markdown() for b in blocks)])
 
 
-def summary_section(evals: dict[str, dict[str, Any]]) -> Section:
+def _title(name: str, task: str | None) -> str:
+    return name if task is None else f"{task}, prompt {name}"
+
+
+def summary_section(evals: dict[str, dict[str, Any]], task: str | None = None) -> Section:
     """The table at the top of `lvlmlp report`/`run`: every evaluation, the probe against its baselines with
     intervals, and the verdict against the best baseline in words."""
     rows = []
     for name, m in evals.items():
         if m.get("task") == "multiclass":
             base = m.get("baselines") or {}
-            rows.append([name, str(m.get("n", "–")), "top-1 accuracy " + fmt_value(m.get("accuracy")),
+            rows.append([_title(name, task), str(m.get("n", "–")), "top-1 accuracy " + fmt_value(m.get("accuracy")),
                          "; ".join(f"{b} top-1 accuracy {fmt_value(v.get('accuracy'))}" for b, v in base.items())
                          or "–", "–"])
             continue
@@ -326,7 +330,7 @@ def summary_section(evals: dict[str, dict[str, Any]]) -> Section:
         on = f", on the {POOLED} AUROC" if folds is not None else ""
         own = next((b for b in base if b.startswith("own-answer")), None)
         words = comparisons(m.get("auroc"), m.get("auroc_ci"), {b: v.get("auroc") for b, v in base.items()}, own, on)
-        rows.append([name, str(m.get("n", "–")), probe,
+        rows.append([_title(name, task), str(m.get("n", "–")), probe,
                      "; ".join(f"{b} {fmt_ci(v.get('auroc'), v.get('auroc_ci'))}" for b, v in base.items()) or "–",
                      words])
     return Section("Summary", "Test AUROC of the probe and of each baseline (95% bootstrap intervals); the verdict "
@@ -387,7 +391,8 @@ def group_text(key: str, metric: str, per: Any) -> str:
     return f" Per {key} ({metric}): {parts}." if parts else ""
 
 
-def eval_section(name: str, metrics: dict[str, Any], records: list[dict[str, Any]], out_dir: Path) -> Section:
+def eval_section(name: str, metrics: dict[str, Any], records: list[dict[str, Any]], out_dir: Path,
+                 title: str | None = None) -> Section:
     """One evaluation: its table (probe and baselines), the attack success rate when the task groups by it,
     its ROC curves and the probe's score histogram."""
     text = (f"Run {metrics.get('run')}, split {metrics.get('split')}, probe {metrics.get('probe', {}).get('dir')}.")
@@ -395,7 +400,7 @@ def eval_section(name: str, metrics: dict[str, Any], records: list[dict[str, Any
         rows = [["probe (" + metrics.get("probe", {}).get("class", "probe") + ")",
                  fmt_value(metrics.get("accuracy")), str(metrics.get("n", "–"))]]
         rows += [[b, fmt_value(m.get("accuracy")), str(m.get("n", "–"))] for b, m in (metrics.get("baselines") or {}).items()]
-        return Section(name, text, ["method", "top-1 accuracy", "n"], rows)
+        return Section(title or name, text, ["method", "top-1 accuracy", "n"], rows)
     for key, metric in (metrics.get("groups") or {}).items():
         text += group_text(key, metric, metrics.get(f"per_{key}"))
     folds = fold_headline(metrics)
@@ -408,16 +413,19 @@ def eval_section(name: str, metrics: dict[str, Any], records: list[dict[str, Any
         pngs = [out_dir / f"roc_{name}.png", out_dir / f"scores_{name}.png"]
         plot_roc(metrics, records, pngs[0], f"ROC: {name}")
         plot_scores(records, pngs[1], f"probe scores: {name}", threshold)
-    return Section(name, text, HEADER, table_rows(metrics), pngs, alts=[f"{k} {name}" for k in ("roc", "scores")])
+    return Section(title or name, text, HEADER, table_rows(metrics), pngs,
+                   alts=[f"{k} {name}" for k in ("roc", "scores")])
 
 
 def write_report(
-    eval_dirs: list[str | Path], out: str | Path, sections: Sequence[Section] = (), analyses: dict | None = None
+    eval_dirs: list[str | Path], out: str | Path, sections: Sequence[Section] = (), analyses: dict | None = None,
+    task: str | None = None,
 ) -> dict[str, Any]:
     """Write metrics.json, report.md, PNG plots and a self-contained report.html into `out`; returns metrics.json.
 
     It holds {eval name: metrics}; with `analyses` (`lvlmlp run`), {"evaluations": {name: metrics}, **analyses},
-    and `sections` follow the evaluations in the report."""
+    and `sections` follow the evaluations in the report. `task`: what every evaluation is of (`lvlmlp run`'s task),
+    shown with each evaluation's name (a run's evaluations are named by prompt, e.g. "default")."""
     if not eval_dirs:
         raise LvlmlpError("report: give at least one probe eval folder")
     out_dir = Path(out)
@@ -428,8 +436,8 @@ def write_report(
     for name, folder in zip(_unique_names(dirs), dirs):
         metrics, records = load_eval(folder)
         combined[name] = metrics
-        blocks.append(eval_section(name, metrics, records, out_dir))
-    blocks = [summary_section(combined), glossary(combined), *blocks, *sections]
+        blocks.append(eval_section(name, metrics, records, out_dir, _title(name, task)))
+    blocks = [summary_section(combined, task), glossary(combined), *blocks, *sections]
     intro = "Probe versus baselines on each evaluation; every figure recomputes from the saved scores."
     doc = combined if analyses is None else {"evaluations": combined, **analyses}
     (out_dir / "metrics.json").write_text(json.dumps(doc, indent=2))
