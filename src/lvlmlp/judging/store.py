@@ -63,15 +63,21 @@ class JudgmentLog:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / JUDGMENTS_FILE
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        size = os.fstat(self._fd).st_size
-        if size and os.pread(self._fd, 1, size - 1) != b"\n":
+        self._fd: int | None = None  # opened at the first line: a judge that sends nothing leaves no file
+
+    def _open(self) -> int:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
             # A line torn by a killed judge: cut it off, or the next line would be glued to it.
-            data = os.pread(self._fd, size, 0)
-            os.ftruncate(self._fd, data.rfind(b"\n") + 1)
-            os.fsync(self._fd)
+            data = os.pread(fd, size, 0)
+            os.ftruncate(fd, data.rfind(b"\n") + 1)
+            os.fsync(fd)
+        return fd
 
     def append(self, record: dict) -> None:
+        if self._fd is None:
+            self._fd = self._open()
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         written = os.write(self._fd, line)
         if written != len(line):  # a short write (full disk): cut it off, keep the file whole
