@@ -447,3 +447,45 @@ def test_config_judge_section_is_checked(tmp_path):
     cfg.write_text(base + "task: vizwiz\njudge: {endpoint: x, concurrency: 0}\n")
     with pytest.raises(LvlmlpError, match=r"^config: judge.concurrency: must be >= 1, got 0"):
         load_config(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------- lvlmlp run
+def test_run_config_judges_the_test_run_and_mathvista_takes_the_judged_labels(tmp_path, serve, key, tiny_ckpt):
+    """`judge:` in a config: after extraction the test run is judged (MathVista's extraction), and the evaluation's
+    labels are the judged true_false, not the deterministic checker's; a second run sends nothing."""
+    from PIL import Image
+
+    from lvlmlp.extraction.store import open_run
+    from lvlmlp.tasks.mathvista import label_from_responses
+
+    data = tmp_path / "mathvista"
+    (data / "images").mkdir(parents=True)
+    records = []
+    for pid in range(1, 9):
+        Image.new("RGB", (32, 32), (30 * pid, 20, 200 - 20 * pid)).save(data / "images" / f"{pid}.jpg")
+        records.append({"pid": str(pid), "image": f"images/{pid}.jpg", "query": f"Question: item {pid}?",
+                        "answer": "5", "question_type": "free_form", "answer_type": "integer", "choices": None,
+                        "precision": None, "unit": None})
+    (data / "testmini.json").write_text(json.dumps(records))
+    # The "judge" extracts 5 (right) for even items, 6 for odd ones.
+    server = serve(lambda content: "5" if int(content.rsplit("Question: item ", 1)[1].split("?")[0]) % 2 == 0
+                   else "6")
+    cfg = tmp_path / "mv.yaml"
+    cfg.write_text(f"task: mathvista\ndata_root: {data}\nmodel: {tiny_ckpt('llava')}\nout: {tmp_path / 'out'}\n"
+                   "device: cpu\ndtype: float32\nsplits: {cv: 2}\nextract: {max_new_tokens: 3}\n"
+                   "analyses: {token_decay: false, layer_sweep: false}\nn_boot: 0\n"
+                   f"judge: {{endpoint: '{server.url}', api_key_env: {key}, concurrency: 2}}\n")
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    run = open_run(tmp_path / "out" / "runs" / "default-testmini")
+    judged = read_judgments(run.path)
+    rule_rows = [m["id"] for m in run.meta if m["response"].strip().isdigit()]  # extracted without a request
+    assert len(server.requests) == 8 - len(rule_rows) and set(judged) == {str(p) for p in range(1, 9)}
+    expected = {m["id"]: int(int(m["id"]) % 2 == 0) for m in run.meta if m["id"] not in rule_rows}
+    assert {i: int(judged[i].verdict == "true") for i in expected} == expected
+    scores = [json.loads(line) for line in (tmp_path / "out" / "evals" / "default" / "scores.jsonl").open()]
+    assert {s["id"]: s["label"] for s in scores if s["id"] in expected} == expected
+    checker = dict(zip(run.ids, label_from_responses(run.meta)))
+    assert any(checker[i] != lab for i, lab in expected.items())  # the checker alone would have said otherwise
+    server.requests.clear()
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    assert server.requests == []
