@@ -450,9 +450,11 @@ def test_config_judge_section_is_checked(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- lvlmlp run
-def test_run_config_judges_the_test_run_and_mathvista_takes_the_judged_labels(tmp_path, serve, key, tiny_ckpt):
+def test_run_config_judges_the_test_run_and_mathvista_takes_the_judged_labels(tmp_path, serve, key, tiny_ckpt,
+                                                                             capsys, monkeypatch):
     """`judge:` in a config: after extraction the test run is judged (MathVista's extraction), and the evaluation's
-    labels are the judged true_false, not the deterministic checker's; a second run sends nothing."""
+    labels are the judged true_false, not the deterministic checker's; a second run sends nothing and needs no
+    key; a missing key is said before the extraction."""
     from PIL import Image
 
     from lvlmlp.extraction.store import open_run
@@ -475,6 +477,12 @@ def test_run_config_judges_the_test_run_and_mathvista_takes_the_judged_labels(tm
                    "device: cpu\ndtype: float32\nsplits: {cv: 2}\nextract: {max_new_tokens: 3}\n"
                    "analyses: {token_decay: false, layer_sweep: false}\nn_boot: 0\n"
                    f"judge: {{endpoint: '{server.url}', api_key_env: {key}, concurrency: 2}}\n")
+    monkeypatch.delenv("LVLMLP_NO_SUCH_KEY", raising=False)
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--no-progress", "--set", "judge.api_key_env=LVLMLP_NO_SUCH_KEY"]) == 2
+    assert capsys.readouterr().err.startswith("lvlmlp: error: --api-key-env LVLMLP_NO_SUCH_KEY: the environment "
+                                              "variable is not set")
+    assert not (tmp_path / "out" / "runs").exists()  # refused before any extraction
     assert main(["run", str(cfg), "--no-progress"]) == 0
     run = open_run(tmp_path / "out" / "runs" / "default-testmini")
     judged = read_judgments(run.path)
@@ -487,5 +495,14 @@ def test_run_config_judges_the_test_run_and_mathvista_takes_the_judged_labels(tm
     checker = dict(zip(run.ids, label_from_responses(run.meta)))
     assert any(checker[i] != lab for i, lab in expected.items())  # the checker alone would have said otherwise
     server.requests.clear()
+    monkeypatch.delenv(key)
     assert main(["run", str(cfg), "--no-progress"]) == 0
+    assert server.requests == []
+
+
+def test_a_run_without_responses_is_refused(tmp_path, serve, key):
+    run = legacy_run(tmp_path, [{"question": "Why?"}])
+    server = serve(lambda content: "yes")
+    with pytest.raises(LvlmlpError, match=r"^.*/run: no responses to judge; extract with --max-new-tokens"):
+        judge_run(run, "vizwiz", None, JudgeOptions(endpoint=server.url, api_key_env=key, progress=False))
     assert server.requests == []

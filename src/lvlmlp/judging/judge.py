@@ -205,6 +205,30 @@ def _ask(client: Any, model: str, item: Item, opts: JudgeOptions,
     raise AssertionError("unreachable")
 
 
+def _judged(before: dict[str, Any], it: Item) -> bool:
+    """The row has a judgment of this template and this filled text (not of an earlier response)."""
+    old = before.get(it.row_id)
+    return old is not None and old.template == it.template and old.prompt_sha256 == it.sha
+
+
+def preflight(run_dir: str | Path, task: str, prompt_template: str | None, opts: JudgeOptions) -> None:
+    """Before hours of extraction (`lvlmlp run`): the key variable and the endpoint are checked unless the run
+    exists and judging it would send nothing."""
+    from lvlmlp.extraction.store import open_run
+
+    opts.check()
+    try:
+        run = open_run(run_dir)
+        before = read_judgments(run.path)
+        if all(it.local_reply is not None or _judged(before, it)
+               for it in build_items(run, task, prompt_template, opts)):
+            return
+    except LvlmlpError:
+        pass  # not extracted yet (or not finished): it will need the judge
+    check_api_key(opts.api_key_env)
+    check_endpoint(opts.endpoint)
+
+
 def judge_run(run_dir: str | Path, task: str, prompt_template: str | None, opts: JudgeOptions) -> Summary:
     """Judge every response of the run not judged yet; returns the counts (`Summary.line()` prints them)."""
     from lvlmlp.extraction.store import locked_folder, open_run
@@ -223,8 +247,7 @@ def judge_run(run_dir: str | Path, task: str, prompt_template: str | None, opts:
                               "or move the file away to judge again")
 
         def done(it: Item) -> bool:
-            old = before.get(it.row_id)
-            return old is not None and old.template == it.template and old.prompt_sha256 == it.sha
+            return _judged(before, it)
 
         pending = [it for it in items if not done(it)]
         summary.n_done_before = len(items) - len(pending)

@@ -176,6 +176,11 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
     rows = {s: shard_rows(task_rows(cfg, s)) for s in splits}
     ext = cfg["extract"]
     runs: dict[tuple[str, str], Any] = {}
+    if cfg.judge is not None:  # a missing key or a wrong endpoint is said now, not after the extraction
+        from lvlmlp.judging.judge import preflight
+
+        for name, template in prompts:
+            preflight(out / "runs" / f"{name}-{splits[-1]}", cfg["task"], template, _judge_options(cfg, False))
     for name, template in prompts:
         for split in splits:
             folder = out / "runs" / f"{name}-{split}"
@@ -210,15 +215,20 @@ def _judge_step(cfg: ExperimentConfig, prompts: list[tuple[str, str | None]], te
                 progress: bool) -> None:
     """`judge:` each prompt's test run judged (`lvlmlp judge`); the judge itself skips the rows judged already, so a
     re-run sends nothing (and needs neither key nor endpoint) once every row is judged."""
-    from lvlmlp.judging.judge import JudgeOptions, judge_run
+    from lvlmlp.judging.judge import judge_run
+
+    for name, template in prompts:
+        summary = judge_run(runs[(name, test_split)].path, cfg["task"], template, _judge_options(cfg, progress))
+        log.info("run: %s", summary.line())
+
+
+def _judge_options(cfg: ExperimentConfig, progress: bool) -> Any:
+    from lvlmlp.judging.judge import JudgeOptions
 
     j = cfg.judge
-    opts = JudgeOptions(endpoint=str(j.endpoint), model=j.model, api_key_env=j.api_key_env,
+    return JudgeOptions(endpoint=str(j.endpoint), model=j.model, api_key_env=j.api_key_env,
                         concurrency=j.concurrency, scenarios=j.scenario_templates, rounding=j.mathvista_rounding,
                         progress=progress)
-    for name, template in prompts:
-        summary = judge_run(runs[(name, test_split)].path, cfg["task"], template, opts)
-        log.info("run: %s", summary.line())
 
 
 def _own_labels(cfg: ExperimentConfig, run: Any) -> Any:
