@@ -134,6 +134,13 @@ def serve():
         s.close()
 
 
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test servers are on 127.0.0.1: a proxy of the caller's environment must not carry the requests."""
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+
 @pytest.fixture
 def key(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("LVLMLP_TEST_KEY", "sk-test")
@@ -506,3 +513,13 @@ def test_a_run_without_responses_is_refused(tmp_path, serve, key):
     with pytest.raises(LvlmlpError, match=r"^.*/run: no responses to judge; extract with --max-new-tokens"):
         judge_run(run, "vizwiz", None, JudgeOptions(endpoint=server.url, api_key_env=key, progress=False))
     assert server.requests == []
+
+
+def test_progress_bar_on_stderr_and_the_closing_line_on_stdout(tmp_path, serve, key, capsys):
+    run = legacy_run(tmp_path, [{"question": "Why?", "response": "Because."}, {"question": "How?", "response": "So."}])
+    server = serve(lambda content: "yes")
+    capsys.readouterr()
+    assert main(["judge", str(run), "--task", "vizwiz", "--endpoint", server.url, "--api-key-env", key]) == 0
+    captured = capsys.readouterr()
+    assert "judge: 100%" in captured.err and "2/2" in captured.err
+    assert captured.out.startswith(f"{run}: judged 2 rows with gpt-4-1106-preview (0 judged before, 2 in all)")

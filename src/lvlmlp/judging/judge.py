@@ -22,6 +22,7 @@ import os
 import socket
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -166,10 +167,15 @@ def check_endpoint(url: str) -> None:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise LvlmlpError(f"--endpoint {url}: invalid port") from None
+    host, where = parts.hostname, ""
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname):  # the client goes through the proxy: probe it
+        proxied = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port, where = proxied.hostname or "", proxied.port or 80, f" through the proxy {proxy}"
     try:
-        socket.create_connection((parts.hostname, port), timeout=10).close()
+        socket.create_connection((host, port), timeout=10).close()
     except OSError as err:
-        raise LvlmlpError(f"--endpoint {url}: unreachable ({err.strerror or err})") from None
+        raise LvlmlpError(f"--endpoint {url}: unreachable{where} ({err.strerror or err})") from None
 
 
 def _retry_after(err: Exception) -> float | None:
