@@ -523,3 +523,25 @@ def test_progress_bar_on_stderr_and_the_closing_line_on_stdout(tmp_path, serve, 
     captured = capsys.readouterr()
     assert "judge: 100%" in captured.err and "2/2" in captured.err
     assert captured.out.startswith(f"{run}: judged 2 rows with gpt-4-1106-preview (0 judged before, 2 in all)")
+
+
+def test_ctrl_c_stops_at_once_and_keeps_the_judged_rows(tmp_path, serve, key):
+    run = legacy_run(tmp_path, [{"question": f"q {i}", "response": f"r {i}"} for i in range(3)])
+    hanging = serve(lambda content: "yes", hang_after=1)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from lvlmlp.cli import main; sys.exit(main())",
+                             "judge", str(run), "--task", "vizwiz", "--endpoint", hanging.url, "--api-key-env", key,
+                             "--concurrency", "1", "--no-progress"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(hanging.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)  # the request in flight (unanswered for 60 s) is not waited for
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "lvlmlp: interrupted" in err
+    assert set(read_judgments(run)) == {"q0"}

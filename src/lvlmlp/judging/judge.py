@@ -19,12 +19,13 @@ import errno
 import hashlib
 import logging
 import os
+import queue
 import socket
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,7 +295,8 @@ def judge_run(run_dir: str | Path, task: str, prompt_template: str | None, opts:
 
 
 def _send_all(items: list[Item], model: str, opts: JudgeOptions, record: Callable[..., None]) -> None:
-    """At most `concurrency` requests in flight; each reply is recorded (by this thread) as it arrives."""
+    """At most `concurrency` requests in flight, each in a daemon thread (Ctrl-C does not wait for the requests in
+    flight); each reply is recorded by this thread as it arrives."""
     from tqdm.auto import tqdm
 
     try:
@@ -304,39 +306,38 @@ def _send_all(items: list[Item], model: str, opts: JudgeOptions, record: Callabl
     key = check_api_key(opts.api_key_env)
     check_endpoint(opts.endpoint)
     client = openai.OpenAI(base_url=opts.endpoint, api_key=key, max_retries=0, timeout=opts.timeout)
-    queue = iter(items)
+    todo = iter(items)
+    done: queue.Queue = queue.Queue()
     failure: BaseException | None = None
-    bar = tqdm(total=len(items), desc="judge", unit="row", file=sys.stderr, disable=not opts.progress)
-    pool = ThreadPoolExecutor(max_workers=opts.concurrency, thread_name_prefix="lvlmlp-judge")
-    running: dict[Future, Item] = {}
-    try:
-        def submit() -> None:
-            # Submitted as slots free up, so a failure or Ctrl-C leaves no queue of requests behind it.
-            while failure is None and len(running) < opts.concurrency:
-                it = next(queue, None)
-                if it is None:
-                    return
-                running[pool.submit(_ask, client, model, it, opts)] = it
+    in_flight = 0
 
+    def ask(it: Item) -> None:
+        try:
+            done.put((it, _ask(client, model, it, opts), None))
+        except BaseException as err:  # handed to the main thread, which raises it
+            done.put((it, None, err))
+
+    def submit() -> None:
+        # Started as slots free up, so a failure or Ctrl-C leaves no queue of requests behind it.
+        nonlocal in_flight
+        while failure is None and in_flight < opts.concurrency:
+            it = next(todo, None)
+            if it is None:
+                return
+            threading.Thread(target=ask, args=(it,), name="lvlmlp-judge", daemon=True).start()
+            in_flight += 1
+
+    with tqdm(total=len(items), desc="judge", unit="row", file=sys.stderr, disable=not opts.progress) as bar:
         submit()
-        while running:
-            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for fut in finished:
-                it = running.pop(fut)
-                try:
-                    reply, usage = fut.result()
-                except BaseException as err:  # the first failure stops new requests; replies in flight are kept
-                    failure = failure or err
-                    continue
-                record(it, reply, usage, sent=True)
+        while in_flight:
+            it, result, err = done.get()
+            in_flight -= 1
+            if err is not None:  # the first failure stops new requests; the replies in flight are still kept
+                failure = failure or err
+            else:
+                record(it, *result, sent=True)
                 bar.update(1)
             submit()
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    finally:
-        bar.close()
-    pool.shutdown(wait=True)
     if failure is not None:
         raise failure
 
