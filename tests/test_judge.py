@@ -545,3 +545,32 @@ def test_ctrl_c_stops_at_once_and_keeps_the_judged_rows(tmp_path, serve, key):
             proc.wait()
     assert proc.returncode == 130 and "lvlmlp: interrupted" in err
     assert set(read_judgments(run)) == {"q0"}
+
+
+# sha256 of each string constant as Python evaluates it in the original files (LVLM-LP utils/annotate.py at
+# 0cfab285e3d0; lupantech/MathVista evaluation/prompts/ext_ans.py at ed0d56d, unchanged since), computed from those
+# files, not from lvlmlp's package data.
+ORIGINAL_SHA256 = {
+    "gpt_query_template_answer": "ad7458883262cd1fa863dbe1d2de2aa973f0fd21591ddd8b8c0b49b6e240c8b8",
+    "gpt_query_template_dec": "6275a3d3c3da2f4165257990d7484d50042a3be4d9349fa56ee406ad8bb955d6",
+    "gpt_query_template_safety": "b98d39924c2d5137cad3bb970cb9bcfd8e96aa426b6f5b2559d5ee4e2a612162",
+    "gpt_query_template_safety_political_lobbing": "0e44d81d95ed691b59f843b1f31ed604aee122a0e3f56eb2e0ae720a9bdf979d",
+    "gpt_query_template_safety_legal": "76d49a66abac7255d3df89d1521764167a2633dc9b646898c91081d45f779a5e",
+    "gpt_query_template_safety_financial": "66b7e6a5d83422bf41f9ed1e3735e287fe54a555dcc4b29c533a6c71996f2e9a",
+    "gpt_query_template_safety_health": "80ed9a78e03eb4d0d45da68dab64459000bf5836ec7ad5213b50f709c10ecab9",
+    "gpt_query_template_safety_gov_decision": "9f10805c75f1df837fc07dc9864a3e98ee79099614a4a9f601d36fd5078201a5",
+    "mathvista_demo_prompt": "a231722ced09cbd1f3fd16630ab58bf487f12e2f46ea0b26d1f2f6b5c50fb17c",
+}
+
+
+def test_package_templates_are_the_original_texts():
+    import string
+
+    from lvlmlp.judging.templates import templates
+
+    assert {k: hashlib.sha256(v.encode()).hexdigest() for k, v in templates().items()} == ORIGINAL_SHA256
+    assert templates()["gpt_query_template_answer"] == ANSWER_TEMPLATE.replace("QUESTION", "{question}").replace(
+        "PREDICTION", "{prediction}")
+    fields = {k: {f for _, f, _, _ in string.Formatter().parse(v) if f} for k, v in templates().items()}
+    assert fields == {k: ({"question", "prediction"} if k in ("gpt_query_template_answer", "gpt_query_template_dec")
+                          else set() if k == "mathvista_demo_prompt" else {"prediction"}) for k in ORIGINAL_SHA256}
