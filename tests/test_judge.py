@@ -216,6 +216,11 @@ def test_the_question_is_the_prompt_the_model_was_asked(tmp_path, serve, key):
     (run / "manifest.json").write_text(json.dumps(manifest))
     template = run_prompt_template(open_run(run), "mad", "oe")
     assert template == "{question}"
+    manifest["prompt_template"] = "USER: <image>\nQ: {question} (be brief) ASSISTANT:"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert run_prompt_template(open_run(run), "mad", None, "Q: {question} (be brief)") == "Q: {question} (be brief)"
+    with pytest.raises(LvlmlpError, match=r"^--prompt-template: the run .* was not extracted with this prompt"):
+        run_prompt_template(open_run(run), "mad", None, "Q: {question}!")
     items = build_items(open_run(run), "mad", "Q: {question} (be brief)", JudgeOptions(endpoint="http://x"))
     dec = templates()["gpt_query_template_dec"]
     assert dec.startswith("You are an AI assistant tasked with evaluating GPT's responses to specific questions. "
@@ -342,6 +347,11 @@ def test_missing_key_or_unreachable_endpoint_is_one_line_before_any_request(tmp_
     assert capsys.readouterr().err == ("lvlmlp: error: --task pope: the original judged no pope responses with an "
                                        "LLM (tasks with a judge: vizwiz, mad, mmsafety, mathvista)\n")
     assert server.requests == [] and not (run / JUDGMENTS_FILE).exists()
+    # The original's MathV.jsonl has the answer but not the record's question and answer types.
+    mv = legacy_run(tmp_path, [{"question": "Q", "response": "R", "answer": "5"}], name="mv")
+    assert main(["judge", str(mv), "--task", "mathvista", "--endpoint", server.url]) == 2
+    assert capsys.readouterr().err == (f"lvlmlp: error: {mv}: row 'q0' has no 'question_type' field; judge a run "
+                                       "extracted with --task mathvista\n")
 
 
 def test_a_second_judge_on_the_same_run_is_refused(tmp_path, serve, key):

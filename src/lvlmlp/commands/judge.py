@@ -15,6 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", required=True, help="vizwiz, mad, mmsafety or mathvista (chooses the template)")
     p.add_argument("--prompt-style", metavar="STYLE",
                    help="the style the run was extracted with (default: the task's default); fills {question}")
+    p.add_argument("--prompt-template", metavar="TEXT",
+                   help="instead of --prompt-style: the template with {question} the run was extracted with")
     p.add_argument("--endpoint", required=True, metavar="URL",
                    help="the OpenAI client's base URL, e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
     p.add_argument("--judge-model", metavar="NAME", help="default: the original's (gpt-4-1106-preview; "
@@ -33,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lvlmlp.errors import LvlmlpError
     from lvlmlp.extraction.store import open_run
     from lvlmlp.judging.judge import JudgeOptions, judge_run, run_prompt_template
     from lvlmlp.judging.templates import task_template
@@ -42,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
                         concurrency=args.concurrency, scenarios=args.scenario_templates,
                         rounding=args.mathvista_rounding, progress=not args.no_progress)
     opts.check()
-    template = run_prompt_template(open_run(args.run), args.task, args.prompt_style)
+    if args.prompt_template is not None and args.prompt_style is not None:
+        raise LvlmlpError("give --prompt-style or --prompt-template, not both")
+    template = run_prompt_template(open_run(args.run), args.task, args.prompt_style, args.prompt_template)
     summary = judge_run(args.run, args.task, template, opts)
     print(summary.line())
     return 0

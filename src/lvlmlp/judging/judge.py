@@ -342,23 +342,28 @@ def _send_all(items: list[Item], model: str, opts: JudgeOptions, record: Callabl
         raise failure
 
 
-def run_prompt_template(run: Any, task: str, style: str | None) -> str | None:
+def run_prompt_template(run: Any, task: str, style: str | None, template: str | None = None) -> str | None:
     """The prompt template the run's model was asked with, for `question_of`: None for a run imported from the
-    original (its questions are the prompts already); else the task's style (default: the task's default style),
-    refused when the run's manifest shows another prompt."""
+    original (its questions are the prompts already); else `template` or the task's style (default: the task's
+    default style), refused when the run's manifest shows another prompt."""
     from lvlmlp.tasks import get_task, prompt_template
 
     manifest = run.manifest
     if manifest.get("source") == "import-legacy":
         return None
-    style = style or get_task(task).default_prompt_style
-    for key, given in (("task", task), ("prompt_style", style)):
-        if manifest.get(key) is not None and manifest[key] != given:
-            raise LvlmlpError(f"--{key.replace('_', '-')} {given}: the run {run.path} was extracted with "
-                              f"{key} {manifest[key]!r}")
-    template = prompt_template(task, style)
+    if template is not None:
+        if "{question}" not in template:
+            raise LvlmlpError(f"--prompt-template {template!r}: has no {{question}} placeholder")
+        flag = "--prompt-template"
+    else:
+        style = style or get_task(task).default_prompt_style
+        for key, given in (("task", task), ("prompt_style", style)):
+            if manifest.get(key) is not None and manifest[key] != given:
+                raise LvlmlpError(f"--{key.replace('_', '-')} {given}: the run {run.path} was extracted with "
+                                  f"{key} {manifest[key]!r}")
+        template, flag = prompt_template(task, style), f"--prompt-style {style}"
     used = manifest.get("prompt_template")
     if isinstance(used, str) and template not in used:
-        raise LvlmlpError(f"--prompt-style {style}: the run {run.path} was not extracted with this prompt (its "
-                          f"manifest's prompt_template is {used[:80]!r}); give the style it was extracted with")
+        raise LvlmlpError(f"{flag}: the run {run.path} was not extracted with this prompt (its manifest's "
+                          f"prompt_template is {used[:80]!r}); give the prompt it was extracted with")
     return template
