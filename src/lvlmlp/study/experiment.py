@@ -5,6 +5,8 @@ them), so that re-running a finished config does no model work and an interrupte
 
 1. extraction: one run folder per prompt and split, `OUT/runs/{prompt}-{split}` (the extractor itself resumes
    a half-written run row by row);
+   with `judge:`, each prompt's test run is then judged (`lvlmlp judge`, `RUN/judgments.jsonl`; it resumes by
+   itself and sends nothing once every row is judged);
 2. the CLIP/SigLIP baseline (`clip:`): `OUT/runs/clip-{kind}-{split}`;
 3. per prompt: the probe on first-token logits against the baselines (`OUT/evals/{prompt}`, a `probe eval`
    folder, probe in `OUT/probes/{prompt}`), token-position decay and the layer sweep (`OUT/analyses/`);
