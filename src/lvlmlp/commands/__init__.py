@@ -15,6 +15,7 @@ COMMANDS: list[str] = [
     "probe",
     "report",
     "import_legacy",
+    "judge",
     "generate",
     "finetune",
     "tiny_model",

@@ -135,6 +135,19 @@ class RayConfig(Section):
 
 
 @dataclass
+class JudgeConfig(Section):
+    """`lvlmlp judge` on each prompt's test-split run after extraction (docs/judge.md): the original's GPT-4
+    judgments of VizWiz / MAD-Bench / MM-SafetyBench responses, MathVista's answer extraction (its labels)."""
+
+    endpoint: str | None = None  # required when the section is given: the OpenAI client's base URL
+    model: str | None = None  # None: the original's (gpt-4-1106-preview; MathVista gpt-4-0125-preview)
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = field(default=4, metadata=_min(1))
+    scenario_templates: Literal["paper", "by-name"] = "paper"  # MM-SafetyBench, see lvlmlp.judging.templates
+    mathvista_rounding: Literal["paper", "fixed"] = "paper"  # see lvlmlp.judging.mathvista
+
+
+@dataclass
 class ExperimentConfig(Section):
     name: str | None = None  # report title; default: the config file's name
     model: str | None = None  # hub id or local folder of the VLM (required)
@@ -165,6 +178,7 @@ class ExperimentConfig(Section):
     steering: SteeringConfig | None = None  # probe-guided decoding (docs/experiments.md)
     # finetuning vs probing (README): {epochs, lr, lora_rank, answers, ...}, checked by `experiment.finetune_options`
     finetune: dict[str, Any] | None = None
+    judge: JudgeConfig | None = None  # an LLM judge of the test runs' responses (docs/judge.md)
 
 
 REQUIRED = ("model", "data_root", "out")
@@ -358,6 +372,17 @@ def validate(cfg: ExperimentConfig) -> None:
         if cfg.extract.max_new_tokens < 1 or cfg.splits.cv is not None:
             raise LvlmlpError("config: steering needs extract.max_new_tokens >= 1 (the unguarded answers) and "
                               "splits {train, test}")
+    if cfg.judge is not None:
+        from lvlmlp.judging.templates import task_template
+
+        if not cfg.judge.endpoint:
+            raise LvlmlpError("config: judge.endpoint is required when the judge section is given")
+        try:
+            task_template(cfg.task)
+        except LvlmlpError as err:
+            raise LvlmlpError(f"config: judge: {str(err).removeprefix('--task ')}") from None
+        if cfg.extract.max_new_tokens < 1:
+            raise LvlmlpError("config: judge needs responses: set extract.max_new_tokens >= 1")
     for i, name in enumerate(cfg.baselines):
         try:
             check_baseline_name(name)

@@ -5,6 +5,8 @@ them), so that re-running a finished config does no model work and an interrupte
 
 1. extraction: one run folder per prompt and split, `OUT/runs/{prompt}-{split}` (the extractor itself resumes
    a half-written run row by row);
+   with `judge:`, each prompt's test run is then judged (`lvlmlp judge`, `RUN/judgments.jsonl`; it resumes by
+   itself and sends nothing once every row is judged);
 2. the CLIP/SigLIP baseline (`clip:`): `OUT/runs/clip-{kind}-{split}`;
 3. per prompt: the probe on first-token logits against the baselines (`OUT/evals/{prompt}`, a `probe eval`
    folder, probe in `OUT/probes/{prompt}`), token-position decay and the layer sweep (`OUT/analyses/`);
@@ -176,6 +178,11 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
     rows = {s: shard_rows(task_rows(cfg, s)) for s in splits}
     ext = cfg["extract"]
     runs: dict[tuple[str, str], Any] = {}
+    if cfg.judge is not None:  # a missing key or a wrong endpoint is said now, not after the extraction
+        from lvlmlp.judging.judge import preflight
+
+        for name, template in prompts:
+            preflight(out / "runs" / f"{name}-{splits[-1]}", cfg["task"], template, _judge_options(cfg, False))
     for name, template in prompts:
         for split in splits:
             folder = out / "runs" / f"{name}-{split}"
@@ -200,8 +207,48 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
                             label_fn=_label_fn(cfg))
                 steps.mark(step, key)
             runs[(name, split)] = open_run(folder)
+    if cfg.judge is not None:
+        _judge_step(cfg, prompts, splits[-1], runs, progress)
     clip_runs = _clip_step(cfg, rows, out, progress) if cfg["clip"] else {}
     return _analyses(cfg, out, steps, prompts, splits, runs, clip_runs, rows, lazy, progress)
+
+
+def _judge_step(cfg: ExperimentConfig, prompts: list[tuple[str, str | None]], test_split: str, runs: dict,
+                progress: bool) -> None:
+    """`judge:` each prompt's test run judged (`lvlmlp judge`); the judge itself skips the rows judged already, so a
+    re-run sends nothing (and needs neither key nor endpoint) once every row is judged."""
+    from lvlmlp.judging.judge import judge_run
+
+    for name, template in prompts:
+        summary = judge_run(runs[(name, test_split)].path, cfg["task"], template, _judge_options(cfg, progress))
+        log.info("run: %s", summary.line())
+
+
+def _judge_options(cfg: ExperimentConfig, progress: bool) -> Any:
+    from lvlmlp.judging.judge import JudgeOptions
+
+    j = cfg.judge
+    return JudgeOptions(endpoint=str(j.endpoint), model=j.model, api_key_env=j.api_key_env,
+                        concurrency=j.concurrency, scenarios=j.scenario_templates, rounding=j.mathvista_rounding,
+                        progress=progress)
+
+
+def _own_labels(cfg: ExperimentConfig, run: Any) -> Any:
+    """The labels a run's rows take: MathVista's from its judgments (MathVista's answer extraction) where the run
+    was judged, else the run's own (None)."""
+    if _label_fn(cfg) is None or cfg["task"] != "mathvista":
+        return None
+    from lvlmlp.judging.mathvista import judged_labels
+
+    return judged_labels(run)
+
+
+def _judgments_stamp(run: Any) -> tuple[str, ...]:
+    """A judged run's evaluation depends on its judgments too (MathVista labels, the own-answer baselines)."""
+    from lvlmlp.judging.store import JUDGMENTS_FILE
+
+    path = Path(run.path) / JUDGMENTS_FILE
+    return (hashlib.sha256(path.read_bytes()).hexdigest(),) if path.is_file() else ()
 
 
 def _clip_step(cfg: ExperimentConfig, rows: dict[str, list[dict]], out: Path, progress: bool) -> dict:
@@ -225,8 +272,9 @@ def _protocol(cfg: ExperimentConfig, train_run: Any, test_run: Any, label_runs: 
 
     def labelled(run: Any, source: Any) -> Any:
         if source is None:
-            return Labelled.of(run)
-        by_id = dict(zip(source.ids, source.labels))
+            return Labelled.of(run, _own_labels(cfg, run))
+        own = _own_labels(cfg, source)
+        by_id = dict(zip(source.ids, source.labels if own is None else own))
         return Labelled.of(run, [by_id.get(i, np.nan) for i in run.ids])
 
     train_src, test_src = label_runs or (None, None)
@@ -266,7 +314,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
     def stamp(*inputs: Any) -> str:
         # A result depends on its settings and on the exact runs it read (their creation times identify them).
         return _key([probe_cfg, cfg["baselines"], cfg["splits"], cfg["n_boot"], cfg["seed"],
-                     [(str(r.path), r.manifest.get("created_at")) for r in inputs]])
+                     [(str(r.path), r.manifest.get("created_at"), *_judgments_stamp(r)) for r in inputs]])
 
     for name, template in prompts:
         train_run, test_run = runs[(name, train_split)], runs[(name, test_split)]

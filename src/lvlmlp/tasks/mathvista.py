@@ -1,6 +1,8 @@
 """MathVista testmini: the label is whether the MODEL's answer is right, so rows carry no label.
 
-Labels come later from the run's responses: `label_from_responses(run.meta)`. The checker is deterministic
+Labels come later from the run's responses: `label_from_responses(run.meta)`, or, for a run judged with `lvlmlp
+judge --task mathvista`, MathVista's own GPT answer extraction (`label_from_responses(run.meta, judged)`, see
+`lvlmlp.judging.mathvista.judged_labels`) for the rows it judged. The checker is deterministic
 (no LLM answer extraction): it reads the final answer span of the response and compares it by the question's
 type, so the same responses always give the same labels. Records that carry an externally judged `true_false`
 (the original's MathV_output.json after MathVista's GPT-4 answer extraction) keep that judgement instead.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -172,10 +175,16 @@ def response_label(response: str, row: dict) -> int:
     return int(check_answer(response, row))
 
 
-def label_from_responses(rows_meta: list[dict]) -> list[int]:
-    """Labels (correct = 1) for a run's rows: `open_run(dir).meta`, each with the record fields and `response`."""
+def label_from_responses(rows_meta: list[dict], judged: Mapping[str, bool] | None = None) -> list[int]:
+    """Labels (correct = 1) for a run's rows: `open_run(dir).meta`, each with the record fields and `response`.
+    `judged`: row id -> MathVista's own `true_false` (`lvlmlp judge --task mathvista`: its GPT answer extraction
+    and comparison), used instead of the deterministic checker for the rows it holds."""
+    judged = judged or {}
     labels = []
     for meta in rows_meta:
+        if meta.get("id") in judged:
+            labels.append(int(bool(judged[meta["id"]])))
+            continue
         if meta.get("response") is None:
             raise LvlmlpError(
                 f"mathvista: row {meta.get('id')!r} has no response; extract with generation (max_new_tokens > 1)"
