@@ -1,4 +1,5 @@
-"""`lvlmlp probe train` and `lvlmlp probe eval`: fit a linear probe on a run's features; score a run with it."""
+"""`lvlmlp probe train`, `eval` and `compare`: fit a probe on a run's features; score a run with it; compare two
+evaluations of the same rows."""
 
 from __future__ import annotations
 
@@ -67,6 +68,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ev.add_argument("--out", required=True, help="folder for metrics.json and scores.jsonl")
     ev.set_defaults(func=eval_probe)
+
+    cmp = probe_sub.add_parser("compare", help="paired comparison of two evaluations of the same rows (AUROC "
+                               "difference, paired bootstrap interval, DeLong's test)")
+    cmp.add_argument("eval_a", metavar="EVAL_A", help="evaluation folder (from probe eval)")
+    cmp.add_argument("eval_b", metavar="EVAL_B", help="evaluation folder of the same rows")
+    cmp.add_argument("--baseline-a", metavar="NAME", help="compare this baseline column of EVAL_A, not its probe")
+    cmp.add_argument("--baseline-b", metavar="NAME", help="compare this baseline column of EVAL_B, not its probe")
+    cmp.add_argument("--n-boot", type=int, default=N_BOOT, help="paired bootstrap resamples (default %(default)s)")
+    cmp.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    cmp.add_argument("--out", metavar="FILE", help="write the result as JSON to FILE")
+    cmp.set_defaults(func=compare_command)
 
 
 # Flags of `probe train` that set a probe hyper-parameter of the same name.
@@ -199,3 +211,24 @@ def eval_table(metrics: dict, probe_name: str) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{'':<{width}}  AUROC [95% CI]  (n={metrics['n']} rows)"]
     return "\n".join(lines + [f"{name:<{width}}  {value}" for name, value in rows])
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from lvlmlp.probing.compare import compare_evals, describe
+
+    if args.n_boot < 1:
+        raise LvlmlpError(f"--n-boot {args.n_boot}: must be 1 or more")
+    result = compare_evals(args.eval_a, args.eval_b, args.baseline_a, args.baseline_b, args.n_boot, args.seed)
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise LvlmlpError(f"--out {out}: is a folder; give a file name, e.g. {out / 'compare.json'}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")  # renamed into place: an interrupted write leaves the old file
+        tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        os.replace(tmp, out)
+    print(describe(result))
+    return 0
