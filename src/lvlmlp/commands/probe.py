@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--token", type=_nonneg_int, default=0, help="generated token index (default 0: the first)")
     train.add_argument("--feature", choices=FEATURE_KINDS, default="logits", help="feature view (default logits)")
     train.add_argument("--layer", type=int, help="layer index for --feature layer")
-    train.add_argument("--probe", metavar="KIND", help="logistic, multinomial or lda (lvlmlp.probing.probes.PROBES; "
+    train.add_argument("--probe", metavar="KIND", help="logistic, multinomial, lda or mlp (lvlmlp.probing.probes.PROBES; "
                        "default: logistic for 2 classes, multinomial for more)")
     # Hyper-parameters default to None: the probe class's own defaults apply, and a flag the chosen probe does not
     # have is refused instead of silently ignored.
@@ -49,6 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     hp.add_argument("--device", help="multinomial, lda: cpu, cuda, cuda:N or auto (default cpu)")
     hp.add_argument("--seed", type=int, help="multinomial: seed of the mini-batch order (default 0)")
     hp.add_argument("--threshold", type=float, help="all: flag rows with P(label 1) below this (default 0.5)")
+    hp.add_argument("--hidden", type=_layer_sizes, help="mlp: hidden layer sizes, comma-separated (default "
+                    "512,256,128); --epochs is its maximum (default 200), --lr 1e-3, --batch-size 256, "
+                    "--weight-decay 1e-4 (AdamW), --standardize on; --device and --seed apply")
+    hp.add_argument("--patience", type=int, help="mlp: stop after this many epochs without a better validation "
+                    "loss (default 10)")
+    hp.add_argument("--val-fraction", type=float, help="mlp: share of the train rows held out for early stopping, "
+                    "per class (default 0.1; 0: no early stopping)")
     train.add_argument("--out", required=True, help="probe folder to write")
     train.set_defaults(func=train_probe)
 
@@ -83,7 +90,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # Flags of `probe train` that set a probe hyper-parameter of the same name.
 _HYPER_FLAGS = ("C", "standardize", "class_weight", "max_iter", "epochs", "batch_size", "lr", "weight_decay",
-                "device", "seed", "threshold")
+                "device", "seed", "threshold", "hidden", "patience", "val_fraction")
+
+
+def _layer_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected sizes such as 512,256,128") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: layer sizes must be positive")
+    return sizes
 
 
 def make_probe(args: argparse.Namespace, n_classes: int) -> Any:
