@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--token", type=_nonneg_int, default=0, help="generated token index (default 0: the first)")
     train.add_argument("--feature", choices=FEATURE_KINDS, default="logits", help="feature view (default logits)")
     train.add_argument("--layer", type=int, help="layer index for --feature layer")
+    train.add_argument("--tokens", type=int, metavar="K", help="for --feature multi-token: the first K generated "
+                       "tokens' logits side by side (rows with fewer get zeros for the others, and are counted)")
     train.add_argument("--probe", metavar="KIND", help="logistic, multinomial, lda or mlp (lvlmlp.probing.probes.PROBES; "
                        "default: logistic for 2 classes, multinomial for more)")
     # Hyper-parameters default to None: the probe class's own defaults apply, and a flag the chosen probe does not
@@ -149,14 +151,31 @@ def train_probe(args: argparse.Namespace) -> int:
                           "use --probe multinomial or lda")
     if args.layer is not None and args.feature != "layer":
         raise LvlmlpError(f"--layer applies to --feature layer only (not --feature {args.feature})")
+    if args.feature == "multi-token" and args.token != 0:
+        raise LvlmlpError(f"--token {args.token} does not apply to --feature multi-token (it reads tokens 0..K-1 of "
+                          "--tokens K)")
     probe = make_probe(args, classes.size)
-    view = FeatureView(run, kind=args.feature, token=args.token, layer=args.layer)
+    view = FeatureView(run, kind=args.feature, token=args.token, layer=args.layer, tokens=args.tokens)
     # Every probe reads the rows chunk by chunk (the scikit-learn ones copy them into RAM as they go).
     probe.fit(RowSubset(view, idx), y.astype(np.int64), spec=view.spec, label_names=run.manifest.get("label_names"))
-    probe.fit_info_.update(run=str(run.path), split=args.split)
+    probe.fit_info_.update(run=str(run.path), split=args.split, **_short_rows(run, idx, view.spec))
     probe.save(args.out)
     print(f"{type(probe).__name__} trained on {idx.size} rows ({view.spec.describe()}) -> {args.out}")
     return 0
+
+
+def _short_rows(run: Any, idx: Any, spec: Any) -> dict[str, int]:
+    """`multi-token` features: {"n_short": rows that generated fewer than K tokens} (kept, their missing tokens
+    zeros), logged; nothing for the other kinds."""
+    from lvlmlp.probing.features import MULTI_TOKEN, short_rows
+
+    if spec.kind != MULTI_TOKEN:
+        return {}
+    n_short = short_rows(run, idx, spec.tokens)
+    if n_short:
+        log.warning("%d of %d row(s) of %s generated fewer than %d tokens: their missing tokens are zeros (as in "
+                    "MTRE)", n_short, len(idx), run.path, spec.tokens)
+    return {"n_short": n_short}
 
 
 def eval_groups(args: argparse.Namespace) -> dict[str, str]:
@@ -189,7 +208,7 @@ def eval_probe(args: argparse.Namespace) -> int:
     spec = probe.spec_
     if spec is None:
         raise LvlmlpError(f"{args.probe}: probe.json has no feature spec")
-    view = FeatureView(run, kind=spec.kind, token=spec.token, layer=spec.layer)
+    view = FeatureView(run, kind=spec.kind, token=spec.token, layer=spec.layer, tokens=spec.tokens)
     probe.check_compatible(view.spec)
     idx, skipped = select_rows(run, args.split, spec.kind, spec.token)
     if idx.size == 0:
@@ -203,6 +222,7 @@ def eval_probe(args: argparse.Namespace) -> int:
                   "threshold": probe.threshold},
         "n_scored": int(idx.size),
         "n_skipped": skipped,
+        **_short_rows(run, idx, spec),
         "groups": eval_groups(args),
         "label_names": probe.label_names_,
     }
