@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--layer", type=int, help="layer index for --feature layer")
     train.add_argument("--tokens", type=int, metavar="K", help="for --feature multi-token: the first K generated "
                        "tokens' logits side by side (rows with fewer get zeros for the others, and are counted)")
-    train.add_argument("--probe", metavar="KIND", help="logistic, multinomial, lda or mlp (lvlmlp.probing.probes.PROBES; "
+    train.add_argument("--probe", metavar="KIND", help="logistic, multinomial, lda, mlp or mtre (lvlmlp.probing.probes.PROBES; "
                        "default: logistic for 2 classes, multinomial for more)")
     # Hyper-parameters default to None: the probe class's own defaults apply, and a flag the chosen probe does not
     # have is refused instead of silently ignored.
@@ -54,6 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     hp.add_argument("--hidden", type=_layer_sizes, help="mlp: hidden layer sizes, comma-separated (default "
                     "512,256,128); --epochs is its maximum (default 200), --lr 1e-3, --batch-size 256, "
                     "--weight-decay 1e-4 (AdamW), --standardize on; --device and --seed apply")
+    hp.add_argument("--head", choices=("logistic", "mlp"), help="mtre: the per-token classifier (default logistic; "
+                    "--C, --max-iter apply to it, or --hidden (default 128,128,128), --epochs to mlp)")
     hp.add_argument("--patience", type=int, help="mlp: stop after this many epochs without a better validation "
                     "loss (default 10)")
     hp.add_argument("--val-fraction", type=float, help="mlp: share of the train rows held out for early stopping, "
@@ -92,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # Flags of `probe train` that set a probe hyper-parameter of the same name.
 _HYPER_FLAGS = ("C", "standardize", "class_weight", "max_iter", "epochs", "batch_size", "lr", "weight_decay",
-                "device", "seed", "threshold", "hidden", "patience", "val_fraction")
+                "device", "seed", "threshold", "hidden", "patience", "val_fraction", "head")
 
 
 def _layer_sizes(text: str) -> tuple[int, ...]:

@@ -708,6 +708,122 @@ class MLPProbe(Probe):
         return True
 
 
+class MTREProbe(Probe):
+    """MTRE's multi-token aggregation (arXiv 2505.11741, lanl/MTRE) on `multi-token` features: one per-token
+    classifier (`head`: `logistic`, MTRE's logistic-regression option, or `mlp`, this toolkit's MLP standing in for
+    MTRE's attention network) fitted on every generated token of the train rows with its row's label; a row scores
+    the sum of its generated tokens' log-odds (`lvlmlp.probing.mtre`). Binary only. `tokens`: K (default: the
+    feature spec's). docs/signals.md says what of MTRE this reproduces and what not."""
+
+    _ARRAYS: ClassVar[tuple[str, ...]] = ("coef_", "intercept_", "weights_")  # raw logits: no standardisation
+    weights_: np.ndarray | None = None
+
+    def __init__(
+        self,
+        tokens: int | None = None,
+        head: str = "logistic",
+        C: float = 1.0,
+        max_iter: int = 100,
+        hidden: tuple[int, ...] = (128, 128, 128),
+        epochs: int = 200,
+        device: str = "cpu",
+        seed: int = 0,
+        threshold: float = 0.5,
+    ) -> None:
+        self.tokens = tokens
+        self.head = head
+        self.C = C
+        self.max_iter = max_iter
+        self.hidden = hidden
+        self.epochs = epochs
+        self.device = device
+        self.seed = seed
+        self.threshold = threshold
+
+    def _check_fitted(self) -> None:
+        if getattr(self, "coef_", None) is None and getattr(self, "weights_", None) is None:
+            raise LvlmlpError(f"{type(self).__name__} is not fitted yet")
+
+    def _vocab(self) -> int:
+        """V, the width of one token's features: from the head's own arrays."""
+        if self.head == "logistic":
+            return int(self.coef_.shape[1])
+        hidden = [int(h) for h in self.hidden]
+        rest = sum(o * i + o for o, i in zip([*hidden[1:], 1], hidden))
+        return (int(self.weights_.size) - rest - hidden[0]) // hidden[0]  # type: ignore[union-attr]
+
+    def _head_probe(self) -> Probe:
+        """The fitted per-token classifier as a probe on V features (built from this probe's arrays)."""
+        vocab = self._vocab()
+        head: Probe = LogisticProbe() if self.head == "logistic" else MLPProbe(hidden=tuple(self.hidden))
+        head.n_features_in_, head.classes_ = vocab, np.array([0, 1])
+        head.mean_ = head.scale_ = None
+        if self.head == "logistic":
+            head.coef_, head.intercept_ = self.coef_, self.intercept_
+        else:
+            head.weights_ = self.weights_  # type: ignore[attr-defined]
+        return head
+
+    def fit(self, X: Any, y: Any, spec: FeatureSpec | None = None, label_names: list[str] | None = None) -> MTREProbe:
+        from lvlmlp.probing.mtre import token_rows
+
+        if self.head not in ("logistic", "mlp"):
+            raise LvlmlpError(f"mtre probe: head {self.head!r} is not logistic or mlp")
+        n, d = _shape(X)
+        y = _check_labels(y, n)
+        if np.unique(y).size != 2:
+            raise LvlmlpError(f"MTREProbe is binary but labels hold {np.unique(y).size} classes")
+        k = self.tokens if self.tokens is not None else (spec.tokens if spec is not None else None)
+        if not k or k < 1 or d % k:
+            raise LvlmlpError(f"mtre probe: needs multi-token features of K tokens (--feature multi-token --tokens K); "
+                              f"got {d} columns and tokens {k}")
+        self._start_fit(d, spec, label_names)
+        self.classes_ = np.unique(y)
+        feats, token_y, row_of = token_rows(X, y, k)
+        if np.unique(token_y).size < 2:
+            raise LvlmlpError("mtre probe: the generated tokens of the train rows hold one label only")
+        if self.head == "logistic":
+            head: Probe = LogisticProbe(C=self.C, max_iter=self.max_iter)
+        else:  # raw logits, as MTRE feeds its network (no standardisation)
+            head = MLPProbe(hidden=tuple(self.hidden), epochs=self.epochs, standardize=False, device=self.device,
+                            seed=self.seed)
+        head.fit(feats, token_y)
+        self.coef_ = getattr(head, "coef_", None)  # type: ignore[assignment]
+        self.intercept_ = getattr(head, "intercept_", None)  # type: ignore[assignment]
+        self.weights_ = getattr(head, "weights_", None)
+        self.mean_ = self.scale_ = None
+        self.fit_info_ = {"n_rows": n, "tokens": int(k), "n_token_rows": int(feats.shape[0]),
+                          "head": head.fit_info_}
+        return self
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """(n,) MTRE's score: the sum over each row's generated tokens of the head's log-odds."""
+        from lvlmlp.probing.mtre import summed_log_odds
+
+        self._check_fitted()
+        n, d = _shape(X)
+        if d != self.n_features_in_:
+            raise LvlmlpError(f"features have {d} columns but the probe expects {self.n_features_in_}")
+        head = self._head_probe()
+        return summed_log_odds(X, d // head.n_features_in_, head.decision_function)
+
+    def _check_weights(self, weights_path: Path) -> bool:
+        if self.head not in ("logistic", "mlp"):
+            raise LvlmlpError(f"{weights_path.with_name('probe.json')}: params.head {self.head!r} is not logistic or mlp")
+        if (getattr(self, "coef_" if self.head == "logistic" else "weights_", None)) is None:
+            raise LvlmlpError(f"{weights_path}: missing the {self.head} head's weights")
+        vocab = self._vocab()
+        if vocab < 1 or self.n_features_in_ % vocab:
+            raise LvlmlpError(f"{weights_path}: a head on {vocab} features cannot score {self.n_features_in_} "
+                              "multi-token features")
+        if self.head == "logistic" and (self.coef_.shape[0] != 1 or self.intercept_ is None
+                                        or self.intercept_.shape != (1,)):
+            raise LvlmlpError(f"{weights_path}: the logistic head's coef {self.coef_.shape} / intercept must be one row")
+        if self.head == "mlp":
+            self._head_probe()._check_weights(weights_path)  # the vector against the hidden sizes
+        return True
+
+
 # The one registry of probe kinds: CLI choices, configs, `load_probe` and cross-validation all read it.
 PROBES: dict[str, type[Probe]] = {"logistic": LogisticProbe, "multinomial": MultinomialProbe, "lda": LDAProbe,
-                                  "mlp": MLPProbe}
+                                  "mlp": MLPProbe, "mtre": MTREProbe}
