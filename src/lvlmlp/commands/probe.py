@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--split", help="evaluate rows whose 'split' is this (default: all rows)")
     ev.add_argument("--baseline", action="append", metavar="NAME",
                     help="add a baseline (repeatable): own-answer[:refusal|yes|keyword=W], token-prob:STRING, "
-                         "token-prob:!STRING, max-prob, entropy")
+                         "token-prob:!STRING, max-prob, entropy, seq-prob, mean-entropy, perplexity")
     ev.add_argument("--task", metavar="NAME", help="add the per-group metrics of this registered task (e.g. "
                     "mmsafety: attack success rate per scenario; pope: POPE metrics per category)")
     ev.add_argument("--group-by", action="append", metavar="FIELD=METRIC",
