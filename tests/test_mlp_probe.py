@@ -122,6 +122,10 @@ def test_mlp_save_load_round_trip_is_exact_and_pickle_free(tmp_path: Path, monke
     with pytest.raises(LvlmlpError, match=r"probe.safetensors: weights has shape \(737,\), but an MLP with hidden "
                        r"sizes \[32, 8\] on 5 features and 2 classes has 465 parameters"):
         load_probe(tmp_path / "p")
+    doc["params"]["hidden"] = [32, "8"]
+    (tmp_path / "p" / "probe.json").write_text(json.dumps(doc))
+    with pytest.raises(LvlmlpError, match=r"probe.json: params.hidden \[32, '8'\] must be a list of positive layer"):
+        load_probe(tmp_path / "p")
 
 
 def test_probe_train_cli_mlp_then_eval(tmp_path: Path, capsys):

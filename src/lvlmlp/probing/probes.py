@@ -609,6 +609,14 @@ class MultinomialProbe(Probe):
         return self
 
 
+def _check_hidden(hidden: Any, weights_path: Path) -> None:
+    """A loaded probe's `hidden` (JSON) must be a list of positive layer sizes before any shape is computed."""
+    sizes = hidden if isinstance(hidden, (list, tuple)) else [hidden]
+    if not sizes or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in sizes):
+        raise LvlmlpError(f"{weights_path.with_name('probe.json')}: params.hidden {hidden!r} must be a list of "
+                          "positive layer sizes")
+
+
 class MLPProbe(Probe):
     """A ReLU multi-layer perceptron (`hidden` sizes, HALP's 512-256-128 by default) trained in torch with early
     stopping on a stratified validation split of the train rows (`val_fraction`, `patience` epochs); binary (one
@@ -700,6 +708,7 @@ class MLPProbe(Probe):
         weights = getattr(self, "weights_", None)
         if weights is None:
             raise LvlmlpError(f"{weights_path}: missing weights")
+        _check_hidden(self.hidden, weights_path)
         expected = n_params(self._shapes())
         if weights.shape != (expected,):
             raise LvlmlpError(f"{weights_path}: weights has shape {weights.shape}, but an MLP with hidden sizes "
@@ -812,6 +821,10 @@ class MTREProbe(Probe):
             raise LvlmlpError(f"{weights_path.with_name('probe.json')}: params.head {self.head!r} is not logistic or mlp")
         if (getattr(self, "coef_" if self.head == "logistic" else "weights_", None)) is None:
             raise LvlmlpError(f"{weights_path}: missing the {self.head} head's weights")
+        if self.head == "logistic" and self.coef_.ndim != 2:
+            raise LvlmlpError(f"{weights_path}: the logistic head's coef has shape {self.coef_.shape}, expected (1, V)")
+        if self.head == "mlp":
+            _check_hidden(self.hidden, weights_path)
         vocab = self._vocab()
         if vocab < 1 or self.n_features_in_ % vocab:
             raise LvlmlpError(f"{weights_path}: a head on {vocab} features cannot score {self.n_features_in_} "
