@@ -32,7 +32,7 @@ import contextlib, io, json, sys
 from lvlmlp.cli import main
 out = {{}}
 for argv in [["--help"]] + [[c, "--help"] for c in {[c.replace("_", "-") for c in COMMANDS]!r}] + [
-        ["probe", "train", "--help"], ["probe", "eval", "--help"]]:
+        ["probe", "train", "--help"], ["probe", "eval", "--help"], ["probe", "compare", "--help"]]:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         try:

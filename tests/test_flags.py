@@ -124,7 +124,7 @@ def test_generate_reads_the_split_and_refuses_temperature_without_sampling(tiny_
         (["--probe", "logistic", "--epochs", "3"], "--epochs does not apply to --probe logistic"),
         (["--probe", "lda", "--standardize"], "--standardize does not apply to --probe lda"),
         (["--layer", "1"], "--layer applies to --feature layer only"),
-        (["--probe", "svm"], "--probe 'svm': unknown probe (choose from logistic, multinomial, lda)"),
+        (["--probe", "svm"], "--probe 'svm': unknown probe (choose from logistic, multinomial, lda, mlp, mtre)"),
     ],
 )
 def test_probe_train_refuses_hyper_parameters_of_another_probe(probe_dir, tmp_path, capsys, flags, needle):

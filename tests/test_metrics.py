@@ -177,7 +177,7 @@ def test_distribution_and_answer_baselines(tmp_path: Path):
     assert baseline_scores(run, "own-answer:yes").tolist() == [1, 0, 0, 1, 0]
     assert baseline_scores(run, "own-answer", rows=[2, 3]).tolist() == [0, 1]
     with pytest.raises(LvlmlpError, match="unknown baseline"):
-        baseline_scores(run, "perplexity")
+        baseline_scores(run, "no-such-baseline")
 
 
 def test_own_answer_task_reads_answers_by_the_tasks_rule_binary_and_multiclass(tmp_path: Path):

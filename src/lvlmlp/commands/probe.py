@@ -1,4 +1,5 @@
-"""`lvlmlp probe train` and `lvlmlp probe eval`: fit a linear probe on a run's features; score a run with it."""
+"""`lvlmlp probe train`, `eval` and `compare`: fit a probe on a run's features; score a run with it; compare two
+evaluations of the same rows."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--token", type=_nonneg_int, default=0, help="generated token index (default 0: the first)")
     train.add_argument("--feature", choices=FEATURE_KINDS, default="logits", help="feature view (default logits)")
     train.add_argument("--layer", type=int, help="layer index for --feature layer")
-    train.add_argument("--probe", metavar="KIND", help="logistic, multinomial or lda (lvlmlp.probing.probes.PROBES; "
+    train.add_argument("--tokens", type=int, metavar="K", help="for --feature multi-token: the first K generated "
+                       "tokens' logits side by side (rows with fewer get zeros for the others, and are counted)")
+    train.add_argument("--probe", metavar="KIND", help="logistic, multinomial, lda, mlp or mtre (lvlmlp.probing.probes.PROBES; "
                        "default: logistic for 2 classes, multinomial for more)")
     # Hyper-parameters default to None: the probe class's own defaults apply, and a flag the chosen probe does not
     # have is refused instead of silently ignored.
@@ -48,6 +51,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     hp.add_argument("--device", help="multinomial, lda: cpu, cuda, cuda:N or auto (default cpu)")
     hp.add_argument("--seed", type=int, help="multinomial: seed of the mini-batch order (default 0)")
     hp.add_argument("--threshold", type=float, help="all: flag rows with P(label 1) below this (default 0.5)")
+    hp.add_argument("--hidden", type=_layer_sizes, help="mlp: hidden layer sizes, comma-separated (default "
+                    "512,256,128); --epochs is its maximum (default 200), --lr 1e-3, --batch-size 256, "
+                    "--weight-decay 1e-4 (AdamW), --standardize on; --device and --seed apply")
+    hp.add_argument("--head", choices=("logistic", "mlp"), help="mtre: the per-token classifier (default logistic; "
+                    "--C, --max-iter apply to it, or --hidden (default 128,128,128), --epochs to mlp)")
+    hp.add_argument("--patience", type=int, help="mlp: stop after this many epochs without a better validation "
+                    "loss (default 10)")
+    hp.add_argument("--val-fraction", type=float, help="mlp: share of the train rows held out for early stopping, "
+                    "per class (default 0.1; 0: no early stopping)")
     train.add_argument("--out", required=True, help="probe folder to write")
     train.set_defaults(func=train_probe)
 
@@ -57,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--split", help="evaluate rows whose 'split' is this (default: all rows)")
     ev.add_argument("--baseline", action="append", metavar="NAME",
                     help="add a baseline (repeatable): own-answer[:refusal|yes|keyword=W], token-prob:STRING, "
-                         "token-prob:!STRING, max-prob, entropy")
+                         "token-prob:!STRING, max-prob, entropy, seq-prob, mean-entropy, perplexity")
     ev.add_argument("--task", metavar="NAME", help="add the per-group metrics of this registered task (e.g. "
                     "mmsafety: attack success rate per scenario; pope: POPE metrics per category)")
     ev.add_argument("--group-by", action="append", metavar="FIELD=METRIC",
@@ -68,10 +80,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", required=True, help="folder for metrics.json and scores.jsonl")
     ev.set_defaults(func=eval_probe)
 
+    cmp = probe_sub.add_parser("compare", help="paired comparison of two evaluations of the same rows (AUROC "
+                               "difference, paired bootstrap interval, DeLong's test)")
+    cmp.add_argument("eval_a", metavar="EVAL_A", help="evaluation folder (from probe eval)")
+    cmp.add_argument("eval_b", metavar="EVAL_B", help="evaluation folder of the same rows")
+    cmp.add_argument("--baseline-a", metavar="NAME", help="compare this baseline column of EVAL_A, not its probe")
+    cmp.add_argument("--baseline-b", metavar="NAME", help="compare this baseline column of EVAL_B, not its probe")
+    cmp.add_argument("--n-boot", type=int, default=N_BOOT, help="paired bootstrap resamples (default %(default)s)")
+    cmp.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    cmp.add_argument("--out", metavar="FILE", help="write the result as JSON to FILE")
+    cmp.set_defaults(func=compare_command)
+
 
 # Flags of `probe train` that set a probe hyper-parameter of the same name.
 _HYPER_FLAGS = ("C", "standardize", "class_weight", "max_iter", "epochs", "batch_size", "lr", "weight_decay",
-                "device", "seed", "threshold")
+                "device", "seed", "threshold", "hidden", "patience", "val_fraction", "head")
+
+
+def _layer_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected sizes such as 512,256,128") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: layer sizes must be positive")
+    return sizes
 
 
 def make_probe(args: argparse.Namespace, n_classes: int) -> Any:
@@ -120,14 +153,31 @@ def train_probe(args: argparse.Namespace) -> int:
                           "use --probe multinomial or lda")
     if args.layer is not None and args.feature != "layer":
         raise LvlmlpError(f"--layer applies to --feature layer only (not --feature {args.feature})")
+    if args.feature == "multi-token" and args.token != 0:
+        raise LvlmlpError(f"--token {args.token} does not apply to --feature multi-token (it reads tokens 0..K-1 of "
+                          "--tokens K)")
     probe = make_probe(args, classes.size)
-    view = FeatureView(run, kind=args.feature, token=args.token, layer=args.layer)
+    view = FeatureView(run, kind=args.feature, token=args.token, layer=args.layer, tokens=args.tokens)
     # Every probe reads the rows chunk by chunk (the scikit-learn ones copy them into RAM as they go).
     probe.fit(RowSubset(view, idx), y.astype(np.int64), spec=view.spec, label_names=run.manifest.get("label_names"))
-    probe.fit_info_.update(run=str(run.path), split=args.split)
+    probe.fit_info_.update(run=str(run.path), split=args.split, **_short_rows(run, idx, view.spec))
     probe.save(args.out)
     print(f"{type(probe).__name__} trained on {idx.size} rows ({view.spec.describe()}) -> {args.out}")
     return 0
+
+
+def _short_rows(run: Any, idx: Any, spec: Any) -> dict[str, int]:
+    """`multi-token` features: {"n_short": rows that generated fewer than K tokens} (kept, their missing tokens
+    zeros), logged; nothing for the other kinds."""
+    from lvlmlp.probing.features import MULTI_TOKEN, short_rows
+
+    if spec.kind != MULTI_TOKEN:
+        return {}
+    n_short = short_rows(run, idx, spec.tokens)
+    if n_short:
+        log.warning("%d of %d row(s) of %s generated fewer than %d tokens: their missing tokens are zeros (as in "
+                    "MTRE)", n_short, len(idx), run.path, spec.tokens)
+    return {"n_short": n_short}
 
 
 def eval_groups(args: argparse.Namespace) -> dict[str, str]:
@@ -160,7 +210,7 @@ def eval_probe(args: argparse.Namespace) -> int:
     spec = probe.spec_
     if spec is None:
         raise LvlmlpError(f"{args.probe}: probe.json has no feature spec")
-    view = FeatureView(run, kind=spec.kind, token=spec.token, layer=spec.layer)
+    view = FeatureView(run, kind=spec.kind, token=spec.token, layer=spec.layer, tokens=spec.tokens)
     probe.check_compatible(view.spec)
     idx, skipped = select_rows(run, args.split, spec.kind, spec.token)
     if idx.size == 0:
@@ -174,6 +224,7 @@ def eval_probe(args: argparse.Namespace) -> int:
                   "threshold": probe.threshold},
         "n_scored": int(idx.size),
         "n_skipped": skipped,
+        **_short_rows(run, idx, spec),
         "groups": eval_groups(args),
         "label_names": probe.label_names_,
     }
@@ -199,3 +250,24 @@ def eval_table(metrics: dict, probe_name: str) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{'':<{width}}  AUROC [95% CI]  (n={metrics['n']} rows)"]
     return "\n".join(lines + [f"{name:<{width}}  {value}" for name, value in rows])
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from lvlmlp.probing.compare import compare_evals, describe
+
+    if args.n_boot < 1:
+        raise LvlmlpError(f"--n-boot {args.n_boot}: must be 1 or more")
+    result = compare_evals(args.eval_a, args.eval_b, args.baseline_a, args.baseline_b, args.n_boot, args.seed)
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise LvlmlpError(f"--out {out}: is a folder; give a file name, e.g. {out / 'compare.json'}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")  # renamed into place: an interrupted write leaves the old file
+        tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        os.replace(tmp, out)
+    print(describe(result))
+    return 0

@@ -7,6 +7,8 @@
   `token-prob:!STRING` is one minus it (for strings that signal label 0, such as "Unanswerable").
 - `max-prob`: the largest first-token probability (confidence).
 - `entropy`: minus the entropy of the first-token distribution (higher = more confident).
+- `seq-prob`, `mean-entropy`, `perplexity`: uncertainty estimators of the generated answer over its stored tokens
+  (`lvlmlp.probing.uncertainty`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.probing.features import FeatureView, as_index
+from lvlmlp.probing.uncertainty import SEQUENCE_BASELINES, sequence_scores
 
 # Phrases by which instruction-tuned VLMs decline or say a question cannot be answered (matched lower-case).
 REFUSAL_PHRASES: tuple[str, ...] = (
@@ -31,7 +34,7 @@ REFUSAL_PHRASES: tuple[str, ...] = (
 )
 _SCORE_CHUNK = 1024
 BASELINE_HELP = ("own-answer[:refusal|yes|keyword=W1,W2|task], token-prob:STRING, token-prob:!STRING, max-prob, "
-                 "entropy")
+                 "entropy, seq-prob, mean-entropy, perplexity")
 TASK_ANSWER = "own-answer:task"  # the model's answer read by the task's own rule
 
 
@@ -166,7 +169,7 @@ def check_baseline_name(name: Any) -> None:
     elif name.startswith("token-prob:"):
         if not name[len("token-prob:") :].lstrip("!"):
             raise LvlmlpError(f"--baseline {name}: give the answer string, e.g. token-prob:Yes")
-    elif name not in ("max-prob", "entropy"):
+    elif name not in ("max-prob", "entropy", *SEQUENCE_BASELINES):
         raise LvlmlpError(f"--baseline {name}: unknown baseline (choose from {BASELINE_HELP})")
 
 
@@ -187,8 +190,8 @@ def describe_baseline(name: str) -> str:
         return (f'the probability that the first generated token is the first token of "{text}" '
                 "(with or without a leading space)")
     return {"max-prob": "the largest probability of the first generated token (the model's confidence)",
-            "entropy": "minus the entropy of the first generated token's distribution (higher = more confident)"
-            }.get(name, name)
+            "entropy": "minus the entropy of the first generated token's distribution (higher = more confident)",
+            **SEQUENCE_BASELINES}.get(name, name)
 
 
 def baseline_scores(run: Any, name: str, rows: Any = None, token: int = 0, tokenizer: Any = None,
@@ -204,6 +207,8 @@ def baseline_scores(run: Any, name: str, rows: Any = None, token: int = 0, token
         return own_answer_scores([responses[i] for i in idx], rule, [run.ids[i] for i in idx])
     if name in ("max-prob", "entropy"):
         return distribution_scores(run, name, idx, token=token)
+    if name in SEQUENCE_BASELINES:  # over the stored tokens of the answer, whatever the probe's token
+        return sequence_scores(run, name, idx)
     if name.startswith("token-prob:"):
         text = name[len("token-prob:") :]
         negate = text.startswith("!")

@@ -6,8 +6,10 @@
   `FeatureView`) so that 1,000-class tasks on large runs never load all features; CPU or GPU, seeded.
 - `LDAProbe`: the paper's ImageNet classifier, `LinearDiscriminantAnalysis()` (solver "svd"), computed by the
   same algorithm in torch (CPU or GPU); shrinkage LDA (`shrinkage="auto"`) is an option.
+- `MLPProbe`: not linear, not the paper's: a ReLU perceptron (HALP's 512-256-128) with early stopping, trained in
+  torch (`lvlmlp.probing.mlp`); it scores rows through its network, its parameters saved as one flat vector.
 
-All three score rows the same way, chunk by chunk: `(x - mean_) / scale_ @ coef_.T + intercept_`, then a sigmoid
+The linear three score rows the same way, chunk by chunk: `(x - mean_) / scale_ @ coef_.T + intercept_`, then a sigmoid
 (binary, one weight row) or a softmax. A probe folder holds `probe.safetensors` (arrays) and `probe.json`
 (class, hyper-parameters, feature spec, classes, threshold); `load_probe` never unpickles anything.
 """
@@ -102,6 +104,11 @@ class Probe(ClassifierMixin, BaseEstimator):
     def _check_fitted(self) -> None:
         if not hasattr(self, "coef_"):
             raise LvlmlpError(f"{type(self).__name__} is not fitted yet")
+
+    def _check_weights(self, weights_path: Path) -> bool:
+        """`load_probe`: check the shapes of a probe's own arrays and return True (probes that are not one linear
+        layer override it); False: `coef_` and `intercept_` are checked as a linear probe's."""
+        return False
 
     # ---- scoring ----
     def check_compatible(self, spec: FeatureSpec) -> None:
@@ -248,15 +255,16 @@ def _check_loaded(probe: Probe, json_path: Path, weights_path: Path) -> None:
     if len(classes) == 2 and classes != [0, 1]:
         raise LvlmlpError(f"{json_path}: a binary probe's classes must be [0, 1] (label 1 is the positive class), "
                           f"got {classes}")
-    coef, intercept = getattr(probe, "coef_", None), getattr(probe, "intercept_", None)
-    if coef is None or intercept is None:
-        raise LvlmlpError(f"{weights_path}: missing {'coef' if coef is None else 'intercept'} weights")
-    rows_ok = (1, 2) if len(classes) == 2 else (len(classes),)
-    if coef.ndim != 2 or coef.shape[0] not in rows_ok or coef.shape[1] != d:
-        raise LvlmlpError(f"{weights_path}: coef has shape {coef.shape}, but probe.json says {len(classes)} classes "
-                          f"({classes}) on {d} features")
-    if intercept.shape != (coef.shape[0],):
-        raise LvlmlpError(f"{weights_path}: intercept has shape {intercept.shape}, expected ({coef.shape[0]},)")
+    if not probe._check_weights(weights_path):
+        coef, intercept = getattr(probe, "coef_", None), getattr(probe, "intercept_", None)
+        if coef is None or intercept is None:
+            raise LvlmlpError(f"{weights_path}: missing {'coef' if coef is None else 'intercept'} weights")
+        rows_ok = (1, 2) if len(classes) == 2 else (len(classes),)
+        if coef.ndim != 2 or coef.shape[0] not in rows_ok or coef.shape[1] != d:
+            raise LvlmlpError(f"{weights_path}: coef has shape {coef.shape}, but probe.json says {len(classes)} "
+                              f"classes ({classes}) on {d} features")
+        if intercept.shape != (coef.shape[0],):
+            raise LvlmlpError(f"{weights_path}: intercept has shape {intercept.shape}, expected ({coef.shape[0]},)")
     for name in type(probe)._ARRAYS:
         arr = getattr(probe, name, None)
         if arr is None:
@@ -601,5 +609,234 @@ class MultinomialProbe(Probe):
         return self
 
 
+def _check_hidden(hidden: Any, weights_path: Path) -> None:
+    """A loaded probe's `hidden` (JSON) must be a list of positive layer sizes before any shape is computed."""
+    sizes = hidden if isinstance(hidden, (list, tuple)) else [hidden]
+    if not sizes or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in sizes):
+        raise LvlmlpError(f"{weights_path.with_name('probe.json')}: params.hidden {hidden!r} must be a list of "
+                          "positive layer sizes")
+
+
+class MLPProbe(Probe):
+    """A ReLU multi-layer perceptron (`hidden` sizes, HALP's 512-256-128 by default) trained in torch with early
+    stopping on a stratified validation split of the train rows (`val_fraction`, `patience` epochs); binary (one
+    output logit, as the linear probes) or multiclass (softmax); CPU or GPU; seeded. The network and its training
+    are in `lvlmlp.probing.mlp`; its parameters are saved as one flat vector (`weights`)."""
+
+    _ARRAYS: ClassVar[tuple[str, ...]] = ("weights_", "mean_", "scale_")
+    weights_: np.ndarray
+
+    def __init__(
+        self,
+        hidden: tuple[int, ...] = (512, 256, 128),
+        epochs: int = 200,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        patience: int = 10,
+        val_fraction: float = 0.1,
+        standardize: bool = True,
+        device: str = "cpu",
+        seed: int = 0,
+        threshold: float = 0.5,
+    ) -> None:
+        self.hidden = hidden
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.patience = patience
+        self.val_fraction = val_fraction
+        self.standardize = standardize
+        self.device = device
+        self.seed = seed
+        self.threshold = threshold
+
+    def _shapes(self) -> list[tuple[int, int]]:
+        from lvlmlp.probing.mlp import layer_shapes
+
+        return layer_shapes(self.n_features_in_, tuple(self.hidden), 1 if len(self.classes_) == 2 else len(self.classes_))
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "weights_"):
+            raise LvlmlpError(f"{type(self).__name__} is not fitted yet")
+
+    def fit(self, X: Any, y: Any, spec: FeatureSpec | None = None, label_names: list[str] | None = None) -> MLPProbe:
+        from lvlmlp.probing.mlp import train_mlp
+
+        hidden = tuple(self.hidden)
+        if not hidden or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+            raise LvlmlpError(f"mlp probe: hidden {list(hidden)!r} must be one or more positive layer sizes")
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1 or not 0 <= self.val_fraction < 1:
+            raise LvlmlpError("mlp probe: epochs, batch_size and patience must be >= 1 and val_fraction in [0, 1) "
+                              f"(got {self.epochs}, {self.batch_size}, {self.patience}, {self.val_fraction})")
+        n, d = _shape(X)
+        y = _check_labels(y, n)
+        self._start_fit(d, spec, label_names)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        self.mean_, self.scale_ = _column_stats(X, n, d) if self.standardize else (None, None)
+        result = train_mlp(X, y_idx, 1 if self.classes_.size == 2 else self.classes_.size, hidden,
+                           epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                           patience=self.patience, val_fraction=self.val_fraction, mean=self.mean_,
+                           scale=self.scale_, device=_torch_device(self.device), seed=self.seed)
+        self.weights_ = result.params
+        self.fit_info_ = result.info
+        return self
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """The network's output logits: (n,) for a binary probe, else (n, n_classes); computed in numpy."""
+        from lvlmlp.probing.mlp import forward, unpack
+
+        self._check_fitted()
+        n, d = _shape(X)
+        if d != self.n_features_in_:
+            raise LvlmlpError(f"features have {d} columns but the probe expects {self.n_features_in_}")
+        layers = unpack(self.weights_, self._shapes())
+        out = np.empty((n, layers[-1][1].size), dtype=np.float64)
+        for start in range(0, n, _SCORE_CHUNK):
+            block = _rows(X, start, start + _SCORE_CHUNK)
+            if self.mean_ is not None and self.scale_ is not None:
+                block = (block - self.mean_) / self.scale_
+            out[start : start + block.shape[0]] = forward(layers, block)
+        if not np.isfinite(out).all():
+            raise LvlmlpError(f"feature row {int(np.argmax(~np.isfinite(out).all(axis=1)))} has NaN or infinite values")
+        return out[:, 0] if out.shape[1] == 1 else out
+
+    def _check_weights(self, weights_path: Path) -> bool:
+        from lvlmlp.probing.mlp import n_params
+
+        weights = getattr(self, "weights_", None)
+        if weights is None:
+            raise LvlmlpError(f"{weights_path}: missing weights")
+        _check_hidden(self.hidden, weights_path)
+        expected = n_params(self._shapes())
+        if weights.shape != (expected,):
+            raise LvlmlpError(f"{weights_path}: weights has shape {weights.shape}, but an MLP with hidden sizes "
+                              f"{list(self.hidden)} on {self.n_features_in_} features and {len(self.classes_)} "
+                              f"classes has {expected} parameters")
+        return True
+
+
+class MTREProbe(Probe):
+    """MTRE's multi-token aggregation (arXiv 2505.11741, lanl/MTRE) on `multi-token` features: one per-token
+    classifier (`head`: `logistic`, MTRE's logistic-regression option, or `mlp`, this toolkit's MLP standing in for
+    MTRE's attention network) fitted on every generated token of the train rows with its row's label; a row scores
+    the sum of its generated tokens' log-odds (`lvlmlp.probing.mtre`). Binary only. `tokens`: K (default: the
+    feature spec's). docs/signals.md says what of MTRE this reproduces and what not."""
+
+    _ARRAYS: ClassVar[tuple[str, ...]] = ("coef_", "intercept_", "weights_")  # raw logits: no standardisation
+    weights_: np.ndarray | None = None
+
+    def __init__(
+        self,
+        tokens: int | None = None,
+        head: str = "logistic",
+        C: float = 1.0,
+        max_iter: int = 100,
+        hidden: tuple[int, ...] = (128, 128, 128),
+        epochs: int = 200,
+        device: str = "cpu",
+        seed: int = 0,
+        threshold: float = 0.5,
+    ) -> None:
+        self.tokens = tokens
+        self.head = head
+        self.C = C
+        self.max_iter = max_iter
+        self.hidden = hidden
+        self.epochs = epochs
+        self.device = device
+        self.seed = seed
+        self.threshold = threshold
+
+    def _check_fitted(self) -> None:
+        if getattr(self, "coef_", None) is None and getattr(self, "weights_", None) is None:
+            raise LvlmlpError(f"{type(self).__name__} is not fitted yet")
+
+    def _vocab(self) -> int:
+        """V, the width of one token's features: from the head's own arrays."""
+        if self.head == "logistic":
+            return int(self.coef_.shape[1])
+        hidden = [int(h) for h in self.hidden]
+        rest = sum(o * i + o for o, i in zip([*hidden[1:], 1], hidden))
+        return (int(self.weights_.size) - rest - hidden[0]) // hidden[0]  # type: ignore[union-attr]
+
+    def _head_probe(self) -> Probe:
+        """The fitted per-token classifier as a probe on V features (built from this probe's arrays)."""
+        vocab = self._vocab()
+        head: Probe = LogisticProbe() if self.head == "logistic" else MLPProbe(hidden=tuple(self.hidden))
+        head.n_features_in_, head.classes_ = vocab, np.array([0, 1])
+        head.mean_ = head.scale_ = None
+        if self.head == "logistic":
+            head.coef_, head.intercept_ = self.coef_, self.intercept_
+        else:
+            head.weights_ = self.weights_  # type: ignore[attr-defined]
+        return head
+
+    def fit(self, X: Any, y: Any, spec: FeatureSpec | None = None, label_names: list[str] | None = None) -> MTREProbe:
+        from lvlmlp.probing.mtre import token_rows
+
+        if self.head not in ("logistic", "mlp"):
+            raise LvlmlpError(f"mtre probe: head {self.head!r} is not logistic or mlp")
+        n, d = _shape(X)
+        y = _check_labels(y, n)
+        if np.unique(y).size != 2:
+            raise LvlmlpError(f"MTREProbe is binary but labels hold {np.unique(y).size} classes")
+        k = self.tokens if self.tokens is not None else (spec.tokens if spec is not None else None)
+        if not k or k < 1 or d % k:
+            raise LvlmlpError(f"mtre probe: needs multi-token features of K tokens (--feature multi-token --tokens K); "
+                              f"got {d} columns and tokens {k}")
+        self._start_fit(d, spec, label_names)
+        self.classes_ = np.unique(y)
+        feats, token_y, row_of = token_rows(X, y, k)
+        if np.unique(token_y).size < 2:
+            raise LvlmlpError("mtre probe: the generated tokens of the train rows hold one label only")
+        if self.head == "logistic":
+            head: Probe = LogisticProbe(C=self.C, max_iter=self.max_iter)
+        else:  # raw logits, as MTRE feeds its network (no standardisation)
+            head = MLPProbe(hidden=tuple(self.hidden), epochs=self.epochs, standardize=False, device=self.device,
+                            seed=self.seed)
+        head.fit(feats, token_y)
+        self.coef_ = getattr(head, "coef_", None)  # type: ignore[assignment]
+        self.intercept_ = getattr(head, "intercept_", None)  # type: ignore[assignment]
+        self.weights_ = getattr(head, "weights_", None)
+        self.mean_ = self.scale_ = None
+        self.fit_info_ = {"n_rows": n, "tokens": int(k), "n_token_rows": int(feats.shape[0]),
+                          "head": head.fit_info_}
+        return self
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """(n,) MTRE's score: the sum over each row's generated tokens of the head's log-odds."""
+        from lvlmlp.probing.mtre import summed_log_odds
+
+        self._check_fitted()
+        n, d = _shape(X)
+        if d != self.n_features_in_:
+            raise LvlmlpError(f"features have {d} columns but the probe expects {self.n_features_in_}")
+        head = self._head_probe()
+        return summed_log_odds(X, d // head.n_features_in_, head.decision_function)
+
+    def _check_weights(self, weights_path: Path) -> bool:
+        if self.head not in ("logistic", "mlp"):
+            raise LvlmlpError(f"{weights_path.with_name('probe.json')}: params.head {self.head!r} is not logistic or mlp")
+        if (getattr(self, "coef_" if self.head == "logistic" else "weights_", None)) is None:
+            raise LvlmlpError(f"{weights_path}: missing the {self.head} head's weights")
+        if self.head == "logistic" and self.coef_.ndim != 2:
+            raise LvlmlpError(f"{weights_path}: the logistic head's coef has shape {self.coef_.shape}, expected (1, V)")
+        if self.head == "mlp":
+            _check_hidden(self.hidden, weights_path)
+        vocab = self._vocab()
+        if vocab < 1 or self.n_features_in_ % vocab:
+            raise LvlmlpError(f"{weights_path}: a head on {vocab} features cannot score {self.n_features_in_} "
+                              "multi-token features")
+        if self.head == "logistic" and (self.coef_.shape[0] != 1 or self.intercept_ is None
+                                        or self.intercept_.shape != (1,)):
+            raise LvlmlpError(f"{weights_path}: the logistic head's coef {self.coef_.shape} / intercept must be one row")
+        if self.head == "mlp":
+            self._head_probe()._check_weights(weights_path)  # the vector against the hidden sizes
+        return True
+
+
 # The one registry of probe kinds: CLI choices, configs, `load_probe` and cross-validation all read it.
-PROBES: dict[str, type[Probe]] = {"logistic": LogisticProbe, "multinomial": MultinomialProbe, "lda": LDAProbe}
+PROBES: dict[str, type[Probe]] = {"logistic": LogisticProbe, "multinomial": MultinomialProbe, "lda": LDAProbe,
+                                  "mlp": MLPProbe, "mtre": MTREProbe}
