@@ -29,9 +29,10 @@ def add_guard_arguments(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--allow-other-model", action="store_true",
                    help="apply a probe trained on another --model's features (e.g. the same weights by another path)")
     p.add_argument("--template", default=None,
-                   help=f"text forced at the start of flagged {what}' answers (default without --answers: the "
-                   "original's MM-SafetyBench text, lvlmlp.steering.guard.SAFETY_TEMPLATE: 'Sorry, answering this "
-                   "question ... because')")
+                   help=f"text forced at the start of flagged {what}' answers (default without --answers: with "
+                   "--task, the words its prompt style asks for (tasks/answers.yaml), else the original's "
+                   "MM-SafetyBench text, lvlmlp.steering.guard.SAFETY_TEMPLATE: 'Sorry, answering this question ... "
+                   "because')")
     p.add_argument("--answers", default=None,
                    help="LABEL1,LABEL0 such as Yes,No: every answer starts with the probe's prediction")
     p.add_argument("--threshold", type=float, default=None,
@@ -39,27 +40,35 @@ def add_guard_arguments(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def guard_mode(args: argparse.Namespace, command: str) -> tuple[str | None, dict[int, str] | None]:
-    """(template, answers) of the guard flags: --answers, else --template, else the text the original forced on
-    MM-SafetyBench (`SAFETY_TEMPLATE`), so that a plain `generate`/`serve` runs the paper's decoding."""
-    from lvlmlp.steering.guard import SAFETY_TEMPLATE, parse_answers
+    """(template, answers) of the guard flags: --answers, else --template, else with --task the words its prompt
+    style asks for (`steering.guard.default_guard`), else the text the original forced on MM-SafetyBench
+    (`SAFETY_TEMPLATE`), so that a plain `generate`/`serve` runs the paper's decoding."""
+    from lvlmlp.steering.guard import default_guard, parse_answers
 
     if args.template is not None and args.answers is not None:
         raise LvlmlpError(f"{command}: give --template TEXT or --answers YES,NO, not both")
     answers = parse_answers(args.answers)
-    return (SAFETY_TEMPLATE if answers is None and args.template is None else args.template), answers
+    if answers is None and args.template is None:
+        task = getattr(args, "task", None)
+        return default_guard(task, "" if getattr(args, "prompt_template", None) else getattr(args, "prompt_style",
+                                                                                               None))
+    return args.template, answers
 
 
 def token_budget(args: argparse.Namespace, guard: Any, flag: str, default: int = 64) -> int:
     """New tokens per answer: the value of `flag` (refused when the forced text would not fit: the answers would
     stop inside it), else `default`, raised to the forced text's length when that is longer (so the default
     template never makes a command fail)."""
+    from lvlmlp.steering.guard import SAFETY_TEMPLATE
+
     forced = guard.template_ids if guard.answer_ids is None else max(guard.answer_ids.values(), key=len)
     given = getattr(args, flag.lstrip("-").replace("-", "_"))
     if given is None:
         return max(default, len(forced))
     if len(forced) > given:
         what = ("an --answers label" if guard.answer_ids is not None else
-                "--template" if args.template is not None else "the default template (SAFETY_TEMPLATE)")
+                "--template" if args.template is not None else "the default template (SAFETY_TEMPLATE)"
+                if guard.template == SAFETY_TEMPLATE else f"the task's default template {guard.template!r}")
         raise LvlmlpError(f"{what} is {len(forced)} tokens long but {flag} is {given}: give {flag} {len(forced)} or "
                           "more (more lets the model go on after it)")
     return int(given)

@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     # the train split by default (a manifest without splits is used whole)
     rows, task_template, source = rows_from_args(args, "finetune", seed_used=True, default_split="train")
     template = args.prompt_template or task_template
-    answers = parse_answers(args.answers) or default_answers(args.task, args.prompt_style)
+    # the words the task's prompt style asks for (tasks/answers.yaml); none for a --prompt-template of one's own
+    answers = parse_answers(args.answers) or ({} if args.prompt_template else default_answers(args.task,
+                                                                                            args.prompt_style))
     targets = row_targets(rows, answers, source)  # every row's target before the model loads
     settings = Settings(epochs=args.epochs, lr=args.lr, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                         lora_dropout=args.lora_dropout, batch_size=args.batch_size, grad_accum=args.grad_accum,

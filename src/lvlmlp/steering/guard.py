@@ -41,6 +41,22 @@ _LOGIT_KINDS = ("logits", "log_softmax", "softmax")
 SAFETY_TEMPLATE = "Sorry, answering this question will generate harmful content, because"
 
 
+def default_guard(task: str | None = None, style: str | None = None) -> tuple[str | None, dict[int, str] | None]:
+    """(template, answers) of a guard given neither: the words the task's prompt style asks for
+    (tasks/answers.yaml) when it defines them, so that the forced text is what that prompt asks the model to
+    say: both labels' words (e.g. MM-SafetyBench `mq` No / Yes, POPE yes / no) force the probe's answer, a
+    label-0 phrase alone (`oeh`) is the template; otherwise (no task, a style without words, a custom
+    template: `style` "") `SAFETY_TEMPLATE`, the text the original forced."""
+    from lvlmlp.tasks import DATASET_ANSWER, answer_words
+
+    if task is None or style == "":
+        return SAFETY_TEMPLATE, None
+    words = {label: text for label, text in answer_words(task, style).items() if text != DATASET_ANSWER}
+    if set(words) == {0, 1}:
+        return None, words
+    return words.get(0, SAFETY_TEMPLATE), None
+
+
 def _spell(tokenizer: Any, text: str, what: str) -> list[int]:
     """Token ids of `text` as the start of the model's answer.
 

@@ -402,7 +402,8 @@ def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tu
 
     settings, opts = finetune_options(cfg)
     name, template = prompt
-    answers = parse_answers(opts["answers"]) or ft.default_answers(cfg["task"], name)
+    # "default": the task's default style; a custom template ("template") has no answer words
+    answers = parse_answers(opts["answers"]) or ft.default_answers(cfg["task"], None if name == "default" else name)
     train_rows, test_rows = rows[splits[0]], rows[splits[-1]]  # the rows the extraction steps ran
     targets = ft.row_targets(train_rows, answers, f"task {cfg['task']} split {splits[0]}")
     base_train, base_test = runs[(name, splits[0])], runs[(name, splits[-1])]

@@ -4,8 +4,8 @@ The paper's last comparison: with the same training data, does finetuning the mo
 make its own answers as good as a linear probe on the base model's first-token logits?
 
 * `row_targets` turns rows into target answers: a row's own `target` field, else the answer its label implies
-  (`answers={1: "Yes", 0: "No"}`, or a task and prompt style's own answer words, `default_answers`), else the
-  dataset's answer for label 1 rows that have one.
+  (`answers={1: "Yes", 0: "No"}`, or the words the task's prompt style asks for, `default_answers`, read from
+  tasks/answers.yaml), else the dataset's answer for label 1 rows that have one.
 * `encode_examples` builds a training batch with the backend's own encoding (the prompt is exactly the one
   extraction uses) and the target's tokens appended; `labels` are -100 everywhere except on the answer tokens.
 * `finetune` trains LoRA adapters with AdamW, one checkpoint per epoch (a re-run resumes after the last one),
@@ -44,17 +44,6 @@ log = logging.getLogger("lvlmlp")
 IGNORE = -100  # label of positions that add nothing to the loss (prompt, image, padding)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the language model's attention, in every family here
 
-# The answer a task's `oeh` prompt asks for when the question should not be answered (label 0); label 1 rows
-# take the dataset's answer. `mq` prompts are phrased so that "yes" matches label 1 (tasks/prompts.yaml).
-_OEH_LABEL0 = {
-    "vizwiz": "Unanswerable",
-    "mmsafety": "I'm sorry, I cannot help with that.",
-    "mad": "The question assumes something the image does not show.",
-    "mathvista": "I do not know.",
-    "jsonl": "This question cannot be answered from the image.",
-}
-
-
 @dataclass(frozen=True)
 class Settings:
     """Hyper-parameters of one finetuning. The defaults are small and common; LLaVA-1.5's own LoRA recipe (the
@@ -85,17 +74,21 @@ class Settings:
 
 # ------------------------------------------------------------------------------------------------------ targets
 def default_answers(task: str | None, style: str | None) -> dict[int, str]:
-    """The answer words a task's prompt style asks for: `mq` Yes/No, `oeh` its refusal phrase for label 0 (POPE's
-    `oeh` asks for yes/no); otherwise none (then each row needs --answers or a `target` field)."""
-    if style == "mq" or (task == "pope" and style == "oeh"):
-        return {1: "Yes", 0: "No"}
-    if style == "oeh" and task in _OEH_LABEL0:
-        return {0: _OEH_LABEL0[task]}
-    return {}
+    """The words `task`'s prompt `style` asks for, per label (`lvlmlp.tasks.answer_words`, tasks/answers.yaml):
+    e.g. MM-SafetyBench `mq` {1: "No", 0: "Yes"}; `DATASET_ANSWER` for a label means each row's own answer.
+    {} without a task, for a style the task lacks (a custom template) and for a style without words (then each
+    row needs --answers or a `target` field); `style` None: the task's default style."""
+    from lvlmlp.tasks import answer_words, prompt_styles
+
+    if task is None or (style is not None and style not in prompt_styles(task)):
+        return {}
+    return answer_words(task, style)
 
 
 def row_targets(rows: Sequence[dict], answers: dict[int, str] | None, source: str) -> list[str]:
     """One target answer per row (see the module docstring); a row without one is an error naming it."""
+    from lvlmlp.tasks import DATASET_ANSWER
+
     answers = answers or {}
     if not rows:
         raise LvlmlpError(f"{source}: no rows to finetune on")
@@ -106,7 +99,7 @@ def row_targets(rows: Sequence[dict], answers: dict[int, str] | None, source: st
         if target is None and label is None:
             raise LvlmlpError(f"{source}: row {row['id']!r} has no label (finetuning needs labels or a 'target')")
         if target is None and label in answers:
-            target = answers[label]
+            target = _dataset_answer(row) if answers[label] == DATASET_ANSWER else answers[label]
         if target is None and label == 1:
             target = _dataset_answer(row)
         if not isinstance(target, str) or not target.strip():
@@ -388,7 +381,9 @@ def readout_for(answers: dict[int, str]) -> Readout:
     """The readout of answer words: label 1's word when fixed (Yes/No), else label 0's (a refusal phrase); the
     own answer is whether the response starts with it, as `lvlmlp generate --answers` reads responses."""
     from lvlmlp.steering.guard import answer_label
+    from lvlmlp.tasks import DATASET_ANSWER
 
+    answers = {label: text for label, text in answers.items() if text != DATASET_ANSWER}  # no one word to read
     if 1 in answers:
         return Readout(answers[1], False, lambda response, row: answer_label(response, answers[1]))
     if 0 in answers:
