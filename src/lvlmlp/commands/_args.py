@@ -108,9 +108,17 @@ _TASK_ONLY = (("data_root", "--data-root"), ("image_root", "--image-root"), ("pr
 
 
 def selection(args: argparse.Namespace) -> dict[str, Any]:
-    """The row selection the flags ask for, as recorded in a run's manifest."""
-    return {"split": args.split, "per_class": args.per_class, "limit": getattr(args, "limit", None),
-            "seed": 0 if args.seed is None else args.seed}
+    """The row selection the flags ask for, as recorded in a run's manifest; with --task, also the task and its
+    prompt style (None for a --prompt-template of one's own), which `probe eval` reads for own-answer:paper."""
+    sel = {"split": args.split, "per_class": args.per_class, "limit": getattr(args, "limit", None),
+           "seed": 0 if args.seed is None else args.seed}
+    if getattr(args, "task", None):
+        from lvlmlp.tasks import get_task
+
+        style = None if getattr(args, "prompt_template", None) else (args.prompt_style or
+                                                                     get_task(args.task).default_prompt_style)
+        sel.update(task=args.task, prompt_style=style)
+    return sel
 
 
 def task_rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | None]:

@@ -242,11 +242,13 @@ def main_evaluation(
     split: str | None = None,
     task: dict[str, Any] | None = None,
     task_name: str | None = None,
+    prompt_style: str | None = None,
 ) -> dict[str, Any]:
     """Probe + baselines on the evaluated rows, written as a `probe eval` folder (metrics.json, scores.jsonl) so
     that `lvlmlp report` and `report.write_report` read it; the fitted probe is saved to `probe_dir`. `task`:
     what the header records of the task (`groups`: its per-group metrics, `label_names`); `task_name`: the
-    registered task (its answer rule for the `own-answer:task` baseline)."""
+    registered task (its answer rule for the `own-answer:task` baseline); `prompt_style`: the task's prompt style
+    of the run (with `task_name`, the `own-answer:paper` rule; None for a template of one's own)."""
     from lvlmlp.probing.evaluate import write_eval
 
     make = make_probe_factory(probe_cfg)
@@ -272,7 +274,7 @@ def main_evaluation(
     if probe_dir is not None and s.probe is not None:
         s.probe.save(probe_dir)
     return write_eval(out, protocol.test.run, s.rows, s.y.astype(float), s.score, s.classes, threshold, baselines,
-                      header, protocol.n_boot, protocol.seed, task=task_name)
+                      header, protocol.n_boot, protocol.seed, task=task_name, style=prompt_style)
 
 
 # ------------------------------------------------------------------------------------------------ analyses

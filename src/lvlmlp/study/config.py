@@ -340,7 +340,7 @@ def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
 
 def validate(cfg: ExperimentConfig) -> None:
     """Checks that need the registries (tasks, prompt styles, probes, baselines): before any model work."""
-    from lvlmlp.probing.baselines import check_baseline_name
+    from lvlmlp.probing.baselines import PAPER_ANSWER, check_baseline_name, check_paper_rule
     from lvlmlp.tasks import get_task
 
     for key in REQUIRED:
@@ -363,6 +363,14 @@ def validate(cfg: ExperimentConfig) -> None:
             check_baseline_name(name)
         except LvlmlpError as err:
             raise LvlmlpError(f"config: baselines[{i}]: {err}") from None
+    if PAPER_ANSWER in cfg.baselines:  # every prompt needs a rule of the original's notebooks
+        from lvlmlp.study.experiment import prompt_style, prompts_of
+
+        for name, _ in prompts_of(cfg):
+            try:
+                check_paper_rule(cfg.task, prompt_style(cfg, name))
+            except LvlmlpError as err:
+                raise LvlmlpError(f"config: baselines: prompt {name}: {err}") from None
     if cfg.finetune is not None:
         from lvlmlp.study.experiment import finetune_options
 

@@ -58,6 +58,16 @@ def prompts_of(cfg: ExperimentConfig) -> list[tuple[str, str | None]]:
     return out
 
 
+def prompt_style(cfg: ExperimentConfig, name: str) -> str | None:
+    """The task's prompt style of a prompt named by `prompts_of` ("default": the task's default style); None for
+    a template of one's own."""
+    from lvlmlp.tasks import get_task, prompt_styles
+
+    if name == "default":
+        return get_task(cfg["task"]).default_prompt_style
+    return name if name in prompt_styles(cfg["task"]) else None
+
+
 def split_names(cfg: ExperimentConfig) -> list[str]:
     s = cfg.splits
     if s.cv is not None:
@@ -277,7 +287,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
             an.main_evaluation, protocol, an.logits_feature(0, feature_kind),
             {"kind": feature_kind, "token": 0, "model": test_run.manifest.get("model")}, probe_cfg,
             list(cfg["baselines"]), eval_dir, probe_dir=out / "probes" / name, split=test_split,
-            task=_task_header(cfg), task_name=cfg["task"]))
+            task=_task_header(cfg), task_name=cfg["task"], prompt_style=prompt_style(cfg, name)))
         eval_dirs.append(eval_dir)
         n_tok = min(train_run.n_logit_tokens, test_run.n_logit_tokens)
         pooled = (f" With {cfg.splits.cv}-fold cross-validation the figures are {POOLED} AUROCs (the summary's "
