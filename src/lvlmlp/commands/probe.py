@@ -67,6 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--group-by", action="append", metavar="FIELD=METRIC",
                     help="add per-group metrics (repeatable): group rows by their metadata FIELD and compute METRIC "
                          "on each group (attack-success-rate or pope)")
+    ev.add_argument("--threshold", type=float, help="accuracy/F1 of the probe at this P(label 1) (default: the "
+                    "probe's own threshold, probe.json)")
     ev.add_argument("--n-boot", type=int, default=N_BOOT, help="bootstrap resamples for the 95%% intervals")
     ev.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ev.add_argument("--out", required=True, help="folder for metrics.json and scores.jsonl")
@@ -180,18 +182,19 @@ def eval_probe(args: argparse.Namespace) -> int:
         raise LvlmlpError(f"{_where(run, args.split)}: no rows to score")
     labels = run.labels[idx]
     proba = probe.predict_proba(RowSubset(view, idx))
+    threshold = probe.threshold if args.threshold is None else args.threshold  # one threshold, the probe's by default
     header = {
         "run": str(run.path),
         "split": args.split,
         "probe": {"dir": str(args.probe), "class": type(probe).__name__, "feature_spec": spec.to_dict(),
-                  "threshold": probe.threshold},
+                  "threshold": threshold},
         "n_scored": int(idx.size),
         "n_skipped": skipped,
         "groups": eval_groups(args),
         "label_names": probe.label_names_,
     }
     metrics = write_eval(Path(args.out), run, idx, labels, proba[:, 1] if len(probe.classes_) == 2 else proba,
-                         probe.classes_, probe.threshold, args.baseline or [], header, args.n_boot, args.seed,
+                         probe.classes_, threshold, args.baseline or [], header, args.n_boot, args.seed,
                          token=spec.token, task=task, style=style)
     if np.isnan(labels).all():
         log.warning("%s has no labelled rows: scores written, no metrics", _where(run, args.split))

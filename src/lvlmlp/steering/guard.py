@@ -237,11 +237,13 @@ def guarded_responses(backend: Any, batch: Mapping[str, Any], guard: ProbeGuard,
 
 # ----------------------------------------------------------------------------------------------- evaluation
 def guided_decoding(backend: Any, probe: Any, rows: list[dict], before: Mapping[str, str | None],
-                    labels: Mapping[str, int], template: str, threshold: float = 0.5, *, max_new_tokens: int,
+                    labels: Mapping[str, int], template: str, threshold: float | None = None, *,
+                    max_new_tokens: int,
                     batch_size: int = 8, progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Greedy answers of `rows` with the probe guard in template mode, against the unguarded answers `before`
     (row id -> response, e.g. an extraction's): the counts of label-0 rows answered and label-1 rows refused
-    without -> with the guard, and one record per row (score, flag, both answers) from which they recompute."""
+    without -> with the guard, and one record per row (score, flag, both answers) from which they recompute.
+    `threshold`: None = the probe's own (probe.json)."""
     from tqdm import tqdm
 
     from lvlmlp.data import load_image
@@ -264,7 +266,7 @@ def guided_decoding(backend: Any, probe: Any, rows: list[dict], before: Mapping[
                 "label1_refused": sum(is_refusal(r[key], template) for r in records if r["label"] == 1),
                 "n_label0": sum(r["label"] == 0 for r in records), "n_label1": sum(r["label"] == 1 for r in records)}
 
-    summary = {"template": template, "threshold": float(threshold), "flagged": sum(r["flagged"] for r in records),
+    summary = {"template": template, "threshold": guard.threshold, "flagged": sum(r["flagged"] for r in records),
                "before": counts("response_before"), "after": counts("response_after")}
     return summary, records
 

@@ -253,7 +253,9 @@ def main_evaluation(
 
     make = make_probe_factory(probe_cfg)
     s = protocol.score(feature, make)
-    threshold = float(probe_cfg.get("threshold", 0.5))
+    # One threshold: the probe's own (probe.json; `probe: {threshold: T}` of the config sets it), for the
+    # evaluation's accuracy/F1 and the folds' alike (steering reads it from the saved probe).
+    threshold = float((s.probe or make()).threshold)
     header = {
         "run": str(protocol.test.run.path),
         "split": split,
@@ -269,7 +271,7 @@ def main_evaluation(
         # The original reports the mean of the per-fold metrics; the file's other metrics pool the out-of-fold
         # scores of all folds (one AUROC over every row), reported beside it and labelled as such.
         header["cv"] = {"folds": f"StratifiedKFold({protocol.cv}, shuffle={protocol.cv_shuffle})",
-                        **fold_metrics(s.y, s.score, s.fold_of, 0.5),
+                        **fold_metrics(s.y, s.score, s.fold_of, threshold),
                         "pooled": "the probe metrics of this file are pooled over the out-of-fold scores"}
     if probe_dir is not None and s.probe is not None:
         s.probe.save(probe_dir)

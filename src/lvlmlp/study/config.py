@@ -117,11 +117,11 @@ class AnalysesConfig(Section):
 @dataclass
 class SteeringConfig(Section):
     """Probe-guided decoding on the test split (`lvlmlp.steering.guard`): rows whose first-token probe score
-    P(label 1) is below `threshold` are made to start with `template`; the greedy answers of the extraction
-    (`extract.max_new_tokens` tokens) are the unguarded ones."""
+    P(label 1) is below `threshold` (default: the probe's own, probe.json) are made to start with `template`; the
+    greedy answers of the extraction (`extract.max_new_tokens` tokens) are the unguarded ones."""
 
     template: str | None = None  # required when the section is given
-    threshold: float = 0.5
+    threshold: float | None = None  # None: the probe's threshold (`probe: {threshold: T}`, default 0.5)
 
 
 @dataclass

@@ -353,8 +353,10 @@ def _steering(cfg: ExperimentConfig, out: Path, lazy: LazyBackend, prompt: tuple
     log.info("run: probe-guided decoding of %d %s rows", len(rows), name)
     summary, records = guided_decoding(
         lazy.get(template), load_probe(out / "probes" / name), rows, dict(zip(test_run.ids, test_run.responses)),
+        # threshold None: the saved probe's own, the one the evaluation used
         {i: int(lab) for i, lab in labels.items()}, cfg.steering.template, cfg.steering.threshold,
         max_new_tokens=cfg.extract.max_new_tokens, batch_size=cfg.batch_size, progress=progress)
+    (out / "analyses").mkdir(parents=True, exist_ok=True)  # absent when no other analysis ran
     write_jsonl(out / "analyses" / f"steering-{name}.jsonl", records)
     return summary
 
