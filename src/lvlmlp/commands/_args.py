@@ -74,16 +74,23 @@ def token_budget(args: argparse.Namespace, guard: Any, flag: str, default: int =
     return int(given)
 
 
-def add_task_arguments(parser: argparse.ArgumentParser, limit: bool = True) -> None:
-    """The flags that choose the rows: --data or a registered task (--task NAME ...), then which of them."""
+def add_task_arguments(parser: argparse.ArgumentParser, limit: bool = True, several: bool = False) -> None:
+    """The flags that choose the rows: --data or a registered task (--task NAME ...), then which of them.
+    `several`: --task, --data-root, --image-root and --prompt-style are repeatable (lists, in --task order)."""
     g = parser.add_argument_group("task input (instead of --data)")
-    g.add_argument("--task", metavar="NAME", help="a registered task (`lvlmlp tasks` lists them)")
-    g.add_argument("--data-root", metavar="DIR", help="the task's annotation files (`lvlmlp tasks NAME`)")
+    each = {"action": "append"} if several else {}
+    again = " (repeatable: one per --task, in the same order)" if several else ""
+    g.add_argument("--task", metavar="NAME", **each, help="a registered task (`lvlmlp tasks` lists them)"
+                   + (" (repeatable: one adapter trained on every task's rows)" if several else ""))
+    g.add_argument("--data-root", metavar="DIR", **each,
+                   help="the task's annotation files (`lvlmlp tasks NAME`)" + again)
     g.add_argument(
-        "--image-root", metavar="DIR", help="the task's images (default: its usual place in --data-root)"
+        "--image-root", metavar="DIR", **each, help="the task's images (default: its usual place in --data-root)"
+        + again
     )
     g.add_argument(
-        "--prompt-style", metavar="STYLE", help="a template of the task in tasks/prompts.yaml, e.g. oe, oeh or mq"
+        "--prompt-style", metavar="STYLE", **each,
+        help="a template of the task in tasks/prompts.yaml, e.g. oe, oeh or mq" + again
     )
     g.add_argument(
         "--task-option",

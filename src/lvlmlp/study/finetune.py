@@ -109,6 +109,33 @@ def row_targets(rows: Sequence[dict], answers: dict[int, str] | None, source: st
     return out
 
 
+def paper_style(task: str) -> str:
+    """The prompt style the paper's finetuned model was evaluated with for `task` (the original's
+    scripts/finetune_all.sh): `mq` where the task has one (VizWiz, MM-SafetyBench, MAD), else the task's default
+    (POPE, ImageNet: `oe`)."""
+    from lvlmlp.tasks import get_task, prompt_styles
+
+    return "mq" if "mq" in prompt_styles(task) else get_task(task).default_prompt_style
+
+
+def multitask_examples(parts: Sequence[tuple[str, str, Sequence[dict]]]) -> tuple[list[dict], list[str]]:
+    """Rows and targets of several tasks for ONE finetuning (the paper trained one LoRA adapter on its tasks'
+    training data together): `parts` = (task, prompt style, rows) per task. Each row's question carries its
+    task's prompt already (a backend without a template of its own then renders exactly the prompt extraction
+    uses for that task), its id is prefixed `TASK:STYLE/` (unique across tasks; the style is part of what the
+    checkpoint depends on), and its target comes from that task and style's answer words (`row_targets`)."""
+    from lvlmlp.tasks import apply_template, prompt_template
+
+    rows: list[dict] = []
+    targets: list[str] = []
+    for task, style, task_rows in parts:
+        template = prompt_template(task, style)
+        targets += row_targets(task_rows, default_answers(task, style), f"task {task} ({style})")
+        rows += [{**r, "id": f"{task}:{style}/{r['id']}", "question": apply_template(template, r["question"]),
+                  "task": task} for r in task_rows]
+    return rows, targets
+
+
 def _dataset_answer(row: dict) -> str | None:
     """The row's reference answer: `answer`, else the most frequent of `answers` (VizWiz's ten annotators)."""
     if isinstance(row.get("answer"), str | int | float) and str(row["answer"]).strip():
