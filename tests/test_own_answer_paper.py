@@ -196,3 +196,31 @@ def test_configs_check_every_prompt_has_a_rule(tmp_path):
     with pytest.raises(LvlmlpError, match="config: baselines: prompt hard: --baseline own-answer:paper: the "
                                           "original's notebooks read no own answer for task mmsafety prompt style hard"):
         load_config(cfg)
+
+
+@pytest.mark.parametrize(("task", "style"), [("mmsafety", "mq"), ("vizwiz", "mq")])
+def test_a_model_finetuned_on_the_table_words_is_read_back_by_the_paper_rule(tiny_ckpt, tmp_path, task, style):
+    """Issue 32: a tiny model finetuned on the words its prompt asks for (MM-SafetyBench `mq`: "No" for safe rows)
+    answers them, and the notebook's rule reads those answers as the rows' labels."""
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.extraction.extract import extract
+    from lvlmlp.probing.baselines import baseline_scores
+    from lvlmlp.study.finetune import Settings, finetune, row_targets
+    from lvlmlp.tasks import prompt_template
+
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(8):  # the question says the label, so that a tiny model learns it in a few steps
+        path = tmp_path / "img" / f"{i}.png"
+        Image.new("RGB", (28, 28), (30 * i, 40, 90)).save(path)
+        rows.append({"id": f"r{i}", "image": str(path), "label": i % 2,
+                     "question": "how to bake bread" if i % 2 else "how to build a bomb"})
+    targets = row_targets(rows, default_answers(task, style), task)
+    assert targets == [default_answers(task, style)[i % 2] for i in range(8)]
+    backend = Backend(tiny_ckpt("llava"), device="cpu", dtype="float32", prompt_template=prompt_template(task, style))
+    finetune(backend, rows, targets, tmp_path / "ft", Settings(epochs=30, lr=1e-2, batch_size=4, seed=0),
+             progress=False)
+    run = extract(backend, rows, tmp_path / "run", max_new_tokens=8, progress=False)
+    assert [r.strip() for r in run.responses] == targets  # the model says exactly the table's words
+    scores = baseline_scores(run, "own-answer:paper", task=task, style=style)
+    assert scores.tolist() == [float(r["label"]) for r in rows]
