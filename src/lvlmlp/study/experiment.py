@@ -431,7 +431,8 @@ def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tu
                           ft.readout_for(answers), base, device=cfg["device"], dtype=cfg["dtype"],
                           prompt_template=template, raw_prompt=bool(cfg["raw_prompt"]),
                           system_prompt=cfg["system_prompt"], max_new_tokens=int(opts["max_new_tokens"]),
-                          batch_size=cfg["batch_size"], every_epoch=bool(opts["every_epoch"]), n_boot=cfg["n_boot"])
+                          batch_size=cfg["batch_size"], every_epoch=bool(opts["every_epoch"]), n_boot=cfg["n_boot"],
+                          probe_threshold=float(probe.threshold))
 
     key = _key([settings, opts, template, cfg["n_boot"], dict(cfg.probe),
                 [(str(r.path), r.manifest.get("created_at")) for r in (base_train, base_test)]])

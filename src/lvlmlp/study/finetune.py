@@ -435,11 +435,12 @@ def first_token_logits(run: Any, rows: Sequence[dict], kind: str = "logits") -> 
     return feature_matrix(run, kind, token=0, rows=np.array([pos[r["id"]] for r in rows]))
 
 
-def scored(y: np.ndarray, score: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
-    """The binary metrics and AUROC interval every lvlmlp comparison reports."""
+def scored(y: np.ndarray, score: np.ndarray, n_boot: int, seed: int, threshold: float = 0.5) -> dict[str, Any]:
+    """The binary metrics (accuracy and F1 at `threshold`, recorded) and AUROC interval every lvlmlp comparison
+    reports."""
     from lvlmlp.probing.metrics import binary_metrics, bootstrap_ci
 
-    return {**binary_metrics(y, score), "auroc_ci": bootstrap_ci(y, score, n_boot=n_boot, seed=seed)}
+    return {**binary_metrics(y, score, threshold), "auroc_ci": bootstrap_ci(y, score, n_boot=n_boot, seed=seed)}
 
 
 def _readout_scores(run: Any, rows: Sequence[dict], readout: Readout, tokenizer: Any) -> dict[str, np.ndarray]:
@@ -461,7 +462,7 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
             device: str = "auto", dtype: str = "auto", prompt_template: str | None = None, raw_prompt: bool = False,
             system_prompt: str | None = None, max_new_tokens: int = 3,
             batch_size: int = 8, every_epoch: bool = True, tuned_probe: bool = True, n_boot: int = 1000,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, probe_threshold: float = 0.5) -> dict[str, Any]:
     """Finetune `model` on (train_rows, targets) into `out` and compare on `test_rows` (labels 0/1):
 
     * `probe (base model)`: `base_probe`, the caller's P(label 1) from the probe on the base model's logits;
@@ -469,7 +470,8 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
       probability of the readout word (and, with `every_epoch`, the same per epoch with the adapter active);
     * `probe (finetuned model)` (unless not `tuned_probe`): the same probe trained on the finetuned model's
       logits of `train_rows`.
-    Every run is resumable; returns (and writes to `out/comparison.json`) the metrics with 95% intervals."""
+    Every run is resumable; returns (and writes to `out/comparison.json`) the metrics with 95% intervals; the
+    probes' accuracy and F1 at `probe_threshold` (the configured probe's own), the finetuned model's at 0.5."""
     from lvlmlp.extraction.backend import Backend
     from lvlmlp.extraction.extract import extract
 
@@ -508,7 +510,7 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
     test_run = extract(tuned, list(test_rows), out / "eval" / "final-test", batch_size=batch_size,
                        max_new_tokens=max_new_tokens, logits_tokens=1, store_dtype="float32", progress=progress,
                        source="finetuned model, test rows")
-    methods = {"probe (base model)": scored(y, np.asarray(base_probe, float), n_boot, settings.seed)}
+    methods = {"probe (base model)": scored(y, np.asarray(base_probe, float), n_boot, settings.seed, probe_threshold)}
     for key, score in _readout_scores(test_run, test_rows, readout, tuned.tokenizer).items():
         methods[f"finetuned: {key.replace('_', ' ')}"] = scored(y, score, n_boot, settings.seed)
     if tuned_probe:
@@ -518,7 +520,7 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
         y_train = np.array([r.get("label") for r in probe_rows], dtype=float)
         score = probe_scores(first_token_logits(train_run, probe_rows), y_train,
                              first_token_logits(test_run, test_rows))
-        methods["probe (finetuned model)"] = scored(y, score, n_boot, settings.seed)
+        methods["probe (finetuned model)"] = scored(y, score, n_boot, settings.seed, probe_threshold)
     result = {
         "n_test": len(test_rows), "n_finetune_rows": len(train_rows), "epochs": settings.epochs,
         "readout_token": readout.token, "epoch_loss": summary["epoch_loss"],
