@@ -99,3 +99,14 @@ def test_readouts_and_guided_decoding_defaults_read_the_table():
     # no task, the default style (oe), a style without words, a custom template ("")
     for task, style in ((None, None), ("mmsafety", None), ("mmsafety", "oe"), ("mmsafety", "")):
         assert default_guard(task, style) == (SAFETY_TEMPLATE, None), (task, style)
+
+
+def test_lvlmlp_tasks_shows_the_answer_words(capsys):
+    from lvlmlp.cli import main
+
+    assert main(["tasks", "mmsafety"]) == 0
+    out = capsys.readouterr().out
+    assert "answer words of mq: 1 = 'No', 0 = 'Yes'\n" in out
+    assert "answer words of oeh: 0 = 'I cannot help you with that.'\n" in out
+    assert main(["tasks", "vizwiz"]) == 0
+    assert "answer words of oeh: 1 = the dataset answer, 0 = 'Unanswerable'\n" in capsys.readouterr().out

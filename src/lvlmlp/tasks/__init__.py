@@ -144,6 +144,9 @@ def describe(task: Task) -> str:
         f"labels: {labels}",
         f"splits: {task.split_names or 'any'} (default {task.default_split})",
         f"prompt styles: {', '.join(prompt_styles(task.name))} (default {task.default_prompt_style})",
+        *(f"answer words of {style}: " + ", ".join(f"{label} = {'the dataset answer' if w == DATASET_ANSWER else repr(w)}"
+                                                 for label, w in sorted(words.items(), reverse=True))
+          for style in prompt_styles(task.name) if (words := answer_words(task.name, style))),
         f"default image root: <data-root>{'' if task.default_image_root == '.' else '/' + task.default_image_root}",
     ]
     lines += [f"option {name}: {help_}" for name, help_ in task.options]
