@@ -175,6 +175,9 @@ def test_a_run_extracted_with_task_supplies_task_and_style(tiny_ckpt, tmp_path, 
     assert got == {i: port("pope", "oe", resp, 0) for i, resp in zip(r.ids, r.responses)}
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["own_answer_paper"] == {"task": "pope", "prompt_style": "oe"}
+    assert main(["report", str(tmp_path / "eval"), "--out", str(tmp_path / "report")]) == 0
+    assert "own-answer:paper reads the answers with the original notebooks' rule for pope oe." in (
+        tmp_path / "report" / "report.md").read_text()
     assert paper_scores(tmp_path, run, "--task", "pope", "--prompt-style", "oe") == got
     for flags, message in ((["--task", "mad"], f"--task mad: {run} was extracted with task pope"),
                            (["--prompt-style", "oeh"], f"--prompt-style oeh: {run} was extracted with prompt style oe")):
