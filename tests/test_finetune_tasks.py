@@ -77,3 +77,17 @@ def test_one_adapter_on_two_tasks_from_the_command_line(tiny_ckpt, tmp_path, cap
         assert main([*argv, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and err.count("\n") == 0
+
+
+def test_the_run_finetune_section_takes_the_papers_evaluation_prompt(tmp_path):
+    from lvlmlp.study.config import load_config
+    from lvlmlp.study.experiment import finetune_prompt, prompts_of
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    chosen = {}
+    for name in ("mmsafety_llava15_7b", "vizwiz_llava15_7b", "mad_qwen25vl_7b", "pope_llava15_7b", "ci_tiny"):
+        cfg = load_config(root / f"{name}.yaml", model="m", data_root="d", out=str(tmp_path))
+        chosen[name] = finetune_prompt(cfg, prompts_of(cfg))[0]
+    # mq where the config runs it (finetune_all.sh), POPE's oe; else the first prompt (ci_tiny: jsonl oe, oeh)
+    assert chosen == {"mmsafety_llava15_7b": "mq", "vizwiz_llava15_7b": "mq", "mad_qwen25vl_7b": "mq",
+                      "pope_llava15_7b": "oe", "ci_tiny": "oe"}

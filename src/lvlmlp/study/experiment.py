@@ -335,7 +335,8 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
         sections.append(_clip_evals(cfg, out, steps, clip_runs, splits, main[prompts[0][0]], eval_dirs, results,
                                     report_dir, stamp, label_runs))
     if cfg["finetune"] is not None:
-        sections.append(_finetune_section(cfg, out, steps, prompts[0], splits, rows, runs, report_dir, results))
+        sections.append(_finetune_section(cfg, out, steps, finetune_prompt(cfg, prompts), splits, rows, runs,
+                                          report_dir, results))
     return write_report(eval_dirs, report_dir, sections, results)
 
 
@@ -403,10 +404,20 @@ def finetune_options(cfg: ExperimentConfig) -> tuple[Any, dict[str, Any]]:
     return settings, opts
 
 
+def finetune_prompt(cfg: ExperimentConfig, prompts: list[tuple[str, str | None]]) -> tuple[str, str | None]:
+    """The prompt the `finetune:` section trains and evaluates under: the style the paper evaluated its finetuned
+    model with for the task (`finetune.paper_style`: `mq` for VizWiz, MM-SafetyBench, MAD; `oe` for POPE) when the
+    config has it, else the first prompt."""
+    from lvlmlp.study.finetune import paper_style
+
+    style = paper_style(cfg["task"])
+    return next((p for p in prompts if prompt_style(cfg, p[0]) == style), prompts[0])
+
+
 def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tuple[str, str | None],
                       splits: list[str], rows: dict[str, list[dict]], runs: dict, report_dir: Path,
                       results: dict[str, Any]) -> Any:
-    """`finetune:` LoRA-finetune the model on the train split (first prompt) and compare it with the probe on the
+    """`finetune:` LoRA-finetune the model on the train split (`finetune_prompt`) and compare it with the probe on the
     base model's first-token logits, on the test split: table + AUROC per epoch (`lvlmlp.study.finetune.compare`)."""
     from lvlmlp.steering.guard import parse_answers
     from lvlmlp.study import analyses as an
