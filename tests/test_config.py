@@ -83,7 +83,8 @@ def test_steering_section_and_analyses_n_boot(tmp_path: Path):
     (tmp_path / "s.yaml").write_text("model: m\ndata_root: d\nout: o\nextract: {max_new_tokens: 4}\n"
                                      "steering: {template: 'Sorry.'}\nanalyses: {n_boot: 200}\n")
     cfg = load_config(tmp_path / "s.yaml")
-    assert (cfg.steering.template, cfg.steering.threshold, cfg.analyses.n_boot, cfg.n_boot) == ("Sorry.", 0.5, 200, 1000)
+    # threshold None: the probe's own (probe.json), one threshold for evaluation and steering
+    assert (cfg.steering.template, cfg.steering.threshold, cfg.analyses.n_boot, cfg.n_boot) == ("Sorry.", None, 200, 1000)
     assert config.build(ExperimentConfig, cfg.to_dict()) == cfg
     assert load_config(tmp_path / "s.yaml", ["steering=null"]).steering is None
     with pytest.raises(LvlmlpError, match="config: steering.template is required"):

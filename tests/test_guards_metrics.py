@@ -210,11 +210,13 @@ def test_fold_metrics_equal_per_fold_sklearn_and_skip_undefined_aurocs():
         per["auroc"].append(roc_auc_score(y[m], s[m]) if fold != 1 else None)
         per["accuracy"].append(accuracy_score(y[m], pred))
         per["f1"].append(f1_score(y[m], pred, zero_division=0.0))
-    assert got["n_folds"] == 3 and set(got) == {"mean_of_folds", "per_fold", "n_folds"}
+    assert got["n_folds"] == 3 and set(got) == {"mean_of_folds", "per_fold", "n_folds", "threshold"}
+    assert got["threshold"] == 0.5  # recorded: the report says which threshold the folds used
     for key, values in per.items():
         assert got["per_fold"][key] == pytest.approx(values), key
         assert got["mean_of_folds"][key] == pytest.approx(np.mean([v for v in values if v is not None])), key
     at = fold_metrics(y, s, fold_of, threshold=0.25)
+    assert at["threshold"] == 0.25
     assert at["per_fold"]["accuracy"][0] == pytest.approx(accuracy_score(y[fold_of == 0], s[fold_of == 0] > 0.25))
     one_class = fold_metrics([1, 1, 1, 1], [0.2, 0.6, 0.7, 0.9], [0, 0, 1, 1])
     assert one_class["mean_of_folds"]["auroc"] is None and one_class["per_fold"]["auroc"] == [None, None]

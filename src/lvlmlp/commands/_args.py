@@ -29,9 +29,10 @@ def add_guard_arguments(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--allow-other-model", action="store_true",
                    help="apply a probe trained on another --model's features (e.g. the same weights by another path)")
     p.add_argument("--template", default=None,
-                   help=f"text forced at the start of flagged {what}' answers (default without --answers: the "
-                   "original's MM-SafetyBench text, lvlmlp.steering.guard.SAFETY_TEMPLATE: 'Sorry, answering this "
-                   "question ... because')")
+                   help=f"text forced at the start of flagged {what}' answers (default without --answers: with "
+                   "--task, the words its prompt style asks for (tasks/answers.yaml), else the original's "
+                   "MM-SafetyBench text, lvlmlp.steering.guard.SAFETY_TEMPLATE: 'Sorry, answering this question ... "
+                   "because')")
     p.add_argument("--answers", default=None,
                    help="LABEL1,LABEL0 such as Yes,No: every answer starts with the probe's prediction")
     p.add_argument("--threshold", type=float, default=None,
@@ -39,42 +40,57 @@ def add_guard_arguments(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def guard_mode(args: argparse.Namespace, command: str) -> tuple[str | None, dict[int, str] | None]:
-    """(template, answers) of the guard flags: --answers, else --template, else the text the original forced on
-    MM-SafetyBench (`SAFETY_TEMPLATE`), so that a plain `generate`/`serve` runs the paper's decoding."""
-    from lvlmlp.steering.guard import SAFETY_TEMPLATE, parse_answers
+    """(template, answers) of the guard flags: --answers, else --template, else with --task the words its prompt
+    style asks for (`steering.guard.default_guard`), else the text the original forced on MM-SafetyBench
+    (`SAFETY_TEMPLATE`), so that a plain `generate`/`serve` runs the paper's decoding."""
+    from lvlmlp.steering.guard import default_guard, parse_answers
 
     if args.template is not None and args.answers is not None:
         raise LvlmlpError(f"{command}: give --template TEXT or --answers YES,NO, not both")
     answers = parse_answers(args.answers)
-    return (SAFETY_TEMPLATE if answers is None and args.template is None else args.template), answers
+    if answers is None and args.template is None:
+        task = getattr(args, "task", None)
+        return default_guard(task, "" if getattr(args, "prompt_template", None) else getattr(args, "prompt_style",
+                                                                                               None))
+    return args.template, answers
 
 
 def token_budget(args: argparse.Namespace, guard: Any, flag: str, default: int = 64) -> int:
     """New tokens per answer: the value of `flag` (refused when the forced text would not fit: the answers would
     stop inside it), else `default`, raised to the forced text's length when that is longer (so the default
     template never makes a command fail)."""
+    from lvlmlp.steering.guard import SAFETY_TEMPLATE
+
     forced = guard.template_ids if guard.answer_ids is None else max(guard.answer_ids.values(), key=len)
     given = getattr(args, flag.lstrip("-").replace("-", "_"))
     if given is None:
         return max(default, len(forced))
     if len(forced) > given:
         what = ("an --answers label" if guard.answer_ids is not None else
-                "--template" if args.template is not None else "the default template (SAFETY_TEMPLATE)")
+                "--template" if args.template is not None else "the default template (SAFETY_TEMPLATE)"
+                if guard.template == SAFETY_TEMPLATE else f"the task's default template {guard.template!r}")
         raise LvlmlpError(f"{what} is {len(forced)} tokens long but {flag} is {given}: give {flag} {len(forced)} or "
                           "more (more lets the model go on after it)")
     return int(given)
 
 
-def add_task_arguments(parser: argparse.ArgumentParser, limit: bool = True) -> None:
-    """The flags that choose the rows: --data or a registered task (--task NAME ...), then which of them."""
+def add_task_arguments(parser: argparse.ArgumentParser, limit: bool = True, several: bool = False) -> None:
+    """The flags that choose the rows: --data or a registered task (--task NAME ...), then which of them.
+    `several`: --task, --data-root, --image-root and --prompt-style are repeatable (lists, in --task order)."""
     g = parser.add_argument_group("task input (instead of --data)")
-    g.add_argument("--task", metavar="NAME", help="a registered task (`lvlmlp tasks` lists them)")
-    g.add_argument("--data-root", metavar="DIR", help="the task's annotation files (`lvlmlp tasks NAME`)")
+    each = {"action": "append"} if several else {}
+    again = " (repeatable: one per --task, in the same order)" if several else ""
+    g.add_argument("--task", metavar="NAME", **each, help="a registered task (`lvlmlp tasks` lists them)"
+                   + (" (repeatable: one adapter trained on every task's rows)" if several else ""))
+    g.add_argument("--data-root", metavar="DIR", **each,
+                   help="the task's annotation files (`lvlmlp tasks NAME`)" + again)
     g.add_argument(
-        "--image-root", metavar="DIR", help="the task's images (default: its usual place in --data-root)"
+        "--image-root", metavar="DIR", **each, help="the task's images (default: its usual place in --data-root)"
+        + again
     )
     g.add_argument(
-        "--prompt-style", metavar="STYLE", help="a template of the task in tasks/prompts.yaml, e.g. oe, oeh or mq"
+        "--prompt-style", metavar="STYLE", **each,
+        help="a template of the task in tasks/prompts.yaml, e.g. oe, oeh or mq" + again
     )
     g.add_argument(
         "--task-option",
@@ -99,9 +115,17 @@ _TASK_ONLY = (("data_root", "--data-root"), ("image_root", "--image-root"), ("pr
 
 
 def selection(args: argparse.Namespace) -> dict[str, Any]:
-    """The row selection the flags ask for, as recorded in a run's manifest."""
-    return {"split": args.split, "per_class": args.per_class, "limit": getattr(args, "limit", None),
-            "seed": 0 if args.seed is None else args.seed}
+    """The row selection the flags ask for, as recorded in a run's manifest; with --task, also the task and its
+    prompt style (None for a --prompt-template of one's own), which `probe eval` reads for own-answer:paper."""
+    sel = {"split": args.split, "per_class": args.per_class, "limit": getattr(args, "limit", None),
+           "seed": 0 if args.seed is None else args.seed}
+    if getattr(args, "task", None):
+        from lvlmlp.tasks import get_task
+
+        style = None if getattr(args, "prompt_template", None) else (args.prompt_style or
+                                                                     get_task(args.task).default_prompt_style)
+        sel.update(task=args.task, prompt_style=style)
+    return sel
 
 
 def task_rows_from_args(args: argparse.Namespace) -> tuple[list[dict], str | None]:

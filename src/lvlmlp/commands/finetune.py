@@ -12,6 +12,7 @@ from lvlmlp.commands._args import (
     rows_from_args,
     silence_progress_bars,
 )
+from lvlmlp.errors import LvlmlpError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,11 +20,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="LoRA-finetune a VLM on the rows of --split (default: train) with the "
                                           "prompt extraction uses; the loss reads the answer tokens only.")
     p.add_argument("--data", help="JSON-lines manifest (rows of --split, default train, when rows name a split)")
-    add_task_arguments(p)  # --task, --data-root, --split, --prompt-style, --per-class, --limit, --seed (also training)
+    # --task, --data-root, --image-root, --prompt-style repeatable (several tasks: one adapter on all their rows);
+    # --split, --per-class, --limit, --seed (also training) apply to each task
+    add_task_arguments(p, several=True)
     add_model_arguments(p)
     p.add_argument("--answers", default=None, metavar="LABEL1,LABEL0",
-                   help="target answers by label, e.g. Yes,No (default: the task and prompt style's own answer "
-                        "words; a row's 'target' field overrides)")
+                   help="target answers by label, e.g. Yes,No (default: the words the task's prompt style asks for, "
+                        "tasks/answers.yaml; a row's 'target' field overrides; with several tasks: each task's own)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (constant)")
     p.add_argument("--lora-rank", type=int, default=8)
@@ -38,16 +41,62 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _one(values: list[str] | None, flag: str) -> str | None:
+    if values and len(values) > 1:
+        raise LvlmlpError(f"{flag} is given {len(values)} times for one --task")
+    return values[0] if values else None
+
+
+def several_tasks(args: argparse.Namespace) -> tuple[list[dict], list[str], str]:
+    """Rows (prompts applied) and targets of every --task, for one adapter (`finetune.multitask_examples`); each
+    task's prompt style: its --prompt-style, else the one the paper evaluated it with (`finetune.paper_style`)."""
+    from lvlmlp.study.finetune import multitask_examples, paper_style
+    from lvlmlp.tasks import get_task
+
+    tasks = args.task
+    for values, flag in ((args.data_root, "--data-root"), (args.image_root, "--image-root"),
+                         (args.prompt_style, "--prompt-style")):
+        if values is not None and len(values) != len(tasks):
+            raise LvlmlpError(f"{flag}: give one per --task ({len(tasks)}), in the same order; got {len(values)}")
+    if args.data_root is None:
+        raise LvlmlpError("--data-root is required with --task (one per --task, in the same order)")
+    for given, flag in ((args.task_option, "--task-option"), (args.prompt_template, "--prompt-template"),
+                        (args.answers, "--answers"), (args.data, "--data")):
+        if given:
+            raise LvlmlpError(f"{flag} applies to one --task only (with several, each task's own prompt and words)")
+    if len(set(tasks)) != len(tasks):
+        raise LvlmlpError(f"--task: {', '.join(tasks)} names a task twice")
+    parts = []
+    for i, name in enumerate(tasks):
+        style = args.prompt_style[i] if args.prompt_style else paper_style(name)
+        rows = get_task(name).rows(args.data_root[i], args.image_root[i] if args.image_root else None,
+                                   args.split or "train", limit=args.limit, per_class=args.per_class,
+                                   seed=0 if args.seed is None else args.seed)
+        parts.append((name, style, rows))
+    rows, targets = multitask_examples(parts)
+    return rows, targets, " + ".join(f"{t} ({s})" for t, s, _ in parts)
+
+
 def run(args: argparse.Namespace) -> int:
     from lvlmlp.extraction.backend import Backend
     from lvlmlp.steering.guard import parse_answers
     from lvlmlp.study.finetune import Settings, default_answers, finetune, row_targets
 
-    # the train split by default (a manifest without splits is used whole)
-    rows, task_template, source = rows_from_args(args, "finetune", seed_used=True, default_split="train")
-    template = args.prompt_template or task_template
-    answers = parse_answers(args.answers) or default_answers(args.task, args.prompt_style)
-    targets = row_targets(rows, answers, source)  # every row's target before the model loads
+    if args.task and len(args.task) > 1:
+        rows, targets, source = several_tasks(args)
+        template = None  # each row's question carries its task's prompt
+    else:
+        args.task = _one(args.task, "--task")
+        args.data_root = _one(args.data_root, "--data-root")
+        args.image_root = _one(args.image_root, "--image-root")
+        args.prompt_style = _one(args.prompt_style, "--prompt-style")
+        # the train split by default (a manifest without splits is used whole)
+        rows, task_template, source = rows_from_args(args, "finetune", seed_used=True, default_split="train")
+        template = args.prompt_template or task_template
+        # the words the task's prompt style asks for (tasks/answers.yaml); none for a --prompt-template of one's own
+        answers = parse_answers(args.answers) or ({} if args.prompt_template else default_answers(args.task,
+                                                                                                args.prompt_style))
+        targets = row_targets(rows, answers, source)  # every row's target before the model loads
     settings = Settings(epochs=args.epochs, lr=args.lr, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                         lora_dropout=args.lora_dropout, batch_size=args.batch_size, grad_accum=args.grad_accum,
                         seed=0 if args.seed is None else args.seed,

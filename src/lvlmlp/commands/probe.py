@@ -68,13 +68,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--run", required=True, help="run folder")
     ev.add_argument("--split", help="evaluate rows whose 'split' is this (default: all rows)")
     ev.add_argument("--baseline", action="append", metavar="NAME",
-                    help="add a baseline (repeatable): own-answer[:refusal|yes|keyword=W], token-prob:STRING, "
+                    help="add a baseline (repeatable): own-answer[:refusal|yes|keyword=W|paper], token-prob:STRING, "
                          "token-prob:!STRING, max-prob, entropy, seq-prob, mean-entropy, perplexity")
     ev.add_argument("--task", metavar="NAME", help="add the per-group metrics of this registered task (e.g. "
-                    "mmsafety: attack success rate per scenario; pope: POPE metrics per category)")
+                    "mmsafety: attack success rate per scenario; pope: POPE metrics per category); with "
+                    "--prompt-style, the rule of own-answer:paper (default: what the run's manifest recorded)")
+    ev.add_argument("--prompt-style", metavar="STYLE", help="the prompt style the run was extracted with, for "
+                    "own-answer:paper (default: the run's manifest, when extracted with --task)")
     ev.add_argument("--group-by", action="append", metavar="FIELD=METRIC",
                     help="add per-group metrics (repeatable): group rows by their metadata FIELD and compute METRIC "
                          "on each group (attack-success-rate or pope)")
+    ev.add_argument("--threshold", type=float, help="accuracy/F1 of the probe at this P(label 1) (default: the "
+                    "probe's own threshold, probe.json)")
     ev.add_argument("--n-boot", type=int, default=N_BOOT, help="bootstrap resamples for the 95%% intervals")
     ev.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ev.add_argument("--out", required=True, help="folder for metrics.json and scores.jsonl")
@@ -201,12 +206,21 @@ def eval_probe(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lvlmlp.extraction.store import open_run
+    from lvlmlp.probing.baselines import resolve_task_style
     from lvlmlp.probing.evaluate import select_rows, write_eval
     from lvlmlp.probing.features import FeatureView, RowSubset
     from lvlmlp.probing.probes import load_probe
 
     probe = load_probe(args.probe)
     run = open_run(args.run)
+    # own-answer:paper reads the task and prompt style: the flags', else the manifest's (a contradiction is refused)
+    task, style = resolve_task_style(run, args.task, args.prompt_style)
+    if args.prompt_style is not None:
+        from lvlmlp.tasks import prompt_template
+
+        if task is None:
+            raise LvlmlpError("--prompt-style needs --task (or a run extracted with --task)")
+        prompt_template(task, style)  # an unknown style is an error naming the task's styles
     spec = probe.spec_
     if spec is None:
         raise LvlmlpError(f"{args.probe}: probe.json has no feature spec")
@@ -217,11 +231,12 @@ def eval_probe(args: argparse.Namespace) -> int:
         raise LvlmlpError(f"{_where(run, args.split)}: no rows to score")
     labels = run.labels[idx]
     proba = probe.predict_proba(RowSubset(view, idx))
+    threshold = probe.threshold if args.threshold is None else args.threshold  # one threshold, the probe's by default
     header = {
         "run": str(run.path),
         "split": args.split,
         "probe": {"dir": str(args.probe), "class": type(probe).__name__, "feature_spec": spec.to_dict(),
-                  "threshold": probe.threshold},
+                  "threshold": threshold},
         "n_scored": int(idx.size),
         "n_skipped": skipped,
         **_short_rows(run, idx, spec),
@@ -229,8 +244,8 @@ def eval_probe(args: argparse.Namespace) -> int:
         "label_names": probe.label_names_,
     }
     metrics = write_eval(Path(args.out), run, idx, labels, proba[:, 1] if len(probe.classes_) == 2 else proba,
-                         probe.classes_, probe.threshold, args.baseline or [], header, args.n_boot, args.seed,
-                         token=spec.token)
+                         probe.classes_, threshold, args.baseline or [], header, args.n_boot, args.seed,
+                         token=spec.token, task=task, style=style)
     if np.isnan(labels).all():
         log.warning("%s has no labelled rows: scores written, no metrics", _where(run, args.split))
     print(eval_table(metrics, type(probe).__name__))

@@ -56,21 +56,25 @@ def write_eval(
     seed: int = 0,
     token: int = 0,
     task: str | None = None,
+    style: str | None = None,
 ) -> dict[str, Any]:
     """Write a `probe eval` folder: `scores.jsonl` (one record per scored row) and `metrics.json` (probe and
     baselines on the labelled rows). `score` is P(classes[-1]) (n,) for a binary probe, (n, C) for multiclass;
     `labels` has NaN for unlabelled rows (scored, not measured). `header["groups"]` (row field -> metric of
     `metrics.GROUP_METRICS`, from the task) adds per-group metrics and keeps those fields in `scores.jsonl`.
     `task`: the registered task of the rows (the `own-answer:task` baseline reads answers with its rule; for a
-    multiclass probe it is the one baseline, the class the answer names, measured by top-1 accuracy).
+    multiclass probe it is the one baseline, the class the answer names, measured by top-1 accuracy); `style`: the
+    prompt style the run was extracted with (with `task`, the `own-answer:paper` rule; recorded in the header).
     `lvlmlp run` writes its evaluations here too."""
     from lvlmlp.data import write_jsonl
-    from lvlmlp.probing.baselines import TASK_ANSWER, baseline_scores
+    from lvlmlp.probing.baselines import PAPER_ANSWER, TASK_ANSWER, baseline_scores
     from lvlmlp.probing.metrics import top1_accuracy
 
     labelled = ~np.isnan(labels)
     meta = [run.meta[i] for i in idx]
     metrics: dict[str, Any] = {"task": "binary" if score.ndim == 1 else "multiclass", **header}
+    if PAPER_ANSWER in baselines:  # which of the notebooks' rules read the answers
+        metrics["own_answer_paper"] = {"task": task, "prompt_style": style}
     groups = check_groups(header.get("groups") or {}, "evaluation")
     records = [{"id": run.ids[i], "label": None if np.isnan(lab) else int(lab)} for i, lab in zip(idx, labels)]
     for rec, m in zip(records, meta):
@@ -78,7 +82,7 @@ def write_eval(
     if score.ndim == 1:
         for rec, v in zip(records, score):
             rec["score"] = float(v)
-        base = {name: baseline_scores(run, name, idx, token=token, task=task) for name in baselines}
+        base = {name: baseline_scores(run, name, idx, token=token, task=task, style=style) for name in baselines}
         for name, b in base.items():
             for rec, v in zip(records, b):
                 rec.setdefault("baselines", {})[name] = float(v)

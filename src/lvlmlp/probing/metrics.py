@@ -236,7 +236,8 @@ def fold_metrics(y: Any, score: Any, fold_of: Any, threshold: float = 0.5) -> di
         per["f1"].append(float(f1_score(y_arr[m], pred, zero_division=0.0)))
     mean = {k: (float(np.mean([v for v in vs if v is not None])) if any(v is not None for v in vs) else None)
             for k, vs in per.items()}
-    return {"mean_of_folds": mean, "per_fold": per, "n_folds": int(np.unique(fold_arr).size)}
+    return {"mean_of_folds": mean, "per_fold": per, "n_folds": int(np.unique(fold_arr).size),
+            "threshold": float(threshold)}
 
 
 def binary_report(y: Any, score: Any, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:

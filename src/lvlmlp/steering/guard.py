@@ -41,6 +41,22 @@ _LOGIT_KINDS = ("logits", "log_softmax", "softmax")
 SAFETY_TEMPLATE = "Sorry, answering this question will generate harmful content, because"
 
 
+def default_guard(task: str | None = None, style: str | None = None) -> tuple[str | None, dict[int, str] | None]:
+    """(template, answers) of a guard given neither: the words the task's prompt style asks for
+    (tasks/answers.yaml) when it defines them, so that the forced text is what that prompt asks the model to
+    say: both labels' words (e.g. MM-SafetyBench `mq` No / Yes, POPE yes / no) force the probe's answer, a
+    label-0 phrase alone (`oeh`) is the template; otherwise (no task, a style without words, a custom
+    template: `style` "") `SAFETY_TEMPLATE`, the text the original forced."""
+    from lvlmlp.tasks import DATASET_ANSWER, answer_words
+
+    if task is None or style == "":
+        return SAFETY_TEMPLATE, None
+    words = {label: text for label, text in answer_words(task, style).items() if text != DATASET_ANSWER}
+    if set(words) == {0, 1}:
+        return None, words
+    return words.get(0, SAFETY_TEMPLATE), None
+
+
 def _spell(tokenizer: Any, text: str, what: str) -> list[int]:
     """Token ids of `text` as the start of the model's answer.
 
@@ -221,11 +237,13 @@ def guarded_responses(backend: Any, batch: Mapping[str, Any], guard: ProbeGuard,
 
 # ----------------------------------------------------------------------------------------------- evaluation
 def guided_decoding(backend: Any, probe: Any, rows: list[dict], before: Mapping[str, str | None],
-                    labels: Mapping[str, int], template: str, threshold: float = 0.5, *, max_new_tokens: int,
+                    labels: Mapping[str, int], template: str, threshold: float | None = None, *,
+                    max_new_tokens: int,
                     batch_size: int = 8, progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Greedy answers of `rows` with the probe guard in template mode, against the unguarded answers `before`
     (row id -> response, e.g. an extraction's): the counts of label-0 rows answered and label-1 rows refused
-    without -> with the guard, and one record per row (score, flag, both answers) from which they recompute."""
+    without -> with the guard, and one record per row (score, flag, both answers) from which they recompute.
+    `threshold`: None = the probe's own (probe.json)."""
     from tqdm import tqdm
 
     from lvlmlp.data import load_image
@@ -248,7 +266,7 @@ def guided_decoding(backend: Any, probe: Any, rows: list[dict], before: Mapping[
                 "label1_refused": sum(is_refusal(r[key], template) for r in records if r["label"] == 1),
                 "n_label0": sum(r["label"] == 0 for r in records), "n_label1": sum(r["label"] == 1 for r in records)}
 
-    summary = {"template": template, "threshold": float(threshold), "flagged": sum(r["flagged"] for r in records),
+    summary = {"template": template, "threshold": guard.threshold, "flagged": sum(r["flagged"] for r in records),
                "before": counts("response_before"), "after": counts("response_after")}
     return summary, records
 

@@ -242,16 +242,20 @@ def main_evaluation(
     split: str | None = None,
     task: dict[str, Any] | None = None,
     task_name: str | None = None,
+    prompt_style: str | None = None,
 ) -> dict[str, Any]:
     """Probe + baselines on the evaluated rows, written as a `probe eval` folder (metrics.json, scores.jsonl) so
     that `lvlmlp report` and `report.write_report` read it; the fitted probe is saved to `probe_dir`. `task`:
     what the header records of the task (`groups`: its per-group metrics, `label_names`); `task_name`: the
-    registered task (its answer rule for the `own-answer:task` baseline)."""
+    registered task (its answer rule for the `own-answer:task` baseline); `prompt_style`: the task's prompt style
+    of the run (with `task_name`, the `own-answer:paper` rule; None for a template of one's own)."""
     from lvlmlp.probing.evaluate import write_eval
 
     make = make_probe_factory(probe_cfg)
     s = protocol.score(feature, make)
-    threshold = float(probe_cfg.get("threshold", 0.5))
+    # One threshold: the probe's own (probe.json; `probe: {threshold: T}` of the config sets it), for the
+    # evaluation's accuracy/F1 and the folds' alike (steering reads it from the saved probe).
+    threshold = float((s.probe or make()).threshold)
     header = {
         "run": str(protocol.test.run.path),
         "split": split,
@@ -267,12 +271,12 @@ def main_evaluation(
         # The original reports the mean of the per-fold metrics; the file's other metrics pool the out-of-fold
         # scores of all folds (one AUROC over every row), reported beside it and labelled as such.
         header["cv"] = {"folds": f"StratifiedKFold({protocol.cv}, shuffle={protocol.cv_shuffle})",
-                        **fold_metrics(s.y, s.score, s.fold_of, 0.5),
+                        **fold_metrics(s.y, s.score, s.fold_of, threshold),
                         "pooled": "the probe metrics of this file are pooled over the out-of-fold scores"}
     if probe_dir is not None and s.probe is not None:
         s.probe.save(probe_dir)
     return write_eval(out, protocol.test.run, s.rows, s.y.astype(float), s.score, s.classes, threshold, baselines,
-                      header, protocol.n_boot, protocol.seed, task=task_name)
+                      header, protocol.n_boot, protocol.seed, task=task_name, style=prompt_style)
 
 
 # ------------------------------------------------------------------------------------------------ analyses

@@ -117,11 +117,11 @@ class AnalysesConfig(Section):
 @dataclass
 class SteeringConfig(Section):
     """Probe-guided decoding on the test split (`lvlmlp.steering.guard`): rows whose first-token probe score
-    P(label 1) is below `threshold` are made to start with `template`; the greedy answers of the extraction
-    (`extract.max_new_tokens` tokens) are the unguarded ones."""
+    P(label 1) is below `threshold` (default: the probe's own, probe.json) are made to start with `template`; the
+    greedy answers of the extraction (`extract.max_new_tokens` tokens) are the unguarded ones."""
 
     template: str | None = None  # required when the section is given
-    threshold: float = 0.5
+    threshold: float | None = None  # None: the probe's threshold (`probe: {threshold: T}`, default 0.5)
 
 
 @dataclass
@@ -354,7 +354,7 @@ def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
 
 def validate(cfg: ExperimentConfig) -> None:
     """Checks that need the registries (tasks, prompt styles, probes, baselines): before any model work."""
-    from lvlmlp.probing.baselines import check_baseline_name
+    from lvlmlp.probing.baselines import PAPER_ANSWER, check_baseline_name, check_paper_rule
     from lvlmlp.tasks import get_task
 
     for key in REQUIRED:
@@ -388,6 +388,14 @@ def validate(cfg: ExperimentConfig) -> None:
             check_baseline_name(name)
         except LvlmlpError as err:
             raise LvlmlpError(f"config: baselines[{i}]: {err}") from None
+    if PAPER_ANSWER in cfg.baselines:  # every prompt needs a rule of the original's notebooks
+        from lvlmlp.study.experiment import prompt_style, prompts_of
+
+        for name, _ in prompts_of(cfg):
+            try:
+                check_paper_rule(cfg.task, prompt_style(cfg, name))
+            except LvlmlpError as err:
+                raise LvlmlpError(f"config: baselines: prompt {name}: {err}") from None
     if cfg.finetune is not None:
         from lvlmlp.study.experiment import finetune_options
 

@@ -60,6 +60,16 @@ def prompts_of(cfg: ExperimentConfig) -> list[tuple[str, str | None]]:
     return out
 
 
+def prompt_style(cfg: ExperimentConfig, name: str) -> str | None:
+    """The task's prompt style of a prompt named by `prompts_of` ("default": the task's default style); None for
+    a template of one's own."""
+    from lvlmlp.tasks import get_task, prompt_styles
+
+    if name == "default":
+        return get_task(cfg["task"]).default_prompt_style
+    return name if name in prompt_styles(cfg["task"]) else None
+
+
 def split_names(cfg: ExperimentConfig) -> list[str]:
     s = cfg.splits
     if s.cv is not None:
@@ -325,7 +335,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
             an.main_evaluation, protocol, an.logits_feature(0, feature_kind),
             {"kind": feature_kind, "token": 0, "model": test_run.manifest.get("model")}, probe_cfg,
             list(cfg["baselines"]), eval_dir, probe_dir=out / "probes" / name, split=test_split,
-            task=_task_header(cfg), task_name=cfg["task"]))
+            task=_task_header(cfg), task_name=cfg["task"], prompt_style=prompt_style(cfg, name)))
         eval_dirs.append(eval_dir)
         n_tok = min(train_run.n_logit_tokens, test_run.n_logit_tokens)
         pooled = (f" With {cfg.splits.cv}-fold cross-validation the figures are {POOLED} AUROCs (the summary's "
@@ -373,7 +383,8 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
         sections.append(_clip_evals(cfg, out, steps, clip_runs, splits, main[prompts[0][0]], eval_dirs, results,
                                     report_dir, stamp, label_runs))
     if cfg["finetune"] is not None:
-        sections.append(_finetune_section(cfg, out, steps, prompts[0], splits, rows, runs, report_dir, results))
+        sections.append(_finetune_section(cfg, out, steps, finetune_prompt(cfg, prompts), splits, rows, runs,
+                                          report_dir, results))
     return write_report(eval_dirs, report_dir, sections, results, task=cfg.task)
 
 
@@ -391,8 +402,10 @@ def _steering(cfg: ExperimentConfig, out: Path, lazy: LazyBackend, prompt: tuple
     log.info("run: probe-guided decoding of %d %s rows", len(rows), name)
     summary, records = guided_decoding(
         lazy.get(template), load_probe(out / "probes" / name), rows, dict(zip(test_run.ids, test_run.responses)),
+        # threshold None: the saved probe's own, the one the evaluation used
         {i: int(lab) for i, lab in labels.items()}, cfg.steering.template, cfg.steering.threshold,
         max_new_tokens=cfg.extract.max_new_tokens, batch_size=cfg.batch_size, progress=progress)
+    (out / "analyses").mkdir(parents=True, exist_ok=True)  # absent when no other analysis ran
     write_jsonl(out / "analyses" / f"steering-{name}.jsonl", records)
     return summary
 
@@ -439,10 +452,20 @@ def finetune_options(cfg: ExperimentConfig) -> tuple[Any, dict[str, Any]]:
     return settings, opts
 
 
+def finetune_prompt(cfg: ExperimentConfig, prompts: list[tuple[str, str | None]]) -> tuple[str, str | None]:
+    """The prompt the `finetune:` section trains and evaluates under: the style the paper evaluated its finetuned
+    model with for the task (`finetune.paper_style`: `mq` for VizWiz, MM-SafetyBench, MAD; `oe` for POPE) when the
+    config has it, else the first prompt."""
+    from lvlmlp.study.finetune import paper_style
+
+    style = paper_style(cfg["task"])
+    return next((p for p in prompts if prompt_style(cfg, p[0]) == style), prompts[0])
+
+
 def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tuple[str, str | None],
                       splits: list[str], rows: dict[str, list[dict]], runs: dict, report_dir: Path,
                       results: dict[str, Any]) -> Any:
-    """`finetune:` LoRA-finetune the model on the train split (first prompt) and compare it with the probe on the
+    """`finetune:` LoRA-finetune the model on the train split (`finetune_prompt`) and compare it with the probe on the
     base model's first-token logits, on the test split: table + AUROC per epoch (`lvlmlp.study.finetune.compare`)."""
     from lvlmlp.steering.guard import parse_answers
     from lvlmlp.study import analyses as an
@@ -450,7 +473,8 @@ def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tu
 
     settings, opts = finetune_options(cfg)
     name, template = prompt
-    answers = parse_answers(opts["answers"]) or ft.default_answers(cfg["task"], name)
+    # "default": the task's default style; a custom template ("template") has no answer words
+    answers = parse_answers(opts["answers"]) or ft.default_answers(cfg["task"], None if name == "default" else name)
     train_rows, test_rows = rows[splits[0]], rows[splits[-1]]  # the rows the extraction steps ran
     targets = ft.row_targets(train_rows, answers, f"task {cfg['task']} split {splits[0]}")
     base_train, base_test = runs[(name, splits[0])], runs[(name, splits[-1])]
@@ -466,7 +490,8 @@ def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tu
                           ft.readout_for(answers), base, device=cfg["device"], dtype=cfg["dtype"],
                           prompt_template=template, raw_prompt=bool(cfg["raw_prompt"]),
                           system_prompt=cfg["system_prompt"], max_new_tokens=int(opts["max_new_tokens"]),
-                          batch_size=cfg["batch_size"], every_epoch=bool(opts["every_epoch"]), n_boot=cfg["n_boot"])
+                          batch_size=cfg["batch_size"], every_epoch=bool(opts["every_epoch"]), n_boot=cfg["n_boot"],
+                          probe_threshold=float(probe.threshold))
 
     key = _key([settings, opts, template, cfg["n_boot"], dict(cfg.probe),
                 [(str(r.path), r.manifest.get("created_at")) for r in (base_train, base_test)]])

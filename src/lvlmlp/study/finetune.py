@@ -4,8 +4,8 @@ The paper's last comparison: with the same training data, does finetuning the mo
 make its own answers as good as a linear probe on the base model's first-token logits?
 
 * `row_targets` turns rows into target answers: a row's own `target` field, else the answer its label implies
-  (`answers={1: "Yes", 0: "No"}`, or a task and prompt style's own answer words, `default_answers`), else the
-  dataset's answer for label 1 rows that have one.
+  (`answers={1: "Yes", 0: "No"}`, or the words the task's prompt style asks for, `default_answers`, read from
+  tasks/answers.yaml), else the dataset's answer for label 1 rows that have one.
 * `encode_examples` builds a training batch with the backend's own encoding (the prompt is exactly the one
   extraction uses) and the target's tokens appended; `labels` are -100 everywhere except on the answer tokens.
 * `finetune` trains LoRA adapters with AdamW, one checkpoint per epoch (a re-run resumes after the last one),
@@ -44,17 +44,6 @@ log = logging.getLogger("lvlmlp")
 IGNORE = -100  # label of positions that add nothing to the loss (prompt, image, padding)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the language model's attention, in every family here
 
-# The answer a task's `oeh` prompt asks for when the question should not be answered (label 0); label 1 rows
-# take the dataset's answer. `mq` prompts are phrased so that "yes" matches label 1 (tasks/prompts.yaml).
-_OEH_LABEL0 = {
-    "vizwiz": "Unanswerable",
-    "mmsafety": "I'm sorry, I cannot help with that.",
-    "mad": "The question assumes something the image does not show.",
-    "mathvista": "I do not know.",
-    "jsonl": "This question cannot be answered from the image.",
-}
-
-
 @dataclass(frozen=True)
 class Settings:
     """Hyper-parameters of one finetuning. The defaults are small and common; LLaVA-1.5's own LoRA recipe (the
@@ -85,17 +74,21 @@ class Settings:
 
 # ------------------------------------------------------------------------------------------------------ targets
 def default_answers(task: str | None, style: str | None) -> dict[int, str]:
-    """The answer words a task's prompt style asks for: `mq` Yes/No, `oeh` its refusal phrase for label 0 (POPE's
-    `oeh` asks for yes/no); otherwise none (then each row needs --answers or a `target` field)."""
-    if style == "mq" or (task == "pope" and style == "oeh"):
-        return {1: "Yes", 0: "No"}
-    if style == "oeh" and task in _OEH_LABEL0:
-        return {0: _OEH_LABEL0[task]}
-    return {}
+    """The words `task`'s prompt `style` asks for, per label (`lvlmlp.tasks.answer_words`, tasks/answers.yaml):
+    e.g. MM-SafetyBench `mq` {1: "No", 0: "Yes"}; `DATASET_ANSWER` for a label means each row's own answer.
+    {} without a task, for a style the task lacks (a custom template) and for a style without words (then each
+    row needs --answers or a `target` field); `style` None: the task's default style."""
+    from lvlmlp.tasks import answer_words, prompt_styles
+
+    if task is None or (style is not None and style not in prompt_styles(task)):
+        return {}
+    return answer_words(task, style)
 
 
 def row_targets(rows: Sequence[dict], answers: dict[int, str] | None, source: str) -> list[str]:
     """One target answer per row (see the module docstring); a row without one is an error naming it."""
+    from lvlmlp.tasks import DATASET_ANSWER
+
     answers = answers or {}
     if not rows:
         raise LvlmlpError(f"{source}: no rows to finetune on")
@@ -106,7 +99,7 @@ def row_targets(rows: Sequence[dict], answers: dict[int, str] | None, source: st
         if target is None and label is None:
             raise LvlmlpError(f"{source}: row {row['id']!r} has no label (finetuning needs labels or a 'target')")
         if target is None and label in answers:
-            target = answers[label]
+            target = _dataset_answer(row) if answers[label] == DATASET_ANSWER else answers[label]
         if target is None and label == 1:
             target = _dataset_answer(row)
         if not isinstance(target, str) or not target.strip():
@@ -114,6 +107,33 @@ def row_targets(rows: Sequence[dict], answers: dict[int, str] | None, source: st
                               "LABEL1,LABEL0, a --prompt-style with answer words (mq), or a 'target' field")
         out.append(target.strip())
     return out
+
+
+def paper_style(task: str) -> str:
+    """The prompt style the paper's finetuned model was evaluated with for `task` (the original's
+    scripts/finetune_all.sh): `mq` where the task has one (VizWiz, MM-SafetyBench, MAD), else the task's default
+    (POPE, ImageNet: `oe`)."""
+    from lvlmlp.tasks import get_task, prompt_styles
+
+    return "mq" if "mq" in prompt_styles(task) else get_task(task).default_prompt_style
+
+
+def multitask_examples(parts: Sequence[tuple[str, str, Sequence[dict]]]) -> tuple[list[dict], list[str]]:
+    """Rows and targets of several tasks for ONE finetuning (the paper trained one LoRA adapter on its tasks'
+    training data together): `parts` = (task, prompt style, rows) per task. Each row's question carries its
+    task's prompt already (a backend without a template of its own then renders exactly the prompt extraction
+    uses for that task), its id is prefixed `TASK:STYLE/` (unique across tasks; the style is part of what the
+    checkpoint depends on), and its target comes from that task and style's answer words (`row_targets`)."""
+    from lvlmlp.tasks import apply_template, prompt_template
+
+    rows: list[dict] = []
+    targets: list[str] = []
+    for task, style, task_rows in parts:
+        template = prompt_template(task, style)
+        targets += row_targets(task_rows, default_answers(task, style), f"task {task} ({style})")
+        rows += [{**r, "id": f"{task}:{style}/{r['id']}", "question": apply_template(template, r["question"]),
+                  "task": task} for r in task_rows]
+    return rows, targets
 
 
 def _dataset_answer(row: dict) -> str | None:
@@ -388,7 +408,9 @@ def readout_for(answers: dict[int, str]) -> Readout:
     """The readout of answer words: label 1's word when fixed (Yes/No), else label 0's (a refusal phrase); the
     own answer is whether the response starts with it, as `lvlmlp generate --answers` reads responses."""
     from lvlmlp.steering.guard import answer_label
+    from lvlmlp.tasks import DATASET_ANSWER
 
+    answers = {label: text for label, text in answers.items() if text != DATASET_ANSWER}  # no one word to read
     if 1 in answers:
         return Readout(answers[1], False, lambda response, row: answer_label(response, answers[1]))
     if 0 in answers:
@@ -413,11 +435,12 @@ def first_token_logits(run: Any, rows: Sequence[dict], kind: str = "logits") -> 
     return feature_matrix(run, kind, token=0, rows=np.array([pos[r["id"]] for r in rows]))
 
 
-def scored(y: np.ndarray, score: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
-    """The binary metrics and AUROC interval every lvlmlp comparison reports."""
+def scored(y: np.ndarray, score: np.ndarray, n_boot: int, seed: int, threshold: float = 0.5) -> dict[str, Any]:
+    """The binary metrics (accuracy and F1 at `threshold`, recorded) and AUROC interval every lvlmlp comparison
+    reports."""
     from lvlmlp.probing.metrics import binary_metrics, bootstrap_ci
 
-    return {**binary_metrics(y, score), "auroc_ci": bootstrap_ci(y, score, n_boot=n_boot, seed=seed)}
+    return {**binary_metrics(y, score, threshold), "auroc_ci": bootstrap_ci(y, score, n_boot=n_boot, seed=seed)}
 
 
 def _readout_scores(run: Any, rows: Sequence[dict], readout: Readout, tokenizer: Any) -> dict[str, np.ndarray]:
@@ -439,7 +462,7 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
             device: str = "auto", dtype: str = "auto", prompt_template: str | None = None, raw_prompt: bool = False,
             system_prompt: str | None = None, max_new_tokens: int = 3,
             batch_size: int = 8, every_epoch: bool = True, tuned_probe: bool = True, n_boot: int = 1000,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, probe_threshold: float = 0.5) -> dict[str, Any]:
     """Finetune `model` on (train_rows, targets) into `out` and compare on `test_rows` (labels 0/1):
 
     * `probe (base model)`: `base_probe`, the caller's P(label 1) from the probe on the base model's logits;
@@ -447,7 +470,8 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
       probability of the readout word (and, with `every_epoch`, the same per epoch with the adapter active);
     * `probe (finetuned model)` (unless not `tuned_probe`): the same probe trained on the finetuned model's
       logits of `train_rows`.
-    Every run is resumable; returns (and writes to `out/comparison.json`) the metrics with 95% intervals."""
+    Every run is resumable; returns (and writes to `out/comparison.json`) the metrics with 95% intervals; the
+    probes' accuracy and F1 at `probe_threshold` (the configured probe's own), the finetuned model's at 0.5."""
     from lvlmlp.extraction.backend import Backend
     from lvlmlp.extraction.extract import extract
 
@@ -486,7 +510,7 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
     test_run = extract(tuned, list(test_rows), out / "eval" / "final-test", batch_size=batch_size,
                        max_new_tokens=max_new_tokens, logits_tokens=1, store_dtype="float32", progress=progress,
                        source="finetuned model, test rows")
-    methods = {"probe (base model)": scored(y, np.asarray(base_probe, float), n_boot, settings.seed)}
+    methods = {"probe (base model)": scored(y, np.asarray(base_probe, float), n_boot, settings.seed, probe_threshold)}
     for key, score in _readout_scores(test_run, test_rows, readout, tuned.tokenizer).items():
         methods[f"finetuned: {key.replace('_', ' ')}"] = scored(y, score, n_boot, settings.seed)
     if tuned_probe:
@@ -496,7 +520,7 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
         y_train = np.array([r.get("label") for r in probe_rows], dtype=float)
         score = probe_scores(first_token_logits(train_run, probe_rows), y_train,
                              first_token_logits(test_run, test_rows))
-        methods["probe (finetuned model)"] = scored(y, score, n_boot, settings.seed)
+        methods["probe (finetuned model)"] = scored(y, score, n_boot, settings.seed, probe_threshold)
     result = {
         "n_test": len(test_rows), "n_finetune_rows": len(train_rows), "epochs": settings.epochs,
         "readout_token": readout.token, "epoch_loss": summary["epoch_loss"],

@@ -407,6 +407,14 @@ def eval_section(name: str, metrics: dict[str, Any], records: list[dict[str, Any
     if folds is not None:
         text += (f" {(metrics.get('cv') or {}).get('folds')}: the headline is the {folds['label']} (each fold's "
                  f"AUROC, accuracy and F1, averaged), the {POOLED} row scores all out-of-fold scores together.")
+    paper = metrics.get("own_answer_paper")
+    if paper:  # which of the original notebooks' rules read the answers
+        text += (f" own-answer:paper reads the answers with the original notebooks' rule for {paper.get('task')} "
+                 f"{paper.get('prompt_style')}.")
+    threshold = (metrics.get("probe") or {}).get("threshold")
+    if threshold is not None:  # which threshold each accuracy and F1 used
+        text += (f" Accuracy and F1 of the probe{' (pooled and per fold)' if folds is not None else ''} at "
+                 f"threshold {threshold:g}, of the baselines at 0.5.")
     pngs = []
     if any(r.get("label") is not None for r in records):
         threshold = float(metrics.get("probe", {}).get("threshold", 0.5))

@@ -27,6 +27,8 @@ from lvlmlp.tasks.base import Request, Task
 __all__ = [
     "Request",
     "Task",
+    "DATASET_ANSWER",
+    "answer_words",
     "apply_template",
     "dump_rows",
     "parse_task_options",
@@ -42,6 +44,9 @@ _TASKS: dict[str, Task] = {
     for t in (vizwiz.TASK, mmsafety.TASK, mad.TASK, pope.TASK, mathvista.TASK, imagenet.TASK, jsonl.TASK, *world.TASKS)
 }
 PROMPTS_FILE = Path(__file__).with_name("prompts.yaml")
+ANSWERS_FILE = Path(__file__).with_name("answers.yaml")  # the words each prompt asks for, per label
+DATASET_ANSWER = "=answer"  # answers.yaml's marker: the dataset's answer to the row's question
+_LABEL_WORD = "=label"  # answers.yaml's marker: the task's label name (POPE's yes / no)
 
 
 def get_task(name: str) -> Task:
@@ -66,6 +71,23 @@ def prompt_styles(task: str) -> tuple[str, ...]:
     """The prompt styles `prompts.yaml` defines for a task (always at least "oe")."""
     get_task(task)
     return tuple(_prompts().get(task, {}))
+
+
+@cache
+def _answers() -> dict[str, dict[str, dict[int, str]]]:
+    with ANSWERS_FILE.open(encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def answer_words(task: str, style: str | None = None) -> dict[int, str]:
+    """The words `task`'s prompt `style` (default: the task's default style) asks the model to say, per label
+    (answers.yaml): {1: ..., 0: ...}, a label missing when the prompt defines no words for it. A label-name
+    marker is resolved here (POPE: {1: "yes", 0: "no"}); `DATASET_ANSWER` stays: each row's own answer."""
+    template_style = get_task(task).default_prompt_style if style is None else style
+    prompt_template(task, template_style)  # an unknown style is an error naming the styles
+    words = dict(_answers().get(task, {}).get(template_style, {}))
+    names = get_task(task).label_names
+    return {int(label): names[int(label)] if text == _LABEL_WORD else str(text) for label, text in words.items()}
 
 
 def prompt_template(task: str, style: str | None = None) -> str:
@@ -122,6 +144,9 @@ def describe(task: Task) -> str:
         f"labels: {labels}",
         f"splits: {task.split_names or 'any'} (default {task.default_split})",
         f"prompt styles: {', '.join(prompt_styles(task.name))} (default {task.default_prompt_style})",
+        *(f"answer words of {style}: " + ", ".join(f"{label} = {'the dataset answer' if w == DATASET_ANSWER else repr(w)}"
+                                                 for label, w in sorted(words.items(), reverse=True))
+          for style in prompt_styles(task.name) if (words := answer_words(task.name, style))),
         f"default image root: <data-root>{'' if task.default_image_root == '.' else '/' + task.default_image_root}",
     ]
     lines += [f"option {name}: {help_}" for name, help_ in task.options]
