@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_extract import _alive, make_manifest
 
 from lvlmlp import open_run
 from lvlmlp.cli import main
+from test_extract import _alive, make_manifest
 
 INTERRUPTED = "lvlmlp: interrupted; what was committed is kept, the same command resumes from there"
 

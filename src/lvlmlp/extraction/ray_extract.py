@@ -51,9 +51,10 @@ class RayOptions:
     replicas: int | None = None  # default: one per GPU of the cluster, else one per `cpus_per_replica` CPUs
     cpus_per_replica: float = 1.0  # also the torch threads of a CPU replica
     gpus_per_replica: float | None = None  # default: 1 where the cluster has GPUs and the device is not cpu
+    connect_timeout: float = 30.0  # seconds to wait for the cluster at `address` to answer before giving up
 
 
-def ray_options(value: Any, replicas: int | None = None) -> RayOptions:
+def ray_options(value: Any, replicas: int | None = None, connect_timeout: float | None = None) -> RayOptions:
     """RayOptions from `--ray [ADDRESS]` (+ `--ray-replicas`) or a config's `ray:` value: true / "local" (a local
     instance), "auto" or an address (join), or a mapping of RayOptions' keys."""
     keys = [f.name for f in fields(RayOptions)]
@@ -75,6 +76,8 @@ def ray_options(value: Any, replicas: int | None = None) -> RayOptions:
         opts["address"] = None
     if replicas is not None:
         opts["replicas"] = replicas
+    if connect_timeout is not None:
+        opts["connect_timeout"] = connect_timeout
     n = opts.get("replicas")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise LvlmlpError(f"ray.replicas: expected an integer >= 1, got {n!r}")
@@ -84,6 +87,9 @@ def ray_options(value: Any, replicas: int | None = None) -> RayOptions:
             raise LvlmlpError(f"ray.{key}: expected a number >= 0, got {v!r}")
     if opts.get("cpus_per_replica") == 0:
         raise LvlmlpError("ray.cpus_per_replica: must be > 0")
+    t = opts.get("connect_timeout", 30.0)
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 < t < float("inf"):
+        raise LvlmlpError(f"ray.connect_timeout (--ray-timeout): expected a number of seconds > 0, got {t!r}")
     return RayOptions(**opts)
 
 
@@ -96,15 +102,36 @@ def _import_ray() -> Any:
     return ray
 
 
+def check_reachable(address: str, timeout: float) -> None:
+    """Refuse, within `timeout` seconds, a cluster address (`HOST:PORT` or `ray://HOST:PORT`) where nothing answers:
+    `ray.init` itself retries such an address for many minutes. "auto" and other forms are left to Ray."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except TimeoutError:
+        raise LvlmlpError(f"--ray: cannot join the Ray cluster at {address!r}: no answer within {timeout:g} s "
+                          "(--ray-timeout, ray.connect_timeout)") from None
+    except (OSError, ValueError, OverflowError) as err:
+        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        raise LvlmlpError(f"--ray: cannot join the Ray cluster at {address!r}: {reason}") from None
+
+
 @contextmanager
-def ray_session(address: str | None) -> Iterator[Any]:
+def ray_session(address: str | None, connect_timeout: float = 30.0) -> Iterator[Any]:
     """The `ray` module, connected: to the Ray this process is already connected to (left connected), else to a
-    local instance started here (address None) or the cluster at `address`; disconnected after (a local instance
-    is shut down)."""
+    local instance started here (address None) or the cluster at `address` (refused when nothing answers there
+    within `connect_timeout` seconds); disconnected after (a local instance is shut down)."""
     ray = _import_ray()
     if ray.is_initialized():
         yield ray
         return
+    if address is not None:
+        check_reachable(address, connect_timeout)
     try:
         if address is None:
             ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
@@ -259,7 +286,7 @@ def ray_extract(
     bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="extract (ray)")
     writer: RunWriter | None = None
     try:
-        with ray_session(opts.address) as ray_mod, _data_context(ray_mod):
+        with ray_session(opts.address, opts.connect_timeout) as ray_mod, _data_context(ray_mod):
             device = str(model.get("device") or "auto")
             n, cpus, gpus = _plan(ray_mod, opts, device, len(chunks))
             replica_model = {**model, "device": "cuda" if gpus else "cpu"}  # Ray gives each replica its GPU(s)
