@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     with out.open("w", encoding="utf-8") as f:
         for start in range(0, len(rows), args.batch_size):
             chunk = rows[start : start + args.batch_size]
-            batch = backend.encode([load_image(r["image"], r["id"]) for r in chunk], [r["question"] for r in chunk])
+            batch = backend.encode([load_image(r["image"], r["id"], check=backend.oversized) for r in chunk], [r["question"] for r in chunk])
             # Reseeding per batch gives the unguarded run the same random draws: unflagged rows then agree.
             torch.manual_seed(seed + start)
             res = guarded_responses(backend, batch, guard, max_new_tokens=max_new_tokens, **gen)

@@ -55,7 +55,7 @@ def _prepare(backend: Backend, rows: list[dict], isolate: bool = True, new_token
     ok, images, failed = [], [], []
     for row in rows:
         try:
-            images.append(load_image(row["image"], row["id"]))
+            images.append(load_image(row["image"], row["id"], check=backend.oversized))
             ok.append(row)
         except LvlmlpError as err:
             failed.append((row["id"], str(err)))

@@ -268,7 +268,7 @@ def guided_decoding(backend: Any, probe: Any, rows: list[dict], before: Mapping[
     scored: dict[str, tuple[float, bool]] = {}
     for s in tqdm(range(0, len(rows), batch_size), desc="guided decoding", disable=not progress):
         chunk = rows[s : s + batch_size]
-        batch = backend.encode([load_image(r["image"], r["id"]) for r in chunk], [r["question"] for r in chunk])
+        batch = backend.encode([load_image(r["image"], r["id"], check=backend.oversized) for r in chunk], [r["question"] for r in chunk])
         texts = guarded_responses(backend, batch, guard, max_new_tokens=max_new_tokens)["responses"]
         after.update({r["id"]: t for r, t in zip(chunk, texts)})
         scored.update({r["id"]: (float(p), bool(f)) for r, p, f in zip(chunk, guard.scores_, guard.flagged_)})
