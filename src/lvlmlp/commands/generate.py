@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         raise LvlmlpError("--batch-size and --max-new-tokens must be >= 1")
     if args.temperature is not None and not args.do_sample:
         raise LvlmlpError("--temperature applies to sampling only: add --do-sample (greedy decoding has none)")
+    if args.temperature is not None and not 0 < args.temperature < float("inf"):  # NaN fails both comparisons
+        raise LvlmlpError(f"--temperature must be a number > 0, got {args.temperature:g} (for greedy decoding, "
+                          "leave out --do-sample)")
     # The task's prompt template, as in `extract --task`: the probe only reads logits under the same prompt.
     rows, task_template, source = rows_from_args(args, "generate", seed_used=args.do_sample)
     prompt_template = args.prompt_template or task_template
