@@ -122,9 +122,9 @@ def _missing(path: Path) -> str:
     return f"image not found: {path}"
 
 
-# The most pixels an image may have after the model's processor has resized it (`Backend.oversized`): with about
-# 40 bytes a pixel in the processor (the resized image, its float32 copies), 4096x4096 pixels keep one image's
-# processing under 1 GiB. CLIP-style processors scale the shorter side to a fixed length, so an extreme aspect ratio
+# The most pixels an image may have after the model's processor has resized it (`Backend.oversized`): at 10 (the
+# LLaVA processor, measured) to 40 bytes a pixel in a processor (float32 copies), 4096x4096 pixels keep one image's
+# processing under 1 GB. CLIP-style processors scale the shorter side to a fixed length, so an extreme aspect ratio
 # (a 664-byte 200000x1 PNG) would otherwise grow into gigabytes; `lvlmlp serve` applies its --max-image-pixels.
 MAX_PROCESSED_PIXELS = 4096 * 4096
 

@@ -80,7 +80,7 @@ class Limits:
     """What one request may send (the server's flags). `max_image_pixels` bounds an image as decoded and as the
     model's processor would resize it (`processed`: `Backend.processed_pixels`, set by `create_app`), both checked
     from the image's header before any pixel is decoded: one request's image then takes at most about 40 bytes a
-    pixel of it (under 1 GiB at the default 4096x4096; docs/serve.md)."""
+    pixel of it in the processor (under 1 GB at the default 4096x4096; docs/serve.md)."""
 
     max_image_bytes: int = 10 << 20
     max_image_pixels: int = 4096 * 4096
