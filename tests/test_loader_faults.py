@@ -151,3 +151,29 @@ def test_ctrl_c_while_workers_are_forked_always_exits_130(tiny_ckpt, tmp_path, w
         text = stderr.read_text()
         assert code == 130, (where, code, text)
         assert text.strip().splitlines()[-1] == INTERRUPTED and "Traceback" not in text, (where, text)
+
+
+def test_a_worker_killed_while_holding_the_chunk_counter_stops_the_run_not_hangs():
+    """The shared chunk counter's lock, held by a worker killed in the middle of a claim, is never released: the
+    main process's claim then raises the worker's death within seconds (a worker's claim gives up when told to)."""
+    import multiprocessing as mp
+
+    from lvlmlp.errors import LvlmlpError
+    from lvlmlp.extraction.loader import _claim, _raise_if_dead
+
+    ctx = mp.get_context("fork")
+    claimed = ctx.Value("q", 0)
+    assert _claim(claimed, 4) == 0 and _claim(claimed, 1) is None  # the counter itself
+
+    def claim_and_die() -> None:
+        claimed.get_lock().acquire()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    proc = ctx.Process(target=claim_and_die)
+    proc.start()
+    proc.join()
+    started = time.monotonic()
+    with pytest.raises(LvlmlpError, match=r"a data-loader process died \(killed by signal SIGKILL\).*--workers 0"):
+        _claim(claimed, 4, lambda: _raise_if_dead([proc]))
+    assert time.monotonic() - started < 5
+    assert _claim(claimed, 4, lambda: True) is None

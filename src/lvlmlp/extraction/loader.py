@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing.connection import wait as mp_wait
 from typing import TYPE_CHECKING, Any
@@ -101,14 +101,23 @@ def _too_long(backend: Backend, rows: list[dict], batch: dict, new_tokens: int =
             for r, n in zip(rows, lengths) if n + new_tokens > limit]
 
 
-def _claim(claimed: Any, n: int) -> int | None:
-    """Take the next unprepared chunk index (shared by this process and the workers), or None when all are taken."""
-    with claimed.get_lock():
-        k = claimed.value
+def _claim(claimed: Any, n: int, stuck: Callable[[], bool] | None = None) -> int | None:
+    """Take the next unprepared chunk index (shared by this process and the workers), or None when all are taken.
+
+    A process killed in the middle of a claim leaves the counter's lock held forever: every second of waiting for
+    it, `stuck()` says whether to give up (None is then returned; the main process's raises the worker's death)."""
+    lock = claimed.get_lock()
+    while not lock.acquire(timeout=1.0):
+        if stuck is not None and stuck():
+            return None
+    try:
+        k = claimed.get_obj().value
         if k >= n:
             return None
-        claimed.value = k + 1
+        claimed.get_obj().value = k + 1
         return k
+    finally:
+        lock.release()
 
 
 def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any, conn: Any, inherited: list[Any],
@@ -125,7 +134,7 @@ def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any
             if os.getppid() != parent:  # the main process was killed (SIGKILL, out of memory): do not linger
                 return
             continue
-        if (k := _claim(claimed, len(chunks))) is None:
+        if (k := _claim(claimed, len(chunks), lambda: os.getppid() != parent)) is None:
             break
         start = time.perf_counter()
         try:
@@ -148,8 +157,8 @@ def _interrupts_deferred() -> Iterator[None]:
     own callbacks (logging's lock handlers run there) is printed and ignored by Python, so the run went on and
     exited 0; and a forked worker must not unwind a copy of the main process's stack before it ignores SIGINT.
     Workers inherit the recording handler until they set their own. Only the main thread may set handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # (None: a handler installed outside Python, which could not be put back)
         return
     caught: list[int] = []
     before = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
@@ -161,14 +170,25 @@ def _interrupts_deferred() -> Iterator[None]:
             signal.raise_signal(signal.SIGINT)  # handled as the caller's handler says (KeyboardInterrupt)
 
 
-def _died(proc: Any) -> str:
+def _died(proc: Any) -> LvlmlpError:
+    """The error that stops the run when a data-loader worker died (it took its claimed batches with it)."""
     code = proc.exitcode
+    how = f"exit code {code}"
     if code is not None and code < 0:
         try:
-            return f"killed by signal {signal.Signals(-code).name}"
+            how = f"killed by signal {signal.Signals(-code).name}"
         except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
+            how = f"killed by signal {-code}"
+    return LvlmlpError(f"extract: a data-loader process died ({how}), perhaps out of memory; "
+                       "re-run to resume, with --workers 0 to prepare batches in this process")
+
+
+def _raise_if_dead(procs: list[Any]) -> bool:
+    """For `_claim` in the main process: a worker that died (possibly holding the chunk counter) stops the run."""
+    for proc in procs:
+        if proc.pid is not None and proc.exitcode not in (None, 0):
+            raise _died(proc)
+    return False
 
 
 def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int, new_tokens: int = 0
@@ -216,10 +236,10 @@ def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int, n
                 # We prepare a batch ourselves only while the workers are the bottleneck: when, at the measured
                 # rates, preparing the unclaimed batches would take them longer than running the rest takes us;
                 # and never more than a few ahead of a batch a worker is slow on (memory stays flat).
-                unclaimed = len(chunks) - claimed.value
+                unclaimed = len(chunks) - claimed.get_obj().value  # without its lock: an estimate is enough
                 workers_behind = not prep_s or unclaimed * prep_s / workers > (len(chunks) - j) * step_s
                 steal = not readers or (workers_behind and not mp_wait(list(readers), 0) and len(ready) < 2 * workers)
-                k = _claim(claimed, len(chunks)) if steal else None
+                k = _claim(claimed, len(chunks), lambda: _raise_if_dead(procs)) if steal else None
                 if k is not None:
                     ready[k] = _prepare(backend, chunks[k], new_tokens=new_tokens)
                     continue
@@ -231,10 +251,7 @@ def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int, n
                         conn.close()
                         proc.join(timeout=10)
                         if proc.exitcode != 0:
-                            raise LvlmlpError(
-                                f"extract: a data-loader process died ({_died(proc)}), perhaps out of memory; "
-                                "re-run to resume, with --workers 0 to prepare batches in this process"
-                            ) from None
+                            raise _died(proc) from None
                         continue
                     slots.release()
                     prep_s = seconds if not prep_s else 0.7 * prep_s + 0.3 * seconds
