@@ -243,6 +243,9 @@ def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int, n
                 if k is not None:
                     ready[k] = _prepare(backend, chunks[k], new_tokens=new_tokens)
                     continue
+                if not readers:  # every worker exited and batch j is nowhere: never wait for it
+                    raise LvlmlpError(f"extract: batch {j} was lost by a data-loader process; re-run to resume, "
+                                      "with --workers 0 to prepare batches in this process")
                 for conn in mp_wait(list(readers), 1.0):
                     try:
                         k, item, seconds = conn.recv()  # item: a prepared batch or the worker's error
