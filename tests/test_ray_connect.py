@@ -81,3 +81,42 @@ def test_a_cluster_that_never_answers_fails_within_the_timeout():
         for filler in fillers:
             filler.close()
         server.close()
+
+
+def test_a_server_that_is_no_ray_cluster_is_refused_within_the_timeout():
+    """Something listens but is no gRPC server (Ray's GCS answers the HTTP/2 preface with its SETTINGS frame):
+    silent, or answering HTTP/1; `ray.init` would retry it for many minutes."""
+    import socket
+    import threading
+
+    from lvlmlp.errors import LvlmlpError
+    from lvlmlp.extraction.ray_extract import check_reachable
+
+    for reply, reason in [(None, "no answer within 0.5 s (--ray-timeout, ray.connect_timeout)"),
+                          (b"HTTP/1.1 400 Bad Request\r\n\r\n", "what answers there is no Ray cluster (not a gRPC "
+                                                                "server)")]:
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        accepted = []
+
+        def serve(reply=reply, server=server, accepted=accepted):
+            conn, _ = server.accept()
+            accepted.append(conn)
+            conn.recv(100)
+            if reply is not None:
+                conn.sendall(reply)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(LvlmlpError, match=re.escape(f"cannot join the Ray cluster at {address!r}: {reason}")):
+                check_reachable(address, 0.5)
+            assert time.monotonic() - started < 5
+        finally:
+            thread.join(5)
+            for conn in accepted:
+                conn.close()
+            server.close()

@@ -102,23 +102,36 @@ def _import_ray() -> Any:
     return ray
 
 
+# The HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, the Ray Client server) answers
+# with a SETTINGS frame of its own (frame type 4) before anything else.
+_HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
 def check_reachable(address: str, timeout: float) -> None:
-    """Refuse, within `timeout` seconds, a cluster address (`HOST:PORT` or `ray://HOST:PORT`) where nothing answers:
-    `ray.init` itself retries such an address for many minutes. "auto" and other forms are left to Ray."""
+    """Refuse, within `timeout` seconds, a cluster address (`HOST:PORT` or `ray://HOST:PORT`) where no gRPC server
+    answers (nothing listens, or something that is no Ray cluster): `ray.init` itself retries such an address for
+    many minutes. "auto" and other forms are left to Ray; so is a cluster with TLS (RAY_USE_TLS)."""
     import socket
 
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit() or not host:
         return
+
+    def refuse(reason: str) -> LvlmlpError:
+        return LvlmlpError(f"--ray: cannot join the Ray cluster at {address!r}: {reason}")
+
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            pass
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return
+            sock.sendall(_HTTP2_HELLO)
+            head = sock.recv(9)
     except TimeoutError:
-        raise LvlmlpError(f"--ray: cannot join the Ray cluster at {address!r}: no answer within {timeout:g} s "
-                          "(--ray-timeout, ray.connect_timeout)") from None
+        raise refuse(f"no answer within {timeout:g} s (--ray-timeout, ray.connect_timeout)") from None
     except (OSError, ValueError, OverflowError) as err:
-        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
-        raise LvlmlpError(f"--ray: cannot join the Ray cluster at {address!r}: {reason}") from None
+        raise refuse(getattr(err, "strerror", None) or str(err) or type(err).__name__) from None
+    if len(head) < 4 or head[3] != 4:
+        raise refuse("what answers there is no Ray cluster (not a gRPC server)")
 
 
 @contextmanager
