@@ -142,3 +142,22 @@ def test_extraction_refuses_or_skips_a_100000x1_png_without_decoding_it(world, t
     with pytest.raises(LvlmlpError, match="row 'thin': .*: too wide"):
         load_image(tmp_path / "thin.png", "thin", check=lambda w, h: "too wide" if w > 10 * h else None)
     assert load_image(tmp_path / "ok.png", "ok", check=Backend.oversized.__get__(world["backend"])).size == (30, 20)
+
+
+def test_clip_features_refuse_or_skip_a_100000x1_png_too(tmp_path):
+    """The CLIP baseline's processor scales the shorter side as well (32 pixels in the tiny CLIP): the same check."""
+    from lvlmlp.extraction.clip_features import extract_clip, tiny_clip
+
+    (tmp_path / "thin.png").write_bytes(_png_bytes((100_000, 1)))
+    Image.new("RGB", (30, 20), "red").save(tmp_path / "ok.png")
+    rows = [{"id": "ok", "image": str(tmp_path / "ok.png"), "question": "what is it ?"},
+            {"id": "thin", "image": str(tmp_path / "thin.png"), "question": "what is it ?"}]
+    model = tiny_clip(tmp_path / "clip")
+    _reset_peak()
+    before = _vm("VmRSS")
+    with pytest.raises(LvlmlpError, match=r"clip: row 'thin': .*thin.png: the image is 100000x1 pixels, which the "
+                                          rf"model's processor would resize to about {32 * 3_200_000} pixels"):
+        extract_clip(model, rows, {"image": tmp_path / "fail"}, device="cpu", progress=False)
+    assert _peak_growth_mb(before) < 200
+    runs = extract_clip(model, rows, {"image": tmp_path / "skip"}, device="cpu", on_error="skip", progress=False)
+    assert runs["image"].ids == ["ok"] and [f["id"] for f in runs["image"].failures] == ["thin"]
