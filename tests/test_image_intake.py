@@ -102,6 +102,7 @@ def test_bad_numbers_nesting_and_base64_are_4xx_naming_the_field(world, server):
         (json.dumps(body()).replace('"model"', '"temperature": NaN, "model"'), "temperature: "),
         (json.dumps(body()).replace('"model"', '"top_p": Infinity, "model"'), "top_p: "),
         ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        (json.dumps(body()).replace("what ?", "what \\ud800?"), "the question is not valid Unicode"),
         ('{"model": "m", "messages": ' + "[" * 50_000 + "]" * 50_000 + "}", "nested too deeply"),
     ]
     for text_body, text in raw:

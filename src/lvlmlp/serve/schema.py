@@ -120,6 +120,11 @@ def read_prompt(request: ChatRequest, limits: Limits) -> tuple[Image.Image, str]
     question = "\n".join(t for t in texts if t)
     if not question.strip():
         raise ApiError(400, "messages[0]: no question text; send a text part beside the image", param="messages")
+    try:
+        question.encode("utf-8")  # JSON's \ud800 escapes give lone surrogates, which no tokenizer takes
+    except UnicodeEncodeError as err:
+        raise ApiError(400, f"messages[0]: the question is not valid Unicode (a lone surrogate at character "
+                            f"{err.start})", param="messages") from None
     if len(question) > limits.max_prompt_chars:
         raise ApiError(400, f"messages[0]: the question has {len(question)} characters; this server accepts at most "
                             f"{limits.max_prompt_chars} (--max-prompt-chars)", param="messages",
