@@ -106,6 +106,15 @@ def test_replicas_default_to_one_per_cpu_or_gpu_capped_at_the_batches(ray_addres
         _plan(ray, RayOptions(), "cuda", 8)
 
 
+def test_the_reachability_check_accepts_a_real_cluster(ray_address):
+    """`check_reachable` (run before `ray.init` joins an address) lets a real Ray cluster's GCS through, at its
+    address as given and as a Ray Client-style ray:// address of the same port."""
+    from lvlmlp.extraction.ray_extract import check_reachable
+
+    assert check_reachable(ray_address, 5) is None
+    assert check_reachable(f"ray://{ray_address}", 5) is None
+
+
 def test_options_and_errors(tmp_path, monkeypatch, capsys):
     assert ray_options(True) == RayOptions()
     assert ray_options("auto", replicas=3) == RayOptions(address="auto", replicas=3)
@@ -159,3 +168,4 @@ def test_lvlmlp_run_on_ray_equals_the_run_in_process(tiny_ckpt, tmp_path, ray_ad
     assert metrics[1]["evaluations"] and metrics[0]["evaluations"].keys() == metrics[1]["evaluations"].keys()
     for name, ev in metrics[1]["evaluations"].items():
         assert metrics[0]["evaluations"][name]["auroc"] == pytest.approx(ev["auroc"], abs=1e-6), name
+

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -122,8 +122,19 @@ def _missing(path: Path) -> str:
     return f"image not found: {path}"
 
 
-def load_image(path: str | Path, row_id: str = "?") -> Image.Image:
-    """Open any PIL-readable image as RGB: EXIF rotation applied, 16-bit and float scaled, alpha dropped."""
+# The most pixels an image may have after the model's processor has resized it (`Backend.oversized`): at 10 (the
+# LLaVA processor, measured) to 40 bytes a pixel in a processor (float32 copies), 4096x4096 pixels keep one image's
+# processing under 1 GB. CLIP-style processors scale the shorter side to a fixed length, so an extreme aspect ratio
+# (a 664-byte 200000x1 PNG) would otherwise grow into gigabytes; `lvlmlp serve` applies its --max-image-pixels.
+MAX_PROCESSED_PIXELS = 4096 * 4096
+
+
+def load_image(path: str | Path, row_id: str = "?", check: Callable[[int, int], str | None] | None = None
+               ) -> Image.Image:
+    """Open any PIL-readable image as RGB: EXIF rotation applied, 16-bit and float scaled, alpha dropped.
+
+    `check(width, height)`: called with the size the file's header declares, before any pixel is decoded; a message
+    it returns refuses the image (`Backend.oversized`: what the processor would make of it is too large)."""
     path = Path(path)
     if not path.is_file():
         raise LvlmlpError(f"row {row_id!r}: {_missing(path)}")
@@ -132,6 +143,9 @@ def load_image(path: str | Path, row_id: str = "?") -> Image.Image:
             warnings.simplefilter("always", Image.DecompressionBombWarning)
             # From bytes in memory: no file handle outlives this call, and the decoded image needs no copy.
             im = Image.open(io.BytesIO(path.read_bytes()))
+            problem = check(*im.size) if check is not None else None
+            if problem:
+                raise LvlmlpError(f"row {row_id!r}: {path}: {problem}")
             im.load()  # decode now: truncated files fail here rather than inside the processor
         for w in caught:  # PIL's warning names no file: say which row's image is so large
             log.warning("row %r: %s: %s", row_id, path, w.message)

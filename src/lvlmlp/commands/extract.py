@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "for this run; auto or ADDRESS: join that cluster (pip install 'lvlmlp[ray]')")
     p.add_argument("--ray-replicas", type=int, default=None, metavar="N",
                    help="with --ray: model replicas (default: one per GPU of the cluster, else one per CPU)")
+    p.add_argument("--ray-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --ray ADDRESS: give up when the cluster does not answer within this time (default 30)")
     p.set_defaults(func=run)
 
 
@@ -77,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
             raise LvlmlpError(f"--task {args.task}: labels come from the model's answers; give --max-new-tokens")
     if args.ray_replicas is not None and args.ray is None:
         raise LvlmlpError("--ray-replicas applies to --ray [ADDRESS] only")
+    if args.ray_timeout is not None and args.ray is None:
+        raise LvlmlpError("--ray-timeout applies to --ray [ADDRESS] only")
     if args.ray is not None and args.workers != 1:
         raise LvlmlpError("--workers does not apply with --ray (each Ray replica prepares its own batches)")
     from lvlmlp.extraction.backend import Backend
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         from lvlmlp.extraction.ray_extract import ray_extract, ray_options
 
         run_ = ray_extract({"model": args.model, **backend_args}, rows, args.out,
-                           ray=ray_options(args.ray, args.ray_replicas), on_error=args.on_error, source=source,
+                           ray=ray_options(args.ray, args.ray_replicas, args.ray_timeout), on_error=args.on_error, source=source,
                            progress=not args.no_progress, shard_size=args.shard_size, label_fn=label_fn, **settings)
     elif (Path(args.out) / "manifest.json").is_file():
         # A finished run is recognised from the config, processor and weights hash, without loading the weights.

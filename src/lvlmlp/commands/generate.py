@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         raise LvlmlpError("--batch-size and --max-new-tokens must be >= 1")
     if args.temperature is not None and not args.do_sample:
         raise LvlmlpError("--temperature applies to sampling only: add --do-sample (greedy decoding has none)")
+    if args.temperature is not None and not 0 < args.temperature < float("inf"):  # NaN fails both comparisons
+        raise LvlmlpError(f"--temperature must be a number > 0, got {args.temperature:g} (for greedy decoding, "
+                          "leave out --do-sample)")
     # The task's prompt template, as in `extract --task`: the probe only reads logits under the same prompt.
     rows, task_template, source = rows_from_args(args, "generate", seed_used=args.do_sample)
     prompt_template = args.prompt_template or task_template
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     with out.open("w", encoding="utf-8") as f:
         for start in range(0, len(rows), args.batch_size):
             chunk = rows[start : start + args.batch_size]
-            batch = backend.encode([load_image(r["image"], r["id"]) for r in chunk], [r["question"] for r in chunk])
+            batch = backend.encode([load_image(r["image"], r["id"], check=backend.oversized) for r in chunk], [r["question"] for r in chunk])
             # Reseeding per batch gives the unguarded run the same random draws: unflagged rows then agree.
             torch.manual_seed(seed + start)
             res = guarded_responses(backend, batch, guard, max_new_tokens=max_new_tokens, **gen)

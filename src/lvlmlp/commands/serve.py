@@ -35,6 +35,8 @@ def build_app(args: argparse.Namespace) -> Any:
                  "max_image_pixels", "max_prompt_chars"):
         if getattr(args, name) is not None and getattr(args, name) < 1:  # --max-tokens: None is its default
             raise LvlmlpError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 1 <= args.port <= 65535:
+        raise LvlmlpError(f"--port must be a TCP port, 1 to 65535, got {args.port}")
     if args.batch_wait_ms < 0:
         raise LvlmlpError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
     if args.max_tokens is not None and args.max_tokens > args.max_tokens_limit:

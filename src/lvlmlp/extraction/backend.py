@@ -142,6 +142,39 @@ def _weights_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def processed_pixels(processor: Any, width: int, height: int) -> int:
+    """An upper estimate of the pixels a `width` x `height` image has once `processor` (a processor or an image
+    processor) has resized it (at least its own): CLIP-style processors (a `shortest_edge` and no `longest_edge`)
+    scale the shorter side to that length and the longer one with it; the others resize to a bounded size (fixed,
+    a longest edge, a pixel budget) or refuse extreme aspect ratios themselves (Qwen2-VL)."""
+    size = getattr(getattr(processor, "image_processor", processor), "size", None)
+
+    def get(key: str) -> Any:
+        return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+    short, pixels = get("shortest_edge"), width * height
+    if short and not get("longest_edge") and min(width, height) > 0:
+        scale = short / min(width, height)
+        return max(pixels, round(width * scale) * round(height * scale))
+    return pixels
+
+
+def oversized(processor: Any, width: int, height: int, max_pixels: int | None = None) -> str | None:
+    """Why an image of this size (its header's) is refused before decoding, or None: it, or what `processor` would
+    resize it to, has more than `max_pixels` pixels (default `data.MAX_PROCESSED_PIXELS`)."""
+    from lvlmlp.data import MAX_PROCESSED_PIXELS
+
+    limit = MAX_PROCESSED_PIXELS if max_pixels is None else max_pixels
+    processed = processed_pixels(processor, width, height)
+    if processed <= limit:
+        return None
+    if processed == width * height:
+        return f"the image is {width}x{height} pixels, more than {limit} pixels"
+    return (f"the image is {width}x{height} pixels, which the model's processor would resize to about "
+            f"{processed} pixels (aspect ratio {max(width, height) / max(min(width, height), 1):.0f}:1), more "
+            f"than {limit}; crop or pad it")
+
+
 class Backend:
     """One loaded vision-language model with its processor; see the module docstring for the four operations."""
 
@@ -223,6 +256,14 @@ class Backend:
         )
 
     # ----------------------------------------------------------------------------------------------------- prompts
+    def processed_pixels(self, width: int, height: int) -> int:
+        """An upper estimate of an image's pixels once the processor has resized it (`processed_pixels`)."""
+        return processed_pixels(self.processor, width, height)
+
+    def oversized(self, width: int, height: int, max_pixels: int | None = None) -> str | None:
+        """Why an image of this size is refused before decoding, or None (`oversized`)."""
+        return oversized(self.processor, width, height, max_pixels)
+
     def prompt(self, question: str) -> str:
         """The text passed to the processor for one row (the default prompt, see module docstring)."""
         text = self.prompt_template.replace("{question}", question) if self.prompt_template else question

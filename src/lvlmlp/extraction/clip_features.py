@@ -16,6 +16,7 @@ no logits array). Probes read them through the usual feature view: `feature_matr
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from lvlmlp.data import check_rows, load_image, rows_fingerprint
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.extraction.backend import oversized
 from lvlmlp.extraction.store import Run, RunWriter, is_complete_run, open_run
 
 log = logging.getLogger("lvlmlp")
@@ -117,6 +119,8 @@ def extract_clip(
     if not todo:
         return {k: open_run(p) for k, p in outs.items()}
     enc = encoder or ClipEncoder(model_id, device=device)
+    processor = getattr(enc, "processor", None)  # an image the processor would blow up is refused from its header
+    check = functools.partial(oversized, processor) if processor is not None else None
     writers = {k: RunWriter(p, _settings(model_id, enc.family, k, rows)) for k, p in todo.items()}
     try:
         pending = [r for r in rows if any(r["id"] not in w.done_ids for w in writers.values())]
@@ -125,7 +129,7 @@ def extract_clip(
             batch, images = [], []
             for row in pending[start : start + batch_size]:
                 try:
-                    images.append(load_image(row["image"], row["id"]))
+                    images.append(load_image(row["image"], row["id"], check=check))
                     batch.append(row)
                 except LvlmlpError as err:
                     if on_error == "fail":

@@ -12,10 +12,11 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from queue import Empty
+from multiprocessing.connection import wait as mp_wait
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,7 +55,7 @@ def _prepare(backend: Backend, rows: list[dict], isolate: bool = True, new_token
     ok, images, failed = [], [], []
     for row in rows:
         try:
-            images.append(load_image(row["image"], row["id"]))
+            images.append(load_image(row["image"], row["id"], check=backend.oversized))
             ok.append(row)
         except LvlmlpError as err:
             failed.append((row["id"], str(err)))
@@ -100,28 +101,40 @@ def _too_long(backend: Backend, rows: list[dict], batch: dict, new_tokens: int =
             for r, n in zip(rows, lengths) if n + new_tokens > limit]
 
 
-def _claim(claimed: Any, n: int) -> int | None:
-    """Take the next unprepared chunk index (shared by this process and the workers), or None when all are taken."""
-    with claimed.get_lock():
-        k = claimed.value
+def _claim(claimed: Any, n: int, stuck: Callable[[], bool] | None = None) -> int | None:
+    """Take the next unprepared chunk index (shared by this process and the workers), or None when all are taken.
+
+    A process killed in the middle of a claim leaves the counter's lock held forever: every second of waiting for
+    it, `stuck()` says whether to give up (None is then returned; the main process's raises the worker's death)."""
+    lock = claimed.get_lock()
+    while not lock.acquire(timeout=1.0):
+        if stuck is not None and stuck():
+            return None
+    try:
+        k = claimed.get_obj().value
         if k >= n:
             return None
-        claimed.value = k + 1
+        claimed.get_obj().value = k + 1
         return k
+    finally:
+        lock.release()
 
 
-def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any, queue: Any,
+def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any, conn: Any, inherited: list[Any],
             new_tokens: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; it stops us
+    # The pipe ends forked into us that are not ours: the main process must see end-of-file on our pipe when we die
+    # (not block on a half-written batch), and a send of ours must fail when the main process is gone.
+    for other in inherited:
+        other.close()
     torch.set_num_threads(1)
     parent = os.getppid()
     while True:
         if not slots.acquire(timeout=1.0):
             if os.getppid() != parent:  # the main process was killed (SIGKILL, out of memory): do not linger
-                queue.cancel_join_thread()
                 return
             continue
-        if (k := _claim(claimed, len(chunks))) is None:
+        if (k := _claim(claimed, len(chunks), lambda: os.getppid() != parent)) is None:
             break
         start = time.perf_counter()
         try:
@@ -131,9 +144,51 @@ def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any
             item = rows, None if batch is None else {n: t.numpy() for n, t in batch.items()}, failed
         except Exception as err:  # noqa: BLE001 - the main process prepares this chunk again, raising it itself
             item = f"{type(err).__name__}: {err}"
-        queue.put((k, item, time.perf_counter() - start))
-    queue.close()
-    queue.join_thread()
+        try:
+            conn.send((k, item, time.perf_counter() - start))
+        except OSError:  # BrokenPipeError: the main process stopped reading (it ended or was killed)
+            return
+    conn.close()
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C while worker processes are forked, then deliver it: a KeyboardInterrupt raised inside fork's
+    own callbacks (logging's lock handlers run there) is printed and ignored by Python, so the run went on and
+    exited 0; and a forked worker must not unwind a copy of the main process's stack before it ignores SIGINT.
+    Workers inherit the recording handler until they set their own. Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # (None: a handler installed outside Python, which could not be put back)
+        return
+    caught: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+        if caught:
+            signal.raise_signal(signal.SIGINT)  # handled as the caller's handler says (KeyboardInterrupt)
+
+
+def _died(proc: Any) -> LvlmlpError:
+    """The error that stops the run when a data-loader worker died (it took its claimed batches with it)."""
+    code = proc.exitcode
+    how = f"exit code {code}"
+    if code is not None and code < 0:
+        try:
+            how = f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"killed by signal {-code}"
+    return LvlmlpError(f"extract: a data-loader process died ({how}), perhaps out of memory; "
+                       "re-run to resume, with --workers 0 to prepare batches in this process")
+
+
+def _raise_if_dead(procs: list[Any]) -> bool:
+    """For `_claim` in the main process: a worker that died (possibly holding the chunk counter) stops the run."""
+    for proc in procs:
+        if proc.pid is not None and proc.exitcode not in (None, 0):
+            raise _died(proc)
+    return False
 
 
 def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int, new_tokens: int = 0
@@ -154,53 +209,63 @@ def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int, n
     ctx = mp.get_context("fork")
     workers = min(workers, len(chunks) - 1)
     claimed = ctx.Value("q", 0)  # chunks [0, claimed) are taken, by a worker or by this process
-    slots = ctx.Semaphore(2 * workers)  # prepared batches not yet taken from the queue: memory stays flat
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(backend, chunks, claimed, slots, queue, new_tokens),
-                         daemon=True)
-             for _ in range(workers)]
-    gc.freeze()  # the workers' garbage collector then leaves the shared objects (and their pages) alone
-    try:
-        for proc in procs:
-            proc.start()
-    finally:
-        gc.unfreeze()
+    slots = ctx.Semaphore(2 * workers)  # prepared batches not yet taken from the pipes: memory stays flat
+    # A pipe per worker, whose writing end only that worker holds once started: a worker that dies (even halfway
+    # through sending a batch) gives end-of-file here instead of a read that waits forever.
+    pipes = [ctx.Pipe(duplex=False) for _ in range(workers)]
+    ends = [end for pair in pipes for end in pair]
+    procs = [ctx.Process(target=_worker, daemon=True,
+                         args=(backend, chunks, claimed, slots, w, [e for e in ends if e is not w], new_tokens))
+             for _, w in pipes]
+    readers = {r: proc for (r, _), proc in zip(pipes, procs)}
     ready: dict[int, Prepared | None] = {}  # None: a worker failed on it
     done = worker_failed = False
     prep_s = step_s = 0.0  # running means: a worker's seconds per batch; ours between two requests (the model's)
     try:
+        with _interrupts_deferred():
+            gc.freeze()  # the workers' garbage collector then leaves the shared objects (and their pages) alone
+            try:
+                for proc in procs:
+                    proc.start()
+            finally:
+                gc.unfreeze()
+                for _, w in pipes:
+                    w.close()
         for j in range(len(chunks)):
             while j not in ready:
                 # We prepare a batch ourselves only while the workers are the bottleneck: when, at the measured
                 # rates, preparing the unclaimed batches would take them longer than running the rest takes us;
                 # and never more than a few ahead of a batch a worker is slow on (memory stays flat).
-                unclaimed = len(chunks) - claimed.value
+                unclaimed = len(chunks) - claimed.get_obj().value  # without its lock: an estimate is enough
                 workers_behind = not prep_s or unclaimed * prep_s / workers > (len(chunks) - j) * step_s
-                steal = workers_behind and queue.empty() and len(ready) < 2 * workers
-                k = _claim(claimed, len(chunks)) if steal else None
+                steal = not readers or (workers_behind and not mp_wait(list(readers), 0) and len(ready) < 2 * workers)
+                k = _claim(claimed, len(chunks), lambda: _raise_if_dead(procs)) if steal else None
                 if k is not None:
                     ready[k] = _prepare(backend, chunks[k], new_tokens=new_tokens)
                     continue
-                try:
-                    k, item, seconds = queue.get(timeout=1.0)  # item: a prepared batch or the worker's error
-                except Empty:  # a worker that died (or all that exited) took its claimed batch with it
-                    codes = [p.exitcode for p in procs]
-                    dead = [c for c in codes if c not in (None, 0)] or ([] if None in codes else codes)
-                    if dead:
-                        raise LvlmlpError(
-                            f"extract: a data-loader process died (exit code {dead[0]}), perhaps out of memory; "
-                            "re-run to resume, with --workers 0 to prepare batches in this process"
-                        ) from None
-                    continue
-                slots.release()
-                prep_s = seconds if not prep_s else 0.7 * prep_s + 0.3 * seconds
-                if isinstance(item, str):
-                    if not worker_failed:
-                        log.warning("extract: a data-loader process failed on a batch (%s); preparing it here", item)
-                    worker_failed, item = True, None
-                elif item[1] is not None:
-                    item = item[0], {n: torch.from_numpy(a) for n, a in item[1].items()}, item[2]
-                ready[k] = item
+                if not readers:  # every worker exited and batch j is nowhere: never wait for it
+                    raise LvlmlpError(f"extract: batch {j} was lost by a data-loader process; re-run to resume, "
+                                      "with --workers 0 to prepare batches in this process")
+                for conn in mp_wait(list(readers), 1.0):
+                    try:
+                        k, item, seconds = conn.recv()  # item: a prepared batch or the worker's error
+                    except (EOFError, OSError):  # the worker exited: done, or dead with the batches it claimed
+                        proc = readers.pop(conn)
+                        conn.close()
+                        proc.join(timeout=10)
+                        if proc.exitcode != 0:
+                            raise _died(proc) from None
+                        continue
+                    slots.release()
+                    prep_s = seconds if not prep_s else 0.7 * prep_s + 0.3 * seconds
+                    if isinstance(item, str):
+                        if not worker_failed:
+                            log.warning("extract: a data-loader process failed on a batch (%s); preparing it here",
+                                        item)
+                        worker_failed, item = True, None
+                    elif item[1] is not None:
+                        item = item[0], {n: torch.from_numpy(a) for n, a in item[1].items()}, item[2]
+                    ready[k] = item
             item = ready.pop(j)
             # After the last one, every chunk is claimed and every worker result consumed: the workers are exiting.
             done = j == len(chunks) - 1
@@ -210,10 +275,13 @@ def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int, n
             step_s = seconds if not step_s else 0.7 * step_s + 0.3 * seconds
     finally:
         for proc in procs:
+            if proc.pid is None:  # never started (interrupted while starting the others)
+                continue
             # Workers that ran out of chunks exit by themselves (stopped early, we stop them); we reap them here,
             # a few milliseconds, so that no finished child is left for the host process to find: a job runner
             # or test harness that waits for its own children (os.wait) would otherwise be handed ours.
             if not done and proc.is_alive():
                 proc.terminate()
             proc.join()
-        queue.close()
+        for end in ends:
+            end.close()

@@ -51,9 +51,10 @@ class RayOptions:
     replicas: int | None = None  # default: one per GPU of the cluster, else one per `cpus_per_replica` CPUs
     cpus_per_replica: float = 1.0  # also the torch threads of a CPU replica
     gpus_per_replica: float | None = None  # default: 1 where the cluster has GPUs and the device is not cpu
+    connect_timeout: float = 30.0  # seconds to wait for the cluster at `address` to answer before giving up
 
 
-def ray_options(value: Any, replicas: int | None = None) -> RayOptions:
+def ray_options(value: Any, replicas: int | None = None, connect_timeout: float | None = None) -> RayOptions:
     """RayOptions from `--ray [ADDRESS]` (+ `--ray-replicas`) or a config's `ray:` value: true / "local" (a local
     instance), "auto" or an address (join), or a mapping of RayOptions' keys."""
     keys = [f.name for f in fields(RayOptions)]
@@ -75,6 +76,8 @@ def ray_options(value: Any, replicas: int | None = None) -> RayOptions:
         opts["address"] = None
     if replicas is not None:
         opts["replicas"] = replicas
+    if connect_timeout is not None:
+        opts["connect_timeout"] = connect_timeout
     n = opts.get("replicas")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise LvlmlpError(f"ray.replicas: expected an integer >= 1, got {n!r}")
@@ -84,6 +87,9 @@ def ray_options(value: Any, replicas: int | None = None) -> RayOptions:
             raise LvlmlpError(f"ray.{key}: expected a number >= 0, got {v!r}")
     if opts.get("cpus_per_replica") == 0:
         raise LvlmlpError("ray.cpus_per_replica: must be > 0")
+    t = opts.get("connect_timeout", 30.0)
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 < t < float("inf"):
+        raise LvlmlpError(f"ray.connect_timeout (--ray-timeout): expected a number of seconds > 0, got {t!r}")
     return RayOptions(**opts)
 
 
@@ -96,15 +102,49 @@ def _import_ray() -> Any:
     return ray
 
 
+# The HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, the Ray Client server) answers
+# with a SETTINGS frame of its own (frame type 4) before anything else.
+_HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def check_reachable(address: str, timeout: float) -> None:
+    """Refuse, within `timeout` seconds, a cluster address (`HOST:PORT` or `ray://HOST:PORT`) where no gRPC server
+    answers (nothing listens, or something that is no Ray cluster): `ray.init` itself retries such an address for
+    many minutes. "auto" and other forms are left to Ray; so is a cluster with TLS (RAY_USE_TLS)."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+
+    def refuse(reason: str) -> LvlmlpError:
+        return LvlmlpError(f"--ray: cannot join the Ray cluster at {address!r}: {reason}")
+
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return
+            sock.sendall(_HTTP2_HELLO)
+            head = sock.recv(9)
+    except TimeoutError:
+        raise refuse(f"no answer within {timeout:g} s (--ray-timeout, ray.connect_timeout)") from None
+    except (OSError, ValueError, OverflowError) as err:
+        raise refuse(getattr(err, "strerror", None) or str(err) or type(err).__name__) from None
+    if len(head) < 4 or head[3] != 4:
+        raise refuse("what answers there is no Ray cluster (not a gRPC server)")
+
+
 @contextmanager
-def ray_session(address: str | None) -> Iterator[Any]:
+def ray_session(address: str | None, connect_timeout: float = 30.0) -> Iterator[Any]:
     """The `ray` module, connected: to the Ray this process is already connected to (left connected), else to a
-    local instance started here (address None) or the cluster at `address`; disconnected after (a local instance
-    is shut down)."""
+    local instance started here (address None) or the cluster at `address` (refused when nothing answers there
+    within `connect_timeout` seconds); disconnected after (a local instance is shut down)."""
     ray = _import_ray()
     if ray.is_initialized():
         yield ray
         return
+    if address is not None:
+        check_reachable(address, connect_timeout)
     try:
         if address is None:
             ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
@@ -259,7 +299,7 @@ def ray_extract(
     bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="extract (ray)")
     writer: RunWriter | None = None
     try:
-        with ray_session(opts.address) as ray_mod, _data_context(ray_mod):
+        with ray_session(opts.address, opts.connect_timeout) as ray_mod, _data_context(ray_mod):
             device = str(model.get("device") or "auto")
             n, cpus, gpus = _plan(ray_mod, opts, device, len(chunks))
             replica_model = {**model, "device": "cuda" if gpus else "cpu"}  # Ray gives each replica its GPU(s)

@@ -10,6 +10,7 @@ with the message.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import secrets
@@ -79,6 +80,9 @@ class ServeMetrics:
 
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
+    if config.limits.processed is None:  # images are bounded as the model's processor would resize them
+        config = dataclasses.replace(config, limits=dataclasses.replace(
+            config.limits, processed=getattr(engine.backend, "processed_pixels", None)))
     metrics = ServeMetrics()
     batcher = Batcher(engine, max_batch=config.max_batch, batch_wait_ms=config.batch_wait_ms,
                       max_queue=config.max_queue, on_batch=metrics.batch_size.observe)
@@ -144,7 +148,13 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if max_tokens > config.max_tokens_limit:
             raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit {config.max_tokens_limit} "
                                 "(--max-tokens-limit)", param="max_tokens")
-        image, question = await run_in_threadpool(read_prompt, req, config.limits)  # decoding is CPU work
+        try:
+            image, question = await run_in_threadpool(read_prompt, req, config.limits)  # decoding is CPU work
+        except (ValueError, OverflowError, RecursionError, OSError) as err:  # the request's content, not the server
+            log.warning("serve: a request's image could not be read: %r", err)
+            raise ApiError(400, f"messages: the image cannot be read ({type(err).__name__}: "
+                                f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''})",
+                           param="messages") from None
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -236,8 +246,12 @@ def _parse(body: bytes) -> ChatRequest:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ApiError(400, f"the request body is not valid JSON ({err})") from None
+    except RecursionError:  # `[[[[...` a few thousand deep: Python's parser gives up (it is no chat request)
+        raise ApiError(400, "the request body is nested too deeply to be a chat completion request") from None
     try:
         return ChatRequest.model_validate(data)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply to be a chat completion request") from None
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -64,9 +65,10 @@ class ChatRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    # allow_inf_nan=False: JSON's NaN / Infinity (Python's json reads them) are refused, never compared.
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
     stream: bool = False
     n: Literal[1] | None = 1  # one choice per request: n > 1 is refused rather than silently answered once
     stop: None = None  # stop sequences are not implemented: refused rather than ignored
@@ -75,12 +77,16 @@ class ChatRequest(BaseModel):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may send (the server's flags)."""
+    """What one request may send (the server's flags). `max_image_pixels` bounds an image as decoded and as the
+    model's processor would resize it (`processed`: `Backend.processed_pixels`, set by `create_app`), both checked
+    from the image's header before any pixel is decoded: one request's image then takes at most about 40 bytes a
+    pixel of it in the processor (under 1 GB at the default 4096x4096; docs/serve.md)."""
 
     max_image_bytes: int = 10 << 20
     max_image_pixels: int = 4096 * 4096
     max_prompt_chars: int = 8000
     allow_local_images: bool = False
+    processed: Callable[[int, int], int] | None = None
 
 
 def read_prompt(request: ChatRequest, limits: Limits) -> tuple[Image.Image, str]:
@@ -114,6 +120,11 @@ def read_prompt(request: ChatRequest, limits: Limits) -> tuple[Image.Image, str]
     question = "\n".join(t for t in texts if t)
     if not question.strip():
         raise ApiError(400, "messages[0]: no question text; send a text part beside the image", param="messages")
+    try:
+        question.encode("utf-8")  # JSON's \ud800 escapes give lone surrogates, which no tokenizer takes
+    except UnicodeEncodeError as err:
+        raise ApiError(400, f"messages[0]: the question is not valid Unicode (a lone surrogate at character "
+                            f"{err.start})", param="messages") from None
     if len(question) > limits.max_prompt_chars:
         raise ApiError(400, f"messages[0]: the question has {len(question)} characters; this server accepts at most "
                             f"{limits.max_prompt_chars} (--max-prompt-chars)", param="messages",
@@ -136,12 +147,18 @@ def read_image(url: str, limits: Limits, where: str) -> Image.Image:
     if path.is_file() and path.stat().st_size > limits.max_image_bytes:
         raise ApiError(413, f"{where}: the image file has {path.stat().st_size} bytes; at most "
                             f"{limits.max_image_bytes} (--max-image-bytes)", param=where)
+    too_large: list[str] = []
+
+    def check(width: int, height: int) -> str | None:  # from the header, before decoding
+        too_large[:] = [message] if (message := _pixels_problem(width, height, limits, where)) else []
+        return too_large[0] if too_large else None
+
     try:
-        image = load_image(path, where)
+        return load_image(path, where, check=check)
     except LvlmlpError as err:
+        if too_large:
+            raise ApiError(413, too_large[0], param=where) from None
         raise ApiError(400, str(err), param=where) from None
-    _check_pixels(image, limits, where)
-    return image
 
 
 def _decode_data_url(url: str, limits: Limits, where: str) -> Image.Image:
@@ -167,6 +184,9 @@ def _decode_data_url(url: str, limits: Limits, where: str) -> Image.Image:
         raise ApiError(400, f"{where}: the data is not a readable {media_type} image", param=where) from None
     except Image.DecompressionBombError as err:
         raise ApiError(413, f"{where}: {err}", param=where) from None
+    except Exception as err:  # noqa: BLE001 - a corrupt header: PIL raises several types (SyntaxError, struct.error)
+        raise ApiError(400, f"{where}: the data is not a readable {media_type} image ({_first_line(err)})",
+                       param=where) from None
     if image.format not in PIL_FORMATS:
         raise ApiError(415, f"{where}: unsupported image format {image.format} "
                             f"(supported: {', '.join(sorted(PIL_FORMATS))})", param=where)
@@ -175,12 +195,27 @@ def _decode_data_url(url: str, limits: Limits, where: str) -> Image.Image:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
     except Exception as err:  # noqa: BLE001 - PIL raises several types for truncated or corrupt data
-        raise ApiError(400, f"{where}: the image cannot be decoded ({err})", param=where) from None
+        raise ApiError(400, f"{where}: the image cannot be decoded ({_first_line(err)})", param=where) from None
     return to_rgb(image)
 
 
-def _check_pixels(image: Image.Image, limits: Limits, where: str) -> None:
-    w, h = image.size
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def _pixels_problem(w: int, h: int, limits: Limits, where: str) -> str | None:
     if w * h > limits.max_image_pixels:
-        raise ApiError(413, f"{where}: the image is {w}x{h} pixels; at most {limits.max_image_pixels} pixels "
-                            "(--max-image-pixels)", param=where)
+        return f"{where}: the image is {w}x{h} pixels; at most {limits.max_image_pixels} pixels (--max-image-pixels)"
+    processed = limits.processed(w, h) if limits.processed is not None else w * h
+    if processed > limits.max_image_pixels:
+        return (f"{where}: the image is {w}x{h} pixels, which the model's processor would resize to about "
+                f"{processed} pixels; at most {limits.max_image_pixels} (--max-image-pixels): crop or pad an image "
+                "of such an aspect ratio")
+    return None
+
+
+def _check_pixels(image: Image.Image, limits: Limits, where: str) -> None:
+    problem = _pixels_problem(*image.size, limits, where)
+    if problem:
+        raise ApiError(413, problem, param=where)

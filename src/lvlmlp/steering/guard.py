@@ -57,7 +57,7 @@ def default_guard(task: str | None = None, style: str | None = None) -> tuple[st
     return words.get(0, SAFETY_TEMPLATE), None
 
 
-def _spell(tokenizer: Any, text: str, what: str) -> list[int]:
+def spell(tokenizer: Any, text: str, what: str) -> list[int]:
     """Token ids of `text` as the start of the model's answer.
 
     `add_special_tokens=False` keeps BOS/EOS out; the tokenizer's own convention then gives the leading space a
@@ -66,11 +66,44 @@ def _spell(tokenizer: Any, text: str, what: str) -> list[int]:
     """
     ids = [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
     bos = getattr(tokenizer, "bos_token_id", None)
+    spelled = text
     if ids and bos is not None and ids[0] == bos:  # a few tokenizers add BOS whatever the flag says
         ids = ids[1:]
+        spelled = text.removeprefix(str(getattr(tokenizer, "bos_token", None) or ""))  # or the user wrote it
     if not ids:
         raise LvlmlpError(f"{what} {text!r}: the tokenizer encodes it to no token")
+    check_spelling(tokenizer, text, ids, what, spelled)
     return ids
+
+
+def _squeezed(text: str) -> str:
+    return "".join(text.split())
+
+
+def check_spelling(tokenizer: Any, text: str, ids: list[int], what: str, spelled: str | None = None) -> None:
+    """Refuse a forced text the tokenizer cannot spell back: the guard would otherwise force `<unk>` (or nothing
+    the user asked for) and still report the rows as flagged, a silent failure.
+
+    The rule (docs/steering.md): no token may be the unknown token or another special token (`</s>`, `<image>`:
+    forcing them ends or breaks the answer), and decode(ids) must equal the text, or the text as the tokenizer's own
+    normalizer writes it (lower-casing, accent stripping of WordPiece tokenizers such as the demo model's), whitespace
+    aside (whitespace pre-tokenizers and SentencePiece's dummy prefix respace a text their own way). Any other
+    character lost or changed is refused. `spelled`: the part of `text` that `ids` stand for (default: all of it)."""
+    special = {int(i) for i in getattr(tokenizer, "all_special_ids", None) or []}
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None:
+        special.add(int(unk))
+    decoded = tokenizer.decode(ids, skip_special_tokens=False)
+    spelled = text if spelled is None else spelled
+    spellings = {_squeezed(spelled)}
+    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+    if normalizer is not None:
+        spellings.add(_squeezed(normalizer.normalize_str(spelled)))
+    if special.isdisjoint(ids) and _squeezed(decoded) in spellings:
+        return
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    raise LvlmlpError(f"{what} {text!r}: the model's tokenizer cannot spell it (it becomes the tokens {tokens}, "
+                      f"which decode to {decoded!r}); use words its vocabulary has")
 
 
 
@@ -115,14 +148,14 @@ class ProbeGuard(LogitsProcessor):
         self.probe = probe
         self.threshold = float(threshold if threshold is not None else getattr(probe, "threshold", 0.5))
         self.template = template
-        self.template_ids = _spell(tokenizer, template, "--template") if template is not None else None
+        self.template_ids = spell(tokenizer, template, "--template") if template is not None else None
         self.answers: dict[int, str] | None = None
         self.answer_ids: dict[int, list[int]] | None = None
         if answers is not None:
             if set(answers) != {0, 1}:
                 raise LvlmlpError(f"answers: need exactly the labels 0 and 1, got {sorted(answers)}")
             self.answers = {int(k): str(v) for k, v in answers.items()}
-            self.answer_ids = {k: _spell(tokenizer, v, "--answers") for k, v in self.answers.items()}
+            self.answer_ids = {k: spell(tokenizer, v, "--answers") for k, v in self.answers.items()}
         self.scores_: np.ndarray | None = None
         self.flagged_: np.ndarray | None = None
         self.forced_: list[list[int]] = []
@@ -253,7 +286,7 @@ def guided_decoding(backend: Any, probe: Any, rows: list[dict], before: Mapping[
     scored: dict[str, tuple[float, bool]] = {}
     for s in tqdm(range(0, len(rows), batch_size), desc="guided decoding", disable=not progress):
         chunk = rows[s : s + batch_size]
-        batch = backend.encode([load_image(r["image"], r["id"]) for r in chunk], [r["question"] for r in chunk])
+        batch = backend.encode([load_image(r["image"], r["id"], check=backend.oversized) for r in chunk], [r["question"] for r in chunk])
         texts = guarded_responses(backend, batch, guard, max_new_tokens=max_new_tokens)["responses"]
         after.update({r["id"]: t for r, t in zip(chunk, texts)})
         scored.update({r["id"]: (float(p), bool(f)) for r, p, f in zip(chunk, guard.scores_, guard.flagged_)})

@@ -132,6 +132,7 @@ class RayConfig(Section):
     replicas: int | None = field(default=None, metadata=_min(1))  # default: one per GPU, else one per CPU slot
     cpus_per_replica: float = 1.0
     gpus_per_replica: float | None = None
+    connect_timeout: float = 30.0  # seconds to wait for the cluster at `address` to answer
 
 
 @dataclass

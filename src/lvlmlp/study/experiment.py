@@ -183,6 +183,7 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
     from lvlmlp.extraction.store import open_run
 
     out = Path(cfg["out"])
+    _check_steering_template(cfg, lazy)
     steps = Steps(out)
     prompts, splits = prompts_of(cfg), split_names(cfg)
     rows = {s: shard_rows(task_rows(cfg, s)) for s in splits}
@@ -259,6 +260,26 @@ def _judgments_stamp(run: Any) -> tuple[str, ...]:
 
     path = Path(run.path) / JUDGMENTS_FILE
     return (hashlib.sha256(path.read_bytes()).hexdigest(),) if path.is_file() else ()
+
+
+def _check_steering_template(cfg: ExperimentConfig, lazy: LazyBackend) -> None:
+    """Refuse a `steering.template` the model's tokenizer cannot spell before the first step runs (the steering step
+    comes last, after the extractions: a template of `<unk>` tokens would be found out only then). Only the
+    tokenizer is loaded; one that cannot load is left to the extraction step to report."""
+    if cfg.steering is None or not cfg.steering.template:
+        return
+    from lvlmlp.steering.guard import spell
+
+    if lazy.backend is not None:
+        tokenizer = lazy.backend.tokenizer
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
+        except (OSError, ValueError, ImportError):
+            return
+    spell(tokenizer, cfg.steering.template, "steering.template")
 
 
 def _clip_step(cfg: ExperimentConfig, rows: dict[str, list[dict]], out: Path, progress: bool) -> dict:

@@ -1,0 +1,31 @@
+"""`serve --port` and `generate --temperature` are checked like the other options: one line, exit 2, before any
+model is loaded (the model path here does not exist, so reaching the loader would give another error)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lvlmlp.cli import main
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--port", "99999"], "--port must be a TCP port, 1 to 65535, got 99999"),
+    (["--port", "0"], "--port must be a TCP port, 1 to 65535, got 0"),
+    (["--port", "-1"], "--port must be a TCP port, 1 to 65535, got -1"),
+])
+def test_serve_refuses_a_port_out_of_range(tmp_path, capsys, flags, message):
+    argv = ["serve", "--model", str(tmp_path / "no-model"), "--probe", str(tmp_path / "no-probe"), *flags]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"lvlmlp: error: {message}\n"
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "nan", "inf"])
+def test_generate_refuses_a_sampling_temperature_that_is_not_positive(tmp_path, capsys, value):
+    (tmp_path / "data.jsonl").write_text('{"id": "a", "image": "a.png", "question": "q"}\n')
+    argv = ["generate", "--model", str(tmp_path / "no-model"), "--probe", str(tmp_path / "no-probe"), "--data",
+            str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "out.jsonl"), "--do-sample", "--temperature", value]
+    assert main(argv) == 2
+    shown = f"{float(value):g}"
+    assert capsys.readouterr().err == (f"lvlmlp: error: --temperature must be a number > 0, got {shown} (for greedy "
+                                       "decoding, leave out --do-sample)\n")
+    assert not (tmp_path / "out.jsonl").exists()
