@@ -33,7 +33,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # test_ray.py): about 55 s for test_ray.py, 30 for test_demo.py, 13 for test_experiment.py, 8 to 2 for the others
 # listed; every other file takes under 2 s.
 SLOWEST_FIRST = ("test_ray.py", "test_demo.py", "test_experiment.py", "test_demo_model.py", "test_finetune.py",
-                 "test_guards_run.py", "test_judge.py", "test_extract.py", "test_paper_protocol.py", "test_faults.py", "test_serve.py",
+                 "test_guards_run.py", "test_judge.py", "test_loader_faults.py", "test_image_intake.py", "test_extract.py", "test_paper_protocol.py", "test_faults.py", "test_serve.py",
                  "test_backend.py", "test_report.py", "test_steering.py")
 
 
