@@ -93,6 +93,13 @@ def add_task_arguments(parser: argparse.ArgumentParser, limit: bool = True) -> N
     s.add_argument("--seed", type=int, default=None, help="seed of the sampling (default 0)")
 
 
+def input_flags(args: argparse.Namespace, *flags: str) -> dict[str, Any]:
+    """{flag: path} of the inputs a command reads (its --data, --model, --data-root, --image-root, --probe, --run
+    where it has them, and `flags`): what its outputs must not be, contain or lie inside (`lvlmlp.outputs`)."""
+    names = ("--data", "--model", "--data-root", "--image-root", "--probe", "--run", *flags)
+    return {flag: getattr(args, flag.lstrip("-").replace("-", "_"), None) for flag in names}
+
+
 # Flags that only a registered task reads: given with --data they would do nothing, so they are refused.
 _TASK_ONLY = (("data_root", "--data-root"), ("image_root", "--image-root"), ("prompt_style", "--prompt-style"),
               ("task_option", "--task-option"))

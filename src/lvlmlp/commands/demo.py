@@ -22,6 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lvlmlp.commands._args import input_flags
+    from lvlmlp.outputs import check_output, write_text_atomic
+
+    check_output(args.out, "demo", input_flags(args))  # before torch is imported
     import torch
 
     from lvlmlp.commands._args import silence_progress_bars
@@ -36,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     summary = summary_table(results)
     out = Path(args.out)
     # The README's demo table is this file's content (tests/test_readme.py checks it against a fresh run).
-    (out / "summary.md").write_text(summary + "\n")
+    write_text_atomic(out / "summary.md", summary + "\n")
     print(summary)
     print(f"\nwrote {out / 'summary.md'}, {out / 'results.json'} and {out / 'report.html'} in {results['seconds']} s")
     return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 from lvlmlp.commands._args import (
     add_model_arguments,
     add_task_arguments,
+    input_flags,
     rows_from_args,
     selection,
     silence_progress_bars,
@@ -59,7 +60,10 @@ def parse_layers(spec: str | None) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     from lvlmlp.data import check_rows
     from lvlmlp.extraction.extract import extract, finished_run, parse_shard, shard_rows
+    from lvlmlp.outputs import check_output
 
+    # First of all: before the rows are read and long before any weight file is opened (or hashed).
+    check_output(args.out, "run", input_flags(args))
     rows, task_template, source = rows_from_args(args, "extract")
     rows = shard_rows(rows, parse_shard(args.shard))
     check_rows(rows, source, args.on_error)  # before the (possibly minutes-long) model load

@@ -9,6 +9,7 @@ import argparse
 from lvlmlp.commands._args import (
     add_model_arguments,
     add_task_arguments,
+    input_flags,
     rows_from_args,
     silence_progress_bars,
 )
@@ -40,9 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lvlmlp.extraction.backend import Backend
+    from lvlmlp.outputs import check_output
     from lvlmlp.steering.guard import parse_answers
     from lvlmlp.study.finetune import Settings, default_answers, finetune, row_targets
 
+    check_output(args.out, "finetune", input_flags(args))  # never over --model (it would replace the checkpoint)
     # the train split by default (a manifest without splits is used whole)
     rows, task_template, source = rows_from_args(args, "finetune", seed_used=True, default_split="train")
     template = args.prompt_template or task_template

@@ -20,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lvlmlp.extraction.legacy import import_legacy
+    from lvlmlp.outputs import check_output
 
+    check_output(args.out, "run", {"FILE": args.file, "--judged": args.judged})
     imported = import_legacy(args.file, args.out, vocab_size=args.vocab_size, max_tokens=args.max_tokens,
                              dtype=args.dtype, model=args.model, judged=args.judged)
     print(f"imported {len(imported)} rows -> {imported.path}")

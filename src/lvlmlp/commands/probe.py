@@ -102,9 +102,11 @@ def train_probe(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lvlmlp.extraction.store import open_run
+    from lvlmlp.outputs import check_output
     from lvlmlp.probing.evaluate import select_rows
     from lvlmlp.probing.features import FeatureView, RowSubset
 
+    check_output(args.out, "probe", {"--run": args.run})
     run = open_run(args.run)
     idx, _ = select_rows(run, args.split, args.feature, args.token)
     labels = run.labels[idx]
@@ -152,10 +154,12 @@ def eval_probe(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lvlmlp.extraction.store import open_run
+    from lvlmlp.outputs import check_output
     from lvlmlp.probing.evaluate import select_rows, write_eval
     from lvlmlp.probing.features import FeatureView, RowSubset
     from lvlmlp.probing.probes import load_probe
 
+    check_output(args.out, "eval", {"--probe": args.probe, "--run": args.run})
     probe = load_probe(args.probe)
     run = open_run(args.run)
     spec = probe.spec_

@@ -23,11 +23,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lvlmlp.commands._args import silence_progress_bars
+    from lvlmlp.outputs import check_output
     from lvlmlp.study.experiment import headline, load_config, run_experiment
     from lvlmlp.study.report import POOLED, fmt_value
 
     cfg = load_config(args.config, args.set or [], model=args.model, out=args.out, device=args.device,
                       limit=args.limit, batch_size=args.batch_size, n_boot=args.n_boot)
+    check_output(cfg["out"], "experiment", {"the config": args.config, "model": cfg["model"],
+                                            "data_root": cfg["data_root"], "image_root": cfg["image_root"]}, "out")
     if args.no_progress:
         silence_progress_bars()
     doc = run_experiment(cfg, progress=not args.no_progress)

@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{t.name:<{width}}  {t.description}")
         return 0
     if args.dump:
+        from lvlmlp.outputs import check_output
+
+        check_output(args.dump, None, {"--data-root": args.data_root, "--image-root": args.image_root}, "--dump")
         if not args.data_root:
             raise LvlmlpError(f"tasks --dump needs --data-root (see `lvlmlp tasks {args.name}`)")
         n = dump_rows(args.name, args.data_root, args.dump, image_root=args.image_root, split=args.split,

@@ -16,7 +16,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lvlmlp.outputs import check_output, replaced_folder
     from lvlmlp.testing import tiny_manifest
 
-    print(tiny_manifest(args.out, args.n_train, args.n_test, args.seed))
+    check_output(args.out, "tiny-data")
+    with replaced_folder(args.out, "tiny-data") as tmp:  # image paths in the manifest are relative: it moves whole
+        name = tiny_manifest(tmp, args.n_train, args.n_test, args.seed).name
+    print(args.out / name)
     return 0

@@ -17,7 +17,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lvlmlp.outputs import check_output, replaced_folder
     from lvlmlp.testing import tiny_model
 
-    print(tiny_model(args.family, args.out, seed=args.seed))
+    check_output(args.out, "tiny-model")
+    with replaced_folder(args.out, "tiny-model") as tmp:
+        tiny_model(args.family, tmp, seed=args.seed)
+    print(args.out)
     return 0

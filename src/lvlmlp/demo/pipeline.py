@@ -24,6 +24,7 @@ import numpy as np
 
 from lvlmlp.demo import world
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.outputs import write_text_atomic
 
 log = logging.getLogger("lvlmlp")
 
@@ -92,10 +93,10 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
     `out/report.html` from their outputs; return the results."""
     import yaml
 
+    from lvlmlp.outputs import claim_folder
     from lvlmlp.study.experiment import LazyBackend, run_experiment
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_folder(out, "demo")  # new, empty or a demo folder: the user's results.json is never overwritten
     t0 = time.perf_counter()
     configs = {task: demo_config(task, out, n_train=n_train, n_test=n_test, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, seed=seed, model=model, device=device, steer=steer)
@@ -109,7 +110,7 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
     if finetune_rows:
         results["finetune"] = finetune_vs_probe(out, results["model"], finetune_rows, batch_size, seed, progress)
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     write_report(results, out)
     return results
 
@@ -445,4 +446,4 @@ def write_report(results: dict, out: Path) -> None:
     intro = (f"Synthetic world + tiny LLaVA-format model ({results['model']}); {results['n_train']} train / "
              f"{results['n_test']} test rows per analogue; {results['seconds']} s. These numbers show the method "
              "working on a toy model, not the paper's numbers.")
-    (out / "report.html").write_text(render_html("lvlmlp demo", intro, report_blocks(results, out)))
+    write_text_atomic(out / "report.html", render_html("lvlmlp demo", intro, report_blocks(results, out)))

@@ -43,6 +43,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from lvlmlp import outputs
 from lvlmlp.data import read_jsonl, write_jsonl
 from lvlmlp.errors import LvlmlpError
 
@@ -96,24 +97,9 @@ def read_manifest_json(path: Path) -> dict:
 
 def check_output_folder(folder: str | Path, what: str = "--out") -> None:
     """Refuse to write into an existing folder that is neither empty nor an lvlmlp run: the user's files there
-    (a `meta.jsonl`, a `shards/` of their own) must never be overwritten or deleted."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise LvlmlpError(f"{what} {folder}: exists and is not a folder")
-    if not folder.is_dir():
-        return
-    names = {p.name for p in folder.iterdir()}
-    if not names - {LOCK_NAME}:
-        return
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        doc = read_manifest_json(manifest)
-        if "lvlmlp_version" in doc:
-            return
-    raise LvlmlpError(
-        f"{what} {folder}: exists and is not an lvlmlp run folder (it holds {', '.join(sorted(names)[:3])}"
-        f"{', ...' if len(names) > 3 else ''}); give an empty or new folder"
-    )
+    (a `meta.jsonl`, a `shards/` of their own) must never be overwritten or deleted (the rule of every command's
+    output, `lvlmlp.outputs`)."""
+    outputs.check_output_folder(folder, "run", what)
 
 
 class FolderLock:

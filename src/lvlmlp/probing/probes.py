@@ -154,14 +154,21 @@ class Probe(ClassifierMixin, BaseEstimator):
 
     # ---- persistence ----
     def save(self, directory: str | Path) -> Path:
-        """Write `probe.safetensors` + `probe.json` into `directory` (created if needed)."""
+        """Write `probe.safetensors` + `probe.json` into `directory` as one unit: built beside it and swapped into
+        place (`lvlmlp.outputs.replaced_folder`), so a failed write never leaves new weights beside an old JSON.
+        `directory` must be new, empty or a probe folder."""
+        from lvlmlp.outputs import replaced_folder
+
+        self._check_fitted()
+        with replaced_folder(directory, "probe") as tmp:
+            self._write(tmp)
+        return Path(directory)
+
+    def _write(self, out: Path) -> None:
         from safetensors.numpy import save_file
 
         from lvlmlp import __version__
 
-        self._check_fitted()
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
         arrays = {
             name.rstrip("_"): np.ascontiguousarray(getattr(self, name))
             for name in self._ARRAYS
@@ -182,7 +189,6 @@ class Probe(ClassifierMixin, BaseEstimator):
             "fit_info": getattr(self, "fit_info_", {}),
         }
         (out / "probe.json").write_text(json.dumps(doc, indent=2))
-        return out
 
 
 def load_probe(directory: str | Path) -> Probe:

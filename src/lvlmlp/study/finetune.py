@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.outputs import claim_folder
 
 if TYPE_CHECKING:
     import torch
@@ -243,10 +244,10 @@ def finetune(backend: Backend, rows: Sequence[dict], targets: Sequence[str], out
         raise LvlmlpError(f"{source}: row {missing[0]!r}: image not found")
 
     key = _settings_key(settings, backend, list(targets), rows)
+    claim_folder(out, "finetune")  # new, empty or a finetune folder: never the user's files
     summary_path = out / "finetune.json"
     if summary_path.is_file() and json.loads(summary_path.read_text()).get("key") != key:
         raise LvlmlpError(f"{out}: holds a finetuning with other settings, rows or model; use another --out")
-    out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(settings.seed)  # LoRA's A matrices are drawn at random
     config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
