@@ -91,7 +91,7 @@ def test_extract_flags_that_would_do_nothing_are_refused(manifest, tmp_path, cap
 
 
 def test_prompt_style_and_template_together_are_refused(tmp_path, capsys):
-    code = main(["extract", "--model", "m", "--task", "pope", "--data-root", str(tmp_path), "--out",
+    code = main(["extract", "--model", "m", "--task", "pope", "--data-root", str(tmp_path / "data"), "--out",
                  str(tmp_path / "o"), "--prompt-style", "oe", "--prompt-template", "{question}!"])
     assert code == 2 and "give --prompt-style or --prompt-template, not both" in capsys.readouterr().err
 

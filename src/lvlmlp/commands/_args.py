@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.ranges import COUNT, NONNEG
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,10 +88,10 @@ def add_task_arguments(parser: argparse.ArgumentParser, limit: bool = True) -> N
     s = parser.add_argument_group("row selection (--data or --task)")
     s.add_argument("--split", metavar="S", help="rows of this split: a manifest's rows whose 'split' is S; a task's "
                    "split (default: every row of a manifest, the task's default split)")
-    s.add_argument("--per-class", type=int, metavar="K", help="K seeded-random rows per label")
+    s.add_argument("--per-class", type=COUNT, metavar="K", help="K seeded-random rows per label (default: all)")
     if limit:
-        s.add_argument("--limit", type=int, metavar="N", help="N seeded-random rows (after --per-class)")
-    s.add_argument("--seed", type=int, default=None, help="seed of the sampling (default 0)")
+        s.add_argument("--limit", type=COUNT, metavar="N", help="N seeded-random rows (after --per-class; default: all)")
+    s.add_argument("--seed", type=NONNEG, default=None, help="seed of the sampling (default 0)")
 
 
 def input_flags(args: argparse.Namespace, *flags: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from lvlmlp.commands._args import (
 )
 from lvlmlp.defaults import BATCH_SIZE, STORE_DTYPE_NAMES
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.ranges import COUNT, NONNEG
 
 log = logging.getLogger(__name__)
 
@@ -26,24 +27,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_task_arguments(p)
     add_model_arguments(p)
     p.add_argument("--out", required=True, help="run folder; re-running the same command resumes it")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--max-new-tokens", type=int, default=0,
-                   help="0: one prefill forward (first token only); K: greedy generation keeping K tokens' logits")
-    p.add_argument("--logits-tokens", type=int, default=None, help="keep only the first T tokens' logits")
-    p.add_argument("--hidden", action="store_true", help="also keep the final-norm hidden state at the first token")
-    p.add_argument("--layers", default=None, help="also keep these layers' hidden states, e.g. 8,16,-1")
-    p.add_argument("--store-dtype", default="float16", choices=sorted(STORE_DTYPE_NAMES))
-    p.add_argument("--shard", default=None, help="I/N: process the I-th of N contiguous blocks (merge afterwards)")
-    p.add_argument("--on-error", default="fail", choices=["fail", "skip"])
-    p.add_argument("--shard-size", type=int, default=256, help="rows per committed shard (resume granularity)")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--batch-size", type=COUNT, default=BATCH_SIZE, help=f"rows per forward (default {BATCH_SIZE})")
+    p.add_argument("--max-new-tokens", type=NONNEG, default=0,
+                   help="0: one prefill forward (first token only); K: greedy generation keeping K tokens' logits "
+                   "(default 0)")
+    p.add_argument("--logits-tokens", type=COUNT, default=None,
+                   help="keep only the first T tokens' logits, 1 <= T <= --max-new-tokens (default: all K)")
+    p.add_argument("--hidden", action="store_true",
+                   help="also keep the final-norm hidden state at the first token (default: not kept)")
+    p.add_argument("--layers", default=None, help="also keep these layers' hidden states, e.g. 8,16,-1 (default none)")
+    p.add_argument("--store-dtype", default="float16", choices=sorted(STORE_DTYPE_NAMES),
+                   help="dtype of the stored logits and hidden states (default float16)")
+    p.add_argument("--shard", default=None,
+                   help="I/N: process the I-th of N contiguous blocks (merge afterwards; default: every row)")
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                   help="a row whose image cannot be read: fail stops the run, skip records it in failures.jsonl "
+                   "(default fail)")
+    p.add_argument("--shard-size", type=COUNT, default=256,
+                   help="rows per committed shard (resume granularity; default 256)")
+    p.add_argument("--workers", type=NONNEG, default=1,
                    help="data-loader processes preparing batches while the model runs (default 1; more on a "
                         "many-core GPU machine; 0: in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run on Ray (Ray Data, one model replica per GPU or CPU slot): alone, a local Ray instance "
                         "for this run; auto or ADDRESS: join that cluster (pip install 'lvlmlp[ray]')")
-    p.add_argument("--ray-replicas", type=int, default=None, metavar="N",
+    p.add_argument("--ray-replicas", type=COUNT, default=None, metavar="N",
                    help="with --ray: model replicas (default: one per GPU of the cluster, else one per CPU)")
     p.set_defaults(func=run)
 
@@ -71,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
         silence_progress_bars()
     if args.logits_tokens is not None and not args.max_new_tokens:
         raise LvlmlpError("--logits-tokens applies to generated tokens: give --max-new-tokens K too")
+    if args.logits_tokens is not None and args.logits_tokens > args.max_new_tokens:
+        raise LvlmlpError(f"--logits-tokens {args.logits_tokens} is above --max-new-tokens {args.max_new_tokens}: "
+                          "keep at most the tokens generated")
     template = args.prompt_template or task_template
     label_fn = None
     if args.task:

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="OUT.jsonl: {id, response, flagged, probe_score} per row")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="new tokens per answer (default 64, or the forced text's length when longer)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=None, help="with --do-sample (default 1.0)")
     p.add_argument("--eval", action="store_true",

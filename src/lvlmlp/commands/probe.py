@@ -10,15 +10,9 @@ from typing import Any
 
 from lvlmlp.defaults import FEATURE_KINDS, N_BOOT
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.ranges import NONNEG, PROBE_PARAMS
 
 log = logging.getLogger(__name__)
-
-
-def _nonneg_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,27 +22,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = probe_sub.add_parser("train", help="fit a probe on the labelled rows of a run")
     train.add_argument("--run", required=True, help="run folder (from extract or import-legacy)")
     train.add_argument("--split", help="train on rows whose 'split' is this (default: all rows)")
-    train.add_argument("--token", type=_nonneg_int, default=0, help="generated token index (default 0: the first)")
+    train.add_argument("--token", type=NONNEG, default=0, help="generated token index (default 0: the first)")
     train.add_argument("--feature", choices=FEATURE_KINDS, default="logits", help="feature view (default logits)")
-    train.add_argument("--layer", type=int, help="layer index for --feature layer")
+    train.add_argument("--layer", type=int, help="layer index for --feature layer (default: the only stored layer)")
     train.add_argument("--probe", metavar="KIND", help="logistic, multinomial or lda (lvlmlp.probing.probes.PROBES; "
                        "default: logistic for 2 classes, multinomial for more)")
     # Hyper-parameters default to None: the probe class's own defaults apply, and a flag the chosen probe does not
     # have is refused instead of silently ignored.
     hp = train.add_argument_group("probe hyper-parameters (each applies to the probes named)")
-    hp.add_argument("--C", type=float, help="logistic: inverse L2 strength (default 1.0)")
+    hp.add_argument("--C", type=PROBE_PARAMS["C"], help="logistic: inverse L2 strength (default 1.0)")
     hp.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
                     help="logistic, multinomial: standardise features (default: off for logistic, as in the paper; "
                          "on for multinomial)")
-    hp.add_argument("--class-weight", choices=("balanced",), help="logistic: reweight classes")
-    hp.add_argument("--max-iter", type=int, help="logistic: solver iterations (default 100)")
-    hp.add_argument("--epochs", type=int, help="multinomial: passes over the data (default 20)")
-    hp.add_argument("--batch-size", type=int, help="multinomial: rows per step (default 512)")
-    hp.add_argument("--lr", type=float, help="multinomial: Adam learning rate (default 0.01)")
-    hp.add_argument("--weight-decay", type=float, help="multinomial: L2 strength (default 1e-4)")
+    hp.add_argument("--class-weight", choices=("balanced",), help="logistic: reweight classes (default: none)")
+    hp.add_argument("--max-iter", type=PROBE_PARAMS["max_iter"], help="logistic: solver iterations (default 100)")
+    hp.add_argument("--epochs", type=PROBE_PARAMS["epochs"], help="multinomial: passes over the data (default 20)")
+    hp.add_argument("--batch-size", type=PROBE_PARAMS["batch_size"], help="multinomial: rows per step (default 512)")
+    hp.add_argument("--lr", type=PROBE_PARAMS["lr"], help="multinomial: Adam learning rate (default 0.01)")
+    hp.add_argument("--weight-decay", type=PROBE_PARAMS["weight_decay"], help="multinomial: L2 strength (default 1e-4)")
     hp.add_argument("--device", help="multinomial, lda: cpu, cuda, cuda:N or auto (default cpu)")
-    hp.add_argument("--seed", type=int, help="multinomial: seed of the mini-batch order (default 0)")
-    hp.add_argument("--threshold", type=float, help="all: flag rows with P(label 1) below this (default 0.5)")
+    hp.add_argument("--seed", type=PROBE_PARAMS["seed"], help="multinomial: seed of the mini-batch order (default 0)")
+    hp.add_argument("--threshold", type=PROBE_PARAMS["threshold"], help="all: flag rows with P(label 1) below this (default 0.5)")
     train.add_argument("--out", required=True, help="probe folder to write")
     train.set_defaults(func=train_probe)
 
@@ -64,8 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--group-by", action="append", metavar="FIELD=METRIC",
                     help="add per-group metrics (repeatable): group rows by their metadata FIELD and compute METRIC "
                          "on each group (attack-success-rate or pope)")
-    ev.add_argument("--n-boot", type=int, default=N_BOOT, help="bootstrap resamples for the 95%% intervals")
-    ev.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ev.add_argument("--n-boot", type=NONNEG, default=N_BOOT,
+                    help=f"bootstrap resamples for the 95%% intervals (0: none; default {N_BOOT})")
+    ev.add_argument("--seed", type=NONNEG, default=0, help="bootstrap seed (default 0)")
     ev.add_argument("--out", required=True, help="folder for metrics.json and scores.jsonl")
     ev.set_defaults(func=eval_probe)
 

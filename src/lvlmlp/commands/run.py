@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lvlmlp.ranges import COUNT, NONNEG
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("run", help="run a whole experiment from a YAML config (extract, probes, report)")
@@ -14,9 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="override `model`")
     p.add_argument("--out", help="override `out`")
     p.add_argument("--device", help="override `device` (auto, cpu, cuda, cuda:N)")
-    p.add_argument("--limit", type=int, help="override `limit` (seeded random N rows per split)")
-    p.add_argument("--batch-size", type=int, help="override `batch_size`")
-    p.add_argument("--n-boot", type=int, help="override `n_boot` (bootstrap resamples)")
+    p.add_argument("--limit", type=COUNT, help="override `limit` (seeded random N rows per split)")
+    p.add_argument("--batch-size", type=COUNT, help="override `batch_size` (rows per forward)")
+    p.add_argument("--n-boot", type=NONNEG, help="override `n_boot` (bootstrap resamples)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
     p.set_defaults(func=run)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import shutil
 import sys
@@ -78,8 +79,10 @@ class Settings:
         for name in ("epochs", "lora_rank", "batch_size", "grad_accum"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise LvlmlpError(f"finetune: {name} must be a positive integer, got {getattr(self, name)!r}")
-        if not self.lr > 0 or not 0 <= self.lora_dropout < 1:
+        if not self.lr > 0 or not 0 <= self.lora_dropout < 1 or not math.isfinite(self.lr):
             raise LvlmlpError(f"finetune: need lr > 0 and 0 <= lora_dropout < 1 (got {self.lr}, {self.lora_dropout})")
+        if not self.lora_alpha > 0 or not math.isfinite(self.lora_alpha):
+            raise LvlmlpError(f"finetune: lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
         if not self.target_modules:
             raise LvlmlpError("finetune: no LoRA target modules given")
 
