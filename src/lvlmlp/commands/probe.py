@@ -116,13 +116,18 @@ def train_probe(args: argparse.Namespace) -> int:
     if args.probe == "logistic" and classes.size > 2:
         raise LvlmlpError(f"--probe logistic is binary but {_where(run, args.split)} has {classes.size} classes; "
                           "use --probe multinomial or lda")
+    if classes.size == 2 and classes.tolist() != [0, 1]:
+        # label 1 is the class a binary probe scores: {-1, 1} or {1, 2} would be a probe `probe eval` refuses
+        raise LvlmlpError(f"{_where(run, args.split)}: a binary probe needs labels 0 and 1, the rows have "
+                          f"{', '.join(f'{c:g}' for c in classes)}; relabel them 0/1 (1: the class to score)")
     if args.layer is not None and args.feature != "layer":
         raise LvlmlpError(f"--layer applies to --feature layer only (not --feature {args.feature})")
     probe = make_probe(args, classes.size)
     view = FeatureView(run, kind=args.feature, token=args.token, layer=args.layer)
     # Every probe reads the rows chunk by chunk (the scikit-learn ones copy them into RAM as they go).
     probe.fit(RowSubset(view, idx), y.astype(np.int64), spec=view.spec, label_names=run.manifest.get("label_names"))
-    probe.fit_info_.update(run=str(run.path), split=args.split)
+    # the model's weights (hash) the features came from: probe eval refuses a run of other weights
+    probe.fit_info_.update(run=str(run.path), split=args.split, weights_hash=run.manifest.get("weights_hash"))
     probe.save(args.out)
     print(f"{type(probe).__name__} trained on {idx.size} rows ({view.spec.describe()}) -> {args.out}")
     return 0
@@ -162,10 +167,21 @@ def eval_probe(args: argparse.Namespace) -> int:
         raise LvlmlpError(f"{args.probe}: probe.json has no feature spec")
     view = FeatureView(run, kind=spec.kind, token=spec.token, layer=spec.layer)
     probe.check_compatible(view.spec)
+    trained, scored = (probe.fit_info_ or {}).get("weights_hash"), run.manifest.get("weights_hash")
+    if trained and scored and trained != scored:
+        raise LvlmlpError(f"{args.probe}: trained on features of other model weights (weights hash {trained[:12]}) "
+                          f"than {run.path} ({scored[:12]}): the model folder changed; extract and train again")
     idx, skipped = select_rows(run, args.split, spec.kind, spec.token)
     if idx.size == 0:
         raise LvlmlpError(f"{_where(run, args.split)}: no rows to score")
     labels = run.labels[idx]
+    known = ~np.isnan(labels)
+    foreign = known & ~np.isin(labels, probe.classes_)
+    if foreign.any():
+        first = int(np.flatnonzero(foreign)[0])
+        raise LvlmlpError(f"{_where(run, args.split)}: row {run.ids[idx[first]]!r} has label {labels[first]:g}, which "
+                          f"the probe cannot score (its classes: {', '.join(map(str, probe.classes_.tolist()))}; "
+                          f"{int(foreign.sum())} such row(s))")
     proba = probe.predict_proba(RowSubset(view, idx))
     header = {
         "run": str(run.path),

@@ -14,6 +14,7 @@ All three score rows the same way, chunk by chunk: `(x - mean_) / scale_ @ coef_
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -176,6 +177,8 @@ class Probe(ClassifierMixin, BaseEstimator):
         }
         save_file(arrays, str(out / "probe.safetensors"))
         doc = {
+            # the JSON and the weights are one unit: load_probe refuses weights of another probe beside this JSON
+            "weights_sha256": _sha256(out / "probe.safetensors"),
             "format": PROBE_FORMAT,
             "format_version": PROBE_FORMAT_VERSION,
             "lvlmlp_version": __version__,
@@ -223,6 +226,13 @@ def load_probe(directory: str | Path) -> Probe:
     if unknown:
         raise LvlmlpError(f"{json_path}: params.{unknown[0]} is not a parameter of {cls.__name__} "
                           f"(parameters: {', '.join(sorted(allowed))})")
+    recorded = doc.get("weights_sha256")
+    if recorded is not None and recorded != _sha256(weights_path):
+        raise LvlmlpError(f"{weights_path}: not the weights probe.json was saved with (sha256 differs): the folder "
+                          "mixes two probes; train the probe again")
+    if "threshold" in doc and doc["threshold"] != params.get("threshold", doc["threshold"]):
+        raise LvlmlpError(f"{json_path}: 'threshold' {doc['threshold']!r} and 'params.threshold' "
+                          f"{params['threshold']!r} disagree (params.threshold is the one used): make them equal")
     try:
         arrays = load_file(str(weights_path))
     except (SafetensorError, OSError) as err:
@@ -245,6 +255,14 @@ def load_probe(directory: str | Path) -> Probe:
     probe.label_names_ = doc.get("label_names")
     probe.fit_info_ = doc.get("fit_info", {})
     return probe
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _check_loaded(probe: Probe, json_path: Path, weights_path: Path) -> None:
