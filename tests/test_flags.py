@@ -78,7 +78,7 @@ def test_a_resume_with_another_selection_is_refused(tiny_ckpt, manifest, tmp_pat
         (["--task-option", "a=b"], "--task-option applies to --task NAME only"),
         (["--prompt-style", "oe"], "--prompt-style applies to --task NAME only"),
         (["--seed", "3"], "--seed: extract has nothing to seed"),
-        (["--per-class", "0"], "per_class must be a positive integer"),
+        (["--per-class", "0"], "--per-class: must be an integer >= 1, got '0'"),
         (["--logits-tokens", "2"], "--logits-tokens applies to generated tokens"),
     ],
 )

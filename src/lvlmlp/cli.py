@@ -35,8 +35,8 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        message = message.removeprefix("argument ")
-        self.exit(2, f"lvlmlp: error: {message} (see `{self.prog} --help`)\n")
+        # raised, not exited: `main` prints it as every other error (one line, status 2; a Python caller gets 2)
+        raise LvlmlpError(f"{message.removeprefix('argument ')} (see `{self.prog} --help`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except LvlmlpError as err:
+        print(f"lvlmlp: error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="lvlmlp: %(message)s", stream=sys.stderr
     )
