@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from lvlmlp.errors import LvlmlpError
 
@@ -272,3 +273,22 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def read_json(path: str | Path, text: str | None = None, where: str = "", kind: type = dict) -> Any:
+    """The JSON document of a result file (`text`: a line of it, `where` naming that line), which must be a `kind`
+    (a JSON object by default), or a one-line error naming the file and what is wrong."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8") if text is None else text)
+    except json.JSONDecodeError as err:
+        raise LvlmlpError(f"{path}{where}: invalid JSON ({err.msg} at line {err.lineno}); a damaged result: "
+                          "run the command that wrote it again") from None
+    except UnicodeDecodeError:
+        raise LvlmlpError(f"{path}{where}: not UTF-8 text") from None
+    except FileNotFoundError:
+        raise LvlmlpError(f"{path}: missing") from None
+    if not isinstance(doc, kind):
+        raise LvlmlpError(f"{path}{where}: expected a JSON {'object' if kind is dict else kind.__name__}, "
+                          f"got {type(doc).__name__}")
+    return doc

@@ -67,13 +67,16 @@ def parse_layers(spec: str | None) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lvlmlp.data import check_rows
+    from lvlmlp.data import check_rows, rows_fingerprint
     from lvlmlp.extraction.extract import extract, finished_run, parse_shard, shard_rows
     from lvlmlp.outputs import check_output
 
     # First of all: before the rows are read and long before any weight file is opened (or hashed).
     check_output(args.out, "run", input_flags(args))
     rows, task_template, source = rows_from_args(args, "extract")
+    # the whole input's hash (before --shard cuts it): `merge` refuses shards cut from different inputs
+    # and the task (a probe records the task of its run; probe eval warns on another task's run)
+    chosen = {**selection(args), "input_hash": rows_fingerprint(rows), "task": args.task}
     rows = shard_rows(rows, parse_shard(args.shard))
     check_rows(rows, source, args.on_error)  # before the (possibly minutes-long) model load
     if args.no_progress:
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                         system_prompt=args.system_prompt)
     settings = dict(max_new_tokens=args.max_new_tokens, logits_tokens=args.logits_tokens, hidden=args.hidden,
                     layers=parse_layers(args.layers), store_dtype=args.store_dtype, shard=parse_shard(args.shard),
-                    batch_size=args.batch_size, selection=selection(args))
+                    batch_size=args.batch_size, selection=chosen)
     run_ = None
     if args.ray is not None:  # the model loads in the Ray replicas, not here; a finished run is recognised there
         from lvlmlp.extraction.ray_extract import ray_extract, ray_options
@@ -110,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
                            ray=ray_options(args.ray, args.ray_replicas), on_error=args.on_error, source=source,
                            progress=not args.no_progress, shard_size=args.shard_size, label_fn=label_fn, **settings)
     elif (Path(args.out) / "manifest.json").is_file():
+        from lvlmlp.data import images_fingerprint
+        from lvlmlp.extraction.store import check_images_unchanged
+
+        check_images_unchanged(args.out, images_fingerprint(rows))
         # A finished run is recognised from the config, processor and weights hash, without loading the weights.
         light = Backend(args.model, load_model=False, **backend_args)
         run_ = finished_run(light, rows, args.out, labels_from_responses=label_fn is not None, **settings)

@@ -89,6 +89,11 @@ def make_probe(args: argparse.Namespace, n_classes: int) -> Any:
     return cls(**given)
 
 
+def _task_of(run: Any) -> str | None:
+    """The registered task a run's rows came from (`extract --task`), None for a manifest (--data)."""
+    return (run.manifest.get("selection") or {}).get("task")
+
+
 def _where(run: Any, split: str | None) -> str:
     return f"{run.path}" + (f" split {split!r}" if split else "")
 
@@ -127,7 +132,8 @@ def train_probe(args: argparse.Namespace) -> int:
     # Every probe reads the rows chunk by chunk (the scikit-learn ones copy them into RAM as they go).
     probe.fit(RowSubset(view, idx), y.astype(np.int64), spec=view.spec, label_names=run.manifest.get("label_names"))
     # the model's weights (hash) the features came from: probe eval refuses a run of other weights
-    probe.fit_info_.update(run=str(run.path), split=args.split, weights_hash=run.manifest.get("weights_hash"))
+    probe.fit_info_.update(run=str(run.path), split=args.split, weights_hash=run.manifest.get("weights_hash"),
+                           task=_task_of(run))
     probe.save(args.out)
     print(f"{type(probe).__name__} trained on {idx.size} rows ({view.spec.describe()}) -> {args.out}")
     return 0
@@ -167,6 +173,10 @@ def eval_probe(args: argparse.Namespace) -> int:
         raise LvlmlpError(f"{args.probe}: probe.json has no feature spec")
     view = FeatureView(run, kind=spec.kind, token=spec.token, layer=spec.layer)
     probe.check_compatible(view.spec)
+    probe_task, run_task = (probe.fit_info_ or {}).get("task"), _task_of(run)
+    if probe_task and run_task and probe_task != run_task:
+        log.warning("%s was trained on task %s but %s holds rows of task %s: its scores may mean nothing there",
+                    args.probe, probe_task, run.path, run_task)
     trained, scored = (probe.fit_info_ or {}).get("weights_hash"), run.manifest.get("weights_hash")
     if trained and scored and trained != scored:
         raise LvlmlpError(f"{args.probe}: trained on features of other model weights (weights hash {trained[:12]}) "

@@ -24,7 +24,7 @@ import numpy as np
 
 from lvlmlp.demo import world
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.outputs import write_text_atomic
+from lvlmlp.outputs import read_json, write_text_atomic
 
 log = logging.getLogger("lvlmlp")
 
@@ -155,14 +155,14 @@ def collect_results(out: Path, configs: dict[str, Any]) -> dict:
             entry["token_prob"] = {"token": TOKEN_BASELINE[task][0], **_figures(base[one_token_baseline(task)])}
         else:
             entry["max_prob"] = _figures(base["max-prob"])
-        decay = json.loads((out / task / "analyses" / f"token_decay-{PROMPT}.json").read_text())
+        decay = read_json(out / task / "analyses" / f"token_decay-{PROMPT}.json")
         entry["token_decay"] = [{"token": e["token"], "auroc": e["value"], "auroc_ci": e["ci"],
                                  "n_train": e.get("n_train", 0), "n_test": e["n"]} for e in decay["tokens"]]
         results["tasks"][task] = entry
     for task in GUARD_TEMPLATES:  # in the order the summary has always printed them
         path = out / task / "analyses" / f"steering-{PROMPT}.json"
         if configs[task].steering is not None and path.is_file():
-            results["steering"][task] = json.loads(path.read_text())
+            results["steering"][task] = read_json(path)
     return results
 
 

@@ -51,9 +51,12 @@ from lvlmlp.errors import LvlmlpError
 _VOLATILE = {"created_at", "lvlmlp_version", "complete", "n_rows", "n_failed", "shard_size", "device",
              "batch_size", "engine", "replicas"}
 # Keys of a manifest that the shards of one run legitimately differ in (merge ignores them).
-_SHARD_KEYS = {"shard", "data_hash", "n_input_rows"}
+_SHARD_KEYS = {"shard", "data_hash", "images_hash", "n_input_rows"}
 
 
+# Bytes of row metadata per shard header (safetensors refuses headers over 100 MB) and per row (checked with the
+# rows, before any model loads: `lvlmlp.data.check_rows`).
+HEADER_BUDGET = 32 << 20
 LOCK_NAME = ".lvlmlp.lock"
 _HELD_LOCKS: set[int] = set()  # descriptors of the locks this process holds
 
@@ -161,6 +164,20 @@ def _disk_errors(where: Path) -> Iterator[None]:
         ) from None
 
 
+def images_changed(run_dir: Path) -> str:
+    return (f"{run_dir}: the images of its rows changed since it was extracted (file size or modification time); "
+            "extract into another --out, or delete the folder to extract them again")
+
+
+def check_images_unchanged(run_dir: str | Path, images_hash: str) -> None:
+    """Before any model loads: a run (finished or not) whose rows' images were replaced since is refused."""
+    path = Path(run_dir) / "manifest.json"
+    if path.is_file():
+        old = read_manifest_json(path).get("images_hash")
+        if old is not None and old != images_hash:
+            raise LvlmlpError(images_changed(Path(run_dir)))
+
+
 def is_complete_run(run_dir: str | Path, settings: dict, ignore: tuple[str, ...] = ()) -> bool:
     """`run_dir` holds a finished run made with `settings` (keys in `ignore` not compared): callers use it to skip
     loading a model for work that is already done."""
@@ -218,6 +235,8 @@ class RunWriter:
         if manifest_path.exists():
             old = read_manifest_json(manifest_path)
             diff = _differences(identity(old), identity(self.settings))
+            if diff == ["images_hash"]:
+                raise LvlmlpError(images_changed(self.dir))
             if diff:
                 raise LvlmlpError(
                     f"{self.dir}: holds a run with other settings ({', '.join(diff)} differ); "
@@ -272,7 +291,23 @@ class RunWriter:
         if self._buf_arrays:
             for name in self._buf_arrays[0]:
                 tensors[name] = np.ascontiguousarray(np.concatenate([a[name] for a in self._buf_arrays]))
-        header = {"meta": json.dumps(self._buf_meta, default=str), "failures": json.dumps(self._buf_fail)}
+        # The rows' metadata lives in the safetensors header, which safetensors caps (100 MB): rows with large
+        # metadata are committed as several shards, each header under HEADER_BUDGET.
+        sizes = [len(json.dumps(m, default=str)) + 2 for m in self._buf_meta]
+        start, parts = 0, []
+        while start < len(sizes) or not parts:
+            end, total = start, 0
+            while end < len(sizes) and (end == start or total + sizes[end] <= HEADER_BUDGET):
+                total, end = total + sizes[end], end + 1
+            parts.append((start, end))
+            start = end
+        meta, fail = self._buf_meta, self._buf_fail
+        for k, (a, b) in enumerate(parts):
+            self._write_shard(meta[a:b], {name: t[a:b] for name, t in tensors.items()}, fail if k == 0 else [])
+        self._buf_meta, self._buf_arrays, self._buf_fail = [], [], []
+
+    def _write_shard(self, meta: list[dict], tensors: dict[str, np.ndarray], failures: list[dict]) -> None:
+        header = {"meta": json.dumps(meta, default=str), "failures": json.dumps(failures)}
         header["sha256"] = _checksum(tensors, header)
         path = self.dir / "shards" / f"{self._next:06d}.safetensors"
         tmp = path.with_name(path.name + ".tmp")
@@ -285,9 +320,8 @@ class RunWriter:
             os.replace(tmp, path)  # the commit point: a shard exists whole or not at all
         self._shards.append(path)
         self._next += 1
-        self.done_ids.update(m["id"] for m in self._buf_meta)
-        self.done_ids.update(f["id"] for f in self._buf_fail)
-        self._buf_meta, self._buf_arrays, self._buf_fail = [], [], []
+        self.done_ids.update(m["id"] for m in meta)
+        self.done_ids.update(f["id"] for f in failures)
 
     def release(self) -> None:
         """Give up the folder's lock without finishing (the caller stops on an error; committed shards stay)."""
@@ -589,6 +623,10 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, chunk: int =
         raise LvlmlpError("merge: no run folders given")
     base = {k: v for k, v in identity(runs[0].manifest).items() if k not in _SHARD_KEYS}
     for run in runs[1:]:
+        inputs = [(r.manifest.get("selection") or {}).get("input_hash") for r in (runs[0], run)]
+        if inputs[0] != inputs[1]:  # each shard's own rows differ; the whole input they were cut from must not
+            raise LvlmlpError(f"merge: {run.path} is a shard of other input rows than {runs[0].path} (a changed "
+                              "or another manifest or task selection); merge the shards of one extraction")
         other = {k: v for k, v in identity(run.manifest).items() if k not in _SHARD_KEYS}
         diff = _differences(base, other)
         if diff:

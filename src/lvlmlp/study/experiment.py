@@ -83,7 +83,11 @@ class Steps:
 
     def done(self, name: str, key: str) -> bool:
         path = self.dir / f"{name}.json"
-        return path.is_file() and json.loads(path.read_text()).get("key") == key
+        try:  # a damaged stamp (or result, in `cached`) is this folder's own cache: the step runs again
+            return path.is_file() and json.loads(path.read_text()).get("key") == key
+        except (ValueError, AttributeError):
+            log.warning("%s: damaged step stamp; the step runs again", path)
+            return False
 
     def mark(self, name: str, key: str) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +234,10 @@ def _protocol(cfg: ExperimentConfig, train_run: Any, test_run: Any, label_runs: 
 def cached(steps: Steps, name: str, key: str, path: Path, compute: Any) -> Any:
     """The JSON result of an analysis step, recomputed only when its settings or input runs changed."""
     if steps.done(name, key) and path.is_file():
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            log.warning("%s: damaged result; the step runs again", path)
     from lvlmlp.outputs import write_text_atomic
 
     result = compute()

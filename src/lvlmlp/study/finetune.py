@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.outputs import claim_folder
+from lvlmlp.outputs import claim_folder, read_json
 
 if TYPE_CHECKING:
     import torch
@@ -249,7 +249,7 @@ def finetune(backend: Backend, rows: Sequence[dict], targets: Sequence[str], out
     key = _settings_key(settings, backend, list(targets), rows)
     claim_folder(out, "finetune")  # new, empty or a finetune folder: never the user's files
     summary_path = out / "finetune.json"
-    if summary_path.is_file() and json.loads(summary_path.read_text()).get("key") != key:
+    if summary_path.is_file() and read_json(summary_path).get("key") != key:
         raise LvlmlpError(f"{out}: holds a finetuning with other settings, rows or model; use another --out")
 
     torch.manual_seed(settings.seed)  # LoRA's A matrices are drawn at random

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.outputs import read_json
 
 
 def load_eval(directory: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -28,7 +29,7 @@ def load_eval(directory: str | Path) -> tuple[dict[str, Any], list[dict[str, Any
     for path in (metrics_path, scores_path):
         if not path.is_file():
             raise LvlmlpError(f"{folder}: not a probe eval folder (missing {path.name})")
-    metrics = _json_object(metrics_path)
+    metrics = read_json(metrics_path)
     for key in _NUMBERS:  # a string where a number belongs would fail in a format code, far from the file
         value = metrics.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -37,7 +38,7 @@ def load_eval(directory: str | Path) -> tuple[dict[str, Any], list[dict[str, Any
     with scores_path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
-                record = _json_object(scores_path, line, f" line {n}")
+                record = read_json(scores_path, line, f" line {n}")
                 if not isinstance(record.get("score", 0.0), (int, float)):
                     raise LvlmlpError(f"{scores_path} line {n}: 'score' must be a number, got {record['score']!r}")
                 records.append(record)
@@ -45,20 +46,6 @@ def load_eval(directory: str | Path) -> tuple[dict[str, Any], list[dict[str, Any
 
 
 _NUMBERS = ("auroc", "auprc", "accuracy", "f1", "n")
-
-
-def _json_object(path: Path, text: str | None = None, where: str = "") -> dict[str, Any]:
-    """A JSON object of a result file, or a one-line error naming the file (and line) and what is wrong."""
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8") if text is None else text)
-    except json.JSONDecodeError as err:
-        raise LvlmlpError(f"{path}{where}: invalid JSON ({err.msg} at line {err.lineno}); a damaged result: "
-                          "run the command that wrote it again") from None
-    except UnicodeDecodeError:
-        raise LvlmlpError(f"{path}{where}: not UTF-8 text") from None
-    if not isinstance(doc, dict):
-        raise LvlmlpError(f"{path}{where}: expected a JSON object, got {type(doc).__name__}")
-    return doc
 
 
 def _unique_names(dirs: list[Path]) -> list[str]:
