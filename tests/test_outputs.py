@@ -287,3 +287,16 @@ def test_extract_refuses_its_out_before_any_weight_file_is_read(tiny_ckpt, tmp_p
     code, _, err = run_cli(capsys, ["extract", "--model", model, "--data", data, "--out", model / "run",
                                     "--device", "cpu", "--no-progress"])
     assert one_line_error(code, err).startswith(f"--out {model / 'run'}: lies inside --model {model}")
+
+
+def test_what_a_killed_swap_left_is_put_back_or_removed_by_the_next_writer(tmp_path):
+    """Catches: a writer killed between the two renames of a swap leaving the old output under a hidden name (and
+    its temporary build) for good. pid 99999999 is above Linux's pid limit: never a live process."""
+    with replaced_folder(tmp_path / "r", "report") as tmp:
+        (tmp / "a").write_text("1")
+    (tmp_path / "r").rename(tmp_path / ".r.99999999-abcdef01.old")
+    (tmp_path / ".r.99999999-deadbeef.tmp").mkdir()
+    with pytest.raises(RuntimeError), replaced_folder(tmp_path / "r", "report"):
+        raise RuntimeError("this writer fails too")
+    assert (tmp_path / "r" / "a").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]

@@ -64,6 +64,16 @@ def test_a_number_out_of_range_is_one_line_naming_the_flag_and_range(capsys, arg
     assert err == f"lvlmlp: error: {flag}: must be {allowed}, got {given!r} (see `lvlmlp {command} --help`)\n"
 
 
+def test_a_tasks_count_option_out_of_range_is_refused_naming_it(tmp_path, capsys):
+    """Catches: `tasks --task-option max_per_category=-3` accepted (issue 33 item 3)."""
+    (tmp_path / "pope").mkdir()
+    code = main(["tasks", "pope", "--data-root", str(tmp_path / "pope"), "--dump", str(tmp_path / "rows.jsonl"),
+                 "--task-option", "max_per_category=-3"])
+    assert code == 2
+    assert capsys.readouterr().err == "lvlmlp: error: pope: option 'max_per_category': must be an integer >= 1, got -3\n"
+    assert not (tmp_path / "rows.jsonl").exists()
+
+
 def test_logits_tokens_above_max_new_tokens_is_refused(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text('{"id": "a", "image": "a.png", "question": "q?"}\n')

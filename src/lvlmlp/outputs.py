@@ -18,6 +18,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -189,6 +190,36 @@ def _temporary_sibling(path: Path, suffix: str) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep(path: Path) -> None:
+    """What a killed writer of `path` left beside it: its temporary build is removed; an old output moved aside
+    during a swap (the two-rename fallback) is put back when `path` itself is missing."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)-[0-9a-f]{{8}}\.(tmp|old)$")
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return
+    for sibling in siblings:
+        match = pattern.match(sibling.name)
+        if not match or int(match[1]) == os.getpid() or _alive(int(match[1])):
+            continue
+        if match[2] == "old" and not path.exists():
+            os.rename(sibling, path)
+        elif sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
+
+
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -227,6 +258,7 @@ def replaced_folder(out: str | Path, kind: str, what: str = "--out") -> Iterator
     `out` in one atomic step (the old folder, if any, is removed after). On any failure `out` is as it was.
     `out` must be new, empty or of `kind` (`check_output_folder`)."""
     out = Path(out)
+    _sweep(out)
     check_output_folder(out, kind, what)
     tmp = _temporary_sibling(out, ".tmp")
     try:
@@ -250,6 +282,7 @@ def replaced_file(out: str | Path, what: str = "--out") -> Iterator[Path]:
     failed run never leaves a mixture of old and new lines."""
     out = Path(out)
     _check_writable(out, what, want_folder=False)
+    _sweep(out)
     tmp = _temporary_sibling(out, ".tmp")
     try:
         with os_errors(out, what):
