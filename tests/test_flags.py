@@ -46,7 +46,9 @@ def test_data_split_per_class_and_limit_select_rows_like_a_task(tiny_ckpt, manif
     assert _extract(ckpt, manifest, tmp_path / "test", "--split", "test") == 0
     run = open_run(tmp_path / "test")
     assert run.ids == [f"r{i}" for i in range(0, 12, 2)]
-    assert run.manifest["selection"] == {"split": "test", "per_class": None, "limit": None, "seed": 0}
+    chosen = run.manifest["selection"]
+    assert {k: chosen[k] for k in ("split", "per_class", "limit", "seed", "task")} == {
+        "split": "test", "per_class": None, "limit": None, "seed": 0, "task": None}
 
     assert _extract(ckpt, manifest, tmp_path / "pc", "--split", "train", "--per-class", "2", "--seed", "4") == 0
     picked = open_run(tmp_path / "pc")

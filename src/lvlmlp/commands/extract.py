@@ -79,6 +79,12 @@ def run(args: argparse.Namespace) -> int:
     chosen = {**selection(args), "input_hash": rows_fingerprint(rows), "task": args.task}
     rows = shard_rows(rows, parse_shard(args.shard))
     check_rows(rows, source, args.on_error)  # before the (possibly minutes-long) model load
+    if (Path(args.out) / "manifest.json").is_file():  # a finished run whose images were replaced: refused here
+        from lvlmlp.data import images_fingerprint
+        from lvlmlp.extraction.store import check_images_unchanged
+
+        check_images_unchanged(args.out, rows_fingerprint({k: v for k, v in r.items() if k != "_row_index"}
+                                                          for r in rows), images_fingerprint(rows))
     if args.no_progress:
         silence_progress_bars()
     if args.logits_tokens is not None and not args.max_new_tokens:
@@ -113,10 +119,6 @@ def run(args: argparse.Namespace) -> int:
                            ray=ray_options(args.ray, args.ray_replicas), on_error=args.on_error, source=source,
                            progress=not args.no_progress, shard_size=args.shard_size, label_fn=label_fn, **settings)
     elif (Path(args.out) / "manifest.json").is_file():
-        from lvlmlp.data import images_fingerprint
-        from lvlmlp.extraction.store import check_images_unchanged
-
-        check_images_unchanged(args.out, images_fingerprint(rows))
         # A finished run is recognised from the config, processor and weights hash, without loading the weights.
         light = Backend(args.model, load_model=False, **backend_args)
         run_ = finished_run(light, rows, args.out, labels_from_responses=label_fn is not None, **settings)

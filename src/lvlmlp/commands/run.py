@@ -31,8 +31,12 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set or [], model=args.model, out=args.out, device=args.device,
                       limit=args.limit, batch_size=args.batch_size, n_boot=args.n_boot)
-    check_output(cfg["out"], "experiment", {"the config": args.config, "model": cfg["model"],
-                                            "data_root": cfg["data_root"], "image_root": cfg["image_root"]}, "out")
+    inputs = {"model": cfg["model"], "data_root": cfg["data_root"], "image_root": cfg["image_root"]}
+    # A config kept in its own run folder (the demo's OUT/TASK/config.yaml) is fine: `lvlmlp run` writes only its
+    # own entries there (runs/, evals/, ...), never a config file.
+    if Path(cfg["out"]).resolve() not in Path(args.config).resolve().parents:
+        inputs["the config"] = args.config
+    check_output(cfg["out"], "experiment", inputs, "out")
     if args.no_progress:
         silence_progress_bars()
     doc = run_experiment(cfg, progress=not args.no_progress)

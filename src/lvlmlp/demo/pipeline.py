@@ -75,7 +75,10 @@ def demo_config(task: str, out: str | Path, *, n_train: int = 200, n_test: int =
         baselines.append(one_token_baseline(task) if task in TOKEN_BASELINE else "max-prob")
     cfg = build(ExperimentConfig, {
         "name": f"lvlmlp demo: {task}", "model": str(model or demo_model_path()), "device": device,
-        "dtype": "float32", "task": f"world-{task}", "data_root": str(out),
+        "dtype": "float32", "task": f"world-{task}",
+        # the world's images (written by its task) beside the runs, not around them: an `lvlmlp run` output may not
+        # lie inside its data_root
+        "data_root": str(out / "images"), "image_root": str(out / "images" / task),
         "task_options": {"n_train": n_train, "n_test": n_test, "world_seed": seed}, "seed": seed,
         "batch_size": batch_size, "extract": {"max_new_tokens": max_new_tokens, "store_dtype": "float32"},
         "probe": probe, "baselines": baselines,

@@ -49,7 +49,7 @@ from lvlmlp.errors import LvlmlpError
 
 # Settings that may differ between runs that are otherwise the same computation (not part of the identity).
 _VOLATILE = {"created_at", "lvlmlp_version", "complete", "n_rows", "n_failed", "shard_size", "device",
-             "batch_size", "engine", "replicas"}
+             "batch_size", "engine", "replicas", "images_hash"}
 # Keys of a manifest that the shards of one run legitimately differ in (merge ignores them).
 _SHARD_KEYS = {"shard", "data_hash", "images_hash", "n_input_rows"}
 
@@ -169,12 +169,14 @@ def images_changed(run_dir: Path) -> str:
             "extract into another --out, or delete the folder to extract them again")
 
 
-def check_images_unchanged(run_dir: str | Path, images_hash: str) -> None:
-    """Before any model loads: a run (finished or not) whose rows' images were replaced since is refused."""
+def check_images_unchanged(run_dir: str | Path, data_hash: str, images_hash: str) -> None:
+    """Before any model loads: a finished run of these rows (`data_hash`) whose images were replaced since is
+    refused (a run of other rows is refused later, naming the settings that differ)."""
     path = Path(run_dir) / "manifest.json"
     if path.is_file():
-        old = read_manifest_json(path).get("images_hash")
-        if old is not None and old != images_hash:
+        doc = read_manifest_json(path)
+        if doc.get("complete") and doc.get("data_hash") == data_hash and \
+                doc.get("images_hash") not in (None, images_hash):
             raise LvlmlpError(images_changed(Path(run_dir)))
 
 
@@ -235,13 +237,16 @@ class RunWriter:
         if manifest_path.exists():
             old = read_manifest_json(manifest_path)
             diff = _differences(identity(old), identity(self.settings))
-            if diff == ["images_hash"]:
-                raise LvlmlpError(images_changed(self.dir))
             if diff:
                 raise LvlmlpError(
                     f"{self.dir}: holds a run with other settings ({', '.join(diff)} differ); "
                     "use another --out or delete the folder"
                 )
+            # the same rows: images_hash (their images' sizes and mtimes) is compared for a finished run only (a
+            # resumed run's rows not yet committed may have had their image fixed meanwhile)
+            if old.get("complete") and old.get("images_hash") not in (None, self.settings.get("images_hash")) \
+                    and self.settings.get("images_hash") is not None:
+                raise LvlmlpError(images_changed(self.dir))
             self.settings = {**old, **{k: v for k, v in self.settings.items() if k in _VOLATILE}}
             self.shard_size = int(old.get("shard_size", self.shard_size))
             self.complete = bool(old.get("complete"))

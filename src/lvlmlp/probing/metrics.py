@@ -275,10 +275,11 @@ def group_metrics(meta: Sequence[dict], y: Any, score: Any, groups: Mapping[str,
     for key, metric in groups.items():
         if not meta:
             continue
-        lacking = [m for m in meta if m.get(key) is None]
+        lacking = [i for i, m in enumerate(meta) if m.get(key) is None]
         if lacking:
+            first = meta[lacking[0]].get("id", f"#{lacking[0]}")
             raise LvlmlpError(f"per-group metric {metric} needs the field {key!r} on every row, but "
-                              f"{len(lacking)} of {len(meta)} rows have none (e.g. row {lacking[0].get('id')!r}); "
+                              f"{len(lacking)} of {len(meta)} rows have none (e.g. row {first!r}); "
                               "extract the rows with that field or leave the grouping out")
         out[f"per_{key}"] = GROUP_METRICS[metric](y, score, [m[key] for m in meta], threshold)
     return out

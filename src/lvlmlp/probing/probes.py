@@ -226,10 +226,6 @@ def load_probe(directory: str | Path) -> Probe:
     if unknown:
         raise LvlmlpError(f"{json_path}: params.{unknown[0]} is not a parameter of {cls.__name__} "
                           f"(parameters: {', '.join(sorted(allowed))})")
-    recorded = doc.get("weights_sha256")
-    if recorded is not None and recorded != _sha256(weights_path):
-        raise LvlmlpError(f"{weights_path}: not the weights probe.json was saved with (sha256 differs): the folder "
-                          "mixes two probes; train the probe again")
     if "threshold" in doc and doc["threshold"] != params.get("threshold", doc["threshold"]):
         raise LvlmlpError(f"{json_path}: 'threshold' {doc['threshold']!r} and 'params.threshold' "
                           f"{params['threshold']!r} disagree (params.threshold is the one used): make them equal")
@@ -248,6 +244,11 @@ def load_probe(directory: str | Path) -> Probe:
     probe.classes_ = np.asarray(classes)
     probe.n_features_in_ = n_in
     _check_loaded(probe, json_path, weights_path)
+    # last: a damaged file gets its own message above; here whole weights that are another probe's
+    recorded = doc.get("weights_sha256")
+    if recorded is not None and recorded != _sha256(weights_path):
+        raise LvlmlpError(f"{weights_path}: not the weights probe.json was saved with (sha256 differs): the folder "
+                          "mixes two probes; train the probe again")
     spec = doc.get("feature_spec")
     if spec is not None and not isinstance(spec, dict):
         raise LvlmlpError(f"{json_path}: 'feature_spec' must be an object or null, got {spec!r}")
