@@ -300,3 +300,20 @@ def test_what_a_killed_swap_left_is_put_back_or_removed_by_the_next_writer(tmp_p
         raise RuntimeError("this writer fails too")
     assert (tmp_path / "r" / "a").read_text() == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_an_lvlmlp_run_folder_from_before_the_marker_is_still_resumed(tmp_path):
+    """Catches: upgrading lvlmlp making every existing experiment folder 'not an lvlmlp run folder'; while a folder
+    that merely holds a 'report' folder of the user's stays refused."""
+    from lvlmlp.outputs import claim_folder
+
+    old = tmp_path / "exp"
+    for name in ("steps", "runs", "report"):
+        (old / name).mkdir(parents=True)
+    assert claim_folder(old, "experiment", "out") == old and json.loads((old / MARKER).read_text())["kind"] == \
+        "experiment"
+    (tmp_path / "mine" / "report").mkdir(parents=True)
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(LvlmlpError, match=re.escape(f"out {tmp_path / 'mine'}: exists and is not an `lvlmlp run` "
+                                                    "folder (it holds notes.txt, report)")):
+        claim_folder(tmp_path / "mine", "experiment", "out")

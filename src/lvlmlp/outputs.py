@@ -45,6 +45,9 @@ KINDS = {
     "tiny-model": "an lvlmlp tiny-model folder",
 }
 
+# An `lvlmlp run` folder written before the marker: its step stamps and nothing but its own entries.
+_OLD_EXPERIMENT = {"steps", "runs", "evals", "probes", "analyses", "report", "finetune", "config.yaml", *_OWN_LITTER}
+
 Inputs = Mapping[str, "str | Path | Iterable[str | Path] | None"]
 
 
@@ -108,7 +111,8 @@ def check_output_folder(folder: str | Path, kind: str, what: str = "--out") -> N
     names = {p.name for p in folder.iterdir()}
     if not names - _OWN_LITTER:
         return
-    if _marker_kind(folder) == kind or (kind == "run" and _is_old_run(folder)):
+    if _marker_kind(folder) == kind or (kind == "run" and _is_old_run(folder)) or \
+            (kind == "experiment" and "steps" in names and names <= _OLD_EXPERIMENT):
         return
     raise LvlmlpError(
         f"{what} {folder}: exists and is not {KINDS[kind]} (it holds {', '.join(sorted(names)[:3])}"
