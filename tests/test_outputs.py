@@ -317,3 +317,13 @@ def test_an_lvlmlp_run_folder_from_before_the_marker_is_still_resumed(tmp_path):
     with pytest.raises(LvlmlpError, match=re.escape(f"out {tmp_path / 'mine'}: exists and is not an `lvlmlp run` "
                                                     "folder (it holds notes.txt, report)")):
         claim_folder(tmp_path / "mine", "experiment", "out")
+
+
+def test_an_out_that_is_a_link_to_a_folder_replaces_the_folder_and_keeps_the_link(tmp_path, capsys):
+    run = write_run(tmp_path / "run")
+    assert run_cli(capsys, ["probe", "train", "--run", run, "--out", tmp_path / "real"])[0] == 0
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    code, _, err = run_cli(capsys, ["probe", "train", "--run", run, "--out", tmp_path / "link", "--C", "0.5"])
+    assert code == 0, err
+    assert (tmp_path / "link").is_symlink()
+    assert json.loads((tmp_path / "real" / "probe.json").read_text())["params"]["C"] == 0.5

@@ -262,6 +262,8 @@ def replaced_folder(out: str | Path, kind: str, what: str = "--out") -> Iterator
     `out` in one atomic step (the old folder, if any, is removed after). On any failure `out` is as it was.
     `out` must be new, empty or of `kind` (`check_output_folder`)."""
     out = Path(out)
+    if out.is_symlink():  # the folder it points to is replaced, the link kept
+        out = _resolved(out)
     _sweep(out)
     check_output_folder(out, kind, what)
     tmp = _temporary_sibling(out, ".tmp")
