@@ -43,7 +43,7 @@ def test_file_set_and_flags_are_one_path(tmp_path: Path):
     # a later layer wins key by key, the rest of a section is kept
     cfg = load_config(tmp_path / "a.yaml", ["extract.hidden=true"], batch_size=2)
     assert (cfg.batch_size, cfg.extract.hidden, cfg.extract.layers) == (2, True, [1, 2])
-    with pytest.raises(LvlmlpError, match="config: batch_size: must be >= 1, got 0"):
+    with pytest.raises(LvlmlpError, match="config: batch_size: must be an integer >= 1, got 0"):
         load_config(tmp_path / "b.yaml", batch_size=0)  # a flag is checked like the file
 
 
@@ -69,7 +69,7 @@ class Extended(ExperimentConfig):
 def test_a_new_section_is_one_dataclass():
     cfg = config.build(Extended, {"finetune": {"lr": 1}})
     assert cfg.finetune == FinetuneConfig(epochs=1, lr=1) and cfg.batch_size == 8
-    with pytest.raises(LvlmlpError, match="config: finetune.epochs: must be >= 1, got 0"):
+    with pytest.raises(LvlmlpError, match="config: finetune.epochs: must be an integer >= 1, got 0"):
         config.build(Extended, {"finetune": {"epochs": 0}})
     with pytest.raises(LvlmlpError, match=r"config: finetune.lr: expected a number, got 'fast'"):
         config.build(Extended, {"finetune": {"lr": "fast"}})
@@ -95,5 +95,5 @@ def test_steering_section_and_analyses_n_boot(tmp_path: Path):
         load_config(tmp_path / "s.yaml", ["splits.cv=5"])
     with pytest.raises(LvlmlpError, match=r"config: steering.threshold: expected a number, got 'high'"):
         load_config(tmp_path / "s.yaml", ["steering.threshold=high"])
-    with pytest.raises(LvlmlpError, match=r"config: analyses.n_boot: must be >= 0, got -1"):
+    with pytest.raises(LvlmlpError, match=r"config: analyses.n_boot: must be an integer >= 0, got -1"):
         load_config(tmp_path / "s.yaml", ["analyses.n_boot=-1"])

@@ -250,15 +250,16 @@ def test_not_a_vision_language_checkpoint(tmp_path, capsys):
 def test_mathvista_labels_come_from_the_models_answers(tiny_ckpt, tmp_path, capsys):
     from lvlmlp.tasks.mathvista import check_answer
 
-    (tmp_path / "images").mkdir()
+    root = tmp_path / "mathvista"  # the outputs beside it: an --out inside --data-root is refused
+    (root / "images").mkdir(parents=True)
     records = {}
     for i in range(4):
-        Image.new("RGB", (30 + 5 * i, 40), (50 * i, 20, 90)).save(tmp_path / "images" / f"{i}.jpg")
+        Image.new("RGB", (30 + 5 * i, 40), (50 * i, 20, 90)).save(root / "images" / f"{i}.jpg")
         records[str(i)] = {"pid": str(i), "image": f"images/{i}.jpg", "query": f"How many bars {i}?",
                            "answer": str(i), "question_type": "free_form", "answer_type": "integer",
                            "choices": None, "precision": None, "unit": None}
-    (tmp_path / "testmini.json").write_text(json.dumps(records))
-    base = ["extract", "--model", str(tiny_ckpt("llava")), "--task", "mathvista", "--data-root", str(tmp_path),
+    (root / "testmini.json").write_text(json.dumps(records))
+    base = ["extract", "--model", str(tiny_ckpt("llava")), "--task", "mathvista", "--data-root", str(root),
             "--no-progress"]
     capsys.readouterr()
     assert main([*base, "--out", str(tmp_path / "no")]) == 2

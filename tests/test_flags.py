@@ -46,7 +46,9 @@ def test_data_split_per_class_and_limit_select_rows_like_a_task(tiny_ckpt, manif
     assert _extract(ckpt, manifest, tmp_path / "test", "--split", "test") == 0
     run = open_run(tmp_path / "test")
     assert run.ids == [f"r{i}" for i in range(0, 12, 2)]
-    assert run.manifest["selection"] == {"split": "test", "per_class": None, "limit": None, "seed": 0}
+    chosen = run.manifest["selection"]
+    assert {k: chosen[k] for k in ("split", "per_class", "limit", "seed", "task")} == {
+        "split": "test", "per_class": None, "limit": None, "seed": 0, "task": None}
 
     assert _extract(ckpt, manifest, tmp_path / "pc", "--split", "train", "--per-class", "2", "--seed", "4") == 0
     picked = open_run(tmp_path / "pc")
@@ -78,7 +80,7 @@ def test_a_resume_with_another_selection_is_refused(tiny_ckpt, manifest, tmp_pat
         (["--task-option", "a=b"], "--task-option applies to --task NAME only"),
         (["--prompt-style", "oe"], "--prompt-style applies to --task NAME only"),
         (["--seed", "3"], "--seed: extract has nothing to seed"),
-        (["--per-class", "0"], "per_class must be a positive integer"),
+        (["--per-class", "0"], "--per-class: must be an integer >= 1, got '0'"),
         (["--logits-tokens", "2"], "--logits-tokens applies to generated tokens"),
     ],
 )
@@ -91,7 +93,7 @@ def test_extract_flags_that_would_do_nothing_are_refused(manifest, tmp_path, cap
 
 
 def test_prompt_style_and_template_together_are_refused(tmp_path, capsys):
-    code = main(["extract", "--model", "m", "--task", "pope", "--data-root", str(tmp_path), "--out",
+    code = main(["extract", "--model", "m", "--task", "pope", "--data-root", str(tmp_path / "data"), "--out",
                  str(tmp_path / "o"), "--prompt-style", "oe", "--prompt-template", "{question}!"])
     assert code == 2 and "give --prompt-style or --prompt-template, not both" in capsys.readouterr().err
 

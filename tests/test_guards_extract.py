@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lvlmlp.data import rows_fingerprint
+from lvlmlp.data import images_fingerprint, rows_fingerprint
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.backend import Backend
 from lvlmlp.extraction.extract import (
@@ -84,7 +84,8 @@ def test_run_settings_record_every_extraction_option_under_its_name():
                 shard=None, labels_from_responses=False)
     assert run_settings(model, numbered, **base) == {
         "model": "m", "vocab_size": 7, "dtype": "float16", "max_new_tokens": 0, "logits_tokens": 1, "hidden": False,
-        "layers": [], "data_hash": rows_fingerprint(rows), "n_input_rows": 2, "shard": None, "batch_size": 4,
+        "layers": [], "data_hash": rows_fingerprint(rows), "images_hash": images_fingerprint(rows), "n_input_rows": 2,
+        "shard": None, "batch_size": 4,
         "labels_from_responses": False, "selection": None,
     }
     full = run_settings(model, numbered, **{**base, "max_new_tokens": 5, "hidden": True, "layers": (np.int64(3), -1),

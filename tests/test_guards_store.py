@@ -198,7 +198,7 @@ def test_malformed_shard_spec_is_a_one_line_error(tmp_path, capsys):
     for spec, message in (("1of2", "--shard: expected I/N such as 0/4, got '1of2'"),
                           ("2/2", "--shard: need 0 <= I < N, got '2/2'"),
                           ("0/0", "--shard: need 0 <= I < N, got '0/0'")):
-        assert main(["extract", "--model", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out",
+        assert main(["extract", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--out",
                      str(tmp_path / "o"), "--shard", spec]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err

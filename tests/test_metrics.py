@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -284,7 +285,10 @@ def test_group_metrics_follow_the_groups_asked_for_not_the_field_names():
     out = group_metrics(meta, y, s, {"scenario": "attack-success-rate", "category": "pope"})
     assert out["per_scenario"] == attack_success_rate(y, s, [m["scenario"] for m in meta])
     assert out["per_category"] == pope_metrics_by_category(y, s >= 0.5, [m["category"] for m in meta])
-    assert group_metrics(meta[:5] + [{}], y, s, {"scenario": "attack-success-rate"}) == {}  # a row lacks the field
+    # a row lacking the field is an error naming it (it was silently no per-group metrics, issue 27 item 5)
+    with pytest.raises(LvlmlpError, match=re.escape("per-group metric attack-success-rate needs the field 'scenario' "
+                                                    "on every row, but 1 of 6 rows have none (e.g. row '#5')")):
+        group_metrics(meta[:5] + [{}], y, s, {"scenario": "attack-success-rate"})
 
 
 def test_tasks_declare_their_label_function_and_groups():

@@ -145,7 +145,7 @@ def test_save_load_round_trip_is_exact_and_pickle_free(tmp_path: Path, monkeypat
     spec = FeatureSpec(kind="log_softmax", token=1, dim=20, model="m")
     probe = make().fit(X, y, spec=spec, label_names=["no", "yes"])
     probe.save(tmp_path / "p")
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["probe.json", "probe.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [".lvlmlp-output.json", "probe.json", "probe.safetensors"]
 
     def forbidden(*a, **k):
         raise AssertionError("pickle used")

@@ -143,7 +143,7 @@ def test_run_config_ray_section_reaches_the_ray_extractor(tmp_path, capsys):
     argv = ["run", str(CONFIG), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"),
             "--no-progress", "--set", f"data_root={manifest}", "--set", "ray={replicas: 0}"]
     assert main(argv) == 2
-    assert capsys.readouterr().err.strip() == "lvlmlp: error: config: ray.replicas: must be >= 1, got 0"
+    assert capsys.readouterr().err.strip() == "lvlmlp: error: config: ray.replicas: must be an integer >= 1, got 0"
     assert not (tmp_path / "out" / "runs").exists() or not any((tmp_path / "out" / "runs").iterdir())
 
 

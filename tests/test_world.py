@@ -242,7 +242,7 @@ def test_the_six_analogues_are_registered_tasks_with_their_rules(tmp_path: Path)
     assert get_task("world-safety").groups == (("scenario", "attack-success-rate"),)
     assert get_task("world-hallucination").groups == (("category", "pope"),)
     assert get_task("world-classification").kind == "multiclass"
-    with pytest.raises(LvlmlpError, match=r"^world-safety: option n must be a positive integer, got '0'$"):
+    with pytest.raises(LvlmlpError, match=r"^world-safety: option 'n': must be an integer >= 1, got 0$"):
         get_task("world-safety").rows(tmp_path, n="0")
 
 
@@ -257,7 +257,7 @@ def test_world_tasks_take_per_split_row_counts_and_read_answers_by_their_rule(tm
     test = task.rows(tmp_path, split="test", n=5, n_train=3)
     assert [r["id"] for r in train] == [f"safety-train-{i:05d}" for i in range(3)] and len(test) == 5
     assert train == task.rows(tmp_path, split="train", n=3)
-    with pytest.raises(LvlmlpError, match=r"^world-safety: option n_test must be a positive integer, got 0$"):
+    with pytest.raises(LvlmlpError, match=r"^world-safety: option 'n_test': must be an integer >= 1, got 0$"):
         task.rows(tmp_path, split="test", n_test=0)
     row = train[0]
     for analogue in ("answerability", "safety", "deception", "hallucination", "classification"):

@@ -8,14 +8,39 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from lvlmlp import __version__
 from lvlmlp.commands import COMMANDS, _args
 from lvlmlp.errors import LvlmlpError
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help says its default: one that does not is given "(default X)" from the flag itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and "default" not in text
+                and action.default not in (None, False, [], argparse.SUPPRESS)):
+            text += " (default %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with lvlmlp's one-line errors: "lvlmlp: error: --C: must be a finite number > 0, got '-1'" (exit 2),
+    the usage left to `--help`. Sub-commands' parsers are of this class too (argparse uses the parent's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        # raised, not exited: `main` prints it as every other error (one line, status 2; a Python caller gets 2)
+        raise LvlmlpError(f"{message.removeprefix('argument ')} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lvlmlp", description="First-token probing of vision-language models.")
+    parser = Parser(prog="lvlmlp", description="First-token probing of vision-language models.")
     parser.add_argument("--version", action="version", version=f"lvlmlp {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -26,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except LvlmlpError as err:
+        print(f"lvlmlp: error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="lvlmlp: %(message)s", stream=sys.stderr
     )

@@ -180,9 +180,30 @@ def rows_fingerprint(rows: Iterable[dict]) -> str:
     return h.hexdigest()[:16]
 
 
+ROW_META_LIMIT = 1 << 20  # bytes of JSON per row (its fields are kept with its features in the run)
+
+
+def images_fingerprint(rows: Iterable[dict]) -> str:
+    """A hash of each row's image file size and modification time (stat only, no read): part of a run's identity,
+    so that images replaced in place under a finished run are noticed instead of their old features reused."""
+    h = hashlib.sha256()
+    for row in rows:
+        try:
+            st = os.stat(row["image"])
+            h.update(f"{row.get('id')}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except (OSError, KeyError, TypeError, ValueError):
+            h.update(f"{row.get('id')}\0missing\n".encode())
+    return h.hexdigest()[:16]
+
+
 def check_rows(rows: list[dict], source: str, on_error: str = "fail") -> None:
     """Ids, questions and labels are valid and (unless rows may be skipped) every image file exists."""
     validate_rows(rows, source)
+    for row in rows:  # a row's metadata is stored in a shard's header: a clear limit, not safetensors' traceback
+        size = len(json.dumps(row, default=str))
+        if size > ROW_META_LIMIT:
+            raise LvlmlpError(f"{source}: row {row.get('id')!r} carries {size:,} bytes of metadata, over the limit of "
+                              f"{ROW_META_LIMIT:,} per row; keep large fields out of the manifest (a path to a file)")
     missing = check_images_exist(rows, source)
     if missing and on_error == "fail":
         raise LvlmlpError(missing[0][1])

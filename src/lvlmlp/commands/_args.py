@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.ranges import COUNT, NONNEG
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,10 +104,17 @@ def add_task_arguments(parser: argparse.ArgumentParser, limit: bool = True, seve
     s = parser.add_argument_group("row selection (--data or --task)")
     s.add_argument("--split", metavar="S", help="rows of this split: a manifest's rows whose 'split' is S; a task's "
                    "split (default: every row of a manifest, the task's default split)")
-    s.add_argument("--per-class", type=int, metavar="K", help="K seeded-random rows per label")
+    s.add_argument("--per-class", type=COUNT, metavar="K", help="K seeded-random rows per label (default: all)")
     if limit:
-        s.add_argument("--limit", type=int, metavar="N", help="N seeded-random rows (after --per-class)")
-    s.add_argument("--seed", type=int, default=None, help="seed of the sampling (default 0)")
+        s.add_argument("--limit", type=COUNT, metavar="N", help="N seeded-random rows (after --per-class; default: all)")
+    s.add_argument("--seed", type=NONNEG, default=None, help="seed of the sampling (default 0)")
+
+
+def input_flags(args: argparse.Namespace, *flags: str) -> dict[str, Any]:
+    """{flag: path} of the inputs a command reads (its --data, --model, --data-root, --image-root, --probe, --run
+    where it has them, and `flags`): what its outputs must not be, contain or lie inside (`lvlmlp.outputs`)."""
+    names = ("--data", "--model", "--data-root", "--image-root", "--probe", "--run", *flags)
+    return {flag: getattr(args, flag.lstrip("-").replace("-", "_"), None) for flag in names}
 
 
 # Flags that only a registered task reads: given with --data they would do nothing, so they are refused.

@@ -5,24 +5,31 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lvlmlp.ranges import COUNT, NONNEG, Range
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole method on the embedded synthetic world and tiny trained model")
-    p.add_argument("--out", default="demo_out")
-    p.add_argument("--n-train", type=int, default=200, help="train rows per analogue")
-    p.add_argument("--n-test", type=int, default=200, help="test rows per analogue")
-    p.add_argument("--max-new-tokens", type=int, default=5, help="tokens generated per row (token decay 1..K)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out; re-running resumes it)")
+    p.add_argument("--n-train", type=Range(int, 4), default=200, help="train rows per analogue (default 200)")
+    p.add_argument("--n-test", type=Range(int, 4), default=200, help="test rows per analogue (default 200)")
+    p.add_argument("--max-new-tokens", type=COUNT, default=5,
+                   help="tokens generated per row (token decay 1..K; default 5)")
+    p.add_argument("--batch-size", type=COUNT, default=32, help="rows per forward (default 32)")
+    p.add_argument("--seed", type=NONNEG, default=0, help="seed of the world and the sampling (default 0)")
     p.add_argument("--model", default=None, help="another checkpoint instead of the embedded demo model")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--threads", type=COUNT, default=None,
                    help="torch threads (default: torch's own choice, the cores or $OMP_NUM_THREADS)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from lvlmlp.commands._args import input_flags
+    from lvlmlp.outputs import check_output, write_text_atomic
+
+    check_output(args.out, "demo", input_flags(args))  # before torch is imported
     import torch
 
     from lvlmlp.commands._args import silence_progress_bars
@@ -37,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     summary = summary_table(results)
     out = Path(args.out)
     # The README's demo table is this file's content (tests/test_readme.py checks it against a fresh run).
-    (out / "summary.md").write_text(summary + "\n")
+    write_text_atomic(out / "summary.md", summary + "\n")
     print(summary)
     print(f"\nwrote {out / 'summary.md'}, {out / 'results.json'} and {out / 'report.html'} in {results['seconds']} s")
     return 0

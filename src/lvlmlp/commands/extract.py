@@ -9,12 +9,14 @@ from pathlib import Path
 from lvlmlp.commands._args import (
     add_model_arguments,
     add_task_arguments,
+    input_flags,
     rows_from_args,
     selection,
     silence_progress_bars,
 )
 from lvlmlp.defaults import BATCH_SIZE, STORE_DTYPE_NAMES
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.ranges import COUNT, NONNEG
 
 log = logging.getLogger(__name__)
 
@@ -25,24 +27,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_task_arguments(p)
     add_model_arguments(p)
     p.add_argument("--out", required=True, help="run folder; re-running the same command resumes it")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--max-new-tokens", type=int, default=0,
-                   help="0: one prefill forward (first token only); K: greedy generation keeping K tokens' logits")
-    p.add_argument("--logits-tokens", type=int, default=None, help="keep only the first T tokens' logits")
-    p.add_argument("--hidden", action="store_true", help="also keep the final-norm hidden state at the first token")
-    p.add_argument("--layers", default=None, help="also keep these layers' hidden states, e.g. 8,16,-1")
-    p.add_argument("--store-dtype", default="float16", choices=sorted(STORE_DTYPE_NAMES))
-    p.add_argument("--shard", default=None, help="I/N: process the I-th of N contiguous blocks (merge afterwards)")
-    p.add_argument("--on-error", default="fail", choices=["fail", "skip"])
-    p.add_argument("--shard-size", type=int, default=256, help="rows per committed shard (resume granularity)")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--batch-size", type=COUNT, default=BATCH_SIZE, help=f"rows per forward (default {BATCH_SIZE})")
+    p.add_argument("--max-new-tokens", type=NONNEG, default=0,
+                   help="0: one prefill forward (first token only); K: greedy generation keeping K tokens' logits "
+                   "(default 0)")
+    p.add_argument("--logits-tokens", type=COUNT, default=None,
+                   help="keep only the first T tokens' logits, 1 <= T <= --max-new-tokens (default: all K)")
+    p.add_argument("--hidden", action="store_true",
+                   help="also keep the final-norm hidden state at the first token (default: not kept)")
+    p.add_argument("--layers", default=None, help="also keep these layers' hidden states, e.g. 8,16,-1 (default none)")
+    p.add_argument("--store-dtype", default="float16", choices=sorted(STORE_DTYPE_NAMES),
+                   help="dtype of the stored logits and hidden states (default float16)")
+    p.add_argument("--shard", default=None,
+                   help="I/N: process the I-th of N contiguous blocks (merge afterwards; default: every row)")
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                   help="a row whose image cannot be read: fail stops the run, skip records it in failures.jsonl "
+                   "(default fail)")
+    p.add_argument("--shard-size", type=COUNT, default=256,
+                   help="rows per committed shard (resume granularity; default 256)")
+    p.add_argument("--workers", type=NONNEG, default=1,
                    help="data-loader processes preparing batches while the model runs (default 1; more on a "
                         "many-core GPU machine; 0: in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run on Ray (Ray Data, one model replica per GPU or CPU slot): alone, a local Ray instance "
                         "for this run; auto or ADDRESS: join that cluster (pip install 'lvlmlp[ray]')")
-    p.add_argument("--ray-replicas", type=int, default=None, metavar="N",
+    p.add_argument("--ray-replicas", type=COUNT, default=None, metavar="N",
                    help="with --ray: model replicas (default: one per GPU of the cluster, else one per CPU)")
     p.add_argument("--ray-timeout", type=float, default=None, metavar="SECONDS",
                    help="with --ray ADDRESS: give up when the cluster does not answer within this time (default 30)")
@@ -59,16 +69,31 @@ def parse_layers(spec: str | None) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lvlmlp.data import check_rows
+    from lvlmlp.data import check_rows, rows_fingerprint
     from lvlmlp.extraction.extract import extract, finished_run, parse_shard, shard_rows
+    from lvlmlp.outputs import check_output
 
+    # First of all: before the rows are read and long before any weight file is opened (or hashed).
+    check_output(args.out, "run", input_flags(args))
     rows, task_template, source = rows_from_args(args, "extract")
+    # the whole input's hash (before --shard cuts it): `merge` refuses shards cut from different inputs
+    # and the task (a probe records the task of its run; probe eval warns on another task's run)
+    chosen = {**selection(args), "input_hash": rows_fingerprint(rows), "task": args.task}
     rows = shard_rows(rows, parse_shard(args.shard))
     check_rows(rows, source, args.on_error)  # before the (possibly minutes-long) model load
+    if (Path(args.out) / "manifest.json").is_file():  # a finished run whose images were replaced: refused here
+        from lvlmlp.data import images_fingerprint
+        from lvlmlp.extraction.store import check_images_unchanged
+
+        check_images_unchanged(args.out, rows_fingerprint({k: v for k, v in r.items() if k != "_row_index"}
+                                                          for r in rows), images_fingerprint(rows))
     if args.no_progress:
         silence_progress_bars()
     if args.logits_tokens is not None and not args.max_new_tokens:
         raise LvlmlpError("--logits-tokens applies to generated tokens: give --max-new-tokens K too")
+    if args.logits_tokens is not None and args.logits_tokens > args.max_new_tokens:
+        raise LvlmlpError(f"--logits-tokens {args.logits_tokens} is above --max-new-tokens {args.max_new_tokens}: "
+                          "keep at most the tokens generated")
     template = args.prompt_template or task_template
     label_fn = None
     if args.task:
@@ -89,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                         system_prompt=args.system_prompt)
     settings = dict(max_new_tokens=args.max_new_tokens, logits_tokens=args.logits_tokens, hidden=args.hidden,
                     layers=parse_layers(args.layers), store_dtype=args.store_dtype, shard=parse_shard(args.shard),
-                    batch_size=args.batch_size, selection=selection(args))
+                    batch_size=args.batch_size, selection=chosen)
     run_ = None
     if args.ray is not None:  # the model loads in the Ray replicas, not here; a finished run is recognised there
         from lvlmlp.extraction.ray_extract import ray_extract, ray_options

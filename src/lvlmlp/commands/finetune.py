@@ -9,10 +9,12 @@ import argparse
 from lvlmlp.commands._args import (
     add_model_arguments,
     add_task_arguments,
+    input_flags,
     rows_from_args,
     silence_progress_bars,
 )
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.ranges import COUNT, POSITIVE, Range
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,15 +29,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--answers", default=None, metavar="LABEL1,LABEL0",
                    help="target answers by label, e.g. Yes,No (default: the words the task's prompt style asks for, "
                         "tasks/answers.yaml; a row's 'target' field overrides; with several tasks: each task's own)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (constant)")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--epochs", type=COUNT, default=3, help="passes over the rows (default 3)")
+    p.add_argument("--lr", type=POSITIVE, default=2e-4, help="AdamW learning rate (constant; default 2e-4)")
+    p.add_argument("--lora-rank", type=COUNT, default=8, help="rank r of the LoRA matrices (default 8)")
+    p.add_argument("--lora-alpha", type=COUNT, default=16, help="LoRA scaling alpha (alpha / r scales the update; "
+                   "default 16)")
+    p.add_argument("--lora-dropout", type=Range(float, 0, 1, hi_open=True), default=0.05,
+                   help="dropout on the LoRA input, in [0, 1) (default 0.05)")
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",
-                   help="Linear layers of the language model to adapt, comma-separated, or all-linear")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
+                   help="Linear layers of the language model to adapt, comma-separated, or all-linear (default "
+                        "q_proj,k_proj,v_proj,o_proj)")
+    p.add_argument("--batch-size", type=COUNT, default=4, help="rows per step (default 4)")
+    p.add_argument("--grad-accum", type=COUNT, default=1, help="batches per optimizer step (default 1)")
     p.add_argument("--out", required=True, help="output folder; re-running the same command resumes it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
     p.set_defaults(func=run)
@@ -79,9 +84,11 @@ def several_tasks(args: argparse.Namespace) -> tuple[list[dict], list[str], str]
 
 def run(args: argparse.Namespace) -> int:
     from lvlmlp.extraction.backend import Backend
+    from lvlmlp.outputs import check_output
     from lvlmlp.steering.guard import parse_answers
     from lvlmlp.study.finetune import Settings, default_answers, finetune, row_targets
 
+    check_output(args.out, "finetune", input_flags(args))  # never over --model (it would replace the checkpoint)
     if args.task and len(args.task) > 1:
         rows, targets, source = several_tasks(args)
         template = None  # each row's question carries its task's prompt

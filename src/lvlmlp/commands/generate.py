@@ -15,6 +15,7 @@ from lvlmlp.commands._args import (
     add_model_arguments,
     add_task_arguments,
     guard_mode,
+    input_flags,
     rows_from_args,
     silence_progress_bars,
     token_budget,
@@ -33,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="OUT.jsonl: {id, response, flagged, probe_score} per row")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="new tokens per answer (default 64, or the forced text's length when longer)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=None, help="with --do-sample (default 1.0)")
     p.add_argument("--eval", action="store_true",
@@ -47,6 +48,11 @@ def metrics_path(out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lvlmlp.outputs import check_output, replaced_file
+
+    # Neither OUT.jsonl nor OUT.metrics.json may be (or sit inside) an input, e.g. the --data manifest itself.
+    for path in (args.out, metrics_path(Path(args.out))):
+        check_output(path, None, input_flags(args))
     template, answers = guard_mode(args, "generate")
     if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
         raise LvlmlpError("--batch-size and --max-new-tokens must be >= 1")
@@ -82,11 +88,11 @@ def run(args: argparse.Namespace) -> int:
     seed = 0 if args.seed is None else args.seed
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     labels, guarded, plain = [], [], []
     n_flagged = 0
     bar = tqdm(total=len(rows), unit="row", file=sys.stderr, disable=args.no_progress, desc="generate")
-    with out.open("w", encoding="utf-8") as f:
+    # Written under a temporary name, renamed when every row is done: a failed run leaves the old file whole.
+    with replaced_file(out) as tmp, tmp.open("w", encoding="utf-8") as f:
         for start in range(0, len(rows), args.batch_size):
             chunk = rows[start : start + args.batch_size]
             batch = backend.encode([load_image(r["image"], r["id"], check=backend.oversized) for r in chunk], [r["question"] for r in chunk])
@@ -115,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval:
         metrics = steering_metrics(labels, guarded, plain, template, answers)
         metrics.update(flagged_rate=n_flagged / max(len(rows), 1), threshold=guard.threshold)
-        metrics_path(out).write_text(json.dumps(metrics, indent=2))
+        with replaced_file(metrics_path(out)) as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2))
         print(f"{metrics_path(out)}: {json.dumps({k: metrics[k] for k in ('without_guard', 'with_guard')})}")
     return 0

@@ -10,15 +10,9 @@ from typing import Any
 
 from lvlmlp.defaults import FEATURE_KINDS, N_BOOT
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.ranges import COUNT, NONNEG, PROBE_PARAMS, Range
 
 log = logging.getLogger(__name__)
-
-
-def _nonneg_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,38 +22,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = probe_sub.add_parser("train", help="fit a probe on the labelled rows of a run")
     train.add_argument("--run", required=True, help="run folder (from extract or import-legacy)")
     train.add_argument("--split", help="train on rows whose 'split' is this (default: all rows)")
-    train.add_argument("--token", type=_nonneg_int, default=0, help="generated token index (default 0: the first)")
+    train.add_argument("--token", type=NONNEG, default=0, help="generated token index (default 0: the first)")
     train.add_argument("--feature", choices=FEATURE_KINDS, default="logits", help="feature view (default logits)")
-    train.add_argument("--layer", type=int, help="layer index for --feature layer")
-    train.add_argument("--tokens", type=int, metavar="K", help="for --feature multi-token: the first K generated "
-                       "tokens' logits side by side (rows with fewer get zeros for the others, and are counted)")
+    train.add_argument("--layer", type=int, help="layer index for --feature layer (default: the only stored layer)")
+    train.add_argument("--tokens", type=COUNT, metavar="K", help="for --feature multi-token: the first K generated "
+                       "tokens' logits side by side (rows with fewer get zeros for the others, and are counted; "
+                       "no default: required there)")
     train.add_argument("--probe", metavar="KIND", help="logistic, multinomial, lda, mlp or mtre (lvlmlp.probing.probes.PROBES; "
                        "default: logistic for 2 classes, multinomial for more)")
     # Hyper-parameters default to None: the probe class's own defaults apply, and a flag the chosen probe does not
     # have is refused instead of silently ignored.
     hp = train.add_argument_group("probe hyper-parameters (each applies to the probes named)")
-    hp.add_argument("--C", type=float, help="logistic: inverse L2 strength (default 1.0)")
+    hp.add_argument("--C", type=PROBE_PARAMS["C"], help="logistic: inverse L2 strength (default 1.0)")
     hp.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
                     help="logistic, multinomial: standardise features (default: off for logistic, as in the paper; "
                          "on for multinomial)")
-    hp.add_argument("--class-weight", choices=("balanced",), help="logistic: reweight classes")
-    hp.add_argument("--max-iter", type=int, help="logistic: solver iterations (default 100)")
-    hp.add_argument("--epochs", type=int, help="multinomial: passes over the data (default 20)")
-    hp.add_argument("--batch-size", type=int, help="multinomial: rows per step (default 512)")
-    hp.add_argument("--lr", type=float, help="multinomial: Adam learning rate (default 0.01)")
-    hp.add_argument("--weight-decay", type=float, help="multinomial: L2 strength (default 1e-4)")
+    hp.add_argument("--class-weight", choices=("balanced",), help="logistic: reweight classes (default: none)")
+    hp.add_argument("--max-iter", type=PROBE_PARAMS["max_iter"], help="logistic: solver iterations (default 100)")
+    hp.add_argument("--epochs", type=PROBE_PARAMS["epochs"], help="multinomial: passes over the data (default 20)")
+    hp.add_argument("--batch-size", type=PROBE_PARAMS["batch_size"], help="multinomial: rows per step (default 512)")
+    hp.add_argument("--lr", type=PROBE_PARAMS["lr"], help="multinomial: Adam learning rate (default 0.01)")
+    hp.add_argument("--weight-decay", type=PROBE_PARAMS["weight_decay"], help="multinomial: L2 strength (default 1e-4)")
     hp.add_argument("--device", help="multinomial, lda: cpu, cuda, cuda:N or auto (default cpu)")
-    hp.add_argument("--seed", type=int, help="multinomial: seed of the mini-batch order (default 0)")
-    hp.add_argument("--threshold", type=float, help="all: flag rows with P(label 1) below this (default 0.5)")
+    hp.add_argument("--seed", type=PROBE_PARAMS["seed"], help="multinomial, mlp: seed of the mini-batch order (default 0)")
+    hp.add_argument("--threshold", type=PROBE_PARAMS["threshold"], help="all: flag rows with P(label 1) below this (default 0.5)")
     hp.add_argument("--hidden", type=_layer_sizes, help="mlp: hidden layer sizes, comma-separated (default "
                     "512,256,128); --epochs is its maximum (default 200), --lr 1e-3, --batch-size 256, "
                     "--weight-decay 1e-4 (AdamW), --standardize on; --device and --seed apply")
     hp.add_argument("--head", choices=("logistic", "mlp"), help="mtre: the per-token classifier (default logistic; "
                     "--C, --max-iter apply to it, or --hidden (default 128,128,128), --epochs to mlp)")
-    hp.add_argument("--patience", type=int, help="mlp: stop after this many epochs without a better validation "
+    hp.add_argument("--patience", type=COUNT, help="mlp: stop after this many epochs without a better validation "
                     "loss (default 10)")
-    hp.add_argument("--val-fraction", type=float, help="mlp: share of the train rows held out for early stopping, "
-                    "per class (default 0.1; 0: no early stopping)")
+    hp.add_argument("--val-fraction", type=Range(float, 0, 1, hi_open=True), help="mlp: share of the train rows "
+                    "held out for early stopping, per class, in [0, 1) (default 0.1; 0: no early stopping)")
     train.add_argument("--out", required=True, help="probe folder to write")
     train.set_defaults(func=train_probe)
 
@@ -78,10 +73,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--group-by", action="append", metavar="FIELD=METRIC",
                     help="add per-group metrics (repeatable): group rows by their metadata FIELD and compute METRIC "
                          "on each group (attack-success-rate or pope)")
-    ev.add_argument("--threshold", type=float, help="accuracy/F1 of the probe at this P(label 1) (default: the "
-                    "probe's own threshold, probe.json)")
-    ev.add_argument("--n-boot", type=int, default=N_BOOT, help="bootstrap resamples for the 95%% intervals")
-    ev.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ev.add_argument("--threshold", type=PROBE_PARAMS["threshold"], help="accuracy/F1 of the probe at this "
+                    "P(label 1) (default: the probe's own threshold, probe.json)")
+    ev.add_argument("--n-boot", type=NONNEG, default=N_BOOT,
+                    help=f"bootstrap resamples for the 95%% intervals (0: none; default {N_BOOT})")
+    ev.add_argument("--seed", type=NONNEG, default=0, help="bootstrap seed (default 0)")
     ev.add_argument("--out", required=True, help="folder for metrics.json and scores.jsonl")
     ev.set_defaults(func=eval_probe)
 
@@ -131,6 +127,11 @@ def make_probe(args: argparse.Namespace, n_classes: int) -> Any:
     return cls(**given)
 
 
+def _task_of(run: Any) -> str | None:
+    """The registered task a run's rows came from (`extract --task`), None for a manifest (--data)."""
+    return (run.manifest.get("selection") or {}).get("task")
+
+
 def _where(run: Any, split: str | None) -> str:
     return f"{run.path}" + (f" split {split!r}" if split else "")
 
@@ -139,9 +140,11 @@ def train_probe(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lvlmlp.extraction.store import open_run
+    from lvlmlp.outputs import check_output
     from lvlmlp.probing.evaluate import select_rows
     from lvlmlp.probing.features import FeatureView, RowSubset
 
+    check_output(args.out, "probe", {"--run": args.run})
     run = open_run(args.run)
     idx, _ = select_rows(run, args.split, args.feature, args.token)
     labels = run.labels[idx]
@@ -156,6 +159,10 @@ def train_probe(args: argparse.Namespace) -> int:
     if args.probe == "logistic" and classes.size > 2:
         raise LvlmlpError(f"--probe logistic is binary but {_where(run, args.split)} has {classes.size} classes; "
                           "use --probe multinomial or lda")
+    if classes.size == 2 and classes.tolist() != [0, 1]:
+        # label 1 is the class a binary probe scores: {-1, 1} or {1, 2} would be a probe `probe eval` refuses
+        raise LvlmlpError(f"{_where(run, args.split)}: a binary probe needs labels 0 and 1, the rows have "
+                          f"{', '.join(f'{c:g}' for c in classes)}; relabel them 0/1 (1: the class to score)")
     if args.layer is not None and args.feature != "layer":
         raise LvlmlpError(f"--layer applies to --feature layer only (not --feature {args.feature})")
     if args.feature == "multi-token" and args.token != 0:
@@ -165,7 +172,9 @@ def train_probe(args: argparse.Namespace) -> int:
     view = FeatureView(run, kind=args.feature, token=args.token, layer=args.layer, tokens=args.tokens)
     # Every probe reads the rows chunk by chunk (the scikit-learn ones copy them into RAM as they go).
     probe.fit(RowSubset(view, idx), y.astype(np.int64), spec=view.spec, label_names=run.manifest.get("label_names"))
-    probe.fit_info_.update(run=str(run.path), split=args.split, **_short_rows(run, idx, view.spec))
+    # the model's weights (hash) the features came from: probe eval refuses a run of other weights
+    probe.fit_info_.update(run=str(run.path), split=args.split, weights_hash=run.manifest.get("weights_hash"),
+                           task=_task_of(run), **_short_rows(run, idx, view.spec))
     probe.save(args.out)
     print(f"{type(probe).__name__} trained on {idx.size} rows ({view.spec.describe()}) -> {args.out}")
     return 0
@@ -206,11 +215,13 @@ def eval_probe(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lvlmlp.extraction.store import open_run
+    from lvlmlp.outputs import check_output
     from lvlmlp.probing.baselines import resolve_task_style
     from lvlmlp.probing.evaluate import select_rows, write_eval
     from lvlmlp.probing.features import FeatureView, RowSubset
     from lvlmlp.probing.probes import load_probe
 
+    check_output(args.out, "eval", {"--probe": args.probe, "--run": args.run})
     probe = load_probe(args.probe)
     run = open_run(args.run)
     # own-answer:paper reads the task and prompt style: the flags', else the manifest's (a contradiction is refused)
@@ -226,10 +237,25 @@ def eval_probe(args: argparse.Namespace) -> int:
         raise LvlmlpError(f"{args.probe}: probe.json has no feature spec")
     view = FeatureView(run, kind=spec.kind, token=spec.token, layer=spec.layer, tokens=spec.tokens)
     probe.check_compatible(view.spec)
+    probe_task, run_task = (probe.fit_info_ or {}).get("task"), _task_of(run)
+    if probe_task and run_task and probe_task != run_task:
+        log.warning("%s was trained on task %s but %s holds rows of task %s: its scores may mean nothing there",
+                    args.probe, probe_task, run.path, run_task)
+    trained, scored = (probe.fit_info_ or {}).get("weights_hash"), run.manifest.get("weights_hash")
+    if trained and scored and trained != scored:
+        raise LvlmlpError(f"{args.probe}: trained on features of other model weights (weights hash {trained[:12]}) "
+                          f"than {run.path} ({scored[:12]}): the model folder changed; extract and train again")
     idx, skipped = select_rows(run, args.split, spec.kind, spec.token)
     if idx.size == 0:
         raise LvlmlpError(f"{_where(run, args.split)}: no rows to score")
     labels = run.labels[idx]
+    known = ~np.isnan(labels)
+    foreign = known & ~np.isin(labels, probe.classes_)
+    if foreign.any():
+        first = int(np.flatnonzero(foreign)[0])
+        raise LvlmlpError(f"{_where(run, args.split)}: row {run.ids[idx[first]]!r} has label {labels[first]:g}, which "
+                          f"the probe cannot score (its classes: {', '.join(map(str, probe.classes_.tolist()))}; "
+                          f"{int(foreign.sum())} such row(s))")
     proba = probe.predict_proba(RowSubset(view, idx))
     threshold = probe.threshold if args.threshold is None else args.threshold  # one threshold, the probe's by default
     header = {

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lvlmlp.ranges import COUNT, NONNEG
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("run", help="run a whole experiment from a YAML config (extract, probes, report)")
@@ -14,20 +16,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="override `model`")
     p.add_argument("--out", help="override `out`")
     p.add_argument("--device", help="override `device` (auto, cpu, cuda, cuda:N)")
-    p.add_argument("--limit", type=int, help="override `limit` (seeded random N rows per split)")
-    p.add_argument("--batch-size", type=int, help="override `batch_size`")
-    p.add_argument("--n-boot", type=int, help="override `n_boot` (bootstrap resamples)")
+    p.add_argument("--limit", type=COUNT, help="override `limit` (seeded random N rows per split)")
+    p.add_argument("--batch-size", type=COUNT, help="override `batch_size` (rows per forward)")
+    p.add_argument("--n-boot", type=NONNEG, help="override `n_boot` (bootstrap resamples)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from lvlmlp.commands._args import silence_progress_bars
+    from lvlmlp.outputs import check_output
     from lvlmlp.study.experiment import headline, load_config, run_experiment
     from lvlmlp.study.report import POOLED, fmt_value
 
     cfg = load_config(args.config, args.set or [], model=args.model, out=args.out, device=args.device,
                       limit=args.limit, batch_size=args.batch_size, n_boot=args.n_boot)
+    inputs = {"model": cfg["model"], "data_root": cfg["data_root"], "image_root": cfg["image_root"]}
+    # A config kept in its own run folder (the demo's OUT/TASK/config.yaml) is fine: `lvlmlp run` writes only its
+    # own entries there (runs/, evals/, ...), never a config file.
+    if Path(cfg["out"]).resolve() not in Path(args.config).resolve().parents:
+        inputs["the config"] = args.config
+    check_output(cfg["out"], "experiment", inputs, "out")
     if args.no_progress:
         silence_progress_bars()
     doc = run_experiment(cfg, progress=not args.no_progress)

@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(p)  # --prompt-template / --raw-prompt: as the probe's training rows were prompted
     add_guard_arguments(p, "requests")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients use (default: the model folder's name); the path given works too")
     p.add_argument("--api-key", default=None,
@@ -86,5 +86,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prompt-chars", type=int, default=8000, help="longer questions get HTTP 400")
     p.add_argument("--allow-local-images", action="store_true",
                    help="accept image_url paths (or file:// URLs) on this machine; remote URLs are never fetched")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info)")
     p.set_defaults(func=run)

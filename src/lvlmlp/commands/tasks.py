@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.ranges import COUNT, NONNEG
 
 # (attribute, flag) of the options that only --dump reads: given without it they would do nothing.
 _DUMP_ONLY = (("data_root", "--data-root"), ("image_root", "--image-root"), ("split", "--split"),
@@ -24,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-style", metavar="STYLE", help="with --dump: a style of tasks/prompts.yaml "
                    "(default: the task's default style)")
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE", help="with --dump: repeatable")
-    p.add_argument("--per-class", type=int, metavar="K", help="with --dump: K seeded-random rows per label")
-    p.add_argument("--seed", type=int, default=None, help="with --dump: seed of every sampling step (default 0)")
+    p.add_argument("--per-class", type=COUNT, metavar="K", help="with --dump: K seeded-random rows per label")
+    p.add_argument("--seed", type=NONNEG, default=None, help="with --dump: seed of every sampling step (default 0)")
     p.set_defaults(func=run)
 
 
@@ -45,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{t.name:<{width}}  {t.description}")
         return 0
     if args.dump:
+        from lvlmlp.outputs import check_output
+
+        check_output(args.dump, None, {"--data-root": args.data_root, "--image-root": args.image_root}, "--dump")
         if not args.data_root:
             raise LvlmlpError(f"tasks --dump needs --data-root (see `lvlmlp tasks {args.name}`)")
         n = dump_rows(args.name, args.data_root, args.dump, image_root=args.image_root, split=args.split,

@@ -24,6 +24,7 @@ import numpy as np
 
 from lvlmlp.demo import world
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.outputs import read_json, write_text_atomic
 
 log = logging.getLogger("lvlmlp")
 
@@ -74,7 +75,10 @@ def demo_config(task: str, out: str | Path, *, n_train: int = 200, n_test: int =
         baselines.append(one_token_baseline(task) if task in TOKEN_BASELINE else "max-prob")
     cfg = build(ExperimentConfig, {
         "name": f"lvlmlp demo: {task}", "model": str(model or demo_model_path()), "device": device,
-        "dtype": "float32", "task": f"world-{task}", "data_root": str(out),
+        "dtype": "float32", "task": f"world-{task}",
+        # the world's images (written by its task) beside the runs, not around them: an `lvlmlp run` output may not
+        # lie inside its data_root
+        "data_root": str(out / "images"), "image_root": str(out / "images" / task),
         "task_options": {"n_train": n_train, "n_test": n_test, "world_seed": seed}, "seed": seed,
         "batch_size": batch_size, "extract": {"max_new_tokens": max_new_tokens, "store_dtype": "float32"},
         "probe": probe, "baselines": baselines,
@@ -92,10 +96,10 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
     `out/report.html` from their outputs; return the results."""
     from tqdm.auto import tqdm
 
+    from lvlmlp.outputs import claim_folder
     from lvlmlp.study.experiment import LazyBackend
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_folder(out, "demo")  # new, empty or a demo folder: the user's results.json is never overwritten
     t0 = time.perf_counter()
     configs = {task: demo_config(task, out, n_train=n_train, n_test=n_test, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, seed=seed, model=model, device=device, steer=steer)
@@ -114,7 +118,7 @@ def run_demo(out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_
         log.setLevel(level)
         bar.close()
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     write_report(results, out)
     return results
 
@@ -177,14 +181,14 @@ def collect_results(out: Path, configs: dict[str, Any]) -> dict:
             entry["token_prob"] = {"token": TOKEN_BASELINE[task][0], **_figures(base[one_token_baseline(task)])}
         else:
             entry["max_prob"] = _figures(base["max-prob"])
-        decay = json.loads((out / task / "analyses" / f"token_decay-{PROMPT}.json").read_text())
+        decay = read_json(out / task / "analyses" / f"token_decay-{PROMPT}.json")
         entry["token_decay"] = [{"token": e["token"], "auroc": e["value"], "auroc_ci": e["ci"],
                                  "n_train": e.get("n_train", 0), "n_test": e["n"]} for e in decay["tokens"]]
         results["tasks"][task] = entry
     for task in GUARD_TEMPLATES:  # in the order the summary has always printed them
         path = out / task / "analyses" / f"steering-{PROMPT}.json"
         if configs[task].steering is not None and path.is_file():
-            results["steering"][task] = json.loads(path.read_text())
+            results["steering"][task] = read_json(path)
     return results
 
 
@@ -488,4 +492,4 @@ def write_report(results: dict, out: Path) -> None:
     intro = (f"Synthetic world + tiny LLaVA-format model ({results['model']}); {results['n_train']} train / "
              f"{results['n_test']} test rows per analogue; {results['seconds']} s. These numbers show the method "
              "working on a toy model, not the paper's numbers.")
-    (out / "report.html").write_text(render_html("lvlmlp demo", intro, report_blocks(results, out)))
+    write_text_atomic(out / "report.html", render_html("lvlmlp demo", intro, report_blocks(results, out)))

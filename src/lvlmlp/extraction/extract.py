@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from lvlmlp.data import check_rows, rows_fingerprint
+from lvlmlp.data import check_rows, images_fingerprint, rows_fingerprint
 from lvlmlp.defaults import BATCH_SIZE, STORE_DTYPE_NAMES
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.loader import cores_for_workers, prepared_batches
@@ -104,6 +104,7 @@ def run_settings(model: dict, rows: list[dict], *, batch_size: int, max_new_toke
         "hidden": hidden,
         "layers": [int(x) for x in layers],
         "data_hash": rows_fingerprint({k: v for k, v in r.items() if k != "_row_index"} for r in rows),
+        "images_hash": images_fingerprint(rows),  # sizes and modification times: replaced images are noticed
         "n_input_rows": len(rows),
         "shard": f"{shard[0]}/{shard[1]}" if shard else None,
         "batch_size": batch_size,

@@ -43,16 +43,20 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from lvlmlp import outputs
 from lvlmlp.data import read_jsonl, write_jsonl
 from lvlmlp.errors import LvlmlpError
 
 # Settings that may differ between runs that are otherwise the same computation (not part of the identity).
 _VOLATILE = {"created_at", "lvlmlp_version", "complete", "n_rows", "n_failed", "shard_size", "device",
-             "batch_size", "engine", "replicas"}
+             "batch_size", "engine", "replicas", "images_hash"}
 # Keys of a manifest that the shards of one run legitimately differ in (merge ignores them).
-_SHARD_KEYS = {"shard", "data_hash", "n_input_rows"}
+_SHARD_KEYS = {"shard", "data_hash", "images_hash", "n_input_rows"}
 
 
+# Bytes of row metadata per shard header (safetensors refuses headers over 100 MB) and per row (checked with the
+# rows, before any model loads: `lvlmlp.data.check_rows`).
+HEADER_BUDGET = 32 << 20
 LOCK_NAME = ".lvlmlp.lock"
 _HELD_LOCKS: set[int] = set()  # descriptors of the locks this process holds
 
@@ -96,24 +100,9 @@ def read_manifest_json(path: Path) -> dict:
 
 def check_output_folder(folder: str | Path, what: str = "--out") -> None:
     """Refuse to write into an existing folder that is neither empty nor an lvlmlp run: the user's files there
-    (a `meta.jsonl`, a `shards/` of their own) must never be overwritten or deleted."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise LvlmlpError(f"{what} {folder}: exists and is not a folder")
-    if not folder.is_dir():
-        return
-    names = {p.name for p in folder.iterdir()}
-    if not names - {LOCK_NAME}:
-        return
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        doc = read_manifest_json(manifest)
-        if "lvlmlp_version" in doc:
-            return
-    raise LvlmlpError(
-        f"{what} {folder}: exists and is not an lvlmlp run folder (it holds {', '.join(sorted(names)[:3])}"
-        f"{', ...' if len(names) > 3 else ''}); give an empty or new folder"
-    )
+    (a `meta.jsonl`, a `shards/` of their own) must never be overwritten or deleted (the rule of every command's
+    output, `lvlmlp.outputs`)."""
+    outputs.check_output_folder(folder, "run", what)
 
 
 class FolderLock:
@@ -173,6 +162,22 @@ def _disk_errors(where: Path) -> Iterator[None]:
             f"{where}: no space left on device ({os.strerror(err.errno)}); committed rows are kept: "
             "free some space and re-run the same command"
         ) from None
+
+
+def images_changed(run_dir: Path) -> str:
+    return (f"{run_dir}: the images of its rows changed since it was extracted (file size or modification time); "
+            "extract into another --out, or delete the folder to extract them again")
+
+
+def check_images_unchanged(run_dir: str | Path, data_hash: str, images_hash: str) -> None:
+    """Before any model loads: a finished run of these rows (`data_hash`) whose images were replaced since is
+    refused (a run of other rows is refused later, naming the settings that differ)."""
+    path = Path(run_dir) / "manifest.json"
+    if path.is_file():
+        doc = read_manifest_json(path)
+        if doc.get("complete") and doc.get("data_hash") == data_hash and \
+                doc.get("images_hash") not in (None, images_hash):
+            raise LvlmlpError(images_changed(Path(run_dir)))
 
 
 def is_complete_run(run_dir: str | Path, settings: dict, ignore: tuple[str, ...] = ()) -> bool:
@@ -237,6 +242,11 @@ class RunWriter:
                     f"{self.dir}: holds a run with other settings ({', '.join(diff)} differ); "
                     "use another --out or delete the folder"
                 )
+            # the same rows: images_hash (their images' sizes and mtimes) is compared for a finished run only (a
+            # resumed run's rows not yet committed may have had their image fixed meanwhile)
+            if old.get("complete") and old.get("images_hash") not in (None, self.settings.get("images_hash")) \
+                    and self.settings.get("images_hash") is not None:
+                raise LvlmlpError(images_changed(self.dir))
             self.settings = {**old, **{k: v for k, v in self.settings.items() if k in _VOLATILE}}
             self.shard_size = int(old.get("shard_size", self.shard_size))
             self.complete = bool(old.get("complete"))
@@ -286,7 +296,23 @@ class RunWriter:
         if self._buf_arrays:
             for name in self._buf_arrays[0]:
                 tensors[name] = np.ascontiguousarray(np.concatenate([a[name] for a in self._buf_arrays]))
-        header = {"meta": json.dumps(self._buf_meta, default=str), "failures": json.dumps(self._buf_fail)}
+        # The rows' metadata lives in the safetensors header, which safetensors caps (100 MB): rows with large
+        # metadata are committed as several shards, each header under HEADER_BUDGET.
+        sizes = [len(json.dumps(m, default=str)) + 2 for m in self._buf_meta]
+        start, parts = 0, []
+        while start < len(sizes) or not parts:
+            end, total = start, 0
+            while end < len(sizes) and (end == start or total + sizes[end] <= HEADER_BUDGET):
+                total, end = total + sizes[end], end + 1
+            parts.append((start, end))
+            start = end
+        meta, fail = self._buf_meta, self._buf_fail
+        for k, (a, b) in enumerate(parts):
+            self._write_shard(meta[a:b], {name: t[a:b] for name, t in tensors.items()}, fail if k == 0 else [])
+        self._buf_meta, self._buf_arrays, self._buf_fail = [], [], []
+
+    def _write_shard(self, meta: list[dict], tensors: dict[str, np.ndarray], failures: list[dict]) -> None:
+        header = {"meta": json.dumps(meta, default=str), "failures": json.dumps(failures)}
         header["sha256"] = _checksum(tensors, header)
         path = self.dir / "shards" / f"{self._next:06d}.safetensors"
         tmp = path.with_name(path.name + ".tmp")
@@ -299,9 +325,8 @@ class RunWriter:
             os.replace(tmp, path)  # the commit point: a shard exists whole or not at all
         self._shards.append(path)
         self._next += 1
-        self.done_ids.update(m["id"] for m in self._buf_meta)
-        self.done_ids.update(f["id"] for f in self._buf_fail)
-        self._buf_meta, self._buf_arrays, self._buf_fail = [], [], []
+        self.done_ids.update(m["id"] for m in meta)
+        self.done_ids.update(f["id"] for f in failures)
 
     def release(self) -> None:
         """Give up the folder's lock without finishing (the caller stops on an error; committed shards stay)."""
@@ -603,6 +628,10 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, chunk: int =
         raise LvlmlpError("merge: no run folders given")
     base = {k: v for k, v in identity(runs[0].manifest).items() if k not in _SHARD_KEYS}
     for run in runs[1:]:
+        inputs = [(r.manifest.get("selection") or {}).get("input_hash") for r in (runs[0], run)]
+        if inputs[0] != inputs[1]:  # each shard's own rows differ; the whole input they were cut from must not
+            raise LvlmlpError(f"merge: {run.path} is a shard of other input rows than {runs[0].path} (a changed "
+                              "or another manifest or task selection); merge the shards of one extraction")
         other = {k: v for k, v in identity(run.manifest).items() if k not in _SHARD_KEYS}
         diff = _differences(base, other)
         if diff:

@@ -116,7 +116,9 @@ def write_eval(
             if named:
                 metrics["baselines"] = {name: {"accuracy": top1_accuracy(y, b[labelled]), "n": int(labelled.sum())}
                                         for name, b in named.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "scores.jsonl", records)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    from lvlmlp.outputs import replaced_folder
+
+    with replaced_folder(out, "eval") as tmp:  # scores and metrics as one unit, replacing an earlier evaluation
+        write_jsonl(tmp / "scores.jsonl", records)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -268,11 +268,19 @@ def check_groups(groups: Mapping[str, str], where: str) -> dict[str, str]:
 
 def group_metrics(meta: Sequence[dict], y: Any, score: Any, groups: Mapping[str, str],
                   threshold: float = 0.5) -> dict[str, Any]:
-    """`per_<field>` for each (row field, metric) of `groups` (see `GROUP_METRICS`) when every row carries the
-    field, e.g. `per_scenario` (MM-SafetyBench's attack success rate) or `per_category` (POPE)."""
+    """`per_<field>` for each (row field, metric) of `groups` (see `GROUP_METRICS`), e.g. `per_scenario`
+    (MM-SafetyBench's attack success rate) or `per_category` (POPE). Every row must carry the field: a metric asked
+    for and silently left out would read as "no such groups"."""
     out: dict[str, Any] = {}
     score = np.asarray(score)
     for key, metric in groups.items():
-        if meta and all(m.get(key) is not None for m in meta):
-            out[f"per_{key}"] = GROUP_METRICS[metric](y, score, [m[key] for m in meta], threshold)
+        if not meta:
+            continue
+        lacking = [i for i, m in enumerate(meta) if m.get(key) is None]
+        if lacking:
+            first = meta[lacking[0]].get("id", f"#{lacking[0]}")
+            raise LvlmlpError(f"per-group metric {metric} needs the field {key!r} on every row, but "
+                              f"{len(lacking)} of {len(meta)} rows have none (e.g. row {first!r}); "
+                              "extract the rows with that field or leave the grouping out")
+        out[f"per_{key}"] = GROUP_METRICS[metric](y, score, [m[key] for m in meta], threshold)
     return out

@@ -16,6 +16,7 @@ The linear three score rows the same way, chunk by chunk: `(x - mean_) / scale_ 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -161,14 +162,21 @@ class Probe(ClassifierMixin, BaseEstimator):
 
     # ---- persistence ----
     def save(self, directory: str | Path) -> Path:
-        """Write `probe.safetensors` + `probe.json` into `directory` (created if needed)."""
+        """Write `probe.safetensors` + `probe.json` into `directory` as one unit: built beside it and swapped into
+        place (`lvlmlp.outputs.replaced_folder`), so a failed write never leaves new weights beside an old JSON.
+        `directory` must be new, empty or a probe folder."""
+        from lvlmlp.outputs import replaced_folder
+
+        self._check_fitted()
+        with replaced_folder(directory, "probe") as tmp:
+            self._write(tmp)
+        return Path(directory)
+
+    def _write(self, out: Path) -> None:
         from safetensors.numpy import save_file
 
         from lvlmlp import __version__
 
-        self._check_fitted()
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
         arrays = {
             name.rstrip("_"): np.ascontiguousarray(getattr(self, name))
             for name in self._ARRAYS
@@ -176,6 +184,8 @@ class Probe(ClassifierMixin, BaseEstimator):
         }
         save_file(arrays, str(out / "probe.safetensors"))
         doc = {
+            # the JSON and the weights are one unit: load_probe refuses weights of another probe beside this JSON
+            "weights_sha256": _sha256(out / "probe.safetensors"),
             "format": PROBE_FORMAT,
             "format_version": PROBE_FORMAT_VERSION,
             "lvlmlp_version": __version__,
@@ -189,7 +199,6 @@ class Probe(ClassifierMixin, BaseEstimator):
             "fit_info": getattr(self, "fit_info_", {}),
         }
         (out / "probe.json").write_text(json.dumps(doc, indent=2))
-        return out
 
 
 def load_probe(directory: str | Path) -> Probe:
@@ -224,6 +233,9 @@ def load_probe(directory: str | Path) -> Probe:
     if unknown:
         raise LvlmlpError(f"{json_path}: params.{unknown[0]} is not a parameter of {cls.__name__} "
                           f"(parameters: {', '.join(sorted(allowed))})")
+    if "threshold" in doc and doc["threshold"] != params.get("threshold", doc["threshold"]):
+        raise LvlmlpError(f"{json_path}: 'threshold' {doc['threshold']!r} and 'params.threshold' "
+                          f"{params['threshold']!r} disagree (params.threshold is the one used): make them equal")
     try:
         arrays = load_file(str(weights_path))
     except (SafetensorError, OSError) as err:
@@ -239,6 +251,11 @@ def load_probe(directory: str | Path) -> Probe:
     probe.classes_ = np.asarray(classes)
     probe.n_features_in_ = n_in
     _check_loaded(probe, json_path, weights_path)
+    # last: a damaged file gets its own message above; here whole weights that are another probe's
+    recorded = doc.get("weights_sha256")
+    if recorded is not None and recorded != _sha256(weights_path):
+        raise LvlmlpError(f"{weights_path}: not the weights probe.json was saved with (sha256 differs): the folder "
+                          "mixes two probes; train the probe again")
     spec = doc.get("feature_spec")
     if spec is not None and not isinstance(spec, dict):
         raise LvlmlpError(f"{json_path}: 'feature_spec' must be an object or null, got {spec!r}")
@@ -246,6 +263,14 @@ def load_probe(directory: str | Path) -> Probe:
     probe.label_names_ = doc.get("label_names")
     probe.fit_info_ = doc.get("fit_info", {})
     return probe
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _check_loaded(probe: Probe, json_path: Path, weights_path: Path) -> None:

@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.ranges import NONNEG_FLOAT, POSITIVE, PROBABILITY, Range, check_probe_params
 
 
 @dataclass
@@ -64,8 +65,12 @@ class Section(Mapping):
         return {k: (v.to_dict() if isinstance(v, Section) else v) for k, v in self.items()}
 
 
-def _min(value: float) -> dict[str, Any]:
-    return {"min": value}
+def _min(value: int) -> dict[str, Any]:
+    return {"range": Range(int, value)}
+
+
+def _in(rng: Range) -> dict[str, Any]:
+    return {"range": rng}
 
 
 @dataclass
@@ -121,7 +126,7 @@ class SteeringConfig(Section):
     greedy answers of the extraction (`extract.max_new_tokens` tokens) are the unguarded ones."""
 
     template: str | None = None  # required when the section is given
-    threshold: float | None = None  # None: the probe's threshold (`probe: {threshold: T}`, default 0.5)
+    threshold: float | None = field(default=None, metadata=_in(PROBABILITY))  # None: the probe's (probe.json)
 
 
 @dataclass
@@ -130,9 +135,9 @@ class RayConfig(Section):
 
     address: str | None = None  # None: a local Ray instance for this run; "auto" or an address: join that cluster
     replicas: int | None = field(default=None, metadata=_min(1))  # default: one per GPU, else one per CPU slot
-    cpus_per_replica: float = 1.0
-    gpus_per_replica: float | None = None
-    connect_timeout: float = 30.0  # seconds to wait for the cluster at `address` to answer
+    cpus_per_replica: float = field(default=1.0, metadata=_in(POSITIVE))
+    gpus_per_replica: float | None = field(default=None, metadata=_in(NONNEG_FLOAT))
+    connect_timeout: float = field(default=30.0, metadata=_in(POSITIVE))  # seconds for the cluster at `address` to answer
 
 
 @dataclass
@@ -165,7 +170,7 @@ class ExperimentConfig(Section):
     splits: SplitsConfig = field(default_factory=SplitsConfig)
     limit: int | None = field(default=None, metadata=_min(1))  # seeded random N rows per split
     per_class: int | None = field(default=None, metadata=_min(1))
-    seed: int = 0
+    seed: int = field(default=0, metadata=_min(0))
     batch_size: int = field(default=8, metadata=_min(1))  # rows per forward; may change the last float digits
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -331,8 +336,9 @@ def _check(value: Any, hint: Any, key: str, meta: Mapping[str, Any] = types.Mapp
         ok = isinstance(value, int) or (hint is float and isinstance(value, float))
         if isinstance(value, bool) or not ok:
             raise fail
-        if "min" in meta and value < meta["min"]:
-            raise LvlmlpError(f"config: {key}: must be >= {meta['min']}, got {value!r}")
+        rng = meta.get("range") or (Range(hint, meta["min"]) if "min" in meta else None)
+        if rng is not None:  # its declared range, finite (a YAML .nan or .inf is refused here)
+            rng.check(value, f"config: {key}")
         return value
     if hint is str:
         if not isinstance(value, str):
@@ -403,6 +409,7 @@ def validate(cfg: ExperimentConfig) -> None:
         finetune_options(cfg)
     from lvlmlp.study.analyses import make_probe_factory
 
+    check_probe_params(cfg.probe.params, "config: probe.")  # --set probe.C=-1 as `probe train --C -1`
     try:
         make_probe_factory(dict(cfg.probe))
     except LvlmlpError as err:

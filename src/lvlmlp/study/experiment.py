@@ -95,7 +95,11 @@ class Steps:
 
     def done(self, name: str, key: str) -> bool:
         path = self.dir / f"{name}.json"
-        return path.is_file() and json.loads(path.read_text()).get("key") == key
+        try:  # a damaged stamp (or result, in `cached`) is this folder's own cache: the step runs again
+            return path.is_file() and json.loads(path.read_text()).get("key") == key
+        except (ValueError, AttributeError):
+            log.warning("%s: damaged step stamp; the step runs again", path)
+            return False
 
     def mark(self, name: str, key: str) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -153,10 +157,6 @@ def _task_header(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"groups": dict(task.groups), "label_names": list(task.label_names) or None}
 
 
-# What `lvlmlp run` writes in OUT; a non-empty OUT holding none of these is the user's folder, never written to.
-_EXPERIMENT_ENTRIES = {"steps", "runs", "evals", "probes", "analyses", "report", ".lvlmlp.lock"}
-
-
 def run_experiment(cfg: ExperimentConfig, progress: bool = True, backend: LazyBackend | None = None) -> dict[str, Any]:
     """Run every step of a validated config (see `load_config`); returns the report's metrics. One process at a
     time works in OUT (an fcntl lock naming its holder). `backend`: a `LazyBackend` shared with other configs of
@@ -164,15 +164,9 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, backend: LazyBa
     if backend is not None and not backend.serves(cfg):
         raise LvlmlpError("run_experiment: the shared backend was made for another model or device")
     from lvlmlp.extraction.store import locked_folder
+    from lvlmlp.outputs import claim_folder
 
-    out = Path(cfg["out"])
-    if out.exists() and not out.is_dir():
-        raise LvlmlpError(f"out {out}: exists and is not a folder")
-    if out.is_dir():
-        names = {p.name for p in out.iterdir()}
-        if names and not names & _EXPERIMENT_ENTRIES:
-            raise LvlmlpError(f"out {out}: exists and is not an `lvlmlp run` folder (it holds "
-                              f"{', '.join(sorted(names)[:3])}); give an empty or new folder")
+    out = claim_folder(cfg["out"], "experiment", "out")  # new, empty or an `lvlmlp run` folder (its marker)
     with locked_folder(out):
         return _run_steps(cfg, progress, backend or LazyBackend(cfg))
 
@@ -319,10 +313,15 @@ def _protocol(cfg: ExperimentConfig, train_run: Any, test_run: Any, label_runs: 
 def cached(steps: Steps, name: str, key: str, path: Path, compute: Any) -> Any:
     """The JSON result of an analysis step, recomputed only when its settings or input runs changed."""
     if steps.done(name, key) and path.is_file():
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            log.warning("%s: damaged result; the step runs again", path)
+    from lvlmlp.outputs import write_text_atomic
+
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    write_text_atomic(path, json.dumps(result, indent=2))
     steps.mark(name, key)
     return result
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import shutil
 import sys
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.outputs import claim_folder, read_json
 
 if TYPE_CHECKING:
     import torch
@@ -66,8 +68,10 @@ class Settings:
         for name in ("epochs", "lora_rank", "batch_size", "grad_accum"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise LvlmlpError(f"finetune: {name} must be a positive integer, got {getattr(self, name)!r}")
-        if not self.lr > 0 or not 0 <= self.lora_dropout < 1:
+        if not self.lr > 0 or not 0 <= self.lora_dropout < 1 or not math.isfinite(self.lr):
             raise LvlmlpError(f"finetune: need lr > 0 and 0 <= lora_dropout < 1 (got {self.lr}, {self.lora_dropout})")
+        if not self.lora_alpha > 0 or not math.isfinite(self.lora_alpha):
+            raise LvlmlpError(f"finetune: lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
         if not self.target_modules:
             raise LvlmlpError("finetune: no LoRA target modules given")
 
@@ -263,10 +267,10 @@ def finetune(backend: Backend, rows: Sequence[dict], targets: Sequence[str], out
         raise LvlmlpError(f"{source}: row {missing[0]!r}: image not found")
 
     key = _settings_key(settings, backend, list(targets), rows)
+    claim_folder(out, "finetune")  # new, empty or a finetune folder: never the user's files
     summary_path = out / "finetune.json"
-    if summary_path.is_file() and json.loads(summary_path.read_text()).get("key") != key:
+    if summary_path.is_file() and read_json(summary_path).get("key") != key:
         raise LvlmlpError(f"{out}: holds a finetuning with other settings, rows or model; use another --out")
-    out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(settings.seed)  # LoRA's A matrices are drawn at random
     config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,

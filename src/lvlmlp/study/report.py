@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.outputs import read_json
 
 
 def load_eval(directory: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -28,10 +29,23 @@ def load_eval(directory: str | Path) -> tuple[dict[str, Any], list[dict[str, Any
     for path in (metrics_path, scores_path):
         if not path.is_file():
             raise LvlmlpError(f"{folder}: not a probe eval folder (missing {path.name})")
-    metrics = json.loads(metrics_path.read_text())
+    metrics = read_json(metrics_path)
+    for key in _NUMBERS:  # a string where a number belongs would fail in a format code, far from the file
+        value = metrics.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise LvlmlpError(f"{metrics_path}: {key!r} must be a number or null, got {value!r}")
+    records = []
     with scores_path.open(encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                record = read_json(scores_path, line, f" line {n}")
+                if not isinstance(record.get("score", 0.0), (int, float)):
+                    raise LvlmlpError(f"{scores_path} line {n}: 'score' must be a number, got {record['score']!r}")
+                records.append(record)
     return metrics, records
+
+
+_NUMBERS = ("auroc", "auprc", "accuracy", "f1", "n")
 
 
 def _unique_names(dirs: list[Path]) -> list[str]:

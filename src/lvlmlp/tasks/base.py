@@ -17,6 +17,7 @@ from typing import Any
 
 from lvlmlp.data import iter_json_lines, validate_rows
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.ranges import Range
 
 KINDS = ("binary", "multiclass", "binary-from-response")
 
@@ -258,11 +259,13 @@ def as_list(value: Any, option: str, task: str) -> list[str]:
     raise LvlmlpError(f"{task}: option {option!r} must be a list or comma-separated string, got {value!r}")
 
 
-def as_int(value: Any, option: str, task: str) -> int | None:
-    """An integer option that may arrive as a string from the command line; "none" disables it."""
+def as_int(value: Any, option: str, task: str, minimum: int = 1) -> int | None:
+    """An integer option (a count unless `minimum` says otherwise) that may arrive as a string from the command
+    line; "none" disables it."""
     if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
         return None
     try:
-        return int(value)
+        number = int(value)
     except (TypeError, ValueError):
         raise LvlmlpError(f"{task}: option {option!r} must be an integer, got {value!r}") from None
+    return Range(int, minimum).check(number, f"{task}: option {option!r}")

@@ -36,7 +36,7 @@ def _loader(analogue: str):
         key = f"n_{req.split}" if f"n_{req.split}" in req.options else "n"  # this split's own count, else n
         raw = req.options.get(key, 200)
         n = as_int(raw, key, req.task)
-        seed = as_int(req.options.get("world_seed", 0), "world_seed", req.task)
+        seed = as_int(req.options.get("world_seed", 0), "world_seed", req.task, minimum=0)
         if n is None or n < 1:
             raise req.error(f"option {key} must be a positive integer, got {raw!r}")
         images = req.image_root if req.image_root is not None else req.data_root / "images" / analogue
