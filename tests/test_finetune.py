@@ -187,11 +187,21 @@ def test_cli_finetunes_a_manifest_and_extract_loads_the_result(tiny_ckpt, tmp_pa
 
 
 def test_compare_reports_finetuned_and_probes_per_epoch(tiny_ckpt, tmp_path):
+    from lvlmlp.probing.probes import make_probe
+
     rows = make_rows(tmp_path, 8)
     train, test = rows[:4], rows[4:]
+    made = []  # the probe on the finetuned model's logits is the caller's (the configured probe's factory)
+
+    def factory():
+        made.append(make_probe("logistic", {"max_iter": 1000}))
+        return made[-1]
+
     result = compare(tiny_ckpt("llava"), train, test, row_targets(train, {1: "yes", 0: "no"}, "t"), tmp_path / "cmp",
                      Settings(epochs=2, lr=5e-3, batch_size=4), readout_for({1: "yes", 0: "no"}),
-                     np.array([0.9, 0.2, 0.6, 0.4]), device="cpu", dtype="float32", n_boot=50, progress=False)
+                     np.array([0.9, 0.2, 0.6, 0.4]), device="cpu", dtype="float32", n_boot=50, progress=False,
+                     make_probe=factory)
+    assert len(made) == 1 and made[0].coef_ is not None
     methods = result["methods"]
     assert methods["probe (base model)"]["auroc"] == 1.0  # the given scores rank test labels 1, 0, 1, 0 perfectly
     assert set(methods) == {"probe (base model)", "finetuned: own answer", "finetuned: answer prob",
@@ -201,7 +211,8 @@ def test_compare_reports_finetuned_and_probes_per_epoch(tiny_ckpt, tmp_path):
     assert result["per_epoch"][-1]["answer_prob"]["auroc"] == pytest.approx(methods["finetuned: answer prob"]["auroc"])
     again = compare(tiny_ckpt("llava"), train, test, row_targets(train, {1: "yes", 0: "no"}, "t"), tmp_path / "cmp",
                     Settings(epochs=2, lr=5e-3, batch_size=4), readout_for({1: "yes", 0: "no"}),
-                    np.array([0.9, 0.2, 0.6, 0.4]), device="cpu", dtype="float32", n_boot=50, progress=False)
+                    np.array([0.9, 0.2, 0.6, 0.4]), device="cpu", dtype="float32", n_boot=50, progress=False,
+                    make_probe=factory)
     again.pop("seconds"), result.pop("seconds")
     assert again == result  # resumed: nothing retrained, the same numbers
 

@@ -302,3 +302,24 @@ def test_lda_within_class_pseudo_inverse_against_numpy_svd(case):
         assert np.allclose(z.numpy().T @ z.numpy(), xw.T @ xw, rtol=0, atol=1e-12)
     got = _centres_times_pinv(z, torch.from_numpy(centres), 1e-4).numpy()
     assert np.allclose(got, expected, rtol=1e-8, atol=1e-8 * np.abs(expected).max())
+
+
+def test_one_probe_factory_checks_kind_parameters_and_ranges_in_the_callers_words():
+    from lvlmlp.errors import LvlmlpError
+    from lvlmlp.probing.probes import LDAProbe, LogisticProbe, make_probe
+
+    probe = make_probe("logistic", {"C": 0.5, "max_iter": 50})
+    assert type(probe) is LogisticProbe and (probe.C, probe.max_iter) == (0.5, 50)
+    assert type(make_probe("lda", {})) is LDAProbe
+    cases = [
+        (("svm", {}, True), "--probe 'svm': unknown probe (choose from logistic, multinomial, lda, mlp, mtre)"),
+        (("svm", {}, False), "probe.kind 'svm': unknown (choose from logistic, multinomial, lda, mlp, mtre)"),
+        (("lda", {"max_iter": 3}, True), "--max-iter does not apply to --probe lda (its hyper-parameters: "),
+        (("lda", {"max_iter": 3}, False), "probe.max_iter: not a parameter of the lda probe (parameters: "),
+        (("logistic", {"C": -1.0}, True), "--C: must be a finite number > 0, got -1.0"),
+        (("logistic", {"C": float("nan")}, False), "probe.C: must be a finite number > 0, got nan"),
+    ]
+    for (kind, params, cli), message in cases:
+        with pytest.raises(LvlmlpError) as err:
+            make_probe(kind, params, cli=cli)
+        assert str(err.value).startswith(message), (str(err.value), message)

@@ -109,22 +109,13 @@ def _layer_sizes(text: str) -> tuple[int, ...]:
 
 
 def make_probe(args: argparse.Namespace, n_classes: int) -> Any:
-    """The probe of `--probe` (default: logistic for 2 classes, else multinomial) with the hyper-parameters given;
-    one that the chosen probe does not have is an error naming the flag."""
-    from lvlmlp.probing.probes import PROBES
+    """The probe of `--probe` (default: logistic for 2 classes, else multinomial) with the hyper-parameters given
+    (`probes.make_probe`: one the chosen probe does not have is an error naming the flag)."""
+    from lvlmlp.probing.probes import make_probe as make
 
     kind = args.probe or ("logistic" if n_classes == 2 else "multinomial")
-    if kind not in PROBES:
-        raise LvlmlpError(f"--probe {kind!r}: unknown probe (choose from {', '.join(PROBES)})")
-    cls = PROBES[kind]
-    accepted = cls().get_params()
-    given = {name: getattr(args, name) for name in _HYPER_FLAGS if getattr(args, name, None) is not None}
-    for name in given:
-        if name not in accepted:
-            flag = "--" + name.replace("_", "-")
-            raise LvlmlpError(f"{flag} does not apply to --probe {kind} (its hyper-parameters: "
-                              f"{', '.join('--' + p.replace('_', '-') for p in accepted if p in _HYPER_FLAGS)})")
-    return cls(**given)
+    return make(kind, {name: getattr(args, name) for name in _HYPER_FLAGS if getattr(args, name, None) is not None},
+                cli=True)
 
 
 def _task_of(run: Any) -> str | None:

@@ -865,3 +865,28 @@ class MTREProbe(Probe):
 # The one registry of probe kinds: CLI choices, configs, `load_probe` and cross-validation all read it.
 PROBES: dict[str, type[Probe]] = {"logistic": LogisticProbe, "multinomial": MultinomialProbe, "lda": LDAProbe,
                                   "mlp": MLPProbe, "mtre": MTREProbe}
+
+
+def make_probe(kind: str, params: dict[str, Any], *, cli: bool = False) -> Probe:
+    """The one probe factory (`probe train`, `lvlmlp run`, its analyses and cross-validation, finetuning's
+    comparison): `PROBES[kind](**params)`, after checking the kind, that each parameter is one of that probe's
+    (`get_params`) and in its declared range (`lvlmlp.ranges.PROBE_PARAMS`). Errors name what the caller wrote:
+    a flag (`--max-iter`) when `cli`, else a config key (`probe.max_iter`)."""
+    from lvlmlp.ranges import check_probe_params
+
+    def name(param: str) -> str:
+        return "--" + param.replace("_", "-") if cli else f"probe.{param}"
+
+    if kind not in PROBES:
+        what = f"--probe {kind!r}: unknown probe" if cli else f"probe.kind {kind!r}: unknown"
+        raise LvlmlpError(f"{what} (choose from {', '.join(PROBES)})")
+    check_probe_params(params, "--" if cli else "probe.")  # a value out of range first, whatever the probe
+    cls = PROBES[kind]
+    accepted = list(cls().get_params())
+    for param in params:
+        if param not in accepted:
+            if cli:
+                raise LvlmlpError(f"{name(param)} does not apply to --probe {kind} (its hyper-parameters: "
+                                  f"{', '.join(name(p) for p in accepted)})")
+            raise LvlmlpError(f"{name(param)}: not a parameter of the {kind} probe (parameters: {', '.join(accepted)})")
+    return cls(**params)

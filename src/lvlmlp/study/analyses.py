@@ -12,7 +12,6 @@ feature are counted in every result (`n_*_short`), never dropped silently.
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -48,21 +47,16 @@ class Labelled:
 
 
 def make_probe_factory(cfg: dict[str, Any]) -> Callable[[], Any]:
-    """`cfg` = {"kind": logistic|lda|multinomial, "feature": ..., hyper-parameters...} -> a fresh-probe factory."""
-    from lvlmlp.probing.probes import PROBES
+    """`cfg` = {"kind": a `PROBES` name, "feature": ..., hyper-parameters...} -> a fresh-probe factory
+    (`probes.make_probe`, checked once here)."""
+    from lvlmlp.probing.probes import make_probe
 
     params = {k: v for k, v in cfg.items() if k not in ("kind", "feature")}
     kind = cfg.get("kind", "logistic")
-    if kind not in PROBES:
-        raise LvlmlpError(f"probe.kind {kind!r}: unknown (choose from {', '.join(PROBES)})")
-    cls = PROBES[kind]
-    known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise LvlmlpError(f"probe.{unknown[0]}: not a parameter of the {kind} probe (parameters: {', '.join(known)})")
+    make_probe(kind, params)  # an unknown kind or parameter, or one out of range: the error before any fit
 
     def make() -> Any:
-        return cls(**params)
+        return make_probe(kind, params)
 
     make.key = json.dumps([kind, params], sort_keys=True, default=str)  # type: ignore[attr-defined]
     return make

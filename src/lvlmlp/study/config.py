@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.ranges import NONNEG_FLOAT, POSITIVE, PROBABILITY, Range, check_probe_params
+from lvlmlp.ranges import NONNEG_FLOAT, POSITIVE, PROBABILITY, Range
 
 
 @dataclass
@@ -409,8 +409,7 @@ def validate(cfg: ExperimentConfig) -> None:
         finetune_options(cfg)
     from lvlmlp.study.analyses import make_probe_factory
 
-    check_probe_params(cfg.probe.params, "config: probe.")  # --set probe.C=-1 as `probe train --C -1`
-    try:
+    try:  # the probe factory checks kind, parameters and their ranges (--set probe.C=-1 as `probe train --C -1`)
         make_probe_factory(dict(cfg.probe))
     except LvlmlpError as err:
         raise LvlmlpError(f"config: {err}") from None

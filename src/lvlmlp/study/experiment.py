@@ -503,15 +503,15 @@ def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tu
         # The configured probe (kind, feature, hyper-parameters), as in the main evaluation.
         kind = cfg.probe.feature
         y_train = np.array([r["label"] for r in train_rows], dtype=int)
-        probe = an.make_probe_factory(dict(cfg.probe))().fit(ft.first_token_logits(base_train, train_rows, kind),
-                                                              y_train)
+        make = an.make_probe_factory(dict(cfg.probe))
+        probe = make().fit(ft.first_token_logits(base_train, train_rows, kind), y_train)
         base = probe.predict_proba(ft.first_token_logits(base_test, test_rows, kind))[:, 1]
         return ft.compare(cfg["model"], train_rows, test_rows, targets, out / "finetune", settings,
                           ft.readout_for(answers), base, device=cfg["device"], dtype=cfg["dtype"],
                           prompt_template=template, raw_prompt=bool(cfg["raw_prompt"]),
                           system_prompt=cfg["system_prompt"], max_new_tokens=int(opts["max_new_tokens"]),
                           batch_size=cfg["batch_size"], every_epoch=bool(opts["every_epoch"]), n_boot=cfg["n_boot"],
-                          probe_threshold=float(probe.threshold))
+                          probe_threshold=float(probe.threshold), make_probe=make)
 
     key = _key([settings, opts, template, cfg["n_boot"], dict(cfg.probe),
                 [(str(r.path), r.manifest.get("created_at")) for r in (base_train, base_test)]])

@@ -422,13 +422,12 @@ def readout_for(answers: dict[int, str]) -> Readout:
     raise LvlmlpError("finetune: the comparison needs answer words for label 1 or 0 (--answers / finetune.answers)")
 
 
-def probe_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
-    """P(label 1) of a linear probe (`LogisticProbe`, logistic regression) on first-token logits."""
-    from lvlmlp.probing.probes import LogisticProbe
-
+def probe_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                 make_probe: Callable[[], Any]) -> np.ndarray:
+    """P(label 1) of a fresh probe from `make_probe` (the configured probe's factory) on first-token logits."""
     if len(np.unique(y_train)) < 2:
         raise LvlmlpError("finetune comparison: the probe's train rows hold one class only")
-    return LogisticProbe(max_iter=1000).fit(x_train, y_train.astype(int)).predict_proba(x_test)[:, 1]
+    return make_probe().fit(x_train, y_train.astype(int)).predict_proba(x_test)[:, 1]
 
 
 def first_token_logits(run: Any, rows: Sequence[dict], kind: str = "logits") -> np.ndarray:
@@ -466,14 +465,15 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
             device: str = "auto", dtype: str = "auto", prompt_template: str | None = None, raw_prompt: bool = False,
             system_prompt: str | None = None, max_new_tokens: int = 3,
             batch_size: int = 8, every_epoch: bool = True, tuned_probe: bool = True, n_boot: int = 1000,
-            progress: bool = True, probe_threshold: float = 0.5) -> dict[str, Any]:
+            progress: bool = True, probe_threshold: float = 0.5,
+            make_probe: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Finetune `model` on (train_rows, targets) into `out` and compare on `test_rows` (labels 0/1):
 
     * `probe (base model)`: `base_probe`, the caller's P(label 1) from the probe on the base model's logits;
     * `finetuned: own answer` / `finetuned: answer-token prob`: the merged model's greedy answer and first-token
       probability of the readout word (and, with `every_epoch`, the same per epoch with the adapter active);
-    * `probe (finetuned model)` (unless not `tuned_probe`): the same probe trained on the finetuned model's
-      logits of `train_rows`.
+    * `probe (finetuned model)` (unless not `tuned_probe`): the same probe (`make_probe`, the configured probe's
+      factory; needed then) trained on the finetuned model's logits of `train_rows`.
     Every run is resumable; returns (and writes to `out/comparison.json`) the metrics with 95% intervals; the
     probes' accuracy and F1 at `probe_threshold` (the configured probe's own), the finetuned model's at 0.5."""
     from lvlmlp.extraction.backend import Backend
@@ -518,12 +518,14 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
     for key, score in _readout_scores(test_run, test_rows, readout, tuned.tokenizer).items():
         methods[f"finetuned: {key.replace('_', ' ')}"] = scored(y, score, n_boot, settings.seed)
     if tuned_probe:
+        if make_probe is None:
+            raise LvlmlpError("finetune comparison: tuned_probe needs the probe's factory (make_probe)")
         probe_rows = list(train_rows)
         train_run = extract(tuned, probe_rows, out / "eval" / "final-train", batch_size=batch_size,
                             store_dtype="float32", progress=progress, source="finetuned model, train rows")
         y_train = np.array([r.get("label") for r in probe_rows], dtype=float)
         score = probe_scores(first_token_logits(train_run, probe_rows), y_train,
-                             first_token_logits(test_run, test_rows))
+                             first_token_logits(test_run, test_rows), make_probe)
         methods["probe (finetuned model)"] = scored(y, score, n_boot, settings.seed, probe_threshold)
     result = {
         "n_test": len(test_rows), "n_finetune_rows": len(train_rows), "epochs": settings.epochs,
