@@ -113,7 +113,7 @@ def edit_json(path: Path, change: Callable[[dict], None]) -> None:
 
 def hold_lock(folder: Path) -> subprocess.Popen:
     """Another process holding `folder`'s lock, as a running `lvlmlp extract` would."""
-    code = ("import sys, time; from lvlmlp.extraction.store import FolderLock; lock = FolderLock(sys.argv[1]); "
+    code = ("import sys, time; from lvlmlp.locking import FolderLock; lock = FolderLock(sys.argv[1]); "
             "print('locked', flush=True); time.sleep(60)")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, env=env)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import lvlmlp
-from lvlmlp import open_run
+from lvlmlp import locking, open_run
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction import store
 from lvlmlp.extraction.store import RunWriter, check_output_folder, is_complete_run, merge_runs
@@ -259,28 +259,28 @@ def test_lock_names_its_holder_is_private_and_is_dropped_by_a_forked_child(tmp_p
     nested folder not created, a released or child-forgotten descriptor still tracked or unlocked twice."""
     monkeypatch.setattr(sys, "argv", ["/usr/bin/lvlmlp", "extract", "--out", "b"])  # the holder's command line
     folder = tmp_path / "a" / "b"
-    lock = store.FolderLock(folder)
-    assert (folder / store.LOCK_NAME).stat().st_mode & 0o777 == 0o644 & ~_umask()
+    lock = locking.FolderLock(folder)
+    assert (folder / locking.LOCK_NAME).stat().st_mode & 0o777 == 0o644 & ~_umask()
     command = "lvlmlp extract --out b"
     with pytest.raises(LvlmlpError) as err:
-        store.FolderLock(folder)
+        locking.FolderLock(folder)
     assert re.fullmatch(re.escape(f"{folder}: in use by pid {os.getpid()} on {socket.gethostname()} since ")
                         + r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00"
                         + re.escape(f" ({command}); wait for it to finish (or stop it) and re-run"), str(err.value))
     fd = lock._fd
     lock.release()
-    assert fd not in store._HELD_LOCKS
+    assert fd not in locking._HELD_LOCKS
     lock.release()  # twice is harmless
-    (folder / store.LOCK_NAME).write_text("")  # a lock file whose holder wrote nothing
-    held = store.FolderLock(folder)
-    with open(folder / store.LOCK_NAME, "r+") as fh:
+    (folder / locking.LOCK_NAME).write_text("")  # a lock file whose holder wrote nothing
+    held = locking.FolderLock(folder)
+    with open(folder / locking.LOCK_NAME, "r+") as fh:
         fh.truncate(0)
     with pytest.raises(LvlmlpError, match=re.escape(f"{folder}: in use by another process;")):
-        store.FolderLock(folder)
-    store._forget_inherited_locks()  # what a forked child does: its copy closed, not unlocked
-    assert store._HELD_LOCKS == set()
+        locking.FolderLock(folder)
+    locking.forget_inherited_locks()  # what a forked child does: its copy closed, not unlocked
+    assert locking._HELD_LOCKS == set()
     held.release()  # the child's lock object must not unlock or close a descriptor it no longer has
-    store.FolderLock(folder).release()  # the lock is free: its only descriptor was closed
+    locking.FolderLock(folder).release()  # the lock is free: its only descriptor was closed
 
 
 def _umask() -> int:

@@ -355,7 +355,7 @@ def test_missing_key_or_unreachable_endpoint_is_one_line_before_any_request(tmp_
 
 
 def test_a_second_judge_on_the_same_run_is_refused(tmp_path, serve, key):
-    from lvlmlp.extraction.store import locked_folder
+    from lvlmlp.locking import locked_folder
 
     run = legacy_run(tmp_path, [{"question": "Why?", "response": "Because."}])
     server = serve(lambda content: "yes")
@@ -462,7 +462,7 @@ def test_config_judge_section_is_checked(tmp_path):
     with pytest.raises(LvlmlpError, match=r"^config: judge.endpoint is required"):
         load_config(cfg)
     cfg.write_text(base + "task: vizwiz\njudge: {endpoint: x, concurrency: 0}\n")
-    with pytest.raises(LvlmlpError, match=r"^config: judge.concurrency: must be >= 1, got 0"):
+    with pytest.raises(LvlmlpError, match=r"^config: judge.concurrency: must be an integer >= 1, got 0"):
         load_config(cfg)
 
 

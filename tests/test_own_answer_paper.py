@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lvlmlp import open_run
 from lvlmlp.cli import main
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.probing.baselines import PAPER_JUDGED, PAPER_RULES
@@ -57,11 +58,17 @@ def port_judged(task: str, reply: str) -> int:
     return 0 if reply == 'no' else 1  # Task1 / Task3: `0 if ins["is_answer"] == 'no' else 1`
 
 
-def imported_run(tmp_path: Path, name: str = "legacy") -> tuple[Path, list[dict]]:
-    """Every response twice, once per label (MM-SafetyBench's oeh rule reads the label), as the paper's JSON lines."""
+# The row field each task's per-group metrics read (`probe eval --task` refuses rows without it).
+GROUP_FIELDS = {"mmsafety": {"scenario": "01-Illegal_Activitiy"}, "pope": {"category": "random"}}
+
+
+def imported_run(tmp_path: Path, name: str = "legacy", fields: dict | None = None) -> tuple[Path, list[dict]]:
+    """Every response twice, once per label (MM-SafetyBench's oeh rule reads the label), as the paper's JSON lines
+    (with `fields` on every row: MM-SafetyBench's scenario unless told)."""
+    fields = GROUP_FIELDS["mmsafety"] if fields is None else fields
     rng = np.random.default_rng(0)
     rows = [{"question_id": f"q{i}", "image": f"{i}.jpg", "model_name": "LLaVA-7B", "question": f"q {i}?",
-             "label": label, "response": r, "logits": (rng.normal(size=V) + 2 * label).tolist()}
+             "label": label, "response": r, "logits": (rng.normal(size=V) + 2 * label).tolist(), **fields}
             for i, (r, label) in enumerate((r, label) for r in RESPONSES for label in (0, 1))]
     src = tmp_path / f"{name}.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -87,9 +94,10 @@ def paper_scores(tmp_path: Path, run: Path, *flags: str) -> dict[str, float]:
 
 @pytest.mark.parametrize(("task", "style"), sorted(PAPER_RULES))
 def test_response_rules_equal_the_notebooks(tmp_path, task, style):
-    run, rows = imported_run(tmp_path)
+    run, rows = imported_run(tmp_path, fields=GROUP_FIELDS.get(task, {}))
     got = paper_scores(tmp_path, run, "--task", task, "--prompt-style", style)
-    expected = {r["question_id"]: port(task, style, r["response"], r["label"]) for r in rows}
+    ids = open_run(run).ids  # the rows' order (POPE ids are made unique per category: "random/q0")
+    expected = {i: port(task, style, r["response"], r["label"]) for i, r in zip(ids, rows)}
     assert got == expected
     assert len(set(expected.values())) == 2  # the responses exercise both outcomes
 

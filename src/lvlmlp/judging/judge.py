@@ -238,7 +238,8 @@ def preflight(run_dir: str | Path, task: str, prompt_template: str | None, opts:
 
 def judge_run(run_dir: str | Path, task: str, prompt_template: str | None, opts: JudgeOptions) -> Summary:
     """Judge every response of the run not judged yet; returns the counts (`Summary.line()` prints them)."""
-    from lvlmlp.extraction.store import locked_folder, open_run
+    from lvlmlp.extraction.store import open_run
+    from lvlmlp.locking import locked_folder
 
     opts.check()
     tpl.task_template(task)  # a task without a judge: a one-line error before opening anything else

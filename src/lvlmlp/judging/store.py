@@ -59,7 +59,7 @@ def read_judgments(run_dir: str | Path) -> dict[str, Judgment]:
 
 class JudgmentLog:
     """Appends judgments to `RUN/judgments.jsonl`, one durable line at a time. The caller holds the run folder's
-    lock (`lvlmlp.extraction.store.locked_folder`)."""
+    lock (`lvlmlp.locking.locked_folder`)."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / JUDGMENTS_FILE

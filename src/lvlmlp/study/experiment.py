@@ -163,7 +163,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, backend: LazyBa
     the same model, so that it loads once (and only if some step needs it)."""
     if backend is not None and not backend.serves(cfg):
         raise LvlmlpError("run_experiment: the shared backend was made for another model or device")
-    from lvlmlp.extraction.store import locked_folder
+    from lvlmlp.locking import locked_folder
     from lvlmlp.outputs import claim_folder
 
     out = claim_folder(cfg["out"], "experiment", "out")  # new, empty or an `lvlmlp run` folder (its marker)
