@@ -11,7 +11,7 @@ backend's batching quirks exactly; their answers are of course noise.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,19 +77,8 @@ def _chat_template(style: str) -> str:
     )
 
 
-def _tokenizer(
-    specials: list[str],
-    *,
-    bos: str | None,
-    eos: str,
-    pad: str,
-    unk: str | None = None,
-    add_bos: bool = False,
-    add_eos: bool = False,
-    extra: dict[str, str] | None = None,
-    vocab_size: int = 320,
-) -> Any:
-    """A byte-level BPE tokenizer trained on `_CORPUS`; `specials` come first, so their ids are 0, 1, 2, ..."""
+def _tokenizer(spec: Tokens) -> Any:
+    """A byte-level BPE tokenizer trained on `_CORPUS` as `spec` says; its specials come first (ids 0, 1, 2, ...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -97,287 +86,290 @@ def _tokenizer(
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
+        vocab_size=spec.vocab_size,
+        special_tokens=list(spec.specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS.split("\n"), trainer)
-    named = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": unk}
+    named = {"bos_token": spec.bos, "eos_token": spec.eos, "pad_token": spec.pad, "unk_token": spec.unk}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         **{k: v for k, v in named.items() if v is not None},
-        extra_special_tokens=extra or {},
-        add_bos_token=add_bos,
-        add_eos_token=add_eos,
+        extra_special_tokens=dict(spec.extra),
+        add_bos_token=spec.add_bos,
+        add_eos_token=spec.add_eos,
     )
+
+
+# ------------------------------------------------------------------------------------------------ family entries
+# A family is data: a `Family` entry names transformers classes and their keyword arguments. Values that depend on
+# the family's own tokenizer (its size, a token's id, the tokenizer itself) are written as markers and resolved when
+# the checkpoint is built, so an entry never needs code of its own.
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A tokenizer to train offline: `specials` come first (ids 0, 1, 2, ...), then byte-level BPE merges."""
+
+    specials: tuple[str, ...]
+    eos: str
+    pad: str
+    bos: str | None = None
+    unk: str | None = None
+    add_bos: bool = False
+    add_eos: bool = False
+    extra: tuple[tuple[str, str], ...] = ()  # named special tokens, e.g. ("image_token", "<image>")
+    vocab_size: int = 320
+
+
+@dataclass(frozen=True)
+class Part:
+    """A transformers class by name and its keyword arguments (markers allowed); `as_dict`: its config dict."""
+
+    cls: str
+    kwargs: tuple[tuple[str, Any], ...]
+    as_dict: bool = False
+
+
+def part(cls: str, **kwargs: Any) -> Part:
+    return Part(cls, tuple(kwargs.items()))
+
+
+@dataclass(frozen=True)
+class Id:
+    """The id of `token` in the family's tokenizer."""
+
+    token: str
+
+
+@dataclass(frozen=True)
+class Special:
+    """The id of the tokenizer's `bos`, `eos` or `pad` token (None when it has none)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Template:
+    """A chat template in one of the `_TEMPLATES` styles."""
+
+    style: str
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+TOKENIZER = _Marker("TOKENIZER")  # the family's tokenizer object
+VOCAB = _Marker("VOCAB")  # its length (the embedding rows the text model needs)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One tiny-checkpoint entry: the model class, its config, the processor, the tokenizer.
+
+    `model_type` is the `config.model_type` the checkpoint gets (PaliGemma 2 is a `paligemma`); its `Quirks` row in
+    `extraction/families.py` is what the backend reads. `attrs`: attributes set on the built processor's parts that
+    their constructors do not take."""
+
+    model: str
+    config: Part
+    processor: Part
+    tokenizer: Tokens
+    model_type: str
+    attrs: tuple[tuple[str, str, Any], ...] = ()  # (processor attribute, attribute, value)
+
+
+def _resolve(value: Any, tok: Any) -> Any:
+    """`value` with every marker replaced by what it stands for in the family built over `tok`."""
+    import transformers as tf
+
+    if isinstance(value, Part):
+        obj = getattr(tf, value.cls)(**{k: _resolve(v, tok) for k, v in value.kwargs})
+        return obj.to_dict() if value.as_dict else obj
+    if isinstance(value, Tokens):
+        return _tokenizer(value)
+    if isinstance(value, Id):
+        return tok.convert_tokens_to_ids(value.token)
+    if isinstance(value, Special):
+        return getattr(tok, f"{value.name}_token_id")
+    if isinstance(value, Template):
+        return _chat_template(value.style)
+    if value is TOKENIZER:
+        return tok
+    if value is VOCAB:
+        return len(tok)
+    if isinstance(value, dict):
+        return {k: _resolve(v, tok) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve(v, tok) for v in value]
+    return value
 
 
 # Every tower is this small: 2 layers of width 32 keep a whole family's checkpoint under 1 MB and a forward in ms.
 _TINY: dict[str, int] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 
-def _text(tokenizer: Any, **overrides: Any) -> dict[str, Any]:
-    """Keyword arguments of a tiny decoder config over `tokenizer`'s vocabulary and special tokens."""
-    return {
-        "vocab_size": len(tokenizer),
+def _text(cls: str | None = "LlamaConfig", **overrides: Any) -> Any:
+    """A tiny decoder config over the family tokenizer's vocabulary and special tokens; a dict when `cls` is None."""
+    kwargs = {
+        "vocab_size": VOCAB,
         **_TINY,
         "num_key_value_heads": 1,
         "max_position_embeddings": 512,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": Special("pad"),
+        "bos_token_id": Special("bos"),
+        "eos_token_id": Special("eos"),
+        **({"tie_word_embeddings": False} if cls == "LlamaConfig" else {}),
         **overrides,
     }
+    return part(cls, **kwargs) if cls else kwargs
 
 
-def _vision(**overrides: Any) -> dict[str, Any]:
-    """Keyword arguments of a tiny ViT: 28 px images in 7 px patches (16 patches) unless overridden."""
-    return {**_TINY, "image_size": 28, "patch_size": 7, **overrides}
+def _vision(cls: str | None = None, **overrides: Any) -> Any:
+    """A tiny ViT: 28 px images in 7 px patches (16 patches) unless overridden; a dict when `cls` is None."""
+    kwargs = {**_TINY, "image_size": 28, "patch_size": 7, **overrides}
+    return part(cls, **kwargs) if cls else kwargs
 
 
-def _llama(tokenizer: Any, **overrides: Any) -> Any:
-    from transformers import LlamaConfig
+# LLaVA-1.5 and LLaVA-NeXT: a CLIP tower, a Llama, "<image>" expanded to one token per patch.
+_LLAVA_TOKENS = Tokens(("<unk>", "<s>", "</s>", "<pad>", "<image>"), bos="<s>", eos="</s>", pad="<pad>", unk="<unk>",
+                       add_bos=True, extra=(("image_token", "<image>"),))
+_LLAVA_CONFIG = dict(vision_config=_vision("CLIPVisionConfig", projection_dim=32), text_config=_text(),
+                     image_token_id=Id("<image>"), vision_feature_layer=-2, vision_feature_select_strategy="default")
+_LLAVA_SIZE = dict(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+_LLAVA_PROCESSOR = dict(tokenizer=TOKENIZER, patch_size=7, vision_feature_select_strategy="default",
+                        num_additional_image_tokens=1)
+# "anyres": an image is cut into 28 px tiles on the best-fitting grid, so wide, tall and square images give different
+# numbers of image tokens (the reason LLaVA-NeXT batches need padding).
+_PINPOINTS = [[28, 56], [56, 28], [56, 56]]
 
-    return LlamaConfig(**_text(tokenizer, tie_word_embeddings=False, **overrides))
+# Qwen2-VL and Qwen2.5-VL: 4 px patches merged 2x2, so every 8x8 pixel block is one image token; images are resized
+# to 16..48 px a side. mrope_section splits the 16-dim head's 8 rotary frequencies over (time, height, width).
+_QWEN_TOKENS = Tokens(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>"), eos="<|im_end|>", pad="<|endoftext|>")
+_QWEN_VISION = dict(depth=2, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                    in_channels=3)
+_QWEN_TEXT = _text(None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+_QWEN_IDS = dict(image_token_id=Id("<|image_pad|>"), video_token_id=Id("<|video_pad|>"),
+                 vision_start_token_id=Id("<|vision_start|>"), vision_end_token_id=Id("<|vision_end|>"))
+_QWEN_PIXELS = dict(patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=16 * 16, max_pixels=48 * 48)
+_QWEN_PROCESSOR = dict(image_processor=part("Qwen2VLImageProcessor", **_QWEN_PIXELS), tokenizer=TOKENIZER,
+                       video_processor=part("Qwen2VLVideoProcessor", **_QWEN_PIXELS), chat_template=Template("qwen"))
 
-
-def _clip_vision() -> Any:
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(**_vision(projection_dim=32))
-
-
-def _build_llava(family: str) -> tuple[Any, Any, Any]:
-    import transformers as tf
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"] + (["[INST]", "[/INST]"] if family == "llava_next" else [])
-    tok = _tokenizer(specials, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", add_bos=True,
-                     extra={"image_token": "<image>"})
-    common = dict(vision_config=_clip_vision(), text_config=_llama(tok),
-                  image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-                  vision_feature_select_strategy="default")
-    size = dict(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    if family == "llava":
-        model_cls, config = tf.LlavaForConditionalGeneration, tf.LlavaConfig(**common)
-        image_processor, proc_cls = tf.CLIPImageProcessor(**size), tf.LlavaProcessor
-    else:
-        # "anyres": an image is cut into 28 px tiles on the best-fitting grid, so wide, tall and square images give
-        # different numbers of image tokens (the reason LLaVA-NeXT batches need padding).
-        pinpoints = [[28, 56], [56, 28], [56, 56]]
-        model_cls = tf.LlavaNextForConditionalGeneration
-        config = tf.LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
-        image_processor = tf.LlavaNextImageProcessor(**size, image_grid_pinpoints=pinpoints)
-        proc_cls = tf.LlavaNextProcessor
-    processor = proc_cls(image_processor=image_processor, tokenizer=tok, patch_size=7,
-                         vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                         chat_template=_chat_template(family))
-    return model_cls, config, processor
+# Idefics3 and SmolVLM: 32 px tiles of 8 px patches, pixel-shuffled 2x2: 4 tokens per tile; images up to 64 px are
+# split into a grid of up to 2x2 tiles plus a global view, so the token count depends on the image's shape.
+_GRID = tuple(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))
+_IDEFICS3_EXTRA = (("image_token", "<image>"), ("fake_image_token", "<fake_token_around_image>"),
+                   ("global_image_token", "<global-img>"), ("end_of_utterance_token", "<end_of_utterance>"))
 
 
-def _build_qwen(version: str) -> tuple[Any, Any, Any]:
-    import transformers as tf
+def _idefics3_tokens(bos: str, pad: str) -> Tokens:
+    specials = (bos, pad, "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>", *_GRID)
+    return Tokens(specials, bos=bos, eos="<end_of_utterance>", pad=pad, extra=_IDEFICS3_EXTRA, vocab_size=400)
 
-    specials = [
-        "<|endoftext|>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "<|vision_start|>",
-        "<|vision_end|>",
-        "<|image_pad|>",
-        "<|video_pad|>",
-    ]
-    tok = _tokenizer(specials, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
-    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
-    # 4 px patches merged 2x2: every 8x8 pixel block is one image token, images are resized to 16..48 px a side.
-    vision = dict(
-        depth=2,
-        hidden_size=32,
-        num_heads=2,
-        patch_size=4,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        in_channels=3,
+
+_IDEFICS3_CONFIG = dict(vision_config=_vision(image_size=32, patch_size=8), text_config=Part("LlamaConfig", _text().kwargs, as_dict=True),
+                        scale_factor=2, image_token_id=Id("<image>"))
+_IDEFICS3_SIZE = dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+
+# PaliGemma: a SigLIP tower and a Gemma; no chat template. The processor adds 1024 <locXXXX> and 128 <segXXX> tokens
+# to the tokenizer, so VOCAB (resolved after the processor is built) covers them.
+_PALIGEMMA_TOKENS = Tokens(("<pad>", "<eos>", "<bos>", "<unk>", "<image>"), bos="<bos>", eos="<eos>", pad="<pad>",
+                           unk="<unk>", extra=(("image_token", "<image>"),))
+
+
+def _paligemma(text: Part) -> Family:
+    return Family(
+        model="PaliGemmaForConditionalGeneration",
+        config=part("PaliGemmaConfig", vision_config=_vision("SiglipVisionConfig", projection_dim=32), text_config=text,
+                    projection_dim=32, image_token_index=Id("<image>")),
+        processor=part("PaliGemmaProcessor", image_processor=part("SiglipImageProcessor", size={"height": 28,
+                       "width": 28}, image_seq_length=16), tokenizer=TOKENIZER),
+        tokenizer=_PALIGEMMA_TOKENS,
+        model_type="paligemma",
     )
-    # mrope_section splits the 16-dim head's 8 rotary frequencies over (time, height, width).
-    text = _text(tok, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-    if version == "qwen2_vl":
-        config_cls, model_cls, proc_cls = (
-            tf.Qwen2VLConfig,
-            tf.Qwen2VLForConditionalGeneration,
-            tf.Qwen2VLProcessor,
-        )
-        vision.update(embed_dim=32, mlp_ratio=2)
-    else:
-        config_cls, model_cls = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration
-        proc_cls = tf.Qwen2_5_VLProcessor
+
+
+SPECS: dict[str, Family] = {
+    "llava": Family(
+        model="LlavaForConditionalGeneration",
+        config=part("LlavaConfig", **_LLAVA_CONFIG),
+        processor=part("LlavaProcessor", image_processor=part("CLIPImageProcessor", **_LLAVA_SIZE),
+                       chat_template=Template("llava"), **_LLAVA_PROCESSOR),
+        tokenizer=_LLAVA_TOKENS,
+        model_type="llava",
+    ),
+    "llava_next": Family(
+        model="LlavaNextForConditionalGeneration",
+        config=part("LlavaNextConfig", **_LLAVA_CONFIG, image_grid_pinpoints=_PINPOINTS),
+        processor=part("LlavaNextProcessor", chat_template=Template("llava_next"), **_LLAVA_PROCESSOR,
+                       image_processor=part("LlavaNextImageProcessor", **_LLAVA_SIZE, image_grid_pinpoints=_PINPOINTS)),
+        tokenizer=Tokens(_LLAVA_TOKENS.specials + ("[INST]", "[/INST]"), bos="<s>", eos="</s>", pad="<pad>",
+                         unk="<unk>", add_bos=True, extra=_LLAVA_TOKENS.extra),
+        model_type="llava_next",
+    ),
+    "qwen2_vl": Family(
+        model="Qwen2VLForConditionalGeneration",
+        config=part("Qwen2VLConfig", vision_config={**_QWEN_VISION, "embed_dim": 32, "mlp_ratio": 2},
+                    text_config=_QWEN_TEXT, **_QWEN_IDS),
+        processor=part("Qwen2VLProcessor", **_QWEN_PROCESSOR),
+        tokenizer=_QWEN_TOKENS,
+        model_type="qwen2_vl",
+    ),
+    "qwen2_5_vl": Family(
+        model="Qwen2_5_VLForConditionalGeneration",
         # Window attention over 8 px windows in the first block, full attention in the second.
-        vision.update(intermediate_size=64, out_hidden_size=32, window_size=16, fullatt_block_indexes=[1])
-    config = config_cls(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    pixels = dict(patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=16 * 16, max_pixels=48 * 48)
-    processor = proc_cls(
-        image_processor=tf.Qwen2VLImageProcessor(**pixels),
-        tokenizer=tok,
-        video_processor=tf.Qwen2VLVideoProcessor(**pixels),
-        chat_template=_chat_template("qwen"),
-    )
-    return model_cls, config, processor
-
-
-def _build_instructblip() -> tuple[Any, Any, Any]:
-    from transformers import (
-        BlipImageProcessor,
-        InstructBlipConfig,
-        InstructBlipForConditionalGeneration,
-        InstructBlipProcessor,
-        InstructBlipQFormerConfig,
-        InstructBlipVisionConfig,
-    )
-
-    # No `image_token` attribute on the tokenizer: InstructBlipProcessor then registers "<image>" itself (as the
-    # released checkpoints do; with the attribute set, transformers 5 fails on `image_token.content`).
-    tok = _tokenizer(
-        ["<unk>", "<s>", "</s>", "<pad>", "<image>"],
-        bos="<s>",
-        eos="</s>",
-        pad="<pad>",
-        unk="<unk>",
-        add_bos=True,
-    )
-    # The Q-Former reads the question through its own BERT-style tokenizer: [CLS] question [SEP].
-    qtok = _tokenizer(
-        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-        bos="[CLS]",
-        eos="[SEP]",
-        pad="[PAD]",
-        unk="[UNK]",
-        add_bos=True,
-        add_eos=True,
-        vocab_size=300,
-    )
-    vision = InstructBlipVisionConfig(**_vision())
-    qformer = InstructBlipQFormerConfig(vocab_size=len(qtok), **_TINY, pad_token_id=0, max_position_embeddings=128)
-    config = InstructBlipConfig(
-        vision_config=vision,
-        qformer_config=qformer,
-        text_config=_llama(tok),
-        num_query_tokens=4,
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-    )
-    image_processor = BlipImageProcessor(size={"height": 28, "width": 28})
-    processor = InstructBlipProcessor(
-        image_processor=image_processor, tokenizer=tok, qformer_tokenizer=qtok, num_query_tokens=4
-    )
-    return InstructBlipForConditionalGeneration, config, processor
-
-
-def _build_idefics3(family: str) -> tuple[Any, Any, Any]:
-    import transformers as tf
-
-    grid = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    if family == "idefics3":
-        bos, eos, pad = "<|begin_of_text|>", "<end_of_utterance>", "<|end_of_text|>"
-    else:
-        bos, eos, pad = "<|im_start|>", "<end_of_utterance>", "<|im_end|>"
-    specials = [bos, pad, eos, "<fake_token_around_image>", "<image>", "<global-img>", *grid]
-    extra = {
-        "image_token": "<image>",
-        "fake_image_token": "<fake_token_around_image>",
-        "global_image_token": "<global-img>",
-        "end_of_utterance_token": "<end_of_utterance>",
-    }
-    tok = _tokenizer(specials, bos=bos, eos=eos, pad=pad, extra=extra, vocab_size=400)
-    # 32 px tiles of 8 px patches, pixel-shuffled 2x2: 4 tokens per tile; images up to 64 px are split into a
-    # grid of up to 2x2 tiles plus a global view, so the token count depends on the image's shape.
-    vision = _vision(image_size=32, patch_size=8)
-    if family == "idefics3":
-        config_cls, model_cls, image_cls = (
-            tf.Idefics3Config,
-            tf.Idefics3ForConditionalGeneration,
-            tf.Idefics3ImageProcessor,
-        )
-    else:
-        config_cls, model_cls, image_cls = (
-            tf.SmolVLMConfig,
-            tf.SmolVLMForConditionalGeneration,
-            tf.SmolVLMImageProcessor,
-        )
-    config = config_cls(
-        vision_config=vision,
-        text_config=_llama(tok).to_dict(),
-        scale_factor=2,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-    )
-    image_processor = image_cls(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
-    if family == "idefics3":
-        processor = tf.Idefics3Processor(
-            image_processor=image_processor,
-            tokenizer=tok,
-            image_seq_len=4,
-            chat_template=_chat_template("idefics3"),
-        )
-    else:
-        video = tf.SmolVLMVideoProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
-        processor = tf.SmolVLMProcessor(
-            image_processor=image_processor,
-            tokenizer=tok,
-            video_processor=video,
-            image_seq_len=4,
-            chat_template=_chat_template("smolvlm"),
-        )
-    return model_cls, config, processor
-
-
-def _build_paligemma(family: str) -> tuple[Any, Any, Any]:
-    import transformers as tf
-
-    tok = _tokenizer(
-        ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"],
-        bos="<bos>",
-        eos="<eos>",
-        pad="<pad>",
-        unk="<unk>",
-        extra={"image_token": "<image>"},
-    )
-    # The processor adds 1024 <locXXXX> and 128 <segXXX> tokens to the tokenizer; the embedding must cover them.
-    image_processor = tf.SiglipImageProcessor(size={"height": 28, "width": 28})
-    image_processor.image_seq_length = 16
-    processor = tf.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
-    vision = tf.SiglipVisionConfig(**_vision(projection_dim=32))
-    common = _text(tok, head_dim=16)
-    if family == "paligemma":
-        text = tf.GemmaConfig(**common)
-    else:
-        # Gemma 2 squashes logits with 30 * tanh(x / 30): the head is not linear in the final hidden state.
-        text = tf.Gemma2Config(**common, query_pre_attn_scalar=16, sliding_window=64)
-    config = tf.PaliGemmaConfig(
-        vision_config=vision,
-        text_config=text,
-        projection_dim=32,
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-    )
-    return tf.PaliGemmaForConditionalGeneration, config, processor
-
-
-_BUILDERS: dict[str, Callable[[], tuple[Any, Any, Any]]] = {
-    "llava": lambda: _build_llava("llava"),
-    "llava_next": lambda: _build_llava("llava_next"),
-    "qwen2_vl": lambda: _build_qwen("qwen2_vl"),
-    "qwen2_5_vl": lambda: _build_qwen("qwen2_5_vl"),
-    "instructblip": _build_instructblip,
-    "idefics3": lambda: _build_idefics3("idefics3"),
-    "smolvlm": lambda: _build_idefics3("smolvlm"),
-    "paligemma": lambda: _build_paligemma("paligemma"),
-    "paligemma2": lambda: _build_paligemma("paligemma2"),
+        config=part("Qwen2_5_VLConfig", vision_config={**_QWEN_VISION, "intermediate_size": 64, "out_hidden_size": 32,
+                    "window_size": 16, "fullatt_block_indexes": [1]}, text_config=_QWEN_TEXT, **_QWEN_IDS),
+        processor=part("Qwen2_5_VLProcessor", **_QWEN_PROCESSOR),
+        tokenizer=_QWEN_TOKENS,
+        model_type="qwen2_5_vl",
+    ),
+    # No `image_token` on the tokenizer: InstructBlipProcessor then registers "<image>" itself (as the released
+    # checkpoints do; with the attribute set, transformers 5 fails on `image_token.content`). The Q-Former reads the
+    # question through its own BERT-style tokenizer: [CLS] question [SEP].
+    "instructblip": Family(
+        model="InstructBlipForConditionalGeneration",
+        config=part("InstructBlipConfig", vision_config=_vision("InstructBlipVisionConfig"),
+                    qformer_config=part("InstructBlipQFormerConfig", vocab_size=300, **_TINY, pad_token_id=0,
+                                        max_position_embeddings=128),
+                    text_config=_text(), num_query_tokens=4, image_token_index=Id("<image>")),
+        processor=part("InstructBlipProcessor", image_processor=part("BlipImageProcessor", size={"height": 28,
+                       "width": 28}), tokenizer=TOKENIZER, num_query_tokens=4,
+                       qformer_tokenizer=Tokens(("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"), bos="[CLS]",
+                                                eos="[SEP]", pad="[PAD]", unk="[UNK]", add_bos=True, add_eos=True,
+                                                vocab_size=300)),
+        tokenizer=Tokens(_LLAVA_TOKENS.specials, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", add_bos=True),
+        model_type="instructblip",
+    ),
+    "idefics3": Family(
+        model="Idefics3ForConditionalGeneration",
+        config=part("Idefics3Config", **_IDEFICS3_CONFIG),
+        processor=part("Idefics3Processor", image_processor=part("Idefics3ImageProcessor", **_IDEFICS3_SIZE),
+                       tokenizer=TOKENIZER, image_seq_len=4, chat_template=Template("idefics3")),
+        tokenizer=_idefics3_tokens("<|begin_of_text|>", "<|end_of_text|>"),
+        model_type="idefics3",
+    ),
+    "smolvlm": Family(
+        model="SmolVLMForConditionalGeneration",
+        config=part("SmolVLMConfig", **_IDEFICS3_CONFIG),
+        processor=part("SmolVLMProcessor", image_processor=part("SmolVLMImageProcessor", **_IDEFICS3_SIZE),
+                       tokenizer=TOKENIZER, video_processor=part("SmolVLMVideoProcessor", **_IDEFICS3_SIZE),
+                       image_seq_len=4, chat_template=Template("smolvlm")),
+        tokenizer=_idefics3_tokens("<|im_start|>", "<|im_end|>"),
+        model_type="smolvlm",
+    ),
+    "paligemma": _paligemma(_text("GemmaConfig", head_dim=16)),
+    # Gemma 2 squashes logits with 30 * tanh(x / 30): the head is not linear in the final hidden state.
+    "paligemma2": _paligemma(_text("Gemma2Config", head_dim=16, query_pre_attn_scalar=16, sliding_window=64)),
 }
-FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
+FAMILIES: tuple[str, ...] = tuple(SPECS)
 
 
 def tiny_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
@@ -388,15 +380,23 @@ def tiny_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     if family not in FAMILIES:
         raise LvlmlpError(f"unknown model family {family!r}; known families: {', '.join(FAMILIES)}")
     import torch
+    import transformers
+    from transformers import PretrainedConfig
 
-    model_cls, config, processor = _BUILDERS[family]()
-    tok = processor.tokenizer
+    spec = SPECS[family]
+    tok = _tokenizer(spec.tokenizer)
+    # The processor first: some (PaliGemma's) add tokens to the tokenizer, which the embedding must then cover.
+    processor = _resolve(spec.processor, tok)
+    for where, name, value in spec.attrs:
+        setattr(getattr(processor, where), name, value)
+    config = _resolve(spec.config, tok)
     # Larger than the usual 0.02 so the tiny model's logits are well separated: greedy decoding then never hinges
     # on near-ties that float rounding could flip between a batched and a single run.
     config.initializer_range = 0.2
-    for sub in ("text_config", "vision_config", "qformer_config"):
-        if hasattr(config, sub):
+    for sub in config.sub_configs:
+        if isinstance(getattr(config, sub, None), PretrainedConfig):
             getattr(config, sub).initializer_range = 0.2
+    model_cls = getattr(transformers, spec.model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config).eval()
