@@ -51,6 +51,8 @@ _TEMPLATES: dict[str, tuple[str, str, str, str, str, str]] = {
         "Assistant:",
         "<end_of_utterance>\n",
     ),
+    "gemma3": ("", "<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n",
+               "<end_of_turn>\n"),
     "smolvlm": (
         "<|im_start|>",
         "User:",
@@ -368,6 +370,24 @@ SPECS: dict[str, Family] = {
     "paligemma": _paligemma(_text("GemmaConfig", head_dim=16)),
     # Gemma 2 squashes logits with 30 * tanh(x / 30): the head is not linear in the final hidden state.
     "paligemma2": _paligemma(_text("Gemma2Config", head_dim=16, query_pre_attn_scalar=16, sliding_window=64)),
+    # Gemma 3: a SigLIP tower average-pooled to 2x2 = 4 soft tokens per image between <start_of_image> and
+    # <end_of_image>, attended bidirectionally (token_type_ids); sliding-window layers (window 8, so the window
+    # really cuts the prompt) alternate with global ones.
+    "gemma3": Family(
+        model="Gemma3ForConditionalGeneration",
+        config=part("Gemma3Config", vision_config=_vision("SiglipVisionConfig"),
+                    text_config=_text("Gemma3TextConfig", head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                                      layer_types=["sliding_attention", "full_attention"]),
+                    mm_tokens_per_image=4, boi_token_index=Id("<start_of_image>"), eoi_token_index=Id("<end_of_image>"),
+                    image_token_index=Id("<image_soft_token>")),
+        processor=part("Gemma3Processor", image_processor=part("Gemma3ImageProcessor", size={"height": 28, "width": 28}),
+                       tokenizer=TOKENIZER, image_seq_length=4, chat_template=Template("gemma3")),
+        tokenizer=Tokens(("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                          "<end_of_image>", "<image_soft_token>"), bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>",
+                         add_bos=True, extra=(("boi_token", "<start_of_image>"), ("eoi_token", "<end_of_image>"),
+                                              ("image_token", "<image_soft_token>"))),
+        model_type="gemma3",
+    ),
 }
 FAMILIES: tuple[str, ...] = tuple(SPECS)
 
