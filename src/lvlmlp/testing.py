@@ -51,6 +51,14 @@ _TEMPLATES: dict[str, tuple[str, str, str, str, str, str]] = {
         "Assistant:",
         "<end_of_utterance>\n",
     ),
+    "llava_onevision": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+        "<|im_start|>user\n",
+        "<image>\n",
+        "<|im_end|>\n",
+        "<|im_start|>assistant\n",
+        "<|im_end|>\n",
+    ),
     "gemma3": ("", "<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n",
                "<end_of_turn>\n"),
     "smolvlm": (
@@ -387,6 +395,21 @@ SPECS: dict[str, Family] = {
                          add_bos=True, extra=(("boi_token", "<start_of_image>"), ("eoi_token", "<end_of_image>"),
                                               ("image_token", "<image_soft_token>"))),
         model_type="gemma3",
+    ),
+    # LLaVA-OneVision: SigLIP + Qwen2, "anyres_max_9" tiles on a grid of 28 px tiles, unpadded per image shape.
+    "llava_onevision": Family(
+        model="LlavaOnevisionForConditionalGeneration",
+        config=part("LlavaOnevisionConfig", vision_config=_vision("SiglipVisionConfig"),
+                    text_config=_text("Qwen2Config"), image_token_index=Id("<image>"), video_token_index=Id("<video>"),
+                    image_grid_pinpoints=_PINPOINTS),
+        processor=part("LlavaOnevisionProcessor", tokenizer=TOKENIZER, num_image_tokens=16,
+                       vision_feature_select_strategy="full", chat_template=Template("llava_onevision"),
+                       image_processor=part("LlavaOnevisionImageProcessor", size={"height": 28, "width": 28},
+                                            image_grid_pinpoints=_PINPOINTS),
+                       video_processor=part("LlavaOnevisionVideoProcessor", size={"height": 28, "width": 28})),
+        tokenizer=Tokens(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"), eos="<|im_end|>",
+                         pad="<|endoftext|>", extra=(("image_token", "<image>"), ("video_token", "<video>"))),
+        model_type="llava_onevision",
     ),
 }
 FAMILIES: tuple[str, ...] = tuple(SPECS)
