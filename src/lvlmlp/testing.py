@@ -59,6 +59,7 @@ _TEMPLATES: dict[str, tuple[str, str, str, str, str, str]] = {
         "<|im_start|>assistant\n",
         "<|im_end|>\n",
     ),
+    "idefics2": ("", "User:", "<image>", "<end_of_utterance>\n", "Assistant:", "<end_of_utterance>\n"),
     "gemma3": ("", "<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n",
                "<end_of_turn>\n"),
     "smolvlm": (
@@ -410,6 +411,21 @@ SPECS: dict[str, Family] = {
         tokenizer=Tokens(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"), eos="<|im_end|>",
                          pad="<|endoftext|>", extra=(("image_token", "<image>"), ("video_token", "<video>"))),
         model_type="llava_onevision",
+    ),
+    # Idefics2: a variable-resolution SigLIP-style tower (images 28..56 px, not split), a perceiver resampler to 4
+    # latents, a Mistral; the processor wraps the 4 <image> tokens in <fake_token_around_image>.
+    "idefics2": Family(
+        model="Idefics2ForConditionalGeneration",
+        config=part("Idefics2Config", vision_config=_vision(), text_config=_text("MistralConfig", head_dim=16),
+                    perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                                          resampler_head_dim=16, num_key_value_heads=1),
+                    image_token_id=Id("<image>")),
+        processor=part("Idefics2Processor", tokenizer=TOKENIZER, image_seq_len=4, chat_template=Template("idefics2"),
+                       image_processor=part("Idefics2ImageProcessor", size={"shortest_edge": 28, "longest_edge": 56},
+                                            do_image_splitting=False)),
+        tokenizer=Tokens(("<unk>", "<s>", "</s>", "<pad>", "<fake_token_around_image>", "<image>",
+                          "<end_of_utterance>"), bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", add_bos=True),
+        model_type="idefics2",
     ),
 }
 FAMILIES: tuple[str, ...] = tuple(SPECS)
