@@ -60,6 +60,7 @@ _TEMPLATES: dict[str, tuple[str, str, str, str, str, str]] = {
         "<|im_end|>\n",
     ),
     "idefics2": ("", "User:", "<image>", "<end_of_utterance>\n", "Assistant:", "<end_of_utterance>\n"),
+    "mistral3": ("", "[INST]", "[IMG]", "[/INST]", "", "</s>"),
     "gemma3": ("", "<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n",
                "<end_of_turn>\n"),
     "smolvlm": (
@@ -426,6 +427,22 @@ SPECS: dict[str, Family] = {
         tokenizer=Tokens(("<unk>", "<s>", "</s>", "<pad>", "<fake_token_around_image>", "<image>",
                           "<end_of_utterance>"), bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", add_bos=True),
         model_type="idefics2",
+    ),
+    # Mistral 3: a Pixtral tower (4 px patches, 2-D rotary positions, any image shape up to 48 px) whose patches are
+    # merged 2x2; [IMG] tokens per row of patches, [IMG_BREAK] between rows, [IMG_END] at the end.
+    "mistral3": Family(
+        model="Mistral3ForConditionalGeneration",
+        config=part("Mistral3Config", vision_config=_vision("PixtralVisionConfig", image_size=48, patch_size=4,
+                                                             head_dim=16),
+                    text_config=_text("MistralConfig", head_dim=16), image_token_index=Id("[IMG]"),
+                    spatial_merge_size=2, tie_word_embeddings=False),
+        processor=part("PixtralProcessor", tokenizer=TOKENIZER, patch_size=4, spatial_merge_size=2,
+                       chat_template=Template("mistral3"),
+                       image_processor=part("PixtralImageProcessor", size={"longest_edge": 48},
+                                            patch_size={"height": 8, "width": 8})),
+        tokenizer=Tokens(("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"),
+                         bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", add_bos=True),
+        model_type="mistral3",
     ),
 }
 FAMILIES: tuple[str, ...] = tuple(SPECS)
