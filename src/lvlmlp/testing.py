@@ -444,6 +444,22 @@ SPECS: dict[str, Family] = {
                          bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", add_bos=True),
         model_type="mistral3",
     ),
+    # Qwen3-VL: learned 4x4 vision position embeddings interpolated to each image's grid, DeepStack (the first vision
+    # block's features added to the first text layers), interleaved 3-D rotary positions.
+    "qwen3_vl": Family(
+        model="Qwen3VLForConditionalGeneration",
+        config=part("Qwen3VLConfig", vision_config={**_QWEN_VISION, "intermediate_size": 64, "out_hidden_size": 32,
+                                                    "num_position_embeddings": 16, "deepstack_visual_indexes": [0]},
+                    text_config=_text("Qwen3VLTextConfig", head_dim=16, rope_parameters={
+                        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                        "mrope_interleaved": True}),
+                    **_QWEN_IDS),
+        processor=part("Qwen3VLProcessor", image_processor=part("Qwen2VLImageProcessor", **_QWEN_PIXELS),
+                       tokenizer=TOKENIZER, video_processor=part("Qwen3VLVideoProcessor", **_QWEN_PIXELS),
+                       chat_template=Template("qwen")),
+        tokenizer=_QWEN_TOKENS,
+        model_type="qwen3_vl",
+    ),
 }
 FAMILIES: tuple[str, ...] = tuple(SPECS)
 
