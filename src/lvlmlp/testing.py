@@ -61,6 +61,14 @@ _TEMPLATES: dict[str, tuple[str, str, str, str, str, str]] = {
     ),
     "idefics2": ("", "User:", "<image>", "<end_of_utterance>\n", "Assistant:", "<end_of_utterance>\n"),
     "mistral3": ("", "[INST]", "[IMG]", "[/INST]", "", "</s>"),
+    "internvl": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+        "<|im_start|>user\n",
+        "<IMG_CONTEXT>\n",
+        "<|im_end|>\n",
+        "<|im_start|>assistant\n",
+        "<|im_end|>\n",
+    ),
     "gemma3": ("", "<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n",
                "<end_of_turn>\n"),
     "smolvlm": (
@@ -459,6 +467,22 @@ SPECS: dict[str, Family] = {
                        chat_template=Template("qwen")),
         tokenizer=_QWEN_TOKENS,
         model_type="qwen3_vl",
+    ),
+    # InternVL (the -hf ports): an InternViT tower, pixel-unshuffled to 4 tokens per 28 px tile, the image cropped
+    # to up to 4 tiles by its aspect ratio plus a thumbnail, <img>...</img> around each image's tokens, a Qwen2.
+    "internvl": Family(
+        model="InternVLForConditionalGeneration",
+        config=part("InternVLConfig", vision_config=_vision("InternVLVisionConfig"), text_config=_text("Qwen2Config"),
+                    image_token_id=Id("<IMG_CONTEXT>"), image_seq_length=4, tie_word_embeddings=False),
+        processor=part("InternVLProcessor", tokenizer=TOKENIZER, image_seq_length=4, chat_template=Template("internvl"),
+                       image_processor=part("GotOcr2ImageProcessor", size={"height": 28, "width": 28},
+                                            crop_to_patches=True, min_patches=1, max_patches=4),
+                       video_processor=part("InternVLVideoProcessor", size={"height": 28, "width": 28})),
+        tokenizer=Tokens(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
+                          "<video>"), eos="<|im_end|>", pad="<|endoftext|>",
+                         extra=(("start_image_token", "<img>"), ("end_image_token", "</img>"),
+                                ("context_image_token", "<IMG_CONTEXT>"), ("video_token", "<video>"))),
+        model_type="internvl",
     ),
 }
 FAMILIES: tuple[str, ...] = tuple(SPECS)

@@ -28,7 +28,7 @@ class Quirks:
 QUIRKS: dict[str, Quirks] = {
     "qwen2_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
     "qwen2_5_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
-    "qwen3_vl": Quirks(needs=("torchvision",)),
+    "qwen3_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
     "smolvlm": Quirks(needs=("torchvision", "num2words")),
     # InstructBLIP's processor inserts its query tokens itself, so its raw prompt needs no image text.
     "instructblip": Quirks(chat_template=False, image_placeholder="", nested_language_model=True, qformer_text=True),
