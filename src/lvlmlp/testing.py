@@ -69,6 +69,14 @@ _TEMPLATES: dict[str, tuple[str, str, str, str, str, str]] = {
         "<|im_start|>assistant\n",
         "<|im_end|>\n",
     ),
+    "aya_vision": (
+        "",
+        "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>",
+        "<image>",
+        "<|END_OF_TURN_TOKEN|>",
+        "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
+        "<|END_OF_TURN_TOKEN|>",
+    ),
     "gemma3": ("", "<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n",
                "<end_of_turn>\n"),
     "smolvlm": (
@@ -483,6 +491,24 @@ SPECS: dict[str, Family] = {
                          extra=(("start_image_token", "<img>"), ("end_image_token", "</img>"),
                                 ("context_image_token", "<IMG_CONTEXT>"), ("video_token", "<video>"))),
         model_type="internvl",
+    ),
+    # Aya Vision: SigLIP pixel-shuffled 2x2 to 4 tokens per 28 px tile, up to 4 tiles (TILE_i) and a global view,
+    # a Cohere 2 with sliding-window layers (window 8) and logits scaled by 0.0625 after the head.
+    "aya_vision": Family(
+        model="AyaVisionForConditionalGeneration",
+        config=part("AyaVisionConfig", vision_config=_vision("SiglipVisionConfig"),
+                    text_config=_text("Cohere2Config", sliding_window=8,
+                                      layer_types=["sliding_attention", "full_attention"]),
+                    downsample_factor=2, image_token_index=Id("<|IMG_PATCH|>")),
+        processor=part("AyaVisionProcessor", tokenizer=TOKENIZER, patch_size=7, img_size=28, downsample_factor=2,
+                       chat_template=Template("aya_vision"),
+                       image_processor=part("GotOcr2ImageProcessor", size={"height": 28, "width": 28},
+                                            crop_to_patches=True, min_patches=1, max_patches=4)),
+        tokenizer=Tokens(("<PAD>", "<UNK>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|START_OF_TURN_TOKEN|>",
+                          "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>",
+                          "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE", "TILE_GLOBAL"),
+                         bos="<BOS_TOKEN>", eos="<|END_OF_TURN_TOKEN|>", pad="<PAD>", unk="<UNK>", add_bos=True),
+        model_type="aya_vision",
     ),
 }
 FAMILIES: tuple[str, ...] = tuple(SPECS)

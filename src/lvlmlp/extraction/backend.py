@@ -421,24 +421,32 @@ class Backend:
 
     # -------------------------------------------------------------------------------------------------------- head
     def head_is_linear(self) -> bool:
-        """True when logits are exactly `lm_head(final hidden)`; False with Gemma 2/3-style soft-capping or a logit
-        scale, which squash or rescale them after the head."""
+        """True when logits are a linear map of the final hidden state: `lm_head(final hidden)`, times the text
+        config's `logit_scale` where the family's quirks say the model applies it (Aya Vision). False with Gemma
+        2-style soft-capping, and with a logit scale the quirks do not account for (whether a model class applies
+        its config's scale varies: Cohere2-Vision does not), rather than rebuild logits wrongly."""
         text_config = self.model.config.get_text_config()
         if getattr(text_config, "final_logit_softcapping", None):
             return False
+        if self.quirks.logit_scale:
+            return True
         return getattr(text_config, "logit_scale", 1.0) in (None, 1.0) and getattr(
             text_config, "logits_scaling", 1.0
         ) in (None, 1.0)
 
     @torch.inference_mode()
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits (float32) of final-norm hidden states through the model's own output head."""
+        """Logits (float32) of final-norm hidden states through the model's own output head (and logit scale)."""
         if not self.head_is_linear():
             raise LvlmlpError(
-                f"{self.model_id}: the {self.family} output head is not linear (logit soft-capping)"
+                f"{self.model_id}: the {self.family} output head is not linear (logit soft-capping or an "
+                "unaccounted logit scale)"
             )
         head = self.model.get_output_embeddings()
-        return head(hidden.to(head.weight.device, head.weight.dtype)).float()
+        logits = head(hidden.to(head.weight.device, head.weight.dtype)).float()
+        if self.quirks.logit_scale:
+            logits = logits * float(self.model.config.get_text_config().logit_scale)
+        return logits
 
 
 def _as_list(value: Any) -> list[int]:

@@ -23,12 +23,14 @@ class Quirks:
     nested_language_model: bool = False  # positions are prepared by `model.language_model` (InstructBLIP)
     qformer_text: bool = False  # a Q-Former tokenizer with absolute positions: right-pad its text
     drop_outputs: tuple[str, ...] = ()  # processor outputs that are not model inputs for inference
+    logit_scale: bool = False  # the model multiplies lm_head's output by text_config.logit_scale (Aya Vision)
 
 
 QUIRKS: dict[str, Quirks] = {
     "qwen2_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
     "qwen2_5_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
     "qwen3_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
+    "aya_vision": Quirks(logit_scale=True),
     "smolvlm": Quirks(needs=("torchvision", "num2words")),
     # InstructBLIP's processor inserts its query tokens itself, so its raw prompt needs no image text.
     "instructblip": Quirks(chat_template=False, image_placeholder="", nested_language_model=True, qformer_text=True),
