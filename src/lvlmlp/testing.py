@@ -77,6 +77,14 @@ _TEMPLATES: dict[str, tuple[str, str, str, str, str, str]] = {
         "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
         "<|END_OF_TURN_TOKEN|>",
     ),
+    "mllama": (
+        "<|begin_of_text|>",
+        "<|start_header_id|>user<|end_header_id|>\n\n",
+        "<|image|>",
+        "<|eot_id|>",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "<|eot_id|>",
+    ),
     "gemma3": ("", "<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n",
                "<end_of_turn>\n"),
     "smolvlm": (
@@ -509,6 +517,24 @@ SPECS: dict[str, Family] = {
                           "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE", "TILE_GLOBAL"),
                          bos="<BOS_TOKEN>", eos="<|END_OF_TURN_TOKEN|>", pad="<PAD>", unk="<UNK>", add_bos=True),
         model_type="aya_vision",
+    ),
+    # Llama 3.2 Vision (Mllama): the image never enters the token sequence; one <|image|> token, and text layer 1
+    # cross-attends to the tiles' features (up to 4 tiles of 28 px by aspect ratio, a local and a global encoder).
+    "mllama": Family(
+        model="MllamaForConditionalGeneration",
+        config=part("MllamaConfig", vision_config=part("MllamaVisionConfig", hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                                                       image_size=28, patch_size=7, max_num_tiles=4,
+                                                       intermediate_layers_indices=[0], vision_output_dim=64),
+                    text_config=_text("MllamaTextConfig", cross_attention_layers=[1]),
+                    image_token_index=Id("<|image|>")),
+        processor=part("MllamaProcessor", tokenizer=TOKENIZER, chat_template=Template("mllama"),
+                       image_processor=part("MllamaImageProcessor", size={"height": 28, "width": 28},
+                                            max_image_tiles=4)),
+        tokenizer=Tokens(("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+                          "<|end_header_id|>", "<|eot_id|>", "<|image|>", "<|python_tag|>"),
+                         bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|finetune_right_pad_id|>"),
+        model_type="mllama",
     ),
 }
 FAMILIES: tuple[str, ...] = tuple(SPECS)
