@@ -85,6 +85,14 @@ _TEMPLATES: dict[str, tuple[str, str, str, str, str, str]] = {
         "<|start_header_id|>assistant<|end_header_id|>\n\n",
         "<|eot_id|>",
     ),
+    "glm4v": (
+        "[gMASK]<sop>",
+        "<|user|>\n",
+        "<|begin_of_image|><|image|><|end_of_image|>",
+        "",
+        "<|assistant|>\n",
+        "",
+    ),
     "gemma3": ("", "<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n",
                "<end_of_turn>\n"),
     "smolvlm": (
@@ -535,6 +543,30 @@ SPECS: dict[str, Family] = {
                           "<|end_header_id|>", "<|eot_id|>", "<|image|>", "<|python_tag|>"),
                          bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|finetune_right_pad_id|>"),
         model_type="mllama",
+    ),
+    # GLM-4V (GLM-4.1V/4.5V): Qwen-style 4 px patches merged 2x2 with learned 4x4 position embeddings interpolated
+    # to each grid, 3-D rotary positions on half of each head's dimensions.
+    "glm4v": Family(
+        model="Glm4vForConditionalGeneration",
+        config=part("Glm4vConfig", vision_config={**_QWEN_VISION, "image_size": 16, "intermediate_size": 64,
+                                                  "out_hidden_size": 32},
+                    text_config=_text("Glm4vTextConfig", rope_parameters={
+                        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                        "partial_rotary_factor": 0.5}),
+                    image_token_id=Id("<|image|>"), video_token_id=Id("<|video|>"),
+                    image_start_token_id=Id("<|begin_of_image|>"), image_end_token_id=Id("<|end_of_image|>"),
+                    video_start_token_id=Id("<|begin_of_video|>"), video_end_token_id=Id("<|end_of_video|>")),
+        processor=part("Glm4vProcessor", tokenizer=TOKENIZER, chat_template=Template("glm4v"),
+                       image_processor=part("Glm4vImageProcessor", size={"shortest_edge": 16 * 16,
+                                            "longest_edge": 48 * 48}, patch_size=4, temporal_patch_size=2,
+                                            merge_size=2),
+                       video_processor=part("Glm4vVideoProcessor", size={"shortest_edge": 16 * 16,
+                                            "longest_edge": 48 * 48}, patch_size=4, temporal_patch_size=2,
+                                            merge_size=2)),
+        tokenizer=Tokens(("<|endoftext|>", "[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|begin_of_image|>",
+                          "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>", "<|video|>"),
+                         eos="<|user|>", pad="<|endoftext|>"),
+        model_type="glm4v",
     ),
 }
 FAMILIES: tuple[str, ...] = tuple(SPECS)

@@ -30,6 +30,10 @@ QUIRKS: dict[str, Quirks] = {
     "qwen2_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
     "qwen2_5_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
     "qwen3_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
+    # Their processors hold a video processor, which transformers builds on torchvision.
+    "llava_onevision": Quirks(needs=("torchvision",)),
+    "internvl": Quirks(needs=("torchvision",)),
+    "glm4v": Quirks(needs=("torchvision",), image_placeholder="<|begin_of_image|><|image|><|end_of_image|>"),
     "aya_vision": Quirks(logit_scale=True),
     "smolvlm": Quirks(needs=("torchvision", "num2words")),
     # InstructBLIP's processor inserts its query tokens itself, so its raw prompt needs no image text.
