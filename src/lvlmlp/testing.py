@@ -568,6 +568,47 @@ SPECS: dict[str, Family] = {
                          eos="<|user|>", pad="<|endoftext|>"),
         model_type="glm4v",
     ),
+    # VipLLaVA: LLaVA-1.5 reading several vision layers at once (concatenated, layer-normed, projected).
+    "vipllava": Family(
+        model="VipLlavaForConditionalGeneration",
+        config=part("VipLlavaConfig", vision_config=_vision("CLIPVisionConfig", projection_dim=32), text_config=_text(),
+                    image_token_index=Id("<image>"), vision_feature_layer=[-2, -1], image_seq_length=16),
+        processor=part("LlavaProcessor", image_processor=part("CLIPImageProcessor", **_LLAVA_SIZE),
+                       chat_template=Template("llava"), tokenizer=TOKENIZER, patch_size=7,
+                       vision_feature_select_strategy="full", num_additional_image_tokens=0),
+        tokenizer=_LLAVA_TOKENS,
+        model_type="vipllava",
+    ),
+    # LLaVA-NeXT-Video on images: LLaVA-NeXT's anyres tiles (the video path is not used by lvlmlp).
+    "llava_next_video": Family(
+        model="LlavaNextVideoForConditionalGeneration",
+        config=part("LlavaNextVideoConfig", **_LLAVA_CONFIG, image_grid_pinpoints=_PINPOINTS,
+                    video_token_index=Id("<video>")),
+        processor=part("LlavaNextVideoProcessor", chat_template=Template("llava_next"), **_LLAVA_PROCESSOR,
+                       image_processor=part("LlavaNextImageProcessor", **_LLAVA_SIZE, image_grid_pinpoints=_PINPOINTS),
+                       video_processor=part("LlavaNextVideoVideoProcessor", **_LLAVA_SIZE)),
+        tokenizer=Tokens(_LLAVA_TOKENS.specials + ("<video>", "[INST]", "[/INST]"), bos="<s>", eos="</s>",
+                         pad="<pad>", unk="<unk>", add_bos=True,
+                         extra=(("image_token", "<image>"), ("video_token", "<video>"))),
+        model_type="llava_next_video",
+    ),
+    # BLIP-2: a Q-Former (4 queries, no text input) between the vision tower and an OPT; no chat template.
+    "blip-2": Family(
+        model="Blip2ForConditionalGeneration",
+        config=part("Blip2Config", vision_config=_vision(),
+                    qformer_config=dict(**_TINY, vocab_size=300, encoder_hidden_size=32, pad_token_id=0,
+                                        max_position_embeddings=128),
+                    text_config=part("OPTConfig", vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                     num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=512,
+                                     pad_token_id=Special("pad"), bos_token_id=Special("bos"),
+                                     eos_token_id=Special("eos")),
+                    num_query_tokens=4, image_token_index=Id("<image>")),
+        processor=part("Blip2Processor", image_processor=part("BlipImageProcessor", size={"height": 28, "width": 28}),
+                       tokenizer=TOKENIZER, num_query_tokens=4),
+        tokenizer=Tokens(("<pad>", "</s>", "<unk>", "<image>"), bos="</s>", eos="</s>", pad="<pad>", unk="<unk>",
+                         add_bos=True),
+        model_type="blip-2",
+    ),
 }
 FAMILIES: tuple[str, ...] = tuple(SPECS)
 

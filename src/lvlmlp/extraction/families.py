@@ -38,6 +38,7 @@ QUIRKS: dict[str, Quirks] = {
     "smolvlm": Quirks(needs=("torchvision", "num2words")),
     # InstructBLIP's processor inserts its query tokens itself, so its raw prompt needs no image text.
     "instructblip": Quirks(chat_template=False, image_placeholder="", nested_language_model=True, qformer_text=True),
+    "blip-2": Quirks(chat_template=False, image_placeholder=""),
     "instructblipvideo": Quirks(chat_template=False, nested_language_model=True, qformer_text=True),
     # PaliGemma returns training labels whenever it returns token_type_ids; they would only add a loss.
     "paligemma": Quirks(chat_template=False, drop_outputs=("labels",)),
