@@ -93,6 +93,14 @@ _TEMPLATES: dict[str, tuple[str, str, str, str, str, str]] = {
         "<|assistant|>\n",
         "",
     ),
+    "lfm2_vl": (
+        "<|startoftext|>",
+        "<|im_start|>user\n",
+        "<image>",
+        "<|im_end|>\n",
+        "<|im_start|>assistant\n",
+        "<|im_end|>\n",
+    ),
     "gemma3": ("", "<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n",
                "<end_of_turn>\n"),
     "smolvlm": (
@@ -608,6 +616,25 @@ SPECS: dict[str, Family] = {
         tokenizer=Tokens(("<pad>", "</s>", "<unk>", "<image>"), bos="</s>", eos="</s>", pad="<pad>", unk="<unk>",
                          add_bos=True),
         model_type="blip-2",
+    ),
+    # LFM2-VL: a NaFlex SigLIP 2 tower (4 px patches, any shape up to 64 patches) pixel-unshuffled 2x2, images over
+    # 32 px split into 32 px tiles plus a thumbnail; an LFM2 text model whose first layer is a short convolution.
+    "lfm2_vl": Family(
+        model="Lfm2VlForConditionalGeneration",
+        config=part("Lfm2VlConfig", vision_config=part("Siglip2VisionConfig", **_TINY, patch_size=4, num_patches=64),
+                    text_config=_text("Lfm2Config", layer_types=["conv", "full_attention"],
+                                      block_auto_adjust_ff_dim=False),
+                    image_token_id=Id("<image>"), downsample_factor=2, projector_hidden_size=32),
+        processor=part("Lfm2VlProcessor", tokenizer=TOKENIZER, chat_template=Template("lfm2_vl"),
+                       image_processor=part("Lfm2VlImageProcessor", tile_size=32, encoder_patch_size=4,
+                                            downsample_factor=2, min_image_tokens=4, max_image_tokens=16,
+                                            min_tiles=2, max_tiles=4, size={"height": 32, "width": 32},
+                                            max_num_patches=64)),
+        tokenizer=Tokens(("<|pad|>", "<|startoftext|>", "<|im_end|>", "<|im_start|>", "<image>", "<|image_start|>",
+                          "<|image_end|>", "<|img_thumbnail|>",
+                          *(f"<|img_row_{i}_col_{j}|>" for i in range(1, 5) for j in range(1, 5))),
+                         bos="<|startoftext|>", eos="<|im_end|>", pad="<|pad|>", vocab_size=340),
+        model_type="lfm2_vl",
     ),
 }
 FAMILIES: tuple[str, ...] = tuple(SPECS)
