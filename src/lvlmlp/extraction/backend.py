@@ -122,7 +122,7 @@ def _check_dependencies(family: str, model_id: str) -> None:
     missing = [pkg for pkg in quirks_of(family).needs if importlib.util.find_spec(pkg) is None]
     if missing:
         raise LvlmlpError(
-            f"{model_id}: the {family} processor needs {' and '.join(missing)}; "
+            f"{model_id}: {family} models need {' and '.join(missing)}; "
             f"install it with `pip install {' '.join(missing)}`"
         )
 
@@ -180,6 +180,10 @@ class Backend:
         if self.family not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
             raise LvlmlpError(
                 f"{self.model_id}: model type {self.family!r} is not a vision-language (image-text-to-text) model"
+            )
+        if self.quirks.refused:
+            raise LvlmlpError(
+                f"{self.model_id}: {self.family} models are refused: {self.quirks.refused} (see docs/models.md)"
             )
         _check_dependencies(self.family, self.model_id)
         try:

@@ -16,7 +16,7 @@ _QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 class Quirks:
     """Family-specific behaviour the backend must know; every field's default is the common case."""
 
-    needs: tuple[str, ...] = ()  # packages the processor imports that transformers does not require
+    needs: tuple[str, ...] = ()  # packages the processor or model imports that transformers does not require
     chat_template: bool = True  # False: the question goes to the processor as it is (no usable chat template)
     # Text that stands for the image when no chat template builds the prompt; None: the processor's `image_token`.
     image_placeholder: str | None = None
@@ -24,6 +24,9 @@ class Quirks:
     qformer_text: bool = False  # a Q-Former tokenizer with absolute positions: right-pad its text
     drop_outputs: tuple[str, ...] = ()  # processor outputs that are not model inputs for inference
     logit_scale: bool = False  # the model multiplies lm_head's output by text_config.logit_scale (Aya Vision)
+    # Why the backend refuses the family: it runs, but its batched results cannot be made to equal single runs
+    # (docs/models.md lists the reason). Empty: not refused.
+    refused: str = ""
 
 
 QUIRKS: dict[str, Quirks] = {
@@ -35,6 +38,10 @@ QUIRKS: dict[str, Quirks] = {
     "internvl": Quirks(needs=("torchvision",)),
     "glm4v": Quirks(needs=("torchvision",), image_placeholder="<|begin_of_image|><|image|><|end_of_image|>"),
     "aya_vision": Quirks(logit_scale=True),
+    # Their vision towers are timm models (checked before anything loads, so the error names the package).
+    "fast_vlm": Quirks(needs=("timm",)),
+    "gemma3n": Quirks(needs=("timm",)),
+    "perception_lm": Quirks(needs=("timm",)),
     "smolvlm": Quirks(needs=("torchvision", "num2words")),
     # InstructBLIP's processor inserts its query tokens itself, so its raw prompt needs no image text.
     "instructblip": Quirks(chat_template=False, image_placeholder="", nested_language_model=True, qformer_text=True),
