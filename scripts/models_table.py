@@ -47,6 +47,8 @@ NAMES: dict[str, tuple[str, str]] = {
     "llava_next_video": ("LLaVA-NeXT-Video (images)", "llava-hf/LLaVA-NeXT-Video-7B-hf"),
     "blip-2": ("BLIP-2 (OPT)", "Salesforce/blip2-opt-2.7b"),
     "lfm2_vl": ("LFM2-VL", "LiquidAI/LFM2-VL-1.6B"),
+    "qwen3_vl_moe": ("Qwen3-VL MoE", "Qwen/Qwen3-VL-30B-A3B-Instruct"),
+    "glm4v_moe": ("GLM-4.5V", "zai-org/GLM-4.5V"),
 }
 
 # What the checks cover beyond "exact", or where a hub checkpoint differs from the tiny one.
@@ -58,6 +60,8 @@ NOTES: dict[str, str] = {
     "no chat template",
     "aya_vision": "logits are `lm_head` times `logit_scale`; rebuilt from hidden states with the scale",
     "mllama": "cross-attention: the image is not in the token sequence",
+    "qwen3_vl_moe": "mixture-of-experts text model (4 experts, 2 per token, in the tiny checkpoint)",
+    "glm4v_moe": "mixture-of-experts text model (4 routed experts, 2 per token, and a shared one)",
     "llava_next_video": "image input only (lvlmlp reads images)",
 }
 
@@ -92,7 +96,6 @@ LEFT_OUT: dict[str, str] = {
     "gemma4_unified": _NEW,
     "git": "captioner (GIT): no chat template or question answering to probe",
     "glm46v": f"{_NEW} (GLM-4.6V)",
-    "glm4v_moe": f"{_NEW} (GLM-4.5V: GLM-4V's processor, mixture-of-experts text model)",
     "glm5_next": _NEW,
     "glm_ocr": _OCR,
     "glmga": _NEW,
@@ -139,7 +142,6 @@ LEFT_OUT: dict[str, str] = {
     "qwen3_5": _NEW,
     "qwen3_5_moe": f"{_NEW} (mixture-of-experts text model)",
     "qwen3_omni_moe_thinker": f"{_NEW} (omni model: audio, video and images)",
-    "qwen3_vl_moe": f"{_NEW} (Qwen3-VL's processor, mixture-of-experts text model)",
     "qwen4_exp": _NEW,
     "shieldgemma2": "image-safety classifier (Gemma 3 scoring policies through its own processor), not a "
     "question answerer",

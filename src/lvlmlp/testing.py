@@ -267,6 +267,11 @@ def _resolve(value: Any, tok: Any) -> Any:
 _TINY: dict[str, int] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 
+def _variant(base: Part, cls: str | None = None, **changes: Any) -> Part:
+    """`base` with another class and/or some keyword arguments changed (a sibling family's config)."""
+    return Part(cls or base.cls, tuple({**dict(base.kwargs), **changes}.items()), base.as_dict)
+
+
 def _text(cls: str | None = "LlamaConfig", **overrides: Any) -> Any:
     """A tiny decoder config over the family tokenizer's vocabulary and special tokens; a dict when `cls` is None."""
     kwargs = {
@@ -637,6 +642,25 @@ SPECS: dict[str, Family] = {
         model_type="lfm2_vl",
     ),
 }
+# Mixture-of-experts siblings: the same processors, 4 experts of which each token uses 2.
+_MOE = dict(moe_intermediate_size=32, num_experts_per_tok=2)
+SPECS["qwen3_vl_moe"] = Family(
+    model="Qwen3VLMoeForConditionalGeneration",
+    config=_variant(SPECS["qwen3_vl"].config, "Qwen3VLMoeConfig", text_config=_variant(
+        dict(SPECS["qwen3_vl"].config.kwargs)["text_config"], "Qwen3VLMoeTextConfig", num_experts=4, **_MOE)),
+    processor=SPECS["qwen3_vl"].processor,
+    tokenizer=_QWEN_TOKENS,
+    model_type="qwen3_vl_moe",
+)
+SPECS["glm4v_moe"] = Family(
+    model="Glm4vMoeForConditionalGeneration",
+    config=_variant(SPECS["glm4v"].config, "Glm4vMoeConfig", text_config=_variant(
+        dict(SPECS["glm4v"].config.kwargs)["text_config"], "Glm4vMoeTextConfig", n_routed_experts=4,
+        n_shared_experts=1, first_k_dense_replace=1, **_MOE)),
+    processor=SPECS["glm4v"].processor,
+    tokenizer=SPECS["glm4v"].tokenizer,
+    model_type="glm4v_moe",
+)
 FAMILIES: tuple[str, ...] = tuple(SPECS)
 
 

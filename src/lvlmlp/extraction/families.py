@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+_GLM_IMAGE = "<|begin_of_image|><|image|><|end_of_image|>"
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,12 @@ QUIRKS: dict[str, Quirks] = {
     "qwen2_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
     "qwen2_5_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
     "qwen3_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
+    "qwen3_vl_moe": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
     # Their processors hold a video processor, which transformers builds on torchvision.
     "llava_onevision": Quirks(needs=("torchvision",)),
     "internvl": Quirks(needs=("torchvision",)),
-    "glm4v": Quirks(needs=("torchvision",), image_placeholder="<|begin_of_image|><|image|><|end_of_image|>"),
+    "glm4v": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
+    "glm4v_moe": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
     "aya_vision": Quirks(logit_scale=True),
     # Their vision towers are timm models (checked before anything loads, so the error names the package).
     "fast_vlm": Quirks(needs=("timm",)),
