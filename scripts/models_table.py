@@ -49,6 +49,7 @@ NAMES: dict[str, tuple[str, str]] = {
     "lfm2_vl": ("LFM2-VL", "LiquidAI/LFM2-VL-1.6B"),
     "qwen3_vl_moe": ("Qwen3-VL MoE", "Qwen/Qwen3-VL-30B-A3B-Instruct"),
     "glm4v_moe": ("GLM-4.5V", "zai-org/GLM-4.5V"),
+    "cohere2_vision": ("Command A Vision (Cohere2-Vision)", "CohereLabs/command-a-vision-07-2025"),
 }
 
 # What the checks cover beyond "exact", or where a hub checkpoint differs from the tiny one.
@@ -59,6 +60,7 @@ NOTES: dict[str, str] = {
     "blip-2": "OPT variants; the Flan-T5 variants have an encoder-decoder text model and are not checked; "
     "no chat template",
     "aya_vision": "logits are `lm_head` times `logit_scale`; rebuilt from hidden states with the scale",
+    "cohere2_vision": "its config's `logit_scale` is not applied by the model (the checks confirm it)",
     "mllama": "cross-attention: the image is not in the token sequence",
     "qwen3_vl_moe": "mixture-of-experts text model (4 experts, 2 per token, in the tiny checkpoint)",
     "glm4v_moe": "mixture-of-experts text model (4 routed experts, 2 per token, and a shared one)",
@@ -74,7 +76,6 @@ LEFT_OUT: dict[str, str] = {
     "aria": f"{_NEW} (mixture-of-experts text model)",
     "blip": "captioner / VQA classifier (BLIP-1): encoder-decoder text side, no chat generation",
     "chameleon": f"{_NEW} (images as VQ tokens)",
-    "cohere2_vision": f"{_NEW} (Command A Vision; the processor differs from Aya Vision's)",
     "cohere_compass": _NEW,
     "cosmos3_edge": _NEW,
     "cosmos3_omni": _NEW,

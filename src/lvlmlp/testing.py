@@ -101,6 +101,14 @@ _TEMPLATES: dict[str, tuple[str, str, str, str, str, str]] = {
         "<|im_start|>assistant\n",
         "<|im_end|>\n",
     ),
+    "cohere2_vision": (
+        "",
+        "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>",
+        "<|IMG_PATCH|>",
+        "<|END_OF_TURN_TOKEN|>",
+        "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
+        "<|END_OF_TURN_TOKEN|>",
+    ),
     "gemma3": ("", "<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n",
                "<end_of_turn>\n"),
     "smolvlm": (
@@ -640,6 +648,25 @@ SPECS: dict[str, Family] = {
                           *(f"<|img_row_{i}_col_{j}|>" for i in range(1, 5) for j in range(1, 5))),
                          bos="<|startoftext|>", eos="<|im_end|>", pad="<|pad|>", vocab_size=340),
         model_type="lfm2_vl",
+    ),
+    # Command A Vision (Cohere2-Vision): SigLIP pixel-shuffled 2x2 to 4 tokens per 28 px tile, up to 4 tiles and a
+    # thumbnail, a line break token after each tile; a Cohere 2 whose logit scale the model does not apply.
+    "cohere2_vision": Family(
+        model="Cohere2VisionForConditionalGeneration",
+        config=part("Cohere2VisionConfig", vision_config=_vision("SiglipVisionConfig"),
+                    text_config=_text("Cohere2Config", sliding_window=8,
+                                      layer_types=["sliding_attention", "full_attention"]),
+                    downsample_factor=2, image_token_id=Id("<|IMG_PATCH|>"), alignment_intermediate_size=64),
+        processor=part("Cohere2VisionProcessor", tokenizer=TOKENIZER, chat_template=Template("cohere2_vision"),
+                       image_processor=part("Cohere2VisionImageProcessor", size={"height": 28, "width": 28},
+                                            patch_size=2, crop_to_patches=True, min_patches=1, max_patches=4)),
+        tokenizer=Tokens(("<PAD>", "<UNK>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|START_OF_TURN_TOKEN|>",
+                          "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>",
+                          "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>"),
+                         bos="<BOS_TOKEN>", eos="<|END_OF_TURN_TOKEN|>", pad="<PAD>", unk="<UNK>", add_bos=True,
+                         extra=(("boi_token", "<|START_OF_IMG|>"), ("eoi_token", "<|END_OF_IMG|>"),
+                                ("image_token", "<|IMG_PATCH|>"), ("img_line_break_token", "<|IMG_LINE_BREAK|>"))),
+        model_type="cohere2_vision",
     ),
 }
 # Mixture-of-experts siblings: the same processors, 4 experts of which each token uses 2.

@@ -427,12 +427,12 @@ class Backend:
     def head_is_linear(self) -> bool:
         """True when logits are a linear map of the final hidden state: `lm_head(final hidden)`, times the text
         config's `logit_scale` where the family's quirks say the model applies it (Aya Vision). False with Gemma
-        2-style soft-capping, and with a logit scale the quirks do not account for (whether a model class applies
+        2-style soft-capping, and with a logit scale the quirks say nothing about (whether a model class applies
         its config's scale varies: Cohere2-Vision does not), rather than rebuild logits wrongly."""
         text_config = self.model.config.get_text_config()
         if getattr(text_config, "final_logit_softcapping", None):
             return False
-        if self.quirks.logit_scale:
+        if self.quirks.logit_scale is not None:
             return True
         return getattr(text_config, "logit_scale", 1.0) in (None, 1.0) and getattr(
             text_config, "logits_scaling", 1.0

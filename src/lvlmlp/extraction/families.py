@@ -24,7 +24,9 @@ class Quirks:
     nested_language_model: bool = False  # positions are prepared by `model.language_model` (InstructBLIP)
     qformer_text: bool = False  # a Q-Former tokenizer with absolute positions: right-pad its text
     drop_outputs: tuple[str, ...] = ()  # processor outputs that are not model inputs for inference
-    logit_scale: bool = False  # the model multiplies lm_head's output by text_config.logit_scale (Aya Vision)
+    # True: the model multiplies lm_head's output by text_config.logit_scale (Aya Vision); False: it ignores the
+    # config's scale (Cohere2-Vision); None: not known, so a scale other than 1 counts as a non-linear head.
+    logit_scale: bool | None = None
     # Why the backend refuses the family: it runs, but its batched results cannot be made to equal single runs
     # (docs/models.md lists the reason). Empty: not refused.
     refused: str = ""
@@ -41,6 +43,7 @@ QUIRKS: dict[str, Quirks] = {
     "glm4v": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
     "glm4v_moe": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
     "aya_vision": Quirks(logit_scale=True),
+    "cohere2_vision": Quirks(logit_scale=False),
     # Their vision towers are timm models (checked before anything loads, so the error names the package).
     "fast_vlm": Quirks(needs=("timm",)),
     "gemma3n": Quirks(needs=("timm",)),
