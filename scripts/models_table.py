@@ -49,6 +49,7 @@ NAMES: dict[str, tuple[str, str]] = {
     "lfm2_vl": ("LFM2-VL", "LiquidAI/LFM2-VL-1.6B"),
     "qwen3_vl_moe": ("Qwen3-VL MoE", "Qwen/Qwen3-VL-30B-A3B-Instruct"),
     "glm4v_moe": ("GLM-4.5V", "zai-org/GLM-4.5V"),
+    "gemma4": ("Gemma 4", "google/gemma-4-e2b-it, google/gemma-4-12B-it"),
     "cohere2_vision": ("Command A Vision (Cohere2-Vision)", "CohereLabs/command-a-vision-07-2025"),
 }
 
@@ -93,7 +94,6 @@ LEFT_OUT: dict[str, str] = {
     "florence2": f"{_ENC_DEC}; task-prompted captioner / OCR",
     "fuyu": f"{_NEW} (its processor pads and tensorises by itself, returning torch lists)",
     "gemma3n": "needs timm (its MobileNet-V5 tower), which is not installed here: not checked",
-    "gemma4": _NEW,
     "gemma4_unified": _NEW,
     "git": "captioner (GIT): no chat template or question answering to probe",
     "glm46v": f"{_NEW} (GLM-4.6V)",

@@ -109,6 +109,8 @@ _TEMPLATES: dict[str, tuple[str, str, str, str, str, str]] = {
         "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
         "<|END_OF_TURN_TOKEN|>",
     ),
+    "gemma4": ("", "<start_of_turn>user\n", "<image_soft_token>", "<end_of_turn>\n", "<start_of_turn>model\n",
+               "<end_of_turn>\n"),
     "gemma3": ("", "<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n",
                "<end_of_turn>\n"),
     "smolvlm": (
@@ -667,6 +669,34 @@ SPECS: dict[str, Family] = {
                          extra=(("boi_token", "<|START_OF_IMG|>"), ("eoi_token", "<|END_OF_IMG|>"),
                                 ("image_token", "<|IMG_PATCH|>"), ("img_line_break_token", "<|IMG_LINE_BREAK|>"))),
         model_type="cohere2_vision",
+    ),
+    # Gemma 4: a vision tower on 2 px patches with 2-D positions, 3x3-pooled to at most 70 soft tokens per image
+    # (any aspect ratio), per-layer token inputs, sliding-window (8) and global layers with their own rotary.
+    "gemma4": Family(
+        model="Gemma4ForConditionalGeneration",
+        config=part("Gemma4Config", vision_config=dict(**_TINY, num_key_value_heads=2, head_dim=16, patch_size=2,
+                                                       pooling_kernel_size=3, position_embedding_size=64),
+                    text_config=_text("Gemma4TextConfig", head_dim=16, global_head_dim=16, sliding_window=8,
+                                      layer_types=["sliding_attention", "full_attention"],
+                                      vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8),
+                    audio_config=None, boi_token_id=Id("<start_of_image>"), eoi_token_id=Id("<end_of_image>"),
+                    image_token_id=Id("<image_soft_token>"), video_token_id=Id("<|video|>"),
+                    boa_token_id=Id("<start_of_audio>"), eoa_token_index=Id("<end_of_audio>"),
+                    audio_token_id=Id("<audio_soft_token>")),
+        processor=part("Gemma4Processor", tokenizer=TOKENIZER, chat_template=Template("gemma4"), image_seq_length=70,
+                       feature_extractor=part("Gemma4AudioFeatureExtractor"),
+                       image_processor=part("Gemma4ImageProcessor", patch_size=2, max_soft_tokens=70,
+                                            pooling_kernel_size=3),
+                       video_processor=part("Gemma4VideoProcessor", patch_size=2, max_soft_tokens=70,
+                                            pooling_kernel_size=3)),
+        tokenizer=Tokens(("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                          "<end_of_image>", "<image_soft_token>", "<|video|>", "<start_of_audio>", "<end_of_audio>",
+                          "<audio_soft_token>"), bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", add_bos=True,
+                         # The processor wants the audio tokens named even without audio.
+                         extra=(("boi_token", "<start_of_image>"), ("eoi_token", "<end_of_image>"),
+                                ("image_token", "<image_soft_token>"), ("boa_token", "<start_of_audio>"),
+                                ("eoa_token", "<end_of_audio>"), ("audio_token", "<audio_soft_token>"))),
+        model_type="gemma4",
     ),
 }
 # Mixture-of-experts siblings: the same processors, 4 experts of which each token uses 2.

@@ -40,6 +40,7 @@ QUIRKS: dict[str, Quirks] = {
     # Their processors hold a video processor, which transformers builds on torchvision.
     "llava_onevision": Quirks(needs=("torchvision",)),
     "internvl": Quirks(needs=("torchvision",)),
+    "gemma4": Quirks(needs=("torchvision",)),
     "glm4v": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
     "glm4v_moe": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
     "aya_vision": Quirks(logit_scale=True),
