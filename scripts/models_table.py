@@ -49,6 +49,8 @@ NAMES: dict[str, tuple[str, str]] = {
     "lfm2_vl": ("LFM2-VL", "LiquidAI/LFM2-VL-1.6B"),
     "qwen3_vl_moe": ("Qwen3-VL MoE", "Qwen/Qwen3-VL-30B-A3B-Instruct"),
     "glm4v_moe": ("GLM-4.5V", "zai-org/GLM-4.5V"),
+    "qwen3_5": ("Qwen3.5", "Qwen/Qwen3.5-27B"),
+    "qwen3_5_moe": ("Qwen3.5 MoE", "Qwen/Qwen3.5-35B-A3B"),
     "gemma4": ("Gemma 4", "google/gemma-4-e2b-it, google/gemma-4-12B-it"),
     "cohere2_vision": ("Command A Vision (Cohere2-Vision)", "CohereLabs/command-a-vision-07-2025"),
 }
@@ -63,6 +65,8 @@ NOTES: dict[str, str] = {
     "aya_vision": "logits are `lm_head` times `logit_scale`; rebuilt from hidden states with the scale",
     "cohere2_vision": "its config's `logit_scale` is not applied by the model (the checks confirm it)",
     "mllama": "cross-attention: the image is not in the token sequence",
+    "qwen3_5": "hybrid text model: Gated DeltaNet (linear attention) and full-attention layers",
+    "qwen3_5_moe": "hybrid linear / full attention, mixture-of-experts text model",
     "qwen3_vl_moe": "mixture-of-experts text model (4 experts, 2 per token, in the tiny checkpoint)",
     "glm4v_moe": "mixture-of-experts text model (4 routed experts, 2 per token, and a shared one)",
     "llava_next_video": "image input only (lvlmlp reads images)",
@@ -140,8 +144,6 @@ LEFT_OUT: dict[str, str] = {
     "pp_formulanet": f"{_OCR} (formula recognition); {_ENC_DEC}",
     "qianfan_ocr": _OCR,
     "qwen2_5_omni_thinker": f"{_NEW} (omni model: audio, video and images)",
-    "qwen3_5": _NEW,
-    "qwen3_5_moe": f"{_NEW} (mixture-of-experts text model)",
     "qwen3_omni_moe_thinker": f"{_NEW} (omni model: audio, video and images)",
     "qwen4_exp": _NEW,
     "shieldgemma2": "image-safety classifier (Gemma 3 scoring policies through its own processor), not a "

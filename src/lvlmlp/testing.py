@@ -699,6 +699,19 @@ SPECS: dict[str, Family] = {
         model_type="gemma4",
     ),
 }
+# Qwen3.5: Qwen3-VL's vision side and processor; the text model alternates Gated DeltaNet (linear attention with
+# a short convolution) and full-attention layers; rotary positions on a quarter of each head.
+SPECS["qwen3_5"] = Family(
+    model="Qwen3_5ForConditionalGeneration",
+    config=_variant(SPECS["qwen3_vl"].config, "Qwen3_5Config", text_config=_text(
+        "Qwen3_5TextConfig", head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+        linear_num_value_heads=2, layer_types=["linear_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 0],
+                         "mrope_interleaved": True, "partial_rotary_factor": 0.25})),
+    processor=SPECS["qwen3_vl"].processor,
+    tokenizer=_QWEN_TOKENS,
+    model_type="qwen3_5",
+)
 # Mixture-of-experts siblings: the same processors, 4 experts of which each token uses 2.
 _MOE = dict(moe_intermediate_size=32, num_experts_per_tok=2)
 SPECS["qwen3_vl_moe"] = Family(
@@ -717,6 +730,15 @@ SPECS["glm4v_moe"] = Family(
     processor=SPECS["glm4v"].processor,
     tokenizer=SPECS["glm4v"].tokenizer,
     model_type="glm4v_moe",
+)
+SPECS["qwen3_5_moe"] = Family(
+    model="Qwen3_5MoeForConditionalGeneration",
+    config=_variant(SPECS["qwen3_5"].config, "Qwen3_5MoeConfig", text_config=_variant(
+        dict(SPECS["qwen3_5"].config.kwargs)["text_config"], "Qwen3_5MoeTextConfig", num_experts=4,
+        shared_expert_intermediate_size=32, **_MOE)),
+    processor=SPECS["qwen3_vl"].processor,
+    tokenizer=_QWEN_TOKENS,
+    model_type="qwen3_5_moe",
 )
 FAMILIES: tuple[str, ...] = tuple(SPECS)
 

@@ -37,6 +37,8 @@ QUIRKS: dict[str, Quirks] = {
     "qwen2_5_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
     "qwen3_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
     "qwen3_vl_moe": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
+    "qwen3_5": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
+    "qwen3_5_moe": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
     # Their processors hold a video processor, which transformers builds on torchvision.
     "llava_onevision": Quirks(needs=("torchvision",)),
     "internvl": Quirks(needs=("torchvision",)),
