@@ -51,6 +51,7 @@ NAMES: dict[str, tuple[str, str]] = {
     "glm4v_moe": ("GLM-4.5V", "zai-org/GLM-4.5V"),
     "qwen3_5": ("Qwen3.5", "Qwen/Qwen3.5-27B"),
     "qwen3_5_moe": ("Qwen3.5 MoE", "Qwen/Qwen3.5-35B-A3B"),
+    "video_llava": ("Video-LLaVA (images)", "LanguageBind/Video-LLaVA-7B-hf"),
     "gemma4": ("Gemma 4", "google/gemma-4-e2b-it, google/gemma-4-12B-it"),
     "cohere2_vision": ("Command A Vision (Cohere2-Vision)", "CohereLabs/command-a-vision-07-2025"),
 }
@@ -70,6 +71,7 @@ NOTES: dict[str, str] = {
     "qwen3_vl_moe": "mixture-of-experts text model (4 experts, 2 per token, in the tiny checkpoint)",
     "glm4v_moe": "mixture-of-experts text model (4 routed experts, 2 per token, and a shared one)",
     "llava_next_video": "image input only (lvlmlp reads images)",
+    "video_llava": "image input only (lvlmlp reads images)",
 }
 
 _OCR = "OCR-only: reads text out of documents, no question answering to probe"
@@ -153,7 +155,6 @@ LEFT_OUT: dict[str, str] = {
     "udop": f"{_ENC_DEC}; document understanding",
     "unlimited_ocr": _OCR,
     "video_llama_3": f"{_NEW} (video-first; its image checkpoints take images)",
-    "video_llava": f"{_NEW} (video-first; takes images too)",
     "vision-encoder-decoder": f"{_ENC_DEC}; generic captioner / OCR wrapper",
 }
 

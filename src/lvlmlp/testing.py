@@ -698,6 +698,17 @@ SPECS: dict[str, Family] = {
                                 ("eoa_token", "<end_of_audio>"), ("audio_token", "<audio_soft_token>"))),
         model_type="gemma4",
     ),
+    # Video-LLaVA on images: a CLIP image tower (its video tower unused), a Llama.
+    "video_llava": Family(
+        model="VideoLlavaForConditionalGeneration",
+        config=part("VideoLlavaConfig", **_LLAVA_CONFIG, video_token_index=Id("<video>"), image_seq_length=16),
+        processor=part("VideoLlavaProcessor", chat_template=Template("llava"), **_LLAVA_PROCESSOR,
+                       image_processor=part("VideoLlavaImageProcessor", **_LLAVA_SIZE),
+                       video_processor=part("VideoLlavaVideoProcessor", **_LLAVA_SIZE)),
+        tokenizer=Tokens(_LLAVA_TOKENS.specials + ("<video>",), bos="<s>", eos="</s>", pad="<pad>", unk="<unk>",
+                         add_bos=True, extra=(("image_token", "<image>"), ("video_token", "<video>"))),
+        model_type="video_llava",
+    ),
 }
 # Qwen3.5: Qwen3-VL's vision side and processor; the text model alternates Gated DeltaNet (linear attention with
 # a short convolution) and full-attention layers; rotary positions on a quarter of each head.

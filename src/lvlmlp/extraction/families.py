@@ -43,6 +43,8 @@ QUIRKS: dict[str, Quirks] = {
     "llava_onevision": Quirks(needs=("torchvision",)),
     "internvl": Quirks(needs=("torchvision",)),
     "gemma4": Quirks(needs=("torchvision",)),
+    "video_llava": Quirks(needs=("torchvision",)),
+    "llava_next_video": Quirks(needs=("torchvision",)),
     "glm4v": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
     "glm4v_moe": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
     "aya_vision": Quirks(logit_scale=True),
