@@ -52,6 +52,7 @@ NAMES: dict[str, tuple[str, str]] = {
     "qwen3_5": ("Qwen3.5", "Qwen/Qwen3.5-27B"),
     "qwen3_5_moe": ("Qwen3.5 MoE", "Qwen/Qwen3.5-35B-A3B"),
     "video_llava": ("Video-LLaVA (images)", "LanguageBind/Video-LLaVA-7B-hf"),
+    "janus": ("Janus, Janus-Pro", "deepseek-community/Janus-Pro-1B, deepseek-community/Janus-Pro-7B"),
     "gemma4": ("Gemma 4", "google/gemma-4-e2b-it, google/gemma-4-12B-it"),
     "cohere2_vision": ("Command A Vision (Cohere2-Vision)", "CohereLabs/command-a-vision-07-2025"),
 }
@@ -71,6 +72,7 @@ NOTES: dict[str, str] = {
     "qwen3_vl_moe": "mixture-of-experts text model (4 experts, 2 per token, in the tiny checkpoint)",
     "glm4v_moe": "mixture-of-experts text model (4 routed experts, 2 per token, and a shared one)",
     "llava_next_video": "image input only (lvlmlp reads images)",
+    "janus": "understanding path (its image-generation head is not used)",
     "video_llava": "image input only (lvlmlp reads images)",
 }
 
@@ -117,7 +119,6 @@ LEFT_OUT: dict[str, str] = {
     "inkling2_loop": _NEW,
     "inkling_mm_model": _NEW,
     "instructblipvideo": "video-only",
-    "janus": f"{_NEW} (understanding and image generation)",
     "kimi_k25": _NEW,
     "kosmos-2": f"{_NEW} (grounding model with image-embedding position masks)",
     "kosmos-2.5": _OCR,

@@ -111,6 +111,7 @@ _TEMPLATES: dict[str, tuple[str, str, str, str, str, str]] = {
     ),
     "gemma4": ("", "<start_of_turn>user\n", "<image_soft_token>", "<end_of_turn>\n", "<start_of_turn>model\n",
                "<end_of_turn>\n"),
+    "janus": ("", "<|User|>: ", "<image_placeholder>\n", "\n\n", "<|Assistant|>:", "<｜end▁of▁sentence｜>"),
     "gemma3": ("", "<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n",
                "<end_of_turn>\n"),
     "smolvlm": (
@@ -708,6 +709,25 @@ SPECS: dict[str, Family] = {
         tokenizer=Tokens(_LLAVA_TOKENS.specials + ("<video>",), bos="<s>", eos="</s>", pad="<pad>", unk="<unk>",
                          add_bos=True, extra=(("image_token", "<image>"), ("video_token", "<video>"))),
         model_type="video_llava",
+    ),
+    # Janus (-Pro): a SigLIP-style understanding tower (16 tokens per 28 px image between <begin_of_image> and
+    # <end_of_image>), a Llama; its VQ image generator is built (tiny) but unused by lvlmlp.
+    "janus": Family(
+        model="JanusForConditionalGeneration",
+        config=part("JanusConfig", vision_config=dict(_vision(), mlp_ratio=2.0, projection_dim=32, depth=1,
+                                                      num_image_tokens=16),
+                    vq_config=dict(embed_dim=8, num_embeddings=32, latent_channels=32, base_channels=32,
+                                   channel_multiplier=[1, 1], num_res_blocks=1, num_patches=4, projection_dim=32,
+                                   image_token_embed_dim=32, num_hidden_layers=1),
+                    text_config=_text(), image_token_id=Id("<image_placeholder>")),
+        processor=part("JanusProcessor", tokenizer=TOKENIZER, chat_template=Template("janus"), num_image_tokens=16,
+                       image_processor=part("JanusImageProcessor", size={"height": 28, "width": 28})),
+        tokenizer=Tokens(("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<image_placeholder>",
+                          "<begin_of_image>", "<end_of_image>", "<|User|>", "<|Assistant|>"),
+                         bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>", pad="<｜▁pad▁｜>", add_bos=True,
+                         extra=(("image_token", "<image_placeholder>"), ("boi_token", "<begin_of_image>"),
+                                ("eoi_token", "<end_of_image>"))),
+        model_type="janus",
     ),
 }
 # Qwen3.5: Qwen3-VL's vision side and processor; the text model alternates Gated DeltaNet (linear attention with
