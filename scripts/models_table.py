@@ -53,6 +53,7 @@ NAMES: dict[str, tuple[str, str]] = {
     "qwen3_5_moe": ("Qwen3.5 MoE", "Qwen/Qwen3.5-35B-A3B"),
     "video_llava": ("Video-LLaVA (images)", "LanguageBind/Video-LLaVA-7B-hf"),
     "janus": ("Janus, Janus-Pro", "deepseek-community/Janus-Pro-1B, deepseek-community/Janus-Pro-7B"),
+    "deepseek_vl": ("DeepSeek-VL", "deepseek-community/deepseek-vl-1.3b-chat"),
     "gemma4": ("Gemma 4", "google/gemma-4-e2b-it, google/gemma-4-12B-it"),
     "cohere2_vision": ("Command A Vision (Cohere2-Vision)", "CohereLabs/command-a-vision-07-2025"),
 }
@@ -89,8 +90,7 @@ LEFT_OUT: dict[str, str] = {
     "cosmos3_edge": _NEW,
     "cosmos3_omni": _NEW,
     "deepseek_ocr2": _OCR,
-    "deepseek_vl": f"{_NEW} (DeepSeek-VL 1)",
-    "deepseek_vl_hybrid": f"{_NEW} (DeepSeek-VL 1, SAM + SigLIP towers)",
+    "deepseek_vl_hybrid": f"{_NEW} (DeepSeek-VL 7B: DeepSeek-VL plus a high-resolution SAM tower)",
     "diffusion_gemma": "block-diffusion decoding: no left-to-right first token to probe",
     "dots3_note": _NEW,
     "emu3": f"{_NEW} (images as VQ tokens)",

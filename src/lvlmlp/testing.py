@@ -112,6 +112,7 @@ _TEMPLATES: dict[str, tuple[str, str, str, str, str, str]] = {
     "gemma4": ("", "<start_of_turn>user\n", "<image_soft_token>", "<end_of_turn>\n", "<start_of_turn>model\n",
                "<end_of_turn>\n"),
     "janus": ("", "<|User|>: ", "<image_placeholder>\n", "\n\n", "<|Assistant|>:", "<｜end▁of▁sentence｜>"),
+    "deepseek_vl": ("", "User: ", "<image_placeholder>\n", "\n\n", "Assistant:", "<｜end▁of▁sentence｜>"),
     "gemma3": ("", "<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n",
                "<end_of_turn>\n"),
     "smolvlm": (
@@ -728,6 +729,19 @@ SPECS: dict[str, Family] = {
                          extra=(("image_token", "<image_placeholder>"), ("boi_token", "<begin_of_image>"),
                                 ("eoi_token", "<end_of_image>"))),
         model_type="janus",
+    ),
+    # DeepSeek-VL: a SigLIP tower (images padded to a square, 16 tokens), a Llama.
+    "deepseek_vl": Family(
+        model="DeepseekVLForConditionalGeneration",
+        config=part("DeepseekVLConfig", vision_config=_vision("SiglipVisionConfig"), text_config=_text(),
+                    image_token_id=Id("<image_placeholder>")),
+        processor=part("DeepseekVLProcessor", tokenizer=TOKENIZER, chat_template=Template("deepseek_vl"),
+                       num_image_tokens=16,
+                       image_processor=part("DeepseekVLImageProcessor", size={"height": 28, "width": 28})),
+        tokenizer=Tokens(("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<image_placeholder>"),
+                         bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>", pad="<｜▁pad▁｜>", add_bos=True,
+                         extra=(("image_token", "<image_placeholder>"),)),
+        model_type="deepseek_vl",
     ),
 }
 # Qwen3.5: Qwen3-VL's vision side and processor; the text model alternates Gated DeltaNet (linear attention with
