@@ -54,6 +54,7 @@ NAMES: dict[str, tuple[str, str]] = {
     "video_llava": ("Video-LLaVA (images)", "LanguageBind/Video-LLaVA-7B-hf"),
     "janus": ("Janus, Janus-Pro", "deepseek-community/Janus-Pro-1B, deepseek-community/Janus-Pro-7B"),
     "deepseek_vl": ("DeepSeek-VL", "deepseek-community/deepseek-vl-1.3b-chat"),
+    "ovis2": ("Ovis2", "thisisiron/Ovis2-1B-hf"),
     "gemma4": ("Gemma 4", "google/gemma-4-e2b-it, google/gemma-4-12B-it"),
     "cohere2_vision": ("Command A Vision (Cohere2-Vision)", "CohereLabs/command-a-vision-07-2025"),
 }
@@ -74,6 +75,7 @@ NOTES: dict[str, str] = {
     "glm4v_moe": "mixture-of-experts text model (4 routed experts, 2 per token, and a shared one)",
     "llava_next_video": "image input only (lvlmlp reads images)",
     "janus": "understanding path (its image-generation head is not used)",
+    "ovis2": "visual tokenizer: image features are soft mixtures of a visual vocabulary",
     "video_llava": "image input only (lvlmlp reads images)",
 }
 
@@ -136,7 +138,6 @@ LEFT_OUT: dict[str, str] = {
     "muse_glimmer": _NEW,
     "muse_spark": _NEW,
     "nemotron_h_omni": f"{_NEW} (omni model: audio, video and images)",
-    "ovis2": _NEW,
     "ovis2_5": _NEW,
     "paddleocr_vl": _OCR,
     "perception_lm": "needs timm (its Perception Encoder tower), which is not installed here: not checked",

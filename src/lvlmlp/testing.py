@@ -743,6 +743,25 @@ SPECS: dict[str, Family] = {
                          extra=(("image_token", "<image_placeholder>"),)),
         model_type="deepseek_vl",
     ),
+    # Ovis2: a visual tokenizer (each 2x2 patch group a softmax over a 64-entry visual vocabulary, embedded from its
+    # own table), up to 4 aspect-ratio tiles after a global view, indicator tokens between them; a Qwen2.
+    "ovis2": Family(
+        model="Ovis2ForConditionalGeneration",
+        config=part("Ovis2Config", vision_config=dict(_vision(), vocab_size=64, hidden_stride=2,
+                                                      num_visual_indicator_tokens=5),
+                    text_config=_text("Qwen2Config"), vocab_size=VOCAB, hidden_size=32,
+                    image_token_id=Id("<IMG_ATOM>"),
+                    visual_indicator_token_ids=[Id(t) for t in ("<IMG_START>", "<IMG_GRID>", "<IMG_COL>",
+                                                                 "<IMG_ROW>", "<IMG_END>")]),
+        processor=part("Ovis2Processor", tokenizer=TOKENIZER, chat_template=Template("llava_onevision"),
+                       image_seq_length=4,
+                       image_processor=part("Ovis2ImageProcessor", size={"height": 28, "width": 28},
+                                            crop_to_patches=True, min_patches=1, max_patches=4)),
+        tokenizer=Tokens(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<IMG_START>", "<IMG_ATOM>",
+                          "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>"), eos="<|im_end|>",
+                         pad="<|endoftext|>"),
+        model_type="ovis2",
+    ),
 }
 # Qwen3.5: Qwen3-VL's vision side and processor; the text model alternates Gated DeltaNet (linear attention with
 # a short convolution) and full-attention layers; rotary positions on a quarter of each head.
