@@ -55,6 +55,7 @@ NAMES: dict[str, tuple[str, str]] = {
     "janus": ("Janus, Janus-Pro", "deepseek-community/Janus-Pro-1B, deepseek-community/Janus-Pro-7B"),
     "deepseek_vl": ("DeepSeek-VL", "deepseek-community/deepseek-vl-1.3b-chat"),
     "ovis2": ("Ovis2", "thisisiron/Ovis2-1B-hf"),
+    "molmo2": ("Molmo2", "allenai/Molmo2-4B, allenai/Molmo2-8B"),
     "gemma4": ("Gemma 4", "google/gemma-4-e2b-it, google/gemma-4-12B-it"),
     "cohere2_vision": ("Command A Vision (Cohere2-Vision)", "CohereLabs/command-a-vision-07-2025"),
 }
@@ -76,6 +77,7 @@ NOTES: dict[str, str] = {
     "llava_next_video": "image input only (lvlmlp reads images)",
     "janus": "understanding path (its image-generation head is not used)",
     "ovis2": "visual tokenizer: image features are soft mixtures of a visual vocabulary",
+    "molmo2": "native transformers port (the remote-code Molmo 1 checkpoints are not covered)",
     "video_llava": "image input only (lvlmlp reads images)",
 }
 
@@ -134,7 +136,6 @@ LEFT_OUT: dict[str, str] = {
     "minimax_m3_vl": _NEW,
     "mistral4": _NEW,
     "mistral_large4": _NEW,
-    "molmo2": _NEW,
     "muse_glimmer": _NEW,
     "muse_spark": _NEW,
     "nemotron_h_omni": f"{_NEW} (omni model: audio, video and images)",

@@ -113,6 +113,7 @@ _TEMPLATES: dict[str, tuple[str, str, str, str, str, str]] = {
                "<end_of_turn>\n"),
     "janus": ("", "<|User|>: ", "<image_placeholder>\n", "\n\n", "<|Assistant|>:", "<｜end▁of▁sentence｜>"),
     "deepseek_vl": ("", "User: ", "<image_placeholder>\n", "\n\n", "Assistant:", "<｜end▁of▁sentence｜>"),
+    "molmo2": ("", "<|im_start|>user\n", "<|image|>", "<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>\n"),
     "gemma3": ("", "<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n",
                "<end_of_turn>\n"),
     "smolvlm": (
@@ -761,6 +762,30 @@ SPECS: dict[str, Family] = {
                           "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>"), eos="<|im_end|>",
                          pad="<|endoftext|>"),
         model_type="ovis2",
+    ),
+    # Molmo2: overlapping 28 px crops (up to 4) plus a low-resolution view, two ViT layers pooled 2x2 by attention,
+    # <im_col> after each patch row; a Qwen3-style text model with extra embeddings for its special tokens.
+    "molmo2": Family(
+        model="Molmo2ForConditionalGeneration",
+        config=part("Molmo2Config",
+                    vision_config=dict(_vision(), num_key_value_heads=2, head_dim=16, image_size=[28, 28],
+                                       num_position_embeddings=16),
+                    adapter_config=dict(vision_feature_layer=[-1, -2], hidden_size=32, num_attention_heads=2,
+                                        num_key_value_heads=2, head_dim=16, intermediate_size=64,
+                                        text_hidden_size=32),
+                    text_config=_text("Molmo2TextConfig", head_dim=16, additional_vocab_size=8),
+                    image_start_token_id=Id("<im_start>"), low_res_image_start_token_id=Id("<low_res_im_start>"),
+                    image_end_token_id=Id("<im_end>"), image_patch_id=Id("<im_patch>"),
+                    frame_start_token_id=Id("<frame_start>"), frame_end_token_id=Id("<frame_end>")),
+        processor=part("Molmo2Processor", tokenizer=TOKENIZER, chat_template=Template("molmo2"),
+                       image_processor=part("Molmo2ImageProcessor", size={"height": 28, "width": 28}, patch_size=7,
+                                            max_crops=4, overlap_margins=[1, 1], pooling_size=[2, 2]),
+                       video_processor=part("Molmo2VideoProcessor", size={"height": 28, "width": 28}, patch_size=7,
+                                            pooling_size=[2, 2])),
+        tokenizer=Tokens(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image|>", "<|video|>", "<im_patch>",
+                          "<im_col>", "<im_start>", "<low_res_im_start>", "<frame_start>", "<im_end>", "<frame_end>",
+                          "<im_low>"), bos="<|endoftext|>", eos="<|im_end|>", pad="<|endoftext|>"),
+        model_type="molmo2",
     ),
 }
 # Qwen3.5: Qwen3-VL's vision side and processor; the text model alternates Gated DeltaNet (linear attention with

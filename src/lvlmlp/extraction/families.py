@@ -44,6 +44,7 @@ QUIRKS: dict[str, Quirks] = {
     "internvl": Quirks(needs=("torchvision",)),
     "gemma4": Quirks(needs=("torchvision",)),
     "video_llava": Quirks(needs=("torchvision",)),
+    "molmo2": Quirks(needs=("torchvision",)),
     "llava_next_video": Quirks(needs=("torchvision",)),
     "glm4v": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
     "glm4v_moe": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
