@@ -64,6 +64,7 @@ def test_exact_rows_are_exactly_the_checked_families() -> None:
                        "mllama", "glm4v"):  # the families issue 29 asks to be exact
         assert rows[model_type][3] == "exact", model_type
     assert "needs timm" in rows["fast_vlm"][1]
+    assert rows["kosmos-2"][3] == f"refused: {families.quirks_of('kosmos-2').refused}"
 
 
 def test_a_refused_family_stops_every_command_with_its_reason(tiny_ckpt, tmp_path, monkeypatch, capsys) -> None:

@@ -787,6 +787,19 @@ SPECS: dict[str, Family] = {
                           "<im_low>"), bos="<|endoftext|>", eos="<|im_end|>", pad="<|endoftext|>"),
         model_type="molmo2",
     ),
+    # Kosmos-2: a CLIP tower resampled to 64 latents placed between <image> and </image> by the processor, a
+    # sinusoidal-position decoder; no chat template. Refused (see its Quirks row); the entry shows why.
+    "kosmos-2": Family(
+        model="Kosmos2ForConditionalGeneration",
+        config=part("Kosmos2Config", vision_config=_vision(), latent_query_num=64,
+                    text_config=dict(vocab_size=VOCAB, embed_dim=32, layers=2, ffn_dim=64, attention_heads=2,
+                                     max_position_embeddings=512, pad_token_id=Special("pad"),
+                                     bos_token_id=Special("bos"), eos_token_id=Special("eos"))),
+        processor=part("Kosmos2Processor", tokenizer=TOKENIZER, num_patch_index_tokens=16,
+                       image_processor=part("CLIPImageProcessor", **_LLAVA_SIZE)),
+        tokenizer=Tokens(("<s>", "<pad>", "</s>", "<unk>"), bos="<s>", eos="</s>", pad="<pad>", unk="<unk>"),
+        model_type="kosmos-2",
+    ),
 }
 # Qwen3.5: Qwen3-VL's vision side and processor; the text model alternates Gated DeltaNet (linear attention with
 # a short convolution) and full-attention layers; rotary positions on a quarter of each head.
