@@ -57,6 +57,7 @@ NAMES: dict[str, tuple[str, str]] = {
     "ovis2": ("Ovis2", "thisisiron/Ovis2-1B-hf"),
     "molmo2": ("Molmo2", "allenai/Molmo2-4B, allenai/Molmo2-8B"),
     "kosmos-2": ("Kosmos-2", "microsoft/kosmos-2-patch14-224"),
+    "llama4": ("Llama 4", "meta-llama/Llama-4-Scout-17B-16E-Instruct"),
     "gemma4": ("Gemma 4", "google/gemma-4-e2b-it, google/gemma-4-12B-it"),
     "cohere2_vision": ("Command A Vision (Cohere2-Vision)", "CohereLabs/command-a-vision-07-2025"),
 }
@@ -80,6 +81,7 @@ NOTES: dict[str, str] = {
     "ovis2": "visual tokenizer: image features are soft mixtures of a visual vocabulary",
     "molmo2": "native transformers port (the remote-code Molmo 1 checkpoints are not covered)",
     "kosmos-2": "first-token logits alone could be matched; tests/test_backend.py shows the later tokens differ",
+    "llama4": "bfloat16 pixels from its processor, widened exactly to float32 between processes",
     "video_llava": "image input only (lvlmlp reads images)",
 }
 
@@ -129,7 +131,6 @@ LEFT_OUT: dict[str, str] = {
     "kosmos-2.5": _OCR,
     "lfm3_vl": _NEW,
     "lighton_ocr": _OCR,
-    "llama4": f"{_NEW} (mixture-of-experts text model, chunked attention)",
     "llava_onevision1_5": _NEW,
     "minicpm_ocr": _OCR,
     "minicpmv4_6": _NEW,

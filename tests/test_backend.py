@@ -48,7 +48,7 @@ def _single(be: Backend, image: Image.Image, question: str, k: int):
     """One sample alone: the processor, then the model's own greedy `generate` with raw logits."""
     inputs = be.processor(
         images=[[image]], text=[_reference_prompt(be.processor, question)], return_tensors="pt"
-    )
+    ).to(be.model.dtype)  # floating inputs in the model's dtype, as model cards do (Llama 4's pixels are bfloat16)
     inputs.pop("labels", None)
     return be.model.generate(
         **inputs,
@@ -132,6 +132,32 @@ def test_refused_families_differ_as_their_reason_says(tiny_ckpt, family: str) ->
     padded = batch["attention_mask"].sum(1) < batch["attention_mask"].shape[1]
     assert all(gap > 1e-2 for gap, pad in zip(gaps, padded) if pad), gaps  # the later ones do not, where padded
     assert all(gap < TOL for gap, pad in zip(gaps, padded) if not pad), gaps
+
+
+def test_bfloat16_pixels_go_through_extract_workers_exactly(tiny_ckpt, tmp_path: Path) -> None:
+    """Llama 4's processor makes bfloat16 pixels, which NumPy cannot hold: `extract`, whose worker processes hand
+    batches over as NumPy arrays, still gives each row what the model's own generate gives it alone."""
+    import json
+
+    from lvlmlp import open_run
+    from lvlmlp.cli import main
+
+    path = tiny_ckpt("llama4")
+    be = Backend(path, device="cpu")
+    assert be.quirks.torch_outputs and be.processor(images=_images()[:1], text=[be.prompt("yes")],
+                                                    return_tensors="pt")["pixel_values"].dtype == torch.bfloat16
+    rows = []
+    for i, image in enumerate(_images()):
+        image.save(tmp_path / f"{i}.png")
+        rows.append({"id": f"r{i}", "image": str(tmp_path / f"{i}.png"), "question": QUESTIONS[i]})
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["extract", "--model", str(path), "--data", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "run"),
+            "--batch-size", "4", "--workers", "1", "--device", "cpu", "--store-dtype", "float32", "--no-progress"]
+    assert main(argv) == 0
+    run = open_run(tmp_path / "run")
+    for i, image in enumerate(_images()):
+        ref = torch.stack(_single(be, image, QUESTIONS[i], 1).logits, dim=1)[0, 0]
+        assert np.abs(run.logits(0)[i] - ref.numpy()).max() < TOL, i
 
 
 def test_generate_pads_rows_that_stop_early(tiny_ckpt) -> None:

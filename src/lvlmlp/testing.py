@@ -114,6 +114,14 @@ _TEMPLATES: dict[str, tuple[str, str, str, str, str, str]] = {
     "janus": ("", "<|User|>: ", "<image_placeholder>\n", "\n\n", "<|Assistant|>:", "<｜end▁of▁sentence｜>"),
     "deepseek_vl": ("", "User: ", "<image_placeholder>\n", "\n\n", "Assistant:", "<｜end▁of▁sentence｜>"),
     "molmo2": ("", "<|im_start|>user\n", "<|image|>", "<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>\n"),
+    "llama4": (
+        "<|begin_of_text|>",
+        "<|header_start|>user<|header_end|>\n\n",
+        "<|image|>",
+        "<|eot|>",
+        "<|header_start|>assistant<|header_end|>\n\n",
+        "<|eot|>",
+    ),
     "gemma3": ("", "<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n", "<start_of_turn>model\n",
                "<end_of_turn>\n"),
     "smolvlm": (
@@ -799,6 +807,29 @@ SPECS: dict[str, Family] = {
                        image_processor=part("CLIPImageProcessor", **_LLAVA_SIZE)),
         tokenizer=Tokens(("<s>", "<pad>", "</s>", "<unk>"), bos="<s>", eos="</s>", pad="<pad>", unk="<unk>"),
         model_type="kosmos-2",
+    ),
+    # Llama 4: a ViT pixel-shuffled 2x2 to 4 <|patch|> tokens per 28 px tile, up to 4 tiles and a global view
+    # (bfloat16 pixels from the processor); a mixture-of-experts text model with chunked attention (chunks of 8
+    # tokens here, so they cut the prompt) and position-dependent attention temperature (from position 4 here).
+    "llama4": Family(
+        model="Llama4ForConditionalGeneration",
+        config=part("Llama4Config",
+                    vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=2, vision_output_dim=32, image_size=28, patch_size=7,
+                                       pixel_shuffle_ratio=0.5, projector_input_dim=32, projector_output_dim=32),
+                    text_config=_text("Llama4TextConfig", head_dim=16, intermediate_size_mlp=64, num_local_experts=4,
+                                      num_experts_per_tok=1, attention_chunk_size=8, floor_scale=4),
+                    boi_token_index=Id("<|image_start|>"), eoi_token_index=Id("<|image_end|>"),
+                    image_token_index=Id("<|patch|>")),
+        processor=part("Llama4Processor", tokenizer=TOKENIZER, patch_size=7, pixel_shuffle_ratio=0.5,
+                       chat_template=Template("llama4"),
+                       image_processor=part("Llama4ImageProcessor", size={"height": 28, "width": 28}, max_patches=4,
+                                            resize_to_max_canvas=False)),
+        tokenizer=Tokens(("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad|>", "<|header_start|>",
+                          "<|header_end|>", "<|eot|>", "<|image|>", "<|image_start|>", "<|image_end|>", "<|patch|>",
+                          "<|tile_x_separator|>", "<|tile_y_separator|>"),
+                         bos="<|begin_of_text|>", eos="<|eot|>", pad="<|finetune_right_pad|>"),
+        model_type="llama4",
     ),
 }
 # Qwen3.5: Qwen3-VL's vision side and processor; the text model alternates Gated DeltaNet (linear attention with

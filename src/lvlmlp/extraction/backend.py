@@ -284,7 +284,13 @@ class Backend:
         # and every other processor reads it the same.
         rgb = [[im if im.mode == "RGB" else im.convert("RGB")] for im in images]
         # NumPy arrays cost less to build than tensors (and wrapping them is free); the values are the same.
-        batch = self.processor(images=rgb, text=texts, padding=True, return_tensors="np")
+        if self.quirks.torch_outputs:
+            # bfloat16 pixels (Llama 4's) have no NumPy type: widened to float32, exactly, they travel as the rest.
+            batch = self.processor(images=rgb, text=texts, padding=True, return_tensors="pt")
+            batch = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+                     for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        else:
+            batch = self.processor(images=rgb, text=texts, padding=True, return_tensors="np")
         for key in self.quirks.drop_outputs:
             batch.pop(key, None)
         return {k: torch.from_numpy(v) for k, v in batch.items() if isinstance(v, np.ndarray)}

@@ -27,6 +27,8 @@ class Quirks:
     # True: the model multiplies lm_head's output by text_config.logit_scale (Aya Vision); False: it ignores the
     # config's scale (Cohere2-Vision); None: not known, so a scale other than 1 counts as a non-linear head.
     logit_scale: bool | None = None
+    # The processor returns tensors NumPy cannot hold (Llama 4's bfloat16 pixels): ask it for torch tensors.
+    torch_outputs: bool = False
     # Why the backend refuses the family: it runs, but its batched results cannot be made to equal single runs
     # (docs/models.md lists the reason). Empty: not refused.
     refused: str = ""
@@ -50,6 +52,7 @@ QUIRKS: dict[str, Quirks] = {
     "glm4v_moe": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
     "aya_vision": Quirks(logit_scale=True),
     "cohere2_vision": Quirks(logit_scale=False),
+    "llama4": Quirks(torch_outputs=True),
     # Kosmos-2's processor places its image tokens itself. Its first-token logits can be matched, but not the rest.
     "kosmos-2": Quirks(
         chat_template=False,
