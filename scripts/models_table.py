@@ -59,6 +59,7 @@ NAMES: dict[str, tuple[str, str]] = {
     "kosmos-2": ("Kosmos-2", "microsoft/kosmos-2-patch14-224"),
     "llama4": ("Llama 4", "meta-llama/Llama-4-Scout-17B-16E-Instruct"),
     "gemma4": ("Gemma 4", "google/gemma-4-e2b-it, google/gemma-4-12B-it"),
+    "glm46v": ("GLM-4.6V", "zai-org/GLM-4.6V"),
     "cohere2_vision": ("Command A Vision (Cohere2-Vision)", "CohereLabs/command-a-vision-07-2025"),
 }
 
@@ -112,7 +113,6 @@ LEFT_OUT: dict[str, str] = {
     "gemma3n": "needs timm (its MobileNet-V5 tower), which is not installed here: not checked",
     "gemma4_unified": _NEW,
     "git": "captioner (GIT): no chat template or question answering to probe",
-    "glm46v": f"{_NEW} (GLM-4.6V)",
     "glm5_next": _NEW,
     "glm_ocr": _OCR,
     "glmga": _NEW,

@@ -873,6 +873,17 @@ SPECS["qwen3_5_moe"] = Family(
     tokenizer=_QWEN_TOKENS,
     model_type="qwen3_5_moe",
 )
+# GLM-4.6V: GLM-4V's architecture under its own config, model and processor classes.
+_GLM4V_PROCESSOR = dict(SPECS["glm4v"].processor.kwargs)
+SPECS["glm46v"] = Family(
+    model="Glm46VForConditionalGeneration",
+    config=_variant(SPECS["glm4v"].config, "Glm46VConfig"),
+    processor=_variant(SPECS["glm4v"].processor, "Glm46VProcessor",
+                       image_processor=_variant(_GLM4V_PROCESSOR["image_processor"], "Glm46VImageProcessor"),
+                       video_processor=_variant(_GLM4V_PROCESSOR["video_processor"], "Glm46VVideoProcessor")),
+    tokenizer=SPECS["glm4v"].tokenizer,
+    model_type="glm46v",
+)
 FAMILIES: tuple[str, ...] = tuple(SPECS)
 
 

@@ -50,6 +50,7 @@ QUIRKS: dict[str, Quirks] = {
     "llava_next_video": Quirks(needs=("torchvision",)),
     "glm4v": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
     "glm4v_moe": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
+    "glm46v": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
     "aya_vision": Quirks(logit_scale=True),
     "cohere2_vision": Quirks(logit_scale=False),
     "llama4": Quirks(torch_outputs=True),
