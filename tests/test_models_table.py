@@ -67,6 +67,27 @@ def test_exact_rows_are_exactly_the_checked_families() -> None:
     assert rows["kosmos-2"][3] == f"refused: {families.quirks_of('kosmos-2').refused}"
 
 
+def test_checked_set_is_the_exact_families() -> None:
+    exact = {SPECS[f].model_type for f in FAMILIES if not families.quirks_of(SPECS[f].model_type).refused}
+    assert families.CHECKED == exact
+
+
+def test_an_unchecked_family_runs_with_a_warning(tiny_ckpt, monkeypatch, caplog) -> None:
+    from lvlmlp.extraction.backend import Backend
+
+    path = tiny_ckpt("llava")
+    with caplog.at_level("WARNING", logger="lvlmlp.extraction.backend"):
+        Backend(path, device="cpu", load_model=False)
+    assert not caplog.records  # a checked family: no warning
+    monkeypatch.setattr("lvlmlp.extraction.backend.CHECKED", families.CHECKED - {"llava"})
+    with caplog.at_level("WARNING", logger="lvlmlp.extraction.backend"):
+        Backend(path, device="cpu", load_model=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: model type 'llava' is not one of the checked families (docs/models.md): compare a few rows with "
+        "single runs before trusting batched results"
+    ]
+
+
 def test_a_refused_family_stops_every_command_with_its_reason(tiny_ckpt, tmp_path, monkeypatch, capsys) -> None:
     from lvlmlp.cli import main
     from lvlmlp.extraction.backend import Backend

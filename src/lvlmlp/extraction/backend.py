@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.extraction.families import quirks_of
+from lvlmlp.extraction.families import CHECKED, quirks_of
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,9 @@ class Backend:
                 f"{self.model_id}: {self.family} models are refused: {self.quirks.refused} (see docs/models.md)"
             )
         _check_dependencies(self.family, self.model_id)
+        if self.family not in CHECKED:
+            log.warning("%s: model type %r is not one of the checked families (docs/models.md): compare a few rows "
+                        "with single runs before trusting batched results", self.model_id, self.family)
         try:
             self.processor = AutoProcessor.from_pretrained(self.model_id)
         except ImportError as err:
