@@ -92,7 +92,7 @@ _NEW = "not tried yet"
 # model_type -> why it has no tiny checkpoint. Every image-text-to-text model type without one needs a row.
 LEFT_OUT: dict[str, str] = {
     "apertus1p5": _NEW,
-    "aria": f"{_NEW} (mixture-of-experts text model)",
+    "aria": "tried: its processor always crops images to 980 px, too large for a tiny checkpoint; not checked",
     "blip": "captioner / VQA classifier (BLIP-1): encoder-decoder text side, no chat generation",
     "chameleon": f"{_NEW} (images as VQ tokens)",
     "cohere_compass": _NEW,

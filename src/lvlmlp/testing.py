@@ -6,6 +6,9 @@ all with `save_pretrained`, so `AutoModelForImageTextToText.from_pretrained(out_
 `AutoProcessor.from_pretrained(out_dir)` load them without a network. The models are real transformers models
 (same code paths as the released checkpoints, only smaller), which is what makes them useful for testing the
 backend's batching quirks exactly; their answers are of course noise.
+
+Each family is one `Family` entry of `SPECS`: data naming the transformers classes and the keyword arguments that
+make them tiny, with markers (`Id`, `Special`, `VOCAB`, `TOKENIZER`, `Template`) for what depends on the tokenizer.
 """
 
 from __future__ import annotations
@@ -247,15 +250,13 @@ class Family:
     """One tiny-checkpoint entry: the model class, its config, the processor, the tokenizer.
 
     `model_type` is the `config.model_type` the checkpoint gets (PaliGemma 2 is a `paligemma`); its `Quirks` row in
-    `extraction/families.py` is what the backend reads. `attrs`: attributes set on the built processor's parts that
-    their constructors do not take."""
+    `extraction/families.py` is what the backend reads."""
 
     model: str
     config: Part
     processor: Part
     tokenizer: Tokens
     model_type: str
-    attrs: tuple[tuple[str, str, Any], ...] = ()  # (processor attribute, attribute, value)
 
 
 def _resolve(value: Any, tok: Any) -> Any:
@@ -902,8 +903,6 @@ def tiny_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     tok = _tokenizer(spec.tokenizer)
     # The processor first: some (PaliGemma's) add tokens to the tokenizer, which the embedding must then cover.
     processor = _resolve(spec.processor, tok)
-    for where, name, value in spec.attrs:
-        setattr(getattr(processor, where), name, value)
     config = _resolve(spec.config, tok)
     # Larger than the usual 0.02 so the tiny model's logits are well separated: greedy decoding then never hinges
     # on near-ties that float rounding could flip between a batched and a single run.
