@@ -58,6 +58,7 @@ NAMES: dict[str, tuple[str, str]] = {
     "molmo2": ("Molmo2", "allenai/Molmo2-4B, allenai/Molmo2-8B"),
     "kosmos-2": ("Kosmos-2", "microsoft/kosmos-2-patch14-224"),
     "llama4": ("Llama 4", "meta-llama/Llama-4-Scout-17B-16E-Instruct"),
+    "chameleon": ("Chameleon", "facebook/chameleon-7b"),
     "gemma4": ("Gemma 4", "google/gemma-4-e2b-it, google/gemma-4-12B-it"),
     "glm46v": ("GLM-4.6V", "zai-org/GLM-4.6V"),
     "cohere2_vision": ("Command A Vision (Cohere2-Vision)", "CohereLabs/command-a-vision-07-2025"),
@@ -83,6 +84,8 @@ NOTES: dict[str, str] = {
     "molmo2": "native transformers port (the remote-code Molmo 1 checkpoints are not covered)",
     "kosmos-2": "first-token logits alone could be matched; tests/test_backend.py shows the later tokens differ",
     "llama4": "bfloat16 pixels from its processor, widened exactly to float32 between processes",
+    "chameleon": "images as VQ tokens of the text vocabulary; no chat template; the model sets image tokens' logits "
+    "to the lowest float, so logits are not rebuilt from hidden states",
     "video_llava": "image input only (lvlmlp reads images)",
 }
 
@@ -94,7 +97,6 @@ LEFT_OUT: dict[str, str] = {
     "apertus1p5": _NEW,
     "aria": "tried: its processor always crops images to 980 px, too large for a tiny checkpoint; not checked",
     "blip": "captioner / VQA classifier (BLIP-1): encoder-decoder text side, no chat generation",
-    "chameleon": f"{_NEW} (images as VQ tokens)",
     "cohere_compass": _NEW,
     "cosmos3_edge": _NEW,
     "cosmos3_omni": _NEW,

@@ -243,6 +243,7 @@ class _Marker:
 
 TOKENIZER = _Marker("TOKENIZER")  # the family's tokenizer object
 VOCAB = _Marker("VOCAB")  # its length (the embedding rows the text model needs)
+VOCAB_MAP = _Marker("VOCAB_MAP")  # its token -> id dictionary
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,8 @@ def _resolve(value: Any, tok: Any) -> Any:
         return tok
     if value is VOCAB:
         return len(tok)
+    if value is VOCAB_MAP:
+        return tok.get_vocab()
     if isinstance(value, dict):
         return {k: _resolve(v, tok) for k, v in value.items()}
     if isinstance(value, list):
@@ -831,6 +834,23 @@ SPECS: dict[str, Family] = {
                           "<|tile_x_separator|>", "<|tile_y_separator|>"),
                          bos="<|begin_of_text|>", eos="<|eot|>", pad="<|finetune_right_pad|>"),
         model_type="llama4",
+    ),
+    # Chameleon: early fusion: a VQ-VAE turns each 28 px image into 7x7 codes, which are tokens of the text vocabulary
+    # ("IMGIMG" + the code in letters A-J for digits 0-9 + "Z"); no chat template.
+    "chameleon": Family(
+        model="ChameleonForConditionalGeneration",
+        config=part("ChameleonConfig", **{k: v for k, v in _text("ChameleonConfig").kwargs}, vocabulary_map=VOCAB_MAP,
+                    vq_config=dict(embed_dim=8, num_embeddings=16, latent_channels=32, base_channels=32,
+                                   channel_multiplier=[1, 1, 1], num_res_blocks=1, resolution=28, attn_resolutions=[])),
+        processor=part("ChameleonProcessor", tokenizer=TOKENIZER, image_seq_length=49,
+                       image_processor=part("ChameleonImageProcessor", size={"shortest_edge": 28},
+                                            crop_size={"height": 28, "width": 28})),
+        tokenizer=Tokens(("<unk>", "<s>", "</s>", "<pad>", "<image>", "<racm3:break>", "<eoss>", "<reserved08706>",
+                          *(f"IMGIMG{''.join(chr(ord('A') + int(d)) for d in str(i))}Z" for i in range(16))),
+                         bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", add_bos=True,
+                         extra=(("image_token", "<image>"), ("boi_token", "<racm3:break>"), ("eoi_token", "<eoss>"),
+                                ("sep_token", "<reserved08706>"))),
+        model_type="chameleon",
     ),
 }
 # Qwen3.5: Qwen3-VL's vision side and processor; the text model alternates Gated DeltaNet (linear attention with

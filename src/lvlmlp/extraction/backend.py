@@ -436,10 +436,11 @@ class Backend:
     def head_is_linear(self) -> bool:
         """True when logits are a linear map of the final hidden state: `lm_head(final hidden)`, times the text
         config's `logit_scale` where the family's quirks say the model applies it (Aya Vision). False with Gemma
-        2-style soft-capping, and with a logit scale the quirks say nothing about (whether a model class applies
-        its config's scale varies: Cohere2-Vision does not), rather than rebuild logits wrongly."""
+        2-style soft-capping or where the quirks say the model rewrites the head's output (Chameleon), and with a
+        logit scale the quirks say nothing about (whether a model class applies its config's scale varies:
+        Cohere2-Vision does not), rather than rebuild logits wrongly."""
         text_config = self.model.config.get_text_config()
-        if getattr(text_config, "final_logit_softcapping", None):
+        if getattr(text_config, "final_logit_softcapping", None) or not self.quirks.linear_head:
             return False
         if self.quirks.logit_scale is not None:
             return True
@@ -452,8 +453,8 @@ class Backend:
         """Logits (float32) of final-norm hidden states through the model's own output head (and logit scale)."""
         if not self.head_is_linear():
             raise LvlmlpError(
-                f"{self.model_id}: the {self.family} output head is not linear (logit soft-capping or an "
-                "unaccounted logit scale)"
+                f"{self.model_id}: the {self.family} output head is not linear (logit soft-capping, rewritten "
+                "logits or an unaccounted logit scale)"
             )
         head = self.model.get_output_embeddings()
         logits = head(hidden.to(head.weight.device, head.weight.dtype)).float()

@@ -27,6 +27,9 @@ class Quirks:
     # True: the model multiplies lm_head's output by text_config.logit_scale (Aya Vision); False: it ignores the
     # config's scale (Cohere2-Vision); None: not known, so a scale other than 1 counts as a non-linear head.
     logit_scale: bool | None = None
+    # False: the model rewrites lm_head's output beyond a scale (Chameleon sets its image tokens' logits to the lowest
+    # float), so logits are not rebuilt from hidden states.
+    linear_head: bool = True
     # The processor returns tensors NumPy cannot hold (Llama 4's bfloat16 pixels): ask it for torch tensors.
     torch_outputs: bool = False
     # Why the backend refuses the family: it runs, but its batched results cannot be made to equal single runs
@@ -54,6 +57,7 @@ QUIRKS: dict[str, Quirks] = {
     "aya_vision": Quirks(logit_scale=True),
     "cohere2_vision": Quirks(logit_scale=False),
     "llama4": Quirks(torch_outputs=True),
+    "chameleon": Quirks(chat_template=False, image_placeholder="<image>", linear_head=False),
     # Kosmos-2's processor places its image tokens itself. Its first-token logits can be matched, but not the rest.
     "kosmos-2": Quirks(
         chat_template=False,
@@ -78,7 +82,7 @@ QUIRKS: dict[str, Quirks] = {
 # The model types that pass the family checks (the exact tiny families of `lvlmlp.testing`; tests/test_models_table.py
 # keeps this set equal to them). Any other model type runs, with a warning that nothing checked it.
 CHECKED: frozenset[str] = frozenset({
-    "aya_vision", "blip-2", "cohere2_vision", "deepseek_vl", "gemma3", "gemma4", "glm46v", "glm4v", "glm4v_moe",
+    "aya_vision", "blip-2", "chameleon", "cohere2_vision", "deepseek_vl", "gemma3", "gemma4", "glm46v", "glm4v", "glm4v_moe",
     "idefics2", "idefics3", "instructblip", "internvl", "janus", "lfm2_vl", "llama4", "llava", "llava_next",
     "llava_next_video", "llava_onevision", "mistral3", "mllama", "molmo2", "ovis2", "paligemma", "qwen2_5_vl",
     "qwen2_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "smolvlm", "video_llava", "vipllava",
