@@ -21,6 +21,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-prompt", default=None, metavar="TEXT",
                    help="a system turn before the user's (e.g. the llava_v1 line of the original LLaVA-1.5 runs, "
                    "docs/paper-protocol.md); default: the chat template's own")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the checkpoint's own Python code (the auto_map of its config.json), as transformers' "
+                   "trust_remote_code; off by default: that code runs with your rights (docs/models.md)")
 
 
 def add_guard_arguments(p: argparse.ArgumentParser, what: str) -> None:

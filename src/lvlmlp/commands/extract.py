@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from lvlmlp.extraction.backend import Backend
 
     backend_args = dict(device=args.device, dtype=args.dtype, prompt_template=template, raw_prompt=args.raw_prompt,
-                        system_prompt=args.system_prompt)
+                        system_prompt=args.system_prompt, trust_remote_code=args.trust_remote_code)
     settings = dict(max_new_tokens=args.max_new_tokens, logits_tokens=args.logits_tokens, hidden=args.hidden,
                     layers=parse_layers(args.layers), store_dtype=args.store_dtype, shard=parse_shard(args.shard),
                     batch_size=args.batch_size, selection=selection(args))

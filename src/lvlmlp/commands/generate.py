@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
     probe = load_probe(args.probe)
     backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=prompt_template,
-                      raw_prompt=args.raw_prompt, system_prompt=args.system_prompt)
+                      raw_prompt=args.raw_prompt, system_prompt=args.system_prompt,
+                      trust_remote_code=args.trust_remote_code)
     guard = make_guard(probe, backend, template, answers, args.threshold, args.allow_other_model)
     max_new_tokens = token_budget(args, guard, "--max-new-tokens")
     gen: dict[str, Any] = {"do_sample": True, "temperature": 1.0 if args.temperature is None else args.temperature} if args.do_sample else {}

@@ -59,7 +59,10 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _load_config(model_id: str) -> Any:
+_REMOTE_ADVICE = "pass --trust-remote-code to run it (that code then runs with your rights: read it first)"
+
+
+def _load_config(model_id: str, trust_remote_code: bool = False) -> Any:
     """The checkpoint's config, or an LvlmlpError saying why `model_id` is not a loadable checkpoint."""
     from transformers import AutoConfig
 
@@ -72,8 +75,10 @@ def _load_config(model_id: str) -> Any:
     if not path.exists():
         _check_hub_reachable(model_id)
     try:
-        return AutoConfig.from_pretrained(model_id)
+        return AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
+        if "trust_remote_code" in str(err) or "custom code" in str(err):
+            raise LvlmlpError(f"{model_id}: the checkpoint ships its own model code; {_REMOTE_ADVICE}") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LvlmlpError(f"{model_id}: cannot load the model config ({first})") from None
 
@@ -155,9 +160,12 @@ class Backend:
         raw_prompt: bool = False,
         load_model: bool = True,
         system_prompt: str | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         """`load_model=False`: config, processor, prompt and weights hash only (enough to recognise a finished run
-        without loading the weights); `model` is then None and `vocab_size` unknown (None)."""
+        without loading the weights); `model` is then None and `vocab_size` unknown (None). `trust_remote_code`:
+        run the checkpoint's own Python code (its config's `auto_map`), which must register an
+        `AutoModelForImageTextToText` class."""
         from safetensors import SafetensorError
         from transformers import AutoModelForImageTextToText, AutoProcessor
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -174,10 +182,18 @@ class Backend:
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
 
-        config = _load_config(self.model_id)
+        self.trust_remote_code = trust_remote_code
+        config = _load_config(self.model_id, trust_remote_code)
         self.family: str = config.model_type
         self.quirks = quirks_of(self.family)
-        if self.family not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        auto_map = getattr(config, "auto_map", None) or {}
+        if trust_remote_code and self.family not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and auto_map:
+            if "AutoModelForImageTextToText" not in auto_map:
+                raise LvlmlpError(
+                    f"{self.model_id}: its own code registers no AutoModelForImageTextToText class (only "
+                    f"{', '.join(sorted(auto_map))}); lvlmlp loads vision-language models through that class"
+                )
+        elif self.family not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
             raise LvlmlpError(
                 f"{self.model_id}: model type {self.family!r} is not a vision-language (image-text-to-text) model"
             )
@@ -190,7 +206,7 @@ class Backend:
             log.warning("%s: model type %r is not one of the checked families (docs/models.md): compare a few rows "
                         "with single runs before trusting batched results", self.model_id, self.family)
         try:
-            self.processor = AutoProcessor.from_pretrained(self.model_id)
+            self.processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)
         except ImportError as err:
             raise LvlmlpError(
                 f"{self.model_id}: cannot load the processor: {str(err).splitlines()[0]}"
@@ -198,7 +214,9 @@ class Backend:
         self.model: Any = None
         if load_model:
             try:
-                self.model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=self.dtype)
+                self.model = AutoModelForImageTextToText.from_pretrained(
+                    self.model_id, dtype=self.dtype, trust_remote_code=trust_remote_code
+                )
             except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated, corrupt, missing files
                 raise _weight_error(self.model_id, err) from None
             self.model.to(self.device).eval()
