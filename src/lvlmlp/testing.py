@@ -356,8 +356,9 @@ def _idefics3_tokens(bos: str, pad: str) -> Tokens:
     return Tokens(specials, bos=bos, eos="<end_of_utterance>", pad=pad, extra=_IDEFICS3_EXTRA, vocab_size=400)
 
 
-_IDEFICS3_CONFIG = dict(vision_config=_vision(image_size=32, patch_size=8), text_config=Part("LlamaConfig", _text().kwargs, as_dict=True),
-                        scale_factor=2, image_token_id=Id("<image>"))
+_IDEFICS3_CONFIG = dict(vision_config=_vision(image_size=32, patch_size=8),
+                        text_config=Part("LlamaConfig", _text().kwargs, as_dict=True), scale_factor=2,
+                        image_token_id=Id("<image>"))
 _IDEFICS3_SIZE = dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
 
 # PaliGemma: a SigLIP tower and a Gemma; no chat template. The processor adds 1024 <locXXXX> and 128 <segXXX> tokens
@@ -460,8 +461,8 @@ SPECS: dict[str, Family] = {
                                       layer_types=["sliding_attention", "full_attention"]),
                     mm_tokens_per_image=4, boi_token_index=Id("<start_of_image>"), eoi_token_index=Id("<end_of_image>"),
                     image_token_index=Id("<image_soft_token>")),
-        processor=part("Gemma3Processor", image_processor=part("Gemma3ImageProcessor", size={"height": 28, "width": 28}),
-                       tokenizer=TOKENIZER, image_seq_length=4, chat_template=Template("gemma3")),
+        processor=part("Gemma3Processor", tokenizer=TOKENIZER, image_seq_length=4, chat_template=Template("gemma3"),
+                       image_processor=part("Gemma3ImageProcessor", size={"height": 28, "width": 28})),
         tokenizer=Tokens(("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
                           "<end_of_image>", "<image_soft_token>"), bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>",
                          add_bos=True, extra=(("boi_token", "<start_of_image>"), ("eoi_token", "<end_of_image>"),

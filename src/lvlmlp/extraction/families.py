@@ -82,8 +82,8 @@ QUIRKS: dict[str, Quirks] = {
 # The model types that pass the family checks (the exact tiny families of `lvlmlp.testing`; tests/test_models_table.py
 # keeps this set equal to them). Any other model type runs, with a warning that nothing checked it.
 CHECKED: frozenset[str] = frozenset({
-    "aya_vision", "blip-2", "chameleon", "cohere2_vision", "deepseek_vl", "gemma3", "gemma4", "glm46v", "glm4v", "glm4v_moe",
-    "idefics2", "idefics3", "instructblip", "internvl", "janus", "lfm2_vl", "llama4", "llava", "llava_next",
+    "aya_vision", "blip-2", "chameleon", "cohere2_vision", "deepseek_vl", "gemma3", "gemma4", "glm46v", "glm4v",
+    "glm4v_moe", "idefics2", "idefics3", "instructblip", "internvl", "janus", "lfm2_vl", "llama4", "llava", "llava_next",
     "llava_next_video", "llava_onevision", "mistral3", "mllama", "molmo2", "ovis2", "paligemma", "qwen2_5_vl",
     "qwen2_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "smolvlm", "video_llava", "vipllava",
 })
