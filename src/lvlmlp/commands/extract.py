@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_task_arguments(p)
     add_model_arguments(p)
     p.add_argument("--out", required=True, help="run folder; re-running the same command resumes it")
+    p.add_argument("--backend", default=None, metavar="MODULE:CLASS",
+                   help="a model outside transformers' Auto classes: MODULE:CLASS or path/file.py:CLASS implementing "
+                        "lvlmlp's backend protocol, built as CLASS(--model, device=, dtype=) (docs/backends.md)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--max-new-tokens", type=int, default=0,
                    help="0: one prefill forward (first token only); K: greedy generation keeping K tokens' logits")
@@ -56,6 +59,15 @@ def parse_layers(spec: str | None) -> list[int]:
         raise LvlmlpError(f"--layers: expected comma-separated integers such as 8,16,-1, got {spec!r}") from None
 
 
+def settings_of(args: argparse.Namespace) -> dict:
+    """The extraction options of the flags (the manifest's settings besides the model's)."""
+    from lvlmlp.extraction.extract import parse_shard
+
+    return dict(max_new_tokens=args.max_new_tokens, logits_tokens=args.logits_tokens, hidden=args.hidden,
+                layers=parse_layers(args.layers), store_dtype=args.store_dtype, shard=parse_shard(args.shard),
+                batch_size=args.batch_size, selection=selection(args))
+
+
 def run(args: argparse.Namespace) -> int:
     from lvlmlp.data import check_rows
     from lvlmlp.extraction.extract import extract, finished_run, parse_shard, shard_rows
@@ -79,13 +91,26 @@ def run(args: argparse.Namespace) -> int:
         raise LvlmlpError("--ray-replicas applies to --ray [ADDRESS] only")
     if args.ray is not None and args.workers != 1:
         raise LvlmlpError("--workers does not apply with --ray (each Ray replica prepares its own batches)")
+    if args.backend is not None:
+        given = [flag for flag, value in (("--ray", args.ray), ("--prompt-template / a task's prompt", template),
+                                          ("--raw-prompt", args.raw_prompt or None),
+                                          ("--system-prompt", args.system_prompt),
+                                          ("--trust-remote-code", args.trust_remote_code or None)) if value is not None]
+        if given:
+            raise LvlmlpError(f"--backend: the backend renders its own prompts and loads its own model; "
+                              f"{', '.join(given)} do not apply")
+        from lvlmlp.extraction.protocol import load_backend
+
+        backend = load_backend(args.backend, args.model, device=args.device, dtype=args.dtype)
+        run_ = extract(backend, rows, args.out, on_error=args.on_error, source=source, progress=not args.no_progress,
+                       shard_size=args.shard_size, workers=args.workers, label_fn=label_fn, **settings_of(args))
+        print(f"{run_.path}: {len(run_)} rows, logits {run_.n_logit_tokens} x {run_.manifest['vocab_size']}")
+        return 0
     from lvlmlp.extraction.backend import Backend
 
     backend_args = dict(device=args.device, dtype=args.dtype, prompt_template=template, raw_prompt=args.raw_prompt,
                         system_prompt=args.system_prompt, trust_remote_code=args.trust_remote_code)
-    settings = dict(max_new_tokens=args.max_new_tokens, logits_tokens=args.logits_tokens, hidden=args.hidden,
-                    layers=parse_layers(args.layers), store_dtype=args.store_dtype, shard=parse_shard(args.shard),
-                    batch_size=args.batch_size, selection=selection(args))
+    settings = settings_of(args)
     run_ = None
     if args.ray is not None:  # the model loads in the Ray replicas, not here; a finished run is recognised there
         from lvlmlp.extraction.ray_extract import ray_extract, ray_options
