@@ -65,6 +65,34 @@ def test_extract_runs_the_example_backend_row_by_row_exactly(example, tmp_path) 
     assert (tmp_path / "probe").is_dir()
 
 
+def test_probe_guided_generation_through_the_example_backend(example, tmp_path) -> None:
+    """`generate --backend`: the guard scores the example model's raw first-token logits (as `extract` stored them),
+    flagged rows start with the template, the others are the unguarded answers."""
+    import json
+
+    from lvlmlp.probing.probes import load_probe
+
+    _, ckpt = example
+    manifest = tiny_manifest(tmp_path / "data", n_train=12, n_test=4)
+    run_dir, probe_dir, out = tmp_path / "run", tmp_path / "probe", tmp_path / "out.jsonl"
+    common = ["--backend", SPEC, "--model", str(ckpt), "--data", str(manifest), "--device", "cpu", "--no-progress"]
+    assert main(["extract", *common, "--out", str(run_dir), "--store-dtype", "float32"]) == 0
+    assert main(["probe", "train", "--run", str(run_dir), "--C", "100", "--out", str(probe_dir)]) == 0
+    expected = load_probe(probe_dir).predict_proba(open_run(run_dir).logits(0))[:, 1]
+    template = "the answer is"
+    threshold = float(np.median(expected))  # about half the rows flagged
+    assert main(["generate", *common, "--probe", str(probe_dir), "--template", template, "--threshold",
+                 str(threshold), "--max-new-tokens", "6", "--eval", "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    np.testing.assert_allclose([x["probe_score"] for x in lines], expected, atol=1e-5)
+    flagged = [x["flagged"] for x in lines]
+    assert flagged == [bool(p < threshold) for p in expected] and 0 < sum(flagged) < len(flagged)  # P(1) < t
+    for x in lines:
+        assert x["response"].startswith(template) == x["flagged"], x
+        if not x["flagged"]:
+            assert x["response"] == x["response_unguarded"]
+
+
 def test_bad_backend_specs_are_one_line_errors(example, tmp_path, capsys) -> None:
     _, ckpt = example
     with pytest.raises(LvlmlpError, match=r"^--backend: expected module:Class or path/file.py:Class, got 'nocolon'$"):

@@ -7,8 +7,10 @@ import logging
 from pathlib import Path
 
 from lvlmlp.commands._args import (
+    add_backend_argument,
     add_model_arguments,
     add_task_arguments,
+    protocol_backend,
     rows_from_args,
     selection,
     silence_progress_bars,
@@ -25,9 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_task_arguments(p)
     add_model_arguments(p)
     p.add_argument("--out", required=True, help="run folder; re-running the same command resumes it")
-    p.add_argument("--backend", default=None, metavar="MODULE:CLASS",
-                   help="a model outside transformers' Auto classes: MODULE:CLASS or path/file.py:CLASS implementing "
-                        "lvlmlp's backend protocol, built as CLASS(--model, device=, dtype=) (docs/backends.md)")
+    add_backend_argument(p)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--max-new-tokens", type=int, default=0,
                    help="0: one prefill forward (first token only); K: greedy generation keeping K tokens' logits")
@@ -91,17 +91,8 @@ def run(args: argparse.Namespace) -> int:
         raise LvlmlpError("--ray-replicas applies to --ray [ADDRESS] only")
     if args.ray is not None and args.workers != 1:
         raise LvlmlpError("--workers does not apply with --ray (each Ray replica prepares its own batches)")
-    if args.backend is not None:
-        given = [flag for flag, value in (("--ray", args.ray), ("--prompt-template / a task's prompt", template),
-                                          ("--raw-prompt", args.raw_prompt or None),
-                                          ("--system-prompt", args.system_prompt),
-                                          ("--trust-remote-code", args.trust_remote_code or None)) if value is not None]
-        if given:
-            raise LvlmlpError(f"--backend: the backend renders its own prompts and loads its own model; "
-                              f"{', '.join(given)} do not apply")
-        from lvlmlp.extraction.protocol import load_backend
-
-        backend = load_backend(args.backend, args.model, device=args.device, dtype=args.dtype)
+    backend = protocol_backend(args, template)
+    if backend is not None:  # a model outside the Auto classes (docs/backends.md)
         run_ = extract(backend, rows, args.out, on_error=args.on_error, source=source, progress=not args.no_progress,
                        shard_size=args.shard_size, workers=args.workers, label_fn=label_fn, **settings_of(args))
         print(f"{run_.path}: {len(run_)} rows, logits {run_.n_logit_tokens} x {run_.manifest['vocab_size']}")
