@@ -41,13 +41,17 @@ def check_families(tmp: Path, report: dict, device: str) -> None:
     from lvlmlp.data import load_image
     from lvlmlp.extraction.backend import Backend
     from lvlmlp.extraction.extract import extract
-    from lvlmlp.testing import FAMILIES, tiny_model
+    from lvlmlp.extraction.families import quirks_of
+    from lvlmlp.testing import FAMILIES, SPECS, tiny_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     rows = rows_for(tmp, 8)
     for family in FAMILIES:
         t0 = time.perf_counter()
+        if quirks_of(SPECS[family].model_type).refused:  # the backend refuses it (docs/models.md)
+            report["families"][family] = {"refused": quirks_of(SPECS[family].model_type).refused}
+            continue
         try:
             ckpt = tiny_model(family, tmp / family)
             b = Backend(ckpt, device=device, dtype="float32")

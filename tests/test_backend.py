@@ -12,7 +12,12 @@ from PIL import Image
 
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.backend import Backend
-from lvlmlp.testing import FAMILIES
+from lvlmlp.extraction.families import quirks_of
+from lvlmlp.testing import FAMILIES, SPECS
+
+# Families the backend runs (and must run exactly), and families it refuses with a reason (docs/models.md).
+EXACT = [f for f in FAMILIES if not quirks_of(SPECS[f].model_type).refused]
+REFUSED = [f for f in FAMILIES if quirks_of(SPECS[f].model_type).refused]
 
 TOL = 1e-4
 # Different image shapes (so LLaVA-NeXT, Qwen and Idefics3/SmolVLM rows get different numbers of image tokens) and
@@ -31,10 +36,12 @@ def _images() -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
 
 
-def _reference_prompt(processor, question: str) -> str:
+def _reference_prompt(processor, question: str, placeholder: str | None = None) -> str:
     """The contract's default prompt, written out independently of the backend."""
     if not getattr(processor, "chat_template", None):
-        return question  # InstructBLIP, PaliGemma: the question as it is
+        # The question as it is (InstructBLIP, PaliGemma), after the image placeholder the family's quirks name
+        # where its processor needs one in the text (Chameleon).
+        return (placeholder or "") + question
     turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
 
@@ -42,8 +49,9 @@ def _reference_prompt(processor, question: str) -> str:
 def _single(be: Backend, image: Image.Image, question: str, k: int):
     """One sample alone: the processor, then the model's own greedy `generate` with raw logits."""
     inputs = be.processor(
-        images=[[image]], text=[_reference_prompt(be.processor, question)], return_tensors="pt"
-    )
+        images=[[image]], text=[_reference_prompt(be.processor, question, be.quirks.image_placeholder)],
+        return_tensors="pt"
+    ).to(be.model.dtype)  # floating inputs in the model's dtype, as model cards do (Llama 4's pixels are bfloat16)
     inputs.pop("labels", None)
     return be.model.generate(
         **inputs,
@@ -55,7 +63,7 @@ def _single(be: Backend, image: Image.Image, question: str, k: int):
     )
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EXACT)
 def test_batch_equals_single_runs(tiny_ckpt, family: str) -> None:
     be = Backend(tiny_ckpt(family), device="cpu")
     images = _images()
@@ -94,9 +102,66 @@ def test_batch_equals_single_runs(tiny_ckpt, family: str) -> None:
     if be.head_is_linear():
         assert (be.logits_from_hidden(pre["hidden"]) - pre["logits"]).abs().max() < TOL
     else:
-        assert family == "paligemma2"  # Gemma 2's logit soft-capping
+        # Gemma 2's logit soft-capping; Chameleon's image tokens forced to the lowest logit
+        assert family == "paligemma2" or not be.quirks.linear_head
         with pytest.raises(LvlmlpError, match="not linear"):
             be.logits_from_hidden(pre["hidden"])
+
+
+@pytest.mark.parametrize("family", REFUSED)
+def test_refused_families_differ_as_their_reason_says(tiny_ckpt, family: str) -> None:
+    """A refusal is not a guess: the family's own processor and `generate`, without lvlmlp, give a left-padded row
+    other tokens than that row alone (Kosmos-2: the first step agrees, the later ones do not)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = tiny_ckpt(family)
+    reason = quirks_of(SPECS[family].model_type).refused
+    with pytest.raises(LvlmlpError) as err:
+        Backend(path, device="cpu")
+    assert str(err.value) == f"{path}: {SPECS[family].model_type} models are refused: {reason} (see docs/models.md)"
+
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    images = _images()
+    kwargs = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    batch = processor(images=images, text=QUESTIONS, padding=True, return_tensors="pt")
+    batched = torch.stack(model.generate(**batch, **kwargs).logits, dim=1)
+    gaps = []
+    for i, (image, question) in enumerate(zip(images, QUESTIONS)):
+        single = torch.stack(model.generate(**processor(images=image, text=question, return_tensors="pt"),
+                                            **kwargs).logits, dim=1)[0]
+        assert (batched[i, 0] - single[0]).abs().max() < TOL  # the first token agrees
+        gaps.append(float((batched[i, 1:] - single[1:]).abs().max()))
+    padded = batch["attention_mask"].sum(1) < batch["attention_mask"].shape[1]
+    assert all(gap > 1e-2 for gap, pad in zip(gaps, padded) if pad), gaps  # the later ones do not, where padded
+    assert all(gap < TOL for gap, pad in zip(gaps, padded) if not pad), gaps
+
+
+def test_bfloat16_pixels_go_through_extract_workers_exactly(tiny_ckpt, tmp_path: Path) -> None:
+    """Llama 4's processor makes bfloat16 pixels, which NumPy cannot hold: `extract`, whose worker processes hand
+    batches over as NumPy arrays, still gives each row what the model's own generate gives it alone."""
+    import json
+
+    from lvlmlp import open_run
+    from lvlmlp.cli import main
+
+    path = tiny_ckpt("llama4")
+    be = Backend(path, device="cpu")
+    assert be.quirks.torch_outputs and be.processor(images=_images()[:1], text=[be.prompt("yes")],
+                                                    return_tensors="pt")["pixel_values"].dtype == torch.bfloat16
+    rows = []
+    for i, image in enumerate(_images()):
+        image.save(tmp_path / f"{i}.png")
+        rows.append({"id": f"r{i}", "image": str(tmp_path / f"{i}.png"), "question": QUESTIONS[i]})
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["extract", "--model", str(path), "--data", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "run"),
+            "--batch-size", "4", "--workers", "1", "--device", "cpu", "--store-dtype", "float32", "--no-progress"]
+    assert main(argv) == 0
+    run = open_run(tmp_path / "run")
+    for i, image in enumerate(_images()):
+        ref = torch.stack(_single(be, image, QUESTIONS[i], 1).logits, dim=1)[0, 0]
+        assert np.abs(run.logits(0)[i] - ref.numpy()).max() < TOL, i
 
 
 def test_generate_pads_rows_that_stop_early(tiny_ckpt) -> None:

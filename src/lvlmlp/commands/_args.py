@@ -22,6 +22,31 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-prompt", default=None, metavar="TEXT",
                    help="a system turn before the user's (e.g. the llava_v1 line of the original LLaVA-1.5 runs, "
                    "docs/paper-protocol.md); default: the chat template's own")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the checkpoint's own Python code (the auto_map of its config.json), as transformers' "
+                   "trust_remote_code; off by default: that code runs with your rights (docs/models.md)")
+
+
+def add_backend_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default=None, metavar="MODULE:CLASS",
+                   help="a model outside transformers' Auto classes: MODULE:CLASS or path/file.py:CLASS implementing "
+                        "lvlmlp's backend protocol, built as CLASS(--model, device=, dtype=) (docs/backends.md)")
+
+
+def protocol_backend(args: argparse.Namespace, template: str | None) -> Any:
+    """The --backend backend (None without --backend), after refusing the flags that do not apply with it."""
+    if args.backend is None:
+        return None
+    given = [flag for flag, value in (("--ray", getattr(args, "ray", None)),
+                                      ("--prompt-template / a task's prompt", template),
+                                      ("--raw-prompt", args.raw_prompt or None), ("--system-prompt", args.system_prompt),
+                                      ("--trust-remote-code", args.trust_remote_code or None)) if value is not None]
+    if given:
+        raise LvlmlpError(f"--backend: the backend renders its own prompts and loads its own model; "
+                          f"{', '.join(given)} do not apply")
+    from lvlmlp.extraction.protocol import load_backend
+
+    return load_backend(args.backend, args.model, device=args.device, dtype=args.dtype)
 
 
 def add_guard_arguments(p: argparse.ArgumentParser, what: str) -> None:

@@ -7,9 +7,11 @@ import logging
 from pathlib import Path
 
 from lvlmlp.commands._args import (
+    add_backend_argument,
     add_model_arguments,
     add_task_arguments,
     input_flags,
+    protocol_backend,
     rows_from_args,
     selection,
     silence_progress_bars,
@@ -27,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_task_arguments(p)
     add_model_arguments(p)
     p.add_argument("--out", required=True, help="run folder; re-running the same command resumes it")
+    add_backend_argument(p)
     p.add_argument("--batch-size", type=COUNT, default=BATCH_SIZE, help=f"rows per forward (default {BATCH_SIZE})")
     p.add_argument("--max-new-tokens", type=NONNEG, default=0,
                    help="0: one prefill forward (first token only); K: greedy generation keeping K tokens' logits "
@@ -66,6 +69,15 @@ def parse_layers(spec: str | None) -> list[int]:
         return [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
         raise LvlmlpError(f"--layers: expected comma-separated integers such as 8,16,-1, got {spec!r}") from None
+
+
+def settings_of(args: argparse.Namespace, chosen: dict) -> dict:
+    """The extraction options of the flags (the manifest's settings besides the model's); `chosen`: the selection."""
+    from lvlmlp.extraction.extract import parse_shard
+
+    return dict(max_new_tokens=args.max_new_tokens, logits_tokens=args.logits_tokens, hidden=args.hidden,
+                layers=parse_layers(args.layers), store_dtype=args.store_dtype, shard=parse_shard(args.shard),
+                batch_size=args.batch_size, selection=chosen)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,13 +120,17 @@ def run(args: argparse.Namespace) -> int:
         raise LvlmlpError("--ray-timeout applies to --ray [ADDRESS] only")
     if args.ray is not None and args.workers != 1:
         raise LvlmlpError("--workers does not apply with --ray (each Ray replica prepares its own batches)")
+    backend = protocol_backend(args, template)
+    if backend is not None:  # a model outside the Auto classes (docs/backends.md)
+        run_ = extract(backend, rows, args.out, on_error=args.on_error, source=source, progress=not args.no_progress,
+                       shard_size=args.shard_size, workers=args.workers, label_fn=label_fn, **settings_of(args, chosen))
+        print(f"{run_.path}: {len(run_)} rows, logits {run_.n_logit_tokens} x {run_.manifest['vocab_size']}")
+        return 0
     from lvlmlp.extraction.backend import Backend
 
     backend_args = dict(device=args.device, dtype=args.dtype, prompt_template=template, raw_prompt=args.raw_prompt,
-                        system_prompt=args.system_prompt)
-    settings = dict(max_new_tokens=args.max_new_tokens, logits_tokens=args.logits_tokens, hidden=args.hidden,
-                    layers=parse_layers(args.layers), store_dtype=args.store_dtype, shard=parse_shard(args.shard),
-                    batch_size=args.batch_size, selection=chosen)
+                        system_prompt=args.system_prompt, trust_remote_code=args.trust_remote_code)
+    settings = settings_of(args, chosen)
     run_ = None
     if args.ray is not None:  # the model loads in the Ray replicas, not here; a finished run is recognised there
         from lvlmlp.extraction.ray_extract import ray_extract, ray_options

@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     if args.no_progress:
         silence_progress_bars()
     backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=template,
-                      raw_prompt=args.raw_prompt, system_prompt=args.system_prompt)
+                      raw_prompt=args.raw_prompt, system_prompt=args.system_prompt,
+                      trust_remote_code=args.trust_remote_code)
     summary = finetune(backend, rows, targets, args.out, settings, progress=not args.no_progress)
     losses = ", ".join(f"{x:.4f}" for x in summary["epoch_loss"])
     print(f"{args.out}: {len(rows)} rows, {summary['epochs_done']} epochs, mean loss per epoch {losses}")

@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from lvlmlp.commands._args import (
+    add_backend_argument,
     add_guard_arguments,
     add_model_arguments,
     add_task_arguments,
     guard_mode,
     input_flags,
+    protocol_backend,
     rows_from_args,
     silence_progress_bars,
     token_budget,
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="probe-guided decoding: refuse (or answer) as the probe says")
     add_model_arguments(p)
+    add_backend_argument(p)  # its `model` module is hooked to read the raw logits (docs/backends.md)
     p.add_argument("--data", help="JSON-lines manifest (one row per line: id, image, question, label)")
     add_task_arguments(p)  # --task ... as in `lvlmlp extract`; its --seed also seeds --do-sample
     add_guard_arguments(p, "rows")
@@ -80,8 +83,14 @@ def run(args: argparse.Namespace) -> int:
     from lvlmlp.steering.guard import guarded_responses, make_guard, steering_metrics
 
     probe = load_probe(args.probe)
-    backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=prompt_template,
-                      raw_prompt=args.raw_prompt, system_prompt=args.system_prompt)
+    backend = protocol_backend(args, prompt_template)
+    if backend is not None and not isinstance(getattr(backend, "model", None), torch.nn.Module):
+        raise LvlmlpError(f"--backend {args.backend}: guided decoding needs its `model` (the torch module whose "
+                          "generating language model the guard watches, docs/backends.md)")
+    if backend is None:
+        backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=prompt_template,
+                          raw_prompt=args.raw_prompt, system_prompt=args.system_prompt,
+                          trust_remote_code=args.trust_remote_code)
     guard = make_guard(probe, backend, template, answers, args.threshold, args.allow_other_model)
     max_new_tokens = token_budget(args, guard, "--max-new-tokens")
     gen: dict[str, Any] = {"do_sample": True, "temperature": 1.0 if args.temperature is None else args.temperature} if args.do_sample else {}

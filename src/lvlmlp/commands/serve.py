@@ -44,7 +44,8 @@ def build_app(args: argparse.Namespace) -> Any:
     engine = load_engine(args.model, args.probe, template=template, answers=answers,
                          threshold=args.threshold, device=args.device, dtype=args.dtype,
                          prompt_template=args.prompt_template, raw_prompt=args.raw_prompt,
-                         system_prompt=args.system_prompt, allow_other_model=args.allow_other_model)
+                         system_prompt=args.system_prompt, allow_other_model=args.allow_other_model,
+                         trust_remote_code=args.trust_remote_code)
     # As `lvlmlp generate`: requests that do not say would otherwise stop inside the forced text.
     max_tokens = token_budget(args, engine.guard, "--max-tokens")
     if max_tokens > args.max_tokens_limit:

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.extraction.families import quirks_of
+from lvlmlp.extraction.families import CHECKED, quirks_of
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,10 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _load_config(model_id: str) -> Any:
+_REMOTE_ADVICE = "pass --trust-remote-code to run it (that code then runs with your rights: read it first)"
+
+
+def _load_config(model_id: str, trust_remote_code: bool = False) -> Any:
     """The checkpoint's config, or an LvlmlpError saying why `model_id` is not a loadable checkpoint."""
     from transformers import AutoConfig
 
@@ -72,8 +75,10 @@ def _load_config(model_id: str) -> Any:
     if not path.exists():
         _check_hub_reachable(model_id)
     try:
-        return AutoConfig.from_pretrained(model_id)
+        return AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
+        if "trust_remote_code" in str(err) or "custom code" in str(err):
+            raise LvlmlpError(f"{model_id}: the checkpoint ships its own model code; {_REMOTE_ADVICE}") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LvlmlpError(f"{model_id}: cannot load the model config ({first})") from None
 
@@ -122,7 +127,7 @@ def _check_dependencies(family: str, model_id: str) -> None:
     missing = [pkg for pkg in quirks_of(family).needs if importlib.util.find_spec(pkg) is None]
     if missing:
         raise LvlmlpError(
-            f"{model_id}: the {family} processor needs {' and '.join(missing)}; "
+            f"{model_id}: {family} models need {' and '.join(missing)}; "
             f"install it with `pip install {' '.join(missing)}`"
         )
 
@@ -188,9 +193,12 @@ class Backend:
         raw_prompt: bool = False,
         load_model: bool = True,
         system_prompt: str | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         """`load_model=False`: config, processor, prompt and weights hash only (enough to recognise a finished run
-        without loading the weights); `model` is then None and `vocab_size` unknown (None)."""
+        without loading the weights); `model` is then None and `vocab_size` unknown (None). `trust_remote_code`:
+        run the checkpoint's own Python code (its config's `auto_map`), which must register an
+        `AutoModelForImageTextToText` class."""
         from safetensors import SafetensorError
         from transformers import AutoModelForImageTextToText, AutoProcessor
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -207,16 +215,31 @@ class Backend:
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
 
-        config = _load_config(self.model_id)
+        self.trust_remote_code = trust_remote_code
+        config = _load_config(self.model_id, trust_remote_code)
         self.family: str = config.model_type
         self.quirks = quirks_of(self.family)
-        if self.family not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        auto_map = getattr(config, "auto_map", None) or {}
+        if trust_remote_code and self.family not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and auto_map:
+            if "AutoModelForImageTextToText" not in auto_map:
+                raise LvlmlpError(
+                    f"{self.model_id}: its own code registers no AutoModelForImageTextToText class (only "
+                    f"{', '.join(sorted(auto_map))}); lvlmlp loads vision-language models through that class"
+                )
+        elif self.family not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
             raise LvlmlpError(
                 f"{self.model_id}: model type {self.family!r} is not a vision-language (image-text-to-text) model"
             )
+        if self.quirks.refused:
+            raise LvlmlpError(
+                f"{self.model_id}: {self.family} models are refused: {self.quirks.refused} (see docs/models.md)"
+            )
         _check_dependencies(self.family, self.model_id)
+        if self.family not in CHECKED:
+            log.warning("%s: model type %r is not one of the checked families (docs/models.md): compare a few rows "
+                        "with single runs before trusting batched results", self.model_id, self.family)
         try:
-            self.processor = AutoProcessor.from_pretrained(self.model_id)
+            self.processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=trust_remote_code)
         except ImportError as err:
             raise LvlmlpError(
                 f"{self.model_id}: cannot load the processor: {str(err).splitlines()[0]}"
@@ -224,7 +247,9 @@ class Backend:
         self.model: Any = None
         if load_model:
             try:
-                self.model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=self.dtype)
+                self.model = AutoModelForImageTextToText.from_pretrained(
+                    self.model_id, dtype=self.dtype, trust_remote_code=trust_remote_code
+                )
             except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated, corrupt, missing files
                 raise _weight_error(self.model_id, err) from None
             self.model.to(self.device).eval()
@@ -321,7 +346,13 @@ class Backend:
         # and every other processor reads it the same.
         rgb = [[im if im.mode == "RGB" else im.convert("RGB")] for im in images]
         # NumPy arrays cost less to build than tensors (and wrapping them is free); the values are the same.
-        batch = self.processor(images=rgb, text=texts, padding=True, return_tensors="np")
+        if self.quirks.torch_outputs:
+            # bfloat16 pixels (Llama 4's) have no NumPy type: widened to float32, exactly, they travel as the rest.
+            batch = self.processor(images=rgb, text=texts, padding=True, return_tensors="pt")
+            batch = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+                     for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        else:
+            batch = self.processor(images=rgb, text=texts, padding=True, return_tensors="np")
         for key in self.quirks.drop_outputs:
             batch.pop(key, None)
         return {k: torch.from_numpy(v) for k, v in batch.items() if isinstance(v, np.ndarray)}
@@ -462,24 +493,33 @@ class Backend:
 
     # -------------------------------------------------------------------------------------------------------- head
     def head_is_linear(self) -> bool:
-        """True when logits are exactly `lm_head(final hidden)`; False with Gemma 2/3-style soft-capping or a logit
-        scale, which squash or rescale them after the head."""
+        """True when logits are a linear map of the final hidden state: `lm_head(final hidden)`, times the text
+        config's `logit_scale` where the family's quirks say the model applies it (Aya Vision). False with Gemma
+        2-style soft-capping or where the quirks say the model rewrites the head's output (Chameleon), and with a
+        logit scale the quirks say nothing about (whether a model class applies its config's scale varies:
+        Cohere2-Vision does not), rather than rebuild logits wrongly."""
         text_config = self.model.config.get_text_config()
-        if getattr(text_config, "final_logit_softcapping", None):
+        if getattr(text_config, "final_logit_softcapping", None) or not self.quirks.linear_head:
             return False
+        if self.quirks.logit_scale is not None:
+            return True
         return getattr(text_config, "logit_scale", 1.0) in (None, 1.0) and getattr(
             text_config, "logits_scaling", 1.0
         ) in (None, 1.0)
 
     @torch.inference_mode()
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits (float32) of final-norm hidden states through the model's own output head."""
+        """Logits (float32) of final-norm hidden states through the model's own output head (and logit scale)."""
         if not self.head_is_linear():
             raise LvlmlpError(
-                f"{self.model_id}: the {self.family} output head is not linear (logit soft-capping)"
+                f"{self.model_id}: the {self.family} output head is not linear (logit soft-capping, rewritten "
+                "logits or an unaccounted logit scale)"
             )
         head = self.model.get_output_embeddings()
-        return head(hidden.to(head.weight.device, head.weight.dtype)).float()
+        logits = head(hidden.to(head.weight.device, head.weight.dtype)).float()
+        if self.quirks.logit_scale:
+            logits = logits * float(self.model.config.get_text_config().logit_scale)
+        return logits
 
 
 def _as_list(value: Any) -> list[int]:

@@ -87,6 +87,8 @@ def backend_settings(backend: Backend) -> dict:
         "vocab_size": backend.vocab_size,
         "prompt_template": backend.prompt("{question}"),
         "device": str(backend.device),
+        # Only when set: the checkpoint's own code ran (manifests of every other run stay as they were).
+        **({"trust_remote_code": True} if getattr(backend, "trust_remote_code", False) else {}),
     }
 
 

@@ -10,32 +10,83 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+_GLM_IMAGE = "<|begin_of_image|><|image|><|end_of_image|>"
 
 
 @dataclass(frozen=True)
 class Quirks:
     """Family-specific behaviour the backend must know; every field's default is the common case."""
 
-    needs: tuple[str, ...] = ()  # packages the processor imports that transformers does not require
+    needs: tuple[str, ...] = ()  # packages the processor or model imports that transformers does not require
     chat_template: bool = True  # False: the question goes to the processor as it is (no usable chat template)
     # Text that stands for the image when no chat template builds the prompt; None: the processor's `image_token`.
     image_placeholder: str | None = None
     nested_language_model: bool = False  # positions are prepared by `model.language_model` (InstructBLIP)
     qformer_text: bool = False  # a Q-Former tokenizer with absolute positions: right-pad its text
     drop_outputs: tuple[str, ...] = ()  # processor outputs that are not model inputs for inference
+    # True: the model multiplies lm_head's output by text_config.logit_scale (Aya Vision); False: it ignores the
+    # config's scale (Cohere2-Vision); None: not known, so a scale other than 1 counts as a non-linear head.
+    logit_scale: bool | None = None
+    # False: the model rewrites lm_head's output beyond a scale (Chameleon sets its image tokens' logits to the lowest
+    # float), so logits are not rebuilt from hidden states.
+    linear_head: bool = True
+    # The processor returns tensors NumPy cannot hold (Llama 4's bfloat16 pixels): ask it for torch tensors.
+    torch_outputs: bool = False
+    # Why the backend refuses the family: it runs, but its batched results cannot be made to equal single runs
+    # (docs/models.md lists the reason). Empty: not refused.
+    refused: str = ""
 
 
 QUIRKS: dict[str, Quirks] = {
     "qwen2_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
     "qwen2_5_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
-    "qwen3_vl": Quirks(needs=("torchvision",)),
+    "qwen3_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
+    "qwen3_vl_moe": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
+    "qwen3_5": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
+    "qwen3_5_moe": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
+    # Their processors hold a video processor, which transformers builds on torchvision.
+    "llava_onevision": Quirks(needs=("torchvision",)),
+    "internvl": Quirks(needs=("torchvision",)),
+    "gemma4": Quirks(needs=("torchvision",)),
+    "video_llava": Quirks(needs=("torchvision",)),
+    "molmo2": Quirks(needs=("torchvision",)),
+    "llava_next_video": Quirks(needs=("torchvision",)),
+    "glm4v": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
+    "glm4v_moe": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
+    "glm46v": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
+    "aya_vision": Quirks(logit_scale=True),
+    "cohere2_vision": Quirks(logit_scale=False),
+    "llama4": Quirks(torch_outputs=True),
+    "chameleon": Quirks(chat_template=False, image_placeholder="<image>", linear_head=False),
+    # Kosmos-2's processor places its image tokens itself. Its first-token logits can be matched, but not the rest.
+    "kosmos-2": Quirks(
+        chat_template=False,
+        image_placeholder="",
+        refused="its own generate shifts the positions of the tokens it generates by the row's left padding, so in "
+        "a batch every token after the first differs from a single run",
+    ),
+    # Their vision towers are timm models (checked before anything loads, so the error names the package).
+    "fast_vlm": Quirks(needs=("timm",)),
+    "gemma3n": Quirks(needs=("timm",)),
+    "perception_lm": Quirks(needs=("timm",)),
     "smolvlm": Quirks(needs=("torchvision", "num2words")),
     # InstructBLIP's processor inserts its query tokens itself, so its raw prompt needs no image text.
     "instructblip": Quirks(chat_template=False, image_placeholder="", nested_language_model=True, qformer_text=True),
+    "blip-2": Quirks(chat_template=False, image_placeholder=""),
     "instructblipvideo": Quirks(chat_template=False, nested_language_model=True, qformer_text=True),
     # PaliGemma returns training labels whenever it returns token_type_ids; they would only add a loss.
     "paligemma": Quirks(chat_template=False, drop_outputs=("labels",)),
 }
+
+
+# The model types that pass the family checks (the exact tiny families of `lvlmlp.testing`; tests/test_models_table.py
+# keeps this set equal to them). Any other model type runs, with a warning that nothing checked it.
+CHECKED: frozenset[str] = frozenset({
+    "aya_vision", "blip-2", "chameleon", "cohere2_vision", "deepseek_vl", "gemma3", "gemma4", "glm46v", "glm4v",
+    "glm4v_moe", "idefics2", "idefics3", "instructblip", "internvl", "janus", "lfm2_vl", "llama4", "llava", "llava_next",
+    "llava_next_video", "llava_onevision", "mistral3", "mllama", "molmo2", "ovis2", "paligemma", "qwen2_5_vl",
+    "qwen2_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "smolvlm", "video_llava", "vipllava",
+})
 
 
 def quirks_of(model_type: str) -> Quirks:

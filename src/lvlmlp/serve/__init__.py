@@ -20,7 +20,8 @@ __all__ = ["ApiError", "Engine", "Job", "Limits", "Result", "ServeConfig", "crea
 def load_engine(model: str | Path, probe: str | Path, *, template: str | None = None,
                 answers: Mapping[int, str] | None = None, threshold: float | None = None, device: str = "auto",
                 dtype: str = "auto", prompt_template: str | None = None, raw_prompt: bool = False,
-                system_prompt: str | None = None, allow_other_model: bool = False) -> Engine:
+                system_prompt: str | None = None, allow_other_model: bool = False,
+                trust_remote_code: bool = False) -> Engine:
     """The backend and the guard, refused at start-up (not at the first request) when the probe does not fit."""
     from lvlmlp.extraction.backend import Backend
     from lvlmlp.probing.probes import load_probe
@@ -28,5 +29,5 @@ def load_engine(model: str | Path, probe: str | Path, *, template: str | None = 
 
     fitted = load_probe(probe)
     backend = Backend(model, device=device, dtype=dtype, prompt_template=prompt_template, raw_prompt=raw_prompt,
-                      system_prompt=system_prompt)
+                      system_prompt=system_prompt, trust_remote_code=trust_remote_code)
     return Engine(backend, make_guard(fitted, backend, template, answers, threshold, allow_other_model))
