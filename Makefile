@@ -19,7 +19,7 @@ demo: venv
 	$(BIN)/lvlmlp demo --out demo_out
 
 test: venv
-	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff check src tests bench scripts examples
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not readme" tests  # see tests/conftest.py
 
 # The README's commands as written, the whole demo first (tests/test_readme.py; ~2.5 min): CI runs it after `make test`.
@@ -27,7 +27,7 @@ test-readme: venv
 	$(BIN)/python -m pytest -q -m readme tests/test_readme.py
 
 lint: venv
-	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff check src tests bench scripts examples
 
 bench: venv
 	$(BIN)/python bench/extract_throughput.py
