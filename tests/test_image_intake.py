@@ -162,3 +162,22 @@ def test_clip_features_refuse_or_skip_a_100000x1_png_too(tmp_path):
     assert _peak_growth_mb(before) < 200
     runs = extract_clip(model, rows, {"image": tmp_path / "skip"}, device="cpu", on_error="skip", progress=False)
     assert runs["image"].ids == ["ok"] and [f["id"] for f in runs["image"].failures] == ["thin"]
+
+
+def test_a_backend_without_its_own_check_refuses_images_over_the_pixel_bound():
+    """A `--backend` class need not say what its processor makes of an image: the decoded size is bounded then."""
+    from lvlmlp.data import MAX_PROCESSED_PIXELS, image_check, too_many_pixels
+
+    class Plain:  # a protocol backend (docs/backends.md) without `oversized`
+        pass
+
+    assert image_check(Plain()) is too_many_pixels
+    assert too_many_pixels(4096, 4096) is None and MAX_PROCESSED_PIXELS == 4096 * 4096
+    assert too_many_pixels(100000, 200) == "100000x200 pixels: over the 16,777,216 an image may have"
+
+    class Own:
+        def oversized(self, width: int, height: int) -> str | None:
+            return "mine"
+
+    own = Own()
+    assert image_check(own)(1, 1) == "mine"

@@ -15,6 +15,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -127,6 +128,19 @@ def _missing(path: Path) -> str:
 # processing under 1 GB. CLIP-style processors scale the shorter side to a fixed length, so an extreme aspect ratio
 # (a 664-byte 200000x1 PNG) would otherwise grow into gigabytes; `lvlmlp serve` applies its --max-image-pixels.
 MAX_PROCESSED_PIXELS = 4096 * 4096
+
+
+def too_many_pixels(width: int, height: int) -> str | None:
+    """The image check of a backend that has no `oversized` of its own (a `--backend` class, docs/backends.md):
+    the image as decoded must hold at most `MAX_PROCESSED_PIXELS` pixels."""
+    if width * height > MAX_PROCESSED_PIXELS:
+        return f"{width}x{height} pixels: over the {MAX_PROCESSED_PIXELS:,} an image may have"
+    return None
+
+
+def image_check(backend: Any) -> Callable[[int, int], str | None]:
+    """The header check `load_image` applies for `backend`: its own `oversized`, else `too_many_pixels`."""
+    return getattr(backend, "oversized", None) or too_many_pixels
 
 
 def load_image(path: str | Path, row_id: str = "?", check: Callable[[int, int], str | None] | None = None

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from lvlmlp.data import load_image
+    from lvlmlp.data import image_check, load_image
     from lvlmlp.extraction.backend import Backend
     from lvlmlp.probing.probes import load_probe
     from lvlmlp.steering.guard import guarded_responses, make_guard, steering_metrics
@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     seed = 0 if args.seed is None else args.seed
 
     out = Path(args.out)
+    check = image_check(backend)  # images refused from their header before decoding
     labels, guarded, plain = [], [], []
     n_flagged = 0
     bar = tqdm(total=len(rows), unit="row", file=sys.stderr, disable=args.no_progress, desc="generate")
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     with replaced_file(out) as tmp, tmp.open("w", encoding="utf-8") as f:
         for start in range(0, len(rows), args.batch_size):
             chunk = rows[start : start + args.batch_size]
-            batch = backend.encode([load_image(r["image"], r["id"], check=backend.oversized) for r in chunk], [r["question"] for r in chunk])
+            batch = backend.encode([load_image(r["image"], r["id"], check=check) for r in chunk],
+                                   [r["question"] for r in chunk])
             # Reseeding per batch gives the unguarded run the same random draws: unflagged rows then agree.
             torch.manual_seed(seed + start)
             res = guarded_responses(backend, batch, guard, max_new_tokens=max_new_tokens, **gen)

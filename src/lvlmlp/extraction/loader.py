@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lvlmlp.data import load_image
+from lvlmlp.data import image_check, load_image
 from lvlmlp.errors import LvlmlpError
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def _prepare(backend: Backend, rows: list[dict], isolate: bool = True, new_token
     ok, images, failed = [], [], []
     for row in rows:
         try:
-            images.append(load_image(row["image"], row["id"], check=backend.oversized))
+            images.append(load_image(row["image"], row["id"], check=image_check(backend)))
             ok.append(row)
         except LvlmlpError as err:
             failed.append((row["id"], str(err)))

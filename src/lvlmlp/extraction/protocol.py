@@ -53,6 +53,8 @@ class BackendProtocol(Protocol):
         `n_tokens` (B,) up to and including the end of sequence (pad ids and zero logits after it), `responses`."""
 
 
+# Optional: `oversized(width, height) -> str | None`, why an image of that size (from its file's header) is refused
+# before decoding; without it, images of more than `lvlmlp.data.MAX_PROCESSED_PIXELS` pixels are refused.
 REQUIRED = ("model_id", "family", "weights_hash", "revision", "device", "dtype", "vocab_size", "max_length",
             "tokenizer", "prompt", "collate", "to_device", "prefill", "generate")
 

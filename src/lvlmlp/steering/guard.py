@@ -279,14 +279,16 @@ def guided_decoding(backend: Any, probe: Any, rows: list[dict], before: Mapping[
     `threshold`: None = the probe's own (probe.json)."""
     from tqdm import tqdm
 
-    from lvlmlp.data import load_image
+    from lvlmlp.data import image_check, load_image
 
     guard = ProbeGuard(probe, backend.tokenizer, template, threshold=threshold)
     after: dict[str, str] = {}
     scored: dict[str, tuple[float, bool]] = {}
     for s in tqdm(range(0, len(rows), batch_size), desc="guided decoding", disable=not progress):
         chunk = rows[s : s + batch_size]
-        batch = backend.encode([load_image(r["image"], r["id"], check=backend.oversized) for r in chunk], [r["question"] for r in chunk])
+        check = image_check(backend)
+        batch = backend.encode([load_image(r["image"], r["id"], check=check) for r in chunk],
+                               [r["question"] for r in chunk])
         texts = guarded_responses(backend, batch, guard, max_new_tokens=max_new_tokens)["responses"]
         after.update({r["id"]: t for r, t in zip(chunk, texts)})
         scored.update({r["id"]: (float(p), bool(f)) for r, p, f in zip(chunk, guard.scores_, guard.flagged_)})
