@@ -73,7 +73,7 @@ def test_loss_decreases_and_merged_model_equals_base_plus_adapter(family, tiny_c
     # Logits of the reloaded merged folder vs the base model with the saved adapter applied by peft.
     probe = backend_of(tiny_ckpt(family))
     batch = probe.encode([Image.open(r["image"]) for r in rows[:3]], [r["question"] for r in rows[:3]])
-    pos = probe._position_ids(batch)
+    pos = probe.generation_position_ids(batch)
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "ft" / "model").eval()
     base = AutoModelForImageTextToText.from_pretrained(tiny_ckpt(family)).eval()
     with torch.no_grad():
@@ -134,7 +134,7 @@ def test_answer_loss_reads_only_the_answer_tokens(family, tiny_ckpt, tmp_path):
     with torch.no_grad():
         got = answer_loss(backend, batch)
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "answer_len")}
-        logits = backend.model(**inputs, position_ids=backend._position_ids(inputs)).logits
+        logits = backend.model(**inputs, position_ids=backend.generation_position_ids(inputs)).logits
         want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                                ignore_index=IGNORE)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

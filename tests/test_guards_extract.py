@@ -269,13 +269,13 @@ def test_a_row_lost_between_the_model_and_the_store_fails_the_run(tiny, tmp_path
     import lvlmlp.extraction.extract as extract_module
 
     ckpt, rows = tiny
-    run_batch = extract_module._run_batch
+    run_batch = extract_module.run_batch
 
     def drop_last(*args, **kwargs):
         meta, arrays = run_batch(*args, **kwargs)
         return meta[:-1], {name: a[:-1] for name, a in arrays.items()}
 
-    monkeypatch.setattr(extract_module, "_run_batch", drop_last)
+    monkeypatch.setattr(extract_module, "run_batch", drop_last)
     with pytest.raises(LvlmlpError, match=r"missing"):
         extract(Backend(ckpt, device="cpu"), rows[:2], tmp_path / "lost", workers=0, progress=False)
     manifest = tmp_path / "lost" / "manifest.json"

@@ -38,7 +38,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -50,7 +50,7 @@ def _resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         # bfloat16 halves memory on GPUs at no accuracy cost for probing; CPUs are slow in it, so float32 there.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -212,8 +212,8 @@ class Backend:
         # chat template's own default.
         self.system_prompt = system_prompt
         self._affixes: tuple[str, str] | tuple[()] | None = None  # chat template split around the question
-        self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
 
         self.trust_remote_code = trust_remote_code
         config = _load_config(self.model_id, trust_remote_code)
@@ -361,7 +361,7 @@ class Backend:
         return {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None) for k, v in batch.items()}
 
     # ----------------------------------------------------------------------------------------------------- prefill
-    def _position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def generation_position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The position ids `generate` would use: counted over real tokens only (so padding, even InstructBLIP's in
         mid-sequence, shifts nothing), and Qwen's 3-D multimodal positions. `GenerationMixin` owns this logic,
         including per-family overrides, so it is reused rather than copied."""
@@ -400,7 +400,7 @@ class Backend:
         want_states = hidden or bool(layer_ids)
         out = self.model(
             **batch,
-            position_ids=self._position_ids(batch),
+            position_ids=self.generation_position_ids(batch),
             logits_to_keep=1,
             use_cache=False,
             output_hidden_states=want_states,

@@ -172,7 +172,7 @@ def extract(
                     writer.fail(row_id, message)
                 if batch_rows:
                     batch = backend.to_device(batch)
-                    meta, arrays = _run_batch(backend, batch_rows, batch, max_new_tokens, n_keep, hidden, layers,
+                    meta, arrays = run_batch(backend, batch_rows, batch, max_new_tokens, n_keep, hidden, layers,
                                               dtype)
                     if label_fn is not None:
                         for m, row in zip(meta, batch_rows):
@@ -189,7 +189,7 @@ def extract(
     return run
 
 
-def _run_batch(backend: Backend, rows: list[dict], batch: dict, max_new_tokens: int, n_keep: int, hidden: bool,
+def run_batch(backend: Backend, rows: list[dict], batch: dict, max_new_tokens: int, n_keep: int, hidden: bool,
                layers: Sequence[int], dtype: type) -> tuple[list[dict], dict[str, np.ndarray]]:
     if max_new_tokens:
         res = backend.generate(batch, max_new_tokens=max_new_tokens, hidden=hidden, layers=layers)

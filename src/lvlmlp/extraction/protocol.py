@@ -78,7 +78,7 @@ def _import(module: str, spec: str) -> Any:
 def load_backend(spec: str, model: str, *, device: str, dtype: str) -> Any:
     """`Class(model, device=, dtype=)` for `spec` = "module:Class" or "path/file.py:Class", checked to have every
     attribute of `BackendProtocol`."""
-    from lvlmlp.extraction.backend import _resolve_device, _resolve_dtype
+    from lvlmlp.extraction.backend import resolve_device, resolve_dtype
 
     module, _, name = spec.rpartition(":")
     if not module or not name:
@@ -86,8 +86,8 @@ def load_backend(spec: str, model: str, *, device: str, dtype: str) -> Any:
     cls = getattr(_import(module, spec), name, None)
     if cls is None:
         raise LvlmlpError(f"--backend {spec}: {module} has no {name}")
-    resolved = _resolve_device(device)
-    backend = cls(model, device=resolved, dtype=_resolve_dtype(dtype, resolved))
+    resolved = resolve_device(device)
+    backend = cls(model, device=resolved, dtype=resolve_dtype(dtype, resolved))
     missing = [attr for attr in REQUIRED if not hasattr(backend, attr)]
     if missing:
         raise LvlmlpError(f"--backend {spec}: {name} lacks {', '.join(missing)} (the protocol: docs/backends.md)")

@@ -212,7 +212,7 @@ class _Replica:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from safetensors.numpy import save
 
-        from lvlmlp.extraction.extract import _run_batch
+        from lvlmlp.extraction.extract import run_batch
         from lvlmlp.extraction.loader import prepared_batches
 
         index, rows = int(batch["batch"][0]), json.loads(batch["rows"][0])
@@ -222,7 +222,7 @@ class _Replica:
                                                      new_tokens=self.options["max_new_tokens"]))
         meta, blob = [], b""
         if ok:
-            meta, arrays = _run_batch(self.backend, ok, self.backend.to_device(prepared), **self.options)
+            meta, arrays = run_batch(self.backend, ok, self.backend.to_device(prepared), **self.options)
             # one binary column: any shapes and dtypes, whatever Arrow's tensor types allow; safetensors writes
             # an array's memory as it lies, so views (hidden states are slices) are made contiguous first
             blob = save({name: np.ascontiguousarray(a) for name, a in arrays.items()})

@@ -22,7 +22,7 @@ from scipy.stats import norm, rankdata
 
 from lvlmlp.defaults import N_BOOT
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.probing.metrics import _binary_arrays, _resampled_auroc
+from lvlmlp.probing.metrics import binary_arrays, resampled_auroc
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,8 @@ def delong_test(y: Any, score_a: Any, score_b: Any) -> dict[str, Any]:
 
     When the variance is 0 (e.g. both scores order the rows identically, or one is constant and the other
     perfect), z is 0 and p 1 for equal AUROCs, else z is None and p 0."""
-    y_arr, a = _binary_arrays(y, score_a)
-    _, b = _binary_arrays(y, score_b)
+    y_arr, a = binary_arrays(y, score_a)
+    _, b = binary_arrays(y, score_b)
     if a.shape != b.shape:
         raise LvlmlpError(f"scores of A {a.shape} and B {b.shape} must be of the same rows")
     m, n = int(y_arr.sum()), int((1 - y_arr).sum())
@@ -153,9 +153,9 @@ def paired_bootstrap_delta(y: Any, score_a: Any, score_b: Any, n_boot: int = N_B
                            seed: int = 0) -> tuple[float, float] | None:
     """Percentile interval of AUROC(A) - AUROC(B), both measured on the same resample of rows (seeded);
     resamples of one label only are dropped (None when all are)."""
-    y_arr, a = _binary_arrays(y, score_a)
-    _, b = _binary_arrays(y, score_b)
-    auc_a, auc_b = _resampled_auroc(y_arr, a), _resampled_auroc(y_arr, b)
+    y_arr, a = binary_arrays(y, score_a)
+    _, b = binary_arrays(y, score_b)
+    auc_a, auc_b = resampled_auroc(y_arr, a), resampled_auroc(y_arr, b)
     rng = np.random.default_rng(seed)
     deltas = []
     for _ in range(n_boot):

@@ -15,7 +15,7 @@ from sklearn.metrics import accuracy_score, average_precision_score, f1_score, r
 from lvlmlp.errors import LvlmlpError
 
 
-def _binary_arrays(y: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
+def binary_arrays(y: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
     y_arr, s_arr = np.asarray(y), np.asarray(score, dtype=np.float64)
     if y_arr.shape != s_arr.shape or y_arr.ndim != 1:
         raise LvlmlpError(f"labels {y_arr.shape} and scores {s_arr.shape} must be 1-D of the same length")
@@ -26,19 +26,19 @@ def _binary_arrays(y: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def auroc(y: Any, score: Any) -> float | None:
     """Area under the ROC curve; None when only one class is present (undefined)."""
-    y_arr, s_arr = _binary_arrays(y, score)
+    y_arr, s_arr = binary_arrays(y, score)
     return float(roc_auc_score(y_arr, s_arr)) if np.unique(y_arr).size == 2 else None
 
 
 def auprc(y: Any, score: Any) -> float | None:
     """Average precision of label 1 (the paper's "AP"); None without positives."""
-    y_arr, s_arr = _binary_arrays(y, score)
+    y_arr, s_arr = binary_arrays(y, score)
     return float(average_precision_score(y_arr, s_arr)) if y_arr.any() else None
 
 
 def binary_metrics(y: Any, score: Any, threshold: float = 0.5) -> dict[str, Any]:
     """AUROC, AUPRC, and accuracy / F1 of label 1 at `threshold`."""
-    y_arr, s_arr = _binary_arrays(y, score)
+    y_arr, s_arr = binary_arrays(y, score)
     if y_arr.size == 0:
         raise LvlmlpError("no labelled rows to evaluate")
     pred = (s_arr >= threshold).astype(np.int64)
@@ -61,7 +61,7 @@ def attack_success_rate(
     The average is the mean of the per-scenario rates (each scenario weighs the same), as the paper reports it.
     Scenarios without unsafe rows are left out.
     """
-    y_arr, s_arr = _binary_arrays(y, score)
+    y_arr, s_arr = binary_arrays(y, score)
     scen = np.asarray([str(s) for s in scenarios])
     if scen.shape != y_arr.shape:
         raise LvlmlpError(f"{scen.size} scenarios for {y_arr.size} rows")
@@ -121,7 +121,7 @@ def top1_accuracy(y: Any, pred: Any) -> float:
 
 # metric -> (labels, scores, threshold) -> the metric of the resample `idx` of those rows
 _CI_METRICS: dict[str, Callable[[np.ndarray, np.ndarray, float], Callable[[np.ndarray], float | None]]] = {
-    "auroc": lambda y, s, t: _resampled_auroc(y, s),
+    "auroc": lambda y, s, t: resampled_auroc(y, s),
     "auprc": lambda y, s, t: lambda idx: auprc(y[idx], s[idx]),
     "accuracy": lambda y, s, t: lambda idx: float(np.mean((s[idx] >= t) == (y[idx] == 1))),
 }
@@ -142,7 +142,7 @@ def bootstrap_ci(
     """
     if metric not in _CI_METRICS:
         raise LvlmlpError(f"bootstrap: unknown metric {metric!r} (choose from {', '.join(_CI_METRICS)})")
-    y_arr, s_arr = _binary_arrays(y, score)
+    y_arr, s_arr = binary_arrays(y, score)
     if y_arr.size == 0:
         return None
     resampled = _CI_METRICS[metric](y_arr, s_arr, threshold)
@@ -159,7 +159,7 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
-def _resampled_auroc(y: np.ndarray, score: np.ndarray) -> Callable[[np.ndarray], float | None]:
+def resampled_auroc(y: np.ndarray, score: np.ndarray) -> Callable[[np.ndarray], float | None]:
     """AUROC of the resample `y[idx], score[idx]`, for many resamples of the same rows.
 
     The scores are ranked once; a resample then only counts positives and negatives per distinct score:
@@ -225,7 +225,7 @@ def fold_metrics(y: Any, score: Any, fold_of: Any, threshold: float = 0.5) -> di
     """Per-fold AUROC, accuracy and F1 of label 1, and their means: what the original's MathVista notebook prints
     (`cross_validate(..., scoring=("roc_auc", "accuracy", "f1"))`, then `np.mean` of each). A fold predicts 1 when
     the score exceeds `threshold` (LogisticRegression.predict: decision > 0)."""
-    y_arr, s_arr = _binary_arrays(y, score)
+    y_arr, s_arr = binary_arrays(y, score)
     fold_arr = np.asarray(fold_of)
     per: dict[str, list[float | None]] = {"auroc": [], "accuracy": [], "f1": []}
     for fold in np.unique(fold_arr):

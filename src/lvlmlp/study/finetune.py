@@ -204,7 +204,7 @@ def answer_loss(backend: Backend, batch: dict[str, torch.Tensor]) -> torch.Tenso
 
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "answer_len")}
     width = int(batch["answer_len"])
-    out = backend.model(**inputs, position_ids=backend._position_ids(inputs), logits_to_keep=width + 1,
+    out = backend.model(**inputs, position_ids=backend.generation_position_ids(inputs), logits_to_keep=width + 1,
                         use_cache=False, return_dict=True)
     logits = out.logits[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, -width:].reshape(-1),
