@@ -30,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="0: one prefill forward (first token only); K: greedy generation keeping K tokens' logits")
     p.add_argument("--logits-tokens", type=int, default=None, help="keep only the first T tokens' logits")
     p.add_argument("--hidden", action="store_true", help="also keep the final-norm hidden state at the first token")
-    p.add_argument("--layers", default=None, help="also keep these layers' hidden states, e.g. 8,16,-1")
+    p.add_argument("--layers", default=None,
+                   help="also keep these layers' hidden states, e.g. 8,16,-1, or quartiles: {0, L/4, L/2, 3L/4, L} "
+                        "of the model's L layers (HALP's)")
     p.add_argument("--store-dtype", default="float16", choices=sorted(STORE_DTYPE_NAMES))
     p.add_argument("--shard", default=None, help="I/N: process the I-th of N contiguous blocks (merge afterwards)")
     p.add_argument("--on-error", default="fail", choices=["fail", "skip"])
@@ -47,13 +49,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_layers(spec: str | None) -> list[int]:
+def parse_layers(spec: str | None) -> list[int] | str:
     if not spec:
         return []
+    if spec.strip() == "quartiles":  # resolved from the model's layer count by the extractor
+        return "quartiles"
     try:
         return [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise LvlmlpError(f"--layers: expected comma-separated integers such as 8,16,-1, got {spec!r}") from None
+        raise LvlmlpError(f"--layers: expected comma-separated integers such as 8,16,-1 or quartiles, "
+                          f"got {spec!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:

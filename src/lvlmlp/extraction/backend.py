@@ -59,6 +59,29 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+LAYER_SHORTHANDS = ("quartiles",)
+
+
+def num_layers_of(config: Any) -> int:
+    """The language model's decoder layer count from a checkpoint's config."""
+    return int(config.get_text_config().num_hidden_layers)
+
+
+def quartile_layers(num_layers: int) -> list[int]:
+    """HALP's layers {0, L/4, L/2, 3L/4, L} as indices into `output_hidden_states` (0 = embeddings, L = the last
+    decoder layer's output after the final norm), rounded down, duplicates (L < 4) removed: L=32 -> [0, 8, 16, 24, 32],
+    L=28 -> [0, 7, 14, 21, 28], L=2 -> [0, 1, 2]."""
+    return sorted({0, num_layers // 4, num_layers // 2, (3 * num_layers) // 4, num_layers})
+
+
+def resolve_layer_spec(spec: str, num_layers: int) -> list[int]:
+    """A named layer set (`LAYER_SHORTHANDS`) for a model of `num_layers` decoder layers."""
+    if spec == "quartiles":
+        return quartile_layers(num_layers)
+    raise LvlmlpError(f"--layers: unknown layer set {spec!r}; give integers such as 8,16,-1 or "
+                      f"{' / '.join(LAYER_SHORTHANDS)}")
+
+
 def _load_config(model_id: str) -> Any:
     """The checkpoint's config, or an LvlmlpError saying why `model_id` is not a loadable checkpoint."""
     from transformers import AutoConfig
@@ -175,6 +198,7 @@ class Backend:
         self.dtype = _resolve_dtype(dtype, self.device)
 
         config = _load_config(self.model_id)
+        self.config = config  # the checkpoint's config, read without the weights (layer count, ...)
         self.family: str = config.model_type
         self.quirks = quirks_of(self.family)
         if self.family not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
@@ -314,8 +338,15 @@ class Backend:
 
     @property
     def num_layers(self) -> int:
-        text_config = self.model.config.get_text_config()
-        return int(text_config.num_hidden_layers)
+        return num_layers_of(self.config)
+
+    def resolve_layers(self, layers: Sequence[int] | str) -> list[int]:
+        """`layers` as a list of indices into `output_hidden_states`: `"quartiles"` is HALP's {0, L/4, L/2, 3L/4, L}
+        for this model's L decoder layers (`quartile_layers`); a list is checked against L."""
+        if isinstance(layers, str):
+            return resolve_layer_spec(layers, self.num_layers)
+        self._check_layers(layers)
+        return [int(x) for x in layers]
 
     @torch.inference_mode()
     def prefill(

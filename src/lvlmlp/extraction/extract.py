@@ -58,6 +58,8 @@ def finished_run(backend: Backend, rows: list[dict], out: str | Path, **settings
 
     `backend` may be a `Backend(..., load_model=False)`: a finished run is then recognised without loading the
     weights (the vocabulary size, known only from the loaded model, is not compared; the weights hash is)."""
+    if isinstance(settings.get("layers"), str):  # "quartiles": resolved from the config, without the weights
+        settings = {**settings, "layers": backend.resolve_layers(settings["layers"])}
     if not is_complete_run(out, run_settings(backend_settings(backend), rows, **settings), ignore=("vocab_size",)):
         return None
     return open_run(out)
@@ -121,7 +123,7 @@ def extract(
     max_new_tokens: int = 0,
     logits_tokens: int | None = None,
     hidden: bool = False,
-    layers: Sequence[int] = (),
+    layers: Sequence[int] | str = (),
     store_dtype: str = "float16",
     on_error: str = "fail",
     shard: tuple[int, int] | None = None,
@@ -137,6 +139,7 @@ def extract(
     `label_fn(response, row)`: for tasks whose label is whether the model answered right (MathVista), each row's
     `label` is computed from its generated response and stored with its metadata."""
     check_options(store_dtype, on_error, batch_size, max_new_tokens, label_fn, source)
+    layers = backend.resolve_layers(layers)  # "quartiles" -> this model's indices; the manifest stores those
     rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
     check_rows(rows, source, on_error)  # before any model work or folder is written
     if not rows:

@@ -74,7 +74,7 @@ class ExtractConfig(Section):
     # store the first T tokens' logits (and each row's last generated token) when T < max_new_tokens
     logits_tokens: int | None = field(default=None, metadata=_min(1))
     hidden: bool = False
-    layers: list[int] = field(default_factory=list)
+    layers: list[int] | Literal["quartiles"] = field(default_factory=list)  # quartiles: {0, L/4, L/2, 3L/4, L}
     store_dtype: Literal["float16", "float32"] = "float16"
     on_error: Literal["fail", "skip"] = "fail"
 
@@ -306,6 +306,8 @@ def _check(value: Any, hint: Any, key: str, meta: Mapping[str, Any] = types.Mapp
             except LvlmlpError as err:
                 # the member of the container's own shape (a list for a list) has the precise message
                 same = isinstance(value, list) == (typing.get_origin(arg) is list)
+                # a Literal's "one of ..." is the precise message for a string only (`layers: 5` is no typo of it)
+                same = same and not (typing.get_origin(arg) is Literal and not isinstance(value, str))
                 inner = err if same and (inner is None or typing.get_origin(arg) is list) else inner
         raise inner or fail
     if isinstance(hint, type) and issubclass(hint, Section):

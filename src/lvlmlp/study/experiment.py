@@ -202,7 +202,7 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
                 run_extract(rows[split], folder, batch_size=cfg["batch_size"],
                             max_new_tokens=ext["max_new_tokens"], logits_tokens=ext["logits_tokens"],
                             hidden=bool(ext["hidden"]),
-                            layers=[int(x) for x in ext["layers"] or []], store_dtype=ext["store_dtype"],
+                            layers=_layers(ext["layers"]), store_dtype=ext["store_dtype"],
                             on_error=ext["on_error"], source=f"task {cfg['task']} split {split}", progress=progress,
                             label_fn=_label_fn(cfg))
                 steps.mark(step, key)
@@ -211,6 +211,11 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
         _judge_step(cfg, prompts, splits[-1], runs, progress)
     clip_runs = _clip_step(cfg, rows, out, progress) if cfg["clip"] else {}
     return _analyses(cfg, out, steps, prompts, splits, runs, clip_runs, rows, lazy, progress)
+
+
+def _layers(spec: Any) -> list[int] | str:
+    """`extract.layers`: a list of indices, or "quartiles" (resolved by the extractor from the model's layer count)."""
+    return spec if isinstance(spec, str) else [int(x) for x in spec or []]
 
 
 def _judge_step(cfg: ExperimentConfig, prompts: list[tuple[str, str | None]], test_split: str, runs: dict,
