@@ -125,6 +125,16 @@ class SteeringConfig(Section):
 
 
 @dataclass
+class SignalsConfig(Section):
+    """*Which signal?* (docs/signals.md): (feature, probe) pairs and baselines, each against the paper's first-token
+    logistic probe on the same test rows, with their costs (model seconds timed on `timing_rows` test rows)."""
+
+    probes: list[dict[str, Any]] = field(default_factory=list)  # {feature, probe, token, layer, tokens, params...}
+    baselines: list[str] = field(default_factory=list)
+    timing_rows: int = field(default=8, metadata=_min(1))
+
+
+@dataclass
 class RayConfig(Section):
     """`ray:` as a mapping (`lvlmlp.extraction.ray_extract.RayOptions`); `ray: true` / `local` / `auto` / an address also work."""
 
@@ -179,6 +189,7 @@ class ExperimentConfig(Section):
     # finetuning vs probing (README): {epochs, lr, lora_rank, answers, ...}, checked by `experiment.finetune_options`
     finetune: dict[str, Any] | None = None
     judge: JudgeConfig | None = None  # an LLM judge of the test runs' responses (docs/judge.md)
+    signals: SignalsConfig | None = None  # Which signal? (docs/signals.md)
 
 
 REQUIRED = ("model", "data_root", "out")
@@ -390,6 +401,10 @@ def validate(cfg: ExperimentConfig) -> None:
             check_baseline_name(name)
         except LvlmlpError as err:
             raise LvlmlpError(f"config: baselines[{i}]: {err}") from None
+    if cfg.signals is not None:
+        from lvlmlp.study.signals import parse_signals
+
+        parse_signals(cfg.signals.probes, cfg.signals.baselines)
     if cfg.finetune is not None:
         from lvlmlp.study.experiment import finetune_options
 

@@ -369,6 +369,9 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
                          partial(_steering, cfg, out, lazy, (name, template), rows[test_split], test_run, progress))
             results.setdefault("steering", {})[name] = res
             sections.append(steering_section(name, res))
+        if cfg.signals is not None:
+            sections.append(_signals_section(cfg, out, steps, (name, template), protocol, rows[test_split],
+                                             _key([key, cfg.signals, n_boot]), lazy, report_dir, results))
     if len(prompts) > 1:
         sections.append(_prompt_section(main, report_dir))
         results["prompt_comparison"] = {n: headline(m) for n, m in main.items()}
@@ -400,6 +403,39 @@ def _steering(cfg: ExperimentConfig, out: Path, lazy: LazyBackend, prompt: tuple
         max_new_tokens=cfg.extract.max_new_tokens, batch_size=cfg.batch_size, progress=progress)
     write_jsonl(out / "analyses" / f"steering-{name}.jsonl", records)
     return summary
+
+
+def _signals_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tuple[str, str | None], protocol: Any,
+                     test_rows: list[dict], key: str, lazy: LazyBackend, report_dir: Path,
+                     results: dict[str, Any]) -> Any:
+    """`signals:` the *Which signal?* table and plot of one prompt (`lvlmlp.study.signals`); the model is loaded
+    only to time it, once (a re-run reads the cached result)."""
+    from lvlmlp.study import signals as sg
+
+    name, template = prompt
+    signals = sg.parse_signals(cfg.signals.probes, cfg.signals.baselines)
+    n_boot = cfg.analyses.n_boot
+    protocol = protocol if n_boot is None else protocol.with_n_boot(n_boot)
+
+    def compute() -> dict[str, Any]:
+        test_run = protocol.test.run
+        labelled = {test_run.ids[int(i)] for i in protocol.test.idx}
+        timed = [r for r in test_rows if r["id"] in labelled][: cfg.signals.timing_rows]
+        timing = None
+        if timed and not cfg["ray"]:  # on Ray the model is not in this process: no timing (said in the report)
+            layers = [int(x) for x in test_run.manifest.get("layers") or []]
+            timing = sg.model_timing(lazy.get(template), timed, int(cfg.extract.max_new_tokens), layers)
+        return sg.which_signal(protocol, signals, timing, out / "analyses" / f"signals-{name}.jsonl", cfg["task"])
+
+    res = cached(steps, f"signals-{name}", key, out / "analyses" / f"signals-{name}.json", compute)
+    results.setdefault("signals", {})[name] = res
+    pngs = []
+    if res["signals"]:
+        png = report_dir / f"signals_{name}.png"
+        sg.plot_cost(res, png, f"which signal: {name}")
+        pngs.append(png)
+    text = res.get("note") or sg.section_text(res)
+    return Section(f"Which signal?: {name}", text, sg.HEADER, sg.table_rows(res), pngs)
 
 
 STEERING_HEADER = ["prompt", "template", "flagged", "label-0 rows answered", "label-1 rows refused"]
