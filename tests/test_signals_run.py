@@ -58,7 +58,7 @@ def test_which_signal_table_recomputes_from_saved_scores(experiment: dict) -> No
     res = doc["signals"]["oe"]
     names = [e["name"] for e in res["signals"]]
     assert names == [REFERENCE, "mlp on logits (token 0)", "mtre on multi-token (3 tokens)", "logistic on layer 1",
-                     "logistic on hidden (final norm)", "max-prob", "seq-prob", "mean-entropy", "perplexity"]
+                     "logistic on hidden (final norm)", "max-prob", "seq-prob", "mean-entropy", "perplexity", "p-true"]
     records = [json.loads(line) for line in (out / "analyses" / "signals-oe.jsonl").read_text().splitlines()]
     test = open_run(out / "runs" / "oe-test")
     assert [r["id"] for r in records] == test.ids  # every test row is labelled in the tiny data
@@ -110,6 +110,9 @@ def test_costs(experiment: dict) -> None:
         # model seconds: the measured prefill (with states for the state signals) plus a step per extra pass
         states = name.startswith("logistic on layer") or name.startswith("logistic on hidden")
         model = timing["prefill_states" if states else "prefill"] + timing["step"] * cost["extra_forward_passes"]
+        if name == "p-true":  # the answer's passes, then the measured self-evaluation pass
+            model += cost["pass_seconds_per_row"] - timing["step"]
+            assert cost["forward_passes"] == pytest.approx(np.maximum(test.n_tokens, 1).mean() + 1)
         assert cost["model_seconds_per_row"] == pytest.approx(model, rel=1e-12)
         assert cost["seconds_per_row"] == pytest.approx(model + cost["readout_seconds_per_row"], rel=1e-12)
 
@@ -147,6 +150,10 @@ def test_rerun_does_no_model_work(experiment: dict, monkeypatch: pytest.MonkeyPa
     ({"baselines": ["max-prob", "max-prob"]}, "config: signals: 'max-prob' is listed twice"),
     ({"baselines": ["coin"]}, "config: signals.baselines[0]: "),
     ({"timing_rows": 0}, "config: signals.timing_rows: must be >= 1, got 0"),
+    ({"baselines": ["p-true"]}, "config: signals: p-true asks the model about its own answer: set "
+                                "extract.max_new_tokens >= 1"),
+    ({"probes": [{"feature": "logits", "probe": "mtre"}]},
+     "config: signals.probes[0]: probe mtre reads feature multi-token (with tokens: K)"),
 ])
 def test_config_errors(tmp_path: Path, signals: dict, message: str) -> None:
     path = tmp_path / "c.yaml"

@@ -405,6 +405,9 @@ def validate(cfg: ExperimentConfig) -> None:
         from lvlmlp.study.signals import parse_signals
 
         parse_signals(cfg.signals.probes, cfg.signals.baselines)
+        if "p-true" in cfg.signals.baselines and cfg.extract.max_new_tokens < 1:
+            raise LvlmlpError("config: signals: p-true asks the model about its own answer: set "
+                              "extract.max_new_tokens >= 1")
     if cfg.finetune is not None:
         from lvlmlp.study.experiment import finetune_options
 

@@ -425,7 +425,20 @@ def _signals_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tup
         if timed and not cfg["ray"]:  # on Ray the model is not in this process: no timing (said in the report)
             layers = [int(x) for x in test_run.manifest.get("layers") or []]
             timing = sg.model_timing(lazy.get(template), timed, int(cfg.extract.max_new_tokens), layers)
-        return sg.which_signal(protocol, signals, timing, out / "analyses" / f"signals-{name}.jsonl", cfg["task"])
+        p_true = None
+        if any(s.kind == sg.P_TRUE for s in signals):  # the self-evaluation pass of every labelled test row
+            import time
+
+            from lvlmlp.probing.p_true import p_true_scores
+
+            by_id = {r["id"]: r for r in test_rows}
+            rows = [by_id[test_run.ids[int(i)]] for i in protocol.test.idx]
+            backend = lazy.get(template)
+            start = time.perf_counter()
+            scores = p_true_scores(backend, rows, dict(zip(test_run.ids, test_run.responses)), cfg.batch_size)
+            p_true = {"scores": scores, "seconds_per_row": (time.perf_counter() - start) / max(len(rows), 1)}
+        return sg.which_signal(protocol, signals, timing, out / "analyses" / f"signals-{name}.jsonl", cfg["task"],
+                               p_true)
 
     res = cached(steps, f"signals-{name}", key, out / "analyses" / f"signals-{name}.json", compute)
     results.setdefault("signals", {})[name] = res

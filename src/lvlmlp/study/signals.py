@@ -31,6 +31,7 @@ import numpy as np
 from lvlmlp.errors import LvlmlpError
 
 REFERENCE = "paper: logistic on first-token logits"
+P_TRUE = "p-true"  # lvlmlp.probing.p_true.NAME (not imported here: that module imports torch when it runs)
 _ENTRY_KEYS = ("feature", "probe", "token", "layer", "tokens")
 _SEQUENCE_ANSWER = ("seq-prob", "mean-entropy", "perplexity")
 
@@ -40,7 +41,7 @@ class Signal:
     """One row of the *Which signal?* table: a probe on a feature, or a baseline score."""
 
     name: str
-    kind: str  # "probe" or "baseline"
+    kind: str  # "probe", "baseline" or "p-true"
     feature: str = "logits"
     token: int = 0
     layer: int | None = None
@@ -95,10 +96,13 @@ def parse_signals(probes: list[dict[str, Any]], baselines: list[str]) -> list[Si
         out.append(Signal(f"{probe['kind']} on {what}", "probe", feature, token, ints["layer"], ints["tokens"],
                           probe))
     for i, name in enumerate(baselines):
+        if name == P_TRUE:  # a second pass of the model, computed by the experiment (`probing.p_true`)
+            out.append(Signal(name, P_TRUE, baseline=name))
+            continue
         try:
             check_baseline_name(name)
         except LvlmlpError as err:
-            raise LvlmlpError(f"config: signals.baselines[{i}]: {err}") from None
+            raise LvlmlpError(f"config: signals.baselines[{i}]: {err}; or {P_TRUE}") from None
         out.append(Signal(name, "baseline", baseline=name))
     names = [s.name for s in out]
     dup = next((n for n in names if names.count(n) > 1), None)
@@ -139,6 +143,8 @@ def forward_passes(signal: Signal, run: Any, idx: np.ndarray) -> float:
             return float(np.mean(np.clip(n_tokens, 1, signal.tokens)))
         return float(signal.token + 1)
     name = str(signal.baseline)
+    if signal.kind == P_TRUE:  # the whole answer, then one prefill of the self-evaluation question
+        return float(np.mean(np.maximum(n_tokens, 1))) + 1.0
     if name in _SEQUENCE_ANSWER:
         return float(np.mean(np.clip(n_tokens, 1, run.n_logit_tokens)))
     if name.startswith("own-answer"):  # the whole (stored) answer is read
@@ -163,7 +169,7 @@ def bytes_per_row(signal: Signal, run: Any, idx: np.ndarray) -> float:
     name = str(signal.baseline)
     if name in _SEQUENCE_ANSWER:
         return float(run.n_logit_tokens * token_bytes + 4)
-    if name.startswith("own-answer"):
+    if name.startswith("own-answer") or signal.kind == P_TRUE:  # the answer's text (P(True) stores nothing more)
         responses = run.responses
         return float(np.mean([len((responses[i] or "").encode()) for i in idx])) if len(idx) else 0.0
     return float(token_bytes)
@@ -202,9 +208,10 @@ def model_timing(backend: Any, rows: list[dict], max_new_tokens: int, layers: li
 
 # ------------------------------------------------------------------------------------------------ the analysis
 def which_signal(protocol: Any, signals: list[Signal], timing: dict[str, Any] | None, scores_path: Path,
-                 task_name: str | None = None) -> dict[str, Any]:
+                 task_name: str | None = None, p_true: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every signal's scores on the protocol's labelled test rows (written to `scores_path`), its AUROC with a
-    bootstrap interval, DeLong's test against the reference (signals[0]) on the rows both score, and its costs."""
+    bootstrap interval, DeLong's test against the reference (signals[0]) on the rows both score, and its costs.
+    `p_true`: {"scores": P(Yes) of the test rows in `protocol.test.idx` order, "seconds_per_row": measured}."""
     from lvlmlp.data import write_jsonl
     from lvlmlp.probing.baselines import baseline_scores
     from lvlmlp.study.analyses import make_probe_factory
@@ -231,6 +238,11 @@ def which_signal(protocol: Any, signals: list[Signal], timing: dict[str, Any] | 
                     scored.probe.predict_proba(X)
                 seconds[signal.name] = (time.perf_counter() - start) / max(test.idx.size, 1)
                 column[[by_row[int(r)] for r in scored.rows]] = scored.score
+            elif signal.kind == P_TRUE:
+                if p_true is None:
+                    raise LvlmlpError("P(True) was not computed")
+                column[:] = p_true["scores"]
+                seconds[signal.name] = 0.0  # all model time: the pass is counted in the model seconds
             else:
                 start = time.perf_counter()
                 column[:] = baseline_scores(test.run, str(signal.baseline), test.idx, task=task_name)
@@ -254,8 +266,12 @@ def which_signal(protocol: Any, signals: list[Signal], timing: dict[str, Any] | 
         if timing is not None and signal.name in seconds:
             reads_states = signal.kind == "probe" and signal.feature in ("hidden", "layer")
             model = timing["prefill_states" if reads_states else "prefill"]
-            if passes > 1.0:
-                model = None if timing["step"] is None else model + timing["step"] * (passes - 1.0)
+            answer = passes - 1.0 if signal.kind == P_TRUE else passes  # P(True): the answer, then its own pass
+            if answer > 1.0:
+                model = None if timing["step"] is None else model + timing["step"] * (answer - 1.0)
+            if signal.kind == P_TRUE and p_true is not None:
+                cost["pass_seconds_per_row"] = float(p_true["seconds_per_row"])  # measured on every test row
+                model = None if model is None else model + cost["pass_seconds_per_row"]
             cost["model_seconds_per_row"] = model
             cost["seconds_per_row"] = None if model is None else model + seconds[signal.name]
         entry.update(kind=signal.kind, cost=cost)
