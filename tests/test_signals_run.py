@@ -58,7 +58,7 @@ def test_which_signal_table_recomputes_from_saved_scores(experiment: dict) -> No
     res = doc["signals"]["oe"]
     names = [e["name"] for e in res["signals"]]
     assert names == [REFERENCE, "mlp on logits (token 0)", "mtre on multi-token (3 tokens)", "logistic on layer 1",
-                     "logistic on hidden (final norm)", "max-prob", "seq-prob", "mean-entropy", "perplexity", "p-true"]
+                     "logistic on hidden (final norm)", "logistic on vision (mean-pooled)", "max-prob", "seq-prob", "mean-entropy", "perplexity", "p-true"]
     records = [json.loads(line) for line in (out / "analyses" / "signals-oe.jsonl").read_text().splitlines()]
     test = open_run(out / "runs" / "oe-test")
     assert [r["id"] for r in records] == test.ids  # every test row is labelled in the tiny data
@@ -103,6 +103,8 @@ def test_costs(experiment: dict) -> None:
     assert by["seq-prob"]["forward_passes"] == pytest.approx(n_tok.mean())
     assert by["logistic on layer 1"]["bytes_per_row"] == by["logistic on hidden (final norm)"]["bytes_per_row"] \
         == hidden * 4
+    assert by["logistic on vision (mean-pooled)"]["bytes_per_row"] == test.vision().shape[1] * 4
+    assert by["logistic on vision (mean-pooled)"]["forward_passes"] == 1.0
     timing = res["timing"]
     assert timing["rows"] == 4 and timing["prefill"] > 0 and timing["step"] is not None
     for name, cost in by.items():

@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", default=None,
                    help="also keep these layers' hidden states, e.g. 8,16,-1, or quartiles: {0, L/4, L/2, 3L/4, L} "
                         "of the model's L layers (HALP's)")
+    p.add_argument("--vision", action="store_true",
+                   help="also keep the vision encoder's output that the projector reads, mean-pooled over the "
+                        "image's tokens (vision.npy; LLaVA, Qwen2-VL, Qwen2.5-VL)")
     p.add_argument("--store-dtype", default="float16", choices=sorted(STORE_DTYPE_NAMES))
     p.add_argument("--shard", default=None, help="I/N: process the I-th of N contiguous blocks (merge afterwards)")
     p.add_argument("--on-error", default="fail", choices=["fail", "skip"])
@@ -82,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
             raise LvlmlpError(f"--task {args.task}: labels come from the model's answers; give --max-new-tokens")
     if args.ray_replicas is not None and args.ray is None:
         raise LvlmlpError("--ray-replicas applies to --ray [ADDRESS] only")
+    if args.vision and args.ray is not None:
+        raise LvlmlpError("--vision does not run on --ray yet; extract without --ray")
     if args.ray is not None and args.workers != 1:
         raise LvlmlpError("--workers does not apply with --ray (each Ray replica prepares its own batches)")
     from lvlmlp.extraction.backend import Backend
@@ -90,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
                         system_prompt=args.system_prompt)
     settings = dict(max_new_tokens=args.max_new_tokens, logits_tokens=args.logits_tokens, hidden=args.hidden,
                     layers=parse_layers(args.layers), store_dtype=args.store_dtype, shard=parse_shard(args.shard),
-                    batch_size=args.batch_size, selection=selection(args))
+                    batch_size=args.batch_size, selection=selection(args),
+                    **({"vision": True} if args.vision else {}))
     run_ = None
     if args.ray is not None:  # the model loads in the Ray replicas, not here; a finished run is recognised there
         from lvlmlp.extraction.ray_extract import ray_extract, ray_options

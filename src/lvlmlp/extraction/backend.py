@@ -16,6 +16,7 @@ Batched results equal single-row results to float rounding (the tests check < 1e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -80,6 +81,23 @@ def resolve_layer_spec(spec: str, num_layers: int) -> list[int]:
         return quartile_layers(num_layers)
     raise LvlmlpError(f"--layers: unknown layer set {spec!r}; give integers such as 8,16,-1 or "
                       f"{' / '.join(LAYER_SHORTHANDS)}")
+
+
+# `--vision`: the module whose INPUT is the vision encoder's output that the projector reads, per family, and how
+# that input splits into images. Families not listed are refused until their capture is written and tested.
+VISION_PROJECTORS: dict[str, tuple[str, str]] = {
+    "llava": ("model.multi_modal_projector", "batched"),  # (B, patches, D): vision_feature_layer, CLS dropped
+    "qwen2_vl": ("model.visual.merger", "grid"),  # (sum of t*h*w patches, D): the last vision block's output
+    "qwen2_5_vl": ("model.visual.merger", "grid"),
+}
+
+
+def _pool_vision(captured: torch.Tensor, layout: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, D): the captured projector input mean-pooled over each image's tokens (one image per row)."""
+    if layout == "batched":
+        return captured.float().mean(dim=1)
+    sizes = batch["image_grid_thw"].prod(dim=-1).tolist()  # patches of each image, in batch order
+    return torch.stack([part.float().mean(dim=0) for part in torch.split(captured, sizes, dim=0)])
 
 
 def _load_config(model_id: str) -> Any:
@@ -348,26 +366,62 @@ class Backend:
         self._check_layers(layers)
         return [int(x) for x in layers]
 
+    def check_vision(self) -> None:
+        """`--vision`: refuse a family whose vision-feature capture is not written yet."""
+        if self.family not in VISION_PROJECTORS:
+            raise LvlmlpError(f"--vision: not supported for model family {self.family!r} yet (supported: "
+                              f"{', '.join(VISION_PROJECTORS)})")
+
+    @contextlib.contextmanager
+    def _vision_capture(self, want: bool) -> Any:
+        """While active, the first input the projector reads is kept (`captured["x"]`); decoding steps after the
+        prefill do not run the vision tower."""
+        captured: dict[str, torch.Tensor] = {}
+        if not want:
+            yield captured
+            return
+        self.check_vision()
+        module = self.model.get_submodule(VISION_PROJECTORS[self.family][0])
+
+        def hook(_module: Any, args: tuple, kwargs: dict) -> None:
+            if "x" not in captured:
+                captured["x"] = (args[0] if args else next(iter(kwargs.values()))).detach()
+
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    def _vision_result(self, captured: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "x" not in captured:
+            raise LvlmlpError(f"--vision: the {self.family} projector did not run on this batch (no image?)")
+        return _pool_vision(captured["x"], VISION_PROJECTORS[self.family][1], batch)
+
     @torch.inference_mode()
     def prefill(
-        self, batch: dict[str, torch.Tensor], *, hidden: bool = False, layers: Sequence[int] = ()
+        self, batch: dict[str, torch.Tensor], *, hidden: bool = False, layers: Sequence[int] = (),
+        vision: bool = False,
     ) -> dict[str, torch.Tensor]:
         """One forward pass. `logits`: (B, V) float32 raw logits of the first generated token; `hidden`: (B, H) the
         final-norm hidden state there; `layers`: (B, len(layers), H), indices into `output_hidden_states`
         (0 = embeddings, i = output of decoder layer i, the last one after the final norm)."""
         layer_ids = self._check_layers(layers)
         want_states = hidden or bool(layer_ids)
-        out = self.model(
-            **batch,
-            position_ids=self._position_ids(batch),
-            logits_to_keep=1,
-            use_cache=False,
-            output_hidden_states=want_states,
-            return_dict=True,
-        )
+        with self._vision_capture(vision) as captured:
+            out = self.model(
+                **batch,
+                position_ids=self._position_ids(batch),
+                logits_to_keep=1,
+                use_cache=False,
+                output_hidden_states=want_states,
+                return_dict=True,
+            )
         result = {"logits": out.logits[:, -1, :].float()}
         if want_states:
             result.update(self._states(_hidden_states(out), hidden, layer_ids))
+        if vision:
+            result["vision"] = self._vision_result(captured, batch)
         return result
 
     def _states(
@@ -391,6 +445,7 @@ class Backend:
         hidden: bool = False,
         layers: Sequence[int] = (),
         logits_processor: Any = None,
+        vision: bool = False,
         **gen_kwargs: Any,
     ) -> dict[str, Any]:
         """Greedy decoding (unless `gen_kwargs` say otherwise). Returns `logits` (B, K, V) float32 RAW logits (before
@@ -404,15 +459,16 @@ class Backend:
         want_states = hidden or bool(layer_ids)
         kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": self.pad_id}
         kwargs.update(gen_kwargs)
-        out = self.model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            logits_processor=logits_processor,
-            output_logits=True,
-            output_hidden_states=want_states,
-            return_dict_in_generate=True,
-            **kwargs,
-        )
+        with self._vision_capture(vision) as captured:
+            out = self.model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                logits_processor=logits_processor,
+                output_logits=True,
+                output_hidden_states=want_states,
+                return_dict_in_generate=True,
+                **kwargs,
+            )
         steps = len(out.logits)
         bsz = batch["input_ids"].shape[0]
         # Decoder-only models return prompt + new tokens; the new ones are the last `steps` columns either way.
@@ -448,6 +504,8 @@ class Backend:
         }
         if want_states:
             result.update(self._states(out.hidden_states[0], hidden, layer_ids))
+        if vision:
+            result["vision"] = self._vision_result(captured, batch)
         return result
 
     # -------------------------------------------------------------------------------------------------------- head

@@ -75,6 +75,7 @@ class ExtractConfig(Section):
     logits_tokens: int | None = field(default=None, metadata=_min(1))
     hidden: bool = False
     layers: list[int] | Literal["quartiles"] = field(default_factory=list)  # quartiles: {0, L/4, L/2, 3L/4, L}
+    vision: bool = False  # vision.npy: the vision encoder's output the projector reads, mean-pooled (docs/signals.md)
     store_dtype: Literal["float16", "float32"] = "float16"
     on_error: Literal["fail", "skip"] = "fail"
 
@@ -377,6 +378,8 @@ def validate(cfg: ExperimentConfig) -> None:
         get_task(cfg.task)
     except LvlmlpError as err:
         raise LvlmlpError(f"config: task: {err}") from None
+    if cfg.extract.vision and cfg.ray:
+        raise LvlmlpError("config: extract.vision does not run on ray yet; remove one of them")
     if cfg.clip is not None and not cfg.clip.model:
         raise LvlmlpError("config: clip.model is required when the clip section is given")
     if cfg.steering is not None:

@@ -189,7 +189,8 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
             key = _key({"model": cfg["model"], "dtype": cfg["dtype"], "raw_prompt": cfg["raw_prompt"],
                         **({"system_prompt": cfg["system_prompt"]} if cfg["system_prompt"] else {}),
                         "template": template, "data": rows_fingerprint(rows[split]),
-                        **{k: v for k, v in ext.items() if v is not None or k != "logits_tokens"}})
+                        **{k: v for k, v in ext.items()
+                           if (v is not None or k != "logits_tokens") and (v or k != "vision")}})
             step = f"extract-{name}-{split}"
             if not (steps.done(step, key) and (folder / "manifest.json").is_file()):
                 log.info("run: extracting %s (%d rows)", folder, len(rows[split]))
@@ -204,7 +205,7 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
                             hidden=bool(ext["hidden"]),
                             layers=_layers(ext["layers"]), store_dtype=ext["store_dtype"],
                             on_error=ext["on_error"], source=f"task {cfg['task']} split {split}", progress=progress,
-                            label_fn=_label_fn(cfg))
+                            label_fn=_label_fn(cfg), **({"vision": True} if ext["vision"] else {}))
                 steps.mark(step, key)
             runs[(name, split)] = open_run(folder)
     if cfg.judge is not None:

@@ -91,6 +91,8 @@ def parse_signals(probes: list[dict[str, Any]], baselines: list[str]) -> list[Si
             what = f"layer {ints['layer']}"
         elif feature == "hidden":
             what = "hidden (final norm)"
+        elif feature == "vision":
+            what = "vision (mean-pooled)"
         else:
             what = f"{feature} (token {token})"
         out.append(Signal(f"{probe['kind']} on {what}", "probe", feature, token, ints["layer"], ints["tokens"],
@@ -115,7 +117,7 @@ def parse_signals(probes: list[dict[str, Any]], baselines: list[str]) -> list[Si
 def _feature(signal: Signal) -> Any:
     from lvlmlp.study import analyses as an
 
-    if signal.feature in ("hidden", "layer"):
+    if signal.feature in ("hidden", "layer", "vision"):
         return an.state_feature(signal.feature, signal.layer)
     if signal.feature == "multi-token":
         return _multi_token_feature(int(signal.tokens or 1))
@@ -137,7 +139,7 @@ def forward_passes(signal: Signal, run: Any, idx: np.ndarray) -> float:
     """Mean forward passes per row before the signal is known (1: the prefill that gives the first token)."""
     n_tokens = np.asarray(run.n_tokens)[idx]
     if signal.kind == "probe":
-        if signal.feature in ("hidden", "layer"):
+        if signal.feature in ("hidden", "layer", "vision"):  # vision: the encoder alone, counted as the prefill
             return 1.0
         if signal.feature == "multi-token":
             return float(np.mean(np.clip(n_tokens, 1, signal.tokens)))
@@ -157,8 +159,8 @@ def bytes_per_row(signal: Signal, run: Any, idx: np.ndarray) -> float:
     logits = run.logits(0)
     token_bytes = int(logits.shape[1]) * logits.dtype.itemsize
     if signal.kind == "probe":
-        if signal.feature == "hidden":
-            h = run.hidden()
+        if signal.feature in ("hidden", "vision"):
+            h = run.hidden() if signal.feature == "hidden" else run.vision()
             return float(h.shape[1] * h.dtype.itemsize)
         if signal.feature == "layer":
             h = run.layer(int(signal.layer))  # type: ignore[arg-type]

@@ -1,0 +1,91 @@
+"""`--vision` (issue 30): the vision encoder's output that the projector reads, mean-pooled over the image's tokens,
+stored as vision.npy (N, D) and read by `open_run(...).vision()` / `--feature vision`; checked against plain
+transformers on tiny LLaVA, Qwen2-VL and Qwen2.5-VL checkpoints (tolerance 1e-5: a batch of 3 against one image at a
+time, float32); other families refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from lvlmlp.cli import main
+from lvlmlp.extraction.store import open_run
+from lvlmlp.testing import tiny_manifest
+
+
+def _rows(tmp_path: Path, n: int = 3) -> tuple[Path, list[dict]]:
+    manifest = tiny_manifest(tmp_path / "data")
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()][:n]
+    data = manifest.parent / "some.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data, rows
+
+
+def _plain_vision(ckpt: Path, image: Image.Image, question: str) -> np.ndarray:
+    """The projector's input computed with the model's public modules, mean-pooled over the image's tokens."""
+    model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
+    proc = AutoProcessor.from_pretrained(ckpt)
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    inputs = proc(images=[image], text=[proc.apply_chat_template(conv, add_generation_prompt=True)],
+                  return_tensors="pt")
+    cfg = model.config
+    with torch.inference_mode():
+        if cfg.model_type == "llava":
+            out = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
+            feats = out.hidden_states[cfg.vision_feature_layer]
+            if cfg.vision_feature_select_strategy == "default":
+                feats = feats[:, 1:]  # the CLS token is not given to the projector
+            return feats[0].mean(dim=0).numpy()
+        out = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        return out.last_hidden_state.mean(dim=0).numpy()  # the blocks' output, before the patch merger
+
+
+@pytest.mark.parametrize("family, new_tokens", [("llava", 0), ("llava", 2), ("qwen2_vl", 0), ("qwen2_5_vl", 2)])
+def test_vision_equals_plain_transformers(tiny_ckpt, tmp_path: Path, family: str, new_tokens: int) -> None:
+    ckpt = tiny_ckpt(family)
+    data, rows = _rows(tmp_path)
+    out = tmp_path / "run"
+    assert main(["extract", "--model", str(ckpt), "--data", str(data), "--out", str(out), "--device", "cpu",
+                 "--dtype", "float32", "--store-dtype", "float32", "--batch-size", "3", "--vision",
+                 "--max-new-tokens", str(new_tokens), "--prompt-template", "{question}", "--no-progress"]) == 0
+    run = open_run(out)
+    assert run.manifest["vision"] is True
+    assert run.vision().shape[0] == 3
+    for i, row in enumerate(rows):
+        image = Image.open(data.parent / row["image"]).convert("RGB")
+        expected = _plain_vision(ckpt, image, row["question"])
+        assert run.vision().shape[1] == expected.shape[0]
+        np.testing.assert_allclose(run.vision()[i], expected, atol=1e-5, rtol=0)
+    # the feature view and a probe on it
+    assert main(["probe", "train", "--run", str(out), "--feature", "vision", "--out", str(tmp_path / "probe")]) == 0
+    spec = json.loads((tmp_path / "probe" / "probe.json").read_text())["feature_spec"]
+    assert (spec["kind"], spec["dim"]) == ("vision", expected.shape[0])
+
+
+def test_unsupported_family_is_refused(tiny_ckpt, tmp_path: Path, capsys) -> None:
+    data, _ = _rows(tmp_path, 2)
+    out = tmp_path / "run"
+    ckpt = tiny_ckpt("paligemma")
+    capsys.readouterr()  # building the checkpoint prints progress
+    assert main(["extract", "--model", str(ckpt), "--data", str(data), "--out", str(out),
+                 "--device", "cpu", "--vision", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("lvlmlp: error: --vision: not supported for model family "
+                                               "'paligemma' yet (supported: llava, qwen2_vl, qwen2_5_vl)")
+    assert not (out / "manifest.json").exists()
+
+
+def test_a_run_without_vision_has_none(tiny_ckpt, tmp_path: Path) -> None:
+    data, _ = _rows(tmp_path, 2)
+    out = tmp_path / "run"
+    assert main(["extract", "--model", str(tiny_ckpt("llava")), "--data", str(data), "--out", str(out),
+                 "--device", "cpu", "--no-progress"]) == 0
+    run = open_run(out)
+    assert "vision" not in run.manifest
+    with pytest.raises(Exception, match="this run has no 'vision' array"):
+        run.vision()
