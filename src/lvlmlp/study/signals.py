@@ -236,13 +236,14 @@ def which_signal(protocol: Any, signals: list[Signal], timing: dict[str, Any] | 
         try:
             if signal.kind == "probe":
                 feature, make = _feature(signal), make_probe_factory(signal.probe)
-                start = time.perf_counter()
                 scored = protocol.score(feature, make)
                 if scored.score.ndim != 1:
                     raise LvlmlpError("a multiclass probe has no AUROC")
-                if scored.probe is not None:  # the readout alone: read the test rows' features, score them
-                    start = time.perf_counter()
-                    _, X = feature(test.run, test.idx)
+                # the readout alone: read the test rows' features and score them (k-fold has no single probe:
+                # reading the features only)
+                start = time.perf_counter()
+                _, X = feature(test.run, test.idx)
+                if scored.probe is not None:
                     scored.probe.predict_proba(X)
                 seconds[signal.name] = (time.perf_counter() - start) / max(test.idx.size, 1)
                 column[[by_row[int(r)] for r in scored.rows]] = scored.score
