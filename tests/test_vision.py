@@ -1,6 +1,6 @@
 """`--vision` (issue 30): the vision encoder's output that the projector reads, mean-pooled over the image's tokens,
 stored as vision.npy (N, D) and read by `open_run(...).vision()` / `--feature vision`; checked against plain
-transformers on tiny LLaVA, Qwen2-VL and Qwen2.5-VL checkpoints (tolerance 1e-5: a batch of 3 against one image at a
+transformers on tiny LLaVA, Qwen2-VL, Qwen2.5-VL, PaliGemma and PaliGemma 2 checkpoints (tolerance 1e-5: a batch of 3 against one image at a
 time, float32); other families refused in one line."""
 
 from __future__ import annotations
@@ -27,26 +27,27 @@ def _rows(tmp_path: Path, n: int = 3) -> tuple[Path, list[dict]]:
     return data, rows
 
 
-def _plain_vision(ckpt: Path, image: Image.Image, question: str) -> np.ndarray:
-    """The projector's input computed with the model's public modules, mean-pooled over the image's tokens."""
+def _plain_vision(ckpt: Path, image: Image.Image) -> np.ndarray:
+    """The projector's input computed with the model's public modules from the image processor's pixels alone,
+    mean-pooled over the image's tokens."""
     model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
-    proc = AutoProcessor.from_pretrained(ckpt)
-    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    inputs = proc(images=[image], text=[proc.apply_chat_template(conv, add_generation_prompt=True)],
-                  return_tensors="pt")
+    pixels = AutoProcessor.from_pretrained(ckpt).image_processor(images=[image], return_tensors="pt")
     cfg = model.config
     with torch.inference_mode():
         if cfg.model_type == "llava":
-            out = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
+            out = model.model.vision_tower(pixels["pixel_values"], output_hidden_states=True)
             feats = out.hidden_states[cfg.vision_feature_layer]
             if cfg.vision_feature_select_strategy == "default":
                 feats = feats[:, 1:]  # the CLS token is not given to the projector
             return feats[0].mean(dim=0).numpy()
-        out = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        if cfg.model_type == "paligemma":
+            return model.model.vision_tower(pixels["pixel_values"]).last_hidden_state[0].mean(dim=0).numpy()
+        out = model.model.visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"])
         return out.last_hidden_state.mean(dim=0).numpy()  # the blocks' output, before the patch merger
 
 
-@pytest.mark.parametrize("family, new_tokens", [("llava", 0), ("llava", 2), ("qwen2_vl", 0), ("qwen2_5_vl", 2)])
+@pytest.mark.parametrize("family, new_tokens", [("llava", 0), ("llava", 2), ("qwen2_vl", 0), ("qwen2_5_vl", 2),
+                                                ("paligemma", 0), ("paligemma2", 2)])
 def test_vision_equals_plain_transformers(tiny_ckpt, tmp_path: Path, family: str, new_tokens: int) -> None:
     ckpt = tiny_ckpt(family)
     data, rows = _rows(tmp_path)
@@ -59,7 +60,7 @@ def test_vision_equals_plain_transformers(tiny_ckpt, tmp_path: Path, family: str
     assert run.vision().shape[0] == 3
     for i, row in enumerate(rows):
         image = Image.open(data.parent / row["image"]).convert("RGB")
-        expected = _plain_vision(ckpt, image, row["question"])
+        expected = _plain_vision(ckpt, image)
         assert run.vision().shape[1] == expected.shape[0]
         np.testing.assert_allclose(run.vision()[i], expected, atol=1e-5, rtol=0)
     # the feature view and a probe on it
@@ -71,12 +72,12 @@ def test_vision_equals_plain_transformers(tiny_ckpt, tmp_path: Path, family: str
 def test_unsupported_family_is_refused(tiny_ckpt, tmp_path: Path, capsys) -> None:
     data, _ = _rows(tmp_path, 2)
     out = tmp_path / "run"
-    ckpt = tiny_ckpt("paligemma")
+    ckpt = tiny_ckpt("idefics3")
     capsys.readouterr()  # building the checkpoint prints progress
     assert main(["extract", "--model", str(ckpt), "--data", str(data), "--out", str(out),
                  "--device", "cpu", "--vision", "--no-progress"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == ("lvlmlp: error: --vision: not supported for model family "
-                                               "'paligemma' yet (supported: llava, qwen2_vl, qwen2_5_vl)")
+                                               "'idefics3' yet (supported: llava, qwen2_vl, qwen2_5_vl, paligemma)")
     assert not (out / "manifest.json").exists()
 
 

@@ -89,6 +89,7 @@ VISION_PROJECTORS: dict[str, tuple[str, str]] = {
     "llava": ("model.multi_modal_projector", "batched"),  # (B, patches, D): vision_feature_layer, CLS dropped
     "qwen2_vl": ("model.visual.merger", "grid"),  # (sum of t*h*w patches, D): the last vision block's output
     "qwen2_5_vl": ("model.visual.merger", "grid"),
+    "paligemma": ("model.multi_modal_projector", "batched"),  # (B, patches, D): the SigLIP tower's last state
 }
 
 
