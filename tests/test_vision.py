@@ -1,6 +1,6 @@
 """`--vision` (issue 30): the vision encoder's output that the projector reads, mean-pooled over the image's tokens,
 stored as vision.npy (N, D) and read by `open_run(...).vision()` / `--feature vision`; checked against plain
-transformers on tiny LLaVA, Qwen2-VL, Qwen2.5-VL, PaliGemma and PaliGemma 2 checkpoints (tolerance 1e-5: a batch of 3 against one image at a
+transformers on tiny LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, PaliGemma and PaliGemma 2 checkpoints (tolerance 1e-5: a batch of 3 against one image at a
 time, float32); other families refused in one line."""
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ from lvlmlp.testing import tiny_manifest
 def _rows(tmp_path: Path, n: int = 3) -> tuple[Path, list[dict]]:
     manifest = tiny_manifest(tmp_path / "data")
     rows = [json.loads(line) for line in manifest.read_text().splitlines()][:n]
+    # other image sizes in one batch: Qwen's patch grids and LLaVA-NeXT's crop counts then differ between rows
+    for row, size in zip(rows[1:], [(64, 24), (40, 90)]):
+        path = manifest.parent / row["image"]
+        Image.open(path).convert("RGB").resize(size).save(path)
     data = manifest.parent / "some.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return data, rows
@@ -34,12 +38,15 @@ def _plain_vision(ckpt: Path, image: Image.Image) -> np.ndarray:
     pixels = AutoProcessor.from_pretrained(ckpt).image_processor(images=[image], return_tensors="pt")
     cfg = model.config
     with torch.inference_mode():
-        if cfg.model_type == "llava":
-            out = model.model.vision_tower(pixels["pixel_values"], output_hidden_states=True)
+        if cfg.model_type in ("llava", "llava_next"):
+            pv = pixels["pixel_values"]
+            if pv.dim() == 5:  # LLaVA-NeXT: (1, crops, 3, H, W), the base image and its crops, one image
+                pv = pv[0]
+            out = model.model.vision_tower(pv, output_hidden_states=True)
             feats = out.hidden_states[cfg.vision_feature_layer]
             if cfg.vision_feature_select_strategy == "default":
                 feats = feats[:, 1:]  # the CLS token is not given to the projector
-            return feats[0].mean(dim=0).numpy()
+            return feats.reshape(-1, feats.shape[-1]).mean(dim=0).numpy()  # over every crop's patches
         if cfg.model_type == "paligemma":
             return model.model.vision_tower(pixels["pixel_values"]).last_hidden_state[0].mean(dim=0).numpy()
         out = model.model.visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"])
@@ -47,7 +54,7 @@ def _plain_vision(ckpt: Path, image: Image.Image) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family, new_tokens", [("llava", 0), ("llava", 2), ("qwen2_vl", 0), ("qwen2_5_vl", 2),
-                                                ("paligemma", 0), ("paligemma2", 2)])
+                                                ("paligemma", 0), ("paligemma2", 2), ("llava_next", 0)])
 def test_vision_equals_plain_transformers(tiny_ckpt, tmp_path: Path, family: str, new_tokens: int) -> None:
     ckpt = tiny_ckpt(family)
     data, rows = _rows(tmp_path)
@@ -77,7 +84,8 @@ def test_unsupported_family_is_refused(tiny_ckpt, tmp_path: Path, capsys) -> Non
     assert main(["extract", "--model", str(ckpt), "--data", str(data), "--out", str(out),
                  "--device", "cpu", "--vision", "--no-progress"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == ("lvlmlp: error: --vision: not supported for model family "
-                                               "'idefics3' yet (supported: llava, qwen2_vl, qwen2_5_vl, paligemma)")
+                                               "'idefics3' yet (supported: llava, qwen2_vl, qwen2_5_vl, paligemma, "
+                                                               "llava_next)")
     assert not (out / "manifest.json").exists()
 
 

@@ -90,13 +90,22 @@ VISION_PROJECTORS: dict[str, tuple[str, str]] = {
     "qwen2_vl": ("model.visual.merger", "grid"),  # (sum of t*h*w patches, D): the last vision block's output
     "qwen2_5_vl": ("model.visual.merger", "grid"),
     "paligemma": ("model.multi_modal_projector", "batched"),  # (B, patches, D): the SigLIP tower's last state
+    # (sum of each image's crops, patches, D): the base image and its any-resolution crops, CLS dropped
+    "llava_next": ("model.multi_modal_projector", "crops"),
 }
 
 
-def _pool_vision(captured: torch.Tensor, layout: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _pool_vision(captured: torch.Tensor, layout: str, batch: dict[str, torch.Tensor], config: Any) -> torch.Tensor:
     """(B, D): the captured projector input mean-pooled over each image's tokens (one image per row)."""
     if layout == "batched":
         return captured.float().mean(dim=1)
+    if layout == "crops":  # LLaVA-NeXT: each image's crop count, as the model computes it from the image size
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        crops = [image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
+                                           patch_size=config.vision_config.image_size)
+                 for size in batch["image_sizes"]]
+        return torch.stack([part.float().mean(dim=(0, 1)) for part in torch.split(captured, crops, dim=0)])
     sizes = batch["image_grid_thw"].prod(dim=-1).tolist()  # patches of each image, in batch order
     return torch.stack([part.float().mean(dim=0) for part in torch.split(captured, sizes, dim=0)])
 
@@ -397,7 +406,7 @@ class Backend:
     def _vision_result(self, captured: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "x" not in captured:
             raise LvlmlpError(f"--vision: the {self.family} projector did not run on this batch (no image?)")
-        return _pool_vision(captured["x"], VISION_PROJECTORS[self.family][1], batch)
+        return _pool_vision(captured["x"], VISION_PROJECTORS[self.family][1], batch, self.config)
 
     @torch.inference_mode()
     def prefill(
