@@ -1,6 +1,7 @@
 """`--vision` (issue 30): the vision encoder's output that the projector reads, mean-pooled over the image's tokens,
 stored as vision.npy (N, D) and read by `open_run(...).vision()` / `--feature vision`; checked against plain
-transformers on tiny LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, PaliGemma and PaliGemma 2 checkpoints (tolerance 1e-5: a batch of 3 against one image at a
+transformers on tiny LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, PaliGemma, PaliGemma 2, Idefics3 and SmolVLM
+checkpoints (tolerance 1e-5: a batch of 3 against one image at a
 time, float32); other families refused in one line."""
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def _plain_vision(ckpt: Path, image: Image.Image) -> np.ndarray:
             if cfg.vision_feature_select_strategy == "default":
                 feats = feats[:, 1:]  # the CLS token is not given to the projector
             return feats.reshape(-1, feats.shape[-1]).mean(dim=0).numpy()  # over every crop's patches
+        if cfg.model_type in ("idefics3", "smolvlm"):  # the tiny processor's sub-images hold pixels everywhere
+            pv = pixels["pixel_values"][0]
+            return model.model.vision_model(pixel_values=pv).last_hidden_state.reshape(-1, cfg.vision_config
+                                                                                        .hidden_size).mean(0).numpy()
         if cfg.model_type == "paligemma":
             return model.model.vision_tower(pixels["pixel_values"]).last_hidden_state[0].mean(dim=0).numpy()
         out = model.model.visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"])
@@ -54,7 +59,8 @@ def _plain_vision(ckpt: Path, image: Image.Image) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family, new_tokens", [("llava", 0), ("llava", 2), ("qwen2_vl", 0), ("qwen2_5_vl", 2),
-                                                ("paligemma", 0), ("paligemma2", 2), ("llava_next", 0)])
+                                                ("paligemma", 0), ("paligemma2", 2), ("llava_next", 0),
+                                                ("idefics3", 0), ("smolvlm", 2)])
 def test_vision_equals_plain_transformers(tiny_ckpt, tmp_path: Path, family: str, new_tokens: int) -> None:
     ckpt = tiny_ckpt(family)
     data, rows = _rows(tmp_path)
@@ -79,13 +85,13 @@ def test_vision_equals_plain_transformers(tiny_ckpt, tmp_path: Path, family: str
 def test_unsupported_family_is_refused(tiny_ckpt, tmp_path: Path, capsys) -> None:
     data, _ = _rows(tmp_path, 2)
     out = tmp_path / "run"
-    ckpt = tiny_ckpt("idefics3")
+    ckpt = tiny_ckpt("instructblip")
     capsys.readouterr()  # building the checkpoint prints progress
     assert main(["extract", "--model", str(ckpt), "--data", str(data), "--out", str(out),
                  "--device", "cpu", "--vision", "--no-progress"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == ("lvlmlp: error: --vision: not supported for model family "
-                                               "'idefics3' yet (supported: llava, qwen2_vl, qwen2_5_vl, paligemma, "
-                                                               "llava_next)")
+                                               "'instructblip' yet (supported: llava, qwen2_vl, qwen2_5_vl, paligemma, "
+                                                               "llava_next, idefics3, smolvlm)")
     assert not (out / "manifest.json").exists()
 
 
@@ -98,3 +104,21 @@ def test_a_run_without_vision_has_none(tiny_ckpt, tmp_path: Path) -> None:
     assert "vision" not in run.manifest
     with pytest.raises(Exception, match="this run has no 'vision' array"):
         run.vision()
+
+
+def test_subimage_pooling_skips_padding_images_and_empty_patches() -> None:
+    """Idefics3/SmolVLM pooling on a hand-made batch: a padding (all-zero) sub-image is not a row's image, and a
+    patch without pixels (pixel_attention_mask 0 over it) is not averaged; checked with plain loops."""
+    from lvlmlp.extraction.backend import _pool_subimages
+
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.rand(2, 2, 3, 4, 4, generator=gen) + 0.1
+    pixels[1, 1] = 0.0  # row 1 has one real sub-image
+    pam = torch.ones(2, 2, 4, 4, dtype=torch.bool)
+    pam[0, 1, :, 2:] = False  # row 0's second sub-image: its right half is padding (patches 1 and 3 of 2x2)
+    captured = torch.randn(3, 4, 5, generator=gen)  # 3 real sub-images, 2x2 patches of 2 px, D = 5
+    got = _pool_subimages(captured, {"pixel_values": pixels, "pixel_attention_mask": pam}, 2)
+    row0 = [captured[0, p] for p in range(4)] + [captured[1, p] for p in (0, 2)]
+    row1 = [captured[2, p] for p in range(4)]
+    expected = torch.stack([sum(row0) / len(row0), sum(row1) / len(row1)])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

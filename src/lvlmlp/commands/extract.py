@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "of the model's L layers (HALP's)")
     p.add_argument("--vision", action="store_true",
                    help="also keep the vision encoder's output that the projector reads, mean-pooled over the "
-                        "image's tokens (vision.npy; LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, PaliGemma)")
+                        "image's tokens (vision.npy; every family but InstructBLIP)")
     p.add_argument("--store-dtype", default="float16", choices=sorted(STORE_DTYPE_NAMES))
     p.add_argument("--shard", default=None, help="I/N: process the I-th of N contiguous blocks (merge afterwards)")
     p.add_argument("--on-error", default="fail", choices=["fail", "skip"])

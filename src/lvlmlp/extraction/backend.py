@@ -92,6 +92,9 @@ VISION_PROJECTORS: dict[str, tuple[str, str]] = {
     "paligemma": ("model.multi_modal_projector", "batched"),  # (B, patches, D): the SigLIP tower's last state
     # (sum of each image's crops, patches, D): the base image and its any-resolution crops, CLS dropped
     "llava_next": ("model.multi_modal_projector", "crops"),
+    # (real sub-images of the batch, patches, D): the vision model's last state (padding images are not encoded)
+    "idefics3": ("model.connector", "subimages"),
+    "smolvlm": ("model.connector", "subimages"),
 }
 
 
@@ -106,8 +109,32 @@ def _pool_vision(captured: torch.Tensor, layout: str, batch: dict[str, torch.Ten
                                            patch_size=config.vision_config.image_size)
                  for size in batch["image_sizes"]]
         return torch.stack([part.float().mean(dim=(0, 1)) for part in torch.split(captured, crops, dim=0)])
+    if layout == "subimages":
+        return _pool_subimages(captured, batch, int(config.vision_config.patch_size))
     sizes = batch["image_grid_thw"].prod(dim=-1).tolist()  # patches of each image, in batch order
     return torch.stack([part.float().mean(dim=0) for part in torch.split(captured, sizes, dim=0)])
+
+
+def _pool_subimages(captured: torch.Tensor, batch: dict[str, torch.Tensor], patch: int) -> torch.Tensor:
+    """Idefics3 / SmolVLM: each row's real sub-images (all-zero padding images are skipped, as the model does), the
+    mean over their patches that hold pixels (the model's patch attention mask from `pixel_attention_mask`)."""
+    pixels = batch["pixel_values"]
+    rows, per_row = pixels.shape[:2]
+    flat = pixels.reshape(rows * per_row, *pixels.shape[2:])
+    real = (flat == 0.0).sum(dim=(-1, -2, -3)) != flat[0].numel()
+    counts = real.view(rows, per_row).sum(dim=1).tolist()
+    pam = batch.get("pixel_attention_mask")
+    if pam is None:
+        mask = torch.ones(int(real.sum()), *flat.shape[2:], dtype=torch.bool, device=flat.device)
+    else:
+        mask = pam.reshape(rows * per_row, *pam.shape[2:])[real]
+    sub = mask.unfold(1, patch, patch).unfold(2, patch, patch)
+    weights = (sub.sum(dim=(-1, -2)) > 0).reshape(mask.shape[0], -1).float()  # (real images, patches)
+    sums = (captured.float() * weights[..., None]).sum(dim=1)
+    out = []
+    for part, w in zip(torch.split(sums, counts), torch.split(weights.sum(dim=1), counts)):
+        out.append(part.sum(dim=0) / w.sum())
+    return torch.stack(out)
 
 
 def _load_config(model_id: str) -> Any:
