@@ -49,7 +49,8 @@ def test_demo_reduced_results_recompute_from_scores(demo: tuple[Path, str]):
     assert set(results["tasks"]) == {"answerability", "safety", "deception", "uncertainty", "hallucination",
                                      "classification"}
     html = (out / "report.html").read_text()
-    assert html.count("<img class='plot'") == 6  # five ROC plots and the token-decay plot
+    # five ROC plots, the token-decay plot and the five binary analogues' Which signal? plots
+    assert html.count("<img class='plot'") == 11
     assert html.count("<img alt='example row'") == 4 * 6  # the gallery: four test rows of each analogue
     # The figures come from each analogue's `lvlmlp run` folder: its main evaluation's saved scores.
     method_of = {"probe": lambda r: r["score"], "own_answer": lambda r: r["baselines"]["own-answer:task"],
@@ -210,3 +211,24 @@ def test_demo_is_lvlmlp_run_on_demo_configs_and_a_second_demo_does_no_model_work
     assert json.loads((out / "safety" / "report" / "metrics.json").read_text())["steering"]["default"] == (
         before["steering"]["safety"])
     assert "<h2>Probe-guided decoding: default</h2>" in (out / "safety" / "report" / "report.html").read_text()
+
+
+def test_demo_report_has_which_signal_from_saved_scores(demo: tuple[Path, str]):
+    """The demo's report.html gets the Which signal? section (summary.md does not); its AUROCs and DeLong p values are
+    those recomputed from each analogue's saved per-signal scores."""
+    from lvlmlp.study.signals import REFERENCE, summarize_scores
+
+    out, printed = demo
+    html = (out / "report.html").read_text()
+    assert "Which signal?" in html and "mtre on multi-token (3 tokens)" in html and "p-true" in html
+    assert "Which signal" not in (out / "summary.md").read_text()
+    for task in ("answerability", "safety", "deception", "hallucination", "uncertainty"):
+        res = json.loads((out / task / "analyses" / "signals-default.json").read_text())
+        records = [json.loads(x) for x in (out / task / "analyses" / "signals-default.jsonl").read_text().splitlines()]
+        names = [e["name"] for e in res["signals"]]
+        assert names[0] == REFERENCE and "logistic on vision (mean-pooled)" in names and "p-true" in names
+        again = summarize_scores(records, names, 200, 0)
+        for entry, recomputed in zip(res["signals"], again):
+            assert entry["value"] == pytest.approx(recomputed["value"], abs=1e-12)
+            assert entry["delong_p"] == pytest.approx(recomputed["delong_p"], abs=1e-12)
+    assert not (out / "classification" / "analyses" / "signals-default.json").exists()  # multiclass: none

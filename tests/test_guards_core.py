@@ -283,7 +283,7 @@ def test_feature_dtypes_messages_and_unknown_values(tmp_path: Path):
     with pytest.raises(LvlmlpError) as err:
         feature_matrix(run, "probs")
     assert str(err.value) == "--feature 'probs': unknown feature kind (choose from logits, log_softmax, softmax, " \
-                             "hidden, layer, multi-token)"
+                             "hidden, layer, multi-token, vision)"
     with pytest.raises(LvlmlpError) as err:
         feature_matrix(run, "layer")
     assert str(err.value) == "--feature layer needs --layer L"

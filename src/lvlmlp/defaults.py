@@ -6,4 +6,4 @@ numpy, torch or scikit-learn is imported."""
 BATCH_SIZE = 8  # rows per forward in `extract`
 STORE_DTYPE_NAMES = ("float16", "float32")  # dtypes a run may store its features in
 N_BOOT = 1000  # bootstrap resamples of every 95% interval
-FEATURE_KINDS = ("logits", "log_softmax", "softmax", "hidden", "layer", "multi-token")
+FEATURE_KINDS = ("logits", "log_softmax", "softmax", "hidden", "layer", "multi-token", "vision")

@@ -21,5 +21,6 @@ COMMANDS: list[str] = [
     "tiny_model",
     "tiny_data",
     "run",
+    "transfer",
     "serve",
 ]

@@ -38,7 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep only the first T tokens' logits, 1 <= T <= --max-new-tokens (default: all K)")
     p.add_argument("--hidden", action="store_true",
                    help="also keep the final-norm hidden state at the first token (default: not kept)")
-    p.add_argument("--layers", default=None, help="also keep these layers' hidden states, e.g. 8,16,-1 (default none)")
+    p.add_argument("--layers", default=None,
+                   help="also keep these layers' hidden states, e.g. 8,16,-1, or quartiles: {0, L/4, L/2, 3L/4, L} "
+                        "of the model's L layers (HALP's; default none)")
+    p.add_argument("--vision", action="store_true",
+                   help="also keep the vision encoder's output that the projector reads, mean-pooled over the "
+                        "image's tokens (vision.npy; every family but InstructBLIP; default: not kept)")
     p.add_argument("--store-dtype", default="float16", choices=sorted(STORE_DTYPE_NAMES),
                    help="dtype of the stored logits and hidden states (default float16)")
     p.add_argument("--shard", default=None,
@@ -62,13 +67,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_layers(spec: str | None) -> list[int]:
+def parse_layers(spec: str | None) -> list[int] | str:
     if not spec:
         return []
+    if spec.strip() == "quartiles":  # resolved from the model's layer count by the extractor
+        return "quartiles"
     try:
         return [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise LvlmlpError(f"--layers: expected comma-separated integers such as 8,16,-1, got {spec!r}") from None
+        raise LvlmlpError(f"--layers: expected comma-separated integers such as 8,16,-1 or quartiles, "
+                          f"got {spec!r}") from None
 
 
 def settings_of(args: argparse.Namespace, chosen: dict) -> dict:
@@ -77,7 +85,7 @@ def settings_of(args: argparse.Namespace, chosen: dict) -> dict:
 
     return dict(max_new_tokens=args.max_new_tokens, logits_tokens=args.logits_tokens, hidden=args.hidden,
                 layers=parse_layers(args.layers), store_dtype=args.store_dtype, shard=parse_shard(args.shard),
-                batch_size=args.batch_size, selection=chosen)
+                batch_size=args.batch_size, selection=chosen, **({"vision": True} if args.vision else {}))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         raise LvlmlpError("--ray-replicas applies to --ray [ADDRESS] only")
     if args.ray_timeout is not None and args.ray is None:
         raise LvlmlpError("--ray-timeout applies to --ray [ADDRESS] only")
+    if args.vision and args.ray is not None:
+        raise LvlmlpError("--vision does not run on --ray yet; extract without --ray")
     if args.ray is not None and args.workers != 1:
         raise LvlmlpError("--workers does not apply with --ray (each Ray replica prepares its own batches)")
     backend = protocol_backend(args, template)

@@ -59,6 +59,17 @@ def one_token_baseline(task: str) -> str:
     return f"token-prob:{'!' if negate else ''}{text}"
 
 
+def demo_signals(task: str, max_new_tokens: int) -> dict[str, Any] | None:
+    """The *Which signal?* study of a binary analogue (docs/signals.md): MTRE over the generated tokens, the
+    final-norm state, the mean-pooled vision features, the sequence estimators and P(True). Left out to keep the demo
+    short: the mlp probe (the slowest to fit) and a layer list (the demo model has 3 layers; `hidden` is the last)."""
+    if task == "classification":  # multiclass: no AUROC to compare
+        return None
+    return {"probes": [{"feature": "multi-token", "tokens": max_new_tokens, "probe": "mtre"}, {"feature": "hidden"},
+                       {"feature": "vision"}],
+            "baselines": ["seq-prob", "mean-entropy", "perplexity", "p-true"]}
+
+
 def demo_config(task: str, out: str | Path, *, n_train: int = 200, n_test: int = 200, max_new_tokens: int = 5,
                 batch_size: int = 32, seed: int = 0, model: str | Path | None = None, device: str = "cpu",
                 steer: bool = True) -> Any:
@@ -80,8 +91,10 @@ def demo_config(task: str, out: str | Path, *, n_train: int = 200, n_test: int =
         # lie inside its data_root
         "data_root": str(out / "images"), "image_root": str(out / "images" / task),
         "task_options": {"n_train": n_train, "n_test": n_test, "world_seed": seed}, "seed": seed,
-        "batch_size": batch_size, "extract": {"max_new_tokens": max_new_tokens, "store_dtype": "float32"},
-        "probe": probe, "baselines": baselines,
+        "batch_size": batch_size, "extract": {"max_new_tokens": max_new_tokens, "store_dtype": "float32",
+                                              "hidden": task != "classification",
+                                              "vision": task != "classification"},
+        "probe": probe, "baselines": baselines, "signals": demo_signals(task, max_new_tokens),
         "analyses": {"token_decay": task != "classification", "layer_sweep": False, "n_boot": DECAY_N_BOOT},
         "steering": {"template": GUARD_TEMPLATES[task]} if steer and task in GUARD_TEMPLATES else None,
         "out": str(out / task)})
@@ -343,8 +356,36 @@ def report_blocks(results: dict, out: Path) -> list:
     blocks.append(_roc_section(results, out, plots))
     blocks.append(_decay_section(results, plots))
     blocks += _steering_sections(results)
+    blocks += _signals_section(results, out)
     blocks += _galleries(results, out)
     return blocks
+
+
+def _signals_section(results: dict, out: Path) -> list:
+    """*Which signal?*: every binary analogue's signals (its `lvlmlp run` folder's analyses/signals-default.json,
+    computed by the `signals:` step) in one table, and each analogue's AUROC-against-cost plot."""
+    from lvlmlp.study import signals as sg
+    from lvlmlp.study.report import Section
+
+    rows, pngs = [], []
+    for task in results["tasks"]:
+        path = out / task / "analyses" / f"signals-{PROMPT}.json"
+        if not path.is_file():
+            continue
+        res = json.loads(path.read_text())
+        rows += [[task, *row[:-1]] for row in sg.table_rows(res)]
+        png = out / task / "report" / f"signals_{PROMPT}.png"
+        if png.is_file():
+            pngs.append(png)
+    if not rows:
+        return []
+    return [Section("Which signal?", "Each binary analogue's test rows scored by several signals, against the "
+                    "paper's first-token logistic probe (delta and DeLong's paired p), with what each costs per row: "
+                    "forward passes before the signal is known, seconds (model timed in this run + reading and "
+                    "scoring the stored features) and bytes stored. MTRE reads the generated tokens' logits; "
+                    "P(True) asks the model whether its answer is right (a second pass). The mlp probe is left "
+                    "out of the demo to keep it short. Plots: AUROC against seconds per row.",
+                    ["analogue", *sg.HEADER[:-1]], rows, pngs, anchor="which-signal")]
 
 
 def _verdict_words(e: dict) -> str:

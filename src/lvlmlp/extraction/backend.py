@@ -16,6 +16,7 @@ Batched results equal single-row results to float rounding (the tests check < 1e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -60,6 +61,83 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 _REMOTE_ADVICE = "pass --trust-remote-code to run it (that code then runs with your rights: read it first)"
+
+
+LAYER_SHORTHANDS = ("quartiles",)
+
+
+def num_layers_of(config: Any) -> int:
+    """The language model's decoder layer count from a checkpoint's config."""
+    return int(config.get_text_config().num_hidden_layers)
+
+
+def quartile_layers(num_layers: int) -> list[int]:
+    """HALP's layers {0, L/4, L/2, 3L/4, L} as indices into `output_hidden_states` (0 = embeddings, L = the last
+    decoder layer's output after the final norm), rounded down, duplicates (L < 4) removed: L=32 -> [0, 8, 16, 24, 32],
+    L=28 -> [0, 7, 14, 21, 28], L=2 -> [0, 1, 2]."""
+    return sorted({0, num_layers // 4, num_layers // 2, (3 * num_layers) // 4, num_layers})
+
+
+def resolve_layer_spec(spec: str, num_layers: int) -> list[int]:
+    """A named layer set (`LAYER_SHORTHANDS`) for a model of `num_layers` decoder layers."""
+    if spec == "quartiles":
+        return quartile_layers(num_layers)
+    raise LvlmlpError(f"--layers: unknown layer set {spec!r}; give integers such as 8,16,-1 or "
+                      f"{' / '.join(LAYER_SHORTHANDS)}")
+
+
+# `--vision`: the module whose INPUT is the vision encoder's output that the projector reads, per family, and how
+# that input splits into images. Families not listed are refused until their capture is written and tested.
+VISION_PROJECTORS: dict[str, tuple[str, str]] = {
+    "llava": ("model.multi_modal_projector", "batched"),  # (B, patches, D): vision_feature_layer, CLS dropped
+    "qwen2_vl": ("model.visual.merger", "grid"),  # (sum of t*h*w patches, D): the last vision block's output
+    "qwen2_5_vl": ("model.visual.merger", "grid"),
+    "paligemma": ("model.multi_modal_projector", "batched"),  # (B, patches, D): the SigLIP tower's last state
+    # (sum of each image's crops, patches, D): the base image and its any-resolution crops, CLS dropped
+    "llava_next": ("model.multi_modal_projector", "crops"),
+    # (real sub-images of the batch, patches, D): the vision model's last state (padding images are not encoded)
+    "idefics3": ("model.connector", "subimages"),
+    "smolvlm": ("model.connector", "subimages"),
+}
+
+
+def _pool_vision(captured: torch.Tensor, layout: str, batch: dict[str, torch.Tensor], config: Any) -> torch.Tensor:
+    """(B, D): the captured projector input mean-pooled over each image's tokens (one image per row)."""
+    if layout == "batched":
+        return captured.float().mean(dim=1)
+    if layout == "crops":  # LLaVA-NeXT: each image's crop count, as the model computes it from the image size
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        crops = [image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
+                                           patch_size=config.vision_config.image_size)
+                 for size in batch["image_sizes"]]
+        return torch.stack([part.float().mean(dim=(0, 1)) for part in torch.split(captured, crops, dim=0)])
+    if layout == "subimages":
+        return _pool_subimages(captured, batch, int(config.vision_config.patch_size))
+    sizes = batch["image_grid_thw"].prod(dim=-1).tolist()  # patches of each image, in batch order
+    return torch.stack([part.float().mean(dim=0) for part in torch.split(captured, sizes, dim=0)])
+
+
+def _pool_subimages(captured: torch.Tensor, batch: dict[str, torch.Tensor], patch: int) -> torch.Tensor:
+    """Idefics3 / SmolVLM: each row's real sub-images (all-zero padding images are skipped, as the model does), the
+    mean over their patches that hold pixels (the model's patch attention mask from `pixel_attention_mask`)."""
+    pixels = batch["pixel_values"]
+    rows, per_row = pixels.shape[:2]
+    flat = pixels.reshape(rows * per_row, *pixels.shape[2:])
+    real = (flat == 0.0).sum(dim=(-1, -2, -3)) != flat[0].numel()
+    counts = real.view(rows, per_row).sum(dim=1).tolist()
+    pam = batch.get("pixel_attention_mask")
+    if pam is None:
+        mask = torch.ones(int(real.sum()), *flat.shape[2:], dtype=torch.bool, device=flat.device)
+    else:
+        mask = pam.reshape(rows * per_row, *pam.shape[2:])[real]
+    sub = mask.unfold(1, patch, patch).unfold(2, patch, patch)
+    weights = (sub.sum(dim=(-1, -2)) > 0).reshape(mask.shape[0], -1).float()  # (real images, patches)
+    sums = (captured.float() * weights[..., None]).sum(dim=1)
+    out = []
+    for part, w in zip(torch.split(sums, counts), torch.split(weights.sum(dim=1), counts)):
+        out.append(part.sum(dim=0) / w.sum())
+    return torch.stack(out)
 
 
 def _load_config(model_id: str, trust_remote_code: bool = False) -> Any:
@@ -217,6 +295,7 @@ class Backend:
 
         self.trust_remote_code = trust_remote_code
         config = _load_config(self.model_id, trust_remote_code)
+        self.config = config  # the checkpoint's config, read without the weights (layer count, ...)
         self.family: str = config.model_type
         self.quirks = quirks_of(self.family)
         auto_map = getattr(config, "auto_map", None) or {}
@@ -386,29 +465,72 @@ class Backend:
 
     @property
     def num_layers(self) -> int:
-        text_config = self.model.config.get_text_config()
-        return int(text_config.num_hidden_layers)
+        return num_layers_of(self.config)
+
+    def resolve_layers(self, layers: Sequence[int] | str) -> list[int]:
+        """`layers` as a list of indices into `output_hidden_states`: `"quartiles"` is HALP's {0, L/4, L/2, 3L/4, L}
+        for this model's L decoder layers (`quartile_layers`); a list is checked against L."""
+        if isinstance(layers, str):
+            return resolve_layer_spec(layers, self.num_layers)
+        self._check_layers(layers)
+        return [int(x) for x in layers]
+
+    def check_vision(self) -> None:
+        """`--vision`: refuse a family whose vision-feature capture is not written yet."""
+        if self.family not in VISION_PROJECTORS:
+            raise LvlmlpError(f"--vision: not supported for model family {self.family!r} yet (supported: "
+                              f"{', '.join(VISION_PROJECTORS)})")
+
+    @contextlib.contextmanager
+    def _vision_capture(self, want: bool) -> Any:
+        """While active, the first input the projector reads is kept (`captured["x"]`); decoding steps after the
+        prefill do not run the vision tower."""
+        captured: dict[str, torch.Tensor] = {}
+        if not want:
+            yield captured
+            return
+        self.check_vision()
+        module = self.model.get_submodule(VISION_PROJECTORS[self.family][0])
+
+        def hook(_module: Any, args: tuple, kwargs: dict) -> None:
+            if "x" not in captured:
+                captured["x"] = (args[0] if args else next(iter(kwargs.values()))).detach()
+
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    def _vision_result(self, captured: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "x" not in captured:
+            raise LvlmlpError(f"--vision: the {self.family} projector did not run on this batch (no image?)")
+        return _pool_vision(captured["x"], VISION_PROJECTORS[self.family][1], batch, self.config)
 
     @torch.inference_mode()
     def prefill(
-        self, batch: dict[str, torch.Tensor], *, hidden: bool = False, layers: Sequence[int] = ()
+        self, batch: dict[str, torch.Tensor], *, hidden: bool = False, layers: Sequence[int] = (),
+        vision: bool = False,
     ) -> dict[str, torch.Tensor]:
         """One forward pass. `logits`: (B, V) float32 raw logits of the first generated token; `hidden`: (B, H) the
         final-norm hidden state there; `layers`: (B, len(layers), H), indices into `output_hidden_states`
         (0 = embeddings, i = output of decoder layer i, the last one after the final norm)."""
         layer_ids = self._check_layers(layers)
         want_states = hidden or bool(layer_ids)
-        out = self.model(
-            **batch,
-            position_ids=self.generation_position_ids(batch),
-            logits_to_keep=1,
-            use_cache=False,
-            output_hidden_states=want_states,
-            return_dict=True,
-        )
+        with self._vision_capture(vision) as captured:
+            out = self.model(
+                **batch,
+                position_ids=self.generation_position_ids(batch),
+                logits_to_keep=1,
+                use_cache=False,
+                output_hidden_states=want_states,
+                return_dict=True,
+            )
         result = {"logits": out.logits[:, -1, :].float()}
         if want_states:
             result.update(self._states(_hidden_states(out), hidden, layer_ids))
+        if vision:
+            result["vision"] = self._vision_result(captured, batch)
         return result
 
     def _states(
@@ -432,6 +554,7 @@ class Backend:
         hidden: bool = False,
         layers: Sequence[int] = (),
         logits_processor: Any = None,
+        vision: bool = False,
         **gen_kwargs: Any,
     ) -> dict[str, Any]:
         """Greedy decoding (unless `gen_kwargs` say otherwise). Returns `logits` (B, K, V) float32 RAW logits (before
@@ -445,15 +568,16 @@ class Backend:
         want_states = hidden or bool(layer_ids)
         kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": self.pad_id}
         kwargs.update(gen_kwargs)
-        out = self.model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            logits_processor=logits_processor,
-            output_logits=True,
-            output_hidden_states=want_states,
-            return_dict_in_generate=True,
-            **kwargs,
-        )
+        with self._vision_capture(vision) as captured:
+            out = self.model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                logits_processor=logits_processor,
+                output_logits=True,
+                output_hidden_states=want_states,
+                return_dict_in_generate=True,
+                **kwargs,
+            )
         steps = len(out.logits)
         bsz = batch["input_ids"].shape[0]
         # Decoder-only models return prompt + new tokens; the new ones are the last `steps` columns either way.
@@ -489,6 +613,8 @@ class Backend:
         }
         if want_states:
             result.update(self._states(out.hidden_states[0], hidden, layer_ids))
+        if vision:
+            result["vision"] = self._vision_result(captured, batch)
         return result
 
     # -------------------------------------------------------------------------------------------------------- head

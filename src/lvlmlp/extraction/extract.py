@@ -58,6 +58,8 @@ def finished_run(backend: Backend, rows: list[dict], out: str | Path, **settings
 
     `backend` may be a `Backend(..., load_model=False)`: a finished run is then recognised without loading the
     weights (the vocabulary size, known only from the loaded model, is not compared; the weights hash is)."""
+    if isinstance(settings.get("layers"), str):  # "quartiles": resolved from the config, without the weights
+        settings = {**settings, "layers": backend.resolve_layers(settings["layers"])}
     if not is_complete_run(out, run_settings(backend_settings(backend), rows, **settings), ignore=("vocab_size",)):
         return None
     return open_run(out)
@@ -94,7 +96,7 @@ def backend_settings(backend: Backend) -> dict:
 
 def run_settings(model: dict, rows: list[dict], *, batch_size: int, max_new_tokens: int, logits_tokens: int | None,
                  hidden: bool, layers: Sequence[int], store_dtype: str, shard: tuple[int, int] | None,
-                 labels_from_responses: bool, selection: dict | None = None) -> dict:
+                 labels_from_responses: bool, selection: dict | None = None, vision: bool = False) -> dict:
     """A run's manifest settings: `model` (see `backend_settings`) and the extraction options. The rows' hash
     leaves out `_row_index` (their position), so a finished run is recognised from rows numbered or not."""
     n_keep = max(1, min(max_new_tokens, logits_tokens or max_new_tokens))  # stored tokens; 1 for prefill
@@ -105,6 +107,7 @@ def run_settings(model: dict, rows: list[dict], *, batch_size: int, max_new_toke
         "logits_tokens": n_keep,
         "hidden": hidden,
         "layers": [int(x) for x in layers],
+        **({"vision": True} if vision else {}),  # absent when off: runs made before --vision keep their identity
         "data_hash": rows_fingerprint({k: v for k, v in r.items() if k != "_row_index"} for r in rows),
         "images_hash": images_fingerprint(rows),  # sizes and modification times: replaced images are noticed
         "n_input_rows": len(rows),
@@ -124,7 +127,7 @@ def extract(
     max_new_tokens: int = 0,
     logits_tokens: int | None = None,
     hidden: bool = False,
-    layers: Sequence[int] = (),
+    layers: Sequence[int] | str = (),
     store_dtype: str = "float16",
     on_error: str = "fail",
     shard: tuple[int, int] | None = None,
@@ -134,12 +137,16 @@ def extract(
     workers: int = 1,
     label_fn: Callable[[str, dict], int] | None = None,
     selection: dict | None = None,
+    vision: bool = False,
 ) -> Run:
     """Extract features for `rows` (already selected; see `shard_rows`) into the run folder `out`.
 
     `label_fn(response, row)`: for tasks whose label is whether the model answered right (MathVista), each row's
     `label` is computed from its generated response and stored with its metadata."""
     check_options(store_dtype, on_error, batch_size, max_new_tokens, label_fn, source)
+    layers = backend.resolve_layers(layers)  # "quartiles" -> this model's indices; the manifest stores those
+    if vision:
+        backend.check_vision()  # an unsupported family is said before any row is read
     rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
     check_rows(rows, source, on_error)  # before any model work or folder is written
     if not rows:
@@ -147,7 +154,7 @@ def extract(
     settings = run_settings(
         backend_settings(backend), rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
         logits_tokens=logits_tokens, hidden=hidden, layers=layers, store_dtype=store_dtype, shard=shard,
-        labels_from_responses=label_fn is not None, selection=selection,
+        labels_from_responses=label_fn is not None, selection=selection, vision=vision,
     )
     n_keep = settings["logits_tokens"]  # stored tokens; 1 for prefill
     writer = RunWriter(out, settings, shard_size=shard_size)
@@ -173,7 +180,7 @@ def extract(
                 if batch_rows:
                     batch = backend.to_device(batch)
                     meta, arrays = run_batch(backend, batch_rows, batch, max_new_tokens, n_keep, hidden, layers,
-                                              dtype)
+                                             dtype, vision)
                     if label_fn is not None:
                         for m, row in zip(meta, batch_rows):
                             m["label"] = int(label_fn(m["response"], row))
@@ -190,9 +197,9 @@ def extract(
 
 
 def run_batch(backend: Backend, rows: list[dict], batch: dict, max_new_tokens: int, n_keep: int, hidden: bool,
-               layers: Sequence[int], dtype: type) -> tuple[list[dict], dict[str, np.ndarray]]:
+              layers: Sequence[int], dtype: type, vision: bool = False) -> tuple[list[dict], dict[str, np.ndarray]]:
     if max_new_tokens:
-        res = backend.generate(batch, max_new_tokens=max_new_tokens, hidden=hidden, layers=layers)
+        res = backend.generate(batch, max_new_tokens=max_new_tokens, hidden=hidden, layers=layers, vision=vision)
         # The backend returns exactly K columns, with zeros after each row's last valid token.
         logits = res["logits"][:, :n_keep].float().cpu().numpy()
         n_tokens = res["n_tokens"].cpu().numpy().astype(np.int32)
@@ -201,7 +208,7 @@ def run_batch(backend: Backend, rows: list[dict], batch: dict, max_new_tokens: i
             last_logits = res["logits"][list(range(len(rows))), last].float().cpu().numpy()
         responses = res["responses"]
     else:
-        res = backend.prefill(batch, hidden=hidden, layers=layers)
+        res = backend.prefill(batch, hidden=hidden, layers=layers, vision=vision)
         logits = res["logits"].float().cpu().numpy()[:, None, :]
         n_tokens = np.ones(len(rows), dtype=np.int32)
         responses = None
@@ -216,6 +223,8 @@ def run_batch(backend: Backend, rows: list[dict], batch: dict, max_new_tokens: i
         arrays["hidden"] = res["hidden"].float().cpu().numpy()
     if layers:
         arrays["layers"] = res["layers"].float().cpu().numpy()
+    if vision:
+        arrays["vision"] = res["vision"].float().cpu().numpy()
     meta = []
     for i, row in enumerate(rows):
         m = {k: v for k, v in row.items() if k not in ("image", "_row_index")}

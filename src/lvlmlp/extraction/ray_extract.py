@@ -252,7 +252,7 @@ def ray_extract(
     max_new_tokens: int = 0,
     logits_tokens: int | None = None,
     hidden: bool = False,
-    layers: Sequence[int] = (),
+    layers: Sequence[int] | str = (),
     store_dtype: str = "float16",
     on_error: str = "fail",
     shard: tuple[int, int] | None = None,
@@ -267,6 +267,10 @@ def ray_extract(
     and the run folder are those of `lvlmlp.extraction.extract.extract`; the manifest adds `engine: ray` and `replicas`."""
     opts = ray_options(ray)
     _import_ray()  # missing: say so before any work
+    if isinstance(layers, str):  # "quartiles": resolved here from the checkpoint's config (the replicas get indices)
+        from lvlmlp.extraction.backend import _load_config, num_layers_of, resolve_layer_spec
+
+        layers = resolve_layer_spec(layers, num_layers_of(_load_config(str(model["model"]))))
     check_options(store_dtype, on_error, batch_size, max_new_tokens, label_fn, source)
     template = model.get("prompt_template")
     if template is not None and "{question}" not in template:

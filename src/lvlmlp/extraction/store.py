@@ -10,6 +10,7 @@ Layout of a finished run (see README):
     RUN/last_logits.npy   (N, V) raw logits of each row's last generated token  [when fewer than all tokens are kept]
     RUN/hidden.npy        (N, H) final-norm hidden state at the first generated position   [--hidden]
     RUN/layers.npy        (L, N, H) hidden states of the chosen layers at that position      [--layers]
+    RUN/vision.npy        (N, D) the vision encoder's output the projector reads, mean-pooled    [--vision]
     RUN/failures.jsonl    rows skipped with --on-error skip
 
 While a run is in progress its rows live in `RUN/shards/NNNNNN.safetensors`, one file per `shard_size` rows with
@@ -510,6 +511,10 @@ class Run:
 
     def hidden(self) -> np.ndarray:
         return self._array("hidden")
+
+    def vision(self) -> np.ndarray:
+        """(N, D) the vision encoder's output that the projector reads, mean-pooled over the image's tokens."""
+        return self._array("vision")
 
     @property
     def has_last_logits(self) -> bool:

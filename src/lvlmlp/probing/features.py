@@ -102,6 +102,8 @@ class FeatureView:
             self._source = run.logits(self.token)
         elif kind == "hidden":
             self._source = run.hidden()
+        elif kind == "vision":  # the mean-pooled vision features the projector reads (`extract --vision`)
+            self._source = run.vision()
         else:
             self._source = run.layer(int(layer))  # type: ignore[arg-type]
         # Logits rows past a row's last generated token are zero padding, not features.

@@ -79,7 +79,8 @@ class ExtractConfig(Section):
     # store the first T tokens' logits (and each row's last generated token) when T < max_new_tokens
     logits_tokens: int | None = field(default=None, metadata=_min(1))
     hidden: bool = False
-    layers: list[int] = field(default_factory=list)
+    layers: list[int] | Literal["quartiles"] = field(default_factory=list)  # quartiles: {0, L/4, L/2, 3L/4, L}
+    vision: bool = False  # vision.npy: the vision encoder's output the projector reads, mean-pooled (docs/signals.md)
     store_dtype: Literal["float16", "float32"] = "float16"
     on_error: Literal["fail", "skip"] = "fail"
 
@@ -127,6 +128,16 @@ class SteeringConfig(Section):
 
     template: str | None = None  # required when the section is given
     threshold: float | None = field(default=None, metadata=_in(PROBABILITY))  # None: the probe's (probe.json)
+
+
+@dataclass
+class SignalsConfig(Section):
+    """*Which signal?* (docs/signals.md): (feature, probe) pairs and baselines, each against the paper's first-token
+    logistic probe on the same test rows, with their costs (model seconds timed on `timing_rows` test rows)."""
+
+    probes: list[dict[str, Any]] = field(default_factory=list)  # {feature, probe, token, layer, tokens, params...}
+    baselines: list[str] = field(default_factory=list)
+    timing_rows: int = field(default=8, metadata=_min(1))
 
 
 @dataclass
@@ -185,6 +196,7 @@ class ExperimentConfig(Section):
     # finetuning vs probing (README): {epochs, lr, lora_rank, answers, ...}, checked by `experiment.finetune_options`
     finetune: dict[str, Any] | None = None
     judge: JudgeConfig | None = None  # an LLM judge of the test runs' responses (docs/judge.md)
+    signals: SignalsConfig | None = None  # Which signal? (docs/signals.md)
 
 
 REQUIRED = ("model", "data_root", "out")
@@ -312,6 +324,8 @@ def _check(value: Any, hint: Any, key: str, meta: Mapping[str, Any] = types.Mapp
             except LvlmlpError as err:
                 # the member of the container's own shape (a list for a list) has the precise message
                 same = isinstance(value, list) == (typing.get_origin(arg) is list)
+                # a Literal's "one of ..." is the precise message for a string only (`layers: 5` is no typo of it)
+                same = same and not (typing.get_origin(arg) is Literal and not isinstance(value, str))
                 inner = err if same and (inner is None or typing.get_origin(arg) is list) else inner
         raise inner or fail
     if isinstance(hint, type) and issubclass(hint, Section):
@@ -371,6 +385,8 @@ def validate(cfg: ExperimentConfig) -> None:
         get_task(cfg.task)
     except LvlmlpError as err:
         raise LvlmlpError(f"config: task: {err}") from None
+    if cfg.extract.vision and cfg.ray:
+        raise LvlmlpError("config: extract.vision does not run on ray yet; remove one of them")
     if cfg.clip is not None and not cfg.clip.model:
         raise LvlmlpError("config: clip.model is required when the clip section is given")
     if cfg.steering is not None:
@@ -403,6 +419,13 @@ def validate(cfg: ExperimentConfig) -> None:
                 check_paper_rule(cfg.task, prompt_style(cfg, name))
             except LvlmlpError as err:
                 raise LvlmlpError(f"config: baselines: prompt {name}: {err}") from None
+    if cfg.signals is not None:
+        from lvlmlp.study.signals import parse_signals
+
+        parse_signals(cfg.signals.probes, cfg.signals.baselines)
+        if "p-true" in cfg.signals.baselines and cfg.extract.max_new_tokens < 1:
+            raise LvlmlpError("config: signals: p-true asks the model about its own answer: set "
+                              "extract.max_new_tokens >= 1")
     if cfg.finetune is not None:
         from lvlmlp.study.experiment import finetune_options
 

@@ -194,7 +194,8 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
             key = _key({"model": cfg["model"], "dtype": cfg["dtype"], "raw_prompt": cfg["raw_prompt"],
                         **({"system_prompt": cfg["system_prompt"]} if cfg["system_prompt"] else {}),
                         "template": template, "data": rows_fingerprint(rows[split]),
-                        **{k: v for k, v in ext.items() if v is not None or k != "logits_tokens"}})
+                        **{k: v for k, v in ext.items()
+                           if (v is not None or k != "logits_tokens") and (v or k != "vision")}})
             step = f"extract-{name}-{split}"
             if not (steps.done(step, key) and (folder / "manifest.json").is_file()):
                 log.info("run: extracting %s (%d rows)", folder, len(rows[split]))
@@ -207,15 +208,20 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
                 run_extract(rows[split], folder, batch_size=cfg["batch_size"],
                             max_new_tokens=ext["max_new_tokens"], logits_tokens=ext["logits_tokens"],
                             hidden=bool(ext["hidden"]),
-                            layers=[int(x) for x in ext["layers"] or []], store_dtype=ext["store_dtype"],
+                            layers=_layers(ext["layers"]), store_dtype=ext["store_dtype"],
                             on_error=ext["on_error"], source=f"task {cfg['task']} split {split}", progress=progress,
-                            label_fn=_label_fn(cfg))
+                            label_fn=_label_fn(cfg), **({"vision": True} if ext["vision"] else {}))
                 steps.mark(step, key)
             runs[(name, split)] = open_run(folder)
     if cfg.judge is not None:
         _judge_step(cfg, prompts, splits[-1], runs, progress)
     clip_runs = _clip_step(cfg, rows, out, progress) if cfg["clip"] else {}
     return _analyses(cfg, out, steps, prompts, splits, runs, clip_runs, rows, lazy, progress)
+
+
+def _layers(spec: Any) -> list[int] | str:
+    """`extract.layers`: a list of indices, or "quartiles" (resolved by the extractor from the model's layer count)."""
+    return spec if isinstance(spec, str) else [int(x) for x in spec or []]
 
 
 def _judge_step(cfg: ExperimentConfig, prompts: list[tuple[str, str | None]], test_split: str, runs: dict,
@@ -394,6 +400,9 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
                          partial(_steering, cfg, out, lazy, (name, template), rows[test_split], test_run, progress))
             results.setdefault("steering", {})[name] = res
             sections.append(steering_section(name, res))
+        if cfg.signals is not None:
+            sections.append(_signals_section(cfg, out, steps, (name, template), protocol, rows[test_split],
+                                             _key([key, cfg.signals, n_boot]), lazy, report_dir, results))
     if len(prompts) > 1:
         sections.append(_prompt_section(main, report_dir))
         results["prompt_comparison"] = {n: headline(m) for n, m in main.items()}
@@ -428,6 +437,52 @@ def _steering(cfg: ExperimentConfig, out: Path, lazy: LazyBackend, prompt: tuple
     (out / "analyses").mkdir(parents=True, exist_ok=True)  # absent when no other analysis ran
     write_jsonl(out / "analyses" / f"steering-{name}.jsonl", records)
     return summary
+
+
+def _signals_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tuple[str, str | None], protocol: Any,
+                     test_rows: list[dict], key: str, lazy: LazyBackend, report_dir: Path,
+                     results: dict[str, Any]) -> Any:
+    """`signals:` the *Which signal?* table and plot of one prompt (`lvlmlp.study.signals`); the model is loaded
+    only to time it, once (a re-run reads the cached result)."""
+    from lvlmlp.study import signals as sg
+
+    name, template = prompt
+    signals = sg.parse_signals(cfg.signals.probes, cfg.signals.baselines)
+    n_boot = cfg.analyses.n_boot
+    protocol = protocol if n_boot is None else protocol.with_n_boot(n_boot)
+
+    def compute() -> dict[str, Any]:
+        test_run = protocol.test.run
+        labelled = {test_run.ids[int(i)] for i in protocol.test.idx}
+        timed = [r for r in test_rows if r["id"] in labelled][: cfg.signals.timing_rows]
+        timing = None
+        if timed and not cfg["ray"]:  # on Ray the model is not in this process: no timing (said in the report)
+            layers = [int(x) for x in test_run.manifest.get("layers") or []]
+            timing = sg.model_timing(lazy.get(template), timed, int(cfg.extract.max_new_tokens), layers)
+        p_true = None
+        if any(s.kind == sg.P_TRUE for s in signals):  # the self-evaluation pass of every labelled test row
+            import time
+
+            from lvlmlp.probing.p_true import p_true_scores
+
+            by_id = {r["id"]: r for r in test_rows}
+            rows = [by_id[test_run.ids[int(i)]] for i in protocol.test.idx]
+            backend = lazy.get(template)
+            start = time.perf_counter()
+            scores = p_true_scores(backend, rows, dict(zip(test_run.ids, test_run.responses)), cfg.batch_size)
+            p_true = {"scores": scores, "seconds_per_row": (time.perf_counter() - start) / max(len(rows), 1)}
+        return sg.which_signal(protocol, signals, timing, out / "analyses" / f"signals-{name}.jsonl", cfg["task"],
+                               p_true)
+
+    res = cached(steps, f"signals-{name}", key, out / "analyses" / f"signals-{name}.json", compute)
+    results.setdefault("signals", {})[name] = res
+    pngs = []
+    if res["signals"]:
+        png = report_dir / f"signals_{name}.png"
+        sg.plot_cost(res, png, f"which signal: {name}")
+        pngs.append(png)
+    text = res.get("note") or sg.section_text(res)
+    return Section(f"Which signal?: {name}", text, sg.HEADER, sg.table_rows(res), pngs)
 
 
 STEERING_HEADER = ["prompt", "template", "flagged", "label-0 rows answered", "label-1 rows refused"]
