@@ -151,7 +151,7 @@ def test_rerun_does_no_model_work(experiment: dict, monkeypatch: pytest.MonkeyPa
      "config: signals.probes[0]: probe.depth: not a parameter of the mlp probe"),
     ({"baselines": ["max-prob", "max-prob"]}, "config: signals: 'max-prob' is listed twice"),
     ({"baselines": ["coin"]}, "config: signals.baselines[0]: "),
-    ({"timing_rows": 0}, "config: signals.timing_rows: must be >= 1, got 0"),
+    ({"timing_rows": 0}, "config: signals.timing_rows: must be an integer >= 1, got 0"),
     ({"baselines": ["p-true"]}, "config: signals: p-true asks the model about its own answer: set "
                                 "extract.max_new_tokens >= 1"),
     ({"probes": [{"feature": "logits", "probe": "mtre"}]},

@@ -74,9 +74,14 @@ def test_transfer_table(folders: list[Path], tmp_path: Path, capsys) -> None:
 def test_transfer_refusals(folders: list[Path], tmp_path: Path, capsys) -> None:
     assert main(["transfer", str(folders[0]), "--out", str(tmp_path / "t")]) == 2
     assert capsys.readouterr().err.strip() == "lvlmlp: error: transfer: give two or more `lvlmlp run` folders"
-    assert main(["transfer", str(folders[0]), str(tmp_path), "--out", str(tmp_path / "t")]) == 2
-    assert capsys.readouterr().err.strip() == (f"lvlmlp: error: {tmp_path}: not a finished `lvlmlp run` folder "
+    other = tmp_path / "other"
+    other.mkdir()
+    assert main(["transfer", str(folders[0]), str(other), "--out", str(tmp_path / "t")]) == 2
+    assert capsys.readouterr().err.strip() == (f"lvlmlp: error: {other}: not a finished `lvlmlp run` folder "
                                                "(no report/metrics.json)")
+    # the table is never written over or inside a folder it reads
+    assert main(["transfer", *map(str, folders), "--out", str(folders[0] / "t")]) == 2
+    assert "lies inside RUN_DIR" in capsys.readouterr().err
     assert main(["transfer", *map(str, folders), "--prompt", "mq", "--out", str(tmp_path / "t")]) == 2
     assert capsys.readouterr().err.strip() == (f"lvlmlp: error: {folders[0]}: no evaluation of prompt 'mq' "
                                                "(prompts: oe)")

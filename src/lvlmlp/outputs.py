@@ -43,6 +43,7 @@ KINDS = {
     "demo": "an lvlmlp demo folder",
     "tiny-data": "an lvlmlp tiny-data folder",
     "tiny-model": "an lvlmlp tiny-model folder",
+    "transfer": "a transfer table folder (lvlmlp transfer)",
 }
 
 # An `lvlmlp run` folder written before the marker: its step stamps and nothing but its own entries.

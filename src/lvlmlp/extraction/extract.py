@@ -53,13 +53,22 @@ def shard_rows(rows: list[dict], shard: tuple[int, int] | None = None) -> list[d
     return rows
 
 
+def resolve_layers(backend: Backend, layers: Sequence[int] | str) -> list[int]:
+    """`Backend.resolve_layers`; a `--backend` class without it (docs/backends.md) takes a list of indices only."""
+    if hasattr(backend, "resolve_layers"):
+        return backend.resolve_layers(layers)
+    if isinstance(layers, str):
+        raise LvlmlpError(f"--layers {layers}: this backend does not say its layer count; give the indices")
+    return [int(x) for x in layers]
+
+
 def finished_run(backend: Backend, rows: list[dict], out: str | Path, **settings: Any) -> Run | None:
     """The run in `out` when it is complete and was made with these settings (`run_settings`' arguments), else None.
 
     `backend` may be a `Backend(..., load_model=False)`: a finished run is then recognised without loading the
     weights (the vocabulary size, known only from the loaded model, is not compared; the weights hash is)."""
     if isinstance(settings.get("layers"), str):  # "quartiles": resolved from the config, without the weights
-        settings = {**settings, "layers": backend.resolve_layers(settings["layers"])}
+        settings = {**settings, "layers": resolve_layers(backend, settings["layers"])}
     if not is_complete_run(out, run_settings(backend_settings(backend), rows, **settings), ignore=("vocab_size",)):
         return None
     return open_run(out)
@@ -144,7 +153,7 @@ def extract(
     `label_fn(response, row)`: for tasks whose label is whether the model answered right (MathVista), each row's
     `label` is computed from its generated response and stored with its metadata."""
     check_options(store_dtype, on_error, batch_size, max_new_tokens, label_fn, source)
-    layers = backend.resolve_layers(layers)  # "quartiles" -> this model's indices; the manifest stores those
+    layers = resolve_layers(backend, layers)  # "quartiles" -> this model's indices; the manifest stores those
     if vision:
         backend.check_vision()  # an unsupported family is said before any row is read
     rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
@@ -198,8 +207,9 @@ def extract(
 
 def run_batch(backend: Backend, rows: list[dict], batch: dict, max_new_tokens: int, n_keep: int, hidden: bool,
               layers: Sequence[int], dtype: type, vision: bool = False) -> tuple[list[dict], dict[str, np.ndarray]]:
+    asked = {"vision": True} if vision else {}  # a `--backend` class (docs/backends.md) need not know `vision`
     if max_new_tokens:
-        res = backend.generate(batch, max_new_tokens=max_new_tokens, hidden=hidden, layers=layers, vision=vision)
+        res = backend.generate(batch, max_new_tokens=max_new_tokens, hidden=hidden, layers=layers, **asked)
         # The backend returns exactly K columns, with zeros after each row's last valid token.
         logits = res["logits"][:, :n_keep].float().cpu().numpy()
         n_tokens = res["n_tokens"].cpu().numpy().astype(np.int32)
@@ -208,7 +218,7 @@ def run_batch(backend: Backend, rows: list[dict], batch: dict, max_new_tokens: i
             last_logits = res["logits"][list(range(len(rows))), last].float().cpu().numpy()
         responses = res["responses"]
     else:
-        res = backend.prefill(batch, hidden=hidden, layers=layers, vision=vision)
+        res = backend.prefill(batch, hidden=hidden, layers=layers, **asked)
         logits = res["logits"].float().cpu().numpy()[:, None, :]
         n_tokens = np.ones(len(rows), dtype=np.int32)
         responses = None

@@ -66,9 +66,7 @@ def read_study(folder: str | Path, prompt: str | None = None) -> Study:
 def transfer_table(folders: list[str | Path], out: str | Path, prompt: str | None = None, n_boot: int = 1000,
                    seed: int = 0) -> dict[str, Any]:
     """The table as JSON (`OUT/transfer.json`), with every cell's scores in `OUT/scores/`."""
-    from lvlmlp.data import write_jsonl
-    from lvlmlp.probing.features import feature_matrix, valid_rows
-    from lvlmlp.probing.metrics import auroc, bootstrap_ci
+    from lvlmlp.outputs import replaced_folder
 
     if len(folders) < 2:
         raise LvlmlpError("transfer: give two or more `lvlmlp run` folders")
@@ -84,7 +82,17 @@ def transfer_table(folders: list[str | Path], out: str | Path, prompt: str | Non
         if (m.get("model"), m.get("weights_hash")) != (first.get("model"), first.get("weights_hash")):
             raise LvlmlpError(f"transfer: {s.folder} ran model {m.get('model')!r} and {studies[0].folder} "
                               f"{first.get('model')!r} (or other weights): the transfer table needs one model")
-    out = Path(out)
+    # Built beside OUT and swapped in whole (`lvlmlp.outputs`): a failed or killed table never leaves a mixture.
+    with replaced_folder(out, "transfer") as tmp:
+        return _write_table(studies, names, tmp, n_boot, seed)
+
+
+def _write_table(studies: list[Study], names: list[str], out: Path, n_boot: int, seed: int) -> dict[str, Any]:
+    from lvlmlp.data import write_jsonl
+    from lvlmlp.probing.features import feature_matrix, valid_rows
+    from lvlmlp.probing.metrics import auroc, bootstrap_ci
+
+    first = studies[0].test_run.manifest
     (out / "scores").mkdir(parents=True, exist_ok=True)
     cells: list[list[dict[str, Any]]] = []
     for a, name_a in zip(studies, names):
