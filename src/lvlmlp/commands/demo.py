@@ -19,8 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=NONNEG, default=0, help="seed of the world and the sampling (default 0)")
     p.add_argument("--model", default=None, help="another checkpoint instead of the embedded demo model")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
-    p.add_argument("--threads", type=COUNT, default=None,
-                   help="torch threads (default: torch's own choice, the cores or $OMP_NUM_THREADS)")
+    p.add_argument("--threads", type=COUNT, default=1,
+                   help="torch CPU threads (default 1: the tiny demo model's ops are too small to gain from more; "
+                        "2 threads took twice as long on a 2-core machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
     p.set_defaults(func=run)
 
@@ -35,8 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from lvlmlp.commands._args import silence_progress_bars
     from lvlmlp.demo.pipeline import run_demo, summary_table
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     silence_progress_bars()  # transformers' weight-loading bars (one per model load); the demo shows its own bar
     results = run_demo(args.out, n_train=args.n_train, n_test=args.n_test, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, seed=args.seed, model=args.model, device=args.device,
