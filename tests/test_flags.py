@@ -139,7 +139,7 @@ def test_probe_train_hyper_parameters_take_effect(probe_dir, tmp_path):
     assert main(["probe", "train", "--run", str(probe_dir / "run"), "--out", str(tmp_path / "m"), "--probe",
                  "multinomial", "--epochs", "3", "--lr", "0.5", "--threshold", "0.3"]) == 0
     doc = json.loads((tmp_path / "m" / "probe.json").read_text())
-    assert doc["params"]["epochs"] == 3 and doc["params"]["lr"] == 0.5 and doc["threshold"] == 0.3
+    assert doc["params"]["epochs"] == 3 and doc["params"]["lr"] == 0.5 and doc["params"]["threshold"] == 0.3 and "threshold" not in doc
     assert doc["params"]["weight_decay"] == 1e-4  # not given: the probe class's own default
 
 

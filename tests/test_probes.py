@@ -158,7 +158,7 @@ def test_save_load_round_trip_is_exact_and_pickle_free(tmp_path: Path, monkeypat
     assert loaded.get_params() == probe.get_params()
     assert loaded.spec_ == spec and loaded.label_names_ == ["no", "yes"]
     doc = json.loads((tmp_path / "p" / "probe.json").read_text())
-    assert doc["feature_spec"]["token"] == 1 and doc["classes"] == [0, 1] and doc["threshold"] == 0.5
+    assert doc["feature_spec"]["token"] == 1 and doc["classes"] == [0, 1] and doc["params"]["threshold"] == 0.5
 
 
 def test_load_probe_errors_name_the_folder(tmp_path: Path):

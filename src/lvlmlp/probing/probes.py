@@ -190,8 +190,7 @@ class Probe(ClassifierMixin, BaseEstimator):
             "format_version": PROBE_FORMAT_VERSION,
             "lvlmlp_version": __version__,
             "class": type(self).__name__,
-            "params": self.get_params(),
-            "threshold": self.threshold,
+            "params": self.get_params(),  # the one threshold field is params.threshold
             "classes": self.classes_.tolist(),
             "label_names": self.label_names_,
             "n_features_in": self.n_features_in_,
@@ -233,6 +232,7 @@ def load_probe(directory: str | Path) -> Probe:
     if unknown:
         raise LvlmlpError(f"{json_path}: params.{unknown[0]} is not a parameter of {cls.__name__} "
                           f"(parameters: {', '.join(sorted(allowed))})")
+    # Probes saved before params.threshold became the one field also wrote a top-level copy: read only if it agrees.
     if "threshold" in doc and doc["threshold"] != params.get("threshold", doc["threshold"]):
         raise LvlmlpError(f"{json_path}: 'threshold' {doc['threshold']!r} and 'params.threshold' "
                           f"{params['threshold']!r} disagree (params.threshold is the one used): make them equal")
