@@ -11,7 +11,6 @@ would be too conservative, which is why both the interval and the test here are 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,18 +39,16 @@ class EvalScores:
 def read_eval(folder: str | Path, baseline: str | None = None) -> EvalScores:
     """The labelled rows of a `probe eval` folder with the probe's score, or baseline `baseline`'s column."""
     from lvlmlp.data import iter_json_lines
+    from lvlmlp.outputs import read_json
 
     path = Path(folder)
     scores_path, metrics_path = path / "scores.jsonl", path / "metrics.json"
     for needed in (scores_path, metrics_path):
         if not needed.is_file():
             raise LvlmlpError(f"{path}: not an evaluation folder (missing {needed.name}; `lvlmlp probe eval` writes it)")
-    try:
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LvlmlpError(f"{metrics_path}: not valid JSON ({err})") from None
-    if not isinstance(metrics, dict) or metrics.get("task") != "binary":
-        task = metrics.get("task") if isinstance(metrics, dict) else None
+    metrics = read_json(metrics_path)  # a damaged file: one line naming it
+    if metrics.get("task") != "binary":
+        task = metrics.get("task")
         raise LvlmlpError(f"{metrics_path}: task {task!r}; probe compare compares binary evaluations (AUROC) only")
     ids: list[str] = []
     labels: list[int] = []
