@@ -6,7 +6,9 @@ Sides, on the same tiny LLaVA and the same rows (random-noise PNGs of 48-160 px,
   handwritten  bench/peers_handwritten.py: transformers alone (chat template, left padding,
                `model(**inputs, logits_to_keep=1)`, `np.save`), batch 8
   nnsight      bench/peers_nnsight.py: nnsight's `trace` on each batch of 8 (needs --nnsight-python: a Python that
-               has nnsight; skipped with the reason printed when it has none)
+               has nnsight; skipped with the reason printed when it has none). Make it a venv of its own with
+               lvlmlp's versions of torch, torchvision and transformers: without torchvision, transformers picks
+               the PIL image processor, which is slower and rounds differently)
   paper        bench/peers_paper.py: the paper's per-sample loop, `generate(output_scores=True, max_new_tokens=20)`
                one row at a time, JSON lines
 
@@ -107,8 +109,8 @@ def argv_of(side: str, model: Path, manifest: Path, out: Path, args: argparse.Na
             "--max-new-tokens", str(args.paper_new_tokens)]
 
 
-def agreement(root: Path, n: int) -> str:
-    """Largest difference between lvlmlp's stored logits and the hand-written script's (both float16)."""
+def agreement(root: Path, n: int, sides: list[str]) -> str:
+    """Largest difference between lvlmlp's stored logits and the hand-written script's and nnsight's (float16)."""
     import numpy as np
 
     sys.path.insert(0, str(SRC))
@@ -117,8 +119,10 @@ def agreement(root: Path, n: int) -> str:
     run = open_run(root / f"lvlmlp-{n}-0")
     ours = np.asarray(run.logits(0), dtype=np.float32)
     order = np.argsort([int(i[1:]) for i in run.ids])  # ids r0, r1, ... in row order
-    theirs = np.load(root / f"handwritten-{n}-0.npy").astype(np.float32)
-    return f"max |lvlmlp - handwritten| logit = {float(np.abs(ours[order] - theirs).max()):.2e}"
+    diffs = [f"max |lvlmlp - {side}| logit = "
+             f"{float(np.abs(ours[order] - np.load(root / f'{side}-{n}-0.npy').astype(np.float32)).max()):.2e}"
+             for side in ("handwritten", "nnsight") if side in sides]
+    return "; ".join(diffs)
 
 
 def main() -> None:
@@ -165,7 +169,7 @@ def main() -> None:
                     out = root / f"{side}-{n}-{i}"
                     runs[side].append(timed_run(argv_of(side, model, manifest, out, args), env))
                     print(f"  {n} rows, round {i}, {side}: {runs[side][-1]}", flush=True)
-            note = agreement(root, n) if {"lvlmlp", "handwritten"} <= set(sides) else ""
+            note = agreement(root, n, sides) if "lvlmlp" in sides else ""
             summary = {}
             for side, rs in runs.items():
                 wall = statistics.median(r["wall_s"] for r in rs)
