@@ -17,10 +17,12 @@ always follows the same one), and medians are compared. The paper's side is 30-5
 the first round only (`--paper-repeat`). Reported per side: wall time, rows/s, peak RSS of the process (`wait4`:
 the largest of the process and its children) and the peak summed PSS of the whole process tree (sampled every
 0.2 s from /proc; lvlmlp's data-loader worker counted, its pages shared with the main process counted once), and
-the load average (1 min) when each run started: the machine is shared, so every figure moves with it.
+the load average (1 min) when each run started: the machine is shared, so every figure moves with it. The peers
+run on `--peer-threads` torch threads (default 1), lvlmlp as its defaults say (its model on the cores its data-loader
+worker leaves: one on 2 cores).
 
     python bench/peers.py [--rows 200 2000] [--large] [--repeat 3] [--nnsight-python /tmp/nnsight-venv/bin/python]
-                          [--sides lvlmlp handwritten nnsight paper] [--json OUT.json]
+                          [--sides lvlmlp handwritten nnsight paper] [--peer-threads 1] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -100,13 +102,15 @@ def argv_of(side: str, model: Path, manifest: Path, out: Path, args: argparse.Na
         return [sys.executable, "-m", "lvlmlp.cli", "extract", "--model", str(model), "--data", str(manifest),
                 "--out", str(out), "--no-progress", "--batch-size", str(args.batch_size)]
     if side == "handwritten":
-        return [sys.executable, str(BENCH / "peers_handwritten.py"), str(model), str(manifest), f"{out}.npy",
-                "--batch-size", str(args.batch_size)]
-    if side == "nnsight":
-        return [args.nnsight_python, str(BENCH / "peers_nnsight.py"), str(model), str(manifest), f"{out}.npy",
-                "--batch-size", str(args.batch_size)]
-    return [sys.executable, str(BENCH / "peers_paper.py"), str(model), str(manifest), f"{out}.jsonl",
-            "--max-new-tokens", str(args.paper_new_tokens)]
+        script = [sys.executable, str(BENCH / "peers_handwritten.py"), str(model), str(manifest), f"{out}.npy",
+                  "--batch-size", str(args.batch_size)]
+    elif side == "nnsight":
+        script = [args.nnsight_python, str(BENCH / "peers_nnsight.py"), str(model), str(manifest), f"{out}.npy",
+                  "--batch-size", str(args.batch_size)]
+    else:
+        script = [sys.executable, str(BENCH / "peers_paper.py"), str(model), str(manifest), f"{out}.jsonl",
+                  "--max-new-tokens", str(args.paper_new_tokens)]
+    return script + (["--threads", str(args.peer_threads)] if args.peer_threads else [])
 
 
 def agreement(root: Path, n: int, sides: list[str]) -> str:
@@ -134,6 +138,10 @@ def main() -> None:
     ap.add_argument("--paper-new-tokens", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    ap.add_argument("--peer-threads", type=int, default=1,
+                    help="torch threads of the peers (default 1: on this 2-core machine torch's default of one per "
+                    "core made them up to 10x slower on the tiny model; lvlmlp runs its model on the cores its data "
+                    "loader leaves, one here; 0: torch's default)")
     ap.add_argument("--nnsight-python", default=None, help="a Python with nnsight installed (its own venv)")
     ap.add_argument("--json", default=None, help="also write every measurement here")
     args = ap.parse_args()

@@ -4,7 +4,7 @@ What a careful user writes without lvlmlp: load the model and processor, render 
 template, left-pad batches, one forward with `logits_to_keep=1` (positions counted over real tokens, as `generate`
 does, so a padded row gets its unpadded logits), and `np.save` the first token's logits at the end.
 
-    python bench/peers_handwritten.py MODEL_DIR MANIFEST.jsonl OUT.npy [--batch-size 8]
+    python bench/peers_handwritten.py MODEL_DIR MANIFEST.jsonl OUT.npy [--batch-size 8] [--threads N]
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ def main() -> None:
     ap.add_argument("manifest")
     ap.add_argument("out")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with open(args.manifest) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     np.save(args.out, first_token_logits(args.model, rows, args.batch_size).astype(np.float16))

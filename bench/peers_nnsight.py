@@ -2,7 +2,7 @@
 left-padded batch of the processor run through one `trace`, the last position's logits saved, `np.save` at the end.
 Runs in a Python environment that has nnsight (not lvlmlp's: see bench/peers.py --nnsight-python).
 
-    python bench/peers_nnsight.py MODEL_DIR MANIFEST.jsonl OUT.npy [--batch-size 8]
+    python bench/peers_nnsight.py MODEL_DIR MANIFEST.jsonl OUT.npy [--batch-size 8] [--threads N]
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ def main() -> None:
     ap.add_argument("manifest")
     ap.add_argument("out")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = NNsight(AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval())
     processor = AutoProcessor.from_pretrained(args.model)
     processor.tokenizer.padding_side = "left"

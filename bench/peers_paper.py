@@ -2,7 +2,7 @@
 `generate(output_scores=True, max_new_tokens=...)`, the first step's scores written as a JSON line per row.
 A peer of `bench/peers.py` (the same loop as (a) of `bench/extract_throughput.py`, in a process of its own).
 
-    python bench/peers_paper.py MODEL_DIR MANIFEST.jsonl OUT.jsonl [--max-new-tokens 20]
+    python bench/peers_paper.py MODEL_DIR MANIFEST.jsonl OUT.jsonl [--max-new-tokens 20] [--threads N]
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ def main() -> None:
     ap.add_argument("manifest")
     ap.add_argument("out")
     ap.add_argument("--max-new-tokens", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     with open(args.manifest) as f:
