@@ -9,6 +9,7 @@ Sides, on the same tiny LLaVA and the same rows (random-noise PNGs of 48-160 px,
                has nnsight; skipped with the reason printed when it has none). Make it a venv of its own with
                lvlmlp's versions of torch, torchvision and transformers: without torchvision, transformers picks
                the PIL image processor, which is slower and rounds differently)
+  lvlmlp-w0    (only when named in --sides) the same with `--workers 0`: no data-loader process
   paper        bench/peers_paper.py: the paper's per-sample loop, `generate(output_scores=True, max_new_tokens=20)`
                one row at a time, JSON lines
 
@@ -41,7 +42,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 SRC = BENCH.parent / "src"
-SIDES = ("lvlmlp", "handwritten", "nnsight", "paper")
+SIDES = ("lvlmlp", "handwritten", "nnsight", "paper", "lvlmlp-w0")
 
 
 def tree_pss_kb(pid: int) -> int:
@@ -98,9 +99,10 @@ def has_nnsight(python: str | None) -> str | None:
 
 
 def argv_of(side: str, model: Path, manifest: Path, out: Path, args: argparse.Namespace) -> list[str]:
-    if side == "lvlmlp":
+    if side.startswith("lvlmlp"):
         return [sys.executable, "-m", "lvlmlp.cli", "extract", "--model", str(model), "--data", str(manifest),
-                "--out", str(out), "--no-progress", "--batch-size", str(args.batch_size)]
+                "--out", str(out), "--no-progress", "--batch-size", str(args.batch_size),
+                *(["--workers", "0"] if side == "lvlmlp-w0" else [])]
     if side == "handwritten":
         script = [sys.executable, str(BENCH / "peers_handwritten.py"), str(model), str(manifest), f"{out}.npy",
                   "--batch-size", str(args.batch_size)]
@@ -137,7 +139,8 @@ def main() -> None:
     ap.add_argument("--paper-repeat", type=int, default=1, help="rounds in which the (slow) paper side runs")
     ap.add_argument("--paper-new-tokens", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    ap.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES[:4]),
+                    help="lvlmlp-w0: lvlmlp extract --workers 0 (batches prepared in its own process; not by default)")
     ap.add_argument("--peer-threads", type=int, default=1,
                     help="torch threads of the peers (default 1: on this 2-core machine torch's default of one per "
                     "core made them up to 10x slower on the tiny model; lvlmlp runs its model on the cores its data "
