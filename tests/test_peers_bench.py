@@ -40,7 +40,7 @@ def test_handwritten_peer_equals_lvlmlp(tiny_ckpt, tmp_path):
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
 
 
-def test_first_batch_phases_are_recorded(tiny_ckpt, tmp_path, monkeypatch):
+def test_first_batch_phases_are_recorded(tiny_ckpt, tmp_path):
     """bench/first_batch.py runs the command unchanged and records when each start-up phase ended, in order."""
     import subprocess
     import sys
