@@ -94,7 +94,8 @@ def has_nnsight(python: str | None) -> str | None:
     except OSError as err:
         return f"{python}: {err.strerror or err}"
     if res.returncode:
-        return f"{python} cannot import nnsight ({res.stderr.decode().strip().splitlines()[-1]})"
+        last = (res.stderr.decode().strip().splitlines() or [f"exit code {res.returncode}"])[-1]
+        return f"{python} cannot import nnsight ({last})"
     return None
 
 
