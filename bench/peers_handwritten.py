@@ -1,0 +1,57 @@
+"""A competent hand-written first-token extractor with plain transformers: the peer `bench/peers.py` times.
+
+What a careful user writes without lvlmlp: load the model and processor, render each row's prompt with the chat
+template, left-pad batches, one forward with `logits_to_keep=1` (positions counted over real tokens, as `generate`
+does, so a padded row gets its unpadded logits), and `np.save` the first token's logits at the end.
+
+    python bench/peers_handwritten.py MODEL_DIR MANIFEST.jsonl OUT.npy [--batch-size 8] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+
+def first_token_logits(model_dir: str, rows: list[dict], batch_size: int = 8) -> np.ndarray:
+    """(N, V) float32 logits of the first generated token of each row (`id`, `image`, `question`)."""
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s : s + batch_size]
+            texts = [processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}],
+                add_generation_prompt=True, tokenize=False) for r in chunk]
+            images = [[Image.open(r["image"]).convert("RGB")] for r in chunk]
+            inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
+            positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            logits = model(**inputs, position_ids=positions, logits_to_keep=1).logits[:, -1]
+            out.append(logits.float().numpy())
+    return np.concatenate(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("manifest")
+    ap.add_argument("out")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with open(args.manifest) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    np.save(args.out, first_token_logits(args.model, rows, args.batch_size).astype(np.float16))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""First-token logits with nnsight, a peer of `bench/peers.py`: the model wrapped in `nnsight.NNsight`, each
+left-padded batch of the processor run through one `trace`, the last position's logits saved, `np.save` at the end.
+Runs in a Python environment that has nnsight (not lvlmlp's: see bench/peers.py --nnsight-python).
+
+    python bench/peers_nnsight.py MODEL_DIR MANIFEST.jsonl OUT.npy [--batch-size 8] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+from nnsight import NNsight
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("manifest")
+    ap.add_argument("out")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = NNsight(AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval())
+    processor = AutoProcessor.from_pretrained(args.model)
+    processor.tokenizer.padding_side = "left"
+    with open(args.manifest) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(rows), args.batch_size):
+            chunk = rows[s : s + args.batch_size]
+            texts = [processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}],
+                add_generation_prompt=True, tokenize=False) for r in chunk]
+            images = [[Image.open(r["image"]).convert("RGB")] for r in chunk]
+            inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
+            positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            with model.trace(**inputs, position_ids=positions, logits_to_keep=1):
+                logits = model.output.logits[:, -1].save()
+            out.append(logits.float().numpy())
+    np.save(args.out, np.concatenate(out).astype(np.float16))
+
+
+if __name__ == "__main__":
+    main()
