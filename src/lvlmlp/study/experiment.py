@@ -19,7 +19,6 @@ Command-line flags override the file: `--model`, `--out`, `--device`, `--limit`,
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.extraction.options import ExtractOptions, ExtractOptionsError
 from lvlmlp.study import config
 from lvlmlp.study.config import ExperimentConfig, load_config, parse_set  # noqa: F401 - the command's entry points
 from lvlmlp.study.report import POOLED, Section, fold_headline, write_report
@@ -182,6 +182,7 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
     prompts, splits = prompts_of(cfg), split_names(cfg)
     rows = {s: shard_rows(task_rows(cfg, s)) for s in splits}
     ext = cfg["extract"]
+    options = extract_options(cfg)
     runs: dict[tuple[str, str], Any] = {}
     if cfg.judge is not None:  # a missing key or a wrong endpoint is said now, not after the extraction
         from lvlmlp.judging.judge import preflight
@@ -199,18 +200,18 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
             step = f"extract-{name}-{split}"
             if not (steps.done(step, key) and (folder / "manifest.json").is_file()):
                 log.info("run: extracting %s (%d rows)", folder, len(rows[split]))
-                if cfg["ray"]:  # the model loads in the Ray replicas, not in this process
-                    from lvlmlp.extraction.ray_extract import ray_extract_for_run
+                run_options = dict(source=f"task {cfg['task']} split {split}", progress=progress,
+                                   label_fn=_label_fn(cfg))
+                try:
+                    if cfg["ray"]:  # the model loads in the Ray replicas, not in this process
+                        from lvlmlp.extraction.ray_extract import ray_extract, ray_options
 
-                    run_extract = functools.partial(ray_extract_for_run, cfg, template)
-                else:
-                    run_extract = functools.partial(extract, lazy.get(template))
-                run_extract(rows[split], folder, batch_size=cfg["batch_size"],
-                            max_new_tokens=ext["max_new_tokens"], logits_tokens=ext["logits_tokens"],
-                            hidden=bool(ext["hidden"]),
-                            layers=_layers(ext["layers"]), store_dtype=ext["store_dtype"],
-                            on_error=ext["on_error"], source=f"task {cfg['task']} split {split}", progress=progress,
-                            label_fn=_label_fn(cfg), **({"vision": True} if ext["vision"] else {}))
+                        ray_extract(_ray_model(cfg, template), rows[split], folder, options,
+                                    ray=ray_options(cfg["ray"]), **run_options)
+                    else:
+                        extract(lazy.get(template), rows[split], folder, options, **run_options)
+                except ExtractOptionsError as err:  # said by the config's keys
+                    raise LvlmlpError(err.named(_CONFIG_NAMES)) from None
                 steps.mark(step, key)
             runs[(name, split)] = open_run(folder)
     if cfg.judge is not None:
@@ -219,9 +220,28 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
     return _analyses(cfg, out, steps, prompts, splits, runs, clip_runs, rows, lazy, progress)
 
 
-def _layers(spec: Any) -> list[int] | str:
-    """`extract.layers`: a list of indices, or "quartiles" (resolved by the extractor from the model's layer count)."""
-    return spec if isinstance(spec, str) else [int(x) for x in spec or []]
+def extract_options(cfg: ExperimentConfig) -> ExtractOptions:
+    """The config's extraction options (its `batch_size` and `extract:` section); a bad one is said by its key."""
+    from lvlmlp.extraction.options import ExtractOptions, layers_of
+
+    ext = cfg.extract
+    try:
+        return ExtractOptions(batch_size=cfg.batch_size, max_new_tokens=ext.max_new_tokens,
+                              logits_tokens=ext.logits_tokens, hidden=bool(ext.hidden), layers=layers_of(ext.layers),
+                              vision=bool(ext.vision), store_dtype=ext.store_dtype, on_error=ext.on_error)
+    except ExtractOptionsError as err:
+        raise LvlmlpError(err.named(_CONFIG_NAMES)) from None
+
+
+# The config key of each extraction option, for its messages.
+_CONFIG_NAMES = {**{f: f"extract.{f}" for f in ("max_new_tokens", "logits_tokens", "hidden", "layers", "vision",
+                                                "store_dtype", "on_error")}, "batch_size": "batch_size"}
+
+
+def _ray_model(cfg: ExperimentConfig, template: str | None) -> dict:
+    """The `Backend` arguments of each Ray replica: `lvlmlp run` with `ray:` in its config, prompt `template`."""
+    return {"model": cfg["model"], "device": cfg["device"], "dtype": cfg["dtype"], "prompt_template": template,
+            "raw_prompt": bool(cfg["raw_prompt"]), "system_prompt": cfg["system_prompt"]}
 
 
 def _judge_step(cfg: ExperimentConfig, prompts: list[tuple[str, str | None]], test_split: str, runs: dict,
