@@ -11,6 +11,7 @@ from lvlmlp.commands._args import (
     add_backend_argument,
     add_model_arguments,
     add_task_arguments,
+    backend_spec,
     input_flags,
     protocol_backend,
     rows_from_args,
@@ -146,26 +147,23 @@ def run(args: argparse.Namespace) -> int:
                        label_fn=label_fn, selection=chosen)
         print(f"{run_.path}: {len(run_)} rows, logits {run_.n_logit_tokens} x {run_.manifest['vocab_size']}")
         return 0
-    from lvlmlp.extraction.backend import Backend
-
-    backend_args = dict(device=args.device, dtype=args.dtype, prompt_template=template, raw_prompt=args.raw_prompt,
-                        system_prompt=args.system_prompt, trust_remote_code=args.trust_remote_code)
+    spec = backend_spec(args, template)
     run_ = None
     if args.ray is not None:  # the model loads in the Ray replicas, not here; a finished run is recognised there
         from lvlmlp.extraction.ray_extract import ray_extract, ray_options
 
-        run_ = ray_extract({"model": args.model, **backend_args}, rows, args.out, options,
+        run_ = ray_extract(spec, rows, args.out, options,
                            ray=ray_options(args.ray, args.ray_replicas, args.ray_timeout), source=source,
                            progress=not args.no_progress, label_fn=label_fn, selection=chosen)
     elif (Path(args.out) / "manifest.json").is_file():
         # A finished run is recognised from the config, processor and weights hash, without loading the weights.
-        light = Backend(args.model, load_model=False, **backend_args)
+        light = spec.build(load_model=False)
         run_ = finished_run(light, rows, args.out, options, labels_from_responses=label_fn is not None,
                             selection=chosen)
         if run_ is not None:
             log.info("%s: finished already with these settings; nothing to do", run_.path)
     if run_ is None:  # not finished: load the model and extract (resuming what is committed)
-        backend = Backend(args.model, **backend_args)
+        backend = spec.build()
         run_ = extract(backend, rows, args.out, options, source=source, progress=not args.no_progress,
                        label_fn=label_fn, selection=chosen)
     print(f"{run_.path}: {len(run_)} rows, logits {run_.n_logit_tokens} x {run_.manifest['vocab_size']}")

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.extract import batches_of, numbered_rows, run_settings
 from lvlmlp.extraction.options import ExtractOptions
+from lvlmlp.extraction.spec import BackendSpec
 from lvlmlp.extraction.store import Run, RunWriter, identity
 
 log = logging.getLogger("lvlmlp")
@@ -194,18 +195,17 @@ def _plan(ray: Any, opts: RayOptions, device: str, n_batches: int) -> tuple[int,
 class _Replica:
     """One model replica in a Ray actor: loads the backend once, then extracts one batch per call."""
 
-    def __init__(self, model: dict, options: ExtractOptions, threads: int, progress: bool, fail_once: str | None) -> None:
+    def __init__(self, model: BackendSpec, options: ExtractOptions, threads: int, progress: bool, fail_once: str | None) -> None:
         import torch
         from transformers.utils import logging as hf_logging
 
-        from lvlmlp.extraction.backend import Backend
         from lvlmlp.extraction.extract import backend_settings
 
         torch.set_num_threads(threads)
         if not progress:  # --no-progress: no weight-loading bars from the replicas either
             hf_logging.disable_progress_bar()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the replicas are the parallelism
-        self.backend = Backend(**model)
+        self.backend = model.build()
         self.model_json = json.dumps(backend_settings(self.backend))
         self.options = options
         self.fail_once = fail_once
@@ -244,7 +244,7 @@ class _Replica:
 
 
 def ray_extract(
-    model: dict,
+    model: BackendSpec | Mapping[str, Any],
     rows: list[dict],
     out: str | Path,
     options: ExtractOptions | None = None,
@@ -256,22 +256,20 @@ def ray_extract(
     selection: dict | None = None,
     **changes: Any,
 ) -> Run:
-    """`extract` on Ray (see the module docstring). `model`: the `Backend` arguments (model, device, dtype,
-    prompt_template, raw_prompt); each replica loads its own copy. `ray`: see `ray_options`. The other arguments
+    """`extract` on Ray (see the module docstring). `model`: the backend's spec (or a mapping of its fields); each
+    replica loads its own copy. `ray`: see `ray_options`. The other arguments
     and the run folder are those of `lvlmlp.extraction.extract.extract` (`options.workers` is not used: each replica
     prepares its own batches); the manifest adds `engine: ray` and `replicas`."""
     opts = ray_options(ray)
+    spec = BackendSpec.of(model)  # a template without {question} is refused here
     _import_ray()  # missing: say so before any work
     options = ExtractOptions.of(options, **changes)
     if isinstance(options.layers, str):  # "quartiles": resolved here from the checkpoint's config (the replicas get indices)
         from lvlmlp.extraction.backend import _load_config, num_layers_of, resolve_layer_spec
 
-        layers = resolve_layer_spec(options.layers, num_layers_of(_load_config(str(model["model"]))))
+        layers = resolve_layer_spec(options.layers, num_layers_of(_load_config(spec.model)))
         options = ExtractOptions.of(options, layers=layers)
     options.check_labels(label_fn is not None, source)
-    template = model.get("prompt_template")
-    if template is not None and "{question}" not in template:
-        raise LvlmlpError(f"--prompt-template: {template!r} has no {{question}} placeholder")
     rows = numbered_rows(rows, source, options.on_error)
     ids = [r["id"] for r in rows]  # closing checks that each is committed exactly once, in order
     manifest = {"labels_from_responses": label_fn is not None, "selection": selection}
@@ -280,7 +278,7 @@ def ray_extract(
     if (out / "manifest.json").is_file():
         # The settings known without the model are checked now; the model's own when the first batch is back.
         old = json.loads((out / "manifest.json").read_text())
-        known = run_settings({"model": str(model["model"])}, rows, options, **manifest)
+        known = run_settings({"model": spec.model}, rows, options, **manifest)
         previous = RunWriter(out, {**old, **known}, shard_size=options.shard_size)
     pending = [r for r in rows if previous is None or r["id"] not in previous.done_ids]
     if previous is not None and not pending:  # finished, or every row committed and only the consolidation left
@@ -294,11 +292,11 @@ def ray_extract(
     writer: RunWriter | None = None
     try:
         with ray_session(opts.address, opts.connect_timeout) as ray_mod, _data_context(ray_mod):
-            device = str(model.get("device") or "auto")
+            device = str(spec.device or "auto")
             n, cpus, gpus = _plan(ray_mod, opts, device, len(chunks))
-            replica_model = {**model, "device": "cuda" if gpus else "cpu"}  # Ray gives each replica its GPU(s)
+            replica_model = spec.replace(device="cuda" if gpus else "cpu")  # Ray gives each replica its GPU(s)
             log.info("extract: %s -> %s on Ray: %d rows, %d to do, %d replica(s) x (%g CPU, %g GPU), batch %d",
-                     model["model"], out, len(rows), len(pending), n, cpus, gpus, batch_size)
+                     spec.model, out, len(rows), len(pending), n, cpus, gpus, batch_size)
             # absolute image paths: a replica's working directory is not ours (on a cluster, paths must be the same
             # on every node: a shared filesystem)
             items = [{"batch": i, "rows": json.dumps([{**r, "image": os.path.abspath(r["image"])} for r in c],
@@ -320,7 +318,7 @@ def ray_extract(
                     settings = {**run_settings(first, rows, options, **manifest), "engine": "ray", "replicas": n}
                     writer = RunWriter(out, settings, shard_size=shard_size)  # the full identity check
                 elif identity(json.loads(result["model"])) != identity(first):
-                    raise LvlmlpError(f"--ray: the replicas loaded different models from {model['model']} "
+                    raise LvlmlpError(f"--ray: the replicas loaded different models from {spec.model} "
                                       "(different files on different nodes?)")
                 chunk = chunks[result["batch"]]
                 _commit(writer, result, chunk, on_error, source, label_fn)

@@ -30,6 +30,7 @@ import numpy as np
 
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.options import ExtractOptions, ExtractOptionsError
+from lvlmlp.extraction.spec import BackendSpec
 from lvlmlp.study import config
 from lvlmlp.study.config import ExperimentConfig, load_config, parse_set  # noqa: F401 - the command's entry points
 from lvlmlp.study.report import POOLED, Section, fold_headline, write_report
@@ -111,24 +112,25 @@ class LazyBackend:
     may serve several configs of the same model (`run_experiment(..., backend=)`: the demo's six analogues)."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
-        self.cfg, self.backend = cfg, None
+        self.spec, self.backend = backend_spec(cfg), None
 
     def serves(self, cfg: ExperimentConfig) -> bool:
-        keys = ("model", "device", "dtype", "raw_prompt", "system_prompt")
-        return all(self.cfg[k] == cfg[k] for k in keys)
+        return self.spec.loads_as(backend_spec(cfg))
 
     def get(self, template: str | None) -> Any:
-        if self.backend is None:
-            from lvlmlp.extraction import backend as backend_module
-
-            self.backend = backend_module.Backend(self.cfg["model"], device=self.cfg["device"],
-                                                  dtype=self.cfg["dtype"], raw_prompt=bool(self.cfg["raw_prompt"]),
-                                                  system_prompt=self.cfg["system_prompt"])
+        """The loaded model under prompt `template` (a backend of its own sharing the model: no other prompt's
+        backend changes)."""
         if template is not None and "{question}" not in template:
             raise LvlmlpError(f"prompt {template!r} has no {{question}} placeholder")
-        # The template is read at each prompt() call, so one loaded model serves every prompt of the config.
-        self.backend.prompt_template = template
-        return self.backend
+        if self.backend is None:
+            self.backend = self.spec.build()
+        return self.backend.with_prompt_template(template)
+
+
+def backend_spec(cfg: ExperimentConfig, template: str | None = None) -> BackendSpec:
+    """The config's model (`model`, `device`, `dtype`, `raw_prompt`, `system_prompt`) under prompt `template`."""
+    return BackendSpec(cfg.model, device=cfg.device, dtype=cfg.dtype, prompt_template=template,
+                       raw_prompt=bool(cfg.raw_prompt), system_prompt=cfg.system_prompt)
 
 
 # ------------------------------------------------------------------------------------------------ the experiment
@@ -206,7 +208,7 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
                     if cfg["ray"]:  # the model loads in the Ray replicas, not in this process
                         from lvlmlp.extraction.ray_extract import ray_extract, ray_options
 
-                        ray_extract(_ray_model(cfg, template), rows[split], folder, options,
+                        ray_extract(backend_spec(cfg, template), rows[split], folder, options,
                                     ray=ray_options(cfg["ray"]), **run_options)
                     else:
                         extract(lazy.get(template), rows[split], folder, options, **run_options)
@@ -236,12 +238,6 @@ def extract_options(cfg: ExperimentConfig) -> ExtractOptions:
 # The config key of each extraction option, for its messages.
 _CONFIG_NAMES = {**{f: f"extract.{f}" for f in ("max_new_tokens", "logits_tokens", "hidden", "layers", "vision",
                                                 "store_dtype", "on_error")}, "batch_size": "batch_size"}
-
-
-def _ray_model(cfg: ExperimentConfig, template: str | None) -> dict:
-    """The `Backend` arguments of each Ray replica: `lvlmlp run` with `ray:` in its config, prompt `template`."""
-    return {"model": cfg["model"], "device": cfg["device"], "dtype": cfg["dtype"], "prompt_template": template,
-            "raw_prompt": bool(cfg["raw_prompt"]), "system_prompt": cfg["system_prompt"]}
 
 
 def _judge_step(cfg: ExperimentConfig, prompts: list[tuple[str, str | None]], test_split: str, runs: dict,
