@@ -32,53 +32,17 @@ from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.options import ExtractOptions, ExtractOptionsError
 from lvlmlp.extraction.spec import BackendSpec
 from lvlmlp.study import config
-from lvlmlp.study.config import ExperimentConfig, load_config, parse_set  # noqa: F401 - the command's entry points
+from lvlmlp.study.config import (  # noqa: F401 - the command's entry points
+    ExperimentConfig,
+    load_config,
+    parse_set,
+    prompt_style,
+    prompts_of,
+    split_names,
+)
 from lvlmlp.study.report import POOLED, Section, fold_headline, write_report
 
 log = logging.getLogger("lvlmlp")
-
-# ------------------------------------------------------------------------------------------------ configuration
-def prompts_of(cfg: ExperimentConfig) -> list[tuple[str, str | None]]:
-    """(name, template) of every prompt: a style name of the task, a template with {question}, or None."""
-    from lvlmlp.tasks import prompt_template
-
-    spec = cfg["prompt"]
-    items = spec if isinstance(spec, list) else [spec]
-    out: list[tuple[str, str | None]] = []
-    for i, item in enumerate(items):
-        if item is None:  # the task's default style (mathvista: oeh, as the original's scripts ran it)
-            default = prompt_template(cfg["task"])
-            out.append(("default", None if default == "{question}" else default))
-        elif not isinstance(item, str):
-            raise LvlmlpError(f"config: prompt entries must be strings, got {item!r}")
-        elif "{question}" in item:
-            out.append((f"template{i + 1}" if len(items) > 1 else "template", item))
-        else:
-            out.append((item, prompt_template(cfg["task"], item)))
-    names = [n for n, _ in out]
-    if len(set(names)) != len(names):
-        raise LvlmlpError(f"config: prompt lists the same style twice ({', '.join(names)})")
-    return out
-
-
-def prompt_style(cfg: ExperimentConfig, name: str) -> str | None:
-    """The task's prompt style of a prompt named by `prompts_of` ("default": the task's default style); None for
-    a template of one's own."""
-    from lvlmlp.tasks import get_task, prompt_styles
-
-    if name == "default":
-        return get_task(cfg["task"]).default_prompt_style
-    return name if name in prompt_styles(cfg["task"]) else None
-
-
-def split_names(cfg: ExperimentConfig) -> list[str]:
-    s = cfg.splits
-    if s.cv is not None:
-        from lvlmlp.tasks import get_task
-
-        return [str(s.get("split") or get_task(cfg["task"]).default_split)]
-    return [s.train, s.test] if s.train != s.test else [s.train]
-
 
 # ------------------------------------------------------------------------------------------------ resumable steps
 def _key(settings: Any) -> str:
@@ -427,7 +391,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
         label_runs = (runs[(prompts[0][0], splits[0])], runs[(prompts[0][0], splits[-1])]) if _label_fn(cfg) else None
         sections.append(_clip_evals(cfg, out, steps, clip_runs, splits, main[prompts[0][0]], eval_dirs, results,
                                     report_dir, stamp, label_runs))
-    if cfg["finetune"] is not None:
+    if cfg.finetune is not None:
         sections.append(_finetune_section(cfg, out, steps, finetune_prompt(cfg, prompts), splits, rows, runs,
                                           report_dir, results))
     return write_report(eval_dirs, report_dir, sections, results, task=cfg.task)
@@ -518,31 +482,6 @@ def steering_section(name: str, s: dict[str, Any]) -> Any:
                    STEERING_HEADER, [steering_row(name, s)])
 
 
-def finetune_options(cfg: ExperimentConfig) -> tuple[Any, dict[str, Any]]:
-    """The `finetune:` section as (`lvlmlp.study.finetune.Settings`, comparison options), checked (also at load time)."""
-    from dataclasses import fields
-
-    from lvlmlp.study.finetune import Settings
-
-    spec = dict(cfg["finetune"] or {})
-    extra = {"answers": None, "max_new_tokens": 3, "every_epoch": True}
-    known = [f.name for f in fields(Settings)] + list(extra)
-    unknown = sorted(set(spec) - set(known))
-    if unknown:
-        raise LvlmlpError(f"config: unknown key finetune.{unknown[0]!r} (keys: {', '.join(known)})")
-    if cfg.splits.cv is not None or _label_fn(cfg):
-        raise LvlmlpError("config: finetune needs splits {train, test} and labels that do not come from answers")
-    opts = {**extra, **{k: spec.pop(k) for k in list(spec) if k in extra}}
-    spec.setdefault("seed", cfg["seed"])
-    targets = spec.get("target_modules")
-    if isinstance(targets, str | list):  # "q_proj,v_proj" or [q_proj, v_proj]
-        spec["target_modules"] = tuple(t.strip() for t in (targets.split(",") if isinstance(targets, str)
-                                                           else map(str, targets)) if t.strip())
-    settings = Settings(**spec)
-    settings.check()
-    return settings, opts
-
-
 def finetune_prompt(cfg: ExperimentConfig, prompts: list[tuple[str, str | None]]) -> tuple[str, str | None]:
     """The prompt the `finetune:` section trains and evaluates under: the style the paper evaluated its finetuned
     model with for the task (`finetune.paper_style`: `mq` for VizWiz, MM-SafetyBench, MAD; `oe` for POPE) when the
@@ -562,7 +501,7 @@ def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tu
     from lvlmlp.study import analyses as an
     from lvlmlp.study import finetune as ft
 
-    settings, opts = finetune_options(cfg)
+    settings, opts = cfg.finetune.settings(cfg.seed), cfg.finetune.comparison()
     name, template = prompt
     # "default": the task's default style; a custom template ("template") has no answer words
     answers = parse_answers(opts["answers"]) or ft.default_answers(cfg["task"], None if name == "default" else name)
