@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from lvlmlp.defaults import BATCH_SIZE
 from lvlmlp.errors import LvlmlpError
 
 NAME = "p-true"
@@ -29,7 +30,7 @@ def self_eval_question(question: str, response: str) -> str:
     return SELF_EVAL.format(query=question, response=response)
 
 
-def p_true_scores(backend: Any, rows: Sequence[dict], responses: Mapping[str, str | None], batch_size: int = 8
+def p_true_scores(backend: Any, rows: Sequence[dict], responses: Mapping[str, str | None], batch_size: int = BATCH_SIZE
                   ) -> np.ndarray:
     """P("Yes") of the self-evaluation pass for each row (`responses`: row id -> the model's answer). The backend's
     prompt style is set aside for the pass and restored after it."""

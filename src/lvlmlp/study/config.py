@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from lvlmlp.defaults import BATCH_SIZE, N_BOOT
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.ranges import NONNEG_FLOAT, POSITIVE, PROBABILITY, Range
 from lvlmlp.study.finetune import DEFAULT_TARGETS, Settings
@@ -217,13 +218,13 @@ class ExperimentConfig(Section):
     limit: int | None = field(default=None, metadata=_min(1))  # seeded random N rows per split
     per_class: int | None = field(default=None, metadata=_min(1))
     seed: int = field(default=0, metadata=_min(0))
-    batch_size: int = field(default=8, metadata=_min(1))  # rows per forward; may change the last float digits
+    batch_size: int = field(default=BATCH_SIZE, metadata=_min(1))  # rows per forward; may change the last float digits
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     baselines: list[str] = field(default_factory=list)
     clip: ClipConfig | None = None
     analyses: AnalysesConfig = field(default_factory=AnalysesConfig)
-    n_boot: int = field(default=1000, metadata=_min(0))  # bootstrap resamples for the intervals (0: none)
+    n_boot: int = field(default=N_BOOT, metadata=_min(0))  # bootstrap resamples for the intervals (0: none)
     out: str | None = None  # required
     # extract on Ray (README, "Scaling out"): true (a local instance), auto or an address (join), or a mapping
     ray: RayConfig | bool | str | None = None
@@ -231,6 +232,15 @@ class ExperimentConfig(Section):
     finetune: FinetuneConfig | None = None  # finetuning vs probing (docs/finetune.md)
     judge: JudgeConfig | None = None  # an LLM judge of the test runs' responses (docs/judge.md)
     signals: SignalsConfig | None = None  # Which signal? (docs/signals.md)
+
+    def resolved_task(self) -> Any:
+        """The task named by `task` (`lvlmlp.tasks.get_task`), looked up once: every step of a run asks here."""
+        cached = self.__dict__.get("_task")
+        if cached is None or cached[0] != self.task:  # (name, task): a config whose task was changed looks again
+            from lvlmlp.tasks import get_task
+
+            cached = self.__dict__["_task"] = (self.task, get_task(self.task))
+        return cached[1]
 
 
 REQUIRED = ("model", "data_root", "out")
@@ -410,13 +420,12 @@ def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
 def validate(cfg: ExperimentConfig) -> None:
     """Checks that need the registries (tasks, prompt styles, probes, baselines): before any model work."""
     from lvlmlp.probing.baselines import PAPER_ANSWER, check_baseline_name, check_paper_rule
-    from lvlmlp.tasks import get_task
 
     for key in REQUIRED:
         if not cfg[key]:
             raise LvlmlpError(f"config: {key!r} is required (in the file, or --{key.replace('_', '-')} / --set)")
     try:
-        get_task(cfg.task)
+        cfg.resolved_task()
     except LvlmlpError as err:
         raise LvlmlpError(f"config: task: {err}") from None
     if cfg.extract.vision and cfg.ray:
@@ -459,7 +468,7 @@ def validate(cfg: ExperimentConfig) -> None:
             raise LvlmlpError("config: signals: p-true asks the model about its own answer: set "
                               "extract.max_new_tokens >= 1")
     if cfg.finetune is not None:
-        if cfg.splits.cv is not None or get_task(cfg.task).label_fn:
+        if cfg.splits.cv is not None or cfg.resolved_task().label_fn:
             raise LvlmlpError("config: finetune needs splits {train, test} and labels that do not come from answers")
         cfg.finetune.settings(cfg.seed)
     from lvlmlp.study.analyses import make_probe_factory
@@ -497,17 +506,16 @@ def prompts_of(cfg: ExperimentConfig) -> list[tuple[str, str | None]]:
 def prompt_style(cfg: ExperimentConfig, name: str) -> str | None:
     """The task's prompt style of a prompt named by `prompts_of` ("default": the task's default style); None for
     a template of one's own."""
-    from lvlmlp.tasks import get_task, prompt_styles
+    from lvlmlp.tasks import prompt_styles
 
     if name == "default":
-        return get_task(cfg.task).default_prompt_style
+        return cfg.resolved_task().default_prompt_style
     return name if name in prompt_styles(cfg.task) else None
 
 
 def split_names(cfg: ExperimentConfig) -> list[str]:
     s = cfg.splits
     if s.cv is not None:
-        from lvlmlp.tasks import get_task
 
-        return [str(s.get("split") or get_task(cfg.task).default_split)]
+        return [str(s.get("split") or cfg.resolved_task().default_split)]
     return [s.train, s.test] if s.train != s.test else [s.train]

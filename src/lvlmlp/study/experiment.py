@@ -99,27 +99,17 @@ def backend_spec(cfg: ExperimentConfig, template: str | None = None) -> BackendS
 
 # ------------------------------------------------------------------------------------------------ the experiment
 def task_rows(cfg: ExperimentConfig, split: str) -> list[dict]:
-    from lvlmlp.tasks import get_task
 
-    options = dict(cfg["task_options"] or {})
-    return get_task(cfg["task"]).rows(cfg["data_root"], cfg["image_root"], split, limit=cfg["limit"],
-                                      per_class=cfg["per_class"], seed=cfg["seed"], **options)
-
-
-def _label_fn(cfg: ExperimentConfig) -> Any:
-    """The task's label from the model's response (MathVista: whether the answer is right), stored by `extract`
-    with each row; None for tasks whose rows carry their labels."""
-    from lvlmlp.tasks import get_task
-
-    return get_task(cfg["task"]).label_fn
+    options = dict(cfg.task_options or {})
+    return cfg.resolved_task().rows(cfg.data_root, cfg.image_root, split, limit=cfg.limit,
+                                      per_class=cfg.per_class, seed=cfg.seed, **options)
 
 
 def _task_header(cfg: ExperimentConfig) -> dict[str, Any]:
     """What each evaluation's header records of the task: its per-group metrics (row field -> metric) and its
     label names (the report says what label 1 means)."""
-    from lvlmlp.tasks import get_task
 
-    task = get_task(cfg["task"])
+    task = cfg.resolved_task()
     return {"groups": dict(task.groups), "label_names": list(task.label_names) or None}
 
 
@@ -132,7 +122,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, backend: LazyBa
     from lvlmlp.locking import locked_folder
     from lvlmlp.outputs import claim_folder
 
-    out = claim_folder(cfg["out"], "experiment", "out")  # new, empty or an `lvlmlp run` folder (its marker)
+    out = claim_folder(cfg.out, "experiment", "out")  # new, empty or an `lvlmlp run` folder (its marker)
     with locked_folder(out):
         return _run_steps(cfg, progress, backend or LazyBackend(cfg))
 
@@ -142,38 +132,38 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
     from lvlmlp.extraction.extract import extract, shard_rows
     from lvlmlp.extraction.store import open_run
 
-    out = Path(cfg["out"])
+    out = Path(cfg.out)
     _check_steering_template(cfg, lazy)
     steps = Steps(out)
     prompts, splits = prompts_of(cfg), split_names(cfg)
     rows = {s: shard_rows(task_rows(cfg, s)) for s in splits}
-    ext = cfg["extract"]
+    ext = cfg.extract
     options = extract_options(cfg)
     runs: dict[tuple[str, str], Any] = {}
     if cfg.judge is not None:  # a missing key or a wrong endpoint is said now, not after the extraction
         from lvlmlp.judging.judge import preflight
 
         for name, template in prompts:
-            preflight(out / "runs" / f"{name}-{splits[-1]}", cfg["task"], template, _judge_options(cfg, False))
+            preflight(out / "runs" / f"{name}-{splits[-1]}", cfg.task, template, _judge_options(cfg, False))
     for name, template in prompts:
         for split in splits:
             folder = out / "runs" / f"{name}-{split}"
-            key = _key({"model": cfg["model"], "dtype": cfg["dtype"], "raw_prompt": cfg["raw_prompt"],
-                        **({"system_prompt": cfg["system_prompt"]} if cfg["system_prompt"] else {}),
+            key = _key({"model": cfg.model, "dtype": cfg.dtype, "raw_prompt": cfg.raw_prompt,
+                        **({"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}),
                         "template": template, "data": rows_fingerprint(rows[split]),
                         **{k: v for k, v in ext.items()
                            if (v is not None or k != "logits_tokens") and (v or k != "vision")}})
             step = f"extract-{name}-{split}"
             if not (steps.done(step, key) and (folder / "manifest.json").is_file()):
                 log.info("run: extracting %s (%d rows)", folder, len(rows[split]))
-                run_options = dict(source=f"task {cfg['task']} split {split}", progress=progress,
-                                   label_fn=_label_fn(cfg))
+                run_options = dict(source=f"task {cfg.task} split {split}", progress=progress,
+                                   label_fn=cfg.resolved_task().label_fn)
                 try:
-                    if cfg["ray"]:  # the model loads in the Ray replicas, not in this process
+                    if cfg.ray:  # the model loads in the Ray replicas, not in this process
                         from lvlmlp.extraction.ray_extract import ray_extract, ray_options
 
                         ray_extract(backend_spec(cfg, template), rows[split], folder, options,
-                                    ray=ray_options(cfg["ray"]), **run_options)
+                                    ray=ray_options(cfg.ray), **run_options)
                     else:
                         extract(lazy.get(template), rows[split], folder, options, **run_options)
                 except ExtractOptionsError as err:  # said by the config's keys
@@ -182,13 +172,13 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
             runs[(name, split)] = open_run(folder)
     if cfg.judge is not None:
         _judge_step(cfg, prompts, splits[-1], runs, progress)
-    clip_runs = _clip_step(cfg, rows, out, progress) if cfg["clip"] else {}
+    clip_runs = _clip_step(cfg, rows, out, progress) if cfg.clip else {}
     return _analyses(cfg, out, steps, prompts, splits, runs, clip_runs, rows, lazy, progress)
 
 
 def extract_options(cfg: ExperimentConfig) -> ExtractOptions:
     """The config's extraction options (its `batch_size` and `extract:` section); a bad one is said by its key."""
-    from lvlmlp.extraction.options import ExtractOptions, layers_of
+    from lvlmlp.extraction.options import layers_of
 
     ext = cfg.extract
     try:
@@ -211,7 +201,7 @@ def _judge_step(cfg: ExperimentConfig, prompts: list[tuple[str, str | None]], te
     from lvlmlp.judging.judge import judge_run
 
     for name, template in prompts:
-        summary = judge_run(runs[(name, test_split)].path, cfg["task"], template, _judge_options(cfg, progress))
+        summary = judge_run(runs[(name, test_split)].path, cfg.task, template, _judge_options(cfg, progress))
         log.info("run: %s", summary.line())
 
 
@@ -227,7 +217,7 @@ def _judge_options(cfg: ExperimentConfig, progress: bool) -> Any:
 def _own_labels(cfg: ExperimentConfig, run: Any) -> Any:
     """The labels a run's rows take: MathVista's from its judgments (MathVista's answer extraction) where the run
     was judged, else the run's own (None)."""
-    if _label_fn(cfg) is None or cfg["task"] != "mathvista":
+    if cfg.resolved_task().label_fn is None or cfg.task != "mathvista":
         return None
     from lvlmlp.judging.mathvista import judged_labels
 
@@ -256,7 +246,7 @@ def _check_steering_template(cfg: ExperimentConfig, lazy: LazyBackend) -> None:
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         except (OSError, ValueError, ImportError):
             return
     spell(tokenizer, cfg.steering.template, "steering.template")
@@ -265,12 +255,12 @@ def _check_steering_template(cfg: ExperimentConfig, lazy: LazyBackend) -> None:
 def _clip_step(cfg: ExperimentConfig, rows: dict[str, list[dict]], out: Path, progress: bool) -> dict:
     from lvlmlp.extraction.clip_features import extract_clip
 
-    clip = cfg["clip"]
+    clip = cfg.clip
     result = {}
     for split, split_rows in rows.items():
-        outs = {k: out / "runs" / f"clip-{k}-{split}" for k in clip["kinds"]}
-        for kind, run in extract_clip(clip["model"], split_rows, outs, batch_size=clip["batch_size"],
-                                      device=cfg["device"], on_error=cfg["extract"]["on_error"],
+        outs = {k: out / "runs" / f"clip-{k}-{split}" for k in clip.kinds}
+        for kind, run in extract_clip(clip.model, split_rows, outs, batch_size=clip.batch_size,
+                                      device=cfg.device, on_error=cfg.extract.on_error,
                                       progress=progress).items():
             result[(kind, split)] = run
     return result
@@ -293,7 +283,7 @@ def _protocol(cfg: ExperimentConfig, train_run: Any, test_run: Any, label_runs: 
     if cfg.splits.cv is not None:
         return Protocol(test=test, cv=cfg.splits.cv, cv_shuffle=cfg.splits.shuffle, seed=cfg.seed, n_boot=cfg.n_boot)
     train = labelled(train_run, train_src)
-    return Protocol(test=test, train=train, seed=cfg["seed"], n_boot=cfg["n_boot"])
+    return Protocol(test=test, train=train, seed=cfg.seed, n_boot=cfg.n_boot)
 
 
 def cached(steps: Steps, name: str, key: str, path: Path, compute: Any) -> Any:
@@ -318,8 +308,8 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
     from lvlmlp.study import analyses as an
 
     train_split, test_split = splits[0], splits[-1]
-    probe_cfg = dict(cfg["probe"])
-    feature_kind = probe_cfg.get("feature", "logits")
+    probe_cfg = dict(cfg.probe)
+    feature_kind = cfg.probe.feature
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     eval_dirs: list[Path] = []
@@ -329,7 +319,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
 
     def stamp(*inputs: Any) -> str:
         # A result depends on its settings and on the exact runs it read (their creation times identify them).
-        return _key([probe_cfg, cfg["baselines"], cfg["splits"], cfg["n_boot"], cfg["seed"],
+        return _key([probe_cfg, cfg.baselines, cfg.splits, cfg.n_boot, cfg.seed,
                      [(str(r.path), r.manifest.get("created_at"), *_judgments_stamp(r)) for r in inputs]])
 
     for name, template in prompts:
@@ -340,8 +330,8 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
         main[name] = cached(steps, f"eval-{name}", key, eval_dir / "metrics.json", partial(
             an.main_evaluation, protocol, an.logits_feature(0, feature_kind),
             {"kind": feature_kind, "token": 0, "model": test_run.manifest.get("model")}, probe_cfg,
-            list(cfg["baselines"]), eval_dir, probe_dir=out / "probes" / name, split=test_split,
-            task=_task_header(cfg), task_name=cfg["task"], prompt_style=prompt_style(cfg, name)))
+            list(cfg.baselines), eval_dir, probe_dir=out / "probes" / name, split=test_split,
+            task=_task_header(cfg), task_name=cfg.task, prompt_style=prompt_style(cfg, name)))
         eval_dirs.append(eval_dir)
         n_tok = min(train_run.n_logit_tokens, test_run.n_logit_tokens)
         pooled = (f" With {cfg.splits.cv}-fold cross-validation the figures are {POOLED} AUROCs (the summary's "
@@ -350,7 +340,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
         # The analyses' intervals may take fewer resamples; the first-token probe is still fitted once.
         analysis_protocol = protocol if n_boot is None else protocol.with_n_boot(n_boot)
         analysis_key = key if n_boot is None else _key([key, n_boot])
-        if cfg["analyses"].get("token_decay") and n_tok > 1:
+        if cfg.analyses.token_decay and n_tok > 1:
             res = cached(steps, f"token-decay-{name}", analysis_key, out / "analyses" / f"token_decay-{name}.json",
                          partial(an.token_decay, analysis_protocol, probe_cfg))
             results["token_decay"][name] = res
@@ -362,7 +352,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
                 f"{res['rule']}. Test rows per answer length: {_histogram_text(res['n_tokens_histogram'])}.{pooled}",
                 an.TOKEN_DECAY_HEADER, an.token_decay_rows(res), [png]))
         has_states = test_run.manifest.get("hidden") or test_run.manifest.get("layers")
-        if cfg["analyses"].get("layer_sweep") and has_states:
+        if cfg.analyses.layer_sweep and has_states:
             res = cached(steps, f"layer-sweep-{name}", analysis_key, out / "analyses" / f"layer_sweep-{name}.json",
                          partial(an.layer_sweep, analysis_protocol, probe_cfg))
             results["layer_sweep"][name] = res
@@ -388,7 +378,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
         results["prompt_comparison"] = {n: headline(m) for n, m in main.items()}
     if clip_runs:
         # CLIP rows carry no answers: where labels come from the model's answers, take them from the first prompt's runs.
-        label_runs = (runs[(prompts[0][0], splits[0])], runs[(prompts[0][0], splits[-1])]) if _label_fn(cfg) else None
+        label_runs = (runs[(prompts[0][0], splits[0])], runs[(prompts[0][0], splits[-1])]) if cfg.resolved_task().label_fn else None
         sections.append(_clip_evals(cfg, out, steps, clip_runs, splits, main[prompts[0][0]], eval_dirs, results,
                                     report_dir, stamp, label_runs))
     if cfg.finetune is not None:
@@ -436,7 +426,7 @@ def _signals_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tup
         labelled = {test_run.ids[int(i)] for i in protocol.test.idx}
         timed = [r for r in test_rows if r["id"] in labelled][: cfg.signals.timing_rows]
         timing = None
-        if timed and not cfg["ray"]:  # on Ray the model is not in this process: no timing (said in the report)
+        if timed and not cfg.ray:  # on Ray the model is not in this process: no timing (said in the report)
             layers = [int(x) for x in test_run.manifest.get("layers") or []]
             timing = sg.model_timing(lazy.get(template), timed, int(cfg.extract.max_new_tokens), layers)
         p_true = None
@@ -451,7 +441,7 @@ def _signals_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tup
             start = time.perf_counter()
             scores = p_true_scores(backend, rows, dict(zip(test_run.ids, test_run.responses)), cfg.batch_size)
             p_true = {"scores": scores, "seconds_per_row": (time.perf_counter() - start) / max(len(rows), 1)}
-        return sg.which_signal(protocol, signals, timing, out / "analyses" / f"signals-{name}.jsonl", cfg["task"],
+        return sg.which_signal(protocol, signals, timing, out / "analyses" / f"signals-{name}.jsonl", cfg.task,
                                p_true)
 
     res = cached(steps, f"signals-{name}", key, out / "analyses" / f"signals-{name}.json", compute)
@@ -488,7 +478,7 @@ def finetune_prompt(cfg: ExperimentConfig, prompts: list[tuple[str, str | None]]
     config has it, else the first prompt."""
     from lvlmlp.study.finetune import paper_style
 
-    style = paper_style(cfg["task"])
+    style = paper_style(cfg.task)
     return next((p for p in prompts if prompt_style(cfg, p[0]) == style), prompts[0])
 
 
@@ -504,9 +494,9 @@ def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tu
     settings, opts = cfg.finetune.settings(cfg.seed), cfg.finetune.comparison()
     name, template = prompt
     # "default": the task's default style; a custom template ("template") has no answer words
-    answers = parse_answers(opts["answers"]) or ft.default_answers(cfg["task"], None if name == "default" else name)
+    answers = parse_answers(opts["answers"]) or ft.default_answers(cfg.task, None if name == "default" else name)
     train_rows, test_rows = rows[splits[0]], rows[splits[-1]]  # the rows the extraction steps ran
-    targets = ft.row_targets(train_rows, answers, f"task {cfg['task']} split {splits[0]}")
+    targets = ft.row_targets(train_rows, answers, f"task {cfg.task} split {splits[0]}")
     base_train, base_test = runs[(name, splits[0])], runs[(name, splits[-1])]
 
     def compute() -> dict[str, Any]:
@@ -516,14 +506,14 @@ def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tu
         make = an.make_probe_factory(dict(cfg.probe))
         probe = make().fit(ft.first_token_logits(base_train, train_rows, kind), y_train)
         base = probe.predict_proba(ft.first_token_logits(base_test, test_rows, kind))[:, 1]
-        return ft.compare(cfg["model"], train_rows, test_rows, targets, out / "finetune", settings,
-                          ft.readout_for(answers), base, device=cfg["device"], dtype=cfg["dtype"],
-                          prompt_template=template, raw_prompt=bool(cfg["raw_prompt"]),
-                          system_prompt=cfg["system_prompt"], max_new_tokens=int(opts["max_new_tokens"]),
-                          batch_size=cfg["batch_size"], every_epoch=bool(opts["every_epoch"]), n_boot=cfg["n_boot"],
+        return ft.compare(cfg.model, train_rows, test_rows, targets, out / "finetune", settings,
+                          ft.readout_for(answers), base, device=cfg.device, dtype=cfg.dtype,
+                          prompt_template=template, raw_prompt=bool(cfg.raw_prompt),
+                          system_prompt=cfg.system_prompt, max_new_tokens=int(opts["max_new_tokens"]),
+                          batch_size=cfg.batch_size, every_epoch=bool(opts["every_epoch"]), n_boot=cfg.n_boot,
                           probe_threshold=float(probe.threshold), make_probe=make)
 
-    key = _key([settings, opts, template, cfg["n_boot"], dict(cfg.probe),
+    key = _key([settings, opts, template, cfg.n_boot, dict(cfg.probe),
                 [(str(r.path), r.manifest.get("created_at")) for r in (base_train, base_test)]])
     res = cached(steps, "finetune", key, out / "finetune" / "comparison.json", compute)
     results["finetune"] = res
@@ -573,20 +563,20 @@ def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, r
                 label_runs=None) -> Any:
     from lvlmlp.study import analyses as an
 
-    probe_cfg = {k: v for k, v in cfg["probe"].items() if k != "feature"}
+    probe_cfg = {k: v for k, v in cfg.probe.items() if k != "feature"}
     probe_class = first.get("probe", {}).get("class") or "probe"
     rows = [[f"first-token logits ({probe_class})", an.fmt_result(headline(first)),
              str(headline(first)["n"])]]
     entries, names = [headline(first)], ["first-token logits"]
     results["clip"] = {}
-    for kind in cfg["clip"]["kinds"]:
+    for kind in cfg.clip.kinds:
         train_run, test_run = clip_runs[(kind, splits[0])], clip_runs[(kind, splits[-1])]
         protocol = _protocol(cfg, train_run, test_run, label_runs)
         eval_dir = out / "evals" / f"clip-{kind}"
         metrics = cached(steps, f"eval-clip-{kind}", stamp(train_run, test_run), eval_dir / "metrics.json",
                          partial(an.main_evaluation,
                                  protocol, an.state_feature("hidden"),
-                                 {"kind": "hidden", "token": 0, "model": cfg["clip"]["model"]}, probe_cfg, [],
+                                 {"kind": "hidden", "token": 0, "model": cfg.clip.model}, probe_cfg, [],
                                  eval_dir, probe_dir=out / "probes" / f"clip-{kind}", split=splits[-1],
                                  task=_task_header(cfg)))
         eval_dirs.append(eval_dir)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lvlmlp.defaults import BATCH_SIZE, N_BOOT
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.outputs import claim_folder, read_json
 
@@ -464,7 +465,7 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
             out: str | Path, settings: Settings, readout: Readout, base_probe: np.ndarray, *,
             device: str = "auto", dtype: str = "auto", prompt_template: str | None = None, raw_prompt: bool = False,
             system_prompt: str | None = None, max_new_tokens: int = 3,
-            batch_size: int = 8, every_epoch: bool = True, tuned_probe: bool = True, n_boot: int = 1000,
+            batch_size: int = BATCH_SIZE, every_epoch: bool = True, tuned_probe: bool = True, n_boot: int = N_BOOT,
             progress: bool = True, probe_threshold: float = 0.5,
             make_probe: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Finetune `model` on (train_rows, targets) into `out` and compare on `test_rows` (labels 0/1):
