@@ -20,7 +20,6 @@ Command-line flags override the file: `--model`, `--out`, `--device`, `--limit`,
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -31,7 +30,6 @@ import numpy as np
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.options import ExtractOptions, ExtractOptionsError
 from lvlmlp.extraction.spec import BackendSpec
-from lvlmlp.study import config
 from lvlmlp.study.config import (  # noqa: F401 - the command's entry points
     ExperimentConfig,
     load_config,
@@ -40,36 +38,12 @@ from lvlmlp.study.config import (  # noqa: F401 - the command's entry points
     prompts_of,
     split_names,
 )
-from lvlmlp.study.report import POOLED, Section, fold_headline, write_report
+from lvlmlp.study.layout import RunLayout
+from lvlmlp.study.report import POOLED, Section, write_report
+from lvlmlp.study.sections import headline, histogram_text, prompt_section, steering_section
+from lvlmlp.study.steps import Steps, cached, step_key
 
 log = logging.getLogger("lvlmlp")
-
-# ------------------------------------------------------------------------------------------------ resumable steps
-def _key(settings: Any) -> str:
-    def plain(obj: Any) -> Any:
-        return obj.to_dict() if isinstance(obj, config.Section) else str(obj)
-
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=plain).encode()).hexdigest()[:20]
-
-
-class Steps:
-    """Stamps in OUT/steps/NAME.json: a step whose stamp matches its settings' hash is done."""
-
-    def __init__(self, out: Path) -> None:
-        self.dir = out / "steps"
-
-    def done(self, name: str, key: str) -> bool:
-        path = self.dir / f"{name}.json"
-        try:  # a damaged stamp (or result, in `cached`) is this folder's own cache: the step runs again
-            return path.is_file() and json.loads(path.read_text()).get("key") == key
-        except (ValueError, AttributeError):
-            log.warning("%s: damaged step stamp; the step runs again", path)
-            return False
-
-    def mark(self, name: str, key: str) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / f"{name}.json").write_text(json.dumps({"key": key}))
-
 
 class LazyBackend:
     """Loads the VLM the first time a step needs it (never, when every extraction is done already). One instance
@@ -144,11 +118,11 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
         from lvlmlp.judging.judge import preflight
 
         for name, template in prompts:
-            preflight(out / "runs" / f"{name}-{splits[-1]}", cfg.task, template, _judge_options(cfg, False))
+            preflight(RunLayout(out).run(name, splits[-1]), cfg.task, template, _judge_options(cfg, False))
     for name, template in prompts:
         for split in splits:
-            folder = out / "runs" / f"{name}-{split}"
-            key = _key({"model": cfg.model, "dtype": cfg.dtype, "raw_prompt": cfg.raw_prompt,
+            folder = RunLayout(out).run(name, split)
+            key = step_key({"model": cfg.model, "dtype": cfg.dtype, "raw_prompt": cfg.raw_prompt,
                         **({"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}),
                         "template": template, "data": rows_fingerprint(rows[split]),
                         **{k: v for k, v in ext.items()
@@ -258,7 +232,7 @@ def _clip_step(cfg: ExperimentConfig, rows: dict[str, list[dict]], out: Path, pr
     clip = cfg.clip
     result = {}
     for split, split_rows in rows.items():
-        outs = {k: out / "runs" / f"clip-{k}-{split}" for k in clip.kinds}
+        outs = {k: RunLayout(out).clip_run(k, split) for k in clip.kinds}
         for kind, run in extract_clip(clip.model, split_rows, outs, batch_size=clip.batch_size,
                                       device=cfg.device, on_error=cfg.extract.on_error,
                                       progress=progress).items():
@@ -286,22 +260,6 @@ def _protocol(cfg: ExperimentConfig, train_run: Any, test_run: Any, label_runs: 
     return Protocol(test=test, train=train, seed=cfg.seed, n_boot=cfg.n_boot)
 
 
-def cached(steps: Steps, name: str, key: str, path: Path, compute: Any) -> Any:
-    """The JSON result of an analysis step, recomputed only when its settings or input runs changed."""
-    if steps.done(name, key) and path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            log.warning("%s: damaged result; the step runs again", path)
-    from lvlmlp.outputs import write_text_atomic
-
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(result, indent=2))
-    steps.mark(name, key)
-    return result
-
-
 def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, splits: list[str], runs: dict,
               clip_runs: dict, rows: dict[str, list[dict]], lazy: LazyBackend, progress: bool = True
               ) -> dict[str, Any]:
@@ -310,7 +268,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
     train_split, test_split = splits[0], splits[-1]
     probe_cfg = dict(cfg.probe)
     feature_kind = cfg.probe.feature
-    report_dir = out / "report"
+    report_dir = RunLayout(out).report
     report_dir.mkdir(parents=True, exist_ok=True)
     eval_dirs: list[Path] = []
     sections: list[Section] = []
@@ -319,18 +277,18 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
 
     def stamp(*inputs: Any) -> str:
         # A result depends on its settings and on the exact runs it read (their creation times identify them).
-        return _key([probe_cfg, cfg.baselines, cfg.splits, cfg.n_boot, cfg.seed,
+        return step_key([probe_cfg, cfg.baselines, cfg.splits, cfg.n_boot, cfg.seed,
                      [(str(r.path), r.manifest.get("created_at"), *_judgments_stamp(r)) for r in inputs]])
 
     for name, template in prompts:
         train_run, test_run = runs[(name, train_split)], runs[(name, test_split)]
         protocol = _protocol(cfg, train_run, test_run)
         key = stamp(train_run, test_run)
-        eval_dir = out / "evals" / name
+        eval_dir = RunLayout(out).eval(name)
         main[name] = cached(steps, f"eval-{name}", key, eval_dir / "metrics.json", partial(
             an.main_evaluation, protocol, an.logits_feature(0, feature_kind),
             {"kind": feature_kind, "token": 0, "model": test_run.manifest.get("model")}, probe_cfg,
-            list(cfg.baselines), eval_dir, probe_dir=out / "probes" / name, split=test_split,
+            list(cfg.baselines), eval_dir, probe_dir=RunLayout(out).probe(name), split=test_split,
             task=_task_header(cfg), task_name=cfg.task, prompt_style=prompt_style(cfg, name)))
         eval_dirs.append(eval_dir)
         n_tok = min(train_run.n_logit_tokens, test_run.n_logit_tokens)
@@ -339,9 +297,9 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
         n_boot = cfg.analyses.n_boot
         # The analyses' intervals may take fewer resamples; the first-token probe is still fitted once.
         analysis_protocol = protocol if n_boot is None else protocol.with_n_boot(n_boot)
-        analysis_key = key if n_boot is None else _key([key, n_boot])
+        analysis_key = key if n_boot is None else step_key([key, n_boot])
         if cfg.analyses.token_decay and n_tok > 1:
-            res = cached(steps, f"token-decay-{name}", analysis_key, out / "analyses" / f"token_decay-{name}.json",
+            res = cached(steps, f"token-decay-{name}", analysis_key, RunLayout(out).analysis("token_decay", name),
                          partial(an.token_decay, analysis_protocol, probe_cfg))
             results["token_decay"][name] = res
             png = report_dir / f"token_decay_{name}.png"
@@ -349,11 +307,11 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
             sections.append(Section(
                 f"Token-position decay: {name}",
                 f"Probe on the logits of generated token k (1 = first) and of each row's last generated token. "
-                f"{res['rule']}. Test rows per answer length: {_histogram_text(res['n_tokens_histogram'])}.{pooled}",
+                f"{res['rule']}. Test rows per answer length: {histogram_text(res['n_tokens_histogram'])}.{pooled}",
                 an.TOKEN_DECAY_HEADER, an.token_decay_rows(res), [png]))
         has_states = test_run.manifest.get("hidden") or test_run.manifest.get("layers")
         if cfg.analyses.layer_sweep and has_states:
-            res = cached(steps, f"layer-sweep-{name}", analysis_key, out / "analyses" / f"layer_sweep-{name}.json",
+            res = cached(steps, f"layer-sweep-{name}", analysis_key, RunLayout(out).analysis("layer_sweep", name),
                          partial(an.layer_sweep, analysis_protocol, probe_cfg))
             results["layer_sweep"][name] = res
             png = report_dir / f"layer_sweep_{name}.png"
@@ -364,17 +322,17 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
                 "Probes on hidden states at the first generated position (layer 0 = embeddings) against the "
                 "first-token logits, same rows and protocol." + pooled, an.LAYER_HEADER, an.layer_rows(res), [png]))
         if cfg.steering is not None:
-            res = cached(steps, f"steering-{name}", _key([key, cfg.steering, cfg.extract.max_new_tokens,
+            res = cached(steps, f"steering-{name}", step_key([key, cfg.steering, cfg.extract.max_new_tokens,
                                                            cfg.batch_size]),
-                         out / "analyses" / f"steering-{name}.json",
+                         RunLayout(out).analysis("steering", name),
                          partial(_steering, cfg, out, lazy, (name, template), rows[test_split], test_run, progress))
             results.setdefault("steering", {})[name] = res
             sections.append(steering_section(name, res))
         if cfg.signals is not None:
             sections.append(_signals_section(cfg, out, steps, (name, template), protocol, rows[test_split],
-                                             _key([key, cfg.signals, n_boot]), lazy, report_dir, results))
+                                             step_key([key, cfg.signals, n_boot]), lazy, report_dir, results))
     if len(prompts) > 1:
-        sections.append(_prompt_section(main, report_dir))
+        sections.append(prompt_section(main, report_dir))
         results["prompt_comparison"] = {n: headline(m) for n, m in main.items()}
     if clip_runs:
         # CLIP rows carry no answers: where labels come from the model's answers, take them from the first prompt's runs.
@@ -400,12 +358,12 @@ def _steering(cfg: ExperimentConfig, out: Path, lazy: LazyBackend, prompt: tuple
     rows = [r for r in test_rows if r["id"] in labels]
     log.info("run: probe-guided decoding of %d %s rows", len(rows), name)
     summary, records = guided_decoding(
-        lazy.get(template), load_probe(out / "probes" / name), rows, dict(zip(test_run.ids, test_run.responses)),
+        lazy.get(template), load_probe(RunLayout(out).probe(name)), rows, dict(zip(test_run.ids, test_run.responses)),
         # threshold None: the saved probe's own, the one the evaluation used
         {i: int(lab) for i, lab in labels.items()}, cfg.steering.template, cfg.steering.threshold,
         max_new_tokens=cfg.extract.max_new_tokens, batch_size=cfg.batch_size, progress=progress)
-    (out / "analyses").mkdir(parents=True, exist_ok=True)  # absent when no other analysis ran
-    write_jsonl(out / "analyses" / f"steering-{name}.jsonl", records)
+    RunLayout(out).analyses.mkdir(parents=True, exist_ok=True)  # absent when no other analysis ran
+    write_jsonl(RunLayout(out).analysis("steering", name, ".jsonl"), records)
     return summary
 
 
@@ -441,10 +399,10 @@ def _signals_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tup
             start = time.perf_counter()
             scores = p_true_scores(backend, rows, dict(zip(test_run.ids, test_run.responses)), cfg.batch_size)
             p_true = {"scores": scores, "seconds_per_row": (time.perf_counter() - start) / max(len(rows), 1)}
-        return sg.which_signal(protocol, signals, timing, out / "analyses" / f"signals-{name}.jsonl", cfg.task,
+        return sg.which_signal(protocol, signals, timing, RunLayout(out).analysis("signals", name, ".jsonl"), cfg.task,
                                p_true)
 
-    res = cached(steps, f"signals-{name}", key, out / "analyses" / f"signals-{name}.json", compute)
+    res = cached(steps, f"signals-{name}", key, RunLayout(out).analysis("signals", name), compute)
     results.setdefault("signals", {})[name] = res
     pngs = []
     if res["signals"]:
@@ -453,23 +411,6 @@ def _signals_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tup
         pngs.append(png)
     text = res.get("note") or sg.section_text(res)
     return Section(f"Which signal?: {name}", text, sg.HEADER, sg.table_rows(res), pngs)
-
-
-STEERING_HEADER = ["prompt", "template", "flagged", "label-0 rows answered", "label-1 rows refused"]
-
-
-def steering_row(name: str, s: dict[str, Any]) -> list[str]:
-    """One row of guided-decoding counts: without the guard -> with it."""
-    b, a = s["before"], s["after"]
-    return [name, s["template"], str(s["flagged"]),
-            f"{b['label0_answered']}/{b['n_label0']} -> {a['label0_answered']}/{a['n_label0']}",
-            f"{b['label1_refused']}/{b['n_label1']} -> {a['label1_refused']}/{a['n_label1']}"]
-
-
-def steering_section(name: str, s: dict[str, Any]) -> Any:
-    return Section(f"Probe-guided decoding: {name}", f"At the first decoding step, a test row the probe flags (score "
-                   f"< {s['threshold']}) is made to start with the template; counts without the guard -> with it.",
-                   STEERING_HEADER, [steering_row(name, s)])
 
 
 def finetune_prompt(cfg: ExperimentConfig, prompts: list[tuple[str, str | None]]) -> tuple[str, str | None]:
@@ -506,16 +447,16 @@ def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tu
         make = an.make_probe_factory(dict(cfg.probe))
         probe = make().fit(ft.first_token_logits(base_train, train_rows, kind), y_train)
         base = probe.predict_proba(ft.first_token_logits(base_test, test_rows, kind))[:, 1]
-        return ft.compare(cfg.model, train_rows, test_rows, targets, out / "finetune", settings,
+        return ft.compare(cfg.model, train_rows, test_rows, targets, RunLayout(out).finetune, settings,
                           ft.readout_for(answers), base, device=cfg.device, dtype=cfg.dtype,
                           prompt_template=template, raw_prompt=bool(cfg.raw_prompt),
                           system_prompt=cfg.system_prompt, max_new_tokens=int(opts["max_new_tokens"]),
                           batch_size=cfg.batch_size, every_epoch=bool(opts["every_epoch"]), n_boot=cfg.n_boot,
                           probe_threshold=float(probe.threshold), make_probe=make)
 
-    key = _key([settings, opts, template, cfg.n_boot, dict(cfg.probe),
+    key = step_key([settings, opts, template, cfg.n_boot, dict(cfg.probe),
                 [(str(r.path), r.manifest.get("created_at")) for r in (base_train, base_test)]])
-    res = cached(steps, "finetune", key, out / "finetune" / "comparison.json", compute)
+    res = cached(steps, "finetune", key, RunLayout(out).finetune / "comparison.json", compute)
     results["finetune"] = res
     png = report_dir / "finetune_epochs.png"
     ft.plot_epochs(res, png, f"finetuned vs probe: {name}")
@@ -525,38 +466,6 @@ def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tu
                    f"{name}; test split: the finetuned model's own answer and answer-token probability "
                    f"('{res['readout_token']}') against the probe on the base and on the finetuned model's "
                    "first-token logits. Plot: AUROC per epoch.", ft.COMPARISON_HEADER, ft.comparison_rows(res), [png])
-
-
-def headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    metric = "auroc" if metrics.get("task") == "binary" else "accuracy"
-    head = {"metric": metric, "value": metrics.get(metric), "ci": metrics.get(f"{metric}_ci"),
-            "n": metrics.get("n", metrics.get("n_scored")),
-            "baselines": {b: m.get("auroc") for b, m in (metrics.get("baselines") or {}).items()}}
-    folds = fold_headline(metrics)
-    if folds is not None:  # k-fold: the original's figure (mean of the folds) leads, the pooled one stays beside it
-        head.update(value=folds["auroc"], ci=None, label=folds["label"], pooled={"value": head["value"],
-                                                                                "ci": head["ci"]})
-    return head
-
-
-def _histogram_text(histogram: dict[str, int]) -> str:
-    """{"1": 5, "3": 11} -> "1 token: 5, 3 tokens: 11" (no Python reprs in a report)."""
-    return ", ".join(f"{k} token{'' if k == '1' else 's'}: {n}" for k, n in histogram.items())
-
-
-def _prompt_section(main: dict[str, dict], report_dir: Path) -> Any:
-    from lvlmlp.study import analyses as an
-    from lvlmlp.study.report import fmt_value
-
-    names = list(main)
-    heads = [headline(main[n]) for n in names]
-    baselines = sorted({b for h in heads for b in h["baselines"]})
-    rows = [[n, an.fmt_result(h), *[fmt_value(h["baselines"].get(b)) for b in baselines], str(h["n"])]
-            for n, h in zip(names, heads)]
-    png = report_dir / "prompt_comparison.png"
-    an.plot_bars(names, heads, png, "probe by prompt")
-    return Section("Prompt comparison", "The same task and rows under each prompt: the first-token probe "
-                      "and the baselines' AUROC.", ["prompt", "probe [95% CI]", *baselines, "n"], rows, [png])
 
 
 def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, report_dir, stamp,
@@ -572,12 +481,12 @@ def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, r
     for kind in cfg.clip.kinds:
         train_run, test_run = clip_runs[(kind, splits[0])], clip_runs[(kind, splits[-1])]
         protocol = _protocol(cfg, train_run, test_run, label_runs)
-        eval_dir = out / "evals" / f"clip-{kind}"
+        eval_dir = RunLayout(out).eval(f"clip-{kind}")
         metrics = cached(steps, f"eval-clip-{kind}", stamp(train_run, test_run), eval_dir / "metrics.json",
                          partial(an.main_evaluation,
                                  protocol, an.state_feature("hidden"),
                                  {"kind": "hidden", "token": 0, "model": cfg.clip.model}, probe_cfg, [],
-                                 eval_dir, probe_dir=out / "probes" / f"clip-{kind}", split=splits[-1],
+                                 eval_dir, probe_dir=RunLayout(out).probe(f"clip-{kind}"), split=splits[-1],
                                  task=_task_header(cfg)))
         eval_dirs.append(eval_dir)
         head = headline(metrics)
