@@ -39,17 +39,16 @@ def test_extract_options_refusals_name_the_field_or_the_callers_name():
 
 
 def test_lvlmlp_run_says_a_bad_extraction_option_by_its_config_key():
+    from lvlmlp.study.config import ExperimentConfig, ExtractConfig
     from lvlmlp.study.experiment import extract_options
 
-    class Cfg:  # the two attributes extract_options reads, as a config whose own checks were bypassed
-        batch_size = 0
-        extract = dataclasses.make_dataclass("E", [])()
-
-    for name, value in dict(max_new_tokens=0, logits_tokens=None, hidden=False, layers=[], vision=False,
-                            store_dtype="float16", on_error="fail").items():
-        setattr(Cfg.extract, name, value)
+    # built directly, so that the config's own range checks (which refuse these first) are bypassed
     with pytest.raises(LvlmlpError, match=r"^batch_size must be >= 1 and extract\.max_new_tokens >= 0$"):
-        extract_options(Cfg())  # type: ignore[arg-type]
+        extract_options(ExperimentConfig(batch_size=0))
+    with pytest.raises(LvlmlpError, match=r"^extract\.store_dtype: expected one of \['float16', 'float32'\], got 'int8'$"):
+        extract_options(ExperimentConfig(extract=ExtractConfig(store_dtype="int8")))  # type: ignore[arg-type]
+    opts = extract_options(ExperimentConfig(batch_size=3, extract=ExtractConfig(max_new_tokens=2, layers=[1, -1])))
+    assert opts == ExtractOptions(batch_size=3, max_new_tokens=2, layers=(1, -1))
 
 
 def test_backend_spec_builds_the_backend_and_derived_identities_leave_it_unchanged(tiny_ckpt):

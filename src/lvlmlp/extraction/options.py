@@ -9,7 +9,7 @@ by its flag, the config by its key) says it its way with `ExtractOptionsError.na
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +88,3 @@ class ExtractOptions:
             raise ExtractOptionsError("{source}: labels come from the model's answers here; give {max_new_tokens} "
                                       "K (> 0)", source=source)
 
-
-def layers_of(spec: Sequence[int] | str | None) -> tuple[int, ...] | str:
-    """A `layers` value as given (a list of indices, "quartiles" or None) -> the field's."""
-    return spec if isinstance(spec, str) else tuple(int(x) for x in spec or ())

@@ -19,6 +19,7 @@ Command-line flags override the file: `--model`, `--out`, `--device`, `--limit`,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from functools import partial
@@ -30,6 +31,7 @@ import numpy as np
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.options import ExtractOptions, ExtractOptionsError
 from lvlmlp.extraction.spec import BackendSpec
+from lvlmlp.study import config
 from lvlmlp.study.config import (  # noqa: F401 - the command's entry points
     ExperimentConfig,
     load_config,
@@ -151,21 +153,17 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
 
 
 def extract_options(cfg: ExperimentConfig) -> ExtractOptions:
-    """The config's extraction options (its `batch_size` and `extract:` section); a bad one is said by its key."""
-    from lvlmlp.extraction.options import layers_of
-
-    ext = cfg.extract
+    """The config's extraction options (its `batch_size` and every key of its `extract:` section, each an
+    `ExtractOptions` field of the same name); a bad one is said by its key."""
     try:
-        return ExtractOptions(batch_size=cfg.batch_size, max_new_tokens=ext.max_new_tokens,
-                              logits_tokens=ext.logits_tokens, hidden=bool(ext.hidden), layers=layers_of(ext.layers),
-                              vision=bool(ext.vision), store_dtype=ext.store_dtype, on_error=ext.on_error)
+        return ExtractOptions(batch_size=cfg.batch_size, **dict(cfg.extract.items()))
     except ExtractOptionsError as err:
         raise LvlmlpError(err.named(_CONFIG_NAMES)) from None
 
 
 # The config key of each extraction option, for its messages.
-_CONFIG_NAMES = {**{f: f"extract.{f}" for f in ("max_new_tokens", "logits_tokens", "hidden", "layers", "vision",
-                                                "store_dtype", "on_error")}, "batch_size": "batch_size"}
+_CONFIG_NAMES = {**{f.name: f"extract.{f.name}" for f in dataclasses.fields(config.ExtractConfig)},
+                 "batch_size": "batch_size"}
 
 
 def _judge_step(cfg: ExperimentConfig, prompts: list[tuple[str, str | None]], test_split: str, runs: dict,
