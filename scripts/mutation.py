@@ -34,6 +34,7 @@ MODULES: dict[str, dict] = {
     "features": {"path": "src/lvlmlp/probing/features.py", "tests": ["tests/test_probes.py", "tests/test_guards_core.py"]},
     "probes": {"path": "src/lvlmlp/probing/probes.py",
                "tests": ["tests/test_probes.py", "tests/test_guards_core.py", "tests/test_faults.py"]},
+    "lda": {"path": "src/lvlmlp/probing/lda.py", "tests": ["tests/test_probes.py", "tests/test_guards_core.py"]},
     "metrics": {"path": "src/lvlmlp/probing/metrics.py", "tests": ["tests/test_metrics.py", "tests/test_guards_metrics.py"]},
     # store: the tests that run the tiny LLaVA (extraction through the store) are left out: with them a mutant of
     # RunWriter cost ~30 s here and the module ~7 hours; store.py alone is covered by the model-free ones.

@@ -539,15 +539,16 @@ def test_lda_device_names_fit_info_and_more_rows_than_features():
 
 def test_lda_row_blocks_give_the_same_coefficients(monkeypatch: pytest.MonkeyPatch):
     """Catches: a block of the in-place steps of the LDA solver (centring, each class's reduced rows) reaching back
-    to the first row or on to the last, only observable past one block (_ROWS rows, shrunk here to 7)."""
+    to the first row or on to the last, only observable past one block (ROWS rows, shrunk here to 7)."""
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
+    import lvlmlp.probing.lda as lda
     import lvlmlp.probing.probes as probes
 
     rng = np.random.default_rng(4)
     y = np.repeat(np.arange(10), 4)
     X = (rng.normal(size=(40, 60)) + rng.normal(size=(10, 60))[y]).astype(np.float32)  # fewer rows than features
-    monkeypatch.setattr(probes, "_ROWS", 7)
+    monkeypatch.setattr(lda, "ROWS", 7)
     ours, ref = probes.LDAProbe().fit(X, y), LinearDiscriminantAnalysis().fit(X, y)
     np.testing.assert_allclose(ours.coef_, ref.coef_, rtol=1e-3, atol=1e-4)  # float64 here, float32 there
     np.testing.assert_allclose(ours.intercept_, ref.intercept_, rtol=1e-3, atol=1e-4)

@@ -17,13 +17,13 @@ from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.backend import Backend
 from lvlmlp.extraction.extract import (
     backend_settings,
-    check_options,
     extract,
     finished_run,
     parse_shard,
     run_settings,
     shard_rows,
 )
+from lvlmlp.extraction.options import ExtractOptions, flag_names
 
 
 def test_parse_shard_accepts_exactly_0_le_i_lt_n():
@@ -56,22 +56,29 @@ def test_shard_rows_are_contiguous_blocks_that_remember_their_input_position():
     assert [len(shard_rows(rows[:3], (i, 5))) for i in range(5)] == [0, 1, 0, 1, 1]
 
 
-def test_check_options_refuses_each_bad_option_with_its_message():
-    """Catches: a check dropped or inverted, or a message naming the wrong flag or choices."""
-    ok = dict(store_dtype="float16", on_error="fail", batch_size=1, max_new_tokens=0, label_fn=None, source="s")
-    check_options(**ok)
-    check_options(**{**ok, "store_dtype": "float32", "on_error": "skip", "label_fn": len, "max_new_tokens": 1})
+def test_extract_options_refuse_each_bad_option_with_its_message():
+    """Catches: a check dropped or inverted, or a message naming the wrong option or choices (by its field, or by
+    the caller's name for it: the CLI's flag)."""
+    ok = dict(store_dtype="float16", on_error="fail", batch_size=1, max_new_tokens=0)
+    ExtractOptions(**ok).check_labels(False, "s")
+    ExtractOptions(**{**ok, "store_dtype": "float32", "on_error": "skip", "max_new_tokens": 1}).check_labels(True, "s")
+    with pytest.raises(LvlmlpError) as err:
+        ExtractOptions(**ok).check_labels(True, "s")
+    assert str(err.value) == "s: labels come from the model's answers here; give max_new_tokens K (> 0)"
+    assert err.value.named(flag_names()) == "s: labels come from the model's answers here; give --max-new-tokens K (> 0)"
     cases = (
-        ({"label_fn": len}, "s: labels come from the model's answers here; give --max-new-tokens K (> 0)"),
-        ({"store_dtype": "int8"}, "--store-dtype: expected one of ['float16', 'float32'], got 'int8'"),
-        ({"on_error": "retry"}, "--on-error: expected fail or skip, got 'retry'"),
-        ({"batch_size": 0}, "--batch-size must be >= 1 and --max-new-tokens >= 0"),
-        ({"max_new_tokens": -1}, "--batch-size must be >= 1 and --max-new-tokens >= 0"),
+        ({"store_dtype": "int8"}, "{store_dtype}: expected one of ['float16', 'float32'], got 'int8'"),
+        ({"on_error": "retry"}, "{on_error}: expected fail or skip, got 'retry'"),
+        ({"batch_size": 0}, "{batch_size} must be >= 1 and {max_new_tokens} >= 0"),
+        ({"max_new_tokens": -1}, "{batch_size} must be >= 1 and {max_new_tokens} >= 0"),
+        ({"shard": (2, 2)}, "{shard}: need 0 <= I < N, got '2/2'"),
     )
     for change, message in cases:
         with pytest.raises(LvlmlpError) as err:
-            check_options(**{**ok, **change})
-        assert str(err.value) == message
+            ExtractOptions(**{**ok, **change})
+        fields = ("store_dtype", "on_error", "batch_size", "max_new_tokens", "shard")
+        assert str(err.value) == message.format(**{f: f for f in fields})
+        assert err.value.named(flag_names()) == message.format(**{f: "--" + f.replace("_", "-") for f in fields})
 
 
 def test_run_settings_record_every_extraction_option_under_its_name():

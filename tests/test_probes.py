@@ -271,12 +271,12 @@ def test_probes_are_scikit_learn_estimators_clone_and_cross_val_predict():
 
 @pytest.mark.parametrize("case", ["full-rank", "duplicate-rows", "near-duplicate-rows", "more-rows-than-features"])
 def test_lda_within_class_pseudo_inverse_against_numpy_svd(case):
-    """`_reduced_rows` then `_centres_times_pinv` (the Cholesky fast path, or the eigen-decomposition when a
+    """`reduced_rows` then `centres_times_pinv` (the Cholesky fast path, or the eigen-decomposition when a
     singular value is under tol or rows outnumber features) equals centres @ V_r diag(1/S_r^2) V_r^T from numpy's SVD of the
     within-class matrix, r = the singular values above tol, as scikit-learn's svd solver thresholds them."""
     import torch
 
-    from lvlmlp.probing.probes import _centres_times_pinv, _reduced_rows
+    from lvlmlp.probing.lda import centres_times_pinv, reduced_rows
 
     rng = np.random.default_rng(3)
     k, per, d = (6, 40, 30) if case == "more-rows-than-features" else (6, 5, 60)
@@ -296,11 +296,11 @@ def test_lda_within_class_pseudo_inverse_against_numpy_svd(case):
         assert 0 < s[r] < 1e-4
     expected = centres @ vt[:r].T @ np.diag(1 / s[:r] ** 2) @ vt[:r]
     z = torch.from_numpy(xw.copy())
-    if y.size <= d:  # as _lda_svd: one fewer row per class, the same Gram matrix z^T z = xw^T xw
-        z = _reduced_rows(z, torch.from_numpy(y), torch.from_numpy(np.bincount(y)))
+    if y.size <= d:  # as lda_svd: one fewer row per class, the same Gram matrix z^T z = xw^T xw
+        z = reduced_rows(z, torch.from_numpy(y), torch.from_numpy(np.bincount(y)))
         assert z.shape == (y.size - k, d)
         assert np.allclose(z.numpy().T @ z.numpy(), xw.T @ xw, rtol=0, atol=1e-12)
-    got = _centres_times_pinv(z, torch.from_numpy(centres), 1e-4).numpy()
+    got = centres_times_pinv(z, torch.from_numpy(centres), 1e-4).numpy()
     assert np.allclose(got, expected, rtol=1e-8, atol=1e-8 * np.abs(expected).max())
 
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.ranges import COUNT, NONNEG
+
+if TYPE_CHECKING:
+    from lvlmlp.extraction.spec import BackendSpec
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,6 +34,16 @@ def add_backend_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, metavar="MODULE:CLASS",
                    help="a model outside transformers' Auto classes: MODULE:CLASS or path/file.py:CLASS implementing "
                         "lvlmlp's backend protocol, built as CLASS(--model, device=, dtype=) (docs/backends.md)")
+
+
+def backend_spec(args: argparse.Namespace, template: str | None) -> BackendSpec:
+    """The model flags (--model, --device, --dtype, --raw-prompt, --system-prompt, --trust-remote-code) under the
+    prompt `template`."""
+    from lvlmlp.extraction.spec import BackendSpec
+
+    return BackendSpec(args.model, device=args.device, dtype=args.dtype, prompt_template=template,
+                       raw_prompt=args.raw_prompt, system_prompt=args.system_prompt,
+                       trust_remote_code=args.trust_remote_code)
 
 
 def protocol_backend(args: argparse.Namespace, template: str | None) -> Any:

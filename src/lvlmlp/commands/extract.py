@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lvlmlp.commands._args import (
     add_backend_argument,
     add_model_arguments,
     add_task_arguments,
+    backend_spec,
     input_flags,
     protocol_backend,
     rows_from_args,
@@ -19,6 +21,9 @@ from lvlmlp.commands._args import (
 from lvlmlp.defaults import BATCH_SIZE, STORE_DTYPE_NAMES
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.ranges import COUNT, NONNEG
+
+if TYPE_CHECKING:
+    from lvlmlp.extraction.options import ExtractOptions
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +84,23 @@ def parse_layers(spec: str | None) -> list[int] | str:
                           f"got {spec!r}") from None
 
 
-def settings_of(args: argparse.Namespace, chosen: dict) -> dict:
-    """The extraction options of the flags (the manifest's settings besides the model's); `chosen`: the selection."""
+def options_of(args: argparse.Namespace) -> ExtractOptions:
+    """The extraction options of the flags; a bad one is said by its flag (`--store-dtype: ...`)."""
     from lvlmlp.extraction.extract import parse_shard
+    from lvlmlp.extraction.options import ExtractOptions, ExtractOptionsError, flag_names
 
-    return dict(max_new_tokens=args.max_new_tokens, logits_tokens=args.logits_tokens, hidden=args.hidden,
-                layers=parse_layers(args.layers), store_dtype=args.store_dtype, shard=parse_shard(args.shard),
-                batch_size=args.batch_size, selection=chosen, **({"vision": True} if args.vision else {}))
+    try:
+        return ExtractOptions(max_new_tokens=args.max_new_tokens, logits_tokens=args.logits_tokens,
+                              hidden=args.hidden, layers=parse_layers(args.layers), vision=args.vision,
+                              store_dtype=args.store_dtype, shard=parse_shard(args.shard), batch_size=args.batch_size,
+                              on_error=args.on_error, shard_size=args.shard_size, workers=args.workers)
+    except ExtractOptionsError as err:
+        raise LvlmlpError(err.named(flag_names())) from None
 
 
 def run(args: argparse.Namespace) -> int:
     from lvlmlp.data import check_rows, rows_fingerprint
-    from lvlmlp.extraction.extract import extract, finished_run, parse_shard, shard_rows
+    from lvlmlp.extraction.extract import extract, finished_run, shard_rows
     from lvlmlp.outputs import check_output
 
     # First of all: before the rows are read and long before any weight file is opened (or hashed).
@@ -99,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
     # the whole input's hash (before --shard cuts it): `merge` refuses shards cut from different inputs
     # and the task (a probe records the task of its run; probe eval warns on another task's run)
     chosen = {**selection(args), "input_hash": rows_fingerprint(rows), "task": args.task}
-    rows = shard_rows(rows, parse_shard(args.shard))
-    check_rows(rows, source, args.on_error)  # before the (possibly minutes-long) model load
+    options = options_of(args)
+    rows = shard_rows(rows, options.shard)
+    check_rows(rows, source, options.on_error)  # before the (possibly minutes-long) model load
     if (Path(args.out) / "manifest.json").is_file():  # a finished run whose images were replaced: refused here
         from lvlmlp.data import images_fingerprint
         from lvlmlp.extraction.store import check_images_unchanged
@@ -132,31 +143,28 @@ def run(args: argparse.Namespace) -> int:
         raise LvlmlpError("--workers does not apply with --ray (each Ray replica prepares its own batches)")
     backend = protocol_backend(args, template)
     if backend is not None:  # a model outside the Auto classes (docs/backends.md)
-        run_ = extract(backend, rows, args.out, on_error=args.on_error, source=source, progress=not args.no_progress,
-                       shard_size=args.shard_size, workers=args.workers, label_fn=label_fn, **settings_of(args, chosen))
+        run_ = extract(backend, rows, args.out, options, source=source, progress=not args.no_progress,
+                       label_fn=label_fn, selection=chosen)
         print(f"{run_.path}: {len(run_)} rows, logits {run_.n_logit_tokens} x {run_.manifest['vocab_size']}")
         return 0
-    from lvlmlp.extraction.backend import Backend
-
-    backend_args = dict(device=args.device, dtype=args.dtype, prompt_template=template, raw_prompt=args.raw_prompt,
-                        system_prompt=args.system_prompt, trust_remote_code=args.trust_remote_code)
-    settings = settings_of(args, chosen)
+    spec = backend_spec(args, template)
     run_ = None
     if args.ray is not None:  # the model loads in the Ray replicas, not here; a finished run is recognised there
         from lvlmlp.extraction.ray_extract import ray_extract, ray_options
 
-        run_ = ray_extract({"model": args.model, **backend_args}, rows, args.out,
-                           ray=ray_options(args.ray, args.ray_replicas, args.ray_timeout), on_error=args.on_error, source=source,
-                           progress=not args.no_progress, shard_size=args.shard_size, label_fn=label_fn, **settings)
+        run_ = ray_extract(spec, rows, args.out, options,
+                           ray=ray_options(args.ray, args.ray_replicas, args.ray_timeout), source=source,
+                           progress=not args.no_progress, label_fn=label_fn, selection=chosen)
     elif (Path(args.out) / "manifest.json").is_file():
         # A finished run is recognised from the config, processor and weights hash, without loading the weights.
-        light = Backend(args.model, load_model=False, **backend_args)
-        run_ = finished_run(light, rows, args.out, labels_from_responses=label_fn is not None, **settings)
+        light = spec.build(load_model=False)
+        run_ = finished_run(light, rows, args.out, options, labels_from_responses=label_fn is not None,
+                            selection=chosen)
         if run_ is not None:
             log.info("%s: finished already with these settings; nothing to do", run_.path)
     if run_ is None:  # not finished: load the model and extract (resuming what is committed)
-        backend = Backend(args.model, **backend_args)
-        run_ = extract(backend, rows, args.out, on_error=args.on_error, source=source, progress=not args.no_progress,
-                       shard_size=args.shard_size, workers=args.workers, label_fn=label_fn, **settings)
+        backend = spec.build()
+        run_ = extract(backend, rows, args.out, options, source=source, progress=not args.no_progress,
+                       label_fn=label_fn, selection=chosen)
     print(f"{run_.path}: {len(run_)} rows, logits {run_.n_logit_tokens} x {run_.manifest['vocab_size']}")
     return 0

@@ -9,6 +9,7 @@ import argparse
 from lvlmlp.commands._args import (
     add_model_arguments,
     add_task_arguments,
+    backend_spec,
     input_flags,
     rows_from_args,
     silence_progress_bars,
@@ -83,7 +84,6 @@ def several_tasks(args: argparse.Namespace) -> tuple[list[dict], list[str], str]
 
 
 def run(args: argparse.Namespace) -> int:
-    from lvlmlp.extraction.backend import Backend
     from lvlmlp.outputs import check_output
     from lvlmlp.steering.guard import parse_answers
     from lvlmlp.study.finetune import Settings, default_answers, finetune, row_targets
@@ -111,9 +111,7 @@ def run(args: argparse.Namespace) -> int:
     settings.check()
     if args.no_progress:
         silence_progress_bars()
-    backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=template,
-                      raw_prompt=args.raw_prompt, system_prompt=args.system_prompt,
-                      trust_remote_code=args.trust_remote_code)
+    backend = backend_spec(args, template).build()
     summary = finetune(backend, rows, targets, args.out, settings, progress=not args.no_progress)
     losses = ", ".join(f"{x:.4f}" for x in summary["epoch_loss"])
     print(f"{args.out}: {len(rows)} rows, {summary['epochs_done']} epochs, mean loss per epoch {losses}")

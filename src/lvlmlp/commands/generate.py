@@ -15,6 +15,7 @@ from lvlmlp.commands._args import (
     add_guard_arguments,
     add_model_arguments,
     add_task_arguments,
+    backend_spec,
     guard_mode,
     input_flags,
     protocol_backend,
@@ -78,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from lvlmlp.data import image_check, load_image
-    from lvlmlp.extraction.backend import Backend
     from lvlmlp.probing.probes import load_probe
     from lvlmlp.steering.guard import guarded_responses, make_guard, steering_metrics
 
@@ -88,9 +88,7 @@ def run(args: argparse.Namespace) -> int:
         raise LvlmlpError(f"--backend {args.backend}: guided decoding needs its `model` (the torch module whose "
                           "generating language model the guard watches, docs/backends.md)")
     if backend is None:
-        backend = Backend(args.model, device=args.device, dtype=args.dtype, prompt_template=prompt_template,
-                          raw_prompt=args.raw_prompt, system_prompt=args.system_prompt,
-                          trust_remote_code=args.trust_remote_code)
+        backend = backend_spec(args, prompt_template).build()
     guard = make_guard(probe, backend, template, answers, args.threshold, args.allow_other_model)
     max_new_tokens = token_budget(args, guard, "--max-new-tokens")
     gen: dict[str, Any] = {"do_sample": True, "temperature": 1.0 if args.temperature is None else args.temperature} if args.do_sample else {}

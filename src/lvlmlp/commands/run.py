@@ -26,8 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lvlmlp.commands._args import silence_progress_bars
     from lvlmlp.outputs import check_output
-    from lvlmlp.study.experiment import headline, load_config, run_experiment
+    from lvlmlp.study.experiment import load_config, run_experiment
     from lvlmlp.study.report import POOLED, fmt_value
+    from lvlmlp.study.sections import headline
 
     cfg = load_config(args.config, args.set or [], model=args.model, out=args.out, device=args.device,
                       limit=args.limit, batch_size=args.batch_size, n_boot=args.n_boot)

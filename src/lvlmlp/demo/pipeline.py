@@ -25,6 +25,7 @@ import numpy as np
 from lvlmlp.demo import world
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.outputs import read_json, write_text_atomic
+from lvlmlp.study.layout import RunLayout
 
 log = logging.getLogger("lvlmlp")
 
@@ -159,7 +160,7 @@ def _eval(out: Path, task: str) -> tuple[dict, list[dict]]:
     """An analogue's main evaluation: metrics.json and scores.jsonl of `OUT/TASK/evals/default`."""
     from lvlmlp.study.report import load_eval
 
-    return load_eval(out / task / "evals" / PROMPT)
+    return load_eval(RunLayout(out / task).eval(PROMPT))
 
 
 _FIGURES = ("auroc", "auprc", "accuracy", "f1", "threshold", "n", "n_positive", "auroc_ci", "accuracy_ci")
@@ -194,12 +195,12 @@ def collect_results(out: Path, configs: dict[str, Any]) -> dict:
             entry["token_prob"] = {"token": TOKEN_BASELINE[task][0], **_figures(base[one_token_baseline(task)])}
         else:
             entry["max_prob"] = _figures(base["max-prob"])
-        decay = read_json(out / task / "analyses" / f"token_decay-{PROMPT}.json")
+        decay = read_json(RunLayout(out / task).analysis("token_decay", PROMPT))
         entry["token_decay"] = [{"token": e["token"], "auroc": e["value"], "auroc_ci": e["ci"],
                                  "n_train": e.get("n_train", 0), "n_test": e["n"]} for e in decay["tokens"]]
         results["tasks"][task] = entry
     for task in GUARD_TEMPLATES:  # in the order the summary has always printed them
-        path = out / task / "analyses" / f"steering-{PROMPT}.json"
+        path = RunLayout(out / task).analysis("steering", PROMPT)
         if configs[task].steering is not None and path.is_file():
             results["steering"][task] = read_json(path)
     return results
@@ -215,8 +216,8 @@ def finetune_vs_probe(out: Path, model: str, n_rows: int, batch_size: int, seed:
     from functools import partial
 
     from lvlmlp.extraction.store import open_run
-    from lvlmlp.study.experiment import Steps, cached
     from lvlmlp.study.finetune import Readout, Settings, compare
+    from lvlmlp.study.steps import Steps, cached
     from lvlmlp.tasks import get_task
 
     def target(task: str, row: dict) -> str:
@@ -229,14 +230,14 @@ def finetune_vs_probe(out: Path, model: str, n_rows: int, batch_size: int, seed:
     result = {}
     settings = Settings(epochs=FINETUNE_EPOCHS, lr=3e-3, batch_size=16, seed=seed)
     for task, (token, negate) in TOKEN_BASELINE.items():
-        runs = {s: open_run(out / task / "runs" / f"{PROMPT}-{s}") for s in ("train", "test")}
+        runs = {s: open_run(RunLayout(out / task).run(PROMPT, s)) for s in ("train", "test")}
         images = out / "images" / task
         _, records = _eval(out, task)
         probe = {r["id"]: r["score"] for r in records}
         tuned = [{**m, "image": str(images / f"{m['id']}.png")} for m in runs["train"].meta[:n_rows]]
         tuned = [{**r, "target": target(task, r)} for r in tuned]
         test = [{**m, "image": str(images / f"{m['id']}.png")} for m in runs["test"].meta if m["id"] in probe]
-        folder = out / "finetune" / task
+        folder = RunLayout(out).finetune / task  # the demo's own comparisons, beside the analogues
         base = np.array([probe[r["id"]] for r in test])
         key = hashlib.sha256(json.dumps([model, n_rows, str(settings), batch_size, base.tolist(),
                                          [r.manifest.get("created_at") for r in runs.values()]]).encode())
@@ -369,12 +370,12 @@ def _signals_section(results: dict, out: Path) -> list:
 
     rows, pngs = [], []
     for task in results["tasks"]:
-        path = out / task / "analyses" / f"signals-{PROMPT}.json"
+        path = RunLayout(out / task).analysis("signals", PROMPT)
         if not path.is_file():
             continue
         res = json.loads(path.read_text())
         rows += [[task, *row[:-1]] for row in sg.table_rows(res)]
-        png = out / task / "report" / f"signals_{PROMPT}.png"
+        png = RunLayout(out / task).report / f"signals_{PROMPT}.png"
         if png.is_file():
             pngs.append(png)
     if not rows:
@@ -474,8 +475,8 @@ def _decay_section(results: dict, plots: Path):
 
 
 def _steering_sections(results: dict) -> list:
-    from lvlmlp.study.experiment import STEERING_HEADER, steering_row
     from lvlmlp.study.report import Section
+    from lvlmlp.study.sections import STEERING_HEADER, steering_row
 
     out = []
     if results.get("steering"):
@@ -500,7 +501,7 @@ def _galleries(results: dict, out: Path) -> list:
 
     galleries = []
     for task in results["tasks"]:
-        run = open_run(out / task / "runs" / f"{PROMPT}-test")
+        run = open_run(RunLayout(out / task).run(PROMPT, "test"))
         meta = {m["id"]: (m, r) for m, r in zip(run.meta, run.responses)}
         _, recs = _eval(out, task)
         by_label: dict = {}

@@ -17,6 +17,7 @@ Batched results equal single-row results to float rounding (the tests check < 1e
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import logging
@@ -358,6 +359,23 @@ class Backend:
         self.pad_id: int = next(
             (i for i in (gen.pad_token_id, self.tokenizer.pad_token_id, *self.eos_ids) if i is not None), 0
         )
+
+    # ------------------------------------------------------------------------------------------- derived identities
+    def with_prompt_template(self, template: str | None) -> Backend:
+        """This loaded model under another prompt template: a new backend sharing the model, processor and
+        tokenizer (one load serves every prompt of a config); this one is left as it is."""
+        if template is not None and "{question}" not in template:
+            raise LvlmlpError(f"--prompt-template: {template!r} has no {{question}} placeholder")
+        derived = copy.copy(self)
+        derived.prompt_template = template
+        return derived
+
+    def renamed(self, model_id: str, weights_hash: str) -> Backend:
+        """This loaded model recorded under another identity (a run's manifest names the LoRA adapter's epoch, not
+        the base weights it was loaded from); shares the model; this one is left as it is."""
+        derived = copy.copy(self)
+        derived.model_id, derived.weights_hash = model_id, weights_hash
+        return derived
 
     # ----------------------------------------------------------------------------------------------------- prompts
     def processed_pixels(self, width: int, height: int) -> int:

@@ -18,9 +18,10 @@ import numpy as np
 from tqdm import tqdm
 
 from lvlmlp.data import check_rows, images_fingerprint, rows_fingerprint
-from lvlmlp.defaults import BATCH_SIZE, STORE_DTYPE_NAMES
+from lvlmlp.defaults import BATCH_SIZE, STORE_DTYPE_NAMES  # noqa: F401 - BATCH_SIZE: bench/ imports it from here
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.loader import cores_for_workers, prepared_batches
+from lvlmlp.extraction.options import ExtractOptions
 from lvlmlp.extraction.store import Run, RunWriter, is_complete_run, open_run
 
 if TYPE_CHECKING:
@@ -62,29 +63,35 @@ def resolve_layers(backend: Backend, layers: Sequence[int] | str) -> list[int]:
     return [int(x) for x in layers]
 
 
-def finished_run(backend: Backend, rows: list[dict], out: str | Path, **settings: Any) -> Run | None:
+def finished_run(backend: Backend, rows: list[dict], out: str | Path, options: ExtractOptions | None = None, *,
+                 labels_from_responses: bool = False, selection: dict | None = None, **changes: Any) -> Run | None:
     """The run in `out` when it is complete and was made with these settings (`run_settings`' arguments), else None.
 
     `backend` may be a `Backend(..., load_model=False)`: a finished run is then recognised without loading the
     weights (the vocabulary size, known only from the loaded model, is not compared; the weights hash is)."""
-    if isinstance(settings.get("layers"), str):  # "quartiles": resolved from the config, without the weights
-        settings = {**settings, "layers": resolve_layers(backend, settings["layers"])}
-    if not is_complete_run(out, run_settings(backend_settings(backend), rows, **settings), ignore=("vocab_size",)):
+    options = ExtractOptions.of(options, **changes)
+    if isinstance(options.layers, str):  # "quartiles": resolved from the config, without the weights
+        options = ExtractOptions.of(options, layers=resolve_layers(backend, options.layers))
+    settings = run_settings(backend_settings(backend), rows, options, labels_from_responses=labels_from_responses,
+                            selection=selection)
+    if not is_complete_run(out, settings, ignore=("vocab_size",)):
         return None
     return open_run(out)
 
 
-def check_options(store_dtype: str, on_error: str, batch_size: int, max_new_tokens: int,
-                  label_fn: Callable | None, source: str) -> None:
-    """One-line errors for bad extraction options, before any model is loaded."""
-    if label_fn is not None and not max_new_tokens:
-        raise LvlmlpError(f"{source}: labels come from the model's answers here; give --max-new-tokens K (> 0)")
-    if store_dtype not in STORE_DTYPES:
-        raise LvlmlpError(f"--store-dtype: expected one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
-    if on_error not in ("fail", "skip"):
-        raise LvlmlpError(f"--on-error: expected fail or skip, got {on_error!r}")
-    if batch_size < 1 or max_new_tokens < 0:
-        raise LvlmlpError("--batch-size must be >= 1 and --max-new-tokens >= 0")
+def numbered_rows(rows: list[dict], source: str, on_error: str) -> list[dict]:
+    """The rows to extract, each with its input position (`_row_index`, kept when `shard_rows` set it), checked
+    (`check_rows`) before any model work or folder is written; none at all is refused."""
+    rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
+    check_rows(rows, source, on_error)
+    if not rows:
+        raise LvlmlpError(f"{source}: no rows to extract")
+    return rows
+
+
+def batches_of(rows: list[dict], batch_size: int) -> list[list[dict]]:
+    """The forwards' batches, in order: what the single-process extractor and each Ray replica run."""
+    return [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
 
 
 def backend_settings(backend: Backend) -> dict:
@@ -103,25 +110,26 @@ def backend_settings(backend: Backend) -> dict:
     }
 
 
-def run_settings(model: dict, rows: list[dict], *, batch_size: int, max_new_tokens: int, logits_tokens: int | None,
-                 hidden: bool, layers: Sequence[int], store_dtype: str, shard: tuple[int, int] | None,
-                 labels_from_responses: bool, selection: dict | None = None, vision: bool = False) -> dict:
-    """A run's manifest settings: `model` (see `backend_settings`) and the extraction options. The rows' hash
-    leaves out `_row_index` (their position), so a finished run is recognised from rows numbered or not."""
-    n_keep = max(1, min(max_new_tokens, logits_tokens or max_new_tokens))  # stored tokens; 1 for prefill
+def run_settings(model: dict, rows: list[dict], options: ExtractOptions | None = None, *,
+                 labels_from_responses: bool = False, selection: dict | None = None, **changes: Any) -> dict:
+    """A run's manifest settings: `model` (see `backend_settings`) and the extraction options (`layers` resolved to
+    indices). The rows' hash leaves out `_row_index` (their position), so a finished run is recognised from rows
+    numbered or not."""
+    options = ExtractOptions.of(options, **changes)
+    shard = options.shard
     return {
         **model,
-        "dtype": store_dtype,
-        "max_new_tokens": max_new_tokens,
-        "logits_tokens": n_keep,
-        "hidden": hidden,
-        "layers": [int(x) for x in layers],
-        **({"vision": True} if vision else {}),  # absent when off: runs made before --vision keep their identity
+        "dtype": options.store_dtype,
+        "max_new_tokens": options.max_new_tokens,
+        "logits_tokens": options.n_keep,  # stored tokens; 1 for prefill
+        "hidden": options.hidden,
+        "layers": list(options.layers),
+        **({"vision": True} if options.vision else {}),  # absent when off: runs made before --vision keep identity
         "data_hash": rows_fingerprint({k: v for k, v in r.items() if k != "_row_index"} for r in rows),
         "images_hash": images_fingerprint(rows),  # sizes and modification times: replaced images are noticed
         "n_input_rows": len(rows),
         "shard": f"{shard[0]}/{shard[1]}" if shard else None,
-        "batch_size": batch_size,
+        "batch_size": options.batch_size,
         "labels_from_responses": labels_from_responses,
         "selection": selection,  # --split / --per-class / --limit / --seed that chose the rows
     }
@@ -131,65 +139,51 @@ def extract(
     backend: Backend,
     rows: list[dict],
     out: str | Path,
+    options: ExtractOptions | None = None,
     *,
-    batch_size: int = BATCH_SIZE,
-    max_new_tokens: int = 0,
-    logits_tokens: int | None = None,
-    hidden: bool = False,
-    layers: Sequence[int] | str = (),
-    store_dtype: str = "float16",
-    on_error: str = "fail",
-    shard: tuple[int, int] | None = None,
     source: str = "rows",
     progress: bool = True,
-    shard_size: int = 256,
-    workers: int = 1,
     label_fn: Callable[[str, dict], int] | None = None,
     selection: dict | None = None,
-    vision: bool = False,
+    **changes: Any,
 ) -> Run:
-    """Extract features for `rows` (already selected; see `shard_rows`) into the run folder `out`.
+    """Extract features for `rows` (already selected; see `shard_rows`) into the run folder `out`, as `options` say
+    (`changes`: `ExtractOptions` fields given as keywords, over `options` or the defaults).
 
     `label_fn(response, row)`: for tasks whose label is whether the model answered right (MathVista), each row's
-    `label` is computed from its generated response and stored with its metadata."""
-    check_options(store_dtype, on_error, batch_size, max_new_tokens, label_fn, source)
-    layers = resolve_layers(backend, layers)  # "quartiles" -> this model's indices; the manifest stores those
-    if vision:
+    `label` is computed from its generated response and stored with its metadata. `selection`: how the rows were
+    chosen (--split / --per-class / --limit / --seed), recorded in the manifest."""
+    options = ExtractOptions.of(options, **changes)
+    options.check_labels(label_fn is not None, source)
+    # "quartiles" -> this model's indices; the manifest stores those
+    options = ExtractOptions.of(options, layers=resolve_layers(backend, options.layers))
+    if options.vision:
         backend.check_vision()  # an unsupported family is said before any row is read
-    rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
-    check_rows(rows, source, on_error)  # before any model work or folder is written
-    if not rows:
-        raise LvlmlpError(f"{source}: no rows to extract")
-    settings = run_settings(
-        backend_settings(backend), rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        logits_tokens=logits_tokens, hidden=hidden, layers=layers, store_dtype=store_dtype, shard=shard,
-        labels_from_responses=label_fn is not None, selection=selection, vision=vision,
-    )
-    n_keep = settings["logits_tokens"]  # stored tokens; 1 for prefill
-    writer = RunWriter(out, settings, shard_size=shard_size)
+    rows = numbered_rows(rows, source, options.on_error)  # before any model work or folder is written
+    settings = run_settings(backend_settings(backend), rows, options, labels_from_responses=label_fn is not None,
+                            selection=selection)
+    writer = RunWriter(out, settings, shard_size=options.shard_size)
     pending = [r for r in rows if r["id"] not in writer.done_ids]
     log.info(
         "extract: %s (%s, %s) -> %s: %d rows, %d to do, batch %d, %s", backend.model_id, backend.family,
-        settings["compute_dtype"], out, len(rows), len(pending), batch_size,
-        f"generate {max_new_tokens} tokens" if max_new_tokens else "prefill only",
+        settings["compute_dtype"], out, len(rows), len(pending), options.batch_size,
+        f"generate {options.max_new_tokens} tokens" if options.max_new_tokens else "prefill only",
     )
-    dtype = STORE_DTYPES[store_dtype]
     try:
         bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="extract")
-        chunks = [pending[s : s + batch_size] for s in range(0, len(pending), batch_size)]
+        chunks = batches_of(pending, options.batch_size)
         # closing: the workers stop on errors too
-        with cores_for_workers(backend, workers), closing(
-                prepared_batches(backend, chunks, workers, max_new_tokens)) as prepared:
+        with cores_for_workers(backend, options.workers), closing(
+                prepared_batches(backend, chunks, options.workers, options.max_new_tokens)) as prepared:
             for chunk, (batch_rows, batch, failed) in zip(chunks, prepared):
                 for row_id, message in failed:
-                    if on_error == "fail":
+                    if options.on_error == "fail":
                         bar.close()
                         raise LvlmlpError(f"{source}: {message}")
                     writer.fail(row_id, message)
                 if batch_rows:
                     batch = backend.to_device(batch)
-                    meta, arrays = run_batch(backend, batch_rows, batch, max_new_tokens, n_keep, hidden, layers,
-                                             dtype, vision)
+                    meta, arrays = run_batch(backend, batch_rows, batch, options)
                     if label_fn is not None:
                         for m, row in zip(meta, batch_rows):
                             m["label"] = int(label_fn(m["response"], row))
@@ -205,8 +199,11 @@ def extract(
     return run
 
 
-def run_batch(backend: Backend, rows: list[dict], batch: dict, max_new_tokens: int, n_keep: int, hidden: bool,
-              layers: Sequence[int], dtype: type, vision: bool = False) -> tuple[list[dict], dict[str, np.ndarray]]:
+def run_batch(backend: Backend, rows: list[dict], batch: dict,
+              options: ExtractOptions) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """One prepared batch through the model: the manifest rows and the arrays to store (`options.layers`: indices)."""
+    max_new_tokens, n_keep, hidden, layers = options.max_new_tokens, options.n_keep, options.hidden, list(options.layers)
+    dtype, vision = STORE_DTYPES[options.store_dtype], options.vision
     asked = {"vision": True} if vision else {}  # a `--backend` class (docs/backends.md) need not know `vision`
     if max_new_tokens:
         res = backend.generate(batch, max_new_tokens=max_new_tokens, hidden=hidden, layers=layers, **asked)

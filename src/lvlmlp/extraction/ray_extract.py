@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -32,7 +32,9 @@ import numpy as np
 from tqdm import tqdm
 
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.extraction.extract import BATCH_SIZE, STORE_DTYPES, check_options, check_rows, run_settings
+from lvlmlp.extraction.extract import batches_of, numbered_rows, run_settings
+from lvlmlp.extraction.options import ExtractOptions
+from lvlmlp.extraction.spec import BackendSpec
 from lvlmlp.extraction.store import Run, RunWriter, identity
 
 log = logging.getLogger("lvlmlp")
@@ -193,18 +195,17 @@ def _plan(ray: Any, opts: RayOptions, device: str, n_batches: int) -> tuple[int,
 class _Replica:
     """One model replica in a Ray actor: loads the backend once, then extracts one batch per call."""
 
-    def __init__(self, model: dict, options: dict, threads: int, progress: bool, fail_once: str | None) -> None:
+    def __init__(self, model: BackendSpec, options: ExtractOptions, threads: int, progress: bool, fail_once: str | None) -> None:
         import torch
         from transformers.utils import logging as hf_logging
 
-        from lvlmlp.extraction.backend import Backend
         from lvlmlp.extraction.extract import backend_settings
 
         torch.set_num_threads(threads)
         if not progress:  # --no-progress: no weight-loading bars from the replicas either
             hf_logging.disable_progress_bar()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the replicas are the parallelism
-        self.backend = Backend(**model)
+        self.backend = model.build()
         self.model_json = json.dumps(backend_settings(self.backend))
         self.options = options
         self.fail_once = fail_once
@@ -219,10 +220,10 @@ class _Replica:
         self._test_exit(index)
         # new_tokens: prompts longer than the context minus the tokens to generate fail here, as in `extract`
         ok, prepared, failed = next(prepared_batches(self.backend, [rows], workers=0,
-                                                     new_tokens=self.options["max_new_tokens"]))
+                                                     new_tokens=self.options.max_new_tokens))
         meta, blob = [], b""
         if ok:
-            meta, arrays = run_batch(self.backend, ok, self.backend.to_device(prepared), **self.options)
+            meta, arrays = run_batch(self.backend, ok, self.backend.to_device(prepared), self.options)
             # one binary column: any shapes and dtypes, whatever Arrow's tensor types allow; safetensors writes
             # an array's memory as it lies, so views (hidden states are slices) are made contiguous first
             blob = save({name: np.ascontiguousarray(a) for name, a in arrays.items()})
@@ -243,72 +244,59 @@ class _Replica:
 
 
 def ray_extract(
-    model: dict,
+    model: BackendSpec | Mapping[str, Any],
     rows: list[dict],
     out: str | Path,
+    options: ExtractOptions | None = None,
     *,
     ray: RayOptions | Any = True,
-    batch_size: int = BATCH_SIZE,
-    max_new_tokens: int = 0,
-    logits_tokens: int | None = None,
-    hidden: bool = False,
-    layers: Sequence[int] | str = (),
-    store_dtype: str = "float16",
-    on_error: str = "fail",
-    shard: tuple[int, int] | None = None,
     source: str = "rows",
     progress: bool = True,
-    shard_size: int = 256,
     label_fn: Callable[[str, dict], int] | None = None,
     selection: dict | None = None,
+    **changes: Any,
 ) -> Run:
-    """`extract` on Ray (see the module docstring). `model`: the `Backend` arguments (model, device, dtype,
-    prompt_template, raw_prompt); each replica loads its own copy. `ray`: see `ray_options`. The other arguments
-    and the run folder are those of `lvlmlp.extraction.extract.extract`; the manifest adds `engine: ray` and `replicas`."""
+    """`extract` on Ray (see the module docstring). `model`: the backend's spec (or a mapping of its fields); each
+    replica loads its own copy. `ray`: see `ray_options`. The other arguments
+    and the run folder are those of `lvlmlp.extraction.extract.extract` (`options.workers` is not used: each replica
+    prepares its own batches); the manifest adds `engine: ray` and `replicas`."""
     opts = ray_options(ray)
+    spec = BackendSpec.of(model)  # a template without {question} is refused here
     _import_ray()  # missing: say so before any work
-    if isinstance(layers, str):  # "quartiles": resolved here from the checkpoint's config (the replicas get indices)
+    options = ExtractOptions.of(options, **changes)
+    if isinstance(options.layers, str):  # "quartiles": resolved here from the checkpoint's config (the replicas get indices)
         from lvlmlp.extraction.backend import _load_config, num_layers_of, resolve_layer_spec
 
-        layers = resolve_layer_spec(layers, num_layers_of(_load_config(str(model["model"]))))
-    check_options(store_dtype, on_error, batch_size, max_new_tokens, label_fn, source)
-    template = model.get("prompt_template")
-    if template is not None and "{question}" not in template:
-        raise LvlmlpError(f"--prompt-template: {template!r} has no {{question}} placeholder")
-    rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
-    check_rows(rows, source, on_error)
-    if not rows:
-        raise LvlmlpError(f"{source}: no rows to extract")
+        layers = resolve_layer_spec(options.layers, num_layers_of(_load_config(spec.model)))
+        options = ExtractOptions.of(options, layers=layers)
+    options.check_labels(label_fn is not None, source)
+    rows = numbered_rows(rows, source, options.on_error)
     ids = [r["id"] for r in rows]  # closing checks that each is committed exactly once, in order
-    options = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "logits_tokens": logits_tokens,
-               "hidden": hidden, "layers": layers, "store_dtype": store_dtype, "shard": shard,
-               "labels_from_responses": label_fn is not None, "selection": selection}
+    manifest = {"labels_from_responses": label_fn is not None, "selection": selection}
     out = Path(out)
     previous = None
     if (out / "manifest.json").is_file():
         # The settings known without the model are checked now; the model's own when the first batch is back.
         old = json.loads((out / "manifest.json").read_text())
-        known = run_settings({"model": str(model["model"])}, rows, **options)
-        previous = RunWriter(out, {**old, **known}, shard_size=shard_size)
+        known = run_settings({"model": spec.model}, rows, options, **manifest)
+        previous = RunWriter(out, {**old, **known}, shard_size=options.shard_size)
     pending = [r for r in rows if previous is None or r["id"] not in previous.done_ids]
     if previous is not None and not pending:  # finished, or every row committed and only the consolidation left
         return previous.close(ids)
     if previous is not None:  # the writer of the full identity check below takes the folder's lock again
         previous.release()
-    chunks = [pending[s : s + batch_size] for s in range(0, len(pending), batch_size)]
-    n_keep = run_settings({}, [], **options)["logits_tokens"]
-    batch_options = {"max_new_tokens": max_new_tokens, "n_keep": n_keep, "hidden": hidden,
-                     "layers": [int(x) for x in layers], "dtype": STORE_DTYPES[store_dtype]}
+    chunks = batches_of(pending, options.batch_size)
+    on_error, batch_size, shard_size = options.on_error, options.batch_size, options.shard_size
 
     bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="extract (ray)")
     writer: RunWriter | None = None
     try:
         with ray_session(opts.address, opts.connect_timeout) as ray_mod, _data_context(ray_mod):
-            device = str(model.get("device") or "auto")
+            device = str(spec.device or "auto")
             n, cpus, gpus = _plan(ray_mod, opts, device, len(chunks))
-            replica_model = {**model, "device": "cuda" if gpus else "cpu"}  # Ray gives each replica its GPU(s)
+            replica_model = spec.replace(device="cuda" if gpus else "cpu")  # Ray gives each replica its GPU(s)
             log.info("extract: %s -> %s on Ray: %d rows, %d to do, %d replica(s) x (%g CPU, %g GPU), batch %d",
-                     model["model"], out, len(rows), len(pending), n, cpus, gpus, batch_size)
+                     spec.model, out, len(rows), len(pending), n, cpus, gpus, batch_size)
             # absolute image paths: a replica's working directory is not ours (on a cluster, paths must be the same
             # on every node: a shared filesystem)
             items = [{"batch": i, "rows": json.dumps([{**r, "image": os.path.abspath(r["image"])} for r in c],
@@ -319,7 +307,7 @@ def ray_extract(
                 compute=ray_mod.data.ActorPoolStrategy(size=n),
                 num_cpus=cpus,
                 num_gpus=gpus,
-                fn_constructor_kwargs={"model": replica_model, "options": batch_options,
+                fn_constructor_kwargs={"model": replica_model, "options": options,
                                        "threads": max(1, int(cpus)), "progress": progress,
                                        "fail_once": os.environ.get(FAIL_ONCE_ENV)},
             )
@@ -327,10 +315,10 @@ def ray_extract(
             for result in _results(ds, ray_mod):
                 if writer is None:
                     first = json.loads(result["model"])
-                    settings = {**run_settings(first, rows, **options), "engine": "ray", "replicas": n}
+                    settings = {**run_settings(first, rows, options, **manifest), "engine": "ray", "replicas": n}
                     writer = RunWriter(out, settings, shard_size=shard_size)  # the full identity check
                 elif identity(json.loads(result["model"])) != identity(first):
-                    raise LvlmlpError(f"--ray: the replicas loaded different models from {model['model']} "
+                    raise LvlmlpError(f"--ray: the replicas loaded different models from {spec.model} "
                                       "(different files on different nodes?)")
                 chunk = chunks[result["batch"]]
                 _commit(writer, result, chunk, on_error, source, label_fn)
@@ -386,10 +374,3 @@ def _commit(writer: RunWriter, result: dict, chunk: list[dict], on_error: str, s
         for m in meta:
             m["label"] = int(label_fn(m["response"], by_id[m["id"]]))
     writer.append(meta, arrays)
-
-
-def ray_extract_for_run(cfg: dict, template: str | None, rows: list[dict], out: str | Path, **options: Any) -> Run:
-    """`lvlmlp run` with `ray:` in its config: the extraction step of prompt `template`."""
-    model = {"model": cfg["model"], "device": cfg["device"], "dtype": cfg["dtype"], "prompt_template": template,
-             "raw_prompt": bool(cfg["raw_prompt"]), "system_prompt": cfg["system_prompt"]}
-    return ray_extract(model, rows, out, ray=ray_options(cfg["ray"]), **options)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
 
+from lvlmlp.defaults import N_BOOT
 from lvlmlp.errors import LvlmlpError
 
 
@@ -131,7 +132,7 @@ def bootstrap_ci(
     y: Any,
     score: Any,
     metric: str = "auroc",
-    n_boot: int = 1000,
+    n_boot: int = N_BOOT,
     confidence: float = 0.95,
     threshold: float = 0.5,
     seed: int = 0,
@@ -240,7 +241,7 @@ def fold_metrics(y: Any, score: Any, fold_of: Any, threshold: float = 0.5) -> di
             "threshold": float(threshold)}
 
 
-def binary_report(y: Any, score: Any, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def binary_report(y: Any, score: Any, threshold: float = 0.5, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
     """`binary_metrics` plus 95% bootstrap intervals of AUROC and accuracy (as JSON-ready lists)."""
     out = binary_metrics(y, score, threshold)
     for name in ("auroc", "accuracy"):

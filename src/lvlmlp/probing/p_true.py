@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from lvlmlp.defaults import BATCH_SIZE
 from lvlmlp.errors import LvlmlpError
 
 NAME = "p-true"
@@ -29,10 +30,11 @@ def self_eval_question(question: str, response: str) -> str:
     return SELF_EVAL.format(query=question, response=response)
 
 
-def p_true_scores(backend: Any, rows: Sequence[dict], responses: Mapping[str, str | None], batch_size: int = 8
+def p_true_scores(backend: Any, rows: Sequence[dict], responses: Mapping[str, str | None], batch_size: int = BATCH_SIZE
                   ) -> np.ndarray:
     """P("Yes") of the self-evaluation pass for each row (`responses`: row id -> the model's answer). The backend's
-    prompt style is set aside for the pass and restored after it."""
+    prompt style is left out of the pass (a backend of its own, sharing the model: `Backend.with_prompt_template`);
+    `backend` itself is not changed."""
     import torch
 
     from lvlmlp.data import load_image
@@ -43,16 +45,13 @@ def p_true_scores(backend: Any, rows: Sequence[dict], responses: Mapping[str, st
         raise LvlmlpError(f"row {missing[0]!r}: no answer to self-evaluate (P(True) needs the run's responses: "
                           "extract with max_new_tokens >= 1)")
     yes = answer_token_ids(backend.tokenizer, "Yes")
-    saved, backend.prompt_template = backend.prompt_template, None
-    try:
-        out = np.empty(len(rows))
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            images = [load_image(r["image"], r["id"]) for r in chunk]
-            questions = [self_eval_question(str(r["question"]), str(responses[r["id"]])) for r in chunk]
-            logits = backend.prefill(backend.encode(images, questions))["logits"].double()
-            probs = torch.softmax(logits, dim=-1)[:, yes].sum(dim=-1)
-            out[start : start + len(chunk)] = probs.cpu().numpy()
-    finally:
-        backend.prompt_template = saved
+    plain = backend.with_prompt_template(None)
+    out = np.empty(len(rows))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        images = [load_image(r["image"], r["id"]) for r in chunk]
+        questions = [self_eval_question(str(r["question"]), str(responses[r["id"]])) for r in chunk]
+        logits = plain.prefill(plain.encode(images, questions))["logits"].double()
+        probs = torch.softmax(logits, dim=-1)[:, yes].sum(dim=-1)
+        out[start : start + len(chunk)] = probs.cpu().numpy()
     return out

@@ -23,11 +23,11 @@ def load_engine(model: str | Path, probe: str | Path, *, template: str | None = 
                 system_prompt: str | None = None, allow_other_model: bool = False,
                 trust_remote_code: bool = False) -> Engine:
     """The backend and the guard, refused at start-up (not at the first request) when the probe does not fit."""
-    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.extraction.spec import BackendSpec
     from lvlmlp.probing.probes import load_probe
     from lvlmlp.steering.guard import make_guard
 
     fitted = load_probe(probe)
-    backend = Backend(model, device=device, dtype=dtype, prompt_template=prompt_template, raw_prompt=raw_prompt,
-                      system_prompt=system_prompt, trust_remote_code=trust_remote_code)
+    backend = BackendSpec(model, device=device, dtype=dtype, prompt_template=prompt_template, raw_prompt=raw_prompt,
+                          system_prompt=system_prompt, trust_remote_code=trust_remote_code).build()
     return Engine(backend, make_guard(fitted, backend, template, answers, threshold, allow_other_model))

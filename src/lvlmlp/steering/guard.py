@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
 
+from lvlmlp.defaults import BATCH_SIZE
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.probing.features import transform
 
@@ -272,7 +273,7 @@ def guarded_responses(backend: Any, batch: Mapping[str, Any], guard: ProbeGuard,
 def guided_decoding(backend: Any, probe: Any, rows: list[dict], before: Mapping[str, str | None],
                     labels: Mapping[str, int], template: str, threshold: float | None = None, *,
                     max_new_tokens: int,
-                    batch_size: int = 8, progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                    batch_size: int = BATCH_SIZE, progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Greedy answers of `rows` with the probe guard in template mode, against the unguarded answers `before`
     (row id -> response, e.g. an extraction's): the counts of label-0 rows answered and label-1 rows refused
     without -> with the guard, and one record per row (score, flag, both answers) from which they recompute.

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from lvlmlp.defaults import N_BOOT
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.store import Run
 from lvlmlp.probing.features import feature_matrix, valid_rows
@@ -143,7 +144,7 @@ class Protocol:
     cv: int | None = None
     cv_shuffle: bool = False
     seed: int = 0
-    n_boot: int = 1000
+    n_boot: int = N_BOOT
     _scored: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (feature, probe) -> Scored
 
     def __post_init__(self) -> None:

@@ -29,8 +29,10 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from lvlmlp.defaults import BATCH_SIZE, N_BOOT
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.ranges import NONNEG_FLOAT, POSITIVE, PROBABILITY, Range
+from lvlmlp.study.finetune import DEFAULT_TARGETS, Settings
 
 
 @dataclass
@@ -165,6 +167,40 @@ class JudgeConfig(Section):
 
 
 @dataclass
+class FinetuneConfig(Section):
+    """`finetune:` LoRA-finetuning vs probing (docs/finetune.md). The LoRA fields are those of
+    `lvlmlp.study.finetune.Settings`, with its defaults (`seed`: the config's); the other three say the comparison."""
+
+    epochs: int = field(default=Settings.epochs, metadata=_min(1))
+    lr: float = Settings.lr
+    lora_rank: int = field(default=Settings.lora_rank, metadata=_min(1))
+    lora_alpha: float = Settings.lora_alpha
+    lora_dropout: float = Settings.lora_dropout
+    target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))  # or "q_proj,v_proj"
+    batch_size: int = field(default=Settings.batch_size, metadata=_min(1))
+    grad_accum: int = field(default=Settings.grad_accum, metadata=_min(1))
+    seed: int | None = None  # None: the config's seed
+    max_grad_norm: float = Settings.max_grad_norm
+    answers: str | None = None  # LABEL1,LABEL0 such as Yes,No; None: the prompt style's answer words
+    max_new_tokens: int = field(default=3, metadata=_min(0))  # tokens of the finetuned model's own answer
+    every_epoch: bool = True  # evaluate after each epoch (the plot), not only the final model
+
+    def settings(self, seed: int) -> Settings:
+        """The finetuning's `Settings`, checked (`seed`: the config's, unless the section gives one)."""
+        targets = self.target_modules
+        targets = targets.split(",") if isinstance(targets, str) else map(str, targets)
+        lora = {f.name: getattr(self, f.name) for f in dataclasses.fields(Settings)}
+        settings = Settings(**{**lora, "seed": seed if self.seed is None else self.seed,
+                               "target_modules": tuple(t.strip() for t in targets if t.strip())})
+        settings.check()
+        return settings
+
+    def comparison(self) -> dict[str, Any]:
+        """The comparison's options (answers, max_new_tokens, every_epoch)."""
+        return {"answers": self.answers, "max_new_tokens": self.max_new_tokens, "every_epoch": self.every_epoch}
+
+
+@dataclass
 class ExperimentConfig(Section):
     name: str | None = None  # report title; default: the config file's name
     model: str | None = None  # hub id or local folder of the VLM (required)
@@ -182,21 +218,29 @@ class ExperimentConfig(Section):
     limit: int | None = field(default=None, metadata=_min(1))  # seeded random N rows per split
     per_class: int | None = field(default=None, metadata=_min(1))
     seed: int = field(default=0, metadata=_min(0))
-    batch_size: int = field(default=8, metadata=_min(1))  # rows per forward; may change the last float digits
+    batch_size: int = field(default=BATCH_SIZE, metadata=_min(1))  # rows per forward; may change the last float digits
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     baselines: list[str] = field(default_factory=list)
     clip: ClipConfig | None = None
     analyses: AnalysesConfig = field(default_factory=AnalysesConfig)
-    n_boot: int = field(default=1000, metadata=_min(0))  # bootstrap resamples for the intervals (0: none)
+    n_boot: int = field(default=N_BOOT, metadata=_min(0))  # bootstrap resamples for the intervals (0: none)
     out: str | None = None  # required
     # extract on Ray (README, "Scaling out"): true (a local instance), auto or an address (join), or a mapping
     ray: RayConfig | bool | str | None = None
     steering: SteeringConfig | None = None  # probe-guided decoding (docs/experiments.md)
-    # finetuning vs probing (README): {epochs, lr, lora_rank, answers, ...}, checked by `experiment.finetune_options`
-    finetune: dict[str, Any] | None = None
+    finetune: FinetuneConfig | None = None  # finetuning vs probing (docs/finetune.md)
     judge: JudgeConfig | None = None  # an LLM judge of the test runs' responses (docs/judge.md)
     signals: SignalsConfig | None = None  # Which signal? (docs/signals.md)
+
+    def resolved_task(self) -> Any:
+        """The task named by `task` (`lvlmlp.tasks.get_task`), looked up once: every step of a run asks here."""
+        cached = self.__dict__.get("_task")
+        if cached is None or cached[0] != self.task:  # (name, task): a config whose task was changed looks again
+            from lvlmlp.tasks import get_task
+
+            cached = self.__dict__["_task"] = (self.task, get_task(self.task))
+        return cached[1]
 
 
 REQUIRED = ("model", "data_root", "out")
@@ -376,13 +420,12 @@ def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
 def validate(cfg: ExperimentConfig) -> None:
     """Checks that need the registries (tasks, prompt styles, probes, baselines): before any model work."""
     from lvlmlp.probing.baselines import PAPER_ANSWER, check_baseline_name, check_paper_rule
-    from lvlmlp.tasks import get_task
 
     for key in REQUIRED:
         if not cfg[key]:
             raise LvlmlpError(f"config: {key!r} is required (in the file, or --{key.replace('_', '-')} / --set)")
     try:
-        get_task(cfg.task)
+        cfg.resolved_task()
     except LvlmlpError as err:
         raise LvlmlpError(f"config: task: {err}") from None
     if cfg.extract.vision and cfg.ray:
@@ -412,8 +455,6 @@ def validate(cfg: ExperimentConfig) -> None:
         except LvlmlpError as err:
             raise LvlmlpError(f"config: baselines[{i}]: {err}") from None
     if PAPER_ANSWER in cfg.baselines:  # every prompt needs a rule of the original's notebooks
-        from lvlmlp.study.experiment import prompt_style, prompts_of
-
         for name, _ in prompts_of(cfg):
             try:
                 check_paper_rule(cfg.task, prompt_style(cfg, name))
@@ -427,12 +468,54 @@ def validate(cfg: ExperimentConfig) -> None:
             raise LvlmlpError("config: signals: p-true asks the model about its own answer: set "
                               "extract.max_new_tokens >= 1")
     if cfg.finetune is not None:
-        from lvlmlp.study.experiment import finetune_options
-
-        finetune_options(cfg)
+        if cfg.splits.cv is not None or cfg.resolved_task().label_fn:
+            raise LvlmlpError("config: finetune needs splits {train, test} and labels that do not come from answers")
+        cfg.finetune.settings(cfg.seed)
     from lvlmlp.study.analyses import make_probe_factory
 
     try:  # the probe factory checks kind, parameters and their ranges (--set probe.C=-1 as `probe train --C -1`)
         make_probe_factory(dict(cfg.probe))
     except LvlmlpError as err:
         raise LvlmlpError(f"config: {err}") from None
+
+
+# ------------------------------------------------------------------------------------- what a config names
+def prompts_of(cfg: ExperimentConfig) -> list[tuple[str, str | None]]:
+    """(name, template) of every prompt: a style name of the task, a template with {question}, or None."""
+    from lvlmlp.tasks import prompt_template
+
+    spec = cfg.prompt
+    items = spec if isinstance(spec, list) else [spec]
+    out: list[tuple[str, str | None]] = []
+    for i, item in enumerate(items):
+        if item is None:  # the task's default style (mathvista: oeh, as the original's scripts ran it)
+            default = prompt_template(cfg.task)
+            out.append(("default", None if default == "{question}" else default))
+        elif not isinstance(item, str):
+            raise LvlmlpError(f"config: prompt entries must be strings, got {item!r}")
+        elif "{question}" in item:
+            out.append((f"template{i + 1}" if len(items) > 1 else "template", item))
+        else:
+            out.append((item, prompt_template(cfg.task, item)))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise LvlmlpError(f"config: prompt lists the same style twice ({', '.join(names)})")
+    return out
+
+
+def prompt_style(cfg: ExperimentConfig, name: str) -> str | None:
+    """The task's prompt style of a prompt named by `prompts_of` ("default": the task's default style); None for
+    a template of one's own."""
+    from lvlmlp.tasks import prompt_styles
+
+    if name == "default":
+        return cfg.resolved_task().default_prompt_style
+    return name if name in prompt_styles(cfg.task) else None
+
+
+def split_names(cfg: ExperimentConfig) -> list[str]:
+    s = cfg.splits
+    if s.cv is not None:
+
+        return [str(s.get("split") or cfg.resolved_task().default_split)]
+    return [s.train, s.test] if s.train != s.test else [s.train]

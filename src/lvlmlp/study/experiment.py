@@ -19,9 +19,8 @@ Command-line flags override the file: `--model`, `--out`, `--device`, `--limit`,
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import hashlib
-import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -30,130 +29,63 @@ from typing import Any
 import numpy as np
 
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.extraction.options import ExtractOptions, ExtractOptionsError
+from lvlmlp.extraction.spec import BackendSpec
 from lvlmlp.study import config
-from lvlmlp.study.config import ExperimentConfig, load_config, parse_set  # noqa: F401 - the command's entry points
-from lvlmlp.study.report import POOLED, Section, fold_headline, write_report
+from lvlmlp.study.config import (  # noqa: F401 - the command's entry points
+    ExperimentConfig,
+    load_config,
+    parse_set,
+    prompt_style,
+    prompts_of,
+    split_names,
+)
+from lvlmlp.study.layout import RunLayout
+from lvlmlp.study.report import POOLED, Section, write_report
+from lvlmlp.study.sections import headline, histogram_text, prompt_section, steering_section
+from lvlmlp.study.steps import Steps, cached, step_key
 
 log = logging.getLogger("lvlmlp")
-
-# ------------------------------------------------------------------------------------------------ configuration
-def prompts_of(cfg: ExperimentConfig) -> list[tuple[str, str | None]]:
-    """(name, template) of every prompt: a style name of the task, a template with {question}, or None."""
-    from lvlmlp.tasks import prompt_template
-
-    spec = cfg["prompt"]
-    items = spec if isinstance(spec, list) else [spec]
-    out: list[tuple[str, str | None]] = []
-    for i, item in enumerate(items):
-        if item is None:  # the task's default style (mathvista: oeh, as the original's scripts ran it)
-            default = prompt_template(cfg["task"])
-            out.append(("default", None if default == "{question}" else default))
-        elif not isinstance(item, str):
-            raise LvlmlpError(f"config: prompt entries must be strings, got {item!r}")
-        elif "{question}" in item:
-            out.append((f"template{i + 1}" if len(items) > 1 else "template", item))
-        else:
-            out.append((item, prompt_template(cfg["task"], item)))
-    names = [n for n, _ in out]
-    if len(set(names)) != len(names):
-        raise LvlmlpError(f"config: prompt lists the same style twice ({', '.join(names)})")
-    return out
-
-
-def prompt_style(cfg: ExperimentConfig, name: str) -> str | None:
-    """The task's prompt style of a prompt named by `prompts_of` ("default": the task's default style); None for
-    a template of one's own."""
-    from lvlmlp.tasks import get_task, prompt_styles
-
-    if name == "default":
-        return get_task(cfg["task"]).default_prompt_style
-    return name if name in prompt_styles(cfg["task"]) else None
-
-
-def split_names(cfg: ExperimentConfig) -> list[str]:
-    s = cfg.splits
-    if s.cv is not None:
-        from lvlmlp.tasks import get_task
-
-        return [str(s.get("split") or get_task(cfg["task"]).default_split)]
-    return [s.train, s.test] if s.train != s.test else [s.train]
-
-
-# ------------------------------------------------------------------------------------------------ resumable steps
-def _key(settings: Any) -> str:
-    def plain(obj: Any) -> Any:
-        return obj.to_dict() if isinstance(obj, config.Section) else str(obj)
-
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=plain).encode()).hexdigest()[:20]
-
-
-class Steps:
-    """Stamps in OUT/steps/NAME.json: a step whose stamp matches its settings' hash is done."""
-
-    def __init__(self, out: Path) -> None:
-        self.dir = out / "steps"
-
-    def done(self, name: str, key: str) -> bool:
-        path = self.dir / f"{name}.json"
-        try:  # a damaged stamp (or result, in `cached`) is this folder's own cache: the step runs again
-            return path.is_file() and json.loads(path.read_text()).get("key") == key
-        except (ValueError, AttributeError):
-            log.warning("%s: damaged step stamp; the step runs again", path)
-            return False
-
-    def mark(self, name: str, key: str) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / f"{name}.json").write_text(json.dumps({"key": key}))
-
 
 class LazyBackend:
     """Loads the VLM the first time a step needs it (never, when every extraction is done already). One instance
     may serve several configs of the same model (`run_experiment(..., backend=)`: the demo's six analogues)."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
-        self.cfg, self.backend = cfg, None
+        self.spec, self.backend = backend_spec(cfg), None
 
     def serves(self, cfg: ExperimentConfig) -> bool:
-        keys = ("model", "device", "dtype", "raw_prompt", "system_prompt")
-        return all(self.cfg[k] == cfg[k] for k in keys)
+        return self.spec.loads_as(backend_spec(cfg))
 
     def get(self, template: str | None) -> Any:
-        if self.backend is None:
-            from lvlmlp.extraction import backend as backend_module
-
-            self.backend = backend_module.Backend(self.cfg["model"], device=self.cfg["device"],
-                                                  dtype=self.cfg["dtype"], raw_prompt=bool(self.cfg["raw_prompt"]),
-                                                  system_prompt=self.cfg["system_prompt"])
+        """The loaded model under prompt `template` (a backend of its own sharing the model: no other prompt's
+        backend changes)."""
         if template is not None and "{question}" not in template:
             raise LvlmlpError(f"prompt {template!r} has no {{question}} placeholder")
-        # The template is read at each prompt() call, so one loaded model serves every prompt of the config.
-        self.backend.prompt_template = template
-        return self.backend
+        if self.backend is None:
+            self.backend = self.spec.build()
+        return self.backend.with_prompt_template(template)
+
+
+def backend_spec(cfg: ExperimentConfig, template: str | None = None) -> BackendSpec:
+    """The config's model (`model`, `device`, `dtype`, `raw_prompt`, `system_prompt`) under prompt `template`."""
+    return BackendSpec(cfg.model, device=cfg.device, dtype=cfg.dtype, prompt_template=template,
+                       raw_prompt=bool(cfg.raw_prompt), system_prompt=cfg.system_prompt)
 
 
 # ------------------------------------------------------------------------------------------------ the experiment
 def task_rows(cfg: ExperimentConfig, split: str) -> list[dict]:
-    from lvlmlp.tasks import get_task
 
-    options = dict(cfg["task_options"] or {})
-    return get_task(cfg["task"]).rows(cfg["data_root"], cfg["image_root"], split, limit=cfg["limit"],
-                                      per_class=cfg["per_class"], seed=cfg["seed"], **options)
-
-
-def _label_fn(cfg: ExperimentConfig) -> Any:
-    """The task's label from the model's response (MathVista: whether the answer is right), stored by `extract`
-    with each row; None for tasks whose rows carry their labels."""
-    from lvlmlp.tasks import get_task
-
-    return get_task(cfg["task"]).label_fn
+    options = dict(cfg.task_options or {})
+    return cfg.resolved_task().rows(cfg.data_root, cfg.image_root, split, limit=cfg.limit,
+                                      per_class=cfg.per_class, seed=cfg.seed, **options)
 
 
 def _task_header(cfg: ExperimentConfig) -> dict[str, Any]:
     """What each evaluation's header records of the task: its per-group metrics (row field -> metric) and its
     label names (the report says what label 1 means)."""
-    from lvlmlp.tasks import get_task
 
-    task = get_task(cfg["task"])
+    task = cfg.resolved_task()
     return {"groups": dict(task.groups), "label_names": list(task.label_names) or None}
 
 
@@ -166,7 +98,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, backend: LazyBa
     from lvlmlp.locking import locked_folder
     from lvlmlp.outputs import claim_folder
 
-    out = claim_folder(cfg["out"], "experiment", "out")  # new, empty or an `lvlmlp run` folder (its marker)
+    out = claim_folder(cfg.out, "experiment", "out")  # new, empty or an `lvlmlp run` folder (its marker)
     with locked_folder(out):
         return _run_steps(cfg, progress, backend or LazyBackend(cfg))
 
@@ -176,52 +108,62 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
     from lvlmlp.extraction.extract import extract, shard_rows
     from lvlmlp.extraction.store import open_run
 
-    out = Path(cfg["out"])
+    out = Path(cfg.out)
     _check_steering_template(cfg, lazy)
     steps = Steps(out)
     prompts, splits = prompts_of(cfg), split_names(cfg)
     rows = {s: shard_rows(task_rows(cfg, s)) for s in splits}
-    ext = cfg["extract"]
+    ext = cfg.extract
+    options = extract_options(cfg)
     runs: dict[tuple[str, str], Any] = {}
     if cfg.judge is not None:  # a missing key or a wrong endpoint is said now, not after the extraction
         from lvlmlp.judging.judge import preflight
 
         for name, template in prompts:
-            preflight(out / "runs" / f"{name}-{splits[-1]}", cfg["task"], template, _judge_options(cfg, False))
+            preflight(RunLayout(out).run(name, splits[-1]), cfg.task, template, _judge_options(cfg, False))
     for name, template in prompts:
         for split in splits:
-            folder = out / "runs" / f"{name}-{split}"
-            key = _key({"model": cfg["model"], "dtype": cfg["dtype"], "raw_prompt": cfg["raw_prompt"],
-                        **({"system_prompt": cfg["system_prompt"]} if cfg["system_prompt"] else {}),
+            folder = RunLayout(out).run(name, split)
+            key = step_key({"model": cfg.model, "dtype": cfg.dtype, "raw_prompt": cfg.raw_prompt,
+                        **({"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}),
                         "template": template, "data": rows_fingerprint(rows[split]),
                         **{k: v for k, v in ext.items()
                            if (v is not None or k != "logits_tokens") and (v or k != "vision")}})
             step = f"extract-{name}-{split}"
             if not (steps.done(step, key) and (folder / "manifest.json").is_file()):
                 log.info("run: extracting %s (%d rows)", folder, len(rows[split]))
-                if cfg["ray"]:  # the model loads in the Ray replicas, not in this process
-                    from lvlmlp.extraction.ray_extract import ray_extract_for_run
+                run_options = dict(source=f"task {cfg.task} split {split}", progress=progress,
+                                   label_fn=cfg.resolved_task().label_fn)
+                try:
+                    if cfg.ray:  # the model loads in the Ray replicas, not in this process
+                        from lvlmlp.extraction.ray_extract import ray_extract, ray_options
 
-                    run_extract = functools.partial(ray_extract_for_run, cfg, template)
-                else:
-                    run_extract = functools.partial(extract, lazy.get(template))
-                run_extract(rows[split], folder, batch_size=cfg["batch_size"],
-                            max_new_tokens=ext["max_new_tokens"], logits_tokens=ext["logits_tokens"],
-                            hidden=bool(ext["hidden"]),
-                            layers=_layers(ext["layers"]), store_dtype=ext["store_dtype"],
-                            on_error=ext["on_error"], source=f"task {cfg['task']} split {split}", progress=progress,
-                            label_fn=_label_fn(cfg), **({"vision": True} if ext["vision"] else {}))
+                        ray_extract(backend_spec(cfg, template), rows[split], folder, options,
+                                    ray=ray_options(cfg.ray), **run_options)
+                    else:
+                        extract(lazy.get(template), rows[split], folder, options, **run_options)
+                except ExtractOptionsError as err:  # said by the config's keys
+                    raise LvlmlpError(err.named(_CONFIG_NAMES)) from None
                 steps.mark(step, key)
             runs[(name, split)] = open_run(folder)
     if cfg.judge is not None:
         _judge_step(cfg, prompts, splits[-1], runs, progress)
-    clip_runs = _clip_step(cfg, rows, out, progress) if cfg["clip"] else {}
+    clip_runs = _clip_step(cfg, rows, out, progress) if cfg.clip else {}
     return _analyses(cfg, out, steps, prompts, splits, runs, clip_runs, rows, lazy, progress)
 
 
-def _layers(spec: Any) -> list[int] | str:
-    """`extract.layers`: a list of indices, or "quartiles" (resolved by the extractor from the model's layer count)."""
-    return spec if isinstance(spec, str) else [int(x) for x in spec or []]
+def extract_options(cfg: ExperimentConfig) -> ExtractOptions:
+    """The config's extraction options (its `batch_size` and every key of its `extract:` section, each an
+    `ExtractOptions` field of the same name); a bad one is said by its key."""
+    try:
+        return ExtractOptions(batch_size=cfg.batch_size, **dict(cfg.extract.items()))
+    except ExtractOptionsError as err:
+        raise LvlmlpError(err.named(_CONFIG_NAMES)) from None
+
+
+# The config key of each extraction option, for its messages.
+_CONFIG_NAMES = {**{f.name: f"extract.{f.name}" for f in dataclasses.fields(config.ExtractConfig)},
+                 "batch_size": "batch_size"}
 
 
 def _judge_step(cfg: ExperimentConfig, prompts: list[tuple[str, str | None]], test_split: str, runs: dict,
@@ -231,7 +173,7 @@ def _judge_step(cfg: ExperimentConfig, prompts: list[tuple[str, str | None]], te
     from lvlmlp.judging.judge import judge_run
 
     for name, template in prompts:
-        summary = judge_run(runs[(name, test_split)].path, cfg["task"], template, _judge_options(cfg, progress))
+        summary = judge_run(runs[(name, test_split)].path, cfg.task, template, _judge_options(cfg, progress))
         log.info("run: %s", summary.line())
 
 
@@ -247,7 +189,7 @@ def _judge_options(cfg: ExperimentConfig, progress: bool) -> Any:
 def _own_labels(cfg: ExperimentConfig, run: Any) -> Any:
     """The labels a run's rows take: MathVista's from its judgments (MathVista's answer extraction) where the run
     was judged, else the run's own (None)."""
-    if _label_fn(cfg) is None or cfg["task"] != "mathvista":
+    if cfg.resolved_task().label_fn is None or cfg.task != "mathvista":
         return None
     from lvlmlp.judging.mathvista import judged_labels
 
@@ -276,7 +218,7 @@ def _check_steering_template(cfg: ExperimentConfig, lazy: LazyBackend) -> None:
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         except (OSError, ValueError, ImportError):
             return
     spell(tokenizer, cfg.steering.template, "steering.template")
@@ -285,12 +227,12 @@ def _check_steering_template(cfg: ExperimentConfig, lazy: LazyBackend) -> None:
 def _clip_step(cfg: ExperimentConfig, rows: dict[str, list[dict]], out: Path, progress: bool) -> dict:
     from lvlmlp.extraction.clip_features import extract_clip
 
-    clip = cfg["clip"]
+    clip = cfg.clip
     result = {}
     for split, split_rows in rows.items():
-        outs = {k: out / "runs" / f"clip-{k}-{split}" for k in clip["kinds"]}
-        for kind, run in extract_clip(clip["model"], split_rows, outs, batch_size=clip["batch_size"],
-                                      device=cfg["device"], on_error=cfg["extract"]["on_error"],
+        outs = {k: RunLayout(out).clip_run(k, split) for k in clip.kinds}
+        for kind, run in extract_clip(clip.model, split_rows, outs, batch_size=clip.batch_size,
+                                      device=cfg.device, on_error=cfg.extract.on_error,
                                       progress=progress).items():
             result[(kind, split)] = run
     return result
@@ -313,23 +255,7 @@ def _protocol(cfg: ExperimentConfig, train_run: Any, test_run: Any, label_runs: 
     if cfg.splits.cv is not None:
         return Protocol(test=test, cv=cfg.splits.cv, cv_shuffle=cfg.splits.shuffle, seed=cfg.seed, n_boot=cfg.n_boot)
     train = labelled(train_run, train_src)
-    return Protocol(test=test, train=train, seed=cfg["seed"], n_boot=cfg["n_boot"])
-
-
-def cached(steps: Steps, name: str, key: str, path: Path, compute: Any) -> Any:
-    """The JSON result of an analysis step, recomputed only when its settings or input runs changed."""
-    if steps.done(name, key) and path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            log.warning("%s: damaged result; the step runs again", path)
-    from lvlmlp.outputs import write_text_atomic
-
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(result, indent=2))
-    steps.mark(name, key)
-    return result
+    return Protocol(test=test, train=train, seed=cfg.seed, n_boot=cfg.n_boot)
 
 
 def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, splits: list[str], runs: dict,
@@ -338,9 +264,9 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
     from lvlmlp.study import analyses as an
 
     train_split, test_split = splits[0], splits[-1]
-    probe_cfg = dict(cfg["probe"])
-    feature_kind = probe_cfg.get("feature", "logits")
-    report_dir = out / "report"
+    probe_cfg = dict(cfg.probe)
+    feature_kind = cfg.probe.feature
+    report_dir = RunLayout(out).report
     report_dir.mkdir(parents=True, exist_ok=True)
     eval_dirs: list[Path] = []
     sections: list[Section] = []
@@ -349,19 +275,19 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
 
     def stamp(*inputs: Any) -> str:
         # A result depends on its settings and on the exact runs it read (their creation times identify them).
-        return _key([probe_cfg, cfg["baselines"], cfg["splits"], cfg["n_boot"], cfg["seed"],
+        return step_key([probe_cfg, cfg.baselines, cfg.splits, cfg.n_boot, cfg.seed,
                      [(str(r.path), r.manifest.get("created_at"), *_judgments_stamp(r)) for r in inputs]])
 
     for name, template in prompts:
         train_run, test_run = runs[(name, train_split)], runs[(name, test_split)]
         protocol = _protocol(cfg, train_run, test_run)
         key = stamp(train_run, test_run)
-        eval_dir = out / "evals" / name
+        eval_dir = RunLayout(out).eval(name)
         main[name] = cached(steps, f"eval-{name}", key, eval_dir / "metrics.json", partial(
             an.main_evaluation, protocol, an.logits_feature(0, feature_kind),
             {"kind": feature_kind, "token": 0, "model": test_run.manifest.get("model")}, probe_cfg,
-            list(cfg["baselines"]), eval_dir, probe_dir=out / "probes" / name, split=test_split,
-            task=_task_header(cfg), task_name=cfg["task"], prompt_style=prompt_style(cfg, name)))
+            list(cfg.baselines), eval_dir, probe_dir=RunLayout(out).probe(name), split=test_split,
+            task=_task_header(cfg), task_name=cfg.task, prompt_style=prompt_style(cfg, name)))
         eval_dirs.append(eval_dir)
         n_tok = min(train_run.n_logit_tokens, test_run.n_logit_tokens)
         pooled = (f" With {cfg.splits.cv}-fold cross-validation the figures are {POOLED} AUROCs (the summary's "
@@ -369,9 +295,9 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
         n_boot = cfg.analyses.n_boot
         # The analyses' intervals may take fewer resamples; the first-token probe is still fitted once.
         analysis_protocol = protocol if n_boot is None else protocol.with_n_boot(n_boot)
-        analysis_key = key if n_boot is None else _key([key, n_boot])
-        if cfg["analyses"].get("token_decay") and n_tok > 1:
-            res = cached(steps, f"token-decay-{name}", analysis_key, out / "analyses" / f"token_decay-{name}.json",
+        analysis_key = key if n_boot is None else step_key([key, n_boot])
+        if cfg.analyses.token_decay and n_tok > 1:
+            res = cached(steps, f"token-decay-{name}", analysis_key, RunLayout(out).analysis("token_decay", name),
                          partial(an.token_decay, analysis_protocol, probe_cfg))
             results["token_decay"][name] = res
             png = report_dir / f"token_decay_{name}.png"
@@ -379,11 +305,11 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
             sections.append(Section(
                 f"Token-position decay: {name}",
                 f"Probe on the logits of generated token k (1 = first) and of each row's last generated token. "
-                f"{res['rule']}. Test rows per answer length: {_histogram_text(res['n_tokens_histogram'])}.{pooled}",
+                f"{res['rule']}. Test rows per answer length: {histogram_text(res['n_tokens_histogram'])}.{pooled}",
                 an.TOKEN_DECAY_HEADER, an.token_decay_rows(res), [png]))
         has_states = test_run.manifest.get("hidden") or test_run.manifest.get("layers")
-        if cfg["analyses"].get("layer_sweep") and has_states:
-            res = cached(steps, f"layer-sweep-{name}", analysis_key, out / "analyses" / f"layer_sweep-{name}.json",
+        if cfg.analyses.layer_sweep and has_states:
+            res = cached(steps, f"layer-sweep-{name}", analysis_key, RunLayout(out).analysis("layer_sweep", name),
                          partial(an.layer_sweep, analysis_protocol, probe_cfg))
             results["layer_sweep"][name] = res
             png = report_dir / f"layer_sweep_{name}.png"
@@ -394,24 +320,24 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
                 "Probes on hidden states at the first generated position (layer 0 = embeddings) against the "
                 "first-token logits, same rows and protocol." + pooled, an.LAYER_HEADER, an.layer_rows(res), [png]))
         if cfg.steering is not None:
-            res = cached(steps, f"steering-{name}", _key([key, cfg.steering, cfg.extract.max_new_tokens,
+            res = cached(steps, f"steering-{name}", step_key([key, cfg.steering, cfg.extract.max_new_tokens,
                                                            cfg.batch_size]),
-                         out / "analyses" / f"steering-{name}.json",
+                         RunLayout(out).analysis("steering", name),
                          partial(_steering, cfg, out, lazy, (name, template), rows[test_split], test_run, progress))
             results.setdefault("steering", {})[name] = res
             sections.append(steering_section(name, res))
         if cfg.signals is not None:
             sections.append(_signals_section(cfg, out, steps, (name, template), protocol, rows[test_split],
-                                             _key([key, cfg.signals, n_boot]), lazy, report_dir, results))
+                                             step_key([key, cfg.signals, n_boot]), lazy, report_dir, results))
     if len(prompts) > 1:
-        sections.append(_prompt_section(main, report_dir))
+        sections.append(prompt_section(main, report_dir))
         results["prompt_comparison"] = {n: headline(m) for n, m in main.items()}
     if clip_runs:
         # CLIP rows carry no answers: where labels come from the model's answers, take them from the first prompt's runs.
-        label_runs = (runs[(prompts[0][0], splits[0])], runs[(prompts[0][0], splits[-1])]) if _label_fn(cfg) else None
+        label_runs = (runs[(prompts[0][0], splits[0])], runs[(prompts[0][0], splits[-1])]) if cfg.resolved_task().label_fn else None
         sections.append(_clip_evals(cfg, out, steps, clip_runs, splits, main[prompts[0][0]], eval_dirs, results,
                                     report_dir, stamp, label_runs))
-    if cfg["finetune"] is not None:
+    if cfg.finetune is not None:
         sections.append(_finetune_section(cfg, out, steps, finetune_prompt(cfg, prompts), splits, rows, runs,
                                           report_dir, results))
     return write_report(eval_dirs, report_dir, sections, results, task=cfg.task)
@@ -430,12 +356,12 @@ def _steering(cfg: ExperimentConfig, out: Path, lazy: LazyBackend, prompt: tuple
     rows = [r for r in test_rows if r["id"] in labels]
     log.info("run: probe-guided decoding of %d %s rows", len(rows), name)
     summary, records = guided_decoding(
-        lazy.get(template), load_probe(out / "probes" / name), rows, dict(zip(test_run.ids, test_run.responses)),
+        lazy.get(template), load_probe(RunLayout(out).probe(name)), rows, dict(zip(test_run.ids, test_run.responses)),
         # threshold None: the saved probe's own, the one the evaluation used
         {i: int(lab) for i, lab in labels.items()}, cfg.steering.template, cfg.steering.threshold,
         max_new_tokens=cfg.extract.max_new_tokens, batch_size=cfg.batch_size, progress=progress)
-    (out / "analyses").mkdir(parents=True, exist_ok=True)  # absent when no other analysis ran
-    write_jsonl(out / "analyses" / f"steering-{name}.jsonl", records)
+    RunLayout(out).analyses.mkdir(parents=True, exist_ok=True)  # absent when no other analysis ran
+    write_jsonl(RunLayout(out).analysis("steering", name, ".jsonl"), records)
     return summary
 
 
@@ -456,7 +382,7 @@ def _signals_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tup
         labelled = {test_run.ids[int(i)] for i in protocol.test.idx}
         timed = [r for r in test_rows if r["id"] in labelled][: cfg.signals.timing_rows]
         timing = None
-        if timed and not cfg["ray"]:  # on Ray the model is not in this process: no timing (said in the report)
+        if timed and not cfg.ray:  # on Ray the model is not in this process: no timing (said in the report)
             layers = [int(x) for x in test_run.manifest.get("layers") or []]
             timing = sg.model_timing(lazy.get(template), timed, int(cfg.extract.max_new_tokens), layers)
         p_true = None
@@ -471,10 +397,10 @@ def _signals_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tup
             start = time.perf_counter()
             scores = p_true_scores(backend, rows, dict(zip(test_run.ids, test_run.responses)), cfg.batch_size)
             p_true = {"scores": scores, "seconds_per_row": (time.perf_counter() - start) / max(len(rows), 1)}
-        return sg.which_signal(protocol, signals, timing, out / "analyses" / f"signals-{name}.jsonl", cfg["task"],
+        return sg.which_signal(protocol, signals, timing, RunLayout(out).analysis("signals", name, ".jsonl"), cfg.task,
                                p_true)
 
-    res = cached(steps, f"signals-{name}", key, out / "analyses" / f"signals-{name}.json", compute)
+    res = cached(steps, f"signals-{name}", key, RunLayout(out).analysis("signals", name), compute)
     results.setdefault("signals", {})[name] = res
     pngs = []
     if res["signals"]:
@@ -485,55 +411,13 @@ def _signals_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tup
     return Section(f"Which signal?: {name}", text, sg.HEADER, sg.table_rows(res), pngs)
 
 
-STEERING_HEADER = ["prompt", "template", "flagged", "label-0 rows answered", "label-1 rows refused"]
-
-
-def steering_row(name: str, s: dict[str, Any]) -> list[str]:
-    """One row of guided-decoding counts: without the guard -> with it."""
-    b, a = s["before"], s["after"]
-    return [name, s["template"], str(s["flagged"]),
-            f"{b['label0_answered']}/{b['n_label0']} -> {a['label0_answered']}/{a['n_label0']}",
-            f"{b['label1_refused']}/{b['n_label1']} -> {a['label1_refused']}/{a['n_label1']}"]
-
-
-def steering_section(name: str, s: dict[str, Any]) -> Any:
-    return Section(f"Probe-guided decoding: {name}", f"At the first decoding step, a test row the probe flags (score "
-                   f"< {s['threshold']}) is made to start with the template; counts without the guard -> with it.",
-                   STEERING_HEADER, [steering_row(name, s)])
-
-
-def finetune_options(cfg: ExperimentConfig) -> tuple[Any, dict[str, Any]]:
-    """The `finetune:` section as (`lvlmlp.study.finetune.Settings`, comparison options), checked (also at load time)."""
-    from dataclasses import fields
-
-    from lvlmlp.study.finetune import Settings
-
-    spec = dict(cfg["finetune"] or {})
-    extra = {"answers": None, "max_new_tokens": 3, "every_epoch": True}
-    known = [f.name for f in fields(Settings)] + list(extra)
-    unknown = sorted(set(spec) - set(known))
-    if unknown:
-        raise LvlmlpError(f"config: unknown key finetune.{unknown[0]!r} (keys: {', '.join(known)})")
-    if cfg.splits.cv is not None or _label_fn(cfg):
-        raise LvlmlpError("config: finetune needs splits {train, test} and labels that do not come from answers")
-    opts = {**extra, **{k: spec.pop(k) for k in list(spec) if k in extra}}
-    spec.setdefault("seed", cfg["seed"])
-    targets = spec.get("target_modules")
-    if isinstance(targets, str | list):  # "q_proj,v_proj" or [q_proj, v_proj]
-        spec["target_modules"] = tuple(t.strip() for t in (targets.split(",") if isinstance(targets, str)
-                                                           else map(str, targets)) if t.strip())
-    settings = Settings(**spec)
-    settings.check()
-    return settings, opts
-
-
 def finetune_prompt(cfg: ExperimentConfig, prompts: list[tuple[str, str | None]]) -> tuple[str, str | None]:
     """The prompt the `finetune:` section trains and evaluates under: the style the paper evaluated its finetuned
     model with for the task (`finetune.paper_style`: `mq` for VizWiz, MM-SafetyBench, MAD; `oe` for POPE) when the
     config has it, else the first prompt."""
     from lvlmlp.study.finetune import paper_style
 
-    style = paper_style(cfg["task"])
+    style = paper_style(cfg.task)
     return next((p for p in prompts if prompt_style(cfg, p[0]) == style), prompts[0])
 
 
@@ -546,12 +430,12 @@ def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tu
     from lvlmlp.study import analyses as an
     from lvlmlp.study import finetune as ft
 
-    settings, opts = finetune_options(cfg)
+    settings, opts = cfg.finetune.settings(cfg.seed), cfg.finetune.comparison()
     name, template = prompt
     # "default": the task's default style; a custom template ("template") has no answer words
-    answers = parse_answers(opts["answers"]) or ft.default_answers(cfg["task"], None if name == "default" else name)
+    answers = parse_answers(opts["answers"]) or ft.default_answers(cfg.task, None if name == "default" else name)
     train_rows, test_rows = rows[splits[0]], rows[splits[-1]]  # the rows the extraction steps ran
-    targets = ft.row_targets(train_rows, answers, f"task {cfg['task']} split {splits[0]}")
+    targets = ft.row_targets(train_rows, answers, f"task {cfg.task} split {splits[0]}")
     base_train, base_test = runs[(name, splits[0])], runs[(name, splits[-1])]
 
     def compute() -> dict[str, Any]:
@@ -561,16 +445,16 @@ def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tu
         make = an.make_probe_factory(dict(cfg.probe))
         probe = make().fit(ft.first_token_logits(base_train, train_rows, kind), y_train)
         base = probe.predict_proba(ft.first_token_logits(base_test, test_rows, kind))[:, 1]
-        return ft.compare(cfg["model"], train_rows, test_rows, targets, out / "finetune", settings,
-                          ft.readout_for(answers), base, device=cfg["device"], dtype=cfg["dtype"],
-                          prompt_template=template, raw_prompt=bool(cfg["raw_prompt"]),
-                          system_prompt=cfg["system_prompt"], max_new_tokens=int(opts["max_new_tokens"]),
-                          batch_size=cfg["batch_size"], every_epoch=bool(opts["every_epoch"]), n_boot=cfg["n_boot"],
+        return ft.compare(cfg.model, train_rows, test_rows, targets, RunLayout(out).finetune, settings,
+                          ft.readout_for(answers), base, device=cfg.device, dtype=cfg.dtype,
+                          prompt_template=template, raw_prompt=bool(cfg.raw_prompt),
+                          system_prompt=cfg.system_prompt, max_new_tokens=int(opts["max_new_tokens"]),
+                          batch_size=cfg.batch_size, every_epoch=bool(opts["every_epoch"]), n_boot=cfg.n_boot,
                           probe_threshold=float(probe.threshold), make_probe=make)
 
-    key = _key([settings, opts, template, cfg["n_boot"], dict(cfg.probe),
+    key = step_key([settings, opts, template, cfg.n_boot, dict(cfg.probe),
                 [(str(r.path), r.manifest.get("created_at")) for r in (base_train, base_test)]])
-    res = cached(steps, "finetune", key, out / "finetune" / "comparison.json", compute)
+    res = cached(steps, "finetune", key, RunLayout(out).finetune / "comparison.json", compute)
     results["finetune"] = res
     png = report_dir / "finetune_epochs.png"
     ft.plot_epochs(res, png, f"finetuned vs probe: {name}")
@@ -582,57 +466,25 @@ def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tu
                    "first-token logits. Plot: AUROC per epoch.", ft.COMPARISON_HEADER, ft.comparison_rows(res), [png])
 
 
-def headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    metric = "auroc" if metrics.get("task") == "binary" else "accuracy"
-    head = {"metric": metric, "value": metrics.get(metric), "ci": metrics.get(f"{metric}_ci"),
-            "n": metrics.get("n", metrics.get("n_scored")),
-            "baselines": {b: m.get("auroc") for b, m in (metrics.get("baselines") or {}).items()}}
-    folds = fold_headline(metrics)
-    if folds is not None:  # k-fold: the original's figure (mean of the folds) leads, the pooled one stays beside it
-        head.update(value=folds["auroc"], ci=None, label=folds["label"], pooled={"value": head["value"],
-                                                                                "ci": head["ci"]})
-    return head
-
-
-def _histogram_text(histogram: dict[str, int]) -> str:
-    """{"1": 5, "3": 11} -> "1 token: 5, 3 tokens: 11" (no Python reprs in a report)."""
-    return ", ".join(f"{k} token{'' if k == '1' else 's'}: {n}" for k, n in histogram.items())
-
-
-def _prompt_section(main: dict[str, dict], report_dir: Path) -> Any:
-    from lvlmlp.study import analyses as an
-    from lvlmlp.study.report import fmt_value
-
-    names = list(main)
-    heads = [headline(main[n]) for n in names]
-    baselines = sorted({b for h in heads for b in h["baselines"]})
-    rows = [[n, an.fmt_result(h), *[fmt_value(h["baselines"].get(b)) for b in baselines], str(h["n"])]
-            for n, h in zip(names, heads)]
-    png = report_dir / "prompt_comparison.png"
-    an.plot_bars(names, heads, png, "probe by prompt")
-    return Section("Prompt comparison", "The same task and rows under each prompt: the first-token probe "
-                      "and the baselines' AUROC.", ["prompt", "probe [95% CI]", *baselines, "n"], rows, [png])
-
-
 def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, report_dir, stamp,
                 label_runs=None) -> Any:
     from lvlmlp.study import analyses as an
 
-    probe_cfg = {k: v for k, v in cfg["probe"].items() if k != "feature"}
+    probe_cfg = {k: v for k, v in cfg.probe.items() if k != "feature"}
     probe_class = first.get("probe", {}).get("class") or "probe"
     rows = [[f"first-token logits ({probe_class})", an.fmt_result(headline(first)),
              str(headline(first)["n"])]]
     entries, names = [headline(first)], ["first-token logits"]
     results["clip"] = {}
-    for kind in cfg["clip"]["kinds"]:
+    for kind in cfg.clip.kinds:
         train_run, test_run = clip_runs[(kind, splits[0])], clip_runs[(kind, splits[-1])]
         protocol = _protocol(cfg, train_run, test_run, label_runs)
-        eval_dir = out / "evals" / f"clip-{kind}"
+        eval_dir = RunLayout(out).eval(f"clip-{kind}")
         metrics = cached(steps, f"eval-clip-{kind}", stamp(train_run, test_run), eval_dir / "metrics.json",
                          partial(an.main_evaluation,
                                  protocol, an.state_feature("hidden"),
-                                 {"kind": "hidden", "token": 0, "model": cfg["clip"]["model"]}, probe_cfg, [],
-                                 eval_dir, probe_dir=out / "probes" / f"clip-{kind}", split=splits[-1],
+                                 {"kind": "hidden", "token": 0, "model": cfg.clip.model}, probe_cfg, [],
+                                 eval_dir, probe_dir=RunLayout(out).probe(f"clip-{kind}"), split=splits[-1],
                                  task=_task_header(cfg)))
         eval_dirs.append(eval_dir)
         head = headline(metrics)

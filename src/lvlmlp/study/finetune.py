@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lvlmlp.defaults import BATCH_SIZE, N_BOOT
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.outputs import claim_folder, read_json
 
@@ -464,7 +465,7 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
             out: str | Path, settings: Settings, readout: Readout, base_probe: np.ndarray, *,
             device: str = "auto", dtype: str = "auto", prompt_template: str | None = None, raw_prompt: bool = False,
             system_prompt: str | None = None, max_new_tokens: int = 3,
-            batch_size: int = 8, every_epoch: bool = True, tuned_probe: bool = True, n_boot: int = 1000,
+            batch_size: int = BATCH_SIZE, every_epoch: bool = True, tuned_probe: bool = True, n_boot: int = N_BOOT,
             progress: bool = True, probe_threshold: float = 0.5,
             make_probe: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Finetune `model` on (train_rows, targets) into `out` and compare on `test_rows` (labels 0/1):
@@ -476,8 +477,8 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
       factory; needed then) trained on the finetuned model's logits of `train_rows`.
     Every run is resumable; returns (and writes to `out/comparison.json`) the metrics with 95% intervals; the
     probes' accuracy and F1 at `probe_threshold` (the configured probe's own), the finetuned model's at 0.5."""
-    from lvlmlp.extraction.backend import Backend
     from lvlmlp.extraction.extract import extract
+    from lvlmlp.extraction.spec import BackendSpec
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -485,23 +486,19 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
     if np.isnan(y).any() or set(np.unique(y)) - {0.0, 1.0}:
         raise LvlmlpError(f"finetune comparison {out}: every test row needs a 0/1 label")
     # the prompt extraction used (the base model's probe read its logits under it)
-    kwargs = {"device": device, "dtype": dtype, "prompt_template": prompt_template, "raw_prompt": raw_prompt,
-              "system_prompt": system_prompt}
-    backend = Backend(model, **kwargs)
+    spec = BackendSpec(model, device=device, dtype=dtype, prompt_template=prompt_template, raw_prompt=raw_prompt,
+                       system_prompt=system_prompt)
+    backend = spec.build()
 
     def evaluate(epoch: int, tuned: Backend) -> None:
         path = out / "eval" / f"epoch-{epoch:03d}.json"
         if path.is_file():
             return
         # The run's manifest names the adapter's epoch, not the base weights it was loaded from.
-        saved = tuned.model_id, tuned.weights_hash
-        tuned.model_id, tuned.weights_hash = f"{model} + LoRA epoch {epoch}", f"{saved[1]}+{out}:{epoch}"
-        try:
-            run = extract(tuned, list(test_rows), out / "eval" / f"run-epoch-{epoch:03d}", batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, logits_tokens=1, store_dtype="float32",
-                          progress=progress, source=f"finetune epoch {epoch}")
-        finally:
-            tuned.model_id, tuned.weights_hash = saved
+        epoch_model = tuned.renamed(f"{model} + LoRA epoch {epoch}", f"{tuned.weights_hash}+{out}:{epoch}")
+        run = extract(epoch_model, list(test_rows), out / "eval" / f"run-epoch-{epoch:03d}", batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, logits_tokens=1, store_dtype="float32",
+                      progress=progress, source=f"finetune epoch {epoch}")
         scores = _readout_scores(run, test_rows, readout, tuned.tokenizer)
         _write_json(path, {"epoch": epoch, **{k: scored(y, s, n_boot, settings.seed) for k, s in scores.items()}})
 
@@ -510,7 +507,7 @@ def compare(model: str | Path, train_rows: Sequence[dict], test_rows: Sequence[d
     per_epoch = [json.loads((out / "eval" / f"epoch-{e:03d}.json").read_text())
                  for e in range(1, settings.epochs + 1) if every_epoch]
     del backend
-    tuned = Backend(out / "finetune" / "model", **kwargs)
+    tuned = spec.replace(model=str(out / "finetune" / "model")).build()
     test_run = extract(tuned, list(test_rows), out / "eval" / "final-test", batch_size=batch_size,
                        max_new_tokens=max_new_tokens, logits_tokens=1, store_dtype="float32", progress=progress,
                        source="finetuned model, test rows")

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from lvlmlp.defaults import N_BOOT
 from lvlmlp.errors import LvlmlpError
 
 
@@ -63,7 +64,7 @@ def read_study(folder: str | Path, prompt: str | None = None) -> Study:
                  load_probe(probe_dir), spec, open_run(metrics["run"]))
 
 
-def transfer_table(folders: list[str | Path], out: str | Path, prompt: str | None = None, n_boot: int = 1000,
+def transfer_table(folders: list[str | Path], out: str | Path, prompt: str | None = None, n_boot: int = N_BOOT,
                    seed: int = 0) -> dict[str, Any]:
     """The table as JSON (`OUT/transfer.json`), with every cell's scores in `OUT/scores/`."""
     from lvlmlp.outputs import replaced_folder
