@@ -141,7 +141,7 @@ def _pool_subimages(captured: torch.Tensor, batch: dict[str, torch.Tensor], patc
     return torch.stack(out)
 
 
-def _load_config(model_id: str, trust_remote_code: bool = False) -> Any:
+def load_model_config(model_id: str, trust_remote_code: bool = False) -> Any:
     """The checkpoint's config, or an LvlmlpError saying why `model_id` is not a loadable checkpoint."""
     from transformers import AutoConfig
 
@@ -295,7 +295,7 @@ class Backend:
         self.dtype = resolve_dtype(dtype, self.device)
 
         self.trust_remote_code = trust_remote_code
-        config = _load_config(self.model_id, trust_remote_code)
+        config = load_model_config(self.model_id, trust_remote_code)
         self.config = config  # the checkpoint's config, read without the weights (layer count, ...)
         self.family: str = config.model_type
         self.quirks = quirks_of(self.family)

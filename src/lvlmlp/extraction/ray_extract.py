@@ -265,9 +265,9 @@ def ray_extract(
     _import_ray()  # missing: say so before any work
     options = ExtractOptions.of(options, **changes)
     if isinstance(options.layers, str):  # "quartiles": resolved here from the checkpoint's config (the replicas get indices)
-        from lvlmlp.extraction.backend import _load_config, num_layers_of, resolve_layer_spec
+        from lvlmlp.extraction.backend import load_model_config, num_layers_of, resolve_layer_spec
 
-        layers = resolve_layer_spec(options.layers, num_layers_of(_load_config(spec.model)))
+        layers = resolve_layer_spec(options.layers, num_layers_of(load_model_config(spec.model, spec.trust_remote_code)))
         options = ExtractOptions.of(options, layers=layers)
     options.check_labels(label_fn is not None, source)
     rows = numbered_rows(rows, source, options.on_error)
