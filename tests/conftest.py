@@ -37,14 +37,42 @@ SLOWEST_FIRST = ("test_ray.py", "test_demo.py", "test_experiment.py", "test_demo
                  "test_backend.py", "test_report.py", "test_steering.py")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--shuffle-seed", type=int, default=None, metavar="N",
+                     help="run the test files in an order shuffled with seed N, and the tests inside each file too: a "
+                          "test that passes only after its neighbours fails in some order (run in one process).")
+
+
 @pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slowest files first (after pytest-randomly's shuffle, which stays in force for the others)."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slowest files first, or, with --shuffle-seed N, every test in a seeded random order."""
+    seed = config.getoption("--shuffle-seed")
+    if seed is not None:
+        import random
+
+        # As pytest-randomly does (not installed here): the files in a random order, then the tests inside each
+        # file; a file's tests stay together so that its module-scoped fixtures are built once.
+        rng = random.Random(seed)
+        by_file: dict[Path, list[pytest.Item]] = {}
+        for item in items:
+            by_file.setdefault(item.path, []).append(item)
+        files = list(by_file.values())
+        rng.shuffle(files)
+        for tests in files:
+            rng.shuffle(tests)
+        items[:] = [item for tests in files for item in tests]
+        return
+
     def rank(item: pytest.Item) -> int:
         name = item.path.name
         return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
 
-    items.sort(key=rank)  # stable: the shuffled order is kept within each rank
+    items.sort(key=rank)  # stable: collection order is kept within each rank
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    seed = config.getoption("--shuffle-seed")
+    return None if seed is None else f"tests shuffled with --shuffle-seed {seed}"
 
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
