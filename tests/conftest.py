@@ -21,6 +21,37 @@ _THREADS_BEFORE = torch.get_num_threads()
 torch.set_num_threads(int(os.environ.get("LVLMLP_TEST_THREADS", "1")))
 
 
+@pytest.fixture(autouse=True)
+def _process_state_restored():
+    """What a test (or a command it runs in-process) changes for the whole process is put back after it, so that no
+    test depends on its neighbours (tests/e2e and `--shuffle-seed` orders): torch's thread count (`lvlmlp demo
+    --threads N` sets it for the process), transformers' progress-bar switch and verbosity, the root logger's level
+    and handlers (`lvlmlp.cli.main` calls logging.basicConfig), and the working directory."""
+    import logging
+    import sys
+
+    threads, cwd = torch.get_num_threads(), os.getcwd()
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    hf = sys.modules.get("transformers.utils.logging")
+    hf_state = (hf.is_progress_bar_enabled(), hf.get_verbosity()) if hf else None
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if os.getcwd() != cwd:
+        os.chdir(cwd)
+    root.setLevel(level)
+    for handler in root.handlers[:]:
+        if handler not in handlers and type(handler).__module__.startswith("logging"):  # not pytest's own
+            root.removeHandler(handler)
+    if hf_state is not None:  # (first imported by this test: its import-time setting is the one every later test sees)
+        bars, verbosity = hf_state
+        if hf.is_progress_bar_enabled() != bars:
+            (hf.enable_progress_bar if bars else hf.disable_progress_bar)()
+        if hf.get_verbosity() != verbosity:
+            hf.set_verbosity(verbosity)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Give torch its thread count back (pytest run in-process, e.g. by mutmut, leaves the caller as it was)."""
     torch.set_num_threads(_THREADS_BEFORE)
