@@ -24,7 +24,7 @@ torch.set_num_threads(int(os.environ.get("LVLMLP_TEST_THREADS", "1")))
 @pytest.fixture(autouse=True)
 def _process_state_restored():
     """What a test (or a command it runs in-process) changes for the whole process is put back after it, so that no
-    test depends on its neighbours (tests/e2e and `--shuffle-seed` orders): torch's thread count (`lvlmlp demo
+    test depends on its neighbours (default order, `--shuffle-seed` orders, xdist workers): torch's thread count (`lvlmlp demo
     --threads N` sets it for the process), transformers' progress-bar switch and verbosity, the root logger's level
     and handlers (`lvlmlp.cli.main` calls logging.basicConfig), and the working directory."""
     import logging
