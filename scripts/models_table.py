@@ -2,7 +2,7 @@
 
 Every `model_type` that transformers registers under `AutoModelForImageTextToText` gets one row:
 
-* **exact**: a tiny checkpoint of the family is in `lvlmlp.testing.SPECS`, so tests/test_backend.py runs it through
+* **exact**: a tiny checkpoint of the family is in `lvlmlp.testing.SPECS`, so tests/extraction/test_backend.py runs it through
   the family checks (batched, left-padded extraction equals each row alone through `generate(output_logits=True)`
   within 1e-4, first token and first K tokens, responses, hidden states); the suite fails if one does not pass.
 * **refused**: its `Quirks.refused` gives the reason; `lvlmlp extract` (any `Backend`) stops with that reason.
@@ -10,7 +10,7 @@ Every `model_type` that transformers registers under `AutoModelForImageTextToTex
   robot-action, a package not installed here, or not tried yet); such a model still loads and runs unchecked.
 
     python scripts/models_table.py           # rewrite the table in docs/models.md
-    python scripts/models_table.py --check   # exit 1 if docs/models.md differs (tests/test_models_table.py)
+    python scripts/models_table.py --check   # exit 1 if docs/models.md differs (tests/extraction/test_families.py)
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ NOTES: dict[str, str] = {
     "janus": "understanding path (its image-generation head is not used)",
     "ovis2": "visual tokenizer: image features are soft mixtures of a visual vocabulary",
     "molmo2": "native transformers port (the remote-code Molmo 1 checkpoints are not covered)",
-    "kosmos-2": "first-token logits alone could be matched; tests/test_backend.py shows the later tokens differ",
+    "kosmos-2": "first-token logits alone could be matched; tests/extraction/test_backend.py shows the later tokens differ",
     "llama4": "bfloat16 pixels from its processor, widened exactly to float32 between processes",
     "chameleon": "images as VQ tokens of the text vocabulary; no chat template; the model sets image tokens' logits "
     "to the lowest float, so logits are not rebuilt from hidden states",

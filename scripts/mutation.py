@@ -31,32 +31,31 @@ RESULTS = ROOT / "docs" / "mutation-results.json"
 
 # module -> the test files that exercise it (the relevant tests only: the slow end-to-end files stay out).
 MODULES: dict[str, dict] = {
-    "features": {"path": "src/lvlmlp/probing/features.py", "tests": ["tests/test_probes.py", "tests/test_guards_core.py"]},
+    "features": {"path": "src/lvlmlp/probing/features.py", "tests": ["tests/probing/test_probes.py"]},
     "probes": {"path": "src/lvlmlp/probing/probes.py",
-               "tests": ["tests/test_probes.py", "tests/test_guards_core.py", "tests/test_faults.py"]},
-    "lda": {"path": "src/lvlmlp/probing/lda.py", "tests": ["tests/test_probes.py", "tests/test_guards_core.py"]},
-    "metrics": {"path": "src/lvlmlp/probing/metrics.py", "tests": ["tests/test_metrics.py", "tests/test_guards_metrics.py"]},
+               "tests": ["tests/probing/test_probes.py", "tests/e2e/test_faults.py"]},
+    "lda": {"path": "src/lvlmlp/probing/lda.py", "tests": ["tests/probing/test_probes.py"]},
+    "metrics": {"path": "src/lvlmlp/probing/metrics.py", "tests": ["tests/probing/test_metrics.py"]},
     # store: the tests that run the tiny LLaVA (extraction through the store) are left out: with them a mutant of
     # RunWriter cost ~30 s here and the module ~7 hours; store.py alone is covered by the model-free ones.
     "store": {"path": "src/lvlmlp/extraction/store.py",
-              "tests": ["tests/test_store.py", "tests/test_guards_store.py", "tests/test_guards_store_edges.py"],
-              "deselect": ["tests/test_guards_store.py::test_resume_sends_only_uncommitted_rows_to_the_model",
-                           "tests/test_guards_store.py::test_short_answers_are_zero_padded_and_counted",
-                           "tests/test_guards_store.py::test_layer_minus_one_and_hidden_equal_transformers_hidden_states"]},
-    "steering": {"path": "src/lvlmlp/steering/guard.py",
-                 "tests": ["tests/test_steering.py", "tests/test_guards_steering.py",
-                           "tests/test_guards_steering_edges.py"]},
+              "tests": ["tests/extraction/test_store.py"],
+              "deselect": ["tests/extraction/test_store.py::test_resume_sends_only_uncommitted_rows_to_the_model",
+                           "tests/extraction/test_store.py::test_short_answers_are_zero_padded_and_counted",
+                           "tests/extraction/test_store.py::"
+                           "test_layer_minus_one_and_hidden_equal_transformers_hidden_states"]},
+    "steering": {"path": "src/lvlmlp/steering/guard.py", "tests": ["tests/steering/test_guard.py"]},
     # extract: the test that kills forked runs mid-way (SIGKILL, Ctrl-C) and resumes them is left out: a kill inside
-    # mutmut's own forked mutant process would only slow its passes (test_guards_store covers resume). (mutmut 3.8.1
-    # once crashed here reaping a process it had not started: extract left its finished loader workers unreaped,
-    # which loader.py now joins.)
+    # mutmut's own forked mutant process would only slow its passes (tests/extraction/test_store.py covers resume).
+    # (mutmut 3.8.1 once crashed here reaping a process it had not started: extract left its finished loader workers
+    # unreaped, which loader.py now joins.)
     "extract": {"path": "src/lvlmlp/extraction/extract.py",
-                "tests": ["tests/test_extract.py", "tests/test_guards_store.py", "tests/test_guards_extract.py"],
-                "deselect": ["tests/test_extract.py::"
+                "tests": ["tests/extraction/test_extract.py", "tests/extraction/test_store.py"],
+                "deselect": ["tests/extraction/test_extract.py::"
                              "test_sigkill_and_ctrl_c_then_resume_equal_the_uninterrupted_run_also_for_shards",
                              # it runs the model on 2 torch threads: OpenMP's pool, already started in mutmut's
                              # parent, deadlocks in the forked mutant process (a hang, not a kill)
-                             "tests/test_extract.py::test_model_threads_leave_cores_to_the_workers_on_cpu"]},
+                             "tests/extraction/test_extract.py::test_model_threads_leave_cores_to_the_workers_on_cpu"]},
 }
 # Appended to the scratch copy's conftest.py. mutmut runs each mutant in a process forked from its own, and tqdm's
 # write lock holds a multiprocessing lock (a semaphore every later fork inherits): a mutant killed at its timeout
@@ -84,11 +83,15 @@ def _prepare(name: str) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (work / "tests").mkdir()
-    for extra in ["tests/conftest.py", "tests/fixtures", "configs", *spec["tests"]]:
+    # tests/ is a package tree (tests.<folder>.<file>): every __init__.py and conftest.py comes with the files
+    packages = [p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("*.py")
+                if p.name in ("__init__.py", "conftest.py") and "fixtures" not in p.parts]
+    for extra in [*packages, "tests/fixtures", "configs", *spec["tests"]]:
         src = ROOT / extra
         if src.is_dir():
             shutil.copytree(src, work / extra)
         elif src.exists():
+            (work / extra).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, work / extra)
     with open(work / "tests" / "conftest.py", "a", encoding="utf-8") as conftest:
         conftest.write(FORKED_CHILD_HOOK)
@@ -102,6 +105,8 @@ def _prepare(name: str) -> Path:
         f"pytest_add_cli_args_test_selection =\n    {selection}\n"
         "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n"
         + "".join(f"    --deselect\n    {node}\n" for node in spec.get("deselect", []))
+        # pyproject.toml stays out of this copy: its pytest marker, registered here
+        + "\n[tool:pytest]\nmarkers =\n    mutation_guard: written against a surviving mutant\n"
     )
     return work
 

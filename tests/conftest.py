@@ -21,6 +21,37 @@ _THREADS_BEFORE = torch.get_num_threads()
 torch.set_num_threads(int(os.environ.get("LVLMLP_TEST_THREADS", "1")))
 
 
+@pytest.fixture(autouse=True)
+def _process_state_restored():
+    """What a test (or a command it runs in-process) changes for the whole process is put back after it, so that no
+    test depends on its neighbours (default order, `--shuffle-seed` orders, xdist workers): torch's thread count (`lvlmlp demo
+    --threads N` sets it for the process), transformers' progress-bar switch and verbosity, the root logger's level
+    and handlers (`lvlmlp.cli.main` calls logging.basicConfig), and the working directory."""
+    import logging
+    import sys
+
+    threads, cwd = torch.get_num_threads(), os.getcwd()
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    hf = sys.modules.get("transformers.utils.logging")
+    hf_state = (hf.is_progress_bar_enabled(), hf.get_verbosity()) if hf else None
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if os.getcwd() != cwd:
+        os.chdir(cwd)
+    root.setLevel(level)
+    for handler in root.handlers[:]:
+        if handler not in handlers and type(handler).__module__.startswith("logging"):  # not pytest's own
+            root.removeHandler(handler)
+    if hf_state is not None:  # (first imported by this test: its import-time setting is the one every later test sees)
+        bars, verbosity = hf_state
+        if hf.is_progress_bar_enabled() != bars:
+            (hf.enable_progress_bar if bars else hf.disable_progress_bar)()
+        if hf.get_verbosity() != verbosity:
+            hf.set_verbosity(verbosity)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Give torch its thread count back (pytest run in-process, e.g. by mutmut, leaves the caller as it was)."""
     torch.set_num_threads(_THREADS_BEFORE)
@@ -28,23 +59,56 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 # `make test` runs the files on 2 workers (pytest-xdist, --dist loadfile --no-loadscope-reorder), without the README
 # test (`make test-readme`). The slowest files are handed out first so that the short ones fill the gaps at the end;
-# started last, a long file would add its whole time to the wall time (test_finetune.py, left unranked, once ran alone
-# for the last 9 s). Ranked by the CPU time of their tests in a timed run (2026-12-02; Ray's replicas counted for
-# test_ray.py): about 55 s for test_ray.py, 30 for test_demo.py, 13 for test_experiment.py, 8 to 2 for the others
-# listed; every other file takes under 2 s.
-SLOWEST_FIRST = ("test_ray.py", "test_demo.py", "test_experiment.py", "test_demo_model.py", "test_finetune.py",
-                 "test_guards_run.py", "test_judge.py", "test_loader_faults.py", "test_image_intake.py", "test_extract.py", "test_paper_protocol.py", "test_faults.py", "test_serve.py",
-                 "test_backend.py", "test_report.py", "test_steering.py")
+# started last, a long file would add its whole time to the wall time (study/test_finetune.py, left unranked, once
+# ran alone for the last 9 s). Ranked by the CPU time of their tests in a timed run (2026-12-02; Ray's replicas
+# counted for extraction/test_ray_extract.py): about 55 s for test_ray_extract.py, 30 for demo/test_pipeline.py, 13
+# for study/test_experiment.py (with its run guards, then a file of their own, ranked 6th), 8 to 2 for the others
+# listed; every other file takes under 2 s. Paths under tests/ (the layout mirrors src/lvlmlp/).
+TESTS = Path(__file__).resolve().parent
+SLOWEST_FIRST = ("extraction/test_ray_extract.py", "demo/test_pipeline.py", "study/test_experiment.py",
+                 "demo/test_demo_model.py", "study/test_finetune.py", "judging/test_judge.py",
+                 "extraction/test_loader.py", "serve/test_image_intake.py", "extraction/test_extract.py",
+                 "paper/test_paper_protocol.py", "e2e/test_faults.py", "serve/test_serve.py",
+                 "extraction/test_backend.py", "study/test_report.py", "steering/test_guard.py")
+# (tests/test_conftest.py fails when a file named here is renamed or moved: it would lose its rank silently.)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--shuffle-seed", type=int, default=None, metavar="N",
+                     help="run the test files in an order shuffled with seed N, and the tests inside each file too: a "
+                          "test that passes only after its neighbours fails in some order (run in one process).")
 
 
 @pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slowest files first (after pytest-randomly's shuffle, which stays in force for the others)."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slowest files first, or, with --shuffle-seed N, every test in a seeded random order."""
+    seed = config.getoption("--shuffle-seed")
+    if seed is not None:
+        import random
+
+        # As pytest-randomly does (not installed here): the files in a random order, then the tests inside each
+        # file; a file's tests stay together so that its module-scoped fixtures are built once.
+        rng = random.Random(seed)
+        by_file: dict[Path, list[pytest.Item]] = {}
+        for item in items:
+            by_file.setdefault(item.path, []).append(item)
+        files = list(by_file.values())
+        rng.shuffle(files)
+        for tests in files:
+            rng.shuffle(tests)
+        items[:] = [item for tests in files for item in tests]
+        return
+
     def rank(item: pytest.Item) -> int:
-        name = item.path.name
+        name = item.path.relative_to(TESTS).as_posix() if item.path.is_relative_to(TESTS) else item.path.name
         return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
 
-    items.sort(key=rank)  # stable: the shuffled order is kept within each rank
+    items.sort(key=rank)  # stable: collection order is kept within each rank
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    seed = config.getoption("--shuffle-seed")
+    return None if seed is None else f"tests shuffled with --shuffle-seed {seed}"
 
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -79,7 +79,7 @@ QUIRKS: dict[str, Quirks] = {
 }
 
 
-# The model types that pass the family checks (the exact tiny families of `lvlmlp.testing`; tests/test_models_table.py
+# The model types that pass the family checks (the exact tiny families of `lvlmlp.testing`; tests/extraction/test_families.py
 # keeps this set equal to them). Any other model type runs, with a warning that nothing checked it.
 CHECKED: frozenset[str] = frozenset({
     "aya_vision", "blip-2", "chameleon", "cohere2_vision", "deepseek_vl", "gemma3", "gemma4", "glm46v", "glm4v",

@@ -107,7 +107,7 @@ def task_answer_scores(run: Any, idx: np.ndarray, task: str | None) -> np.ndarra
 # The original's evaluation notebooks (LVLM-LP Task1_VizWiz_eval.ipynb, Task2_Jailbreak_eval.ipynb,
 # Task3_Mad_eval.ipynb, Task5_POPE_eval.ipynb), expression for expression: (response, label) -> 0/1. Only
 # MM-SafetyBench's `oeh` rule reads the label (the notebook applies one test to unsafe rows, another to safe rows).
-# The words they read are those the prompts ask for (tasks/answers.yaml; tests/test_own_answer_paper.py checks
+# The words they read are those the prompts ask for (tasks/answers.yaml; tests/paper/test_own_answer_paper.py checks
 # that each rule reads those words as their label).
 def _vizwiz(response: str, label: int | None) -> int:  # every style but oe: `pred_list = [0 if "unanswerable" ...`
     return 0 if "unanswerable" in response.lower() else 1

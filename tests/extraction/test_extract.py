@@ -1,0 +1,705 @@
+"""Extraction end to end on a tiny real LLaVA: exactness vs per-sample generate, resume after SIGKILL, shards,
+and bad input (one-line errors, nothing half-written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from lvlmlp import open_run
+from lvlmlp.cli import main
+from lvlmlp.data import images_fingerprint, rows_fingerprint
+from lvlmlp.errors import LvlmlpError
+from lvlmlp.extraction.backend import Backend
+from lvlmlp.extraction.extract import (
+    backend_settings,
+    extract,
+    finished_run,
+    parse_shard,
+    run_settings,
+    shard_rows,
+)
+from lvlmlp.extraction.options import ExtractOptions, flag_names
+
+
+def make_manifest(root: Path, n: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        h, w = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(root / "img" / f"{i}.png")
+        question = " ".join(["what", "is", "the", "colour", "of", "this", "shape"][: 2 + i % 6]) + "?"
+        lines.append({"id": f"r{i}", "image": f"img/{i}.png", "question": question, "label": i % 2, "extra": i})
+    path = root / "data.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def reference(ckpt: Path, manifest: Path, k: int) -> tuple[list[np.ndarray], list[str]]:
+    """Independent per-sample greedy generate with raw logits, through the Auto classes."""
+    model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
+    proc = AutoProcessor.from_pretrained(ckpt)
+    logits, texts = [], []
+    for line in manifest.read_text().splitlines():
+        row = json.loads(line)
+        image = Image.open(manifest.parent / row["image"]).convert("RGB")
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}]
+        prompt = proc.apply_chat_template(conv, add_generation_prompt=True)
+        inputs = proc(images=[image], text=[prompt], return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=k, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        logits.append(torch.stack([x[0] for x in out.logits]).float().numpy())
+        new = out.sequences[0, inputs["input_ids"].shape[1]:]
+        texts.append(proc.tokenizer.decode(new, skip_special_tokens=True))
+    return logits, texts
+
+
+def test_batched_extract_equals_per_sample_generate(tiny_ckpt, tmp_path):
+    ckpt = tiny_ckpt("llava")
+    manifest = make_manifest(tmp_path, 6)
+    ref_logits, ref_texts = reference(ckpt, manifest, k=3)
+    base = ["extract", "--model", str(ckpt), "--data", str(manifest), "--batch-size", "4", "--device", "cpu",
+            "--store-dtype", "float32", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "first"), "--hidden", "--layers", "0,-1"]) == 0
+    run = open_run(tmp_path / "first")
+    assert run.ids == [f"r{i}" for i in range(6)]
+    assert run.meta[3] == {"id": "r3", "question": run.meta[3]["question"], "label": 1, "extra": 3}
+    for i in range(6):
+        np.testing.assert_allclose(run.logits(0)[i], ref_logits[i][0], atol=1e-4, rtol=0)
+    assert run.manifest["vocab_size"] == run.logits(0).shape[1]
+    # the head is a plain linear map: logits reconstruct from the stored final-norm hidden state
+    model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
+    with torch.inference_mode():
+        rebuilt = model.get_output_embeddings()(torch.from_numpy(np.array(run.hidden()))).numpy()
+    np.testing.assert_allclose(rebuilt, run.logits(0), atol=1e-4, rtol=0)
+    assert run.layer(-1).shape == run.hidden().shape
+
+    assert main([*base, "--out", str(tmp_path / "gen"), "--max-new-tokens", "3"]) == 0
+    gen = open_run(tmp_path / "gen")
+    assert gen.responses == ref_texts
+    for i in range(6):
+        n = int(gen.n_tokens[i])
+        assert n == len(ref_logits[i])
+        for t in range(3):
+            if t < n:
+                np.testing.assert_allclose(gen.logits(t)[i], ref_logits[i][t], atol=1e-4, rtol=0)
+            else:
+                assert not gen.logits(t)[i].any()  # padding, explicitly zero
+
+
+def _arrays(run_dir: Path) -> dict[str, np.ndarray]:
+    return {p.stem: np.load(p) for p in sorted(run_dir.glob("*.npy"))}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def _kill_midway(argv: list[str], shards: Path, after: int, sig: int = signal.SIGKILL, stderr: Path | None = None) -> int:
+    """Run `lvlmlp ARGV` in a forked copy of this process (torch and the model code already imported, where a fresh
+    interpreter spent ~6 s of CPU importing them), send `sig` once `after` shards are committed, and return its exit
+    code (minus the signal's number when the signal ended it). Its data-loader workers (orphaned, after SIGKILL) must
+    be gone within a few seconds. `stderr`: a file for what the command prints there."""
+    pid = os.fork()
+    if pid == 0:  # the child: the command as a user runs it, its output kept away from pytest's (and xdist's pipes)
+        code = 1
+        try:
+            # a Python handler (pytest's) would catch Ctrl-C before the command does: the default, as in a terminal
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            null = os.open(os.devnull, os.O_RDWR)
+            err = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if stderr else null
+            for fd, target in ((0, null), (1, null), (2, err)):
+                os.dup2(target, fd)
+            sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+            code = main(argv)
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()  # os._exit (no pytest teardown in the copy) does not flush
+            os._exit(code)
+    deadline = time.time() + 120
+    workers: list[int] = []
+    status = None
+    while status is None and time.time() < deadline:
+        done, st = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = st
+        elif len(list(shards.glob("*.safetensors"))) >= after:
+            workers = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+            os.kill(pid, sig)
+            break
+        else:
+            time.sleep(0.01)
+    code = os.waitstatus_to_exitcode(status if status is not None else os.waitpid(pid, 0)[1])
+    assert workers, "no data-loader worker was running"
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    lingering = [pid for pid in workers if _alive(pid)]
+    for pid in lingering:  # so that a failure here does not leave them running (holding pytest's pipes)
+        os.kill(pid, signal.SIGKILL)
+    assert not lingering, "orphaned data-loader workers kept running"
+    return code
+
+
+def test_sigkill_and_ctrl_c_then_resume_equal_the_uninterrupted_run_also_for_shards(tiny_ckpt, tmp_path):
+    """A run SIGKILLed after 3 of its 20 shards resumes to the uninterrupted run's arrays; a `--shard 1/2` part
+    interrupted by Ctrl-C (SIGINT) stops its workers, says one line, exit 130, and resumes too; its parts merge to
+    the same arrays."""
+    ckpt = tiny_ckpt("llava")
+    manifest = make_manifest(tmp_path, 40, seed=1)  # killed after 3 of 20 shards: most rows are left to resume
+    base = ["extract", "--model", str(ckpt), "--data", str(manifest), "--batch-size", "2", "--shard-size", "2",
+            "--device", "cpu", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "clean")]) == 0
+    clean = open_run(tmp_path / "clean")
+
+    code = _kill_midway([*base, "--out", str(tmp_path / "killed")], tmp_path / "killed" / "shards", after=3)
+    assert code == -signal.SIGKILL, "extraction finished before it could be killed"
+    assert not (tmp_path / "killed" / "logits.npy").exists()
+    assert main([*base, "--out", str(tmp_path / "killed")]) == 0
+    resumed = open_run(tmp_path / "killed")
+    assert resumed.ids == clean.ids and resumed.meta == clean.meta
+    for name, arr in _arrays(tmp_path / "clean").items():
+        np.testing.assert_array_equal(_arrays(tmp_path / "killed")[name], arr)
+
+    code = _kill_midway([*base, "--shard", "1/2", "--out", str(tmp_path / "s1")], tmp_path / "s1" / "shards", 2,
+                        sig=signal.SIGINT, stderr=tmp_path / "stderr.txt")
+    assert code == 130, "extraction finished before it could be interrupted"
+    last = (tmp_path / "stderr.txt").read_text().strip().splitlines()[-1]
+    assert last == "lvlmlp: interrupted; what was committed is kept, the same command resumes from there"
+    for part in ("0/2", "1/2"):
+        assert main([*base, "--shard", part, "--out", str(tmp_path / f"s{part[0]}")]) == 0
+    assert main(["merge", str(tmp_path / "s1"), str(tmp_path / "s0"), "--out", str(tmp_path / "merged")]) == 0
+    merged = open_run(tmp_path / "merged")
+    assert merged.ids == clean.ids and merged.meta == clean.meta
+    for name, arr in _arrays(tmp_path / "clean").items():
+        np.testing.assert_array_equal(_arrays(tmp_path / "merged")[name], arr)
+
+
+def test_rerun_with_other_settings_is_refused(tiny_ckpt, tmp_path, capsys):
+    ckpt = tiny_ckpt("llava")
+    manifest = make_manifest(tmp_path, 2)
+    base = ["extract", "--model", str(ckpt), "--data", str(manifest), "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main([*base, "--prompt-template", "{question} Answer briefly."]) == 2
+    assert "prompt_template" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("missing", "row 'r1': image not found"),
+        ("truncated", "row 'r1': unreadable image"),
+        ("empty", "row 'r1': missing or empty 'question'"),
+        ("duplicate", "duplicate id 'r0'"),
+        ("notjson", "data.jsonl:2: line is not JSON"),
+    ],
+)
+def test_bad_input_gives_one_line_error_and_no_partial_shard(tiny_ckpt, tmp_path, capsys, problem, message):
+    ckpt = tiny_ckpt("llava")
+    manifest = make_manifest(tmp_path, 3)
+    lines = manifest.read_text().splitlines()
+    row = json.loads(lines[1])
+    if problem == "missing":
+        (tmp_path / row["image"]).unlink()
+    elif problem == "truncated":
+        data = (tmp_path / row["image"]).read_bytes()
+        (tmp_path / row["image"]).write_bytes(data[: len(data) // 2])
+    elif problem == "empty":
+        row["question"] = ""
+    elif problem == "duplicate":
+        row["id"] = "r0"
+    lines[1] = "{oops" if problem == "notjson" else json.dumps(row)
+    manifest.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    capsys.readouterr()
+    code = main(["extract", "--model", str(ckpt), "--data", str(manifest), "--out", str(out), "--batch-size", "1",
+                 "--shard-size", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not list(out.glob("shards/*.tmp")) and not (out / "logits.npy").exists()
+    committed = list(out.glob("shards/*.safetensors"))
+    assert len(committed) == (1 if problem == "truncated" else 0)  # only whole shards of rows before the bad one
+
+
+def test_on_error_skip_records_failures(tiny_ckpt, tmp_path):
+    ckpt = tiny_ckpt("llava")
+    manifest = make_manifest(tmp_path, 4)
+    (tmp_path / "img" / "2.png").unlink()
+    out = tmp_path / "run"
+    assert main(["extract", "--model", str(ckpt), "--data", str(manifest), "--out", str(out), "--on-error", "skip",
+                 "--no-progress"]) == 0
+    run = open_run(out)
+    assert run.ids == ["r0", "r1", "r3"]
+    assert [f["id"] for f in run.failures] == ["r2"] and "image not found" in run.failures[0]["error"]
+
+
+def test_not_a_vision_language_checkpoint(tmp_path, capsys):
+    manifest = make_manifest(tmp_path, 1)
+    (tmp_path / "empty_model").mkdir()
+    capsys.readouterr()
+    code = main(["extract", "--model", str(tmp_path / "empty_model"), "--data", str(manifest), "--out",
+                 str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "empty_model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_mathvista_labels_come_from_the_models_answers(tiny_ckpt, tmp_path, capsys):
+    from lvlmlp.tasks.mathvista import check_answer
+
+    root = tmp_path / "mathvista"  # the outputs beside it: an --out inside --data-root is refused
+    (root / "images").mkdir(parents=True)
+    records = {}
+    for i in range(4):
+        Image.new("RGB", (30 + 5 * i, 40), (50 * i, 20, 90)).save(root / "images" / f"{i}.jpg")
+        records[str(i)] = {"pid": str(i), "image": f"images/{i}.jpg", "query": f"How many bars {i}?",
+                           "answer": str(i), "question_type": "free_form", "answer_type": "integer",
+                           "choices": None, "precision": None, "unit": None}
+    (root / "testmini.json").write_text(json.dumps(records))
+    base = ["extract", "--model", str(tiny_ckpt("llava")), "--task", "mathvista", "--data-root", str(root),
+            "--no-progress"]
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "no")]) == 2
+    assert "labels come from the model's answers" in capsys.readouterr().err
+    assert main([*base, "--max-new-tokens", "3", "--out", str(tmp_path / "run")]) == 0
+    run = open_run(tmp_path / "run")
+    assert run.manifest["labels_from_responses"] is True
+    expected = [int(check_answer(m["response"], {**records[m["id"]], "id": m["id"]})) for m in run.meta]
+    np.testing.assert_array_equal(run.labels, expected)
+
+
+def _run_contents(run_dir: Path) -> tuple[dict[str, np.ndarray], list[dict], list[dict]]:
+    run = open_run(run_dir)
+    return _arrays(run_dir), run.meta, run.failures
+
+
+def _children() -> set[int]:
+    """Child processes of this process, zombies included (Linux /proc)."""
+    return {int(pid) for path in Path("/proc/self/task").glob("*/children") for pid in path.read_text().split()}
+
+
+def test_worker_processes_give_exactly_the_inline_result(tiny_ckpt, tmp_path):
+    """Batches prepared by forked workers (and by the main process when it would otherwise wait) come back in
+    manifest order, failures included, bit for bit as when everything is prepared inline."""
+    from lvlmlp.data import read_manifest
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.extraction.extract import extract
+
+    manifest = make_manifest(tmp_path, 11)
+    (tmp_path / "img" / "4.png").unlink()
+    backend = Backend(tiny_ckpt("llava"), device="cpu", dtype="float32")
+    rows = read_manifest(manifest)
+    children_before = _children()
+    results = {
+        workers: _run_contents(
+            extract(backend, rows, tmp_path / f"w{workers}", batch_size=2, on_error="skip", progress=False,
+                    workers=workers).path
+        )
+        for workers in (0, 1, 3)
+    }
+    # Every worker is reaped before extract returns: no finished (zombie) child is left for the caller's os.wait().
+    assert _children() == children_before
+    arrays0, meta0, failures0 = results[0]
+    assert [m["id"] for m in meta0] == [f"r{i}" for i in range(11) if i != 4]
+    assert [f["id"] for f in failures0] == ["r4"]
+    for workers in (1, 3):
+        arrays, meta, failures = results[workers]
+        assert meta == meta0 and failures == failures0
+        assert arrays.keys() == arrays0.keys()
+        for name in arrays0:
+            np.testing.assert_array_equal(arrays[name], arrays0[name])
+
+
+def test_worker_errors_surface_in_the_main_process(tiny_ckpt, tmp_path, caplog):
+    """A batch that fails in a worker is prepared again here (so a real error is raised with its own exception, and
+    a passing one does no harm); a worker that dies
+    (killed, out of memory) stops the run with a clear message instead of a hang."""
+    from lvlmlp.data import read_manifest
+    from lvlmlp.errors import LvlmlpError
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.extraction.extract import extract
+
+    parent = os.getpid()
+
+    class FailsOnOneQuestion(Backend):
+        def collate(self, images, questions):
+            if "colour of this" in " ".join(questions):  # rows r4, r5, r10 and r11
+                raise ValueError("processor failed on r4/r5")
+            return super().collate(images, questions)
+
+    class FailsInWorkers(Backend):
+        def collate(self, images, questions):
+            if os.getpid() != parent:
+                raise RuntimeError("only in a worker")
+            return super().collate(images, questions)
+
+    class DiesInWorkers(Backend):
+        def collate(self, images, questions):
+            if os.getpid() != parent:
+                os._exit(3)
+            return super().collate(images, questions)
+
+    rows = read_manifest(make_manifest(tmp_path, 16))  # enough batches that workers surely take some
+    ckpt = tiny_ckpt("llava")
+    with caplog.at_level("WARNING", logger="lvlmlp"):
+        run = extract(FailsInWorkers(ckpt, device="cpu", dtype="float32"), rows, tmp_path / "c", batch_size=1,
+                      progress=False, workers=2)  # every batch a worker failed on was prepared again here
+    assert run.ids == [f"r{i}" for i in range(16)] and not run.failures
+    warned = [r.getMessage() for r in caplog.records if "data-loader process failed" in r.getMessage()]
+    assert len(warned) == 1 and "RuntimeError: only in a worker" in warned[0]  # said once, with the cause
+    # the processor's error names its row (and --on-error skip would skip just that row)
+    with pytest.raises(LvlmlpError, match="row 'r4': the processor rejects it .processor failed on r4/r5"):
+        extract(FailsOnOneQuestion(ckpt, device="cpu", dtype="float32"), rows, tmp_path / "a", batch_size=1,
+                progress=False, workers=2)
+    with pytest.raises(LvlmlpError, match=r"a data-loader process died \(exit code 3\).*--workers 0"):
+        extract(DiesInWorkers(ckpt, device="cpu", dtype="float32"), rows, tmp_path / "b", batch_size=1,
+                progress=False, workers=1)
+    run = extract(DiesInWorkers(ckpt, device="cpu", dtype="float32"), rows, tmp_path / "b", batch_size=1,
+                  progress=False, workers=0)  # the advised re-run resumes and finishes
+    assert run.ids == [f"r{i}" for i in range(16)]
+
+
+def test_model_threads_leave_cores_to_the_workers_on_cpu(tiny_ckpt, tmp_path):
+    """With torch's default of a thread per core, the model and the data-loader workers would fight for the same
+    cores; extraction gives the model the cores the workers leave (at least one) and restores the setting."""
+    from lvlmlp.data import read_manifest
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.extraction.extract import extract
+
+    seen: list[int] = []
+
+    class RecordsThreads(Backend):
+        def prefill(self, batch, **kwargs):
+            seen.append(torch.get_num_threads())
+            return super().prefill(batch, **kwargs)
+
+    rows = read_manifest(make_manifest(tmp_path, 4))
+    backend = RecordsThreads(tiny_ckpt("llava"), device="cpu", dtype="float32")
+    cpus = len(os.sched_getaffinity(0))
+    torch.set_num_threads(3)
+    try:
+        extract(backend, rows, tmp_path / "w1", batch_size=2, progress=False, workers=1)
+        assert seen == [max(1, min(3, cpus - 1))] * 2 and torch.get_num_threads() == 3
+        seen.clear()
+        extract(backend, rows, tmp_path / "w0", batch_size=2, progress=False, workers=0)
+        assert seen == [3, 3]  # inline preparation takes no core of its own
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_hub_id_from_the_local_cache_records_its_revision(tiny_ckpt, tmp_path, monkeypatch):
+    """A hub id (offline, from the Hugging Face cache) loads through the Auto classes and the run records the
+    snapshot's commit as the model revision. (The cache folder is huggingface_hub's HF_HUB_CACHE, which it and
+    transformers read at each lookup: set here in this process rather than in a fresh one through the environment.)"""
+    import shutil
+
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llava"
+    shutil.copytree(tiny_ckpt("llava"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    manifest = make_manifest(tmp_path, 2)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert constants.HF_HUB_OFFLINE  # tests/conftest.py: never the network
+    assert main(["extract", "--model", "tiny-org/tiny-llava", "--data", str(manifest), "--out", str(tmp_path / "run"),
+                 "--device", "cpu", "--no-progress"]) == 0
+    info = open_run(tmp_path / "run").manifest
+    assert (info["model"], info["model_revision"], info["weights_hash"]) == ("tiny-org/tiny-llava", commit, commit)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Mutation guards, from tests/test_guards_extract.py (marked `mutation_guard`):
+# Guards of the extractor, in-process on a tiny LLaVA: --shard parsing and row blocks, the option checks, what a
+# run's manifest records, recognising a finished run without its weights, last-token logits and store dtypes, the
+# start line and progress bar, defaults, the context check and a row lost before the store. Each test names the
+# breakage it catches (written against the survivors of `make mutation MODULES=extract`).
+
+@pytest.mark.mutation_guard
+def test_parse_shard_accepts_exactly_0_le_i_lt_n():
+    """Catches: an off-by-one bound (I == N, N == 0, I < 0 accepted, or I == 0 / N == 1 refused), a lenient split."""
+    assert parse_shard(None) is None
+    for spec, want in (("0/1", (0, 1)), ("0/4", (0, 4)), ("3/4", (3, 4)), (" 1 / 2 ", (1, 2))):
+        assert parse_shard(spec) == want
+    for spec in ("4/4", "5/4", "-1/4", "0/0", "1/0", "0/-1"):
+        with pytest.raises(LvlmlpError) as err:
+            parse_shard(spec)
+        assert str(err.value) == f"--shard: need 0 <= I < N, got {spec!r}"
+    for spec in ("1of2", "1/2/3", "1", "", "a/b", "1.0/2"):
+        with pytest.raises(LvlmlpError) as err:
+            parse_shard(spec)
+        assert str(err.value) == f"--shard: expected I/N such as 0/4, got {spec!r}"
+
+
+@pytest.mark.mutation_guard
+def test_shard_rows_are_contiguous_blocks_that_remember_their_input_position():
+    """Catches: blocks that overlap, skip or reorder rows, a wrong boundary rounding, rows not numbered by their
+    input position, or the caller's rows modified."""
+    rows = [{"id": f"r{i}"} for i in range(10)]
+    every = shard_rows(rows)
+    assert every == [{"id": f"r{i}", "_row_index": i} for i in range(10)]
+    assert rows == [{"id": f"r{i}"} for i in range(10)]  # the caller's dicts are left alone
+    # Boundaries len * i // n: 0, 2, 5, 7, 10 for 10 rows in 4 shards (an independent count, not the formula's code).
+    blocks = [shard_rows(rows, (i, 4)) for i in range(4)]
+    assert [[r["_row_index"] for r in b] for b in blocks] == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
+    assert [r for b in blocks for r in b] == every
+    assert shard_rows(rows, (0, 1)) == every
+    assert [len(shard_rows(rows[:3], (i, 5))) for i in range(5)] == [0, 1, 0, 1, 1]
+
+
+@pytest.mark.mutation_guard
+def test_extract_options_refuse_each_bad_option_with_its_message():
+    """Catches: a check dropped or inverted, or a message naming the wrong option or choices (by its field, or by
+    the caller's name for it: the CLI's flag)."""
+    ok = dict(store_dtype="float16", on_error="fail", batch_size=1, max_new_tokens=0)
+    ExtractOptions(**ok).check_labels(False, "s")
+    ExtractOptions(**{**ok, "store_dtype": "float32", "on_error": "skip", "max_new_tokens": 1}).check_labels(True, "s")
+    with pytest.raises(LvlmlpError) as err:
+        ExtractOptions(**ok).check_labels(True, "s")
+    assert str(err.value) == "s: labels come from the model's answers here; give max_new_tokens K (> 0)"
+    assert err.value.named(flag_names()) == "s: labels come from the model's answers here; give --max-new-tokens K (> 0)"
+    cases = (
+        ({"store_dtype": "int8"}, "{store_dtype}: expected one of ['float16', 'float32'], got 'int8'"),
+        ({"on_error": "retry"}, "{on_error}: expected fail or skip, got 'retry'"),
+        ({"batch_size": 0}, "{batch_size} must be >= 1 and {max_new_tokens} >= 0"),
+        ({"max_new_tokens": -1}, "{batch_size} must be >= 1 and {max_new_tokens} >= 0"),
+        ({"shard": (2, 2)}, "{shard}: need 0 <= I < N, got '2/2'"),
+    )
+    for change, message in cases:
+        with pytest.raises(LvlmlpError) as err:
+            ExtractOptions(**{**ok, **change})
+        fields = ("store_dtype", "on_error", "batch_size", "max_new_tokens", "shard")
+        assert str(err.value) == message.format(**{f: f for f in fields})
+        assert err.value.named(flag_names()) == message.format(**{f: "--" + f.replace("_", "-") for f in fields})
+
+
+@pytest.mark.mutation_guard
+def test_run_settings_record_every_extraction_option_under_its_name():
+    """Catches: a manifest key renamed or dropped, the rows' hash taken with their positions, or the stored-token
+    count (1 for prefill, else min(max_new_tokens, logits_tokens)) computed wrongly."""
+    rows = [{"id": "a", "image": "a.png", "question": "q?"}, {"id": "b", "image": "b.png", "question": "r?", "label": 1}]
+    numbered = shard_rows(rows)
+    model = {"model": "m", "vocab_size": 7}
+    base = dict(batch_size=4, max_new_tokens=0, logits_tokens=None, hidden=False, layers=(), store_dtype="float16",
+                shard=None, labels_from_responses=False)
+    assert run_settings(model, numbered, **base) == {
+        "model": "m", "vocab_size": 7, "dtype": "float16", "max_new_tokens": 0, "logits_tokens": 1, "hidden": False,
+        "layers": [], "data_hash": rows_fingerprint(rows), "images_hash": images_fingerprint(rows), "n_input_rows": 2,
+        "shard": None, "batch_size": 4,
+        "labels_from_responses": False, "selection": None,
+    }
+    full = run_settings(model, numbered, **{**base, "max_new_tokens": 5, "hidden": True, "layers": (np.int64(3), -1),
+                                            "shard": (1, 4), "labels_from_responses": True},
+                        selection={"split": "test"})
+    assert (full["max_new_tokens"], full["logits_tokens"], full["hidden"], full["layers"]) == (5, 5, True, [3, -1])
+    assert type(full["layers"][0]) is int and full["shard"] == "1/4" and full["selection"] == {"split": "test"}
+    assert full["labels_from_responses"] is True
+    kept = [run_settings(model, numbered, **{**base, "max_new_tokens": 5, "logits_tokens": k})["logits_tokens"]
+            for k in (1, 2, 5, 9)]
+    assert kept == [1, 2, 5, 5]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_ckpt, tmp_path_factory) -> tuple[Path, list[dict]]:
+    ckpt = tiny_ckpt("llava")
+    root = tmp_path_factory.mktemp("rows")
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, size=(24, 24, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        rows.append({"id": f"r{i}", "image": str(root / f"{i}.png"), "question": f"what is {i}?"})
+    return ckpt, rows
+
+
+@pytest.mark.mutation_guard
+def test_backend_settings_record_the_models_identity(tiny):
+    """Catches: a manifest key renamed or dropped, or a value taken from the wrong attribute."""
+    ckpt, _ = tiny
+    backend = Backend(ckpt, device="cpu", dtype="float32", prompt_template="Q: {question}")
+    assert backend_settings(backend) == {
+        "model": str(ckpt), "model_revision": backend.revision, "weights_hash": backend.weights_hash,
+        "family": "llava", "compute_dtype": "float32", "vocab_size": backend.vocab_size,
+        "prompt_template": backend.prompt("{question}"), "device": "cpu",
+    }
+    assert backend.vocab_size > 0 and len(backend.weights_hash) >= 16
+    assert "Q: {question}" in backend_settings(backend)["prompt_template"]
+
+
+@pytest.mark.mutation_guard
+def test_finished_run_is_recognised_without_weights_and_only_with_the_same_settings_and_rows(tiny, tmp_path):
+    """Catches: a finished run not recognised by a weight-less backend (vocab size compared), or a run recognised
+    after its settings, its shard or its rows changed."""
+    ckpt, rows = tiny
+    settings = dict(batch_size=2, max_new_tokens=0, logits_tokens=None, hidden=False, layers=(), store_dtype="float32",
+                    shard=(1, 2), labels_from_responses=False)
+    shard = shard_rows(rows, (1, 2))  # rows r2, r3 with _row_index 2, 3
+    made = extract(Backend(ckpt, device="cpu"), shard, tmp_path / "run", progress=False, workers=0,
+                   **{k: v for k, v in settings.items() if k != "labels_from_responses"})
+    light = Backend(ckpt, device="cpu", load_model=False)
+    found = finished_run(light, shard, tmp_path / "run", **settings)
+    assert found is not None and found.path == made.path and found.ids == ["r2", "r3"]
+    assert finished_run(light, shard_rows(rows, (0, 2)), tmp_path / "run", **settings) is None
+    assert finished_run(light, shard, tmp_path / "run", **{**settings, "batch_size": 4}) is not None  # how, not what
+    assert finished_run(light, shard, tmp_path / "run", **{**settings, "store_dtype": "float16"}) is None
+    assert finished_run(light, shard, tmp_path / "run", **{**settings, "labels_from_responses": True}) is None
+    changed = [dict(shard[0], question="another?"), shard[1]]
+    assert finished_run(light, changed, tmp_path / "run", **settings) is None
+    assert finished_run(light, shard, tmp_path / "elsewhere", **settings) is None
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory) -> dict:
+    """Runs of the tiny LLaVA on 4 rows, through weights whose end-of-sequence tokens are row 0's first and row 1's
+    second generated token (so rows stop after 1, 2 or 3 tokens): all 3 tokens kept (float32, hidden and layers),
+    only the first (float16: + each row's last token), and a prefill (hidden and layers)."""
+    import shutil
+
+    ckpt, rows = tiny
+    root = tmp_path_factory.mktemp("runs")
+    backend = Backend(ckpt, device="cpu")
+    batch = backend.encode([Image.open(r["image"]).convert("RGB") for r in rows], [r["question"] for r in rows])
+    seq = backend.generate(batch, max_new_tokens=3)["sequences"].tolist()
+    eos = [seq[0][0], seq[1][1]]
+    stop = root / "stop_ckpt"
+    shutil.copytree(ckpt, stop)
+    gen = json.loads((stop / "generation_config.json").read_text())
+    (stop / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": eos}))
+    stopping = Backend(stop, device="cpu")
+    common = dict(batch_size=4, workers=0, progress=False)  # the reference generate's batch (same shapes)
+    return {
+        "expected_n": [next((t + 1 for t, tok in enumerate(row) if tok in eos), 3) for row in seq],
+        "all": extract(stopping, rows, root / "all", max_new_tokens=3, store_dtype="float32", hidden=True,
+                       layers=(0, -1), **common),
+        "first": extract(stopping, rows, root / "first", max_new_tokens=3, logits_tokens=1, store_dtype="float16",
+                         **common),
+        "prefill": extract(stopping, rows, root / "prefill", store_dtype="float32", hidden=True, layers=(0, -1),
+                           **common),
+    }
+
+
+@pytest.mark.mutation_guard
+def test_last_token_logits_dtypes_and_generation_hidden_states(runs):
+    """Catches: each row's last-token logits taken at another position (or stored when every token is kept
+    anyway), stored logits not in the store dtype, n_tokens / row_index in other dtypes, and hidden states or
+    layers dropped or asked wrongly on the generation path (they are the prefill's: the first generated position)."""
+    full, first, prefill = runs["all"], runs["first"], runs["prefill"]
+    n = full.n_tokens
+    assert n.tolist() == runs["expected_n"] and {1, 2, 3} <= set(n.tolist())  # rows stop after 1, 2 or 3 tokens
+    assert first.has_last_logits and not full.has_last_logits and not prefill.has_last_logits
+    want = np.stack([full.logits(int(k) - 1)[i] for i, k in enumerate(n)])
+    np.testing.assert_allclose(first.last_logits().astype(np.float32), want, rtol=1e-2, atol=1e-2)  # float16
+    np.testing.assert_allclose(first.logits(0).astype(np.float32), full.logits(0), rtol=1e-2, atol=1e-2)
+    assert (first.logits(0).dtype, full.logits(0).dtype, first.last_logits().dtype) == (
+        np.float16, np.float32, np.float16)
+    for run in (full, first, prefill):
+        assert run.n_tokens.dtype == np.int32 and run.row_index.dtype == np.int64
+        assert run.row_index.tolist() == [0, 1, 2, 3]
+    assert prefill.n_tokens.tolist() == [1, 1, 1, 1]
+    np.testing.assert_allclose(full.hidden(), prefill.hidden(), atol=1e-4)
+    for layer in (0, -1):
+        np.testing.assert_allclose(full.layer(layer), prefill.layer(layer), atol=1e-4)
+
+
+@pytest.mark.mutation_guard
+def test_extract_logs_its_plan_shows_its_bar_and_names_skipped_rows(tiny, tmp_path, capsys, caplog):
+    """Catches: the start line's fields (model, family, dtype, folder, rows, rows to do, batch, generation) or the
+    skipped-rows warning changed or dropped, a bar without its name, unit or total, a bar shown with
+    progress=False or hidden by default, and rows counted by batches."""
+    ckpt, rows = tiny
+    backend = Backend(ckpt, device="cpu", dtype="float32")
+    bad = [*rows[:3], dict(rows[3], image=str(tmp_path / "missing.png"))]
+    with caplog.at_level("INFO", logger="lvlmlp"):
+        extract(backend, bad, tmp_path / "a", batch_size=2, workers=0, on_error="skip", max_new_tokens=2)
+    bar = capsys.readouterr().err
+    assert "extract: 100%" in bar and "| 4/4 [" in bar and "row/s]" in bar, bar
+    with caplog.at_level("INFO", logger="lvlmlp"):
+        extract(backend, rows[:3], tmp_path / "b", batch_size=3, workers=0, progress=False)
+    assert capsys.readouterr().err == ""
+    lines = [r.getMessage() for r in caplog.records if r.name == "lvlmlp"]
+    assert f"extract: {ckpt} (llava, float32) -> {tmp_path / 'a'}: 4 rows, 4 to do, batch 2, generate 2 tokens" in lines
+    assert f"extract: 1 row(s) skipped, see {tmp_path / 'a' / 'failures.jsonl'}" in lines
+    assert f"extract: {ckpt} (llava, float32) -> {tmp_path / 'b'}: 3 rows, 3 to do, batch 3, prefill only" in lines
+
+
+@pytest.mark.mutation_guard
+def test_extract_defaults_manifest_and_messages(tiny, tmp_path):
+    """Catches: other defaults (hidden, shard size, the rows' name in messages), an option not reaching the run's
+    manifest (batch size, kept tokens, hidden, store dtype, shard, selection), a shard's rows renumbered from 0,
+    the label rule checked or applied without the model's answer, and on_error not reaching the row checks (which
+refuse a missing image before any folder is written)."""
+    ckpt, rows = tiny
+    backend = Backend(ckpt, device="cpu")
+    run = extract(backend, rows[:2], tmp_path / "d", workers=0, progress=False)
+    assert not (tmp_path / "d" / "hidden.npy").exists() and run.manifest["shard_size"] == 256
+    with pytest.raises(LvlmlpError, match=r"^rows: no rows to extract$"):
+        extract(backend, [], tmp_path / "e", progress=False)
+    with pytest.raises(LvlmlpError, match=r"^src: labels come from the model's answers here"):
+        extract(backend, rows, tmp_path / "f", label_fn=lambda response, row: 1, source="src", progress=False)
+    with pytest.raises(LvlmlpError, match=r"^src: row 'r1': image not found"):
+        extract(backend, [rows[0], dict(rows[1], image="nope.png")], tmp_path / "g", source="src", progress=False)
+    assert not (tmp_path / "g").exists()  # refused by the row check, before any folder is written
+    skipped = extract(backend, [rows[0], dict(rows[1], image="nope.png")], tmp_path / "h", on_error="skip",
+                      progress=False, workers=0)
+    assert skipped.ids == ["r0"] and [f["id"] for f in skipped.failures] == ["r1"]
+
+    shard = shard_rows(rows, (1, 2))
+    label = lambda response, row: len(response) % 2 + 2 * int(row["id"] == "r3")  # noqa: E731
+    run = extract(backend, shard, tmp_path / "s", batch_size=3, max_new_tokens=3, logits_tokens=2, hidden=True,
+                  store_dtype="float32", shard=(1, 2), selection={"split": "test"}, label_fn=label, workers=0,
+                  progress=False)
+    m = run.manifest
+    assert (m["batch_size"], m["max_new_tokens"], m["logits_tokens"], m["hidden"], m["dtype"], m["shard"],
+            m["selection"], m["labels_from_responses"]) == (3, 3, 2, True, "float32", "1/2", {"split": "test"}, True)
+    assert run.row_index.tolist() == [2, 3]
+    assert [mm["label"] for mm in run.meta] == [label(mm["response"], mm) for mm in run.meta]
+
+
+@pytest.mark.mutation_guard
+def test_rows_too_long_for_prompt_plus_new_tokens_are_refused(tiny, tmp_path, monkeypatch):
+    """Catches: the context check made without the tokens to generate (a row whose prompt fits but whose answer
+    would run past the model's positions)."""
+    ckpt, rows = tiny
+    backend = Backend(ckpt, device="cpu")
+    batch = backend.encode([Image.open(rows[0]["image"]).convert("RGB")], [rows[0]["question"]])
+    length = int(batch["attention_mask"].sum())
+    monkeypatch.setattr(backend.model.config.get_text_config(), "max_position_embeddings", length + 1)
+    run = extract(backend, rows[:1], tmp_path / "r", max_new_tokens=2, on_error="skip", workers=0, progress=False)
+    assert run.ids == [] and run.failures[0]["error"] == (
+        f"row 'r0': the prompt is {length} tokens long + 2 to generate, more than the model's maximum of "
+        f"{length + 1} (shorten the question)")
+
+
+@pytest.mark.mutation_guard
+def test_a_row_lost_between_the_model_and_the_store_fails_the_run(tiny, tmp_path, monkeypatch):
+    """Catches: the run closed without checking that every input row was committed exactly once (a row lost by a
+    bug between the model and the store would otherwise leave a complete-looking run one row short)."""
+    import lvlmlp.extraction.extract as extract_module
+
+    ckpt, rows = tiny
+    run_batch = extract_module.run_batch
+
+    def drop_last(*args, **kwargs):
+        meta, arrays = run_batch(*args, **kwargs)
+        return meta[:-1], {name: a[:-1] for name, a in arrays.items()}
+
+    monkeypatch.setattr(extract_module, "run_batch", drop_last)
+    with pytest.raises(LvlmlpError, match=r"missing"):
+        extract(Backend(ckpt, device="cpu"), rows[:2], tmp_path / "lost", workers=0, progress=False)
+    manifest = tmp_path / "lost" / "manifest.json"
+    assert not manifest.is_file() or not json.loads(manifest.read_text()).get("complete")

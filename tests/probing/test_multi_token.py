@@ -1,0 +1,178 @@
+"""`multi-token` features (MTRE's input): the first K tokens' raw logits side by side, rows of varying length
+zero-padded and counted, read through the CLI like any feature view."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lvlmlp.cli import main
+from lvlmlp.errors import LvlmlpError
+from lvlmlp.extraction.store import open_run
+from lvlmlp.probing.features import FeatureSpec, FeatureView, feature_matrix, short_rows, valid_rows
+from lvlmlp.probing.probes import load_probe
+from tests.probing.test_probes import make_run
+
+N_TOKENS = [3, 1, 0, 2, 3, 3, 1, 2]
+
+
+def varying_run(tmp_path: Path, n_tokens=N_TOKENS, k: int = 3, v: int = 5):
+    """Rows that generated 0..k tokens; the stored logits past each row's end hold numbers, not zeros (a view must
+    not read them: the tokens a row never generated are zeros)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(len(n_tokens), k, v)).astype(np.float32)
+    meta = [{"id": f"r{i}", "label": i % 2} for i in range(len(n_tokens))]
+    return make_run(tmp_path / "run", logits, meta, n_tokens=n_tokens), logits
+
+
+def direct(logits: np.ndarray, n_tokens: list[int], k: int, rows: list[int]) -> np.ndarray:
+    """The features written out: for each row, token t's logits when the row generated it, else zeros, in order."""
+    v = logits.shape[2]
+    out = []
+    for i in rows:
+        parts = [logits[i, t] if t < n_tokens[i] else np.zeros(v, dtype=np.float32) for t in range(k)]
+        out.append(np.concatenate(parts))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_multi_token_features_equal_a_direct_computation_on_rows_of_varying_length(tmp_path: Path, k):
+    run, logits = varying_run(tmp_path)
+    keep = np.flatnonzero(valid_rows(run, "multi-token"))
+    assert keep.tolist() == [0, 1, 3, 4, 5, 6, 7]  # only the row without any token is left out
+    got = feature_matrix(run, "multi-token", tokens=k, rows=keep)
+    assert got.shape == (7, k * 5) and got.dtype == np.float32
+    assert np.array_equal(got, direct(logits, N_TOKENS, k, keep.tolist()))
+    order = [7, 1, 4]  # any order of rows, as the caller asks
+    assert np.array_equal(FeatureView(run, "multi-token", tokens=k)[order], direct(logits, N_TOKENS, k, order))
+    assert short_rows(run, keep, k) == sum(0 < N_TOKENS[i] < k for i in keep)
+
+
+def test_multi_token_spec_and_refusals(tmp_path: Path):
+    run, _ = varying_run(tmp_path)
+    view = FeatureView(run, "multi-token", tokens=2)
+    assert view.spec == FeatureSpec(kind="multi-token", token=0, dim=10, model="tiny/model", tokens=2)
+    assert view.spec.describe() == "multi-token of tokens 0..1, dim 10, model 'tiny/model'"
+    assert FeatureSpec.from_dict(view.spec.to_dict()) == view.spec
+    assert "tokens" not in FeatureView(run).spec.to_dict()  # other kinds' specs are written as before
+    assert FeatureSpec(kind="multi-token", tokens=3, dim=15).mismatches(view.spec) == ["dim 10 (probe expects 15)",
+                                                                                       "tokens 2 (probe expects 3)"]
+    with pytest.raises(LvlmlpError, match="row 'r2': generated no token, so it has no multi-token features"):
+        view[[0, 2]]
+    with pytest.raises(LvlmlpError, match=r"--tokens 4: .* keeps the logits of 3 generated token\(s\)"):
+        FeatureView(run, "multi-token", tokens=4)
+    with pytest.raises(LvlmlpError, match="--feature multi-token needs --tokens K"):
+        FeatureView(run, "multi-token")
+    with pytest.raises(LvlmlpError, match="--tokens applies to --feature multi-token only"):
+        FeatureView(run, "logits", tokens=2)
+
+
+def test_probe_train_and_eval_multi_token_count_short_rows(tmp_path: Path, capsys, caplog):
+    rng = np.random.default_rng(1)
+    n, k, v = 120, 3, 6
+    y = np.arange(n) % 2
+    n_tokens = rng.integers(0, k + 1, n)
+    logits = rng.normal(size=(n, k, v)).astype(np.float32)
+    logits[:, 2, 0] += 2.0 * y  # the signal sits in the third token only
+    meta = [{"id": f"r{i}", "label": int(y[i]), "split": "train" if i < 80 else "test"} for i in range(n)]
+    run = make_run(tmp_path / "run", logits, meta, n_tokens=n_tokens)
+    with caplog.at_level(logging.WARNING):
+        assert main(["probe", "train", "--run", str(run.path), "--split", "train", "--feature", "multi-token",
+                     "--tokens", "3", "--out", str(tmp_path / "p")]) == 0
+    train_rows = np.flatnonzero(n_tokens[:80] > 0)
+    n_short = int(np.sum((n_tokens[:80] > 0) & (n_tokens[:80] < 3)))
+    probe = load_probe(tmp_path / "p")
+    assert probe.spec_.kind == "multi-token" and probe.spec_.tokens == 3 and probe.n_features_in_ == 18
+    assert probe.fit_info_["n_rows"] == train_rows.size and probe.fit_info_["n_short"] == n_short
+    assert f"{n_short} of {train_rows.size} row(s) of {run.path} generated fewer than 3 tokens" in caplog.text
+    from sklearn.linear_model import LogisticRegression
+
+    ref = LogisticRegression().fit(direct(logits, n_tokens.tolist(), 3, train_rows.tolist()), y[train_rows])
+    np.testing.assert_allclose(probe.coef_, ref.coef_, rtol=1e-6, atol=1e-8)
+
+    assert main(["probe", "eval", "--probe", str(tmp_path / "p"), "--run", str(run.path), "--split", "test",
+                 "--n-boot", "10", "--out", str(tmp_path / "e")]) == 0
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    test_tokens = n_tokens[80:]
+    assert metrics["n_skipped"] == int(np.sum(test_tokens == 0))  # no token at all: skipped, counted
+    assert metrics["n_short"] == int(np.sum((test_tokens > 0) & (test_tokens < 3)))  # kept, zero-padded, counted
+    assert metrics["n_scored"] == int(np.sum(test_tokens > 0))
+    capsys.readouterr()
+    assert main(["probe", "train", "--run", str(run.path), "--feature", "multi-token", "--out", str(tmp_path / "q")]) == 2
+    assert "--feature multi-token needs --tokens K (1 or more), got None" in capsys.readouterr().err
+    assert main(["probe", "train", "--run", str(run.path), "--feature", "multi-token", "--tokens", "2", "--token", "1",
+                 "--out", str(tmp_path / "q")]) == 2
+    assert "--token 1 does not apply to --feature multi-token" in capsys.readouterr().err
+    assert open_run(run.path).n_tokens.tolist() == n_tokens.tolist()
+
+
+# ------------------------------------------------------------------ MTRE's aggregation: the `mtre` probe
+def mtre_data(tmp_path: Path, n: int = 160, k: int = 3, v: int = 6, seed: int = 2):
+    """Each generated token carries weak evidence of the row's label; rows generated 1..k tokens."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    n_tokens = rng.integers(1, k + 1, n)
+    logits = rng.normal(size=(n, k, v)).astype(np.float32)
+    logits[:, :, 0] += 0.8 * y[:, None]
+    meta = [{"id": f"r{i}", "label": int(y[i]), "split": "train" if i < 110 else "test"} for i in range(n)]
+    return make_run(tmp_path / "run", logits, meta, n_tokens=n_tokens), logits, y, n_tokens
+
+
+def test_mtre_probe_sums_the_per_token_log_odds_of_generated_tokens(tmp_path: Path):
+    from sklearn.linear_model import LogisticRegression
+
+    from lvlmlp.probing.probes import MTREProbe
+
+    run, logits, y, n_tokens = mtre_data(tmp_path)
+    X = feature_matrix(run, "multi-token", tokens=3)
+    probe = MTREProbe().fit(X[:110], y[:110], spec=FeatureView(run, "multi-token", tokens=3).spec)
+    # MTRE written out: one example per generated token of each train row, labelled with the row's label ...
+    tok_x = [logits[i, t] for i in range(110) for t in range(n_tokens[i])]
+    tok_y = [y[i] for i in range(110) for t in range(n_tokens[i])]
+    head = LogisticRegression().fit(np.array(tok_x), np.array(tok_y))
+    assert probe.fit_info_["n_token_rows"] == len(tok_x) == int(n_tokens[:110].sum())
+    np.testing.assert_allclose(probe.coef_, head.coef_, rtol=1e-5, atol=1e-7)
+    # ... and a row's score: the sum over its generated tokens of log p - log(1 - p).
+    expected = []
+    for i in range(110, 160):
+        p = head.predict_proba(logits[i, : n_tokens[i]])[:, 1]
+        expected.append(np.sum(np.log(p) - np.log1p(-p)))
+    np.testing.assert_allclose(probe.decision_function(X[110:]), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(probe.positive_score(X[110:]), 1 / (1 + np.exp(-np.array(expected))), rtol=1e-4)
+    with pytest.raises(LvlmlpError, match="mtre probe: needs multi-token features of K tokens"):
+        MTREProbe().fit(X[:110, :7], y[:110])
+
+
+def test_mtre_probe_mlp_head_round_trip_and_cli(tmp_path: Path, capsys):
+    from lvlmlp.probing.probes import MLPProbe, MTREProbe
+
+    run, logits, y, n_tokens = mtre_data(tmp_path)
+    X = feature_matrix(run, "multi-token", tokens=3)
+    probe = MTREProbe(tokens=3, head="mlp", hidden=(16, 8), epochs=30).fit(X[:110], y[:110])
+    tok_x = np.array([logits[i, t] for i in range(110) for t in range(n_tokens[i])])
+    tok_y = np.array([y[i] for i in range(110) for t in range(n_tokens[i])])
+    head = MLPProbe(hidden=(16, 8), epochs=30, standardize=False).fit(tok_x, tok_y)
+    assert np.array_equal(probe.weights_, head.weights_)
+    expected = [head.decision_function(logits[i, : n_tokens[i]]).sum() for i in range(110, 160)]
+    np.testing.assert_allclose(probe.decision_function(X[110:]), expected, rtol=1e-6, atol=1e-9)
+    probe.save(tmp_path / "p")
+    loaded = load_probe(tmp_path / "p")
+    assert isinstance(loaded, MTREProbe) and np.array_equal(loaded.predict_proba(X), probe.predict_proba(X))
+
+    assert main(["probe", "train", "--run", str(run.path), "--split", "train", "--feature", "multi-token",
+                 "--tokens", "3", "--probe", "mtre", "--out", str(tmp_path / "q")]) == 0
+    assert main(["probe", "eval", "--probe", str(tmp_path / "q"), "--run", str(run.path), "--split", "test",
+                 "--n-boot", "10", "--out", str(tmp_path / "e")]) == 0
+    trained = load_probe(tmp_path / "q")
+    assert trained.head == "logistic" and trained.fit_info_["tokens"] == 3
+    scores = [json.loads(line)["score"] for line in (tmp_path / "e" / "scores.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(scores, trained.positive_score(X[110:]), rtol=1e-12)
+    doc = json.loads((tmp_path / "q" / "probe.json").read_text())
+    doc["n_features_in"] = 17  # not a multiple of the head's 6 features
+    (tmp_path / "q" / "probe.json").write_text(json.dumps(doc))
+    with pytest.raises(LvlmlpError, match="a head on 6 features cannot score 17 multi-token features"):
+        load_probe(tmp_path / "q")
