@@ -52,7 +52,7 @@ def main() -> None:
     for name in ("AutoProcessor", "AutoModelForImageTextToText", "AutoConfig"):
         getattr(transformers, name)  # imported where the backend imports them; marked here to time them apart
     mark("import transformers' Auto classes")
-    after(backend, "_load_config", "config")
+    after(backend, "load_model_config", "config")
     after(backend, "_weights_hash", "weights hash")
     after(backend.Backend, "__init__", "Backend (processor + model + hash)")
     after(store.RunWriter, "__init__", "run folder opened")

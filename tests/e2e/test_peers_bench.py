@@ -12,7 +12,7 @@ from PIL import Image
 from lvlmlp.extraction.backend import Backend
 from lvlmlp.extraction.extract import extract
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def _bench_module(name: str):
@@ -51,7 +51,7 @@ def test_first_batch_phases_are_recorded(tiny_ckpt, tmp_path):
     manifest = tmp_path / "rows.jsonl"
     manifest.write_text(json.dumps({"id": "a", "image": str(image), "question": "red?"}) + "\n")
     phases = tmp_path / "phases.json"
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env = {"PYTHONPATH": src, "LVLMLP_PHASES": str(phases), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, str(BENCH / "first_batch.py"), "extract", "--model", str(ckpt), "--data",
                            str(manifest), "--out", str(tmp_path / "run"), "--no-progress", "--workers", "0"],
