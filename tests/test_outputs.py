@@ -36,13 +36,13 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def manifest(root: Path, n: int = 4) -> Path:
+def manifest(root: Path, n: int = 4, question: str = "what is shown") -> Path:
     rng = np.random.default_rng(0)
     (root / "img").mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)).save(root / "img" / f"{i}.png")
-        lines.append({"id": f"r{i}", "image": f"img/{i}.png", "question": f"what is shown {i}?", "label": i % 2})
+        lines.append({"id": f"r{i}", "image": f"img/{i}.png", "question": f"{question} {i}?", "label": i % 2})
     path = root / "data.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path

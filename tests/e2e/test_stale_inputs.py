@@ -15,18 +15,7 @@ from lvlmlp.cli import main
 from lvlmlp.data import ROW_META_LIMIT
 from lvlmlp.extraction import store
 from lvlmlp.extraction.store import RunWriter, open_run
-
-
-def manifest(root: Path, n: int = 4, question: str = "what is shown") -> Path:
-    rng = np.random.default_rng(0)
-    (root / "img").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)).save(root / "img" / f"{i}.png")
-        lines.append({"id": f"r{i}", "image": f"img/{i}.png", "question": f"{question} {i}?", "label": i % 2})
-    path = root / "data.jsonl"
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    return path
+from tests.test_outputs import manifest
 
 
 def extract(ckpt: Path, data: Path, out: Path, *extra: str) -> list[str]:
