@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from lvlmlp.commands._args import silence_progress_bars
-    from lvlmlp.demo.pipeline import run_demo, summary_table
+    from lvlmlp.demo.pipeline import run_demo, summary_table, verdicts
 
     torch.set_num_threads(args.threads)
     silence_progress_bars()  # transformers' weight-loading bars (one per model load); the demo shows its own bar
@@ -46,5 +46,6 @@ def run(args: argparse.Namespace) -> int:
     # The README's demo table is this file's content (tests/test_readme.py checks it against a fresh run).
     write_text_atomic(out / "summary.md", summary + "\n")
     print(summary)
+    print("", *verdicts(results), sep="\n")  # in words (report.html has them too); not in summary.md
     print(f"\nwrote {out / 'summary.md'}, {out / 'results.json'} and {out / 'report.html'} in {results['seconds']} s")
     return 0

@@ -293,7 +293,7 @@ def summary_table(results: dict) -> str:
         lines.append(f"| {task} ({paper[task]}) | {_fmt(e['probe']['auroc'])}{ci_s} | {own} | {one_s} | {decay} |")
     lines += ["", "Token 0 is the first generated token. A decay cell on fewer rows than the test split gives their count "
               "(n=K: answers that ended earlier); - means no AUROC (those rows hold one class only, or none).",
-              "", *verdicts(results), *finetune_table(results)]
+              *finetune_table(results)]
     for task, s in results.get("steering", {}).items():
         b, a = s["before"], s["after"]
         lines.append("")
@@ -305,7 +305,9 @@ def summary_table(results: dict) -> str:
 
 
 def verdicts(results: dict) -> list[str]:
-    """One plain sentence per analogue: the probe against the model's own answer and the best baseline."""
+    """One plain sentence per analogue: the probe against the model's own answer and the best baseline (printed by
+    `lvlmlp demo` after the summary, not in summary.md: a verdict's words can flip on another CPU where two AUROCs
+    are within a rounding of each other, and the README's copy of summary.md is checked on any CPU)."""
 
     out = []
     for task, e in results["tasks"].items():
