@@ -197,16 +197,21 @@ def rows_fingerprint(rows: Iterable[dict]) -> str:
 ROW_META_LIMIT = 1 << 20  # bytes of JSON per row (its fields are kept with its features in the run)
 
 
+def image_stamp(row: dict) -> str:
+    """A row's image file as "size\0modification time" (stat only, no read), or "missing"."""
+    try:
+        st = os.stat(row["image"])
+        return f"{st.st_size}\0{st.st_mtime_ns}"
+    except (OSError, KeyError, TypeError, ValueError):
+        return "missing"
+
+
 def images_fingerprint(rows: Iterable[dict]) -> str:
-    """A hash of each row's image file size and modification time (stat only, no read): part of a run's identity,
-    so that images replaced in place under a finished run are noticed instead of their old features reused."""
+    """A hash of each row's image stamp (`image_stamp`): part of a run's identity, so that images replaced in place
+    under a finished run are noticed instead of their old features reused."""
     h = hashlib.sha256()
     for row in rows:
-        try:
-            st = os.stat(row["image"])
-            h.update(f"{row.get('id')}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except (OSError, KeyError, TypeError, ValueError):
-            h.update(f"{row.get('id')}\0missing\n".encode())
+        h.update(f"{row.get('id')}\0{image_stamp(row)}\n".encode())
     return h.hexdigest()[:16]
 
 

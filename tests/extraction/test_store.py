@@ -85,6 +85,41 @@ def test_resume_skips_committed_rows_and_refuses_other_settings(tmp_path):
     np.testing.assert_array_equal(run.logits(1), arrays["logits"][:, 1])
 
 
+def test_a_resumed_run_refuses_committed_rows_whose_images_were_replaced(tmp_path):
+    """A partial run (killed after some shards) whose already-extracted rows had their images replaced in place:
+    resuming would mix old features with new images, so the shard holding them is named with the remedy; images of
+    rows not yet committed may change (a missing image fixed before the re-run)."""
+    from lvlmlp.data import image_stamp
+
+    images = []
+    for i in range(5):
+        images.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(images[-1])
+    rows = [{"id": f"r{i}", "image": str(images[i])} for i in range(5)]
+
+    def stamps() -> dict[str, str]:
+        return {r["id"]: image_stamp(r) for r in rows}
+
+    meta, arrays = _rows(5)
+    w = RunWriter(tmp_path / "run", SETTINGS, shard_size=2, image_stamps=stamps())
+    w.append(meta[:4], {k: v[:4] for k, v in arrays.items()})  # shards 0 (r0, r1) and 1 (r2, r3) committed
+    del w
+    Image.new("RGB", (9, 9), (0, 0, 0)).save(images[4])  # r4 was never committed: its new image is fine
+    w = RunWriter(tmp_path / "run", SETTINGS, image_stamps=stamps())
+    assert w.done_ids == {"r0", "r1", "r2", "r3"}
+    w.release()
+    Image.new("RGB", (9, 9), (0, 0, 0)).save(images[3])  # r3's image replaced under the partial run
+    shard = tmp_path / "run" / "shards" / "000001.safetensors"
+    with pytest.raises(LvlmlpError) as err:
+        RunWriter(tmp_path / "run", SETTINGS, image_stamps=stamps())
+    assert str(err.value) == (f"{shard}: the image of row 'r3' changed since this shard was committed (file size or "
+                              f"modification time); {store._REMEDY}")
+    shard.unlink()  # the remedy: its rows are extracted again
+    w = RunWriter(tmp_path / "run", SETTINGS, image_stamps=stamps())
+    assert w.done_ids == {"r0", "r1"}
+    w.release()
+
+
 def test_failures_are_committed_with_shards(tmp_path):
     meta, arrays = _rows(3)
     w = RunWriter(tmp_path / "run", SETTINGS, shard_size=2)

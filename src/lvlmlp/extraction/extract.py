@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from lvlmlp.data import check_rows, images_fingerprint, rows_fingerprint
+from lvlmlp.data import check_rows, image_stamp, images_fingerprint, rows_fingerprint
 from lvlmlp.defaults import BATCH_SIZE, STORE_DTYPE_NAMES  # noqa: F401 - BATCH_SIZE: bench/ imports it from here
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.loader import cores_for_workers, prepared_batches
@@ -162,7 +162,9 @@ def extract(
     rows = numbered_rows(rows, source, options.on_error)  # before any model work or folder is written
     settings = run_settings(backend_settings(backend), rows, options, labels_from_responses=label_fn is not None,
                             selection=selection)
-    writer = RunWriter(out, settings, shard_size=options.shard_size)
+    # each committed shard records its rows' image stamps: a resumed run notices images replaced under it
+    writer = RunWriter(out, settings, shard_size=options.shard_size,
+                       image_stamps={r["id"]: image_stamp(r) for r in rows})
     pending = [r for r in rows if r["id"] not in writer.done_ids]
     log.info(
         "extract: %s (%s, %s) -> %s: %d rows, %d to do, batch %d, %s", backend.model_id, backend.family,

@@ -148,8 +148,12 @@ class RunWriter:
     memory-mapped output files. The writer holds the folder's lock from creation until `close()`.
     """
 
-    def __init__(self, out_dir: str | Path, settings: dict, shard_size: int = 256) -> None:
+    def __init__(self, out_dir: str | Path, settings: dict, shard_size: int = 256,
+                 image_stamps: dict[str, str] | None = None) -> None:
+        """`image_stamps`: row id -> `data.image_stamp` of its image now. Each shard records its rows' stamps, and
+        a resumed run whose committed rows' images were replaced since is refused (naming the shard)."""
         self.dir = Path(out_dir)
+        self.image_stamps = image_stamps
         self.settings = json.loads(json.dumps(settings, default=str))  # plain JSON types, as it will be re-read
         self.shard_size = int(shard_size)
         self.done_ids: set[str] = set()
@@ -195,6 +199,7 @@ class RunWriter:
                 return
             for path in sorted((self.dir / "shards").glob("*.safetensors")):
                 meta, failures = _verified_shard(path)[:2]
+                self._check_images(path)
                 self.done_ids.update(m["id"] for m in meta)
                 self.done_ids.update(f["id"] for f in failures)
                 self._shards.append(path)
@@ -208,6 +213,20 @@ class RunWriter:
             )
             _atomic_write_text(manifest_path, json.dumps(self.settings, indent=2))
         (self.dir / "shards").mkdir(exist_ok=True)
+
+    def _check_images(self, path: Path) -> None:
+        """A committed shard's rows whose image changed since they were extracted: refused with the remedy."""
+        if self.image_stamps is None:
+            return
+        try:
+            with safe_open(str(path), framework="np") as f:
+                committed = json.loads((f.metadata() or {}).get("images", "{}"))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise LvlmlpError(f"{path}: corrupt shard ({type(err).__name__}); {_REMEDY}") from None
+        for row_id, stamp in committed.items():
+            if self.image_stamps.get(row_id, stamp) != stamp:
+                raise LvlmlpError(f"{path}: the image of row {row_id!r} changed since this shard was committed "
+                                  f"(file size or modification time); {_REMEDY}")
 
     def append(self, meta: list[dict], arrays: dict[str, np.ndarray]) -> None:
         """Buffer a batch of rows; a shard is written each time `shard_size` rows have accumulated."""
@@ -252,6 +271,8 @@ class RunWriter:
 
     def _write_shard(self, meta: list[dict], tensors: dict[str, np.ndarray], failures: list[dict]) -> None:
         header = {"meta": json.dumps(meta, default=str), "failures": json.dumps(failures)}
+        if self.image_stamps is not None:  # what the rows' images were when extracted (checked on resume)
+            header["images"] = json.dumps({m["id"]: self.image_stamps.get(m["id"], "missing") for m in meta})
         header["sha256"] = _checksum(tensors, header)
         path = self.dir / "shards" / f"{self._next:06d}.safetensors"
         tmp = path.with_name(path.name + ".tmp")
