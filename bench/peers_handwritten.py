@@ -9,11 +9,9 @@ does, so a padded row gets its unpadded logits), and `np.save` the first token's
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import numpy as np
 import torch
+from peer_cli import peer_args
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -39,17 +37,7 @@ def first_token_logits(model_dir: str, rows: list[dict], batch_size: int = 8) ->
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model")
-    ap.add_argument("manifest")
-    ap.add_argument("out")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with open(args.manifest) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    args, rows = peer_args(__doc__, "--batch-size", 8)
     np.save(args.out, first_token_logits(args.model, rows, args.batch_size).astype(np.float16))
 
 

@@ -7,31 +7,19 @@ Runs in a Python environment that has nnsight (not lvlmlp's: see bench/peers.py 
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import numpy as np
 import torch
 from nnsight import NNsight
+from peer_cli import peer_args
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model")
-    ap.add_argument("manifest")
-    ap.add_argument("out")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, rows = peer_args(__doc__, "--batch-size", 8)
     model = NNsight(AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval())
     processor = AutoProcessor.from_pretrained(args.model)
     processor.tokenizer.padding_side = "left"
-    with open(args.manifest) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
     out = []
     with torch.inference_mode():
         for s in range(0, len(rows), args.batch_size):

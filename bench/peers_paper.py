@@ -7,28 +7,18 @@ A peer of `bench/peers.py` (the same loop as (a) of `bench/extract_throughput.py
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
+from peer_cli import peer_args
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model")
-    ap.add_argument("manifest")
-    ap.add_argument("out")
-    ap.add_argument("--max-new-tokens", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, rows = peer_args(__doc__, "--max-new-tokens", 20)
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(args.model)
-    with open(args.manifest) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
     with open(args.out, "w") as f, torch.inference_mode():
         for row in rows:
             text = processor.apply_chat_template(

@@ -22,7 +22,8 @@ def _bench_module(name: str):
     return module
 
 
-def test_handwritten_peer_equals_lvlmlp(tiny_ckpt, tmp_path):
+def test_handwritten_peer_equals_lvlmlp(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # as when run as a script: its folder's peer_cli importable
     ckpt = tiny_ckpt("llava")
     rng = np.random.default_rng(1)
     rows = []
