@@ -703,3 +703,30 @@ def test_a_row_lost_between_the_model_and_the_store_fails_the_run(tiny, tmp_path
         extract(Backend(ckpt, device="cpu"), rows[:2], tmp_path / "lost", workers=0, progress=False)
     manifest = tmp_path / "lost" / "manifest.json"
     assert not manifest.is_file() or not json.loads(manifest.read_text()).get("complete")
+
+
+def test_resuming_after_a_crash_refuses_committed_rows_whose_images_were_replaced(tiny, tmp_path, monkeypatch):
+    """extract gives the store its rows' image stamps: a run stopped after its first shard, whose extracted rows'
+    images are then replaced in place, is not resumed with their old features (the shard is named)."""
+    import shutil
+
+    import lvlmlp.extraction.extract as extract_module
+
+    ckpt, rows = tiny
+    rows = [dict(r, image=str(shutil.copy(r["image"], tmp_path / Path(r["image"]).name))) for r in rows]
+    run_batch, calls = extract_module.run_batch, []
+
+    def crash_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("crash")
+        return run_batch(*args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "run_batch", crash_on_the_second_batch)
+    backend = Backend(ckpt, device="cpu")
+    with pytest.raises(RuntimeError, match="crash"):
+        extract(backend, rows, tmp_path / "run", workers=0, progress=False, batch_size=2, shard_size=2)
+    monkeypatch.setattr(extract_module, "run_batch", run_batch)
+    Image.new("RGB", (30, 30), (1, 2, 3)).save(rows[0]["image"])  # r0 was extracted into shard 0
+    with pytest.raises(LvlmlpError, match=r"000000\.safetensors: the image of row 'r0' changed since this shard"):
+        extract(backend, rows, tmp_path / "run", workers=0, progress=False, batch_size=2, shard_size=2)
