@@ -206,12 +206,14 @@ def image_stamp(row: dict) -> str:
         return "missing"
 
 
-def images_fingerprint(rows: Iterable[dict]) -> str:
-    """A hash of each row's image stamp (`image_stamp`): part of a run's identity, so that images replaced in place
-    under a finished run are noticed instead of their old features reused."""
+def images_fingerprint(rows: Iterable[dict], stamps: dict[str, str] | None = None) -> str:
+    """A hash of each row's image stamp (`image_stamp`, or the row id's in `stamps` when the caller has them): part
+    of a run's identity, so that images replaced in place under a finished run are noticed instead of their old
+    features reused."""
     h = hashlib.sha256()
     for row in rows:
-        h.update(f"{row.get('id')}\0{image_stamp(row)}\n".encode())
+        stamp = stamps[row["id"]] if stamps is not None else image_stamp(row)
+        h.update(f"{row.get('id')}\0{stamp}\n".encode())
     return h.hexdigest()[:16]
 
 

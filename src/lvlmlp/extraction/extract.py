@@ -111,7 +111,8 @@ def backend_settings(backend: Backend) -> dict:
 
 
 def run_settings(model: dict, rows: list[dict], options: ExtractOptions | None = None, *,
-                 labels_from_responses: bool = False, selection: dict | None = None, **changes: Any) -> dict:
+                 labels_from_responses: bool = False, selection: dict | None = None,
+                 image_stamps: dict[str, str] | None = None, **changes: Any) -> dict:
     """A run's manifest settings: `model` (see `backend_settings`) and the extraction options (`layers` resolved to
     indices). The rows' hash leaves out `_row_index` (their position), so a finished run is recognised from rows
     numbered or not."""
@@ -126,7 +127,7 @@ def run_settings(model: dict, rows: list[dict], options: ExtractOptions | None =
         "layers": list(options.layers),
         **({"vision": True} if options.vision else {}),  # absent when off: runs made before --vision keep identity
         "data_hash": rows_fingerprint({k: v for k, v in r.items() if k != "_row_index"} for r in rows),
-        "images_hash": images_fingerprint(rows),  # sizes and modification times: replaced images are noticed
+        "images_hash": images_fingerprint(rows, image_stamps),  # sizes and modification times: replaced images are noticed
         "n_input_rows": len(rows),
         "shard": f"{shard[0]}/{shard[1]}" if shard else None,
         "batch_size": options.batch_size,
@@ -160,11 +161,12 @@ def extract(
     if options.vision:
         backend.check_vision()  # an unsupported family is said before any row is read
     rows = numbered_rows(rows, source, options.on_error)  # before any model work or folder is written
+    # Each image stat'ed once: the stamps give the run's images_hash and go into every committed shard, so that a
+    # resumed run notices its extracted rows' images replaced under it.
+    stamps = {r["id"]: image_stamp(r) for r in rows}
     settings = run_settings(backend_settings(backend), rows, options, labels_from_responses=label_fn is not None,
-                            selection=selection)
-    # each committed shard records its rows' image stamps: a resumed run notices images replaced under it
-    writer = RunWriter(out, settings, shard_size=options.shard_size,
-                       image_stamps={r["id"]: image_stamp(r) for r in rows})
+                            selection=selection, image_stamps=stamps)
+    writer = RunWriter(out, settings, shard_size=options.shard_size, image_stamps=stamps)
     pending = [r for r in rows if r["id"] not in writer.done_ids]
     log.info(
         "extract: %s (%s, %s) -> %s: %d rows, %d to do, batch %d, %s", backend.model_id, backend.family,
