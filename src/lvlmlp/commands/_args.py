@@ -46,11 +46,10 @@ def backend_spec(args: argparse.Namespace, template: str | None) -> BackendSpec:
                        trust_remote_code=args.trust_remote_code, backend=getattr(args, "backend", None))
 
 
-def protocol_backend(args: argparse.Namespace, template: str | None) -> Any:
-    """The --backend backend (None without --backend), after refusing the flags that do not apply with it; built by
-    the one backend factory (`BackendSpec.build`)."""
+def check_backend_flags(args: argparse.Namespace, template: str | None) -> None:
+    """With --backend, refuse the flags that do not apply (the prompt is the backend's own, so is its loading)."""
     if getattr(args, "backend", None) is None:
-        return None
+        return
     given = [flag for flag, value in (("--ray", getattr(args, "ray", None)),
                                       ("--prompt-template / a task's prompt", template),
                                       ("--raw-prompt", args.raw_prompt or None), ("--system-prompt", args.system_prompt),
@@ -59,6 +58,14 @@ def protocol_backend(args: argparse.Namespace, template: str | None) -> Any:
     if given:
         raise LvlmlpError(f"--backend: the backend renders its own prompts and loads its own model; "
                           f"{', '.join(given)} do not apply")
+
+
+def protocol_backend(args: argparse.Namespace, template: str | None) -> Any:
+    """The --backend backend (None without --backend), after refusing the flags that do not apply with it; built by
+    the one backend factory (`BackendSpec.build`)."""
+    if getattr(args, "backend", None) is None:
+        return None
+    check_backend_flags(args, template)
     return backend_spec(args, None).build()
 
 
