@@ -83,8 +83,8 @@ def remote_lm(tiny_ckpt, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
 
 def test_refused_without_the_flag_naming_it(remote, tmp_path, capsys) -> None:
     _, ckpt = remote
-    message = (f"{ckpt}: the checkpoint ships its own model code; pass --trust-remote-code to run it (that code then "
-               "runs with your rights: read it first)")
+    message = (f"{ckpt}: the checkpoint ships its own model code; pass --trust-remote-code (a run config: "
+               "trust_remote_code: true) to run it (that code then runs with your rights: read it first)")
     with pytest.raises(LvlmlpError) as err:
         Backend(ckpt, device="cpu")
     assert str(err.value) == message
@@ -127,8 +127,8 @@ def test_own_code_registering_only_a_causal_lm_class_loads_through_it(remote_lm,
     capsys.readouterr()
     assert main(["extract", "--model", str(ckpt), "--out", str(tmp_path / "refused"), *common]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"lvlmlp: error: {ckpt}: the checkpoint ships its own model code; pass --trust-remote-code to run it (that "
-        "code then runs with your rights: read it first)")
+        f"lvlmlp: error: {ckpt}: the checkpoint ships its own model code; pass --trust-remote-code (a run config: "
+        "trust_remote_code: true) to run it (that code then runs with your rights: read it first)")
     assert not (tmp_path / "refused").exists()
     backend = Backend(ckpt, device="cpu", dtype="float32", trust_remote_code=True)
     assert backend.auto_class == "AutoModelForCausalLM"
@@ -147,6 +147,30 @@ def test_own_code_registering_only_a_causal_lm_class_loads_through_it(remote_lm,
         np.testing.assert_allclose(remote_run.logits(t), native.logits(t), atol=1e-5, rtol=0)
     np.testing.assert_allclose(remote_run.hidden(), native.hidden(), atol=1e-5, rtol=0)
     assert remote_run.responses == native.responses and list(remote_run.n_tokens) == list(native.n_tokens)
+
+
+def test_run_config_trust_remote_code(remote_lm, tmp_path, capsys) -> None:
+    """`lvlmlp run`'s `trust_remote_code: true` loads the checkpoint as the flag does (its runs equal the built-in
+    class's extraction, the manifest says so); without it the run stops naming the key, before any folder."""
+    base, ckpt = remote_lm
+    manifest = tiny_manifest(tmp_path / "data", n_train=6, n_test=4)
+    config = tmp_path / "remote.yaml"
+    config.write_text(json.dumps({"model": str(ckpt), "data_root": str(manifest), "device": "cpu", "dtype": "float32",
+                                  "splits": {"train": "train", "test": "test"}, "n_boot": 0,
+                                  "extract": {"store_dtype": "float32"}}))
+    capsys.readouterr()
+    assert main(["run", str(config), "--out", str(tmp_path / "refused"), "--no-progress"]) == 2
+    assert "pass --trust-remote-code (a run config: trust_remote_code: true)" in capsys.readouterr().err
+    assert not (tmp_path / "refused" / "runs").exists()
+    assert main(["run", str(config), "--set", "trust_remote_code=true", "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 0
+    assert main(["extract", "--model", str(base), "--data", str(manifest), "--split", "test", "--device", "cpu",
+                 "--dtype", "float32", "--store-dtype", "float32", "--out", str(tmp_path / "native"),
+                 "--no-progress"]) == 0
+    run, native = open_run(tmp_path / "out" / "runs" / "default-test"), open_run(tmp_path / "native")
+    assert run.manifest["trust_remote_code"] is True and run.manifest["auto_class"] == "AutoModelForCausalLM"
+    assert run.ids == native.ids
+    np.testing.assert_allclose(run.logits(0), native.logits(0), atol=1e-5, rtol=0)
 
 
 def test_own_code_without_a_loadable_model_class_is_refused(remote, tmp_path) -> None:

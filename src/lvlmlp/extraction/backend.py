@@ -66,7 +66,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 # ports register theirs (docs/models.md).
 REMOTE_AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForCausalLM", "AutoModel")
 
-_REMOTE_ADVICE = "pass --trust-remote-code to run it (that code then runs with your rights: read it first)"
+_REMOTE_ADVICE = ("pass --trust-remote-code (a run config: trust_remote_code: true) to run it (that code then runs "
+                  "with your rights: read it first)")
 
 
 LAYER_SHORTHANDS = ("quartiles",)
