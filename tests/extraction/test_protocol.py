@@ -117,3 +117,32 @@ def test_bad_backend_specs_are_one_line_errors(example, tmp_path, capsys) -> Non
     assert capsys.readouterr().err.strip() == ("lvlmlp: error: --backend: the backend renders its own prompts and "
                                                "loads its own model; --vision do not apply")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_backend_spec_builds_protocol_backends(example) -> None:
+    """`BackendSpec(model, backend=...)`: the one factory builds the class through `load_backend`, as what lvlmlp's
+    stages use (a device batch, pad and end-of-sequence ids derived from the protocol), and refuses the fields that
+    do not apply with it."""
+    from lvlmlp.extraction.protocol import ProtocolBackend
+    from lvlmlp.extraction.spec import BackendSpec
+
+    _, ckpt = example
+    built = BackendSpec(ckpt, device="cpu", dtype="float32", backend=SPEC).build()
+    # (load_backend imports the file afresh: the class is the example's, not the very object the fixture imported)
+    assert isinstance(built, ProtocolBackend) and type(built.inner).__name__ == "MiniGPT4Backend"
+    assert built.protocol_spec == SPEC and isinstance(built, BackendProtocol)
+    assert built.with_prompt_template(None) is built
+    tok = built.inner.tokenizer
+    assert built.pad_id == tok.convert_tokens_to_ids("<pad>") and built.eos_ids == {tok.convert_tokens_to_ids("</s>")}
+    rows = read_manifest(tiny_manifest(Path(ckpt).parent / "spec-data", n_train=2, n_test=0))
+    images, questions = [load_image(r["image"], r["id"]) for r in rows], [r["question"] for r in rows]
+    batch, collated = built.encode(images, questions), built.inner.collate(images, questions)
+    assert batch.keys() == collated.keys() and all(torch.equal(batch[k], collated[k]) for k in batch)
+    with pytest.raises(LvlmlpError) as err:
+        BackendSpec(ckpt, backend=SPEC, raw_prompt=True, prompt_template="{question}?")
+    assert str(err.value) == (f"--backend {SPEC}: the backend renders its own prompts and loads its own model; "
+                              "prompt_template, raw_prompt do not apply")
+    with pytest.raises(LvlmlpError, match=r"^--backend .*: the backend renders its own prompts; a prompt template "):
+        built.with_prompt_template("{question} Briefly.")
+    with pytest.raises(LvlmlpError, match=r"^--vision: --backend .* gives no vision features"):
+        built.check_vision()
