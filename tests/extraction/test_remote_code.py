@@ -116,11 +116,18 @@ def test_runs_with_the_flag_and_records_it(remote, tmp_path) -> None:
                  *common]) == 0
 
 
-def test_own_code_registering_only_a_causal_lm_class_loads_through_it(remote_lm, tmp_path, capsys) -> None:
-    """A checkpoint whose code registers AutoModelForCausalLM only (no AutoModelForImageTextToText): refused without
-    the flag naming it; with it, loaded through the class auto_map names, extraction equal to the same weights under
-    the built-in LLaVA class, the flag and the Auto class in the manifest."""
-    base, ckpt = remote_lm
+@pytest.mark.parametrize("auto_class", ["AutoModelForCausalLM", "AutoModel"])
+def test_own_code_registering_only_another_auto_class_loads_through_it(remote_lm, tiny_ckpt, tmp_path, capsys,
+                                                                        auto_class) -> None:
+    """A checkpoint whose code registers AutoModelForCausalLM (Molmo, Phi-4-multimodal) or AutoModel (MiniCPM-V)
+    only, no AutoModelForImageTextToText: refused without the flag naming it; with it, loaded through the class
+    auto_map names, extraction equal to the same weights under the built-in LLaVA class, the flag and the Auto class
+    in the manifest."""
+    if auto_class == "AutoModelForCausalLM":
+        base, ckpt = remote_lm
+    else:
+        base = tiny_ckpt("llava")
+        ckpt = remote_checkpoint(base, tmp_path / "own", "tiny_remote_lm", "tiny_remote_lm", auto_class)
     manifest = tiny_manifest(tmp_path / "data", n_train=6, n_test=0)
     common = ["--data", str(manifest), "--batch-size", "4", "--device", "cpu", "--store-dtype", "float32",
               "--max-new-tokens", "3", "--hidden", "--no-progress"]
@@ -131,7 +138,7 @@ def test_own_code_registering_only_a_causal_lm_class_loads_through_it(remote_lm,
         "trust_remote_code: true) to run it (that code then runs with your rights: read it first)")
     assert not (tmp_path / "refused").exists()
     backend = Backend(ckpt, device="cpu", dtype="float32", trust_remote_code=True)
-    assert backend.auto_class == "AutoModelForCausalLM"
+    assert backend.auto_class == auto_class
     # transformers built the checkpoint's own class (from its file, through the Auto class), not LLaVA's
     assert type(backend.model).__name__ == "TinyRemoteLmForConditionalGeneration"
     assert type(backend.model).__module__.endswith("tiny_remote_lm")
@@ -140,7 +147,7 @@ def test_own_code_registering_only_a_causal_lm_class_loads_through_it(remote_lm,
     assert main(["extract", "--model", str(base), "--out", str(tmp_path / "native"), *common]) == 0
     remote_run, native = open_run(tmp_path / "remote"), open_run(tmp_path / "native")
     assert remote_run.manifest["trust_remote_code"] is True
-    assert remote_run.manifest["auto_class"] == "AutoModelForCausalLM"
+    assert remote_run.manifest["auto_class"] == auto_class
     assert remote_run.manifest["family"] == "tiny_remote_lm" and native.manifest["family"] == "llava"
     assert "auto_class" not in native.manifest
     for t in range(3):
