@@ -153,3 +153,21 @@ def screenshot(tmp_path: Path):
         return shot
 
     return shoot
+
+
+EXAMPLE_BACKEND = Path(__file__).resolve().parents[1] / "examples" / "minigpt4_backend.py"
+
+
+@pytest.fixture(scope="session")
+def minigpt4(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path, str]:
+    """The backend-protocol example (examples/minigpt4_backend.py: a MiniGPT-4-shaped model from plain torch modules,
+    registered with no Auto class): (its module, a tiny checkpoint folder of it, its `--backend` spec)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("minigpt4_backend", EXAMPLE_BACKEND)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["minigpt4_backend"] = module
+    spec.loader.exec_module(module)
+    ckpt = module.write_tiny(tmp_path_factory.mktemp("minigpt4") / "ckpt")
+    return module, ckpt, f"{EXAMPLE_BACKEND}:MiniGPT4Backend"

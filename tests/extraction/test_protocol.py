@@ -4,8 +4,6 @@ of a left-padded batch as if alone, into a run folder that probes train on; bad 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +22,10 @@ SPEC = f"{EXAMPLE}:MiniGPT4Backend"
 
 
 @pytest.fixture(scope="module")
-def example(tmp_path_factory: pytest.TempPathFactory):
-    """(the example module, a tiny checkpoint folder of it)."""
-    spec = importlib.util.spec_from_file_location("minigpt4_backend", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["minigpt4_backend"] = module
-    spec.loader.exec_module(module)
-    return module, module.write_tiny(tmp_path_factory.mktemp("minigpt4") / "ckpt")
+def example(minigpt4):
+    """(the example module, a tiny checkpoint folder of it): conftest's `minigpt4`, shared with the e2e tests."""
+    module, ckpt, _ = minigpt4
+    return module, ckpt
 
 
 def test_extract_runs_the_example_backend_row_by_row_exactly(example, tmp_path) -> None:
@@ -44,6 +39,7 @@ def test_extract_runs_the_example_backend_row_by_row_exactly(example, tmp_path) 
     assert main(argv) == 0
     run = open_run(out)
     assert run.manifest["family"] == "minigpt4-example" and run.manifest["model"] == str(ckpt)
+    assert run.manifest["backend"] == SPEC  # the class that made the run, as --backend named it
     assert run.manifest["prompt_template"] == "###Human: <Img><ImageHere></Img> {question} ###Assistant:"
     # Each row alone (a batch of one, no padding) through the example's own model gives what the batch stored.
     alone = module.MiniGPT4Backend(str(ckpt), device=torch.device("cpu"), dtype=torch.float32)
@@ -115,3 +111,38 @@ def test_bad_backend_specs_are_one_line_errors(example, tmp_path, capsys) -> Non
     assert code == 2
     assert capsys.readouterr().err.strip() == ("lvlmlp: error: --backend: the backend renders its own prompts and "
                                                "loads its own model; --raw-prompt do not apply")
+    code = main(["extract", "--backend", SPEC, "--model", str(ckpt), "--data", str(manifest), "--out",
+                 str(tmp_path / "run"), "--vision", "--no-progress"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == ("lvlmlp: error: --backend: the backend renders its own prompts and "
+                                               "loads its own model; --vision do not apply")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_backend_spec_builds_protocol_backends(example) -> None:
+    """`BackendSpec(model, backend=...)`: the one factory builds the class through `load_backend`, as what lvlmlp's
+    stages use (a device batch, pad and end-of-sequence ids derived from the protocol), and refuses the fields that
+    do not apply with it."""
+    from lvlmlp.extraction.protocol import ProtocolBackend
+    from lvlmlp.extraction.spec import BackendSpec
+
+    _, ckpt = example
+    built = BackendSpec(ckpt, device="cpu", dtype="float32", backend=SPEC).build()
+    # (load_backend imports the file afresh: the class is the example's, not the very object the fixture imported)
+    assert isinstance(built, ProtocolBackend) and type(built.inner).__name__ == "MiniGPT4Backend"
+    assert built.protocol_spec == SPEC and isinstance(built, BackendProtocol)
+    assert built.with_prompt_template(None) is built
+    tok = built.inner.tokenizer
+    assert built.pad_id == tok.convert_tokens_to_ids("<pad>") and built.eos_ids == {tok.convert_tokens_to_ids("</s>")}
+    rows = read_manifest(tiny_manifest(Path(ckpt).parent / "spec-data", n_train=2, n_test=0))
+    images, questions = [load_image(r["image"], r["id"]) for r in rows], [r["question"] for r in rows]
+    batch, collated = built.encode(images, questions), built.inner.collate(images, questions)
+    assert batch.keys() == collated.keys() and all(torch.equal(batch[k], collated[k]) for k in batch)
+    with pytest.raises(LvlmlpError) as err:
+        BackendSpec(ckpt, backend=SPEC, raw_prompt=True, prompt_template="{question}?")
+    assert str(err.value) == (f"--backend {SPEC}: the backend renders its own prompts and loads its own model; "
+                              "prompt_template, raw_prompt do not apply")
+    with pytest.raises(LvlmlpError, match=r"^--backend .*: the backend renders its own prompts; a prompt template "):
+        built.with_prompt_template("{question} Briefly.")
+    with pytest.raises(LvlmlpError, match=r"^--vision: --backend .* gives no vision features"):
+        built.check_vision()

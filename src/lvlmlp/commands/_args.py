@@ -37,29 +37,36 @@ def add_backend_argument(p: argparse.ArgumentParser) -> None:
 
 
 def backend_spec(args: argparse.Namespace, template: str | None) -> BackendSpec:
-    """The model flags (--model, --device, --dtype, --raw-prompt, --system-prompt, --trust-remote-code) under the
-    prompt `template`."""
+    """The model flags (--model, --device, --dtype, --raw-prompt, --system-prompt, --trust-remote-code, and
+    --backend where the command has it) under the prompt `template`."""
     from lvlmlp.extraction.spec import BackendSpec
 
     return BackendSpec(args.model, device=args.device, dtype=args.dtype, prompt_template=template,
                        raw_prompt=args.raw_prompt, system_prompt=args.system_prompt,
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code, backend=getattr(args, "backend", None))
 
 
-def protocol_backend(args: argparse.Namespace, template: str | None) -> Any:
-    """The --backend backend (None without --backend), after refusing the flags that do not apply with it."""
-    if args.backend is None:
-        return None
+def check_backend_flags(args: argparse.Namespace, template: str | None) -> None:
+    """With --backend, refuse the flags that do not apply (the prompt is the backend's own, so is its loading)."""
+    if getattr(args, "backend", None) is None:
+        return
     given = [flag for flag, value in (("--ray", getattr(args, "ray", None)),
                                       ("--prompt-template / a task's prompt", template),
                                       ("--raw-prompt", args.raw_prompt or None), ("--system-prompt", args.system_prompt),
-                                      ("--trust-remote-code", args.trust_remote_code or None)) if value is not None]
+                                      ("--trust-remote-code", args.trust_remote_code or None),
+                                      ("--vision", getattr(args, "vision", None) or None)) if value is not None]
     if given:
         raise LvlmlpError(f"--backend: the backend renders its own prompts and loads its own model; "
                           f"{', '.join(given)} do not apply")
-    from lvlmlp.extraction.protocol import load_backend
 
-    return load_backend(args.backend, args.model, device=args.device, dtype=args.dtype)
+
+def protocol_backend(args: argparse.Namespace, template: str | None) -> Any:
+    """The --backend backend (None without --backend), after refusing the flags that do not apply with it; built by
+    the one backend factory (`BackendSpec.build`)."""
+    if getattr(args, "backend", None) is None:
+        return None
+    check_backend_flags(args, template)
+    return backend_spec(args, None).build()
 
 
 def add_guard_arguments(p: argparse.ArgumentParser, what: str) -> None:

@@ -83,12 +83,12 @@ def run(args: argparse.Namespace) -> int:
     from lvlmlp.steering.guard import guarded_responses, make_guard, steering_metrics
 
     probe = load_probe(args.probe)
-    backend = protocol_backend(args, prompt_template)
-    if backend is not None and not isinstance(getattr(backend, "model", None), torch.nn.Module):
-        raise LvlmlpError(f"--backend {args.backend}: guided decoding needs its `model` (the torch module whose "
-                          "generating language model the guard watches, docs/backends.md)")
+    from lvlmlp.extraction.protocol import check_guidable
+
+    backend = protocol_backend(args, prompt_template)  # --backend: its flags refused, then built by the spec
     if backend is None:
         backend = backend_spec(args, prompt_template).build()
+    check_guidable(backend)
     guard = make_guard(probe, backend, template, answers, args.threshold, args.allow_other_model)
     max_new_tokens = token_budget(args, guard, "--max-new-tokens")
     gen: dict[str, Any] = {"do_sample": True, "temperature": 1.0 if args.temperature is None else args.temperature} if args.do_sample else {}

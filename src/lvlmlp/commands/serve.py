@@ -6,7 +6,14 @@ import argparse
 import os
 from typing import Any
 
-from lvlmlp.commands._args import add_guard_arguments, add_model_arguments, guard_mode, token_budget
+from lvlmlp.commands._args import (
+    add_backend_argument,
+    add_guard_arguments,
+    add_model_arguments,
+    check_backend_flags,
+    guard_mode,
+    token_budget,
+)
 from lvlmlp.errors import LvlmlpError
 
 
@@ -31,6 +38,7 @@ def build_app(args: argparse.Namespace) -> Any:
         raise LvlmlpError(f"lvlmlp serve needs FastAPI and prometheus-client ({err}); "
                           "install them with `pip install 'lvlmlp[serve]'`") from None
     template, answers = guard_mode(args, "serve")
+    check_backend_flags(args, args.prompt_template)
     for name in ("max_batch", "max_queue", "max_tokens", "max_tokens_limit", "max_body_bytes", "max_image_bytes",
                  "max_image_pixels", "max_prompt_chars"):
         if getattr(args, name) is not None and getattr(args, name) < 1:  # --max-tokens: None is its default
@@ -45,7 +53,7 @@ def build_app(args: argparse.Namespace) -> Any:
                          threshold=args.threshold, device=args.device, dtype=args.dtype,
                          prompt_template=args.prompt_template, raw_prompt=args.raw_prompt,
                          system_prompt=args.system_prompt, allow_other_model=args.allow_other_model,
-                         trust_remote_code=args.trust_remote_code)
+                         trust_remote_code=args.trust_remote_code, backend=args.backend)
     # As `lvlmlp generate`: requests that do not say would otherwise stop inside the forced text.
     max_tokens = token_budget(args, engine.guard, "--max-tokens")
     if max_tokens > args.max_tokens_limit:
@@ -67,6 +75,7 @@ def build_app(args: argparse.Namespace) -> Any:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible chat endpoint guarded by a first-token probe")
     add_model_arguments(p)  # --prompt-template / --raw-prompt: as the probe's training rows were prompted
+    add_backend_argument(p)  # its `model` module is hooked to read the raw logits (docs/backends.md)
     add_guard_arguments(p, "requests")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")

@@ -61,7 +61,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-_REMOTE_ADVICE = "pass --trust-remote-code to run it (that code then runs with your rights: read it first)"
+# The Auto classes a checkpoint's own code may register its model under (its config's auto_map), in the order
+# tried: only the first is the usual one; the others are how Molmo, Phi-4-multimodal, MiniCPM-V and mPLUG-Owl's
+# ports register theirs (docs/models.md).
+REMOTE_AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForCausalLM", "AutoModel")
+
+_REMOTE_ADVICE = ("pass --trust-remote-code (a run config: trust_remote_code: true) to run it (that code then runs "
+                  "with your rights: read it first)")
 
 
 LAYER_SHORTHANDS = ("quartiles",)
@@ -276,10 +282,10 @@ class Backend:
     ) -> None:
         """`load_model=False`: config, processor, prompt and weights hash only (enough to recognise a finished run
         without loading the weights); `model` is then None and `vocab_size` unknown (None). `trust_remote_code`:
-        run the checkpoint's own Python code (its config's `auto_map`), which must register an
-        `AutoModelForImageTextToText` class."""
+        run the checkpoint's own Python code (its config's `auto_map`), loaded through the first of
+        `REMOTE_AUTO_CLASSES` it registers (`auto_class`)."""
         from safetensors import SafetensorError
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoProcessor
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
         self.model_id = str(model)
@@ -300,11 +306,16 @@ class Backend:
         self.family: str = config.model_type
         self.quirks = quirks_of(self.family)
         auto_map = getattr(config, "auto_map", None) or {}
+        # The Auto class the model loads through: AutoModelForImageTextToText, unless the checkpoint's own code
+        # registers its model under another one only (Molmo, Phi-4-multimodal, MiniCPM-V: AutoModelForCausalLM or
+        # AutoModel); transformers then loads the class that auto_map names.
+        self.auto_class = "AutoModelForImageTextToText"
         if trust_remote_code and self.family not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and auto_map:
-            if "AutoModelForImageTextToText" not in auto_map:
+            self.auto_class = next((name for name in REMOTE_AUTO_CLASSES if name in auto_map), "")
+            if not self.auto_class:
                 raise LvlmlpError(
-                    f"{self.model_id}: its own code registers no AutoModelForImageTextToText class (only "
-                    f"{', '.join(sorted(auto_map))}); lvlmlp loads vision-language models through that class"
+                    f"{self.model_id}: its own code registers no model class lvlmlp can load (only "
+                    f"{', '.join(sorted(auto_map))}; lvlmlp loads {', '.join(REMOTE_AUTO_CLASSES)})"
                 )
         elif self.family not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
             raise LvlmlpError(
@@ -326,12 +337,16 @@ class Backend:
             ) from None
         self.model: Any = None
         if load_model:
+            import transformers
+
+            auto = getattr(transformers, self.auto_class)  # one of REMOTE_AUTO_CLASSES: never a file read by hand
             try:
-                self.model = AutoModelForImageTextToText.from_pretrained(
-                    self.model_id, dtype=self.dtype, trust_remote_code=trust_remote_code
-                )
+                self.model = auto.from_pretrained(self.model_id, dtype=self.dtype, trust_remote_code=trust_remote_code)
             except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated, corrupt, missing files
                 raise _weight_error(self.model_id, err) from None
+            if not hasattr(self.model, "generate") or self.model.get_output_embeddings() is None:
+                raise LvlmlpError(f"{self.model_id}: the class its own code registers as {self.auto_class} "
+                                  f"({type(self.model).__name__}) has no generating language-model head")
             self.model.to(self.device).eval()
 
         self.tokenizer = self.processor.tokenizer

@@ -106,7 +106,11 @@ def backend_settings(backend: Backend) -> dict:
         "prompt_template": backend.prompt("{question}"),
         "device": str(backend.device),
         # Only when set: the checkpoint's own code ran (manifests of every other run stay as they were).
-        **({"trust_remote_code": True} if getattr(backend, "trust_remote_code", False) else {}),
+        # and which of its Auto classes it was loaded through (its config's auto_map key)
+        **({"trust_remote_code": True, "auto_class": backend.auto_class}
+           if getattr(backend, "trust_remote_code", False) else {}),
+        # Only for a protocol backend (docs/backends.md): its class, as --backend / the config's `backend:` named it.
+        **({"backend": backend.protocol_spec} if getattr(backend, "protocol_spec", None) else {}),
     }
 
 

@@ -1,8 +1,9 @@
 """The backend protocol: what lvlmlp needs of a model that transformers' Auto classes do not load (docs/backends.md).
 
-`lvlmlp extract --backend module:Class` (or `path/to/file.py:Class`) builds `Class(model, device=..., dtype=...)`
-(a `torch.device` and a `torch.dtype`, resolved from --device/--dtype) and uses it where it would use `Backend`.
-`examples/minigpt4_backend.py` is a complete implementation.
+`lvlmlp extract / generate / serve --backend module:Class` (or `path/to/file.py:Class`) and a `lvlmlp run` config's
+`backend:` build `Class(model, device=..., dtype=...)` (a `torch.device` and a `torch.dtype`, resolved from
+--device/--dtype) through `BackendSpec(model, backend=...).build()` and use it, wrapped in `ProtocolBackend`, where
+they would use `Backend`. `examples/minigpt4_backend.py` is a complete implementation.
 """
 
 from __future__ import annotations
@@ -75,9 +76,59 @@ def _import(module: str, spec: str) -> Any:
         raise LvlmlpError(f"--backend {spec}: cannot import {module} ({err})") from None
 
 
-def load_backend(spec: str, model: str, *, device: str, dtype: str) -> Any:
+class ProtocolBackend:
+    """A protocol backend as lvlmlp's stages use a `Backend`: every member is the user's object's (`inner`), plus
+    what lvlmlp derives from the protocol, so that the protocol stays what docs/backends.md lists."""
+
+    def __init__(self, inner: Any, spec: str) -> None:
+        self.inner = inner
+        self.protocol_spec = spec  # "module:Class" as given: the run manifest's `backend`
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (copy, unpickling): never look it up in itself
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def encode(self, images: list[Any], questions: list[str]) -> dict[str, torch.Tensor]:
+        """One batch on the device, as `Backend.encode` (`generate`, guided decoding, `serve`)."""
+        return self.to_device(self.collate(images, questions))
+
+    @property
+    def pad_id(self) -> int:
+        """The id `serve` pads finished rows with: the tokenizer's pad token, else its end of sequence."""
+        pad = self.tokenizer.pad_token_id
+        return int(self.tokenizer.eos_token_id if pad is None else pad)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """Where `serve` ends an answer: the tokenizer's end of sequence (as the protocol's `generate` does)."""
+        eos = self.tokenizer.eos_token_id
+        return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+    def with_prompt_template(self, template: str | None) -> ProtocolBackend:
+        """The backend's own prompt is its only one (`lvlmlp run` refuses other prompts before any work)."""
+        if template is not None:
+            raise LvlmlpError(f"--backend {self.protocol_spec}: the backend renders its own prompts; a prompt "
+                              f"template ({template!r}) does not apply")
+        return self
+
+    def check_vision(self) -> None:
+        raise LvlmlpError(f"--vision: --backend {self.protocol_spec} gives no vision features (the protocol has "
+                          "none, docs/backends.md)")
+
+
+def check_guidable(backend: Any) -> None:
+    """Probe-guided decoding (`generate`, `serve`, `lvlmlp run`'s steering) hooks the backend's `model` (the torch
+    module whose generating language model the guard watches): refused at start-up without one."""
+    if isinstance(backend, ProtocolBackend) and not isinstance(getattr(backend, "model", None), torch.nn.Module):
+        raise LvlmlpError(f"--backend {backend.protocol_spec}: guided decoding needs its `model` (the torch module "
+                          "whose generating language model the guard watches, docs/backends.md)")
+
+
+def load_backend(spec: str, model: str, *, device: str, dtype: str) -> ProtocolBackend:
     """`Class(model, device=, dtype=)` for `spec` = "module:Class" or "path/file.py:Class", checked to have every
-    attribute of `BackendProtocol`."""
+    attribute of `BackendProtocol`, as a `ProtocolBackend`. Called by `BackendSpec.build` (the one backend
+    factory)."""
     from lvlmlp.extraction.backend import resolve_device, resolve_dtype
 
     module, _, name = spec.rpartition(":")
@@ -91,4 +142,4 @@ def load_backend(spec: str, model: str, *, device: str, dtype: str) -> Any:
     missing = [attr for attr in REQUIRED if not hasattr(backend, attr)]
     if missing:
         raise LvlmlpError(f"--backend {spec}: {name} lacks {', '.join(missing)} (the protocol: docs/backends.md)")
-    return backend
+    return ProtocolBackend(backend, spec)

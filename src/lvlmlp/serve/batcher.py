@@ -33,6 +33,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.logits_process import TopPLogitsWarper
 from transformers.generation.streamers import BaseStreamer
 
+from lvlmlp.extraction.protocol import ProtocolBackend
 from lvlmlp.steering.guard import ProbeGuard
 
 log = logging.getLogger("lvlmlp")
@@ -179,16 +180,16 @@ class Engine:
         batch = backend.encode([j.image for j in jobs], [j.question for j in jobs])
         streamer = RowStreamer(backend.tokenizer, self.eos_ids, jobs, guard)
         processors = LogitsProcessorList([guard, RowSampler(jobs, backend.device)])
+        settings = {"max_new_tokens": max(j.max_tokens for j in jobs), "logits_processor": processors,
+                    "stopping_criteria": StoppingCriteriaList([RowLimit([j.max_tokens for j in jobs])]),
+                    "streamer": streamer}
         with guard.watching(backend.model):
-            backend.model.generate(
-                **batch,
-                max_new_tokens=max(j.max_tokens for j in jobs),
-                do_sample=False,
-                pad_token_id=self.pad_id,
-                logits_processor=processors,
-                stopping_criteria=StoppingCriteriaList([RowLimit([j.max_tokens for j in jobs])]),
-                streamer=streamer,
-            )
+            if isinstance(backend, ProtocolBackend):
+                # Its own generate, which hands these keywords to transformers' generate (docs/backends.md); its
+                # raw logits are dropped
+                backend.generate(batch, **settings)
+            else:
+                backend.model.generate(**batch, do_sample=False, pad_token_id=self.pad_id, **settings)
         assert guard.scores_ is not None and guard.flagged_ is not None
         prompt_tokens = batch["attention_mask"].sum(1).tolist() if "attention_mask" in batch else [0] * len(jobs)
         return [

@@ -208,6 +208,9 @@ class ExperimentConfig(Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     raw_prompt: bool = False
     system_prompt: str | None = None  # a system turn before the user's (the llava_v1 line of the LLaVA-1.5 configs)
+    trust_remote_code: bool = False  # run the checkpoint's own code (its config.json's auto_map; docs/models.md)
+    # "module:Class" or "path/file.py:Class": a model outside the Auto classes (the backend protocol, docs/backends.md)
+    backend: str | None = None
     task: str = "jsonl"
     data_root: str | None = None  # required
     image_root: str | None = None
@@ -428,6 +431,8 @@ def validate(cfg: ExperimentConfig) -> None:
         cfg.resolved_task()
     except LvlmlpError as err:
         raise LvlmlpError(f"config: task: {err}") from None
+    if cfg.backend is not None:
+        _check_backend(cfg)
     if cfg.extract.vision and cfg.ray:
         raise LvlmlpError("config: extract.vision does not run on ray yet; remove one of them")
     if cfg.clip is not None and not cfg.clip.model:
@@ -477,6 +482,18 @@ def validate(cfg: ExperimentConfig) -> None:
         make_probe_factory(dict(cfg.probe))
     except LvlmlpError as err:
         raise LvlmlpError(f"config: {err}") from None
+
+
+def _check_backend(cfg: ExperimentConfig) -> None:
+    """`backend:` refuses the keys that do not apply with it, as `--backend` refuses the flags (its prompt is its
+    own, so is its loading; it gives no vision features and has no weights to finetune)."""
+    given = [key for key, value in (("ray", cfg.ray), ("raw_prompt", cfg.raw_prompt),
+                                    ("system_prompt", cfg.system_prompt), ("trust_remote_code", cfg.trust_remote_code),
+                                    ("extract.vision", cfg.extract.vision), ("finetune", cfg.finetune)) if value]
+    given += [f"prompt ({name})" for name, template in prompts_of(cfg) if template is not None]
+    if given:
+        raise LvlmlpError(f"config: backend: the backend renders its own prompts and loads its own model; "
+                          f"{', '.join(given)} do not apply")
 
 
 # ------------------------------------------------------------------------------------- what a config names

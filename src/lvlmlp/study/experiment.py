@@ -68,9 +68,11 @@ class LazyBackend:
 
 
 def backend_spec(cfg: ExperimentConfig, template: str | None = None) -> BackendSpec:
-    """The config's model (`model`, `device`, `dtype`, `raw_prompt`, `system_prompt`) under prompt `template`."""
+    """The config's model (`model`, `device`, `dtype`, `raw_prompt`, `system_prompt`, `trust_remote_code`,
+    `backend`) under prompt `template`."""
     return BackendSpec(cfg.model, device=cfg.device, dtype=cfg.dtype, prompt_template=template,
-                       raw_prompt=bool(cfg.raw_prompt), system_prompt=cfg.system_prompt)
+                       raw_prompt=bool(cfg.raw_prompt), system_prompt=cfg.system_prompt,
+                       trust_remote_code=cfg.trust_remote_code, backend=cfg.backend)
 
 
 # ------------------------------------------------------------------------------------------------ the experiment
@@ -126,6 +128,9 @@ def _run_steps(cfg: ExperimentConfig, progress: bool, lazy: LazyBackend) -> dict
             folder = RunLayout(out).run(name, split)
             key = step_key({"model": cfg.model, "dtype": cfg.dtype, "raw_prompt": cfg.raw_prompt,
                         **({"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}),
+                        # only when set: the stamps of other configs stay as they were
+                        **({"trust_remote_code": True} if cfg.trust_remote_code else {}),
+                        **({"backend": cfg.backend} if cfg.backend else {}),
                         "template": template, "data": rows_fingerprint(rows[split]),
                         **{k: v for k, v in ext.items()
                            if (v is not None or k != "logits_tokens") and (v or k != "vision")}})
@@ -348,15 +353,18 @@ def _steering(cfg: ExperimentConfig, out: Path, lazy: LazyBackend, prompt: tuple
     """`steering:` probe-guided decoding of the labelled test rows with the main evaluation's probe; every row's
     score, flag and both answers go to `OUT/analyses/steering-{prompt}.jsonl`, so the counts recompute."""
     from lvlmlp.data import write_jsonl
+    from lvlmlp.extraction.protocol import check_guidable
     from lvlmlp.probing.probes import load_probe
     from lvlmlp.steering.guard import guided_decoding
 
     name, template = prompt
+    backend = lazy.get(template)
+    check_guidable(backend)  # a `backend:` class without its torch `model`: said before any decoding
     labels = {i: lab for i, lab in zip(test_run.ids, test_run.labels) if not np.isnan(lab)}
     rows = [r for r in test_rows if r["id"] in labels]
     log.info("run: probe-guided decoding of %d %s rows", len(rows), name)
     summary, records = guided_decoding(
-        lazy.get(template), load_probe(RunLayout(out).probe(name)), rows, dict(zip(test_run.ids, test_run.responses)),
+        backend, load_probe(RunLayout(out).probe(name)), rows, dict(zip(test_run.ids, test_run.responses)),
         # threshold None: the saved probe's own, the one the evaluation used
         {i: int(lab) for i, lab in labels.items()}, cfg.steering.template, cfg.steering.threshold,
         max_new_tokens=cfg.extract.max_new_tokens, batch_size=cfg.batch_size, progress=progress)
