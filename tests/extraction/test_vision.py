@@ -20,11 +20,12 @@ from lvlmlp.extraction.store import open_run
 from lvlmlp.testing import tiny_manifest
 
 
-def _rows(tmp_path: Path, n: int = 3) -> tuple[Path, list[dict]]:
+def _rows(tmp_path: Path, n: int = 3, first: tuple[int, int] | None = None) -> tuple[Path, list[dict]]:
     manifest = tiny_manifest(tmp_path / "data")
     rows = [json.loads(line) for line in manifest.read_text().splitlines()][:n]
     # other image sizes in one batch: Qwen's patch grids and LLaVA-NeXT's crop counts then differ between rows
-    for row, size in zip(rows[1:], [(64, 24), (40, 90)]):
+    sizes = [(64, 24), (40, 90)] if first is None else [first, (64, 24), (40, 90)]
+    for row, size in zip(rows[1:] if first is None else rows, sizes):
         path = manifest.parent / row["image"]
         Image.open(path).convert("RGB").resize(size).save(path)
     data = manifest.parent / "some.jsonl"
@@ -82,16 +83,89 @@ def test_vision_equals_plain_transformers(tiny_ckpt, tmp_path: Path, family: str
     assert (spec["kind"], spec["dim"]) == ("vision", expected.shape[0])
 
 
+# The module whose input (or `:output`, or keyword) is the vision encoder's output that the projector reads, per
+# family, written here from each model's code apart from the quirks; one image alone, all of it mean-pooled (but for
+# Mllama's padding tiles and LFM2-VL's patches outside whole blocks, which the model does not read).
+PLAIN_MODULE = {
+    "instructblip": "qformer:encoder_hidden_states", "blip-2": "qformer:encoder_hidden_states",
+    "gemma3": "model.multi_modal_projector", "llava_onevision": "model.multi_modal_projector",
+    "idefics2": "model.connector", "mistral3": "model.multi_modal_projector", "qwen3_vl": "model.visual.merger",
+    "internvl": "model.multi_modal_projector", "aya_vision": "model.multi_modal_projector",
+    "mllama": "model.multi_modal_projector", "glm4v": "model.visual.post_layernorm:output",
+    "vipllava": "model.multi_modal_projector", "llava_next_video": "model.multi_modal_projector",
+    "lfm2_vl": "model.vision_tower:output", "cohere2_vision": "model.multi_modal_projector",
+    "gemma4": "model.embed_vision", "video_llava": "model.multi_modal_projector", "janus": "model.aligner",
+    "deepseek_vl": "model.aligner", "ovis2": "model.visual_embeddings_table",
+    "molmo2": "model.multi_modal_projector", "llama4": "multi_modal_projector",
+    "qwen3_5": "model.visual.merger", "qwen3_vl_moe": "model.visual.merger", "glm4v_moe":
+    "model.visual.post_layernorm:output", "qwen3_5_moe": "model.visual.merger", "glm46v":
+    "model.visual.post_layernorm:output",
+}
+
+
+def _plain_module_vision(ckpt: Path, family: str, image: Image.Image, question: str) -> np.ndarray:
+    """One image alone through the model's own forward (the processor's inputs for that one row, no padding), the
+    tensor `PLAIN_MODULE` names recorded by a hook of this test, mean-pooled over every token the model reads."""
+    from lvlmlp.extraction.backend import Backend
+
+    be = Backend(ckpt, device="cpu", dtype="float32", prompt_template="{question}")
+    batch = be.encode([image], [question])
+    path, _, part = PLAIN_MODULE[family].partition(":")
+    seen: list[torch.Tensor] = []
+    module = be.model.get_submodule(path)
+    if part == "output":
+        handle = module.register_forward_hook(lambda m, a, out: seen.append(getattr(out, "last_hidden_state", out)))
+    else:
+        handle = module.register_forward_pre_hook(
+            lambda m, a, kw: seen.append(kw[part] if part else (a[0] if a else next(iter(kw.values())))),
+            with_kwargs=True)
+    with torch.inference_mode():
+        be.model(**batch)
+    handle.remove()
+    # Ovis2 also embeds its image indicator token ids with the table: the soft tokens are the float inputs
+    x = torch.cat([t for t in seen if t.is_floating_point()]).float()
+    if family == "mllama":  # (1, 1, tiles, tokens, D): the image's real tiles only
+        x = x[0, 0][batch["aspect_ratio_mask"][0, 0].bool()]
+    if family == "lfm2_vl":  # (tiles, patches, D) of (h, w) patch grids; the projector reads whole 2x2 blocks
+        f = be.config.downsample_factor
+        x = torch.cat([t[: h * w].reshape(h, w, -1)[: h // f * f, : w // f * f].reshape(-1, t.shape[-1])
+                       for t, (h, w) in zip(x, batch["spatial_shapes"].tolist())])
+    return x.reshape(-1, x.shape[-1]).mean(dim=0).numpy()
+
+
+@pytest.mark.parametrize("family", sorted(PLAIN_MODULE))
+def test_vision_of_every_family_equals_its_rows_alone(tiny_ckpt, tmp_path: Path, family: str) -> None:
+    """A batch of 3 rows of other image sizes (other crop counts, patch grids, tiles) equals each image alone
+    through the model, to 1e-5 absolute (float32); the families whose layout needs no generated token are checked
+    on a prefill, the others (and every third family) with 2 generated tokens."""
+    ckpt = tiny_ckpt(family)
+    # Idefics2 pads a batch's pixels and encodes every patch holding a real pixel: a 32 px image (patch 7) is read as
+    # 5 x 5 patches in a batch and 4 x 4 alone, by the model itself; a 28 px one is the same both ways.
+    data, rows = _rows(tmp_path, first=(28, 28) if family == "idefics2" else None)
+    out = tmp_path / "run"
+    new_tokens = 2 if sorted(PLAIN_MODULE).index(family) % 3 == 0 else 0
+    assert main(["extract", "--model", str(ckpt), "--data", str(data), "--out", str(out), "--device", "cpu",
+                 "--dtype", "float32", "--store-dtype", "float32", "--batch-size", "3", "--vision",
+                 "--max-new-tokens", str(new_tokens), "--prompt-template", "{question}", "--no-progress"]) == 0
+    vision = open_run(out).vision()
+    assert vision.shape[0] == 3
+    for i, row in enumerate(rows):
+        image = Image.open(data.parent / row["image"]).convert("RGB")
+        expected = _plain_module_vision(ckpt, family, image, row["question"])
+        assert vision.shape[1] == expected.shape[0]
+        np.testing.assert_allclose(vision[i], expected, atol=1e-5, rtol=0, err_msg=f"{family} row {i}")
+
+
 def test_unsupported_family_is_refused(tiny_ckpt, tmp_path: Path, capsys) -> None:
     data, _ = _rows(tmp_path, 2)
     out = tmp_path / "run"
-    ckpt = tiny_ckpt("instructblip")
+    ckpt = tiny_ckpt("chameleon")
     capsys.readouterr()  # building the checkpoint prints progress
     assert main(["extract", "--model", str(ckpt), "--data", str(data), "--out", str(out),
                  "--device", "cpu", "--vision", "--no-progress"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == ("lvlmlp: error: --vision: not supported for model family "
-                                               "'instructblip' yet (supported: llava, qwen2_vl, qwen2_5_vl, paligemma, "
-                                                               "llava_next, idefics3, smolvlm)")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "lvlmlp: error: --vision: not available for model family 'chameleon': its images enter as discrete VQ "
+        "tokens of the text vocabulary: no projector reads a continuous vision-encoder output")
     assert not (out / "manifest.json").exists()
 
 
