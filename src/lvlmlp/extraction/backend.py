@@ -578,13 +578,14 @@ class Backend:
         self.check_vision()
         module, part = self._vision_module()
 
-        def tensor(value: Any) -> torch.Tensor:  # a module's output may be a tuple or a ModelOutput
-            if torch.is_tensor(value):
+        def tensor(value: Any) -> torch.Tensor | None:  # a module's output may be a tuple or a ModelOutput
+            if value is None or torch.is_tensor(value):
                 return value
-            return value[0] if isinstance(value, (tuple, list)) else value.last_hidden_state
+            return value[0] if isinstance(value, (tuple, list)) else getattr(value, "last_hidden_state", None)
 
-        def keep(value: torch.Tensor) -> None:
-            if value.is_floating_point():  # not a call on token ids (Ovis2 embeds its image indicators there too)
+        def keep(value: torch.Tensor | None) -> None:
+            # Not a call without that input, nor one on token ids (Ovis2 embeds its image indicators there too).
+            if value is not None and value.is_floating_point():
                 captured.append(value.detach())
 
         def pre_hook(_module: Any, args: tuple, kwargs: dict) -> None:
