@@ -100,6 +100,10 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, backend: LazyBa
 
     out = claim_folder(cfg.out, "experiment", "out")  # new, empty or an `lvlmlp run` folder (its marker)
     with locked_folder(out):
+        if cfg.tasks:  # several tasks of the model, each a config of its own in OUT/tasks/NAME
+            from lvlmlp.study.multitask import run_tasks
+
+            return run_tasks(cfg, progress, backend)
         return _run_steps(cfg, progress, backend or LazyBackend(cfg))
 
 
