@@ -136,3 +136,13 @@ def test_config_errors(tmp_path: Path, change: dict, message: str) -> None:
     with pytest.raises(LvlmlpError) as err:
         load_config(path)
     assert str(err.value) == message
+
+
+def test_out_over_a_tasks_data_is_refused(experiment: dict, tiny_ckpt, capsys) -> None:
+    data = experiment["data"][1]  # the second task's manifest; OUT would be its folder
+    assert main(["run", str(_config(experiment["root"], experiment["data"])), "--model", str(tiny_ckpt("llava")),
+                 "--out", str(data.parent), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"lvlmlp: error: out {data.parent}: contains tasks[1].data_root {data} (an input of this command, which "
+        "writing out would overwrite); give another out")
+    assert not (data.parent / "tasks").exists()
