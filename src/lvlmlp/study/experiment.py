@@ -388,7 +388,8 @@ def _signals_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tup
         timing = None
         if timed and not cfg.ray:  # on Ray the model is not in this process: no timing (said in the report)
             layers = [int(x) for x in test_run.manifest.get("layers") or []]
-            timing = sg.model_timing(lazy.get(template), timed, int(cfg.extract.max_new_tokens), layers)
+            work = {sg.model_work(s, test_run) for s in signals}
+            timing = sg.model_timing(lazy.get(template), timed, layers, work)
         p_true = None
         if any(s.kind == sg.P_TRUE for s in signals):  # the self-evaluation pass of every labelled test row
             import time
