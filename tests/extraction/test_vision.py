@@ -1,8 +1,9 @@
 """`--vision` (issue 30): the vision encoder's output that the projector reads, mean-pooled over the image's tokens,
-stored as vision.npy (N, D) and read by `open_run(...).vision()` / `--feature vision`; checked against plain
-transformers on tiny LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, PaliGemma, PaliGemma 2, Idefics3 and SmolVLM
-checkpoints (tolerance 1e-5: a batch of 3 against one image at a
-time, float32); other families refused in one line."""
+stored as vision.npy (N, D) and read by `open_run(...).vision()` / `--feature vision`; checked on every tiny family
+but Chameleon (refused in one line: no continuous vision output) and Kosmos-2 (refused as a family): LLaVA, LLaVA-NeXT,
+Qwen2-VL, Qwen2.5-VL, PaliGemma (1 and 2), Idefics3 and SmolVLM against their vision towers called directly, the
+others against each image alone through the model (tolerance 1e-5: a batch of 3 against one image at a time,
+float32)."""
 
 from __future__ import annotations
 
@@ -196,3 +197,34 @@ def test_subimage_pooling_skips_padding_images_and_empty_patches() -> None:
     row1 = [captured[2, p] for p in range(4)]
     expected = torch.stack([sum(row0) / len(row0), sum(row1) / len(row1)])
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_quirks_naming_a_missing_module_or_a_wrong_layout_are_refused(tiny_ckpt, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vision hook is data (`Quirks.vision_input` / `vision_layout`): a row that names a module the model lacks
+    is refused before any row is read, and a layout that does not fit the captured tensor stops the batch in one
+    line rather than pool the wrong rows (LLaVA-NeXT's crops read as one image per row)."""
+    import dataclasses
+
+    from lvlmlp.errors import LvlmlpError
+    from lvlmlp.extraction import families
+    from lvlmlp.extraction.backend import Backend
+
+    data, rows = _rows(tmp_path)
+    images = [Image.open(data.parent / r["image"]).convert("RGB") for r in rows]
+    monkeypatch.setitem(families.QUIRKS, "llava", dataclasses.replace(families.QUIRKS.get("llava", families.Quirks()),
+                                                                      vision_input="model.no_projector"))
+    be = Backend(tiny_ckpt("llava"), device="cpu", dtype="float32")
+    with pytest.raises(LvlmlpError) as err:
+        be.check_vision()
+    assert str(err.value) == ("--vision: the llava model has no module 'model.no_projector' (its quirks' "
+                              "vision_input); the vision output cannot be taken")
+    monkeypatch.setitem(families.QUIRKS, "llava_next", dataclasses.replace(families.QUIRKS["llava_next"],
+                                                                           vision_layout="batched"))
+    be = Backend(tiny_ckpt("llava_next"), device="cpu", dtype="float32")
+    batch = be.encode(images, [r["question"] for r in rows])
+    with pytest.raises(LvlmlpError) as err:
+        be.prefill(batch, vision=True)
+    crops = int((batch["pixel_values"].flatten(2).abs().sum(-1) > 0).sum())  # the real ones; padding crops are 0
+    assert crops > 3 and str(err.value) == (f"--vision: the captured vision output holds {crops} images for a batch "
+                                            "of 3 rows; the family's vision layout does not fit this model")
