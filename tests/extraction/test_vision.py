@@ -228,3 +228,17 @@ def test_quirks_naming_a_missing_module_or_a_wrong_layout_are_refused(tiny_ckpt,
     crops = int((batch["pixel_values"].flatten(2).abs().sum(-1) > 0).sum())  # the real ones; padding crops are 0
     assert crops > 3 and str(err.value) == (f"--vision: the captured vision output holds {crops} images for a batch "
                                             "of 3 rows; the family's vision layout does not fit this model")
+
+
+def test_every_tiny_family_is_checked_or_refused() -> None:
+    """A family added to `lvlmlp.testing.SPECS` gets its --vision check here (a `PLAIN_MODULE` entry) or a refusal
+    (`Quirks.vision_refused`, or the family refused as a whole)."""
+    from lvlmlp.extraction.families import quirks_of
+    from lvlmlp.testing import SPECS
+
+    direct = {"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "idefics3", "smolvlm"}  # first test
+    types = {spec.model_type for spec in SPECS.values()}
+    refused = {t for t in types if quirks_of(t).vision_refused or quirks_of(t).refused}
+    assert refused == {"chameleon", "kosmos-2"}
+    assert types - refused == direct | set(PLAIN_MODULE)
+    assert not (direct & set(PLAIN_MODULE)) and not (refused & set(PLAIN_MODULE))
