@@ -112,7 +112,8 @@ def _pool_vision(calls: list[torch.Tensor], layout: str, batch: dict[str, torch.
     if layout == "grid":  # (patches of every image, D): each image's t*h*w patches, in batch order
         return _split_mean(captured, batch["image_grid_thw"].prod(dim=-1).tolist())
     if layout == "image_tokens":  # crops or patches of every image, as many per image as its image tokens say
-        return _split_mean(torch.cat(calls), _image_token_shares(torch.cat(calls).shape[0], batch, config))
+        every = torch.cat(calls)  # a model that encodes image by image calls the module once per image
+        return _split_mean(every, _image_token_shares(every.shape[0], batch, config))
     if layout == "num_crops":  # Molmo2: the processor's crop count of each image
         return _split_mean(captured, batch["image_num_crops"].tolist())
     if layout == "tiles":  # Mllama: (B, images, tiles, tokens, D); only the image's real tiles (aspect_ratio_mask)
@@ -144,6 +145,9 @@ def _image_token_shares(units: int, batch: dict[str, torch.Tensor], config: Any)
     token = getattr(config, "image_token_id", None)
     if token is None:
         token = getattr(config, "image_token_index", None)
+    if token is None:
+        raise LvlmlpError("--vision: the model's config names no image token (image_token_id), by which the "
+                          "family's vision layout splits the images")
     counts = (batch["input_ids"] == int(token)).sum(dim=1).tolist()
     total = int(sum(counts))
     if total == 0 or any(c * units % total for c in counts):
