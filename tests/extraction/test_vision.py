@@ -1,7 +1,8 @@
 """`--vision` (issue 30): the vision encoder's output that the projector reads, mean-pooled over the image's tokens,
 stored as vision.npy (N, D) and read by `open_run(...).vision()` / `--feature vision`; checked on every tiny family
 but Chameleon (refused in one line: no continuous vision output) and Kosmos-2 (refused as a family): LLaVA, LLaVA-NeXT,
-Qwen2-VL, Qwen2.5-VL, PaliGemma (1 and 2), Idefics3 and SmolVLM against their vision towers called directly, the
+Qwen2-VL, Qwen2.5-VL, PaliGemma (1 and 2), Idefics3, SmolVLM, InstructBLIP, BLIP-2 and Mllama against their vision
+towers called directly, the
 others against each image alone through the model (tolerance 1e-5: a batch of 3 against one image at a time,
 float32)."""
 
@@ -54,6 +55,14 @@ def _plain_vision(ckpt: Path, image: Image.Image) -> np.ndarray:
             pv = pixels["pixel_values"][0]
             return model.model.vision_model(pixel_values=pv).last_hidden_state.reshape(-1, cfg.vision_config
                                                                                         .hidden_size).mean(0).numpy()
+        if cfg.model_type in ("instructblip", "blip-2"):  # every token the Q-Former cross-attends to, CLS included
+            return model.vision_model(pixel_values=pixels["pixel_values"]).last_hidden_state[0].mean(dim=0).numpy()
+        if cfg.model_type == "mllama":  # (1, 1, tiles, tokens, D), the layers side by side; the image's real tiles
+            out = model.model.vision_model(pixel_values=pixels["pixel_values"],
+                                           aspect_ratio_ids=pixels["aspect_ratio_ids"],
+                                           aspect_ratio_mask=pixels["aspect_ratio_mask"])
+            tiles = out.last_hidden_state[0, 0][pixels["aspect_ratio_mask"][0, 0].bool()]
+            return tiles.reshape(-1, tiles.shape[-1]).mean(dim=0).numpy()
         if cfg.model_type == "paligemma":
             return model.model.vision_tower(pixels["pixel_values"]).last_hidden_state[0].mean(dim=0).numpy()
         out = model.model.visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"])
@@ -62,7 +71,8 @@ def _plain_vision(ckpt: Path, image: Image.Image) -> np.ndarray:
 
 @pytest.mark.parametrize("family, new_tokens", [("llava", 0), ("llava", 2), ("qwen2_vl", 0), ("qwen2_5_vl", 2),
                                                 ("paligemma", 0), ("paligemma2", 2), ("llava_next", 0),
-                                                ("idefics3", 0), ("smolvlm", 2)])
+                                                ("idefics3", 0), ("smolvlm", 2), ("instructblip", 2),
+                                                ("blip-2", 0), ("mllama", 2)])
 def test_vision_equals_plain_transformers(tiny_ckpt, tmp_path: Path, family: str, new_tokens: int) -> None:
     ckpt = tiny_ckpt(family)
     data, rows = _rows(tmp_path)
@@ -86,13 +96,12 @@ def test_vision_equals_plain_transformers(tiny_ckpt, tmp_path: Path, family: str
 
 # The module whose input (or `:output`, or keyword) is the vision encoder's output that the projector reads, per
 # family, written here from each model's code apart from the quirks; one image alone, all of it mean-pooled (but for
-# Mllama's padding tiles and LFM2-VL's patches outside whole blocks, which the model does not read).
+# LFM2-VL's patches outside whole blocks, which the model does not read).
 PLAIN_MODULE = {
-    "instructblip": "qformer:encoder_hidden_states", "blip-2": "qformer:encoder_hidden_states",
     "gemma3": "model.multi_modal_projector", "llava_onevision": "model.multi_modal_projector",
     "idefics2": "model.connector", "mistral3": "model.multi_modal_projector", "qwen3_vl": "model.visual.merger",
     "internvl": "model.multi_modal_projector", "aya_vision": "model.multi_modal_projector",
-    "mllama": "model.multi_modal_projector", "glm4v": "model.visual.post_layernorm:output",
+    "glm4v": "model.visual.post_layernorm:output",
     "vipllava": "model.multi_modal_projector", "llava_next_video": "model.multi_modal_projector",
     "lfm2_vl": "model.vision_tower:output", "cohere2_vision": "model.multi_modal_projector",
     "gemma4": "model.embed_vision", "video_llava": "model.multi_modal_projector", "janus": "model.aligner",
@@ -125,8 +134,6 @@ def _plain_module_vision(ckpt: Path, family: str, image: Image.Image, question: 
     handle.remove()
     # Ovis2 also embeds its image indicator token ids with the table: the soft tokens are the float inputs
     x = torch.cat([t for t in seen if t.is_floating_point()]).float()
-    if family == "mllama":  # (1, 1, tiles, tokens, D): the image's real tiles only
-        x = x[0, 0][batch["aspect_ratio_mask"][0, 0].bool()]
     if family == "lfm2_vl":  # (tiles, patches, D) of (h, w) patch grids; the projector reads whole 2x2 blocks
         f = be.config.downsample_factor
         x = torch.cat([t[: h * w].reshape(h, w, -1)[: h // f * f, : w // f * f].reshape(-1, t.shape[-1])
@@ -236,7 +243,8 @@ def test_every_tiny_family_is_checked_or_refused() -> None:
     from lvlmlp.extraction.families import quirks_of
     from lvlmlp.testing import SPECS
 
-    direct = {"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "idefics3", "smolvlm"}  # first test
+    direct = {"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "idefics3", "smolvlm", "instructblip",
+              "blip-2", "mllama"}  # the first test
     types = {spec.model_type for spec in SPECS.values()}
     refused = {t for t in types if quirks_of(t).vision_refused or quirks_of(t).refused}
     assert refused == {"chameleon", "kosmos-2"}
