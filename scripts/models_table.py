@@ -182,6 +182,8 @@ def rows() -> tuple[list[tuple[str, ...]], list[tuple[str, str]]]:
         needs = quirks_of(model_type).needs
         notes = [NOTES[model_type]] if model_type in NOTES else []
         notes += [f"needs {' and '.join(needs)}"] if needs else []
+        vision_refused = quirks_of(model_type).vision_refused  # `extract --vision` (docs/signals.md)
+        notes += [f"`--vision` refused: {vision_refused}"] if vision_refused else []
         checked.append((family, f"`{model_type}`", hub_ids, status, "; ".join(notes)))
     left = [(f"`{t}`", LEFT_OUT[t]) for t in sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES) if t not in built]
     return checked, left

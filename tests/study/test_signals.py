@@ -106,14 +106,20 @@ def test_costs(experiment: dict) -> None:
     assert by["logistic on vision (mean-pooled)"]["bytes_per_row"] == test.vision().shape[1] * 4
     assert by["logistic on vision (mean-pooled)"]["forward_passes"] == 1.0
     timing = res["timing"]
-    assert timing["rows"] == 4 and timing["prefill"] > 0 and timing["step"] is not None
+    # each model work the signals need, timed by itself: the prefill, with states, with vision, 3 generated tokens
+    assert timing["rows"] == 4 and set(timing["generate"]) == {"3"}
+    assert all(timing[k] > 0 for k in ("prefill", "prefill_states", "prefill_vision"))
+    work = {REFERENCE: "prefill", "mlp on logits (token 0)": "prefill", "max-prob": "prefill",
+            "mtre on multi-token (3 tokens)": "generate 3 tokens", "seq-prob": "generate 3 tokens",
+            "mean-entropy": "generate 3 tokens", "perplexity": "generate 3 tokens", "p-true": "generate 3 tokens",
+            "logistic on layer 1": "prefill_states", "logistic on hidden (final norm)": "prefill_states",
+            "logistic on vision (mean-pooled)": "prefill_vision"}
     for name, cost in by.items():
         assert cost["seconds_per_row"] > 0, name
-        # model seconds: the measured prefill (with states for the state signals) plus a step per extra pass
-        states = name.startswith("logistic on layer") or name.startswith("logistic on hidden")
-        model = timing["prefill_states" if states else "prefill"] + timing["step"] * cost["extra_forward_passes"]
-        if name == "p-true":  # the answer's passes, then the measured self-evaluation pass
-            model += cost["pass_seconds_per_row"] - timing["step"]
+        assert cost["model_work"] == work[name], name
+        model = timing["generate"]["3"] if work[name] == "generate 3 tokens" else timing[work[name]]
+        if name == "p-true":  # the answer, then the self-evaluation pass measured on every test row
+            model += cost["pass_seconds_per_row"]
             assert cost["forward_passes"] == pytest.approx(np.maximum(test.n_tokens, 1).mean() + 1)
         assert cost["model_seconds_per_row"] == pytest.approx(model, rel=1e-12)
         assert cost["seconds_per_row"] == pytest.approx(model + cost["readout_seconds_per_row"], rel=1e-12)
@@ -137,6 +143,24 @@ def test_rerun_does_no_model_work(experiment: dict, monkeypatch: pytest.MonkeyPa
     assert main(experiment["argv"]) == 0
     assert json.loads((experiment["out"] / "report" / "metrics.json").read_text()) == experiment["doc"]
     assert {p.name: p.stat().st_mtime_ns for p in (experiment["out"] / "steps").glob("*.json")} == stamps
+
+
+def test_model_work_of_each_signal(experiment: dict) -> None:
+    """What each signal's model seconds time: token k's logits need k + 1 generated tokens, the sequence estimators
+    the stored tokens, the answer's readers the whole answer (max_new_tokens 3 here), a 1-token multi-token a prefill."""
+    from lvlmlp.study.signals import Signal, model_work
+
+    run = open_run(experiment["out"] / "runs" / "oe-test")
+    assert run.manifest["max_new_tokens"] == 3 and run.n_logit_tokens == 3
+    cases = [(Signal("a", "probe", "logits", token=0), "prefill"), (Signal("b", "probe", "logits", token=2), 3),
+             (Signal("c", "probe", "softmax", token=1), 2), (Signal("d", "probe", "multi-token", tokens=1), "prefill"),
+             (Signal("e", "probe", "multi-token", tokens=2), 2), (Signal("f", "probe", "layer", layer=1),
+                                                                  "prefill_states"),
+             (Signal("g", "probe", "vision"), "prefill_vision"), (Signal("h", "baseline", baseline="entropy"),
+                                                                  "prefill"),
+             (Signal("i", "baseline", baseline="perplexity"), 3), (Signal("j", "baseline", baseline="own-answer"), 3),
+             (Signal("k", "p-true", baseline="p-true"), 3)]
+    assert [model_work(sig, run) for sig, _ in cases] == [w for _, w in cases]
 
 
 @pytest.mark.parametrize("signals, message", [

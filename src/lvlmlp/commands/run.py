@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set or [], model=args.model, out=args.out, device=args.device,
                       limit=args.limit, batch_size=args.batch_size, n_boot=args.n_boot)
     inputs = {"model": cfg["model"], "data_root": cfg["data_root"], "image_root": cfg["image_root"]}
+    for i, task in enumerate(cfg.tasks):  # `tasks:` entries name their own data
+        inputs.update({f"tasks[{i}].{k}": task.get(k) for k in ("data_root", "image_root")})
     # A config kept in its own run folder (the demo's OUT/TASK/config.yaml) is fine: `lvlmlp run` writes only its
     # own entries there (runs/, evals/, ...), never a config file.
     if Path(cfg["out"]).resolve() not in Path(args.config).resolve().parents:

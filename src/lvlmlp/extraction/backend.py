@@ -93,36 +93,96 @@ def resolve_layer_spec(spec: str, num_layers: int) -> list[int]:
                       f"{' / '.join(LAYER_SHORTHANDS)}")
 
 
-# `--vision`: the module whose INPUT is the vision encoder's output that the projector reads, per family, and how
-# that input splits into images. Families not listed are refused until their capture is written and tested.
-VISION_PROJECTORS: dict[str, tuple[str, str]] = {
-    "llava": ("model.multi_modal_projector", "batched"),  # (B, patches, D): vision_feature_layer, CLS dropped
-    "qwen2_vl": ("model.visual.merger", "grid"),  # (sum of t*h*w patches, D): the last vision block's output
-    "qwen2_5_vl": ("model.visual.merger", "grid"),
-    "paligemma": ("model.multi_modal_projector", "batched"),  # (B, patches, D): the SigLIP tower's last state
-    # (sum of each image's crops, patches, D): the base image and its any-resolution crops, CLS dropped
-    "llava_next": ("model.multi_modal_projector", "crops"),
-    # (real sub-images of the batch, patches, D): the vision model's last state (padding images are not encoded)
-    "idefics3": ("model.connector", "subimages"),
-    "smolvlm": ("model.connector", "subimages"),
-}
+# `--vision`: how the vision encoder's output that the projector reads splits into the batch's images (one per row),
+# by the `vision_layout` of the family's quirks (`families.Quirks`). Each takes the tensors the capture recorded
+# (one per call of the module; most models call it once per batch) and returns (B, D) float32 means.
+VISION_LAYOUTS = ("batched", "crops", "subimages", "grid", "image_tokens", "num_crops", "tiles", "blocks")
 
 
-def _pool_vision(captured: torch.Tensor, layout: str, batch: dict[str, torch.Tensor], config: Any) -> torch.Tensor:
+def _pool_vision(calls: list[torch.Tensor], layout: str, batch: dict[str, torch.Tensor], config: Any) -> torch.Tensor:
     """(B, D): the captured projector input mean-pooled over each image's tokens (one image per row)."""
-    if layout == "batched":
-        return captured.float().mean(dim=1)
+    rows = int(batch["input_ids"].shape[0])
+    captured = calls[0]
+    if layout == "batched":  # (B, ..., D)
+        _check_units(captured.shape[0], rows, "images")
+        return captured.float().reshape(rows, -1, captured.shape[-1]).mean(dim=1)
     if layout == "crops":  # LLaVA-NeXT: each image's crop count, as the model computes it from the image size
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         crops = [image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
                                            patch_size=config.vision_config.image_size)
                  for size in batch["image_sizes"]]
-        return torch.stack([part.float().mean(dim=(0, 1)) for part in torch.split(captured, crops, dim=0)])
+        return _split_mean(captured, crops)
     if layout == "subimages":
         return _pool_subimages(captured, batch, int(config.vision_config.patch_size))
-    sizes = batch["image_grid_thw"].prod(dim=-1).tolist()  # patches of each image, in batch order
-    return torch.stack([part.float().mean(dim=0) for part in torch.split(captured, sizes, dim=0)])
+    if layout == "grid":  # (patches of every image, D): each image's t*h*w patches, in batch order
+        return _split_mean(captured, batch["image_grid_thw"].prod(dim=-1).tolist())
+    if layout == "image_tokens":  # crops or patches of every image, as many per image as its image tokens say
+        every = torch.cat(calls)  # a model that encodes image by image calls the module once per image
+        return _split_mean(every, _image_token_shares(every.shape[0], batch, config))
+    if layout == "num_crops":  # Molmo2: the processor's crop count of each image
+        return _split_mean(captured, batch["image_num_crops"].tolist())
+    if layout == "tiles":  # Mllama: (B, images, tiles, tokens, D); only the image's real tiles (aspect_ratio_mask)
+        _check_units(captured.shape[0], rows, "images")
+        weights = batch["aspect_ratio_mask"].to(captured.device).float()[..., None, None]  # (B, images, tiles, 1, 1)
+        tokens = captured.shape[3]
+        return (captured.float() * weights).sum(dim=(1, 2, 3)) / (weights.sum(dim=(1, 2, 3)) * tokens)
+    if layout == "blocks":
+        return _pool_blocks(captured, batch, config)
+    raise LvlmlpError(f"--vision: unknown vision layout {layout!r} (one of {', '.join(VISION_LAYOUTS)})")
+
+
+def _check_units(got: int, expected: int, what: str) -> None:
+    if got != expected:
+        raise LvlmlpError(f"--vision: the captured vision output holds {got} {what} for a batch of {expected} rows; "
+                          "the family's vision layout does not fit this model")
+
+
+def _split_mean(captured: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """(len(sizes), D): the mean over each consecutive block of `sizes[i]` leading entries and every token in it."""
+    _check_units(captured.shape[0], int(sum(sizes)), "crops or patches")
+    return torch.stack([part.float().reshape(-1, captured.shape[-1]).mean(dim=0)
+                        for part in torch.split(captured, [int(n) for n in sizes], dim=0)])
+
+
+def _image_token_shares(units: int, batch: dict[str, torch.Tensor], config: Any) -> list[int]:
+    """How many of `units` leading entries (crops or patches, all images in batch order) belong to each row: in
+    proportion to its image tokens, which the model fills from them in order (a constant number per entry)."""
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = getattr(config, "image_token_index", None)
+    if token is None:
+        raise LvlmlpError("--vision: the model's config names no image token (image_token_id), by which the "
+                          "family's vision layout splits the images")
+    counts = (batch["input_ids"] == int(token)).sum(dim=1).tolist()
+    total = int(sum(counts))
+    if total == 0 or any(c * units % total for c in counts):
+        raise LvlmlpError(f"--vision: {units} vision entries do not split over the rows' image tokens {counts}")
+    return [c * units // total for c in counts]
+
+
+def _pool_blocks(captured: torch.Tensor, batch: dict[str, torch.Tensor], config: Any) -> torch.Tensor:
+    """LFM2-VL: (tiles, patches, D) the vision tower's state of each tile's (h, w) patch grid, padded; the projector
+    reads the patches of whole `factor` x `factor` blocks (rows and columns beyond the last whole block are not), one
+    image token per block. A row's tiles (an image is split into tiles and a thumbnail when large) are the next ones
+    whose blocks add up to its image tokens."""
+    factor = int(config.downsample_factor)
+    shapes = batch["spatial_shapes"].tolist()
+    _check_units(captured.shape[0], len(shapes), "tiles")
+    sums, blocks = [], []
+    for state, (h, w) in zip(captured, shapes):
+        grid = state[: h * w].reshape(h, w, -1)[: h // factor * factor, : w // factor * factor]
+        sums.append(grid.float().reshape(-1, state.shape[-1]).sum(dim=0))
+        blocks.append((h // factor) * (w // factor))
+    out, tile = [], 0
+    for tokens in (batch["input_ids"] == int(config.image_token_id)).sum(dim=1).tolist():
+        first, read = tile, 0
+        while read < tokens and tile < len(blocks):
+            read, tile = read + blocks[tile], tile + 1
+        if read != tokens:
+            raise LvlmlpError(f"--vision: the tiles' blocks do not add up to a row's {tokens} image tokens")
+        out.append(torch.stack(sums[first:tile]).sum(dim=0) / (read * factor * factor))
+    return torch.stack(out)
 
 
 def _pool_subimages(captured: torch.Tensor, batch: dict[str, torch.Tensor], patch: int) -> torch.Tensor:
@@ -509,36 +569,61 @@ class Backend:
         return [int(x) for x in layers]
 
     def check_vision(self) -> None:
-        """`--vision`: refuse a family whose vision-feature capture is not written yet."""
-        if self.family not in VISION_PROJECTORS:
-            raise LvlmlpError(f"--vision: not supported for model family {self.family!r} yet (supported: "
-                              f"{', '.join(VISION_PROJECTORS)})")
+        """`--vision`: refuse a family without a continuous vision output (`Quirks.vision_refused`) or whose model
+        lacks the module its quirks name."""
+        quirks = self.quirks
+        if quirks.vision_refused:
+            raise LvlmlpError(f"--vision: not available for model family {self.family!r}: {quirks.vision_refused}")
+        if self.model is not None:
+            self._vision_module()
+
+    def _vision_module(self) -> tuple[torch.nn.Module, str | None]:
+        """The module of `Quirks.vision_input` and what of it is taken (None: its first input, "output", a keyword)."""
+        path, _, part = self.quirks.vision_input.partition(":")
+        try:
+            return self.model.get_submodule(path), part or None
+        except AttributeError:
+            raise LvlmlpError(f"--vision: the {self.family} model has no module {path!r} (its quirks' vision_input); "
+                              "the vision output cannot be taken") from None
 
     @contextlib.contextmanager
     def _vision_capture(self, want: bool) -> Any:
-        """While active, the first input the projector reads is kept (`captured["x"]`); decoding steps after the
-        prefill do not run the vision tower."""
-        captured: dict[str, torch.Tensor] = {}
+        """While active, every call of the quirks' module records the tensor taken (`captured`, in call order);
+        decoding steps after the prefill do not run the vision tower."""
+        captured: list[torch.Tensor] = []
         if not want:
             yield captured
             return
         self.check_vision()
-        module = self.model.get_submodule(VISION_PROJECTORS[self.family][0])
+        module, part = self._vision_module()
 
-        def hook(_module: Any, args: tuple, kwargs: dict) -> None:
-            if "x" not in captured:
-                captured["x"] = (args[0] if args else next(iter(kwargs.values()))).detach()
+        def tensor(value: Any) -> torch.Tensor | None:  # a module's output may be a tuple or a ModelOutput
+            if value is None or torch.is_tensor(value):
+                return value
+            return value[0] if isinstance(value, (tuple, list)) else getattr(value, "last_hidden_state", None)
 
-        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        def keep(value: torch.Tensor | None) -> None:
+            # Not a call without that input, nor one on token ids (Ovis2 embeds its image indicators there too).
+            if value is not None and value.is_floating_point():
+                captured.append(value.detach())
+
+        def pre_hook(_module: Any, args: tuple, kwargs: dict) -> None:
+            keep(tensor(kwargs.get(part) if part else (args[0] if args else next(iter(kwargs.values())))))
+
+        def hook(_module: Any, _args: tuple, output: Any) -> None:
+            keep(tensor(output))
+
+        handle = (module.register_forward_hook(hook) if part == "output"
+                  else module.register_forward_pre_hook(pre_hook, with_kwargs=True))
         try:
             yield captured
         finally:
             handle.remove()
 
-    def _vision_result(self, captured: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if "x" not in captured:
-            raise LvlmlpError(f"--vision: the {self.family} projector did not run on this batch (no image?)")
-        return _pool_vision(captured["x"], VISION_PROJECTORS[self.family][1], batch, self.config)
+    def _vision_result(self, captured: list[torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not captured:
+            raise LvlmlpError(f"--vision: the {self.family} vision output was not computed on this batch (no image?)")
+        return _pool_vision(captured, self.quirks.vision_layout, batch, self.config)
 
     @torch.inference_mode()
     def prefill(

@@ -35,29 +35,47 @@ class Quirks:
     # Why the backend refuses the family: it runs, but its batched results cannot be made to equal single runs
     # (docs/models.md lists the reason). Empty: not refused.
     refused: str = ""
+    # `--vision` (vision.npy): where the vision encoder's output that the projector reads is taken, and how it splits
+    # into the batch's images (`backend.VISION_LAYOUTS`). `vision_input`: a module path whose first input is taken,
+    # `PATH:NAME` its keyword input NAME, `PATH:output` its output. The defaults fit LLaVA-style models: one
+    # (images, tokens, D) tensor into `multi_modal_projector`, one image per row.
+    vision_input: str = "model.multi_modal_projector"
+    vision_layout: str = "batched"
+    # Why `--vision` is refused for the family (no continuous vision output reaches the language model); empty: not.
+    vision_refused: str = ""
+
+
+_GRID = {"vision_input": "model.visual.merger", "vision_layout": "grid"}  # Qwen-VL: the blocks' output, t*h*w patches
+# GLM-4V: the post-layernorm of the vision blocks (its downsampling convolution and merger are the projector)
+_GLM_GRID = {"vision_input": "model.visual.post_layernorm:output", "vision_layout": "grid"}
+_CROPS = {"vision_layout": "crops"}  # LLaVA-NeXT style: each image's base image and any-resolution crops
+_SUBIMAGES = {"vision_input": "model.connector", "vision_layout": "subimages"}  # Idefics: real sub-images, patch mask
+_TOKENS = {"vision_layout": "image_tokens"}  # crops or patches of all images in one sequence, split by image tokens
 
 
 QUIRKS: dict[str, Quirks] = {
-    "qwen2_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
-    "qwen2_5_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
-    "qwen3_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
-    "qwen3_vl_moe": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
-    "qwen3_5": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
-    "qwen3_5_moe": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE),
+    "qwen2_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE, **_GRID),
+    "qwen2_5_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE, **_GRID),
+    "qwen3_vl": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE, **_GRID),
+    "qwen3_vl_moe": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE, **_GRID),
+    "qwen3_5": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE, **_GRID),
+    "qwen3_5_moe": Quirks(needs=("torchvision",), image_placeholder=_QWEN_IMAGE, **_GRID),
     # Their processors hold a video processor, which transformers builds on torchvision.
-    "llava_onevision": Quirks(needs=("torchvision",)),
-    "internvl": Quirks(needs=("torchvision",)),
-    "gemma4": Quirks(needs=("torchvision",)),
+    "llava_onevision": Quirks(needs=("torchvision",), **_CROPS),
+    "internvl": Quirks(needs=("torchvision",), **_TOKENS),
+    "gemma4": Quirks(needs=("torchvision",), vision_input="model.embed_vision", **_TOKENS),
     "video_llava": Quirks(needs=("torchvision",)),
-    "molmo2": Quirks(needs=("torchvision",)),
-    "llava_next_video": Quirks(needs=("torchvision",)),
-    "glm4v": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
-    "glm4v_moe": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
-    "glm46v": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
-    "aya_vision": Quirks(logit_scale=True),
-    "cohere2_vision": Quirks(logit_scale=False),
-    "llama4": Quirks(torch_outputs=True),
-    "chameleon": Quirks(chat_template=False, image_placeholder="<image>", linear_head=False),
+    "molmo2": Quirks(needs=("torchvision",), vision_layout="num_crops"),
+    "llava_next_video": Quirks(needs=("torchvision",), **_CROPS),
+    "glm4v": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE, **_GLM_GRID),
+    "glm4v_moe": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE, **_GLM_GRID),
+    "glm46v": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE, **_GLM_GRID),
+    "aya_vision": Quirks(logit_scale=True, **_TOKENS),
+    "cohere2_vision": Quirks(logit_scale=False, **_TOKENS),
+    "llama4": Quirks(torch_outputs=True, vision_input="multi_modal_projector", **_TOKENS),
+    "chameleon": Quirks(chat_template=False, image_placeholder="<image>", linear_head=False,
+                        vision_refused="its images enter as discrete VQ tokens of the text vocabulary: no projector "
+                        "reads a continuous vision-encoder output"),
     # Kosmos-2's processor places its image tokens itself. Its first-token logits can be matched, but not the rest.
     "kosmos-2": Quirks(
         chat_template=False,
@@ -69,13 +87,25 @@ QUIRKS: dict[str, Quirks] = {
     "fast_vlm": Quirks(needs=("timm",)),
     "gemma3n": Quirks(needs=("timm",)),
     "perception_lm": Quirks(needs=("timm",)),
-    "smolvlm": Quirks(needs=("torchvision", "num2words")),
+    "smolvlm": Quirks(needs=("torchvision", "num2words"), **_SUBIMAGES),
     # InstructBLIP's processor inserts its query tokens itself, so its raw prompt needs no image text.
-    "instructblip": Quirks(chat_template=False, image_placeholder="", nested_language_model=True, qformer_text=True),
-    "blip-2": Quirks(chat_template=False, image_placeholder=""),
+    # BLIP-2 / InstructBLIP: the vision model's last state (CLS and patches) that the Q-Former cross-attends to.
+    "instructblip": Quirks(chat_template=False, image_placeholder="", nested_language_model=True, qformer_text=True,
+                           vision_input="qformer:encoder_hidden_states"),
+    "blip-2": Quirks(chat_template=False, image_placeholder="", vision_input="qformer:encoder_hidden_states"),
     "instructblipvideo": Quirks(chat_template=False, nested_language_model=True, qformer_text=True),
     # PaliGemma returns training labels whenever it returns token_type_ids; they would only add a loss.
     "paligemma": Quirks(chat_template=False, drop_outputs=("labels",)),
+    "llava_next": Quirks(**_CROPS),
+    # LFM2-VL: the vision tower's state; its projector reads each image's patches in whole downsampling blocks
+    "lfm2_vl": Quirks(vision_input="model.vision_tower:output", vision_layout="blocks"),
+    "idefics2": Quirks(**_SUBIMAGES),
+    "idefics3": Quirks(**_SUBIMAGES),
+    "mistral3": Quirks(**_TOKENS),  # the patches of all images in one sequence (the projector merges them 2x2)
+    "mllama": Quirks(vision_layout="tiles"),  # (B, images, tiles, tokens, D): the real tiles (aspect_ratio_mask)
+    "janus": Quirks(vision_input="model.aligner"),
+    "deepseek_vl": Quirks(vision_input="model.aligner"),
+    "ovis2": Quirks(vision_input="model.visual_embeddings_table", **_TOKENS),  # the visual tokenizer's soft tokens
 }
 
 

@@ -235,6 +235,10 @@ class ExperimentConfig(Section):
     finetune: FinetuneConfig | None = None  # finetuning vs probing (docs/finetune.md)
     judge: JudgeConfig | None = None  # an LLM judge of the test runs' responses (docs/judge.md)
     signals: SignalsConfig | None = None  # Which signal? (docs/signals.md)
+    # Several tasks of this model (docs/signals.md): each entry the keys that differ (task, data_root, name, ...);
+    # each runs as a config of its own in OUT/tasks/NAME, and the report holds the transfer table.
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    transfer: bool | None = None  # the transfer table of `tasks`; None: when 2+ tasks have splits {train, test}
 
     def resolved_task(self) -> Any:
         """The task named by `task` (`lvlmlp.tasks.get_task`), looked up once: every step of a run asks here."""
@@ -247,6 +251,34 @@ class ExperimentConfig(Section):
 
 
 REQUIRED = ("model", "data_root", "out")
+# Keys a `tasks:` entry cannot change: the tasks share one model (and its loading) and the run's folder.
+SHARED_KEYS = ("model", "device", "dtype", "raw_prompt", "system_prompt", "out", "ray", "tasks", "transfer")
+
+
+def task_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:
+    """The configs of `cfg.tasks`: `cfg` with each entry's keys changed, named by the entry's `name` (default: its
+    task), run in `OUT/tasks/NAME`; each built and validated, an error naming its entry."""
+    base = {k: v for k, v in cfg.to_dict().items() if k not in ("tasks", "transfer", "name")}
+    out: list[ExperimentConfig] = []
+    for i, entry in enumerate(cfg.tasks):
+        where = f"config: tasks[{i}]"  # a mapping: the config's type check said so already
+        shared = [k for k in SHARED_KEYS if k in entry]
+        if shared:
+            raise LvlmlpError(f"{where}: {shared[0]} is shared by every task (one model, one run folder); set it "
+                              "outside tasks:")
+        name = str(entry.get("name") or entry.get("task") or cfg.task)
+        if name in [c.name for c in out]:
+            raise LvlmlpError(f"{where}: a second task named {name!r}; give each entry its own name:")
+        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise LvlmlpError(f"{where}: name {name!r} names a folder: use letters, digits, '-', '_' and '.'")
+        try:
+            child = build(ExperimentConfig, merge(base, entry, {"name": name, "out": str(Path(cfg.out) / "tasks" / name)}))
+            assert isinstance(child, ExperimentConfig)
+            validate(child)
+        except LvlmlpError as err:
+            raise LvlmlpError(f"{where}: {str(err).removeprefix('config: ')}") from None
+        out.append(child)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ filling
@@ -424,6 +456,18 @@ def validate(cfg: ExperimentConfig) -> None:
     """Checks that need the registries (tasks, prompt styles, probes, baselines): before any model work."""
     from lvlmlp.probing.baselines import PAPER_ANSWER, check_baseline_name, check_paper_rule
 
+    if cfg.tasks:  # each task's config is checked as a config of its own (data_root may be per task)
+        for key in ("model", "out"):
+            if not cfg[key]:
+                raise LvlmlpError(f"config: {key!r} is required (in the file, or --{key} / --set)")
+        children = task_configs(cfg)
+        if cfg.transfer and len(children) < 2:
+            raise LvlmlpError("config: transfer needs two or more tasks: entries")
+        if cfg.transfer and any(c.splits.cv is not None for c in children):
+            raise LvlmlpError("config: transfer needs splits {train, test} (a fitted probe per task), not cv")
+        return
+    if cfg.transfer:
+        raise LvlmlpError("config: transfer is the table of several tasks: list them under tasks:")
     for key in REQUIRED:
         if not cfg[key]:
             raise LvlmlpError(f"config: {key!r} is required (in the file, or --{key.replace('_', '-')} / --set)")

@@ -102,6 +102,10 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, backend: LazyBa
 
     out = claim_folder(cfg.out, "experiment", "out")  # new, empty or an `lvlmlp run` folder (its marker)
     with locked_folder(out):
+        if cfg.tasks:  # several tasks of the model, each a config of its own in OUT/tasks/NAME
+            from lvlmlp.study.multitask import run_tasks
+
+            return run_tasks(cfg, progress, backend)
         return _run_steps(cfg, progress, backend or LazyBackend(cfg))
 
 
@@ -392,7 +396,8 @@ def _signals_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tup
         timing = None
         if timed and not cfg.ray:  # on Ray the model is not in this process: no timing (said in the report)
             layers = [int(x) for x in test_run.manifest.get("layers") or []]
-            timing = sg.model_timing(lazy.get(template), timed, int(cfg.extract.max_new_tokens), layers)
+            work = {sg.model_work(s, test_run) for s in signals}
+            timing = sg.model_timing(lazy.get(template), timed, layers, work)
         p_true = None
         if any(s.kind == sg.P_TRUE for s in signals):  # the self-evaluation pass of every labelled test row
             import time

@@ -441,13 +441,14 @@ def eval_section(name: str, metrics: dict[str, Any], records: list[dict[str, Any
 
 def write_report(
     eval_dirs: list[str | Path], out: str | Path, sections: Sequence[Section] = (), analyses: dict | None = None,
-    task: str | None = None,
+    task: str | None = None, names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Write metrics.json, report.md, PNG plots and a self-contained report.html into `out`; returns metrics.json.
 
     It holds {eval name: metrics}; with `analyses` (`lvlmlp run`), {"evaluations": {name: metrics}, **analyses},
     and `sections` follow the evaluations in the report. `task`: what every evaluation is of (`lvlmlp run`'s task),
-    shown with each evaluation's name (a run's evaluations are named by prompt, e.g. "default")."""
+    shown with each evaluation's name (a run's evaluations are named by prompt, e.g. "default"). `names`: the
+    evaluations' names (default: their folders' names, made unique)."""
     if not eval_dirs:
         raise LvlmlpError("report: give at least one probe eval folder")
     out_dir = Path(out)
@@ -455,7 +456,7 @@ def write_report(
     dirs = [Path(d) for d in eval_dirs]
     combined: dict[str, Any] = {}
     blocks: list[Block] = []
-    for name, folder in zip(_unique_names(dirs), dirs):
+    for name, folder in zip(_unique_names(dirs) if names is None else names, dirs):
         metrics, records = load_eval(folder)
         combined[name] = metrics
         blocks.append(eval_section(name, metrics, records, out_dir, _title(name, task)))

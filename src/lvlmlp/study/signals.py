@@ -12,10 +12,11 @@ has no feature for the row), so each AUROC, interval and DeLong p of the table r
 
 Costs, per row: forward passes of the model before the signal is known (1 = the prefill that also gives the first
 token; token k needs k more decoding steps; sequence estimators need the answer's stored tokens), `extra` = those
-beyond the first-token probe's one; seconds = model seconds (measured on `timing_rows` test rows in this run: one
-prefill, with hidden states when the signal reads them, plus the measured seconds of one decoding step per extra
-pass) + the measured seconds to read the stored features and score them; bytes = what the run stores for the
-signal (the arrays it reads, in their stored dtype).
+beyond the first-token probe's one; seconds = model seconds (the model work the signal needs, `model_work`, timed by
+itself on `timing_rows` test rows in this run: a prefill, a prefill returning hidden states or vision features, or a
+greedy generation of its K tokens; P(True) adds its own pass, timed on every test row) + the measured seconds to
+read the stored features and score them; bytes = what the run stores for the signal (the arrays it reads, in their
+stored dtype).
 """
 
 from __future__ import annotations
@@ -179,10 +180,31 @@ def bytes_per_row(signal: Signal, run: Any, idx: np.ndarray) -> float:
     return float(token_bytes)
 
 
-def model_timing(backend: Any, rows: list[dict], max_new_tokens: int, layers: list[int]) -> dict[str, Any]:
-    """Measured seconds per row of the model on `rows` (one batch, after one untimed warm-up): a prefill, a prefill
-    that also returns the hidden states, and one decoding step (from a `max_new_tokens` greedy generation); each the
-    fastest of `REPEATS` runs, so that another process's burst on a shared machine is not charged to a signal."""
+def model_work(signal: Signal, run: Any) -> str | int:
+    """The model work a signal needs before it is known, as timed by `model_timing`: "prefill" (the first token's
+    logits), "prefill_states" (a prefill that also returns the hidden states), "prefill_vision" (a prefill that also
+    keeps the vision features), or K >= 2: a greedy generation of K tokens (token K-1's logits, the first K tokens, the
+    stored answer). P(True) also needs its own pass, timed on every test row by the experiment."""
+    answer = max(int(run.manifest.get("max_new_tokens") or 0), 1)
+    if signal.kind == "probe":
+        if signal.feature in ("hidden", "layer"):
+            return "prefill_states"
+        if signal.feature == "vision":
+            return "prefill_vision"
+        k = int(signal.tokens or 1) if signal.feature == "multi-token" else signal.token + 1
+    elif signal.kind == P_TRUE or str(signal.baseline).startswith("own-answer"):
+        k = answer  # the whole answer
+    elif signal.baseline in _SEQUENCE_ANSWER:
+        k = min(run.n_logit_tokens, answer)  # the stored tokens
+    else:
+        k = 1  # max-prob, entropy, token-prob: the first token's distribution
+    return "prefill" if k <= 1 else k
+
+
+def model_timing(backend: Any, rows: list[dict], layers: list[int], work: set[str | int]) -> dict[str, Any]:
+    """Measured seconds per row of each model work in `work` (`model_work`: prefills, generations of K tokens) on
+    `rows` (one batch, after one untimed warm-up), each timed by itself, the fastest of `REPEATS` runs, so that
+    another process's burst on a shared machine is not charged to a signal."""
     import torch
 
     from lvlmlp.data import load_image
@@ -190,28 +212,33 @@ def model_timing(backend: Any, rows: list[dict], max_new_tokens: int, layers: li
     images = [load_image(r["image"], r["id"]) for r in rows]
     batch = backend.encode(images, [r["question"] for r in rows])
 
-    def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-        best, result = math.inf, None
+    def timed(fn: Callable[[], Any]) -> float:
+        best = math.inf
         for _ in range(REPEATS):
             if backend.device.type == "cuda":
                 torch.cuda.synchronize(backend.device)
             start = time.perf_counter()
-            result = fn()
+            fn()
             if backend.device.type == "cuda":
                 torch.cuda.synchronize(backend.device)
             best = min(best, time.perf_counter() - start)
-        return best, result
+        return best
 
     backend.prefill(batch)  # warm-up: first-call allocations are no cost of any signal
     n = len(rows)
-    prefill, _ = timed(lambda: backend.prefill(batch))
-    states, _ = timed(lambda: backend.prefill(batch, hidden=True, layers=layers))
-    out: dict[str, Any] = {"rows": n, "prefill": prefill / n, "prefill_states": states / n, "step": None}
-    if max_new_tokens > 1:
-        gen, res = timed(lambda: backend.generate(batch, max_new_tokens=max_new_tokens))
-        steps = float(res["n_tokens"].max())  # the batch decodes until its longest row stops
-        out["step"] = max(gen / n - prefill / n, 0.0) / max(steps - 1, 1.0)
+    out: dict[str, Any] = {"rows": n, "prefill": timed(lambda: backend.prefill(batch)) / n, "generate": {}}
+    if "prefill_states" in work:
+        out["prefill_states"] = timed(lambda: backend.prefill(batch, hidden=True, layers=layers)) / n
+    if "prefill_vision" in work:
+        out["prefill_vision"] = timed(lambda: backend.prefill(batch, vision=True)) / n
+    for k in sorted(w for w in work if isinstance(w, int)):  # JSON keys: the token counts as strings
+        out["generate"][str(k)] = timed(lambda k=k: backend.generate(batch, max_new_tokens=k)) / n
     return out
+
+
+def timed_seconds(timing: dict[str, Any], work: str | int) -> float | None:
+    """The measured seconds per row of one model work (None: not timed)."""
+    return timing["generate"].get(str(work)) if isinstance(work, int) else timing.get(work)
 
 
 # ------------------------------------------------------------------------------------------------ the analysis
@@ -273,13 +300,13 @@ def which_signal(protocol: Any, signals: list[Signal], timing: dict[str, Any] | 
                                 "bytes_per_row": bytes_per_row(signal, test.run, test.idx),
                                 "readout_seconds_per_row": seconds.get(signal.name)}
         if timing is not None and signal.name in seconds:
-            reads_states = signal.kind == "probe" and signal.feature in ("hidden", "layer")
-            model = timing["prefill_states" if reads_states else "prefill"]
-            answer = passes - 1.0 if signal.kind == P_TRUE else passes  # P(True): the answer, then its own pass
-            if answer > 1.0:
-                model = None if timing["step"] is None else model + timing["step"] * (answer - 1.0)
+            # The model work the signal needs, timed by itself in this run (`model_timing`); P(True) adds its own
+            # pass, timed on every labelled test row.
+            work = model_work(signal, test.run)
+            cost["model_work"] = work if isinstance(work, str) else f"generate {work} tokens"
+            model = timed_seconds(timing, work)
             if signal.kind == P_TRUE and p_true is not None:
-                cost["pass_seconds_per_row"] = float(p_true["seconds_per_row"])  # measured on every test row
+                cost["pass_seconds_per_row"] = float(p_true["seconds_per_row"])
                 model = None if model is None else model + cost["pass_seconds_per_row"]
             cost["model_seconds_per_row"] = model
             cost["seconds_per_row"] = None if model is None else model + seconds[signal.name]
@@ -366,13 +393,21 @@ def plot_cost(result: dict[str, Any], path: Path, title: str) -> None:
 
 def section_text(result: dict[str, Any]) -> str:
     timing = result.get("timing")
-    timed = (f"Model seconds measured in this run on {timing['rows']} test rows (one batch): prefill "
-             f"{timing['prefill']:.3g} s/row" + ("" if timing["step"] is None else
-                                                 f", one decoding step {timing['step']:.3g} s/row") + ". "
-             if timing else "No model timing (the signals' model seconds are unknown). ")
+    timed = (f"Model seconds measured in this run on {timing['rows']} test rows (one batch), each signal's model "
+             f"work timed by itself: {timing_words(timing)}. " if timing
+             else "No model timing (the signals' model seconds are unknown). ")
     return ("Each signal on the same labelled test rows and protocol, against the paper's probe (logistic regression "
             "on the first generated token's raw logits): AUROC with a 95% bootstrap interval, the difference and "
             "DeLong's paired test on the rows both score. Costs per row: forward passes before the signal is known "
             "(1 = the prefill that gives the first token; extra = beyond it), seconds (model + reading and scoring "
             "the stored features) and bytes stored. " + timed +
             f"Per-row scores: analyses/{result['scores']}.")
+
+
+def timing_words(timing: dict[str, Any]) -> str:
+    """The measured model works in words: "prefill 0.01 s/row, generate 3 tokens 0.03 s/row, ..."."""
+    names = {"prefill": "prefill", "prefill_states": "prefill with hidden states",
+             "prefill_vision": "prefill with vision features"}
+    parts = [f"{words} {timing[key]:.3g} s/row" for key, words in names.items() if timing.get(key) is not None]
+    parts += [f"generate {k} tokens {v:.3g} s/row" for k, v in timing.get("generate", {}).items()]
+    return ", ".join(parts)

@@ -64,14 +64,16 @@ def read_study(folder: str | Path, prompt: str | None = None) -> Study:
                  load_probe(probe_dir), spec, open_run(metrics["run"]))
 
 
-def transfer_table(folders: list[str | Path], out: str | Path, prompt: str | None = None, n_boot: int = N_BOOT,
-                   seed: int = 0) -> dict[str, Any]:
-    """The table as JSON (`OUT/transfer.json`), with every cell's scores in `OUT/scores/`."""
+def transfer_table(folders: list[str | Path], out: str | Path, prompt: str | list[str] | None = None,
+                   n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
+    """The table as JSON (`OUT/transfer.json`), with every cell's scores in `OUT/scores/`. `prompt`: the prompt of
+    every folder, or one per folder (a `tasks:` config's tasks may name their prompts differently)."""
     from lvlmlp.outputs import replaced_folder
 
     if len(folders) < 2:
         raise LvlmlpError("transfer: give two or more `lvlmlp run` folders")
-    studies = [read_study(f, prompt) for f in folders]
+    prompts = prompt if isinstance(prompt, list) else [prompt] * len(folders)
+    studies = [read_study(f, p) for f, p in zip(folders, prompts)]
     names = [s.name for s in studies]
     if len(set(names)) != len(names):  # two configs of one name: their folders tell them apart
         names = [s.folder.name for s in studies]
