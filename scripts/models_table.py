@@ -62,6 +62,9 @@ NAMES: dict[str, tuple[str, str]] = {
     "gemma4": ("Gemma 4", "google/gemma-4-e2b-it, google/gemma-4-12B-it"),
     "glm46v": ("GLM-4.6V", "zai-org/GLM-4.6V"),
     "cohere2_vision": ("Command A Vision (Cohere2-Vision)", "CohereLabs/command-a-vision-07-2025"),
+    "fast_vlm": ("FastVLM", "KamilaMila/FastVLM-7B"),
+    "perception_lm": ("PerceptionLM", "facebook/Perception-LM-1B, facebook/Perception-LM-8B"),
+    "gemma3n": ("Gemma 3n", "google/gemma-3n-E2B-it, google/gemma-3n-E4B-it"),
 }
 
 # What the checks cover beyond "exact", or where a hub checkpoint differs from the tiny one.
@@ -87,6 +90,11 @@ NOTES: dict[str, str] = {
     "chameleon": "images as VQ tokens of the text vocabulary; no chat template; the model sets image tokens' logits "
     "to the lowest float, so logits are not rebuilt from hidden states",
     "video_llava": "image input only (lvlmlp reads images)",
+    "fast_vlm": "FastViTHD tower (a timm model; the tiny checkpoint has one block per stage)",
+    "perception_lm": "a thumbnail plus aspect-ratio tiles per image, joined across the batch in row order (its "
+    "processor cannot stack images with different tile counts)",
+    "gemma3n": "hidden states are each layer's active AltUp stream (the final norm reads a mix of all four); "
+    "soft-capped logits, not rebuilt from hidden states; the audio tower is not used",
 }
 
 _OCR = "OCR-only: reads text out of documents, no question answering to probe"
@@ -108,11 +116,8 @@ LEFT_OUT: dict[str, str] = {
     "ernie4_5_vl_moe": f"{_NEW} (mixture-of-experts text model)",
     "evolla": "protein-text model, not an image model",
     "exaone4_5": _NEW,
-    "fast_vlm": "needs timm (its FastViTHD tower), which is not installed here: not checked; `extract` asks for "
-    "timm",
     "florence2": f"{_ENC_DEC}; task-prompted captioner / OCR",
     "fuyu": f"{_NEW} (its processor pads and tensorises by itself, returning torch lists)",
-    "gemma3n": "needs timm (its MobileNet-V5 tower), which is not installed here: not checked",
     "gemma4_unified": _NEW,
     "git": "captioner (GIT): no chat template or question answering to probe",
     "glm5_next": _NEW,
@@ -145,7 +150,6 @@ LEFT_OUT: dict[str, str] = {
     "nemotron_h_omni": f"{_NEW} (omni model: audio, video and images)",
     "ovis2_5": _NEW,
     "paddleocr_vl": _OCR,
-    "perception_lm": "needs timm (its Perception Encoder tower), which is not installed here: not checked",
     "pi0": "robot-action model: predicts actions, not text",
     "pi05": "robot-action model: predicts actions, not text",
     "pix2struct": f"{_ENC_DEC}; screenshot parser / captioner",

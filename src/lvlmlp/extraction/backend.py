@@ -448,6 +448,13 @@ class Backend:
             batch = self.processor(images=rgb, text=texts, padding=True, return_tensors="pt")
             batch = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()
                      for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        elif self.quirks.ragged_tiles:
+            # Each image's tiles are an array of their own (PerceptionLM: a thumbnail and as many tiles as its aspect
+            # ratio needs), which no batch array holds. The model flattens the batch's tiles in row order and fills
+            # the image tokens in that same order, so one (1, all tiles, C, H, W) array gives each row its own tiles.
+            out = self.processor(images=rgb, text=texts, padding=True)
+            batch = {k: np.asarray(v) for k, v in out.items() if k != "pixel_values"}
+            batch["pixel_values"] = np.concatenate([np.asarray(p) for p in out["pixel_values"]])[None]
         else:
             batch = self.processor(images=rgb, text=texts, padding=True, return_tensors="np")
         for key in self.quirks.drop_outputs:
@@ -555,6 +562,11 @@ class Backend:
         self, states: Sequence[torch.Tensor], hidden: bool, layer_ids: list[int]
     ) -> dict[str, torch.Tensor]:
         """Hidden states at the last prompt position (the one that predicts the first generated token)."""
+        if states[0].dim() == 4:
+            # A stack of parallel streams per layer, (streams, batch, tokens, width): Gemma 3n's AltUp. Its active
+            # stream is the one each layer computes in full (the others are predicted from it), so it is the state.
+            active = getattr(self.model.config.get_text_config(), "altup_active_idx", 0)
+            states = [s[active] for s in states]
         result = {}
         if hidden:
             result["hidden"] = states[-1][:, -1, :].float()

@@ -32,6 +32,9 @@ class Quirks:
     linear_head: bool = True
     # The processor returns tensors NumPy cannot hold (Llama 4's bfloat16 pixels): ask it for torch tensors.
     torch_outputs: bool = False
+    # The processor gives each image a different number of tiles and cannot stack them (PerceptionLM): the batch's
+    # tiles are joined into one array in row order, the order in which the model fills the image tokens.
+    ragged_tiles: bool = False
     # Why the backend refuses the family: it runs, but its batched results cannot be made to equal single runs
     # (docs/models.md lists the reason). Empty: not refused.
     refused: str = ""
@@ -68,7 +71,7 @@ QUIRKS: dict[str, Quirks] = {
     # Their vision towers are timm models (checked before anything loads, so the error names the package).
     "fast_vlm": Quirks(needs=("timm",)),
     "gemma3n": Quirks(needs=("timm",)),
-    "perception_lm": Quirks(needs=("timm",)),
+    "perception_lm": Quirks(needs=("timm",), ragged_tiles=True),
     "smolvlm": Quirks(needs=("torchvision", "num2words")),
     # InstructBLIP's processor inserts its query tokens itself, so its raw prompt needs no image text.
     "instructblip": Quirks(chat_template=False, image_placeholder="", nested_language_model=True, qformer_text=True),
@@ -82,10 +85,11 @@ QUIRKS: dict[str, Quirks] = {
 # The model types that pass the family checks (the exact tiny families of `lvlmlp.testing`; tests/extraction/test_families.py
 # keeps this set equal to them). Any other model type runs, with a warning that nothing checked it.
 CHECKED: frozenset[str] = frozenset({
-    "aya_vision", "blip-2", "chameleon", "cohere2_vision", "deepseek_vl", "gemma3", "gemma4", "glm46v", "glm4v",
-    "glm4v_moe", "idefics2", "idefics3", "instructblip", "internvl", "janus", "lfm2_vl", "llama4", "llava", "llava_next",
-    "llava_next_video", "llava_onevision", "mistral3", "mllama", "molmo2", "ovis2", "paligemma", "qwen2_5_vl",
-    "qwen2_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "smolvlm", "video_llava", "vipllava",
+    "aya_vision", "blip-2", "chameleon", "cohere2_vision", "deepseek_vl", "fast_vlm", "gemma3", "gemma3n", "gemma4",
+    "glm46v", "glm4v", "glm4v_moe", "idefics2", "idefics3", "instructblip", "internvl", "janus", "lfm2_vl", "llama4",
+    "llava", "llava_next", "llava_next_video", "llava_onevision", "mistral3", "mllama", "molmo2", "ovis2", "paligemma",
+    "perception_lm", "qwen2_5_vl", "qwen2_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "smolvlm",
+    "video_llava", "vipllava",
 })
 
 
