@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -598,8 +599,13 @@ class Backend:
         want_states = hidden or bool(layer_ids)
         kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": self.pad_id}
         kwargs.update(gen_kwargs)
+        generate = self.model.generate
+        if self.quirks.generic_generate:  # its own generate would drop the logits processors (the probe guard)
+            from transformers import GenerationMixin
+
+            generate = functools.partial(GenerationMixin.generate, self.model, guidance_scale=None)
         with self._vision_capture(vision) as captured:
-            out = self.model.generate(
+            out = generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
                 logits_processor=logits_processor,

@@ -35,6 +35,9 @@ class Quirks:
     # The processor gives each image a different number of tiles and cannot stack them (PerceptionLM): the batch's
     # tiles are joined into one array in row order, the order in which the model fills the image tokens.
     ragged_tiles: bool = False
+    # The model's own `generate` drops `logits_processor` (Janus's, in text mode): the backend calls the generic
+    # `GenerationMixin.generate` that its text mode calls, with classifier-free guidance off as it sets it.
+    generic_generate: bool = False
     # Why the backend refuses the family: it runs, but its batched results cannot be made to equal single runs
     # (docs/models.md lists the reason). Empty: not refused.
     refused: str = ""
@@ -60,6 +63,7 @@ QUIRKS: dict[str, Quirks] = {
     "aya_vision": Quirks(logit_scale=True),
     "cohere2_vision": Quirks(logit_scale=False),
     "llama4": Quirks(torch_outputs=True),
+    "janus": Quirks(generic_generate=True),
     "chameleon": Quirks(chat_template=False, image_placeholder="<image>", linear_head=False),
     # Kosmos-2's processor places its image tokens itself. Its first-token logits can be matched, but not the rest.
     "kosmos-2": Quirks(
