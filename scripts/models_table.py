@@ -6,6 +6,10 @@ Every `model_type` that transformers registers under `AutoModelForImageTextToTex
   the family checks (batched, left-padded extraction equals each row alone through `generate(output_logits=True)`
   within 1e-4, first token and first K tokens, responses, hidden states); the suite fails if one does not pass.
 * **refused**: its `Quirks.refused` gives the reason; `lvlmlp extract` (any `Backend`) stops with that reason.
+* **guided decoding**, **finetuning**: `checked` when tests/steering/test_guard.py forces the template on the
+  flagged rows (the others decode as without the guard, the raw logits unchanged) and tests/study/test_finetune.py
+  runs one LoRA step (finite loss, exactly the targeted weights changed), which they do for every family the backend
+  runs; the LoRA targets where the default names are not in the language model (`Family.lora_targets`).
 * **left out**: no tiny checkpoint, with the reason from `LEFT_OUT` (OCR-only, video-only, encoder-decoder captioner,
   robot-action, a package not installed here, or not tried yet); such a model still loads and runs unchecked.
 
@@ -171,22 +175,29 @@ LEFT_OUT: dict[str, str] = {
 
 
 def rows() -> tuple[list[tuple[str, ...]], list[tuple[str, str]]]:
-    """(checked rows: family, model_type, hub ids, status, notes), (left-out rows: model_type, why)."""
+    """(checked rows: family, model_type, hub ids, status, guided decoding, finetuning, notes), (left-out rows:
+    model_type, why)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     from lvlmlp.extraction.families import quirks_of
     from lvlmlp.testing import SPECS
 
     built = sorted({spec.model_type for spec in SPECS.values()}, key=list(NAMES).index)
+    lora = {spec.model_type: spec.lora_targets for spec in SPECS.values()}
     checked = []
     for model_type in built:
         family, hub_ids = NAMES[model_type]
         refused = quirks_of(model_type).refused
         status = f"refused: {refused}" if refused else "exact"
+        # tests/steering/test_guard.py and tests/study/test_finetune.py run every family the backend runs.
+        guided = "no (refused)" if refused else "checked"
+        finetuning = "no (refused)" if refused else "checked"
+        if lora[model_type] and not refused:
+            finetuning += f" with `--lora-targets {','.join(lora[model_type])}` (no `o_proj`)"
         needs = quirks_of(model_type).needs
         notes = [NOTES[model_type]] if model_type in NOTES else []
         notes += [f"needs {' and '.join(needs)}"] if needs else []
-        checked.append((family, f"`{model_type}`", hub_ids, status, "; ".join(notes)))
+        checked.append((family, f"`{model_type}`", hub_ids, status, guided, finetuning, "; ".join(notes)))
     left = [(f"`{t}`", LEFT_OUT[t]) for t in sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES) if t not in built]
     return checked, left
 
@@ -194,7 +205,8 @@ def rows() -> tuple[list[tuple[str, ...]], list[tuple[str, str]]]:
 def render() -> str:
     """The table block of docs/models.md, markers included."""
     checked, left = rows()
-    lines = [BEGIN, "", "| family | `model_type` | example hub ids | status | notes |", "|---|---|---|---|---|"]
+    lines = [BEGIN, "", "| family | `model_type` | example hub ids | status | guided decoding | finetuning | notes |",
+             "|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in checked]
     lines += ["", f"Left out ({len(left)} of the {len(checked) + len(left)} `AutoModelForImageTextToText` model "
               "types: lvlmlp does not stop them, but nothing checks them):", "", "| `model_type` | why |", "|---|---|"]

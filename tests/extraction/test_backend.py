@@ -111,6 +111,17 @@ def test_batch_equals_single_runs(tiny_ckpt, family: str) -> None:
             be.logits_from_hidden(pre["hidden"])
 
 
+@pytest.mark.parametrize("family", EXACT)
+def test_the_image_reaches_the_text(tiny_ckpt, family: str) -> None:
+    """Two images of one size under one question give different first-token logits: the tiny checkpoint really
+    reads its image (a gate initialised closed, as Mllama's cross-attention gates are, would hide it)."""
+    be = Backend(tiny_ckpt(family), device="cpu")
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)) for _ in range(2)]
+    logits = be.prefill(be.encode(images, [QUESTIONS[0]] * 2))["logits"]
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("family", REFUSED)
 def test_refused_families_differ_as_their_reason_says(tiny_ckpt, family: str) -> None:
     """A refusal is not a guess: the family's own processor and `generate`, without lvlmlp, give a left-padded row

@@ -55,7 +55,7 @@ def test_every_image_text_to_text_model_type_has_one_row() -> None:
 def test_exact_rows_are_exactly_the_checked_families() -> None:
     """'exact' on the page means: a tiny family that tests/test_backend.py runs through the family checks."""
     rows = _doc_rows()
-    exact = {t for t, cells in rows.items() if len(cells) == 5 and cells[3] == "exact"}
+    exact = {t for t, cells in rows.items() if len(cells) == 7 and cells[3] == "exact"}
     checked = {SPECS[name].model_type for name in FAMILIES}
     assert exact == {t for t in checked if not families.quirks_of(t).refused}
     for model_type in rows.keys() - checked:  # left-out rows: model_type, reason
@@ -64,8 +64,24 @@ def test_exact_rows_are_exactly_the_checked_families() -> None:
                        "mllama", "glm4v", "fast_vlm", "gemma3n", "perception_lm"):  # as issue 29 asks
         assert rows[model_type][3] == "exact", model_type
     for model_type in ("fast_vlm", "gemma3n", "perception_lm"):  # their vision towers are timm models
-        assert rows[model_type][4].endswith("needs timm"), model_type
+        assert rows[model_type][6].endswith("needs timm"), model_type
     assert rows["kosmos-2"][3] == f"refused: {families.quirks_of('kosmos-2').refused}"
+
+
+def test_guided_decoding_and_finetuning_columns_say_what_the_family_checks_ran() -> None:
+    """Every exact family is checked for guided decoding and finetuning (tests/steering/test_guard.py and
+    tests/study/test_finetune.py parametrize over every family the backend runs), with the LoRA targets its check
+    used where the defaults are not there; a refused family is checked for neither."""
+    rows = _doc_rows()
+    for name, spec in SPECS.items():
+        cells = rows[spec.model_type]
+        if families.quirks_of(spec.model_type).refused:
+            assert cells[4:6] == ["no (refused)", "no (refused)"], name
+            continue
+        assert cells[4] == "checked", name
+        targets = f" with `--lora-targets {','.join(spec.lora_targets)}` (no `o_proj`)" if spec.lora_targets else ""
+        assert cells[5] == "checked" + targets, name
+    assert {n for n, s in SPECS.items() if s.lora_targets} == {"blip-2", "lfm2_vl"}
 
 
 def test_checked_set_is_the_exact_families() -> None:

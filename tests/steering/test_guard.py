@@ -38,8 +38,6 @@ from lvlmlp.testing import FAMILIES, SPECS
 
 # Every tiny family the backend runs (a refused family never reaches guided decoding).
 GUIDED = [f for f in FAMILIES if not quirks_of(SPECS[f].model_type).refused]
-# Families whose 4 rows have 4 different first-token logits, so that the probe reproduces LABELS.
-CHECKED_PROBE = [f for f in GUIDED if f != "llama4"]
 TEMPLATE = "I cannot answer."
 LABELS = [1, 0, 1, 0]
 K = 10  # new tokens: longer than the template (7 tokens in the tiny tokenizers), so the model continues after it
@@ -84,13 +82,10 @@ def make_manifest(root: Path, n: int = 4) -> Path:
     return path
 
 
-def fit_probe(X: np.ndarray, check: bool = True) -> LogisticProbe:
-    """With 320 features and 4 rows a weakly regularised probe reproduces LABELS: rows 1 and 3 are flagged (`check`;
-    not where two rows' first-token logits are equal, as in tiny Llama 4 whose 8-token attention chunks can hold
-    nothing but the template's last tokens)."""
+def fit_probe(X: np.ndarray) -> LogisticProbe:
+    """With 320 features and 4 rows a weakly regularised probe reproduces LABELS: rows 1 and 3 are flagged."""
     probe = LogisticProbe(C=1e4, standardize=True, max_iter=2000).fit(X, np.array(LABELS))
-    if check:
-        assert (probe.predict_proba(X)[:, 1] < 0.5).tolist() == [False, True, False, True]
+    assert (probe.predict_proba(X)[:, 1] < 0.5).tolist() == [False, True, False, True]
     return probe
 
 
@@ -107,7 +102,7 @@ def setups(tiny_ckpt, tmp_path_factory):
             images = [Image.open(root / r["image"]).convert("RGB") for r in rows]
             batch = backend.encode(images, [r["question"] for r in rows])
             X = backend.prefill(batch)["logits"].numpy()
-            cache[family] = (backend, batch, fit_probe(X, check=family in CHECKED_PROBE), X)
+            cache[family] = (backend, batch, fit_probe(X), X)
         return cache[family]
 
     return get
@@ -125,18 +120,13 @@ def test_flagged_rows_get_template_unflagged_rows_unchanged(setups, family):
     with guard.watching(backend.model):
         res = backend.generate(batch, max_new_tokens=k, logits_processor=LogitsProcessorList([guard]))
 
-    expected = probe.predict_proba(X)[:, 1]
-    assert_same_scores(guard.scores_, expected)  # generate's logits vs prefill's
-    flagged = expected < 0.5
-    assert guard.flagged_.tolist() == flagged.tolist()
-    assert flagged.any() and not flagged.all()
-    if family in CHECKED_PROBE:
-        assert flagged.tolist() == [False, True, False, True]
-    for i in np.flatnonzero(flagged):
+    assert guard.flagged_.tolist() == [False, True, False, True]
+    assert_same_scores(guard.scores_, probe.predict_proba(X)[:, 1])  # generate's logits vs prefill's
+    for i in (1, 3):
         assert res["sequences"][i, :n_tpl].tolist() == guard.template_ids
         assert res["responses"][i].startswith(TEMPLATE)
         assert res["n_tokens"][i] > n_tpl  # the model continued after the template (or stopped with EOS there)
-    for i in np.flatnonzero(~flagged):
+    for i in (0, 2):
         assert torch.equal(res["sequences"][i], plain["sequences"][i])
         assert res["responses"][i] == plain["responses"][i]
     # The guard never edits generate's raw logits in place (Backend returns them as the raw first-token logits).
