@@ -90,7 +90,9 @@ NOTES: dict[str, str] = {
     "ovis2": "visual tokenizer: image features are soft mixtures of a visual vocabulary",
     "molmo2": "native transformers port (the remote-code Molmo 1 checkpoints are not covered)",
     "kosmos-2": "first-token logits alone could be matched; tests/extraction/test_backend.py shows the later tokens differ",
-    "llama4": "bfloat16 pixels from its processor, widened exactly to float32 between processes",
+    "llama4": "bfloat16 pixels from its processor, widened exactly to float32 between processes; a padded batch "
+    "that reaches position 8191 (`floor_scale` - 1) stops: from there its attention temperature counts the padding "
+    "(`--batch-size 1` runs it)",
     "chameleon": "images as VQ tokens of the text vocabulary; no chat template; the model sets image tokens' logits "
     "to the lowest float, so logits are not rebuilt from hidden states",
     "video_llava": "image input only (lvlmlp reads images)",

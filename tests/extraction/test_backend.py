@@ -122,6 +122,42 @@ def test_the_image_reaches_the_text(tiny_ckpt, family: str) -> None:
     assert (logits[0] - logits[1]).abs().max() > 1e-3
 
 
+def test_llama4_padded_batches_stop_where_its_attention_temperature_counts_padding(tiny_ckpt, tmp_path) -> None:
+    """Llama 4's global layers scale queries by a temperature that grows from position `floor_scale - 1` on, counted
+    over the padded sequence: a padded row there differs from its single run (shown without lvlmlp, on the tiny
+    checkpoint with floor_scale 8), so the backend stops such batches instead of running them."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForImageTextToText
+
+    path = tmp_path / "llama4"
+    shutil.copytree(tiny_ckpt("llama4"), path)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["floor_scale"] = 8
+    (path / "config.json").write_text(json.dumps(config))
+    be = Backend(path, device="cpu")
+    images, questions = _images()[:2], QUESTIONS[:2]
+    batch = be.encode(images, questions)
+    padded = batch["attention_mask"][0] == 0
+    assert padded.any() and batch["input_ids"].shape[1] > 8
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    with torch.no_grad():
+        pos = be.generation_position_ids(batch)
+        batched = model(**batch, position_ids=pos).logits[0, -1]
+        single = model(**be.encode(images[:1], questions[:1])).logits[0, -1]
+    assert (batched - single).abs().max() > 1e-3  # the padded row is off
+    want = (f"{path}: a padded llama4 batch reaches position {batch['input_ids'].shape[1] - 1}, from 7 on padded rows "
+            "differ from single runs (floor_scale, see docs/models.md); use --batch-size 1")
+    with pytest.raises(LvlmlpError) as err:
+        be.prefill(batch)
+    assert str(err.value) == want
+    with pytest.raises(LvlmlpError):
+        be.generate(batch, max_new_tokens=2)
+    alone = be.prefill(be.encode(images[:1], questions[:1]))["logits"][0]  # no padding: runs, as the model does
+    assert (alone - single).abs().max() < TOL
+
+
 @pytest.mark.parametrize("family", REFUSED)
 def test_refused_families_differ_as_their_reason_says(tiny_ckpt, family: str) -> None:
     """A refusal is not a guess: the family's own processor and `generate`, without lvlmlp, give a left-padded row

@@ -533,6 +533,19 @@ class Backend:
             raise LvlmlpError(f"--vision: the {self.family} projector did not run on this batch (no image?)")
         return _pool_vision(captured["x"], VISION_PROJECTORS[self.family][1], batch, self.config)
 
+    def _check_padded_length(self, batch: dict[str, torch.Tensor], new_tokens: int) -> None:
+        """Stop a padded batch that reaches the family's `padded_limit`, past which padded rows are not exact."""
+        if not self.quirks.padded_limit:
+            return
+        limit = int(getattr(self.model.config.get_text_config(), self.quirks.padded_limit))
+        mask = batch["attention_mask"]
+        last = mask.shape[1] + new_tokens - 2  # the last position a forward pass computes (prompt, then new tokens)
+        if bool((mask == 0).any()) and last >= limit - 1:
+            raise LvlmlpError(
+                f"{self.model_id}: a padded {self.family} batch reaches position {last}, from {limit - 1} on padded "
+                f"rows differ from single runs ({self.quirks.padded_limit}, see docs/models.md); use --batch-size 1"
+            )
+
     @torch.inference_mode()
     def prefill(
         self, batch: dict[str, torch.Tensor], *, hidden: bool = False, layers: Sequence[int] = (),
@@ -543,6 +556,7 @@ class Backend:
         (0 = embeddings, i = output of decoder layer i, the last one after the final norm)."""
         layer_ids = self._check_layers(layers)
         want_states = hidden or bool(layer_ids)
+        self._check_padded_length(batch, 1)
         with self._vision_capture(vision) as captured:
             out = self.model(
                 **batch,
@@ -597,6 +611,7 @@ class Backend:
             raise LvlmlpError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         layer_ids = self._check_layers(layers)
         want_states = hidden or bool(layer_ids)
+        self._check_padded_length(batch, max_new_tokens)
         kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": self.pad_id}
         kwargs.update(gen_kwargs)
         generate = self.model.generate

@@ -38,6 +38,9 @@ class Quirks:
     # The model's own `generate` drops `logits_processor` (Janus's, in text mode): the backend calls the generic
     # `GenerationMixin.generate` that its text mode calls, with classifier-free guidance off as it sets it.
     generic_generate: bool = False
+    # The text config's attribute giving the padded length from which a left-padded row's results differ from a
+    # single run (Llama 4's `floor_scale`: its attention temperature counts padding positions); such batches stop.
+    padded_limit: str = ""
     # Why the backend refuses the family: it runs, but its batched results cannot be made to equal single runs
     # (docs/models.md lists the reason). Empty: not refused.
     refused: str = ""
@@ -62,7 +65,7 @@ QUIRKS: dict[str, Quirks] = {
     "glm46v": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE),
     "aya_vision": Quirks(logit_scale=True),
     "cohere2_vision": Quirks(logit_scale=False),
-    "llama4": Quirks(torch_outputs=True),
+    "llama4": Quirks(torch_outputs=True, padded_limit="floor_scale"),
     "janus": Quirks(generic_generate=True),
     "chameleon": Quirks(chat_template=False, image_placeholder="<image>", linear_head=False),
     # Kosmos-2's processor places its image tokens itself. Its first-token logits can be matched, but not the rest.
