@@ -1,6 +1,7 @@
-"""`lvlmlp finetune` on tiny real LLaVA and Qwen2-VL checkpoints: the loss goes down, the merged folder reloads and
-equals base + adapter (peft), training is deterministic and resumes per epoch exactly, the loss reads only the
-answer tokens, bad input fails in one line before any training, and the comparison with the probe runs."""
+"""`lvlmlp finetune` on tiny real checkpoints, in depth on LLaVA and Qwen2-VL: the loss goes down, the merged folder
+reloads and equals base + adapter (peft), training is deterministic and resumes per epoch exactly, the loss reads only
+the answer tokens, bad input fails in one line before any training, and the comparison with the probe runs; and one
+step on every family (the family check of finetuning)."""
 
 from __future__ import annotations
 
