@@ -8,8 +8,9 @@ Every `model_type` that transformers registers under `AutoModelForImageTextToTex
 * **refused**: its `Quirks.refused` gives the reason; `lvlmlp extract` (any `Backend`) stops with that reason.
 * **guided decoding**, **finetuning**: `checked` when tests/steering/test_guard.py forces the template on the
   flagged rows (the others decode as without the guard, the raw logits unchanged) and tests/study/test_finetune.py
-  runs one LoRA step (finite loss, exactly the targeted weights changed), which they do for every family the backend
-  runs; the LoRA targets where the default names are not in the language model (`Family.lora_targets`).
+  checks the training batch against generation and runs one LoRA step (finite loss, exactly the targeted weights
+  changed), which they do for every family the backend runs; the LoRA targets where the default names are not in
+  the language model (`Family.lora_targets`).
 * **left out**: no tiny checkpoint, with the reason from `LEFT_OUT` (OCR-only, video-only, encoder-decoder captioner,
   robot-action, a package not installed here, or not tried yet); such a model still loads and runs unchecked.
 

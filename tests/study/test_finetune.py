@@ -116,6 +116,26 @@ def test_one_step_on_every_family(family, tiny_ckpt, tmp_path):
     assert trained and changed == trained
 
 
+@pytest.mark.parametrize("family", EVERY)
+def test_training_sees_the_answer_as_generation_does(family, tiny_ckpt, tmp_path):
+    """Teacher forcing on the model's own greedy answer gives, at every answer position, the logits `generate` gave
+    there: a training batch puts the answer tokens in the context that inference does (token types, positions,
+    Mllama's cross-attention mask, ...)."""
+    rows = make_rows(tmp_path, 4)
+    backend = backend_of(tiny_ckpt(family))
+    images, questions = [Image.open(r["image"]) for r in rows], [r["question"] for r in rows]
+    # Answers of text tokens, as finetuning targets are (a tiny model may well pick its image token); 3 for every row.
+    specials = sorted(set(backend.tokenizer.added_tokens_decoder) | set(backend.eos_ids))
+    gen = backend.generate(backend.encode(images, questions), max_new_tokens=3, suppress_tokens=specials)
+    assert (gen["n_tokens"] == 3).all()
+    answers = [gen["sequences"][i, :3].tolist() for i in range(4)]
+    batch = encode_examples(backend, images, questions, answers)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "answer_len")}
+    with torch.no_grad():
+        logits = backend.model(**backend.to_device(inputs), position_ids=backend.generation_position_ids(inputs)).logits
+    torch.testing.assert_close(logits[:, -4:-1].float(), gen["logits"], atol=1e-4, rtol=0)
+
+
 def test_deterministic_with_a_seed_and_resumes_per_epoch_exactly(tiny_ckpt, tmp_path):
     rows = make_rows(tmp_path)
     targets = row_targets(rows, {1: "yes", 0: "no"}, "test")
