@@ -87,7 +87,8 @@ NOTES: dict[str, str] = {
     "qwen3_vl_moe": "mixture-of-experts text model (4 experts, 2 per token, in the tiny checkpoint)",
     "glm4v_moe": "mixture-of-experts text model (4 routed experts, 2 per token, and a shared one)",
     "llava_next_video": "image input only (lvlmlp reads images)",
-    "janus": "understanding path (its image-generation head is not used)",
+    "janus": "understanding path (its image-generation head is not used); its own `generate` drops logits "
+    "processors, so lvlmlp calls the generic one it wraps (with guidance off), and guided decoding runs",
     "ovis2": "visual tokenizer: image features are soft mixtures of a visual vocabulary",
     "molmo2": "native transformers port (the remote-code Molmo 1 checkpoints are not covered)",
     "kosmos-2": "first-token logits alone could be matched; tests/extraction/test_backend.py shows the later tokens differ",
