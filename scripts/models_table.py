@@ -6,6 +6,11 @@ Every `model_type` that transformers registers under `AutoModelForImageTextToTex
   the family checks (batched, left-padded extraction equals each row alone through `generate(output_logits=True)`
   within 1e-4, first token and first K tokens, responses, hidden states); the suite fails if one does not pass.
 * **refused**: its `Quirks.refused` gives the reason; `lvlmlp extract` (any `Backend`) stops with that reason.
+* **guided decoding**, **finetuning**: `checked` when tests/steering/test_guard.py forces the template on the
+  flagged rows (the others decode as without the guard, the raw logits unchanged) and tests/study/test_finetune.py
+  checks the training batch against generation and runs one LoRA step (finite loss, exactly the targeted weights
+  changed), which they do for every family the backend runs; the LoRA targets where the default names are not in
+  the language model (`Family.lora_targets`).
 * **left out**: no tiny checkpoint, with the reason from `LEFT_OUT` (OCR-only, video-only, encoder-decoder captioner,
   robot-action, a package not installed here, or not tried yet); such a model still loads and runs unchecked.
 
@@ -62,6 +67,9 @@ NAMES: dict[str, tuple[str, str]] = {
     "gemma4": ("Gemma 4", "google/gemma-4-e2b-it, google/gemma-4-12B-it"),
     "glm46v": ("GLM-4.6V", "zai-org/GLM-4.6V"),
     "cohere2_vision": ("Command A Vision (Cohere2-Vision)", "CohereLabs/command-a-vision-07-2025"),
+    "fast_vlm": ("FastVLM", "KamilaMila/FastVLM-7B"),
+    "perception_lm": ("PerceptionLM", "facebook/Perception-LM-1B, facebook/Perception-LM-8B"),
+    "gemma3n": ("Gemma 3n", "google/gemma-3n-E2B-it, google/gemma-3n-E4B-it"),
 }
 
 # What the checks cover beyond "exact", or where a hub checkpoint differs from the tiny one.
@@ -79,14 +87,22 @@ NOTES: dict[str, str] = {
     "qwen3_vl_moe": "mixture-of-experts text model (4 experts, 2 per token, in the tiny checkpoint)",
     "glm4v_moe": "mixture-of-experts text model (4 routed experts, 2 per token, and a shared one)",
     "llava_next_video": "image input only (lvlmlp reads images)",
-    "janus": "understanding path (its image-generation head is not used)",
+    "janus": "understanding path (its image-generation head is not used); its own `generate` drops logits "
+    "processors, so lvlmlp calls the generic one it wraps (with guidance off), and guided decoding runs",
     "ovis2": "visual tokenizer: image features are soft mixtures of a visual vocabulary",
     "molmo2": "native transformers port (the remote-code Molmo 1 checkpoints are not covered)",
     "kosmos-2": "first-token logits alone could be matched; tests/extraction/test_backend.py shows the later tokens differ",
-    "llama4": "bfloat16 pixels from its processor, widened exactly to float32 between processes",
+    "llama4": "bfloat16 pixels from its processor, widened exactly to float32 between processes; a padded batch "
+    "that reaches position 8191 (`floor_scale` - 1) stops: from there its attention temperature counts the padding "
+    "(`--batch-size 1` runs it)",
     "chameleon": "images as VQ tokens of the text vocabulary; no chat template; the model sets image tokens' logits "
     "to the lowest float, so logits are not rebuilt from hidden states",
     "video_llava": "image input only (lvlmlp reads images)",
+    "fast_vlm": "FastViTHD tower (a timm model; the tiny checkpoint has one block per stage)",
+    "perception_lm": "a thumbnail plus aspect-ratio tiles per image, joined across the batch in row order (its "
+    "processor cannot stack images with different tile counts)",
+    "gemma3n": "hidden states are each layer's active AltUp stream (the final norm reads a mix of all four); "
+    "soft-capped logits, not rebuilt from hidden states; the audio tower is not used",
 }
 
 _OCR = "OCR-only: reads text out of documents, no question answering to probe"
@@ -108,11 +124,8 @@ LEFT_OUT: dict[str, str] = {
     "ernie4_5_vl_moe": f"{_NEW} (mixture-of-experts text model)",
     "evolla": "protein-text model, not an image model",
     "exaone4_5": _NEW,
-    "fast_vlm": "needs timm (its FastViTHD tower), which is not installed here: not checked; `extract` asks for "
-    "timm",
     "florence2": f"{_ENC_DEC}; task-prompted captioner / OCR",
     "fuyu": f"{_NEW} (its processor pads and tensorises by itself, returning torch lists)",
-    "gemma3n": "needs timm (its MobileNet-V5 tower), which is not installed here: not checked",
     "gemma4_unified": _NEW,
     "git": "captioner (GIT): no chat template or question answering to probe",
     "glm5_next": _NEW,
@@ -145,7 +158,6 @@ LEFT_OUT: dict[str, str] = {
     "nemotron_h_omni": f"{_NEW} (omni model: audio, video and images)",
     "ovis2_5": _NEW,
     "paddleocr_vl": _OCR,
-    "perception_lm": "needs timm (its Perception Encoder tower), which is not installed here: not checked",
     "pi0": "robot-action model: predicts actions, not text",
     "pi05": "robot-action model: predicts actions, not text",
     "pix2struct": f"{_ENC_DEC}; screenshot parser / captioner",
@@ -167,24 +179,31 @@ LEFT_OUT: dict[str, str] = {
 
 
 def rows() -> tuple[list[tuple[str, ...]], list[tuple[str, str]]]:
-    """(checked rows: family, model_type, hub ids, status, notes), (left-out rows: model_type, why)."""
+    """(checked rows: family, model_type, hub ids, status, guided decoding, finetuning, notes), (left-out rows:
+    model_type, why)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     from lvlmlp.extraction.families import quirks_of
     from lvlmlp.testing import SPECS
 
     built = sorted({spec.model_type for spec in SPECS.values()}, key=list(NAMES).index)
+    lora = {spec.model_type: spec.lora_targets for spec in SPECS.values()}
     checked = []
     for model_type in built:
         family, hub_ids = NAMES[model_type]
         refused = quirks_of(model_type).refused
         status = f"refused: {refused}" if refused else "exact"
+        # tests/steering/test_guard.py and tests/study/test_finetune.py run every family the backend runs.
+        guided = "no (refused)" if refused else "checked"
+        finetuning = "no (refused)" if refused else "checked"
+        if lora[model_type] and not refused:
+            finetuning += f" with `--lora-targets {','.join(lora[model_type])}` (no `o_proj`)"
         needs = quirks_of(model_type).needs
         notes = [NOTES[model_type]] if model_type in NOTES else []
         notes += [f"needs {' and '.join(needs)}"] if needs else []
         vision_refused = quirks_of(model_type).vision_refused  # `extract --vision` (docs/signals.md)
         notes += [f"`--vision` refused: {vision_refused}"] if vision_refused else []
-        checked.append((family, f"`{model_type}`", hub_ids, status, "; ".join(notes)))
+        checked.append((family, f"`{model_type}`", hub_ids, status, guided, finetuning, "; ".join(notes)))
     left = [(f"`{t}`", LEFT_OUT[t]) for t in sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES) if t not in built]
     return checked, left
 
@@ -192,7 +211,8 @@ def rows() -> tuple[list[tuple[str, ...]], list[tuple[str, str]]]:
 def render() -> str:
     """The table block of docs/models.md, markers included."""
     checked, left = rows()
-    lines = [BEGIN, "", "| family | `model_type` | example hub ids | status | notes |", "|---|---|---|---|---|"]
+    lines = [BEGIN, "", "| family | `model_type` | example hub ids | status | guided decoding | finetuning | notes |",
+             "|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in checked]
     lines += ["", f"Left out ({len(left)} of the {len(checked) + len(left)} `AutoModelForImageTextToText` model "
               "types: lvlmlp does not stop them, but nothing checks them):", "", "| `model_type` | why |", "|---|---|"]

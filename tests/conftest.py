@@ -63,13 +63,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # ran alone for the last 9 s). Ranked by the CPU time of their tests in a timed run (2026-12-02; Ray's replicas
 # counted for extraction/test_ray_extract.py): about 55 s for test_ray_extract.py, 30 for demo/test_pipeline.py, 13
 # for study/test_experiment.py (with its run guards, then a file of their own, ranked 6th), 8 to 2 for the others
-# listed; every other file takes under 2 s. Paths under tests/ (the layout mirrors src/lvlmlp/).
+# listed; every other file takes under 2 s. Paths under tests/ (the layout mirrors src/lvlmlp/). Since the family
+# checks of guided decoding and finetuning run every tiny family (2026-12-07), study/test_finetune.py,
+# steering/test_guard.py and extraction/test_backend.py take about 14, 13 and 11 s and move up.
 TESTS = Path(__file__).resolve().parent
-SLOWEST_FIRST = ("extraction/test_ray_extract.py", "demo/test_pipeline.py", "study/test_experiment.py",
-                 "demo/test_demo_model.py", "study/test_finetune.py", "judging/test_judge.py",
+SLOWEST_FIRST = ("extraction/test_ray_extract.py", "demo/test_pipeline.py", "study/test_finetune.py",
+                 "study/test_experiment.py", "steering/test_guard.py", "extraction/test_backend.py",
+                 "demo/test_demo_model.py", "judging/test_judge.py",
                  "extraction/test_loader.py", "serve/test_image_intake.py", "extraction/test_extract.py",
                  "paper/test_paper_protocol.py", "e2e/test_faults.py", "serve/test_serve.py",
-                 "extraction/test_backend.py", "study/test_report.py", "steering/test_guard.py")
+                 "study/test_report.py")
 # (tests/test_conftest.py fails when a file named here is renamed or moved: it would lose its rank silently.)
 
 

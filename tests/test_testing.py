@@ -20,7 +20,9 @@ def test_loads_through_auto_classes(tiny_ckpt, family: str) -> None:
     model = AutoModelForImageTextToText.from_pretrained(path)
     processor = AutoProcessor.from_pretrained(path)
     assert model.config.model_type == SPECS[family].model_type
-    assert sum(p.numel() for p in model.parameters()) < 500_000
+    # Gemma 3n's MobileNet-V5 tower keeps timm's 84 blocks, their attention widths and its 2048 output channels (only
+    # its other channels scale): about 1.5M parameters, every other family under 0.5M.
+    assert sum(p.numel() for p in model.parameters()) < (2_000_000 if family == "gemma3n" else 500_000)
     # Every token the processor can emit has an embedding row.
     assert len(processor.tokenizer) <= model.get_input_embeddings().weight.shape[0]
     has_template = bool(getattr(processor, "chat_template", None))

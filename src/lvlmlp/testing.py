@@ -258,6 +258,13 @@ class Family:
     processor: Part
     tokenizer: Tokens
     model_type: str
+    # Names (last part) of parameters the model initialises to zero that keep the image from the text (Gemma 3's image
+    # projection, Mllama's cross-attention gates): drawn at random like the other weights, as trained checkpoints
+    # have them non-zero, so that the family checks see the image (test_the_image_reaches_the_text).
+    reinit: tuple[str, ...] = ()
+    # The LoRA targets of its finetuning check where the default ones (q_proj, k_proj, v_proj, o_proj) are not all
+    # Linear layers of its language model (OPT and LFM2 call the attention's output out_proj): `--lora-targets`.
+    lora_targets: tuple[str, ...] = ()
 
 
 def _resolve(value: Any, tok: Any) -> Any:
@@ -468,6 +475,7 @@ SPECS: dict[str, Family] = {
                          add_bos=True, extra=(("boi_token", "<start_of_image>"), ("eoi_token", "<end_of_image>"),
                                               ("image_token", "<image_soft_token>"))),
         model_type="gemma3",
+        reinit=("mm_input_projection_weight",),  # zero at init: every image would be the same
     ),
     # LLaVA-OneVision: SigLIP + Qwen2, "anyres_max_9" tiles on a grid of 28 px tiles, unpadded per image shape.
     "llava_onevision": Family(
@@ -582,6 +590,7 @@ SPECS: dict[str, Family] = {
                           "<|end_header_id|>", "<|eot_id|>", "<|image|>", "<|python_tag|>"),
                          bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|finetune_right_pad_id|>"),
         model_type="mllama",
+        reinit=("cross_attn_attn_gate", "cross_attn_mlp_gate", "gate"),  # closed gates would keep the image out
     ),
     # GLM-4V (GLM-4.1V/4.5V): Qwen-style 4 px patches merged 2x2 with learned 4x4 position embeddings interpolated
     # to each grid, 3-D rotary positions on half of each head's dimensions.
@@ -647,6 +656,7 @@ SPECS: dict[str, Family] = {
         tokenizer=Tokens(("<pad>", "</s>", "<unk>", "<image>"), bos="</s>", eos="</s>", pad="<pad>", unk="<unk>",
                          add_bos=True),
         model_type="blip-2",
+        lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
     ),
     # LFM2-VL: a NaFlex SigLIP 2 tower (4 px patches, any shape up to 64 patches) pixel-unshuffled 2x2, images over
     # 32 px split into 32 px tiles plus a thumbnail; an LFM2 text model whose first layer is a short convolution.
@@ -666,6 +676,7 @@ SPECS: dict[str, Family] = {
                           *(f"<|img_row_{i}_col_{j}|>" for i in range(1, 5) for j in range(1, 5))),
                          bos="<|startoftext|>", eos="<|im_end|>", pad="<|pad|>", vocab_size=340),
         model_type="lfm2_vl",
+        lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"),  # out_proj: its convolutions' too
     ),
     # Command A Vision (Cohere2-Vision): SigLIP pixel-shuffled 2x2 to 4 tokens per 28 px tile, up to 4 tiles and a
     # thumbnail, a line break token after each tile; a Cohere 2 whose logit scale the model does not apply.
@@ -814,8 +825,10 @@ SPECS: dict[str, Family] = {
         model_type="kosmos-2",
     ),
     # Llama 4: a ViT pixel-shuffled 2x2 to 4 <|patch|> tokens per 28 px tile, up to 4 tiles and a global view
-    # (bfloat16 pixels from the processor); a mixture-of-experts text model with chunked attention (chunks of 8
-    # tokens here, so they cut the prompt) and position-dependent attention temperature (from position 4 here).
+    # (bfloat16 pixels from the processor); a mixture-of-experts text model whose rotary layers attend in chunks (of
+    # 8 tokens here, so they cut the prompt) and whose no-rotary layers (every 2nd here, every 4th in Llama 4) attend
+    # globally. Their attention temperature grows from position `floor_scale` on, counting left padding (so a padded
+    # row differs from a single run there): 8192 in Llama 4, 512 here, beyond every test prompt (docs/models.md).
     "llama4": Family(
         model="Llama4ForConditionalGeneration",
         config=part("Llama4Config",
@@ -823,7 +836,8 @@ SPECS: dict[str, Family] = {
                                        num_attention_heads=2, vision_output_dim=32, image_size=28, patch_size=7,
                                        pixel_shuffle_ratio=0.5, projector_input_dim=32, projector_output_dim=32),
                     text_config=_text("Llama4TextConfig", head_dim=16, intermediate_size_mlp=64, num_local_experts=4,
-                                      num_experts_per_tok=1, attention_chunk_size=8, floor_scale=4),
+                                      num_experts_per_tok=1, attention_chunk_size=8, floor_scale=512,
+                                      no_rope_layer_interval=2),
                     boi_token_index=Id("<|image_start|>"), eoi_token_index=Id("<|image_end|>"),
                     image_token_index=Id("<|patch|>")),
         processor=part("Llama4Processor", tokenizer=TOKENIZER, patch_size=7, pixel_shuffle_ratio=0.5,
@@ -906,6 +920,91 @@ SPECS["glm46v"] = Family(
     tokenizer=SPECS["glm4v"].tokenizer,
     model_type="glm46v",
 )
+# FastVLM: a FastViTHD tower (timm's `fastvit_mci3`: convolutional stages, then attention stages, 64x downsampling,
+# here one block per stage and widths 8..32, layer scales starting at 1 rather than 1e-5 so that its blocks count)
+# whose 2x2 output map for a 128 px image is 4 image tokens; a Qwen2.
+SPECS["fast_vlm"] = Family(
+    model="FastVlmForConditionalGeneration",
+    config=part("FastVlmConfig", vision_config=dict(model_type="timm_wrapper", architecture="fastvit_mci3",
+                                                    do_pooling=False, hidden_size=64,
+                                                    model_args=dict(inference_mode=True, layers=[1, 1, 1, 1, 1],
+                                                                    embed_dims=[8, 16, 16, 32, 32],
+                                                                    layer_scale_init_value=1.0)),
+                text_config=_text("Qwen2Config"), image_token_index=Id("<image>"), image_seq_length=4),
+    processor=part("LlavaProcessor", tokenizer=TOKENIZER, chat_template=Template("llava_onevision"), patch_size=64,
+                   vision_feature_select_strategy="full", num_additional_image_tokens=0,
+                   image_processor=part("CLIPImageProcessor", size={"shortest_edge": 128},
+                                        crop_size={"height": 128, "width": 128})),
+    tokenizer=Tokens(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"), eos="<|im_end|>",
+                     pad="<|endoftext|>", extra=(("image_token", "<image>"),)),
+    model_type="fast_vlm",
+)
+# PerceptionLM: a Perception Encoder tower (timm's `vit_pe_core_large_patch14_336`: rotary ViT with a CLS token,
+# here 2 layers of width 32 on 28 px tiles of 7 px patches), pooled 2x2 to 4 tokens per tile; a thumbnail plus up to
+# 4 aspect-ratio tiles per image; a Llama.
+SPECS["perception_lm"] = Family(
+    model="PerceptionLMForConditionalGeneration",
+    config=part("PerceptionLMConfig", vision_config=dict(model_type="timm_wrapper",
+                                                         architecture="vit_pe_core_large_patch14_336",
+                                                         do_pooling=False,
+                                                         model_args=dict(embed_dim=32, depth=2, num_heads=2,
+                                                                         patch_size=7, img_size=[28, 28],
+                                                                         ref_feat_shape=[4, 4],
+                                                                         global_pool="",
+                                                                         use_post_transformer_norm=False,
+                                                                         init_values=0.1)),
+                text_config=_text(), vision_use_cls_token=True, projector_pooling_ratio=2,
+                image_token_id=Id("<|image|>"), video_token_id=Id("<|video|>")),
+    processor=part("PerceptionLMProcessor", tokenizer=TOKENIZER, chat_template=Template("mllama"), patch_size=7,
+                   pooling_ratio=2,
+                   image_processor=part("PerceptionLMImageProcessor", tile_size=28, max_num_tiles=4,
+                                        size={"height": 28, "width": 28}),
+                   video_processor=part("PerceptionLMVideoProcessor", size={"height": 28, "width": 28})),
+    tokenizer=Tokens(("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+                      "<|end_header_id|>", "<|eot_id|>", "<|image|>", "<|video|>"),
+                     bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|finetune_right_pad_id|>",
+                     extra=(("image_token", "<|image|>"), ("video_token", "<|video|>"))),
+    model_type="perception_lm",
+)
+
+
+
+# Gemma 3n: a MobileNet-V5 tower (timm's `mobilenetv5_300m_enc`, all its 84 blocks: edge and inverted residual blocks,
+# then multi-query attention; its channels scaled by 1/80 to 8..16, which timm allows, while its depth and attention
+# widths are fixed by timm), fused across its last two stages into a 2x2 map of 2048 channels: 4 soft tokens per
+# 64 px image. Its multimodal tokens follow the text vocabulary (named tokens that are not specials are appended after
+# the BPE merges, in order) and are embedded by their own tables; the text model has AltUp, Laurel, per-layer inputs,
+# activation sparsity, KV sharing (layers 3-4 reuse the KV of 1-2), sliding-window (8) and global layers, and
+# soft-capped logits. The audio tower is built (tiny) but unused.
+SPECS["gemma3n"] = Family(
+    model="Gemma3nForConditionalGeneration",
+    config=part("Gemma3nConfig",
+                vision_config=part("Gemma3nVisionConfig", hidden_size=2048, vocab_size=2,
+                                   vocab_offset=Id("<end_of_image>"),
+                                   model_args=dict(channel_multiplier=0.0125, stem_size=8, msfa_output_resolution=2)),
+                audio_config=part("Gemma3nAudioConfig", vocab_size=2, vocab_offset=Id("<end_of_audio>"),
+                                  hidden_size=32, conf_num_attention_heads=2, conf_num_hidden_layers=1,
+                                  sscp_conv_channel_size=[8, 8]),
+                text_config=_text("Gemma3nTextConfig", num_hidden_layers=4, head_dim=16, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention"] * 2,
+                                  vocab_size_per_layer_input=Id("<end_of_image>"), hidden_size_per_layer_input=8,
+                                  laurel_rank=4, num_kv_shared_layers=2,
+                                  activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0]),
+                vision_soft_tokens_per_image=4, boi_token_id=Id("<start_of_image>"),
+                eoi_token_id=Id("<end_of_image>"), image_token_id=Id("<image_soft_token>"),
+                boa_token_id=Id("<start_of_audio>"), eoa_token_id=Id("<end_of_audio>"),
+                audio_token_id=Id("<audio_soft_token>")),
+    # Gemma 4's template style: the image part is the soft token, which the processor expands.
+    processor=part("Gemma3nProcessor", tokenizer=TOKENIZER, chat_template=Template("gemma4"), image_seq_length=4,
+                   feature_extractor=part("Gemma3nAudioFeatureExtractor"),
+                   image_processor=part("SiglipImageProcessor", size={"height": 64, "width": 64})),
+    tokenizer=Tokens(("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                      "<start_of_audio>"), bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", add_bos=True,
+                     extra=(("boi_token", "<start_of_image>"), ("eoi_token", "<end_of_image>"),
+                            ("image_token", "<image_soft_token>"), ("boa_token", "<start_of_audio>"),
+                            ("eoa_token", "<end_of_audio>"), ("audio_token", "<audio_soft_token>"))),
+    model_type="gemma3n",
+)
 FAMILIES: tuple[str, ...] = tuple(SPECS)
 
 
@@ -935,6 +1034,10 @@ def tiny_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config).eval()
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in spec.reinit:
+                with torch.no_grad():
+                    param.normal_(0.0, config.initializer_range)
     gen = model.generation_config
     gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = (
         tok.bos_token_id,

@@ -94,6 +94,9 @@ def test_batch_equals_single_runs(tiny_ckpt, family: str) -> None:
         assert gen["responses"][i] == be.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
         # output_hidden_states of the single run, at its last prompt position (first step of generate)
         states = ref.hidden_states[0]
+        if states[0].dim() == 4:  # Gemma 3n: each layer's AltUp streams, stacked; its active stream is the first
+            assert be.model.config.get_text_config().altup_active_idx == 0
+            states = [s[0] for s in states]
         for j, layer in enumerate(layers):
             assert (pre["layers"][i, j] - states[layer][0, -1]).abs().max() < TOL, (
                 f"{family} row {i} layer {layer}"
@@ -102,10 +105,57 @@ def test_batch_equals_single_runs(tiny_ckpt, family: str) -> None:
     if be.head_is_linear():
         assert (be.logits_from_hidden(pre["hidden"]) - pre["logits"]).abs().max() < TOL
     else:
-        # Gemma 2's logit soft-capping; Chameleon's image tokens forced to the lowest logit
-        assert family == "paligemma2" or not be.quirks.linear_head
+        # Gemma 2's and Gemma 3n's logit soft-capping; Chameleon's image tokens forced to the lowest logit
+        assert getattr(be.model.config.get_text_config(), "final_logit_softcapping", None) or not be.quirks.linear_head
         with pytest.raises(LvlmlpError, match="not linear"):
             be.logits_from_hidden(pre["hidden"])
+
+
+@pytest.mark.parametrize("family", EXACT)
+def test_the_image_reaches_the_text(tiny_ckpt, family: str) -> None:
+    """Two images of one size under one question give different first-token logits: the tiny checkpoint really
+    reads its image (a gate initialised closed, as Mllama's cross-attention gates are, would hide it)."""
+    be = Backend(tiny_ckpt(family), device="cpu")
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)) for _ in range(2)]
+    logits = be.prefill(be.encode(images, [QUESTIONS[0]] * 2))["logits"]
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
+
+
+def test_llama4_padded_batches_stop_where_its_attention_temperature_counts_padding(tiny_ckpt, tmp_path) -> None:
+    """Llama 4's global layers scale queries by a temperature that grows from position `floor_scale - 1` on, counted
+    over the padded sequence: a padded row there differs from its single run (shown without lvlmlp, on the tiny
+    checkpoint with floor_scale 8), so the backend stops such batches instead of running them."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForImageTextToText
+
+    path = tmp_path / "llama4"
+    shutil.copytree(tiny_ckpt("llama4"), path)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["floor_scale"] = 8
+    (path / "config.json").write_text(json.dumps(config))
+    be = Backend(path, device="cpu")
+    images, questions = _images()[:2], QUESTIONS[:2]
+    batch = be.encode(images, questions)
+    padded = batch["attention_mask"][0] == 0
+    assert padded.any() and batch["input_ids"].shape[1] > 8
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    with torch.no_grad():
+        pos = be.generation_position_ids(batch)
+        batched = model(**batch, position_ids=pos).logits[0, -1]
+        single = model(**be.encode(images[:1], questions[:1])).logits[0, -1]
+    assert (batched - single).abs().max() > 1e-3  # the padded row is off
+    want = (f"{path}: a padded llama4 batch reaches position {batch['input_ids'].shape[1] - 1}, from 7 on padded rows "
+            "differ from single runs (floor_scale, see docs/models.md); use --batch-size 1")
+    with pytest.raises(LvlmlpError) as err:
+        be.prefill(batch)
+    assert str(err.value) == want
+    with pytest.raises(LvlmlpError):
+        be.generate(batch, max_new_tokens=2)
+    alone = be.prefill(be.encode(images[:1], questions[:1]))["logits"][0]  # no padding: runs, as the model does
+    assert (alone - single).abs().max() < TOL
 
 
 @pytest.mark.parametrize("family", REFUSED)

@@ -55,16 +55,33 @@ def test_every_image_text_to_text_model_type_has_one_row() -> None:
 def test_exact_rows_are_exactly_the_checked_families() -> None:
     """'exact' on the page means: a tiny family that tests/test_backend.py runs through the family checks."""
     rows = _doc_rows()
-    exact = {t for t, cells in rows.items() if len(cells) == 5 and cells[3] == "exact"}
+    exact = {t for t, cells in rows.items() if len(cells) == 7 and cells[3] == "exact"}
     checked = {SPECS[name].model_type for name in FAMILIES}
     assert exact == {t for t in checked if not families.quirks_of(t).refused}
     for model_type in rows.keys() - checked:  # left-out rows: model_type, reason
         assert len(rows[model_type]) == 2 and rows[model_type][1], model_type
     for model_type in ("gemma3", "llava_onevision", "idefics2", "mistral3", "qwen3_vl", "internvl", "aya_vision",
-                       "mllama", "glm4v"):  # the families issue 29 asks to be exact
+                       "mllama", "glm4v", "fast_vlm", "gemma3n", "perception_lm"):  # as issue 29 asks
         assert rows[model_type][3] == "exact", model_type
-    assert "needs timm" in rows["fast_vlm"][1]
+    for model_type in ("fast_vlm", "gemma3n", "perception_lm"):  # their vision towers are timm models
+        assert rows[model_type][6].endswith("needs timm"), model_type
     assert rows["kosmos-2"][3] == f"refused: {families.quirks_of('kosmos-2').refused}"
+
+
+def test_guided_decoding_and_finetuning_columns_say_what_the_family_checks_ran() -> None:
+    """Every exact family is checked for guided decoding and finetuning (tests/steering/test_guard.py and
+    tests/study/test_finetune.py parametrize over every family the backend runs), with the LoRA targets its check
+    used where the defaults are not there; a refused family is checked for neither."""
+    rows = _doc_rows()
+    for name, spec in SPECS.items():
+        cells = rows[spec.model_type]
+        if families.quirks_of(spec.model_type).refused:
+            assert cells[4:6] == ["no (refused)", "no (refused)"], name
+            continue
+        assert cells[4] == "checked", name
+        targets = f" with `--lora-targets {','.join(spec.lora_targets)}` (no `o_proj`)" if spec.lora_targets else ""
+        assert cells[5] == "checked" + targets, name
+    assert {n for n, s in SPECS.items() if s.lora_targets} == {"blip-2", "lfm2_vl"}
 
 
 def test_checked_set_is_the_exact_families() -> None:
@@ -108,15 +125,19 @@ def test_a_refused_family_stops_every_command_with_its_reason(tiny_ckpt, tmp_pat
     assert not out.exists()  # stopped before anything was written
 
 
-def test_a_family_whose_package_is_missing_names_it(tmp_path: Path) -> None:
-    """FastVLM's tower is a timm model; without timm the error says so before anything else loads."""
-    from transformers import FastVlmConfig
+def test_a_family_whose_package_is_missing_names_it(tiny_ckpt, monkeypatch) -> None:
+    """FastVLM's tower is a timm model: with timm unimportable (None in sys.modules: what find_spec reports for a
+    package that is not installed), a real FastVLM checkpoint stops naming it, before its processor or weights load."""
+    import sys
 
     from lvlmlp.extraction.backend import Backend
 
-    if importlib.util.find_spec("timm") is not None:
-        pytest.skip("timm is installed here")
-    FastVlmConfig().save_pretrained(tmp_path)
+    path = tiny_ckpt("fast_vlm")
+    assert families.quirks_of("fast_vlm").needs == ("timm",)
+    monkeypatch.setitem(sys.modules, "timm", None)
+    assert importlib.util.find_spec("timm") is None
     with pytest.raises(LvlmlpError) as err:
-        Backend(tmp_path, device="cpu")
-    assert str(err.value) == f"{tmp_path}: fast_vlm models need timm; install it with `pip install timm`"
+        Backend(path, device="cpu")
+    assert str(err.value) == f"{path}: fast_vlm models need timm; install it with `pip install timm`"
+    monkeypatch.undo()
+    assert Backend(path, device="cpu", load_model=False).family == "fast_vlm"  # with timm back, it loads

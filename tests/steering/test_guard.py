@@ -22,6 +22,7 @@ from lvlmlp.cli import main
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.backend import Backend
 from lvlmlp.extraction.extract import extract
+from lvlmlp.extraction.families import quirks_of
 from lvlmlp.probing.features import FeatureSpec
 from lvlmlp.probing.probes import LogisticProbe, MultinomialProbe, load_probe
 from lvlmlp.steering.guard import (
@@ -33,7 +34,10 @@ from lvlmlp.steering.guard import (
     parse_answers,
     steering_metrics,
 )
+from lvlmlp.testing import FAMILIES, SPECS
 
+# Every tiny family the backend runs (a refused family never reaches guided decoding).
+GUIDED = [f for f in FAMILIES if not quirks_of(SPECS[f].model_type).refused]
 TEMPLATE = "I cannot answer."
 LABELS = [1, 0, 1, 0]
 K = 10  # new tokens: longer than the template (7 tokens in the tiny tokenizers), so the model continues after it
@@ -104,18 +108,20 @@ def setups(tiny_ckpt, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "instructblip"])
+@pytest.mark.parametrize("family", GUIDED)
 def test_flagged_rows_get_template_unflagged_rows_unchanged(setups, family):
+    """The family check of guided decoding, on every family the backend runs."""
     backend, batch, probe, X = setups(family)
     assert (batch["attention_mask"] == 0).any(), "the batch should be left-padded"
-    plain = backend.generate(batch, max_new_tokens=K)
     guard = ProbeGuard(probe, backend.tokenizer, TEMPLATE)
+    n_tpl = len(guard.template_ids)
+    k = max(K, n_tpl + 2)  # room to go on after the template (Chameleon's tokenizer spells it in 11 tokens)
+    plain = backend.generate(batch, max_new_tokens=k)
     with guard.watching(backend.model):
-        res = backend.generate(batch, max_new_tokens=K, logits_processor=LogitsProcessorList([guard]))
+        res = backend.generate(batch, max_new_tokens=k, logits_processor=LogitsProcessorList([guard]))
 
     assert guard.flagged_.tolist() == [False, True, False, True]
     assert_same_scores(guard.scores_, probe.predict_proba(X)[:, 1])  # generate's logits vs prefill's
-    n_tpl = len(guard.template_ids)
     for i in (1, 3):
         assert res["sequences"][i, :n_tpl].tolist() == guard.template_ids
         assert res["responses"][i].startswith(TEMPLATE)
@@ -125,6 +131,26 @@ def test_flagged_rows_get_template_unflagged_rows_unchanged(setups, family):
         assert res["responses"][i] == plain["responses"][i]
     # The guard never edits generate's raw logits in place (Backend returns them as the raw first-token logits).
     assert torch.equal(res["logits"][:, 0], plain["logits"][:, 0])
+
+
+def test_a_generate_that_drops_the_guard_is_an_error_and_the_backend_goes_around_it(setups):
+    """Janus's own `generate` drops `logits_processor` in text mode: unguarded answers must not pass for guarded ones.
+    The backend calls the generic generate instead (Quirks.generic_generate), so the family check above passes."""
+    backend, batch, probe, _ = setups("janus")
+    guard = ProbeGuard(probe, backend.tokenizer, TEMPLATE)
+    want = ("JanusForConditionalGeneration.generate did not call the probe guard (it drops logits processors): "
+            "nothing was steered")
+    with pytest.raises(LvlmlpError) as err:
+        with guard.watching(backend.model):
+            backend.model.generate(**batch, max_new_tokens=2, logits_processor=LogitsProcessorList([guard]))
+    assert str(err.value) == want
+    with pytest.raises(LvlmlpError) as err:
+        guarded_generate(backend.model, batch, guard, max_new_tokens=2)
+    assert str(err.value) == want
+    assert quirks_of("janus").generic_generate
+    with guard.watching(backend.model):
+        backend.generate(batch, max_new_tokens=2, logits_processor=LogitsProcessorList([guard]))
+    assert guard.flagged_ is not None
 
 
 def test_one_guard_many_calls_and_plain_model_generate(setups):

@@ -1,10 +1,12 @@
-"""`lvlmlp finetune` on tiny real LLaVA and Qwen2-VL checkpoints: the loss goes down, the merged folder reloads and
-equals base + adapter (peft), training is deterministic and resumes per epoch exactly, the loss reads only the
-answer tokens, bad input fails in one line before any training, and the comparison with the probe runs."""
+"""`lvlmlp finetune` on tiny real checkpoints, in depth on LLaVA and Qwen2-VL: the loss goes down, the merged folder
+reloads and equals base + adapter (peft), training is deterministic and resumes per epoch exactly, the loss reads only
+the answer tokens, bad input fails in one line before any training, and the comparison with the probe runs; and one
+step on every family (the family check of finetuning)."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from safetensors.torch import load_file
 from lvlmlp.cli import main
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.backend import Backend
+from lvlmlp.extraction.families import quirks_of
 from lvlmlp.study.finetune import (
     IGNORE,
     Settings,
@@ -27,8 +30,12 @@ from lvlmlp.study.finetune import (
     row_targets,
     target_ids,
 )
+from lvlmlp.testing import FAMILIES as ALL_FAMILIES
+from lvlmlp.testing import SPECS
 
 FAMILIES = ["llava", "qwen2_vl"]
+# Every tiny family the backend runs (a refused family never reaches finetuning).
+EVERY = [f for f in ALL_FAMILIES if not quirks_of(SPECS[f].model_type).refused]
 FAST = Settings(epochs=2, lr=5e-3, batch_size=4, seed=3)
 
 
@@ -83,6 +90,50 @@ def test_loss_decreases_and_merged_model_equals_base_plus_adapter(family, tiny_c
         got = merged(**batch, position_ids=pos).logits
     assert (want - before).abs().max() > 1e-3  # the adapter changed something
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", EVERY)
+def test_one_step_on_every_family(family, tiny_ckpt, tmp_path):
+    """The family check of finetuning: one optimizer step on 4 rows, a finite loss, and exactly the LoRA targets'
+    weights changed in the merged model."""
+    rows = make_rows(tmp_path, 4)
+    backend = backend_of(tiny_ckpt(family))
+    targets = row_targets(rows, {1: "yes", 0: "no"}, "test")
+    settings = Settings(epochs=1, lr=5e-3, batch_size=4)
+    if SPECS[family].lora_targets:  # the default names are not all there: a one-line error naming what is
+        with pytest.raises(LvlmlpError, match=r"^--lora-targets: unknown target module 'o_proj' in the language "
+                                              r"model \(Linear layers there: .*out_proj"):
+            finetune(backend, rows, targets, tmp_path / "ft", settings, progress=False)
+        settings = Settings(epochs=1, lr=5e-3, batch_size=4, target_modules=SPECS[family].lora_targets)
+    before = {k: v.clone() for k, v in backend.model.state_dict().items()}
+    summary = finetune(backend, rows, targets, tmp_path / "ft", settings, progress=False)
+    assert len(log_losses(tmp_path / "ft")) == 1 and np.isfinite(summary["epoch_loss"]).all()
+    after = backend.model.state_dict()  # the merged model (adapter folded in)
+    assert after.keys() == before.keys()
+    regex = re.compile(summary["target_modules_regex"])
+    trained = {k for k in before if k.endswith(".weight") and regex.match(k.removesuffix(".weight"))}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert trained and changed == trained
+
+
+@pytest.mark.parametrize("family", EVERY)
+def test_training_sees_the_answer_as_generation_does(family, tiny_ckpt, tmp_path):
+    """Teacher forcing on the model's own greedy answer gives, at every answer position, the logits `generate` gave
+    there: a training batch puts the answer tokens in the context that inference does (token types, positions,
+    Mllama's cross-attention mask, ...)."""
+    rows = make_rows(tmp_path, 4)
+    backend = backend_of(tiny_ckpt(family))
+    images, questions = [Image.open(r["image"]) for r in rows], [r["question"] for r in rows]
+    # Answers of text tokens, as finetuning targets are (a tiny model may well pick its image token); 3 for every row.
+    specials = sorted(set(backend.tokenizer.added_tokens_decoder) | set(backend.eos_ids))
+    gen = backend.generate(backend.encode(images, questions), max_new_tokens=3, suppress_tokens=specials)
+    assert (gen["n_tokens"] == 3).all()
+    answers = [gen["sequences"][i, :3].tolist() for i in range(4)]
+    batch = encode_examples(backend, images, questions, answers)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "answer_len")}
+    with torch.no_grad():
+        logits = backend.model(**backend.to_device(inputs), position_ids=backend.generation_position_ids(inputs)).logits
+    torch.testing.assert_close(logits[:, -4:-1].float(), gen["logits"], atol=1e-4, rtol=0)
 
 
 def test_deterministic_with_a_seed_and_resumes_per_epoch_exactly(tiny_ckpt, tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -523,6 +524,13 @@ class Backend:
             batch = self.processor(images=rgb, text=texts, padding=True, return_tensors="pt")
             batch = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()
                      for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        elif self.quirks.ragged_tiles:
+            # Each image's tiles are an array of their own (PerceptionLM: a thumbnail and as many tiles as its aspect
+            # ratio needs), which no batch array holds. The model flattens the batch's tiles in row order and fills
+            # the image tokens in that same order, so one (1, all tiles, C, H, W) array gives each row its own tiles.
+            out = self.processor(images=rgb, text=texts, padding=True)
+            batch = {k: np.asarray(v) for k, v in out.items() if k != "pixel_values"}
+            batch["pixel_values"] = np.concatenate([np.asarray(p) for p in out["pixel_values"]])[None]
         else:
             batch = self.processor(images=rgb, text=texts, padding=True, return_tensors="np")
         for key in self.quirks.drop_outputs:
@@ -625,6 +633,19 @@ class Backend:
             raise LvlmlpError(f"--vision: the {self.family} vision output was not computed on this batch (no image?)")
         return _pool_vision(captured, self.quirks.vision_layout, batch, self.config)
 
+    def _check_padded_length(self, batch: dict[str, torch.Tensor], new_tokens: int) -> None:
+        """Stop a padded batch that reaches the family's `padded_limit`, past which padded rows are not exact."""
+        if not self.quirks.padded_limit:
+            return
+        limit = int(getattr(self.model.config.get_text_config(), self.quirks.padded_limit))
+        mask = batch["attention_mask"]
+        last = mask.shape[1] + new_tokens - 2  # the last position a forward pass computes (prompt, then new tokens)
+        if bool((mask == 0).any()) and last >= limit - 1:
+            raise LvlmlpError(
+                f"{self.model_id}: a padded {self.family} batch reaches position {last}, from {limit - 1} on padded "
+                f"rows differ from single runs ({self.quirks.padded_limit}, see docs/models.md); use --batch-size 1"
+            )
+
     @torch.inference_mode()
     def prefill(
         self, batch: dict[str, torch.Tensor], *, hidden: bool = False, layers: Sequence[int] = (),
@@ -635,6 +656,7 @@ class Backend:
         (0 = embeddings, i = output of decoder layer i, the last one after the final norm)."""
         layer_ids = self._check_layers(layers)
         want_states = hidden or bool(layer_ids)
+        self._check_padded_length(batch, 1)
         with self._vision_capture(vision) as captured:
             out = self.model(
                 **batch,
@@ -655,6 +677,11 @@ class Backend:
         self, states: Sequence[torch.Tensor], hidden: bool, layer_ids: list[int]
     ) -> dict[str, torch.Tensor]:
         """Hidden states at the last prompt position (the one that predicts the first generated token)."""
+        if states[0].dim() == 4:
+            # A stack of parallel streams per layer, (streams, batch, tokens, width): Gemma 3n's AltUp. Its active
+            # stream is the one each layer computes in full (the others are predicted from it), so it is the state.
+            active = getattr(self.model.config.get_text_config(), "altup_active_idx", 0)
+            states = [s[active] for s in states]
         result = {}
         if hidden:
             result["hidden"] = states[-1][:, -1, :].float()
@@ -684,10 +711,16 @@ class Backend:
             raise LvlmlpError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         layer_ids = self._check_layers(layers)
         want_states = hidden or bool(layer_ids)
+        self._check_padded_length(batch, max_new_tokens)
         kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": self.pad_id}
         kwargs.update(gen_kwargs)
+        generate = self.model.generate
+        if self.quirks.generic_generate:  # its own generate would drop the logits processors (the probe guard)
+            from transformers import GenerationMixin
+
+            generate = functools.partial(GenerationMixin.generate, self.model, guidance_scale=None)
         with self._vision_capture(vision) as captured:
-            out = self.model.generate(
+            out = generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
                 logits_processor=logits_processor,

@@ -32,6 +32,15 @@ class Quirks:
     linear_head: bool = True
     # The processor returns tensors NumPy cannot hold (Llama 4's bfloat16 pixels): ask it for torch tensors.
     torch_outputs: bool = False
+    # The processor gives each image a different number of tiles and cannot stack them (PerceptionLM): the batch's
+    # tiles are joined into one array in row order, the order in which the model fills the image tokens.
+    ragged_tiles: bool = False
+    # The model's own `generate` drops `logits_processor` (Janus's, in text mode): the backend calls the generic
+    # `GenerationMixin.generate` that its text mode calls, with classifier-free guidance off as it sets it.
+    generic_generate: bool = False
+    # The text config's attribute giving the padded length from which a left-padded row's results differ from a
+    # single run (Llama 4's `floor_scale`: its attention temperature counts padding positions); such batches stop.
+    padded_limit: str = ""
     # Why the backend refuses the family: it runs, but its batched results cannot be made to equal single runs
     # (docs/models.md lists the reason). Empty: not refused.
     refused: str = ""
@@ -72,7 +81,8 @@ QUIRKS: dict[str, Quirks] = {
     "glm46v": Quirks(needs=("torchvision",), image_placeholder=_GLM_IMAGE, **_GLM_GRID),
     "aya_vision": Quirks(logit_scale=True, **_TOKENS),
     "cohere2_vision": Quirks(logit_scale=False, **_TOKENS),
-    "llama4": Quirks(torch_outputs=True, vision_input="multi_modal_projector", **_TOKENS),
+    "llama4": Quirks(torch_outputs=True, padded_limit="floor_scale", vision_input="multi_modal_projector",
+                      **_TOKENS),
     "chameleon": Quirks(chat_template=False, image_placeholder="<image>", linear_head=False,
                         vision_refused="its images enter as discrete VQ tokens of the text vocabulary: no projector "
                         "reads a continuous vision-encoder output"),
@@ -86,7 +96,7 @@ QUIRKS: dict[str, Quirks] = {
     # Their vision towers are timm models (checked before anything loads, so the error names the package).
     "fast_vlm": Quirks(needs=("timm",)),
     "gemma3n": Quirks(needs=("timm",)),
-    "perception_lm": Quirks(needs=("timm",)),
+    "perception_lm": Quirks(needs=("timm",), ragged_tiles=True),
     "smolvlm": Quirks(needs=("torchvision", "num2words"), **_SUBIMAGES),
     # InstructBLIP's processor inserts its query tokens itself, so its raw prompt needs no image text.
     # BLIP-2 / InstructBLIP: the vision model's last state (CLS and patches) that the Q-Former cross-attends to.
@@ -103,7 +113,7 @@ QUIRKS: dict[str, Quirks] = {
     "idefics3": Quirks(**_SUBIMAGES),
     "mistral3": Quirks(**_TOKENS),  # the patches of all images in one sequence (the projector merges them 2x2)
     "mllama": Quirks(vision_layout="tiles"),  # (B, images, tiles, tokens, D): the real tiles (aspect_ratio_mask)
-    "janus": Quirks(vision_input="model.aligner"),
+    "janus": Quirks(vision_input="model.aligner", generic_generate=True),
     "deepseek_vl": Quirks(vision_input="model.aligner"),
     "ovis2": Quirks(vision_input="model.visual_embeddings_table", **_TOKENS),  # the visual tokenizer's soft tokens
 }
@@ -112,10 +122,11 @@ QUIRKS: dict[str, Quirks] = {
 # The model types that pass the family checks (the exact tiny families of `lvlmlp.testing`; tests/extraction/test_families.py
 # keeps this set equal to them). Any other model type runs, with a warning that nothing checked it.
 CHECKED: frozenset[str] = frozenset({
-    "aya_vision", "blip-2", "chameleon", "cohere2_vision", "deepseek_vl", "gemma3", "gemma4", "glm46v", "glm4v",
-    "glm4v_moe", "idefics2", "idefics3", "instructblip", "internvl", "janus", "lfm2_vl", "llama4", "llava", "llava_next",
-    "llava_next_video", "llava_onevision", "mistral3", "mllama", "molmo2", "ovis2", "paligemma", "qwen2_5_vl",
-    "qwen2_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "smolvlm", "video_llava", "vipllava",
+    "aya_vision", "blip-2", "chameleon", "cohere2_vision", "deepseek_vl", "fast_vlm", "gemma3", "gemma3n", "gemma4",
+    "glm46v", "glm4v", "glm4v_moe", "idefics2", "idefics3", "instructblip", "internvl", "janus", "lfm2_vl", "llama4",
+    "llava", "llava_next", "llava_next_video", "llava_onevision", "mistral3", "mllama", "molmo2", "ovis2", "paligemma",
+    "perception_lm", "qwen2_5_vl", "qwen2_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "smolvlm",
+    "video_llava", "vipllava",
 })
 
 

@@ -169,6 +169,7 @@ class ProbeGuard(LogitsProcessor):
         self._start_len = 0
         self._plan: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: (rows, tokens) to force
         self._last_logits: torch.Tensor | None = None
+        self._forwards = 0  # forward passes seen inside `watching` (the model ran)
 
     def _is_new_call(self, input_ids: torch.Tensor) -> bool:
         prev = self._prev_ids
@@ -189,6 +190,7 @@ class ProbeGuard(LogitsProcessor):
         """
 
         def keep(_module: Any, _args: Any, output: Any) -> None:
+            self._forwards += 1
             logits = getattr(output, "logits", None)
             if isinstance(logits, torch.Tensor):
                 self._last_logits = logits
@@ -201,6 +203,11 @@ class ProbeGuard(LogitsProcessor):
             for handle in handles:
                 handle.remove()
             self._last_logits = None
+        if self._prev_ids is None and self._forwards:
+            # The model ran but never called the guard: its own `generate` dropped the logits processors (Janus's
+            # does in text mode; `Backend.generate` goes around it). Unsteered answers must not pass for steered ones.
+            raise LvlmlpError(f"{type(model).__name__}.generate did not call the probe guard (it drops logits "
+                              "processors): nothing was steered")
 
     # ------------------------------------------------------------------------------------------------- scoring
     def score(self, logits: torch.Tensor) -> np.ndarray:

@@ -192,6 +192,10 @@ def encode_examples(backend: Backend, images: list, questions: list[str], target
             # PaliGemma marks the suffix it must attend to causally with 1.
             fill = 1 if key == "token_type_ids" and backend.family == "paligemma" else 0
             value = torch.cat([value, torch.full((bsz, width), fill, dtype=value.dtype)], 1)
+        elif value.dim() > 2 and value.shape[:2] == ids.shape:
+            # A per-token mask over the images (Mllama's cross_attention_mask: batch, tokens, images, tiles): answer
+            # tokens see what the last prompt token sees, as `generate` extends it token by token.
+            value = torch.cat([value, value[:, -1:].expand(-1, width, *value.shape[2:])], 1)
         out[key] = value
     out["labels"] = labels
     out["answer_len"] = torch.tensor(width)
@@ -296,6 +300,11 @@ def finetune(backend: Backend, rows: Sequence[dict], targets: Sequence[str], out
         order = np.random.default_rng([settings.seed, epoch]).permutation(len(rows))
         torch.manual_seed(settings.seed * 1000 + epoch)
         model.train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                # Batch norm in train mode would move its running statistics towards the training batches (FastVLM's
+                # FastViT tower): frozen layers that LoRA does not train, and the merged model, must not change.
+                module.eval()
         chunks = [order[s : s + settings.batch_size] for s in range(0, len(order), settings.batch_size)]
         bar = tqdm(chunks, desc=f"finetune epoch {epoch}/{settings.epochs}", unit="batch", file=sys.stderr,
                    disable=not progress)
