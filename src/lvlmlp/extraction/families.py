@@ -94,9 +94,13 @@ QUIRKS: dict[str, Quirks] = {
         "a batch every token after the first differs from a single run",
     ),
     # Their vision towers are timm models (checked before anything loads, so the error names the package).
+    # FastVLM: its hybrid tower's last state, flattened to (B, tokens, D), into `multi_modal_projector` (the default).
     "fast_vlm": Quirks(needs=("timm",)),
-    "gemma3n": Quirks(needs=("timm",)),
-    "perception_lm": Quirks(needs=("timm",), ragged_tiles=True),
+    # Gemma 3n: the tower's soft tokens (scaled by sqrt(D)) embedded by `embed_vision`, which also embeds the hard
+    # vision token ids (its `input_ids` calls, not taken).
+    "gemma3n": Quirks(needs=("timm",), vision_input="model.embed_vision:inputs_embeds"),
+    # PerceptionLM: every tile of the batch's images in row order, as many per row as its image tokens say.
+    "perception_lm": Quirks(needs=("timm",), ragged_tiles=True, **_TOKENS),
     "smolvlm": Quirks(needs=("torchvision", "num2words"), **_SUBIMAGES),
     # InstructBLIP's processor inserts its query tokens itself, so its raw prompt needs no image text.
     # BLIP-2 / InstructBLIP: the vision model's last state (CLS and patches) that the Q-Former cross-attends to.
