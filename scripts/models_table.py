@@ -88,13 +88,14 @@ NOTES: dict[str, str] = {
     "glm4v_moe": "mixture-of-experts text model (4 routed experts, 2 per token, and a shared one)",
     "llava_next_video": "image input only (lvlmlp reads images)",
     "janus": "understanding path (its image-generation head is not used); its own `generate` drops logits "
-    "processors, so lvlmlp calls the generic one it wraps (with guidance off), and guided decoding runs",
+    "processors, so lvlmlp calls the generic one it wraps (with guidance off), and guided decoding and "
+    "`lvlmlp serve` run",
     "ovis2": "visual tokenizer: image features are soft mixtures of a visual vocabulary",
     "molmo2": "native transformers port (the remote-code Molmo 1 checkpoints are not covered)",
     "kosmos-2": "first-token logits alone could be matched; tests/extraction/test_backend.py shows the later tokens differ",
     "llama4": "bfloat16 pixels from its processor, widened exactly to float32 between processes; a padded batch "
     "that reaches position 8191 (`floor_scale` - 1) stops: from there its attention temperature counts the padding "
-    "(`--batch-size 1` runs it)",
+    "(`--batch-size 1` runs it; `lvlmlp serve` decodes such a batch's requests one at a time)",
     "chameleon": "images as VQ tokens of the text vocabulary; no chat template; the model sets image tokens' logits "
     "to the lowest float, so logits are not rebuilt from hidden states",
     "video_llava": "image input only (lvlmlp reads images)",

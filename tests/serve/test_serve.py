@@ -383,3 +383,114 @@ def test_serve_refuses_at_start_a_probe_of_another_model(world, tmp_path):
     assert load_engine(world["ckpt"], tmp_path / "probe", template=TEMPLATE, device="cpu").guard.template == TEMPLATE
     engine = load_engine(other, tmp_path / "probe", template=TEMPLATE, device="cpu", allow_other_model=True)
     assert engine.guard.template == TEMPLATE
+
+
+# ------------------------------------------------------------------------------------------- family quirks in serve
+def _family_world(tiny_ckpt, root, family: str, sizes: list[tuple[int, int]], questions: list[str]) -> dict:
+    """A family's checkpoint folder, one manifest row per (image size, question), and a probe fitted on its
+    first-token logits that flags rows 1 and 3 (LABELS)."""
+    import shutil
+
+    ckpt = root / family
+    shutil.copytree(tiny_ckpt(family), ckpt)
+    rows = []
+    for i, (size, question) in enumerate(zip(sizes, questions)):
+        _png(50 + i, size).save(root / f"{family}{i}.png")
+        rows.append({"id": f"r{i}", "image": str(root / f"{family}{i}.png"), "question": question,
+                     "label": LABELS[i]})
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"ckpt": ckpt, "rows": rows, "root": root}
+
+
+def _fit_probe(backend: Backend, world: dict) -> np.ndarray:
+    rows = world["rows"]
+    X = backend.prefill(backend.encode([load_image(r["image"]) for r in rows], [r["question"] for r in rows]))
+    X = X["logits"].numpy()
+    probe = LogisticProbe(C=1e4, standardize=True, max_iter=2000).fit(X, np.array(LABELS))
+    scores = probe.predict_proba(X)[:, 1]
+    assert (scores < 0.5).tolist() == [False, True, False, True]
+    probe.save(world["root"] / "probe")
+    return scores
+
+
+def test_serving_janus_flags_and_forces_the_template_as_lvlmlp_generate_does(tiny_ckpt, tmp_path):
+    """Janus's own `generate` drops logits processors (the guard would be silently skipped, which the guard's
+    watch turns into an error); serve decodes through the backend's `model_generate`, which calls the generic one
+    (`Quirks.generic_generate`): over HTTP, in one batch of 4, each answer, flag and score equal `lvlmlp generate`."""
+    questions = ["what is it ?", "what color is the shape in the image ?", "is it red ?", "how many shapes ?"]
+    world = _family_world(tiny_ckpt, tmp_path, "janus", [(20 + 9 * i, 50 - 7 * i) for i in range(4)], questions)
+    backend = Backend(world["ckpt"], device="cpu")
+    scores = _fit_probe(backend, world)
+    engine = load_engine(world["ckpt"], tmp_path / "probe", template=TEMPLATE, device="cpu")
+    k = len(engine.guard.template_ids) + 3  # flagged answers continue after the template
+    out = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model", str(world["ckpt"]), "--data", str(tmp_path / "data.jsonl"), "--probe",
+                 str(tmp_path / "probe"), "--template", TEMPLATE, "--out", str(out), "--device", "cpu",
+                 "--max-new-tokens", str(k), "--no-progress"]) == 0
+    generated = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["flagged"] for g in generated] == [False, True, False, True]
+    app = create_app(engine, ServeConfig(model_id="janus", default_max_tokens=k, max_batch=4, batch_wait_ms=2000))
+    payloads = [{"model": "janus", "temperature": 0, "messages": message(data_url(load_image(r["image"])),
+                                                                         r["question"])} for r in world["rows"]]
+    with running(app) as url, ThreadPoolExecutor(4) as pool:
+        answers = [r.json()["choices"][0] for r in pool.map(lambda p: _post(url, p, None), payloads)]
+        sizes = _metric(url, "lvlmlp_serve_batch_size")
+    assert sizes["lvlmlp_serve_batch_size_count{}"] < 4  # some requests shared a batch
+    for answer, expected, score in zip(answers, generated, scores):
+        assert (answer["message"]["content"], answer["flagged"]) == (expected["response"], expected["flagged"])
+        assert answer["probe_score"] == pytest.approx(score, abs=1e-5)
+    assert answers[1]["message"]["content"].startswith(TEMPLATE)
+    assert answers[3]["message"]["content"].startswith(TEMPLATE)
+
+
+def test_serving_a_llama4_batch_past_its_padded_limit_runs_its_requests_alone(tiny_ckpt, tmp_path, caplog):
+    """Llama 4 (`Quirks.padded_limit`): a padded batch reaching `floor_scale - 1` is refused by the backend with one
+    line (padded rows differ there); serve gets such a batch whenever requests of other prompt lengths meet, so its
+    engine runs them one at a time: each answer, flag and score equal the request decoded alone through the backend
+    (`guarded_responses` on an unpadded batch of one). The checkpoint's floor_scale is 8, as in the backend's test."""
+    import logging
+
+    from lvlmlp.serve import Job
+    from lvlmlp.steering.guard import guarded_responses
+
+    questions = ["what is it ?", "what color is the shape in the image ?", "is it red ?", "how many shapes ?"]
+    world = _family_world(tiny_ckpt, tmp_path, "llama4", [(30, 30)] * 4, questions)
+    config = json.loads((world["ckpt"] / "config.json").read_text())
+    config["text_config"]["floor_scale"] = 8
+    (world["ckpt"] / "config.json").write_text(json.dumps(config))
+    backend = Backend(world["ckpt"], device="cpu")
+    rows = world["rows"]
+    # The probe is fitted on single rows: a padded prefill this long is refused too.
+    single = [backend.prefill(backend.encode([load_image(r["image"])], [r["question"]]))["logits"][0] for r in rows]
+    X = np.stack([x.numpy() for x in single])
+    probe = LogisticProbe(C=1e4, standardize=True, max_iter=2000).fit(X, np.array(LABELS))
+    assert (probe.predict_proba(X)[:, 1] < 0.5).tolist() == [False, True, False, True]
+    probe.save(tmp_path / "probe")
+    engine = load_engine(world["ckpt"], tmp_path / "probe", template=TEMPLATE, device="cpu")
+    k = len(engine.guard.template_ids) + 2
+    images = [load_image(r["image"]) for r in rows]
+    batch = backend.encode(images, questions)
+    assert (batch["attention_mask"] == 0).any() and batch["input_ids"].shape[1] > 8
+    want = (f"{world['ckpt']}: a padded llama4 batch reaches position {batch['input_ids'].shape[1] + k - 2}, from 7 "
+            "on padded rows differ from single runs (floor_scale, see docs/models.md); use --batch-size 1")
+    with pytest.raises(LvlmlpError) as err:  # what `lvlmlp generate` says of this batch
+        engine.backend.model_generate(batch, max_new_tokens=k, do_sample=False)
+    assert str(err.value) == want
+    jobs = [Job(image=im, question=q, max_tokens=k) for im, q in zip(images, questions)]
+    with caplog.at_level(logging.INFO, logger="lvlmlp"):
+        results = engine.run(jobs)
+    assert "a padded batch of 4 requests would reach the model's padded limit" in caplog.text
+    guard = ProbeGuard(load_probe(tmp_path / "probe"), backend.tokenizer, TEMPLATE)
+    for r, (image, question, result) in enumerate(zip(images, questions, results)):
+        alone = guarded_responses(backend, backend.encode([image], [question]), guard, max_new_tokens=k)
+        assert result.text == alone["responses"][0], r
+        assert result.flagged is bool(guard.flagged_[0]) and result.probe_score == pytest.approx(guard.scores_[0], rel=1e-4)
+        assert result.completion_tokens == int(alone["n_tokens"][0])
+    assert [res.flagged for res in results] == [False, True, False, True]
+    assert results[1].text.startswith(TEMPLATE)
+    # A batch without padding (the same request twice) is exact past the limit: it runs as one batch.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lvlmlp"):
+        twice = engine.run(jobs[1:2] * 2)
+    assert "padded limit" not in caplog.text
+    assert [res.text for res in twice] == [results[1].text] * 2

@@ -633,18 +633,25 @@ class Backend:
             raise LvlmlpError(f"--vision: the {self.family} vision output was not computed on this batch (no image?)")
         return _pool_vision(captured, self.quirks.vision_layout, batch, self.config)
 
-    def _check_padded_length(self, batch: dict[str, torch.Tensor], new_tokens: int) -> None:
-        """Stop a padded batch that reaches the family's `padded_limit`, past which padded rows are not exact."""
+    def padded_length_error(self, batch: dict[str, torch.Tensor], new_tokens: int) -> str | None:
+        """Why a padded batch of `new_tokens` generated tokens is not run (it reaches the family's `padded_limit`,
+        past which padded rows are not exact), or None. `lvlmlp serve` runs such a batch's requests one at a time."""
         if not self.quirks.padded_limit:
-            return
+            return None
         limit = int(getattr(self.model.config.get_text_config(), self.quirks.padded_limit))
         mask = batch["attention_mask"]
         last = mask.shape[1] + new_tokens - 2  # the last position a forward pass computes (prompt, then new tokens)
         if bool((mask == 0).any()) and last >= limit - 1:
-            raise LvlmlpError(
-                f"{self.model_id}: a padded {self.family} batch reaches position {last}, from {limit - 1} on padded "
-                f"rows differ from single runs ({self.quirks.padded_limit}, see docs/models.md); use --batch-size 1"
-            )
+            return (f"{self.model_id}: a padded {self.family} batch reaches position {last}, from {limit - 1} on "
+                    f"padded rows differ from single runs ({self.quirks.padded_limit}, see docs/models.md); use "
+                    "--batch-size 1")
+        return None
+
+    def _check_padded_length(self, batch: dict[str, torch.Tensor], new_tokens: int) -> None:
+        """Stop a padded batch that reaches the family's `padded_limit` (`padded_length_error`)."""
+        error = self.padded_length_error(batch, new_tokens)
+        if error:
+            raise LvlmlpError(error)
 
     @torch.inference_mode()
     def prefill(
@@ -711,17 +718,12 @@ class Backend:
             raise LvlmlpError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         layer_ids = self._check_layers(layers)
         want_states = hidden or bool(layer_ids)
-        self._check_padded_length(batch, max_new_tokens)
         kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": self.pad_id}
         kwargs.update(gen_kwargs)
-        generate = self.model.generate
-        if self.quirks.generic_generate:  # its own generate would drop the logits processors (the probe guard)
-            from transformers import GenerationMixin
-
-            generate = functools.partial(GenerationMixin.generate, self.model, guidance_scale=None)
+        self._check_padded_length(batch, max_new_tokens)  # before the vision capture checks its module
         with self._vision_capture(vision) as captured:
-            out = generate(
-                **batch,
+            out = self.model_generate(
+                batch,
                 max_new_tokens=max_new_tokens,
                 logits_processor=logits_processor,
                 output_logits=True,
@@ -767,6 +769,19 @@ class Backend:
         if vision:
             result["vision"] = self._vision_result(captured, batch)
         return result
+
+    def model_generate(self, batch: dict[str, torch.Tensor], *, max_new_tokens: int, **kwargs: Any) -> Any:
+        """transformers' `generate(**batch, max_new_tokens=..., **kwargs)` with the family's quirks applied: a padded
+        batch reaching its `padded_limit` stops (one line), and a model whose own `generate` drops logits processors
+        (`generic_generate`) runs the generic one. Returns what transformers returns. `generate` above and
+        `lvlmlp serve` (its own streamer, stopping criteria and processors) both decode through it."""
+        self._check_padded_length(batch, max_new_tokens)
+        generate = self.model.generate
+        if self.quirks.generic_generate:  # its own generate would drop the logits processors (the probe guard)
+            from transformers import GenerationMixin
+
+            generate = functools.partial(GenerationMixin.generate, self.model, guidance_scale=None)
+        return generate(**batch, max_new_tokens=max_new_tokens, **kwargs)
 
     # -------------------------------------------------------------------------------------------------------- head
     def head_is_linear(self) -> bool:

@@ -1,8 +1,10 @@
 """Batched, guarded generation for the server: one worker thread runs the model on batches of queued requests.
 
 `Engine.run(jobs)` decodes one batch through `ProbeGuard` exactly as `lvlmlp generate` does (`guard.watching(model)`,
-the guard first in the logits processors, so it scores the raw first-token logits and forces the template). Each
-request keeps its own sampling settings inside a shared batch:
+the guard first in the logits processors, so it scores the raw first-token logits and forces the template), through
+the backend's `model_generate`, which applies the family's quirks (Janus's generic generate; a padded batch past Llama
+4's limit would stop, so its requests run one at a time instead). Each request keeps its own sampling settings inside
+a shared batch:
 
 * `RowSampler` (a `LogitsProcessor` after the guard) samples each sampled row with the request's temperature, top-p
   and its own seeded `torch.Generator`, and leaves greedy rows (temperature 0) to `generate`'s argmax. A row's draws
@@ -178,18 +180,28 @@ class Engine:
     def run(self, jobs: list[Job]) -> list[Result]:
         backend, guard = self.backend, self.guard
         batch = backend.encode([j.image for j in jobs], [j.question for j in jobs])
+        max_new_tokens = max(j.max_tokens for j in jobs)
+        protocol = isinstance(backend, ProtocolBackend)
+        if len(jobs) > 1 and not protocol and backend.padded_length_error(batch, max_new_tokens):
+            # Padded rows this long differ from single runs (Llama 4's floor_scale), which `lvlmlp generate` refuses:
+            # here every request runs alone (no padding), so each still gets its answer alone.
+            log.info("serve: a padded batch of %d requests would reach the model's padded limit; running them one "
+                     "at a time", len(jobs))
+            return [result for job in jobs for result in self.run([job])]
         streamer = RowStreamer(backend.tokenizer, self.eos_ids, jobs, guard)
         processors = LogitsProcessorList([guard, RowSampler(jobs, backend.device)])
-        settings = {"max_new_tokens": max(j.max_tokens for j in jobs), "logits_processor": processors,
+        settings = {"max_new_tokens": max_new_tokens, "logits_processor": processors,
                     "stopping_criteria": StoppingCriteriaList([RowLimit([j.max_tokens for j in jobs])]),
                     "streamer": streamer}
         with guard.watching(backend.model):
-            if isinstance(backend, ProtocolBackend):
+            if protocol:
                 # Its own generate, which hands these keywords to transformers' generate (docs/backends.md); its
                 # raw logits are dropped
                 backend.generate(batch, **settings)
             else:
-                backend.model.generate(**batch, do_sample=False, pad_token_id=self.pad_id, **settings)
+                # The backend's own decoding path, which applies the family's quirks as `lvlmlp generate` does (the
+                # generic generate where the model's drops the guard: Janus), without its raw-logits bookkeeping.
+                backend.model_generate(batch, do_sample=False, pad_token_id=self.pad_id, **settings)
         assert guard.scores_ is not None and guard.flagged_ is not None
         prompt_tokens = batch["attention_mask"].sum(1).tolist() if "attention_mask" in batch else [0] * len(jobs)
         return [
