@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing.connection import wait as mp_wait
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,14 +32,34 @@ if TYPE_CHECKING:
 log = logging.getLogger("lvlmlp")
 
 
+def usable_cores(cgroup: str | os.PathLike = "/sys/fs/cgroup") -> int:
+    """The cores this process may run on: its CPU affinity, capped by a CPU quota of its cgroup (a container's
+    `--cpus`), which torch's default of one thread per core ignores (64 threads on a 2-CPU quota of a 64-core host)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    root = Path(cgroup)
+    try:  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"; v1: two files, quota -1 when unlimited
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota, period = ((root / "cpu" / name).read_text().strip() for name in ("cpu.cfs_quota_us",
+                                                                                    "cpu.cfs_period_us"))
+        except OSError:
+            return cores
+    try:
+        share = int(quota) / int(period)
+    except ValueError:  # "max": no quota
+        return cores
+    return max(1, min(cores, math.ceil(share))) if share > 0 else cores
+
+
 @contextmanager
 def cores_for_workers(backend: Backend, workers: int) -> Iterator[None]:
-    """On the CPU, the model's threads leave a core to each data-loader worker while extracting: oversubscribed,
+    """On the CPU, the model's threads take the cores the data-loader workers leave (all of them with no worker),
+    never more than the caller's own setting (tests, `demo --threads`): oversubscribed, the model and the workers
     both slow down (torch's default of one thread per core halved extraction speed on 2 cores)."""
     before = torch.get_num_threads()
-    if backend.device.type == "cpu" and workers > 0:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, min(before, cpus - workers)))
+    if backend.device.type == "cpu":
+        torch.set_num_threads(max(1, min(before, usable_cores() - workers)))
     try:
         yield
     finally:
