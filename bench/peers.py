@@ -163,7 +163,7 @@ def goal_lines(n: int, runs: dict[str, list[dict]]) -> list[str]:
         if goal is not None and n < 2000:
             goal = 1.0
         verdict = "" if goal is None else f"  goal >= {goal:.1f}x: {'met' if ratio >= goal else 'NOT met'}"
-        lines.append(f"  lvlmlp vs {side}: {ratio:.2f}x faster (paired, median of {len(runs[side])} rounds){verdict}")
+        lines.append(f"  lvlmlp vs {side}: speed-up {ratio:.2f}x (paired: the median over {len(runs[side])} rounds of its time over lvlmlp's){verdict}")
     return lines
 
 
