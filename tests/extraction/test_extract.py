@@ -421,6 +421,7 @@ def test_model_threads_leave_cores_to_the_workers_on_cpu(tiny_ckpt, tmp_path):
     ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # cgroup v1, no quota
     ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # half a CPU: still one
     ({"cpu.max": "garbage\n"}, None),
+    ({"cpu.max": "100000 0\n"}, None),
 ])
 def test_usable_cores_are_the_affinity_capped_by_the_cgroup_quota(tmp_path, files, cap):
     from lvlmlp.extraction.loader import usable_cores

@@ -52,7 +52,7 @@ def usable_cores(cgroup: str | os.PathLike = "/sys/fs/cgroup") -> int:
             return cores
     try:
         share = int(quota) / int(period)
-    except ValueError:  # "max": no quota
+    except (ValueError, ZeroDivisionError):  # "max": no quota (a period of 0 is no quota either)
         return cores
     return max(1, min(cores, math.ceil(share))) if share > 0 else cores
 
