@@ -153,3 +153,55 @@ def test_no_progress_silences_every_bar_for_that_command_only(tiny_ckpt, tmp_pat
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+
+
+_EXIT_SCRIPT = """
+import atexit, sys, threading, time
+from pathlib import Path
+from lvlmlp.cli import console
+
+out = Path(sys.argv[1])
+
+class Teardown:  # its __del__ runs only in the interpreter's teardown (a module global's)
+    def __del__(self):
+        out.joinpath("teardown").write_text("ran")
+
+keep = Teardown()
+atexit.register(lambda: out.joinpath("atexit").write_text("ran"))
+if sys.argv[2] == "thread":  # a thread still working when the command returns
+    threading.Thread(target=lambda: (time.sleep(1), out.joinpath("thread").write_text("done"))).start()
+sys.stdout.write("no newline, still buffered")  # written only by the flush before the exit
+sys.argv = ["lvlmlp", *sys.argv[3:]]
+console()
+"""
+
+
+def _program(out: Path, mode: str, *argv: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(SRC.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(out), mode, *argv], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+@pytest.mark.parametrize("argv, code, stream, text", [
+    (["tasks"], 0, "stdout", "vizwiz"),
+    (["extract", "--batch-size", "0"], 2, "stderr", "lvlmlp: error: --batch-size"),
+])
+def test_the_program_exits_without_the_teardown_after_its_exit_functions_and_flushes(tmp_path, argv, code, stream,
+                                                                                      text):
+    """`lvlmlp` (`cli.console`) skips the interpreter's teardown (an object's __del__ that only it would run does not
+    run), but not what the exit must do: the exit status, every buffered byte of stdout and stderr, and the atexit
+    functions (logging's, temporary folders', the data loader's)."""
+    res = _program(tmp_path, "-", *argv)
+    assert res.returncode == code, res.stderr
+    assert res.stdout.startswith("no newline, still buffered")
+    assert text in getattr(res, stream)
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert not (tmp_path / "teardown").exists()
+
+
+def test_the_program_waits_for_a_working_thread_with_the_ordinary_exit(tmp_path):
+    res = _program(tmp_path, "thread", "tasks")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "teardown").read_text() == "ran"  # the interpreter's own teardown ran

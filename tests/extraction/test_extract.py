@@ -376,7 +376,8 @@ def test_worker_errors_surface_in_the_main_process(tiny_ckpt, tmp_path, caplog):
 
 def test_model_threads_leave_cores_to_the_workers_on_cpu(tiny_ckpt, tmp_path):
     """With torch's default of a thread per core, the model and the data-loader workers would fight for the same
-    cores; extraction gives the model the cores the workers leave (at least one) and restores the setting."""
+    cores; extraction gives the model the cores the workers leave (at least one; all of them with --workers 0),
+    never more than the caller set, and restores the setting."""
     from lvlmlp.data import read_manifest
     from lvlmlp.extraction.backend import Backend
     from lvlmlp.extraction.extract import extract
@@ -390,16 +391,46 @@ def test_model_threads_leave_cores_to_the_workers_on_cpu(tiny_ckpt, tmp_path):
 
     rows = read_manifest(make_manifest(tmp_path, 4))
     backend = RecordsThreads(tiny_ckpt("llava"), device="cpu", dtype="float32")
-    cpus = len(os.sched_getaffinity(0))
+    from lvlmlp.extraction.loader import usable_cores
+
+    cpus = usable_cores()  # this machine's (tested against cgroup files below)
     torch.set_num_threads(3)
     try:
         extract(backend, rows, tmp_path / "w1", batch_size=2, progress=False, workers=1)
         assert seen == [max(1, min(3, cpus - 1))] * 2 and torch.get_num_threads() == 3
         seen.clear()
         extract(backend, rows, tmp_path / "w0", batch_size=2, progress=False, workers=0)
-        assert seen == [3, 3]  # inline preparation takes no core of its own
+        assert seen == [min(3, cpus)] * 2 and torch.get_num_threads() == 3  # inline: every core is the model's
+        seen.clear()
+        torch.set_num_threads(cpus + 5)  # more threads than cores (a CPU quota torch's default ignores)
+        extract(backend, rows, tmp_path / "w0b", batch_size=2, progress=False, workers=0)
+        assert seen == [cpus] * 2 and torch.get_num_threads() == cpus + 5
+        seen.clear()
+        torch.set_num_threads(1)  # the caller's lower setting stands
+        extract(backend, rows, tmp_path / "w0c", batch_size=2, progress=False, workers=0)
+        assert seen == [1, 1]
     finally:
         torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("files, cap", [
+    ({}, None),  # no cgroup files: the affinity alone
+    ({"cpu.max": "max 100000\n"}, None),  # cgroup v2, no quota
+    ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: two threads may run, each part of the time
+    ({"cpu.max": "100000 100000\n"}, 1),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # cgroup v1, no quota
+    ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # half a CPU: still one
+    ({"cpu.max": "garbage\n"}, None),
+    ({"cpu.max": "100000 0\n"}, None),
+])
+def test_usable_cores_are_the_affinity_capped_by_the_cgroup_quota(tmp_path, files, cap):
+    from lvlmlp.extraction.loader import usable_cores
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cores(tmp_path) == (affinity if cap is None else min(affinity, cap))
 
 
 def test_hub_id_from_the_local_cache_records_its_revision(tiny_ckpt, tmp_path, monkeypatch):

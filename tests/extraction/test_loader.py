@@ -175,3 +175,30 @@ def test_a_worker_killed_while_holding_the_chunk_counter_stops_the_run_not_hangs
         _claim(claimed, 4, lambda: _raise_if_dead([proc]))
     assert time.monotonic() - started < 5
     assert _claim(claimed, 4, lambda: True) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe sizes are Linux's")
+def test_a_workers_pipe_holds_a_whole_batch_without_a_reader():
+    """A batch bigger than a default pipe (64 KiB; the tiny LLaVA's batch of 8 is ~80 KB) is written whole with no
+    reader waiting: the worker's send returns at once instead of waiting for the main process to drain it."""
+    import fcntl
+
+    from lvlmlp.extraction.loader import _widen_pipe
+
+    with open("/proc/sys/fs/pipe-max-size") as f:
+        limit = int(f.read())
+    r, w = os.pipe()
+    try:
+        os.set_blocking(w, False)
+        batch = b"x" * (limit - 4096)
+        with pytest.raises(BlockingIOError):  # as it was: the default pipe fills at 64 KiB
+            while True:
+                os.write(w, batch[:65536])
+        os.read(r, limit)  # drained again
+        _widen_pipe(w)
+        assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) == limit
+        assert os.write(w, batch) == len(batch)  # one write, nobody reading
+        assert os.read(r, limit) == batch
+    finally:
+        os.close(r)
+        os.close(w)

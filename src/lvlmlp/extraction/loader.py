@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import multiprocessing as mp
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from multiprocessing.connection import wait as mp_wait
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no fork, so no worker pipes to widen
+    fcntl = None  # type: ignore[assignment]
 
 from lvlmlp.data import image_check, load_image
 from lvlmlp.errors import LvlmlpError
@@ -30,14 +37,34 @@ if TYPE_CHECKING:
 log = logging.getLogger("lvlmlp")
 
 
+def usable_cores(cgroup: str | os.PathLike = "/sys/fs/cgroup") -> int:
+    """The cores this process may run on: its CPU affinity, capped by a CPU quota of its cgroup (a container's
+    `--cpus`), which torch's default of one thread per core ignores (64 threads on a 2-CPU quota of a 64-core host)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    root = Path(cgroup)
+    try:  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"; v1: two files, quota -1 when unlimited
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota, period = ((root / "cpu" / name).read_text().strip() for name in ("cpu.cfs_quota_us",
+                                                                                    "cpu.cfs_period_us"))
+        except OSError:
+            return cores
+    try:
+        share = int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):  # "max": no quota (a period of 0 is no quota either)
+        return cores
+    return max(1, min(cores, math.ceil(share))) if share > 0 else cores
+
+
 @contextmanager
 def cores_for_workers(backend: Backend, workers: int) -> Iterator[None]:
-    """On the CPU, the model's threads leave a core to each data-loader worker while extracting: oversubscribed,
+    """On the CPU, the model's threads take the cores the data-loader workers leave (all of them with no worker),
+    never more than the caller's own setting (tests, `demo --threads`): oversubscribed, the model and the workers
     both slow down (torch's default of one thread per core halved extraction speed on 2 cores)."""
     before = torch.get_num_threads()
-    if backend.device.type == "cpu" and workers > 0:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, min(before, cpus - workers)))
+    if backend.device.type == "cpu":
+        torch.set_num_threads(max(1, min(before, usable_cores() - workers)))
     try:
         yield
     finally:
@@ -191,6 +218,24 @@ def _raise_if_dead(procs: list[Any]) -> bool:
     return False
 
 
+def _widen_pipe(fd: int) -> None:
+    """Give a worker's pipe the largest buffer an unprivileged process may (Linux: 1 MiB by default, not 64 KiB).
+
+    A batch of the tiny test model is ~80 KB: through a 64 KiB pipe each one was a ping-pong in which the main
+    process, reading, waited for the worker to be scheduled again to write the rest (1.3 s of 2,000 rows' 4.9 s
+    on a loaded 2-core machine); with room for whole batches a worker's send returns at once and the main
+    process's read finds the batch complete. Where the call is unknown or refused the pipe stays as it is."""
+    if fcntl is None or not hasattr(fcntl, "F_SETPIPE_SZ"):
+        return
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            size = int(f.read())
+    except (OSError, ValueError):
+        size = 1 << 20
+    with suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+
+
 def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int, new_tokens: int = 0
                      ) -> Iterator[Prepared]:
     """Prepared batches in chunk order.
@@ -214,6 +259,8 @@ def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int, n
     # through sending a batch) gives end-of-file here instead of a read that waits forever.
     pipes = [ctx.Pipe(duplex=False) for _ in range(workers)]
     ends = [end for pair in pipes for end in pair]
+    for _, w in pipes:
+        _widen_pipe(w.fileno())
     procs = [ctx.Process(target=_worker, daemon=True,
                          args=(backend, chunks, claimed, slots, w, [e for e in ends if e is not w], new_tokens))
              for _, w in pipes]
