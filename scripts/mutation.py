@@ -31,7 +31,8 @@ RESULTS = ROOT / "docs" / "mutation-results.json"
 
 # module -> the test files that exercise it (the relevant tests only: the slow end-to-end files stay out).
 MODULES: dict[str, dict] = {
-    "features": {"path": "src/lvlmlp/probing/features.py", "tests": ["tests/probing/test_probes.py"]},
+    "features": {"path": "src/lvlmlp/probing/features.py",
+                 "tests": ["tests/probing/test_probes.py", "tests/probing/test_features.py"]},
     "probes": {"path": "src/lvlmlp/probing/probes.py",
                "tests": ["tests/probing/test_probes.py", "tests/e2e/test_faults.py"]},
     "lda": {"path": "src/lvlmlp/probing/lda.py", "tests": ["tests/probing/test_probes.py"]},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,14 @@ from sklearn.metrics import log_loss
 from lvlmlp.cli import main
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.store import RunWriter, open_run
-from lvlmlp.probing.features import FeatureSpec, FeatureView, RowSubset, as_index, feature_matrix, valid_rows
+from lvlmlp.probing.features import (
+    FeatureSpec,
+    FeatureView,
+    RowSubset,
+    as_index,
+    feature_matrix,
+    valid_rows,
+)
 from lvlmlp.probing.probes import LDAProbe, LogisticProbe, MultinomialProbe, load_probe
 
 
@@ -944,3 +952,152 @@ def test_standardisation_statistics_accumulate_in_float64():
     exact = X.astype(np.float64)
     assert np.abs(probe.mean_ - exact.mean(0)).max() <= np.spacing(np.float32(1000))
     np.testing.assert_allclose(probe.scale_, exact.std(0), rtol=1e-6, atol=0)
+
+
+# Labels a binary probe cannot mean, probe folders as one unit (issue 27 items 3, 4; was
+# tests/probing/test_probe_folders.py).
+
+def write_run(folder: Path, labels: list[int], v: int = 6, weights: str = "w1", seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    settings = {"model": "m", "dtype": "float32", "vocab_size": v, "max_new_tokens": 0, "data_hash": "h",
+                "n_input_rows": n, "weights_hash": weights}
+    w = RunWriter(folder, settings, shard_size=8)
+    logits = rng.normal(size=(n, 1, v)).astype(np.float32)
+    logits[:, 0, 0] += np.asarray(labels, dtype=np.float32)
+    w.append([{"id": f"r{i}", "question": "q", "label": int(lab)} for i, lab in enumerate(labels)],
+             {"logits": logits, "n_tokens": np.ones(n, dtype=np.int32), "row_index": np.arange(n, dtype=np.int64)})
+    return w.close().path
+
+
+def cli(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    if code == 2:
+        assert err.count("\n") == 1 and err.startswith("lvlmlp: error: "), err
+    return code, err.removeprefix("lvlmlp: error: ").rstrip("\n")
+
+
+@pytest.mark.parametrize("labels", [[-1, 1], [1, 2], [0, 10**20]])
+def test_binary_training_refuses_labels_other_than_0_and_1(tmp_path, capsys, labels):
+    """Catches: probe train writing a probe of labels {-1, 1} / {1, 2} / {0, 1e20} that probe eval then refuses."""
+    run = write_run(tmp_path / "run", labels * 6)
+    code, err = cli(capsys, "probe", "train", "--run", run, "--out", tmp_path / "p")
+    shown = ", ".join(f"{float(c):g}" for c in labels)
+    assert code == 2 and err == (f"{run}: a binary probe needs labels 0 and 1, the rows have {shown}; relabel them "
+                                 "0/1 (1: the class to score)")
+    assert not (tmp_path / "p").exists()
+
+
+def test_binary_probe_refuses_rows_whose_labels_it_cannot_score(tmp_path, capsys):
+    """Catches: probe eval of a binary probe on labels {0, 1, 2} counting 2 as 0, silently."""
+    assert cli(capsys, "probe", "train", "--run", write_run(tmp_path / "a", [0, 1] * 6), "--out", tmp_path / "p")[0] == 0
+    other = write_run(tmp_path / "b", [0, 1, 2, 0, 1, 2])
+    code, err = cli(capsys, "probe", "eval", "--probe", tmp_path / "p", "--run", other, "--out", tmp_path / "e")
+    assert code == 2 and err == (f"{other}: row 'r2' has label 2, which the probe cannot score (its classes: 0, 1; "
+                                 "2 such row(s))")
+
+
+def test_a_probe_json_beside_another_probes_weights_is_refused(tmp_path, capsys):
+    """Catches: probe.json of one probe used with the probe.safetensors of another of the same width."""
+    run = write_run(tmp_path / "run", [0, 1] * 6)
+    for name, c in (("p1", "1"), ("p2", "0.01")):
+        assert cli(capsys, "probe", "train", "--run", run, "--out", tmp_path / name, "--C", c)[0] == 0
+    shutil.copy(tmp_path / "p2" / "probe.safetensors", tmp_path / "p1" / "probe.safetensors")
+    code, err = cli(capsys, "probe", "eval", "--probe", tmp_path / "p1", "--run", run, "--out", tmp_path / "e")
+    assert code == 2 and err == (f"{tmp_path / 'p1' / 'probe.safetensors'}: not the weights probe.json was saved "
+                                 "with (sha256 differs): the folder mixes two probes; train the probe again")
+
+
+def test_two_thresholds_that_disagree_are_refused(tmp_path, capsys):
+    """Catches: a top-level threshold 0.9 silently ignored for params.threshold 0.5."""
+    run = write_run(tmp_path / "run", [0, 1] * 6)
+    assert cli(capsys, "probe", "train", "--run", run, "--out", tmp_path / "p")[0] == 0
+    path = tmp_path / "p" / "probe.json"
+    doc = json.loads(path.read_text())
+    doc["threshold"] = 0.9
+    path.write_text(json.dumps(doc))
+    code, err = cli(capsys, "probe", "eval", "--probe", tmp_path / "p", "--run", run, "--out", tmp_path / "e")
+    assert code == 2 and err == (f"{path}: 'threshold' 0.9 and 'params.threshold' 0.5 disagree (params.threshold is "
+                                 "the one used): make them equal")
+
+
+def test_a_probe_of_replaced_model_weights_is_refused(tmp_path, capsys):
+    """Catches: a probe trained on a model folder whose weights were later replaced scoring the new runs."""
+    assert cli(capsys, "probe", "train", "--run", write_run(tmp_path / "a", [0, 1] * 6, weights="aaaa" * 16),
+               "--out", tmp_path / "p")[0] == 0
+    assert json.loads((tmp_path / "p" / "probe.json").read_text())["fit_info"]["weights_hash"] == "aaaa" * 16
+    new = write_run(tmp_path / "b", [0, 1] * 6, weights="bbbb" * 16)
+    code, err = cli(capsys, "probe", "eval", "--probe", tmp_path / "p", "--run", new, "--out", tmp_path / "e")
+    assert code == 2 and err == (f"{tmp_path / 'p'}: trained on features of other model weights (weights hash "
+                                 f"aaaaaaaaaaaa) than {new} (bbbbbbbbbbbb): the model folder changed; extract and "
+                                 "train again")
+
+
+# ------------------------------------------------------------------ MTRE's aggregation: the `mtre` probe (was in
+# tests/probing/test_multi_token.py)
+def mtre_data(tmp_path: Path, n: int = 160, k: int = 3, v: int = 6, seed: int = 2):
+    """Each generated token carries weak evidence of the row's label; rows generated 1..k tokens."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    n_tokens = rng.integers(1, k + 1, n)
+    logits = rng.normal(size=(n, k, v)).astype(np.float32)
+    logits[:, :, 0] += 0.8 * y[:, None]
+    meta = [{"id": f"r{i}", "label": int(y[i]), "split": "train" if i < 110 else "test"} for i in range(n)]
+    return make_run(tmp_path / "run", logits, meta, n_tokens=n_tokens), logits, y, n_tokens
+
+
+def test_mtre_probe_sums_the_per_token_log_odds_of_generated_tokens(tmp_path: Path):
+    from sklearn.linear_model import LogisticRegression
+
+    from lvlmlp.probing.probes import MTREProbe
+
+    run, logits, y, n_tokens = mtre_data(tmp_path)
+    X = feature_matrix(run, "multi-token", tokens=3)
+    probe = MTREProbe().fit(X[:110], y[:110], spec=FeatureView(run, "multi-token", tokens=3).spec)
+    # MTRE written out: one example per generated token of each train row, labelled with the row's label ...
+    tok_x = [logits[i, t] for i in range(110) for t in range(n_tokens[i])]
+    tok_y = [y[i] for i in range(110) for t in range(n_tokens[i])]
+    head = LogisticRegression().fit(np.array(tok_x), np.array(tok_y))
+    assert probe.fit_info_["n_token_rows"] == len(tok_x) == int(n_tokens[:110].sum())
+    np.testing.assert_allclose(probe.coef_, head.coef_, rtol=1e-5, atol=1e-7)
+    # ... and a row's score: the sum over its generated tokens of log p - log(1 - p).
+    expected = []
+    for i in range(110, 160):
+        p = head.predict_proba(logits[i, : n_tokens[i]])[:, 1]
+        expected.append(np.sum(np.log(p) - np.log1p(-p)))
+    np.testing.assert_allclose(probe.decision_function(X[110:]), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(probe.positive_score(X[110:]), 1 / (1 + np.exp(-np.array(expected))), rtol=1e-4)
+    with pytest.raises(LvlmlpError, match="mtre probe: needs multi-token features of K tokens"):
+        MTREProbe().fit(X[:110, :7], y[:110])
+
+
+def test_mtre_probe_mlp_head_round_trip_and_cli(tmp_path: Path, capsys):
+    from lvlmlp.probing.probes import MLPProbe, MTREProbe
+
+    run, logits, y, n_tokens = mtre_data(tmp_path)
+    X = feature_matrix(run, "multi-token", tokens=3)
+    probe = MTREProbe(tokens=3, head="mlp", hidden=(16, 8), epochs=30).fit(X[:110], y[:110])
+    tok_x = np.array([logits[i, t] for i in range(110) for t in range(n_tokens[i])])
+    tok_y = np.array([y[i] for i in range(110) for t in range(n_tokens[i])])
+    head = MLPProbe(hidden=(16, 8), epochs=30, standardize=False).fit(tok_x, tok_y)
+    assert np.array_equal(probe.weights_, head.weights_)
+    expected = [head.decision_function(logits[i, : n_tokens[i]]).sum() for i in range(110, 160)]
+    np.testing.assert_allclose(probe.decision_function(X[110:]), expected, rtol=1e-6, atol=1e-9)
+    probe.save(tmp_path / "p")
+    loaded = load_probe(tmp_path / "p")
+    assert isinstance(loaded, MTREProbe) and np.array_equal(loaded.predict_proba(X), probe.predict_proba(X))
+
+    assert main(["probe", "train", "--run", str(run.path), "--split", "train", "--feature", "multi-token",
+                 "--tokens", "3", "--probe", "mtre", "--out", str(tmp_path / "q")]) == 0
+    assert main(["probe", "eval", "--probe", str(tmp_path / "q"), "--run", str(run.path), "--split", "test",
+                 "--n-boot", "10", "--out", str(tmp_path / "e")]) == 0
+    trained = load_probe(tmp_path / "q")
+    assert trained.head == "logistic" and trained.fit_info_["tokens"] == 3
+    scores = [json.loads(line)["score"] for line in (tmp_path / "e" / "scores.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(scores, trained.positive_score(X[110:]), rtol=1e-12)
+    doc = json.loads((tmp_path / "q" / "probe.json").read_text())
+    doc["n_features_in"] = 17  # not a multiple of the head's 6 features
+    (tmp_path / "q" / "probe.json").write_text(json.dumps(doc))
+    with pytest.raises(LvlmlpError, match="a head on 6 features cannot score 17 multi-token features"):
+        load_probe(tmp_path / "q")
