@@ -248,6 +248,37 @@ def test_on_error_skip_records_failures(tiny_ckpt, tmp_path):
     assert [f["id"] for f in run.failures] == ["r2"] and "image not found" in run.failures[0]["error"]
 
 
+def test_lvlmlp_extract_checks_its_rows_once_before_the_model_loads(tiny_ckpt, tmp_path, monkeypatch):
+    """One row check on the command line: `lvlmlp extract` checks the rows before it loads the model and `extract`
+    takes the checked rows as they are; rows not yet checked (a Python caller's) are checked by `extract` itself.
+    Catches: the rows checked twice (by the command and again by extract), or after the model load."""
+    import lvlmlp.extraction.extract as ex
+    from lvlmlp.extraction.spec import BackendSpec
+
+    events: list[tuple[str, int]] = []
+    check, build = ex.check_rows, BackendSpec.build
+
+    def counted_check(rows, *args):
+        events.append(("check", len(rows)))
+        return check(rows, *args)
+
+    def counted_build(spec, *args, **kwargs):
+        events.append(("load", 0))
+        return build(spec, *args, **kwargs)
+
+    monkeypatch.setattr(ex, "check_rows", counted_check)
+    monkeypatch.setattr(BackendSpec, "build", counted_build)
+    manifest = make_manifest(tmp_path, 3)
+    assert main(["extract", "--model", str(tiny_ckpt("llava")), "--data", str(manifest), "--out",
+                 str(tmp_path / "run"), "--no-progress"]) == 0
+    assert events == [("check", 3), ("load", 0)]
+    rows = ex.checked_rows([{"id": 7, "image": str(tmp_path / "img" / "0.png"), "question": "q?"}], "src", "fail")
+    assert isinstance(rows, ex.CheckedRows) and rows == [{"id": "7", "image": str(tmp_path / "img" / "0.png"),
+                                                          "question": "q?", "_row_index": 0}]
+    assert ex.checked_rows(rows, "src", "fail") is rows and ex.numbered_rows(rows, "src", "fail") is rows
+    assert events[2:] == [("check", 1)]
+
+
 def test_not_a_vision_language_checkpoint(tmp_path, capsys):
     manifest = make_manifest(tmp_path, 1)
     (tmp_path / "empty_model").mkdir()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from lvlmlp.cli import main
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.extraction.store import open_run
+from lvlmlp.extraction.store import RunWriter, open_run
 from lvlmlp.probing.features import FeatureSpec, FeatureView, feature_matrix, short_rows, valid_rows
 from lvlmlp.probing.probes import load_probe
 from tests.probing.test_probes import make_run
@@ -110,7 +111,42 @@ def test_probe_train_and_eval_multi_token_count_short_rows(tmp_path: Path, capsy
     assert open_run(run.path).n_tokens.tolist() == n_tokens.tolist()
 
 
+@pytest.mark.mutation_guard
+def test_multi_token_rows_are_float32_nan_rows_are_named_and_rows_without_tokens_are_not_short(tmp_path: Path):
+    """Catches: a multi-token view handing back float64 rows (every view's rows are float32), its NaN check taken
+    over the whole block (naming the first row read, not the bad one) or without the row, rows that generated no
+    token counted as short, a multi-token spec read without its count described as other than its first token."""
+    run, logits = varying_run(tmp_path)
+    for k in (1, 2, 3):
+        assert FeatureView(run, "multi-token", tokens=k)[[0, 3]].dtype == np.float32
+        assert short_rows(run, np.arange(len(N_TOKENS)), k) == sum(0 < n < k for n in N_TOKENS)
+    assert FeatureSpec(kind="multi-token", dim=5, model="m").describe() == "multi-token of tokens 0..0, dim 5, model 'm'"
+    bad = logits.copy()
+    bad[3, 1, 2] = np.nan  # row r3 generated 2 tokens: token 1 is its own
+    bad[1, 2, 0] = np.inf  # row r1 generated 1 token: its token 2 is never read
+    meta = [{"id": f"r{i}", "label": i % 2} for i in range(len(N_TOKENS))]
+    nan_run = make_run(tmp_path / "nan", bad, meta, n_tokens=N_TOKENS)
+    view = FeatureView(nan_run, "multi-token", tokens=3)
+    with pytest.raises(LvlmlpError, match=re.escape(f"{nan_run.path}: row 'r3' has NaN or infinite multi-token "
+                                                    "features") + "$"):
+        view[[0, 1, 3, 4]]
+    assert np.array_equal(view[[1, 0]], direct(bad, N_TOKENS, 3, [1, 0]))
 
 
-
-
+@pytest.mark.mutation_guard
+def test_vision_view_reads_the_runs_vision_features(tmp_path: Path):
+    """Catches: `--feature vision` reading another array (or none) than the run's vision.npy."""
+    rng = np.random.default_rng(4)
+    n, v, d = 5, 6, 7
+    settings = {"model": "tiny/model", "family": "test", "dtype": "float32", "vocab_size": v, "prompt_template": None,
+                "max_new_tokens": 0, "hidden": False, "layers": [], "vision": True}
+    writer = RunWriter(tmp_path / "run", settings, shard_size=64)
+    vision = rng.normal(size=(n, d)).astype(np.float32)
+    writer.append([{"id": f"r{i}", "label": i % 2} for i in range(n)],
+                  {"logits": rng.normal(size=(n, 1, v)).astype(np.float32), "row_index": np.arange(n),
+                   "n_tokens": np.ones(n), "vision": vision})
+    run = writer.close()
+    assert np.array_equal(feature_matrix(run, "vision"), vision)
+    view = FeatureView(run, "vision")
+    assert np.array_equal(view[[4, 0]], vision[[4, 0]])
+    assert view.spec == FeatureSpec(kind="vision", token=0, dim=d, model="tiny/model")
