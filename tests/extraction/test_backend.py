@@ -3,17 +3,26 @@ alone (straight through the processor, no lvlmlp code in the reference path)."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from lvlmlp import open_run
+from lvlmlp.cli import main
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.extraction.backend import Backend
+from lvlmlp.extraction.backend import Backend, quartile_layers
 from lvlmlp.extraction.families import quirks_of
-from lvlmlp.testing import FAMILIES, SPECS
+from lvlmlp.study.config import load_config
+from lvlmlp.testing import FAMILIES, SPECS, tiny_manifest
 
 # Families the backend runs (and must run exactly), and families it refuses with a reason (docs/models.md).
 EXACT = [f for f in FAMILIES if not quirks_of(SPECS[f].model_type).refused]
@@ -254,3 +263,318 @@ def test_quirk_rows_name_real_image_text_to_text_model_types():
 
     assert sorted(set(QUIRKS) - set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)) == []
     assert quirks_of("llava") == Quirks() and quirks_of("paligemma").drop_outputs == ("labels",)
+
+
+# `layers: quartiles` (issue 30): HALP's layer set {0, L/4, L/2, 3L/4, L}, resolved per family from the model's own
+# layer count (extract `--layers quartiles`, the config key `extract.layers: quartiles`).
+
+def _expected(n_layers: int) -> list[int]:
+    # written out independently: the k-th quarter of L, floored, for k = 0..4, each index once
+    out: list[int] = []
+    for k in range(5):
+        index = int(np.floor(k * n_layers / 4))
+        if index not in out:
+            out.append(index)
+    return out
+
+
+@pytest.mark.parametrize("n_layers", [1, 2, 3, 4, 7, 8, 28, 32, 40, 80])
+def test_quartile_layers_formula(n_layers: int) -> None:
+    assert quartile_layers(n_layers) == _expected(n_layers)
+
+
+def test_quartile_layers_of_the_usual_sizes() -> None:
+    assert quartile_layers(32) == [0, 8, 16, 24, 32]  # LLaVA-1.5-7B (Vicuna-7B)
+    assert quartile_layers(28) == [0, 7, 14, 21, 28]  # Qwen2.5-VL-7B
+    assert quartile_layers(2) == [0, 1, 2]  # the tiny checkpoints
+
+
+def _deeper(ckpt: Path, out: Path, n_layers: int) -> Path:
+    """A copy of a tiny checkpoint with `n_layers` decoder layers (the new layers initialised, then saved)."""
+    shutil.copytree(ckpt, out)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["text_config"]["num_hidden_layers"] = n_layers
+    cfg["text_config"].pop("layer_types", None)  # one entry per layer; rebuilt by the config class
+    cfg_path.write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    model.save_pretrained(out)
+    return out
+
+
+def _config_layers(ckpt: Path) -> int:
+    return int(json.loads((ckpt / "config.json").read_text())["text_config"]["num_hidden_layers"])
+
+
+def test_quartile_layers_resolved_per_family_from_the_config(tiny_ckpt, tmp_path: Path) -> None:
+    """Two tiny families of different depths: each gets its own indices, read without loading the weights."""
+    llava = tiny_ckpt("llava")
+    qwen = _deeper(tiny_ckpt("qwen2_5_vl"), tmp_path / "qwen8", 8)
+    assert _config_layers(llava) == 2 and _config_layers(qwen) == 8
+    assert Backend(llava, load_model=False).resolve_layers("quartiles") == [0, 1, 2]
+    assert Backend(qwen, load_model=False).resolve_layers("quartiles") == [0, 2, 4, 6, 8]
+    with pytest.raises(LvlmlpError, match=r"^--layers: unknown layer set 'halves'; give integers such as 8,16,-1 "
+                                          r"or quartiles$"):
+        Backend(llava, load_model=False).resolve_layers("halves")
+
+
+def test_extract_layers_quartiles_equals_plain_transformers(tiny_ckpt, tmp_path: Path) -> None:
+    """`extract --layers quartiles` on an 8-layer Qwen2.5-VL stores layers [0, 2, 4, 6, 8]: the hidden states at the
+    last prompt position of a plain transformers forward, row by row (tolerance 1e-4: batch of 3 vs one row)."""
+    qwen = _deeper(tiny_ckpt("qwen2_5_vl"), tmp_path / "qwen8", 8)
+    manifest = tiny_manifest(tmp_path / "data")
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()][:3]
+    data = manifest.parent / "three.jsonl"  # image paths are relative to the manifest
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert main(["extract", "--model", str(qwen), "--data", str(data), "--out", str(out), "--device", "cpu",
+                 "--dtype", "float32", "--store-dtype", "float32", "--batch-size", "3", "--layers", "quartiles",
+                 "--no-progress"]) == 0
+    run = open_run(out)
+    assert run.manifest["layers"] == [0, 2, 4, 6, 8]
+    backend = Backend(qwen, device="cpu", dtype="float32")
+    for i, row in enumerate(rows):
+        from PIL import Image
+
+        batch = backend.encode([Image.open(manifest.parent / row["image"]).convert("RGB")], [row["question"]])
+        with torch.inference_mode():
+            states = backend.model(**batch, output_hidden_states=True, return_dict=True).hidden_states
+        for layer in (0, 2, 4, 6):  # 8: the last state, after the final norm (as `hidden`)
+            np.testing.assert_allclose(run.layer(layer)[i], states[layer][0, -1].numpy(), atol=1e-4, rtol=0)
+    # a re-run with the same spelling is recognised as finished (resolved from the config, no weights loaded)
+    assert main(["extract", "--model", str(qwen), "--data", str(data), "--out", str(out), "--device", "cpu",
+                 "--dtype", "float32", "--store-dtype", "float32", "--batch-size", "3", "--layers", "quartiles",
+                 "--no-progress"]) == 0
+
+
+def test_quartile_layers_config_key(tmp_path: Path) -> None:
+    base = {"model": "m", "data_root": "d.jsonl", "out": "o", "task": "jsonl"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**base, "extract": {"layers": "quartiles"}}))
+    assert load_config(path).extract.layers == "quartiles"
+    path.write_text(yaml.safe_dump({**base, "extract": {"layers": "halves"}}))
+    with pytest.raises(LvlmlpError, match=r"^config: extract.layers: expected one of quartiles, got 'halves'$"):
+        load_config(path)
+    path.write_text(yaml.safe_dump({**base, "extract": {"layers": 5}}))
+    with pytest.raises(LvlmlpError, match=r"^config: extract.layers: expected a list of integers or one of "
+                                          r"quartiles, got 5$"):
+        load_config(path)
+
+
+def test_cli_refuses_an_unknown_layer_set(tmp_path: Path, capsys) -> None:
+    manifest = tiny_manifest(tmp_path / "data")
+    assert main(["extract", "--model", str(tmp_path / "no-model"), "--data", str(manifest), "--out",
+                 str(tmp_path / "o"), "--layers", "8,x"]) == 2
+    assert "--layers: expected comma-separated integers such as 8,16,-1 or quartiles, got '8,x'" in \
+        capsys.readouterr().err
+
+
+# --trust-remote-code: a checkpoint whose model code ships with its weights (its config's `auto_map`) is refused with
+# a one-line error naming the flag, and runs with it, recorded in the run's manifest. The checkpoint is built here: a
+# tiny LLaVA's weights under a model class of its own, in a modeling file saved beside them.
+
+# The checkpoint's own code: LLaVA under another model type and class names.
+MODELING = '''from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+
+class TinyRemoteConfig(LlavaConfig):
+    model_type = "tiny_remote"
+
+
+class TinyRemoteForConditionalGeneration(LlavaForConditionalGeneration):
+    config_class = TinyRemoteConfig
+'''
+
+
+@pytest.fixture(scope="module")
+def remote(tiny_ckpt, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the tiny LLaVA, the same weights as a remote-code checkpoint)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    base = tiny_ckpt("llava")
+    root = tmp_path_factory.mktemp("remote")
+    (root / "tiny_remote.py").write_text(MODELING)
+    spec = importlib.util.spec_from_file_location("tiny_remote", root / "tiny_remote.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tiny_remote"] = module  # save_pretrained copies the file of the class's module
+    try:
+        spec.loader.exec_module(module)
+        # Registered classes are saved with an auto_map pointing at their file, which is copied beside the weights.
+        module.TinyRemoteConfig.register_for_auto_class()
+        module.TinyRemoteForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+        llava = LlavaForConditionalGeneration.from_pretrained(base)
+        model = module.TinyRemoteForConditionalGeneration(module.TinyRemoteConfig(**llava.config.to_dict()))
+        model.load_state_dict(llava.state_dict())
+        model.generation_config = llava.generation_config
+        out = root / "ckpt"
+        model.save_pretrained(out)
+        AutoProcessor.from_pretrained(base).save_pretrained(out)
+    finally:
+        del sys.modules["tiny_remote"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "tiny_remote" and "AutoModelForImageTextToText" in config["auto_map"]
+    assert (out / "tiny_remote.py").is_file()
+    return base, out
+
+
+def test_remote_code_refused_without_the_flag_naming_it(remote, tmp_path, capsys) -> None:
+    _, ckpt = remote
+    message = (f"{ckpt}: the checkpoint ships its own model code; pass --trust-remote-code to run it (that code then "
+               "runs with your rights: read it first)")
+    with pytest.raises(LvlmlpError) as err:
+        Backend(ckpt, device="cpu")
+    assert str(err.value) == message
+    manifest = tiny_manifest(tmp_path / "data", n_train=2, n_test=0)
+    capsys.readouterr()
+    code = main(["extract", "--model", str(ckpt), "--data", str(manifest), "--out", str(tmp_path / "run"),
+                 "--no-progress"])
+    assert code == 2 and capsys.readouterr().err.strip() == f"lvlmlp: error: {message}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_remote_code_runs_with_the_flag_and_records_it(remote, tmp_path) -> None:
+    """The remote class is LLaVA's: with the flag, extraction equals the tiny LLaVA's, and the manifest says so."""
+    base, ckpt = remote
+    manifest = tiny_manifest(tmp_path / "data", n_train=6, n_test=0)
+    common = ["--data", str(manifest), "--batch-size", "3", "--device", "cpu", "--store-dtype", "float32",
+              "--max-new-tokens", "2", "--no-progress"]
+    assert main(["extract", "--model", str(ckpt), "--trust-remote-code", "--out", str(tmp_path / "remote"),
+                 *common]) == 0
+    assert main(["extract", "--model", str(base), "--out", str(tmp_path / "native"), *common]) == 0
+    remote_run, native = open_run(tmp_path / "remote"), open_run(tmp_path / "native")
+    assert remote_run.manifest["trust_remote_code"] is True and remote_run.manifest["family"] == "tiny_remote"
+    assert "trust_remote_code" not in native.manifest  # other runs' manifests are as they were
+    for t in range(2):
+        np.testing.assert_allclose(remote_run.logits(t), native.logits(t), atol=1e-5, rtol=0)
+    assert remote_run.responses == native.responses
+    # The finished run is recognised again with the flag (the manifest's settings include it).
+    assert main(["extract", "--model", str(ckpt), "--trust-remote-code", "--out", str(tmp_path / "remote"),
+                 *common]) == 0
+
+
+def test_own_code_without_an_image_text_to_text_class_is_refused(remote, tmp_path) -> None:
+    import shutil
+
+    _, ckpt = remote
+    other = tmp_path / "other"
+    shutil.copytree(ckpt, other)
+    config = json.loads((other / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": config["auto_map"]["AutoConfig"],
+                          "AutoModelForCausalLM": "tiny_remote.TinyRemoteForConditionalGeneration"}
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LvlmlpError) as err:
+        Backend(other, device="cpu", trust_remote_code=True)
+    assert str(err.value) == (f"{other}: its own code registers no AutoModelForImageTextToText class (only "
+                              "AutoConfig, AutoModelForCausalLM); lvlmlp loads vision-language models through that "
+                              "class")
+
+
+# `--vision` (issue 30): the vision encoder's output that the projector reads, mean-pooled over the image's tokens,
+# stored as vision.npy (N, D) and read by `open_run(...).vision()` / `--feature vision`; checked against plain
+# transformers on tiny LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, PaliGemma, PaliGemma 2, Idefics3 and SmolVLM
+# checkpoints (tolerance 1e-5: a batch of 3 against one image at a
+# time, float32); other families refused in one line.
+
+def _rows(tmp_path: Path, n: int = 3) -> tuple[Path, list[dict]]:
+    manifest = tiny_manifest(tmp_path / "data")
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()][:n]
+    # other image sizes in one batch: Qwen's patch grids and LLaVA-NeXT's crop counts then differ between rows
+    for row, size in zip(rows[1:], [(64, 24), (40, 90)]):
+        path = manifest.parent / row["image"]
+        Image.open(path).convert("RGB").resize(size).save(path)
+    data = manifest.parent / "some.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data, rows
+
+
+def _plain_vision(ckpt: Path, image: Image.Image) -> np.ndarray:
+    """The projector's input computed with the model's public modules from the image processor's pixels alone,
+    mean-pooled over the image's tokens."""
+    model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
+    pixels = AutoProcessor.from_pretrained(ckpt).image_processor(images=[image], return_tensors="pt")
+    cfg = model.config
+    with torch.inference_mode():
+        if cfg.model_type in ("llava", "llava_next"):
+            pv = pixels["pixel_values"]
+            if pv.dim() == 5:  # LLaVA-NeXT: (1, crops, 3, H, W), the base image and its crops, one image
+                pv = pv[0]
+            out = model.model.vision_tower(pv, output_hidden_states=True)
+            feats = out.hidden_states[cfg.vision_feature_layer]
+            if cfg.vision_feature_select_strategy == "default":
+                feats = feats[:, 1:]  # the CLS token is not given to the projector
+            return feats.reshape(-1, feats.shape[-1]).mean(dim=0).numpy()  # over every crop's patches
+        if cfg.model_type in ("idefics3", "smolvlm"):  # the tiny processor's sub-images hold pixels everywhere
+            pv = pixels["pixel_values"][0]
+            return model.model.vision_model(pixel_values=pv).last_hidden_state.reshape(-1, cfg.vision_config
+                                                                                        .hidden_size).mean(0).numpy()
+        if cfg.model_type == "paligemma":
+            return model.model.vision_tower(pixels["pixel_values"]).last_hidden_state[0].mean(dim=0).numpy()
+        out = model.model.visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"])
+        return out.last_hidden_state.mean(dim=0).numpy()  # the blocks' output, before the patch merger
+
+
+@pytest.mark.parametrize("family, new_tokens", [("llava", 0), ("llava", 2), ("qwen2_vl", 0), ("qwen2_5_vl", 2),
+                                                ("paligemma", 0), ("paligemma2", 2), ("llava_next", 0),
+                                                ("idefics3", 0), ("smolvlm", 2)])
+def test_vision_equals_plain_transformers(tiny_ckpt, tmp_path: Path, family: str, new_tokens: int) -> None:
+    ckpt = tiny_ckpt(family)
+    data, rows = _rows(tmp_path)
+    out = tmp_path / "run"
+    assert main(["extract", "--model", str(ckpt), "--data", str(data), "--out", str(out), "--device", "cpu",
+                 "--dtype", "float32", "--store-dtype", "float32", "--batch-size", "3", "--vision",
+                 "--max-new-tokens", str(new_tokens), "--prompt-template", "{question}", "--no-progress"]) == 0
+    run = open_run(out)
+    assert run.manifest["vision"] is True
+    assert run.vision().shape[0] == 3
+    for i, row in enumerate(rows):
+        image = Image.open(data.parent / row["image"]).convert("RGB")
+        expected = _plain_vision(ckpt, image)
+        assert run.vision().shape[1] == expected.shape[0]
+        np.testing.assert_allclose(run.vision()[i], expected, atol=1e-5, rtol=0)
+    # the feature view and a probe on it
+    assert main(["probe", "train", "--run", str(out), "--feature", "vision", "--out", str(tmp_path / "probe")]) == 0
+    spec = json.loads((tmp_path / "probe" / "probe.json").read_text())["feature_spec"]
+    assert (spec["kind"], spec["dim"]) == ("vision", expected.shape[0])
+
+
+def test_vision_unsupported_family_is_refused(tiny_ckpt, tmp_path: Path, capsys) -> None:
+    data, _ = _rows(tmp_path, 2)
+    out = tmp_path / "run"
+    ckpt = tiny_ckpt("instructblip")
+    capsys.readouterr()  # building the checkpoint prints progress
+    assert main(["extract", "--model", str(ckpt), "--data", str(data), "--out", str(out),
+                 "--device", "cpu", "--vision", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("lvlmlp: error: --vision: not supported for model family "
+                                               "'instructblip' yet (supported: llava, qwen2_vl, qwen2_5_vl, paligemma, "
+                                                               "llava_next, idefics3, smolvlm)")
+    assert not (out / "manifest.json").exists()
+
+
+def test_a_run_without_vision_has_none(tiny_ckpt, tmp_path: Path) -> None:
+    data, _ = _rows(tmp_path, 2)
+    out = tmp_path / "run"
+    assert main(["extract", "--model", str(tiny_ckpt("llava")), "--data", str(data), "--out", str(out),
+                 "--device", "cpu", "--no-progress"]) == 0
+    run = open_run(out)
+    assert "vision" not in run.manifest
+    with pytest.raises(Exception, match="this run has no 'vision' array"):
+        run.vision()
+
+
+def test_subimage_pooling_skips_padding_images_and_empty_patches() -> None:
+    """Idefics3/SmolVLM pooling on a hand-made batch: a padding (all-zero) sub-image is not a row's image, and a
+    patch without pixels (pixel_attention_mask 0 over it) is not averaged; checked with plain loops."""
+    from lvlmlp.extraction.backend import _pool_subimages
+
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.rand(2, 2, 3, 4, 4, generator=gen) + 0.1
+    pixels[1, 1] = 0.0  # row 1 has one real sub-image
+    pam = torch.ones(2, 2, 4, 4, dtype=torch.bool)
+    pam[0, 1, :, 2:] = False  # row 0's second sub-image: its right half is padding (patches 1 and 3 of 2x2)
+    captured = torch.randn(3, 4, 5, generator=gen)  # 3 real sub-images, 2x2 patches of 2 px, D = 5
+    got = _pool_subimages(captured, {"pixel_values": pixels, "pixel_attention_mask": pam}, 2)
+    row0 = [captured[0, p] for p in range(4)] + [captured[1, p] for p in (0, 2)]
+    row1 = [captured[2, p] for p in range(4)]
+    expected = torch.stack([sum(row0) / len(row0), sum(row1) / len(row1)])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

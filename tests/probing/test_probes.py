@@ -954,8 +954,7 @@ def test_standardisation_statistics_accumulate_in_float64():
     np.testing.assert_allclose(probe.scale_, exact.std(0), rtol=1e-6, atol=0)
 
 
-# Labels a binary probe cannot mean, probe folders as one unit (issue 27 items 3, 4; was
-# tests/probing/test_probe_folders.py).
+# Labels a binary probe cannot mean, probe folders as one unit (issue 27 items 3, 4).
 
 def write_run(folder: Path, labels: list[int], v: int = 6, weights: str = "w1", seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
@@ -1034,8 +1033,7 @@ def test_a_probe_of_replaced_model_weights_is_refused(tmp_path, capsys):
                                  "train again")
 
 
-# ------------------------------------------------------------------ MTRE's aggregation: the `mtre` probe (was in
-# tests/probing/test_multi_token.py)
+# ------------------------------------------------------------------ MTRE's aggregation: the `mtre` probe
 def mtre_data(tmp_path: Path, n: int = 160, k: int = 3, v: int = 6, seed: int = 2):
     """Each generated token carries weak evidence of the row's label; rows generated 1..k tokens."""
     rng = np.random.default_rng(seed)

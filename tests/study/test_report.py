@@ -167,7 +167,7 @@ def test_per_group_figures_are_written_where_the_glossary_promises_them():
     assert group_text("scenario", "attack-success-rate", None) == ""
 
 
-# Damaged result JSON (issue 27 item 6; was tests/probing/test_probe_folders.py).
+# Damaged result JSON (issue 27 item 6).
 
 @pytest.mark.parametrize("damage, message", [
     (lambda text: text[: len(text) // 2], "invalid JSON ("),
