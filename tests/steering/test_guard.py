@@ -778,3 +778,109 @@ def test_run_refuses_an_unspellable_steering_template_before_extracting(tmp_path
     with pytest.raises(LvlmlpError, match=re.escape(f"steering.template {JAPANESE!r}: the model's tokenizer cannot")):
         run_experiment(cfg, progress=False)
     assert not (tmp_path / "safety" / "runs").exists()  # nothing extracted
+
+
+@pytest.mark.mutation_guard
+def test_default_guard_forces_the_styles_words_else_the_safety_template():
+    """Catches: the default guard of a task without a style (its default style's words: POPE's yes / no) or of a
+    custom template (style "") taken from another rule, the dataset-answer marker kept as a word, a style with one
+    label's words not forcing that label-0 phrase, and a style without words not falling back to SAFETY_TEMPLATE."""
+    from lvlmlp.steering.guard import default_guard
+
+    assert default_guard() == (SAFETY_TEMPLATE, None)
+    assert default_guard("pope") == (None, {1: "yes", 0: "no"})  # no style: the task's default one (oe)
+    assert default_guard("pope", "") == (SAFETY_TEMPLATE, None)  # a custom template: no words of the task
+    assert default_guard("mmsafety", "mq") == (None, {1: "No", 0: "Yes"})
+    assert default_guard("vizwiz", "oeh") == ("Unanswerable", None)  # label 1's "=answer" is no word to force
+    assert default_guard("mmsafety") == (SAFETY_TEMPLATE, None)  # its default style defines no words
+
+
+@pytest.mark.mutation_guard
+def test_guided_decoding_records_every_row_by_id_over_batches_with_unbalanced_labels(setups, tmp_path, capsys):
+    """Catches: records under other keys, the flag stored as the score, a row without an unguarded answer recorded
+    as other than "", refusals counted without the template (a forced neutral text is a refusal only through it),
+    label counts that coincide only with balanced labels, batches that skip rows, the progress bar shown by default
+    or without its name, and images read without their row's id or the model's size check."""
+    from lvlmlp.probing.baselines import AnswerRule
+    from lvlmlp.steering.guard import guided_decoding
+
+    backend, _, probe, _ = setups("llava")
+    rows = [json.loads(x) for x in make_manifest(tmp_path, n=5).read_text().splitlines()]
+    rows = [{**r, "image": str(tmp_path / r["image"])} for r in rows]
+    X = backend.prefill(backend.encode([load_image(r["image"]) for r in rows], [r["question"] for r in rows]))
+    scores = probe.predict_proba(X["logits"].numpy())[:, 1]
+    template = "Blue sky."  # forced on flagged rows; no refusal phrase, so only the template makes it a refusal
+    assert AnswerRule().score(template + " It is.") != 0.0
+    labels = {"r0": 1, "r1": 1, "r2": 1, "r3": 0, "r4": 1}
+    before = {"r0": "a plain answer", "r1": None, "r2": template + " x", "r3": "another answer", "r4": "fine"}
+    capsys.readouterr()
+    summary, records = guided_decoding(backend, probe, rows, before, labels, template, max_new_tokens=K,
+                                       batch_size=2)
+    assert capsys.readouterr().err == ""  # no progress bar unless asked
+    assert [sorted(r) for r in records] == [["flagged", "id", "label", "probe_score", "response_after",
+                                             "response_before"]] * 5
+    assert [r["id"] for r in records] == ["r0", "r1", "r2", "r3", "r4"]
+    assert [r["label"] for r in records] == [1, 1, 1, 0, 1]
+    assert_same_scores(np.array([r["probe_score"] for r in records]), scores)
+    flagged = [r["flagged"] for r in records]
+    assert flagged == (scores < probe.threshold).tolist() and flagged[:4] == [False, True, False, True]
+    assert [r["response_before"] for r in records] == ["a plain answer", "", template + " x", "another answer", "fine"]
+    assert all(r["response_after"].startswith(template) for r in records if r["flagged"])
+
+    def refused(text: str) -> bool:
+        return text.startswith(template) or AnswerRule().score(text) == 0.0
+
+    for key, side in (("response_before", "before"), ("response_after", "after")):
+        assert summary[side] == {"label0_answered": int(not refused(records[3][key])),
+                                 "label1_refused": sum(refused(records[i][key]) for i in (0, 1, 2, 4)),
+                                 "n_label0": 1, "n_label1": 4}
+    assert summary["before"]["label1_refused"] == 1 and summary["after"]["label1_refused"] >= 2  # r2; r1 forced
+    guided_decoding(backend, probe, rows[:1], before, labels, template, max_new_tokens=2, progress=True)
+    assert "guided decoding" in capsys.readouterr().err
+    Image.new("RGB", (100000, 1)).save(tmp_path / "thin.png")
+    with pytest.raises(LvlmlpError, match=r"^row 'thin': .*thin\.png: the image is 100000x1 pixels, which the "):
+        guided_decoding(backend, probe, [{"id": "thin", "image": str(tmp_path / "thin.png"), "question": "q?"}],
+                        {"thin": "a"}, {"thin": 1}, template, max_new_tokens=2)
+    with pytest.raises(LvlmlpError, match=r"^row 'gone': image not found: "):
+        guided_decoding(backend, probe, [{"id": "gone", "image": str(tmp_path / "gone.png"), "question": "q?"}],
+                        {"gone": "a"}, {"gone": 1}, template, max_new_tokens=2)
+
+
+@pytest.mark.mutation_guard
+def test_make_guard_checks_the_probes_own_feature_kind_and_model(setups, caplog):
+    """Catches: a log-softmax probe checked as a raw-logits one (refused though it fits the model), and a probe of
+    another model let through without --allow-other-model (or refused with it)."""
+    from lvlmlp.steering.guard import make_guard
+
+    backend, _, _, X = setups("llava")
+    y = np.array(LABELS)
+    own = LogisticProbe(C=1e4).fit(X, y, spec=FeatureSpec(kind="log_softmax", dim=X.shape[1],
+                                                          model=backend.model_id))
+    guard = make_guard(own, backend, TEMPLATE)
+    assert guard.probe is own and guard.template_ids == spell(backend.tokenizer, TEMPLATE, "--template")
+    other = LogisticProbe(C=1e4).fit(X, y, spec=FeatureSpec(kind="logits", dim=X.shape[1], model="someone/else"))
+    with pytest.raises(LvlmlpError, match=re.escape(f"--probe: trained on features of 'someone/else', not of --model "
+                                                    f"{backend.model_id!r}; pass --allow-other-model")):
+        make_guard(other, backend, TEMPLATE)
+    with caplog.at_level(logging.WARNING, logger="lvlmlp"):
+        assert make_guard(other, backend, TEMPLATE, allow_other_model=True).probe is other
+    assert "probe trained on features of someone/else" in caplog.text
+
+
+@pytest.mark.mutation_guard
+def test_spelling_squeezes_whitespace_only_and_reads_slow_tokenizers_without_a_normalizer(demo, tmp_path):
+    """Catches: whitespace replaced by something else when the decoded text and the user's are compared (the demo's
+    WordPiece tokenizer decodes "Sorry,I" as "sorry, i"), and a tokenizer without a fast backend (no normalizer)
+    failing instead of comparing the text as written."""
+    from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
+
+    tok = demo["backend"].tokenizer
+    assert tok.decode(spell(tok, "Sorry,I cannot help with that.", "--template")) == DEMO_TEMPLATE.lower()
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "sorry", ",", "i",
+                                                   "cannot", "help"]) + "\n")
+    slow = BertTokenizerLegacy(str(tmp_path / "vocab.txt"))  # transformers' Python WordPiece: no backend_tokenizer
+    assert not hasattr(slow, "backend_tokenizer")
+    assert slow.convert_ids_to_tokens(spell(slow, "sorry, i cannot help", "--template")) == [
+        "sorry", ",", "i", "cannot", "help"]
+    with pytest.raises(LvlmlpError, match="cannot spell it"):  # lower-cased without a normalizer to say so
+        spell(slow, "Sorry", "--template")
