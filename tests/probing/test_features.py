@@ -115,11 +115,12 @@ def test_probe_train_and_eval_multi_token_count_short_rows(tmp_path: Path, capsy
 def test_multi_token_rows_are_float32_nan_rows_are_named_and_rows_without_tokens_are_not_short(tmp_path: Path):
     """Catches: a multi-token view handing back float64 rows (every view's rows are float32), its NaN check taken
     over the whole block (naming the first row read, not the bad one) or without the row, rows that generated no
-    token counted as short, a multi-token spec read without its count described as other than its first token."""
+    token counted as short (or no rows at all failing), a multi-token spec read without its count described as other than its first token."""
     run, logits = varying_run(tmp_path)
     for k in (1, 2, 3):
         assert FeatureView(run, "multi-token", tokens=k)[[0, 3]].dtype == np.float32
         assert short_rows(run, np.arange(len(N_TOKENS)), k) == sum(0 < n < k for n in N_TOKENS)
+        assert short_rows(run, [], k) == 0  # no rows selected (a Python list: read as indices, not floats)
     assert FeatureSpec(kind="multi-token", dim=5, model="m").describe() == "multi-token of tokens 0..0, dim 5, model 'm'"
     bad = logits.copy()
     bad[3, 1, 2] = np.nan  # row r3 generated 2 tokens: token 1 is its own
