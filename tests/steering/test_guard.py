@@ -836,7 +836,7 @@ def test_guided_decoding_records_every_row_by_id_over_batches_with_unbalanced_la
                                  "n_label0": 1, "n_label1": 4}
     assert summary["before"]["label1_refused"] == 1 and summary["after"]["label1_refused"] >= 2  # r2; r1 forced
     guided_decoding(backend, probe, rows[:1], before, labels, template, max_new_tokens=2, progress=True)
-    assert "guided decoding" in capsys.readouterr().err
+    assert "guided decoding: " in capsys.readouterr().err  # tqdm's "DESC: 100%|..."
     Image.new("RGB", (100000, 1)).save(tmp_path / "thin.png")
     with pytest.raises(LvlmlpError, match=r"^row 'thin': .*thin\.png: the image is 100000x1 pixels, which the "):
         guided_decoding(backend, probe, [{"id": "thin", "image": str(tmp_path / "thin.png"), "question": "q?"}],
