@@ -822,3 +822,28 @@ def test_vision_features_and_marks_reach_the_run_and_each_image_is_stamped_once(
     trusted = Backend(ckpt, device="cpu", load_model=False, trust_remote_code=True)
     assert backend_settings(trusted)["trust_remote_code"] is True
     assert "trust_remote_code" not in backend_settings(backend)
+
+
+@pytest.mark.mutation_guard
+def test_a_protocol_backend_is_asked_for_no_vision_and_records_no_remote_code(tmp_path):
+    """Catches: `vision=` passed to a `--backend` class whose prefill/generate do not take it (docs/backends.md), a
+    backend without a `trust_remote_code` attribute recorded as trusting remote code (or failing), and run_settings
+    taking labels from the responses by default."""
+    import importlib.util
+
+    from lvlmlp.data import read_manifest
+    from lvlmlp.testing import tiny_manifest
+    from tests.extraction.test_protocol import EXAMPLE
+
+    spec = importlib.util.spec_from_file_location("minigpt4_backend_for_extract", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ckpt = module.write_tiny(tmp_path / "ckpt")
+    backend = module.MiniGPT4Backend(str(ckpt), device=torch.device("cpu"), dtype=torch.float32)
+    assert not hasattr(backend, "trust_remote_code")
+    rows = read_manifest(tiny_manifest(tmp_path / "data", n_train=2, n_test=1))
+    for new_tokens in (0, 2):
+        run = extract(backend, rows, tmp_path / f"run{new_tokens}", max_new_tokens=new_tokens, progress=False,
+                      workers=0)
+        assert len(run) == 3 and "trust_remote_code" not in run.manifest and "vision" not in run.manifest
+    assert run_settings({"model": "m"}, rows)["labels_from_responses"] is False
