@@ -79,7 +79,7 @@ def _prepare(name: str) -> Path:
     work = WORK / name
     if work.exists():
         # Keep mutmut's cache (mutants/) so an interrupted run resumes; refresh the sources and tests.
-        for sub in ("src", "tests", "configs"):
+        for sub in ("src", "tests", "configs", "examples"):
             shutil.rmtree(work / sub, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -87,7 +87,7 @@ def _prepare(name: str) -> Path:
     # tests/ is a package tree (tests.<folder>.<file>): every __init__.py and conftest.py comes with the files
     packages = [p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("*.py")
                 if p.name in ("__init__.py", "conftest.py") and "fixtures" not in p.parts]
-    for extra in [*packages, "tests/fixtures", "configs", *spec["tests"]]:
+    for extra in [*packages, "tests/fixtures", "configs", "examples", *spec["tests"]]:
         src = ROOT / extra
         if src.is_dir():
             shutil.copytree(src, work / extra)
@@ -101,7 +101,7 @@ def _prepare(name: str) -> Path:
     (work / "setup.cfg").write_text(
         "[mutmut]\n"
         "source_paths = src\n"
-        "also_copy =\n    configs\n"  # test_faults.py runs a shipped config
+        "also_copy =\n    configs\n    examples\n"  # test_faults.py runs a shipped config; test_extract.py the example backend
         f"only_mutate = {spec['path']}\n"
         f"pytest_add_cli_args_test_selection =\n    {selection}\n"
         "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n"

@@ -833,9 +833,9 @@ def test_a_protocol_backend_is_asked_for_no_vision_and_records_no_remote_code(tm
 
     from lvlmlp.data import read_manifest
     from lvlmlp.testing import tiny_manifest
-    from tests.extraction.test_protocol import EXAMPLE
 
-    spec = importlib.util.spec_from_file_location("minigpt4_backend_for_extract", EXAMPLE)
+    example = Path(__file__).resolve().parents[2] / "examples" / "minigpt4_backend.py"  # docs/backends.md's example
+    spec = importlib.util.spec_from_file_location("minigpt4_backend_for_extract", example)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     ckpt = module.write_tiny(tmp_path / "ckpt")
