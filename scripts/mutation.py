@@ -33,8 +33,9 @@ RESULTS = ROOT / "docs" / "mutation-results.json"
 MODULES: dict[str, dict] = {
     "features": {"path": "src/lvlmlp/probing/features.py",
                  "tests": ["tests/probing/test_probes.py", "tests/probing/test_features.py"]},
+    # probes: MLPProbe's estimator (in probes.py) is tested beside its network, in test_mlp.py
     "probes": {"path": "src/lvlmlp/probing/probes.py",
-               "tests": ["tests/probing/test_probes.py", "tests/e2e/test_faults.py"]},
+               "tests": ["tests/probing/test_probes.py", "tests/probing/test_mlp.py", "tests/e2e/test_faults.py"]},
     "lda": {"path": "src/lvlmlp/probing/lda.py", "tests": ["tests/probing/test_probes.py"]},
     "metrics": {"path": "src/lvlmlp/probing/metrics.py", "tests": ["tests/probing/test_metrics.py"]},
     # store: the tests that run the tiny LLaVA (extraction through the store) are left out: with them a mutant of
