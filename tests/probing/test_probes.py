@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -1099,3 +1100,46 @@ def test_mtre_probe_mlp_head_round_trip_and_cli(tmp_path: Path, capsys):
     (tmp_path / "q" / "probe.json").write_text(json.dumps(doc))
     with pytest.raises(LvlmlpError, match="a head on 6 features cannot score 17 multi-token features"):
         load_probe(tmp_path / "q")
+
+
+@pytest.mark.mutation_guard
+def test_mtre_refusals_head_settings_label_names_and_fit_info(tmp_path: Path):
+    """Catches: MTRE's refusals (an unknown head, more than two classes, a token count below 1, generated tokens of
+    one label) without their words, or K = 1 refused; the logistic head fitted without the probe's C or max_iter, the
+    mlp head without its seed; label names dropped; fit_info under other keys."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    from lvlmlp.probing.features import feature_matrix
+    from lvlmlp.probing.probes import MLPProbe, MTREProbe
+
+    run, logits, y, n_tokens = mtre_data(tmp_path)
+    X = feature_matrix(run, "multi-token", tokens=3)  # 3 tokens of 6 logits
+    with pytest.raises(LvlmlpError, match=r"^mtre probe: head 'svm' is not logistic or mlp$"):
+        MTREProbe(tokens=3, head="svm").fit(X, y)
+    with pytest.raises(LvlmlpError, match=r"^MTREProbe is binary but labels hold 3 classes$"):
+        MTREProbe(tokens=3).fit(X, np.arange(len(y)) % 3)
+    with pytest.raises(LvlmlpError, match=re.escape("mtre probe: needs multi-token features of K tokens (--feature "
+                                                    "multi-token --tokens K); got 18 columns and tokens -3") + "$"):
+        MTREProbe(tokens=-3).fit(X, y)
+    assert MTREProbe(tokens=1).fit(X, y).fit_info_["tokens"] == 1  # one token of 18 columns is a valid K
+    silent = X.copy()
+    silent[y == 1] = 0  # the label-1 rows generated no token: every token row is of label 0
+    with pytest.raises(LvlmlpError, match=r"^mtre probe: the generated tokens of the train rows hold one label "
+                                          r"only$"):
+        MTREProbe(tokens=3).fit(silent, y)
+    tok_x = np.array([logits[i, t] for i in range(110) for t in range(n_tokens[i])])
+    tok_y = np.array([y[i] for i in range(110) for t in range(n_tokens[i])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        probe = MTREProbe(tokens=3, C=0.05, max_iter=2).fit(X[:110], y[:110], label_names=["no", "yes"])
+        head = LogisticProbe(C=0.05, max_iter=2).fit(tok_x, tok_y)
+    np.testing.assert_array_equal(probe.coef_, head.coef_)
+    assert probe.label_names_ == ["no", "yes"]
+    assert set(probe.fit_info_) == {"n_rows", "tokens", "n_token_rows", "head"}
+    assert (probe.fit_info_["n_rows"], probe.fit_info_["n_token_rows"]) == (110, len(tok_x))
+    assert probe.fit_info_["head"] == head.fit_info_
+    mlp = MTREProbe(tokens=3, head="mlp", hidden=(8,), epochs=5, seed=7).fit(X[:110], y[:110])
+    assert np.array_equal(mlp.weights_, MLPProbe(hidden=(8,), epochs=5, standardize=False, seed=7)
+                          .fit(tok_x, tok_y).weights_)
