@@ -1143,3 +1143,55 @@ def test_mtre_refusals_head_settings_label_names_and_fit_info(tmp_path: Path):
     mlp = MTREProbe(tokens=3, head="mlp", hidden=(8,), epochs=5, seed=7).fit(X[:110], y[:110])
     assert np.array_equal(mlp.weights_, MLPProbe(hidden=(8,), epochs=5, standardize=False, seed=7)
                           .fit(tok_x, tok_y).weights_)
+
+
+@pytest.mark.mutation_guard
+def test_mlp_probe_defaults_checks_chunks_and_row_messages(monkeypatch: pytest.MonkeyPatch):
+    """Catches: MLPProbe's documented defaults changed; its range checks off by one (epochs, batch_size, patience
+    of 1 and val_fraction 0 are valid, 0 and 1.0 are not) or said in other words; a one-unit layer refused; the
+    spec, label names or standardisation not kept; scores computed for the first chunk only; the width and NaN
+    messages without the row; MTRE's not-fitted message."""
+    from lvlmlp.probing import probes
+    from lvlmlp.probing.probes import MLPProbe, MTREProbe
+
+    params = MLPProbe().get_params()
+    assert {k: params[k] for k in ("hidden", "epochs", "batch_size", "lr", "weight_decay", "patience", "val_fraction",
+                                   "standardize", "device", "seed", "threshold")} == {
+        "hidden": (512, 256, 128), "epochs": 200, "batch_size": 256, "lr": 1e-3, "weight_decay": 1e-4,
+        "patience": 10, "val_fraction": 0.1, "standardize": True, "device": "cpu", "seed": 0, "threshold": 0.5}
+    X, y = binary_data(n=40, d=6)
+    for bad in ({"epochs": 0}, {"batch_size": 0}, {"patience": 0}, {"val_fraction": 1.0}, {"val_fraction": -0.1}):
+        values = {"epochs": 5, "batch_size": 8, "patience": 3, "val_fraction": 0.1, **bad}
+        with pytest.raises(LvlmlpError, match=re.escape(
+                "mlp probe: epochs, batch_size and patience must be >= 1 and val_fraction in [0, 1) (got "
+                f"{values['epochs']}, {values['batch_size']}, {values['patience']}, {values['val_fraction']})") + "$"):
+            MLPProbe(hidden=(4,), **values).fit(X, y)
+    spec = FeatureSpec(kind="hidden", dim=6, model="m")
+    probe = MLPProbe(hidden=(1,), epochs=1, batch_size=1, patience=1, val_fraction=0).fit(X, y, spec=spec,
+                                                                                       label_names=["a", "b"])
+    assert probe.spec_ == spec and probe.label_names_ == ["a", "b"] and probe.mean_ is not None
+    scores = probe.decision_function(X)
+    monkeypatch.setattr(probes, "_SCORE_CHUNK", 7)  # 40 rows in 6 chunks
+    np.testing.assert_allclose(probe.decision_function(X), scores, rtol=1e-6, atol=1e-7)
+    with pytest.raises(LvlmlpError, match=r"^features have 5 columns but the probe expects 6$"):
+        probe.decision_function(X[:, :5])
+    bad_rows = X.copy()
+    bad_rows[9, 2] = np.nan
+    with pytest.raises(LvlmlpError, match=r"^feature row 9 has NaN or infinite values$"):
+        probe.decision_function(bad_rows)
+    with pytest.raises(LvlmlpError, match=r"^MTREProbe is not fitted yet$"):
+        MTREProbe(tokens=1).decision_function(X)
+
+
+@pytest.mark.mutation_guard
+def test_a_top_level_threshold_alone_is_no_disagreement(tmp_path: Path):
+    """Catches: a probe.json whose threshold stands at the top level only (params without one) refused as if the
+    two disagreed."""
+    X, y = binary_data(n=40, d=6)
+    LogisticProbe().fit(X, y).save(tmp_path / "p")
+    path = tmp_path / "p" / "probe.json"
+    doc = json.loads(path.read_text())
+    del doc["params"]["threshold"]
+    doc["threshold"] = 0.5
+    path.write_text(json.dumps(doc))
+    assert load_probe(tmp_path / "p").threshold == 0.5
