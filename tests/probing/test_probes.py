@@ -1195,3 +1195,20 @@ def test_a_top_level_threshold_alone_is_no_disagreement(tmp_path: Path):
     doc["threshold"] = 0.5
     path.write_text(json.dumps(doc))
     assert load_probe(tmp_path / "p").threshold == 0.5
+
+
+@pytest.mark.mutation_guard
+def test_mtre_defaults_and_width_message(tmp_path: Path):
+    """Catches: MTREProbe's documented defaults changed, and its width refusal said without the numbers."""
+    from lvlmlp.probing.features import feature_matrix
+    from lvlmlp.probing.probes import MTREProbe
+
+    params = MTREProbe().get_params()
+    assert {k: params[k] for k in ("tokens", "head", "C", "max_iter", "hidden", "epochs", "device", "seed",
+                                   "threshold")} == {"tokens": None, "head": "logistic", "C": 1.0, "max_iter": 100,
+                                                     "hidden": (128, 128, 128), "epochs": 200, "device": "cpu",
+                                                     "seed": 0, "threshold": 0.5}
+    run, _, y, _ = mtre_data(tmp_path)
+    probe = MTREProbe(tokens=3).fit(feature_matrix(run, "multi-token", tokens=3), y)
+    with pytest.raises(LvlmlpError, match=r"^features have 12 columns but the probe expects 18$"):
+        probe.decision_function(np.ones((2, 12), dtype=np.float32))
