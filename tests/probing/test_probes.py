@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import re
@@ -1212,3 +1213,61 @@ def test_mtre_defaults_and_width_message(tmp_path: Path):
     probe = MTREProbe(tokens=3).fit(feature_matrix(run, "multi-token", tokens=3), y)
     with pytest.raises(LvlmlpError, match=r"^features have 12 columns but the probe expects 18$"):
         probe.decision_function(np.ones((2, 12), dtype=np.float32))
+
+
+def _damaged_probe_message(folder: Path, doc: dict, arrays: dict, message: str, new_doc: dict | None = None,
+                           new_arrays: dict | None = None) -> None:
+    """Save `folder`'s probe.json / probe.safetensors as `doc` / `arrays` with one of them replaced: load_probe then
+    refuses it with exactly `message` ({j}: the JSON file, {w}: the weights)."""
+    from safetensors.numpy import save_file
+
+    json_path, weights_path = folder / "probe.json", folder / "probe.safetensors"
+    json_path.write_text(json.dumps(doc if new_doc is None else new_doc))
+    save_file(arrays if new_arrays is None else new_arrays, str(weights_path))
+    with pytest.raises(LvlmlpError) as err:
+        load_probe(folder)
+    assert str(err.value) == message.format(j=json_path, w=weights_path)
+
+
+@pytest.mark.mutation_guard
+def test_every_damaged_mtre_probe_file_gets_its_own_message(tmp_path: Path):
+    """Catches: MTRE's load checks (the head's name, its weights, the logistic head's shapes, the mlp head's hidden
+    sizes, the head's width against the stored features) dropped, inverted or said in other words, and a bare
+    number as `hidden` reaching the shape code as a TypeError instead of the one-line refusal."""
+    from safetensors.numpy import load_file, save_file
+
+    from lvlmlp.probing.features import feature_matrix
+    from lvlmlp.probing.probes import MTREProbe
+
+    run, _, y, _ = mtre_data(tmp_path)
+    X = feature_matrix(run, "multi-token", tokens=3)
+    for head, kw in (("logistic", {}), ("mlp", {"hidden": (4,), "epochs": 2})):
+        folder = MTREProbe(tokens=3, head=head, **kw).fit(X, y).save(tmp_path / head)
+        json_path, weights_path = folder / "probe.json", folder / "probe.safetensors"
+        doc, arrays = json.loads(json_path.read_text()), load_file(str(weights_path))
+
+        expect = functools.partial(_damaged_probe_message, folder, doc, arrays)
+        expect("{j}: params.head 'svm' is not logistic or mlp", {**doc, "params": {**doc["params"], "head": "svm"}})
+        key = "coef" if head == "logistic" else "weights"
+        expect(f"{{w}}: missing the {head} head's weights", new_arrays={k: v for k, v in arrays.items() if k != key})
+        expect("{w}: a head on 6 features cannot score 17 multi-token features", {**doc, "n_features_in": 17})
+        if head == "logistic":
+            expect("{w}: the logistic head's coef has shape (6,), expected (1, V)", new_arrays={
+                **arrays, "coef": arrays["coef"][0]})
+            expect("{w}: the logistic head's coef (2, 6) / intercept must be one row", new_arrays={
+                **arrays, "coef": np.vstack([arrays["coef"]] * 2)})
+            expect("{w}: the logistic head's coef (1, 6) / intercept must be one row", new_arrays={
+                **arrays, "intercept": np.zeros(2, np.float32)})
+            expect("{w}: the logistic head's coef (1, 6) / intercept must be one row", new_arrays={
+                "coef": arrays["coef"]})
+        else:
+            for hidden in ([0], 4, []):
+                expect(f"{{j}}: params.hidden {hidden!r} must be a list of positive layer sizes",
+                       {**doc, "params": {**doc["params"], "hidden": hidden}})
+            expect("{w}: a head on 30 features cannot score 18 multi-token features",
+                   {**doc, "params": {**doc["params"], "hidden": [1]}})
+            expect("{w}: a head on 5 features cannot score 18 multi-token features", new_arrays={
+                "weights": arrays["weights"][:-1]})
+        json_path.write_text(json.dumps(doc))
+        save_file(arrays, str(weights_path))
+        assert isinstance(load_probe(folder), MTREProbe)
