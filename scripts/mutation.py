@@ -31,9 +31,11 @@ RESULTS = ROOT / "docs" / "mutation-results.json"
 
 # module -> the test files that exercise it (the relevant tests only: the slow end-to-end files stay out).
 MODULES: dict[str, dict] = {
-    "features": {"path": "src/lvlmlp/probing/features.py", "tests": ["tests/probing/test_probes.py"]},
+    "features": {"path": "src/lvlmlp/probing/features.py",
+                 "tests": ["tests/probing/test_probes.py", "tests/probing/test_features.py"]},
+    # probes: MLPProbe's estimator (in probes.py) is tested beside its network, in test_mlp.py
     "probes": {"path": "src/lvlmlp/probing/probes.py",
-               "tests": ["tests/probing/test_probes.py", "tests/e2e/test_faults.py"]},
+               "tests": ["tests/probing/test_probes.py", "tests/probing/test_mlp.py", "tests/e2e/test_faults.py"]},
     "lda": {"path": "src/lvlmlp/probing/lda.py", "tests": ["tests/probing/test_probes.py"]},
     "metrics": {"path": "src/lvlmlp/probing/metrics.py", "tests": ["tests/probing/test_metrics.py"]},
     # store: the tests that run the tiny LLaVA (extraction through the store) are left out: with them a mutant of
@@ -78,7 +80,7 @@ def _prepare(name: str) -> Path:
     work = WORK / name
     if work.exists():
         # Keep mutmut's cache (mutants/) so an interrupted run resumes; refresh the sources and tests.
-        for sub in ("src", "tests", "configs"):
+        for sub in ("src", "tests", "configs", "examples"):
             shutil.rmtree(work / sub, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -86,7 +88,7 @@ def _prepare(name: str) -> Path:
     # tests/ is a package tree (tests.<folder>.<file>): every __init__.py and conftest.py comes with the files
     packages = [p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("*.py")
                 if p.name in ("__init__.py", "conftest.py") and "fixtures" not in p.parts]
-    for extra in [*packages, "tests/fixtures", "configs", *spec["tests"]]:
+    for extra in [*packages, "tests/fixtures", "configs", "examples", *spec["tests"]]:
         src = ROOT / extra
         if src.is_dir():
             shutil.copytree(src, work / extra)
@@ -100,7 +102,7 @@ def _prepare(name: str) -> Path:
     (work / "setup.cfg").write_text(
         "[mutmut]\n"
         "source_paths = src\n"
-        "also_copy =\n    configs\n"  # test_faults.py runs a shipped config
+        "also_copy =\n    configs\n    examples\n"  # test_faults.py runs a shipped config; test_extract.py the example backend
         f"only_mutate = {spec['path']}\n"
         f"pytest_add_cli_args_test_selection =\n    {selection}\n"
         "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n"

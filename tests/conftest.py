@@ -61,15 +61,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # test (`make test-readme`). The slowest files are handed out first so that the short ones fill the gaps at the end;
 # started last, a long file would add its whole time to the wall time (study/test_finetune.py, left unranked, once
 # ran alone for the last 9 s). Ranked by the CPU time of their tests in a timed run (2026-12-02; Ray's replicas
-# counted for extraction/test_ray_extract.py): about 55 s for test_ray_extract.py, 30 for demo/test_pipeline.py, 13
+# counted for extraction/test_ray_extract.py): about 55 s for test_ray_extract.py, 30 for demo/test_pipeline.py (with
+# the demo checkpoint's tests, then a file of their own, ranked 4th), 13
 # for study/test_experiment.py (with its run guards, then a file of their own, ranked 6th), 8 to 2 for the others
 # listed; every other file takes under 2 s. Paths under tests/ (the layout mirrors src/lvlmlp/). Since the family
 # checks of guided decoding and finetuning run every tiny family (2026-12-07), study/test_finetune.py,
-# steering/test_guard.py and extraction/test_backend.py take about 14, 13 and 11 s and move up.
+# steering/test_guard.py and extraction/test_backend.py take about 14, 13 and 11 s and move up; extraction/test_vision.py
+# (--vision of every family) about 50 s, second.
 TESTS = Path(__file__).resolve().parent
-SLOWEST_FIRST = ("extraction/test_ray_extract.py", "demo/test_pipeline.py", "study/test_finetune.py",
-                 "study/test_experiment.py", "steering/test_guard.py", "extraction/test_backend.py",
-                 "demo/test_demo_model.py", "judging/test_judge.py",
+SLOWEST_FIRST = ("extraction/test_ray_extract.py", "extraction/test_vision.py", "demo/test_pipeline.py",
+                 "study/test_finetune.py", "study/test_experiment.py", "steering/test_guard.py", "extraction/test_backend.py",
+                 "judging/test_judge.py",
                  "extraction/test_loader.py", "serve/test_image_intake.py", "extraction/test_extract.py",
                  "paper/test_paper_protocol.py", "e2e/test_faults.py", "serve/test_serve.py",
                  "study/test_report.py")

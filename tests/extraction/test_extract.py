@@ -18,7 +18,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from lvlmlp import open_run
 from lvlmlp.cli import main
-from lvlmlp.data import images_fingerprint, rows_fingerprint
+from lvlmlp.data import images_fingerprint, load_image, rows_fingerprint
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.backend import Backend
 from lvlmlp.extraction.extract import (
@@ -246,6 +246,37 @@ def test_on_error_skip_records_failures(tiny_ckpt, tmp_path):
     run = open_run(out)
     assert run.ids == ["r0", "r1", "r3"]
     assert [f["id"] for f in run.failures] == ["r2"] and "image not found" in run.failures[0]["error"]
+
+
+def test_lvlmlp_extract_checks_its_rows_once_before_the_model_loads(tiny_ckpt, tmp_path, monkeypatch):
+    """One row check on the command line: `lvlmlp extract` checks the rows before it loads the model and `extract`
+    takes the checked rows as they are; rows not yet checked (a Python caller's) are checked by `extract` itself.
+    Catches: the rows checked twice (by the command and again by extract), or after the model load."""
+    import lvlmlp.extraction.extract as ex
+    from lvlmlp.extraction.spec import BackendSpec
+
+    events: list[tuple[str, int]] = []
+    check, build = ex.check_rows, BackendSpec.build
+
+    def counted_check(rows, *args):
+        events.append(("check", len(rows)))
+        return check(rows, *args)
+
+    def counted_build(spec, *args, **kwargs):
+        events.append(("load", 0))
+        return build(spec, *args, **kwargs)
+
+    monkeypatch.setattr(ex, "check_rows", counted_check)
+    monkeypatch.setattr(BackendSpec, "build", counted_build)
+    manifest = make_manifest(tmp_path, 3)
+    assert main(["extract", "--model", str(tiny_ckpt("llava")), "--data", str(manifest), "--out",
+                 str(tmp_path / "run"), "--no-progress"]) == 0
+    assert events == [("check", 3), ("load", 0)]
+    rows = ex.checked_rows([{"id": 7, "image": str(tmp_path / "img" / "0.png"), "question": "q?"}], "src", "fail")
+    assert isinstance(rows, ex.CheckedRows) and rows == [{"id": "7", "image": str(tmp_path / "img" / "0.png"),
+                                                          "question": "q?", "_row_index": 0}]
+    assert ex.checked_rows(rows, "src", "fail") is rows and ex.numbered_rows(rows, "src", "fail") is rows
+    assert events[2:] == [("check", 1)]
 
 
 def test_not_a_vision_language_checkpoint(tmp_path, capsys):
@@ -761,3 +792,89 @@ def test_resuming_after_a_crash_refuses_committed_rows_whose_images_were_replace
     Image.new("RGB", (30, 30), (1, 2, 3)).save(rows[0]["image"])  # r0 was extracted into shard 0
     with pytest.raises(LvlmlpError, match=r"000000\.safetensors: the image of row 'r0' changed since this shard"):
         extract(backend, rows, tmp_path / "run", workers=0, progress=False, batch_size=2, shard_size=2)
+
+
+@pytest.mark.mutation_guard
+def test_finished_run_reads_options_given_as_such_quartiles_and_the_selection(tiny, tmp_path):
+    """Catches: finished_run ignoring an `ExtractOptions` passed positionally, leaving `layers: quartiles`
+    unresolved (or resolving it for no backend), not comparing the selection, or taking labels from the responses
+    by default; resolve_layers not asking the backend, and a backend without `resolve_layers` (docs/backends.md)
+    given a named layer set without a one-line refusal or its indices not read as integers."""
+    from lvlmlp.extraction.extract import resolve_layers
+
+    ckpt, rows = tiny
+    light = Backend(ckpt, device="cpu", load_model=False)
+    assert resolve_layers(light, "quartiles") == [0, 1, 2]  # the tiny LLaVA's 2 decoder layers
+    with pytest.raises(LvlmlpError, match=r"^--layers quartiles: this backend does not say its layer count; give "
+                                          r"the indices$"):
+        resolve_layers(object(), "quartiles")
+    assert resolve_layers(object(), (np.int64(1), 2)) == [1, 2]
+    options = ExtractOptions(batch_size=2, layers="quartiles", store_dtype="float32")
+    chosen = {"split": "test", "limit": 4}
+    made = extract(Backend(ckpt, device="cpu"), rows, tmp_path / "run", options, progress=False, workers=0,
+                   selection=chosen)
+    assert made.manifest["layers"] == [0, 1, 2] and made.manifest["selection"] == chosen
+    found = finished_run(light, rows, tmp_path / "run", options, selection=chosen)
+    assert found is not None and found.path == made.path
+    assert finished_run(light, rows, tmp_path / "run", options) is None  # another selection (none)
+    assert finished_run(light, rows, tmp_path / "run", options, selection=chosen, labels_from_responses=True) is None
+    assert finished_run(light, rows, tmp_path / "run", ExtractOptions(batch_size=2, layers=(0, 1, 2),
+                                                                      store_dtype="float32"), selection=chosen)
+
+
+@pytest.mark.mutation_guard
+def test_vision_features_and_marks_reach_the_run_and_each_image_is_stamped_once(tiny, tmp_path, monkeypatch):
+    """Catches: `vision` not asked of the backend (prefill or generate), stored under another name or not at all,
+    its manifest mark missing or false; a trusted checkpoint's code not recorded as `trust_remote_code: true`; and
+    the run's images hash stat'ing the images a second time instead of using the stamps of its shards."""
+    import lvlmlp.data
+    import lvlmlp.extraction.extract as ex
+
+    ckpt, rows = tiny
+    backend = Backend(ckpt, device="cpu", dtype="float32")
+    batch = backend.encode([load_image(r["image"]) for r in rows], [r["question"] for r in rows])
+    expected = backend.prefill(batch, vision=True)["vision"].numpy()
+    stats: list[str] = []
+    stamp = lvlmlp.data.image_stamp
+
+    def counted(row):
+        stats.append(row["id"])
+        return stamp(row)
+
+    monkeypatch.setattr(lvlmlp.data, "image_stamp", counted)
+    monkeypatch.setattr(ex, "image_stamp", counted)
+    for new_tokens in (0, 2):
+        stats.clear()
+        run = extract(backend, rows, tmp_path / f"v{new_tokens}", batch_size=4, max_new_tokens=new_tokens,
+                      vision=True, store_dtype="float32", progress=False, workers=0)
+        assert stats == ["r0", "r1", "r2", "r3"]  # once each, for the manifest and the shards alike
+        assert run.manifest["vision"] is True and sorted(p.name for p in run.path.glob("vision.npy")) == ["vision.npy"]
+        np.testing.assert_allclose(run.vision(), expected, rtol=0, atol=1e-5)
+    trusted = Backend(ckpt, device="cpu", load_model=False, trust_remote_code=True)
+    assert backend_settings(trusted)["trust_remote_code"] is True
+    assert "trust_remote_code" not in backend_settings(backend)
+
+
+@pytest.mark.mutation_guard
+def test_a_protocol_backend_is_asked_for_no_vision_and_records_no_remote_code(tmp_path):
+    """Catches: `vision=` passed to a `--backend` class whose prefill/generate do not take it (docs/backends.md), a
+    backend without a `trust_remote_code` attribute recorded as trusting remote code (or failing), and run_settings
+    taking labels from the responses by default."""
+    import importlib.util
+
+    from lvlmlp.data import read_manifest
+    from lvlmlp.testing import tiny_manifest
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "minigpt4_backend.py"  # docs/backends.md's example
+    spec = importlib.util.spec_from_file_location("minigpt4_backend_for_extract", example)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ckpt = module.write_tiny(tmp_path / "ckpt")
+    backend = module.MiniGPT4Backend(str(ckpt), device=torch.device("cpu"), dtype=torch.float32)
+    assert not hasattr(backend, "trust_remote_code")
+    rows = read_manifest(tiny_manifest(tmp_path / "data", n_train=2, n_test=1))
+    for new_tokens in (0, 2):
+        run = extract(backend, rows, tmp_path / f"run{new_tokens}", max_new_tokens=new_tokens, progress=False,
+                      workers=0)
+        assert len(run) == 3 and "trust_remote_code" not in run.manifest and "vision" not in run.manifest
+    assert run_settings({"model": "m"}, rows)["labels_from_responses"] is False

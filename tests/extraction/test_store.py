@@ -822,3 +822,93 @@ def test_a_shard_damaged_before_close_stale_temporaries_and_exact_array_files(tm
             shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
                                np.lib.format.read_array_header_2_0)(fh)
             assert path.stat().st_size == fh.tell() + int(np.prod(shape)) * dtype.itemsize, path.name
+
+
+def _shard_rows(run_dir: Path) -> list[list[str]]:
+    """The row ids of each committed shard of a partial run, in commit order."""
+    out = []
+    for path in sorted((run_dir / "shards").glob("*.safetensors")):
+        with safe_open(str(path), framework="np") as f:
+            out.append([m["id"] for m in json.loads(f.metadata()["meta"])])
+    return out
+
+
+@pytest.mark.mutation_guard
+def test_rows_with_large_metadata_are_committed_as_shards_under_the_header_budget(tmp_path: Path, monkeypatch):
+    """Catches: a shard's header packed past HEADER_BUDGET (or below it: a row's size is its JSON and the 2
+    characters that separate it in the list), a row larger than the budget not committed alone, rows skipped
+    between parts, and a failure written into every part instead of once."""
+    meta, arrays = _rows(5)
+    meta = [dict(m, question="x" * 100) for m in meta]
+    size = len(json.dumps(meta[0])) + 2  # every row has this size (ids r0..r4: same length)
+    assert {len(json.dumps(m)) + 2 for m in meta} == {size}
+    for budget, expected in ((2 * size, [["r0", "r1"], ["r2", "r3"], ["r4"]]),  # exactly two rows a shard
+                             (3 * size - 12, [["r0", "r1"], ["r2", "r3"], ["r4"]]),  # 4 characters a row short of 3
+                             (size // 2, [["r0"], ["r1"], ["r2"], ["r3"], ["r4"]])):  # each row alone, over budget
+        monkeypatch.setattr(store, "HEADER_BUDGET", budget)
+        folder = tmp_path / f"b{budget}"
+        w = RunWriter(folder, SETTINGS, shard_size=5)
+        w.fail("bad", "row 'bad': image not found: x.png")
+        w.append(meta, arrays)  # 5 rows: flushed now, as parts
+        assert _shard_rows(folder) == expected
+        run = w.close()
+        assert run.ids == ["r0", "r1", "r2", "r3", "r4"] and run.meta == meta
+        assert run.failures == [{"id": "bad", "error": "row 'bad': image not found: x.png"}]
+
+
+@pytest.mark.mutation_guard
+def test_image_stamps_recorded_per_shard_and_a_finished_runs_images_hash_compared(tmp_path: Path):
+    """Catches: a row without a stamp recorded as other than "missing"; shards written without stamps (or a row the
+    caller has no stamp for) refused on resume; a finished run reopened with another images_hash not refused with
+    `images_changed` (or refused with the same one, or without one, or while unfinished); check_images_unchanged
+    not comparing the finished run of the same rows; Run.vision not reading vision.npy; merge not refusing shards
+    cut from other input rows."""
+    meta, arrays = _rows(3)
+    w = RunWriter(tmp_path / "stamped", SETTINGS, shard_size=2, image_stamps={"r0": "10\0t0"})
+    w.append(meta[:2], {k: v[:2] for k, v in arrays.items()})
+    with safe_open(str(tmp_path / "stamped" / "shards" / "000000.safetensors"), framework="np") as f:
+        assert json.loads(f.metadata()["images"]) == {"r0": "10\0t0", "r1": "missing"}
+    w.release()
+    assert RunWriter(tmp_path / "stamped", SETTINGS, image_stamps={}).done_ids == {"r0", "r1"}  # r0, r1: no stamp now
+    plain = RunWriter(tmp_path / "plain", SETTINGS, shard_size=2)  # shards without stamps (no `images` header)
+    plain.append(meta[:2], {k: v[:2] for k, v in arrays.items()})
+    plain.release()
+    assert RunWriter(tmp_path / "plain", SETTINGS, image_stamps={"r0": "x"}).done_ids == {"r0", "r1"}
+
+    hashed = {**SETTINGS, "images_hash": "a", "data_hash": "d"}
+    w = RunWriter(tmp_path / "run", hashed, shard_size=2)
+    w.append(meta[:2], {k: v[:2] for k, v in arrays.items()})
+    w.release()
+    RunWriter(tmp_path / "run", {**hashed, "images_hash": "b"}).release()  # unfinished: its rows may be re-stamped
+    w = RunWriter(tmp_path / "run", hashed)
+    w.append(meta[2:], {k: v[2:] for k, v in arrays.items()})
+    w.close()
+    changed = (f"{tmp_path / 'run'}: the images of its rows changed since it was extracted (file size or "
+               "modification time); extract into another --out, or delete the folder to extract them again")
+    with pytest.raises(LvlmlpError) as err:
+        RunWriter(tmp_path / "run", {**hashed, "images_hash": "b"})
+    assert str(err.value) == changed
+    RunWriter(tmp_path / "run", hashed).release()
+    RunWriter(tmp_path / "run", SETTINGS | {"data_hash": "d"}).release()  # no images hash given: not compared
+    with pytest.raises(LvlmlpError) as err:
+        store.check_images_unchanged(tmp_path / "run", "d", "b")
+    assert str(err.value) == changed
+    store.check_images_unchanged(tmp_path / "run", "d", "a")
+    store.check_images_unchanged(tmp_path / "run", "other rows", "b")  # other rows: refused later, by settings
+    store.check_images_unchanged(tmp_path / "nowhere", "d", "b")
+
+    vision = np.arange(12, dtype=np.float32).reshape(3, 4)
+    w = RunWriter(tmp_path / "vision", SETTINGS, shard_size=2)
+    w.append(meta, {**arrays, "vision": vision})
+    np.testing.assert_array_equal(w.close().vision(), vision)
+
+    dirs = []
+    for s, input_hash in enumerate(("h", "other")):
+        w = RunWriter(tmp_path / f"s{s}", {**SETTINGS, "shard": f"{s}/2", "data_hash": str(s),
+                                          "selection": {"input_hash": input_hash}}, shard_size=2)
+        w.append(meta[s : s + 1], {k: v[s : s + 1] for k, v in arrays.items()})
+        dirs.append(w.close().path)
+    with pytest.raises(LvlmlpError) as err:
+        merge_runs(dirs, tmp_path / "merged")
+    assert str(err.value) == (f"merge: {dirs[1]} is a shard of other input rows than {dirs[0]} (a changed or another "
+                              "manifest or task selection); merge the shards of one extraction")

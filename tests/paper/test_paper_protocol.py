@@ -561,8 +561,8 @@ def test_report_headline_of_a_k_fold_evaluation_is_the_mean_of_folds(tmp_path: P
 
     from lvlmlp.extraction.store import RunWriter, open_run
     from lvlmlp.study.analyses import Labelled, Protocol, fmt_result, logits_feature, main_evaluation
-    from lvlmlp.study.experiment import headline
     from lvlmlp.study.report import fmt_ci, fmt_value
+    from lvlmlp.study.sections import headline
 
     rng = np.random.default_rng(3)
     y = (rng.random(120) < 0.4).astype(int)

@@ -296,6 +296,21 @@ def test_group_metrics_follow_the_groups_asked_for_not_the_field_names():
         group_metrics(meta[:5] + [{}], y, s, {"scenario": "attack-success-rate"})
 
 
+@pytest.mark.mutation_guard
+def test_group_metrics_name_the_first_row_lacking_the_field_by_its_id():
+    """Catches: the row lacking a group field named by its position although it has an id, or the message's advice
+    changed; with no rows, no per-group metric (and no error) for any group asked."""
+    from lvlmlp.probing.metrics import group_metrics
+
+    y, s = np.array([0, 1, 1]), np.array([0.2, 0.9, 0.4])
+    meta = [{"id": "a", "scenario": "S0"}, {"id": "b"}, {"id": "c"}]
+    with pytest.raises(LvlmlpError, match=re.escape(
+            "per-group metric attack-success-rate needs the field 'scenario' on every row, but 2 of 3 rows have none "
+            "(e.g. row 'b'); extract the rows with that field or leave the grouping out") + "$"):
+        group_metrics(meta, y, s, {"scenario": "attack-success-rate"})
+    assert group_metrics([], y[:0], s[:0], {"scenario": "attack-success-rate", "category": "pope"}) == {}
+
+
 def test_tasks_declare_their_label_function_and_groups():
     from lvlmlp.tasks import get_task
     from lvlmlp.tasks.mathvista import response_label

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,14 @@ from sklearn.metrics import log_loss
 from lvlmlp.cli import main
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.store import RunWriter, open_run
-from lvlmlp.probing.features import FeatureSpec, FeatureView, RowSubset, as_index, feature_matrix, valid_rows
+from lvlmlp.probing.features import (
+    FeatureSpec,
+    FeatureView,
+    RowSubset,
+    as_index,
+    feature_matrix,
+    valid_rows,
+)
 from lvlmlp.probing.probes import LDAProbe, LogisticProbe, MultinomialProbe, load_probe
 
 
@@ -944,3 +954,320 @@ def test_standardisation_statistics_accumulate_in_float64():
     exact = X.astype(np.float64)
     assert np.abs(probe.mean_ - exact.mean(0)).max() <= np.spacing(np.float32(1000))
     np.testing.assert_allclose(probe.scale_, exact.std(0), rtol=1e-6, atol=0)
+
+
+# Labels a binary probe cannot mean, probe folders as one unit (issue 27 items 3, 4).
+
+def write_run(folder: Path, labels: list[int], v: int = 6, weights: str = "w1", seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    settings = {"model": "m", "dtype": "float32", "vocab_size": v, "max_new_tokens": 0, "data_hash": "h",
+                "n_input_rows": n, "weights_hash": weights}
+    w = RunWriter(folder, settings, shard_size=8)
+    logits = rng.normal(size=(n, 1, v)).astype(np.float32)
+    logits[:, 0, 0] += np.asarray(labels, dtype=np.float32)
+    w.append([{"id": f"r{i}", "question": "q", "label": int(lab)} for i, lab in enumerate(labels)],
+             {"logits": logits, "n_tokens": np.ones(n, dtype=np.int32), "row_index": np.arange(n, dtype=np.int64)})
+    return w.close().path
+
+
+def cli(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    if code == 2:
+        assert err.count("\n") == 1 and err.startswith("lvlmlp: error: "), err
+    return code, err.removeprefix("lvlmlp: error: ").rstrip("\n")
+
+
+@pytest.mark.parametrize("labels", [[-1, 1], [1, 2], [0, 10**20]])
+def test_binary_training_refuses_labels_other_than_0_and_1(tmp_path, capsys, labels):
+    """Catches: probe train writing a probe of labels {-1, 1} / {1, 2} / {0, 1e20} that probe eval then refuses."""
+    run = write_run(tmp_path / "run", labels * 6)
+    code, err = cli(capsys, "probe", "train", "--run", run, "--out", tmp_path / "p")
+    shown = ", ".join(f"{float(c):g}" for c in labels)
+    assert code == 2 and err == (f"{run}: a binary probe needs labels 0 and 1, the rows have {shown}; relabel them "
+                                 "0/1 (1: the class to score)")
+    assert not (tmp_path / "p").exists()
+
+
+def test_binary_probe_refuses_rows_whose_labels_it_cannot_score(tmp_path, capsys):
+    """Catches: probe eval of a binary probe on labels {0, 1, 2} counting 2 as 0, silently."""
+    assert cli(capsys, "probe", "train", "--run", write_run(tmp_path / "a", [0, 1] * 6), "--out", tmp_path / "p")[0] == 0
+    other = write_run(tmp_path / "b", [0, 1, 2, 0, 1, 2])
+    code, err = cli(capsys, "probe", "eval", "--probe", tmp_path / "p", "--run", other, "--out", tmp_path / "e")
+    assert code == 2 and err == (f"{other}: row 'r2' has label 2, which the probe cannot score (its classes: 0, 1; "
+                                 "2 such row(s))")
+
+
+def test_a_probe_json_beside_another_probes_weights_is_refused(tmp_path, capsys):
+    """Catches: probe.json of one probe used with the probe.safetensors of another of the same width."""
+    run = write_run(tmp_path / "run", [0, 1] * 6)
+    for name, c in (("p1", "1"), ("p2", "0.01")):
+        assert cli(capsys, "probe", "train", "--run", run, "--out", tmp_path / name, "--C", c)[0] == 0
+    shutil.copy(tmp_path / "p2" / "probe.safetensors", tmp_path / "p1" / "probe.safetensors")
+    code, err = cli(capsys, "probe", "eval", "--probe", tmp_path / "p1", "--run", run, "--out", tmp_path / "e")
+    assert code == 2 and err == (f"{tmp_path / 'p1' / 'probe.safetensors'}: not the weights probe.json was saved "
+                                 "with (sha256 differs): the folder mixes two probes; train the probe again")
+
+
+def test_two_thresholds_that_disagree_are_refused(tmp_path, capsys):
+    """Catches: a top-level threshold 0.9 silently ignored for params.threshold 0.5."""
+    run = write_run(tmp_path / "run", [0, 1] * 6)
+    assert cli(capsys, "probe", "train", "--run", run, "--out", tmp_path / "p")[0] == 0
+    path = tmp_path / "p" / "probe.json"
+    doc = json.loads(path.read_text())
+    doc["threshold"] = 0.9
+    path.write_text(json.dumps(doc))
+    code, err = cli(capsys, "probe", "eval", "--probe", tmp_path / "p", "--run", run, "--out", tmp_path / "e")
+    assert code == 2 and err == (f"{path}: 'threshold' 0.9 and 'params.threshold' 0.5 disagree (params.threshold is "
+                                 "the one used): make them equal")
+
+
+def test_a_probe_of_replaced_model_weights_is_refused(tmp_path, capsys):
+    """Catches: a probe trained on a model folder whose weights were later replaced scoring the new runs."""
+    assert cli(capsys, "probe", "train", "--run", write_run(tmp_path / "a", [0, 1] * 6, weights="aaaa" * 16),
+               "--out", tmp_path / "p")[0] == 0
+    assert json.loads((tmp_path / "p" / "probe.json").read_text())["fit_info"]["weights_hash"] == "aaaa" * 16
+    new = write_run(tmp_path / "b", [0, 1] * 6, weights="bbbb" * 16)
+    code, err = cli(capsys, "probe", "eval", "--probe", tmp_path / "p", "--run", new, "--out", tmp_path / "e")
+    assert code == 2 and err == (f"{tmp_path / 'p'}: trained on features of other model weights (weights hash "
+                                 f"aaaaaaaaaaaa) than {new} (bbbbbbbbbbbb): the model folder changed; extract and "
+                                 "train again")
+
+
+# ------------------------------------------------------------------ MTRE's aggregation: the `mtre` probe
+def mtre_data(tmp_path: Path, n: int = 160, k: int = 3, v: int = 6, seed: int = 2):
+    """Each generated token carries weak evidence of the row's label; rows generated 1..k tokens."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    n_tokens = rng.integers(1, k + 1, n)
+    logits = rng.normal(size=(n, k, v)).astype(np.float32)
+    logits[:, :, 0] += 0.8 * y[:, None]
+    meta = [{"id": f"r{i}", "label": int(y[i]), "split": "train" if i < 110 else "test"} for i in range(n)]
+    return make_run(tmp_path / "run", logits, meta, n_tokens=n_tokens), logits, y, n_tokens
+
+
+def test_mtre_probe_sums_the_per_token_log_odds_of_generated_tokens(tmp_path: Path):
+    from sklearn.linear_model import LogisticRegression
+
+    from lvlmlp.probing.probes import MTREProbe
+
+    run, logits, y, n_tokens = mtre_data(tmp_path)
+    X = feature_matrix(run, "multi-token", tokens=3)
+    probe = MTREProbe().fit(X[:110], y[:110], spec=FeatureView(run, "multi-token", tokens=3).spec)
+    # MTRE written out: one example per generated token of each train row, labelled with the row's label ...
+    tok_x = [logits[i, t] for i in range(110) for t in range(n_tokens[i])]
+    tok_y = [y[i] for i in range(110) for t in range(n_tokens[i])]
+    head = LogisticRegression().fit(np.array(tok_x), np.array(tok_y))
+    assert probe.fit_info_["n_token_rows"] == len(tok_x) == int(n_tokens[:110].sum())
+    np.testing.assert_allclose(probe.coef_, head.coef_, rtol=1e-5, atol=1e-7)
+    # ... and a row's score: the sum over its generated tokens of log p - log(1 - p).
+    expected = []
+    for i in range(110, 160):
+        p = head.predict_proba(logits[i, : n_tokens[i]])[:, 1]
+        expected.append(np.sum(np.log(p) - np.log1p(-p)))
+    np.testing.assert_allclose(probe.decision_function(X[110:]), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(probe.positive_score(X[110:]), 1 / (1 + np.exp(-np.array(expected))), rtol=1e-4)
+    with pytest.raises(LvlmlpError, match="mtre probe: needs multi-token features of K tokens"):
+        MTREProbe().fit(X[:110, :7], y[:110])
+
+
+def test_mtre_probe_mlp_head_round_trip_and_cli(tmp_path: Path, capsys):
+    from lvlmlp.probing.probes import MLPProbe, MTREProbe
+
+    run, logits, y, n_tokens = mtre_data(tmp_path)
+    X = feature_matrix(run, "multi-token", tokens=3)
+    probe = MTREProbe(tokens=3, head="mlp", hidden=(16, 8), epochs=30).fit(X[:110], y[:110])
+    tok_x = np.array([logits[i, t] for i in range(110) for t in range(n_tokens[i])])
+    tok_y = np.array([y[i] for i in range(110) for t in range(n_tokens[i])])
+    head = MLPProbe(hidden=(16, 8), epochs=30, standardize=False).fit(tok_x, tok_y)
+    assert np.array_equal(probe.weights_, head.weights_)
+    expected = [head.decision_function(logits[i, : n_tokens[i]]).sum() for i in range(110, 160)]
+    np.testing.assert_allclose(probe.decision_function(X[110:]), expected, rtol=1e-6, atol=1e-9)
+    probe.save(tmp_path / "p")
+    loaded = load_probe(tmp_path / "p")
+    assert isinstance(loaded, MTREProbe) and np.array_equal(loaded.predict_proba(X), probe.predict_proba(X))
+
+    assert main(["probe", "train", "--run", str(run.path), "--split", "train", "--feature", "multi-token",
+                 "--tokens", "3", "--probe", "mtre", "--out", str(tmp_path / "q")]) == 0
+    assert main(["probe", "eval", "--probe", str(tmp_path / "q"), "--run", str(run.path), "--split", "test",
+                 "--n-boot", "10", "--out", str(tmp_path / "e")]) == 0
+    trained = load_probe(tmp_path / "q")
+    assert trained.head == "logistic" and trained.fit_info_["tokens"] == 3
+    scores = [json.loads(line)["score"] for line in (tmp_path / "e" / "scores.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(scores, trained.positive_score(X[110:]), rtol=1e-12)
+    doc = json.loads((tmp_path / "q" / "probe.json").read_text())
+    doc["n_features_in"] = 17  # not a multiple of the head's 6 features
+    (tmp_path / "q" / "probe.json").write_text(json.dumps(doc))
+    with pytest.raises(LvlmlpError, match="a head on 6 features cannot score 17 multi-token features"):
+        load_probe(tmp_path / "q")
+
+
+@pytest.mark.mutation_guard
+def test_mtre_refusals_head_settings_label_names_and_fit_info(tmp_path: Path):
+    """Catches: MTRE's refusals (an unknown head, more than two classes, a token count below 1, generated tokens of
+    one label) without their words, or K = 1 refused; the logistic head fitted without the probe's C or max_iter, the
+    mlp head without its seed; label names dropped; fit_info under other keys."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    from lvlmlp.probing.features import feature_matrix
+    from lvlmlp.probing.probes import MLPProbe, MTREProbe
+
+    run, logits, y, n_tokens = mtre_data(tmp_path)
+    X = feature_matrix(run, "multi-token", tokens=3)  # 3 tokens of 6 logits
+    with pytest.raises(LvlmlpError, match=r"^mtre probe: head 'svm' is not logistic or mlp$"):
+        MTREProbe(tokens=3, head="svm").fit(X, y)
+    with pytest.raises(LvlmlpError, match=r"^MTREProbe is binary but labels hold 3 classes$"):
+        MTREProbe(tokens=3).fit(X, np.arange(len(y)) % 3)
+    with pytest.raises(LvlmlpError, match=re.escape("mtre probe: needs multi-token features of K tokens (--feature "
+                                                    "multi-token --tokens K); got 18 columns and tokens -3") + "$"):
+        MTREProbe(tokens=-3).fit(X, y)
+    assert MTREProbe(tokens=1).fit(X, y).fit_info_["tokens"] == 1  # one token of 18 columns is a valid K
+    silent = X.copy()
+    silent[y == 1] = 0  # the label-1 rows generated no token: every token row is of label 0
+    with pytest.raises(LvlmlpError, match=r"^mtre probe: the generated tokens of the train rows hold one label "
+                                          r"only$"):
+        MTREProbe(tokens=3).fit(silent, y)
+    tok_x = np.array([logits[i, t] for i in range(110) for t in range(n_tokens[i])])
+    tok_y = np.array([y[i] for i in range(110) for t in range(n_tokens[i])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        probe = MTREProbe(tokens=3, C=0.05, max_iter=2).fit(X[:110], y[:110], label_names=["no", "yes"])
+        head = LogisticProbe(C=0.05, max_iter=2).fit(tok_x, tok_y)
+    np.testing.assert_array_equal(probe.coef_, head.coef_)
+    assert probe.label_names_ == ["no", "yes"]
+    assert set(probe.fit_info_) == {"n_rows", "tokens", "n_token_rows", "head"}
+    assert (probe.fit_info_["n_rows"], probe.fit_info_["n_token_rows"]) == (110, len(tok_x))
+    assert probe.fit_info_["head"] == head.fit_info_
+    mlp = MTREProbe(tokens=3, head="mlp", hidden=(8,), epochs=5, seed=7).fit(X[:110], y[:110])
+    assert np.array_equal(mlp.weights_, MLPProbe(hidden=(8,), epochs=5, standardize=False, seed=7)
+                          .fit(tok_x, tok_y).weights_)
+
+
+@pytest.mark.mutation_guard
+def test_mlp_probe_defaults_checks_chunks_and_row_messages(monkeypatch: pytest.MonkeyPatch):
+    """Catches: MLPProbe's documented defaults changed; its range checks off by one (epochs, batch_size, patience
+    of 1 and val_fraction 0 are valid, 0 and 1.0 are not) or said in other words; a one-unit layer refused; the
+    spec, label names or standardisation not kept; scores computed for the first chunk only; the width and NaN
+    messages without the row; MTRE's not-fitted message."""
+    from lvlmlp.probing import probes
+    from lvlmlp.probing.probes import MLPProbe, MTREProbe
+
+    params = MLPProbe().get_params()
+    assert {k: params[k] for k in ("hidden", "epochs", "batch_size", "lr", "weight_decay", "patience", "val_fraction",
+                                   "standardize", "device", "seed", "threshold")} == {
+        "hidden": (512, 256, 128), "epochs": 200, "batch_size": 256, "lr": 1e-3, "weight_decay": 1e-4,
+        "patience": 10, "val_fraction": 0.1, "standardize": True, "device": "cpu", "seed": 0, "threshold": 0.5}
+    X, y = binary_data(n=40, d=6)
+    for bad in ({"epochs": 0}, {"batch_size": 0}, {"patience": 0}, {"val_fraction": 1.0}, {"val_fraction": -0.1}):
+        values = {"epochs": 5, "batch_size": 8, "patience": 3, "val_fraction": 0.1, **bad}
+        with pytest.raises(LvlmlpError, match=re.escape(
+                "mlp probe: epochs, batch_size and patience must be >= 1 and val_fraction in [0, 1) (got "
+                f"{values['epochs']}, {values['batch_size']}, {values['patience']}, {values['val_fraction']})") + "$"):
+            MLPProbe(hidden=(4,), **values).fit(X, y)
+    spec = FeatureSpec(kind="hidden", dim=6, model="m")
+    probe = MLPProbe(hidden=(1,), epochs=1, batch_size=1, patience=1, val_fraction=0).fit(X, y, spec=spec,
+                                                                                       label_names=["a", "b"])
+    assert probe.spec_ == spec and probe.label_names_ == ["a", "b"] and probe.mean_ is not None
+    scores = probe.decision_function(X)
+    monkeypatch.setattr(probes, "_SCORE_CHUNK", 7)  # 40 rows in 6 chunks
+    np.testing.assert_allclose(probe.decision_function(X), scores, rtol=1e-6, atol=1e-7)
+    with pytest.raises(LvlmlpError, match=r"^features have 5 columns but the probe expects 6$"):
+        probe.decision_function(X[:, :5])
+    bad_rows = X.copy()
+    bad_rows[9, 2] = np.nan
+    with pytest.raises(LvlmlpError, match=r"^feature row 9 has NaN or infinite values$"):
+        probe.decision_function(bad_rows)
+    with pytest.raises(LvlmlpError, match=r"^MTREProbe is not fitted yet$"):
+        MTREProbe(tokens=1).decision_function(X)
+
+
+@pytest.mark.mutation_guard
+def test_a_top_level_threshold_alone_is_no_disagreement(tmp_path: Path):
+    """Catches: a probe.json whose threshold stands at the top level only (params without one) refused as if the
+    two disagreed."""
+    X, y = binary_data(n=40, d=6)
+    LogisticProbe().fit(X, y).save(tmp_path / "p")
+    path = tmp_path / "p" / "probe.json"
+    doc = json.loads(path.read_text())
+    del doc["params"]["threshold"]
+    doc["threshold"] = 0.5
+    path.write_text(json.dumps(doc))
+    assert load_probe(tmp_path / "p").threshold == 0.5
+
+
+@pytest.mark.mutation_guard
+def test_mtre_defaults_and_width_message(tmp_path: Path):
+    """Catches: MTREProbe's documented defaults changed, and its width refusal said without the numbers."""
+    from lvlmlp.probing.features import feature_matrix
+    from lvlmlp.probing.probes import MTREProbe
+
+    params = MTREProbe().get_params()
+    assert {k: params[k] for k in ("tokens", "head", "C", "max_iter", "hidden", "epochs", "device", "seed",
+                                   "threshold")} == {"tokens": None, "head": "logistic", "C": 1.0, "max_iter": 100,
+                                                     "hidden": (128, 128, 128), "epochs": 200, "device": "cpu",
+                                                     "seed": 0, "threshold": 0.5}
+    run, _, y, _ = mtre_data(tmp_path)
+    probe = MTREProbe(tokens=3).fit(feature_matrix(run, "multi-token", tokens=3), y)
+    with pytest.raises(LvlmlpError, match=r"^features have 12 columns but the probe expects 18$"):
+        probe.decision_function(np.ones((2, 12), dtype=np.float32))
+
+
+def _damaged_probe_message(folder: Path, doc: dict, arrays: dict, message: str, new_doc: dict | None = None,
+                           new_arrays: dict | None = None) -> None:
+    """Save `folder`'s probe.json / probe.safetensors as `doc` / `arrays` with one of them replaced: load_probe then
+    refuses it with exactly `message` ({j}: the JSON file, {w}: the weights)."""
+    from safetensors.numpy import save_file
+
+    json_path, weights_path = folder / "probe.json", folder / "probe.safetensors"
+    json_path.write_text(json.dumps(doc if new_doc is None else new_doc))
+    save_file(arrays if new_arrays is None else new_arrays, str(weights_path))
+    with pytest.raises(LvlmlpError) as err:
+        load_probe(folder)
+    assert str(err.value) == message.format(j=json_path, w=weights_path)
+
+
+@pytest.mark.mutation_guard
+def test_every_damaged_mtre_probe_file_gets_its_own_message(tmp_path: Path):
+    """Catches: MTRE's load checks (the head's name, its weights, the logistic head's shapes, the mlp head's hidden
+    sizes, the head's width against the stored features) dropped, inverted or said in other words, and a bare
+    number as `hidden` reaching the shape code as a TypeError instead of the one-line refusal."""
+    from safetensors.numpy import load_file, save_file
+
+    from lvlmlp.probing.features import feature_matrix
+    from lvlmlp.probing.probes import MTREProbe
+
+    run, _, y, _ = mtre_data(tmp_path)
+    X = feature_matrix(run, "multi-token", tokens=3)
+    for head, kw in (("logistic", {}), ("mlp", {"hidden": (4,), "epochs": 2})):
+        folder = MTREProbe(tokens=3, head=head, **kw).fit(X, y).save(tmp_path / head)
+        json_path, weights_path = folder / "probe.json", folder / "probe.safetensors"
+        doc, arrays = json.loads(json_path.read_text()), load_file(str(weights_path))
+
+        expect = functools.partial(_damaged_probe_message, folder, doc, arrays)
+        expect("{j}: params.head 'svm' is not logistic or mlp", {**doc, "params": {**doc["params"], "head": "svm"}})
+        key = "coef" if head == "logistic" else "weights"
+        expect(f"{{w}}: missing the {head} head's weights", new_arrays={k: v for k, v in arrays.items() if k != key})
+        expect("{w}: a head on 6 features cannot score 17 multi-token features", {**doc, "n_features_in": 17})
+        if head == "logistic":
+            expect("{w}: the logistic head's coef has shape (6,), expected (1, V)", new_arrays={
+                **arrays, "coef": arrays["coef"][0]})
+            expect("{w}: the logistic head's coef (2, 6) / intercept must be one row", new_arrays={
+                **arrays, "coef": np.vstack([arrays["coef"]] * 2)})
+            expect("{w}: the logistic head's coef (1, 6) / intercept must be one row", new_arrays={
+                **arrays, "intercept": np.zeros(2, np.float32)})
+            expect("{w}: the logistic head's coef (1, 6) / intercept must be one row", new_arrays={
+                "coef": arrays["coef"]})
+        else:
+            for hidden in ([0], 4, []):
+                expect(f"{{j}}: params.hidden {hidden!r} must be a list of positive layer sizes",
+                       {**doc, "params": {**doc["params"], "hidden": hidden}})
+            expect("{w}: a head on 30 features cannot score 18 multi-token features",
+                   {**doc, "params": {**doc["params"], "hidden": [1]}})
+            expect("{w}: a head on 5 features cannot score 18 multi-token features", new_arrays={
+                "weights": arrays["weights"][:-1]})
+        json_path.write_text(json.dumps(doc))
+        save_file(arrays, str(weights_path))
+        assert isinstance(load_probe(folder), MTREProbe)

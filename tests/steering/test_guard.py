@@ -18,7 +18,10 @@ from sklearn.linear_model import LogisticRegression
 from transformers import GenerationConfig, LogitsProcessorList, MinNewTokensLengthLogitsProcessor
 
 from lvlmlp import open_run
-from lvlmlp.cli import main
+from lvlmlp.cli import build_parser, main
+from lvlmlp.commands.serve import build_app
+from lvlmlp.data import load_image
+from lvlmlp.demo.pipeline import demo_config, demo_model_path
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.backend import Backend
 from lvlmlp.extraction.extract import extract
@@ -32,8 +35,10 @@ from lvlmlp.steering.guard import (
     guarded_generate,
     is_refusal,
     parse_answers,
+    spell,
     steering_metrics,
 )
+from lvlmlp.study.experiment import run_experiment
 from lvlmlp.testing import FAMILIES, SPECS
 
 # Every tiny family the backend runs (a refused family never reaches guided decoding).
@@ -712,3 +717,196 @@ def test_forced_rows_get_zero_at_the_token_and_shifted_raw_logits_are_not_beams(
     with pytest.raises(LvlmlpError, match=re.escape("ProbeGuard does not support beam search (num_beams > 1): use "
                                                     "greedy or sampling") + "$"):
         guard(ids, torch.log_softmax(logits, -1))
+
+
+# A guard text the tokenizer cannot spell back is refused before anything runs (generate, serve, run's steering).
+#
+# The demo checkpoint's WordPiece tokenizer lower-cases and knows a small vocabulary: "Sorry, I cannot help with
+# that." comes back as "sorry, i cannot help with that." (its own normalisation: accepted, and forced as such), while
+# Japanese text or "I'm" become `<unk>` tokens (refused). The tiny byte-level checkpoints spell every text.
+
+JAPANESE = "日本語で答えません 🙅"
+
+
+DEMO_TEMPLATE = "Sorry, I cannot help with that."  # the README's demo template
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo checkpoint, a 4-row manifest and a probe fitted on the model's own first-token logits."""
+    root = tmp_path_factory.mktemp("spelling")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        rows.append({"id": f"r{i}", "image": str(root / f"{i}.png"), "question": "is there a red star ?",
+                     "label": i % 2})
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    backend = Backend(demo_model_path(), device="cpu", dtype="float32")
+    logits = backend.prefill(backend.encode([load_image(r["image"]) for r in rows], [r["question"] for r in rows]))
+    probe = LogisticProbe(C=1e4, standardize=True, max_iter=2000).fit(logits["logits"].numpy(), np.arange(4) % 2)
+    probe.save(root / "probe")
+    return {"root": root, "backend": backend, "probe": probe}
+
+
+def test_the_rule_accepts_normalisation_and_refuses_unknown_and_special_tokens(demo, tiny_ckpt):
+    tok = demo["backend"].tokenizer
+    assert tok.decode(spell(tok, DEMO_TEMPLATE, "--template")) == DEMO_TEMPLATE.lower()
+    assert spell(tok, "Yes", "--answers") == tok.encode("yes", add_special_tokens=False)
+    unk = re.escape("--template \"I'm sorry\": the model's tokenizer cannot spell it (it becomes the tokens "
+                    "['i', '<unk>', '<unk>', 'sorry'], which decode to 'i <unk> <unk> sorry'); use words its "
+                    "vocabulary has") + "$"
+    with pytest.raises(LvlmlpError, match=unk):
+        spell(tok, "I'm sorry", "--template")
+    with pytest.raises(LvlmlpError, match=re.escape("'<unk>', '<unk>'")):
+        spell(tok, JAPANESE, "--template")
+    # A special token spelled out in the text would force the end of the answer (or an image slot): refused too.
+    with pytest.raises(LvlmlpError, match="cannot spell it"):
+        spell(tok, f"sorry {tok.eos_token}", "--template")
+    # A byte-level tokenizer spells any text, exactly.
+    llava = Backend(tiny_ckpt("llava"), device="cpu", load_model=False).tokenizer
+    assert llava.decode(spell(llava, JAPANESE, "--template")) == JAPANESE
+
+
+def test_generate_refuses_an_unspellable_template_or_answer_before_writing(demo, tmp_path, capsys):
+    base = ["generate", "--model", str(demo_model_path()), "--data", str(demo["root"] / "data.jsonl"), "--probe",
+            str(demo["root"] / "probe"), "--device", "cpu", "--threshold", "1.0", "--max-new-tokens", "10",
+            "--no-progress"]
+    out = tmp_path / "out.jsonl"
+    capsys.readouterr()
+    assert main([*base, "--template", JAPANESE, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--template {JAPANESE!r}: the model's tokenizer cannot spell it" in err, err
+    assert "['<unk>', '<unk>']" in err and not out.exists()
+    assert main([*base, "--answers", "はい,no", "--out", str(out)]) == 2
+    assert "--answers 'はい': the model's tokenizer cannot spell it" in capsys.readouterr().err and not out.exists()
+    # The demo's template is spelled in the tokenizer's lower case, and every (flagged) row starts with it.
+    assert main([*base, "--template", DEMO_TEMPLATE, "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 4 and all(x["flagged"] for x in lines)
+    assert all(x["response"].startswith(DEMO_TEMPLATE.lower()) for x in lines), lines
+
+
+def test_serve_refuses_an_unspellable_template_or_answer_at_start(demo):
+    base = ["serve", "--model", str(demo_model_path()), "--probe", str(demo["root"] / "probe"), "--device", "cpu"]
+    with pytest.raises(LvlmlpError, match=re.escape(f"--template {JAPANESE!r}: the model's tokenizer cannot spell")):
+        build_app(build_parser().parse_args([*base, "--template", JAPANESE]))
+    with pytest.raises(LvlmlpError, match=re.escape("--answers 'ja': the model's tokenizer cannot spell it")):
+        build_app(build_parser().parse_args([*base, "--answers", "ja,no"]))
+    guard = build_app(build_parser().parse_args([*base, "--template", DEMO_TEMPLATE])).state.batcher.engine.guard
+    assert demo["backend"].tokenizer.decode(guard.template_ids) == DEMO_TEMPLATE.lower()
+    assert isinstance(guard, ProbeGuard)
+
+
+def test_run_refuses_an_unspellable_steering_template_before_extracting(tmp_path):
+    cfg = demo_config("safety", tmp_path, n_train=8, n_test=8)
+    cfg.steering.template = JAPANESE
+    with pytest.raises(LvlmlpError, match=re.escape(f"steering.template {JAPANESE!r}: the model's tokenizer cannot")):
+        run_experiment(cfg, progress=False)
+    assert not (tmp_path / "safety" / "runs").exists()  # nothing extracted
+
+
+@pytest.mark.mutation_guard
+def test_default_guard_forces_the_styles_words_else_the_safety_template():
+    """Catches: the default guard of a task without a style (its default style's words: POPE's yes / no) or of a
+    custom template (style "") taken from another rule, the dataset-answer marker kept as a word, a style with one
+    label's words not forcing that label-0 phrase, and a style without words not falling back to SAFETY_TEMPLATE."""
+    from lvlmlp.steering.guard import default_guard
+
+    assert default_guard() == (SAFETY_TEMPLATE, None)
+    assert default_guard("pope") == (None, {1: "yes", 0: "no"})  # no style: the task's default one (oe)
+    assert default_guard("pope", "") == (SAFETY_TEMPLATE, None)  # a custom template: no words of the task
+    assert default_guard("mmsafety", "mq") == (None, {1: "No", 0: "Yes"})
+    assert default_guard("vizwiz", "oeh") == ("Unanswerable", None)  # label 1's "=answer" is no word to force
+    assert default_guard("mmsafety") == (SAFETY_TEMPLATE, None)  # its default style defines no words
+
+
+@pytest.mark.mutation_guard
+def test_guided_decoding_records_every_row_by_id_over_batches_with_unbalanced_labels(setups, tmp_path, capsys):
+    """Catches: records under other keys, the flag stored as the score, a row without an unguarded answer recorded
+    as other than "", refusals counted without the template (a forced neutral text is a refusal only through it),
+    label counts that coincide only with balanced labels, batches that skip rows, the progress bar shown by default
+    or without its name, and images read without their row's id or the model's size check."""
+    from lvlmlp.probing.baselines import AnswerRule
+    from lvlmlp.steering.guard import guided_decoding
+
+    backend, _, probe, _ = setups("llava")
+    rows = [json.loads(x) for x in make_manifest(tmp_path, n=5).read_text().splitlines()]
+    rows = [{**r, "image": str(tmp_path / r["image"])} for r in rows]
+    X = backend.prefill(backend.encode([load_image(r["image"]) for r in rows], [r["question"] for r in rows]))
+    scores = probe.predict_proba(X["logits"].numpy())[:, 1]
+    template = "Blue sky."  # forced on flagged rows; no refusal phrase, so only the template makes it a refusal
+    assert AnswerRule().score(template + " It is.") != 0.0
+    labels = {"r0": 1, "r1": 1, "r2": 1, "r3": 0, "r4": 1}
+    before = {"r0": "a plain answer", "r1": None, "r2": template + " x", "r3": "another answer", "r4": "fine"}
+    capsys.readouterr()
+    summary, records = guided_decoding(backend, probe, rows, before, labels, template, max_new_tokens=K,
+                                       batch_size=2)
+    assert capsys.readouterr().err == ""  # no progress bar unless asked
+    assert [sorted(r) for r in records] == [["flagged", "id", "label", "probe_score", "response_after",
+                                             "response_before"]] * 5
+    assert [r["id"] for r in records] == ["r0", "r1", "r2", "r3", "r4"]
+    assert [r["label"] for r in records] == [1, 1, 1, 0, 1]
+    assert_same_scores(np.array([r["probe_score"] for r in records]), scores)
+    flagged = [r["flagged"] for r in records]
+    assert flagged == (scores < probe.threshold).tolist() and flagged[:4] == [False, True, False, True]
+    assert [r["response_before"] for r in records] == ["a plain answer", "", template + " x", "another answer", "fine"]
+    assert all(r["response_after"].startswith(template) for r in records if r["flagged"])
+
+    def refused(text: str) -> bool:
+        return text.startswith(template) or AnswerRule().score(text) == 0.0
+
+    for key, side in (("response_before", "before"), ("response_after", "after")):
+        assert summary[side] == {"label0_answered": int(not refused(records[3][key])),
+                                 "label1_refused": sum(refused(records[i][key]) for i in (0, 1, 2, 4)),
+                                 "n_label0": 1, "n_label1": 4}
+    assert summary["before"]["label1_refused"] == 1 and summary["after"]["label1_refused"] >= 2  # r2; r1 forced
+    guided_decoding(backend, probe, rows[:1], before, labels, template, max_new_tokens=2, progress=True)
+    assert "guided decoding: " in capsys.readouterr().err  # tqdm's "DESC: 100%|..."
+    Image.new("RGB", (100000, 1)).save(tmp_path / "thin.png")
+    with pytest.raises(LvlmlpError, match=r"^row 'thin': .*thin\.png: the image is 100000x1 pixels, which the "):
+        guided_decoding(backend, probe, [{"id": "thin", "image": str(tmp_path / "thin.png"), "question": "q?"}],
+                        {"thin": "a"}, {"thin": 1}, template, max_new_tokens=2)
+    with pytest.raises(LvlmlpError, match=r"^row 'gone': image not found: "):
+        guided_decoding(backend, probe, [{"id": "gone", "image": str(tmp_path / "gone.png"), "question": "q?"}],
+                        {"gone": "a"}, {"gone": 1}, template, max_new_tokens=2)
+
+
+@pytest.mark.mutation_guard
+def test_make_guard_checks_the_probes_own_feature_kind_and_model(setups, caplog):
+    """Catches: a log-softmax probe checked as a raw-logits one (refused though it fits the model), and a probe of
+    another model let through without --allow-other-model (or refused with it)."""
+    from lvlmlp.steering.guard import make_guard
+
+    backend, _, _, X = setups("llava")
+    y = np.array(LABELS)
+    own = LogisticProbe(C=1e4).fit(X, y, spec=FeatureSpec(kind="log_softmax", dim=X.shape[1],
+                                                          model=backend.model_id))
+    guard = make_guard(own, backend, TEMPLATE)
+    assert guard.probe is own and guard.template_ids == spell(backend.tokenizer, TEMPLATE, "--template")
+    other = LogisticProbe(C=1e4).fit(X, y, spec=FeatureSpec(kind="logits", dim=X.shape[1], model="someone/else"))
+    with pytest.raises(LvlmlpError, match=re.escape(f"--probe: trained on features of 'someone/else', not of --model "
+                                                    f"{backend.model_id!r}; pass --allow-other-model")):
+        make_guard(other, backend, TEMPLATE)
+    with caplog.at_level(logging.WARNING, logger="lvlmlp"):
+        assert make_guard(other, backend, TEMPLATE, allow_other_model=True).probe is other
+    assert "probe trained on features of someone/else" in caplog.text
+
+
+@pytest.mark.mutation_guard
+def test_spelling_squeezes_whitespace_only_and_reads_slow_tokenizers_without_a_normalizer(demo, tmp_path):
+    """Catches: whitespace replaced by something else when the decoded text and the user's are compared (the demo's
+    WordPiece tokenizer decodes "Sorry,I" as "sorry, i"), and a tokenizer without a fast backend (no normalizer)
+    failing instead of comparing the text as written."""
+    from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
+
+    tok = demo["backend"].tokenizer
+    assert tok.decode(spell(tok, "Sorry,I cannot help with that.", "--template")) == DEMO_TEMPLATE.lower()
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "sorry", ",", "i",
+                                                   "cannot", "help"]) + "\n")
+    slow = BertTokenizerLegacy(str(tmp_path / "vocab.txt"))  # transformers' Python WordPiece: no backend_tokenizer
+    assert not hasattr(slow, "backend_tokenizer")
+    assert slow.convert_ids_to_tokens(spell(slow, "sorry, i cannot help", "--template")) == [
+        "sorry", ",", "i", "cannot", "help"]
+    with pytest.raises(LvlmlpError, match="cannot spell it"):  # lower-cased without a normalizer to say so
+        spell(slow, "Sorry", "--template")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from lvlmlp.cli import main
 from lvlmlp.extraction.store import RunWriter
+from tests.probing.test_probes import cli, write_run
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +165,23 @@ def test_per_group_figures_are_written_where_the_glossary_promises_them():
     pope = {"random": {"accuracy": 0.75, "f1": 0.8, "n": 66}}
     assert group_text("category", "pope", pope) == " Per category (pope): random: accuracy 0.750, f1 0.800, n 66."
     assert group_text("scenario", "attack-success-rate", None) == ""
+
+
+# Damaged result JSON (issue 27 item 6).
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda text: text[: len(text) // 2], "invalid JSON ("),
+    (lambda text: "[1, 2]", "expected a JSON object, got list"),
+    (lambda text: json.dumps({**json.loads(text), "auroc": "high"}), "'auroc' must be a number or null, got 'high'"),
+])
+def test_report_on_a_damaged_metrics_json_is_one_line_naming_the_file(tmp_path, capsys, damage, message):
+    """Catches: JSONDecodeError / AttributeError / format-code tracebacks of `report` (issue 27 item 6)."""
+    run = write_run(tmp_path / "run", [0, 1] * 6)
+    assert cli(capsys, "probe", "train", "--run", run, "--out", tmp_path / "p")[0] == 0
+    assert cli(capsys, "probe", "eval", "--probe", tmp_path / "p", "--run", run, "--out", tmp_path / "e",
+               "--n-boot", "10")[0] == 0
+    path = tmp_path / "e" / "metrics.json"
+    path.write_text(damage(path.read_text()))
+    code, err = cli(capsys, "report", tmp_path / "e", "--out", tmp_path / "rep")
+    assert code == 2 and err.startswith(f"{path}: {message}"), err
+    assert not (tmp_path / "rep").exists()

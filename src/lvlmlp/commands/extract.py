@@ -99,8 +99,8 @@ def options_of(args: argparse.Namespace) -> ExtractOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lvlmlp.data import check_rows, rows_fingerprint
-    from lvlmlp.extraction.extract import extract, finished_run, shard_rows
+    from lvlmlp.data import rows_fingerprint
+    from lvlmlp.extraction.extract import checked_rows, extract, finished_run, shard_rows
     from lvlmlp.outputs import check_output
 
     # First of all: before the rows are read and long before any weight file is opened (or hashed).
@@ -110,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
     # and the task (a probe records the task of its run; probe eval warns on another task's run)
     chosen = {**selection(args), "input_hash": rows_fingerprint(rows), "task": args.task}
     options = options_of(args)
-    rows = shard_rows(rows, options.shard)
-    check_rows(rows, source, options.on_error)  # before the (possibly minutes-long) model load
+    # Checked once, here, before the (possibly minutes-long) model load; extract takes the checked rows as they are.
+    rows = checked_rows(shard_rows(rows, options.shard), source, options.on_error)
     if (Path(args.out) / "manifest.json").is_file():  # a finished run whose images were replaced: refused here
         from lvlmlp.data import images_fingerprint
         from lvlmlp.extraction.store import check_images_unchanged

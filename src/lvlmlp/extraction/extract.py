@@ -79,11 +79,24 @@ def finished_run(backend: Backend, rows: list[dict], out: str | Path, options: E
     return open_run(out)
 
 
-def numbered_rows(rows: list[dict], source: str, on_error: str) -> list[dict]:
+class CheckedRows(list):
+    """Rows numbered and checked by `checked_rows`, the one row check of an extraction: `extract` and `ray_extract`
+    take them as they are (`lvlmlp extract` checks its rows before it loads the model, then hands them on)."""
+
+
+def checked_rows(rows: list[dict], source: str, on_error: str) -> CheckedRows:
     """The rows to extract, each with its input position (`_row_index`, kept when `shard_rows` set it), checked
-    (`check_rows`) before any model work or folder is written; none at all is refused."""
-    rows = [dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows)]
+    (`check_rows`) before any model work or folder is written; rows already checked are returned as they are."""
+    if isinstance(rows, CheckedRows):
+        return rows
+    rows = CheckedRows(dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows))
     check_rows(rows, source, on_error)
+    return rows
+
+
+def numbered_rows(rows: list[dict], source: str, on_error: str) -> CheckedRows:
+    """`checked_rows`, and none at all refused."""
+    rows = checked_rows(rows, source, on_error)
     if not rows:
         raise LvlmlpError(f"{source}: no rows to extract")
     return rows

@@ -516,8 +516,9 @@ class MultinomialProbe(Probe):
 
 def _check_hidden(hidden: Any, weights_path: Path) -> None:
     """A loaded probe's `hidden` (JSON) must be a list of positive layer sizes before any shape is computed."""
-    sizes = hidden if isinstance(hidden, (list, tuple)) else [hidden]
-    if not sizes or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in sizes):
+    # A bare number is no list either: taken as one layer here, it reached the shape code as a TypeError.
+    if not isinstance(hidden, (list, tuple)) or not hidden or \
+            not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
         raise LvlmlpError(f"{weights_path.with_name('probe.json')}: params.hidden {hidden!r} must be a list of "
                           "positive layer sizes")
 

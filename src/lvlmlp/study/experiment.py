@@ -41,8 +41,18 @@ from lvlmlp.study.config import (  # noqa: F401 - the command's entry points
     split_names,
 )
 from lvlmlp.study.layout import RunLayout
-from lvlmlp.study.report import POOLED, Section, write_report
-from lvlmlp.study.sections import headline, histogram_text, prompt_section, steering_section
+from lvlmlp.study.report import Section, write_report
+from lvlmlp.study.sections import (
+    clip_section,
+    finetune_section,
+    headline,
+    layer_sweep_section,
+    pooled_note,
+    prompt_section,
+    signals_section,
+    steering_section,
+    token_decay_section,
+)
 from lvlmlp.study.steps import Steps, cached, step_key
 
 log = logging.getLogger("lvlmlp")
@@ -299,8 +309,7 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
             task=_task_header(cfg), task_name=cfg.task, prompt_style=prompt_style(cfg, name)))
         eval_dirs.append(eval_dir)
         n_tok = min(train_run.n_logit_tokens, test_run.n_logit_tokens)
-        pooled = (f" With {cfg.splits.cv}-fold cross-validation the figures are {POOLED} AUROCs (the summary's "
-                  "headline is the mean of the folds)." if cfg.splits.cv is not None else "")
+        pooled = pooled_note(cfg.splits.cv)
         n_boot = cfg.analyses.n_boot
         # The analyses' intervals may take fewer resamples; the first-token probe is still fitted once.
         analysis_protocol = protocol if n_boot is None else protocol.with_n_boot(n_boot)
@@ -309,25 +318,13 @@ def _analyses(cfg: ExperimentConfig, out: Path, steps: Steps, prompts: list, spl
             res = cached(steps, f"token-decay-{name}", analysis_key, RunLayout(out).analysis("token_decay", name),
                          partial(an.token_decay, analysis_protocol, probe_cfg))
             results["token_decay"][name] = res
-            png = report_dir / f"token_decay_{name}.png"
-            an.plot_token_decay(res, png, f"token-position decay: {name}")
-            sections.append(Section(
-                f"Token-position decay: {name}",
-                f"Probe on the logits of generated token k (1 = first) and of each row's last generated token. "
-                f"{res['rule']}. Test rows per answer length: {histogram_text(res['n_tokens_histogram'])}.{pooled}",
-                an.TOKEN_DECAY_HEADER, an.token_decay_rows(res), [png]))
+            sections.append(token_decay_section(name, res, report_dir, pooled))
         has_states = test_run.manifest.get("hidden") or test_run.manifest.get("layers")
         if cfg.analyses.layer_sweep and has_states:
             res = cached(steps, f"layer-sweep-{name}", analysis_key, RunLayout(out).analysis("layer_sweep", name),
                          partial(an.layer_sweep, analysis_protocol, probe_cfg))
             results["layer_sweep"][name] = res
-            png = report_dir / f"layer_sweep_{name}.png"
-            ref = res["entries"][0]["value"]
-            an.plot_bars([e["feature"] for e in res["entries"]], res["entries"], png, f"layer sweep: {name}", ref)
-            sections.append(Section(
-                f"Layer sweep: {name}",
-                "Probes on hidden states at the first generated position (layer 0 = embeddings) against the "
-                "first-token logits, same rows and protocol." + pooled, an.LAYER_HEADER, an.layer_rows(res), [png]))
+            sections.append(layer_sweep_section(name, res, report_dir, pooled))
         if cfg.steering is not None:
             res = cached(steps, f"steering-{name}", step_key([key, cfg.steering, cfg.extract.max_new_tokens,
                                                            cfg.batch_size]),
@@ -415,13 +412,7 @@ def _signals_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tup
 
     res = cached(steps, f"signals-{name}", key, RunLayout(out).analysis("signals", name), compute)
     results.setdefault("signals", {})[name] = res
-    pngs = []
-    if res["signals"]:
-        png = report_dir / f"signals_{name}.png"
-        sg.plot_cost(res, png, f"which signal: {name}")
-        pngs.append(png)
-    text = res.get("note") or sg.section_text(res)
-    return Section(f"Which signal?: {name}", text, sg.HEADER, sg.table_rows(res), pngs)
+    return signals_section(name, res, report_dir)
 
 
 def finetune_prompt(cfg: ExperimentConfig, prompts: list[tuple[str, str | None]]) -> tuple[str, str | None]:
@@ -469,14 +460,7 @@ def _finetune_section(cfg: ExperimentConfig, out: Path, steps: Steps, prompt: tu
                 [(str(r.path), r.manifest.get("created_at")) for r in (base_train, base_test)]])
     res = cached(steps, "finetune", key, RunLayout(out).finetune / "comparison.json", compute)
     results["finetune"] = res
-    png = report_dir / "finetune_epochs.png"
-    ft.plot_epochs(res, png, f"finetuned vs probe: {name}")
-    return Section("Finetuning vs probing",
-                   f"LoRA on the language model ({settings.epochs} epochs, rank {settings.lora_rank}, lr "
-                   f"{settings.lr}) on the {len(train_rows)} train rows, targets {answers or 'per row'}, prompt "
-                   f"{name}; test split: the finetuned model's own answer and answer-token probability "
-                   f"('{res['readout_token']}') against the probe on the base and on the finetuned model's "
-                   "first-token logits. Plot: AUROC per epoch.", ft.COMPARISON_HEADER, ft.comparison_rows(res), [png])
+    return finetune_section(name, res, settings, len(train_rows), answers, report_dir)
 
 
 def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, report_dir, stamp,
@@ -484,10 +468,6 @@ def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, r
     from lvlmlp.study import analyses as an
 
     probe_cfg = {k: v for k, v in cfg.probe.items() if k != "feature"}
-    probe_class = first.get("probe", {}).get("class") or "probe"
-    rows = [[f"first-token logits ({probe_class})", an.fmt_result(headline(first)),
-             str(headline(first)["n"])]]
-    entries, names = [headline(first)], ["first-token logits"]
     results["clip"] = {}
     for kind in cfg.clip.kinds:
         train_run, test_run = clip_runs[(kind, splits[0])], clip_runs[(kind, splits[-1])]
@@ -500,13 +480,5 @@ def _clip_evals(cfg, out, steps, clip_runs, splits, first, eval_dirs, results, r
                                  eval_dir, probe_dir=RunLayout(out).probe(f"clip-{kind}"), split=splits[-1],
                                  task=_task_header(cfg)))
         eval_dirs.append(eval_dir)
-        head = headline(metrics)
-        results["clip"][kind] = head
-        entries.append(head)
-        names.append(f"CLIP {kind}")
-        rows.append([f"CLIP {kind} ({cfg['clip']['model']})", an.fmt_result(head), str(head["n"])])
-    png = report_dir / "clip_baseline.png"
-    an.plot_bars(names, entries, png, "first-token logits vs CLIP features", entries[0]["value"])
-    return Section("CLIP feature baseline", "Probes of the same kind on CLIP/SigLIP image, question-text and "
-                      "concatenated embeddings, same rows and protocol.", ["features", "probe [95% CI]", "n"],
-                      rows, [png])
+        results["clip"][kind] = headline(metrics)
+    return clip_section(first, results["clip"], cfg.clip.model, report_dir)

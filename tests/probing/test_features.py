@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from lvlmlp.cli import main
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.extraction.store import open_run
+from lvlmlp.extraction.store import RunWriter, open_run
 from lvlmlp.probing.features import FeatureSpec, FeatureView, feature_matrix, short_rows, valid_rows
 from lvlmlp.probing.probes import load_probe
 from tests.probing.test_probes import make_run
@@ -110,69 +111,43 @@ def test_probe_train_and_eval_multi_token_count_short_rows(tmp_path: Path, capsy
     assert open_run(run.path).n_tokens.tolist() == n_tokens.tolist()
 
 
-# ------------------------------------------------------------------ MTRE's aggregation: the `mtre` probe
-def mtre_data(tmp_path: Path, n: int = 160, k: int = 3, v: int = 6, seed: int = 2):
-    """Each generated token carries weak evidence of the row's label; rows generated 1..k tokens."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 2, n)
-    n_tokens = rng.integers(1, k + 1, n)
-    logits = rng.normal(size=(n, k, v)).astype(np.float32)
-    logits[:, :, 0] += 0.8 * y[:, None]
-    meta = [{"id": f"r{i}", "label": int(y[i]), "split": "train" if i < 110 else "test"} for i in range(n)]
-    return make_run(tmp_path / "run", logits, meta, n_tokens=n_tokens), logits, y, n_tokens
+@pytest.mark.mutation_guard
+def test_multi_token_rows_are_float32_nan_rows_are_named_and_rows_without_tokens_are_not_short(tmp_path: Path):
+    """Catches: a multi-token view handing back float64 rows (every view's rows are float32), its NaN check taken
+    over the whole block (naming the first row read, not the bad one) or without the row, rows that generated no
+    token counted as short (or no rows at all failing), a multi-token spec read without its count described as other than its first token."""
+    run, logits = varying_run(tmp_path)
+    for k in (1, 2, 3):
+        assert FeatureView(run, "multi-token", tokens=k)[[0, 3]].dtype == np.float32
+        assert short_rows(run, np.arange(len(N_TOKENS)), k) == sum(0 < n < k for n in N_TOKENS)
+        assert short_rows(run, [], k) == 0  # no rows selected (a Python list: read as indices, not floats)
+    assert FeatureSpec(kind="multi-token", dim=5, model="m").describe() == "multi-token of tokens 0..0, dim 5, model 'm'"
+    bad = logits.copy()
+    bad[3, 1, 2] = np.nan  # row r3 generated 2 tokens: token 1 is its own
+    bad[1, 2, 0] = np.inf  # row r1 generated 1 token: its token 2 is never read
+    meta = [{"id": f"r{i}", "label": i % 2} for i in range(len(N_TOKENS))]
+    nan_run = make_run(tmp_path / "nan", bad, meta, n_tokens=N_TOKENS)
+    view = FeatureView(nan_run, "multi-token", tokens=3)
+    with pytest.raises(LvlmlpError, match=re.escape(f"{nan_run.path}: row 'r3' has NaN or infinite multi-token "
+                                                    "features") + "$"):
+        view[[0, 1, 3, 4]]
+    assert np.array_equal(view[[1, 0]], direct(bad, N_TOKENS, 3, [1, 0]))
 
 
-def test_mtre_probe_sums_the_per_token_log_odds_of_generated_tokens(tmp_path: Path):
-    from sklearn.linear_model import LogisticRegression
-
-    from lvlmlp.probing.probes import MTREProbe
-
-    run, logits, y, n_tokens = mtre_data(tmp_path)
-    X = feature_matrix(run, "multi-token", tokens=3)
-    probe = MTREProbe().fit(X[:110], y[:110], spec=FeatureView(run, "multi-token", tokens=3).spec)
-    # MTRE written out: one example per generated token of each train row, labelled with the row's label ...
-    tok_x = [logits[i, t] for i in range(110) for t in range(n_tokens[i])]
-    tok_y = [y[i] for i in range(110) for t in range(n_tokens[i])]
-    head = LogisticRegression().fit(np.array(tok_x), np.array(tok_y))
-    assert probe.fit_info_["n_token_rows"] == len(tok_x) == int(n_tokens[:110].sum())
-    np.testing.assert_allclose(probe.coef_, head.coef_, rtol=1e-5, atol=1e-7)
-    # ... and a row's score: the sum over its generated tokens of log p - log(1 - p).
-    expected = []
-    for i in range(110, 160):
-        p = head.predict_proba(logits[i, : n_tokens[i]])[:, 1]
-        expected.append(np.sum(np.log(p) - np.log1p(-p)))
-    np.testing.assert_allclose(probe.decision_function(X[110:]), expected, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(probe.positive_score(X[110:]), 1 / (1 + np.exp(-np.array(expected))), rtol=1e-4)
-    with pytest.raises(LvlmlpError, match="mtre probe: needs multi-token features of K tokens"):
-        MTREProbe().fit(X[:110, :7], y[:110])
-
-
-def test_mtre_probe_mlp_head_round_trip_and_cli(tmp_path: Path, capsys):
-    from lvlmlp.probing.probes import MLPProbe, MTREProbe
-
-    run, logits, y, n_tokens = mtre_data(tmp_path)
-    X = feature_matrix(run, "multi-token", tokens=3)
-    probe = MTREProbe(tokens=3, head="mlp", hidden=(16, 8), epochs=30).fit(X[:110], y[:110])
-    tok_x = np.array([logits[i, t] for i in range(110) for t in range(n_tokens[i])])
-    tok_y = np.array([y[i] for i in range(110) for t in range(n_tokens[i])])
-    head = MLPProbe(hidden=(16, 8), epochs=30, standardize=False).fit(tok_x, tok_y)
-    assert np.array_equal(probe.weights_, head.weights_)
-    expected = [head.decision_function(logits[i, : n_tokens[i]]).sum() for i in range(110, 160)]
-    np.testing.assert_allclose(probe.decision_function(X[110:]), expected, rtol=1e-6, atol=1e-9)
-    probe.save(tmp_path / "p")
-    loaded = load_probe(tmp_path / "p")
-    assert isinstance(loaded, MTREProbe) and np.array_equal(loaded.predict_proba(X), probe.predict_proba(X))
-
-    assert main(["probe", "train", "--run", str(run.path), "--split", "train", "--feature", "multi-token",
-                 "--tokens", "3", "--probe", "mtre", "--out", str(tmp_path / "q")]) == 0
-    assert main(["probe", "eval", "--probe", str(tmp_path / "q"), "--run", str(run.path), "--split", "test",
-                 "--n-boot", "10", "--out", str(tmp_path / "e")]) == 0
-    trained = load_probe(tmp_path / "q")
-    assert trained.head == "logistic" and trained.fit_info_["tokens"] == 3
-    scores = [json.loads(line)["score"] for line in (tmp_path / "e" / "scores.jsonl").read_text().splitlines()]
-    np.testing.assert_allclose(scores, trained.positive_score(X[110:]), rtol=1e-12)
-    doc = json.loads((tmp_path / "q" / "probe.json").read_text())
-    doc["n_features_in"] = 17  # not a multiple of the head's 6 features
-    (tmp_path / "q" / "probe.json").write_text(json.dumps(doc))
-    with pytest.raises(LvlmlpError, match="a head on 6 features cannot score 17 multi-token features"):
-        load_probe(tmp_path / "q")
+@pytest.mark.mutation_guard
+def test_vision_view_reads_the_runs_vision_features(tmp_path: Path):
+    """Catches: `--feature vision` reading another array (or none) than the run's vision.npy."""
+    rng = np.random.default_rng(4)
+    n, v, d = 5, 6, 7
+    settings = {"model": "tiny/model", "family": "test", "dtype": "float32", "vocab_size": v, "prompt_template": None,
+                "max_new_tokens": 0, "hidden": False, "layers": [], "vision": True}
+    writer = RunWriter(tmp_path / "run", settings, shard_size=64)
+    vision = rng.normal(size=(n, d)).astype(np.float32)
+    writer.append([{"id": f"r{i}", "label": i % 2} for i in range(n)],
+                  {"logits": rng.normal(size=(n, 1, v)).astype(np.float32), "row_index": np.arange(n),
+                   "n_tokens": np.ones(n), "vision": vision})
+    run = writer.close()
+    assert np.array_equal(feature_matrix(run, "vision"), vision)
+    view = FeatureView(run, "vision")
+    assert np.array_equal(view[[4, 0]], vision[[4, 0]])
+    assert view.spec == FeatureSpec(kind="vision", token=0, dim=d, model="tiny/model")
