@@ -66,11 +66,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # for study/test_experiment.py (with its run guards, then a file of their own, ranked 6th), 8 to 2 for the others
 # listed; every other file takes under 2 s. Paths under tests/ (the layout mirrors src/lvlmlp/). Since the family
 # checks of guided decoding and finetuning run every tiny family (2026-12-07), study/test_finetune.py,
-# steering/test_guard.py and extraction/test_backend.py take about 14, 13 and 11 s and move up; extraction/test_vision.py
-# (--vision of every family) about 50 s, second.
+# steering/test_guard.py and extraction/test_backend.py take about 14, 13 and 11 s and move up; with --vision of
+# every family (about 50 s) extraction/test_backend.py is second.
 TESTS = Path(__file__).resolve().parent
-SLOWEST_FIRST = ("extraction/test_ray_extract.py", "extraction/test_vision.py", "demo/test_pipeline.py",
-                 "study/test_finetune.py", "study/test_experiment.py", "steering/test_guard.py", "extraction/test_backend.py",
+SLOWEST_FIRST = ("extraction/test_ray_extract.py", "extraction/test_backend.py", "demo/test_pipeline.py",
+                 "study/test_finetune.py", "study/test_experiment.py", "steering/test_guard.py",
                  "judging/test_judge.py",
                  "extraction/test_loader.py", "serve/test_image_intake.py", "extraction/test_extract.py",
                  "paper/test_paper_protocol.py", "e2e/test_faults.py", "serve/test_serve.py",

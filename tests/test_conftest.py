@@ -24,7 +24,7 @@ def _ordered(seed: int | None) -> list[tuple[str, int]]:
 
 
 def test_default_order_puts_the_ranked_files_first_and_keeps_collection_order_within():
-    assert _ordered(None) == [(name, n) for name in ("demo/test_pipeline.py", "extraction/test_backend.py",
+    assert _ordered(None) == [(name, n) for name in ("extraction/test_backend.py", "demo/test_pipeline.py",
                                                       "test_data.py", "probing/test_probes.py") for n in range(6)]
 
 
