@@ -124,8 +124,8 @@ def test_config_backend_refuses_what_does_not_apply(minigpt4, tmp_path, keys, gi
                      out=str(tmp_path / "out"), **keys)
     with pytest.raises(LvlmlpError) as err:
         load_config(config)
-    assert str(err.value) == ("config: backend: the backend renders its own prompts and loads its own model; "
-                              f"{given} do not apply")
+    assert str(err.value) == ("config: backend: the backend renders its own prompts and loads its own model, "
+                              f"so it takes no {given}")
 
 
 def test_serve_answers_through_the_backend_as_generate_does(minigpt4, experiment, tmp_path, capsys) -> None:
@@ -158,4 +158,4 @@ def test_serve_answers_through_the_backend_as_generate_does(minigpt4, experiment
     capsys.readouterr()
     assert main(["serve", *common, "--raw-prompt"]) == 2
     assert capsys.readouterr().err.strip() == ("lvlmlp: error: --backend: the backend renders its own prompts and "
-                                               "loads its own model; --raw-prompt do not apply")
+                                               "loads its own model, so it takes no --raw-prompt")

@@ -110,12 +110,12 @@ def test_bad_backend_specs_are_one_line_errors(example, tmp_path, capsys) -> Non
                  str(tmp_path / "run"), "--raw-prompt", "--no-progress"])
     assert code == 2
     assert capsys.readouterr().err.strip() == ("lvlmlp: error: --backend: the backend renders its own prompts and "
-                                               "loads its own model; --raw-prompt do not apply")
+                                               "loads its own model, so it takes no --raw-prompt")
     code = main(["extract", "--backend", SPEC, "--model", str(ckpt), "--data", str(manifest), "--out",
                  str(tmp_path / "run"), "--vision", "--no-progress"])
     assert code == 2
     assert capsys.readouterr().err.strip() == ("lvlmlp: error: --backend: the backend renders its own prompts and "
-                                               "loads its own model; --vision do not apply")
+                                               "loads its own model, so it takes no --vision")
     assert not (tmp_path / "run").exists()
 
 
@@ -140,8 +140,8 @@ def test_the_backend_spec_builds_protocol_backends(example) -> None:
     assert batch.keys() == collated.keys() and all(torch.equal(batch[k], collated[k]) for k in batch)
     with pytest.raises(LvlmlpError) as err:
         BackendSpec(ckpt, backend=SPEC, raw_prompt=True, prompt_template="{question}?")
-    assert str(err.value) == (f"--backend {SPEC}: the backend renders its own prompts and loads its own model; "
-                              "prompt_template, raw_prompt do not apply")
+    assert str(err.value) == (f"--backend {SPEC}: the backend renders its own prompts and loads its own model, "
+                              "so it takes no prompt_template, raw_prompt")
     with pytest.raises(LvlmlpError, match=r"^--backend .*: the backend renders its own prompts; a prompt template "):
         built.with_prompt_template("{question} Briefly.")
     with pytest.raises(LvlmlpError, match=r"^--vision: --backend .* gives no vision features"):

@@ -56,8 +56,8 @@ def check_backend_flags(args: argparse.Namespace, template: str | None) -> None:
                                       ("--trust-remote-code", args.trust_remote_code or None),
                                       ("--vision", getattr(args, "vision", None) or None)) if value is not None]
     if given:
-        raise LvlmlpError(f"--backend: the backend renders its own prompts and loads its own model; "
-                          f"{', '.join(given)} do not apply")
+        raise LvlmlpError(f"--backend: the backend renders its own prompts and loads its own model, so "
+                          f"it takes no {', '.join(given)}")
 
 
 def protocol_backend(args: argparse.Namespace, template: str | None) -> Any:

@@ -42,7 +42,7 @@ class BackendSpec:
                      if getattr(self, name) not in (None, False)]
             if given:
                 raise LvlmlpError(f"--backend {self.backend}: the backend renders its own prompts and loads its own "
-                                  f"model; {', '.join(given)} do not apply")
+                                  f"model, so it takes no {', '.join(given)}")
 
     @classmethod
     def of(cls, spec: BackendSpec | Mapping[str, Any]) -> BackendSpec:

@@ -536,8 +536,8 @@ def _check_backend(cfg: ExperimentConfig) -> None:
                                     ("extract.vision", cfg.extract.vision), ("finetune", cfg.finetune)) if value]
     given += [f"prompt ({name})" for name, template in prompts_of(cfg) if template is not None]
     if given:
-        raise LvlmlpError(f"config: backend: the backend renders its own prompts and loads its own model; "
-                          f"{', '.join(given)} do not apply")
+        raise LvlmlpError(f"config: backend: the backend renders its own prompts and loads its own model, so "
+                          f"it takes no {', '.join(given)}")
 
 
 # ------------------------------------------------------------------------------------- what a config names
