@@ -1,11 +1,14 @@
-"""The command line every peer script of `bench/peers.py` shares: MODEL MANIFEST OUT, --threads and one integer
-option of its own; the manifest's rows read as plain JSON lines (the peers run without lvlmlp, nnsight's in a venv
-of its own, so this imports nothing but torch)."""
+"""What every peer script of `bench/peers.py` shares: the command line (MODEL MANIFEST OUT, --threads and one integer
+option of its own; the manifest's rows read as plain JSON lines) and the batches a competent transformers user
+prepares (`left_padded_batches`). The peers run without lvlmlp, nnsight's in a venv of its own, so this imports
+only torch and, for the batches, PIL."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -24,3 +27,19 @@ def peer_args(doc: str | None, option: str, default: int) -> tuple[argparse.Name
     with open(args.manifest) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return args, rows
+
+
+def left_padded_batches(processor: Any, rows: list[dict], batch_size: int) -> Iterator[tuple[Any, torch.Tensor]]:
+    """(inputs, position_ids) of each batch of `rows`: the chat template, left padding, positions counted over the
+    real tokens (as `generate` counts them), images decoded with PIL."""
+    from PIL import Image
+
+    processor.tokenizer.padding_side = "left"
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s : s + batch_size]
+        texts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}],
+            add_generation_prompt=True, tokenize=False) for r in chunk]
+        images = [[Image.open(r["image"]).convert("RGB")] for r in chunk]
+        inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
+        yield inputs, (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)

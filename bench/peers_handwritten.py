@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from peer_cli import peer_args
-from PIL import Image
+from peer_cli import left_padded_batches, peer_args
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
@@ -20,17 +19,9 @@ def first_token_logits(model_dir: str, rows: list[dict], batch_size: int = 8) ->
     """(N, V) float32 logits of the first generated token of each row (`id`, `image`, `question`)."""
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    processor.tokenizer.padding_side = "left"
     out = []
     with torch.inference_mode():
-        for s in range(0, len(rows), batch_size):
-            chunk = rows[s : s + batch_size]
-            texts = [processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}],
-                add_generation_prompt=True, tokenize=False) for r in chunk]
-            images = [[Image.open(r["image"]).convert("RGB")] for r in chunk]
-            inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
-            positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        for inputs, positions in left_padded_batches(processor, rows, batch_size):
             logits = model(**inputs, position_ids=positions, logits_to_keep=1).logits[:, -1]
             out.append(logits.float().numpy())
     return np.concatenate(out)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from nnsight import NNsight
-from peer_cli import peer_args
-from PIL import Image
+from peer_cli import left_padded_batches, peer_args
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
@@ -19,17 +18,9 @@ def main() -> None:
     args, rows = peer_args(__doc__, "--batch-size", 8)
     model = NNsight(AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval())
     processor = AutoProcessor.from_pretrained(args.model)
-    processor.tokenizer.padding_side = "left"
     out = []
     with torch.inference_mode():
-        for s in range(0, len(rows), args.batch_size):
-            chunk = rows[s : s + args.batch_size]
-            texts = [processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}],
-                add_generation_prompt=True, tokenize=False) for r in chunk]
-            images = [[Image.open(r["image"]).convert("RGB")] for r in chunk]
-            inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
-            positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        for inputs, positions in left_padded_batches(processor, rows, args.batch_size):
             with model.trace(**inputs, position_ids=positions, logits_to_keep=1):
                 logits = model.output.logits[:, -1].save()
             out.append(logits.float().numpy())
