@@ -556,3 +556,14 @@ def test_fold_metrics_equal_per_fold_sklearn_and_skip_undefined_aurocs():
         warnings.simplefilter("error")  # a fold without positives, none predicted: F1 0, without a warning
         no_positive = fold_metrics([0, 0, 1, 0], [0.2, 0.4, 0.7, 0.1], [0, 0, 1, 1])
     assert no_positive["per_fold"]["f1"] == [0.0, 1.0]
+
+
+@pytest.mark.mutation_guard
+def test_binary_arrays_give_int_labels_and_float_scores_from_booleans_and_decimal_strings():
+    """Catches: labels left boolean or float, scores left as text (a CSV's decimal strings must score as numbers)."""
+    from lvlmlp.probing.metrics import binary_arrays
+
+    y, s = binary_arrays(np.array([True, False, True]), ["0.75", "0.25", "0.5"])
+    assert y.dtype == np.int64 and y.tolist() == [1, 0, 1]
+    assert s.dtype == np.float64 and s.tolist() == [0.75, 0.25, 0.5]
+    assert binary_metrics([1, 0, 1], ["0.75", "0.25", "0.5"]) == binary_metrics([1, 0, 1], [0.75, 0.25, 0.5])

@@ -17,6 +17,8 @@ from lvlmlp.errors import LvlmlpError
 
 
 def binary_arrays(y: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(labels as int64, scores as float64), checked: 1-D, the same length, labels 0/1 (or booleans). Scores may be
+    anything numpy reads as float64, e.g. the decimal strings of a CSV file."""
     y_arr, s_arr = np.asarray(y), np.asarray(score, dtype=np.float64)
     if y_arr.shape != s_arr.shape or y_arr.ndim != 1:
         raise LvlmlpError(f"labels {y_arr.shape} and scores {s_arr.shape} must be 1-D of the same length")
@@ -42,7 +44,7 @@ def binary_metrics(y: Any, score: Any, threshold: float = 0.5) -> dict[str, Any]
     y_arr, s_arr = binary_arrays(y, score)
     if y_arr.size == 0:
         raise LvlmlpError("no labelled rows to evaluate")
-    pred = (s_arr >= threshold).astype(np.int64)
+    pred = s_arr >= threshold
     return {
         "auroc": auroc(y_arr, s_arr),
         "auprc": auprc(y_arr, s_arr),
@@ -82,7 +84,7 @@ def attack_success_rate(
 
 def pope_metrics(y: Any, pred: Any) -> dict[str, Any]:
     """POPE's metrics of "yes" (label 1) answers: accuracy, precision, recall, F1 and the share of "yes"."""
-    y_arr, p_arr = np.asarray(y).astype(np.int64), np.asarray(pred).astype(np.int64)
+    y_arr, p_arr = np.asarray(y), np.asarray(pred)  # 0/1 or booleans: both compare equal to 0 and 1
     if y_arr.size == 0:
         raise LvlmlpError("no rows for POPE metrics")
     tp = int(np.sum((p_arr == 1) & (y_arr == 1)))
@@ -215,9 +217,9 @@ def cross_val_folds(
     for fold, (train, test) in enumerate(folds.split(np.zeros(y_arr.size), y_arr)):
         probe = make_probe().fit(X[train], y_arr[train])
         proba = probe.predict_proba(X[test])
-        # A fold's probe knows the classes it saw; map its columns onto the full class list.
-        cols = np.searchsorted(classes, np.asarray(probe.classes_))
-        oof[np.ix_(test, cols)] = proba
+        # Every class has >= n_splits rows (checked above), so every training fold holds every class and the
+        # probe's columns are the sorted classes.
+        oof[test] = proba
         fold_of[test] = fold
     return (oof[:, 1] if classes.size == 2 else oof), fold_of
 
@@ -231,7 +233,7 @@ def fold_metrics(y: Any, score: Any, fold_of: Any, threshold: float = 0.5) -> di
     per: dict[str, list[float | None]] = {"auroc": [], "accuracy": [], "f1": []}
     for fold in np.unique(fold_arr):
         m = fold_arr == fold
-        pred = (s_arr[m] > threshold).astype(np.int64)
+        pred = s_arr[m] > threshold
         per["auroc"].append(auroc(y_arr[m], s_arr[m]))
         per["accuracy"].append(float(accuracy_score(y_arr[m], pred)))
         per["f1"].append(float(f1_score(y_arr[m], pred, zero_division=0.0)))
@@ -274,9 +276,7 @@ def group_metrics(meta: Sequence[dict], y: Any, score: Any, groups: Mapping[str,
     for and silently left out would read as "no such groups"."""
     out: dict[str, Any] = {}
     score = np.asarray(score)
-    for key, metric in groups.items():
-        if not meta:
-            continue
+    for key, metric in groups.items() if meta else ():
         lacking = [i for i, m in enumerate(meta) if m.get(key) is None]
         if lacking:
             first = meta[lacking[0]].get("id", f"#{lacking[0]}")

@@ -66,11 +66,12 @@ def spell(tokenizer: Any, text: str, what: str) -> list[int]:
     "I'm sorry" becomes exactly the tokens the model would emit to start its answer with those words.
     """
     ids = [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
-    bos = getattr(tokenizer, "bos_token_id", None)
-    spelled = text
+    bos = tokenizer.bos_token_id
     if ids and bos is not None and ids[0] == bos:  # a few tokenizers add BOS whatever the flag says
         ids = ids[1:]
-        spelled = text.removeprefix(str(getattr(tokenizer, "bos_token", None) or ""))  # or the user wrote it
+        spelled = text.removeprefix(str(tokenizer.bos_token))  # the user may have written it
+    else:
+        spelled = text
     if not ids:
         raise LvlmlpError(f"{what} {text!r}: the tokenizer encodes it to no token")
     check_spelling(tokenizer, text, ids, what, spelled)
@@ -81,7 +82,7 @@ def _squeezed(text: str) -> str:
     return "".join(text.split())
 
 
-def check_spelling(tokenizer: Any, text: str, ids: list[int], what: str, spelled: str | None = None) -> None:
+def check_spelling(tokenizer: Any, text: str, ids: list[int], what: str, spelled: str) -> None:
     """Refuse a forced text the tokenizer cannot spell back: the guard would otherwise force `<unk>` (or nothing
     the user asked for) and still report the rows as flagged, a silent failure.
 
@@ -89,13 +90,10 @@ def check_spelling(tokenizer: Any, text: str, ids: list[int], what: str, spelled
     forcing them ends or breaks the answer), and decode(ids) must equal the text, or the text as the tokenizer's own
     normalizer writes it (lower-casing, accent stripping of WordPiece tokenizers such as the demo model's), whitespace
     aside (whitespace pre-tokenizers and SentencePiece's dummy prefix respace a text their own way). Any other
-    character lost or changed is refused. `spelled`: the part of `text` that `ids` stand for (default: all of it)."""
-    special = {int(i) for i in getattr(tokenizer, "all_special_ids", None) or []}
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is not None:
-        special.add(int(unk))
-    decoded = tokenizer.decode(ids, skip_special_tokens=False)
-    spelled = text if spelled is None else spelled
+    character lost or changed is refused. `spelled`: the part of `text` that `ids` stand for (`text`, or what follows
+    a BOS the tokenizer added). A transformers tokenizer's special ids include its unknown token's."""
+    special = set(tokenizer.all_special_ids)
+    decoded = tokenizer.decode(ids)
     spellings = {_squeezed(spelled)}
     normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
     if normalizer is not None:
@@ -165,21 +163,16 @@ class ProbeGuard(LogitsProcessor):
     # ------------------------------------------------------------------------------------------------- state
     def reset(self) -> None:
         """Forget the current call; the next `__call__` starts a new one (done automatically as well)."""
+        # `_start` sets the call's prompt length `_start_len` and its `_plan` (per step: the rows and tokens to
+        # force) before `__call__` reads them: after a reset the next call is always new.
         self._prev_ids: torch.Tensor | None = None
-        self._start_len = 0
-        self._plan: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: (rows, tokens) to force
         self._last_logits: torch.Tensor | None = None
         self._forwards = 0  # forward passes seen inside `watching` (the model ran)
 
     def _is_new_call(self, input_ids: torch.Tensor) -> bool:
-        prev = self._prev_ids
-        return (
-            prev is None
-            or prev.shape[0] != input_ids.shape[0]
-            or input_ids.shape[1] != prev.shape[1] + 1
-            # Same shapes can also start a new call (a prompt one token longer than the last sequence).
-            or not torch.equal(input_ids[:, :-1], prev)
-        )
+        # A call goes on when its ids are the previous step's plus one token (torch.equal is False for other
+        # shapes); a prompt one token longer than the last sequence, or another batch, starts a new one.
+        return self._prev_ids is None or not torch.equal(input_ids[:, :-1], self._prev_ids)
 
     @contextmanager
     def watching(self, model: torch.nn.Module) -> Iterator[ProbeGuard]:
@@ -213,7 +206,7 @@ class ProbeGuard(LogitsProcessor):
     def score(self, logits: torch.Tensor) -> np.ndarray:
         """P(label 1) for (B, V) raw first-token logits, computed on a float32 numpy copy (as the probe was fitted)."""
         feats = logits.detach().to("cpu", torch.float32).numpy().copy()
-        n_in = getattr(self.probe, "n_features_in_", feats.shape[1])
+        n_in = self.probe.n_features_in_
         if feats.shape[1] != n_in:
             raise LvlmlpError(f"the probe expects {n_in} logits but the model produces {feats.shape[1]}")
         return np.asarray(self.probe.predict_proba(transform(feats, self.kind)))[:, 1]
@@ -234,13 +227,11 @@ class ProbeGuard(LogitsProcessor):
             assert self.template_ids is not None
             self.forced_ = [list(self.template_ids) if flag else [] for flag in self.flagged_]
         self._start_len = input_ids.shape[1]
-        self._plan = []
-        for step in range(max((len(f) for f in self.forced_), default=0)):
+        self._plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for step in range(max(len(f) for f in self.forced_)):
             rows = [r for r, f in enumerate(self.forced_) if step < len(f)]
-            self._plan.append((
-                torch.tensor(rows, device=scores.device),
-                torch.tensor([self.forced_[r][step] for r in rows], device=scores.device),
-            ))
+            self._plan.append((scores.new_tensor(rows, dtype=torch.long),
+                               scores.new_tensor([self.forced_[r][step] for r in rows], dtype=torch.long)))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._is_new_call(input_ids):
@@ -252,7 +243,7 @@ class ProbeGuard(LogitsProcessor):
         rows, tokens = self._plan[step]
         # Never in place: `generate` returns this very tensor as the raw logits when output_logits=True.
         out = scores.clone()
-        out[rows] = -float("inf")
+        out[rows] = -torch.inf
         out[rows, tokens] = 0.0  # a finite value: the only choice left for greedy, sampling and any warper
         return out  # type: ignore[return-value]
 
@@ -260,7 +251,7 @@ class ProbeGuard(LogitsProcessor):
 def guarded_generate(model: Any, batch: Mapping[str, Any], guard: ProbeGuard, **kwargs: Any) -> Any:
     """`model.generate(**batch, **kwargs)` steered by `guard` on raw logits; refuses beam search up front."""
     config = kwargs.get("generation_config") or model.generation_config
-    num_beams = int(kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1)
+    num_beams = int(kwargs.get("num_beams", config.num_beams) or 1)
     if num_beams > 1:
         raise LvlmlpError(f"ProbeGuard does not support beam search (num_beams={num_beams}): use greedy or sampling")
     processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
@@ -288,12 +279,12 @@ def guided_decoding(backend: Any, probe: Any, rows: list[dict], before: Mapping[
     from tqdm import tqdm
 
     from lvlmlp.data import image_check, load_image
+    from lvlmlp.extraction.extract import batches_of
 
     guard = ProbeGuard(probe, backend.tokenizer, template, threshold=threshold)
     after: dict[str, str] = {}
     scored: dict[str, tuple[float, bool]] = {}
-    for s in tqdm(range(0, len(rows), batch_size), desc="guided decoding", disable=not progress):
-        chunk = rows[s : s + batch_size]
+    for chunk in tqdm(batches_of(rows, batch_size), desc="guided decoding", disable=not progress):
         check = image_check(backend)
         batch = backend.encode([load_image(r["image"], r["id"], check=check) for r in chunk],
                                [r["question"] for r in chunk])
@@ -379,8 +370,7 @@ def make_guard(probe: Any, backend: Any, template: str | None = None, answers: M
     vocabulary, and its model unless `allow_other_model`) before any decoding, around `backend`'s tokenizer."""
     from lvlmlp.probing.features import FeatureSpec
 
-    spec = getattr(probe, "spec_", None)
-    probe.check_compatible(FeatureSpec(kind=spec.kind if spec is not None else "logits", token=0,
-                                       dim=backend.vocab_size, model=None))
+    guard = ProbeGuard(probe, backend.tokenizer, template, answers=answers, threshold=threshold)
+    probe.check_compatible(FeatureSpec(kind=guard.kind, dim=backend.vocab_size))  # first token, any model
     check_probe_model(probe, backend.model_id, allow=allow_other_model)
-    return ProbeGuard(probe, backend.tokenizer, template, answers=answers, threshold=threshold)
+    return guard
