@@ -72,7 +72,7 @@ TESTS = Path(__file__).resolve().parent
 SLOWEST_FIRST = ("extraction/test_ray_extract.py", "extraction/test_backend.py", "demo/test_pipeline.py",
                  "study/test_finetune.py", "study/test_experiment.py", "steering/test_guard.py",
                  "judging/test_judge.py",
-                 "extraction/test_loader.py", "serve/test_image_intake.py", "extraction/test_extract.py",
+                 "extraction/test_loader.py", "extraction/test_extract.py",
                  "paper/test_paper_protocol.py", "e2e/test_faults.py", "serve/test_serve.py",
                  "study/test_report.py")
 # (tests/test_conftest.py fails when a file named here is renamed or moved: it would lose its rank silently.)
