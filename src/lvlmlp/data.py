@@ -39,8 +39,7 @@ def read_manifest(path: str | Path) -> list[dict]:
         rows.append(row)
     if not rows:
         raise LvlmlpError(f"{path}: the manifest has no rows")
-    validate_rows(rows, str(path))
-    return rows
+    return validate_rows(rows, str(path))
 
 
 def _absolute(path: Path) -> Path:
@@ -87,8 +86,21 @@ def write_jsonl(path: str | Path, items: Iterable[dict]) -> None:
     os.replace(tmp, path)
 
 
-def validate_rows(rows: list[dict], source: str) -> None:
-    """Check ids, questions and labels up front, so no model time is spent on a manifest that will fail."""
+class ValidRows(list):
+    """Rows that `validate_rows` accepted. A selection of them is valid too (`selected`): a manifest or a task is
+    checked whole once, when it is read, and the rows it hands on are not checked again."""
+
+
+def selected(rows: list[dict], kept: Iterable[dict]) -> list[dict]:
+    """`kept` (some of `rows`, or copies of them with fields added) as a list that stays valid when `rows` were."""
+    return ValidRows(kept) if isinstance(rows, ValidRows) else list(kept)
+
+
+def validate_rows(rows: list[dict], source: str) -> ValidRows:
+    """Check ids, questions and labels up front, so no model time is spent on a manifest that will fail; rows
+    already checked (`ValidRows`) are returned as they are."""
+    if isinstance(rows, ValidRows):
+        return rows
     seen: set[str] = set()
     for i, row in enumerate(rows):
         rid = row.get("id")
@@ -107,6 +119,7 @@ def validate_rows(rows: list[dict], source: str) -> None:
         label = row.get("label")
         if label is not None and (not isinstance(label, int) or isinstance(label, bool)):
             raise LvlmlpError(f"{source}: row {rid!r}: 'label' must be an int, got {label!r}")
+    return ValidRows(rows)
 
 
 def check_images_exist(rows: Iterable[dict], source: str) -> list[tuple[str, str]]:

@@ -4,6 +4,7 @@ line error naming the flag (exit 2)."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -71,3 +72,36 @@ def test_prompt_style_and_template_together_are_refused(tmp_path, capsys):
     assert code == 2 and "give --prompt-style or --prompt-template, not both" in capsys.readouterr().err
 
 
+
+
+def test_a_manifest_is_validated_once_whole_and_its_selected_rows_are_not_checked_again(
+        tiny_ckpt, manifest, tmp_path, monkeypatch, capsys):
+    import lvlmlp.data
+    import lvlmlp.extraction.extract
+    import lvlmlp.tasks.base
+    from lvlmlp.data import ValidRows
+
+    checked: list[int] = []
+    validate = lvlmlp.data.validate_rows
+
+    def spy(rows, source):
+        if not isinstance(rows, ValidRows):
+            checked.append(len(rows))
+        return validate(rows, source)
+
+    for module in (lvlmlp.data, lvlmlp.extraction.extract, lvlmlp.tasks.base):
+        monkeypatch.setattr(module, "validate_rows", spy)
+    ckpt, out = tiny_ckpt("llava"), tmp_path / "once"
+    assert extract_cli(ckpt, manifest, out, "--split", "test", "--limit", "3", "--shard", "0/2") == 0
+    assert checked == [12]  # the whole manifest, when it was read; not the 3 rows selected, nor the shard's
+    assert len(open_run(out).ids) == 1
+
+    # Whole: a bad row outside the selected split still stops the extraction, naming it.
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[1].update(label="yes", image=str(manifest.parent / rows[1]["image"]))  # r1: a train row
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    capsys.readouterr()
+    assert main(["extract", "--model", str(ckpt), "--data", str(bad), "--out", str(tmp_path / "b"),
+                 "--split", "test", "--device", "cpu", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == f"lvlmlp: error: {bad}: row 'r1': 'label' must be an int, got 'yes'"

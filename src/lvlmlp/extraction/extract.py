@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from lvlmlp.data import check_rows, image_stamp, images_fingerprint, rows_fingerprint
+from lvlmlp.data import (
+    ValidRows,
+    check_rows,
+    image_stamp,
+    images_fingerprint,
+    rows_fingerprint,
+    selected,
+    validate_rows,
+)
 from lvlmlp.defaults import BATCH_SIZE, STORE_DTYPE_NAMES  # noqa: F401 - BATCH_SIZE: bench/ imports it from here
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.loader import cores_for_workers, prepared_batches
@@ -47,11 +55,11 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
 
 def shard_rows(rows: list[dict], shard: tuple[int, int] | None = None) -> list[dict]:
     """This shard's contiguous block of the (selected) rows; each row remembers its input position."""
-    rows = [dict(row, _row_index=i) for i, row in enumerate(rows)]
+    numbered = selected(rows, (dict(row, _row_index=i) for i, row in enumerate(rows)))
     if shard:
         i, n = shard
-        rows = rows[len(rows) * i // n : len(rows) * (i + 1) // n]
-    return rows
+        numbered = selected(numbered, numbered[len(numbered) * i // n : len(numbered) * (i + 1) // n])
+    return numbered
 
 
 def resolve_layers(backend: Backend, layers: Sequence[int] | str) -> list[int]:
@@ -79,7 +87,7 @@ def finished_run(backend: Backend, rows: list[dict], out: str | Path, options: E
     return open_run(out)
 
 
-class CheckedRows(list):
+class CheckedRows(ValidRows):
     """Rows numbered and checked by `checked_rows`, the one row check of an extraction: `extract` and `ray_extract`
     take them as they are (`lvlmlp extract` checks its rows before it loads the model, then hands them on)."""
 
@@ -89,8 +97,9 @@ def checked_rows(rows: list[dict], source: str, on_error: str) -> CheckedRows:
     (`check_rows`) before any model work or folder is written; rows already checked are returned as they are."""
     if isinstance(rows, CheckedRows):
         return rows
-    rows = CheckedRows(dict(row, _row_index=row.get("_row_index", i)) for i, row in enumerate(rows))
-    check_rows(rows, source, on_error)
+    rows = CheckedRows(dict(row, _row_index=row.get("_row_index", i))
+                       for i, row in enumerate(validate_rows(rows, source)))  # a manifest's or task's: as read
+    check_rows(rows, source, on_error)  # the selected rows' images and sizes
     return rows
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lvlmlp.data import iter_json_lines, validate_rows
+from lvlmlp.data import iter_json_lines, selected, validate_rows
 from lvlmlp.errors import LvlmlpError
 from lvlmlp.ranges import Range
 
@@ -149,8 +149,7 @@ class Task:
                            source=f"{self.name} split {split}")
         if not rows:
             raise LvlmlpError(f"{self.name}: no rows in split {split!r} under {request.data_root}")
-        validate_rows(rows, f"{self.name} split {split}")
-        return rows
+        return validate_rows(rows, f"{self.name} split {split}")  # once: a manifest's rows were checked when read
 
     @property
     def split_names(self) -> str:
@@ -174,9 +173,9 @@ def sample_rows(rows: list[dict], per_class: int | None, limit: int | None, seed
     """`per_class` then `limit` sampling (each seeded, original order kept): the one way rows are sampled, for a
     task's rows and a manifest's alike."""
     if per_class is not None:
-        rows = sample_per_class(rows, per_class, seed, source=source)
+        rows = selected(rows, sample_per_class(rows, per_class, seed, source=source))
     if limit is not None:
-        rows = sample_limit(rows, limit, seed)
+        rows = selected(rows, sample_limit(rows, limit, seed))
     return rows
 
 
@@ -193,7 +192,7 @@ def select_manifest_rows(
     splits present when none is), then sampled exactly as a task's rows are (`sample_rows`)."""
     check_sample_sizes(source, limit=limit, per_class=per_class)
     if split is not None:
-        kept = [row for row in rows if row.get("split") == split]
+        kept = selected(rows, (row for row in rows if row.get("split") == split))
         if not kept:
             present = sorted({str(row["split"]) for row in rows if row.get("split") is not None})
             have = f"splits present: {', '.join(present)}" if present else "no row has a 'split' field"
