@@ -17,9 +17,11 @@ def lda_svd(X: np.ndarray, y: np.ndarray, tol: float, device: Any) -> tuple[np.n
     (k x r), whose leading right singular vectors V2 (relative threshold `tol`) give scalings_ = W V2. Its coef_
     and intercept_ depend on these only through the products computed here, which need no SVD of Xw:
       P = (means - xbar) W W^T = (means - xbar) / std @ pinv_tol(Xw^T Xw) / std    (`centres_times_pinv`)
-      H = P (means - xbar)^T,  D = sqrt(n priors / (k - 1)),  D H D = U2 S2^2 U2^T  (k x k eigenproblem)
+      H = P (means - xbar)^T,  D = sqrt(priors),  D H D = U2 S2^2 U2^T  (k x k eigenproblem)
       (means - xbar) scalings_ = H D U2 / S2,   coef_ = that / S2 @ U2^T D P.
-    The same rank rules apply (S > tol; S2 > tol * S2[0]); float64 throughout. Tests compare predictions and
+    The same rank rules apply (S > tol; S2 > tol * S2[0]); float64 throughout. scikit-learn's D is
+    sqrt(n priors / (k - 1)): a constant factor on D scales every S2 alike, so it changes neither the relative rank
+    rule nor coef_ (D U2 / S2 and U2^T D / S2 cancel it). Tests compare predictions and
     probabilities with scikit-learn's."""
     import torch
 
@@ -43,7 +45,7 @@ def lda_svd(X: np.ndarray, y: np.ndarray, tol: float, device: Any) -> tuple[np.n
     p = centres_times_pinv(xw, (means - xbar) / std, tol) / std
     del xw
     h = p @ (means - xbar).T
-    d = torch.sqrt(n * priors * (1.0 if k == 1 else 1.0 / (k - 1)))
+    d = torch.sqrt(priors)
     lam2, u2 = torch.linalg.eigh(d[:, None] * h * d[None, :])
     s2, u2 = lam2.flip(0).clamp_min(0).sqrt(), u2.flip(1)
     rank2 = int((s2 > tol * s2[0]).sum())

@@ -205,7 +205,7 @@ class ProbeGuard(LogitsProcessor):
     # ------------------------------------------------------------------------------------------------- scoring
     def score(self, logits: torch.Tensor) -> np.ndarray:
         """P(label 1) for (B, V) raw first-token logits, computed on a float32 numpy copy (as the probe was fitted)."""
-        feats = logits.detach().to("cpu", torch.float32).numpy().copy()
+        feats = logits.detach().float().cpu().numpy().copy()
         n_in = self.probe.n_features_in_
         if feats.shape[1] != n_in:
             raise LvlmlpError(f"the probe expects {n_in} logits but the model produces {feats.shape[1]}")
