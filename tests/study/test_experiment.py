@@ -142,7 +142,7 @@ def test_token_decay_counts_rows_with_short_answers(tmp_path: Path):
     train, test = open_run(tmp_path / "train"), open_run(tmp_path / "test")
     y_tr, y_te = train.labels.astype(int), test.labels.astype(int)
     protocol = Protocol(test=Labelled.of(test), train=Labelled.of(train), n_boot=50)
-    res = token_decay(protocol, {"kind": "logistic"})
+    res = token_decay(protocol, {"kind": "logistic", "feature": "logits"})
     first = LogisticRegression().fit(train.logits(0), y_tr).predict_proba(test.logits(0))[:, 1]
     for k, entry in enumerate(res["tokens"]):
         tr, te = train.n_tokens > k, test.n_tokens > k

@@ -53,7 +53,7 @@ def make_probe_factory(cfg: dict[str, Any]) -> Callable[[], Any]:
     from lvlmlp.probing.probes import make_probe
 
     params = {k: v for k, v in cfg.items() if k not in ("kind", "feature")}
-    kind = cfg.get("kind", "logistic")
+    kind = cfg["kind"]  # the typed config and the signals always name it
     make_probe(kind, params)  # an unknown kind or parameter, or one out of range: the error before any fit
 
     def make() -> Any:
@@ -286,7 +286,7 @@ def token_decay(protocol: Protocol, probe_cfg: dict[str, Any]) -> dict[str, Any]
     contribute their K-th token (`n_truncated` counts rows that hit max_new_tokens).
     """
     make = make_probe_factory(probe_cfg)
-    kind = probe_cfg.get("feature", "logits")
+    kind = probe_cfg["feature"]
     runs = [protocol.test.run] + ([protocol.train.run] if protocol.train else [])
     k_max = min(r.n_logit_tokens for r in runs)
     first, first_scored = evaluate_feature(protocol, logits_feature(0, kind), make)
