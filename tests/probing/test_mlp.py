@@ -163,3 +163,20 @@ def test_mlp_trains_on_gpu_like_on_cpu():
     cpu = MLPProbe(**SMALL).fit(X, y)
     # Other kernels: not the same floats, the same quality.
     assert abs(roc_auc_score(yt, gpu.positive_score(Xt)) - roc_auc_score(yt, cpu.positive_score(Xt))) < 0.02
+
+
+@pytest.mark.mutation_guard
+def test_mlp_weights_file_without_its_weights_is_refused_naming_it(tmp_path: Path):
+    """Catches: an MLP probe folder whose probe.safetensors lacks the `weights` vector refused without naming the
+    file (or in other words)."""
+    from safetensors.numpy import load_file, save_file
+
+    X, y = linear_data(60, 0)
+    folder = MLPProbe(hidden=(4,), epochs=2).fit(X, y).save(tmp_path / "p")
+    weights_path = folder / "probe.safetensors"
+    arrays = load_file(str(weights_path))
+    assert set(arrays) == {"weights", "mean", "scale"}
+    save_file({k: v for k, v in arrays.items() if k != "weights"}, str(weights_path))
+    with pytest.raises(LvlmlpError) as err:
+        load_probe(folder)
+    assert str(err.value) == f"{weights_path}: missing weights"

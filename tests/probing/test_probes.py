@@ -1271,3 +1271,71 @@ def test_every_damaged_mtre_probe_file_gets_its_own_message(tmp_path: Path):
         json_path.write_text(json.dumps(doc))
         save_file(arrays, str(weights_path))
         assert isinstance(load_probe(folder), MTREProbe)
+
+
+@pytest.mark.mutation_guard
+def test_probes_fit_every_chunk_of_a_memory_map(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Catches: `_to_memory` copying only the first chunks of a memory map or a float64 matrix into RAM (the rows
+    after them left unset) before scikit-learn fits it."""
+    import lvlmlp.probing.probes as probes
+
+    X, y = binary_data(n=60, d=5)
+    path = tmp_path / "x.npy"
+    np.save(path, X)
+    expected = LogisticProbe().fit(X, y)
+    monkeypatch.setattr(probes, "_SCORE_CHUNK", 7)  # 60 rows in 9 chunks
+    for source in (np.load(path, mmap_mode="r"), X.astype(np.float64)):
+        got = LogisticProbe().fit(source, y)
+        np.testing.assert_allclose(got.coef_, expected.coef_, rtol=1e-12)
+        np.testing.assert_allclose(got.intercept_, expected.intercept_, rtol=1e-12)
+
+
+@pytest.mark.mutation_guard
+def test_make_probe_lists_every_accepted_parameter_in_the_callers_words():
+    """Catches: make_probe's refusal of a parameter listing the probe's accepted ones in other words (not each
+    named once, joined by ", ")."""
+    from lvlmlp.probing.probes import make_probe
+
+    with pytest.raises(LvlmlpError) as err:
+        make_probe("lda", {"max_iter": 3}, cli=True)
+    assert str(err.value) == ("--max-iter does not apply to --probe lda (its hyper-parameters: --device, --shrinkage, "
+                              "--threshold, --tol)")
+    with pytest.raises(LvlmlpError) as err:
+        make_probe("lda", {"max_iter": 3})
+    assert str(err.value) == "probe.max_iter: not a parameter of the lda probe (parameters: device, shrinkage, " \
+                             "threshold, tol)"
+
+
+@pytest.mark.mutation_guard
+def test_mtre_heads_on_one_logit_per_token_round_trip(tmp_path: Path):
+    """Catches: an MTRE probe whose head reads one feature per token (V = 1) refused on load as too narrow."""
+    from lvlmlp.probing.probes import MTREProbe
+
+    rng = np.random.default_rng(5)
+    y = np.arange(80) % 2
+    X = (rng.normal(size=(80, 3)) + 0.8 * y[:, None]).astype(np.float32)  # 3 tokens of one logit each
+    for head, kw in (("logistic", {}), ("mlp", {"hidden": (4,), "epochs": 3})):
+        probe = MTREProbe(tokens=3, head=head, **kw).fit(X, y)
+        loaded = load_probe(probe.save(tmp_path / head))
+        assert isinstance(loaded, MTREProbe) and loaded.head == head
+        np.testing.assert_array_equal(loaded.predict_proba(X), probe.predict_proba(X))
+
+
+@pytest.mark.mutation_guard
+def test_an_mtre_mlp_head_vector_of_the_wrong_length_is_refused_naming_the_file(tmp_path: Path):
+    """Catches: MTRE's mlp head vector not checked against its hidden sizes on load (one parameter too many still
+    gives the head 6 features by the width formula), or the refusal not naming probe.safetensors."""
+    from safetensors.numpy import load_file
+
+    from lvlmlp.probing.probes import MTREProbe
+
+    run, _, y, _ = mtre_data(tmp_path)
+    X = feature_matrix(run, "multi-token", tokens=3)  # 3 tokens of 6 logits
+    folder = MTREProbe(tokens=3, head="mlp", hidden=(4,), epochs=2).fit(X, y).save(tmp_path / "p")
+    json_path, weights_path = folder / "probe.json", folder / "probe.safetensors"
+    doc, arrays = json.loads(json_path.read_text()), load_file(str(weights_path))
+    n_params = (6 * 4 + 4) + (4 * 1 + 1)  # 6 -> 4 -> 1 logit, weights and biases
+    assert arrays["weights"].shape == (n_params,)
+    _damaged_probe_message(folder, doc, arrays, f"{{w}}: weights has shape ({n_params + 1},), but an MLP with hidden "
+                           f"sizes [4] on 6 features and 2 classes has {n_params} parameters",
+                           new_arrays={"weights": np.append(arrays["weights"], np.float32(0.5))})

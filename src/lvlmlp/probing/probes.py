@@ -611,7 +611,7 @@ class MLPProbe(Probe):
     def _check_weights(self, weights_path: Path) -> bool:
         from lvlmlp.probing.mlp import n_params
 
-        weights = getattr(self, "weights_", None)
+        weights = self.weights_  # load_probe sets every array of _ARRAYS, None when the file lacks it
         if weights is None:
             raise LvlmlpError(f"{weights_path}: missing weights")
         _check_hidden(self.hidden, weights_path)
@@ -671,7 +671,7 @@ class MTREProbe(Probe):
         """The fitted per-token classifier as a probe on V features (built from this probe's arrays)."""
         vocab = self._vocab()
         head: Probe = LogisticProbe() if self.head == "logistic" else MLPProbe(hidden=tuple(self.hidden))
-        head.n_features_in_, head.classes_ = vocab, np.array([0, 1])
+        head.n_features_in_, head.classes_ = vocab, self.classes_  # the token rows carry their rows' two labels
         head.mean_ = head.scale_ = None
         if self.head == "logistic":
             head.coef_, head.intercept_ = self.coef_, self.intercept_
@@ -705,8 +705,7 @@ class MTREProbe(Probe):
         head.fit(feats, token_y)
         self.coef_ = getattr(head, "coef_", None)  # type: ignore[assignment]
         self.intercept_ = getattr(head, "intercept_", None)  # type: ignore[assignment]
-        self.weights_ = getattr(head, "weights_", None)
-        self.mean_ = self.scale_ = None
+        self.weights_ = getattr(head, "weights_", None)  # mean_ and scale_ stay None (the class's): raw logits
         self.fit_info_ = {"n_rows": n, "tokens": int(k), "n_token_rows": int(feats.shape[0]),
                           "head": head.fit_info_}
         return self
@@ -725,7 +724,7 @@ class MTREProbe(Probe):
     def _check_weights(self, weights_path: Path) -> bool:
         if self.head not in ("logistic", "mlp"):
             raise LvlmlpError(f"{weights_path.with_name('probe.json')}: params.head {self.head!r} is not logistic or mlp")
-        if (getattr(self, "coef_" if self.head == "logistic" else "weights_", None)) is None:
+        if getattr(self, "coef_" if self.head == "logistic" else "weights_") is None:  # load_probe set it
             raise LvlmlpError(f"{weights_path}: missing the {self.head} head's weights")
         if self.head == "logistic" and self.coef_.ndim != 2:
             raise LvlmlpError(f"{weights_path}: the logistic head's coef has shape {self.coef_.shape}, expected (1, V)")
