@@ -75,11 +75,16 @@ def pytest_configure(config):
 STATUSES = ("killed", "survived", "timeout", "suspicious", "no tests", "skipped", "segfault", "not checked")
 
 
-def _prepare(name: str) -> Path:
+def _prepare(name: str, resume: bool) -> Path:
     spec = MODULES[name]
     work = WORK / name
     if work.exists():
-        # Keep mutmut's cache (mutants/) so an interrupted run resumes; refresh the sources and tests.
+        # mutmut's cache (mutants/) keeps each mutant's status and which tests call which function: `resume` keeps
+        # it so that an interrupted run goes on. Otherwise a run starts afresh: a kept cache let a mutant that new
+        # tests kill stand as "survived" (they were not in its map of tests), and only the test map is dropped for
+        # a retest of the survivors (mutmut maps the current tests again first).
+        if not resume:
+            shutil.rmtree(work / "mutants", ignore_errors=True)
         for sub in ("src", "tests", "configs", "examples"):
             shutil.rmtree(work / sub, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -113,7 +118,7 @@ def _prepare(name: str) -> Path:
     return work
 
 
-def run_module(name: str, max_children: int, retest_survivors: bool = False) -> dict:
+def run_module(name: str, max_children: int, retest_survivors: bool = False, resume: bool = False) -> dict:
     previous = WORK / name / "result.json"
     names, earlier = [], {}
     if retest_survivors and previous.exists():
@@ -123,7 +128,9 @@ def run_module(name: str, max_children: int, retest_survivors: bool = False) -> 
         earlier = last.get("statuses", {})
         names = [n for n, status in earlier.items() if status in ("survived", "no tests", "not checked")] or [
             s["name"] for s in last["survivors"]]
-    work = _prepare(name)
+    work = _prepare(name, resume or bool(names))
+    if names:  # a retest: the current tests are mapped again
+        (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mutmut puts mutants/src first itself
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     mutmut = str(Path(sys.executable).with_name("mutmut"))
@@ -239,6 +246,7 @@ def main() -> int:
                     help="only read the results of mutmut runs already made (e.g. one stopped early)")
     ap.add_argument("--retest-survivors", action="store_true",
                     help="re-run only the last run's surviving mutants (after adding tests that kill them)")
+    ap.add_argument("--resume", action="store_true", help="go on with an interrupted run (keep mutmut's cache)")
     args = ap.parse_args()
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
@@ -251,7 +259,7 @@ def main() -> int:
                 earlier = json.loads(previous.read_text()).get("statuses", {}) if previous.exists() else {}
                 r = collect(name, WORK / name, env, str(Path(sys.executable).with_name("mutmut")), earlier)
             else:
-                r = run_module(name, args.max_children, args.retest_survivors)
+                r = run_module(name, args.max_children, args.retest_survivors, args.resume)
             print(name, r["counts"], flush=True)
     write_report()
     print(f"wrote {REPORT}")

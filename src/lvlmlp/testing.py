@@ -1077,3 +1077,52 @@ def tiny_manifest(root: str | Path, n_train: int = 24, n_test: int = 16, seed: i
     path = root / "manifest.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
+
+
+# A checkpoint's own code (`tiny_remote_checkpoint`): LLaVA under another model type and class names.
+_REMOTE_MODELING = '''from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+
+class {prefix}Config(LlavaConfig):
+    model_type = "{model_type}"
+
+
+class {prefix}ForConditionalGeneration(LlavaForConditionalGeneration):
+    config_class = {prefix}Config
+'''
+
+
+def tiny_remote_checkpoint(base: Path, root: Path, module_name: str, model_type: str, auto_class: str) -> Path:
+    """The tiny LLaVA `base`'s weights under a class of a modeling file of its own (`module_name`.py, saved beside
+    them), of model type `model_type`, registered in config.json's auto_map for `auto_class` only."""
+    import importlib.util
+    import sys
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    prefix = "".join(part.title() for part in model_type.split("_"))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{module_name}.py").write_text(_REMOTE_MODELING.format(prefix=prefix, model_type=model_type))
+    spec = importlib.util.spec_from_file_location(module_name, root / f"{module_name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # save_pretrained copies the file of the class's module
+    try:
+        spec.loader.exec_module(module)
+        config_cls, model_cls = getattr(module, f"{prefix}Config"), getattr(module, f"{prefix}ForConditionalGeneration")
+        # Registered classes are saved with an auto_map pointing at their file, which is copied beside the weights.
+        config_cls.register_for_auto_class()
+        model_cls.register_for_auto_class(auto_class)
+        llava = LlavaForConditionalGeneration.from_pretrained(base)
+        model = model_cls(config_cls(**llava.config.to_dict()))
+        model.load_state_dict(llava.state_dict())
+        model.generation_config = llava.generation_config
+        out = root / f"ckpt-{module_name}"  # transformers caches a folder's code under the folder's name
+        model.save_pretrained(out)
+        AutoProcessor.from_pretrained(base).save_pretrained(out)
+    finally:
+        del sys.modules[module_name]
+    config = json.loads((out / "config.json").read_text())
+    if config["model_type"] != model_type or sorted(config["auto_map"]) != ["AutoConfig", auto_class] or not (
+            out / f"{module_name}.py").is_file():
+        raise RuntimeError(f"{out}: transformers saved no auto_map for {auto_class} or not the code beside it")
+    return out

@@ -3,10 +3,8 @@ alone (straight through the processor, no lvlmlp code in the reference path)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from lvlmlp.errors import LvlmlpError
 from lvlmlp.extraction.backend import Backend, quartile_layers
 from lvlmlp.extraction.families import quirks_of
 from lvlmlp.study.config import load_config
-from lvlmlp.testing import FAMILIES, SPECS, tiny_manifest
+from lvlmlp.testing import FAMILIES, SPECS, tiny_manifest, tiny_remote_checkpoint
 
 # Families the backend runs (and must run exactly), and families it refuses with a reason (docs/models.md).
 EXACT = [f for f in FAMILIES if not quirks_of(SPECS[f].model_type).refused]
@@ -422,52 +420,8 @@ def test_cli_refuses_an_unknown_layer_set(tmp_path: Path, capsys) -> None:
 
 # --trust-remote-code: a checkpoint whose model code ships with its weights (its config's `auto_map`) is refused with
 # a one-line error naming the flag, and runs with it, recorded in the run's manifest, whether its code registers
-# AutoModelForImageTextToText or only AutoModelForCausalLM. The checkpoints are built here: a tiny LLaVA's weights under
-# a model class of its own, in a modeling file saved beside them.
-
-# The checkpoint's own code: LLaVA under another model type and class names.
-MODELING = '''from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-
-class {prefix}Config(LlavaConfig):
-    model_type = "{model_type}"
-
-
-class {prefix}ForConditionalGeneration(LlavaForConditionalGeneration):
-    config_class = {prefix}Config
-'''
-
-
-def remote_checkpoint(base: Path, root: Path, module_name: str, model_type: str, auto_class: str) -> Path:
-    """The tiny LLaVA `base`'s weights under a class of a modeling file of its own (`module_name`.py, saved beside
-    them), of model type `model_type`, registered in config.json's auto_map for `auto_class` only."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    prefix = "".join(part.title() for part in model_type.split("_"))
-    root.mkdir(parents=True, exist_ok=True)
-    (root / f"{module_name}.py").write_text(MODELING.format(prefix=prefix, model_type=model_type))
-    spec = importlib.util.spec_from_file_location(module_name, root / f"{module_name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # save_pretrained copies the file of the class's module
-    try:
-        spec.loader.exec_module(module)
-        config_cls, model_cls = getattr(module, f"{prefix}Config"), getattr(module, f"{prefix}ForConditionalGeneration")
-        # Registered classes are saved with an auto_map pointing at their file, which is copied beside the weights.
-        config_cls.register_for_auto_class()
-        model_cls.register_for_auto_class(auto_class)
-        llava = LlavaForConditionalGeneration.from_pretrained(base)
-        model = model_cls(config_cls(**llava.config.to_dict()))
-        model.load_state_dict(llava.state_dict())
-        model.generation_config = llava.generation_config
-        out = root / f"ckpt-{module_name}"  # transformers caches a folder's code under the folder's name
-        model.save_pretrained(out)
-        AutoProcessor.from_pretrained(base).save_pretrained(out)
-    finally:
-        del sys.modules[module_name]
-    config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == model_type and sorted(config["auto_map"]) == ["AutoConfig", auto_class]
-    assert (out / f"{module_name}.py").is_file()
-    return out
+# AutoModelForImageTextToText or only AutoModelForCausalLM. The checkpoints (`lvlmlp.testing.tiny_remote_checkpoint`):
+# a tiny LLaVA's weights under a model class of its own, in a modeling file saved beside them.
 
 
 @pytest.fixture(scope="module")
@@ -475,7 +429,7 @@ def remote(tiny_ckpt, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
     """(the tiny LLaVA, the same weights as a remote-code checkpoint registering AutoModelForImageTextToText)."""
     base = tiny_ckpt("llava")
     root = tmp_path_factory.mktemp("remote")
-    return base, remote_checkpoint(base, root, "tiny_remote", "tiny_remote", "AutoModelForImageTextToText")
+    return base, tiny_remote_checkpoint(base, root, "tiny_remote", "tiny_remote", "AutoModelForImageTextToText")
 
 
 @pytest.fixture(scope="module")
@@ -484,7 +438,7 @@ def remote_lm(tiny_ckpt, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     Molmo's, Phi-4-multimodal's and mPLUG-Owl's ports do)."""
     base = tiny_ckpt("llava")
     root = tmp_path_factory.mktemp("remote_lm")
-    return base, remote_checkpoint(base, root, "tiny_remote_lm", "tiny_remote_lm", "AutoModelForCausalLM")
+    return base, tiny_remote_checkpoint(base, root, "tiny_remote_lm", "tiny_remote_lm", "AutoModelForCausalLM")
 
 
 def test_refused_without_the_flag_naming_it(remote, tmp_path, capsys) -> None:
@@ -533,7 +487,7 @@ def test_own_code_registering_only_another_auto_class_loads_through_it(remote_lm
         base, ckpt = remote_lm
     else:
         base = tiny_ckpt("llava")
-        ckpt = remote_checkpoint(base, tmp_path / "own", "tiny_remote_lm", "tiny_remote_lm", auto_class)
+        ckpt = tiny_remote_checkpoint(base, tmp_path / "own", "tiny_remote_lm", "tiny_remote_lm", auto_class)
     manifest = tiny_manifest(tmp_path / "data", n_train=6, n_test=0)
     common = ["--data", str(manifest), "--batch-size", "4", "--device", "cpu", "--store-dtype", "float32",
               "--max-new-tokens", "3", "--hidden", "--no-progress"]

@@ -878,3 +878,48 @@ def test_a_protocol_backend_is_asked_for_no_vision_and_records_no_remote_code(tm
                       workers=0)
         assert len(run) == 3 and "trust_remote_code" not in run.manifest and "vision" not in run.manifest
     assert run_settings({"model": "m"}, rows)["labels_from_responses"] is False
+
+
+def test_the_manifest_names_a_protocol_backend_and_remote_code_with_its_auto_class_and_nothing_else(
+        minigpt4, tiny_ckpt, tmp_path):
+    """`backend_settings`: a `--backend` class is recorded as it was named, a checkpoint's own code with the Auto
+    class it was loaded through; a plain transformers checkpoint's manifest has neither key."""
+    from lvlmlp.extraction.protocol import load_backend
+    from lvlmlp.testing import tiny_remote_checkpoint
+
+    _, ckpt, _ = minigpt4
+    spec = f"{Path(__file__).resolve().parents[2] / 'examples' / 'minigpt4_backend.py'}:MiniGPT4Backend"
+    keys = ("backend", "trust_remote_code", "auto_class")
+    got = backend_settings(load_backend(spec, str(ckpt), device="cpu", dtype="float32"))
+    assert {k: got.get(k) for k in keys} == {"backend": spec, "trust_remote_code": None, "auto_class": None}
+    base = tiny_ckpt("llava")
+    remote = tiny_remote_checkpoint(base, tmp_path, "tiny_remote_settings", "tiny_remote_settings",
+                               "AutoModelForImageTextToText")
+    got = backend_settings(Backend(remote, device="cpu", trust_remote_code=True))
+    assert {k: got.get(k, "absent") for k in keys} == {
+        "backend": "absent", "trust_remote_code": True, "auto_class": "AutoModelForImageTextToText"}
+    assert not set(keys) & set(backend_settings(Backend(base, device="cpu")))
+
+
+def test_selected_and_sharded_rows_stay_validated_and_are_not_checked_again(tmp_path, monkeypatch):
+    """A manifest is validated whole when read (`ValidRows`); its shards and the extraction's numbered rows are not
+    validated again, while rows from elsewhere (a Python caller's dicts) are, errors naming their source."""
+    import lvlmlp.extraction.extract as extract_module
+    from lvlmlp.data import ValidRows, read_manifest
+    from lvlmlp.extraction.extract import checked_rows
+    from lvlmlp.testing import tiny_manifest
+
+    rows = read_manifest(tiny_manifest(tmp_path / "data", n_train=4, n_test=2))
+    shard = shard_rows(rows, (1, 2))
+    assert isinstance(rows, ValidRows) and isinstance(shard, ValidRows) and isinstance(shard_rows(rows), ValidRows)
+    assert [r["_row_index"] for r in shard] == [3, 4, 5]
+    checked: list[int] = []  # the sizes of the row lists really validated (not already ValidRows)
+    validate = extract_module.validate_rows
+    monkeypatch.setattr(extract_module, "validate_rows", lambda rows, source: (
+        checked.append(len(rows)) if not isinstance(rows, ValidRows) else None, validate(rows, source))[1])
+    assert [r["_row_index"] for r in checked_rows(shard, "m.jsonl", "fail")] == [3, 4, 5]
+    assert checked == []
+    checked_rows([{k: v for k, v in r.items() if k != "_row_index"} for r in rows], "m.jsonl", "fail")
+    assert checked == [6]
+    with pytest.raises(LvlmlpError, match=r"^mine\.jsonl: row 'a': missing or empty 'question'$"):
+        checked_rows([{"id": "a", "image": str(rows[0]["image"])}], "mine.jsonl", "fail")
