@@ -37,6 +37,7 @@ def llava15_geometry(src: Path, out: Path) -> Path:
 
     config = LlavaConfig.from_pretrained(src)
     config.vision_config.image_size, config.vision_config.patch_size = 336, 14
+    config.text_config.max_position_embeddings = 4096  # LLaVA-1.5's: 576 image tokens and the prompt fit
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).save_pretrained(out)
     proc = AutoProcessor.from_pretrained(src)

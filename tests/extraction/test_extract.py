@@ -324,13 +324,24 @@ def _children() -> set[int]:
     return {int(pid) for path in Path("/proc/self/task").glob("*/children") for pid in path.read_text().split()}
 
 
-def test_worker_processes_give_exactly_the_inline_result(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("transport", ["pipe", "shared buffers", "shared buffers too small"])
+def test_worker_processes_give_exactly_the_inline_result(tiny_ckpt, tmp_path, monkeypatch, transport):
     """Batches prepared by forked workers (and by the main process when it would otherwise wait) come back in
-    manifest order, failures included, bit for bit as when everything is prepared inline."""
+    manifest order, failures included, bit for bit as when everything is prepared inline: through the pipe (the
+    tiny model's small batches), through the workers' shared buffers (large batches), and through the pipe again for
+    batches larger than the buffers (here a hundredth of the first batch: none fits)."""
+    import lvlmlp.extraction.loader as loader
     from lvlmlp.data import read_manifest
     from lvlmlp.extraction.backend import Backend
     from lvlmlp.extraction.extract import extract
 
+    sent: list[str] = []  # how each worker batch travelled
+    if transport != "pipe":
+        monkeypatch.setattr(loader, "SHARED_MIN_BYTES", 0)
+        monkeypatch.setattr(loader, "SHARED_SLACK", 0.01 if "too small" in transport else 1.5)
+        from_buffer = loader._from_buffer
+        monkeypatch.setattr(loader, "_from_buffer", lambda buf, layout: (sent.append("shared"),
+                                                                         from_buffer(buf, layout))[1])
     manifest = make_manifest(tmp_path, 11)
     (tmp_path / "img" / "4.png").unlink()
     backend = Backend(tiny_ckpt("llava"), device="cpu", dtype="float32")
@@ -354,6 +365,7 @@ def test_worker_processes_give_exactly_the_inline_result(tiny_ckpt, tmp_path):
         assert arrays.keys() == arrays0.keys()
         for name in arrays0:
             np.testing.assert_array_equal(arrays[name], arrays0[name])
+    assert bool(sent) == (transport == "shared buffers")
 
 
 def test_worker_errors_surface_in_the_main_process(tiny_ckpt, tmp_path, caplog):
