@@ -286,7 +286,8 @@ def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int, n
     when the next batch is not ready and the workers are the bottleneck, this process claims and prepares one
     itself rather than wait, so on a small machine no core idles whichever side is slower, and the first batch
     does not wait for a worker to start. Fork shares the loaded backend copy-on-write instead of pickling it;
-    without fork, or with workers=0, all is done inline."""
+    without fork, or with workers=0, all is done inline. Batches of `SHARED_MIN_BYTES` or more come back through
+    buffers shared with each worker rather than its pipe."""
     if workers <= 0 or "fork" not in mp.get_all_start_methods() or len(chunks) < 2:
         yield from (_prepare(backend, chunk, new_tokens=new_tokens) for chunk in chunks)
         return
