@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
@@ -183,7 +183,7 @@ def _from_buffer(buf: mmap.mmap, layout: list[tuple[str, str, tuple[int, ...], i
 
 
 def _worker(backend: Backend, chunks: list[list[dict]], claimed: Any, slots: Any, conn: Any, inherited: list[Any],
-            new_tokens: int = 0, buffers: list[mmap.mmap] = ()) -> None:
+            new_tokens: int = 0, buffers: Sequence[mmap.mmap] = ()) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; it stops us
     # The pipe ends forked into us that are not ours: the main process must see end-of-file on our pipe when we die
     # (not block on a half-written batch), and a send of ours must fail when the main process is gone.
