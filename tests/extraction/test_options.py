@@ -69,3 +69,13 @@ def test_backend_spec_builds_the_backend_and_derived_identities_leave_it_unchang
     assert (backend.model_id, backend.weights_hash) == (str(ckpt), spec.build(load_model=False).weights_hash)
     with pytest.raises(LvlmlpError, match=r"has no \{question\} placeholder"):
         backend.with_prompt_template("nothing")
+
+
+def test_a_configs_extract_section_names_extract_options_and_defaults_to_theirs():
+    """`extract:` keys are `ExtractOptions` fields by name (passed on as they are), and a config that sets none of
+    them (nor `batch_size`) extracts with the defaults of `ExtractOptions`, defined there only."""
+    from lvlmlp.study.config import ExperimentConfig, ExtractConfig
+    from lvlmlp.study.experiment import extract_options
+
+    assert {f.name for f in dataclasses.fields(ExtractConfig)} <= {f.name for f in dataclasses.fields(ExtractOptions)}
+    assert extract_options(ExperimentConfig()) == ExtractOptions()

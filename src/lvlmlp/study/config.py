@@ -31,6 +31,7 @@ import yaml
 
 from lvlmlp.defaults import BATCH_SIZE, N_BOOT
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.extraction.options import ExtractOptions
 from lvlmlp.ranges import NONNEG_FLOAT, POSITIVE, PROBABILITY, Range
 from lvlmlp.study.finetune import DEFAULT_TARGETS, Settings
 
@@ -77,14 +78,16 @@ def _in(rng: Range) -> dict[str, Any]:
 
 @dataclass
 class ExtractConfig(Section):
-    max_new_tokens: int = field(default=0, metadata=_min(0))  # 0: one prefill forward (first token only)
+    """The `ExtractOptions` a config may set (`batch_size` is top-level), by their names, with their defaults."""
+
+    max_new_tokens: int = field(default=ExtractOptions.max_new_tokens, metadata=_min(0))  # 0: prefill only
     # store the first T tokens' logits (and each row's last generated token) when T < max_new_tokens
-    logits_tokens: int | None = field(default=None, metadata=_min(1))
-    hidden: bool = False
+    logits_tokens: int | None = field(default=ExtractOptions.logits_tokens, metadata=_min(1))
+    hidden: bool = ExtractOptions.hidden
     layers: list[int] | Literal["quartiles"] = field(default_factory=list)  # quartiles: {0, L/4, L/2, 3L/4, L}
-    vision: bool = False  # vision.npy: the vision encoder's output the projector reads, mean-pooled (docs/signals.md)
-    store_dtype: Literal["float16", "float32"] = "float16"
-    on_error: Literal["fail", "skip"] = "fail"
+    vision: bool = ExtractOptions.vision  # the vision encoder's output the projector reads, mean-pooled
+    store_dtype: Literal["float16", "float32"] = ExtractOptions.store_dtype
+    on_error: Literal["fail", "skip"] = ExtractOptions.on_error
 
 
 @dataclass
