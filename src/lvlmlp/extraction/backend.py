@@ -720,7 +720,6 @@ class Backend:
         want_states = hidden or bool(layer_ids)
         kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": self.pad_id}
         kwargs.update(gen_kwargs)
-        self._check_padded_length(batch, max_new_tokens)  # before the vision capture checks its module
         with self._vision_capture(vision) as captured:
             out = self.model_generate(
                 batch,

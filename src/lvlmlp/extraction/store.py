@@ -198,8 +198,8 @@ class RunWriter:
                 self.done_ids = set(run.ids) | {f["id"] for f in run.failures}
                 return
             for path in sorted((self.dir / "shards").glob("*.safetensors")):
-                meta, failures = _verified_shard(path)[:2]
-                self._check_images(path)
+                meta, failures, _, header = _verified_shard(path)
+                self._check_images(path, header)
                 self.done_ids.update(m["id"] for m in meta)
                 self.done_ids.update(f["id"] for f in failures)
                 self._shards.append(path)
@@ -214,14 +214,14 @@ class RunWriter:
             _atomic_write_text(manifest_path, json.dumps(self.settings, indent=2))
         (self.dir / "shards").mkdir(exist_ok=True)
 
-    def _check_images(self, path: Path) -> None:
-        """A committed shard's rows whose image changed since they were extracted: refused with the remedy."""
+    def _check_images(self, path: Path, header: dict[str, str]) -> None:
+        """A committed shard's rows (`header`: its verified header) whose image changed since they were extracted:
+        refused with the remedy."""
         if self.image_stamps is None:
             return
         try:
-            with safe_open(str(path), framework="np") as f:
-                committed = json.loads((f.metadata() or {}).get("images", "{}"))
-        except (SafetensorError, OSError, ValueError) as err:
+            committed = json.loads(header.get("images", "{}"))
+        except ValueError as err:
             raise LvlmlpError(f"{path}: corrupt shard ({type(err).__name__}); {_REMEDY}") from None
         for row_id, stamp in committed.items():
             if self.image_stamps.get(row_id, stamp) != stamp:
@@ -333,8 +333,8 @@ def _shard_header(path: Path) -> tuple[list[dict], list[dict], dict[str, tuple[t
     return meta, failures, shapes, index
 
 
-def _verified_shard(path: Path) -> tuple[list[dict], list[dict], dict[str, np.ndarray]]:
-    """(meta, failures, tensors) of a committed shard whose checksum matches; a one-line error naming the file
+def _verified_shard(path: Path) -> tuple[list[dict], list[dict], dict[str, np.ndarray], dict[str, str]]:
+    """(meta, failures, tensors, header) of a committed shard whose checksum matches; a one-line error naming the file
     and the remedy otherwise (its rows are redone once the file is removed)."""
     try:
         with safe_open(str(path), framework="np") as f:
@@ -346,7 +346,7 @@ def _verified_shard(path: Path) -> tuple[list[dict], list[dict], dict[str, np.nd
         raise LvlmlpError(f"{path}: corrupt shard ({first}); {_REMEDY}") from None
     if "sha256" in header and _checksum(tensors, header) != header["sha256"]:
         raise LvlmlpError(f"{path}: shard contents do not match its checksum (corrupted on disk); {_REMEDY}")
-    return meta, failures, tensors
+    return meta, failures, tensors, header
 
 
 def _consolidate(run_dir: Path, shards: Sequence[Path], settings: dict, expected_ids: Sequence[str] | None) -> None:
