@@ -105,6 +105,18 @@ class ProtocolBackend:
         eos = self.tokenizer.eos_token_id
         return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
+    def padded_length_error(self, batch: dict[str, torch.Tensor], new_tokens: int) -> None:
+        """None: the protocol has no padded limit (each row of a batch gives what it gives alone)."""
+        return None
+
+    def model_generate(self, batch: dict[str, torch.Tensor], *, max_new_tokens: int, do_sample: bool = False,
+                       pad_token_id: int | None = None, **kwargs: Any) -> Any:
+        """`lvlmlp serve`'s decoding, as `Backend.model_generate`: the backend's own `generate`, which is greedy and
+        pads by itself (`do_sample` and `pad_token_id` are its), handing the rest (the guard and per-request sampling
+        processors, stopping criteria, streamer) to transformers' `generate`; its raw logits are not used."""
+        del do_sample, pad_token_id
+        return self.generate(batch, max_new_tokens=max_new_tokens, **kwargs)
+
     def with_prompt_template(self, template: str | None) -> ProtocolBackend:
         """The backend's own prompt is its only one (`lvlmlp run` refuses other prompts before any work)."""
         if template is not None:

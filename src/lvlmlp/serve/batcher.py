@@ -35,7 +35,6 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.logits_process import TopPLogitsWarper
 from transformers.generation.streamers import BaseStreamer
 
-from lvlmlp.extraction.protocol import ProtocolBackend
 from lvlmlp.steering.guard import ProbeGuard
 
 log = logging.getLogger("lvlmlp")
@@ -181,8 +180,7 @@ class Engine:
         backend, guard = self.backend, self.guard
         batch = backend.encode([j.image for j in jobs], [j.question for j in jobs])
         max_new_tokens = max(j.max_tokens for j in jobs)
-        protocol = isinstance(backend, ProtocolBackend)
-        if len(jobs) > 1 and not protocol and backend.padded_length_error(batch, max_new_tokens):
+        if len(jobs) > 1 and backend.padded_length_error(batch, max_new_tokens):
             # Padded rows this long differ from single runs (Llama 4's floor_scale), which `lvlmlp generate` refuses:
             # here every request runs alone (no padding), so each still gets its answer alone.
             log.info("serve: a padded batch of %d requests would reach the model's padded limit; running them one "
@@ -194,14 +192,10 @@ class Engine:
                     "stopping_criteria": StoppingCriteriaList([RowLimit([j.max_tokens for j in jobs])]),
                     "streamer": streamer}
         with guard.watching(backend.model):
-            if protocol:
-                # Its own generate, which hands these keywords to transformers' generate (docs/backends.md); its
-                # raw logits are dropped
-                backend.generate(batch, **settings)
-            else:
-                # The backend's own decoding path, which applies the family's quirks as `lvlmlp generate` does (the
-                # generic generate where the model's drops the guard: Janus), without its raw-logits bookkeeping.
-                backend.model_generate(batch, do_sample=False, pad_token_id=self.pad_id, **settings)
+            # The backend's own decoding path, which applies the family's quirks as `lvlmlp generate` does (the
+            # generic generate where the model's drops the guard: Janus), without its raw-logits bookkeeping; a
+            # protocol backend's own generate (docs/backends.md).
+            backend.model_generate(batch, do_sample=False, pad_token_id=self.pad_id, **settings)
         assert guard.scores_ is not None and guard.flagged_ is not None
         prompt_tokens = batch["attention_mask"].sum(1).tolist() if "attention_mask" in batch else [0] * len(jobs)
         return [
