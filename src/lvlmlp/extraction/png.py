@@ -1,0 +1,83 @@
+"""PNG files decoded straight into the uint8 (3, H, W) tensors that torchvision-backed image processors work on.
+
+PNG is lossless, so every correct decoder gives the same pixels: libpng (through torchvision) gives exactly what
+`data.load_image` gives through PIL, for files of at most 8 bits a sample in any colour type, interlaced or not,
+whatever their gamma or colour-profile chunks say (neither decoder applies them). Files whose PIL image carries more
+than its pixels (an EXIF orientation, an animation, a transparent colour: `_PIL_WAY`) go PIL's way, as does any file
+this module is not sure of: a broken chunk, an image over PIL's pixel limit or refused by the backend's check, a
+decoder error. That way is the reference, and its errors name the row. tests/extraction/test_png.py compares the
+processor's batches of the two ways for every colour type.
+
+Why: on the tiny test model a row's preparation is 0.35 ms, of which PIL's opening and decoding of a 100 px PNG
+takes 0.11 and the processor's conversion of a PIL image to a tensor 0.02; libpng takes 0.08 and the conversion
+is not needed (docs/benchmarks.md, fourth pass). JPEG stays with PIL: its decoders may round differently."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# An EXIF orientation, which PIL applies; an animation, whose frames PIL chooses between; a transparent colour, which
+# PIL keeps in the RGB image's `info` and transformers' processors then paint white (PIL's is the reference).
+_PIL_WAY = {b"eXIf", b"acTL", b"tRNS"}
+
+
+def png_pixels(path: str | Path, check: Callable[[int, int], str | None]) -> torch.Tensor | None:
+    """The image at `path` as a uint8 (3, H, W) RGB tensor equal to `load_image`'s pixels, or None where the file
+    is not a PNG this module decodes exactly (then `load_image` is the way). `check(width, height)` is the backend's
+    header check; an image it refuses goes PIL's way too, which refuses it with the row's name."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != _SIGNATURE:  # not a PNG: nothing more is read
+                return None
+            data = bytearray(os.fstat(f.fileno()).st_size)  # writable: torch.frombuffer takes it without a copy
+            data[:8] = _SIGNATURE
+            if f.readinto(memoryview(data)[8:]) != len(data) - 8:
+                return None
+    except OSError:
+        return None
+    size = _header(data)
+    limit = Image.MAX_IMAGE_PIXELS  # over it PIL warns or refuses: its way says so
+    # A width of 1, 3 or 4 leaves image processors to guess which axis of a (3, H, W) tensor holds the colours.
+    if size is None or size[0] <= 4 or (limit and size[0] * size[1] > limit) or check(*size):
+        return None
+    try:
+        # torchvision is imported already: the processor that takes these tensors is built on it. Its 0.29 deprecates
+        # the decoders (for TorchCodec's); a release without them sends every file PIL's way.
+        from torchvision.io import ImageReadMode, decode_png
+    except ImportError:
+        return None
+    try:
+        return decode_png(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return None
+
+
+def _header(data: bytes | bytearray) -> tuple[int, int] | None:
+    """(width, height) when the chunks after the 8-byte signature are whole up to IEND, IHDR first with at most 8 bits a
+    sample, no chunk leaves the decoders to differ, and every chunk but the image data has its right checksum (PIL
+    refuses a bad one; libpng would drop it and go on). libpng checks the image data's own checksums itself."""
+    pos, first, size = 8, True, None
+    view = memoryview(data)
+    while pos + 12 <= len(data):
+        length = int.from_bytes(view[pos : pos + 4], "big")
+        kind = bytes(view[pos + 4 : pos + 8])
+        end = pos + 12 + length
+        if end > len(data) or kind in _PIL_WAY or first != (kind == b"IHDR"):
+            return None
+        if kind != b"IDAT" and zlib.crc32(view[pos + 4 : end - 4]) != int.from_bytes(view[end - 4 : end], "big"):
+            return None
+        if first:
+            if length != 13 or data[pos + 16] > 8:  # bit depth: 16 bits a sample PIL scales its own way
+                return None
+            size = int.from_bytes(view[pos + 8 : pos + 12], "big"), int.from_bytes(view[pos + 12 : pos + 16], "big")
+        if kind == b"IEND":
+            return size
+        pos, first = end, False
+    return None

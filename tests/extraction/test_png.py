@@ -1,0 +1,147 @@
+"""png_pixels: a PNG decoded by libpng gives `load_image`'s pixels exactly, or the file goes PIL's way (None)."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageCms, PngImagePlugin
+
+from lvlmlp.data import load_image
+from lvlmlp.errors import LvlmlpError
+from lvlmlp.extraction import loader
+from lvlmlp.extraction.backend import Backend
+from lvlmlp.extraction.png import png_pixels
+
+RNG = np.random.default_rng(0)
+PIXELS = RNG.integers(0, 256, (37, 53, 4), dtype=np.uint8)
+
+
+def _info(kind: bytes, data: bytes) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add(kind, data)
+    return info
+
+
+def _kinds() -> dict[str, tuple[Image.Image, dict]]:
+    rgb = Image.fromarray(PIXELS[..., :3])
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=200)
+    return {
+        "RGB": (rgb, {}),
+        "RGBA": (Image.fromarray(PIXELS, "RGBA"), {}),
+        "L": (Image.fromarray(PIXELS[..., 0]), {}),
+        "LA": (rgb.convert("LA"), {}),
+        "P": (palette, {}),
+        "P, 4 bits": (rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16), {}),
+        "P, transparent": (palette, {"transparency": 5}),
+        "RGB, transparent": (rgb, {"transparency": (1, 2, 3)}),
+        "L, transparent": (Image.fromarray(PIXELS[..., 0]), {"transparency": 7}),
+        "1 bit": (Image.fromarray(PIXELS[..., 0] > 128), {}),
+        "interlaced": (rgb, {"interlace": 1}),
+        "gamma": (rgb, {"pnginfo": _info(b"gAMA", (45455).to_bytes(4, "big"))}),
+        "sRGB": (rgb, {"pnginfo": _info(b"sRGB", b"\x00")}),
+        "ICC profile": (rgb, {"icc_profile": ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()}),
+        "text": (rgb, {"pnginfo": _info(b"tEXt", b"Comment\x00a comment")}),
+    }
+
+
+TRANSPARENT = {"P, transparent", "RGB, transparent", "L, transparent"}  # PIL's way: processors paint it white
+
+
+@pytest.mark.parametrize("kind", list(_kinds()))
+def test_every_8_bit_colour_type_decodes_to_load_images_pixels(tmp_path: Path, kind: str) -> None:
+    image, options = _kinds()[kind]
+    path = tmp_path / "im.png"
+    image.save(path, **options)
+    got = png_pixels(path, lambda w, h: None)
+    if kind in TRANSPARENT:
+        assert got is None
+        return
+    want = torch.from_numpy(np.asarray(load_image(path)).copy()).permute(2, 0, 1)
+    assert got is not None and got.dtype == torch.uint8
+    assert got.shape == want.shape == (3, 37, 53) and torch.equal(got, want)
+
+
+def _chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    out, pos = [], 8
+    while pos < len(data):
+        n = int.from_bytes(data[pos : pos + 4], "big")
+        out.append((data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]))
+        pos += 12 + n
+    return out
+
+
+def _png(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + b"".join(
+        len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big") for kind, body in chunks)
+
+
+def _pil_way(tmp_path: Path) -> dict[str, Path]:
+    """Files png_pixels leaves to PIL, each written here."""
+    rgb = Image.fromarray(PIXELS[..., :3])
+    paths = {name: tmp_path / f"{i}.png" for i, name in enumerate(
+        ["16 bits", "EXIF rotation", "animation", "JPEG", "narrow", "truncated", "bad text checksum", "no IEND",
+         "IHDR not first"])}
+    Image.fromarray(PIXELS[..., 0].astype(np.int32) * 257).convert("I;16").save(paths["16 bits"])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: PIL turns it upright
+    rgb.save(paths["EXIF rotation"], exif=exif)
+    rgb.save(paths["animation"], save_all=True, append_images=[Image.fromarray(PIXELS[..., 1:])])
+    rgb.save(paths["JPEG"], format="JPEG")
+    Image.fromarray(PIXELS[:, :3, :3]).save(paths["narrow"])  # 3 px wide: processors would guess the colour axis
+    rgb.save(tmp_path / "whole.png", pnginfo=_info(b"tEXt", b"Comment\x00a comment"))
+    whole = (tmp_path / "whole.png").read_bytes()
+    paths["truncated"].write_bytes(whole[: len(whole) // 2])
+    chunks = _chunks(whole)
+    bad = bytearray(_png(chunks))
+    text_at = bad.index(b"tEXt")
+    bad[text_at + 4] ^= 1  # the comment's first byte: its checksum no longer matches
+    paths["bad text checksum"].write_bytes(bytes(bad))
+    paths["no IEND"].write_bytes(_png(chunks[:-1]))
+    paths["IHDR not first"].write_bytes(_png([chunks[1], chunks[0], *chunks[2:]]))
+    return paths
+
+
+def test_files_it_is_not_sure_of_go_pils_way(tmp_path: Path) -> None:
+    paths = _pil_way(tmp_path)
+    for name, path in paths.items():
+        assert png_pixels(path, lambda w, h: None) is None, name
+    assert png_pixels(tmp_path / "missing.png", lambda w, h: None) is None
+    assert load_image(paths["EXIF rotation"]).size == (37, 53)  # what the PIL way does with it: upright
+    with pytest.raises(LvlmlpError, match="row 't': unreadable image"):
+        load_image(paths["truncated"], "t")
+
+
+def test_the_backends_check_and_pils_pixel_limit_send_an_image_pils_way(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "im.png"
+    Image.fromarray(PIXELS[..., :3]).save(path)
+    seen = []
+    assert png_pixels(path, lambda w, h: seen.append((w, h)) or "too large") is None
+    assert seen == [(53, 37)]  # the header's size, before any decoding
+    assert png_pixels(path, lambda w, h: None) is not None
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 53 * 37 - 1)  # over it PIL warns: that is its way's to say
+    assert png_pixels(path, lambda w, h: None) is None
+
+
+def test_a_batch_of_png_and_other_rows_equals_the_pil_way(tiny_ckpt, tmp_path: Path) -> None:
+    """`_prepare` with tensors for PNG rows gives the batch (and the failures) of PIL images for every row: the
+    processor's output is the reference, since it reads more of a PIL image than its pixels (a transparent colour)."""
+    be = Backend(tiny_ckpt("llava"), device="cpu")
+    assert be.tensor_images
+    kinds, broken = _kinds(), _pil_way(tmp_path)
+    rows = []
+    for i, name in enumerate(kinds):
+        image, options = kinds[name]
+        image.save(tmp_path / f"row{i}.png", **options)
+        rows.append({"id": f"r{i}", "image": str(tmp_path / f"row{i}.png"), "question": "what is it?"})
+    rows += [{"id": f"x-{name}", "image": str(broken[name]), "question": "and this?"}
+             for name in ("JPEG", "EXIF rotation", "truncated")]
+    tensors = loader._prepare(be, rows)
+    be.tensor_images = False
+    pil = loader._prepare(be, rows)
+    assert tensors[0] == pil[0] and len(tensors[0]) == len(kinds) + 2  # the truncated file fails, the same way
+    assert tensors[2] == pil[2] and [row_id for row_id, _ in pil[2]] == ["x-truncated"]
+    assert tensors[1].keys() == pil[1].keys() and all(torch.equal(tensors[1][k], pil[1][k]) for k in pil[1])
