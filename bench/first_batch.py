@@ -47,26 +47,37 @@ def main() -> None:
     from lvlmlp.extraction import backend, extract, store
 
     mark("import torch + lvlmlp.extraction")
-    import transformers
+    import transformers  # the package only (lazy): the backend imports its Auto classes, timed there
 
-    for name in ("AutoProcessor", "AutoModelForImageTextToText", "AutoConfig"):
-        getattr(transformers, name)  # imported where the backend imports them; marked here to time them apart
-    mark("import transformers' Auto classes")
-    after(backend, "load_model_config", "config")
+    def wrap_loaders() -> None:
+        """Mark when the processor and the model weights have loaded (wrapped once the backend imported them)."""
+        for cls, label in ((transformers.AutoProcessor, "processor"),
+                           (transformers.AutoModelForImageTextToText, "model weights")):
+            func = cls.from_pretrained.__func__
+
+            def loaded(klass: type, *args: object, _func=func, _label=label, **kwargs: object) -> object:
+                result = _func(klass, *args, **kwargs)
+                mark(_label)
+                return result
+
+            cls.from_pretrained = classmethod(loaded)
+
+    config = backend.load_model_config
+
+    def config_loaded(*args: object, **kwargs: object) -> object:
+        # Called by `Backend` right after it imported transformers' Auto classes (with its collector paused).
+        if "import transformers' Auto classes" not in marks:
+            mark("import transformers' Auto classes")
+            wrap_loaders()
+        result = config(*args, **kwargs)
+        mark("config")
+        return result
+
+    backend.load_model_config = config_loaded
     after(backend, "_weights_hash", "weights hash")
     after(backend.Backend, "__init__", "Backend (processor + model + hash)")
     after(store.RunWriter, "__init__", "run folder opened")
     after(backend.Backend, "prefill", "first batch's forward")
-    for cls, label in ((transformers.AutoProcessor, "processor"),
-                       (transformers.AutoModelForImageTextToText, "model weights")):
-        func = cls.from_pretrained.__func__
-
-        def loaded(klass: type, *args: object, _func=func, _label=label, **kwargs: object) -> object:
-            result = _func(klass, *args, **kwargs)
-            mark(_label)
-            return result
-
-        cls.from_pretrained = classmethod(loaded)
     del extract
     try:
         code = lvlmlp.cli.main(sys.argv[1:])

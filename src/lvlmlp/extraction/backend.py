@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import gc
 import hashlib
 import importlib.util
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -326,6 +327,21 @@ def oversized(processor: Any, width: int, height: int, max_pixels: int | None = 
             f"than {limit}; crop or pad it")
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector held off, and left as it was afterwards. Importing transformers' Auto
+    classes and loading a processor and a model make millions of long-lived objects and next to no cyclic garbage;
+    the collector's full passes over that growing heap took 0.3 s of the tiny model's 2.9 s start-up
+    (docs/benchmarks.md, fourth pass)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _takes_tensors(processor: Any) -> bool:
     """Whether the processor's image processor is a torchvision one (`TorchvisionBackend`), so that a uint8 (3, H, W)
     tensor and a PIL image of the same pixels give it the same input."""
@@ -339,6 +355,7 @@ def _takes_tensors(processor: Any) -> bool:
 class Backend:
     """One loaded vision-language model with its processor; see the module docstring for the four operations."""
 
+    @_collector_paused()
     def __init__(
         self,
         model: str | Path,
