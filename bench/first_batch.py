@@ -1,6 +1,6 @@
 """Run `lvlmlp ARGS...` and write, as JSON to the file named by $LVLMLP_PHASES, the seconds since this process
-started at which each start-up phase ended: imports, config, processor, model, weights hash, run folder, the first
-batch's forward. Used by `bench/startup.py --first-batch`; it wraps functions without changing what they do.
+started at which each start-up phase ended: imports, config, processor, weights hash, the first batch prepared and
+the data-loader worker forked, model weights, run folder, the first batch's forward. Used by `bench/startup.py --first-batch`; it wraps functions without changing what they do.
 
     LVLMLP_PHASES=phases.json python bench/first_batch.py extract --model M --data D --out O
 """
@@ -44,7 +44,7 @@ def main() -> None:
     import lvlmlp.cli
 
     mark("cli")
-    from lvlmlp.extraction import backend, extract, store
+    from lvlmlp.extraction import backend, extract, loader, store
 
     mark("import torch + lvlmlp.extraction")
     import transformers  # the package only (lazy): the backend imports its Auto classes, timed there
@@ -75,7 +75,8 @@ def main() -> None:
 
     backend.load_model_config = config_loaded
     after(backend, "_weights_hash", "weights hash")
-    after(backend.Backend, "__init__", "Backend (processor + model + hash)")
+    after(backend.Backend, "__init__", "Backend (config, processor, hash)")  # the weights load in extract
+    after(loader.Started, "__init__", "first batch prepared, worker forked")  # before the weights load
     after(store.RunWriter, "__init__", "run folder opened")
     after(backend.Backend, "prefill", "first batch's forward")
     del extract

@@ -50,20 +50,22 @@ def test_first_batch_phases_are_recorded(tiny_ckpt, tmp_path):
     image = tmp_path / "a.png"
     Image.new("RGB", (30, 20), (200, 10, 10)).save(image)
     manifest = tmp_path / "rows.jsonl"
-    manifest.write_text(json.dumps({"id": "a", "image": str(image), "question": "red?"}) + "\n")
+    manifest.write_text("".join(json.dumps({"id": i, "image": str(image), "question": "red?"}) + "\n" for i in "ab"))
     phases = tmp_path / "phases.json"
     src = str(Path(__file__).resolve().parents[2] / "src")
     env = {"PYTHONPATH": src, "LVLMLP_PHASES": str(phases), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, str(BENCH / "first_batch.py"), "extract", "--model", str(ckpt), "--data",
-                           str(manifest), "--out", str(tmp_path / "run"), "--no-progress", "--workers", "0"],
+                           str(manifest), "--out", str(tmp_path / "run"), "--no-progress", "--batch-size", "1"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     marks = json.loads(phases.read_text())
-    order = ["python", "cli", "config", "processor", "model weights", "weights hash",
-             "Backend (processor + model + hash)", "run folder opened", "first batch's forward", "exit"]
+    # the data-loader worker is at work before the weights load (they are not in what it was forked from)
+    order = ["python", "cli", "config", "processor", "weights hash", "Backend (config, processor, hash)",
+             "first batch prepared, worker forked", "model weights", "run folder opened", "first batch's forward",
+             "exit"]
     assert [m for m in marks if m in order] == order
     assert all(marks[a] <= marks[b] for a, b in zip(order, order[1:]))
     again = subprocess.run([sys.executable, "-m", "lvlmlp.cli", "extract", "--model", str(ckpt), "--data",
                             str(manifest), "--out", str(tmp_path / "run"), "--no-progress"],
                            env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "1 rows" in again.stdout  # the wrapped run is a finished, valid run
+    assert again.returncode == 0 and "2 rows" in again.stdout  # the wrapped run is a finished, valid run

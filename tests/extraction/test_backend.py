@@ -130,17 +130,37 @@ def test_batch_equals_single_runs(tiny_ckpt, family: str) -> None:
 def test_loading_holds_the_garbage_collector_off_and_leaves_it_as_it_was(tiny_ckpt, monkeypatch) -> None:
     """Its full passes over the heap that importing and loading build cost 0.3 s of the start-up."""
     states = []
-    weights_hash = backend_module._weights_hash  # called inside the constructor, after the model has loaded
+    weights_hash = backend_module._weights_hash  # called by the constructor, which imports and loads the processor
     monkeypatch.setattr(backend_module, "_weights_hash", lambda path: states.append(gc.isenabled()) or weights_hash(path))
+    load = AutoModelForImageTextToText.from_pretrained.__func__  # called by load_weights
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: states.append(gc.isenabled()) or load(cls, *a, **k)))
     assert gc.isenabled()
     Backend(tiny_ckpt("llava"), device="cpu")
-    assert states == [False] and gc.isenabled()
+    assert states == [False, False] and gc.isenabled()
+    light = Backend(tiny_ckpt("llava"), device="cpu", load_model=False)
+    assert states == [False] * 3 and gc.isenabled()
+    light.load_weights()  # on its own, later (extract: after its data-loader workers have started)
+    assert states == [False] * 4 and gc.isenabled() and light.model is not None
     gc.disable()  # a caller that had switched it off finds it off
     try:
-        Backend(tiny_ckpt("llava"), device="cpu", load_model=False)
-        assert states == [False, False] and not gc.isenabled()
+        Backend(tiny_ckpt("llava"), device="cpu")
+        assert states == [False] * 6 and not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_backend_without_its_weights_prepares_the_same_batches_and_loads_them_later(tiny_ckpt) -> None:
+    full = Backend(tiny_ckpt("llava"), device="cpu")
+    light = Backend(tiny_ckpt("llava"), device="cpu", load_model=False)
+    assert light.model is None and light.vocab_size is None and light.max_length == full.max_length == 512
+    images = _images()
+    want = full.encode(images, QUESTIONS)
+    got = light.encode(images, QUESTIONS)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    light.load_weights()
+    assert (light.vocab_size, light.eos_ids, light.pad_id) == (full.vocab_size, full.eos_ids, full.pad_id)
+    assert torch.equal(light.prefill(got)["logits"], full.prefill(want)["logits"])
 
 
 @pytest.mark.parametrize("family", EXACT)

@@ -368,6 +368,72 @@ def test_worker_processes_give_exactly_the_inline_result(tiny_ckpt, tmp_path, mo
     assert bool(sent) == (transport == "shared buffers")
 
 
+def test_a_backend_without_its_weights_loads_them_once_its_workers_are_at_work(tiny_ckpt, tmp_path, monkeypatch):
+    """`lvlmlp extract`'s way: the data-loader worker of a new run is forked from the backend before its weights load
+    (it prepares batches meanwhile), and the run equals a loaded backend's bit for bit. A resumed run (its folder
+    has shards) loads first, since what is left is known only from the folder; a load that fails stops the worker."""
+    import lvlmlp.extraction.extract as extract_module
+    import lvlmlp.extraction.loader as loader
+    from lvlmlp.data import read_manifest
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.extraction.extract import extract
+
+    rows = read_manifest(make_manifest(tmp_path, 9))
+    ckpt = tiny_ckpt("llava")
+    want = _run_contents(extract(Backend(ckpt, device="cpu"), rows, tmp_path / "loaded", batch_size=2,
+                                 progress=False).path)
+    before = _children()
+    workers_at_load: list[int] = []
+    load = Backend.load_weights
+
+    def counted(self: Backend) -> None:
+        workers_at_load.append(len(_children() - before))
+        load(self)
+
+    monkeypatch.setattr(Backend, "load_weights", counted)
+
+    def same(run_dir: Path) -> None:
+        arrays, meta, failures = _run_contents(run_dir)
+        assert meta == want[1] and failures == want[2] and arrays.keys() == want[0].keys()
+        for name in arrays:
+            np.testing.assert_array_equal(arrays[name], want[0][name])
+
+    light = Backend(ckpt, device="cpu", load_model=False)
+    same(extract(light, rows, tmp_path / "new", batch_size=2, progress=False).path)
+    assert workers_at_load == [1] and light.model is not None and _children() == before
+
+    run_batch, calls = extract_module.run_batch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return run_batch(*args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "run_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract(Backend(ckpt, device="cpu", load_model=False), rows, tmp_path / "resumed", batch_size=2,
+                shard_size=2, progress=False)
+    monkeypatch.setattr(extract_module, "run_batch", run_batch)
+    assert any((tmp_path / "resumed").glob("shards/*")) and _children() == before
+    same(extract(Backend(ckpt, device="cpu", load_model=False), rows, tmp_path / "resumed", batch_size=2,
+                 shard_size=2, progress=False).path)
+    assert workers_at_load == [1, 1, 0]  # the interrupted run's, then the resumed one's: loaded before any fork
+
+    def failing(self: Backend) -> None:
+        workers_at_load.append(len(_children() - before))
+        raise LvlmlpError("the weights are unreadable")
+
+    monkeypatch.setattr(Backend, "load_weights", failing)
+    closed: list[int] = []
+    close = loader.Started.close
+    monkeypatch.setattr(loader.Started, "close", lambda self: (closed.append(1), close(self))[1])
+    with pytest.raises(LvlmlpError, match="unreadable"):
+        extract(Backend(ckpt, device="cpu", load_model=False), rows, tmp_path / "failed", batch_size=2, progress=False)
+    # the worker it had started is stopped (not left to the garbage collector) and reaped
+    assert workers_at_load[-1] == 1 and closed == [1] and _children() == before
+
+
 def test_worker_errors_surface_in_the_main_process(tiny_ckpt, tmp_path, caplog):
     """A batch that fails in a worker is prepared again here (so a real error is raised with its own exception, and
     a passing one does no harm); a worker that dies

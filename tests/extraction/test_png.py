@@ -83,12 +83,18 @@ def _pil_way(tmp_path: Path) -> dict[str, Path]:
     """Files png_pixels leaves to PIL, each written here."""
     rgb = Image.fromarray(PIXELS[..., :3])
     paths = {name: tmp_path / f"{i}.png" for i, name in enumerate(
-        ["16 bits", "EXIF rotation", "animation", "JPEG", "narrow", "truncated", "bad text checksum", "no IEND",
-         "IHDR not first"])}
+        ["16 bits", "EXIF rotation", "EXIF rotation as text", "XMP rotation", "animation", "JPEG", "narrow",
+         "truncated", "bad text checksum", "no IEND", "IHDR not first", "chunk length over 2**31"])}
     Image.fromarray(PIXELS[..., 0].astype(np.int32) * 257).convert("I;16").save(paths["16 bits"])
     exif = Image.Exif()
     exif[0x0112] = 6  # rotated 90 degrees: PIL turns it upright
     rgb.save(paths["EXIF rotation"], exif=exif)
+    raw = exif.tobytes().hex()  # ImageMagick's way: the EXIF block as hex in a text chunk
+    rgb.save(paths["EXIF rotation as text"],
+             pnginfo=_info(b"zTXt", b"Raw profile type exif\0\0" + zlib.compress(f"\nexif\n{len(raw) // 2}\n{raw}".encode())))
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    rgb.save(paths["XMP rotation"], pnginfo=_info(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp.encode()))
     rgb.save(paths["animation"], save_all=True, append_images=[Image.fromarray(PIXELS[..., 1:])])
     rgb.save(paths["JPEG"], format="JPEG")
     Image.fromarray(PIXELS[:, :3, :3]).save(paths["narrow"])  # 3 px wide: processors would guess the colour axis
@@ -102,6 +108,8 @@ def _pil_way(tmp_path: Path) -> dict[str, Path]:
     paths["bad text checksum"].write_bytes(bytes(bad))
     paths["no IEND"].write_bytes(_png(chunks[:-1]))
     paths["IHDR not first"].write_bytes(_png([chunks[1], chunks[0], *chunks[2:]]))
+    # PNG lengths are unsigned and under 2**31; read as signed, 0xFFFFFFF4 would be -12 and loop on the same chunk
+    paths["chunk length over 2**31"].write_bytes(_png(chunks[:1]) + b"\xff\xff\xff\xf4IDAT" + bytes(16))
     return paths
 
 
@@ -110,7 +118,8 @@ def test_files_it_is_not_sure_of_go_pils_way(tmp_path: Path) -> None:
     for name, path in paths.items():
         assert png_pixels(path, lambda w, h: None) is None, name
     assert png_pixels(tmp_path / "missing.png", lambda w, h: None) is None
-    assert load_image(paths["EXIF rotation"]).size == (37, 53)  # what the PIL way does with it: upright
+    for rotated in ("EXIF rotation", "EXIF rotation as text", "XMP rotation"):  # what the PIL way does: upright
+        assert load_image(paths[rotated]).size == (37, 53), rotated
     with pytest.raises(LvlmlpError, match="row 't': unreadable image"):
         load_image(paths["truncated"], "t")
 
@@ -122,8 +131,27 @@ def test_the_backends_check_and_pils_pixel_limit_send_an_image_pils_way(tmp_path
     assert png_pixels(path, lambda w, h: seen.append((w, h)) or "too large") is None
     assert seen == [(53, 37)]  # the header's size, before any decoding
     assert png_pixels(path, lambda w, h: None) is not None
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 53 * 37 - 1)  # over it PIL warns: that is its way's to say
+    # The check sees the header's full 32-bit width and height (header-only files: nothing to decode after it).
+    ihdr = _chunks(path.read_bytes())[0][1]
+    for size in ((1 << 24) + 100, 1), (5, (1 << 24) + 7):  # under PIL's pixel limit
+        huge = tmp_path / "huge.png"
+        huge.write_bytes(_png([(b"IHDR", size[0].to_bytes(4, "big") + size[1].to_bytes(4, "big") + ihdr[8:]),
+                               (b"IEND", b"")]))
+        seen.clear()
+        assert png_pixels(huge, lambda w, h: seen.append((w, h))) is None and seen == [size]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 53 * 37)  # PIL warns over its limit, not at it
+    assert png_pixels(path, lambda w, h: None) is not None
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 53 * 37 - 1)  # over it: that is PIL's way to say
     assert png_pixels(path, lambda w, h: None) is None
+
+
+@pytest.mark.parametrize("width", [4, 5])
+def test_images_up_to_4_pixels_wide_go_pils_way(tmp_path: Path, width: int) -> None:
+    """A processor given a (3, H, 1-4) tensor would have to guess which axis holds the colours."""
+    path = tmp_path / "im.png"
+    Image.fromarray(PIXELS[:, :width, :3]).save(path)
+    got = png_pixels(path, lambda w, h: None)
+    assert got is None if width == 4 else torch.equal(got, torch.from_numpy(PIXELS[:, :width, :3]).permute(2, 0, 1))
 
 
 def test_a_batch_of_png_and_other_rows_equals_the_pil_way(tiny_ckpt, tmp_path: Path) -> None:
@@ -138,10 +166,10 @@ def test_a_batch_of_png_and_other_rows_equals_the_pil_way(tiny_ckpt, tmp_path: P
         image.save(tmp_path / f"row{i}.png", **options)
         rows.append({"id": f"r{i}", "image": str(tmp_path / f"row{i}.png"), "question": "what is it?"})
     rows += [{"id": f"x-{name}", "image": str(broken[name]), "question": "and this?"}
-             for name in ("JPEG", "EXIF rotation", "truncated")]
+             for name in ("JPEG", "EXIF rotation", "EXIF rotation as text", "XMP rotation", "truncated")]
     tensors = loader._prepare(be, rows)
     be.tensor_images = False
     pil = loader._prepare(be, rows)
-    assert tensors[0] == pil[0] and len(tensors[0]) == len(kinds) + 2  # the truncated file fails, the same way
+    assert tensors[0] == pil[0] and len(tensors[0]) == len(kinds) + 4  # the truncated file fails, the same way
     assert tensors[2] == pil[2] and [row_id for row_id, _ in pil[2]] == ["x-truncated"]
     assert tensors[1].keys() == pil[1].keys() and all(torch.equal(tensors[1][k], pil[1][k]) for k in pil[1])

@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{run_.path}: {len(run_)} rows, logits {run_.n_logit_tokens} x {run_.manifest['vocab_size']}")
         return 0
     spec = backend_spec(args, template)
-    run_ = None
+    run_ = light = None
     if args.ray is not None:  # the model loads in the Ray replicas, not here; a finished run is recognised there
         from lvlmlp.extraction.ray_extract import ray_extract, ray_options
 
@@ -162,9 +162,9 @@ def run(args: argparse.Namespace) -> int:
                             selection=chosen)
         if run_ is not None:
             log.info("%s: finished already with these settings; nothing to do", run_.path)
-    if run_ is None:  # not finished: load the model and extract (resuming what is committed)
-        backend = spec.build()
-        run_ = extract(backend, rows, args.out, options, source=source, progress=not args.no_progress,
-                       label_fn=label_fn, selection=chosen)
+    if run_ is None:  # not finished: extract (resuming what is committed), the weights loaded by `extract` once
+        # its data-loader workers, which need only the processor, are at work
+        run_ = extract(light or spec.build(load_model=False), rows, args.out, options, source=source,
+                       progress=not args.no_progress, label_fn=label_fn, selection=chosen)
     print(f"{run_.path}: {len(run_)} rows, logits {run_.n_logit_tokens} x {run_.manifest['vocab_size']}")
     return 0

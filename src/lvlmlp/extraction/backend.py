@@ -372,7 +372,6 @@ class Backend:
         without loading the weights); `model` is then None and `vocab_size` unknown (None). `trust_remote_code`:
         run the checkpoint's own Python code (its config's `auto_map`), loaded through the first of
         `REMOTE_AUTO_CLASSES` it registers (`auto_class`)."""
-        from safetensors import SafetensorError
         from transformers import AutoProcessor
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
@@ -428,19 +427,7 @@ class Backend:
         # batches of tensors tests/extraction/test_backend.py compares with their batches of PIL images.
         self.tensor_images = self.family in CHECKED and not self.quirks.pil_images and _takes_tensors(self.processor)
         self.model: Any = None
-        if load_model:
-            import transformers
-
-            auto = getattr(transformers, self.auto_class)  # one of REMOTE_AUTO_CLASSES: never a file read by hand
-            try:
-                self.model = auto.from_pretrained(self.model_id, dtype=self.dtype, trust_remote_code=trust_remote_code)
-            except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated, corrupt, missing files
-                raise _weight_error(self.model_id, err) from None
-            if not hasattr(self.model, "generate") or self.model.get_output_embeddings() is None:
-                raise LvlmlpError(f"{self.model_id}: the class its own code registers as {self.auto_class} "
-                                  f"({type(self.model).__name__}) has no generating language-model head")
-            self.model.to(self.device).eval()
-
+        self.vocab_size: int | None = None  # known once the weights are loaded
         self.tokenizer = self.processor.tokenizer
         # Left padding keeps every row's last prompt token in the last column, where generation continues.
         self.tokenizer.padding_side = "left"
@@ -448,7 +435,6 @@ class Backend:
             # InstructBLIP's Q-Former is a BERT with absolute positions: right padding (plus its attention mask)
             # keeps each row's question at positions 0..n-1, exactly as in a single-row run.
             self.processor.qformer_tokenizer.padding_side = "right"
-        self.vocab_size: int = int(self.model.get_output_embeddings().weight.shape[0]) if load_model else None
 
         local = Path(self.model_id)
         if local.is_dir():
@@ -458,10 +444,28 @@ class Backend:
             # A hub id: its cached snapshot folder is named by the commit, which identifies the weights exactly.
             self.revision = _hub_revision(self.model_id)
             self.weights_hash = self.revision or "unknown"
+        if load_model:
+            self.load_weights()
 
-        if not load_model:
-            return
-        gen = self.model.generation_config
+    @_collector_paused()
+    def load_weights(self) -> None:
+        """Load the model onto `device`: a backend built with `load_model=False` (config, processor, prompt and
+        weights hash, all that preparing batches needs) becomes a full one. `extract` forks its data-loader workers
+        from such a backend before calling this, so that they prepare batches while the weights load."""
+        import transformers
+        from safetensors import SafetensorError
+
+        auto = getattr(transformers, self.auto_class)  # one of REMOTE_AUTO_CLASSES: never a file read by hand
+        try:
+            model = auto.from_pretrained(self.model_id, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated, corrupt, missing files
+            raise _weight_error(self.model_id, err) from None
+        if not hasattr(model, "generate") or model.get_output_embeddings() is None:
+            raise LvlmlpError(f"{self.model_id}: the class its own code registers as {self.auto_class} "
+                              f"({type(model).__name__}) has no generating language-model head")
+        self.model = model.to(self.device).eval()
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        gen = model.generation_config
         self.eos_ids: set[int] = set(_as_list(gen.eos_token_id) or _as_list(self.tokenizer.eos_token_id))
         self.pad_id: int = next(
             (i for i in (gen.pad_token_id, self.tokenizer.pad_token_id, *self.eos_ids) if i is not None), 0
@@ -592,7 +596,8 @@ class Backend:
     @property
     def max_length(self) -> int | None:
         """The longest input (prompt and image tokens) the language model takes, if its config says."""
-        value = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        config = self.config if self.model is None else self.model.config  # the same file's: workers forked before
+        value = getattr(config.get_text_config(), "max_position_embeddings", None)  # the weights loaded read it
         return int(value) if isinstance(value, int) and value > 0 else None
 
     @property

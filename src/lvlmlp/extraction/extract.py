@@ -28,7 +28,7 @@ from lvlmlp.data import (
 )
 from lvlmlp.defaults import BATCH_SIZE, STORE_DTYPE_NAMES  # noqa: F401 - BATCH_SIZE: bench/ imports it from here
 from lvlmlp.errors import LvlmlpError
-from lvlmlp.extraction.loader import cores_for_workers, prepared_batches
+from lvlmlp.extraction.loader import Started, cores_for_workers, prepared_batches
 from lvlmlp.extraction.options import ExtractOptions
 from lvlmlp.extraction.store import Run, RunWriter, is_complete_run, open_run
 
@@ -175,7 +175,9 @@ def extract(
     **changes: Any,
 ) -> Run:
     """Extract features for `rows` (already selected; see `shard_rows`) into the run folder `out`, as `options` say
-    (`changes`: `ExtractOptions` fields given as keywords, over `options` or the defaults).
+    (`changes`: `ExtractOptions` fields given as keywords, over `options` or the defaults). `backend` may be built
+    without its weights (`load_model=False`, as `lvlmlp extract` does): they then load here, once the data-loader
+    workers of a new run are at work.
 
     `label_fn(response, row)`: for tasks whose label is whether the model answered right (MathVista), each row's
     `label` is computed from its generated response and stored with its metadata. `selection`: how the rows were
@@ -190,9 +192,15 @@ def extract(
     # Each image stat'ed once: the stamps give the run's images_hash and go into every committed shard, so that a
     # resumed run notices its extracted rows' images replaced under it.
     stamps = {r["id"]: image_stamp(r) for r in rows}
-    settings = run_settings(backend_settings(backend), rows, options, labels_from_responses=label_fn is not None,
-                            selection=selection, image_stamps=stamps)
-    writer = RunWriter(out, settings, shard_size=options.shard_size, image_stamps=stamps)
+    ahead = _load_weights(backend, rows, out, options)
+    try:
+        settings = run_settings(backend_settings(backend), rows, options, labels_from_responses=label_fn is not None,
+                                selection=selection, image_stamps=stamps)
+        writer = RunWriter(out, settings, shard_size=options.shard_size, image_stamps=stamps)
+    except BaseException:
+        if ahead is not None:
+            ahead[1].close()
+        raise
     pending = [r for r in rows if r["id"] not in writer.done_ids]
     log.info(
         "extract: %s (%s, %s) -> %s: %d rows, %d to do, batch %d, %s", backend.model_id, backend.family,
@@ -202,9 +210,12 @@ def extract(
     try:
         bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="extract")
         chunks = batches_of(pending, options.batch_size)
+        if ahead is not None and ahead[0] != chunks:  # rows done meanwhile (another process's): not those batches
+            ahead[1].close()
+            ahead = None
+        batches = ahead[1] if ahead else prepared_batches(backend, chunks, options.workers, options.max_new_tokens)
         # closing: the workers stop on errors too
-        with cores_for_workers(backend, options.workers), closing(
-                prepared_batches(backend, chunks, options.workers, options.max_new_tokens)) as prepared:
+        with cores_for_workers(backend, options.workers), closing(batches) as prepared:
             for chunk, (batch_rows, batch, failed) in zip(chunks, prepared):
                 for row_id, message in failed:
                     if options.on_error == "fail":
@@ -221,12 +232,38 @@ def extract(
                 bar.update(len(chunk))
         bar.close()
     except BaseException:
+        if ahead is not None:  # (closed already once iterated; closing again does nothing)
+            ahead[1].close()
         writer.release()  # committed shards stay; the same command resumes from them
         raise
     run = writer.close([r["id"] for r in rows])
     if run.failures:
         log.warning("extract: %d row(s) skipped, see %s", len(run.failures), Path(out) / "failures.jsonl")
     return run
+
+
+def _load_weights(backend: Backend, rows: list[dict], out: str | Path,
+                  options: ExtractOptions) -> tuple[list[list[dict]], Started] | None:
+    """Load the weights of a backend built without them (`lvlmlp extract`'s; a loaded one is left as it is). For a
+    new run folder, where every row is to do, the data-loader workers start first: they need only the processor,
+    and prepare batches while the weights load. (A resumed run knows what is left only from its folder, opened
+    against the loaded model.) Returns those rows' chunks and their started batches, or None."""
+    if getattr(backend, "model", True) is not None:
+        return None
+    ahead = None
+    folder = Path(out)
+    if options.workers > 0 and not (folder.is_dir() and any(folder.iterdir())):
+        chunks = batches_of(rows, options.batch_size)
+        ahead = chunks, Started(prepared_batches(backend, chunks, options.workers, options.max_new_tokens))
+    try:
+        backend.load_weights()
+        if options.vision:
+            backend.check_vision()  # now also that the module its quirks name is in the model
+    except BaseException:
+        if ahead is not None:
+            ahead[1].close()
+        raise
+    return ahead
 
 
 def run_batch(backend: Backend, rows: list[dict], batch: dict,

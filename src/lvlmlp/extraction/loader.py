@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
@@ -280,8 +280,27 @@ def _widen_pipe(fd: int) -> None:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
 
 
+class Started:
+    """`prepared_batches` run now up to its first batch, so that its workers are forked and at work before the
+    caller goes on (`extract` then loads the model's weights). Iterating gives every batch in order; `close()`
+    stops the workers, iterated or not."""
+
+    def __init__(self, batches: Generator[Prepared, None, None]) -> None:
+        self._batches = batches
+        self._first = [next(batches)]
+
+    def __iter__(self) -> Started:
+        return self
+
+    def __next__(self) -> Prepared:
+        return self._first.pop() if self._first else next(self._batches)
+
+    def close(self) -> None:
+        self._batches.close()
+
+
 def prepared_batches(backend: Backend, chunks: list[list[dict]], workers: int, new_tokens: int = 0
-                     ) -> Iterator[Prepared]:
+                     ) -> Generator[Prepared, None, None]:
     """Prepared batches in chunk order.
 
     Forked worker processes decode and collate upcoming batches while this process runs the model (image decoding

@@ -3,7 +3,7 @@
 PNG is lossless, so every correct decoder gives the same pixels: libpng (through torchvision) gives exactly what
 `data.load_image` gives through PIL, for files of at most 8 bits a sample in any colour type, interlaced or not,
 whatever their gamma or colour-profile chunks say (neither decoder applies them). Files whose PIL image carries more
-than its pixels (an EXIF orientation, an animation, a transparent colour: `_PIL_WAY`) go PIL's way, as does any file
+than its pixels (an orientation, in an EXIF chunk or in text, an animation, a transparent colour) go PIL's way, as does any file
 this module is not sure of: a broken chunk, an image over PIL's pixel limit or refused by the backend's check, a
 decoder error. That way is the reference, and its errors name the row. tests/extraction/test_png.py compares the
 processor's batches of the two ways for every colour type.
@@ -15,6 +15,7 @@ is not needed (docs/benchmarks.md, fourth pass). JPEG stays with PIL: its decode
 from __future__ import annotations
 
 import os
+import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,9 @@ _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # An EXIF orientation, which PIL applies; an animation, whose frames PIL chooses between; a transparent colour, which
 # PIL keeps in the RGB image's `info` and transformers' processors then paint white (PIL's is the reference).
 _PIL_WAY = {b"eXIf", b"acTL", b"tRNS"}
+# Text chunks PIL reads an orientation from as well (ImageMagick's EXIF as hex text, XMP's tiff:Orientation).
+_TEXT = {b"tEXt", b"zTXt", b"iTXt"}
+_ORIENTING = (b"Raw profile type exif\0", b"XML:com.adobe.xmp\0")  # keywords, which end at a zero byte
 
 
 def png_pixels(path: str | Path, check: Callable[[int, int], str | None]) -> torch.Tensor | None:
@@ -59,25 +63,26 @@ def png_pixels(path: str | Path, check: Callable[[int, int], str | None]) -> tor
         return None
 
 
-def _header(data: bytes | bytearray) -> tuple[int, int] | None:
-    """(width, height) when the chunks after the 8-byte signature are whole up to IEND, IHDR first with at most 8 bits a
-    sample, no chunk leaves the decoders to differ, and every chunk but the image data has its right checksum (PIL
-    refuses a bad one; libpng would drop it and go on). libpng checks the image data's own checksums itself."""
-    pos, first, size = 8, True, None
-    view = memoryview(data)
+def _header(data: bytearray) -> tuple[int, int] | None:
+    """(width, height) when the chunks after the 8-byte signature are whole up to IEND, IHDR first and not of 16
+    bits a sample, no chunk leaves the decoders to differ, and every chunk but the image data has its right
+    checksum (PIL refuses a bad one; libpng would drop it and go on)."""
+    pos, size = 8, None
     while pos + 12 <= len(data):
-        length = int.from_bytes(view[pos : pos + 4], "big")
-        kind = bytes(view[pos + 4 : pos + 8])
+        length, kind = struct.unpack_from(">I4s", data, pos)
         end = pos + 12 + length
-        if end > len(data) or kind in _PIL_WAY or first != (kind == b"IHDR"):
+        if end > len(data) or kind in _PIL_WAY or (pos == 8) != (kind == b"IHDR"):
             return None
-        if kind != b"IDAT" and zlib.crc32(view[pos + 4 : end - 4]) != int.from_bytes(view[end - 4 : end], "big"):
+        if kind in _TEXT and data.startswith(_ORIENTING, pos + 8):
             return None
-        if first:
-            if length != 13 or data[pos + 16] > 8:  # bit depth: 16 bits a sample PIL scales its own way
+        # libpng checks the image data's checksums itself (here they would add 8% to the decoding).
+        if kind != b"IDAT" and zlib.crc32(data[pos + 4 : end - 4]) != struct.unpack_from(">I", data, end - 4)[0]:
+            return None
+        if kind == b"IHDR":
+            if length != 13 or data[pos + 16] == 16:  # 16 bits a sample: PIL scales them its own way
                 return None
-            size = int.from_bytes(view[pos + 8 : pos + 12], "big"), int.from_bytes(view[pos + 12 : pos + 16], "big")
+            size = struct.unpack_from(">II", data, pos + 8)
         if kind == b"IEND":
             return size
-        pos, first = end, False
+        pos = end
     return None
