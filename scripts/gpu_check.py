@@ -5,6 +5,10 @@
 2. Throughput on a randomly initialised model of real size (LLaVA-1.5-7B's shapes unless --small): the paper's way,
    `lvlmlp extract`, and the bare forward, as in bench/extract_throughput.py.
 3. `MultinomialProbe` trains on CUDA, and `ProbeGuard` steers a CUDA batch.
+4. The image processor on the device (issue 31): LLaVA-1.5's geometry (336 px), batches of 16 prepared by the
+   processor on the CPU (as the data-loader workers do) and with `device=` (torchvision's resize and normalise on
+   the GPU, in the main process: forked workers cannot use CUDA), seconds per batch and the largest difference of
+   the pixels: whether it measures faster, and whether it is exact.
 
     python scripts/gpu_check.py [--out DIR] [--skip-big]
 """
@@ -155,6 +159,42 @@ def probes_and_guard(tmp: Path, report: dict, device: str) -> None:
     print(report["guard_cuda"], report["multinomial_cuda"], flush=True)
 
 
+def processor_on_device(tmp: Path, report: dict, device: str, batches: int = 20) -> None:
+    """The fast image processor run on `device` (its `device=` keyword) against the CPU, on LLaVA-1.5's geometry."""
+    from transformers import AutoProcessor
+
+    from lvlmlp.data import load_image
+    from lvlmlp.testing import tiny_model
+
+    proc = AutoProcessor.from_pretrained(tiny_model("llava", tmp / "proc"))
+    proc.image_processor.size = {"shortest_edge": 336}
+    proc.image_processor.crop_size = {"height": 336, "width": 336}
+    proc.patch_size = 14
+    rows = rows_for(tmp, 16, seed=2)
+    images = [load_image(r["image"]) for r in rows]
+    texts = [f"USER: <image>\n{r['question']} ASSISTANT:" for r in rows]
+    timings: dict[str, float] = {}
+    pixels = {}
+    for where in ("cpu", device):
+        kwargs = {} if where == "cpu" else {"device": where}
+        proc(images=images, text=texts, padding=True, return_tensors="pt", **kwargs)  # warm-up
+        if where != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            out = proc(images=images, text=texts, padding=True, return_tensors="pt", **kwargs)
+            if where != "cpu":
+                torch.cuda.synchronize()
+        timings[where] = (time.perf_counter() - t0) / batches
+        pixels[where] = out["pixel_values"].float().cpu()
+    report["processor_on_device"] = {
+        "batch": len(rows), "cpu_s_per_batch": round(timings["cpu"], 5),
+        "device_s_per_batch": round(timings[device], 5), "device": device,
+        "max_abs_pixel_difference": float((pixels["cpu"] - pixels[device]).abs().max()),
+    }
+    print(report["processor_on_device"], flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -166,6 +206,7 @@ def main() -> None:
     report: dict = {"families": {}, "torch": torch.__version__, "cuda": torch.cuda.is_available()}
     tmp = Path(tempfile.mkdtemp(prefix="lvlmlp-gpu-"))
     for step in (lambda: check_families(tmp, report, args.device), lambda: probes_and_guard(tmp, report, args.device),
+                 lambda: processor_on_device(tmp, report, args.device),
                  lambda: None if args.skip_big else big_throughput(tmp, report, args.rows, args.small, args.device)):
         try:
             step()
