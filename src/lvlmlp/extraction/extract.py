@@ -192,78 +192,67 @@ def extract(
     # Each image stat'ed once: the stamps give the run's images_hash and go into every committed shard, so that a
     # resumed run notices its extracted rows' images replaced under it.
     stamps = {r["id"]: image_stamp(r) for r in rows}
-    ahead = _load_weights(backend, rows, out, options)
+    started = _started_early(backend, rows, out, options)
     try:
+        if getattr(backend, "model", True) is None:  # built without its weights (`lvlmlp extract`): they load now
+            backend.load_weights()
+            if options.vision:
+                backend.check_vision()  # now also that the module its quirks name is in the model
         settings = run_settings(backend_settings(backend), rows, options, labels_from_responses=label_fn is not None,
                                 selection=selection, image_stamps=stamps)
         writer = RunWriter(out, settings, shard_size=options.shard_size, image_stamps=stamps)
-    except BaseException:
-        if ahead is not None:
-            ahead[1].close()
-        raise
-    pending = [r for r in rows if r["id"] not in writer.done_ids]
-    log.info(
-        "extract: %s (%s, %s) -> %s: %d rows, %d to do, batch %d, %s", backend.model_id, backend.family,
-        settings["compute_dtype"], out, len(rows), len(pending), options.batch_size,
-        f"generate {options.max_new_tokens} tokens" if options.max_new_tokens else "prefill only",
-    )
-    try:
-        bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="extract")
-        chunks = batches_of(pending, options.batch_size)
-        if ahead is not None and ahead[0] != chunks:  # rows done meanwhile (another process's): not those batches
-            ahead[1].close()
-            ahead = None
-        batches = ahead[1] if ahead else prepared_batches(backend, chunks, options.workers, options.max_new_tokens)
-        # closing: the workers stop on errors too
-        with cores_for_workers(backend, options.workers), closing(batches) as prepared:
-            for chunk, (batch_rows, batch, failed) in zip(chunks, prepared):
-                for row_id, message in failed:
-                    if options.on_error == "fail":
-                        bar.close()
-                        raise LvlmlpError(f"{source}: {message}")
-                    writer.fail(row_id, message)
-                if batch_rows:
-                    batch = backend.to_device(batch)
-                    meta, arrays = run_batch(backend, batch_rows, batch, options)
-                    if label_fn is not None:
-                        for m, row in zip(meta, batch_rows):
-                            m["label"] = int(label_fn(m["response"], row))
-                    writer.append(meta, arrays)
-                bar.update(len(chunk))
-        bar.close()
-    except BaseException:
-        if ahead is not None:  # (closed already once iterated; closing again does nothing)
-            ahead[1].close()
-        writer.release()  # committed shards stay; the same command resumes from them
-        raise
-    run = writer.close([r["id"] for r in rows])
+        pending = [r for r in rows if r["id"] not in writer.done_ids]
+        log.info(
+            "extract: %s (%s, %s) -> %s: %d rows, %d to do, batch %d, %s", backend.model_id, backend.family,
+            settings["compute_dtype"], out, len(rows), len(pending), options.batch_size,
+            f"generate {options.max_new_tokens} tokens" if options.max_new_tokens else "prefill only",
+        )
+        try:
+            bar = tqdm(total=len(pending), unit="row", file=sys.stderr, disable=not progress, desc="extract")
+            chunks = batches_of(pending, options.batch_size)
+            if started is not None and started.chunks != chunks:  # rows done meanwhile (by another process)
+                started.close()
+                started = None
+            batches = started or prepared_batches(backend, chunks, options.workers, options.max_new_tokens)
+            # closing: the workers stop on errors too
+            with cores_for_workers(backend, options.workers), closing(batches) as prepared:
+                for chunk, (batch_rows, batch, failed) in zip(chunks, prepared):
+                    for row_id, message in failed:
+                        if options.on_error == "fail":
+                            bar.close()
+                            raise LvlmlpError(f"{source}: {message}")
+                        writer.fail(row_id, message)
+                    if batch_rows:
+                        batch = backend.to_device(batch)
+                        meta, arrays = run_batch(backend, batch_rows, batch, options)
+                        if label_fn is not None:
+                            for m, row in zip(meta, batch_rows):
+                                m["label"] = int(label_fn(m["response"], row))
+                        writer.append(meta, arrays)
+                    bar.update(len(chunk))
+            bar.close()
+        except BaseException:
+            writer.release()  # committed shards stay; the same command resumes from them
+            raise
+        run = writer.close([r["id"] for r in rows])
+    finally:
+        if started is not None:
+            started.close()  # its workers stop when the weights fail to load, or the run folder refuses the run
     if run.failures:
         log.warning("extract: %d row(s) skipped, see %s", len(run.failures), Path(out) / "failures.jsonl")
     return run
 
 
-def _load_weights(backend: Backend, rows: list[dict], out: str | Path,
-                  options: ExtractOptions) -> tuple[list[list[dict]], Started] | None:
-    """Load the weights of a backend built without them (`lvlmlp extract`'s; a loaded one is left as it is). For a
-    new run folder, where every row is to do, the data-loader workers start first: they need only the processor,
-    and prepare batches while the weights load. (A resumed run knows what is left only from its folder, opened
-    against the loaded model.) Returns those rows' chunks and their started batches, or None."""
-    if getattr(backend, "model", True) is not None:
-        return None
-    ahead = None
+def _started_early(backend: Backend, rows: list[dict], out: str | Path, options: ExtractOptions) -> Started | None:
+    """For a backend built without its weights and a new run folder, where every row is to do: the data-loader
+    workers started now, before the weights load (they need only the processor, and prepare batches meanwhile).
+    A resumed run knows what is left only from its folder, opened against the loaded model: None, as for a loaded
+    backend or no workers."""
     folder = Path(out)
-    if options.workers > 0 and not (folder.is_dir() and any(folder.iterdir())):
-        chunks = batches_of(rows, options.batch_size)
-        ahead = chunks, Started(prepared_batches(backend, chunks, options.workers, options.max_new_tokens))
-    try:
-        backend.load_weights()
-        if options.vision:
-            backend.check_vision()  # now also that the module its quirks name is in the model
-    except BaseException:
-        if ahead is not None:
-            ahead[1].close()
-        raise
-    return ahead
+    if getattr(backend, "model", True) is not None or options.workers <= 0 or (
+            folder.is_dir() and any(folder.iterdir())):
+        return None
+    return Started(backend, batches_of(rows, options.batch_size), options.workers, options.max_new_tokens)
 
 
 def run_batch(backend: Backend, rows: list[dict], batch: dict,

@@ -281,13 +281,14 @@ def _widen_pipe(fd: int) -> None:
 
 
 class Started:
-    """`prepared_batches` run now up to its first batch, so that its workers are forked and at work before the
-    caller goes on (`extract` then loads the model's weights). Iterating gives every batch in order; `close()`
-    stops the workers, iterated or not."""
+    """`prepared_batches(backend, chunks, ...)` run now up to its first batch, so that its workers are forked and
+    at work before the caller goes on (`extract` then loads the model's weights). Iterating gives every batch in
+    order; `close()` stops the workers, iterated or not."""
 
-    def __init__(self, batches: Generator[Prepared, None, None]) -> None:
-        self._batches = batches
-        self._first = [next(batches)]
+    def __init__(self, backend: Backend, chunks: list[list[dict]], workers: int, new_tokens: int = 0) -> None:
+        self.chunks = chunks
+        self._batches = prepared_batches(backend, chunks, workers, new_tokens)
+        self._first = [next(self._batches)]
 
     def __iter__(self) -> Started:
         return self
