@@ -434,6 +434,84 @@ def test_a_backend_without_its_weights_loads_them_once_its_workers_are_at_work(t
     assert workers_at_load[-1] == 1 and closed == [1] and _children() == before
 
 
+def test_early_workers_serve_the_run_they_were_started_for_and_only_it(tiny_ckpt, tmp_path, monkeypatch):
+    """The workers started before the weights load are the run's (one fork), and prepare its batches as the run's
+    options say (the context check counts the tokens to generate). Without workers none are started early; and if
+    rows got done in the folder meanwhile (another process's partial run), those batches are dropped for new ones."""
+    import json
+    import multiprocessing.context
+    import shutil
+
+    import lvlmlp.extraction.extract as extract_module
+    import lvlmlp.extraction.loader as loader
+    from lvlmlp.data import read_manifest
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.extraction.extract import extract
+
+    rows = read_manifest(make_manifest(tmp_path, 9))
+    ckpt = tiny_ckpt("llava")
+    want = _run_contents(extract(Backend(ckpt, device="cpu"), rows, tmp_path / "loaded", batch_size=2,
+                                 progress=False).path)
+    forks: list[int] = []
+    start = multiprocessing.context.ForkProcess.start
+    monkeypatch.setattr(multiprocessing.context.ForkProcess, "start", lambda self: (forks.append(1), start(self))[1])
+    started: list[int] = []
+    init = loader.Started.__init__
+    monkeypatch.setattr(loader.Started, "__init__", lambda self, *a, **k: (started.append(1), init(self, *a, **k))[1])
+
+    def light() -> Backend:
+        return Backend(ckpt, device="cpu", load_model=False)
+
+    assert _run_contents(extract(light(), rows, tmp_path / "new", batch_size=2, progress=False).path)[1] == want[1]
+    assert forks == [1] and started == [1]
+    assert _run_contents(extract(light(), rows, tmp_path / "inline", batch_size=2, workers=0,
+                                 progress=False).path)[1] == want[1]
+    assert forks == [1] and started == [1]
+
+    # Another process commits rows r0-r3 while this one loads its weights (after its worker has started).
+    run_batch, load = extract_module.run_batch, Backend.load_weights
+
+    def partial_run_meanwhile(self: Backend) -> None:
+        calls: list[int] = []
+
+        def interrupted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return run_batch(*args, **kwargs)
+
+        other = light()
+        load(other)  # (Backend's own load_weights: this one is being patched)
+        monkeypatch.setattr(extract_module, "run_batch", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            extract(other, rows, tmp_path / "meanwhile", batch_size=2, shard_size=2, workers=0, progress=False)
+        monkeypatch.setattr(extract_module, "run_batch", run_batch)
+        load(self)
+
+    monkeypatch.setattr(Backend, "load_weights", partial_run_meanwhile)
+    arrays, meta, failures = _run_contents(extract(light(), rows, tmp_path / "meanwhile", batch_size=2, shard_size=2,
+                                                   progress=False).path)
+    assert meta == want[1] and all(np.array_equal(arrays[k], want[0][k]) for k in want[0])
+    assert started == [1, 1] and forks == [1, 1, 1]  # the early worker, then one for the rows left
+    monkeypatch.setattr(Backend, "load_weights", load)
+
+    # Every row's prompt fits the context, but not with the 2 tokens to generate: refused in every batch.
+    short = tmp_path / "short"
+    shutil.copytree(ckpt, short)
+    config = json.loads((short / "config.json").read_text())
+    same = [dict(r, question="what is it?") for r in rows]
+    length = int(Backend(ckpt, device="cpu", load_model=False).collate([Image.open(same[0]["image"]).convert("RGB")],
+                                                                     ["what is it?"])["attention_mask"].sum())
+    config["text_config"]["max_position_embeddings"] = length + 1
+    (short / "config.json").write_text(json.dumps(config))
+    run = extract(Backend(short, device="cpu", load_model=False), same, tmp_path / "long", batch_size=2,
+                  max_new_tokens=2, on_error="skip", progress=False)
+    assert started == [1, 1, 1] and run.ids == [] and len(run.failures) == 9
+    assert {f["error"].split(": ", 1)[1] for f in run.failures} == {
+        f"the prompt is {length} tokens long + 2 to generate, more than the model's maximum of {length + 1} "
+        "(shorten the question)"}
+
+
 def test_worker_errors_surface_in_the_main_process(tiny_ckpt, tmp_path, caplog):
     """A batch that fails in a worker is prepared again here (so a real error is raised with its own exception, and
     a passing one does no harm); a worker that dies
@@ -955,6 +1033,16 @@ def test_a_protocol_backend_is_asked_for_no_vision_and_records_no_remote_code(tm
         run = extract(backend, rows, tmp_path / f"run{new_tokens}", max_new_tokens=new_tokens, progress=False,
                       workers=0)
         assert len(run) == 3 and "trust_remote_code" not in run.manifest and "vision" not in run.manifest
+
+    class Remote:  # a backend answering from elsewhere: no torch module, `model` None (only guided decoding needs it)
+        def __init__(self, inner: object) -> None:
+            self.inner, self.model = inner, None
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+    for workers in (0, 1):  # nothing of it is loaded by extract (a Backend without weights would be)
+        assert len(extract(Remote(backend), rows, tmp_path / f"remote{workers}", workers=workers, progress=False)) == 3
     assert run_settings({"model": "m"}, rows)["labels_from_responses"] is False
 
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -28,12 +28,10 @@ from lvlmlp.data import (
 )
 from lvlmlp.defaults import BATCH_SIZE, STORE_DTYPE_NAMES  # noqa: F401 - BATCH_SIZE: bench/ imports it from here
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.extraction.backend import Backend
 from lvlmlp.extraction.loader import Started, cores_for_workers, prepared_batches
 from lvlmlp.extraction.options import ExtractOptions
 from lvlmlp.extraction.store import Run, RunWriter, is_complete_run, open_run
-
-if TYPE_CHECKING:
-    from lvlmlp.extraction.backend import Backend
 
 log = logging.getLogger("lvlmlp")
 
@@ -194,7 +192,7 @@ def extract(
     stamps = {r["id"]: image_stamp(r) for r in rows}
     started = _started_early(backend, rows, out, options)
     try:
-        if getattr(backend, "model", True) is None:  # built without its weights (`lvlmlp extract`): they load now
+        if _without_weights(backend):  # `lvlmlp extract`'s: they load now
             backend.load_weights()
             if options.vision:
                 backend.check_vision()  # now also that the module its quirks name is in the model
@@ -243,14 +241,19 @@ def extract(
     return run
 
 
+def _without_weights(backend: Backend) -> bool:
+    """A `Backend` built with `load_model=False`. (A `--backend` class loads its model itself; its `model`, which only
+    guided decoding needs, may be None.)"""
+    return isinstance(backend, Backend) and backend.model is None
+
+
 def _started_early(backend: Backend, rows: list[dict], out: str | Path, options: ExtractOptions) -> Started | None:
     """For a backend built without its weights and a new run folder, where every row is to do: the data-loader
     workers started now, before the weights load (they need only the processor, and prepare batches meanwhile).
     A resumed run knows what is left only from its folder, opened against the loaded model: None, as for a loaded
     backend or no workers."""
     folder = Path(out)
-    if getattr(backend, "model", True) is not None or options.workers <= 0 or (
-            folder.is_dir() and any(folder.iterdir())):
+    if not _without_weights(backend) or options.workers <= 0 or (folder.is_dir() and any(folder.iterdir())):
         return None
     return Started(backend, batches_of(rows, options.batch_size), options.workers, options.max_new_tokens)
 
