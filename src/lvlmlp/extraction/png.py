@@ -3,10 +3,10 @@
 PNG is lossless, so every correct decoder gives the same pixels: libpng (through torchvision) gives exactly what
 `data.load_image` gives through PIL, for files of at most 8 bits a sample in any colour type, interlaced or not,
 whatever their gamma or colour-profile chunks say (neither decoder applies them). Files whose PIL image carries more
-than its pixels (an orientation, in an EXIF chunk or in text, an animation, a transparent colour) go PIL's way, as does any file
-this module is not sure of: a broken chunk, an image over PIL's pixel limit or refused by the backend's check, a
-decoder error. That way is the reference, and its errors name the row. tests/extraction/test_png.py compares the
-processor's batches of the two ways for every colour type.
+than its pixels (an orientation, in an EXIF chunk or in text; an animation; a transparent colour) go PIL's way, as
+does any file this module is not sure of: a broken chunk, an image over PIL's pixel limit or refused by the
+backend's check, a decoder error. That way is the reference, and its errors name the row.
+tests/extraction/test_png.py compares the processor's batches of the two ways for every colour type.
 
 Why: on the tiny test model a row's preparation is 0.35 ms, of which PIL's opening and decoding of a 100 px PNG
 takes 0.11 and the processor's conversion of a PIL image to a tensor 0.02; libpng takes 0.08 and the conversion
@@ -48,7 +48,8 @@ def png_pixels(path: str | Path, check: Callable[[int, int], str | None]) -> tor
         return None
     size = _header(data)
     limit = Image.MAX_IMAGE_PIXELS  # over it PIL warns or refuses: its way says so
-    # A width of 1, 3 or 4 leaves image processors to guess which axis of a (3, H, W) tensor holds the colours.
+    # A width of 4 or less (1, 3 and 4 are channel counts too) leaves image processors to guess which axis of a
+    # (3, H, W) tensor holds the colours.
     if size is None or size[0] <= 4 or (limit and size[0] * size[1] > limit) or check(*size):
         return None
     try:
