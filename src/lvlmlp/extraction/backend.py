@@ -582,8 +582,9 @@ class Backend:
     @property
     def max_length(self) -> int | None:
         """The longest input (prompt and image tokens) the language model takes, if its config says."""
-        config = self.config if self.model is None else self.model.config  # the same file's: workers forked before
-        value = getattr(config.get_text_config(), "max_position_embeddings", None)  # the weights loaded read it
+        # Without the weights (data-loader workers forked before they load) the checkpoint's config says the same.
+        config = self.config if self.model is None else self.model.config
+        value = getattr(config.get_text_config(), "max_position_embeddings", None)
         return int(value) if isinstance(value, int) and value > 0 else None
 
     @property
