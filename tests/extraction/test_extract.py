@@ -236,6 +236,56 @@ def test_bad_input_gives_one_line_error_and_no_partial_shard(tiny_ckpt, tmp_path
     assert len(committed) == (1 if problem == "truncated" else 0)  # only whole shards of rows before the bad one
 
 
+def _damaged_pngs(path: Path) -> dict[str, bytes]:
+    """The PNG at `path`, damaged inside chunks that are whole: what libpng fails on mid-image (torchvision 0.29.1's
+    `decode_png` then crashes the process: why every image goes through PIL, docs/benchmarks.md, fourth pass)."""
+    import zlib
+
+    data = path.read_bytes()
+    chunks, pos = [], 8
+    while pos < len(data):
+        n = int.from_bytes(data[pos : pos + 4], "big")
+        chunks.append((data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]))
+        pos += 12 + n
+    header = chunks[0]
+    raw = bytearray(zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT")))
+
+    def png(*parts: tuple[bytes, bytes], bad_crc: bool = False) -> bytes:
+        out = b"\x89PNG\r\n\x1a\n"
+        for kind, body in (header, *parts, (b"IEND", b"")):
+            crc = zlib.crc32(kind + body) ^ (1 if bad_crc and kind == b"IDAT" else 0)
+            out += len(body).to_bytes(4, "big") + kind + body + crc.to_bytes(4, "big")
+        return out
+
+    bad_filter = bytearray(raw)
+    bad_filter[0] = 9  # row 0's filter type: 0-4 exist
+    return {
+        "bad image-data checksum": png((b"IDAT", zlib.compress(bytes(raw))), bad_crc=True),
+        "bad filter byte": png((b"IDAT", zlib.compress(bytes(bad_filter)))),
+        "deflate data cut short": png((b"IDAT", zlib.compress(bytes(raw[: len(raw) // 2])))),
+    }
+
+
+def test_damaged_pngs_with_whole_chunks_fail_their_rows_and_nothing_else(tiny_ckpt, tmp_path):
+    """A row whose pixels cannot be decoded fails with its one-line error, in the data-loader worker as in this
+    process, and the run goes on; a wrong image-data checksum over intact data is read (PIL does not check it)."""
+    from lvlmlp.data import read_manifest
+    from lvlmlp.extraction.backend import Backend
+    from lvlmlp.extraction.extract import extract
+
+    rows = read_manifest(make_manifest(tmp_path, 6))
+    damaged = _damaged_pngs(Path(rows[0]["image"]))
+    for i, body in zip((1, 3, 4), damaged.values()):
+        Path(rows[i]["image"]).write_bytes(body)
+    backend = Backend(tiny_ckpt("llava"), device="cpu")
+    for workers in (1, 0):
+        run = extract(backend, rows, tmp_path / f"w{workers}", batch_size=2, on_error="skip", workers=workers,
+                      progress=False)
+        assert run.ids == ["r0", "r1", "r2", "r5"]
+        assert [(f["id"], f["error"].split(":")[0]) for f in run.failures] == [("r3", "row 'r3'"), ("r4", "row 'r4'")]
+        assert all("unreadable image" in f["error"] and "\n" not in f["error"] for f in run.failures)
+
+
 def test_on_error_skip_records_failures(tiny_ckpt, tmp_path):
     ckpt = tiny_ckpt("llava")
     manifest = make_manifest(tmp_path, 4)
