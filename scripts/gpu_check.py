@@ -161,18 +161,18 @@ def probes_and_guard(tmp: Path, report: dict, device: str) -> None:
 
 def processor_on_device(tmp: Path, report: dict, device: str, batches: int = 20) -> None:
     """The fast image processor run on `device` (its `device=` keyword) against the CPU, on LLaVA-1.5's geometry."""
-    from transformers import AutoProcessor
-
     from lvlmlp.data import load_image
+    from lvlmlp.extraction.backend import Backend
     from lvlmlp.testing import tiny_model
 
-    proc = AutoProcessor.from_pretrained(tiny_model("llava", tmp / "proc"))
+    backend = Backend(tiny_model("llava", tmp / "proc"), device="cpu", load_model=False)  # its processor and prompt
+    proc = backend.processor
     proc.image_processor.size = {"shortest_edge": 336}
     proc.image_processor.crop_size = {"height": 336, "width": 336}
     proc.patch_size = 14
     rows = rows_for(tmp, 16, seed=2)
     images = [load_image(r["image"]) for r in rows]
-    texts = [f"USER: <image>\n{r['question']} ASSISTANT:" for r in rows]
+    texts = [backend.prompt(r["question"]) for r in rows]
     timings: dict[str, float] = {}
     pixels = {}
     for where in ("cpu", device):

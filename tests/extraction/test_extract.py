@@ -418,11 +418,29 @@ def test_worker_processes_give_exactly_the_inline_result(tiny_ckpt, tmp_path, mo
     assert bool(sent) == (transport == "shared buffers")
 
 
+def _interrupted_after_two_batches(monkeypatch, backend: Backend, rows: list[dict], out: Path, **options) -> None:
+    """Extract `rows` into `out` two rows a batch and a shard, and stop as Ctrl-C would before the third batch: rows
+    r0-r3 are committed."""
+    import lvlmlp.extraction.extract as extract_module
+
+    run_batch, calls = extract_module.run_batch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return run_batch(*args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "run_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract(backend, rows, out, batch_size=2, shard_size=2, progress=False, **options)
+    monkeypatch.setattr(extract_module, "run_batch", run_batch)
+
+
 def test_a_backend_without_its_weights_loads_them_once_its_workers_are_at_work(tiny_ckpt, tmp_path, monkeypatch):
     """`lvlmlp extract`'s way: the data-loader worker of a new run is forked from the backend before its weights load
     (it prepares batches meanwhile), and the run equals a loaded backend's bit for bit. A resumed run (its folder
     has shards) loads first, since what is left is known only from the folder; a load that fails stops the worker."""
-    import lvlmlp.extraction.extract as extract_module
     import lvlmlp.extraction.loader as loader
     from lvlmlp.data import read_manifest
     from lvlmlp.extraction.backend import Backend
@@ -452,19 +470,8 @@ def test_a_backend_without_its_weights_loads_them_once_its_workers_are_at_work(t
     same(extract(light, rows, tmp_path / "new", batch_size=2, progress=False).path)
     assert workers_at_load == [1] and light.model is not None and _children() == before
 
-    run_batch, calls = extract_module.run_batch, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return run_batch(*args, **kwargs)
-
-    monkeypatch.setattr(extract_module, "run_batch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        extract(Backend(ckpt, device="cpu", load_model=False), rows, tmp_path / "resumed", batch_size=2,
-                shard_size=2, progress=False)
-    monkeypatch.setattr(extract_module, "run_batch", run_batch)
+    _interrupted_after_two_batches(monkeypatch, Backend(ckpt, device="cpu", load_model=False), rows,
+                                   tmp_path / "resumed")
     assert any((tmp_path / "resumed").glob("shards/*")) and _children() == before
     same(extract(Backend(ckpt, device="cpu", load_model=False), rows, tmp_path / "resumed", batch_size=2,
                  shard_size=2, progress=False).path)
@@ -492,7 +499,6 @@ def test_early_workers_serve_the_run_they_were_started_for_and_only_it(tiny_ckpt
     import multiprocessing.context
     import shutil
 
-    import lvlmlp.extraction.extract as extract_module
     import lvlmlp.extraction.loader as loader
     from lvlmlp.data import read_manifest
     from lvlmlp.extraction.backend import Backend
@@ -519,23 +525,12 @@ def test_early_workers_serve_the_run_they_were_started_for_and_only_it(tiny_ckpt
     assert forks == [1] and started == [1]
 
     # Another process commits rows r0-r3 while this one loads its weights (after its worker has started).
-    run_batch, load = extract_module.run_batch, Backend.load_weights
+    load = Backend.load_weights
 
     def partial_run_meanwhile(self: Backend) -> None:
-        calls: list[int] = []
-
-        def interrupted(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 3:
-                raise KeyboardInterrupt
-            return run_batch(*args, **kwargs)
-
         other = light()
         load(other)  # (Backend's own load_weights: this one is being patched)
-        monkeypatch.setattr(extract_module, "run_batch", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            extract(other, rows, tmp_path / "meanwhile", batch_size=2, shard_size=2, workers=0, progress=False)
-        monkeypatch.setattr(extract_module, "run_batch", run_batch)
+        _interrupted_after_two_batches(monkeypatch, other, rows, tmp_path / "meanwhile", workers=0)
         load(self)
 
     monkeypatch.setattr(Backend, "load_weights", partial_run_meanwhile)
