@@ -47,6 +47,7 @@ MODULES: dict[str, dict] = {
                            "tests/extraction/test_store.py::"
                            "test_layer_minus_one_and_hidden_equal_transformers_hidden_states"]},
     "steering": {"path": "src/lvlmlp/steering/guard.py", "tests": ["tests/steering/test_guard.py"]},
+    "png": {"path": "src/lvlmlp/extraction/png.py", "tests": ["tests/extraction/test_png.py"]},
     # extract: the test that kills forked runs mid-way (SIGKILL, Ctrl-C) and resumes them is left out: a kill inside
     # mutmut's own forked mutant process would only slow its passes (tests/extraction/test_store.py covers resume).
     # (mutmut 3.8.1 once crashed here reaping a process it had not started: extract left its finished loader workers

@@ -78,6 +78,13 @@ def test_batch_equals_single_runs(tiny_ckpt, family: str) -> None:
     images = _images()
     batch = be.encode(images, QUESTIONS)
     assert (batch["attention_mask"][:, -1] == 1).all()  # left padding: every row ends at the last column
+    # PNG rows reach the processor as uint8 (3, H, W) tensors of their pixels (extraction/png.py): the same batch.
+    # Idefics2's processor takes PIL images only; Video-LLaVA's image processor is not a torchvision one.
+    assert be.tensor_images == (family not in ("idefics2", "video_llava"))
+    if be.tensor_images:
+        pixels = [torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in images]
+        as_tensors = be.encode(pixels, QUESTIONS)
+        assert as_tensors.keys() == batch.keys() and all(torch.equal(as_tensors[k], batch[k]) for k in batch)
 
     layers = [0, 1, -1]
     pre = be.prefill(batch, hidden=True, layers=layers)

@@ -238,7 +238,7 @@ def test_bad_input_gives_one_line_error_and_no_partial_shard(tiny_ckpt, tmp_path
 
 def _damaged_pngs(path: Path) -> dict[str, bytes]:
     """The PNG at `path`, damaged inside chunks that are whole: what libpng fails on mid-image (torchvision 0.29.1's
-    `decode_png` then crashes the process: why every image goes through PIL, docs/benchmarks.md, fourth pass)."""
+    `decode_png` then crashed the process: why PNG rows are decoded by libspng, docs/benchmarks.md, fourth pass)."""
     import zlib
 
     data = path.read_bytes()

@@ -342,6 +342,16 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _takes_tensors(processor: Any) -> bool:
+    """Whether the processor's image processor is a torchvision one (`TorchvisionBackend`), so that a uint8 (3, H, W)
+    tensor and a PIL image of the same pixels give it the same input."""
+    try:
+        from transformers.image_processing_backends import TorchvisionBackend
+    except ImportError:  # transformers without torchvision
+        return False
+    return isinstance(getattr(processor, "image_processor", None), TorchvisionBackend)
+
+
 class Backend:
     """One loaded vision-language model with its processor; see the module docstring for the four operations."""
 
@@ -412,6 +422,10 @@ class Backend:
             raise LvlmlpError(
                 f"{self.model_id}: cannot load the processor: {str(err).splitlines()[0]}"
             ) from None
+        # PNG rows are decoded straight into tensors (`png.png_pixels`) for an image processor built on torchvision,
+        # which takes them as it takes a PIL image's pixels, minus its conversion: in the checked families, whose
+        # batches of tensors tests/extraction/test_backend.py compares with their batches of PIL images.
+        self.tensor_images = self.family in CHECKED and not self.quirks.pil_images and _takes_tensors(self.processor)
         self.model: Any = None
         self.vocab_size: int | None = None  # known once the weights are loaded
         self.tokenizer = self.processor.tokenizer
@@ -529,7 +543,7 @@ class Backend:
         """One left-padded batch on `device`; floating tensors (pixels) in the model's dtype."""
         return self.to_device(self.collate(images, questions))
 
-    def collate(self, images: list[Image.Image], questions: list[str]) -> dict[str, torch.Tensor]:
+    def collate(self, images: list[Image.Image | torch.Tensor], questions: list[str]) -> dict[str, torch.Tensor]:
         """The processor's batch on the CPU (no device work, so data-loader processes can run it)."""
         if len(images) != len(questions):
             raise LvlmlpError(f"encode: {len(images)} images for {len(questions)} questions")
@@ -538,7 +552,7 @@ class Backend:
         texts = [self.prompt(q) for q in questions]
         # One image per row, given as a list per row: SmolVLM's processor only pairs images with prompts that way,
         # and every other processor reads it the same.
-        rgb = [[im if im.mode == "RGB" else im.convert("RGB")] for im in images]
+        rgb = [[im if isinstance(im, torch.Tensor) or im.mode == "RGB" else im.convert("RGB")] for im in images]
         # NumPy arrays cost less to build than tensors (and wrapping them is free); the values are the same.
         if self.quirks.torch_outputs:
             # bfloat16 pixels (Llama 4's) have no NumPy type: widened to float32, exactly, they travel as the rest.

@@ -32,6 +32,9 @@ class Quirks:
     linear_head: bool = True
     # The processor returns tensors NumPy cannot hold (Llama 4's bfloat16 pixels): ask it for torch tensors.
     torch_outputs: bool = False
+    # The processor takes PIL images only (Idefics2's loads each through `load_image`): PNG rows are not given to it as
+    # tensors (`png.png_pixels`).
+    pil_images: bool = False
     # The processor gives each image a different number of tiles and cannot stack them (PerceptionLM): the batch's
     # tiles are joined into one array in row order, the order in which the model fills the image tokens.
     ragged_tiles: bool = False
@@ -113,7 +116,7 @@ QUIRKS: dict[str, Quirks] = {
     "llava_next": Quirks(**_CROPS),
     # LFM2-VL: the vision tower's state; its projector reads each image's patches in whole downsampling blocks
     "lfm2_vl": Quirks(vision_input="model.vision_tower:output", vision_layout="blocks"),
-    "idefics2": Quirks(**_SUBIMAGES),
+    "idefics2": Quirks(pil_images=True, **_SUBIMAGES),
     "idefics3": Quirks(**_SUBIMAGES),
     "mistral3": Quirks(**_TOKENS),  # the patches of all images in one sequence (the projector merges them 2x2)
     "mllama": Quirks(vision_layout="tiles"),  # (B, images, tiles, tokens, D): the real tiles (aspect_ratio_mask)

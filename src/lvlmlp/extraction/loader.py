@@ -32,6 +32,7 @@ except ImportError:  # Windows: no fork, so no worker pipes to widen
 
 from lvlmlp.data import image_check, load_image
 from lvlmlp.errors import LvlmlpError
+from lvlmlp.extraction.png import png_pixels
 
 if TYPE_CHECKING:
     from lvlmlp.extraction.backend import Backend
@@ -85,7 +86,8 @@ def _prepare(backend: Backend, rows: list[dict], isolate: bool = True, new_token
     check = image_check(backend)
     for row in rows:
         try:
-            images.append(load_image(row["image"], row["id"], check=check))
+            pixels = png_pixels(row["image"], check) if getattr(backend, "tensor_images", False) else None
+            images.append(load_image(row["image"], row["id"], check=check) if pixels is None else pixels)
             ok.append(row)
         except LvlmlpError as err:
             failed.append((row["id"], str(err)))
