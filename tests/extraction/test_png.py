@@ -85,16 +85,18 @@ def _by_hand(colour_type: int, depth: int, rng: np.random.Generator, interlaced:
     with filter type 0, a palette of random colours for colour type 3; Adam7 passes when `interlaced`."""
     w, h = int(rng.integers(5, 40)), int(rng.integers(1, 30))
     channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour_type]
-    samples = rng.integers(0, 1 << depth, (h, w * channels), dtype=np.uint16).astype(np.uint8)
-    per = 8 // depth  # samples a byte, the first in the high bits
+    samples = rng.integers(0, 1 << depth, (h, w * channels), dtype=np.uint32).astype(">u2" if depth == 16 else np.uint8)
+    per = max(1, 8 // depth)  # samples a byte, the first in the high bits
 
     def scanlines(part: np.ndarray) -> bytes:  # (rows, samples): an empty pass has none at all
         if part.size == 0:
             return b""
         part = part.reshape(part.shape[0], -1)
+        if depth == 16:  # two bytes a sample, the high one first
+            part = np.ascontiguousarray(part).view(np.uint8)
         padded = np.zeros((part.shape[0], -(-part.shape[1] // per) * per), np.uint16)
         padded[:, : part.shape[1]] = part
-        shifts = 8 - depth * (np.arange(per) + 1)
+        shifts = np.maximum(8 - depth * (np.arange(per) + 1), 0)
         packed = (padded.reshape(part.shape[0], -1, per) << shifts).sum(-1).astype(np.uint8)
         return np.concatenate([np.zeros((part.shape[0], 1), np.uint8), packed], axis=1).tobytes()
 
@@ -111,19 +113,20 @@ def _by_hand(colour_type: int, depth: int, rng: np.random.Generator, interlaced:
 
 
 @pytest.mark.parametrize(("colour_type", "depth"), [(0, 1), (0, 2), (0, 4), (0, 8), (3, 1), (3, 2), (3, 4), (3, 8),
-                                                    (2, 8), (6, 8), (4, 8)])
+                                                    (2, 8), (6, 8), (4, 8), (0, 16), (2, 16), (4, 16), (6, 16)])
 @pytest.mark.parametrize("interlaced", [False, True])
 def test_files_written_by_hand_decode_to_load_images_pixels(tmp_path: Path, colour_type: int, depth: int,
                                                             interlaced: bool) -> None:
-    """Every colour type and bit depth of at most 8 bits, from files not written by PIL: grey of 1-4 bits scaled as
-    PIL scales it, palettes looked up, alpha dropped; grey with alpha (colour type 4) goes PIL's way."""
+    """Every colour type and bit depth, from files not written by PIL: grey of 1-4 bits scaled as PIL scales it,
+    palettes looked up, alpha dropped; grey with alpha (colour type 4) and 16 bits a sample (which imagecodecs would
+    give as uint16 for RGB and RGBA) go PIL's way."""
     rng = np.random.default_rng(colour_type * 16 + depth + 100 * interlaced)
     for i in range(5):
         path = tmp_path / f"{i}.png"
         path.write_bytes(_by_hand(colour_type, depth, rng, interlaced))
         want = torch.from_numpy(np.asarray(load_image(path)).copy()).permute(2, 0, 1)
         got = png_pixels(path, lambda w, h: None)
-        assert got is None if colour_type == 4 else torch.equal(got, want)
+        assert got is None if colour_type == 4 or depth == 16 else torch.equal(got, want)
 
 
 def _damaged(data: bytes, rng: np.random.Generator) -> bytes:
@@ -260,3 +263,17 @@ def test_a_batch_of_png_and_other_rows_equals_the_pil_way(tiny_ckpt, tmp_path: P
     assert tensors[0] == pil[0] and len(tensors[0]) == len(kinds) + 4  # the truncated file fails, the same way
     assert tensors[2] == pil[2] and [row_id for row_id, _ in pil[2]] == ["x-truncated"]
     assert tensors[1].keys() == pil[1].keys() and all(torch.equal(tensors[1][k], pil[1][k]) for k in pil[1])
+
+
+def test_without_imagecodecs_every_file_goes_pils_way(tmp_path: Path, monkeypatch) -> None:
+    """imagecodecs comes with the `vision` extra: where it is missing (or built without libspng), nothing is decoded
+    here and `load_image` reads every file."""
+    from lvlmlp.extraction import png
+
+    path = tmp_path / "im.png"
+    Image.fromarray(PIXELS[..., :3]).save(path)
+    assert png_pixels(path, lambda w, h: None) is not None
+    monkeypatch.setattr(png, "SPNG", None)
+    assert png_pixels(path, lambda w, h: None) is None
+    monkeypatch.setattr(png, "SPNG", type("SPNG", (), {"available": False}))
+    assert png_pixels(path, lambda w, h: None) is None

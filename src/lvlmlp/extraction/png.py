@@ -60,8 +60,8 @@ def png_pixels(path: str | Path, check: Callable[[int, int], str | None]) -> tor
         return None
     try:
         pixels = torch.from_numpy(spng_decode(data))  # uint8: (H, W) grey, (H, W, 3) RGB or palette, (H, W, 4) RGBA
-    except RuntimeError:  # libspng's error for a damaged file (imagecodecs' SpngError): PIL's way names it
-        return None
+    except RuntimeError:  # imagecodecs' SpngError: a damaged file (PIL's way names it) or grey with alpha, which
+        return None  # it does not decode
     if pixels.ndim == 2:  # grey (of 1 to 8 bits, scaled to 8 as PIL does) as RGB: three equal channels
         return pixels.expand(3, -1, -1).contiguous()
     return pixels[..., :3].permute(2, 0, 1)  # RGBA: the alpha dropped, as PIL's convert("RGB") does
@@ -83,8 +83,7 @@ def _header(data: bytes) -> tuple[int, int] | None:
         if kind != b"IDAT" and zlib.crc32(view[pos + 4 : end - 4]) != struct.unpack_from(">I", data, end - 4)[0]:
             return None
         if kind == b"IHDR":
-            # 16 bits a sample: PIL scales them its own way; grey with alpha: imagecodecs does not decode it
-            if length != 13 or data[pos + 16] == 16 or data[pos + 17] == 4:
+            if length != 13 or data[pos + 16] == 16:  # 16 bits a sample: PIL scales them its own way
                 return None
             size = struct.unpack_from(">II", data, pos + 8)
         if kind == b"IEND":
