@@ -2,9 +2,8 @@
 
 PNG is lossless, so every correct decoder gives the same pixels: libspng (through imagecodecs) gives exactly what
 `data.load_image` gives through PIL, for files of at most 8 bits a sample in any colour type but grey with alpha
-(which imagecodecs does not decode), interlaced or not,
-whatever their gamma or colour-profile chunks say (neither decoder applies them). Files whose PIL image carries more
-than its pixels (an orientation, in an EXIF chunk or in text; an animation; a transparent colour) go PIL's way, as
+(which imagecodecs does not decode), interlaced or not, whatever their gamma or colour-profile chunks say (neither
+decoder applies them). Files whose PIL image carries more than its pixels (an orientation, in an EXIF chunk or in text; an animation; a transparent colour) go PIL's way, as
 does any file this module is not sure of: a broken chunk, an image over PIL's pixel limit or refused by the
 backend's check, a decoder error. That way is the reference, and its errors name the row.
 tests/extraction/test_png.py compares the two ways for every colour type and bit depth, and on damaged files.
