@@ -1,6 +1,7 @@
 """Run `lvlmlp ARGS...` and write, as JSON to the file named by $LVLMLP_PHASES, the seconds since this process
 started at which each start-up phase ended: imports, config, processor, weights hash, the first batch prepared and
-the data-loader worker forked, model weights, run folder, the first batch's forward. Used by `bench/startup.py --first-batch`; it wraps functions without changing what they do.
+the data-loader worker forked, model weights, run folder, the first batch's forward. Used by `bench/startup.py
+--first-batch`; it wraps functions without changing what they do.
 
     LVLMLP_PHASES=phases.json python bench/first_batch.py extract --model M --data D --out O
 """

@@ -241,28 +241,22 @@ def _damaged_pngs(path: Path) -> dict[str, bytes]:
     `decode_png` then crashed the process: why PNG rows are decoded by libspng, docs/benchmarks.md, fourth pass)."""
     import zlib
 
-    data = path.read_bytes()
-    chunks, pos = [], 8
-    while pos < len(data):
-        n = int.from_bytes(data[pos : pos + 4], "big")
-        chunks.append((data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]))
-        pos += 12 + n
-    header = chunks[0]
+    from tests.extraction.test_png import png_chunks, png_file
+
+    chunks = png_chunks(path.read_bytes())
     raw = bytearray(zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT")))
 
-    def png(*parts: tuple[bytes, bytes], bad_crc: bool = False) -> bytes:
-        out = b"\x89PNG\r\n\x1a\n"
-        for kind, body in (header, *parts, (b"IEND", b"")):
-            crc = zlib.crc32(kind + body) ^ (1 if bad_crc and kind == b"IDAT" else 0)
-            out += len(body).to_bytes(4, "big") + kind + body + crc.to_bytes(4, "big")
-        return out
+    def png(pixel_rows: bytes) -> bytes:
+        return png_file([chunks[0], (b"IDAT", zlib.compress(pixel_rows)), (b"IEND", b"")])
 
+    bad_checksum = bytearray(png(bytes(raw)))
+    bad_checksum[-13] ^= 1  # the image data's checksum ends where the 12 bytes of IEND begin
     bad_filter = bytearray(raw)
     bad_filter[0] = 9  # row 0's filter type: 0-4 exist
     return {
-        "bad image-data checksum": png((b"IDAT", zlib.compress(bytes(raw))), bad_crc=True),
-        "bad filter byte": png((b"IDAT", zlib.compress(bytes(bad_filter)))),
-        "deflate data cut short": png((b"IDAT", zlib.compress(bytes(raw[: len(raw) // 2])))),
+        "bad image-data checksum": bytes(bad_checksum),
+        "bad filter byte": png(bytes(bad_filter)),
+        "deflate data cut short": png(bytes(raw[: len(raw) // 2])),
     }
 
 

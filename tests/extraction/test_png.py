@@ -66,7 +66,8 @@ def test_every_8_bit_colour_type_decodes_to_load_images_pixels(tmp_path: Path, k
     assert got.shape == want.shape == (3, 37, 53) and torch.equal(got, want)
 
 
-def _chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(kind, body) of each chunk of a PNG file's bytes."""
     out, pos = [], 8
     while pos < len(data):
         n = int.from_bytes(data[pos : pos + 4], "big")
@@ -75,7 +76,8 @@ def _chunks(data: bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def _png(chunks: list[tuple[bytes, bytes]]) -> bytes:
+def png_file(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    """A PNG file of these (kind, body) chunks, each with its right checksum."""
     return b"\x89PNG\r\n\x1a\n" + b"".join(
         len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big") for kind, body in chunks)
 
@@ -109,7 +111,7 @@ def _by_hand(colour_type: int, depth: int, rng: np.random.Generator, interlaced:
     chunks = [(b"IHDR", w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([depth, colour_type, 0, 0, int(interlaced)]))]
     if colour_type == 3:
         chunks.append((b"PLTE", rng.integers(0, 256, 3 << depth, dtype=np.uint8).tobytes()))
-    return _png([*chunks, (b"IDAT", zlib.compress(raw)), (b"IEND", b"")])
+    return png_file([*chunks, (b"IDAT", zlib.compress(raw)), (b"IEND", b"")])
 
 
 @pytest.mark.parametrize(("colour_type", "depth"), [(0, 1), (0, 2), (0, 4), (0, 8), (3, 1), (3, 2), (3, 4), (3, 8),
@@ -141,13 +143,13 @@ def _damaged(data: bytes, rng: np.random.Generator) -> bytes:
         return bytes(out)
     if how == 1:
         return bytes(out[: int(rng.integers(8, len(out)))])
-    chunks = _chunks(data)
+    chunks = png_chunks(data)
     at = next(i for i, (kind, _) in enumerate(chunks) if kind == (b"IDAT" if how == 2 else b"IHDR"))
     body = bytearray(chunks[at][1])
     body[int(rng.integers(0, len(body))) if how == 2 else int(rng.choice([3, 7, 8, 9, 10, 11, 12]))] = int(
         rng.integers(0, 256))
     chunks[at] = (chunks[at][0], bytes(body))
-    return _png(chunks)
+    return png_file(chunks)
 
 
 def test_damaged_files_decode_to_load_images_pixels_or_go_pils_way(tmp_path: Path) -> None:
@@ -191,15 +193,15 @@ def _pil_way(tmp_path: Path) -> dict[str, Path]:
     rgb.save(tmp_path / "whole.png", pnginfo=_info(b"tEXt", b"Comment\x00a comment"))
     whole = (tmp_path / "whole.png").read_bytes()
     paths["truncated"].write_bytes(whole[: len(whole) // 2])
-    chunks = _chunks(whole)
-    bad = bytearray(_png(chunks))
+    chunks = png_chunks(whole)
+    bad = bytearray(png_file(chunks))
     text_at = bad.index(b"tEXt")
     bad[text_at + 4] ^= 1  # the comment's first byte: its checksum no longer matches
     paths["bad text checksum"].write_bytes(bytes(bad))
-    paths["no IEND"].write_bytes(_png(chunks[:-1]))
-    paths["IHDR not first"].write_bytes(_png([chunks[1], chunks[0], *chunks[2:]]))
+    paths["no IEND"].write_bytes(png_file(chunks[:-1]))
+    paths["IHDR not first"].write_bytes(png_file([chunks[1], chunks[0], *chunks[2:]]))
     # PNG lengths are unsigned and under 2**31; read as signed, 0xFFFFFFF4 would be -12 and loop on the same chunk
-    paths["chunk length over 2**31"].write_bytes(_png(chunks[:1]) + b"\xff\xff\xff\xf4IDAT" + bytes(16))
+    paths["chunk length over 2**31"].write_bytes(png_file(chunks[:1]) + b"\xff\xff\xff\xf4IDAT" + bytes(16))
     return paths
 
 
@@ -222,10 +224,10 @@ def test_the_backends_check_and_pils_pixel_limit_send_an_image_pils_way(tmp_path
     assert seen == [(53, 37)]  # the header's size, before any decoding
     assert png_pixels(path, lambda w, h: None) is not None
     # The check sees the header's full 32-bit width and height (header-only files: nothing to decode after it).
-    ihdr = _chunks(path.read_bytes())[0][1]
+    ihdr = png_chunks(path.read_bytes())[0][1]
     for size in ((1 << 24) + 100, 1), (5, (1 << 24) + 7):  # under PIL's pixel limit
         huge = tmp_path / "huge.png"
-        huge.write_bytes(_png([(b"IHDR", size[0].to_bytes(4, "big") + size[1].to_bytes(4, "big") + ihdr[8:]),
+        huge.write_bytes(png_file([(b"IHDR", size[0].to_bytes(4, "big") + size[1].to_bytes(4, "big") + ihdr[8:]),
                                (b"IEND", b"")]))
         seen.clear()
         assert png_pixels(huge, lambda w, h: seen.append((w, h))) is None and seen == [size]

@@ -10,8 +10,8 @@ tests/extraction/test_png.py compares the two ways for every colour type and bit
 
 Why: on the tiny test model a row's preparation is 0.38 ms, of which PIL's opening and decoding of a 100 px PNG
 takes 0.10; libspng takes 0.035 and the processor's conversion of a PIL image is not needed (docs/benchmarks.md,
-fifth pass). Why libspng through imagecodecs: it checks the image data's checksums and reports a damaged file as an
-error, where torchvision's libpng decoder crashed the process (fourth pass) and pyspng, which turns libspng's checks
+fifth pass). Why libspng through imagecodecs: it checks the image data (zlib's Adler-32, and the checksums of the chunks it
+reads past) and reports a damaged file as an error, where torchvision's libpng decoder crashed the process (fourth pass) and pyspng, which turns libspng's checks
 off, decoded damaged data that PIL refuses. JPEG stays with PIL: its decoders may round differently."""
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def _header(data: bytes) -> tuple[int, int] | None:
             return None
         if kind in _TEXT and data.startswith(_ORIENTING, pos + 8):
             return None
-        # libspng checks the image data's checksums itself (a bad one: PIL's way, which reads it as it is).
+        # The image data libspng checks itself: zlib's Adler-32, and every chunk's checksum but the last's (not read
+        # once the image is whole; PIL checks none of them): intact data under a wrong one decodes as PIL's does.
         if kind != b"IDAT" and zlib.crc32(view[pos + 4 : end - 4]) != struct.unpack_from(">I", data, end - 4)[0]:
             return None
         if kind == b"IHDR":
