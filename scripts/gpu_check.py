@@ -122,7 +122,7 @@ def big_throughput(tmp: Path, report: dict, rows_n: int, small: bool, device: st
     t0 = time.perf_counter()
     extract(b, rows, tmp / "bigrun", batch_size=16, progress=False)
     t_b = time.perf_counter() - t0
-    t_c = bare_forward(b, rows, 16)
+    t_c, _ = bare_forward(b, rows, 16)
     report["throughput"] = {"layers": text.num_hidden_layers, "rows": len(rows), "paper_rows_per_s": len(rows) / t_a,
                             "extract_rows_per_s": len(rows) / t_b, "bare_rows_per_s": len(rows) / t_c,
                             "b_over_a": t_a / t_b, "b_over_c": t_c / t_b, "gpu": torch.cuda.get_device_name() if device != "cpu" else "cpu"}

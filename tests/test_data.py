@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from lvlmlp import LvlmlpError
-from lvlmlp.data import load_image, read_manifest
+from lvlmlp.data import check_images_exist, check_rows, load_image, read_manifest
 
 
 def _write(path, lines):
@@ -67,6 +67,27 @@ def test_exif_rotation_is_applied(tmp_path):
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     im.save(tmp_path / "r.jpg", exif=exif)
     assert load_image(tmp_path / "r.jpg").size == (4, 8)
+
+
+def test_the_row_check_names_every_image_that_is_not_a_regular_file(tmp_path):
+    """One stat a row, before any model work: missing files, folders, broken links and unencodable paths are named
+    (the first one stops a run that may not skip rows); a link to an image is an image."""
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "link.png").symlink_to(tmp_path / "ok.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    names = ["ok.png", "nope.png", "folder.png", "link.png", "dangling.png"]
+    rows = [{"id": f"r{i}", "image": str(tmp_path / name), "question": "Q?"} for i, name in enumerate(names)]
+    rows.append({"id": "nul", "image": "a\0b.png", "question": "Q?"})
+    assert check_images_exist(rows, "m.jsonl") == [
+        ("r1", f"m.jsonl: row 'r1': image not found: {tmp_path / 'nope.png'}"),
+        ("r2", f"m.jsonl: row 'r2': image is not a regular file: {tmp_path / 'folder.png'}"),
+        ("r4", f"m.jsonl: row 'r4': image is a broken or looping symbolic link: {tmp_path / 'dangling.png'}"),
+        ("nul", "m.jsonl: row 'nul': image not found: a\0b.png"),
+    ]
+    with pytest.raises(LvlmlpError, match=r"^m.jsonl: row 'r1': image not found: "):
+        check_rows(rows, "m.jsonl")
+    check_rows(rows, "m.jsonl", on_error="skip")  # skipped rows are the extraction's to record
 
 
 def test_missing_truncated_and_garbage_images(tmp_path):
