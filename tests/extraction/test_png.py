@@ -246,9 +246,10 @@ def test_images_up_to_4_pixels_wide_go_pils_way(tmp_path: Path, width: int) -> N
     assert got is None if width == 4 else torch.equal(got, torch.from_numpy(PIXELS[:, :width, :3]).permute(2, 0, 1))
 
 
-def test_a_batch_of_png_and_other_rows_equals_the_pil_way(tiny_ckpt, tmp_path: Path) -> None:
+def test_a_batch_of_png_and_other_rows_equals_the_pil_way(tiny_ckpt, tmp_path: Path, monkeypatch) -> None:
     """`_prepare` with tensors for PNG rows gives the batch (and the failures) of PIL images for every row: the
-    processor's output is the reference, since it reads more of a PIL image than its pixels (a transparent colour)."""
+    processor's output is the reference, since it reads more of a PIL image than its pixels (a transparent colour).
+    The PNG rows do reach the processor as tensors, and only where the backend takes them."""
     be = Backend(tiny_ckpt("llava"), device="cpu")
     assert be.tensor_images
     kinds, broken = _kinds(), _pil_way(tmp_path)
@@ -259,9 +260,14 @@ def test_a_batch_of_png_and_other_rows_equals_the_pil_way(tiny_ckpt, tmp_path: P
         rows.append({"id": f"r{i}", "image": str(tmp_path / f"row{i}.png"), "question": "what is it?"})
     rows += [{"id": f"x-{name}", "image": str(broken[name]), "question": "and this?"}
              for name in ("JPEG", "EXIF rotation", "EXIF rotation as text", "XMP rotation", "truncated")]
+    given: list[list[str]] = []  # the kind of each image the processor was given, a list per batch
+    collate = be.collate
+    monkeypatch.setattr(be, "collate", lambda images, questions: (
+        given.append([type(im).__name__ for im in images]), collate(images, questions))[1])
     tensors = loader._prepare(be, rows)
     be.tensor_images = False
     pil = loader._prepare(be, rows)
+    assert given[0][0] == "Tensor" and "Tensor" not in given[1]
     assert tensors[0] == pil[0] and len(tensors[0]) == len(kinds) + 4  # the truncated file fails, the same way
     assert tensors[2] == pil[2] and [row_id for row_id, _ in pil[2]] == ["x-truncated"]
     assert tensors[1].keys() == pil[1].keys() and all(torch.equal(tensors[1][k], pil[1][k]) for k in pil[1])

@@ -83,10 +83,10 @@ def _prepare(backend: Backend, rows: list[dict], isolate: bool = True, new_token
     as failed, naming it, and the batch is collated without it. Workers pass `isolate=False`: a processor error
     there goes back to the main process, which prepares the batch again (and isolates the row) itself."""
     ok, images, failed = [], [], []
-    check = image_check(backend)
+    check, tensors = image_check(backend), getattr(backend, "tensor_images", False)
     for row in rows:
         try:
-            pixels = png_pixels(row["image"], check) if getattr(backend, "tensor_images", False) else None
+            pixels = png_pixels(row["image"], check) if tensors else None
             images.append(load_image(row["image"], row["id"], check=check) if pixels is None else pixels)
             ok.append(row)
         except LvlmlpError as err:

@@ -3,16 +3,18 @@
 PNG is lossless, so every correct decoder gives the same pixels: libspng (through imagecodecs) gives exactly what
 `data.load_image` gives through PIL, for files of at most 8 bits a sample in any colour type but grey with alpha
 (which imagecodecs does not decode), interlaced or not, whatever their gamma or colour-profile chunks say (neither
-decoder applies them). Files whose PIL image carries more than its pixels (an orientation, in an EXIF chunk or in text; an animation; a transparent colour) go PIL's way, as
-does any file this module is not sure of: a broken chunk, an image over PIL's pixel limit or refused by the
-backend's check, a decoder error. That way is the reference, and its errors name the row.
-tests/extraction/test_png.py compares the two ways for every colour type and bit depth, and on damaged files.
+decoder applies them). Files whose PIL image carries more than its pixels (an orientation, in an EXIF chunk or in
+text; an animation; a transparent colour) go PIL's way, as does any file this module is not sure of: a broken chunk,
+an image over PIL's pixel limit or refused by the backend's check, a decoder error. That way is the reference, and
+its errors name the row. tests/extraction/test_png.py compares the two ways for every colour type and bit depth,
+and on damaged files.
 
-Why: on the tiny test model a row's preparation is 0.38 ms, of which PIL's opening and decoding of a 100 px PNG
-takes 0.10; libspng takes 0.035 and the processor's conversion of a PIL image is not needed (docs/benchmarks.md,
-fifth pass). Why libspng through imagecodecs: it checks the image data (zlib's Adler-32, and the checksums of the chunks it
-reads past) and reports a damaged file as an error, where torchvision's libpng decoder crashed the process (fourth pass) and pyspng, which turns libspng's checks
-off, decoded damaged data that PIL refuses. JPEG stays with PIL: its decoders may round differently."""
+Why: on the tiny test model a row's preparation took 0.40 ms, of which PIL's opening and decoding of a 100 px PNG
+0.10; libspng takes 0.035 and the processor's conversion of a PIL image is not needed (docs/benchmarks.md, fifth
+pass). Why libspng through imagecodecs: it checks the image data (zlib's Adler-32, and the checksums of the chunks
+it reads past) and reports a damaged file as an error, where torchvision's libpng decoder crashed the process
+(fourth pass) and pyspng, which turns libspng's checks off, decoded damaged data that PIL refuses. JPEG stays with
+PIL: its decoders may round differently."""
 
 from __future__ import annotations
 
